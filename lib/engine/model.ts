@@ -1,0 +1,179 @@
+// The typed model: every slow call is a Promise that runs off the JavaScript thread, calls on
+// one model run one at a time in the order they were made, AbortSignals are honoured before
+// each call and between the steps of `train`, and `dispose` frees the native memory.
+import { toTokenBatch } from './batch.js';
+import { native, type NativeModelHandle } from './native.js';
+import type {
+  BatchInput,
+  CallOptions,
+  MemoryPlan,
+  MemoryReport,
+  ModelConfig,
+  OptimizerConfig,
+  ParamInfo,
+  ResolvedModelConfig,
+  StepResult,
+  TrainOptions,
+} from './types.js';
+
+export type PresetName = 'tiny' | 'small';
+
+/** The engine's built-in sizes (the PyTorch CPU baseline's `tiny` and `small`). */
+export function presetConfig(name: PresetName): ResolvedModelConfig {
+  return native().presetConfig(name) as unknown as ResolvedModelConfig;
+}
+
+/** Threads of the CPU backend (0 = one per core). Set it before creating models. */
+export function setNumThreads(n: number): void {
+  native().setNumThreads(n);
+}
+
+export function numThreads(): number {
+  return native().numThreads();
+}
+
+function abortError(signal: AbortSignal): Error {
+  const reason = signal.reason;
+  if (reason instanceof Error) return reason;
+  const err = new Error(typeof reason === 'string' ? reason : 'The operation was aborted');
+  err.name = 'AbortError';
+  return err;
+}
+
+export class Model {
+  readonly config: ResolvedModelConfig;
+  readonly plan: MemoryPlan;
+  #handle: NativeModelHandle | undefined;
+  #tail: Promise<unknown> = Promise.resolve();
+  #pending = 0;
+
+  private constructor(handle: NativeModelHandle, plan: MemoryPlan) {
+    this.#handle = handle;
+    this.config = handle.config() as unknown as ResolvedModelConfig;
+    this.plan = { ...plan };
+  }
+
+  /**
+   * Creates a model with seeded random weights. `config` is a Hugging Face-style config or a
+   * preset name; `plan` fixes the largest batch the model will see, and all memory with it.
+   */
+  static create(config: ModelConfig | PresetName, plan: MemoryPlan): Model {
+    const cfg = typeof config === 'string' ? presetConfig(config) : config;
+    const handle = new (native().NativeModel)(cfg, plan);
+    return new Model(handle, plan);
+  }
+
+  get disposed(): boolean {
+    return this.#handle === undefined;
+  }
+
+  /** Optimizer steps taken since setOptimizer. */
+  get step(): number {
+    return this.#live().state().step ?? 0;
+  }
+
+  #live(): NativeModelHandle {
+    if (!this.#handle) throw new Error('the model has been disposed');
+    return this.#handle;
+  }
+
+  // Runs `fn` after every earlier call on this model has settled.
+  #enqueue<T>(fn: (h: NativeModelHandle) => Promise<T>, signal?: AbortSignal): Promise<T> {
+    this.#pending++;
+    const run = this.#tail.then(
+      () => {
+        if (signal?.aborted) throw abortError(signal);
+        return fn(this.#live());
+      },
+    );
+    const settled = run.finally(() => this.#pending--);
+    this.#tail = settled.catch(() => undefined);
+    return settled;
+  }
+
+  #idle(): NativeModelHandle {
+    const h = this.#live();
+    if (this.#pending > 0) throw new Error('the model is busy with another call; await it before starting the next');
+    return h;
+  }
+
+  /** Final hidden states (after the last RMSNorm) and/or logits, row-major (batch, seq, ·). */
+  forward(
+    input: BatchInput,
+    options: CallOptions & { output?: 'logits' | 'hidden' | 'both' } = {},
+  ): Promise<{ logits?: Float32Array; hidden?: Float32Array }> {
+    const b = toTokenBatch(input);
+    return this.#enqueue((h) => h.forward(b.tokens, b.batch, b.seq, options.output ?? 'logits'), options.signal);
+  }
+
+  /** Mean next-token cross-entropy over the batch's targets, without touching gradients. */
+  evalLoss(input: BatchInput, options: CallOptions = {}): Promise<{ loss: number; targetTokens: number }> {
+    const b = toTokenBatch(input);
+    return this.#enqueue((h) => h.evalLoss(b.tokens, b.batch, b.seq, b.targetMask ?? null), options.signal);
+  }
+
+  /** Sets (or resets) the optimizer, its schedule and its state. */
+  setOptimizer(config: OptimizerConfig): void {
+    this.#idle().setOptimizer(config);
+  }
+
+  /**
+   * Forward and backward on one micro-batch; the optimizer steps once every gradAccumSteps
+   * calls. A failed step (bad tokens, non-finite loss) discards the accumulated gradients and
+   * leaves the parameters unchanged.
+   */
+  trainStep(input: BatchInput, options: CallOptions = {}): Promise<StepResult> {
+    const b = toTokenBatch(input);
+    return this.#enqueue((h) => h.trainStep(b.tokens, b.batch, b.seq, b.targetMask ?? null), options.signal);
+  }
+
+  /**
+   * Trains on each batch in turn. The signal is checked between steps: on abort the promise
+   * rejects with the signal's reason after the running step completes (its update is kept).
+   */
+  async train(batches: Iterable<BatchInput> | AsyncIterable<BatchInput>, options: TrainOptions = {}): Promise<StepResult[]> {
+    const results: StepResult[] = [];
+    const total = Array.isArray(batches) ? batches.length : undefined;
+    let index = 0;
+    for await (const batch of batches) {
+      if (options.signal?.aborted) throw abortError(options.signal);
+      const result = await this.trainStep(batch, { signal: options.signal });
+      results.push(result);
+      options.onProgress?.({ index, total, result });
+      index++;
+    }
+    return results;
+  }
+
+  /** Every parameter with its Hugging Face name and shape. */
+  params(): ParamInfo[] {
+    return this.#live().params();
+  }
+
+  /** A copy of one parameter, by Hugging Face name (e.g. model.layers.0.self_attn.q_proj.weight). */
+  getParam(name: string): Float32Array {
+    return this.#idle().getParam(name);
+  }
+
+  /** Overwrites one parameter; wrong sizes and non-finite values are refused, leaving it unchanged. */
+  setParam(name: string, values: Float32Array | ArrayLike<number>): void {
+    const v = values instanceof Float32Array ? values : Float32Array.from(values);
+    this.#idle().setParam(name, v);
+  }
+
+  /** Bytes planned for parameters, gradients, optimizer state, activations and scratch. */
+  memory(): MemoryReport {
+    return this.#live().memory();
+  }
+
+  /** Waits for pending calls, then frees the native memory. Safe to call twice. */
+  async dispose(): Promise<void> {
+    await this.#tail;
+    this.#handle?.dispose();
+    this.#handle = undefined;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.dispose();
+  }
+}

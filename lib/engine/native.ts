@@ -1,0 +1,62 @@
+// Loads the compiled addon with `bindings` and describes its surface. A missing or broken
+// binary becomes one clear error that says how to rebuild, instead of a loader stack trace.
+import { createRequire } from 'node:module';
+
+const require = createRequire(import.meta.url);
+
+export interface NativeStepResult {
+  loss: number;
+  targetTokens: number;
+  stepped: boolean;
+  step: number;
+  lr?: number;
+  gradNorm?: number;
+}
+
+export interface NativeModelHandle {
+  forward(tokens: Int32Array, batch: number, seq: number, output: string): Promise<{ logits?: Float32Array; hidden?: Float32Array }>;
+  evalLoss(tokens: Int32Array, batch: number, seq: number, mask: Uint8Array | null): Promise<{ loss: number; targetTokens: number }>;
+  trainStep(tokens: Int32Array, batch: number, seq: number, mask: Uint8Array | null): Promise<NativeStepResult>;
+  setOptimizer(config: object): void;
+  params(): { name: string; shape: number[] }[];
+  getParam(name: string): Float32Array;
+  setParam(name: string, values: Float32Array): void;
+  memory(): { params: number; grads: number; optimizer: number; activations: number; scratch: number; total: number };
+  config(): Record<string, unknown>;
+  state(): { disposed: boolean; busy: boolean; step?: number; pendingMicroBatches?: number; numParams?: number };
+  dispose(): void;
+}
+
+export interface NativeAddon {
+  NativeModel: new (config: object, plan: object) => NativeModelHandle;
+  setNumThreads(n: number): void;
+  numThreads(): number;
+  presetConfig(name: string): Record<string, unknown>;
+  gemmKernel: string;
+  abiVersion: number;
+}
+
+const ABI_VERSION = 1;
+let cached: NativeAddon | undefined;
+
+export function native(): NativeAddon {
+  if (cached) return cached;
+  let addon: NativeAddon;
+  try {
+    addon = require('bindings')('sppo') as NativeAddon;
+  } catch (err) {
+    throw new Error(
+      `sppo-engine: the native addon could not be loaded (${(err as Error).message.split('\n')[0]}). ` +
+        'Rebuild it with `npm run build:native` (needs CMake and a C++20 compiler, or node-gyp) ' +
+        'in the sppo-engine package directory.',
+    );
+  }
+  if (addon.abiVersion !== ABI_VERSION) {
+    throw new Error(
+      `sppo-engine: the native addon is stale (ABI ${addon.abiVersion}, expected ${ABI_VERSION}); ` +
+        'rebuild it with `npm run build:native`.',
+    );
+  }
+  cached = addon;
+  return addon;
+}

@@ -1,0 +1,132 @@
+// Public types of the engine API. Model configs use Hugging Face config.json field names so a
+// checkpoint's config can be passed as it is; the engine validates them (one schema, native).
+
+export interface RopeScalingConfig {
+  rope_type?: 'default' | 'linear' | 'llama3';
+  /** transformers 4.x spelling of rope_type */
+  type?: 'default' | 'linear' | 'llama3';
+  factor?: number;
+  low_freq_factor?: number;
+  high_freq_factor?: number;
+  original_max_position_embeddings?: number;
+}
+
+export interface ModelConfig {
+  vocab_size: number;
+  hidden_size: number;
+  num_hidden_layers: number;
+  num_attention_heads: number;
+  /** defaults to num_attention_heads (multi-head attention) */
+  num_key_value_heads?: number;
+  /** defaults to hidden_size / num_attention_heads */
+  head_dim?: number;
+  intermediate_size: number;
+  max_position_embeddings: number;
+  rms_norm_eps?: number;
+  rope_theta?: number;
+  rope_scaling?: RopeScalingConfig | null;
+  /** q/k/v projection biases (Qwen2) */
+  attention_bias?: boolean;
+  tie_word_embeddings?: boolean;
+  /** standard deviation of the seeded normal initialisation */
+  initializer_range?: number;
+  /** initialisation seed: the same seed gives the same weights */
+  seed?: number;
+}
+
+export type ResolvedModelConfig = Required<Omit<ModelConfig, 'rope_scaling'>> & { rope_scaling: RopeScalingConfig | null };
+
+/** What memory is planned for, up front: every buffer holds maxBatch x maxSeq tokens. */
+export interface MemoryPlan {
+  maxBatch: number;
+  maxSeq: number;
+}
+
+export interface ScheduleConfig {
+  kind?: 'constant' | 'linear' | 'cosine';
+  warmupSteps?: number;
+  /** required for linear and cosine */
+  totalSteps?: number;
+  /** cosine floor as a fraction of lr */
+  minLrRatio?: number;
+}
+
+export interface OptimizerConfig {
+  kind?: 'adamw' | 'rmsprop';
+  lr?: number;
+  beta1?: number;
+  beta2?: number;
+  /** RMSprop smoothing constant (PyTorch's alpha) */
+  alpha?: number;
+  eps?: number;
+  /** decoupled weight decay, applied to matrices (not norms or biases) */
+  weightDecay?: number;
+  /** global-norm gradient clipping; 0 disables */
+  maxGradNorm?: number;
+  /** micro-batches per optimizer step */
+  gradAccumSteps?: number;
+  schedule?: ScheduleConfig;
+}
+
+/**
+ * A rectangular batch of token sequences. Token t of a row is a prediction target (from
+ * position t-1) when targetMask[row * seq + t] is 1; without a mask every token after the
+ * first is. Pad shorter sequences at the end and mask the padding out.
+ */
+export interface TokenBatch {
+  tokens: Int32Array;
+  batch: number;
+  seq: number;
+  targetMask?: Uint8Array;
+}
+
+/** Rows of token ids (all the same length), with an optional per-token target mask. */
+export interface TokenRows {
+  rows: number[][];
+  targetMask?: number[][];
+}
+
+export type BatchInput = TokenBatch | TokenRows | number[][];
+
+export interface StepResult {
+  /** mean next-token cross-entropy over this micro-batch's targets */
+  loss: number;
+  targetTokens: number;
+  /** whether the optimizer ran (gradient accumulation complete) */
+  stepped: boolean;
+  /** optimizer steps taken so far */
+  step: number;
+  /** learning rate of the step, when stepped */
+  lr?: number;
+  /** global gradient norm before clipping, when stepped */
+  gradNorm?: number;
+}
+
+export interface ParamInfo {
+  name: string;
+  shape: number[];
+}
+
+export interface MemoryReport {
+  params: number;
+  grads: number;
+  optimizer: number;
+  activations: number;
+  scratch: number;
+  total: number;
+}
+
+export interface CallOptions {
+  signal?: AbortSignal;
+}
+
+export interface TrainProgress {
+  /** index of the micro-batch just finished (0-based) and how many there are, if known */
+  index: number;
+  total?: number;
+  result: StepResult;
+}
+
+export interface TrainOptions extends CallOptions {
+  onProgress?: (p: TrainProgress) => void;
+}

@@ -1,0 +1,4 @@
+// Public API of sppo-engine.
+export { Model, presetConfig, setNumThreads, numThreads, type PresetName } from './engine/model.js';
+export { native } from './engine/native.js';
+export type * from './engine/types.js';

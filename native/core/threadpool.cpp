@@ -1,0 +1,108 @@
+#include "threadpool.h"
+
+#include <algorithm>
+#include <memory>
+
+namespace sppo {
+
+namespace {
+thread_local bool in_task = false;
+thread_local int current_thread = 0;  // this thread's index in the pool running it
+}
+
+ThreadPool::ThreadPool(int n_threads) {
+  if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  n_threads_ = n_threads;
+  for (int t = 1; t < n_threads_; ++t) workers_.emplace_back([this, t] { worker_loop(t); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  for (auto& w : workers_) w.join();
+}
+
+void ThreadPool::drain(int thread) {
+  in_task = true;
+  current_thread = thread;
+  for (;;) {
+    int64_t task = next_task_.fetch_add(1, std::memory_order_relaxed);
+    if (task >= n_tasks_) break;
+    (*job_)(task, thread);
+  }
+  in_task = false;
+}
+
+void ThreadPool::worker_loop(int thread) {
+  uint64_t seen = 0;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+    }
+    drain(thread);
+    if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      done_cv_.notify_one();
+    }
+  }
+}
+
+void ThreadPool::run(int64_t n_tasks, const std::function<void(int64_t, int)>& fn) {
+  if (n_tasks <= 0) return;
+  if (in_task || n_threads_ == 1 || n_tasks == 1) {
+    // Nested calls keep the caller's thread index, so per-thread scratch stays private.
+    int thread = in_task ? current_thread : 0;
+    for (int64_t i = 0; i < n_tasks; ++i) fn(i, thread);
+    return;
+  }
+  std::lock_guard<std::mutex> run_lock(run_mutex_);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    job_ = &fn;
+    n_tasks_ = n_tasks;
+    next_task_.store(0, std::memory_order_relaxed);
+    active_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+    ++generation_;
+  }
+  wake_.notify_all();
+  drain(0);
+  std::unique_lock<std::mutex> lock(mutex_);
+  done_cv_.wait(lock, [&] { return active_.load(std::memory_order_acquire) == 0; });
+  job_ = nullptr;
+}
+
+void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  // A few chunks per thread so that uneven chunks still balance.
+  int64_t chunks = std::min<int64_t>((n + grain - 1) / grain, static_cast<int64_t>(n_threads_) * 4);
+  chunks = std::max<int64_t>(1, chunks);
+  int64_t per = (n + chunks - 1) / chunks;
+  run((n + per - 1) / per, [&](int64_t c, int) {
+    int64_t b = c * per;
+    fn(b, std::min(n, b + per));
+  });
+}
+
+namespace {
+std::unique_ptr<ThreadPool>& pool_slot() {
+  static std::unique_ptr<ThreadPool> pool = std::make_unique<ThreadPool>(0);
+  return pool;
+}
+}  // namespace
+
+ThreadPool& cpu_pool() {
+  return *pool_slot();
+}
+
+void set_num_threads(int n) { pool_slot() = std::make_unique<ThreadPool>(n); }
+
+int num_threads() { return cpu_pool().size(); }
+
+}  // namespace sppo

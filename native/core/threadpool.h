@@ -1,0 +1,59 @@
+// A fixed pool of worker threads that every CPU kernel shares.
+//
+// Work is split into tasks that are handed out through an atomic counter, so uneven tasks
+// (causal attention rows) balance themselves. Kernels keep results deterministic by making
+// each task write its own outputs; reductions go through fixed task partitions that do not
+// depend on the thread count, summed in task order by the caller.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace sppo {
+
+class ThreadPool {
+ public:
+  // n_threads counts the calling thread too; 0 means one per hardware thread.
+  explicit ThreadPool(int n_threads = 0);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return n_threads_; }
+
+  // Calls fn(task, thread) for every task in [0, n_tasks); `thread` is in [0, size()) and lets
+  // a kernel use per-thread scratch. Returns when all tasks are done. Called from inside a
+  // task, it runs the tasks inline on the current thread (no nested fan-out).
+  void run(int64_t n_tasks, const std::function<void(int64_t task, int thread)>& fn);
+
+  // Splits [0, n) into contiguous chunks of at least `grain` items and calls fn(begin, end).
+  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+ private:
+  void worker_loop(int thread);
+  void drain(int thread);
+
+  int n_threads_;
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::condition_variable done_cv_;
+  std::mutex run_mutex_;  // one run() at a time per pool
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  const std::function<void(int64_t, int)>* job_ = nullptr;
+  int64_t n_tasks_ = 0;
+  std::atomic<int64_t> next_task_{0};
+  std::atomic<int> active_{0};
+};
+
+// The process-wide pool the CPU backend uses. set_num_threads rebuilds it (not during a run).
+ThreadPool& cpu_pool();
+void set_num_threads(int n);
+int num_threads();
+
+}  // namespace sppo

@@ -1,0 +1,395 @@
+// CPU kernels for every op except GEMM (cpu/gemm.cpp): one function per op, threads split
+// rows (or columns, for reductions over rows, so each output has one writer and a fixed
+// summation order — that is what keeps training bit-reproducible).
+#include "cpu/cpu_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "core/error.h"
+#include "core/threadpool.h"
+#include "cpu/gemm.h"
+
+namespace sppo::cpu {
+
+namespace {
+// Accumulator type: double for both float and double storage (reductions are cheap next to
+// the GEMMs, and wider sums keep the float path close to the float64 reference).
+using Acc = double;
+constexpr int64_t kColChunk = 64;  // columns per task in column-parallel reductions
+}  // namespace
+
+template <class T>
+T* CpuOps<T>::alloc(size_t n) {
+  size_t bytes = std::max<size_t>(64, (n * sizeof(T) + 63) / 64 * 64);
+  void* p = std::aligned_alloc(64, bytes);
+  SPPO_REQUIRE(p != nullptr, "out of host memory allocating ", bytes, " bytes");
+  std::memset(p, 0, bytes);
+  return static_cast<T*>(p);
+}
+
+template <class T>
+void CpuOps<T>::free(T* p) {
+  std::free(p);
+}
+
+template <class T>
+size_t CpuOps<T>::plan_scratch(int64_t max_seq, int64_t head_dim) {
+  scratch_per_thread_ = 2 * kAttnBlock * max_seq;
+  scratch_.assign(size_t(scratch_per_thread_) * cpu_pool().size(), T(0));
+  return scratch_.size() * sizeof(T);
+}
+
+template <class T>
+void CpuOps<T>::gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+                     int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  cpu::gemm(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+template <class T>
+void CpuOps<T>::fill(T* x, T value, int64_t n) {
+  cpu_pool().parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) { std::fill(x + b, x + e, value); });
+}
+
+template <class T>
+void CpuOps<T>::copy(T* dst, const T* src, int64_t n) {
+  cpu_pool().parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) { std::memcpy(dst + b, src + b, (e - b) * sizeof(T)); });
+}
+
+template <class T>
+void CpuOps<T>::scale(T* x, T s, int64_t n) {
+  cpu_pool().parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) x[i] *= s;
+  });
+}
+
+template <class T>
+double CpuOps<T>::sum_squares(const T* x, int64_t n) {
+  // The partition depends on n only, so the result is the same for every thread count.
+  constexpr int64_t kMaxChunks = 256;
+  int64_t chunks = std::clamp<int64_t>((n + 4095) / 4096, 1, kMaxChunks);
+  int64_t per = (n + chunks - 1) / chunks;
+  double partial[kMaxChunks] = {};
+  cpu_pool().run(chunks, [&](int64_t c, int) {
+    int64_t b = c * per, e = std::min(n, b + per);
+    Acc s = 0;
+    for (int64_t i = b; i < e; ++i) s += Acc(x[i]) * Acc(x[i]);
+    partial[c] = s;
+  });
+  double total = 0;
+  for (int64_t c = 0; c < chunks; ++c) total += partial[c];
+  return total;
+}
+
+template <class T>
+bool CpuOps<T>::all_finite(const T* x, int64_t n) {
+  return std::isfinite(sum_squares(x, n)) || [&] {
+    // sum_squares overflows for huge-but-finite values; confirm element by element.
+    for (int64_t i = 0; i < n; ++i)
+      if (!std::isfinite(x[i])) return false;
+    return true;
+  }();
+}
+
+template <class T>
+void CpuOps<T>::embedding_forward(T* out, const T* table, const int32_t* ids, int64_t N, int64_t C) {
+  cpu_pool().parallel_for(N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) std::memcpy(out + i * C, table + int64_t(ids[i]) * C, C * sizeof(T));
+  });
+}
+
+template <class T>
+void CpuOps<T>::embedding_backward(T* dtable, const T* dout, const int32_t* ids, int64_t N, int64_t C) {
+  // Column chunks: every row of the table is touched by one task per chunk, in token order.
+  int64_t chunks = (C + kColChunk - 1) / kColChunk;
+  cpu_pool().run(chunks, [&](int64_t c, int) {
+    int64_t c0 = c * kColChunk, c1 = std::min(C, c0 + kColChunk);
+    for (int64_t i = 0; i < N; ++i) {
+      T* dst = dtable + int64_t(ids[i]) * C;
+      const T* src = dout + i * C;
+      for (int64_t j = c0; j < c1; ++j) dst[j] += src[j];
+    }
+  });
+}
+
+template <class T>
+void CpuOps<T>::rmsnorm_forward(T* out, T* rstd, const T* x, const T* w, int64_t N, int64_t C, double eps) {
+  cpu_pool().parallel_for(N, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T* xi = x + i * C;
+      Acc ss = 0;
+      for (int64_t j = 0; j < C; ++j) ss += Acc(xi[j]) * Acc(xi[j]);
+      T r = T(1.0 / std::sqrt(ss / Acc(C) + eps));
+      rstd[i] = r;
+      T* oi = out + i * C;
+      for (int64_t j = 0; j < C; ++j) oi[j] = xi[j] * r * w[j];
+    }
+  });
+}
+
+template <class T>
+void CpuOps<T>::rmsnorm_backward(T* dx, T* dw, const T* dout, const T* x, const T* w, const T* rstd, int64_t N,
+                                 int64_t C) {
+  // y = x*r*w with r = (mean(x^2)+eps)^-1/2:  dx = r*(g - xhat*mean(g*xhat)), g = dout*w, xhat = x*r.
+  cpu_pool().parallel_for(N, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T* xi = x + i * C;
+      const T* di = dout + i * C;
+      Acc r = rstd[i], dot = 0;
+      for (int64_t j = 0; j < C; ++j) dot += Acc(di[j]) * Acc(w[j]) * Acc(xi[j]);
+      T k = T(dot * r / Acc(C));  // mean(g * xhat)
+      T rr = T(r);
+      T* dxi = dx + i * C;
+      for (int64_t j = 0; j < C; ++j) dxi[j] += rr * (di[j] * w[j] - xi[j] * rr * k);
+    }
+  });
+  int64_t chunks = (C + kColChunk - 1) / kColChunk;
+  cpu_pool().run(chunks, [&](int64_t c, int) {
+    int64_t c0 = c * kColChunk, c1 = std::min(C, c0 + kColChunk);
+    Acc acc[kColChunk] = {};
+    for (int64_t i = 0; i < N; ++i) {
+      const T* xi = x + i * C;
+      const T* di = dout + i * C;
+      Acc r = rstd[i];
+      for (int64_t j = c0; j < c1; ++j) acc[j - c0] += Acc(di[j]) * Acc(xi[j]) * r;
+    }
+    for (int64_t j = c0; j < c1; ++j) dw[j] += T(acc[j - c0]);
+  });
+}
+
+template <class T>
+void CpuOps<T>::add_bias(T* x, const T* bias, int64_t N, int64_t C, int64_t ld) {
+  cpu_pool().parallel_for(N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      for (int64_t j = 0; j < C; ++j) x[i * ld + j] += bias[j];
+  });
+}
+
+template <class T>
+void CpuOps<T>::bias_backward(T* dbias, const T* dout, int64_t N, int64_t C, int64_t ld) {
+  int64_t chunks = (C + kColChunk - 1) / kColChunk;
+  cpu_pool().run(chunks, [&](int64_t c, int) {
+    int64_t c0 = c * kColChunk, c1 = std::min(C, c0 + kColChunk);
+    Acc acc[kColChunk] = {};
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = c0; j < c1; ++j) acc[j - c0] += Acc(dout[i * ld + j]);
+    for (int64_t j = c0; j < c1; ++j) dbias[j] += T(acc[j - c0]);
+  });
+}
+
+template <class T>
+void CpuOps<T>::rope(T* x, int64_t N, int64_t ld, int64_t off, int64_t heads, int64_t head_dim,
+                     const int32_t* positions, const T* cos, const T* sin, bool inverse) {
+  const int64_t half = head_dim / 2;
+  // The inverse rotation (by -angle) is the transpose, i.e. the backward pass.
+  const T sign = inverse ? T(-1) : T(1);
+  cpu_pool().parallel_for(N, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T* c = cos + int64_t(positions[i]) * half;
+      const T* s = sin + int64_t(positions[i]) * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* v = x + i * ld + off + h * head_dim;
+        for (int64_t j = 0; j < half; ++j) {
+          T a = v[j], bb = v[j + half], sj = sign * s[j];
+          v[j] = a * c[j] - bb * sj;
+          v[j + half] = bb * c[j] + a * sj;
+        }
+      }
+    }
+  });
+}
+
+template <class T>
+void CpuOps<T>::attention_forward(T* out, T* lse, const T* qkv, const AttentionShape& s) {
+  // Flash-style over query tiles: scores for one tile of kAttnBlock queries against the keys
+  // it may see, softmax, then P·V — never a (seq x seq) matrix, and lse kept for backward.
+  const int64_t Tn = s.seq, D = s.head_dim, H = s.heads, group = s.heads / s.kv_heads;
+  const int64_t n_blocks = (Tn + kAttnBlock - 1) / kAttnBlock;
+  SPPO_REQUIRE(scratch_per_thread_ >= 2 * kAttnBlock * Tn && int64_t(scratch_.size()) >= scratch_per_thread_ * cpu_pool().size(),
+               "attention scratch was planned for fewer positions or threads than this call uses");
+  cpu_pool().run(s.batch * H * n_blocks, [&](int64_t task, int thread) {
+    const int64_t b = task / (H * n_blocks), h = (task / n_blocks) % H, blk = task % n_blocks;
+    const int64_t kvh = h / group;
+    const int64_t r0 = blk * kAttnBlock, r1 = std::min(Tn, r0 + kAttnBlock), nr = r1 - r0;
+    const T* base = qkv + b * Tn * s.qkv_stride;
+    const T* Q = base + r0 * s.qkv_stride + s.q_off + h * D;
+    const T* K = base + s.k_off + kvh * D;
+    const T* V = base + s.v_off + kvh * D;
+    T* S = thread_scratch(thread);  // (nr, r1)
+    cpu::gemm(false, true, nr, r1, D, T(s.scale), Q, s.qkv_stride, K, s.qkv_stride, T(0), S, r1);
+    T* L = lse + (b * H + h) * Tn;
+    for (int64_t i = 0; i < nr; ++i) {
+      T* row = S + i * r1;
+      const int64_t visible = r0 + i + 1;  // causal: keys 0..r0+i
+      T mx = row[0];
+      for (int64_t j = 1; j < visible; ++j) mx = std::max(mx, row[j]);
+      Acc sum = 0;
+      for (int64_t j = 0; j < visible; ++j) {
+        T p = std::exp(row[j] - mx);
+        row[j] = p;
+        sum += Acc(p);
+      }
+      T inv = T(1.0 / sum);
+      for (int64_t j = 0; j < visible; ++j) row[j] *= inv;
+      for (int64_t j = visible; j < r1; ++j) row[j] = T(0);
+      L[r0 + i] = T(Acc(mx) + std::log(sum));
+    }
+    T* O = out + (b * Tn + r0) * s.out_stride + h * D;
+    cpu::gemm(false, false, nr, D, r1, T(1), S, r1, V, s.qkv_stride, T(0), O, s.out_stride);
+  });
+}
+
+template <class T>
+void CpuOps<T>::attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse,
+                                   const AttentionShape& s) {
+  // One task per (batch, kv head) so the dK and dV of a kv head have a single writer; the
+  // query heads of its group and their tiles run inside the task in a fixed order.
+  const int64_t Tn = s.seq, D = s.head_dim, H = s.heads, group = s.heads / s.kv_heads;
+  const int64_t n_blocks = (Tn + kAttnBlock - 1) / kAttnBlock;
+  SPPO_REQUIRE(scratch_per_thread_ >= 2 * kAttnBlock * Tn && int64_t(scratch_.size()) >= scratch_per_thread_ * cpu_pool().size(),
+               "attention scratch was planned for fewer positions or threads than this call uses");
+  cpu_pool().run(s.batch * s.kv_heads, [&](int64_t task, int thread) {
+    const int64_t b = task / s.kv_heads, kvh = task % s.kv_heads;
+    const T* base = qkv + b * Tn * s.qkv_stride;
+    T* dbase = dqkv + b * Tn * s.qkv_stride;
+    const T* K = base + s.k_off + kvh * D;
+    const T* V = base + s.v_off + kvh * D;
+    T* dK = dbase + s.k_off + kvh * D;
+    T* dV = dbase + s.v_off + kvh * D;
+    for (int64_t t = 0; t < Tn; ++t) {
+      std::fill(dK + t * s.qkv_stride, dK + t * s.qkv_stride + D, T(0));
+      std::fill(dV + t * s.qkv_stride, dV + t * s.qkv_stride + D, T(0));
+    }
+    T* P = thread_scratch(thread);
+    T* dP = P + kAttnBlock * Tn;
+    for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+      const T* L = lse + (b * H + h) * Tn;
+      for (int64_t blk = 0; blk < n_blocks; ++blk) {
+        const int64_t r0 = blk * kAttnBlock, r1 = std::min(Tn, r0 + kAttnBlock), nr = r1 - r0;
+        const T* Q = base + r0 * s.qkv_stride + s.q_off + h * D;
+        T* dQ = dbase + r0 * s.qkv_stride + s.q_off + h * D;
+        const T* dO = dout + (b * Tn + r0) * s.out_stride + h * D;
+        const T* O = out + (b * Tn + r0) * s.out_stride + h * D;
+        // Recompute probabilities from the saved log-sum-exp.
+        cpu::gemm(false, true, nr, r1, D, T(s.scale), Q, s.qkv_stride, K, s.qkv_stride, T(0), P, r1);
+        for (int64_t i = 0; i < nr; ++i) {
+          T* row = P + i * r1;
+          const int64_t visible = r0 + i + 1;
+          for (int64_t j = 0; j < visible; ++j) row[j] = std::exp(row[j] - L[r0 + i]);
+          for (int64_t j = visible; j < r1; ++j) row[j] = T(0);
+        }
+        cpu::gemm(true, false, r1, D, nr, T(1), P, r1, dO, s.out_stride, T(1), dV, s.qkv_stride);  // dV += Pᵀ dO
+        cpu::gemm(false, true, nr, r1, D, T(1), dO, s.out_stride, V, s.qkv_stride, T(0), dP, r1);  // dP = dO Vᵀ
+        for (int64_t i = 0; i < nr; ++i) {
+          // dS = P ∘ (dP − rowsum(dO ∘ O)): the softmax Jacobian applied row by row.
+          Acc d = 0;
+          for (int64_t k = 0; k < D; ++k) d += Acc(dO[i * s.out_stride + k]) * Acc(O[i * s.out_stride + k]);
+          T dd = T(d);
+          T* prow = P + i * r1;
+          T* drow = dP + i * r1;
+          for (int64_t j = 0; j < r1; ++j) drow[j] = prow[j] * (drow[j] - dd);
+        }
+        cpu::gemm(false, false, nr, D, r1, T(s.scale), dP, r1, K, s.qkv_stride, T(0), dQ, s.qkv_stride);  // dQ
+        cpu::gemm(true, false, r1, D, nr, T(s.scale), dP, r1, Q, s.qkv_stride, T(1), dK, s.qkv_stride);   // dK
+      }
+    }
+  });
+}
+
+template <class T>
+void CpuOps<T>::swiglu_forward(T* out, const T* gu, int64_t N, int64_t F) {
+  cpu_pool().parallel_for(N, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T* g = gu + i * 2 * F;
+      const T* u = g + F;
+      T* o = out + i * F;
+      for (int64_t j = 0; j < F; ++j) o[j] = g[j] / (T(1) + std::exp(-g[j])) * u[j];
+    }
+  });
+}
+
+template <class T>
+void CpuOps<T>::swiglu_backward(T* dgu, const T* dout, const T* gu, int64_t N, int64_t F) {
+  cpu_pool().parallel_for(N, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T* g = gu + i * 2 * F;
+      const T* u = g + F;
+      const T* d = dout + i * F;
+      T* dg = dgu + i * 2 * F;
+      T* du = dg + F;
+      for (int64_t j = 0; j < F; ++j) {
+        T sig = T(1) / (T(1) + std::exp(-g[j]));
+        T silu = g[j] * sig;
+        du[j] = d[j] * silu;
+        dg[j] = d[j] * u[j] * sig * (T(1) + g[j] * (T(1) - sig));
+      }
+    }
+  });
+}
+
+template <class T>
+void CpuOps<T>::softmax_xent(T* logits, double* loss, const int32_t* targets, const T* weight, int64_t n, int64_t V,
+                             bool grad) {
+  cpu_pool().parallel_for(n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      T* x = logits + i * V;
+      const int64_t t = targets[i];
+      T mx = x[0];
+      for (int64_t j = 1; j < V; ++j) mx = std::max(mx, x[j]);
+      const T xt = x[t];
+      // One exp per element: the shifted exponentials are kept in place for the gradient.
+      Acc sum = 0;
+      for (int64_t j = 0; j < V; ++j) {
+        T p = std::exp(x[j] - mx);
+        if (grad) x[j] = p;
+        sum += Acc(p);
+      }
+      const Acc lse = Acc(mx) + std::log(sum);
+      loss[i] = lse - Acc(xt);
+      if (grad) {
+        const T w = weight[i];
+        const T scale = T(Acc(w) / sum);
+        for (int64_t j = 0; j < V; ++j) x[j] *= scale;
+        x[t] -= w;
+      }
+    }
+  });
+}
+
+template <class T>
+void CpuOps<T>::adamw_update(T* p, const T* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2,
+                             double eps, double decay, double gscale, int64_t step) {
+  const T b1 = T(beta1), b2 = T(beta2), gs = T(gscale), keep = T(1.0 - decay);
+  const T step_size = T(lr / (1.0 - std::pow(beta1, double(step))));
+  const T inv_sqrt_bc2 = T(1.0 / std::sqrt(1.0 - std::pow(beta2, double(step))));
+  const T e = T(eps);
+  cpu_pool().parallel_for(n, 1 << 14, [&](int64_t b, int64_t en) {
+    for (int64_t i = b; i < en; ++i) {
+      T gi = g[i] * gs;
+      m[i] = b1 * m[i] + (T(1) - b1) * gi;
+      v[i] = b2 * v[i] + (T(1) - b2) * gi * gi;
+      p[i] = p[i] * keep - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + e);
+    }
+  });
+}
+
+template <class T>
+void CpuOps<T>::rmsprop_update(T* p, const T* g, T* sq, int64_t n, double lr, double alpha, double eps, double decay,
+                               double gscale) {
+  const T a = T(alpha), gs = T(gscale), keep = T(1.0 - decay), l = T(lr), e = T(eps);
+  cpu_pool().parallel_for(n, 1 << 14, [&](int64_t b, int64_t en) {
+    for (int64_t i = b; i < en; ++i) {
+      T gi = g[i] * gs;
+      sq[i] = a * sq[i] + (T(1) - a) * gi * gi;
+      p[i] = p[i] * keep - l * gi / (std::sqrt(sq[i]) + e);
+    }
+  });
+}
+
+template class CpuOps<float>;
+template class CpuOps<double>;
+
+}  // namespace sppo::cpu

@@ -1,0 +1,56 @@
+// The CPU backend: the op interface on host memory, for float (the engine) and double (the
+// float64 reference that gradient checks run against).
+#pragma once
+#include <vector>
+
+#include "ops/ops.h"
+
+namespace sppo::cpu {
+
+template <class T>
+class CpuOps final : public Ops<T> {
+ public:
+  const char* name() const override { return "cpu"; }
+  T* alloc(size_t n) override;
+  void free(T* p) override;
+  size_t plan_scratch(int64_t max_seq, int64_t head_dim) override;
+
+  void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+            const T* B, int64_t ldb, T beta, T* C, int64_t ldc) override;
+  void fill(T* x, T value, int64_t n) override;
+  void copy(T* dst, const T* src, int64_t n) override;
+  void scale(T* x, T s, int64_t n) override;
+  double sum_squares(const T* x, int64_t n) override;
+  bool all_finite(const T* x, int64_t n) override;
+  void embedding_forward(T* out, const T* table, const int32_t* ids, int64_t N, int64_t C) override;
+  void embedding_backward(T* dtable, const T* dout, const int32_t* ids, int64_t N, int64_t C) override;
+  void rmsnorm_forward(T* out, T* rstd, const T* x, const T* w, int64_t N, int64_t C, double eps) override;
+  void rmsnorm_backward(T* dx, T* dw, const T* dout, const T* x, const T* w, const T* rstd, int64_t N,
+                        int64_t C) override;
+  void add_bias(T* x, const T* bias, int64_t N, int64_t C, int64_t ld) override;
+  void bias_backward(T* dbias, const T* dout, int64_t N, int64_t C, int64_t ld) override;
+  void rope(T* x, int64_t N, int64_t ld, int64_t off, int64_t heads, int64_t head_dim, const int32_t* positions,
+            const T* cos, const T* sin, bool inverse) override;
+  void attention_forward(T* out, T* lse, const T* qkv, const AttentionShape& s) override;
+  void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse,
+                          const AttentionShape& s) override;
+  void swiglu_forward(T* out, const T* gu, int64_t N, int64_t F) override;
+  void swiglu_backward(T* dgu, const T* dout, const T* gu, int64_t N, int64_t F) override;
+  void softmax_xent(T* logits, double* loss, const int32_t* targets, const T* weight, int64_t n, int64_t V,
+                    bool grad) override;
+  void adamw_update(T* p, const T* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2, double eps,
+                    double decay, double gscale, int64_t step) override;
+  void rmsprop_update(T* p, const T* g, T* sq, int64_t n, double lr, double alpha, double eps, double decay,
+                      double gscale) override;
+
+ private:
+  // Per-thread attention scratch: two (query block x max_seq) score tiles per thread.
+  std::vector<T> scratch_;
+  int64_t scratch_per_thread_ = 0;
+  T* thread_scratch(int thread) { return scratch_.data() + thread * scratch_per_thread_; }
+};
+
+// Query rows per attention tile: scores for one tile are (kAttnBlock x seq).
+constexpr int64_t kAttnBlock = 64;
+
+}  // namespace sppo::cpu

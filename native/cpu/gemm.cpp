@@ -1,0 +1,525 @@
+// CPU GEMM: packed, cache-blocked matrix multiply with AVX-512 / AVX2 / portable micro-kernels.
+//
+// Layout (GotoBLAS/BLIS style, row-major):
+//   for each column block jc of op(B) (NC wide):
+//     pack op(B)[:, jc] over all of K into NR-wide slivers, shared by every thread  (parallel)
+//     for each task = (row block of MC rows) x (group of B slivers)                 (parallel)
+//       for each K block (KC deep), in fixed order:
+//         pack op(A)[rows, kblock] into MR-row slivers (thread-local scratch)
+//         for each B sliver: for each A sliver: micro-kernel on an MR x NR tile of C
+// Packing absorbs both transposes, so one micro-kernel serves all four cases. Every C element
+// is owned by one task and reduced over K in the same order whatever the thread count, so
+// results are bit-identical run to run (and across thread counts).
+#include "cpu/gemm.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "core/threadpool.h"
+
+namespace sppo::cpu {
+
+namespace {
+
+// 64-byte aligned scratch that only ever grows: the engine calls gemm with the same shapes
+// every step, so after the first call no allocation happens.
+struct Scratch {
+  float* p = nullptr;
+  size_t cap = 0;
+  ~Scratch() { std::free(p); }
+  float* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+      p = static_cast<float*>(std::aligned_alloc(64, bytes));
+      if (!p) throw std::bad_alloc();
+      cap = n;
+    }
+    return p;
+  }
+};
+
+// Packed op(A) block of the running thread (MC x KC) and packed op(B) panel of the calling
+// thread (K x NC). Thread-local rather than global so concurrent gemm calls from different
+// threads never share a buffer.
+thread_local Scratch tl_apack;
+thread_local Scratch tl_bpack;
+
+// Blocking. KC: a KC x NR B sliver (32 KiB for AVX-512) stays in the 48 KiB L1 while the
+// A slivers stream past it. MC: the MC x KC A block (~256 KiB) stays in L2. NC bounds the
+// shared packed-B panel to kBPanelFloats (16 MiB) whatever K is.
+constexpr int64_t kKC = 256;
+constexpr int64_t kMC = 256;
+constexpr int64_t kBPanelFloats = int64_t(4) << 20;
+// Up to this many rows, x * W^T uses dot products on unpacked W (see avx512_dot).
+constexpr int64_t kDotMaxM = 16;
+
+// The micro-kernel computes C[0:mr, 0:nr] (= alpha * a * b + beta * C) for one tile:
+// a is mr x kc packed k-major (a[k * mr + i]), b is kc x NR packed k-major (zero-padded past
+// nr). beta == 0 never reads C.
+using TileFn = void (*)(int mr, int nr, int64_t kc, const float* a, const float* b, float* c,
+                        int64_t ldc, float alpha, float beta);
+
+// The small-M path: C[0:M, j0:j1] = alpha * A * B^T + beta * C with A (M,K), B (N,K).
+using DotFn = void (*)(int64_t M, int64_t j0, int64_t j1, int64_t K, const float* A, int64_t lda,
+                       const float* B, int64_t ldb, float* C, int64_t ldc, float alpha, float beta);
+
+struct KernelSet {
+  const char* name;
+  int mr, nr;
+  TileFn tile;
+  DotFn dot;  // nullptr: small M goes through the packed path too
+};
+
+// ---------------------------------------------------------------------------------------------
+// Portable kernel: plain loops the compiler vectorises with baseline SSE2.
+
+constexpr int kPortMR = 4, kPortNR = 16;
+
+template <int MR>
+void port_tile_fixed(int nr, int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
+                     float alpha, float beta) {
+  float acc[MR][kPortNR] = {};
+  for (int64_t k = 0; k < kc; ++k) {
+    for (int i = 0; i < MR; ++i) {
+      float av = a[k * MR + i];
+      for (int j = 0; j < kPortNR; ++j) acc[i][j] += av * b[k * kPortNR + j];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* ci = c + i * ldc;
+    if (beta == 0.0f) {
+      for (int j = 0; j < nr; ++j) ci[j] = alpha * acc[i][j];
+    } else {
+      for (int j = 0; j < nr; ++j) ci[j] = alpha * acc[i][j] + beta * ci[j];
+    }
+  }
+}
+
+void port_tile(int mr, int nr, int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
+               float alpha, float beta) {
+  switch (mr) {
+    case 1: return port_tile_fixed<1>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 2: return port_tile_fixed<2>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 3: return port_tile_fixed<3>(nr, kc, a, b, c, ldc, alpha, beta);
+    default: return port_tile_fixed<4>(nr, kc, a, b, c, ldc, alpha, beta);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 kernel: 6 x 16 tile, 12 ymm accumulators.
+
+#define SPPO_AVX2 __attribute__((target("avx2,fma")))
+constexpr int kAvx2MR = 6, kAvx2NR = 16;
+
+template <int MR>
+SPPO_AVX2 void avx2_tile_fixed(int nr, int64_t kc, const float* __restrict a,
+                               const float* __restrict b, float* c, int64_t ldc, float alpha,
+                               float beta) {
+  __m256 acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      __m256 av = _mm256_broadcast_ss(a + i);
+      acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
+      acc1[i] = _mm256_fmadd_ps(av, b1, acc1[i]);
+    }
+    a += MR;
+    b += kAvx2NR;
+  }
+  __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+  if (nr == kAvx2NR) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      float* ci = c + i * ldc;
+      if (beta == 0.0f) {
+        _mm256_storeu_ps(ci, _mm256_mul_ps(acc0[i], va));
+        _mm256_storeu_ps(ci + 8, _mm256_mul_ps(acc1[i], va));
+      } else {
+        _mm256_storeu_ps(ci, _mm256_fmadd_ps(acc0[i], va, _mm256_mul_ps(vb, _mm256_loadu_ps(ci))));
+        _mm256_storeu_ps(ci + 8,
+                         _mm256_fmadd_ps(acc1[i], va, _mm256_mul_ps(vb, _mm256_loadu_ps(ci + 8))));
+      }
+    }
+    return;
+  }
+  // Right-edge tile: spill and finish with the same arithmetic in scalar form.
+  alignas(32) float t[kAvx2NR];
+  for (int i = 0; i < MR; ++i) {
+    float* ci = c + i * ldc;
+    _mm256_store_ps(t, acc0[i]);
+    _mm256_store_ps(t + 8, acc1[i]);
+    for (int j = 0; j < nr; ++j)
+      ci[j] = beta == 0.0f ? t[j] * alpha : __builtin_fmaf(t[j], alpha, beta * ci[j]);
+  }
+}
+
+SPPO_AVX2 void avx2_tile(int mr, int nr, int64_t kc, const float* a, const float* b, float* c,
+                         int64_t ldc, float alpha, float beta) {
+  switch (mr) {
+    case 1: return avx2_tile_fixed<1>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 2: return avx2_tile_fixed<2>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 3: return avx2_tile_fixed<3>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 4: return avx2_tile_fixed<4>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 5: return avx2_tile_fixed<5>(nr, kc, a, b, c, ldc, alpha, beta);
+    default: return avx2_tile_fixed<6>(nr, kc, a, b, c, ldc, alpha, beta);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 kernel: 14 x 32 tile, 28 zmm accumulators + 2 B vectors + 1 broadcast = 31 registers.
+
+#define SPPO_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+constexpr int kAvx512MR = 14, kAvx512NR = 32;
+
+template <int MR>
+SPPO_AVX512 void avx512_tile_fixed(int nr, int64_t kc, const float* __restrict a,
+                                   const float* __restrict b, float* c, int64_t ldc, float alpha,
+                                   float beta) {
+  // C rows are ldc apart (often a page or more), so hardware prefetch does not find them:
+  // ask for the tile now and it arrives while the K loop runs.
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 16), _MM_HINT_T0);
+  }
+  __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      __m512 av = _mm512_set1_ps(a[i]);
+      acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+    }
+    a += MR;
+    b += kAvx512NR;
+  }
+  // Masks cover the right-edge tile; masked-off lanes are neither read nor written.
+  __mmask16 m0 = nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nr) - 1);
+  __mmask16 m1 = nr >= 32 ? __mmask16(0xFFFF) : nr <= 16 ? __mmask16(0) : __mmask16((1u << (nr - 16)) - 1);
+  __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    float* ci = c + i * ldc;
+    if (beta == 0.0f) {
+      _mm512_mask_storeu_ps(ci, m0, _mm512_mul_ps(acc0[i], va));
+      _mm512_mask_storeu_ps(ci + 16, m1, _mm512_mul_ps(acc1[i], va));
+    } else {
+      __m512 c0 = _mm512_maskz_loadu_ps(m0, ci), c1 = _mm512_maskz_loadu_ps(m1, ci + 16);
+      _mm512_mask_storeu_ps(ci, m0, _mm512_fmadd_ps(acc0[i], va, _mm512_mul_ps(vb, c0)));
+      _mm512_mask_storeu_ps(ci + 16, m1, _mm512_fmadd_ps(acc1[i], va, _mm512_mul_ps(vb, c1)));
+    }
+  }
+}
+
+SPPO_AVX512 void avx512_tile(int mr, int nr, int64_t kc, const float* a, const float* b, float* c,
+                             int64_t ldc, float alpha, float beta) {
+  switch (mr) {
+    case 1: return avx512_tile_fixed<1>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 2: return avx512_tile_fixed<2>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 3: return avx512_tile_fixed<3>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 4: return avx512_tile_fixed<4>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 5: return avx512_tile_fixed<5>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 6: return avx512_tile_fixed<6>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 7: return avx512_tile_fixed<7>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 8: return avx512_tile_fixed<8>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 9: return avx512_tile_fixed<9>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 10: return avx512_tile_fixed<10>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 11: return avx512_tile_fixed<11>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 12: return avx512_tile_fixed<12>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 13: return avx512_tile_fixed<13>(nr, kc, a, b, c, ldc, alpha, beta);
+    default: return avx512_tile_fixed<14>(nr, kc, a, b, c, ldc, alpha, beta);
+  }
+}
+
+// Few rows times a transposed B (decode: x * W^T with W stored (N, K)): packing W would cost
+// more than the multiply, so take dot products of A rows with W rows straight from memory.
+// C[i0:i0+MB, j0:j0+NB]; each dot product keeps 16 lane sums over k (fixed order), then adds
+// them in a fixed tree, so it is deterministic.
+template <int MB, int NB>
+SPPO_AVX512 void avx512_dot_block(int64_t K, const float* A, int64_t lda, const float* B,
+                                  int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
+  __m512 acc[MB][NB];
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  auto step = [&](int64_t k, __mmask16 m) SPPO_AVX512 {
+    __m512 b[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) b[j] = _mm512_maskz_loadu_ps(m, B + j * ldb + k);
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      __m512 a = _mm512_maskz_loadu_ps(m, A + i * lda + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) step(k, 0xFFFF);
+  if (k < K) step(k, static_cast<__mmask16>((1u << (K - k)) - 1));
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      float s = _mm512_reduce_add_ps(acc[i][j]);
+      float* c = C + i * ldc + j;
+      *c = beta == 0.0f ? s * alpha : __builtin_fmaf(s, alpha, beta * *c);
+    }
+}
+
+template <int MB>
+SPPO_AVX512 void avx512_dot_rows(int nb, int64_t K, const float* A, int64_t lda, const float* B,
+                                 int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
+  switch (nb) {
+    case 1: return avx512_dot_block<MB, 1>(K, A, lda, B, ldb, C, ldc, alpha, beta);
+    case 2: return avx512_dot_block<MB, 2>(K, A, lda, B, ldb, C, ldc, alpha, beta);
+    case 3: return avx512_dot_block<MB, 3>(K, A, lda, B, ldb, C, ldc, alpha, beta);
+    default: return avx512_dot_block<MB, 4>(K, A, lda, B, ldb, C, ldc, alpha, beta);
+  }
+}
+
+// C[0:M, j0:j1]: W rows in groups of 4 (kept in L1 while every A row passes over them).
+SPPO_AVX512 void avx512_dot(int64_t M, int64_t j0, int64_t j1, int64_t K, const float* A,
+                            int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                            float alpha, float beta) {
+  for (int64_t j = j0; j < j1; j += 4) {
+    const int nb = static_cast<int>(std::min<int64_t>(4, j1 - j));
+    const float* bj = B + j * ldb;
+    for (int64_t i = 0; i < M; i += 4) {
+      const float* ai = A + i * lda;
+      float* c = C + i * ldc + j;
+      switch (std::min<int64_t>(4, M - i)) {
+        case 1: avx512_dot_rows<1>(nb, K, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
+        case 2: avx512_dot_rows<2>(nb, K, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
+        case 3: avx512_dot_rows<3>(nb, K, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
+        default: avx512_dot_rows<4>(nb, K, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel selection.
+
+const KernelSet kPortable{"portable", kPortMR, kPortNR, port_tile, nullptr};
+const KernelSet kAvx2{"avx2", kAvx2MR, kAvx2NR, avx2_tile, nullptr};
+const KernelSet kAvx512{"avx512", kAvx512MR, kAvx512NR, avx512_tile, avx512_dot};
+
+const KernelSet* detect_kernel() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return &kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &kAvx2;
+  return &kPortable;
+}
+
+const KernelSet*& active_kernel() {
+  static const KernelSet* k = detect_kernel();
+  return k;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing.
+
+// op(A) rows [i0, i0+mc) x k [p0, p0+kc) into slivers of mr rows, each stored k-major
+// (dst[k * rows + i]); the last sliver holds the remaining rows, packed just as densely.
+void pack_a(bool transA, const float* A, int64_t lda, int64_t i0, int64_t mc, int64_t p0,
+            int64_t kc, int mr, float* dst) {
+  for (int64_t is = 0; is < mc; is += mr) {
+    int rows = static_cast<int>(std::min<int64_t>(mr, mc - is));
+    if (transA) {
+      // A is (K, M): each k contributes `rows` contiguous values.
+      const float* src = A + p0 * lda + i0 + is;
+      for (int64_t k = 0; k < kc; ++k) {
+        std::memcpy(dst + k * rows, src + k * lda, rows * sizeof(float));
+      }
+    } else {
+      for (int i = 0; i < rows; ++i) {
+        const float* src = A + (i0 + is + i) * lda + p0;
+        for (int64_t k = 0; k < kc; ++k) dst[k * rows + i] = src[k];
+      }
+    }
+    dst += rows * kc;
+  }
+}
+
+// op(B) k [p0, p0+kc) x columns [j0, j0+nr) into one sliver dst[k * NR + j], zero-padded
+// past the last valid column so the kernel can always load full vectors.
+void pack_b_sliver(bool transB, const float* B, int64_t ldb, int64_t p0, int64_t kc, int64_t j0,
+                   int nr, int NR, float* dst) {
+  if (transB) {
+    // B is (N, K): column j of op(B) is row j of B.
+    if (nr < NR) std::memset(dst, 0, sizeof(float) * kc * NR);
+    for (int j = 0; j < nr; ++j) {
+      const float* src = B + (j0 + j) * ldb + p0;
+      for (int64_t k = 0; k < kc; ++k) dst[k * NR + j] = src[k];
+    }
+  } else {
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = B + (p0 + k) * ldb + j0;
+      float* d = dst + k * NR;
+      std::memcpy(d, src, nr * sizeof(float));
+      for (int j = nr; j < NR; ++j) d[j] = 0.0f;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driver.
+
+void gemm_f32(const KernelSet& ks, bool transA, bool transB, int64_t M, int64_t N, int64_t K,
+              float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
+              float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0 || alpha == 0.0f) {
+    // Nothing to accumulate: C = beta * C (beta == 0 overwrites without reading).
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
+    return;
+  }
+  ThreadPool& pool = cpu_pool();
+  const int T = pool.size();
+  if (ks.dot && transB && !transA && M <= kDotMaxM) {
+    // Chunks of 16 columns (4 groups of 4 W rows): plenty of tasks to balance two threads.
+    const int64_t n_chunks = (N + 15) / 16;
+    pool.run(n_chunks, [&](int64_t t, int) {
+      ks.dot(M, t * 16, std::min(N, t * 16 + 16), K, A, lda, B, ldb, C, ldc, alpha, beta);
+    });
+    return;
+  }
+  const int MR = ks.mr, NR = ks.nr;
+
+  // NC: as wide as the packed-B budget allows, in whole slivers.
+  int64_t nc_max = std::max<int64_t>(NR, kBPanelFloats / K / NR * NR);
+  // K blocks of equal depth (at most kKC) rather than kKC plus a short remainder.
+  const int64_t n_kb = (K + kKC - 1) / kKC;
+  const int64_t kcb = (K + n_kb - 1) / n_kb;
+
+  // Row blocks: about kMC rows each, an equal number of MR slivers per block (to within one)
+  // and, when there are several, a multiple of the thread count so the threads finish together.
+  const int64_t m_sl = (M + MR - 1) / MR;
+  int64_t n_mb = (m_sl + kMC / MR - 1) / (kMC / MR);
+  if (n_mb > 1) n_mb = std::min(m_sl, (n_mb + T - 1) / T * T);
+
+  for (int64_t jc = 0; jc < N; jc += nc_max) {
+    const int64_t nc = std::min(nc_max, N - jc);
+    const int64_t n_sl = (nc + NR - 1) / NR;
+    float* bp = tl_bpack.get(static_cast<size_t>(K) * n_sl * NR);
+
+    // Pack op(B)[:, jc:jc+nc]: layout [k block][sliver][k][NR], so the sliver (kb, s) starts at
+    // p0 * n_sl * NR + s * kc * NR.
+    pool.run(n_kb * n_sl, [&](int64_t t, int) {
+      int64_t kb = t / n_sl, s = t % n_sl;
+      int64_t p0 = kb * kcb, kc = std::min(kcb, K - p0);
+      int nr = static_cast<int>(std::min<int64_t>(NR, nc - s * NR));
+      pack_b_sliver(transB, B, ldb, p0, kc, jc + s * NR, nr, NR, bp + p0 * n_sl * NR + s * kc * NR);
+    });
+
+    // Column groups: split the B slivers too when there are too few row blocks to feed the
+    // threads (small M, e.g. decode).
+    int64_t n_nb = 1;
+    if (n_mb < 2 * T) n_nb = std::min(n_sl, (2 * T + n_mb - 1) / n_mb);
+
+    pool.run(n_mb * n_nb, [&](int64_t t, int) {
+      const int64_t mb = t / n_nb, nb = t % n_nb;
+      const int64_t sl0 = m_sl * mb / n_mb, sl1 = m_sl * (mb + 1) / n_mb;
+      const int64_t i0 = sl0 * MR, i1 = std::min(M, sl1 * MR);
+      const int64_t s0 = n_sl * nb / n_nb, s1 = n_sl * (nb + 1) / n_nb;
+      if (i1 <= i0 || s1 <= s0) return;
+      const int64_t mc = i1 - i0;
+      float* ap = tl_apack.get(static_cast<size_t>(((mc + MR - 1) / MR) * MR) * kcb);
+      for (int64_t kb = 0; kb < n_kb; ++kb) {
+        const int64_t p0 = kb * kcb, kc = std::min(kcb, K - p0);
+        // Later K blocks add onto what the earlier ones wrote.
+        const float beta_k = kb == 0 ? beta : 1.0f;
+        pack_a(transA, A, lda, i0, mc, p0, kc, MR, ap);
+        for (int64_t s = s0; s < s1; ++s) {
+          const float* bs = bp + p0 * n_sl * NR + s * kc * NR;
+          const int64_t j = jc + s * NR;
+          const int nr = static_cast<int>(std::min<int64_t>(NR, N - j));
+          const float* as = ap;
+          for (int64_t i = i0; i < i1; i += MR) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR, i1 - i));
+            ks.tile(mr, nr, kc, as, bs, C + i * ldc + j, ldc, alpha, beta_k);
+            as += mr * kc;
+          }
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+// Test hook (not in gemm.h): forces "avx512", "avx2" or "portable" (only on a CPU that has
+// it) or, with nullptr or "auto", goes back to the detected kernel. Returns false if refused.
+bool gemm_force_kernel(const char* name) {
+  const KernelSet* best = detect_kernel();
+  if (!name || std::strcmp(name, "auto") == 0) {
+    active_kernel() = best;
+    return true;
+  }
+  const KernelSet* order[] = {&kAvx512, &kAvx2, &kPortable};
+  bool reachable = false;
+  for (const KernelSet* k : order) {
+    if (k == best) reachable = true;
+    if (reachable && std::strcmp(k->name, name) == 0) {
+      active_kernel() = k;
+      return true;
+    }
+  }
+  return false;
+}
+
+const char* gemm_kernel_name() { return active_kernel()->name; }
+
+void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  gemm_f32(*active_kernel(), transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+// Float64 is only used by gradient checks: row-parallel, straightforward loops. Each row of C
+// is computed by one task with a fixed k order, so it is deterministic too.
+void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
+          int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  cpu_pool().parallel_for(M, 8, [&](int64_t r0, int64_t r1) {
+    thread_local std::vector<double> acc;
+    acc.assign(static_cast<size_t>(N), 0.0);
+    for (int64_t i = r0; i < r1; ++i) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      auto a = [&](int64_t k) { return transA ? A[k * lda + i] : A[i * lda + k]; };
+      if (transB) {
+        for (int64_t j = 0; j < N; ++j) {
+          const double* bj = B + j * ldb;
+          double s = 0.0;
+          for (int64_t k = 0; k < K; ++k) s += a(k) * bj[k];
+          acc[j] = s;
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          const double ak = a(k);
+          const double* bk = B + k * ldb;
+          for (int64_t j = 0; j < N; ++j) acc[j] += ak * bk[j];
+        }
+      }
+      double* ci = C + i * ldc;
+      for (int64_t j = 0; j < N; ++j) ci[j] = beta == 0.0 ? alpha * acc[j] : alpha * acc[j] + beta * ci[j];
+    }
+  });
+}
+
+}  // namespace sppo::cpu

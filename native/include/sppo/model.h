@@ -1,0 +1,174 @@
+// The Llama-family decoder (Llama, Mistral, Qwen2 shapes), written once against the op
+// interface. T is the storage type: float for the engine, double for gradient checks.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ops/ops.h"
+#include "sppo/config.h"
+
+namespace sppo {
+
+// One named parameter as Hugging Face names it: a contiguous slice of the parameter arena.
+struct ParamInfo {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t offset = 0;  // elements into the parameter arena
+  int64_t size = 0;
+  bool decay = false;  // matrices take weight decay; norms and biases do not
+};
+
+// A batch of B rows of T tokens each (row-major). Target weights: weight[b*T + t] says how
+// much token t counts as a prediction target (from position t-1); position 0 is never one.
+struct Batch {
+  const int32_t* tokens = nullptr;
+  const uint8_t* target_mask = nullptr;  // null: every token after the first is a target
+  int64_t batch = 0;
+  int64_t seq = 0;
+};
+
+struct StepResult {
+  double loss = 0;          // mean cross-entropy over target tokens of this micro-batch
+  int64_t target_tokens = 0;
+  bool stepped = false;     // the optimizer ran (gradient accumulation complete)
+  int64_t step = 0;         // optimizer steps taken so far
+  double lr = 0;            // learning rate used by the step (when stepped)
+  double grad_norm = 0;     // global gradient norm before clipping (when stepped)
+};
+
+struct MemoryReport {
+  size_t params = 0, grads = 0, optimizer = 0, activations = 0, scratch = 0;
+  size_t total() const { return params + grads + optimizer + activations + scratch; }
+};
+
+template <class T>
+class Model {
+ public:
+  Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops);
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const ModelConfig& config() const { return cfg_; }
+  const MemoryPlan& plan() const { return plan_; }
+  Ops<T>& ops() { return *ops_; }
+  MemoryReport memory() const;
+
+  // Parameters by Hugging Face name.
+  const std::vector<ParamInfo>& params() const { return params_; }
+  const ParamInfo& param(const std::string& name) const;
+  // Copies of / into one named tensor. set_param validates size and finiteness first and leaves
+  // the model unchanged on error.
+  void get_param(const std::string& name, T* dst) const;
+  void set_param(const std::string& name, const T* src, int64_t n);
+  T* param_data() { return params_arena_; }
+  T* grad_data() { return grads_arena_; }
+  int64_t num_params() const { return n_params_; }
+  // Re-draws every parameter from config.seed (weights ~ N(0, initializer_range), norms 1, biases 0).
+  void initialize();
+
+  // Forward over tokens(B,T): final hidden states (B,T,hidden) after the last RMSNorm, and/or
+  // logits (B,T,vocab). Either output may be null.
+  void forward(const int32_t* tokens, int64_t B, int64_t Tn, T* hidden_out, T* logits_out);
+  // Mean next-token cross-entropy over the masked targets, without gradients.
+  double eval_loss(const Batch& batch, int64_t* target_tokens = nullptr);
+  // Forward + backward: adds scale * d(mean loss)/dθ into the gradients; returns the loss.
+  double accumulate_gradients(const Batch& batch, double scale, int64_t* target_tokens = nullptr);
+  void zero_grad();
+
+  // Optimizer (created by set_optimizer; resets its state and step count).
+  void set_optimizer(const OptimizerConfig& oc);
+  const OptimizerConfig& optimizer_config() const { return opt_; }
+  // One training call: accumulate_gradients with scale 1/grad_accum_steps, then an optimizer
+  // step when grad_accum_steps micro-batches have been accumulated.
+  StepResult train_step(const Batch& batch);
+  int64_t optimizer_steps() const { return step_; }
+  int pending_micro_batches() const { return micro_; }
+
+  // Validates a batch against the vocabulary and the memory plan (throws sppo::Error).
+  void validate_batch(const Batch& batch, bool need_targets) const;
+  // The rotary tables (max_position_embeddings, head_dim/2), for tests.
+  const T* rope_cos() const { return rope_cos_; }
+  const T* rope_sin() const { return rope_sin_; }
+
+ private:
+  struct LayerParams {
+    T *attn_norm, *wqkv, *bqkv, *wo, *mlp_norm, *wgu, *wdown;
+  };
+  struct LayerActs {
+    T *resid_in;   // (N, C) residual stream entering the layer
+    T *rstd1;      // (N)
+    T *qkv;        // (N, QKV) after bias and rotary
+    T *att;        // (N, H*D) attention output before o_proj
+    T *lse;        // (B, H, T)
+    T *resid_mid;  // (N, C) after the attention residual
+    T *rstd2;      // (N)
+    T *gu;         // (N, 2F) gate|up pre-activations
+  };
+
+  void build_param_table();
+  void plan_buffers();
+  void build_rope_tables();
+  T* alloc_tracked(size_t n, size_t* counter);
+  LayerParams layer_params(T* base, int l) const;
+  T* lm_head(T* base) const;
+  void forward_blocks(const int32_t* tokens, int64_t B, int64_t Tn);
+  double head_loss(const Batch& batch, double scale, bool grad, int64_t* target_tokens);
+  void backward_blocks(const int32_t* tokens, int64_t B, int64_t Tn);
+  StepResult optimizer_step();
+
+  ModelConfig cfg_;
+  MemoryPlan plan_;
+  std::unique_ptr<Ops<T>> ops_;
+  OptimizerConfig opt_;
+
+  std::vector<ParamInfo> params_;
+  int64_t n_params_ = 0;
+  // Offsets (elements) of the fused per-layer blocks inside a parameter-shaped arena.
+  struct LayerOffsets {
+    int64_t attn_norm, wqkv, bqkv, wo, mlp_norm, wgu, wdown;
+  };
+  std::vector<LayerOffsets> layer_off_;
+  int64_t embed_off_ = 0, final_norm_off_ = 0, lm_head_off_ = 0;
+
+  T* params_arena_ = nullptr;
+  T* grads_arena_ = nullptr;
+  T* opt_m_ = nullptr;  // AdamW first moment / RMSprop square average
+  T* opt_v_ = nullptr;  // AdamW second moment
+  int64_t step_ = 0;
+  int micro_ = 0;
+
+  MemoryReport mem_;
+  std::vector<T*> owned_;
+  std::vector<LayerActs> acts_;
+  T* resid_out_ = nullptr;   // (N, C) residual after the last layer
+  T* rstd_final_ = nullptr;  // (N)
+  T* hidden_ = nullptr;      // (N, C) final normed hidden states
+  // Scratch reused by every layer.
+  T* xn_ = nullptr;          // (N, C) normed input to a projection
+  T* ffn_ = nullptr;         // (N, F) swiglu output
+  T* dresid_ = nullptr;      // (N, C) gradient of the residual stream
+  T* dxn_ = nullptr;         // (N, C)
+  T* dqkv_ = nullptr;        // (N, QKV)
+  T* datt_ = nullptr;        // (N, H*D)
+  T* dgu_ = nullptr;         // (N, 2F)
+  T* dffn_ = nullptr;        // (N, F)
+  T* logits_chunk_ = nullptr;  // (chunk, V)
+  T* hidden_chunk_ = nullptr;  // (chunk, C) hidden rows that have a target
+  T* dhidden_chunk_ = nullptr; // (chunk, C)
+  T* row_weight_ = nullptr;    // (chunk)
+  std::vector<int32_t> positions_;   // (N)
+  std::vector<int32_t> row_index_;   // (N) rows that predict a target
+  std::vector<int32_t> targets_;     // (chunk)
+  std::vector<double> row_loss_;     // (chunk)
+  int64_t chunk_rows_ = 0;
+  T* rope_cos_ = nullptr;
+  T* rope_sin_ = nullptr;
+};
+
+// The model sizes used by tests and benchmarks (the PyTorch CPU baseline's `tiny` and `small`).
+ModelConfig preset_config(const std::string& name);
+
+}  // namespace sppo

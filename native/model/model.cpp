@@ -1,0 +1,427 @@
+// The decoder's forward and backward passes over the op interface, with every buffer planned
+// at construction for plan.max_batch x plan.max_seq tokens (nothing is allocated per step).
+#include "sppo/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "core/rng.h"
+
+namespace sppo {
+
+namespace {
+constexpr int64_t kAlign = 16;  // elements: keeps every tensor 64-byte aligned for float
+int64_t aligned(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+// Logit rows per chunk of the LM head: about 16 MiB of float logits at a time.
+constexpr int64_t kLogitChunkElems = int64_t(1) << 22;
+}  // namespace
+
+ModelConfig preset_config(const std::string& name) {
+  ModelConfig c;
+  // Same shapes as ../shared/anchors/pytorch_cpu_baseline.py, so benchmarks compare like with like.
+  if (name == "tiny") {
+    c.vocab_size = 512, c.hidden_size = 256, c.num_hidden_layers = 4, c.num_attention_heads = 4;
+    c.num_key_value_heads = 4, c.intermediate_size = 688;
+  } else if (name == "small") {
+    c.vocab_size = 8192, c.hidden_size = 512, c.num_hidden_layers = 8, c.num_attention_heads = 8;
+    c.num_key_value_heads = 4, c.intermediate_size = 1376;
+  } else {
+    throw Error("unknown model preset '" + name + "' (known: tiny, small)");
+  }
+  c.max_position_embeddings = 2048;
+  c.resolve_and_validate();
+  return c;
+}
+
+template <class T>
+Model<T>::Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops)
+    : cfg_(config), plan_(plan), ops_(std::move(ops)) {
+  cfg_.resolve_and_validate();
+  plan_.validate(cfg_);
+  build_param_table();
+  try {
+    params_arena_ = alloc_tracked(n_params_, &mem_.params);
+    grads_arena_ = alloc_tracked(n_params_, &mem_.grads);
+    plan_buffers();
+    build_rope_tables();
+  } catch (...) {
+    for (T* p : owned_) ops_->free(p);
+    throw;
+  }
+  initialize();
+}
+
+template <class T>
+Model<T>::~Model() {
+  for (T* p : owned_) ops_->free(p);
+}
+
+template <class T>
+T* Model<T>::alloc_tracked(size_t n, size_t* counter) {
+  T* p = ops_->alloc(n);
+  owned_.push_back(p);
+  *counter += n * sizeof(T);
+  return p;
+}
+
+template <class T>
+MemoryReport Model<T>::memory() const {
+  return mem_;
+}
+
+template <class T>
+void Model<T>::build_param_table() {
+  const int64_t C = cfg_.hidden_size, V = cfg_.vocab_size, F = cfg_.intermediate_size;
+  const int64_t QD = cfg_.q_dim(), KD = cfg_.kv_dim(), QKV = cfg_.qkv_dim();
+  int64_t off = 0;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, int64_t at, bool decay) {
+    int64_t size = 1;
+    for (int64_t d : shape) size *= d;
+    params_.push_back({name, std::move(shape), at, size, decay});
+  };
+  auto reserve = [&](int64_t n) {
+    int64_t at = off;
+    off += aligned(n);
+    return at;
+  };
+  embed_off_ = reserve(V * C);
+  add("model.embed_tokens.weight", {V, C}, embed_off_, true);
+  for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
+    LayerOffsets o{};
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    // q, k and v (and gate and up) are stored as one fused matrix so each takes one GEMM;
+    // their Hugging Face names are contiguous row ranges of it.
+    o.wqkv = reserve(QKV * C);
+    add(p + "self_attn.q_proj.weight", {QD, C}, o.wqkv, true);
+    add(p + "self_attn.k_proj.weight", {KD, C}, o.wqkv + QD * C, true);
+    add(p + "self_attn.v_proj.weight", {KD, C}, o.wqkv + (QD + KD) * C, true);
+    if (cfg_.attention_bias) {
+      o.bqkv = reserve(QKV);
+      add(p + "self_attn.q_proj.bias", {QD}, o.bqkv, false);
+      add(p + "self_attn.k_proj.bias", {KD}, o.bqkv + QD, false);
+      add(p + "self_attn.v_proj.bias", {KD}, o.bqkv + QD + KD, false);
+    } else {
+      o.bqkv = -1;
+    }
+    o.wo = reserve(C * QD);
+    add(p + "self_attn.o_proj.weight", {C, QD}, o.wo, true);
+    o.wgu = reserve(2 * F * C);
+    add(p + "mlp.gate_proj.weight", {F, C}, o.wgu, true);
+    add(p + "mlp.up_proj.weight", {F, C}, o.wgu + F * C, true);
+    o.wdown = reserve(C * F);
+    add(p + "mlp.down_proj.weight", {C, F}, o.wdown, true);
+    o.attn_norm = reserve(C);
+    add(p + "input_layernorm.weight", {C}, o.attn_norm, false);
+    o.mlp_norm = reserve(C);
+    add(p + "post_attention_layernorm.weight", {C}, o.mlp_norm, false);
+    layer_off_.push_back(o);
+  }
+  final_norm_off_ = reserve(C);
+  add("model.norm.weight", {C}, final_norm_off_, false);
+  if (cfg_.tie_word_embeddings) {
+    lm_head_off_ = embed_off_;
+  } else {
+    lm_head_off_ = reserve(V * C);
+    add("lm_head.weight", {V, C}, lm_head_off_, true);
+  }
+  n_params_ = off;
+}
+
+template <class T>
+typename Model<T>::LayerParams Model<T>::layer_params(T* base, int l) const {
+  const LayerOffsets& o = layer_off_[l];
+  return {base + o.attn_norm, base + o.wqkv, o.bqkv >= 0 ? base + o.bqkv : nullptr, base + o.wo,
+          base + o.mlp_norm,  base + o.wgu,  base + o.wdown};
+}
+
+template <class T>
+T* Model<T>::lm_head(T* base) const {
+  return base + lm_head_off_;
+}
+
+template <class T>
+void Model<T>::plan_buffers() {
+  const int64_t N = int64_t(plan_.max_batch) * plan_.max_seq;
+  const int64_t C = cfg_.hidden_size, V = cfg_.vocab_size, F = cfg_.intermediate_size;
+  const int64_t QD = cfg_.q_dim(), QKV = cfg_.qkv_dim(), H = cfg_.num_attention_heads;
+  size_t* a = &mem_.activations;
+  acts_.resize(cfg_.num_hidden_layers);
+  for (auto& L : acts_) {
+    L.resid_in = alloc_tracked(N * C, a);
+    L.rstd1 = alloc_tracked(N, a);
+    L.qkv = alloc_tracked(N * QKV, a);
+    L.att = alloc_tracked(N * QD, a);
+    L.lse = alloc_tracked(N * H, a);
+    L.resid_mid = alloc_tracked(N * C, a);
+    L.rstd2 = alloc_tracked(N, a);
+    L.gu = alloc_tracked(N * 2 * F, a);
+  }
+  resid_out_ = alloc_tracked(N * C, a);
+  rstd_final_ = alloc_tracked(N, a);
+  hidden_ = alloc_tracked(N * C, a);
+  size_t* s = &mem_.scratch;
+  xn_ = alloc_tracked(N * C, s);
+  ffn_ = alloc_tracked(N * F, s);
+  dresid_ = alloc_tracked(N * C, s);
+  dxn_ = alloc_tracked(N * C, s);
+  dqkv_ = alloc_tracked(N * QKV, s);
+  datt_ = alloc_tracked(N * QD, s);
+  dgu_ = alloc_tracked(N * 2 * F, s);
+  dffn_ = alloc_tracked(N * F, s);
+  chunk_rows_ = std::clamp<int64_t>(kLogitChunkElems / V, 16, N);
+  logits_chunk_ = alloc_tracked(chunk_rows_ * V, s);
+  hidden_chunk_ = alloc_tracked(chunk_rows_ * C, s);
+  dhidden_chunk_ = alloc_tracked(chunk_rows_ * C, s);
+  row_weight_ = alloc_tracked(chunk_rows_, s);
+  positions_.assign(N, 0);
+  row_index_.assign(N, 0);
+  targets_.assign(chunk_rows_, 0);
+  row_loss_.assign(chunk_rows_, 0.0);
+  mem_.scratch += (positions_.size() + row_index_.size() + targets_.size()) * sizeof(int32_t) +
+                  row_loss_.size() * sizeof(double);
+  mem_.scratch += ops_->plan_scratch(plan_.max_seq, cfg_.head_dim);
+}
+
+template <class T>
+void Model<T>::build_rope_tables() {
+  const int64_t half = cfg_.head_dim / 2, P = plan_.max_seq;
+  rope_cos_ = alloc_tracked(P * half, &mem_.params);
+  rope_sin_ = alloc_tracked(P * half, &mem_.params);
+  std::vector<double> inv(half);
+  const RopeScaling& rs = cfg_.rope_scaling;
+  for (int64_t i = 0; i < half; ++i) {
+    double f = std::pow(cfg_.rope_theta, -2.0 * double(i) / double(cfg_.head_dim));
+    if (rs.kind == RopeScaling::Kind::Linear) {
+      f /= rs.factor;
+    } else if (rs.kind == RopeScaling::Kind::Llama3) {
+      // Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+      const double old_len = rs.original_max_position_embeddings;
+      const double low_wavelen = old_len / rs.low_freq_factor, high_wavelen = old_len / rs.high_freq_factor;
+      const double wavelen = 2 * M_PI / f;
+      if (wavelen > low_wavelen) {
+        f /= rs.factor;
+      } else if (wavelen >= high_wavelen) {
+        double smooth = (old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
+        f = (1 - smooth) * f / rs.factor + smooth * f;
+      }
+    }
+    inv[i] = f;
+  }
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t i = 0; i < half; ++i) {
+      rope_cos_[p * half + i] = T(std::cos(double(p) * inv[i]));
+      rope_sin_[p * half + i] = T(std::sin(double(p) * inv[i]));
+    }
+}
+
+template <class T>
+void Model<T>::initialize() {
+  // Matrices ~ N(0, initializer_range) as transformers initialises Llama; norms 1; biases 0.
+  // Stream = tensor index, so each tensor's values do not depend on the others or on threads.
+  for (size_t k = 0; k < params_.size(); ++k) {
+    const ParamInfo& p = params_[k];
+    T* dst = params_arena_ + p.offset;
+    const bool is_norm = p.name.find("norm") != std::string::npos;
+    const bool is_bias = p.name.size() >= 5 && p.name.compare(p.name.size() - 5, 5, ".bias") == 0;
+    if (is_norm) {
+      ops_->fill(dst, T(1), p.size);
+    } else if (is_bias) {
+      ops_->fill(dst, T(0), p.size);
+    } else {
+      const double std = cfg_.initializer_range;
+      const uint64_t seed = cfg_.seed;
+      for (int64_t i = 0; i < p.size; ++i) dst[i] = T(std * standard_normal(seed, k, uint64_t(i)));
+    }
+  }
+  zero_grad();
+}
+
+template <class T>
+const ParamInfo& Model<T>::param(const std::string& name) const {
+  for (const auto& p : params_)
+    if (p.name == name) return p;
+  std::string hint = cfg_.tie_word_embeddings && name == "lm_head.weight"
+                         ? " (the output embedding is tied to model.embed_tokens.weight)"
+                         : "";
+  throw Error("no parameter named '" + name + "'" + hint);
+}
+
+template <class T>
+void Model<T>::get_param(const std::string& name, T* dst) const {
+  const ParamInfo& p = param(name);
+  std::memcpy(dst, params_arena_ + p.offset, p.size * sizeof(T));
+}
+
+template <class T>
+void Model<T>::set_param(const std::string& name, const T* src, int64_t n) {
+  const ParamInfo& p = param(name);
+  SPPO_REQUIRE(n == p.size, "parameter '", name, "' has ", p.size, " elements, got ", n);
+  for (int64_t i = 0; i < n; ++i)
+    SPPO_REQUIRE(std::isfinite(double(src[i])), "parameter '", name, "' value at index ", i, " is not finite (",
+                 double(src[i]), "); the model was left unchanged");
+  std::memcpy(params_arena_ + p.offset, src, n * sizeof(T));
+}
+
+template <class T>
+void Model<T>::zero_grad() {
+  ops_->fill(grads_arena_, T(0), n_params_);
+}
+
+template <class T>
+void Model<T>::validate_batch(const Batch& b, bool need_targets) const {
+  SPPO_REQUIRE(b.batch >= 1, "batch is empty (0 sequences)");
+  SPPO_REQUIRE(b.seq >= 1, "sequences are empty (length 0)");
+  SPPO_REQUIRE(b.batch <= plan_.max_batch, "batch has ", b.batch, " sequences; the model was planned for at most ",
+               plan_.max_batch, " (plan.maxBatch)");
+  SPPO_REQUIRE(b.seq <= plan_.max_seq, "sequence length ", b.seq, " exceeds the planned maximum ", plan_.max_seq,
+               " (plan.maxSeq)");
+  if (need_targets) SPPO_REQUIRE(b.seq >= 2, "training needs sequences of at least 2 tokens, got ", b.seq);
+  const int64_t n = b.batch * b.seq;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t id = b.tokens[i];
+    SPPO_REQUIRE(id >= 0 && id < cfg_.vocab_size, "token id ", id, " at sequence ", i / b.seq, ", position ",
+                 i % b.seq, " is out of range [0, ", cfg_.vocab_size, ")");
+  }
+}
+
+template <class T>
+void Model<T>::forward_blocks(const int32_t* tokens, int64_t B, int64_t Tn) {
+  Ops<T>& o = *ops_;
+  const int64_t N = B * Tn, C = cfg_.hidden_size, F = cfg_.intermediate_size;
+  const int64_t H = cfg_.num_attention_heads, KV = cfg_.num_key_value_heads, D = cfg_.head_dim;
+  const int64_t QD = cfg_.q_dim(), QKV = cfg_.qkv_dim();
+  const double eps = cfg_.rms_norm_eps;
+  for (int64_t i = 0; i < N; ++i) positions_[i] = int32_t(i % Tn);
+  const AttentionShape shape{B, Tn, H, KV, D, QKV, 0, QD, QD + cfg_.kv_dim(), QD, 1.0 / std::sqrt(double(D))};
+  o.embedding_forward(acts_[0].resid_in, params_arena_ + embed_off_, tokens, N, C);
+  for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
+    LayerActs& a = acts_[l];
+    LayerParams p = layer_params(params_arena_, l);
+    o.rmsnorm_forward(xn_, a.rstd1, a.resid_in, p.attn_norm, N, C, eps);
+    o.gemm(false, true, N, QKV, C, T(1), xn_, C, p.wqkv, C, T(0), a.qkv, QKV);
+    if (p.bqkv) o.add_bias(a.qkv, p.bqkv, N, QKV, QKV);
+    o.rope(a.qkv, N, QKV, 0, H, D, positions_.data(), rope_cos_, rope_sin_, false);
+    o.rope(a.qkv, N, QKV, QD, KV, D, positions_.data(), rope_cos_, rope_sin_, false);
+    o.attention_forward(a.att, a.lse, a.qkv, shape);
+    o.copy(a.resid_mid, a.resid_in, N * C);
+    o.gemm(false, true, N, C, QD, T(1), a.att, QD, p.wo, QD, T(1), a.resid_mid, C);
+    o.rmsnorm_forward(xn_, a.rstd2, a.resid_mid, p.mlp_norm, N, C, eps);
+    o.gemm(false, true, N, 2 * F, C, T(1), xn_, C, p.wgu, C, T(0), a.gu, 2 * F);
+    o.swiglu_forward(ffn_, a.gu, N, F);
+    T* next = l + 1 < cfg_.num_hidden_layers ? acts_[l + 1].resid_in : resid_out_;
+    o.copy(next, a.resid_mid, N * C);
+    o.gemm(false, true, N, C, F, T(1), ffn_, F, p.wdown, F, T(1), next, C);
+  }
+  o.rmsnorm_forward(hidden_, rstd_final_, resid_out_, params_arena_ + final_norm_off_, N, C, eps);
+}
+
+template <class T>
+void Model<T>::forward(const int32_t* tokens, int64_t B, int64_t Tn, T* hidden_out, T* logits_out) {
+  validate_batch({tokens, nullptr, B, Tn}, false);
+  forward_blocks(tokens, B, Tn);
+  const int64_t N = B * Tn, C = cfg_.hidden_size, V = cfg_.vocab_size;
+  if (hidden_out) std::memcpy(hidden_out, hidden_, N * C * sizeof(T));
+  if (logits_out) ops_->gemm(false, true, N, V, C, T(1), hidden_, C, lm_head(params_arena_), C, T(0), logits_out, V);
+}
+
+template <class T>
+double Model<T>::head_loss(const Batch& b, double scale, bool grad, int64_t* target_tokens) {
+  // Position t predicts token t+1. Only rows that have a target are gathered, in chunks of
+  // chunk_rows_, so prompt tokens cost nothing and the logits never exist for all rows at once.
+  const int64_t Tn = b.seq, C = cfg_.hidden_size, V = cfg_.vocab_size;
+  int64_t n_rows = 0;
+  for (int64_t r = 0; r < b.batch; ++r)
+    for (int64_t t = 0; t + 1 < Tn; ++t) {
+      const int64_t next = r * Tn + t + 1;
+      if (!b.target_mask || b.target_mask[next]) row_index_[n_rows++] = int32_t(r * Tn + t);
+    }
+  SPPO_REQUIRE(n_rows > 0, "the target mask selects no tokens to predict (positions 1.. of some sequence must be set)");
+  if (target_tokens) *target_tokens = n_rows;
+  T* W = lm_head(params_arena_);
+  T* dW = lm_head(grads_arena_);
+  const T w = T(scale / double(n_rows));
+  if (grad) ops_->fill(dxn_, T(0), b.batch * Tn * C);
+  double total = 0;
+  for (int64_t c0 = 0; c0 < n_rows; c0 += chunk_rows_) {
+    const int64_t n = std::min(chunk_rows_, n_rows - c0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t row = row_index_[c0 + i];
+      std::memcpy(hidden_chunk_ + i * C, hidden_ + row * C, C * sizeof(T));
+      targets_[i] = b.tokens[row + 1];
+      row_weight_[i] = w;
+    }
+    ops_->gemm(false, true, n, V, C, T(1), hidden_chunk_, C, W, C, T(0), logits_chunk_, V);
+    ops_->softmax_xent(logits_chunk_, row_loss_.data(), targets_.data(), row_weight_, n, V, grad);
+    for (int64_t i = 0; i < n; ++i) total += row_loss_[i];
+    if (!grad) continue;
+    ops_->gemm(true, false, V, C, n, T(1), logits_chunk_, V, hidden_chunk_, C, T(1), dW, C);
+    ops_->gemm(false, false, n, C, V, T(1), logits_chunk_, V, W, C, T(0), dhidden_chunk_, C);
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(dxn_ + int64_t(row_index_[c0 + i]) * C, dhidden_chunk_ + i * C, C * sizeof(T));
+  }
+  return total / double(n_rows);
+}
+
+template <class T>
+void Model<T>::backward_blocks(const int32_t* tokens, int64_t B, int64_t Tn) {
+  // Expects dxn_ = dL/d(final hidden). Recomputes normed inputs and swiglu outputs from the
+  // saved residuals instead of storing them (cheap next to the GEMMs, saves 3 (N,C|F) per layer).
+  Ops<T>& o = *ops_;
+  const int64_t N = B * Tn, C = cfg_.hidden_size, F = cfg_.intermediate_size;
+  const int64_t H = cfg_.num_attention_heads, KV = cfg_.num_key_value_heads, D = cfg_.head_dim;
+  const int64_t QD = cfg_.q_dim(), QKV = cfg_.qkv_dim();
+  const double eps = cfg_.rms_norm_eps;
+  const AttentionShape shape{B, Tn, H, KV, D, QKV, 0, QD, QD + cfg_.kv_dim(), QD, 1.0 / std::sqrt(double(D))};
+  o.fill(dresid_, T(0), N * C);
+  o.rmsnorm_backward(dresid_, grads_arena_ + final_norm_off_, dxn_, resid_out_, params_arena_ + final_norm_off_,
+                     rstd_final_, N, C);
+  for (int l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
+    LayerActs& a = acts_[l];
+    LayerParams p = layer_params(params_arena_, l);
+    LayerParams g = layer_params(grads_arena_, l);
+    // MLP: resid_out = resid_mid + down(swiglu(gu(norm2(resid_mid)))).
+    o.rmsnorm_forward(xn_, a.rstd2, a.resid_mid, p.mlp_norm, N, C, eps);
+    o.swiglu_forward(ffn_, a.gu, N, F);
+    o.gemm(true, false, C, F, N, T(1), dresid_, C, ffn_, F, T(1), g.wdown, F);
+    o.gemm(false, false, N, F, C, T(1), dresid_, C, p.wdown, F, T(0), dffn_, F);
+    o.swiglu_backward(dgu_, dffn_, a.gu, N, F);
+    o.gemm(true, false, 2 * F, C, N, T(1), dgu_, 2 * F, xn_, C, T(1), g.wgu, C);
+    o.gemm(false, false, N, C, 2 * F, T(1), dgu_, 2 * F, p.wgu, C, T(0), dxn_, C);
+    o.rmsnorm_backward(dresid_, g.mlp_norm, dxn_, a.resid_mid, p.mlp_norm, a.rstd2, N, C);
+    // Attention: resid_mid = resid_in + o_proj(attn(rope(qkv(norm1(resid_in))))).
+    o.gemm(true, false, C, QD, N, T(1), dresid_, C, a.att, QD, T(1), g.wo, QD);
+    o.gemm(false, false, N, QD, C, T(1), dresid_, C, p.wo, QD, T(0), datt_, QD);
+    o.attention_backward(dqkv_, datt_, a.qkv, a.att, a.lse, shape);
+    o.rope(dqkv_, N, QKV, 0, H, D, positions_.data(), rope_cos_, rope_sin_, true);
+    o.rope(dqkv_, N, QKV, QD, KV, D, positions_.data(), rope_cos_, rope_sin_, true);
+    if (g.bqkv) o.bias_backward(g.bqkv, dqkv_, N, QKV, QKV);
+    o.rmsnorm_forward(xn_, a.rstd1, a.resid_in, p.attn_norm, N, C, eps);
+    o.gemm(true, false, QKV, C, N, T(1), dqkv_, QKV, xn_, C, T(1), g.wqkv, C);
+    o.gemm(false, false, N, C, QKV, T(1), dqkv_, QKV, p.wqkv, C, T(0), dxn_, C);
+    o.rmsnorm_backward(dresid_, g.attn_norm, dxn_, a.resid_in, p.attn_norm, a.rstd1, N, C);
+  }
+  o.embedding_backward(grads_arena_ + embed_off_, dresid_, tokens, N, C);
+}
+
+template <class T>
+double Model<T>::eval_loss(const Batch& b, int64_t* target_tokens) {
+  validate_batch(b, true);
+  forward_blocks(b.tokens, b.batch, b.seq);
+  return head_loss(b, 1.0, false, target_tokens);
+}
+
+template <class T>
+double Model<T>::accumulate_gradients(const Batch& b, double scale, int64_t* target_tokens) {
+  validate_batch(b, true);
+  forward_blocks(b.tokens, b.batch, b.seq);
+  const double loss = head_loss(b, scale, true, target_tokens);
+  backward_blocks(b.tokens, b.batch, b.seq);
+  return loss;
+}
+
+template class Model<float>;
+template class Model<double>;
+
+}  // namespace sppo

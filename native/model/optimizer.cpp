@@ -1,0 +1,87 @@
+// Training steps: gradient accumulation, global-norm clipping, and the AdamW / RMSprop updates
+// with the learning-rate schedule (OptimizerConfig::lr_at).
+#include <cmath>
+
+#include "core/error.h"
+#include "sppo/model.h"
+
+namespace sppo {
+
+template <class T>
+void Model<T>::set_optimizer(const OptimizerConfig& oc) {
+  oc.validate();
+  // State is allocated here, once, never in the step loop.
+  if (!opt_m_) opt_m_ = alloc_tracked(n_params_, &mem_.optimizer);
+  if (oc.kind == OptimizerConfig::Kind::AdamW && !opt_v_) opt_v_ = alloc_tracked(n_params_, &mem_.optimizer);
+  ops_->fill(opt_m_, T(0), n_params_);
+  if (opt_v_) ops_->fill(opt_v_, T(0), n_params_);
+  opt_ = oc;
+  step_ = 0;
+  micro_ = 0;
+  zero_grad();
+}
+
+template <class T>
+StepResult Model<T>::train_step(const Batch& b) {
+  SPPO_REQUIRE(opt_m_ != nullptr, "no optimizer: call setOptimizer before training");
+  StepResult r;
+  try {
+    r.loss = accumulate_gradients(b, 1.0 / opt_.grad_accum_steps, &r.target_tokens);
+    SPPO_REQUIRE(std::isfinite(r.loss), "the training loss is not finite (", r.loss,
+                 "); accumulated gradients were discarded and parameters are unchanged");
+  } catch (...) {
+    // A failed micro-batch must not leave half-accumulated gradients behind.
+    zero_grad();
+    micro_ = 0;
+    throw;
+  }
+  if (++micro_ == opt_.grad_accum_steps) {
+    StepResult s = optimizer_step();
+    r.stepped = true;
+    r.lr = s.lr;
+    r.grad_norm = s.grad_norm;
+  }
+  r.step = step_;
+  return r;
+}
+
+template <class T>
+StepResult Model<T>::optimizer_step() {
+  StepResult r;
+  micro_ = 0;
+  const double norm = std::sqrt(ops_->sum_squares(grads_arena_, n_params_));
+  if (!std::isfinite(norm)) {
+    zero_grad();
+    throw Error("the gradient norm is not finite; the optimizer step was skipped and parameters are unchanged");
+  }
+  const double clip = opt_.max_grad_norm > 0 && norm > opt_.max_grad_norm ? opt_.max_grad_norm / (norm + 1e-6) : 1.0;
+  const double lr = opt_.lr_at(step_);
+  ++step_;
+  for (const ParamInfo& p : params_) {
+    const double decay = p.decay ? lr * opt_.weight_decay : 0.0;
+    T* w = params_arena_ + p.offset;
+    const T* g = grads_arena_ + p.offset;
+    if (opt_.kind == OptimizerConfig::Kind::AdamW)
+      ops_->adamw_update(w, g, opt_m_ + p.offset, opt_v_ + p.offset, p.size, lr, opt_.beta1, opt_.beta2, opt_.eps,
+                         decay, clip, step_);
+    else
+      ops_->rmsprop_update(w, g, opt_m_ + p.offset, p.size, lr, opt_.alpha, opt_.eps, decay, clip);
+  }
+  zero_grad();
+  r.stepped = true;
+  r.step = step_;
+  r.lr = lr;
+  r.grad_norm = norm;
+  return r;
+}
+
+// The class itself is instantiated in model.cpp; these are the members defined here.
+#define SPPO_INSTANTIATE(T)                                        \
+  template void Model<T>::set_optimizer(const OptimizerConfig&);  \
+  template StepResult Model<T>::train_step(const Batch&);          \
+  template StepResult Model<T>::optimizer_step();
+SPPO_INSTANTIATE(float)
+SPPO_INSTANTIATE(double)
+#undef SPPO_INSTANTIATE
+
+}  // namespace sppo

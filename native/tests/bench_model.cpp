@@ -1,0 +1,50 @@
+// Whole-model benchmark without Node: train-step tokens/s for the `tiny` and `small` presets at
+// the PyTorch CPU baseline's batch shapes, and the planned memory of each.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <vector>
+
+#include "core/rng.h"
+#include "core/threadpool.h"
+#include "cpu/cpu_ops.h"
+#include "cpu/gemm.h"
+#include "sppo/model.h"
+#include "tests/harness.h"
+
+using namespace sppo;
+
+namespace {
+void bench_train(const char* preset, int B, int Tn, int reps) {
+  ModelConfig c = preset_config(preset);
+  Model<float> m(c, MemoryPlan{B, Tn}, std::make_unique<cpu::CpuOps<float>>());
+  OptimizerConfig oc;
+  oc.lr = 1e-4;
+  m.set_optimizer(oc);
+  std::vector<int32_t> tokens(size_t(B) * Tn);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = int32_t(uniform01(1, 0, i) * c.vocab_size);
+  Batch batch{tokens.data(), nullptr, B, Tn};
+  m.train_step(batch);  // warm-up
+  std::vector<double> times;
+  for (int r = 0; r < reps; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    m.train_step(batch);
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(times.begin(), times.end());
+  const double t = times[times.size() / 2];
+  MemoryReport mem = m.memory();
+  std::printf("train %-6s B%-3d T%-4d %8.0f tok/s  (%.3f s/step, median of %d)  memory %.0f MiB "
+              "(params %.0f, grads %.0f, optimizer %.0f, activations %.0f, scratch %.0f)\n",
+              preset, B, Tn, B * Tn / t, t, reps, mem.total() / 1048576.0, mem.params / 1048576.0,
+              mem.grads / 1048576.0, mem.optimizer / 1048576.0, mem.activations / 1048576.0, mem.scratch / 1048576.0);
+  std::fflush(stdout);
+}
+}  // namespace
+
+SPPO_BENCH(train_step) {
+  std::printf("threads %d, gemm kernel %s\n", num_threads(), cpu::gemm_kernel_name());
+  bench_train("tiny", 16, 256, 5);
+  bench_train("small", 8, 512, 3);
+}

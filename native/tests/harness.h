@@ -1,0 +1,88 @@
+// A minimal registry for the C++ tests and kernel benchmarks (no Node, no external framework),
+// so kernels can be checked and timed on machines that have only a compiler.
+#pragma once
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace sppo::harness {
+
+struct Case {
+  std::string name;
+  std::function<void()> fn;
+};
+
+inline std::vector<Case>& tests() {
+  static std::vector<Case> v;
+  return v;
+}
+inline std::vector<Case>& benches() {
+  static std::vector<Case> v;
+  return v;
+}
+
+struct Register {
+  Register(std::vector<Case>& list, const char* name, std::function<void()> fn) {
+    list.push_back({name, std::move(fn)});
+  }
+};
+
+struct Failure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+}  // namespace sppo::harness
+
+#define SPPO_CAT2(a, b) a##b
+#define SPPO_CAT(a, b) SPPO_CAT2(a, b)
+// SPPO_TEST(name) { ... }  registers a test case; SPPO_BENCH likewise for the benchmark binary.
+#define SPPO_TEST(name)                                                                         \
+  static void name();                                                                           \
+  static ::sppo::harness::Register SPPO_CAT(reg_, name)(::sppo::harness::tests(), #name, name); \
+  static void name()
+#define SPPO_BENCH(name)                                                                          \
+  static void name();                                                                             \
+  static ::sppo::harness::Register SPPO_CAT(regb_, name)(::sppo::harness::benches(), #name, name); \
+  static void name()
+
+// EXPECT(cond) << "message"-style checks are overkill here: a failed check throws with the
+// file, line and a formatted explanation.
+#define EXPECT_TRUE(cond, ...)                                                           \
+  do {                                                                                   \
+    if (!(cond)) {                                                                       \
+      std::ostringstream os_;                                                            \
+      os_ << __FILE__ << ":" << __LINE__ << ": expected " #cond " " __VA_OPT__(<< __VA_ARGS__); \
+      throw ::sppo::harness::Failure(os_.str());                                         \
+    }                                                                                    \
+  } while (0)
+#define EXPECT_NEAR(a, b, tol)                                                                   \
+  do {                                                                                           \
+    double a_ = (a), b_ = (b);                                                                   \
+    if (!(std::fabs(a_ - b_) <= (tol))) {                                                        \
+      std::ostringstream os_;                                                                    \
+      os_ << __FILE__ << ":" << __LINE__ << ": " #a " = " << a_ << " vs " #b " = " << b_         \
+          << " (tolerance " << (tol) << ")";                                                     \
+      throw ::sppo::harness::Failure(os_.str());                                                 \
+    }                                                                                            \
+  } while (0)
+// Expects `stmt` to throw an exception whose message contains `fragment`.
+#define EXPECT_THROWS_WITH(stmt, fragment)                                                        \
+  do {                                                                                            \
+    bool threw_ = false;                                                                          \
+    try {                                                                                         \
+      stmt;                                                                                       \
+    } catch (const std::exception& e_) {                                                          \
+      threw_ = true;                                                                              \
+      if (std::string(e_.what()).find(fragment) == std::string::npos) {                           \
+        std::ostringstream os_;                                                                   \
+        os_ << __FILE__ << ":" << __LINE__ << ": error '" << e_.what() << "' lacks '" << fragment \
+            << "'";                                                                               \
+        throw ::sppo::harness::Failure(os_.str());                                                \
+      }                                                                                           \
+    }                                                                                             \
+    if (!threw_) throw ::sppo::harness::Failure(std::string(__FILE__) + ": " #stmt " did not throw"); \
+  } while (0)

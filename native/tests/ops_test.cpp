@@ -1,0 +1,91 @@
+// Op-level tests of the CPU backend against naive float64 references.
+#include <cmath>
+#include <vector>
+
+#include "core/rng.h"
+#include "core/threadpool.h"
+#include "cpu/cpu_ops.h"
+#include "tests/harness.h"
+
+using namespace sppo;
+
+namespace {
+std::vector<double> randn(int64_t n, uint64_t seed) {
+  std::vector<double> v(n);
+  for (int64_t i = 0; i < n; ++i) v[i] = standard_normal(seed, 0, i);
+  return v;
+}
+}  // namespace
+
+SPPO_TEST(attention_forward_matches_naive_causal_gqa) {
+  const int64_t B = 2, Tn = 131, H = 4, KV = 2, D = 8;  // 131 rows: three tiles, the last partial
+  const int64_t QKV = (H + 2 * KV) * D, QD = H * D;
+  AttentionShape s{B, Tn, H, KV, D, QKV, 0, QD, QD + KV * D, QD, 1.0 / std::sqrt(double(D))};
+  auto qkv_d = randn(B * Tn * QKV, 1);
+  std::vector<float> qkv(qkv_d.begin(), qkv_d.end());
+  std::vector<float> out(B * Tn * QD, NAN), lse(B * H * Tn, NAN);
+  cpu::CpuOps<float> ops;
+  ops.plan_scratch(Tn, D);
+  ops.attention_forward(out.data(), lse.data(), qkv.data(), s);
+  double worst = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < Tn; ++t) {
+        const int64_t kvh = h / (H / KV);
+        std::vector<double> sc(t + 1);
+        double mx = -1e300;
+        for (int64_t j = 0; j <= t; ++j) {
+          double dot = 0;
+          for (int64_t k = 0; k < D; ++k)
+            dot += qkv_d[(b * Tn + t) * QKV + h * D + k] * qkv_d[(b * Tn + j) * QKV + QD + kvh * D + k];
+          sc[j] = dot * s.scale;
+          mx = std::max(mx, sc[j]);
+        }
+        double sum = 0;
+        for (double& x : sc) sum += (x = std::exp(x - mx));
+        EXPECT_NEAR(lse[(b * H + h) * Tn + t], mx + std::log(sum), 1e-5);
+        for (int64_t k = 0; k < D; ++k) {
+          double o = 0;
+          for (int64_t j = 0; j <= t; ++j) o += sc[j] / sum * qkv_d[(b * Tn + j) * QKV + QD + KV * D + kvh * D + k];
+          worst = std::max(worst, std::fabs(o - out[(b * Tn + t) * QD + h * D + k]));
+        }
+      }
+  EXPECT_TRUE(worst < 1e-5, "attention output differs from the naive reference by " << worst);
+}
+
+SPPO_TEST(rope_inverse_undoes_rope) {
+  const int64_t N = 5, heads = 3, D = 8, half = D / 2;
+  auto x = randn(N * heads * D, 2);
+  std::vector<double> y = x, cos(16 * half), sin(16 * half);
+  for (int64_t p = 0; p < 16; ++p)
+    for (int64_t i = 0; i < half; ++i) cos[p * half + i] = std::cos(0.3 * p * (i + 1)), sin[p * half + i] = std::sin(0.3 * p * (i + 1));
+  std::vector<int32_t> pos = {0, 3, 7, 15, 2};
+  cpu::CpuOps<double> ops;
+  ops.rope(y.data(), N, heads * D, 0, heads, D, pos.data(), cos.data(), sin.data(), false);
+  // Position 0 is the identity; others rotate pairs (j, j + half) — check one pair by hand.
+  EXPECT_NEAR(y[0], x[0], 1e-15);
+  const int64_t r = 1 * heads * D, j = 1;
+  EXPECT_NEAR(y[r + j], x[r + j] * cos[3 * half + j] - x[r + j + half] * sin[3 * half + j], 1e-14);
+  ops.rope(y.data(), N, heads * D, 0, heads, D, pos.data(), cos.data(), sin.data(), true);
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(y[i], x[i], 1e-14);
+}
+
+SPPO_TEST(reductions_are_identical_for_any_thread_count) {
+  auto xd = randn(300001, 3);
+  std::vector<float> x(xd.begin(), xd.end());
+  cpu::CpuOps<float> ops;
+  const int saved = num_threads();
+  set_num_threads(1);
+  double one = ops.sum_squares(x.data(), x.size());
+  set_num_threads(4);
+  double four = ops.sum_squares(x.data(), x.size());
+  set_num_threads(saved);
+  EXPECT_TRUE(one == four, one << " vs " << four);
+  double ref = 0;
+  for (double v : x) ref += v * v;
+  EXPECT_NEAR(one, ref, 1e-9 * ref);
+  x[123456] = INFINITY;
+  EXPECT_TRUE(!ops.all_finite(x.data(), x.size()));
+  x[123456] = 3e38f;  // finite, though its square overflows float
+  EXPECT_TRUE(ops.all_finite(x.data(), x.size()));
+}

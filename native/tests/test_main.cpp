@@ -1,0 +1,27 @@
+// Runs every SPPO_TEST (or those whose name contains argv[1]) and prints a summary line
+// "N passed, N failed" that CI reads.
+#include <chrono>
+#include <cstring>
+
+#include "harness.h"
+
+int main(int argc, char** argv) {
+  const char* filter = argc > 1 ? argv[1] : nullptr;
+  int passed = 0, failed = 0;
+  for (auto& c : sppo::harness::tests()) {
+    if (filter && c.name.find(filter) == std::string::npos) continue;
+    auto t0 = std::chrono::steady_clock::now();
+    try {
+      c.fn();
+      ++passed;
+      double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      std::printf("ok    %s (%.0f ms)\n", c.name.c_str(), ms);
+    } catch (const std::exception& e) {
+      ++failed;
+      std::printf("FAIL  %s\n      %s\n", c.name.c_str(), e.what());
+    }
+    std::fflush(stdout);
+  }
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed ? 1 : 0;
+}
