@@ -53,7 +53,7 @@ void ThreadPool::worker_loop(int thread) {
   }
 }
 
-void ThreadPool::run(int64_t n_tasks, const std::function<void(int64_t, int)>& fn) {
+void ThreadPool::run(int64_t n_tasks, FnRef<void(int64_t, int)> fn) {
   if (n_tasks <= 0) return;
   if (in_task || n_threads_ == 1 || n_tasks == 1) {
     // Nested calls keep the caller's thread index, so per-thread scratch stays private.
@@ -77,7 +77,7 @@ void ThreadPool::run(int64_t n_tasks, const std::function<void(int64_t, int)>& f
   job_ = nullptr;
 }
 
-void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+void ThreadPool::parallel_for(int64_t n, int64_t grain, FnRef<void(int64_t, int64_t)> fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(1, grain);
   // A few chunks per thread so that uneven chunks still balance.

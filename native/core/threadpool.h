@@ -8,12 +8,30 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
-#include <functional>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace sppo {
+
+// A non-owning reference to a callable: unlike std::function it never allocates, so handing
+// work to the pool costs nothing on the heap inside the training loop.
+template <class Sig>
+class FnRef;
+template <class R, class... Args>
+class FnRef<R(Args...)> {
+ public:
+  template <class F, class = std::enable_if_t<!std::is_same_v<std::decay_t<F>, FnRef>>>
+  FnRef(F&& f)  // NOLINT: implicit by design, like std::function
+      : obj_(const_cast<void*>(static_cast<const void*>(&f))),
+        call_([](void* o, Args... a) -> R { return (*static_cast<std::remove_reference_t<F>*>(o))(a...); }) {}
+  R operator()(Args... a) const { return call_(obj_, a...); }
+
+ private:
+  void* obj_;
+  R (*call_)(void*, Args...);
+};
 
 class ThreadPool {
  public:
@@ -28,10 +46,10 @@ class ThreadPool {
   // Calls fn(task, thread) for every task in [0, n_tasks); `thread` is in [0, size()) and lets
   // a kernel use per-thread scratch. Returns when all tasks are done. Called from inside a
   // task, it runs the tasks inline on the current thread (no nested fan-out).
-  void run(int64_t n_tasks, const std::function<void(int64_t task, int thread)>& fn);
+  void run(int64_t n_tasks, FnRef<void(int64_t task, int thread)> fn);
 
   // Splits [0, n) into contiguous chunks of at least `grain` items and calls fn(begin, end).
-  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+  void parallel_for(int64_t n, int64_t grain, FnRef<void(int64_t, int64_t)> fn);
 
  private:
   void worker_loop(int thread);
@@ -45,7 +63,7 @@ class ThreadPool {
   std::mutex run_mutex_;  // one run() at a time per pool
   uint64_t generation_ = 0;
   bool stop_ = false;
-  const std::function<void(int64_t, int)>* job_ = nullptr;
+  const FnRef<void(int64_t, int)>* job_ = nullptr;
   int64_t n_tasks_ = 0;
   std::atomic<int64_t> next_task_{0};
   std::atomic<int> active_{0};

@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "core/threadpool.h"
 #include "cpu/gemm.h"
+#include "cpu/vecmath.h"
 
 namespace sppo::cpu {
 
@@ -226,12 +227,7 @@ void CpuOps<T>::attention_forward(T* out, T* lse, const T* qkv, const AttentionS
       const int64_t visible = r0 + i + 1;  // causal: keys 0..r0+i
       T mx = row[0];
       for (int64_t j = 1; j < visible; ++j) mx = std::max(mx, row[j]);
-      Acc sum = 0;
-      for (int64_t j = 0; j < visible; ++j) {
-        T p = std::exp(row[j] - mx);
-        row[j] = p;
-        sum += Acc(p);
-      }
+      const Acc sum = exp_shifted_sum(row, row, visible, mx);
       T inv = T(1.0 / sum);
       for (int64_t j = 0; j < visible; ++j) row[j] *= inv;
       for (int64_t j = visible; j < r1; ++j) row[j] = T(0);
@@ -278,7 +274,7 @@ void CpuOps<T>::attention_backward(T* dqkv, const T* dout, const T* qkv, const T
         for (int64_t i = 0; i < nr; ++i) {
           T* row = P + i * r1;
           const int64_t visible = r0 + i + 1;
-          for (int64_t j = 0; j < visible; ++j) row[j] = std::exp(row[j] - L[r0 + i]);
+          exp_shifted_sum(row, row, visible, L[r0 + i]);
           for (int64_t j = visible; j < r1; ++j) row[j] = T(0);
         }
         cpu::gemm(true, false, r1, D, nr, T(1), P, r1, dO, s.out_stride, T(1), dV, s.qkv_stride);  // dV += Pᵀ dO
@@ -303,10 +299,7 @@ template <class T>
 void CpuOps<T>::swiglu_forward(T* out, const T* gu, int64_t N, int64_t F) {
   cpu_pool().parallel_for(N, 8, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const T* g = gu + i * 2 * F;
-      const T* u = g + F;
-      T* o = out + i * F;
-      for (int64_t j = 0; j < F; ++j) o[j] = g[j] / (T(1) + std::exp(-g[j])) * u[j];
+      swiglu_rows(gu + i * 2 * F, gu + i * 2 * F + F, out + i * F, F);
     }
   });
 }
@@ -316,16 +309,7 @@ void CpuOps<T>::swiglu_backward(T* dgu, const T* dout, const T* gu, int64_t N, i
   cpu_pool().parallel_for(N, 8, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const T* g = gu + i * 2 * F;
-      const T* u = g + F;
-      const T* d = dout + i * F;
-      T* dg = dgu + i * 2 * F;
-      T* du = dg + F;
-      for (int64_t j = 0; j < F; ++j) {
-        T sig = T(1) / (T(1) + std::exp(-g[j]));
-        T silu = g[j] * sig;
-        du[j] = d[j] * silu;
-        dg[j] = d[j] * u[j] * sig * (T(1) + g[j] * (T(1) - sig));
-      }
+      swiglu_grad_rows(g, g + F, dout + i * F, dgu + i * 2 * F, dgu + i * 2 * F + F, F);
     }
   });
 }
@@ -341,12 +325,7 @@ void CpuOps<T>::softmax_xent(T* logits, double* loss, const int32_t* targets, co
       for (int64_t j = 1; j < V; ++j) mx = std::max(mx, x[j]);
       const T xt = x[t];
       // One exp per element: the shifted exponentials are kept in place for the gradient.
-      Acc sum = 0;
-      for (int64_t j = 0; j < V; ++j) {
-        T p = std::exp(x[j] - mx);
-        if (grad) x[j] = p;
-        sum += Acc(p);
-      }
+      const Acc sum = exp_shifted_sum(x, x, V, mx);
       const Acc lse = Acc(mx) + std::log(sum);
       loss[i] = lse - Acc(xt);
       if (grad) {

@@ -74,8 +74,9 @@ class Ops {
   virtual void swiglu_backward(T* dgu, const T* dout, const T* gu, int64_t N, int64_t F) = 0;
 
   // Softmax cross-entropy on logits(n,V) rows with integer targets and per-row weights:
-  // loss[i] = -log softmax(logits[i])[target[i]] (double); when grad, logits are overwritten
-  // with weight[i] * (softmax - onehot) — the gradient, in place, so no second (n,V) buffer.
+  // loss[i] = -log softmax(logits[i])[target[i]] (double). Logits are used as scratch; when
+  // grad they end as weight[i] * (softmax - onehot) — the gradient in place, so no second
+  // (n,V) buffer ever exists.
   virtual void softmax_xent(T* logits, double* loss, const int32_t* targets, const T* weight, int64_t n,
                             int64_t V, bool grad) = 0;
 

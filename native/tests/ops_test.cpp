@@ -5,6 +5,7 @@
 #include "core/rng.h"
 #include "core/threadpool.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/vecmath.h"
 #include "tests/harness.h"
 
 using namespace sppo;
@@ -88,4 +89,38 @@ SPPO_TEST(reductions_are_identical_for_any_thread_count) {
   EXPECT_TRUE(!ops.all_finite(x.data(), x.size()));
   x[123456] = 3e38f;  // finite, though its square overflows float
   EXPECT_TRUE(ops.all_finite(x.data(), x.size()));
+}
+
+SPPO_TEST(vectorised_exp_and_swiglu_match_float64) {
+  // Arguments across the whole useful range, including the underflow tail and exact zero.
+  const int64_t n = 1003;  // not a multiple of 16: exercises the masked tail
+  std::vector<float> x(n), y(n), g(n), u(n), d(n), out(n), dg(n), du(n);
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = float(-110.0 + 120.0 * i / (n - 1));
+    g[i] = float(6 * standard_normal(9, 0, i)), u[i] = float(standard_normal(9, 1, i)), d[i] = float(standard_normal(9, 2, i));
+  }
+  x[500] = 0.0f;
+  const float shift = 3.5f;
+  const double sum = cpu::exp_shifted_sum(x.data(), y.data(), n, shift);
+  double ref_sum = 0, worst = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    // The argument is rounded to float first, as any float kernel must (that alone costs up
+    // to |x| * 2^-24 relative); the check is on the exponential itself.
+    const double e = std::exp(double(x[i] - shift));
+    ref_sum += e;
+    // Relative error within a few float ulps where the result is a normal float.
+    if (e > 1e-37) worst = std::max(worst, std::fabs(y[i] - e) / e);
+    else EXPECT_TRUE(y[i] >= 0 && y[i] < 1e-37f, "exp(" << x[i] << ") = " << y[i]);
+  }
+  EXPECT_TRUE(worst < 4e-7, "worst relative exp error " << worst);
+  EXPECT_NEAR(sum, ref_sum, 1e-6 * ref_sum);
+  cpu::swiglu_rows(g.data(), u.data(), out.data(), n);
+  cpu::swiglu_grad_rows(g.data(), u.data(), d.data(), dg.data(), du.data(), n);
+  for (int64_t i = 0; i < n; ++i) {
+    const double gd = g[i], s = 1 / (1 + std::exp(-gd));
+    EXPECT_NEAR(out[i], gd * s * u[i], 1e-6 * (1 + std::fabs(gd * s * u[i])));
+    EXPECT_NEAR(du[i], d[i] * gd * s, 1e-6 * (1 + std::fabs(d[i] * gd * s)));
+    const double dgr = d[i] * u[i] * s * (1 + gd * (1 - s));
+    EXPECT_NEAR(dg[i], dgr, 1e-6 * (1 + std::fabs(dgr)));
+  }
 }
