@@ -321,8 +321,9 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     float* lp = logits.IsEmpty() ? nullptr : logits.Data();
     float* hp = hidden.IsEmpty() ? nullptr : hidden.Data();
     const int32_t* tp = a.tokens.Data();
+    const int64_t batch = a.batch, seq = a.seq;
     auto* job = new Job(
-        env, this, [&m, tp, a, hp, lp] { m.forward(tp, a.batch, a.seq, hp, lp); },
+        env, this, [&m, tp, batch, seq, hp, lp] { m.forward(tp, batch, seq, hp, lp); },
         [logits_ref = std::make_shared<Napi::ObjectReference>(logits.IsEmpty() ? Napi::ObjectReference() : Napi::Persistent(Napi::Object(logits))),
          hidden_ref = std::make_shared<Napi::ObjectReference>(hidden.IsEmpty() ? Napi::ObjectReference() : Napi::Persistent(Napi::Object(hidden)))](Napi::Env env) {
           Napi::Object r = Napi::Object::New(env);

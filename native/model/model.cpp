@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "core/threadpool.h"
 
 namespace sppo {
 
@@ -232,7 +233,9 @@ void Model<T>::initialize() {
     } else {
       const double std = cfg_.initializer_range;
       const uint64_t seed = cfg_.seed;
-      for (int64_t i = 0; i < p.size; ++i) dst[i] = T(std * standard_normal(seed, k, uint64_t(i)));
+      cpu_pool().parallel_for(p.size, 1 << 14, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) dst[i] = T(std * standard_normal(seed, k, uint64_t(i)));
+      });
     }
   }
   zero_grad();
