@@ -8,6 +8,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <mutex>
 #include <thread>
 #include <type_traits>
@@ -44,8 +45,9 @@ class ThreadPool {
   int size() const { return n_threads_; }
 
   // Calls fn(task, thread) for every task in [0, n_tasks); `thread` is in [0, size()) and lets
-  // a kernel use per-thread scratch. Returns when all tasks are done. Called from inside a
-  // task, it runs the tasks inline on the current thread (no nested fan-out).
+  // a kernel use per-thread scratch. Returns when all tasks are done, rethrowing the first
+  // exception a task threw. Called from inside a task, it runs the tasks inline on the
+  // current thread (no nested fan-out).
   void run(int64_t n_tasks, FnRef<void(int64_t task, int thread)> fn);
 
   // Splits [0, n) into contiguous chunks of at least `grain` items and calls fn(begin, end).
@@ -61,12 +63,14 @@ class ThreadPool {
   std::condition_variable wake_;
   std::condition_variable done_cv_;
   std::mutex run_mutex_;  // one run() at a time per pool
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};  // bumped (under mutex_) for each run
   bool stop_ = false;
   const FnRef<void(int64_t, int)>* job_ = nullptr;
   int64_t n_tasks_ = 0;
   std::atomic<int64_t> next_task_{0};
   std::atomic<int> active_{0};
+  std::mutex error_mutex_;
+  std::exception_ptr error_;  // the first exception a task threw in the current run
 };
 
 // The process-wide pool the CPU backend uses. set_num_threads rebuilds it (not during a run).

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <new>
 #include <vector>
 
@@ -56,6 +57,9 @@ thread_local Scratch tl_bpack;
 constexpr int64_t kKC = 256;
 constexpr int64_t kMC = 256;
 constexpr int64_t kBPanelFloats = int64_t(4) << 20;
+// Below this much work (flops) one thread does it all: waking the pool's workers costs tens of
+// microseconds on a VM (a 1 MFLOP decode gemv took 15 us alone, ~55 us with two threads).
+constexpr double kMinParallelFlops = 4e6;
 // Up to this many rows, x * W^T uses dot products on unpacked W (see avx512_dot).
 constexpr int64_t kDotMaxM = 16;
 
@@ -69,11 +73,15 @@ using TileFn = void (*)(int mr, int nr, int64_t kc, const float* a, const float*
 using DotFn = void (*)(int64_t M, int64_t j0, int64_t j1, int64_t K, const float* A, int64_t lda,
                        const float* B, int64_t ldb, float* C, int64_t ldc, float alpha, float beta);
 
+// Transposing pack (see avx512_pack_t); nullptr: plain loops.
+using PackTFn = void (*)(const float* src, int64_t ld, int rows, int64_t kc, int w, float* dst);
+
 struct KernelSet {
   const char* name;
   int mr, nr;
   TileFn tile;
   DotFn dot;  // nullptr: small M goes through the packed path too
+  PackTFn pack_t;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -175,6 +183,12 @@ SPPO_AVX2 void avx2_tile(int mr, int nr, int64_t kc, const float* a, const float
 }
 
 // ---------------------------------------------------------------------------------------------
+// GCC 12's AVX-512 intrinsics pass _mm512_undefined_ps() (a self-initialised variable) as the
+// unused merge operand, which -Wall reports as uninitialised wherever they are inlined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 // AVX-512 kernel: 14 x 32 tile, 28 zmm accumulators + 2 B vectors + 1 broadcast = 31 registers.
 
 #define SPPO_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
@@ -243,6 +257,63 @@ SPPO_AVX512 void avx512_tile(int mr, int nr, int64_t kc, const float* a, const f
   }
 }
 
+// Transposing pack: dst[k * w + r] = src[r * ld + k] for r < rows, k < kc, and zero for
+// rows <= r < w. Done as 16 x 16 register transposes, since the scalar version of this
+// (A for every non-transposed A, B for every transposed B) costs ~10% of a small-N gemm.
+SPPO_AVX512 void avx512_pack_t(const float* src, int64_t ld, int rows, int64_t kc, int w,
+                               float* dst) {
+  for (int r0 = 0; r0 < w; r0 += 16) {
+    const int cr = std::max(0, std::min(16, rows - r0));
+    const int lanes = std::min(16, w - r0);
+    const __mmask16 store_mask = static_cast<__mmask16>((1u << lanes) - 1);
+    for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+      const int kn = static_cast<int>(std::min<int64_t>(16, kc - k0));
+      const __mmask16 load_mask = static_cast<__mmask16>((1u << kn) - 1);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < cr ? _mm512_maskz_loadu_ps(load_mask, src + (r0 + i) * ld + k0) : _mm512_setzero_ps();
+      // Stage 1+2: within each 128-bit lane j, u[4g+q] holds rows 4g..4g+3 of column 4j+q.
+      __m512 u[16];
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]));
+        __m512d t1 = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]));
+        __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]));
+        __m512d t3 = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]));
+        u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+        u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+        u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+        u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+      }
+      // Stage 3+4: gather lane j of the four row groups into column 4j+q.
+      __m512 col[16];
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        __m512 x = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x88);
+        __m512 y = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xDD);
+        __m512 x2 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x88);
+        __m512 y2 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xDD);
+        col[q] = _mm512_shuffle_f32x4(x, x2, 0x88);
+        col[8 + q] = _mm512_shuffle_f32x4(x, x2, 0xDD);
+        col[4 + q] = _mm512_shuffle_f32x4(y, y2, 0x88);
+        col[12 + q] = _mm512_shuffle_f32x4(y, y2, 0xDD);
+      }
+      for (int kk = 0; kk < kn; ++kk)
+        _mm512_mask_storeu_ps(dst + (k0 + kk) * w + r0, store_mask, col[kk]);
+    }
+  }
+}
+
+// Sum of the 16 lanes in a fixed order (halving tree).
+SPPO_AVX512 inline float avx512_hsum(__m512 v) {
+  __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+  return _mm_cvtss_f32(s4);
+}
+
 // Few rows times a transposed B (decode: x * W^T with W stored (N, K)): packing W would cost
 // more than the multiply, so take dot products of A rows with W rows straight from memory.
 // C[i0:i0+MB, j0:j0+NB]; each dot product keeps 16 lane sums over k (fixed order), then adds
@@ -255,7 +326,9 @@ SPPO_AVX512 void avx512_dot_block(int64_t K, const float* A, int64_t lda, const 
   for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
-  auto step = [&](int64_t k, __mmask16 m) SPPO_AVX512 {
+  for (int64_t k = 0; k < K; k += 16) {
+    // Masked loads cost the same as plain ones, so one loop body also covers the K tail.
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
     __m512 b[NB];
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) b[j] = _mm512_maskz_loadu_ps(m, B + j * ldb + k);
@@ -265,15 +338,12 @@ SPPO_AVX512 void avx512_dot_block(int64_t K, const float* A, int64_t lda, const 
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
     }
-  };
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) step(k, 0xFFFF);
-  if (k < K) step(k, static_cast<__mmask16>((1u << (K - k)) - 1));
+  }
 #pragma GCC unroll 4
   for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
-      float s = _mm512_reduce_add_ps(acc[i][j]);
+      float s = avx512_hsum(acc[i][j]);
       float* c = C + i * ldc + j;
       *c = beta == 0.0f ? s * alpha : __builtin_fmaf(s, alpha, beta * *c);
     }
@@ -310,12 +380,14 @@ SPPO_AVX512 void avx512_dot(int64_t M, int64_t j0, int64_t j1, int64_t K, const 
   }
 }
 
+#pragma GCC diagnostic pop
+
 // ---------------------------------------------------------------------------------------------
 // Kernel selection.
 
-const KernelSet kPortable{"portable", kPortMR, kPortNR, port_tile, nullptr};
-const KernelSet kAvx2{"avx2", kAvx2MR, kAvx2NR, avx2_tile, nullptr};
-const KernelSet kAvx512{"avx512", kAvx512MR, kAvx512NR, avx512_tile, avx512_dot};
+const KernelSet kPortable{"portable", kPortMR, kPortNR, port_tile, nullptr, nullptr};
+const KernelSet kAvx2{"avx2", kAvx2MR, kAvx2NR, avx2_tile, nullptr, nullptr};
+const KernelSet kAvx512{"avx512", kAvx512MR, kAvx512NR, avx512_tile, avx512_dot, avx512_pack_t};
 
 const KernelSet* detect_kernel() {
   __builtin_cpu_init();
@@ -334,10 +406,19 @@ const KernelSet*& active_kernel() {
 // ---------------------------------------------------------------------------------------------
 // Packing.
 
+// dst[k * w + r] = src[r * ld + k] (r < rows), zero for rows <= r < w.
+void pack_t(const KernelSet& ks, const float* src, int64_t ld, int rows, int64_t kc, int w,
+            float* dst) {
+  if (ks.pack_t) return ks.pack_t(src, ld, rows, kc, w, dst);
+  if (rows < w) std::memset(dst, 0, sizeof(float) * kc * w);
+  for (int r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < kc; ++k) dst[k * w + r] = src[r * ld + k];
+}
+
 // op(A) rows [i0, i0+mc) x k [p0, p0+kc) into slivers of mr rows, each stored k-major
 // (dst[k * rows + i]); the last sliver holds the remaining rows, packed just as densely.
-void pack_a(bool transA, const float* A, int64_t lda, int64_t i0, int64_t mc, int64_t p0,
-            int64_t kc, int mr, float* dst) {
+void pack_a(const KernelSet& ks, bool transA, const float* A, int64_t lda, int64_t i0, int64_t mc,
+            int64_t p0, int64_t kc, int mr, float* dst) {
   for (int64_t is = 0; is < mc; is += mr) {
     int rows = static_cast<int>(std::min<int64_t>(mr, mc - is));
     if (transA) {
@@ -347,10 +428,7 @@ void pack_a(bool transA, const float* A, int64_t lda, int64_t i0, int64_t mc, in
         std::memcpy(dst + k * rows, src + k * lda, rows * sizeof(float));
       }
     } else {
-      for (int i = 0; i < rows; ++i) {
-        const float* src = A + (i0 + is + i) * lda + p0;
-        for (int64_t k = 0; k < kc; ++k) dst[k * rows + i] = src[k];
-      }
+      pack_t(ks, A + (i0 + is) * lda + p0, lda, rows, kc, rows, dst);
     }
     dst += rows * kc;
   }
@@ -358,15 +436,11 @@ void pack_a(bool transA, const float* A, int64_t lda, int64_t i0, int64_t mc, in
 
 // op(B) k [p0, p0+kc) x columns [j0, j0+nr) into one sliver dst[k * NR + j], zero-padded
 // past the last valid column so the kernel can always load full vectors.
-void pack_b_sliver(bool transB, const float* B, int64_t ldb, int64_t p0, int64_t kc, int64_t j0,
-                   int nr, int NR, float* dst) {
+void pack_b_sliver(const KernelSet& ks, bool transB, const float* B, int64_t ldb, int64_t p0,
+                   int64_t kc, int64_t j0, int nr, int NR, float* dst) {
   if (transB) {
     // B is (N, K): column j of op(B) is row j of B.
-    if (nr < NR) std::memset(dst, 0, sizeof(float) * kc * NR);
-    for (int j = 0; j < nr; ++j) {
-      const float* src = B + (j0 + j) * ldb + p0;
-      for (int64_t k = 0; k < kc; ++k) dst[k * NR + j] = src[k];
-    }
+    pack_t(ks, B + j0 * ldb + p0, ldb, nr, kc, NR, dst);
   } else {
     for (int64_t k = 0; k < kc; ++k) {
       const float* src = B + (p0 + k) * ldb + j0;
@@ -391,19 +465,29 @@ void gemm_f32(const KernelSet& ks, bool transA, bool transB, int64_t M, int64_t 
     return;
   }
   ThreadPool& pool = cpu_pool();
-  const int T = pool.size();
+  const bool parallel = 2.0 * M * N * K >= kMinParallelFlops;
+  const int T = parallel ? pool.size() : 1;
+  auto run = [&](int64_t n_tasks, const std::function<void(int64_t, int)>& fn) {
+    if (parallel) return pool.run(n_tasks, fn);
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
+  };
   if (ks.dot && transB && !transA && M <= kDotMaxM) {
-    // Chunks of 16 columns (4 groups of 4 W rows): plenty of tasks to balance two threads.
-    const int64_t n_chunks = (N + 15) / 16;
-    pool.run(n_chunks, [&](int64_t t, int) {
-      ks.dot(M, t * 16, std::min(N, t * 16 + 16), K, A, lda, B, ldb, C, ldc, alpha, beta);
+    // One contiguous share of W rows per thread: when the same layer runs again, each
+    // thread's share is still in its own L2.
+    const int64_t groups = (N + 3) / 4;
+    const int64_t n_tasks = std::min<int64_t>(T, groups);
+    run(n_tasks, [&](int64_t t, int) {
+      const int64_t j0 = groups * t / n_tasks * 4, j1 = std::min(N, groups * (t + 1) / n_tasks * 4);
+      ks.dot(M, j0, j1, K, A, lda, B, ldb, C, ldc, alpha, beta);
     });
     return;
   }
   const int MR = ks.mr, NR = ks.nr;
 
-  // NC: as wide as the packed-B budget allows, in whole slivers.
-  int64_t nc_max = std::max<int64_t>(NR, kBPanelFloats / K / NR * NR);
+  // NC: as wide as the packed-B budget allows, in whole slivers, split into equal panels.
+  const int64_t nc_cap = std::max<int64_t>(NR, kBPanelFloats / K / NR * NR);
+  const int64_t n_jc = (N + nc_cap - 1) / nc_cap;
+  const int64_t nc_max = ((N + n_jc - 1) / n_jc + NR - 1) / NR * NR;
   // K blocks of equal depth (at most kKC) rather than kKC plus a short remainder.
   const int64_t n_kb = (K + kKC - 1) / kKC;
   const int64_t kcb = (K + n_kb - 1) / n_kb;
@@ -421,11 +505,11 @@ void gemm_f32(const KernelSet& ks, bool transA, bool transB, int64_t M, int64_t 
 
     // Pack op(B)[:, jc:jc+nc]: layout [k block][sliver][k][NR], so the sliver (kb, s) starts at
     // p0 * n_sl * NR + s * kc * NR.
-    pool.run(n_kb * n_sl, [&](int64_t t, int) {
+    run(n_kb * n_sl, [&](int64_t t, int) {
       int64_t kb = t / n_sl, s = t % n_sl;
       int64_t p0 = kb * kcb, kc = std::min(kcb, K - p0);
       int nr = static_cast<int>(std::min<int64_t>(NR, nc - s * NR));
-      pack_b_sliver(transB, B, ldb, p0, kc, jc + s * NR, nr, NR, bp + p0 * n_sl * NR + s * kc * NR);
+      pack_b_sliver(ks, transB, B, ldb, p0, kc, jc + s * NR, nr, NR, bp + p0 * n_sl * NR + s * kc * NR);
     });
 
     // Column groups: split the B slivers too when there are too few row blocks to feed the
@@ -433,7 +517,7 @@ void gemm_f32(const KernelSet& ks, bool transA, bool transB, int64_t M, int64_t 
     int64_t n_nb = 1;
     if (n_mb < 2 * T) n_nb = std::min(n_sl, (2 * T + n_mb - 1) / n_mb);
 
-    pool.run(n_mb * n_nb, [&](int64_t t, int) {
+    run(n_mb * n_nb, [&](int64_t t, int) {
       const int64_t mb = t / n_nb, nb = t % n_nb;
       const int64_t sl0 = m_sl * mb / n_mb, sl1 = m_sl * (mb + 1) / n_mb;
       const int64_t i0 = sl0 * MR, i1 = std::min(M, sl1 * MR);
@@ -445,7 +529,7 @@ void gemm_f32(const KernelSet& ks, bool transA, bool transB, int64_t M, int64_t 
         const int64_t p0 = kb * kcb, kc = std::min(kcb, K - p0);
         // Later K blocks add onto what the earlier ones wrote.
         const float beta_k = kb == 0 ? beta : 1.0f;
-        pack_a(transA, A, lda, i0, mc, p0, kc, MR, ap);
+        pack_a(ks, transA, A, lda, i0, mc, p0, kc, MR, ap);
         for (int64_t s = s0; s < s1; ++s) {
           const float* bs = bp + p0 * n_sl * NR + s * kc * NR;
           const int64_t j = jc + s * NR;
