@@ -23,7 +23,7 @@ export function presetConfig(name: PresetName): ResolvedModelConfig {
   return native().presetConfig(name) as unknown as ResolvedModelConfig;
 }
 
-/** Threads of the CPU backend (0 = one per core). Set it before creating models. */
+/** Threads of the CPU backend (0 = one per core); refused while any model call is running. */
 export function setNumThreads(n: number): void {
   native().setNumThreads(n);
 }
@@ -98,7 +98,7 @@ export class Model {
   }
 
   /** Final hidden states (after the last RMSNorm) and/or logits, row-major (batch, seq, ·). */
-  forward(
+  async forward(
     input: BatchInput,
     options: CallOptions & { output?: 'logits' | 'hidden' | 'both' } = {},
   ): Promise<{ logits?: Float32Array; hidden?: Float32Array }> {
@@ -107,7 +107,7 @@ export class Model {
   }
 
   /** Mean next-token cross-entropy over the batch's targets, without touching gradients. */
-  evalLoss(input: BatchInput, options: CallOptions = {}): Promise<{ loss: number; targetTokens: number }> {
+  async evalLoss(input: BatchInput, options: CallOptions = {}): Promise<{ loss: number; targetTokens: number }> {
     const b = toTokenBatch(input);
     return this.#enqueue((h) => h.evalLoss(b.tokens, b.batch, b.seq, b.targetMask ?? null), options.signal);
   }
@@ -122,7 +122,7 @@ export class Model {
    * calls. A failed step (bad tokens, non-finite loss) discards the accumulated gradients and
    * leaves the parameters unchanged.
    */
-  trainStep(input: BatchInput, options: CallOptions = {}): Promise<StepResult> {
+  async trainStep(input: BatchInput, options: CallOptions = {}): Promise<StepResult> {
     const b = toTokenBatch(input);
     return this.#enqueue((h) => h.trainStep(b.tokens, b.batch, b.seq, b.targetMask ?? null), options.signal);
   }

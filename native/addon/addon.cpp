@@ -206,6 +206,9 @@ Napi::Object config_to_js(Napi::Env env, const ModelConfig& c) {
 
 class NativeModel;
 
+// Calls running on libuv workers, across all models: the thread pool cannot be rebuilt under them.
+std::atomic<int> g_running_calls{0};
+
 // Runs `work` on a libuv worker thread and settles a Promise; holds references to the typed
 // arrays it reads or writes so they outlive the call, and releases the model's busy flag.
 class Job : public Napi::AsyncWorker {
@@ -264,7 +267,10 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     }
   }
 
-  void release() { busy_.store(false); }
+  void release() {
+    busy_.store(false);
+    g_running_calls.fetch_sub(1);
+  }
 
  private:
   Model<float>& usable(Napi::Env env) {
@@ -302,6 +308,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   }
   Napi::Value queue(Job* job) {
     busy_.store(true);
+    g_running_calls.fetch_add(1);
     Napi::Promise p = job->promise();
     job->Queue();
     return p;
@@ -485,6 +492,8 @@ Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
   if (!info[0].IsNumber()) throw_type(info.Env(), "threads must be a number");
   int n = info[0].As<Napi::Number>().Int32Value();
   if (n < 0 || n > 1024) throw Napi::RangeError::New(info.Env(), "threads must be between 0 (all cores) and 1024");
+  if (g_running_calls.load() > 0)
+    throw Napi::Error::New(info.Env(), "cannot change the thread count while a model call is running; await it first");
   sppo::set_num_threads(n);
   return info.Env().Undefined();
 }

@@ -45,6 +45,14 @@ size_t CpuOps<T>::plan_scratch(int64_t max_seq, int64_t head_dim) {
 }
 
 template <class T>
+void CpuOps<T>::ensure_scratch(int64_t seq) {
+  SPPO_REQUIRE(2 * kAttnBlock * seq <= scratch_per_thread_, "attention over ", seq,
+               " positions exceeds the planned scratch (plan_scratch was not called for this length)");
+  const size_t need = size_t(scratch_per_thread_) * cpu_pool().size();
+  if (scratch_.size() < need) scratch_.resize(need);
+}
+
+template <class T>
 void CpuOps<T>::gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
                      int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   cpu::gemm(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -209,8 +217,7 @@ void CpuOps<T>::attention_forward(T* out, T* lse, const T* qkv, const AttentionS
   // it may see, softmax, then P·V — never a (seq x seq) matrix, and lse kept for backward.
   const int64_t Tn = s.seq, D = s.head_dim, H = s.heads, group = s.heads / s.kv_heads;
   const int64_t n_blocks = (Tn + kAttnBlock - 1) / kAttnBlock;
-  SPPO_REQUIRE(scratch_per_thread_ >= 2 * kAttnBlock * Tn && int64_t(scratch_.size()) >= scratch_per_thread_ * cpu_pool().size(),
-               "attention scratch was planned for fewer positions or threads than this call uses");
+  ensure_scratch(Tn);
   cpu_pool().run(s.batch * H * n_blocks, [&](int64_t task, int thread) {
     const int64_t b = task / (H * n_blocks), h = (task / n_blocks) % H, blk = task % n_blocks;
     const int64_t kvh = h / group;
@@ -245,8 +252,7 @@ void CpuOps<T>::attention_backward(T* dqkv, const T* dout, const T* qkv, const T
   // query heads of its group and their tiles run inside the task in a fixed order.
   const int64_t Tn = s.seq, D = s.head_dim, H = s.heads, group = s.heads / s.kv_heads;
   const int64_t n_blocks = (Tn + kAttnBlock - 1) / kAttnBlock;
-  SPPO_REQUIRE(scratch_per_thread_ >= 2 * kAttnBlock * Tn && int64_t(scratch_.size()) >= scratch_per_thread_ * cpu_pool().size(),
-               "attention scratch was planned for fewer positions or threads than this call uses");
+  ensure_scratch(Tn);
   cpu_pool().run(s.batch * s.kv_heads, [&](int64_t task, int thread) {
     const int64_t b = task / s.kv_heads, kvh = task % s.kv_heads;
     const T* base = qkv + b * Tn * s.qkv_stride;

@@ -47,6 +47,9 @@ class CpuOps final : public Ops<T> {
   // Per-thread attention scratch: two (query block x max_seq) score tiles per thread.
   std::vector<T> scratch_;
   int64_t scratch_per_thread_ = 0;
+  // Grows the scratch when the pool gained threads since planning (set_num_threads); checks
+  // that `seq` fits the plan. Allocates only after a thread-count change, never per step.
+  void ensure_scratch(int64_t seq);
   T* thread_scratch(int thread) { return scratch_.data() + thread * scratch_per_thread_; }
 };
 

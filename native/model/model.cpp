@@ -188,8 +188,8 @@ void Model<T>::plan_buffers() {
 template <class T>
 void Model<T>::build_rope_tables() {
   const int64_t half = cfg_.head_dim / 2, P = plan_.max_seq;
-  rope_cos_ = alloc_tracked(P * half, &mem_.params);
-  rope_sin_ = alloc_tracked(P * half, &mem_.params);
+  rope_cos_ = alloc_tracked(P * half, &mem_.scratch);
+  rope_sin_ = alloc_tracked(P * half, &mem_.scratch);
   std::vector<double> inv(half);
   const RopeScaling& rs = cfg_.rope_scaling;
   for (int64_t i = 0; i < half; ++i) {
@@ -280,7 +280,8 @@ void Model<T>::validate_batch(const Batch& b, bool need_targets) const {
                plan_.max_batch, " (plan.maxBatch)");
   SPPO_REQUIRE(b.seq <= plan_.max_seq, "sequence length ", b.seq, " exceeds the planned maximum ", plan_.max_seq,
                " (plan.maxSeq)");
-  if (need_targets) SPPO_REQUIRE(b.seq >= 2, "training needs sequences of at least 2 tokens, got ", b.seq);
+  if (need_targets)
+    SPPO_REQUIRE(b.seq >= 2, "a next-token loss needs sequences of at least 2 tokens, got ", b.seq);
   const int64_t n = b.batch * b.seq;
   for (int64_t i = 0; i < n; ++i) {
     const int32_t id = b.tokens[i];

@@ -1,0 +1,156 @@
+// Bad batches and bad parameter values: each is refused with a message that says what is
+// wrong, and the model is left exactly as it was (same parameters, same loss, same step).
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { Model, type BatchInput } from '../lib/index.js';
+import { bitsEqual, changedParams, errorOf, prng, randomRows, snapshot, tinyConfig } from './fixtures/engine-helpers.js';
+
+const cfg = tinyConfig({ vocab_size: 20 });
+const plan = { maxBatch: 2, maxSeq: 8 };
+const good = randomRows(prng(7), 2, 8, cfg.vocab_size);
+
+let model: Model;
+let lossBefore: number;
+let paramsBefore: Map<string, Float32Array>;
+let stepBefore: number;
+
+beforeAll(async () => {
+  model = Model.create(cfg, plan);
+  model.setOptimizer({ lr: 1e-2 });
+  await model.trainStep(good); // a non-trivial state: one optimizer step taken
+});
+afterAll(async () => {
+  await model.dispose();
+});
+beforeEach(async () => {
+  lossBefore = (await model.evalLoss(good)).loss;
+  paramsBefore = snapshot(model);
+  stepBefore = model.step;
+});
+
+async function expectUnchanged(): Promise<void> {
+  expect(changedParams(paramsBefore, snapshot(model))).toEqual([]);
+  expect(model.step).toBe(stepBefore);
+  expect((await model.evalLoss(good)).loss).toBe(lossBefore);
+}
+
+function withToken(r: number, t: number, id: number): number[][] {
+  const rows = good.map((row) => [...row]);
+  rows[r][t] = id;
+  return rows;
+}
+
+type Call = 'evalLoss' | 'trainStep' | 'forward';
+const calls: Call[] = ['evalLoss', 'trainStep', 'forward'];
+function call(kind: Call, input: unknown): unknown {
+  return model[kind](input as BatchInput);
+}
+
+describe('bad batches are refused with a clear error and leave the model usable', () => {
+  const cases: [string, () => unknown, RegExp][] = [
+    ['a token id >= vocab_size', () => withToken(1, 3, cfg.vocab_size), /token id 20 at sequence 1, position 3 is out of range \[0, 20\)/],
+    ['a negative token id', () => withToken(0, 5, -4), /token id -4 at sequence 0, position 5 is out of range/],
+    ['an empty batch', () => [], /batch is empty/],
+    ['ragged rows', () => [good[0], good[1].slice(0, 5)], /ragged batch: sequence 1 has 5 tokens but sequence 0 has 8/],
+    ['a sequence longer than plan.maxSeq', () => [[...good[0], 1]], /sequence length 9 exceeds the planned maximum 8 \(plan\.maxSeq\)/],
+    ['more sequences than plan.maxBatch', () => [good[0], good[1], good[0]], /batch has 3 sequences; the model was planned for at most 2 \(plan\.maxBatch\)/],
+    ['a non-integer token id', () => withToken(0, 2, 1.5), /token at sequence 0, position 2 is not an integer id: 1\.5/],
+    ['a string token id', () => withToken(1, 0, '3' as unknown as number), /token at sequence 1, position 0 is not an integer id/],
+    ['a row that is not an array', () => [good[0], 5], /batch row 1 is not an array/],
+    [
+      'a typed batch whose size does not match batch x seq',
+      () => ({ tokens: new Int32Array(15), batch: 2, seq: 8 }),
+      /batch\.tokens has 15 elements but batch x seq = 2 x 8/,
+    ],
+    ['a typed batch with a plain-array tokens field', () => ({ tokens: good.flat(), batch: 2, seq: 8 }), /batch\.tokens must be an Int32Array/],
+  ];
+  for (const kind of calls)
+    for (const [what, input, msg] of cases) {
+      it(`${kind}: ${what}`, async () => {
+        const err = await errorOf(() => call(kind, input()));
+        expect(err.message).toMatch(msg);
+        await expectUnchanged();
+      });
+    }
+});
+
+describe('bad target masks are refused with a clear error and leave the model usable', () => {
+  const tokens = Int32Array.from(good.flat());
+  const cases: [string, () => unknown, RegExp][] = [
+    ['a typed mask of the wrong length', () => ({ tokens, batch: 2, seq: 8, targetMask: new Uint8Array(15) }), /targetMask has 15 elements, batch\.tokens has 16/],
+    ['a typed mask that is not a Uint8Array', () => ({ tokens, batch: 2, seq: 8, targetMask: new Array(16).fill(1) }), /batch\.targetMask must be a Uint8Array/],
+    ['a row mask with too few rows', () => ({ rows: good, targetMask: [good[0].map(() => 1)] }), /targetMask has 1 rows, the batch has 2/],
+    ['a row mask with a short row', () => ({ rows: good, targetMask: [good[0].map(() => 1), [1, 1]] }), /targetMask row 1 has 2 entries, sequences have 8/],
+    ['a row mask with a value other than 0/1', () => ({ rows: good, targetMask: good.map((r) => r.map(() => 2)) }), /targetMask at sequence 0, position 0 must be 0 or 1, got 2/],
+    [
+      // position 0 is never a target, so a mask that only sets position 0 selects nothing
+      'a mask selecting no targets',
+      () => ({ rows: good, targetMask: good.map((r) => r.map((_, t) => (t === 0 ? 1 : 0))) }),
+      /target mask selects no tokens to predict/,
+    ],
+  ];
+  for (const kind of ['evalLoss', 'trainStep'] as const)
+    for (const [what, input, msg] of cases) {
+      it(`${kind}: ${what}`, async () => {
+        const err = await errorOf(() => call(kind, input()));
+        expect(err.message).toMatch(msg);
+        await expectUnchanged();
+      });
+    }
+});
+
+describe('bad parameter values are refused and leave the parameter unchanged', () => {
+  it('setParam with a NaN names the index and changes nothing', async () => {
+    const v = Float32Array.from(model.getParam('model.norm.weight'), (x) => x * 0.5);
+    v[3] = NaN;
+    expect(() => model.setParam('model.norm.weight', v)).toThrow(/parameter 'model\.norm\.weight' value at index 3 is not finite/);
+    const w = Array.from(model.getParam('model.layers.1.mlp.up_proj.weight'));
+    w[w.length - 1] = Infinity;
+    expect(() => model.setParam('model.layers.1.mlp.up_proj.weight', w)).toThrow(/value at index 2047 is not finite/);
+    await expectUnchanged();
+  });
+
+  it('setParam with the wrong length names both sizes and changes nothing', async () => {
+    expect(() => model.setParam('model.norm.weight', new Float32Array(5))).toThrow(/parameter 'model\.norm\.weight' has 32 elements, got 5/);
+    expect(() => model.setParam('model.norm.weight', new Float32Array(33))).toThrow(/has 32 elements, got 33/);
+    await expectUnchanged();
+  });
+
+  it('getParam/setParam of an unknown name say which name', async () => {
+    expect(() => model.getParam('model.nope')).toThrow(/no parameter named 'model\.nope'/);
+    expect(() => model.setParam('model.layers.9.mlp.up_proj.weight', new Float32Array(1))).toThrow(
+      /no parameter named 'model\.layers\.9\.mlp\.up_proj\.weight'/,
+    );
+    await expectUnchanged();
+  });
+});
+
+describe('a failed training step discards its gradients', () => {
+  it('a non-finite loss rejects, leaves parameters unchanged and drops the pending micro-batch', async () => {
+    const make = () => {
+      const m = Model.create(cfg, plan);
+      m.setOptimizer({ lr: 1e-2, gradAccumSteps: 2 });
+      return m;
+    };
+    const [a, b] = [make(), make()];
+    const other = randomRows(prng(8), 2, 8, cfg.vocab_size);
+    // a: one micro-batch accumulated, then a step whose loss overflows to a non-finite value
+    expect((await a.trainStep(good)).stepped).toBe(false);
+    const head = a.getParam('lm_head.weight');
+    a.setParam('lm_head.weight', head.map((_, i) => (i % 2 ? 3e38 : -3e38)));
+    const before = snapshot(a);
+    const err = await errorOf(() => a.trainStep(other));
+    expect(err.message).toMatch(/training loss is not finite/);
+    expect(changedParams(before, snapshot(a))).toEqual([]);
+    a.setParam('lm_head.weight', head);
+    // The discarded micro-batch must not leak into the next optimizer step: a and b now take
+    // the same two micro-batches from the same weights and must agree bit for bit.
+    for (const m of [a, b]) {
+      expect((await m.trainStep(good)).stepped).toBe(false);
+      const r = await m.trainStep(other);
+      expect(r).toMatchObject({ stepped: true, step: 1 });
+    }
+    const [sa, sb] = [snapshot(a), snapshot(b)];
+    for (const [name, v] of sa) expect(bitsEqual(v, sb.get(name)!), name).toBe(true);
+    await Promise.all([a.dispose(), b.dispose()]);
+  });
+});
