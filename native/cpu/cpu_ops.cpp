@@ -321,27 +321,44 @@ void CpuOps<T>::swiglu_backward(T* dgu, const T* dout, const T* gu, int64_t N, i
 }
 
 template <class T>
-void CpuOps<T>::softmax_xent(T* logits, double* loss, const int32_t* targets, const T* weight, int64_t n, int64_t V,
-                             bool grad) {
-  cpu_pool().parallel_for(n, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      T* x = logits + i * V;
-      const int64_t t = targets[i];
-      T mx = x[0];
-      for (int64_t j = 1; j < V; ++j) mx = std::max(mx, x[j]);
-      const T xt = x[t];
-      // One exp per element: the shifted exponentials are kept in place for the gradient.
-      const Acc sum = exp_shifted_sum(x, x, V, mx);
-      const Acc lse = Acc(mx) + std::log(sum);
-      loss[i] = lse - Acc(xt);
-      if (grad) {
-        const T w = weight[i];
-        const T scale = T(Acc(w) / sum);
-        for (int64_t j = 0; j < V; ++j) x[j] *= scale;
-        x[t] -= w;
+void CpuOps<T>::head_logprobs(double* logp, double* lse, const T* H, const T* W, const int32_t* targets, int64_t n,
+                              int64_t C, int64_t V, T* scratch, int64_t chunk) {
+  for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+    const int64_t m = std::min(chunk, n - c0);
+    cpu::gemm(false, true, m, V, C, T(1), H + c0 * C, C, W, C, T(0), scratch, V);
+    cpu_pool().parallel_for(m, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        T* x = scratch + i * V;
+        const T xt = x[targets[c0 + i]];
+        T mx = x[0];
+        for (int64_t j = 1; j < V; ++j) mx = std::max(mx, x[j]);
+        const Acc sum = exp_shifted_sum(x, x, V, mx);  // the row is scratch: overwrite it
+        lse[c0 + i] = Acc(mx) + std::log(sum);
+        logp[c0 + i] = Acc(xt) - lse[c0 + i];
       }
-    }
-  });
+    });
+  }
+}
+
+template <class T>
+void CpuOps<T>::head_logprobs_backward(T* dH, T* dW, const T* H, const T* W, const int32_t* targets, const double* lse,
+                                       const double* coef, int64_t n, int64_t C, int64_t V, T* scratch, int64_t chunk) {
+  for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+    const int64_t m = std::min(chunk, n - c0);
+    // Recompute the chunk's logits and turn them, in place, into dL/dlogits = coef·(onehot − p).
+    cpu::gemm(false, true, m, V, C, T(1), H + c0 * C, C, W, C, T(0), scratch, V);
+    cpu_pool().parallel_for(m, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        T* x = scratch + i * V;
+        exp_shifted_sum(x, x, V, T(lse[c0 + i]));
+        const T k = T(-coef[c0 + i]);
+        for (int64_t j = 0; j < V; ++j) x[j] *= k;
+        x[targets[c0 + i]] += T(coef[c0 + i]);
+      }
+    });
+    cpu::gemm(false, false, m, C, V, T(1), scratch, V, W, C, T(0), dH + c0 * C, C);
+    cpu::gemm(true, false, V, C, m, T(1), scratch, V, H + c0 * C, C, T(1), dW, C);
+  }
 }
 
 template <class T>

@@ -173,27 +173,26 @@ void Model<T>::plan_buffers() {
   dffn_ = alloc_tracked(N * F, s);
   chunk_rows_ = std::clamp<int64_t>(kLogitChunkElems / V, 16, N);
   logits_chunk_ = alloc_tracked(chunk_rows_ * V, s);
-  hidden_chunk_ = alloc_tracked(chunk_rows_ * C, s);
-  dhidden_chunk_ = alloc_tracked(chunk_rows_ * C, s);
-  row_weight_ = alloc_tracked(chunk_rows_, s);
+  gathered_h_ = alloc_tracked(N * C, s);
+  gathered_dh_ = alloc_tracked(N * C, s);
   positions_.assign(N, 0);
   row_index_.assign(N, 0);
-  targets_.assign(chunk_rows_, 0);
-  row_loss_.assign(chunk_rows_, 0.0);
+  targets_.assign(N, 0);
+  logp_.assign(N, 0.0);
+  lse_.assign(N, 0.0);
+  coef_.assign(N, 0.0);
   mem_.scratch += (positions_.size() + row_index_.size() + targets_.size()) * sizeof(int32_t) +
-                  row_loss_.size() * sizeof(double);
+                  (logp_.size() + lse_.size() + coef_.size()) * sizeof(double);
   mem_.scratch += ops_->plan_scratch(plan_.max_seq, cfg_.head_dim);
 }
 
 template <class T>
-void Model<T>::build_rope_tables() {
-  const int64_t half = cfg_.head_dim / 2, P = plan_.max_seq;
-  rope_cos_ = alloc_tracked(P * half, &mem_.scratch);
-  rope_sin_ = alloc_tracked(P * half, &mem_.scratch);
+void build_rope_tables(const ModelConfig& c, int64_t n_pos, T* cos, T* sin) {
+  const int64_t half = c.head_dim / 2;
   std::vector<double> inv(half);
-  const RopeScaling& rs = cfg_.rope_scaling;
+  const RopeScaling& rs = c.rope_scaling;
   for (int64_t i = 0; i < half; ++i) {
-    double f = std::pow(cfg_.rope_theta, -2.0 * double(i) / double(cfg_.head_dim));
+    double f = std::pow(c.rope_theta, -2.0 * double(i) / double(c.head_dim));
     if (rs.kind == RopeScaling::Kind::Linear) {
       f /= rs.factor;
     } else if (rs.kind == RopeScaling::Kind::Llama3) {
@@ -210,11 +209,28 @@ void Model<T>::build_rope_tables() {
     }
     inv[i] = f;
   }
-  for (int64_t p = 0; p < P; ++p)
+  for (int64_t p = 0; p < n_pos; ++p)
     for (int64_t i = 0; i < half; ++i) {
-      rope_cos_[p * half + i] = T(std::cos(double(p) * inv[i]));
-      rope_sin_[p * half + i] = T(std::sin(double(p) * inv[i]));
+      cos[p * half + i] = T(std::cos(double(p) * inv[i]));
+      sin[p * half + i] = T(std::sin(double(p) * inv[i]));
     }
+}
+template void build_rope_tables<float>(const ModelConfig&, int64_t, float*, float*);
+template void build_rope_tables<double>(const ModelConfig&, int64_t, double*, double*);
+
+template <class T>
+void Model<T>::build_rope_tables() {
+  const int64_t half = cfg_.head_dim / 2, P = plan_.max_seq;
+  rope_cos_ = alloc_tracked(P * half, &mem_.scratch);
+  rope_sin_ = alloc_tracked(P * half, &mem_.scratch);
+  sppo::build_rope_tables(cfg_, P, rope_cos_, rope_sin_);
+}
+
+template <class T>
+typename Model<T>::LayerWeights Model<T>::layer_weights(int l) const {
+  SPPO_REQUIRE(l >= 0 && l < cfg_.num_hidden_layers, "layer ", l, " out of range");
+  LayerParams p = layer_params(params_arena_, l);
+  return {p.attn_norm, p.wqkv, p.bqkv, p.wo, p.mlp_norm, p.wgu, p.wdown};
 }
 
 template <class T>
@@ -331,41 +347,49 @@ void Model<T>::forward(const int32_t* tokens, int64_t B, int64_t Tn, T* hidden_o
 }
 
 template <class T>
-double Model<T>::head_loss(const Batch& b, double scale, bool grad, int64_t* target_tokens) {
-  // Position t predicts token t+1. Only rows that have a target are gathered, in chunks of
-  // chunk_rows_, so prompt tokens cost nothing and the logits never exist for all rows at once.
-  const int64_t Tn = b.seq, C = cfg_.hidden_size, V = cfg_.vocab_size;
-  int64_t n_rows = 0;
+int64_t Model<T>::gather_target_rows(const Batch& b) {
+  // Position t predicts token t+1. Only rows that have a target are gathered, so prompt and
+  // padding tokens cost nothing in the LM head.
+  const int64_t Tn = b.seq, C = cfg_.hidden_size;
+  int64_t n = 0;
   for (int64_t r = 0; r < b.batch; ++r)
     for (int64_t t = 0; t + 1 < Tn; ++t) {
       const int64_t next = r * Tn + t + 1;
-      if (!b.target_mask || b.target_mask[next]) row_index_[n_rows++] = int32_t(r * Tn + t);
+      if (b.target_mask && !b.target_mask[next]) continue;
+      row_index_[n] = int32_t(r * Tn + t);
+      targets_[n] = b.tokens[next];
+      std::memcpy(gathered_h_ + n * C, hidden_ + (r * Tn + t) * C, C * sizeof(T));
+      ++n;
     }
-  SPPO_REQUIRE(n_rows > 0, "the target mask selects no tokens to predict (positions 1.. of some sequence must be set)");
-  if (target_tokens) *target_tokens = n_rows;
-  T* W = lm_head(params_arena_);
-  T* dW = lm_head(grads_arena_);
-  const T w = T(scale / double(n_rows));
-  if (grad) ops_->fill(dxn_, T(0), b.batch * Tn * C);
+  SPPO_REQUIRE(n > 0, "the target mask selects no tokens to predict (positions 1.. of some sequence must be set)");
+  return n;
+}
+
+template <class T>
+void Model<T>::head_backward(int64_t n_rows, int64_t batch_tokens) {
+  // coef_ holds dL/dlogp per gathered row; the result is dL/d(final hidden) in dxn_.
+  const int64_t C = cfg_.hidden_size, V = cfg_.vocab_size;
+  ops_->head_logprobs_backward(gathered_dh_, lm_head(grads_arena_), gathered_h_, lm_head(params_arena_),
+                               targets_.data(), lse_.data(), coef_.data(), n_rows, C, V, logits_chunk_, chunk_rows_);
+  ops_->fill(dxn_, T(0), batch_tokens * C);
+  for (int64_t i = 0; i < n_rows; ++i)
+    std::memcpy(dxn_ + int64_t(row_index_[i]) * C, gathered_dh_ + i * C, C * sizeof(T));
+}
+
+template <class T>
+double Model<T>::head_loss(const Batch& b, double scale, bool grad, int64_t* target_tokens) {
+  const int64_t n = gather_target_rows(b), C = cfg_.hidden_size, V = cfg_.vocab_size;
+  if (target_tokens) *target_tokens = n;
+  ops_->head_logprobs(logp_.data(), lse_.data(), gathered_h_, lm_head(params_arena_), targets_.data(), n, C, V,
+                      logits_chunk_, chunk_rows_);
   double total = 0;
-  for (int64_t c0 = 0; c0 < n_rows; c0 += chunk_rows_) {
-    const int64_t n = std::min(chunk_rows_, n_rows - c0);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t row = row_index_[c0 + i];
-      std::memcpy(hidden_chunk_ + i * C, hidden_ + row * C, C * sizeof(T));
-      targets_[i] = b.tokens[row + 1];
-      row_weight_[i] = w;
-    }
-    ops_->gemm(false, true, n, V, C, T(1), hidden_chunk_, C, W, C, T(0), logits_chunk_, V);
-    ops_->softmax_xent(logits_chunk_, row_loss_.data(), targets_.data(), row_weight_, n, V, grad);
-    for (int64_t i = 0; i < n; ++i) total += row_loss_[i];
-    if (!grad) continue;
-    ops_->gemm(true, false, V, C, n, T(1), logits_chunk_, V, hidden_chunk_, C, T(1), dW, C);
-    ops_->gemm(false, false, n, C, V, T(1), logits_chunk_, V, W, C, T(0), dhidden_chunk_, C);
-    for (int64_t i = 0; i < n; ++i)
-      std::memcpy(dxn_ + int64_t(row_index_[c0 + i]) * C, dhidden_chunk_ + i * C, C * sizeof(T));
+  for (int64_t i = 0; i < n; ++i) total -= logp_[i];
+  if (grad) {
+    // Mean cross-entropy: every row's log-prob enters with weight -1/n.
+    for (int64_t i = 0; i < n; ++i) coef_[i] = -scale / double(n);
+    head_backward(n, b.batch * b.seq);
   }
-  return total / double(n_rows);
+  return total / double(n);
 }
 
 template <class T>

@@ -73,12 +73,16 @@ class Ops {
   virtual void swiglu_forward(T* out, const T* gu, int64_t N, int64_t F) = 0;
   virtual void swiglu_backward(T* dgu, const T* dout, const T* gu, int64_t N, int64_t F) = 0;
 
-  // Softmax cross-entropy on logits(n,V) rows with integer targets and per-row weights:
-  // loss[i] = -log softmax(logits[i])[target[i]] (double). Logits are used as scratch; when
-  // grad they end as weight[i] * (softmax - onehot) — the gradient in place, so no second
-  // (n,V) buffer ever exists.
-  virtual void softmax_xent(T* logits, double* loss, const int32_t* targets, const T* weight, int64_t n,
-                            int64_t V, bool grad) = 0;
+  // The fused LM head: for n hidden rows H(n,C) and the output embedding W(V,C), the target
+  // log-probabilities logp[i] = log softmax(H_i Wᵀ)[targets[i]] (double), and lse[i] saved for
+  // the backward. Logits exist only for `chunk` rows at a time, in scratch (chunk, V).
+  virtual void head_logprobs(double* logp, double* lse, const T* H, const T* W, const int32_t* targets, int64_t n,
+                             int64_t C, int64_t V, T* scratch, int64_t chunk) = 0;
+  // Its backward for per-row coefficients coef[i] = dL/dlogp[i]: dlogits = coef·(onehot − softmax),
+  // recomputed chunk by chunk from lse; dH(n,C) = dlogits·W (overwritten), dW(V,C) += dlogitsᵀ·H.
+  virtual void head_logprobs_backward(T* dH, T* dW, const T* H, const T* W, const int32_t* targets,
+                                      const double* lse, const double* coef, int64_t n, int64_t C, int64_t V,
+                                      T* scratch, int64_t chunk) = 0;
 
   // Optimizer updates (element-wise; grad already scaled by the caller's clip factor `gscale`).
   // AdamW: m,v moments with bias correction (step is 1-based). RMSprop: PyTorch's, non-centred.
@@ -87,6 +91,8 @@ class Ops {
                             double eps, double decay, double gscale, int64_t step) = 0;
   virtual void rmsprop_update(T* p, const T* g, T* sq, int64_t n, double lr, double alpha, double eps,
                               double decay, double gscale) = 0;
+
+  // ---- Decoding with a KV cache (batched sampling) ----
 };
 
 }  // namespace sppo

@@ -87,6 +87,16 @@ class Model {
   int64_t optimizer_steps() const { return step_; }
   int pending_micro_batches() const { return micro_; }
 
+  // Read-only views of the weights, for code that runs the same network another way (the
+  // KV-cache decoder). Fused blocks: wqkv (q_dim+2*kv_dim, C), wgu (2F, C) = [gate; up].
+  struct LayerWeights {
+    const T *attn_norm, *wqkv, *bqkv /* null without attention_bias */, *wo, *mlp_norm, *wgu, *wdown;
+  };
+  LayerWeights layer_weights(int l) const;
+  const T* embedding() const { return params_arena_ + embed_off_; }
+  const T* final_norm_weight() const { return params_arena_ + final_norm_off_; }
+  const T* lm_head_weight() const { return params_arena_ + lm_head_off_; }
+
   // Validates a batch against the vocabulary and the memory plan (throws sppo::Error).
   void validate_batch(const Batch& batch, bool need_targets) const;
   // The rotary tables (max_position_embeddings, head_dim/2), for tests.
@@ -115,6 +125,8 @@ class Model {
   LayerParams layer_params(T* base, int l) const;
   T* lm_head(T* base) const;
   void forward_blocks(const int32_t* tokens, int64_t B, int64_t Tn);
+  int64_t gather_target_rows(const Batch& batch);
+  void head_backward(int64_t n_rows, int64_t batch_tokens);
   double head_loss(const Batch& batch, double scale, bool grad, int64_t* target_tokens);
   void backward_blocks(const int32_t* tokens, int64_t B, int64_t Tn);
   StepResult optimizer_step();
@@ -155,18 +167,21 @@ class Model {
   T* datt_ = nullptr;        // (N, H*D)
   T* dgu_ = nullptr;         // (N, 2F)
   T* dffn_ = nullptr;        // (N, F)
-  T* logits_chunk_ = nullptr;  // (chunk, V)
-  T* hidden_chunk_ = nullptr;  // (chunk, C) hidden rows that have a target
-  T* dhidden_chunk_ = nullptr; // (chunk, C)
-  T* row_weight_ = nullptr;    // (chunk)
+  T* logits_chunk_ = nullptr;  // (chunk, V) the only logits that ever exist in training
+  T* gathered_h_ = nullptr;    // (N, C) final hidden rows that have a target
+  T* gathered_dh_ = nullptr;   // (N, C)
   std::vector<int32_t> positions_;   // (N)
-  std::vector<int32_t> row_index_;   // (N) rows that predict a target
-  std::vector<int32_t> targets_;     // (chunk)
-  std::vector<double> row_loss_;     // (chunk)
+  std::vector<int32_t> row_index_;   // (N) token index of each gathered row
+  std::vector<int32_t> targets_;     // (N) target token of each gathered row
+  std::vector<double> logp_, lse_, coef_;  // (N) per gathered row
   int64_t chunk_rows_ = 0;
   T* rope_cos_ = nullptr;
   T* rope_sin_ = nullptr;
 };
+
+// Rotary tables for positions [0, n_pos): cos/sin (n_pos, head_dim/2), with rope_scaling applied.
+template <class T>
+void build_rope_tables(const ModelConfig& c, int64_t n_pos, T* cos, T* sin);
 
 // The model sizes used by tests and benchmarks (the PyTorch CPU baseline's `tiny` and `small`).
 ModelConfig preset_config(const std::string& name);
