@@ -60,7 +60,7 @@ constexpr int64_t kBPanelFloats = int64_t(4) << 20;
 // Below this much work (flops) one thread does it all: waking the pool's workers costs tens of
 // microseconds on a VM (a 1 MFLOP decode gemv took 15 us alone, ~55 us with two threads).
 constexpr double kMinParallelFlops = 4e6;
-// Up to this many rows, x * W^T uses dot products on unpacked W (see avx512_dot).
+// Up to this many rows, x * W^T reads W unpacked (see avx512_rows).
 constexpr int64_t kDotMaxM = 16;
 
 // The micro-kernel computes C[0:mr, 0:nr] (= alpha * a * b + beta * C) for one tile:
@@ -69,9 +69,11 @@ constexpr int64_t kDotMaxM = 16;
 using TileFn = void (*)(int mr, int nr, int64_t kc, const float* a, const float* b, float* c,
                         int64_t ldc, float alpha, float beta);
 
-// The small-M path: C[0:M, j0:j1] = alpha * A * B^T + beta * C with A (M,K), B (N,K).
-using DotFn = void (*)(int64_t M, int64_t j0, int64_t j1, int64_t K, const float* A, int64_t lda,
-                       const float* B, int64_t ldb, float* C, int64_t ldc, float alpha, float beta);
+// The small-M path: C[0:M, j0:j1] = alpha * A * B^T + beta * C with A (M,K), B (N,K), reduced
+// over K in blocks of depth kcb exactly as the packed path does (bit-identical results).
+using RowsFn = void (*)(int64_t M, int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A,
+                        int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, float alpha,
+                        float beta);
 
 // Transposing pack (see avx512_pack_t); nullptr: plain loops.
 using PackTFn = void (*)(const float* src, int64_t ld, int rows, int64_t kc, int w, float* dst);
@@ -80,7 +82,7 @@ struct KernelSet {
   const char* name;
   int mr, nr;
   TileFn tile;
-  DotFn dot;  // nullptr: small M goes through the packed path too
+  RowsFn rows;  // nullptr: small M goes through the packed path too
   PackTFn pack_t;
 };
 
@@ -305,76 +307,114 @@ SPPO_AVX512 void avx512_pack_t(const float* src, int64_t ld, int rows, int64_t k
   }
 }
 
-// Sum of the 16 lanes in a fixed order (halving tree).
-SPPO_AVX512 inline float avx512_hsum(__m512 v) {
-  __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-  return _mm_cvtss_f32(s4);
-}
-
-// Few rows times a transposed B (decode: x * W^T with W stored (N, K)): packing W would cost
-// more than the multiply, so take dot products of A rows with W rows straight from memory.
-// C[i0:i0+MB, j0:j0+NB]; each dot product keeps 16 lane sums over k (fixed order), then adds
-// them in a fixed tree, so it is deterministic.
-template <int MB, int NB>
-SPPO_AVX512 void avx512_dot_block(int64_t K, const float* A, int64_t lda, const float* B,
-                                  int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
-  __m512 acc[MB][NB];
+// 16 x 16 in-register transpose: on entry r[i] holds row i (16 values along k), on exit
+// col[kk] holds column kk (16 rows). The same shuffle network as avx512_pack_t.
+SPPO_AVX512 inline void avx512_transpose16(const __m512 (&r)[16], __m512 (&col)[16]) {
+  __m512 u[16];
 #pragma GCC unroll 4
-  for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    // Masked loads cost the same as plain ones, so one loop body also covers the K tail.
-    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 b[NB];
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) b[j] = _mm512_maskz_loadu_ps(m, B + j * ldb + k);
-#pragma GCC unroll 4
-    for (int i = 0; i < MB; ++i) {
-      __m512 a = _mm512_maskz_loadu_ps(m, A + i * lda + k);
-#pragma GCC unroll 4
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
-    }
+  for (int g = 0; g < 4; ++g) {
+    __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]));
+    __m512d t1 = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]));
+    __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]));
+    __m512d t3 = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]));
+    u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
   }
 #pragma GCC unroll 4
-  for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) {
-      float s = avx512_hsum(acc[i][j]);
-      float* c = C + i * ldc + j;
-      *c = beta == 0.0f ? s * alpha : __builtin_fmaf(s, alpha, beta * *c);
-    }
+  for (int q = 0; q < 4; ++q) {
+    __m512 x = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x88);
+    __m512 y = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xDD);
+    __m512 x2 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x88);
+    __m512 y2 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xDD);
+    col[q] = _mm512_shuffle_f32x4(x, x2, 0x88);
+    col[8 + q] = _mm512_shuffle_f32x4(x, x2, 0xDD);
+    col[4 + q] = _mm512_shuffle_f32x4(y, y2, 0x88);
+    col[12 + q] = _mm512_shuffle_f32x4(y, y2, 0xDD);
+  }
 }
 
+// Few rows times a transposed B (decode: x * W^T with W stored (N, K)): packing W would cost a
+// write and a re-read of all of it, so each 16 x 16 block of W is transposed in registers and
+// used at once. Every C element is accumulated exactly as the packed micro-kernel does it (the
+// same K blocks of depth kcb, one FMA chain per element in k order, the same alpha/beta
+// epilogue), so a row's result is bit-identical whatever M is and whichever path ran: batched
+// decoding relies on that to give each sequence the same tokens whatever else is in the batch.
+// C[0:MB, j0:j0+nr], nr <= 16, MB <= 8 (MB accumulators + 16 columns fit the 32 registers).
 template <int MB>
-SPPO_AVX512 void avx512_dot_rows(int nb, int64_t K, const float* A, int64_t lda, const float* B,
-                                 int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
-  switch (nb) {
-    case 1: return avx512_dot_block<MB, 1>(K, A, lda, B, ldb, C, ldc, alpha, beta);
-    case 2: return avx512_dot_block<MB, 2>(K, A, lda, B, ldb, C, ldc, alpha, beta);
-    case 3: return avx512_dot_block<MB, 3>(K, A, lda, B, ldb, C, ldc, alpha, beta);
-    default: return avx512_dot_block<MB, 4>(K, A, lda, B, ldb, C, ldc, alpha, beta);
+SPPO_AVX512 void avx512_rows_block(int nr, int64_t K, int64_t kcb, const float* A, int64_t lda,
+                                   const float* B, int64_t ldb, float* C, int64_t ldc, float alpha,
+                                   float beta) {
+  const __mmask16 out_mask = static_cast<__mmask16>((1u << nr) - 1);
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int64_t p0 = 0; p0 < K; p0 += kcb) {
+    const int64_t p1 = std::min(K, p0 + kcb);
+    __m512 acc[MB];
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k0 = p0; k0 < p1; k0 += 16) {
+      const int kn = static_cast<int>(std::min<int64_t>(16, p1 - k0));
+      const __mmask16 load_mask = static_cast<__mmask16>((1u << kn) - 1);
+      __m512 r[16], col[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < nr ? _mm512_maskz_loadu_ps(load_mask, B + i * ldb + k0) : _mm512_setzero_ps();
+      avx512_transpose16(r, col);
+      if (kn == 16) {
+#pragma GCC unroll 16
+        for (int kk = 0; kk < 16; ++kk)
+#pragma GCC unroll 8
+          for (int i = 0; i < MB; ++i)
+            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * lda + k0 + kk]), col[kk], acc[i]);
+      } else {
+        // K-block tail: only the kn real columns enter the chain, as in the packed kernel.
+        alignas(64) float cols[16 * 16];
+#pragma GCC unroll 16
+        for (int kk = 0; kk < 16; ++kk) _mm512_store_ps(cols + kk * 16, col[kk]);
+        for (int kk = 0; kk < kn; ++kk) {
+          const __m512 c = _mm512_load_ps(cols + kk * 16);
+#pragma GCC unroll 8
+          for (int i = 0; i < MB; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * lda + k0 + kk]), c, acc[i]);
+        }
+      }
+    }
+    // Later K blocks add onto what the earlier ones wrote (beta 1), as in the packed path.
+    const float beta_k = p0 == 0 ? beta : 1.0f;
+    const __m512 vb = _mm512_set1_ps(beta_k);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      float* ci = C + i * ldc;
+      if (beta_k == 0.0f) {
+        _mm512_mask_storeu_ps(ci, out_mask, _mm512_mul_ps(acc[i], va));
+      } else {
+        __m512 c0 = _mm512_maskz_loadu_ps(out_mask, ci);
+        _mm512_mask_storeu_ps(ci, out_mask, _mm512_fmadd_ps(acc[i], va, _mm512_mul_ps(vb, c0)));
+      }
+    }
   }
 }
 
-// C[0:M, j0:j1]: W rows in groups of 4 (kept in L1 while every A row passes over them).
-SPPO_AVX512 void avx512_dot(int64_t M, int64_t j0, int64_t j1, int64_t K, const float* A,
-                            int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                            float alpha, float beta) {
-  for (int64_t j = j0; j < j1; j += 4) {
-    const int nb = static_cast<int>(std::min<int64_t>(4, j1 - j));
+// C[0:M, j0:j1] in column blocks of 16 (the block's W rows stay in L1 while up to
+// kDotMaxM rows of A pass over them, 8 at a time).
+SPPO_AVX512 void avx512_rows(int64_t M, int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A,
+                             int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                             float alpha, float beta) {
+  for (int64_t j = j0; j < j1; j += 16) {
+    const int nr = static_cast<int>(std::min<int64_t>(16, j1 - j));
     const float* bj = B + j * ldb;
-    for (int64_t i = 0; i < M; i += 4) {
+    for (int64_t i = 0; i < M; i += 8) {
       const float* ai = A + i * lda;
       float* c = C + i * ldc + j;
-      switch (std::min<int64_t>(4, M - i)) {
-        case 1: avx512_dot_rows<1>(nb, K, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
-        case 2: avx512_dot_rows<2>(nb, K, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
-        case 3: avx512_dot_rows<3>(nb, K, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
-        default: avx512_dot_rows<4>(nb, K, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
+      switch (std::min<int64_t>(8, M - i)) {
+        case 1: avx512_rows_block<1>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
+        case 2: avx512_rows_block<2>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
+        case 3: avx512_rows_block<3>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
+        case 4: avx512_rows_block<4>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
+        case 5: avx512_rows_block<5>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
+        case 6: avx512_rows_block<6>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
+        case 7: avx512_rows_block<7>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
+        default: avx512_rows_block<8>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
       }
     }
   }
@@ -387,7 +427,7 @@ SPPO_AVX512 void avx512_dot(int64_t M, int64_t j0, int64_t j1, int64_t K, const 
 
 const KernelSet kPortable{"portable", kPortMR, kPortNR, port_tile, nullptr, nullptr};
 const KernelSet kAvx2{"avx2", kAvx2MR, kAvx2NR, avx2_tile, nullptr, nullptr};
-const KernelSet kAvx512{"avx512", kAvx512MR, kAvx512NR, avx512_tile, avx512_dot, avx512_pack_t};
+const KernelSet kAvx512{"avx512", kAvx512MR, kAvx512NR, avx512_tile, avx512_rows, avx512_pack_t};
 
 const KernelSet* detect_kernel() {
   __builtin_cpu_init();
@@ -471,14 +511,18 @@ void gemm_f32(const KernelSet& ks, bool transA, bool transB, int64_t M, int64_t 
     if (parallel) return pool.run(n_tasks, fn);
     for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
   };
-  if (ks.dot && transB && !transA && M <= kDotMaxM) {
+  // K blocks of equal depth (at most kKC) rather than kKC plus a short remainder. Both paths
+  // reduce over exactly these blocks, which is what makes a row's result independent of M.
+  const int64_t n_kb = (K + kKC - 1) / kKC;
+  const int64_t kcb = (K + n_kb - 1) / n_kb;
+  if (ks.rows && transB && !transA && M <= kDotMaxM) {
     // One contiguous share of W rows per thread: when the same layer runs again, each
     // thread's share is still in its own L2.
-    const int64_t groups = (N + 3) / 4;
+    const int64_t groups = (N + 15) / 16;
     const int64_t n_tasks = std::min<int64_t>(T, groups);
     run(n_tasks, [&](int64_t t, int) {
-      const int64_t j0 = groups * t / n_tasks * 4, j1 = std::min(N, groups * (t + 1) / n_tasks * 4);
-      ks.dot(M, j0, j1, K, A, lda, B, ldb, C, ldc, alpha, beta);
+      const int64_t j0 = groups * t / n_tasks * 16, j1 = std::min(N, groups * (t + 1) / n_tasks * 16);
+      ks.rows(M, j0, j1, K, kcb, A, lda, B, ldb, C, ldc, alpha, beta);
     });
     return;
   }
@@ -488,10 +532,6 @@ void gemm_f32(const KernelSet& ks, bool transA, bool transB, int64_t M, int64_t 
   const int64_t nc_cap = std::max<int64_t>(NR, kBPanelFloats / K / NR * NR);
   const int64_t n_jc = (N + nc_cap - 1) / nc_cap;
   const int64_t nc_max = ((N + n_jc - 1) / n_jc + NR - 1) / NR * NR;
-  // K blocks of equal depth (at most kKC) rather than kKC plus a short remainder.
-  const int64_t n_kb = (K + kKC - 1) / kKC;
-  const int64_t kcb = (K + n_kb - 1) / n_kb;
-
   // Row blocks: about kMC rows each, an equal number of MR slivers per block (to within one)
   // and, when there are several, a multiple of the thread count so the threads finish together.
   const int64_t m_sl = (M + MR - 1) / MR;

@@ -34,6 +34,11 @@ void swiglu_grad_scalar(const T* g, const T* u, const T* d, T* dg, T* du, int64_
 }
 
 #define SPPO_AVX512 __attribute__((target("avx512f,avx512dq,fma")))
+// GCC 12's AVX-512 headers seed some intrinsics with _mm512_undefined_*, which -Wall reports
+// as uninitialised wherever they inline; the values are never read.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // exp(x) for 16 floats: x = k*ln2 + r with |r| <= ln2/2, exp(r) by its degree-6 Taylor
 // polynomial (relative error < 2e-7, about one float ulp), then scaled by 2^k.
@@ -95,6 +100,8 @@ SPPO_AVX512 void swiglu_grad_avx512(const float* g, const float* u, const float*
     _mm512_mask_storeu_ps(dg + i, m, _mm512_mul_ps(_mm512_mul_ps(dv, uv), _mm512_mul_ps(sig, t)));
   }
 }
+
+#pragma GCC diagnostic pop
 
 const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
 

@@ -181,6 +181,8 @@ void Model<T>::plan_buffers() {
   logp_.assign(N, 0.0);
   lse_.assign(N, 0.0);
   coef_.assign(N, 0.0);
+  seq_logp_.assign(plan_.max_batch, 0.0);
+  seq_grad_.assign(plan_.max_batch, 0.0);
   mem_.scratch += (positions_.size() + row_index_.size() + targets_.size()) * sizeof(int32_t) +
                   (logp_.size() + lse_.size() + coef_.size()) * sizeof(double);
   mem_.scratch += ops_->plan_scratch(plan_.max_seq, cfg_.head_dim);
@@ -390,6 +392,49 @@ double Model<T>::head_loss(const Batch& b, double scale, bool grad, int64_t* tar
     head_backward(n, b.batch * b.seq);
   }
   return total / double(n);
+}
+
+template <class T>
+int64_t Model<T>::forward_sequence_logprobs(const Batch& b, double* seq_logp) {
+  validate_batch(b, true);
+  forward_blocks(b.tokens, b.batch, b.seq);
+  const int64_t n = gather_target_rows(b);
+  ops_->head_logprobs(logp_.data(), lse_.data(), gathered_h_, lm_head(params_arena_), targets_.data(), n,
+                      cfg_.hidden_size, cfg_.vocab_size, logits_chunk_, chunk_rows_);
+  std::fill(seq_logp, seq_logp + b.batch, 0.0);
+  for (int64_t i = 0; i < n; ++i) seq_logp[row_index_[i] / b.seq] += logp_[i];  // rows ascend: fixed order
+  return n;
+}
+
+template <class T>
+void Model<T>::sequence_logprobs(const Batch& b, double* seq_logp, double* token_logp) {
+  const int64_t n = forward_sequence_logprobs(b, seq_logp);
+  if (!token_logp) return;
+  std::fill(token_logp, token_logp + b.batch * b.seq, 0.0);
+  for (int64_t i = 0; i < n; ++i) token_logp[row_index_[i] + 1] = logp_[i];  // row t predicts token t+1
+}
+
+template <class T>
+PreferenceMetrics Model<T>::eval_preference(const PreferenceBatch& pb, double* seq_logp) {
+  forward_sequence_logprobs(pb.seqs, seq_logp);
+  PreferenceMetrics m;
+  std::vector<double> grad(pb.seqs.batch);  // once per call, outside any step loop
+  preference_loss(pb.loss, pb.eta, pb.seqs.batch, seq_logp, pb.ref_logp, pb.target, grad.data(), &m);
+  return m;
+}
+
+template <class T>
+PreferenceMetrics Model<T>::accumulate_preference_gradients(const PreferenceBatch& pb, double scale, double* seq_logp) {
+  const Batch& b = pb.seqs;
+  const int64_t n = forward_sequence_logprobs(b, seq_logp_.data());
+  PreferenceMetrics m;
+  preference_loss(pb.loss, pb.eta, b.batch, seq_logp_.data(), pb.ref_logp, pb.target, seq_grad_.data(), &m);
+  if (seq_logp) std::copy(seq_logp_.begin(), seq_logp_.begin() + b.batch, seq_logp);
+  // Every token of a sequence carries that sequence's dloss/dlogp.
+  for (int64_t i = 0; i < n; ++i) coef_[i] = scale * seq_grad_[row_index_[i] / b.seq];
+  head_backward(n, b.batch * b.seq);
+  backward_blocks(b.tokens, b.batch, b.seq);
+  return m;
 }
 
 template <class T>

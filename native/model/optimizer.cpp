@@ -22,11 +22,12 @@ void Model<T>::set_optimizer(const OptimizerConfig& oc) {
 }
 
 template <class T>
-StepResult Model<T>::train_step(const Batch& b) {
+template <class Accumulate>
+StepResult Model<T>::micro_step(Accumulate&& accumulate) {
   SPPO_REQUIRE(opt_m_ != nullptr, "no optimizer: call setOptimizer before training");
   StepResult r;
   try {
-    r.loss = accumulate_gradients(b, 1.0 / opt_.grad_accum_steps, &r.target_tokens);
+    r.loss = accumulate(1.0 / opt_.grad_accum_steps, &r.target_tokens);
     SPPO_REQUIRE(std::isfinite(r.loss), "the training loss is not finite (", r.loss,
                  "); accumulated gradients were discarded and parameters are unchanged");
   } catch (...) {
@@ -43,6 +44,24 @@ StepResult Model<T>::train_step(const Batch& b) {
   }
   r.step = step_;
   return r;
+}
+
+template <class T>
+StepResult Model<T>::train_step(const Batch& b) {
+  return micro_step([&](double scale, int64_t* tokens) { return accumulate_gradients(b, scale, tokens); });
+}
+
+template <class T>
+PreferenceStepResult Model<T>::preference_step(const PreferenceBatch& pb, double* seq_logp) {
+  PreferenceStepResult out;
+  out.step = micro_step([&](double scale, int64_t* tokens) {
+    out.metrics = accumulate_preference_gradients(pb, scale, seq_logp);
+    *tokens = 0;
+    const Batch& b = pb.seqs;
+    for (int64_t i = 0; i < b.batch * b.seq; ++i) *tokens += (i % b.seq > 0) && (!b.target_mask || b.target_mask[i]);
+    return out.metrics.loss;
+  });
+  return out;
 }
 
 template <class T>
@@ -79,6 +98,7 @@ StepResult Model<T>::optimizer_step() {
 #define SPPO_INSTANTIATE(T)                                        \
   template void Model<T>::set_optimizer(const OptimizerConfig&);  \
   template StepResult Model<T>::train_step(const Batch&);          \
+  template PreferenceStepResult Model<T>::preference_step(const PreferenceBatch&, double*); \
   template StepResult Model<T>::optimizer_step();
 SPPO_INSTANTIATE(float)
 SPPO_INSTANTIATE(double)

@@ -8,6 +8,7 @@
 
 #include "ops/ops.h"
 #include "sppo/config.h"
+#include "sppo/preference.h"
 
 namespace sppo {
 
@@ -36,6 +37,21 @@ struct StepResult {
   int64_t step = 0;         // optimizer steps taken so far
   double lr = 0;            // learning rate used by the step (when stepped)
   double grad_norm = 0;     // global gradient norm before clipping (when stepped)
+};
+
+// A batch for a preference loss: one row per sequence (prompt + response, right-padded), with
+// target_mask marking the response tokens; for pair losses rows 2k / 2k+1 are chosen / rejected.
+struct PreferenceBatch {
+  Batch seqs;
+  const double* ref_logp = nullptr;  // (batch) log π_t(y|x) of each row's response
+  const double* target = nullptr;    // (batch) win probabilities, as preference_loss reads them
+  PreferenceLoss loss = PreferenceLoss::SppoPair;
+  double eta = 1000;
+};
+
+struct PreferenceStepResult {
+  StepResult step;  // step.loss is the preference loss
+  PreferenceMetrics metrics;
 };
 
 struct MemoryReport {
@@ -78,12 +94,22 @@ class Model {
   double accumulate_gradients(const Batch& batch, double scale, int64_t* target_tokens = nullptr);
   void zero_grad();
 
+  // Σ over each row's target tokens of log π(token | prefix), in double: seq_logp (batch);
+  // token_logp (batch, seq), when not null, gets each target token's log-prob (0 elsewhere).
+  void sequence_logprobs(const Batch& batch, double* seq_logp, double* token_logp);
+  // The preference loss of a batch without gradients; seq_logp (batch) receives log π_θ(y|x).
+  PreferenceMetrics eval_preference(const PreferenceBatch& batch, double* seq_logp);
+  // Forward, fused head + preference loss, backward: adds scale * dloss/dθ into the gradients.
+  PreferenceMetrics accumulate_preference_gradients(const PreferenceBatch& batch, double scale, double* seq_logp);
+
   // Optimizer (created by set_optimizer; resets its state and step count).
   void set_optimizer(const OptimizerConfig& oc);
   const OptimizerConfig& optimizer_config() const { return opt_; }
   // One training call: accumulate_gradients with scale 1/grad_accum_steps, then an optimizer
   // step when grad_accum_steps micro-batches have been accumulated.
   StepResult train_step(const Batch& batch);
+  // The same for a preference batch (SPPO, DPO, IPO ...); seq_logp (batch) may be null.
+  PreferenceStepResult preference_step(const PreferenceBatch& batch, double* seq_logp = nullptr);
   int64_t optimizer_steps() const { return step_; }
   int pending_micro_batches() const { return micro_; }
 
@@ -130,6 +156,12 @@ class Model {
   double head_loss(const Batch& batch, double scale, bool grad, int64_t* target_tokens);
   void backward_blocks(const int32_t* tokens, int64_t B, int64_t Tn);
   StepResult optimizer_step();
+  // One micro-batch: accumulate(scale) adds gradients and returns the loss; steps the
+  // optimizer when the accumulation is complete, discards the gradients on any failure.
+  template <class Accumulate>
+  StepResult micro_step(Accumulate&& accumulate);
+  // Forward + fused head: per-sequence log-probs into seq_logp (batch); gathered rows kept for backward.
+  int64_t forward_sequence_logprobs(const Batch& batch, double* seq_logp);
 
   ModelConfig cfg_;
   MemoryPlan plan_;
@@ -174,6 +206,7 @@ class Model {
   std::vector<int32_t> row_index_;   // (N) token index of each gathered row
   std::vector<int32_t> targets_;     // (N) target token of each gathered row
   std::vector<double> logp_, lse_, coef_;  // (N) per gathered row
+  std::vector<double> seq_logp_, seq_grad_;  // (max_batch) per sequence
   int64_t chunk_rows_ = 0;
   T* rope_cos_ = nullptr;
   T* rope_sin_ = nullptr;
