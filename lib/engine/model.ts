@@ -3,6 +3,7 @@
 // each call and between the steps of `train`, and `dispose` frees the native memory.
 import { toTokenBatch } from './batch.js';
 import { native, type NativeModelHandle } from './native.js';
+import { packPreferenceBatch, packSequences } from './preference.js';
 import type {
   BatchInput,
   CallOptions,
@@ -11,7 +12,14 @@ import type {
   ModelConfig,
   OptimizerConfig,
   ParamInfo,
+  PreferenceBatchInput,
+  PreferenceEvalResult,
+  PreferenceMetrics,
+  PreferenceOptions,
+  PreferenceStepResult,
   ResolvedModelConfig,
+  SequenceInput,
+  SequenceLogprobs,
   StepResult,
   TrainOptions,
 } from './types.js';
@@ -125,6 +133,46 @@ export class Model {
   async trainStep(input: BatchInput, options: CallOptions = {}): Promise<StepResult> {
     const b = toTokenBatch(input);
     return this.#enqueue((h) => h.trainStep(b.tokens, b.batch, b.seq, b.targetMask ?? null), options.signal);
+  }
+
+  /**
+   * log π(response | prompt) for each sequence, summed over the response tokens in float64
+   * (and each token's value with perToken), batched with the prompts masked out.
+   */
+  async sequenceLogprobs(items: readonly SequenceInput[], options: CallOptions & { perToken?: boolean } = {}): Promise<SequenceLogprobs> {
+    const b = packSequences(items);
+    const r = await this.#enqueue((h) => h.sequenceLogprobs(b.tokens, b.batch, b.seq, b.targetMask!, options.perToken ?? false), options.signal);
+    if (!r.perToken) return { sum: r.sum };
+    const perToken = items.map((it, i) => {
+      const start = i * b.seq + it.prompt.length;
+      return r.perToken!.slice(start, start + it.response.length);
+    });
+    return { sum: r.sum, perToken };
+  }
+
+  /** The preference loss and TRL metrics of a batch, without touching gradients. */
+  async evalPreference(input: PreferenceBatchInput, options: PreferenceOptions): Promise<PreferenceEvalResult> {
+    const p = packPreferenceBatch(input, options.loss);
+    const b = p.batch;
+    const r = await this.#enqueue(
+      (h) => h.evalPreference(b.tokens, b.batch, b.seq, b.targetMask!, p.refLogp, p.target, options.loss, options.eta),
+      options.signal,
+    );
+    return { metrics: r.metrics as unknown as PreferenceMetrics, logps: r.logps };
+  }
+
+  /**
+   * One preference-optimisation micro-batch (SPPO, DPO, IPO …): forward, the fused LM head +
+   * loss, backward, and the optimizer step when gradient accumulation completes.
+   */
+  async preferenceStep(input: PreferenceBatchInput, options: PreferenceOptions): Promise<PreferenceStepResult> {
+    const p = packPreferenceBatch(input, options.loss);
+    const b = p.batch;
+    const r = await this.#enqueue(
+      (h) => h.preferenceStep(b.tokens, b.batch, b.seq, b.targetMask!, p.refLogp, p.target, options.loss, options.eta),
+      options.signal,
+    );
+    return { ...r, metrics: r.metrics as unknown as PreferenceMetrics };
   }
 
   /**

@@ -130,3 +130,68 @@ export interface TrainProgress {
 export interface TrainOptions extends CallOptions {
   onProgress?: (p: TrainProgress) => void;
 }
+
+/** A prompt and a response, as token ids; log-probs are taken over the response only. */
+export interface SequenceInput {
+  prompt: number[];
+  response: number[];
+}
+
+export type PreferenceLossName = 'sppo' | 'sppo-pair' | 'sppo-single' | 'sppo-hard' | 'dpo' | 'ipo';
+
+export interface PreferenceResponse {
+  response: number[];
+  /** log π_t(response | prompt) under the iteration's reference policy */
+  refLogp: number;
+  /** P̂(response ≻ π_t | prompt): read by sppo and sppo-pair */
+  target?: number;
+}
+
+export interface PreferenceExample extends PreferenceResponse {
+  prompt: number[];
+}
+
+export interface PreferencePair {
+  prompt: number[];
+  chosen: PreferenceResponse;
+  rejected: PreferenceResponse;
+  /** P(chosen ≻ rejected | prompt): read by sppo-single */
+  q?: number;
+}
+
+/** `examples` for the sppo loss (every response with its own target), `pairs` for the others. */
+export type PreferenceBatchInput = { examples: PreferenceExample[] } | { pairs: PreferencePair[] };
+
+export interface PreferenceOptions extends CallOptions {
+  loss: PreferenceLossName;
+  /** η of the multiplicative-weights update (β = 1/η); the reference uses 1000 */
+  eta: number;
+}
+
+/** TRL's metric names; the chosen / rejected entries exist for pair losses. */
+export interface PreferenceMetrics {
+  loss: number;
+  'rewards/chosen'?: number;
+  'rewards/rejected'?: number;
+  'rewards/margins'?: number;
+  'rewards/accuracies'?: number;
+  'logps/chosen'?: number;
+  'logps/rejected'?: number;
+  'rewards/mean': number;
+  'logps/mean': number;
+}
+
+export interface PreferenceEvalResult {
+  metrics: PreferenceMetrics;
+  /** log π_θ(response | prompt) per packed row (pairs: chosen, rejected, chosen, ...) */
+  logps: Float64Array;
+}
+
+export interface PreferenceStepResult extends StepResult, PreferenceEvalResult {}
+
+export interface SequenceLogprobs {
+  /** Σ over response tokens of log π(token | prefix), one per sequence */
+  sum: Float64Array;
+  /** each response token's log-prob, when asked for */
+  perToken?: Float64Array[];
+}

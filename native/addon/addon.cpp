@@ -244,6 +244,9 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                        {InstanceMethod<&NativeModel::Forward>("forward"),
                         InstanceMethod<&NativeModel::EvalLoss>("evalLoss"),
                         InstanceMethod<&NativeModel::TrainStep>("trainStep"),
+                        InstanceMethod<&NativeModel::SequenceLogprobs>("sequenceLogprobs"),
+                        InstanceMethod<&NativeModel::EvalPreference>("evalPreference"),
+                        InstanceMethod<&NativeModel::PreferenceStep>("preferenceStep"),
                         InstanceMethod<&NativeModel::SetOptimizer>("setOptimizer"),
                         InstanceMethod<&NativeModel::Params>("params"),
                         InstanceMethod<&NativeModel::GetParam>("getParam"),
@@ -365,23 +368,139 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     Model<float>& m = usable(env);
     TokenArgs a = token_args(info);
     auto out = std::make_shared<sppo::StepResult>();
-    auto* job = new Job(env, this, nullptr, [out](Napi::Env env) {
-      Napi::Object r = Napi::Object::New(env);
-      r.Set("loss", out->loss);
-      r.Set("targetTokens", double(out->target_tokens));
-      r.Set("stepped", out->stepped);
-      r.Set("step", double(out->step));
-      if (out->stepped) {
-        r.Set("lr", out->lr);
-        r.Set("gradNorm", out->grad_norm);
-      }
-      return r;
-    });
+    auto* job = new Job(env, this, nullptr, [out](Napi::Env env) { return step_to_js(env, *out); });
     const uint8_t* mask = mask_arg(info, 3, a.batch * a.seq, job);
     sppo::Batch b{a.tokens.Data(), mask, a.batch, a.seq};
     job->set_work([&m, b, out] { *out = m.train_step(b); });
     job->keep(a.tokens);
     return queue(job);
+  }
+
+  Napi::Value SequenceLogprobs(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Model<float>& m = usable(env);
+    TokenArgs a = token_args(info);
+    const bool per_token = info[4].IsBoolean() && info[4].As<Napi::Boolean>().Value();
+    Napi::Float64Array sums = Napi::Float64Array::New(env, size_t(a.batch));
+    Napi::Float64Array tokens = per_token ? Napi::Float64Array::New(env, size_t(a.batch * a.seq)) : Napi::Float64Array();
+    auto refs = std::make_shared<std::pair<Napi::ObjectReference, Napi::ObjectReference>>(
+        Napi::Persistent(Napi::Object(sums)), per_token ? Napi::Persistent(Napi::Object(tokens)) : Napi::ObjectReference());
+    auto* job = new Job(env, this, nullptr, [refs](Napi::Env env) {
+      Napi::Object r = Napi::Object::New(env);
+      r.Set("sum", refs->first.Value());
+      if (!refs->second.IsEmpty()) r.Set("perToken", refs->second.Value());
+      return r;
+    });
+    const uint8_t* mask = mask_arg(info, 3, a.batch * a.seq, job);
+    sppo::Batch b{a.tokens.Data(), mask, a.batch, a.seq};
+    double* sp = sums.Data();
+    double* tp = per_token ? tokens.Data() : nullptr;
+    job->set_work([&m, b, sp, tp] { m.sequence_logprobs(b, sp, tp); });
+    job->keep(a.tokens);
+    return queue(job);
+  }
+
+  // (tokens, batch, seq, mask, refLogp: Float64Array, target: Float64Array, loss, eta)
+  struct PreferenceArgs {
+    sppo::PreferenceBatch batch;
+    Napi::Float64Array logps;  // (batch) out: the policy's sequence log-probs
+  };
+  PreferenceArgs preference_args(const Napi::CallbackInfo& info, Job* job) {
+    Napi::Env env = info.Env();
+    TokenArgs a = token_args(info);
+    const uint8_t* mask = mask_arg(info, 3, a.batch * a.seq, job);
+    auto f64 = [&](size_t i, const char* what) {
+      if (!info[i].IsTypedArray() || info[i].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array)
+        throw_type(env, std::string(what) + " must be a Float64Array");
+      Napi::Float64Array v = info[i].As<Napi::Float64Array>();
+      if (int64_t(v.ElementLength()) != a.batch)
+        throw Napi::RangeError::New(env, std::string(what) + " has " + std::to_string(v.ElementLength()) +
+                                             " entries, the batch has " + std::to_string(a.batch) + " sequences");
+      job->keep(v);
+      return v.Data();
+    };
+    const double* ref = f64(4, "refLogp");
+    const double* target = f64(5, "target");
+    if (!info[6].IsString()) throw_type(env, "loss must be a string");
+    if (!info[7].IsNumber()) throw_type(env, "eta must be a number");
+    sppo::PreferenceLoss loss;
+    try {
+      loss = sppo::parse_preference_loss(info[6].As<Napi::String>());
+    } catch (const sppo::Error& e) {
+      throw Napi::RangeError::New(env, e.what());
+    }
+    job->keep(a.tokens);
+    Napi::Float64Array logps = Napi::Float64Array::New(env, size_t(a.batch));
+    job->keep(logps);
+    return {{{a.tokens.Data(), mask, a.batch, a.seq}, ref, target, loss, info[7].As<Napi::Number>().DoubleValue()}, logps};
+  }
+
+  static Napi::Object metrics_to_js(Napi::Env env, const sppo::PreferenceMetrics& m) {
+    // TRL's names, so logs read the same as the reference trainer's.
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("loss", m.loss);
+    if (m.pairs > 0) {
+      o.Set("rewards/chosen", m.rewards_chosen);
+      o.Set("rewards/rejected", m.rewards_rejected);
+      o.Set("rewards/margins", m.rewards_margins);
+      o.Set("rewards/accuracies", m.rewards_accuracies);
+      o.Set("logps/chosen", m.logps_chosen);
+      o.Set("logps/rejected", m.logps_rejected);
+    }
+    o.Set("rewards/mean", m.rewards_mean);
+    o.Set("logps/mean", m.logps_mean);
+    return o;
+  }
+
+  Napi::Value EvalPreference(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Model<float>& m = usable(env);
+    auto out = std::make_shared<sppo::PreferenceMetrics>();
+    auto logps_ref = std::make_shared<Napi::ObjectReference>();
+    auto* job = new Job(env, this, nullptr, [out, logps_ref](Napi::Env env) {
+      Napi::Object r = Napi::Object::New(env);
+      r.Set("metrics", metrics_to_js(env, *out));
+      r.Set("logps", logps_ref->Value());
+      return r;
+    });
+    PreferenceArgs a = preference_args(info, job);
+    *logps_ref = Napi::Persistent(Napi::Object(a.logps));
+    double* lp = a.logps.Data();
+    sppo::PreferenceBatch pb = a.batch;
+    job->set_work([&m, pb, lp, out] { *out = m.eval_preference(pb, lp); });
+    return queue(job);
+  }
+
+  Napi::Value PreferenceStep(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Model<float>& m = usable(env);
+    auto out = std::make_shared<sppo::PreferenceStepResult>();
+    auto logps_ref = std::make_shared<Napi::ObjectReference>();
+    auto* job = new Job(env, this, nullptr, [out, logps_ref](Napi::Env env) {
+      Napi::Object r = step_to_js(env, out->step);
+      r.Set("metrics", metrics_to_js(env, out->metrics));
+      r.Set("logps", logps_ref->Value());
+      return r;
+    });
+    PreferenceArgs a = preference_args(info, job);
+    *logps_ref = Napi::Persistent(Napi::Object(a.logps));
+    double* lp = a.logps.Data();
+    sppo::PreferenceBatch pb = a.batch;
+    job->set_work([&m, pb, lp, out] { *out = m.preference_step(pb, lp); });
+    return queue(job);
+  }
+
+  static Napi::Object step_to_js(Napi::Env env, const sppo::StepResult& s) {
+    Napi::Object r = Napi::Object::New(env);
+    r.Set("loss", s.loss);
+    r.Set("targetTokens", double(s.target_tokens));
+    r.Set("stepped", s.stepped);
+    r.Set("step", double(s.step));
+    if (s.stepped) {
+      r.Set("lr", s.lr);
+      r.Set("gradNorm", s.grad_norm);
+    }
+    return r;
   }
 
   Napi::Value SetOptimizer(const Napi::CallbackInfo& info) {
