@@ -320,21 +320,53 @@ void CpuOps<T>::swiglu_backward(T* dgu, const T* dout, const T* gu, int64_t N, i
   });
 }
 
+namespace {
+// Tiles of the (n, V) logits that fit `elems` of scratch: up to 4096 rows by at least 256
+// vocabulary entries. Tall tiles keep every GEMM's inner dimension long (the dW update sums over
+// the tile's rows), which matters more than tile count: dW is read and written once per tile.
+struct HeadTiles {
+  int64_t rows, vocab;
+};
+HeadTiles head_tiles(int64_t n, int64_t V, int64_t elems) {
+  const int64_t vocab = std::min(V, std::max<int64_t>(256, elems / std::min<int64_t>(n, 4096)));
+  return {std::max<int64_t>(1, std::min(n, elems / vocab)), vocab};
+}
+}  // namespace
+
 template <class T>
 void CpuOps<T>::head_logprobs(double* logp, double* lse, const T* H, const T* W, const int32_t* targets, int64_t n,
-                              int64_t C, int64_t V, T* scratch, int64_t chunk) {
-  for (int64_t c0 = 0; c0 < n; c0 += chunk) {
-    const int64_t m = std::min(chunk, n - c0);
-    cpu::gemm(false, true, m, V, C, T(1), H + c0 * C, C, W, C, T(0), scratch, V);
-    cpu_pool().parallel_for(m, 1, [&](int64_t b, int64_t e) {
+                              int64_t C, int64_t V, T* scratch, int64_t scratch_elems) {
+  const HeadTiles tile = head_tiles(n, V, scratch_elems);
+  for (int64_t r0 = 0; r0 < n; r0 += tile.rows) {
+    const int64_t R = std::min(tile.rows, n - r0);
+    // Online log-sum-exp across vocabulary tiles: lse holds the running max m and logp the
+    // running Σ exp(x − m) until the last tile has been seen.
+    for (int64_t i = 0; i < R; ++i) lse[r0 + i] = -std::numeric_limits<double>::infinity(), logp[r0 + i] = 0;
+    for (int64_t v0 = 0; v0 < V; v0 += tile.vocab) {
+      const int64_t Vc = std::min(tile.vocab, V - v0);
+      cpu::gemm(false, true, R, Vc, C, T(1), H + r0 * C, C, W + v0 * C, C, T(0), scratch, Vc);
+      cpu_pool().parallel_for(R, 4, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          T* x = scratch + i * Vc;
+          T cm = x[0];
+          for (int64_t j = 1; j < Vc; ++j) cm = std::max(cm, x[j]);
+          double& m = lse[r0 + i];
+          double& sum = logp[r0 + i];
+          const T shift = std::max(T(m), cm);  // every max so far is a value of T
+          sum = sum * std::exp(m - Acc(shift)) + exp_shifted_sum(x, x, Vc, shift);
+          m = Acc(shift);
+        }
+      });
+    }
+    cpu_pool().parallel_for(R, 64, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        T* x = scratch + i * V;
-        const T xt = x[targets[c0 + i]];
-        T mx = x[0];
-        for (int64_t j = 1; j < V; ++j) mx = std::max(mx, x[j]);
-        const Acc sum = exp_shifted_sum(x, x, V, mx);  // the row is scratch: overwrite it
-        lse[c0 + i] = Acc(mx) + std::log(sum);
-        logp[c0 + i] = Acc(xt) - lse[c0 + i];
+        // The target's logit as a float64 dot product (the tiles above have been overwritten).
+        const T* h = H + (r0 + i) * C;
+        const T* w = W + int64_t(targets[r0 + i]) * C;
+        Acc xt = 0;
+        for (int64_t k = 0; k < C; ++k) xt += Acc(h[k]) * Acc(w[k]);
+        lse[r0 + i] += std::log(logp[r0 + i]);
+        logp[r0 + i] = xt - lse[r0 + i];
       }
     });
   }
@@ -342,22 +374,28 @@ void CpuOps<T>::head_logprobs(double* logp, double* lse, const T* H, const T* W,
 
 template <class T>
 void CpuOps<T>::head_logprobs_backward(T* dH, T* dW, const T* H, const T* W, const int32_t* targets, const double* lse,
-                                       const double* coef, int64_t n, int64_t C, int64_t V, T* scratch, int64_t chunk) {
-  for (int64_t c0 = 0; c0 < n; c0 += chunk) {
-    const int64_t m = std::min(chunk, n - c0);
-    // Recompute the chunk's logits and turn them, in place, into dL/dlogits = coef·(onehot − p).
-    cpu::gemm(false, true, m, V, C, T(1), H + c0 * C, C, W, C, T(0), scratch, V);
-    cpu_pool().parallel_for(m, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        T* x = scratch + i * V;
-        exp_shifted_sum(x, x, V, T(lse[c0 + i]));
-        const T k = T(-coef[c0 + i]);
-        for (int64_t j = 0; j < V; ++j) x[j] *= k;
-        x[targets[c0 + i]] += T(coef[c0 + i]);
-      }
-    });
-    cpu::gemm(false, false, m, C, V, T(1), scratch, V, W, C, T(0), dH + c0 * C, C);
-    cpu::gemm(true, false, V, C, m, T(1), scratch, V, H + c0 * C, C, T(1), dW, C);
+                                       const double* coef, int64_t n, int64_t C, int64_t V, T* scratch,
+                                       int64_t scratch_elems) {
+  const HeadTiles tile = head_tiles(n, V, scratch_elems);
+  for (int64_t r0 = 0; r0 < n; r0 += tile.rows) {
+    const int64_t R = std::min(tile.rows, n - r0);
+    for (int64_t v0 = 0; v0 < V; v0 += tile.vocab) {
+      const int64_t Vc = std::min(tile.vocab, V - v0);
+      // Recompute the tile's logits and turn them, in place, into dL/dlogits = coef·(onehot − p).
+      cpu::gemm(false, true, R, Vc, C, T(1), H + r0 * C, C, W + v0 * C, C, T(0), scratch, Vc);
+      cpu_pool().parallel_for(R, 4, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          T* x = scratch + i * Vc;
+          exp_shifted_sum(x, x, Vc, T(lse[r0 + i]));
+          const T k = T(-coef[r0 + i]);
+          for (int64_t j = 0; j < Vc; ++j) x[j] *= k;
+          const int64_t t = targets[r0 + i] - v0;
+          if (t >= 0 && t < Vc) x[t] += T(coef[r0 + i]);
+        }
+      });
+      cpu::gemm(false, false, R, C, Vc, T(1), scratch, Vc, W + v0 * C, C, T(v0 == 0 ? 0 : 1), dH + r0 * C, C);
+      cpu::gemm(true, false, Vc, C, R, T(1), scratch, Vc, H + r0 * C, C, T(1), dW + v0 * C, C);
+    }
   }
 }
 

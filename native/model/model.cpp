@@ -15,7 +15,7 @@ namespace sppo {
 namespace {
 constexpr int64_t kAlign = 16;  // elements: keeps every tensor 64-byte aligned for float
 int64_t aligned(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-// Logit rows per chunk of the LM head: about 16 MiB of float logits at a time.
+// Logits of the LM head exist one tile at a time: about 16 MiB of floats.
 constexpr int64_t kLogitChunkElems = int64_t(1) << 22;
 }  // namespace
 
@@ -171,8 +171,8 @@ void Model<T>::plan_buffers() {
   datt_ = alloc_tracked(N * QD, s);
   dgu_ = alloc_tracked(N * 2 * F, s);
   dffn_ = alloc_tracked(N * F, s);
-  chunk_rows_ = std::clamp<int64_t>(kLogitChunkElems / V, 16, N);
-  logits_chunk_ = alloc_tracked(chunk_rows_ * V, s);
+  logits_elems_ = std::min<int64_t>(kLogitChunkElems, N * V);
+  logits_chunk_ = alloc_tracked(logits_elems_, s);
   gathered_h_ = alloc_tracked(N * C, s);
   gathered_dh_ = alloc_tracked(N * C, s);
   positions_.assign(N, 0);
@@ -372,7 +372,7 @@ void Model<T>::head_backward(int64_t n_rows, int64_t batch_tokens) {
   // coef_ holds dL/dlogp per gathered row; the result is dL/d(final hidden) in dxn_.
   const int64_t C = cfg_.hidden_size, V = cfg_.vocab_size;
   ops_->head_logprobs_backward(gathered_dh_, lm_head(grads_arena_), gathered_h_, lm_head(params_arena_),
-                               targets_.data(), lse_.data(), coef_.data(), n_rows, C, V, logits_chunk_, chunk_rows_);
+                               targets_.data(), lse_.data(), coef_.data(), n_rows, C, V, logits_chunk_, logits_elems_);
   ops_->fill(dxn_, T(0), batch_tokens * C);
   for (int64_t i = 0; i < n_rows; ++i)
     std::memcpy(dxn_ + int64_t(row_index_[i]) * C, gathered_dh_ + i * C, C * sizeof(T));
@@ -383,7 +383,7 @@ double Model<T>::head_loss(const Batch& b, double scale, bool grad, int64_t* tar
   const int64_t n = gather_target_rows(b), C = cfg_.hidden_size, V = cfg_.vocab_size;
   if (target_tokens) *target_tokens = n;
   ops_->head_logprobs(logp_.data(), lse_.data(), gathered_h_, lm_head(params_arena_), targets_.data(), n, C, V,
-                      logits_chunk_, chunk_rows_);
+                      logits_chunk_, logits_elems_);
   double total = 0;
   for (int64_t i = 0; i < n; ++i) total -= logp_[i];
   if (grad) {
@@ -400,7 +400,7 @@ int64_t Model<T>::forward_sequence_logprobs(const Batch& b, double* seq_logp) {
   forward_blocks(b.tokens, b.batch, b.seq);
   const int64_t n = gather_target_rows(b);
   ops_->head_logprobs(logp_.data(), lse_.data(), gathered_h_, lm_head(params_arena_), targets_.data(), n,
-                      cfg_.hidden_size, cfg_.vocab_size, logits_chunk_, chunk_rows_);
+                      cfg_.hidden_size, cfg_.vocab_size, logits_chunk_, logits_elems_);
   std::fill(seq_logp, seq_logp + b.batch, 0.0);
   for (int64_t i = 0; i < n; ++i) seq_logp[row_index_[i] / b.seq] += logp_[i];  // rows ascend: fixed order
   return n;

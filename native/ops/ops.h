@@ -75,14 +75,15 @@ class Ops {
 
   // The fused LM head: for n hidden rows H(n,C) and the output embedding W(V,C), the target
   // log-probabilities logp[i] = log softmax(H_i Wᵀ)[targets[i]] (double), and lse[i] saved for
-  // the backward. Logits exist only for `chunk` rows at a time, in scratch (chunk, V).
+  // the backward. Logits exist only a tile at a time, in `scratch_elems` elements of scratch;
+  // the log-sum-exp runs online across vocabulary tiles.
   virtual void head_logprobs(double* logp, double* lse, const T* H, const T* W, const int32_t* targets, int64_t n,
-                             int64_t C, int64_t V, T* scratch, int64_t chunk) = 0;
+                             int64_t C, int64_t V, T* scratch, int64_t scratch_elems) = 0;
   // Its backward for per-row coefficients coef[i] = dL/dlogp[i]: dlogits = coef·(onehot − softmax),
   // recomputed chunk by chunk from lse; dH(n,C) = dlogits·W (overwritten), dW(V,C) += dlogitsᵀ·H.
   virtual void head_logprobs_backward(T* dH, T* dW, const T* H, const T* W, const int32_t* targets,
                                       const double* lse, const double* coef, int64_t n, int64_t C, int64_t V,
-                                      T* scratch, int64_t chunk) = 0;
+                                      T* scratch, int64_t scratch_elems) = 0;
 
   // Optimizer updates (element-wise; grad already scaled by the caller's clip factor `gscale`).
   // AdamW: m,v moments with bias correction (step is 1-based). RMSprop: PyTorch's, non-centred.

@@ -199,7 +199,7 @@ class Model {
   T* datt_ = nullptr;        // (N, H*D)
   T* dgu_ = nullptr;         // (N, 2F)
   T* dffn_ = nullptr;        // (N, F)
-  T* logits_chunk_ = nullptr;  // (chunk, V) the only logits that ever exist in training
+  T* logits_chunk_ = nullptr;  // (logits_elems_) the only logits that ever exist in training
   T* gathered_h_ = nullptr;    // (N, C) final hidden rows that have a target
   T* gathered_dh_ = nullptr;   // (N, C)
   std::vector<int32_t> positions_;   // (N)
@@ -207,7 +207,7 @@ class Model {
   std::vector<int32_t> targets_;     // (N) target token of each gathered row
   std::vector<double> logp_, lse_, coef_;  // (N) per gathered row
   std::vector<double> seq_logp_, seq_grad_;  // (max_batch) per sequence
-  int64_t chunk_rows_ = 0;
+  int64_t logits_elems_ = 0;  // size of logits_chunk_
   T* rope_cos_ = nullptr;
   T* rope_sin_ = nullptr;
 };
