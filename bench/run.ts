@@ -1,0 +1,447 @@
+// `npm run bench`: the engine beside its peers, measured in the same run on the same machine.
+//
+//   train   train-step tokens/s through the Node API ('tiny' B16 T256, 'small' B8 T512) vs the
+//           PyTorch CPU baseline (bench/pytorch_cpu_baseline.py, a verbatim copy of
+//           ../shared/anchors/pytorch_cpu_baseline.py; its decode / loss-head numbers are kept
+//           in the JSON output)                                             target >= 2x
+//   gemm    GFLOP/s of `build/sppo_bench gemm` vs bench/gemm_openblas.py (numpy/OpenBLAS) on the
+//           model's shapes, joined by (case, M, N, K, trans); best of 2 alternating rounds
+//           each (--gemm-rounds N)                                          target >= 0.7x
+//   mem     peak RSS of one 'small' B8 T512 train step in a child node process (plus the
+//           engine's planned memory) vs a python child running one step of the baseline's model
+//   cxx     `build/sppo_bench train_step` (C++ only, no Node), for reference
+//
+// Options: --only train,gemm,mem,cxx   run a subset        --json FILE   write every number
+//          --reps N                    timed steps (default: tiny 5, small 3, after 1 warm-up)
+//          --gemm-rounds N             alternating GEMM rounds (default 2)
+// The engine and its peer are measured back to back per shape (engine tiny, torch tiny, engine
+// small, torch small): this shared 2-core VM's speed drifts by up to 2x over minutes.
+// Timing is the median of N wall-clock runs of one step, after one warm-up step. tinybench
+// (a devDependency) is not used for these: a train step takes seconds, so its time-budgeted
+// sampling would either run far too long or take 1-2 samples; a fixed median-of-N matches
+// what the PyTorch baseline and the C++ bench do.
+import { spawnSync, type SpawnSyncReturns } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, loadavg, tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import { Model, native, numThreads, presetConfig, type PresetName } from '../lib/index.js';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const PYTHON = '/usr/bin/python3';
+const SPPO_BENCH = path.join(ROOT, 'build', 'sppo_bench');
+const BASELINE = path.join(ROOT, 'bench', 'pytorch_cpu_baseline.py');
+const GEMM_OPENBLAS = path.join(ROOT, 'bench', 'gemm_openblas.py');
+const TSX = path.join(ROOT, 'node_modules', '.bin', 'tsx');
+
+const TRAIN_SHAPES: { preset: PresetName; batch: number; seq: number; reps: number }[] = [
+  { preset: 'tiny', batch: 16, seq: 256, reps: 5 },
+  { preset: 'small', batch: 8, seq: 512, reps: 3 },
+];
+const MEM_SHAPE = { preset: 'small' as PresetName, batch: 8, seq: 512 };
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+function arg(name: string): string | undefined {
+  const i = process.argv.indexOf(name);
+  return i >= 0 ? process.argv[i + 1] : undefined;
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)];
+}
+
+function run(cmd: string, args: string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): SpawnSyncReturns<string> {
+  return spawnSync(cmd, args, {
+    cwd: ROOT,
+    encoding: 'utf8',
+    env: opts.env ?? process.env,
+    timeout: opts.timeoutMs ?? 20 * 60_000,
+    maxBuffer: 64 << 20,
+  });
+}
+
+function failure(r: SpawnSyncReturns<string>): string {
+  const tail = `${r.stderr ?? ''}${r.stdout ?? ''}`.trim().split('\n').slice(-3).join(' | ');
+  return r.error ? r.error.message : `exit ${r.status}${r.signal ? ` (${r.signal})` : ''}: ${tail}`;
+}
+
+let torchChecked: boolean | undefined;
+function haveTorch(): boolean {
+  torchChecked ??= run(PYTHON, ['-c', 'import torch'], { timeoutMs: 60_000 }).status === 0;
+  return torchChecked;
+}
+
+function randomTokens(n: number, vocab: number, seed: number): Int32Array {
+  let s = seed >>> 0;
+  const out = new Int32Array(n);
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    out[i] = Math.floor((s / 4294967296) * vocab);
+  }
+  return out;
+}
+
+const MiB = 1024 * 1024;
+const fmt = (x: number | undefined, digits = 0) => (x === undefined || !Number.isFinite(x) ? '—' : x.toFixed(digits));
+
+interface Row {
+  what: string;
+  unit: string;
+  engine?: number;
+  peer?: number;
+  /** engine/peer for throughput, peer/engine for memory (higher is better either way) */
+  ratio?: number;
+  target?: string;
+  note?: string;
+}
+
+// ---------------------------------------------------------------------------------------------
+// the memory child: `tsx bench/run.ts --mem-child` runs one step and prints JSON
+
+async function memChild(): Promise<void> {
+  const { preset, batch, seq } = MEM_SHAPE;
+  const rssStart = process.memoryUsage().rss;
+  const model = Model.create(preset, { maxBatch: batch, maxSeq: seq });
+  model.setOptimizer({ kind: 'adamw', lr: 1e-4 });
+  const rssCreated = process.memoryUsage().rss;
+  const tokens = randomTokens(batch * seq, model.config.vocab_size, 1);
+  await model.trainStep({ tokens, batch, seq });
+  const out = {
+    maxRSS: process.resourceUsage().maxRSS * 1024, // resourceUsage reports KiB
+    rssStart,
+    rssCreated,
+    rssAfter: process.memoryUsage().rss,
+    memory: model.memory(),
+  };
+  await model.dispose();
+  process.stdout.write(JSON.stringify(out) + '\n');
+}
+
+// ---------------------------------------------------------------------------------------------
+// sections
+
+async function engineTrain(s: (typeof TRAIN_SHAPES)[number]): Promise<number> {
+  const reps = arg('--reps') ? Number(arg('--reps')) : s.reps;
+  const model = Model.create(s.preset, { maxBatch: s.batch, maxSeq: s.seq });
+  model.setOptimizer({ kind: 'adamw', lr: 1e-4 });
+  const tokens = randomTokens(s.batch * s.seq, presetConfig(s.preset).vocab_size, 1);
+  const input = { tokens, batch: s.batch, seq: s.seq };
+  await model.trainStep(input); // warm-up
+  const times: number[] = [];
+  for (let i = 0; i < reps; i++) {
+    const t0 = performance.now();
+    await model.trainStep(input);
+    times.push((performance.now() - t0) / 1e3);
+  }
+  await model.dispose();
+  const t = median(times);
+  const tokS = (s.batch * s.seq) / t;
+  console.log(
+    `engine train ${s.preset} B${s.batch} T${s.seq}: ${fmt(tokS)} tok/s ` +
+      `(median ${t.toFixed(3)} s of [${times.map((x) => x.toFixed(3)).join(', ')}])`,
+  );
+  return tokS;
+}
+
+// The baseline for one config (`--configs NAME`), so the peer runs right after the engine's
+// measurement of the same shape: this machine's speed drifts over minutes (shared host).
+function pytorchBaseline(preset: PresetName): Record<string, number> | undefined {
+  if (!haveTorch()) {
+    console.log(`pytorch baseline: skipped (${PYTHON} cannot import torch)`);
+    return undefined;
+  }
+  const dir = mkdtempSync(path.join(tmpdir(), 'sppo-bench-'));
+  try {
+    const json = path.join(dir, 'baseline.json');
+    const r = run(PYTHON, [BASELINE, '--configs', preset, '--json', json]);
+    if (r.status !== 0 || !existsSync(json)) {
+      console.log(`pytorch baseline failed: ${failure(r)}`);
+      return undefined;
+    }
+    const res = JSON.parse(readFileSync(json, 'utf8')) as Record<string, number>;
+    console.log(`pytorch baseline ${preset} (torch ${res.torch}, ${res.threads} threads): ${JSON.stringify(res)}`);
+    return res;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+interface GemmRow {
+  case: string;
+  M: number;
+  N: number;
+  K: number;
+  trans: string;
+  ms: number;
+  gflops: number;
+}
+const gemmKey = (r: GemmRow) => `${r.case} ${r.M}x${r.N}x${r.K} ${r.trans}`;
+
+// The C++ bench prints a table: `case M N K trans ms GFLOP/s` rows (bench_gemm.cpp); rows are
+// matched by a regex, anything else (headers, the kernel line) is ignored.
+function parseGemmTable(text: string): { rows: GemmRow[]; kernel?: string } {
+  const rows: GemmRow[] = [];
+  const re = /^\s*([A-Za-z_]\w*)\s+(\d+)\s+(\d+)\s+(\d+)\s+([NT]{2})\s+([\d.eE+-]+)\s+([\d.eE+-]+)\s*$/;
+  for (const line of text.split('\n')) {
+    const m = re.exec(line);
+    if (m) rows.push({ case: m[1], M: +m[2], N: +m[3], K: +m[4], trans: m[5], ms: +m[6], gflops: +m[7] });
+  }
+  const kernel = /^kernel (.*)$/m.exec(text)?.[1];
+  return { rows, kernel };
+}
+
+// Per-shape best GFLOP/s over `rounds` alternating runs of the two programs (C++, numpy, C++,
+// numpy, ...): interference from other processes only ever slows a run down, and alternating
+// keeps both sides exposed to the same drift.
+function gemm(results: Record<string, unknown>): Row[] {
+  if (!existsSync(SPPO_BENCH)) {
+    console.log(`gemm: skipped (${SPPO_BENCH} not built)`);
+    return [];
+  }
+  const rounds = Number(arg('--gemm-rounds') ?? 2);
+  const env = { ...process.env };
+  delete env.OPENBLAS_CORETYPE;
+  delete env.OPENBLAS_L2_SIZE;
+  const best = (acc: Map<string, GemmRow>, rows: GemmRow[]) => {
+    for (const r of rows) {
+      const k = gemmKey(r);
+      if (!acc.has(k) || acc.get(k)!.gflops < r.gflops) acc.set(k, r);
+    }
+  };
+  const engine = new Map<string, GemmRow>();
+  const peer = new Map<string, GemmRow>();
+  let kernel: string | undefined;
+  for (let round = 0; round < rounds; round++) {
+    const cxx = run(SPPO_BENCH, ['gemm']);
+    if (cxx.status !== 0) {
+      console.log(`gemm: build/sppo_bench gemm failed: ${failure(cxx)}`);
+      return [];
+    }
+    const parsed = parseGemmTable(cxx.stdout);
+    if (parsed.rows.length === 0) {
+      console.log(`gemm: no rows parsed from build/sppo_bench gemm output:\n${cxx.stdout}`);
+      return [];
+    }
+    kernel = parsed.kernel;
+    best(engine, parsed.rows);
+    if (!existsSync(GEMM_OPENBLAS)) {
+      if (round === 0) console.log('gemm: bench/gemm_openblas.py missing, no OpenBLAS column');
+      continue;
+    }
+    const dir = mkdtempSync(path.join(tmpdir(), 'sppo-bench-'));
+    try {
+      const json = path.join(dir, 'gemm.json');
+      const r = run(PYTHON, [GEMM_OPENBLAS, '--json', json], { env });
+      if (r.status === 0 && existsSync(json)) best(peer, JSON.parse(readFileSync(json, 'utf8')) as GemmRow[]);
+      else if (r.status === 0) best(peer, parseGemmTable(r.stdout).rows); // a version without --json
+      else console.log(`gemm: bench/gemm_openblas.py failed: ${failure(r)}`);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+  console.log(`gemm: ${engine.size} engine shapes (${kernel ?? 'kernel ?'}), ${peer.size} OpenBLAS shapes, best of ${rounds} rounds`);
+  const rows: Row[] = [...engine.values()].map((e) => {
+    const p = peer.get(gemmKey(e));
+    return {
+      what: `gemm ${e.case} ${e.M}x${e.N}x${e.K} ${e.trans}`,
+      unit: 'GFLOP/s',
+      engine: e.gflops,
+      peer: p?.gflops,
+      ratio: p ? e.gflops / p.gflops : undefined,
+      target: '>= 0.7',
+    };
+  });
+  const unmatched = [...peer.keys()].filter((k) => !engine.has(k));
+  if (unmatched.length) console.log(`gemm: OpenBLAS rows without an engine row of the same shape: ${unmatched.join(', ')}`);
+  results.gemm = { kernel, rounds, engine: [...engine.values()], openblas: [...peer.values()] };
+  return rows;
+}
+
+interface MemChildOut {
+  maxRSS: number;
+  rssStart: number;
+  rssCreated: number;
+  rssAfter: number;
+  memory: Record<string, number>;
+}
+
+function engineMemory(): MemChildOut | undefined {
+  const r = run(TSX, [fileURLToPath(import.meta.url), '--mem-child']);
+  const line = r.stdout?.trim().split('\n').pop();
+  if (r.status !== 0 || !line?.startsWith('{')) {
+    console.log(`engine memory child failed: ${failure(r)}`);
+    return undefined;
+  }
+  return JSON.parse(line) as MemChildOut;
+}
+
+// One train step of the baseline's own model and step function, in a fresh python; prints the
+// peak RSS (ru_maxrss, KiB on Linux) after `import torch` + model creation and after the step.
+function pytorchMemory(): { afterBuild: number; afterStep: number } | undefined {
+  if (!haveTorch()) return undefined;
+  const { preset, batch, seq } = MEM_SHAPE;
+  const code = `
+import resource, sys, json
+sys.path.insert(0, ${JSON.stringify(path.join(ROOT, 'bench'))})
+import torch, torch.nn.functional as F
+from pytorch_cpu_baseline import Llama, CONFIGS
+d, L, h, kv, ffn, V, B, T = CONFIGS[${JSON.stringify(preset)}]
+assert (B, T) == (${batch}, ${seq})
+torch.manual_seed(0)
+m = Llama(d, L, h, kv, ffn, V); opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+ids = torch.randint(0, V, (B, T))
+built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loss = F.cross_entropy(m(ids)[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1)); loss.backward(); opt.step(); opt.zero_grad()
+print(json.dumps({"afterBuild": built * 1024, "afterStep": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+`;
+  const r = run(PYTHON, ['-c', code]);
+  const line = r.stdout?.trim().split('\n').pop();
+  if (r.status !== 0 || !line?.startsWith('{')) {
+    console.log(`pytorch memory child failed: ${failure(r)}`);
+    return undefined;
+  }
+  return JSON.parse(line);
+}
+
+function cxxTrainStep(results: Record<string, unknown>): string[] {
+  if (!existsSync(SPPO_BENCH)) return [`(${SPPO_BENCH} not built)`];
+  const r = run(SPPO_BENCH, ['train_step']);
+  if (r.status !== 0) return [`build/sppo_bench train_step failed: ${failure(r)}`];
+  const lines = r.stdout.split('\n').filter((l) => /^(train|threads)\b/.test(l));
+  results.cxxTrainStep = lines;
+  return lines;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+function cpuModel(): string {
+  const r = spawnSync('lscpu', [], { encoding: 'utf8' });
+  return /^Model name:\s*(.*)$/m.exec(r.stdout ?? '')?.[1]?.trim() ?? cpus()[0]?.model ?? 'unknown CPU';
+}
+
+function printTable(rows: Row[]): void {
+  const head = ['what', 'unit', 'engine', 'peer', 'ratio', 'target', 'note'];
+  const body = rows.map((r) => [
+    r.what,
+    r.unit,
+    fmt(r.engine, r.unit === 'GFLOP/s' ? 1 : 0),
+    fmt(r.peer, r.unit === 'GFLOP/s' ? 1 : 0),
+    r.ratio === undefined ? '—' : `${r.ratio.toFixed(2)}x`,
+    r.target ?? '',
+    r.note ?? '',
+  ]);
+  const w = head.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
+  const line = (cells: string[]) => `| ${cells.map((c, i) => (i >= 2 && i <= 4 ? c.padStart(w[i]) : c.padEnd(w[i]))).join(' | ')} |`;
+  console.log(line(head));
+  console.log(`|${w.map((n, i) => (i >= 2 && i <= 4 ? '-'.repeat(n + 1) + ':' : '-'.repeat(n + 2))).join('|')}|`);
+  for (const b of body) console.log(line(b));
+}
+
+async function main(): Promise<void> {
+  if (process.argv.includes('--mem-child')) return memChild();
+  const only = new Set((arg('--only') ?? 'train,gemm,mem,cxx').split(','));
+  const results: Record<string, unknown> = {
+    date: new Date().toISOString(),
+    cpu: cpuModel(),
+    cores: cpus().length,
+    engineThreads: numThreads(),
+    gemmKernel: native().gemmKernel,
+    loadavgStart: loadavg(),
+  };
+  console.log(
+    `${results.date}  ${results.cpu}, ${results.cores} cores, engine threads ${results.engineThreads}, ` +
+      `gemm kernel ${results.gemmKernel}, load average ${loadavg().map((x) => x.toFixed(2)).join(' ')}`,
+  );
+  const rows: Row[] = [];
+  let cxxLines: string[] = [];
+
+  if (only.has('train')) {
+    const baseline: Record<string, number> = {};
+    const engineTok: Record<string, number> = {};
+    for (const s of TRAIN_SHAPES) {
+      const eng = await engineTrain(s);
+      const py = pytorchBaseline(s.preset);
+      engineTok[s.preset] = eng;
+      if (py) Object.assign(baseline, py); // train, decode and sppo_head numbers, all kept
+      const peer = py?.[`train_${s.preset}_tok_s`];
+      rows.push({
+        what: `train step ${s.preset} B${s.batch} T${s.seq} (Node API)`,
+        unit: 'tok/s',
+        engine: eng,
+        peer,
+        ratio: peer ? eng / peer : undefined,
+        target: '>= 2',
+        note: py ? `PyTorch ${py.torch} CPU, ${py.threads} thr` : 'no torch',
+      });
+    }
+    results.engineTrain = engineTok;
+    results.pytorchBaseline = baseline;
+  }
+  if (only.has('gemm')) {
+    const g = gemm(results);
+    rows.push(...g);
+    const matched = g.filter((r) => r.ratio !== undefined);
+    if (matched.length) {
+      const geo = Math.exp(matched.reduce((a, r) => a + Math.log(r.ratio!), 0) / matched.length);
+      const min = matched.reduce((a, r) => (r.ratio! < a.ratio! ? r : a));
+      rows.push({
+        what: `gemm geometric mean over ${matched.length} shapes`,
+        unit: 'ratio',
+        ratio: geo,
+        target: '>= 0.7',
+        note: `worst ${min.ratio!.toFixed(2)}x (${min.what.replace('gemm ', '')})`,
+      });
+    }
+  }
+  if (only.has('mem')) {
+    const e = engineMemory();
+    const p = pytorchMemory();
+    results.memory = { engine: e, pytorch: p };
+    const { preset, batch, seq } = MEM_SHAPE;
+    if (e) {
+      const m = e.memory;
+      console.log(
+        `engine memory ${preset} B${batch} T${seq}: peak RSS ${fmt(e.maxRSS / MiB)} MiB ` +
+          `(node at start ${fmt(e.rssStart / MiB)} MiB, after create ${fmt(e.rssCreated / MiB)} MiB); planned ` +
+          `${fmt(m.total / MiB)} MiB = params ${fmt(m.params / MiB)} + grads ${fmt(m.grads / MiB)} + optimizer ` +
+          `${fmt(m.optimizer / MiB)} + activations ${fmt(m.activations / MiB)} + scratch ${fmt(m.scratch / MiB)}`,
+      );
+    }
+    if (p)
+      console.log(
+        `pytorch memory ${preset} B${batch} T${seq}: peak RSS ${fmt(p.afterStep / MiB)} MiB ` +
+          `(${fmt(p.afterBuild / MiB)} MiB after import + model build)`,
+      );
+    rows.push({
+      what: `peak RSS, one train step ${preset} B${batch} T${seq}`,
+      unit: 'MiB',
+      engine: e ? e.maxRSS / MiB : undefined,
+      peer: p ? p.afterStep / MiB : undefined,
+      ratio: e && p ? p.afterStep / e.maxRSS : undefined,
+      target: '(peer/engine)',
+      note: e ? `engine planned ${fmt(e.memory.total / MiB)} MiB` : '',
+    });
+  }
+  if (only.has('cxx')) cxxLines = cxxTrainStep(results);
+
+  results.loadavgEnd = loadavg();
+  console.log('');
+  printTable(rows);
+  if (cxxLines.length) {
+    console.log('\nbuild/sppo_bench train_step (C++ only, no Node):');
+    for (const l of cxxLines) console.log(`  ${l}`);
+  }
+  console.log(`\nload average at the end: ${loadavg().map((x) => x.toFixed(2)).join(' ')} (other processes skew numbers)`);
+  results.table = rows;
+  const jsonOut = arg('--json');
+  if (jsonOut) {
+    writeFileSync(jsonOut, JSON.stringify(results, null, 1));
+    console.log(`wrote ${jsonOut}`);
+  }
+}
+
+await main();
