@@ -9,9 +9,13 @@
 //           each (--gemm-rounds N)                                          target >= 0.7x
 //   mem     peak RSS of one 'small' B8 T512 train step in a child node process (plus the
 //           engine's planned memory) vs a python child running one step of the baseline's model
+//   head    the fused LM head + sequence log-prob + SPPO loss, fwd+bwd, N 4096, V 32000,
+//           d 512 / 1024 (`build/sppo_bench fused_head`, which also times the engine's own
+//           unfused path) vs PyTorch CPU's unfused head (bench/pytorch_head.py): time target
+//           >= 1.5x, extra memory <= 1/10 of the unfused path's
 //   cxx     `build/sppo_bench train_step` (C++ only, no Node), for reference
 //
-// Options: --only train,gemm,mem,cxx   run a subset        --json FILE   write every number
+// Options: --only train,gemm,mem,head,cxx   run a subset        --json FILE   write every number
 //          --reps N                    timed steps (default: tiny 5, small 3, after 1 warm-up)
 //          --gemm-rounds N             alternating GEMM rounds (default 2)
 // The engine and its peer are measured back to back per shape (engine tiny, torch tiny, engine
@@ -33,6 +37,7 @@ const PYTHON = '/usr/bin/python3';
 const SPPO_BENCH = path.join(ROOT, 'build', 'sppo_bench');
 const BASELINE = path.join(ROOT, 'bench', 'pytorch_cpu_baseline.py');
 const GEMM_OPENBLAS = path.join(ROOT, 'bench', 'gemm_openblas.py');
+const PYTORCH_HEAD = path.join(ROOT, 'bench', 'pytorch_head.py');
 const TSX = path.join(ROOT, 'node_modules', '.bin', 'tsx');
 
 const TRAIN_SHAPES: { preset: PresetName; batch: number; seq: number; reps: number }[] = [
@@ -307,6 +312,55 @@ print(json.dumps({"afterBuild": built * 1024, "afterStep": resource.getrusage(re
   return JSON.parse(line);
 }
 
+// `build/sppo_bench fused_head` prints rows "d path ms extraMiB" (native/tests/bench_head.cpp).
+function fusedHead(results: Record<string, unknown>): Row[] {
+  if (!existsSync(SPPO_BENCH)) return [];
+  const r = run(SPPO_BENCH, ['fused_head']);
+  if (r.status !== 0) {
+    console.log(`build/sppo_bench fused_head failed: ${failure(r)}`);
+    return [];
+  }
+  const engine = new Map<string, { ms: number; mib: number }>();
+  for (const m of r.stdout.matchAll(/^(\d+)\s+(fused|unfused)\s+([\d.]+)\s+([\d.]+)$/gm))
+    engine.set(`${m[1]} ${m[2]}`, { ms: Number(m[3]), mib: Number(m[4]) });
+  let torch: { d: number; ms: number; extra_mib: number; threads: number }[] = [];
+  if (haveTorch()) {
+    const dir = mkdtempSync(path.join(tmpdir(), 'sppo-head-'));
+    const out = path.join(dir, 'head.json');
+    const p = run(PYTHON, [PYTORCH_HEAD, '--json', out]);
+    if (p.status === 0 && existsSync(out)) torch = JSON.parse(readFileSync(out, 'utf8'));
+    else console.log(`bench/pytorch_head.py failed: ${failure(p)}`);
+    rmSync(dir, { recursive: true, force: true });
+  }
+  results.fusedHead = { engine: Object.fromEntries(engine), pytorch: torch };
+  const rows: Row[] = [];
+  for (const d of [512, 1024]) {
+    const fused = engine.get(`${d} fused`);
+    const unfused = engine.get(`${d} unfused`);
+    const py = torch.find((t) => t.d === d);
+    if (!fused) continue;
+    rows.push({
+      what: `fused SPPO head fwd+bwd N4096 V32000 d${d}`,
+      unit: 'ms',
+      engine: fused.ms,
+      peer: py?.ms,
+      ratio: py ? py.ms / fused.ms : undefined,
+      target: '>= 1.5 (peer/engine)',
+      note: py ? `PyTorch unfused, ${py.threads} thr; engine unfused ${fmt(unfused?.ms ?? NaN)} ms` : 'no torch',
+    });
+    rows.push({
+      what: `fused SPPO head extra memory d${d}`,
+      unit: 'MiB',
+      engine: fused.mib,
+      peer: unfused?.mib,
+      ratio: unfused ? fused.mib / unfused.mib : undefined,
+      target: '<= 0.1 (engine/unfused)',
+      note: py ? `PyTorch unfused peak extra RSS ${fmt(py.extra_mib)} MiB` : '',
+    });
+  }
+  return rows;
+}
+
 function cxxTrainStep(results: Record<string, unknown>): string[] {
   if (!existsSync(SPPO_BENCH)) return [`(${SPPO_BENCH} not built)`];
   const r = run(SPPO_BENCH, ['train_step']);
@@ -343,7 +397,7 @@ function printTable(rows: Row[]): void {
 
 async function main(): Promise<void> {
   if (process.argv.includes('--mem-child')) return memChild();
-  const only = new Set((arg('--only') ?? 'train,gemm,mem,cxx').split(','));
+  const only = new Set((arg('--only') ?? 'train,gemm,mem,head,cxx').split(','));
   const results: Record<string, unknown> = {
     date: new Date().toISOString(),
     cpu: cpuModel(),
@@ -426,6 +480,7 @@ async function main(): Promise<void> {
       note: e ? `engine planned ${fmt(e.memory.total / MiB)} MiB` : '',
     });
   }
+  if (only.has('head')) rows.push(...fusedHead(results));
   if (only.has('cxx')) cxxLines = cxxTrainStep(results);
 
   results.loadavgEnd = loadavg();
