@@ -57,7 +57,7 @@ const TOL = {
 };
 
 const B = 2;
-const T = 20;
+const DEFAULT_T = 20;
 const PROMPT = 3;
 
 interface Case {
@@ -65,6 +65,8 @@ interface Case {
   config: ModelConfig;
   /** optimizers, each run for one step from the same parameters */
   optimizers: (OptimizerConfig & { name: string })[];
+  /** sequence length (default T) */
+  seq?: number;
 }
 
 // Clip norm (well below the gradient norm, asserted) and eps = clip: see the header comment.
@@ -127,6 +129,26 @@ const CASES: Case[] = [
       { name: 'rmsprop', kind: 'rmsprop', lr: 0.1, alpha: 0.99, eps: 2.0, weightDecay: 0.05, maxGradNorm: 1000 },
     ],
   },
+  {
+    // Rotary angles at positions up to 1535: transformers computes inv_freq and pos * inv_freq
+    // in float32, which there differs from exact angles by ~1e-4 rad — visible in the logits at
+    // the 1e-5 tolerance, so this case fails if the engine's tables drift from transformers'.
+    label: 'long context (1536 positions), llama3 rope in float32 as transformers computes it',
+    seq: 1536,
+    config: {
+      vocab_size: 50,
+      hidden_size: 32,
+      num_hidden_layers: 1,
+      num_attention_heads: 2,
+      intermediate_size: 48,
+      max_position_embeddings: 2048,
+      rope_theta: 500000,
+      rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 256 },
+      initializer_range: 0.5,
+      seed: 5,
+    },
+    optimizers: [{ name: 'adamw', kind: 'adamw', lr: 0.5, eps: CLIP, maxGradNorm: CLIP }],
+  },
 ];
 
 interface RefResult {
@@ -160,7 +182,7 @@ function relErr(got: ArrayLike<number>, want: ArrayLike<number>): number {
   return scale === 0 ? d : d / scale;
 }
 
-function batchData(vocab: number, seed: number) {
+function batchData(vocab: number, seed: number, T: number) {
   const r = rng(seed);
   const tokens = new Int32Array(B * T);
   const mask = new Uint8Array(B * T);
@@ -188,6 +210,7 @@ describe.skipIf(!HAVE_TORCH)('engine vs float64 PyTorch reference (test/torch_re
   CASES.forEach((c, ci) => {
     it(c.label, async () => {
       const caseDir = mkdtempSync(path.join(dir, `case${ci}-`));
+      const T = c.seq ?? DEFAULT_T;
       const model = Model.create(c.config, { maxBatch: B, maxSeq: T });
       try {
         // Matrices keep the engine's seeded N(0, 0.2) draw; norms and biases get random values
@@ -208,7 +231,7 @@ describe.skipIf(!HAVE_TORCH)('engine vs float64 PyTorch reference (test/torch_re
         });
         const blob = new Float32Array(total);
         for (const e of table) blob.set(init.get(e.name)!, e.offset);
-        const { tokens, mask } = batchData(c.config.vocab_size, 77 + ci);
+        const { tokens, mask } = batchData(c.config.vocab_size, 77 + ci, T);
         writeFileSync(path.join(caseDir, 'params.f32'), Buffer.from(blob.buffer, blob.byteOffset, blob.byteLength));
         writeFileSync(
           path.join(caseDir, 'case.json'),

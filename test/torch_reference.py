@@ -83,9 +83,10 @@ def expected_shapes(cfg):
 
 
 def inv_freq(cfg, head_dim):
-    """transformers' _compute_default/linear/llama3_rope_parameters, in float64."""
+    """transformers' _compute_default/linear/llama3_rope_parameters, in float32 as it runs them."""
+    F32 = torch.float32
     base = float(cfg.get("rope_theta", 10000.0))
-    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=DT) / head_dim))
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(F32) / head_dim))
     rs = cfg.get("rope_scaling") or {}
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "default":
@@ -132,8 +133,10 @@ def forward(cfg, P, tokens):
     KV = cfg.get("num_key_value_heads") or H
     D = cfg.get("head_dim") or C // H
     eps = float(cfg.get("rms_norm_eps", 1e-5))
-    pos = torch.arange(T, dtype=DT)
-    freqs = torch.outer(pos, inv_freq(cfg, D))
+    # Angles as transformers forms them: float32 positions times float32 inv_freq, rounded to
+    # float32; only cos / sin are then taken in float64.
+    pos = torch.arange(T, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq(cfg, D)).to(DT)
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos()[None, None], emb.sin()[None, None]  # (1, 1, T, D)
     causal = torch.ones(T, T, dtype=torch.bool).triu(1)

@@ -190,31 +190,39 @@ void Model<T>::plan_buffers() {
 
 template <class T>
 void build_rope_tables(const ModelConfig& c, int64_t n_pos, T* cos, T* sin) {
+  // Frequencies and angles follow transformers' float32 arithmetic step by step (inv_freq,
+  // the llama3 blend, then angle = float(pos) * inv_freq rounded to float): checkpoints were
+  // trained with those angles, which at position 8k differ from exact ones by ~1e-3 rad.
   const int64_t half = c.head_dim / 2;
-  std::vector<double> inv(half);
+  std::vector<float> inv(half);
   const RopeScaling& rs = c.rope_scaling;
+  const float base = float(c.rope_theta), dim = float(c.head_dim);
   for (int64_t i = 0; i < half; ++i) {
-    double f = std::pow(c.rope_theta, -2.0 * double(i) / double(c.head_dim));
+    float f = 1.0f / std::pow(base, float(2 * i) / dim);
     if (rs.kind == RopeScaling::Kind::Linear) {
-      f /= rs.factor;
+      f = f / float(rs.factor);
     } else if (rs.kind == RopeScaling::Kind::Llama3) {
       // Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
-      const double old_len = rs.original_max_position_embeddings;
-      const double low_wavelen = old_len / rs.low_freq_factor, high_wavelen = old_len / rs.high_freq_factor;
-      const double wavelen = 2 * M_PI / f;
-      if (wavelen > low_wavelen) {
-        f /= rs.factor;
-      } else if (wavelen >= high_wavelen) {
-        double smooth = (old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
-        f = (1 - smooth) * f / rs.factor + smooth * f;
+      const float old_len = float(rs.original_max_position_embeddings), factor = float(rs.factor);
+      const float lo = float(rs.low_freq_factor), hi = float(rs.high_freq_factor);
+      const float low_wavelen = float(double(rs.original_max_position_embeddings) / rs.low_freq_factor);
+      const float high_wavelen = float(double(rs.original_max_position_embeddings) / rs.high_freq_factor);
+      const float wavelen = float(2 * M_PI) / f;
+      const float scaled = wavelen > low_wavelen ? f / factor : f;
+      if (!(wavelen < high_wavelen) && !(wavelen > low_wavelen)) {
+        const float smooth = (old_len / wavelen - lo) / (hi - lo);
+        f = (1 - smooth) * scaled / factor + smooth * scaled;
+      } else {
+        f = scaled;
       }
     }
     inv[i] = f;
   }
   for (int64_t p = 0; p < n_pos; ++p)
     for (int64_t i = 0; i < half; ++i) {
-      cos[p * half + i] = T(std::cos(double(p) * inv[i]));
-      sin[p * half + i] = T(std::sin(double(p) * inv[i]));
+      const float angle = float(p) * inv[i];
+      cos[p * half + i] = T(std::cos(double(angle)));
+      sin[p * half + i] = T(std::sin(double(angle)));
     }
 }
 template void build_rope_tables<float>(const ModelConfig&, int64_t, float*, float*);
