@@ -1,0 +1,118 @@
+// Loading (YAML or JSON), error messages that name the field, a stable hash of the resolved
+// config, and a field-by-field diff (so resuming with a changed config can say what changed).
+import { createHash } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
+import { dirname, extname, isAbsolute, resolve } from 'node:path';
+import { parse as parseYaml, YAMLParseError } from 'yaml';
+import type { z } from 'zod';
+import { runConfigSchema, type RunConfig } from './schema.js';
+
+export class RunConfigError extends Error {
+  /** one line per problem: `training.eta: must be > 0` */
+  readonly problems: string[];
+  constructor(source: string, problems: string[]) {
+    super(`${source}: invalid configuration:\n  ${problems.join('\n  ')}`);
+    this.name = 'RunConfigError';
+    this.problems = problems;
+  }
+}
+
+function fieldPath(path: readonly PropertyKey[]): string {
+  return path.map((p, i) => (typeof p === 'number' ? `[${p}]` : `${i ? '.' : ''}${String(p)}`)).join('') || '(top level)';
+}
+
+function issueLines(issue: z.core.$ZodIssue): string[] {
+  const at = fieldPath(issue.path);
+  if (issue.code === 'unrecognized_keys') return issue.keys.map((k) => `${fieldPath([...issue.path, k])}: unknown field`);
+  if (issue.code === 'invalid_type' && issue.message.startsWith('Invalid input'))
+    return [`${at}: ${issue.input === undefined ? 'required' : `expected ${issue.expected}`}`];
+  if (issue.code === 'invalid_value' && issue.message.startsWith('Invalid option'))
+    return [`${at}: must be one of ${issue.values.map((v) => JSON.stringify(v)).join(', ')}`];
+  return [`${at}: ${issue.message}`];
+}
+
+export interface ParseConfigOptions {
+  /** relative paths (model.path, data.prompts, run.dir, preference.module) resolve against this */
+  baseDir?: string;
+  /** named in errors; default 'config' */
+  source?: string;
+}
+
+/** Validates a parsed config object and fills in every default. */
+export function parseConfig(raw: unknown, options: ParseConfigOptions = {}): RunConfig {
+  const source = options.source ?? 'config';
+  const result = runConfigSchema.safeParse(raw, { reportInput: true });
+  if (!result.success) throw new RunConfigError(source, result.error.issues.flatMap(issueLines));
+  const config = result.data;
+  if (options.baseDir !== undefined) {
+    const abs = (p: string): string => (isAbsolute(p) ? p : resolve(options.baseDir!, p));
+    if (config.model.path !== undefined) config.model.path = abs(config.model.path);
+    if (config.data.prompts !== undefined) config.data.prompts = abs(config.data.prompts);
+    if (config.preference.kind === 'function' && config.preference.module !== undefined)
+      config.preference.module = abs(config.preference.module);
+    config.run.dir = abs(config.run.dir);
+  }
+  return config;
+}
+
+/** Reads a .yaml / .yml / .json config; relative paths in it resolve against its folder. */
+export async function loadConfig(file: string): Promise<RunConfig> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (err) {
+    throw new Error(`cannot read the config ${file}: ${(err as Error).message}`, { cause: err });
+  }
+  const ext = extname(file).toLowerCase();
+  let raw: unknown;
+  try {
+    if (ext === '.json') raw = JSON.parse(text);
+    else if (ext === '.yaml' || ext === '.yml') raw = parseYaml(text, { uniqueKeys: true });
+    else throw new RangeError(`${file}: a config must be .yaml, .yml or .json, got '${ext || 'no extension'}'`);
+  } catch (err) {
+    if (err instanceof RangeError) throw err;
+    const at = err instanceof YAMLParseError && err.linePos ? ` at line ${err.linePos[0].line}, column ${err.linePos[0].col}` : '';
+    throw new SyntaxError(`${file}: not valid ${ext === '.json' ? 'JSON' : 'YAML'}${at}: ${(err as Error).message}`, { cause: err });
+  }
+  return parseConfig(raw, { baseDir: dirname(resolve(file)), source: file });
+}
+
+/** Canonical JSON: keys sorted at every level, undefined fields left out. */
+export function canonicalJson(value: unknown): string {
+  if (value === null || typeof value !== 'object') return JSON.stringify(value);
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(',')}]`;
+  const entries = Object.entries(value as Record<string, unknown>)
+    .filter(([, v]) => v !== undefined)
+    .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+  return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonicalJson(v)}`).join(',')}}`;
+}
+
+/** sha256 (hex) of the resolved config's canonical JSON: equal configs hash equal, whatever the key order. */
+export function configHash(config: RunConfig): string {
+  return createHash('sha256').update(canonicalJson(config)).digest('hex');
+}
+
+export interface ConfigChange {
+  /** `training.eta`, `preference.A[0][1]` */
+  path: string;
+  before: unknown;
+  after: unknown;
+}
+
+/** Every leaf field that differs between two resolved configs (added or removed fields included). */
+export function diffConfigs(before: RunConfig, after: RunConfig): ConfigChange[] {
+  const changes: ConfigChange[] = [];
+  const walk = (a: unknown, b: unknown, path: PropertyKey[]): void => {
+    const isObj = (v: unknown): v is Record<string, unknown> => v !== null && typeof v === 'object' && !Array.isArray(v);
+    if (isObj(a) && isObj(b)) {
+      const keys = [...new Set([...Object.keys(a), ...Object.keys(b)])].sort();
+      for (const k of keys) walk(a[k], b[k], [...path, k]);
+    } else if (Array.isArray(a) && Array.isArray(b) && a.length === b.length) {
+      a.forEach((v, i) => walk(v, b[i], [...path, i]));
+    } else if (canonicalJson(a) !== canonicalJson(b)) {
+      changes.push({ path: fieldPath(path), before: a, after: b });
+    }
+  };
+  walk(before, after, []);
+  return changes;
+}

@@ -1,0 +1,3 @@
+// Prompt sets and seeded randomness.
+export * from './prompts.js';
+export * from './random.js';

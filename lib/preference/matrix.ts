@@ -1,0 +1,49 @@
+// The one check of a preference matrix P (P_ij ≈ P(y_i ≻ y_j | x)): every judge's output and
+// every win-rate estimate goes through it, so a bad matrix is caught where it was made.
+
+/** P_ij + P_ji = 1 and P_ii = ½ are checked to within this (judges compute in floating point). */
+export const PREFERENCE_TOLERANCE = 1e-6;
+
+export interface PreferenceMatrixCheck {
+  /** the number of responses K the matrix must cover */
+  size?: number;
+  /** default PREFERENCE_TOLERANCE */
+  tolerance?: number;
+}
+
+/**
+ * Throws a RangeError naming the first problem: not a square array of arrays, K < 2, an entry
+ * that is not a number in [0, 1], a diagonal entry other than ½, or P_ij + P_ji ≠ 1.
+ */
+export function assertPreferenceMatrix(P: unknown, check: PreferenceMatrixCheck = {}): asserts P is number[][] {
+  const tol = check.tolerance ?? PREFERENCE_TOLERANCE;
+  if (!Array.isArray(P)) throw new TypeError(`the preference matrix must be an array of rows, got ${describe(P)}`);
+  const K = P.length;
+  if (check.size !== undefined && K !== check.size)
+    throw new RangeError(`the preference matrix has ${K} rows, expected ${check.size} (one per response)`);
+  if (K < 2) throw new RangeError(`a preference matrix needs K ≥ 2 responses, got K = ${K}`);
+  P.forEach((row, i) => {
+    if (!Array.isArray(row)) throw new TypeError(`P[${i}] must be an array, got ${describe(row)}`);
+    if (row.length !== K) throw new RangeError(`P is not square: row ${i} has ${row.length} entries, expected ${K}`);
+    row.forEach((v, j) => {
+      if (typeof v !== 'number' || Number.isNaN(v) || v < 0 || v > 1)
+        throw new RangeError(`P[${i}][${j}] = ${describe(v)} is not a probability in [0, 1]`);
+    });
+  });
+  for (let i = 0; i < K; i++) {
+    if (Math.abs(P[i][i] - 0.5) > tol) throw new RangeError(`P[${i}][${i}] = ${P[i][i]}: the diagonal must be 1/2 (a response ties with itself)`);
+    for (let j = i + 1; j < K; j++) {
+      const s = P[i][j] + P[j][i];
+      if (Math.abs(s - 1) > tol)
+        throw new RangeError(`P[${i}][${j}] + P[${j}][${i}] = ${P[i][j]} + ${P[j][i]} = ${s}, must be 1 (within ${tol})`);
+    }
+  }
+}
+
+function describe(v: unknown): string {
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return 'an array';
+  if (typeof v === 'string') return JSON.stringify(v);
+  if (typeof v === 'object') return 'an object';
+  return String(v);
+}
