@@ -60,7 +60,7 @@ describe('errors name the field', () => {
     expect(problems({ ...minimal, training: { loss: 'kto' } })).toEqual([
       'training.loss: must be one of sppo, sppo-pair, sppo-single, sppo-hard, dpo, ipo',
     ]);
-    expect(problems({ ...minimal, model: { preset: 'huge' } })).toEqual(['model.preset: must be one of "tiny", "small"']);
+    expect(problems({ ...minimal, model: { preset: 'huge' } })).toEqual(['model.preset: must be one of "demo", "tiny", "small"']);
   });
 
   it('unknown fields, at any depth', () => {

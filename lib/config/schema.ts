@@ -18,8 +18,11 @@ const LOSSES = ['sppo', 'sppo-pair', 'sppo-single', 'sppo-hard', 'dpo', 'ipo'] a
 
 const modelSchema = z
   .strictObject({
-    /** a built-in size (random weights): 'tiny' | 'small' */
-    preset: z.enum(['tiny', 'small']).optional(),
+    /**
+     * a built-in model with random weights: 'demo' (the embedded styled-reversal policy with
+     * its character tokenizer), or the engine's 'tiny' / 'small' sizes
+     */
+    preset: z.enum(['demo', 'tiny', 'small']).optional(),
     /** a Hugging Face model directory (config.json, *.safetensors, tokenizer.json) */
     path: path().optional(),
     /** seed of a preset's random initialisation */
@@ -144,6 +147,19 @@ const trainingSchema = z
   })
   .transform((t) => ({ ...t, mode: t.mode ?? datasetModeForLoss(t.loss) }));
 
+/** Supervised fine-tuning that makes π_0 before the first iteration (the demo's base policy). */
+const sftSchema = z.strictObject({
+  steps: positiveInt().default(400),
+  batchSize: positiveInt().default(64),
+  lr: positive().default(3e-3),
+  /** supervised (prompt, answer) rows drawn for it */
+  examples: positiveInt().default(4000),
+  /** style mix of the supervised answers: clearly exploitable, as the base policy should be */
+  styles: z.strictObject({ R: nonNegative(), P: nonNegative(), S: nonNegative() }).default({ R: 0.6, P: 0.3, S: 0.1 }),
+  /** probability that a supervised answer's reversal has one wrong letter */
+  corruption: probability().default(0.4),
+});
+
 const runSchema = z.strictObject({
   /** where every stage's output and the checkpoints go */
   dir: path().default('sppo-run'),
@@ -159,8 +175,13 @@ export const runConfigSchema = z
     preference: preferenceSchema,
     training: trainingSchema.prefault({}),
     run: runSchema.prefault({}),
+    sft: sftSchema.optional(),
   })
   .superRefine((c, ctx) => {
+    if (c.model.preset === 'demo' && c.data.words === undefined)
+      ctx.addIssue({ code: 'custom', path: ['model', 'preset'], message: "the 'demo' policy reads generated styled-reversal words (data.words)" });
+    if (c.sft !== undefined && c.preference.kind !== 'styled-reversal')
+      ctx.addIssue({ code: 'custom', path: ['sft'], message: "supervised fine-tuning data comes from the styled-reversal task (preference.kind 'styled-reversal')" });
     if (c.data.words !== undefined && c.preference.kind !== 'styled-reversal')
       ctx.addIssue({ code: 'custom', path: ['data', 'words'], message: "generated words go with preference.kind 'styled-reversal'" });
     // (only on a preference section that parsed cleanly: a malformed A is reported once, by its own path)
