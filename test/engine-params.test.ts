@@ -240,3 +240,17 @@ describe('the output head', () => {
     expect(same(8, 16)).toBe(true); // row 1
   });
 });
+
+describe('Model.create({ initialize: false })', () => {
+  it('leaves every parameter zero for a loader to fill, and the seeded draw is the default', async () => {
+    const blank = Model.create(tinyConfig(), { maxBatch: 1, maxSeq: 8 }, { initialize: false });
+    const drawn = Model.create(tinyConfig(), { maxBatch: 1, maxSeq: 8 });
+    for (const { name } of blank.params()) {
+      expect(blank.getParam(name).every((v) => v === 0), name).toBe(true);
+      expect(drawn.getParam(name).some((v) => v !== 0), name).toBe(true);
+    }
+    expect(() => Model.create(tinyConfig(), { maxBatch: 1, maxSeq: 8 }, { initialise: false } as never)).toThrow(/options has an unknown field 'initialise'/);
+    await blank.dispose();
+    await drawn.dispose();
+  });
+});

@@ -64,10 +64,12 @@ export class Model {
   /**
    * Creates a model with seeded random weights. `config` is a Hugging Face-style config or a
    * preset name; `plan` fixes the largest batch the model will see, and all memory with it.
+   * `initialize: false` leaves every parameter zero, for callers that set all of them (loading
+   * a checkpoint), which skips drawing a random value per parameter.
    */
-  static create(config: ModelConfig | PresetName, plan: MemoryPlan): Model {
+  static create(config: ModelConfig | PresetName, plan: MemoryPlan, options: { initialize?: boolean } = {}): Model {
     const cfg = typeof config === 'string' ? presetConfig(config) : config;
-    const handle = new (native().NativeModel)(cfg, plan);
+    const handle = new (native().NativeModel)(cfg, plan, options);
     return new Model(handle, plan);
   }
 

@@ -31,7 +31,7 @@ export interface NativeModelHandle {
 }
 
 export interface NativeAddon {
-  NativeModel: new (config: object, plan: object) => NativeModelHandle;
+  NativeModel: new (config: object, plan: object, options?: { initialize?: boolean }) => NativeModelHandle;
   setNumThreads(n: number): void;
   numThreads(): number;
   presetConfig(name: string): Record<string, unknown>;

@@ -263,8 +263,13 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     Fields p(env, info[1], "plan", {"maxBatch", "maxSeq"});
     sppo::MemoryPlan plan{checked_int(env, p.integer("maxBatch", 0), "plan.maxBatch"),
                           checked_int(env, p.integer("maxSeq", 0), "plan.maxSeq")};
+    bool initialize = true;
+    if (!info[2].IsUndefined()) {
+      Fields o(env, info[2], "options", {"initialize"});
+      initialize = o.boolean("initialize", true);
+    }
     try {
-      model_ = std::make_unique<Model<float>>(c, plan, std::make_unique<sppo::cpu::CpuOps<float>>());
+      model_ = std::make_unique<Model<float>>(c, plan, std::make_unique<sppo::cpu::CpuOps<float>>(), initialize);
     } catch (const std::exception& e) {
       throw Napi::RangeError::New(env, e.what());
     }

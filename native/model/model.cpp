@@ -37,7 +37,7 @@ ModelConfig preset_config(const std::string& name) {
 }
 
 template <class T>
-Model<T>::Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops)
+Model<T>::Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops, bool init)
     : cfg_(config), plan_(plan), ops_(std::move(ops)) {
   cfg_.resolve_and_validate();
   plan_.validate(cfg_);
@@ -51,7 +51,7 @@ Model<T>::Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops
     for (T* p : owned_) ops_->free(p);
     throw;
   }
-  initialize();
+  if (init) initialize();
 }
 
 template <class T>

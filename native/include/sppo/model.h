@@ -62,7 +62,9 @@ struct MemoryReport {
 template <class T>
 class Model {
  public:
-  Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops);
+  // initialize = false leaves the parameters zero, for callers that load every one of them
+  // (drawing 0.5B normals costs far more than reading a checkpoint).
+  Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops, bool initialize = true);
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;

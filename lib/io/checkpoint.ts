@@ -1,0 +1,165 @@
+// Hugging Face model directories in and out: config.json + safetensors weights (+ tokenizer)
+// → an engine Model, and an engine Model → a directory that transformers and vLLM load.
+import { existsSync } from 'node:fs';
+import { mkdir, readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { Model } from '../engine/model.js';
+import type { MemoryPlan } from '../engine/types.js';
+import { ConfigError, engineConfigFromHf, hfConfigFromEngine, type Architecture, type HfConfig } from './hf-config.js';
+import { ReadScratch, type TensorSource } from './safetensors.js';
+import { StagedFiles } from './staging.js';
+import { Tokenizer, TOKENIZER_FILES } from './tokenizer.js';
+import { CheckpointWeights, removeStaleWeights, stageWeights } from './weights.js';
+
+export class CheckpointError extends Error {
+  override name = 'CheckpointError';
+}
+
+export interface LoadOptions {
+  /** refuse configs whose training behaviour the engine cannot match (dropout); default true */
+  training?: boolean;
+}
+
+export interface Pretrained {
+  model: Model;
+  /** config.json as read */
+  config: HfConfig;
+  architecture: Architecture;
+  /** present when the directory has a tokenizer.json */
+  tokenizer?: Tokenizer;
+}
+
+// Derived buffers some exporters include; transformers recomputes and ignores them too.
+const IGNORED_TENSOR = /(^|\.)rotary_emb\.inv_freq$/;
+const TIED_HEAD = 'lm_head.weight';
+const EMBEDDING = 'model.embed_tokens.weight';
+
+async function readConfig(file: string): Promise<HfConfig> {
+  if (!existsSync(file)) throw new CheckpointError(`${file}: not found`);
+  try {
+    return JSON.parse(await readFile(file, 'utf8')) as HfConfig;
+  } catch (e) {
+    throw new ConfigError(`${file}: not valid JSON (${(e as Error).message})`);
+  }
+}
+
+function listed(names: string[]): string {
+  const shown = names.slice(0, 8).map((n) => `'${n}'`).join(', ');
+  return names.length > 8 ? `${shown} and ${names.length - 8} more` : shown;
+}
+
+/** Checks the checkpoint's tensor names and shapes against the model's before any is read. */
+function checkTensorTable(weights: CheckpointWeights, model: Model): void {
+  const expected = new Map(model.params().map((p) => [p.name, p.shape]));
+  const tied = model.config.tie_word_embeddings;
+  const missing = [...expected.keys()].filter((n) => !weights.tensors.has(n));
+  const unexpected = [...weights.tensors.keys()].filter((n) => !expected.has(n) && !IGNORED_TENSOR.test(n) && !(tied && n === TIED_HEAD));
+  if (!tied && missing.includes(TIED_HEAD)) {
+    throw new CheckpointError(`${weights.dir}: '${TIED_HEAD}' is missing and tie_word_embeddings is false (an untied model needs its own output head)`);
+  }
+  if (missing.length > 0) throw new CheckpointError(`${weights.dir}: the checkpoint lacks ${missing.length} tensor(s) the model needs: ${listed(missing)}`);
+  if (unexpected.length > 0) throw new CheckpointError(`${weights.dir}: the checkpoint has ${unexpected.length} tensor(s) the model does not: ${listed(unexpected)}`);
+  for (const [name, shape] of expected) {
+    const t = weights.tensors.get(name)!;
+    if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
+      throw new CheckpointError(`${t.file.path}: tensor '${name}' has shape [${t.shape.join(', ')}] but the config gives [${shape.join(', ')}]`);
+    }
+  }
+  if (tied && weights.tensors.has(TIED_HEAD)) {
+    const t = weights.tensors.get(TIED_HEAD)!;
+    const e = expected.get(EMBEDDING)!;
+    if (t.shape.join() !== e.join()) throw new CheckpointError(`${t.file.path}: tied '${TIED_HEAD}' has shape [${t.shape.join(', ')}], the embedding [${e.join(', ')}]`);
+  }
+}
+
+/**
+ * Loads a Hugging Face model directory (config.json, model.safetensors or sharded with
+ * model.safetensors.index.json, and tokenizer files when present) into a new engine model
+ * planned for `plan`. Weights are read one tensor at a time.
+ */
+export async function loadPretrained(dir: string, plan: MemoryPlan, options: LoadOptions = {}): Promise<Pretrained> {
+  const configFile = path.join(dir, 'config.json');
+  const hf = await readConfig(configFile);
+  const { config, architecture } = engineConfigFromHf(hf, { maxSeq: plan.maxSeq, training: options.training, label: configFile });
+  const tokenizer = existsSync(path.join(dir, 'tokenizer.json')) ? await Tokenizer.fromDirectory(dir) : undefined;
+  const weights = await CheckpointWeights.open(dir);
+  let model: Model | undefined;
+  try {
+    model = Model.create(config, plan, { initialize: false });  // every parameter is read below
+    checkTensorTable(weights, model);
+    // setParam copies into the engine, so one pair of buffers serves every tensor.
+    const scratch = new ReadScratch();
+    for (const { name } of model.params()) {
+      const data = await weights.readFloat32(name, scratch);
+      try {
+        model.setParam(name, data);
+      } catch (e) {
+        throw new CheckpointError(`${weights.tensors.get(name)!.file.path}: tensor '${name}': ${(e as Error).message}`);
+      }
+    }
+    if (model.config.tie_word_embeddings && weights.tensors.has(TIED_HEAD)) {
+      // transformers would silently use the embedding; a different head means a broken export.
+      const head = await weights.readFloat32(TIED_HEAD);
+      const embedding = model.getParam(EMBEDDING);
+      const i = head.findIndex((v, k) => v !== embedding[k]);
+      if (i >= 0) throw new CheckpointError(`${weights.tensors.get(TIED_HEAD)!.file.path}: tie_word_embeddings is true but '${TIED_HEAD}' differs from '${EMBEDDING}' (first at element ${i})`);
+    }
+    return { model, config: hf, architecture, tokenizer };
+  } catch (e) {
+    await model?.dispose();
+    throw e;
+  } finally {
+    await weights.close();
+  }
+}
+
+export interface SaveOptions {
+  /** the model's source directory: its config.json is the template (architecture, token ids) and its tokenizer and generation config are copied */
+  sourceDir?: string;
+  /** default: the source's architecture, else Qwen2ForCausalLM with q/k/v biases, else LlamaForCausalLM */
+  architecture?: Architecture;
+  /** shard above this many bytes of tensors (default 5 GB, as transformers) */
+  maxShardBytes?: number;
+  /** weight dtype on disk (default float32); bfloat16 rounds to nearest even */
+  dtype?: 'float32' | 'bfloat16';
+}
+
+/**
+ * Writes a complete model directory: config.json, generation_config.json, the weights
+ * (model.safetensors, or shards and their index) and the source's tokenizer files. Every file
+ * is written in full under a temporary name first and renamed into place only when all are
+ * written, so a failure leaves an earlier save in `dir` intact. Returns the files written.
+ */
+export async function savePretrained(model: Model, dir: string, options: SaveOptions = {}): Promise<string[]> {
+  const dtype = options.dtype ?? 'float32';
+  if (dtype !== 'float32' && dtype !== 'bfloat16') throw new RangeError(`dtype must be 'float32' or 'bfloat16', got '${String(dtype)}'`);
+  const source = options.sourceDir ? await readConfig(path.join(options.sourceDir, 'config.json')) : undefined;
+  const hf = hfConfigFromEngine(model.config, { source, architecture: options.architecture, dtype });
+  await mkdir(dir, { recursive: true });
+
+  const staging = new StagedFiles();
+  try {
+    const tensors: TensorSource[] = model.params().map((p) => ({ name: p.name, shape: p.shape, data: () => model.getParam(p.name) }));
+    const weightFiles = await stageWeights(dir, tensors, { maxShardBytes: options.maxShardBytes, dtype: dtype === 'bfloat16' ? 'BF16' : 'F32' }, staging);
+    await staging.writeText(path.join(dir, 'config.json'), JSON.stringify(hf, null, 2) + '\n');
+
+    const sourceFile = (name: string) => (options.sourceDir ? path.join(options.sourceDir, name) : undefined);
+    const generation = sourceFile('generation_config.json');
+    if (generation && existsSync(generation)) await staging.copy(generation, path.join(dir, 'generation_config.json'));
+    else {
+      const ids = Object.fromEntries(['bos_token_id', 'eos_token_id', 'pad_token_id'].filter((k) => hf[k] !== undefined).map((k) => [k, hf[k]]));
+      await staging.writeText(path.join(dir, 'generation_config.json'), JSON.stringify({ _from_model_config: true, ...ids }, null, 2) + '\n');
+    }
+    for (const name of TOKENIZER_FILES) {
+      const from = sourceFile(name);
+      if (from && existsSync(from)) await staging.copy(from, path.join(dir, name));
+    }
+    const written = staging.targets;
+    await staging.commit();
+    await removeStaleWeights(dir, weightFiles);
+    return written;
+  } catch (e) {
+    await staging.abort();
+    throw e;
+  }
+}

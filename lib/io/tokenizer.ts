@@ -1,0 +1,216 @@
+// A Hugging Face tokenizer directory: tokenizer.json through @huggingface/tokenizers (pure JS),
+// special tokens from tokenizer_config.json / special_tokens_map.json / generation_config.json,
+// and the chat template (chat_template.jinja, else tokenizer_config.json's chat_template)
+// rendered with @huggingface/jinja, the same way transformers' apply_chat_template does.
+import { existsSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { Template } from '@huggingface/jinja';
+import { Tokenizer as HfTokenizer } from '@huggingface/tokenizers';
+
+export class TokenizerError extends Error {
+  override name = 'TokenizerError';
+}
+
+export interface ChatMessage {
+  role: string;
+  content: string;
+  [key: string]: unknown;
+}
+
+export interface ChatTemplateOptions {
+  /** end with the assistant header so the model writes the reply (default false) */
+  addGenerationPrompt?: boolean;
+  /** a named template from tokenizer_config.json's list (default: 'default' or the only one) */
+  templateName?: string;
+  tools?: unknown[];
+  documents?: unknown[];
+  /** further template variables (e.g. enable_thinking) */
+  variables?: Record<string, unknown>;
+}
+
+export interface TokenizerFiles {
+  /** parsed tokenizer.json */
+  tokenizer: Record<string, unknown>;
+  /** parsed tokenizer_config.json */
+  tokenizerConfig?: Record<string, unknown>;
+  specialTokensMap?: Record<string, unknown>;
+  generationConfig?: Record<string, unknown>;
+  /** the text of chat_template.jinja */
+  chatTemplate?: string;
+  /** names the source in errors */
+  label?: string;
+}
+
+/** The tokenizer files saved with a model, in the order transformers writes them. */
+export const TOKENIZER_FILES = ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'chat_template.jinja', 'tokenizer.model'];
+
+async function readJson(file: string): Promise<Record<string, unknown> | undefined> {
+  if (!existsSync(file)) return undefined;
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(await readFile(file, 'utf8'));
+  } catch (e) {
+    throw new TokenizerError(`${file}: not valid JSON (${(e as Error).message})`);
+  }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new TokenizerError(`${file}: must be a JSON object`);
+  return parsed as Record<string, unknown>;
+}
+
+/** A special token as written in tokenizer_config.json: a string or an AddedToken object. */
+function tokenContent(v: unknown): string | undefined {
+  if (typeof v === 'string') return v;
+  if (typeof v === 'object' && v !== null && typeof (v as { content?: unknown }).content === 'string') return (v as { content: string }).content;
+  return undefined;
+}
+
+/** generation_config's eos_token_id: an int or a list of ints. */
+function idList(v: unknown): number[] {
+  if (Number.isInteger(v)) return [v as number];
+  if (Array.isArray(v)) return v.filter((x): x is number => Number.isInteger(x));
+  return [];
+}
+
+export class Tokenizer {
+  readonly bosToken: string | undefined;
+  readonly eosToken: string | undefined;
+  readonly padToken: string | undefined;
+  readonly bosTokenId: number | undefined;
+  /** every id that ends generation: generation_config.json's first, then the tokenizer's eos */
+  readonly eosTokenIds: number[];
+  readonly padTokenId: number | undefined;
+  /** named chat templates; 'default' is the one used without a templateName */
+  readonly chatTemplates: ReadonlyMap<string, string>;
+  readonly #hf: HfTokenizer;
+  readonly #label: string;
+  readonly #compiled = new Map<string, Template>();
+
+  constructor(files: TokenizerFiles) {
+    this.#label = files.label ?? 'tokenizer';
+    const config = files.tokenizerConfig ?? {};
+    try {
+      this.#hf = new HfTokenizer(files.tokenizer, config);
+    } catch (e) {
+      throw new TokenizerError(`${this.#label}: tokenizer.json could not be loaded (${(e as Error).message})`);
+    }
+    const special = (key: string) => tokenContent(config[key]) ?? tokenContent(files.specialTokensMap?.[key]);
+    this.bosToken = special('bos_token');
+    this.eosToken = special('eos_token');
+    this.padToken = special('pad_token');
+    const id = (token: string | undefined) => (token === undefined ? undefined : this.#hf.token_to_id(token));
+    this.bosTokenId = id(this.bosToken) ?? idList(files.generationConfig?.bos_token_id)[0];
+    const eos = [...idList(files.generationConfig?.eos_token_id), id(this.eosToken)].filter((x): x is number => x !== undefined);
+    this.eosTokenIds = [...new Set(eos)];
+    this.padTokenId = id(this.padToken) ?? idList(files.generationConfig?.pad_token_id)[0];
+    this.chatTemplates = Tokenizer.#templates(files, this.#label);
+  }
+
+  static #templates(files: TokenizerFiles, label: string): Map<string, string> {
+    const out = new Map<string, string>();
+    const fromConfig = files.tokenizerConfig?.chat_template;
+    if (typeof fromConfig === 'string') out.set('default', fromConfig);
+    else if (Array.isArray(fromConfig)) {
+      for (const t of fromConfig) {
+        if (typeof t?.name !== 'string' || typeof t?.template !== 'string') {
+          throw new TokenizerError(`${label}: tokenizer_config.json chat_template list entries must be {name, template} strings`);
+        }
+        out.set(t.name, t.template);
+      }
+    } else if (fromConfig !== undefined && fromConfig !== null) {
+      throw new TokenizerError(`${label}: tokenizer_config.json chat_template must be a string or a list of {name, template}`);
+    }
+    // transformers ≥ 4.43 saves the template as its own file, which takes precedence.
+    if (files.chatTemplate !== undefined) out.set('default', files.chatTemplate);
+    return out;
+  }
+
+  /** Reads tokenizer.json (required) and whichever companion files the directory has. */
+  static async fromDirectory(dir: string): Promise<Tokenizer> {
+    const file = (name: string) => path.join(dir, name);
+    const tokenizer = await readJson(file('tokenizer.json'));
+    if (!tokenizer) throw new TokenizerError(`${dir}: no tokenizer.json (only fast tokenizers are supported)`);
+    const templateFile = file('chat_template.jinja');
+    return new Tokenizer({
+      tokenizer,
+      tokenizerConfig: await readJson(file('tokenizer_config.json')),
+      specialTokensMap: await readJson(file('special_tokens_map.json')),
+      generationConfig: await readJson(file('generation_config.json')),
+      chatTemplate: existsSync(templateFile) ? await readFile(templateFile, 'utf8') : undefined,
+      label: dir,
+    });
+  }
+
+  /** The vocabulary size including added tokens. */
+  get vocabSize(): number {
+    return this.#hf.get_vocab(true).size;
+  }
+
+  tokenId(token: string): number | undefined {
+    return this.#hf.token_to_id(token);
+  }
+
+  /** Token ids of `text`; special tokens (e.g. BOS) are added as tokenizer.json's post-processor says. */
+  encode(text: string, options: { addSpecialTokens?: boolean } = {}): number[] {
+    return this.#hf.encode(text, { add_special_tokens: options.addSpecialTokens ?? true }).ids;
+  }
+
+  /** Text of `ids`; cleanUpTokenizationSpaces defaults to tokenizer_config.json's setting, as in transformers. */
+  decode(ids: readonly number[], options: { skipSpecialTokens?: boolean; cleanUpTokenizationSpaces?: boolean } = {}): string {
+    return this.#hf.decode([...ids], {
+      skip_special_tokens: options.skipSpecialTokens ?? false,
+      clean_up_tokenization_spaces: options.cleanUpTokenizationSpaces ?? null,
+    });
+  }
+
+  #template(name: string | undefined): Template {
+    const key = name ?? (this.chatTemplates.size === 1 ? [...this.chatTemplates.keys()][0] : 'default');
+    const source = this.chatTemplates.get(key);
+    if (source === undefined) {
+      throw new TokenizerError(
+        this.chatTemplates.size === 0
+          ? `${this.#label}: no chat template (add chat_template.jinja or tokenizer_config.json chat_template)`
+          : `${this.#label}: no chat template named '${key}' (have: ${[...this.chatTemplates.keys()].join(', ')})`,
+      );
+    }
+    let t = this.#compiled.get(key);
+    if (!t) {
+      try {
+        t = new Template(source);
+      } catch (e) {
+        throw new TokenizerError(`${this.#label}: chat template '${key}' does not parse (${(e as Error).message})`);
+      }
+      this.#compiled.set(key, t);
+    }
+    return t;
+  }
+
+  /** The conversation as the model's prompt text. */
+  applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions = {}): string {
+    const template = this.#template(options.templateName);
+    const vars: Record<string, unknown> = {
+      ...options.variables,
+      messages,
+      add_generation_prompt: options.addGenerationPrompt ?? false,
+      bos_token: this.bosToken ?? '',
+      eos_token: this.eosToken ?? '',
+      pad_token: this.padToken ?? '',
+    };
+    if (options.tools) vars.tools = options.tools;
+    if (options.documents) vars.documents = options.documents;
+    try {
+      return template.render(vars);
+    } catch (e) {
+      throw new TokenizerError(`${this.#label}: chat template failed to render (${(e as Error).message})`);
+    }
+  }
+
+  /**
+   * The prompt for generation as token ids (addGenerationPrompt defaults to true). The template
+   * decides every special token: the text is encoded without adding any, as transformers does,
+   * so a template that writes bos_token yields one BOS, not two.
+   */
+  encodeChat(messages: readonly ChatMessage[], options: ChatTemplateOptions = {}): number[] {
+    const text = this.applyChatTemplate(messages, { ...options, addGenerationPrompt: options.addGenerationPrompt ?? true });
+    return this.encode(text, { addSpecialTokens: false });
+  }
+}
