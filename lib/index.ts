@@ -1,6 +1,15 @@
 // Public API of sppo-engine.
 export { Model, presetConfig, setNumThreads, numThreads, type PresetName } from './engine/model.js';
 export { native } from './engine/native.js';
+export {
+  Generator,
+  type GenerateOptions,
+  type GeneratedSequence,
+  type GeneratedToken,
+  type GeneratorPlan,
+  type PromptTokens,
+  type StopReason,
+} from './engine/generate.js';
 export { PREFERENCE_LOSSES } from './engine/preference.js';
 export type * from './engine/types.js';
 export { loadPretrained, savePretrained, CheckpointError, type LoadOptions, type Pretrained, type SaveOptions } from './io/checkpoint.js';

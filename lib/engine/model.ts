@@ -2,6 +2,7 @@
 // one model run one at a time in the order they were made, AbortSignals are honoured before
 // each call and between the steps of `train`, and `dispose` frees the native memory.
 import { toTokenBatch } from './batch.js';
+import { Generator, type GeneratorPlan } from './generate.js';
 import { native, type NativeModelHandle } from './native.js';
 import { packPreferenceBatch, packSequences } from './preference.js';
 import type {
@@ -193,6 +194,15 @@ export class Model {
       index++;
     }
     return results;
+  }
+
+  /**
+   * A sampler over this model's weights with its own KV cache, planned now for plan.maxBatch
+   * sequences of up to plan.maxContext tokens. Its calls queue with this model's other calls,
+   * so it always samples from the weights as they are when the call starts.
+   */
+  createGenerator(plan: GeneratorPlan): Generator {
+    return new Generator(this.#live(), plan, (fn, signal) => this.#enqueue(() => fn(), signal));
   }
 
   /** Every parameter with its Hugging Face name and shape. */

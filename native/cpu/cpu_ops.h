@@ -46,6 +46,10 @@ class CpuOps final : public Ops<T> {
                       double gscale) override;
 
   // ---- Decoding with a KV cache (batched sampling) ----
+  void kv_cache_write(T* k_cache, T* v_cache, const T* qkv, const int32_t* slots, const int32_t* positions, int64_t n,
+                      const AttentionShape& s) override;
+  void attention_decode(T* out, const T* qkv, const T* k_cache, const T* v_cache, const int32_t* slots,
+                        const int32_t* positions, int64_t n, const AttentionShape& s) override;
 
  private:
   // Per-thread attention scratch: two (query block x max_seq) score tiles per thread.

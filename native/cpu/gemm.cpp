@@ -50,6 +50,8 @@ struct Scratch {
 // threads never share a buffer.
 thread_local Scratch tl_apack;
 thread_local Scratch tl_bpack;
+// One packed op(B) sliver (KC x NR) of the running thread, for the small-M path.
+thread_local Scratch tl_bsliver;
 
 // Blocking. KC: a KC x NR B sliver (32 KiB for AVX-512) stays in the 48 KiB L1 while the
 // A slivers stream past it. MC: the MC x KC A block (~256 KiB) stays in L2. NC bounds the
@@ -60,8 +62,10 @@ constexpr int64_t kBPanelFloats = int64_t(4) << 20;
 // Below this much work (flops) one thread does it all: waking the pool's workers costs tens of
 // microseconds on a VM (a 1 MFLOP decode gemv took 15 us alone, ~55 us with two threads).
 constexpr double kMinParallelFlops = 4e6;
-// Up to this many rows, x * W^T reads W unpacked (see avx512_rows).
+// Up to kDotMaxM rows, x * W^T never packs W into the shared panel: up to kRowsMaxM rows it
+// is read unpacked (see avx512_rows), beyond that one sliver at a time (see gemm_f32).
 constexpr int64_t kDotMaxM = 16;
+constexpr int64_t kRowsMaxM = 8;
 
 // The micro-kernel computes C[0:mr, 0:nr] (= alpha * a * b + beta * C) for one tile:
 // a is mr x kc packed k-major (a[k * mr + i]), b is kc x NR packed k-major (zero-padded past
@@ -335,11 +339,11 @@ SPPO_AVX512 inline void avx512_transpose16(const __m512 (&r)[16], __m512 (&col)[
   }
 }
 
-// Few rows times a transposed B (decode: x * W^T with W stored (N, K)): packing W would cost a
-// write and a re-read of all of it, so each 16 x 16 block of W is transposed in registers and
-// used at once. Every C element is accumulated exactly as the packed micro-kernel does it (the
-// same K blocks of depth kcb, one FMA chain per element in k order, the same alpha/beta
-// epilogue), so a row's result is bit-identical whatever M is and whichever path ran: batched
+// Very few rows times a transposed B (decode: x * W^T with W stored (N, K)): packing W would
+// cost a write and a re-read of all of it, so each 16 x 16 block of W is transposed in
+// registers and used at once. Every C element is accumulated exactly as the packed
+// micro-kernel does it (the same K blocks of depth kcb, one FMA chain per element in k order,
+// the same alpha/beta epilogue), so a row's result is bit-identical whatever M is and whichever path ran: batched
 // decoding relies on that to give each sequence the same tokens whatever else is in the batch.
 // C[0:MB, j0:j0+nr], nr <= 16, MB <= 8 (MB accumulators + 16 columns fit the 32 registers).
 template <int MB>
@@ -395,14 +399,18 @@ SPPO_AVX512 void avx512_rows_block(int nr, int64_t K, int64_t kcb, const float* 
   }
 }
 
-// C[0:M, j0:j1] in column blocks of 16 (the block's W rows stay in L1 while up to
-// kDotMaxM rows of A pass over them, 8 at a time).
+// C[0:M, j0:j1] for M <= kRowsMaxM, in column blocks of 16.
 SPPO_AVX512 void avx512_rows(int64_t M, int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A,
                              int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                              float alpha, float beta) {
   for (int64_t j = j0; j < j1; j += 16) {
     const int nr = static_cast<int>(std::min<int64_t>(16, j1 - j));
     const float* bj = B + j * ldb;
+    // The next block's W rows are 16 short streams the hardware prefetcher barely catches;
+    // ask for them now so they arrive while this block computes.
+    for (int64_t r = 16; r < std::min<int64_t>(32, j1 - j); ++r)
+      for (int64_t k = 0; k < K; k += 16)
+        _mm_prefetch(reinterpret_cast<const char*>(bj + r * ldb + k), _MM_HINT_T1);
     for (int64_t i = 0; i < M; i += 8) {
       const float* ai = A + i * lda;
       float* c = C + i * ldc + j;
@@ -515,19 +523,55 @@ void gemm_f32(const KernelSet& ks, bool transA, bool transB, int64_t M, int64_t 
   // reduce over exactly these blocks, which is what makes a row's result independent of M.
   const int64_t n_kb = (K + kKC - 1) / kKC;
   const int64_t kcb = (K + n_kb - 1) / n_kb;
+  const int MR = ks.mr, NR = ks.nr;
   if (ks.rows && transB && !transA && M <= kDotMaxM) {
-    // One contiguous share of W rows per thread: when the same layer runs again, each
-    // thread's share is still in its own L2.
+    // Few rows (decode): W is never packed into the shared panel. Either way each output is
+    // reduced exactly as in the packed path below, so rows come out bit-identical whatever M is.
     const int64_t groups = (N + 15) / 16;
-    const int64_t n_tasks = std::min<int64_t>(T, groups);
+    const int64_t n_sl = (N + NR - 1) / NR;
+    const int64_t n_tasks = std::min<int64_t>(T, M <= kRowsMaxM ? groups : n_sl);
     run(n_tasks, [&](int64_t t, int) {
-      const int64_t j0 = groups * t / n_tasks * 16, j1 = std::min(N, groups * (t + 1) / n_tasks * 16);
-      ks.rows(M, j0, j1, K, kcb, A, lda, B, ldb, C, ldc, alpha, beta);
+      // One contiguous share of W rows per thread: when the same layer runs again, each
+      // thread's share is still in its own L2.
+      if (M <= kRowsMaxM) {
+        const int64_t j0 = groups * t / n_tasks * 16, j1 = std::min(N, groups * (t + 1) / n_tasks * 16);
+        ks.rows(M, j0, j1, K, kcb, A, lda, B, ldb, C, ldc, alpha, beta);
+        return;
+      }
+      // More rows: transposing each W block once for all of them pays, so pack one NR-wide
+      // sliver for one K block into L1 and run the packed path's own micro-kernel on it.
+      const int64_t s0 = n_sl * t / n_tasks, s1 = n_sl * (t + 1) / n_tasks;
+      const int64_t tiles = (M + MR - 1) / MR;
+      const int mr = static_cast<int>((M + tiles - 1) / tiles);
+      float* ap = tl_apack.get(static_cast<size_t>(M) * kcb);     // (M, kc) in mr-row slivers
+      float* bs = tl_bsliver.get(static_cast<size_t>(kcb) * NR);  // (kc, NR)
+      for (int64_t kb = 0; kb < n_kb; ++kb) {
+        const int64_t p0 = kb * kcb, kc = std::min(kcb, K - p0);
+        const float beta_k = kb == 0 ? beta : 1.0f;
+        pack_a(ks, false, A, lda, 0, M, p0, kc, mr, ap);
+        for (int64_t s = s0; s < s1; ++s) {
+          const int64_t j = s * NR;
+          const int nr = static_cast<int>(std::min<int64_t>(NR, N - j));
+          pack_b_sliver(ks, true, B, ldb, p0, kc, j, nr, NR, bs);
+          if (s + 1 < s1) {
+            // The next sliver's W rows are NR short streams the hardware prefetcher barely
+            // catches; ask for them now so they arrive while this sliver computes.
+            const int64_t jn = j + NR, rows_next = std::min<int64_t>(NR, N - jn);
+            for (int64_t r = 0; r < rows_next; ++r)
+              for (int64_t k = 0; k < kc; k += 16)
+                _mm_prefetch(reinterpret_cast<const char*>(B + (jn + r) * ldb + p0 + k), _MM_HINT_T1);
+          }
+          const float* as = ap;
+          for (int64_t i = 0; i < M; i += mr) {
+            const int rows = static_cast<int>(std::min<int64_t>(mr, M - i));
+            ks.tile(rows, nr, kc, as, bs, C + i * ldc + j, ldc, alpha, beta_k);
+            as += rows * kc;
+          }
+        }
+      }
     });
     return;
   }
-  const int MR = ks.mr, NR = ks.nr;
-
   // NC: as wide as the packed-B budget allows, in whole slivers, split into equal panels.
   const int64_t nc_cap = std::max<int64_t>(NR, kBPanelFloats / K / NR * NR);
   const int64_t n_jc = (N + nc_cap - 1) / nc_cap;

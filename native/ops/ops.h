@@ -94,6 +94,18 @@ class Ops {
                               double decay, double gscale) = 0;
 
   // ---- Decoding with a KV cache (batched sampling) ----
+  // Rows are new tokens of sequences held in a KV cache: row i is fused qkv as above, belongs to
+  // cache slot slots[i] and sits at position positions[i]. A layer's cache holds k and v, each
+  // (s.batch slots, kv_heads, s.seq positions, head_dim): a head's keys are contiguous.
+  // Writes the (already rotated) k and v heads of the n rows into their slots and positions.
+  virtual void kv_cache_write(T* k_cache, T* v_cache, const T* qkv, const int32_t* slots, const int32_t* positions,
+                              int64_t n, const AttentionShape& s) = 0;
+  // out(n, heads*head_dim): each row's q heads attend to its slot's cached positions
+  // 0..positions[i] (so causal, and blind to other slots and to stale entries past its position).
+  // Every row's own k and v must be in the cache first. A row's result depends only on that row
+  // and its slot's cache, never on the other rows of the call.
+  virtual void attention_decode(T* out, const T* qkv, const T* k_cache, const T* v_cache, const int32_t* slots,
+                                const int32_t* positions, int64_t n, const AttentionShape& s) = 0;
 };
 
 }  // namespace sppo

@@ -17,19 +17,6 @@ using namespace sppo;
 
 namespace {
 
-template <class F>
-double median_seconds(int reps, F&& f) {
-  f();  // warm-up: first-touch of buffers and GEMM packing scratch
-  std::vector<double> t;
-  for (int r = 0; r < reps; ++r) {
-    auto t0 = std::chrono::steady_clock::now();
-    f();
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
 // The unfused path as a framework runs it: all logits, log-softmax, gather, then the backward
 // from the full (N, V) gradient (computed in place, so this is already its frugal form).
 void unfused(std::vector<float>& logits, const std::vector<float>& H, const std::vector<float>& W,
@@ -67,14 +54,14 @@ SPPO_BENCH(fused_head) {
     const int64_t chunk = int64_t(1) << 22;
     std::vector<float> scratch(chunk);
     cpu::CpuOps<float> ops;
-    const double fused = median_seconds(3, [&] {
+    const double fused = harness::median_seconds(3, [&] {
       ops.head_logprobs(logp.data(), lse.data(), H.data(), W.data(), targets.data(), N, C, V, scratch.data(), chunk);
       ops.head_logprobs_backward(dH.data(), dW.data(), H.data(), W.data(), targets.data(), lse.data(), coef.data(), N, C,
                                  V, scratch.data(), chunk);
     });
     const double fused_extra = (scratch.size() * sizeof(float) + 2.0 * N * sizeof(double)) / 1048576.0;
     std::vector<float> logits(N * V);
-    const double plain = median_seconds(3, [&] { unfused(logits, H, W, targets, coef, dH, dW, N, C, V); });
+    const double plain = harness::median_seconds(3, [&] { unfused(logits, H, W, targets, coef, dH, dW, N, C, V); });
     const double plain_extra = logits.size() * sizeof(float) / 1048576.0;
     std::printf("%-6lld %-10s %10.1f %14.1f\n", (long long)C, "fused", fused * 1e3, fused_extra);
     std::printf("%-6lld %-10s %10.1f %14.1f\n", (long long)C, "unfused", plain * 1e3, plain_extra);

@@ -1,6 +1,8 @@
 // A minimal registry for the C++ tests and kernel benchmarks (no Node, no external framework),
 // so kernels can be checked and timed on machines that have only a compiler.
 #pragma once
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -34,6 +36,21 @@ struct Register {
 struct Failure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+// Benchmarks: the median wall-clock seconds of `reps` calls after one warm-up call (which takes
+// the first-touch page faults and one-time scratch growth).
+template <class F>
+double median_seconds(int reps, F&& f) {
+  f();
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    f();
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
 
 }  // namespace sppo::harness
 

@@ -1,0 +1,63 @@
+// Argument parsing shared by the subcommands: node:util parseArgs (strict, no positionals) with
+// errors turned into UsageError, which the entry point prints as one line and exits with 2.
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+
+/** The user asked for something the command cannot do as asked (exit code 2). */
+export class UsageError extends Error {
+  override name = 'UsageError';
+}
+
+export interface Io {
+  stdout: NodeJS.WritableStream & { isTTY?: boolean };
+  stderr: NodeJS.WritableStream;
+}
+
+export interface Command {
+  name: string;
+  summary: string;
+  /** the full `--help` text */
+  help: string;
+  run(argv: string[], io: Io): Promise<number>;
+}
+
+type Options = NonNullable<ParseArgsConfig['options']>;
+type Values<O extends Options> = ReturnType<typeof parseArgs<{ options: O; strict: true; allowPositionals: false }>>['values'];
+
+export function parseOptions<O extends Options>(command: string, argv: string[], options: O): Values<O> {
+  try {
+    return parseArgs({ args: argv, options, strict: true, allowPositionals: false }).values;
+  } catch (err) {
+    const code = (err as { code?: string }).code;
+    if (!code?.startsWith('ERR_PARSE_ARGS')) throw err;
+    // Node appends advice about '--' positionals, which no sppo command takes.
+    const message = (err as Error).message.replace(/\. To specify a positional argument.*$/s, '');
+    throw new UsageError(`${message} (see sppo ${command} --help)`);
+  }
+}
+
+export function integerOption(value: string | undefined, flag: string, min: number): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isSafeInteger(n) || n < min) throw new UsageError(`--${flag} must be an integer ≥ ${min}, got '${value}'`);
+  return n;
+}
+
+export function numberOption(value: string | undefined, flag: string, range: { min: number; max?: number }): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  const { min, max } = range;
+  if (value.trim() === '' || !Number.isFinite(n) || n < min || (max !== undefined && n > max))
+    throw new UsageError(`--${flag} must be a number ≥ ${min}${max === undefined ? '' : ` and ≤ ${max}`}, got '${value}'`);
+  return n;
+}
+
+export function requireOption<T>(value: T | undefined, flag: string, command: string): T {
+  if (value === undefined) throw new UsageError(`--${flag} is required (see sppo ${command} --help)`);
+  return value;
+}
+
+/** The command line as typed, for "resume with the same command". */
+export function commandLine(argv: readonly string[]): string {
+  const quote = (a: string) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`);
+  return ['sppo', ...argv.map(quote)].join(' ');
+}

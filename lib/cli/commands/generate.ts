@@ -1,0 +1,156 @@
+// `sppo generate`: samples responses to a prompt file from a checkpoint — a Hugging Face model
+// directory (prompts through its chat template) or a policy of a demo run (its character
+// tokenizer) — and writes one JSON line per response.
+import { existsSync } from 'node:fs';
+import path from 'node:path';
+import type { RunConfig } from '../../config/schema.js';
+import { loadPrompts } from '../../data/prompts.js';
+import { CharTokenizer } from '../../demo/task.js';
+import type { GeneratedSequence } from '../../engine/generate.js';
+import { loadPretrained } from '../../io/checkpoint.js';
+import { Tokenizer } from '../../io/tokenizer.js';
+import { resolveStyledReversal } from '../../preference/styled-reversal.js';
+import type { PolicyText } from '../../sppo/run.js';
+import { readJson, writeTextAtomic } from '../../sppo/run-dir.js';
+import { integerOption, numberOption, parseOptions, requireOption, UsageError, type Command } from '../args.js';
+import { Progress } from '../progress.js';
+import { chatPolicyText, contextLimit, requireChatTokenizer } from '../setup.js';
+
+const help = `Usage: sppo generate (--model DIR | --demo-run RUN_DIR [--iteration T]) --prompts FILE [options]
+
+Samples responses from a checkpoint and writes JSON lines {prompt, response, logprob, stopReason}
+(logprob: the response's summed token log-probabilities under the policy), prompt-major.
+
+  --model DIR            a Hugging Face model directory with a tokenizer and a chat template
+                         (also a run's checkpoint: <run.dir>/iter-T/policy)
+  --demo-run RUN_DIR     a \`sppo demo\` run: samples from RUN_DIR/iter-T/policy
+  --iteration T          with --demo-run: which policy (0 = base; default the latest)
+  --prompts FILE         JSONL or Parquet prompts (required)
+  --column NAME          the prompt column (default prompt)
+  --samples K            responses per prompt (default 1)
+  --temperature X        default 0.7 (--demo-run: the run's)
+  --top-p X              default 0.9 (--demo-run: the run's)
+  --max-new-tokens N     default 256 (--demo-run: the run's)
+  --seed N               default 0
+  --out FILE.jsonl       write here (atomically) instead of to stdout
+  -h, --help             this text`;
+
+/** Sequences decoded together for --model (a demo run uses its own generation.maxBatch). */
+const MODEL_MAX_BATCH = 16;
+
+interface Source {
+  /** the checkpoint */
+  dir: string;
+  /** a demo run's character tokenizer; a model directory brings its own */
+  demoText?: PolicyText;
+  sampling: { temperature: number; topP: number; topK: number; maxNewTokens: number; maxBatch: number };
+}
+
+async function demoRunSource(runDir: string, iteration: number | undefined): Promise<Source> {
+  const runFile = path.join(runDir, 'run.json');
+  if (!existsSync(runFile)) throw new UsageError(`--demo-run: ${runDir} has no run.json (not a run directory)`);
+  const { config } = await readJson<{ config: RunConfig }>(runFile);
+  if (config.model.preset !== 'demo' || config.preference.kind !== 'styled-reversal')
+    throw new UsageError(`--demo-run: ${runDir} is not a demo run; sample with --model ${path.join(runDir, 'iter-T', 'policy')}`);
+  const policy = (t: number) => path.join(runDir, t === 0 ? 'base' : `iter-${t}`, 'policy');
+  let t = iteration;
+  if (t === undefined) for (t = config.run.iterations; t > 0 && !existsSync(policy(t)); t--);
+  if (!existsSync(policy(t))) throw new UsageError(`--iteration: ${runDir} has no checkpoint of iteration ${t} yet`);
+  const { kind, concurrency, ...params } = config.preference;
+  const g = config.generation;
+  return {
+    dir: policy(t),
+    demoText: new CharTokenizer(resolveStyledReversal(params).alphabet),
+    sampling: { temperature: g.temperature, topP: g.topP, topK: g.topK, maxNewTokens: g.maxNewTokens, maxBatch: g.maxBatch },
+  };
+}
+
+export const generateCommand: Command = {
+  name: 'generate',
+  summary: 'sample responses to a prompt file from a checkpoint',
+  help,
+  async run(argv, io) {
+    const v = parseOptions('generate', argv, {
+      model: { type: 'string' },
+      'demo-run': { type: 'string' },
+      iteration: { type: 'string' },
+      prompts: { type: 'string' },
+      column: { type: 'string' },
+      samples: { type: 'string' },
+      temperature: { type: 'string' },
+      'top-p': { type: 'string' },
+      'max-new-tokens': { type: 'string' },
+      seed: { type: 'string' },
+      out: { type: 'string' },
+    });
+    if ((v.model === undefined) === (v['demo-run'] === undefined)) throw new UsageError('give exactly one of --model DIR and --demo-run RUN_DIR');
+    if (v.iteration !== undefined && v.model !== undefined) throw new UsageError('--iteration goes with --demo-run (for --model, name the checkpoint directory)');
+    const promptFile = requireOption(v.prompts, 'prompts', 'generate');
+    const samples = integerOption(v.samples, 'samples', 1) ?? 1;
+    const seed = integerOption(v.seed, 'seed', 0) ?? 0;
+    const source: Source = v.model !== undefined
+      ? { dir: path.resolve(v.model), sampling: { temperature: 0.7, topP: 0.9, topK: 0, maxNewTokens: 256, maxBatch: MODEL_MAX_BATCH } }
+      : await demoRunSource(path.resolve(v['demo-run']!), integerOption(v.iteration, 'iteration', 0));
+    const sampling = {
+      ...source.sampling,
+      temperature: numberOption(v.temperature, 'temperature', { min: 0 }) ?? source.sampling.temperature,
+      topP: numberOption(v['top-p'], 'top-p', { min: Number.MIN_VALUE, max: 1 }) ?? source.sampling.topP,
+      maxNewTokens: integerOption(v['max-new-tokens'], 'max-new-tokens', 1) ?? source.sampling.maxNewTokens,
+    };
+    const { maxBatch, ...options } = sampling;
+    let prompts: string[];
+    try {
+      prompts = await loadPrompts(path.resolve(promptFile), { column: v.column });
+    } catch (err) {
+      throw new UsageError(`--prompts: ${(err as Error).message}`);
+    }
+    const limit = await contextLimit(source.dir, v.model !== undefined ? '--model' : '--demo-run');
+    const text = source.demoText ?? chatPolicyText(requireChatTokenizer(await readTokenizer(source.dir), source.dir), Infinity);
+    let ids: number[][];
+    try {
+      ids = prompts.map((p) => text.promptIds(p));
+    } catch (err) {
+      throw new UsageError(`--prompts: ${(err as Error).message}`);
+    }
+    // A sequence that reaches the context limit stops with stopReason 'contextFull'.
+    const maxSeq = Math.min(limit, Math.max(...ids.map((p) => p.length)) + sampling.maxNewTokens);
+    // Generation only: the model's own batch plan is minimal, the generator plans the KV cache.
+    const { model } = await loadPretrained(source.dir, { maxBatch: 1, maxSeq }, { training: false });
+    const progress = v.out !== undefined ? new Progress(io.stdout) : undefined;
+    let out: GeneratedSequence[];
+    try {
+      const generator = model.createGenerator({
+        maxBatch: Math.min(maxBatch, ids.length * samples), maxContext: maxSeq,
+      });
+      try {
+        const total = ids.length * samples * sampling.maxNewTokens;
+        let done = 0;
+        progress?.start('generate');
+        const t0 = performance.now();
+        out = await generator.generate(ids, {
+          ...options, stopTokens: text.stopTokens, samplesPerPrompt: samples, seed,
+          onToken: progress && (() => progress.update(++done, total)),
+        });
+        progress?.finish(`generate ${out.length} responses`, (performance.now() - t0) / 1000);
+      } finally {
+        await generator.dispose();
+      }
+    } finally {
+      progress?.stop();
+      await model.dispose();
+    }
+    const jsonl = out.map((s) => JSON.stringify({
+      prompt: prompts[s.prompt], response: text.decode(s.tokens), logprob: s.logprobs.reduce((a, b) => a + b, 0), stopReason: s.stopReason,
+    }) + '\n').join('');
+    if (v.out === undefined) io.stdout.write(jsonl);
+    else {
+      await writeTextAtomic(path.resolve(v.out), jsonl);
+      io.stdout.write(`wrote ${out.length} responses to ${path.resolve(v.out)}\n`);
+    }
+    return 0;
+  },
+};
+
+async function readTokenizer(dir: string): Promise<Tokenizer | undefined> {
+  return existsSync(path.join(dir, 'tokenizer.json')) ? Tokenizer.fromDirectory(dir) : undefined;
+}

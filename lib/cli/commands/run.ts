@@ -1,0 +1,51 @@
+// `sppo run --config FILE`: an SPPO run (or its resumption) described by a config file.
+import { loadConfig, RunConfigError } from '../../config/load.js';
+import type { RunConfig } from '../../config/schema.js';
+import { demoSetup } from '../../demo/demo.js';
+import { runSppo, type RunSetup } from '../../sppo/run.js';
+import { parseOptions, requireOption, UsageError, type Command } from '../args.js';
+import { finishRun, INTERRUPTED, runInterruptibly } from '../session.js';
+import { pretrainedSetup } from '../setup.js';
+
+const help = `Usage: sppo run --config FILE
+
+Runs SPPO as the config file (.yaml, .yml or .json) describes, or resumes the run in its
+run.dir: finished stages are read back, never recomputed. The config's schema is lib/config;
+unknown fields are refused and every error names its field.
+
+  --config FILE   the run configuration (required)
+  -h, --help      this text
+
+model.preset 'demo' runs the embedded styled-reversal task (as \`sppo demo\`); model.path runs a
+Hugging Face model directory with a tokenizer and a chat template. At the end the metrics table
+is printed and <run.dir>/report.html and curves.png are written.`;
+
+/** loadConfig's failures (unreadable, bad YAML/JSON, schema) are the user's to fix: exit 2. */
+async function readConfig(file: string): Promise<RunConfig> {
+  try {
+    return await loadConfig(file);
+  } catch (err) {
+    if (err instanceof RunConfigError) throw err;
+    throw new UsageError((err as Error).message);
+  }
+}
+
+export const runCommand: Command = {
+  name: 'run',
+  summary: 'run (or resume) SPPO from a config file',
+  help,
+  async run(argv, io) {
+    const values = parseOptions('run', argv, { config: { type: 'string' } });
+    const config = await readConfig(requireOption(values.config, 'config', 'run'));
+    const setup: RunSetup = config.model.preset === 'demo' ? demoSetup(config).setup : await pretrainedSetup(config);
+    try {
+      const result = await runInterruptibly(io, ['run', ...argv], (hooks) => runSppo(setup, hooks));
+      if (!result) return INTERRUPTED;
+      await finishRun(result.dir, io);
+      return 0;
+    } finally {
+      await setup.model.dispose();
+      await setup.preference.dispose();
+    }
+  },
+};

@@ -1,0 +1,230 @@
+// Batched sampling with a KV cache: a Generator plans its cache once (maxBatch sequences of up
+// to maxContext tokens) and samples from the weights of the model that created it. Its calls
+// queue with the model's other calls, stream tokens as they are sampled, and stop cleanly on
+// abort, returning what was generated so far.
+import { native } from './native.js';
+import type { CallOptions } from './types.js';
+
+/** What a generator plans memory for: its KV cache holds maxBatch sequences of maxContext tokens. */
+export interface GeneratorPlan {
+  /** sequences decoded together; more run in waves as sequences finish */
+  maxBatch: number;
+  /** prompt + generated tokens per sequence, at most the model's max_position_embeddings */
+  maxContext: number;
+}
+
+export interface GeneratedToken {
+  /** index into the result array (prompt-major: prompt * samplesPerPrompt + sample) */
+  sequence: number;
+  token: number;
+  /** log-probability of the token under the raw policy (temperature 1, no truncation) */
+  logprob: number;
+}
+
+export interface GenerateOptions extends CallOptions {
+  /** new tokens per sequence; default: until a stop token or the context is full */
+  maxNewTokens?: number;
+  /** default 1; 0 samples greedily (argmax, ties to the lowest id) */
+  temperature?: number;
+  /** keep the k most likely tokens (ties at the k-th kept); 0 (default) keeps all */
+  topK?: number;
+  /** nucleus sampling over the temperature-scaled distribution, after top-k; default 1 */
+  topP?: number;
+  /** any of these ends a sequence; the stop token is kept as its last token */
+  stopTokens?: readonly number[];
+  /**
+   * Seed of each prompt's random numbers (one number for all, or one per prompt); default 0.
+   * Sample s of a prompt draws from stream s of its seed, so its tokens depend only on the
+   * prompt, the options and the seed, never on the rest of the batch.
+   */
+  seed?: number | readonly number[];
+  /** samples drawn per prompt; default 1 */
+  samplesPerPrompt?: number;
+  /**
+   * Called on the JavaScript thread for every token, step by step; generation waits for it
+   * between steps, so aborting from inside it stops at the next step.
+   */
+  onToken?: (t: GeneratedToken) => void;
+}
+
+/** stop: a stop token; maxTokens: maxNewTokens reached; contextFull: maxContext reached. */
+export type StopReason = 'stop' | 'maxTokens' | 'aborted' | 'contextFull';
+
+export interface GeneratedSequence {
+  prompt: number;
+  sample: number;
+  tokens: Int32Array;
+  /** per token: log π(token | prompt, earlier tokens) under the raw policy */
+  logprobs: Float64Array;
+  stopReason: StopReason;
+}
+
+interface NativeGenerateResult {
+  tokens: Int32Array;
+  counts: Int32Array;
+  logprobs: Float64Array;
+  reasons: StopReason[];
+}
+
+interface NativeGeneratorHandle {
+  generate(
+    tokens: Int32Array,
+    lengths: Int32Array,
+    seeds: Float64Array,
+    samplesPerPrompt: number,
+    options: object,
+    onStep: ((sequences: Int32Array, tokens: Int32Array, logprobs: Float64Array) => void) | null,
+  ): Promise<NativeGenerateResult>;
+  abort(): void;
+  memory(): number;
+  dispose(): void;
+}
+
+type NativeGeneratorCtor = new (model: object, plan: GeneratorPlan) => NativeGeneratorHandle;
+
+/** Runs `fn` in the owning model's call queue (rejecting if `signal` is already aborted). */
+export type ModelQueue = <T>(fn: () => Promise<T>, signal?: AbortSignal) => Promise<T>;
+
+/** A prompt's token ids. */
+export type PromptTokens = readonly number[] | Int32Array;
+
+function promptsToArrays(prompts: readonly PromptTokens[]): { tokens: Int32Array; lengths: Int32Array } {
+  if (!Array.isArray(prompts)) throw new TypeError('prompts must be an array of token id arrays');
+  if (prompts.length === 0) throw new RangeError('no prompts to generate from');
+  const lengths = new Int32Array(prompts.length);
+  prompts.forEach((p, i) => {
+    if (!Array.isArray(p) && !(p instanceof Int32Array)) throw new TypeError(`prompt ${i} is not an array of token ids`);
+    lengths[i] = p.length;
+  });
+  const tokens = new Int32Array(lengths.reduce((a, b) => a + b, 0));
+  let at = 0;
+  prompts.forEach((p, i) => {
+    for (let t = 0; t < p.length; t++) {
+      const id = p[t];
+      if (!Number.isInteger(id) || id < -(2 ** 31) || id >= 2 ** 31)
+        throw new TypeError(`token at prompt ${i}, position ${t} is not an integer id: ${id}`);
+      tokens[at++] = id;
+    }
+  });
+  return { tokens, lengths };
+}
+
+function seedsFor(seed: GenerateOptions['seed'], n: number): Float64Array {
+  const list = seed === undefined ? [0] : typeof seed === 'number' ? [seed] : seed;
+  if (typeof seed !== 'number' && seed !== undefined && list.length !== n)
+    throw new RangeError(`seed has ${list.length} entries for ${n} prompts (give one number, or one per prompt)`);
+  list.forEach((s, i) => {
+    if (!Number.isSafeInteger(s) || s < 0)
+      throw new RangeError(`seed${list.length > 1 ? `[${i}]` : ''} must be a non-negative safe integer, got ${s}`);
+  });
+  return Float64Array.from({ length: n }, (_, i) => list[list.length === 1 ? 0 : i]);
+}
+
+export class Generator {
+  readonly plan: GeneratorPlan;
+  #handle: NativeGeneratorHandle | undefined;
+  #queue: ModelQueue;
+
+  /** Use Model.createGenerator. */
+  constructor(modelHandle: object, plan: GeneratorPlan, queue: ModelQueue) {
+    const ctor = (native() as unknown as { NativeGenerator: NativeGeneratorCtor }).NativeGenerator;
+    this.#handle = new ctor(modelHandle, plan);
+    this.plan = { ...plan };
+    this.#queue = queue;
+  }
+
+  get disposed(): boolean {
+    return this.#handle === undefined;
+  }
+
+  /** Bytes of the KV cache and step buffers. */
+  memory(): number {
+    return this.#live().memory();
+  }
+
+  #live(): NativeGeneratorHandle {
+    if (!this.#handle) throw new Error('the generator has been disposed');
+    return this.#handle;
+  }
+
+  /**
+   * Samples `samplesPerPrompt` continuations of every prompt (prompts may differ in length).
+   * Results are prompt-major. On abort the promise resolves with what each sequence has so far
+   * and stopReason 'aborted' (it rejects only if the signal fired before generation started).
+   */
+  async generate(prompts: readonly PromptTokens[], options: GenerateOptions = {}): Promise<GeneratedSequence[]> {
+    const { tokens, lengths } = promptsToArrays(prompts);
+    const samples = options.samplesPerPrompt ?? 1;
+    if (!Number.isInteger(samples) || samples < 1)
+      throw new RangeError(`samplesPerPrompt must be a positive integer, got ${samples}`);
+    const seeds = seedsFor(options.seed, lengths.length);
+    const stop = options.stopTokens ?? [];
+    if (!Array.isArray(stop)) throw new TypeError('stopTokens must be an array of token ids');
+    stop.forEach((id, i) => {
+      if (!Number.isInteger(id) || id < -(2 ** 31) || id >= 2 ** 31)
+        throw new TypeError(`stopTokens[${i}] is not an integer id: ${id}`);
+    });
+    const nativeOptions = {
+      maxNewTokens: options.maxNewTokens,
+      temperature: options.temperature,
+      topK: options.topK,
+      topP: options.topP,
+      stopTokens: Int32Array.from(stop),
+    };
+    const { onToken, signal } = options;
+
+    return this.#queue(async () => {
+      const handle = this.#live();
+      // The worker waits for each step's callback, so every token has been seen by onToken
+      // before the result arrives. A throwing onToken aborts the generation and its error
+      // rejects the call.
+      let callbackError: unknown;
+      const onStep =
+        onToken &&
+        ((seqs: Int32Array, toks: Int32Array, lps: Float64Array) => {
+          for (let i = 0; i < seqs.length && callbackError === undefined; i++) {
+            try {
+              onToken({ sequence: seqs[i], token: toks[i], logprob: lps[i] });
+            } catch (err) {
+              callbackError = err;
+              handle.abort();
+            }
+          }
+        });
+      const abort = () => handle.abort();
+      signal?.addEventListener('abort', abort, { once: true });
+      let r: NativeGenerateResult;
+      try {
+        r = await handle.generate(tokens, lengths, seeds, samples, nativeOptions, onStep ?? null);
+      } finally {
+        signal?.removeEventListener('abort', abort);
+      }
+      if (callbackError !== undefined) throw callbackError;
+      const out: GeneratedSequence[] = [];
+      let at = 0;
+      for (let i = 0; i < r.counts.length; i++) {
+        const n = r.counts[i];
+        out.push({
+          prompt: Math.floor(i / samples),
+          sample: i % samples,
+          tokens: r.tokens.slice(at, at + n),
+          logprobs: r.logprobs.slice(at, at + n),
+          stopReason: r.reasons[i],
+        });
+        at += n;
+      }
+      return out;
+    }, signal);
+  }
+
+  /** Frees the KV cache once the generator's pending calls have settled. Safe to call twice. */
+  async dispose(): Promise<void> {
+    await this.#queue(async () => undefined).catch(() => undefined);
+    this.#handle?.dispose();
+    this.#handle = undefined;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.dispose();
+  }
+}

@@ -1,0 +1,115 @@
+// The run report, rebuilt from the run directory alone (metrics.jsonl, and run.json for the
+// config): report.html (self-contained: the per-iteration table, the curves as inline SVG, the
+// config), curves.svg and curves.png. Every file is written under a temporary name and renamed,
+// so a reader never sees half a report.
+import { existsSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import type { RunConfig } from '../config/schema.js';
+import type { IterationMetrics } from '../sppo/run.js';
+import { readJson, writeTextAtomic } from '../sppo/run-dir.js';
+import { ITERATION_COLUMNS } from './columns.js';
+import { renderCurvesSvg, svgToPng } from './curves.js';
+
+export class ReportError extends Error {
+  override name = 'ReportError';
+}
+
+/** The rows of `<dir>/metrics.jsonl`, π_0 first. */
+export async function readMetrics(dir: string): Promise<IterationMetrics[]> {
+  const file = path.join(dir, 'metrics.jsonl');
+  if (!existsSync(file))
+    throw new ReportError(`${dir} has no metrics.jsonl (not a run directory, or the run has not evaluated π_0 yet)`);
+  const rows = (await readFile(file, 'utf8')).split('\n').flatMap((line, i) => {
+    if (line.trim() === '') return [];
+    let row: IterationMetrics;
+    try {
+      row = JSON.parse(line);
+    } catch (err) {
+      throw new ReportError(`${file}: line ${i + 1} is not valid JSON (${(err as Error).message})`);
+    }
+    if (typeof row?.iteration !== 'number' || typeof row.winRateVsBase?.mean !== 'number' || typeof row.meanResponseLength !== 'number')
+      throw new ReportError(`${file}: line ${i + 1} is not an iteration's metrics (needs iteration, winRateVsBase, meanResponseLength)`);
+    return [{ ...row, seconds: row.seconds ?? {} }];
+  });
+  if (rows.length === 0) throw new ReportError(`${file} is empty`);
+  return rows;
+}
+
+/** The resolved config the run recorded in run.json, if any. */
+export async function readRunConfig(dir: string): Promise<RunConfig | undefined> {
+  const file = path.join(dir, 'run.json');
+  return existsSync(file) ? (await readJson<{ config: RunConfig }>(file)).config : undefined;
+}
+
+const escapeHtml = (s: string) =>
+  s.replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' })[c]!);
+
+export interface ReportContent {
+  title: string;
+  rows: readonly IterationMetrics[];
+  config?: RunConfig;
+  curvesSvg: string;
+}
+
+export function reportHtml({ title, rows, config, curvesSvg }: ReportContent): string {
+  const head = ITERATION_COLUMNS.map((c) => `<th>${escapeHtml(c.header)}</th>`).join('');
+  const body = rows
+    .map((r) => `<tr>${ITERATION_COLUMNS.map((c) => `<td>${escapeHtml(c.cell(r))}</td>`).join('')}</tr>`)
+    .join('\n');
+  const configSection = config
+    ? `<h2>Configuration</h2>\n<pre>${escapeHtml(JSON.stringify(config, null, 2))}</pre>`
+    : '<p>No run.json: the configuration is unknown.</p>';
+  return `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>${escapeHtml(title)}</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.3em 0.8em; text-align: right; }
+th { background: #f4f4f4; }
+pre { background: #f7f7f7; padding: 1em; overflow-x: auto; }
+</style>
+</head>
+<body>
+<h1>${escapeHtml(title)}</h1>
+<p>Iteration 0 is the base policy π_0. Win rates are P(π_t ≻ π) on held-out prompts with a 95% confidence interval;
+P̂ chosen / rejected are the mean estimated win rates of the training pairs' responses against π_{t−1}.</p>
+<h2>Per iteration</h2>
+<table>
+<thead><tr>${head}</tr></thead>
+<tbody>
+${body}
+</tbody>
+</table>
+<h2>Curves</h2>
+${curvesSvg.replace(/^<\?xml[^>]*>\s*/, '')}
+${configSection}
+</body>
+</html>
+`;
+}
+
+export interface ReportFiles {
+  html: string;
+  svg: string;
+  png: string;
+}
+
+/** (Re)writes the report of the run in `dir` from its files; returns the paths written. */
+export async function writeReport(dir: string): Promise<ReportFiles> {
+  const rows = await readMetrics(dir);
+  const config = await readRunConfig(dir);
+  const curvesSvg = await renderCurvesSvg(rows);
+  const files: ReportFiles = {
+    html: path.join(dir, 'report.html'),
+    svg: path.join(dir, 'curves.svg'),
+    png: path.join(dir, 'curves.png'),
+  };
+  await writeTextAtomic(files.svg, curvesSvg);
+  await writeTextAtomic(files.png, svgToPng(curvesSvg));
+  await writeTextAtomic(files.html, reportHtml({ title: `SPPO run ${path.basename(path.resolve(dir))}`, rows, config, curvesSvg }));
+  return files;
+}

@@ -1,0 +1,362 @@
+// The SPPO iteration scheduler (Algorithm 1 of the paper, the reference pipeline's stages):
+// for t = 1..T: sample K responses per prompt from π_t, judge every pair, estimate win rates,
+// build the training set, train π_{t+1} from π_t with reference log-probs from π_t, evaluate
+// against π_0 and π_t, checkpoint. Every stage's output lands atomically in the run directory
+// before the next starts, so a killed run resumes where it stopped and loses nothing.
+import { existsSync } from 'node:fs';
+import { appendFile, mkdir, rm } from 'node:fs/promises';
+import path from 'node:path';
+
+import type { RunConfig } from '../config/schema.js';
+import { configHash, diffConfigs } from '../config/load.js';
+import { seededShuffle } from '../data/random.js';
+import type { Generator } from '../engine/generate.js';
+import type { Model } from '../engine/model.js';
+import type { PreferenceBatchInput, PreferenceExample, PreferencePair, PreferenceStepResult } from '../engine/types.js';
+import { savePretrained } from '../io/checkpoint.js';
+import { CheckpointWeights } from '../io/weights.js';
+import type { PreferenceModel } from '../preference/model.js';
+import { buildTrainingSet, type JudgedPrompt, type TrainingSet } from './dataset.js';
+import { commitDirectory, readJson, writeJsonAtomic, writeTextAtomic } from './run-dir.js';
+
+export type StageName = 'base' | 'base-eval' | 'generate' | 'judge' | 'dataset' | 'train' | 'evaluate';
+
+/** How a run turns prompt text into the policy's tokens and generated tokens back into text. */
+export interface PolicyText {
+  promptIds(prompt: string): number[];
+  decode(ids: ArrayLike<number>): string;
+  stopTokens: readonly number[];
+}
+
+export interface Sample {
+  prompt: string;
+  answer: string;
+  tokens: number[];
+}
+
+export interface RunSetup {
+  config: RunConfig;
+  /** the policy; its weights are π_0 unless `makeBase` produces them */
+  model: Model;
+  text: PolicyText;
+  preference: PreferenceModel;
+  /** prompts of each iteration, and the held-out evaluation prompts */
+  split: { iterations: string[][]; evaluation: string[] };
+  /** turns the loaded model into π_0 (e.g. supervised fine-tuning); its return value is logged */
+  makeBase?: (model: Model, hooks: RunHooks) => Promise<Record<string, unknown>>;
+  /** task metrics from the evaluation samples of every policy so far (π_0 first, newest last) */
+  taskMetrics?: (history: readonly Sample[][]) => Record<string, unknown>;
+}
+
+export interface RunHooks {
+  signal?: AbortSignal;
+  onStage?: (e: { iteration: number; stage: StageName; status: 'start' | 'done' | 'skipped'; seconds?: number }) => void;
+  onProgress?: (e: { iteration: number; stage: StageName; done: number; total: number }) => void;
+  onMetrics?: (row: IterationMetrics) => void;
+}
+
+export interface Interval {
+  mean: number;
+  /** 95% normal-approximation confidence interval */
+  low: number;
+  high: number;
+  n: number;
+}
+
+export interface IterationMetrics {
+  iteration: number;
+  /** P(π_t's answer ≻ π_0's answer) over held-out prompts; 0.5 exactly for π_0 itself */
+  winRateVsBase: Interval;
+  /** against the previous iterate (absent for π_0) */
+  winRateVsPrevious?: Interval;
+  meanResponseLength: number;
+  meanChosenWinRate?: number;
+  meanRejectedWinRate?: number;
+  /** TRL-style metrics of the iteration's training: first and last optimizer step */
+  train?: { steps: number; first: Record<string, number>; last: Record<string, number> };
+  task?: Record<string, unknown>;
+  seconds: Partial<Record<StageName, number>>;
+}
+
+interface Generations {
+  prompts: { text: string; ids: number[] }[];
+  /** prompt-major, K per prompt */
+  responses: { tokens: number[]; logprobs: number[]; text: string; stopReason: string }[][];
+}
+
+interface EvalFile {
+  samples: Sample[];
+  winRateVsBase: Interval;
+  winRateVsPrevious?: Interval;
+}
+
+interface TrainFile {
+  steps: { step: number; loss: number; lr?: number; gradNorm?: number; metrics: Record<string, number> }[];
+}
+
+const BASE = 'base';
+const iterDir = (dir: string, t: number) => path.join(dir, `iter-${t}`);
+const policyDir = (dir: string, t: number) => (t === 0 ? path.join(dir, BASE, 'policy') : path.join(iterDir(dir, t), 'policy'));
+const evalFile = (dir: string, t: number) => (t === 0 ? path.join(dir, BASE, 'eval.json') : path.join(iterDir(dir, t), 'eval.json'));
+
+function interval(xs: readonly number[]): Interval {
+  const n = xs.length;
+  const mean = xs.reduce((a, b) => a + b, 0) / n;
+  const sd = n > 1 ? Math.sqrt(xs.reduce((a, x) => a + (x - mean) ** 2, 0) / (n - 1)) : 0;
+  const half = (1.96 * sd) / Math.sqrt(n);
+  return { mean, low: mean - half, high: mean + half, n };
+}
+
+// Seeds are distinct per (run seed, iteration, purpose, prompt) and stay safe integers.
+function seeds(runSeed: number, iteration: number, purpose: number, n: number): number[] {
+  const base = ((runSeed % 1_000_000) * 1000 + iteration) * 10 + purpose;
+  return Array.from({ length: n }, (_, i) => base * 100_000 + i);
+}
+
+/** Loads a checkpoint's weights into the run's model (same architecture by construction). */
+async function loadWeights(model: Model, dir: string): Promise<void> {
+  const weights = await CheckpointWeights.open(dir);
+  try {
+    for (const { name } of model.params()) model.setParam(name, await weights.readFloat32(name));
+  } finally {
+    await weights.close();
+  }
+}
+
+async function saveCheckpoint(model: Model, dir: string): Promise<void> {
+  const tmp = `${dir}.tmp-${process.pid}`;
+  await rm(tmp, { recursive: true, force: true });
+  await savePretrained(model, tmp);
+  await commitDirectory(tmp, dir);
+}
+
+export interface RunResult {
+  dir: string;
+  metrics: IterationMetrics[];
+}
+
+/** Runs (or resumes) an SPPO run; returns every iteration's metrics, π_0 first. */
+export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<RunResult> {
+  const { config, model, text, preference } = setup;
+  const dir = path.resolve(config.run.dir);
+  const { signal } = hooks;
+  const g = config.generation;
+  await mkdir(dir, { recursive: true });
+  await checkRunConfig(dir, config);
+  const maxContext = Math.min(model.config.max_position_embeddings, model.plan.maxSeq);
+  const generator = model.createGenerator({ maxBatch: g.maxBatch, maxContext });
+  let holds = -1;  // which policy's weights the model holds: t for π_t, -1 unknown
+  const ensure = async (t: number) => {
+    if (holds !== t) await loadWeights(model, policyDir(dir, t));
+    holds = t;
+  };
+  // A stage file holds the stage's output and how long it took, so a resumed run still
+  // reports the time of stages it skips.
+  const timed = async <T>(iteration: number, name: StageName, file: string, fn: () => Promise<T>) => {
+    if (existsSync(file)) {
+      hooks.onStage?.({ iteration, stage: name, status: 'skipped' });
+      return readJson<{ value: T; seconds: number }>(file);
+    }
+    if (signal?.aborted) throw signal.reason ?? new Error('aborted');
+    hooks.onStage?.({ iteration, stage: name, status: 'start' });
+    const t0 = performance.now();
+    const value = await fn();
+    const seconds = (performance.now() - t0) / 1000;
+    await writeJsonAtomic(file, { value, seconds });
+    hooks.onStage?.({ iteration, stage: name, status: 'done', seconds });
+    return { value, seconds };
+  };
+
+  try {
+    // π_0: the given model, or what makeBase makes of it; checkpointed once.
+    const base = await timed(0, 'base', path.join(dir, BASE, 'base.json'), async () => {
+      const info = setup.makeBase ? await setup.makeBase(model, hooks) : {};
+      await saveCheckpoint(model, policyDir(dir, 0));
+      holds = 0;
+      return info;
+    });
+    const generate = async (t: number, prompts: readonly number[][], purpose: number, samplesPerPrompt: number,
+                            onToken?: () => void) => {
+      await ensure(t);
+      const out = await generator.generate(prompts, {
+        maxNewTokens: g.maxNewTokens, temperature: g.temperature, topP: g.topP, topK: g.topK, stopTokens: text.stopTokens,
+        samplesPerPrompt, seed: seeds(config.run.seed, t, purpose, prompts.length), signal, onToken,
+      });
+      // An aborted generation returns what it has: never let a truncated sample become a stage's output.
+      if (out.some((s) => s.stopReason === 'aborted')) throw signal?.reason ?? new Error('generation aborted');
+      return out;
+    };
+    const sample = async (t: number, purpose: number): Promise<Sample[]> => {
+      const prompts = setup.split.evaluation;
+      const out = await generate(t, prompts.map((p) => text.promptIds(p)), purpose, 1);
+      return out.map((s) => ({ prompt: prompts[s.prompt], answer: text.decode(s.tokens), tokens: Array.from(s.tokens) }));
+    };
+    const versus = async (a: Sample[], b: Sample[]): Promise<Interval> => {
+      const P = await preference.compareBatch(a.map((s, i) => ({ prompt: s.prompt, responses: [s.answer, b[i].answer] })), { signal });
+      return interval(P.map((m) => m[0][1]));
+    };
+    const baseEval = await timed(0, 'base-eval', evalFile(dir, 0), async (): Promise<EvalFile> => {
+      const samples = await sample(0, 1);
+      return { samples, winRateVsBase: { mean: 0.5, low: 0.5, high: 0.5, n: samples.length } };
+    });
+    const evals: EvalFile[] = [baseEval.value];
+    const metrics: IterationMetrics[] = [];
+    const record = async (row: IterationMetrics) => {
+      metrics.push(row);
+      hooks.onMetrics?.(row);
+      // metrics.jsonl is rebuilt from the stage files, so a resumed run never duplicates rows.
+      await writeTextAtomic(path.join(dir, 'metrics.jsonl'), metrics.map((m) => JSON.stringify(m)).join('\n') + '\n');
+    };
+    await record(iterationMetrics(0, baseEval.value, undefined, undefined, setup, evals, { base: base.seconds, 'base-eval': baseEval.seconds }));
+
+    for (let t = 1; t <= config.run.iterations; t++) {
+      const it = iterDir(dir, t);
+      const prompts = setup.split.iterations[t - 1];
+      if (!prompts || prompts.length === 0) throw new RangeError(`iteration ${t} has no prompts (check data.promptsPerIteration and the prompt count)`);
+      const seconds: Partial<Record<StageName, number>> = {};
+
+      const gen = await timed(t, 'generate', path.join(it, 'generations.json'), async (): Promise<Generations> => {
+        const ids = prompts.map((p) => text.promptIds(p));
+        const K = g.samplesPerPrompt;
+        let done = 0;
+        // The total is an upper bound (sequences may stop early), so the ETA errs long.
+        const out = await generate(t - 1, ids, 0, K,
+          () => hooks.onProgress?.({ iteration: t, stage: 'generate', done: ++done, total: ids.length * K * g.maxNewTokens }));
+        const responses = prompts.map((_, i) =>
+          out.slice(i * K, (i + 1) * K).map((s) => ({
+            tokens: Array.from(s.tokens), logprobs: Array.from(s.logprobs), text: text.decode(s.tokens), stopReason: s.stopReason,
+          })));
+        return { prompts: prompts.map((p, i) => ({ text: p, ids: ids[i] })), responses };
+      });
+      seconds.generate = gen.seconds;
+
+      const judged = await timed(t, 'judge', path.join(it, 'judgments.json'), async () => {
+        const P = await preference.compareBatch(
+          gen.value.prompts.map((p, i) => ({ prompt: p.text, responses: gen.value.responses[i].map((r) => r.text) })),
+          { signal, onProgress: (done, total) => hooks.onProgress?.({ iteration: t, stage: 'judge', done, total }) },
+        );
+        return { preference: P };
+      });
+      seconds.judge = judged.seconds;
+
+      const data = await timed(t, 'dataset', path.join(it, 'dataset.json'), async () => {
+        const items: JudgedPrompt[] = gen.value.prompts.map((p, i) => ({
+          prompt: truncatePrompt(p.ids, config.training.maxLength, config.data.maxPromptTokens),
+          responses: gen.value.responses[i].map((r) => {
+            // Training keeps at most maxLength tokens of prompt + response; the reference
+            // log-prob covers exactly the kept response tokens.
+            const keep = Math.max(1, config.training.maxLength - Math.min(p.ids.length, config.data.maxPromptTokens));
+            const tokens = r.tokens.slice(0, keep);
+            return { tokens, refLogp: r.logprobs.slice(0, keep).reduce((a, b) => a + b, 0), text: r.text };
+          }),
+          preference: judged.value.preference[i],
+        }));
+        return buildTrainingSet(items, { mode: config.training.mode, diagonal: config.training.winRateDiagonal });
+      });
+      seconds.dataset = data.seconds;
+
+      const train = await timed(t, 'train', path.join(it, 'train.json'), async (): Promise<TrainFile> => {
+        await ensure(t - 1);
+        holds = -1;  // from here on the weights are moving
+        const steps = await trainIteration(model, config, data.value, t, hooks);
+        await saveCheckpoint(model, policyDir(dir, t));
+        holds = t;
+        return { steps };
+      });
+      seconds.train = train.seconds;
+
+      const ev = await timed(t, 'evaluate', evalFile(dir, t), async (): Promise<EvalFile> => {
+        const samples = await sample(t, 1);
+        return {
+          samples,
+          winRateVsBase: await versus(samples, evals[0].samples),
+          winRateVsPrevious: await versus(samples, evals[t - 1].samples),
+        };
+      });
+      seconds.evaluate = ev.seconds;
+      evals.push(ev.value);
+      await record(iterationMetrics(t, ev.value, data.value, train.value, setup, evals, seconds));
+    }
+    return { dir, metrics };
+  } finally {
+    await generator.dispose();
+  }
+}
+
+function truncatePrompt(ids: readonly number[], maxLength: number, maxPrompt: number): number[] {
+  // Left truncation keeps the end of the prompt, next to the response (as the reference).
+  const keep = Math.min(maxPrompt, maxLength - 1);
+  return ids.length > keep ? ids.slice(ids.length - keep) : [...ids];
+}
+
+function iterationMetrics(t: number, ev: EvalFile, data: TrainingSet | undefined, train: TrainFile | undefined,
+                          setup: RunSetup, evals: readonly EvalFile[], seconds: Partial<Record<StageName, number>>): IterationMetrics {
+  const lengths = ev.samples.map((s) => s.tokens.length);
+  const row: IterationMetrics = {
+    iteration: t,
+    winRateVsBase: ev.winRateVsBase,
+    winRateVsPrevious: ev.winRateVsPrevious,
+    meanResponseLength: lengths.reduce((a, b) => a + b, 0) / lengths.length,
+    meanChosenWinRate: data?.stats.meanChosenWinRate,
+    meanRejectedWinRate: data?.stats.meanRejectedWinRate,
+    seconds,
+  };
+  if (train && train.steps.length > 0) {
+    const view = (s: TrainFile['steps'][number]) => ({ loss: s.loss, learning_rate: s.lr ?? 0, grad_norm: s.gradNorm ?? 0, ...s.metrics });
+    row.train = { steps: train.steps.length, first: view(train.steps[0]), last: view(train.steps[train.steps.length - 1]) };
+  }
+  if (setup.taskMetrics) row.task = setup.taskMetrics(evals.map((e) => e.samples));
+  return row;
+}
+
+async function trainIteration(model: Model, config: RunConfig, data: TrainingSet, t: number, hooks: RunHooks): Promise<TrainFile['steps']> {
+  const tr = config.training;
+  const items: (PreferencePair | PreferenceExample)[] = data.mode === 'pair' ? data.pairs : data.examples;
+  if (items.length === 0) return [];
+  const micro = Math.ceil(items.length / tr.batchSize);
+  const total = Math.max(1, Math.floor((micro * tr.epochsPerIteration) / tr.gradAccumSteps));
+  // A fresh optimizer per iteration, as the reference builds a new trainer from π_t each time.
+  model.setOptimizer({
+    kind: tr.optimizer.kind, lr: tr.optimizer.lr, weightDecay: tr.optimizer.weightDecay, maxGradNorm: tr.optimizer.maxGradNorm,
+    gradAccumSteps: tr.gradAccumSteps,
+    ...(tr.optimizer.alpha !== undefined && { alpha: tr.optimizer.alpha }),
+    ...(tr.optimizer.beta1 !== undefined && { beta1: tr.optimizer.beta1 }),
+    ...(tr.optimizer.beta2 !== undefined && { beta2: tr.optimizer.beta2 }),
+    ...(tr.optimizer.eps !== undefined && { eps: tr.optimizer.eps }),
+    schedule: { kind: tr.schedule.kind, warmupSteps: Math.floor(tr.schedule.warmupRatio * total), totalSteps: total },
+  });
+  const steps: TrainFile['steps'] = [];
+  let done = 0;
+  for (let epoch = 0; epoch < tr.epochsPerIteration; epoch++) {
+    const order = seededShuffle(items, config.run.seed * 7919 + t * 131 + epoch);
+    for (let b = 0; b < order.length; b += tr.batchSize) {
+      if (steps.length >= total && done % tr.gradAccumSteps === 0) break;  // a last partial accumulation is dropped
+      const batch = order.slice(b, b + tr.batchSize);
+      const input: PreferenceBatchInput = data.mode === 'pair' ? { pairs: batch as PreferencePair[] } : { examples: batch as PreferenceExample[] };
+      const r: PreferenceStepResult = await model.preferenceStep(input, { loss: tr.loss, eta: tr.eta, signal: hooks.signal });
+      done++;
+      hooks.onProgress?.({ iteration: t, stage: 'train', done, total: total * tr.gradAccumSteps });
+      if (r.stepped) steps.push({ step: r.step, loss: r.loss, lr: r.lr, gradNorm: r.gradNorm, metrics: r.metrics as unknown as Record<string, number> });
+    }
+  }
+  return steps;
+}
+
+/** Refuses to resume a run whose configuration changed, naming the fields. */
+async function checkRunConfig(dir: string, config: RunConfig): Promise<void> {
+  const file = path.join(dir, 'run.json');
+  const hash = configHash(config);
+  if (existsSync(file)) {
+    const saved = await readJson<{ hash: string; config: RunConfig }>(file);
+    if (saved.hash !== hash) {
+      const changes = diffConfigs(saved.config, config).filter((c) => c.path !== 'run.dir');
+      if (changes.length > 0) {
+        const list = changes.slice(0, 10).map((c) => `${c.path}: ${JSON.stringify(c.before)} → ${JSON.stringify(c.after)}`).join('; ');
+        throw new Error(`${dir} holds a run with a different configuration (${list}); use a new run.dir or restore the config`);
+      }
+    }
+    return;
+  }
+  await writeJsonAtomic(file, { hash, config });
+  await appendFile(path.join(dir, 'run.log'), `${new Date().toISOString()} started, config ${hash}\n`);
+}

@@ -1,0 +1,133 @@
+// CPU kernels for decoding with a KV cache: writing new rows' keys and values into their cache
+// slots, and the attention of new rows against their own slot's cache. One task per (row, kv
+// head), so a row's result never depends on which other rows share the call — what makes
+// batched sampling reproducible whatever the batch holds.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "core/threadpool.h"
+#include "cpu/cpu_ops.h"
+#include "cpu/gemm.h"
+#include "cpu/vecmath.h"
+
+namespace sppo::cpu {
+
+namespace {
+// Below this much attention work in one call, fanning out to the pool costs more than it saves.
+constexpr double kMinParallelAttentionFlops = 2e6;
+
+// out(group, D) = P(group, len) · V(len, D), one cached position at a time: a position's values
+// are D contiguous numbers, so the inner loop is a vector AXPY (a gemm would first repack V).
+// Each output element sums over positions in order, so the result is deterministic.
+template <class T>
+void weighted_values_scalar(const T* P, int64_t group, int64_t len, const T* V, int64_t D, T* out) {
+  for (int64_t g = 0; g < group; ++g) {
+    T* o = out + g * D;
+    std::fill(o, o + D, T(0));
+    for (int64_t t = 0; t < len; ++t)
+      for (int64_t d = 0; d < D; ++d) o[d] += P[g * len + t] * V[t * D + d];
+  }
+}
+
+// The same with 64 output columns at a time held in four AVX-512 accumulators.
+__attribute__((target("avx512f"))) void weighted_values_avx512(const float* P, int64_t group, int64_t len,
+                                                               const float* V, int64_t D, float* out) {
+  for (int64_t g = 0; g < group; ++g) {
+    const float* p = P + g * len;
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      __mmask16 m[4];
+      for (int c = 0; c < 4; ++c) {
+        const int64_t left = std::clamp<int64_t>(D - d0 - 16 * c, 0, 16);
+        m[c] = static_cast<__mmask16>((1u << left) - 1);
+      }
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t t = 0; t < len; ++t) {
+        const __m512 w = _mm512_set1_ps(p[t]);
+        const float* v = V + t * D + d0;
+        for (int c = 0; c < 4; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[c], v + 16 * c), acc[c]);
+      }
+      for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out + g * D + d0 + 16 * c, m[c], acc[c]);
+    }
+  }
+}
+
+const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
+
+void weighted_values(const float* P, int64_t group, int64_t len, const float* V, int64_t D, float* out) {
+  kHasAvx512 ? weighted_values_avx512(P, group, len, V, D, out) : weighted_values_scalar(P, group, len, V, D, out);
+}
+void weighted_values(const double* P, int64_t group, int64_t len, const double* V, int64_t D, double* out) {
+  weighted_values_scalar(P, group, len, V, D, out);
+}
+}  // namespace
+
+template <class T>
+void CpuOps<T>::kv_cache_write(T* k_cache, T* v_cache, const T* qkv, const int32_t* slots, const int32_t* positions,
+                               int64_t n, const AttentionShape& s) {
+  const int64_t KV = s.kv_heads, D = s.head_dim, ctx = s.seq;
+  cpu_pool().parallel_for(n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T* row = qkv + i * s.qkv_stride;
+      for (int64_t h = 0; h < KV; ++h) {
+        const int64_t at = ((int64_t(slots[i]) * KV + h) * ctx + positions[i]) * D;  // (slots, KV, ctx, D)
+        std::memcpy(k_cache + at, row + s.k_off + h * D, D * sizeof(T));
+        std::memcpy(v_cache + at, row + s.v_off + h * D, D * sizeof(T));
+      }
+    }
+  });
+}
+
+template <class T>
+void CpuOps<T>::attention_decode(T* out, const T* qkv, const T* k_cache, const T* v_cache, const int32_t* slots,
+                                 const int32_t* positions, int64_t n, const AttentionShape& s) {
+  // The query heads of one kv group are adjacent columns of the row, so the group's scores are
+  // one small gemm (group x len) against the slot's keys, then one weighted sum of the values.
+  const int64_t KV = s.kv_heads, D = s.head_dim, ctx = s.seq, group = s.heads / s.kv_heads;
+  // A task's scores (group x len) use the attention tile scratch (2*kAttnBlock x ctx).
+  SPPO_REQUIRE(group <= 2 * kAttnBlock, "attention_decode: ", group, " query heads per kv head exceed the scratch (",
+               2 * kAttnBlock, ")");
+  ensure_scratch(ctx);
+  auto one = [&](int64_t task, int thread) {
+    const int64_t i = task / KV, kvh = task % KV;
+    const int64_t len = int64_t(positions[i]) + 1;  // causal: cached positions 0..positions[i]
+    const int64_t cache_at = (int64_t(slots[i]) * KV + kvh) * ctx * D;
+    const T* Q = qkv + i * s.qkv_stride + s.q_off + kvh * group * D;  // (group, D), rows D apart
+    const T* K = k_cache + cache_at;                                  // (len, D)
+    const T* V = v_cache + cache_at;                                  // (len, D)
+    T* S = thread_scratch(thread);                                    // (group, len)
+    cpu::gemm(false, true, group, len, D, T(s.scale), Q, D, K, D, T(0), S, len);
+    for (int64_t g = 0; g < group; ++g) {
+      T* row = S + g * len;
+      const T mx = *std::max_element(row, row + len);
+      const T inv = T(1.0 / exp_shifted_sum(row, row, len, mx));
+      for (int64_t j = 0; j < len; ++j) row[j] *= inv;
+    }
+    weighted_values(S, group, len, V, D, out + i * s.out_stride + kvh * group * D);  // (group, D)
+  };
+  // Waking the pool's workers costs more than a short decode row's attention (on a VM, a
+  // sleeping vCPU takes hundreds of microseconds to wake), so small calls run on this thread.
+  double flops = 0;
+  for (int64_t i = 0; i < n; ++i) flops += 4.0 * s.heads * D * (double(positions[i]) + 1);
+  if (flops < kMinParallelAttentionFlops) {
+    cpu_pool().run(1, [&](int64_t, int thread) {
+      for (int64_t task = 0; task < n * KV; ++task) one(task, thread);
+    });
+  } else {
+    cpu_pool().run(n * KV, one);
+  }
+}
+
+template void CpuOps<float>::kv_cache_write(float*, float*, const float*, const int32_t*, const int32_t*, int64_t,
+                                            const AttentionShape&);
+template void CpuOps<double>::kv_cache_write(double*, double*, const double*, const int32_t*, const int32_t*, int64_t,
+                                             const AttentionShape&);
+template void CpuOps<float>::attention_decode(float*, const float*, const float*, const float*, const int32_t*,
+                                              const int32_t*, int64_t, const AttentionShape&);
+template void CpuOps<double>::attention_decode(double*, const double*, const double*, const double*, const int32_t*,
+                                               const int32_t*, int64_t, const AttentionShape&);
+
+}  // namespace sppo::cpu

@@ -1,0 +1,346 @@
+// Batched sampling with a KV cache: the decoder of model.cpp run one "extend" step at a time
+// over rows (slot, position, token), the sampler, and the scheduler that feeds slots.
+#include "sppo/generate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "core/threadpool.h"
+#include "cpu/vecmath.h"
+
+namespace sppo {
+
+namespace {
+// Rows per extend step beyond the one-per-slot decode rows: prompts longer than this are
+// prefilled over several steps, which bounds the step buffers whatever max_context is.
+constexpr int64_t kPrefillRows = 256;
+}  // namespace
+
+void SamplingOptions::validate() const {
+  SPPO_REQUIRE(std::isfinite(temperature) && temperature >= 0, "temperature must be a finite number >= 0, got ",
+               temperature);
+  SPPO_REQUIRE(top_k >= 0, "topK must be >= 0 (0 turns it off), got ", top_k);
+  SPPO_REQUIRE(top_p > 0 && top_p <= 1, "topP must be in (0, 1], got ", top_p);
+  SPPO_REQUIRE(max_new_tokens == -1 || max_new_tokens >= 1, "maxNewTokens must be at least 1, got ", max_new_tokens);
+}
+
+const char* stop_reason_name(StopReason r) {
+  switch (r) {
+    case StopReason::StopToken: return "stop";
+    case StopReason::MaxTokens: return "maxTokens";
+    case StopReason::Aborted: return "aborted";
+    case StopReason::ContextFull: return "contextFull";
+  }
+  return "unknown";
+}
+
+template <class T>
+int32_t sample_token(const T* x, int64_t V, const SamplingOptions& o, double u, double* raw_logprob,
+                     SamplerScratch<T>& scratch) {
+  int64_t argmax = 0;
+  for (int64_t j = 1; j < V; ++j)
+    if (x[j] > x[argmax]) argmax = j;  // strict: ties go to the lowest id
+  const T mx = x[argmax];
+  // w = exp(x - max): the raw policy's softmax numerators; the recorded log-prob is always
+  // log softmax of the unmodified logits, whatever temperature and truncation do to the draw.
+  std::vector<T>& w = scratch.weights;
+  w.resize(size_t(V));
+  const double raw_sum = cpu::exp_shifted_sum(x, w.data(), V, mx);
+  const double lse = double(mx) + std::log(raw_sum);
+
+  int64_t token = argmax;
+  if (o.temperature > 0) {
+    double z = raw_sum;
+    if (o.temperature != 1) {  // w = exp((x - max) / T)
+      const T inv_t = T(1.0 / o.temperature);
+      for (int64_t j = 0; j < V; ++j) w[j] = (x[j] - mx) * inv_t;
+      z = cpu::exp_shifted_sum(w.data(), w.data(), V, T(0));
+    }
+    if ((o.top_k == 0 || o.top_k >= V) && o.top_p >= 1) {
+      // Untruncated: inverse CDF over the ids in order, no sort needed.
+      const double target = u * z;
+      double cum = 0;
+      token = V - 1;  // if rounding leaves target past the last sum
+      for (int64_t j = 0; j < V; ++j) {
+        cum += double(w[j]);
+        if (target < cum) {
+          token = j;
+          break;
+        }
+      }
+    } else {
+      // Candidates in a total order: higher logit first, then lower id, so truncation and the
+      // draw are the same on every run.
+      auto& ranked = scratch.ranked;
+      ranked.resize(size_t(V));
+      for (int64_t j = 0; j < V; ++j) ranked[j] = {double(x[j]), int32_t(j)};
+      auto before = [](const std::pair<double, int32_t>& a, const std::pair<double, int32_t>& b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+      };
+      int64_t kept = V;
+      if (o.top_k > 0 && o.top_k < V) {
+        std::nth_element(ranked.begin(), ranked.begin() + (o.top_k - 1), ranked.end(), before);
+        const double kth = ranked[o.top_k - 1].first;
+        // Keep every logit >= the k-th (ties included, as Hugging Face's TopKLogitsWarper does).
+        kept = std::partition(ranked.begin(), ranked.end(), [&](const auto& c) { return c.first >= kth; }) -
+               ranked.begin();
+      }
+      std::sort(ranked.begin(), ranked.begin() + kept, before);
+      // From here .first is the candidate's weight at temperature T.
+      z = 0;
+      for (int64_t i = 0; i < kept; ++i) z += ranked[i].first = double(w[ranked[i].second]);
+      if (o.top_p < 1) {
+        // Nucleus: the smallest prefix whose probability reaches top_p (at least one token).
+        double cum = 0;
+        int64_t m = 0;
+        while (m < kept) {
+          cum += ranked[m++].first;
+          if (cum >= o.top_p * z) break;
+        }
+        kept = m;
+        z = cum;
+      }
+      const double target = u * z;
+      double cum = 0;
+      token = ranked[kept - 1].second;
+      for (int64_t i = 0; i < kept; ++i) {
+        cum += ranked[i].first;
+        if (target < cum) {
+          token = ranked[i].second;
+          break;
+        }
+      }
+    }
+  }
+  *raw_logprob = double(x[token]) - lse;
+  return int32_t(token);
+}
+template int32_t sample_token<float>(const float*, int64_t, const SamplingOptions&, double, double*,
+                                     SamplerScratch<float>&);
+template int32_t sample_token<double>(const double*, int64_t, const SamplingOptions&, double, double*,
+                                      SamplerScratch<double>&);
+
+template <class T>
+Generator<T>::Generator(const Model<T>& model, GeneratorPlan plan, std::unique_ptr<Ops<T>> ops)
+    : model_(model), cfg_(model.config()), plan_(plan), ops_(std::move(ops)) {
+  SPPO_REQUIRE(plan.max_batch >= 1, "generator plan.maxBatch must be at least 1, got ", plan.max_batch);
+  SPPO_REQUIRE(plan.max_context >= 2, "generator plan.maxContext must be at least 2 (a prompt token and a new one), got ",
+               plan.max_context);
+  SPPO_REQUIRE(plan.max_context <= cfg_.max_position_embeddings, "generator plan.maxContext (", plan.max_context,
+               ") exceeds the model's max_position_embeddings (", cfg_.max_position_embeddings, ")");
+  const int64_t B = plan.max_batch, P = plan.max_context;
+  const int64_t C = cfg_.hidden_size, V = cfg_.vocab_size, F = cfg_.intermediate_size;
+  const int64_t KV = cfg_.num_key_value_heads, D = cfg_.head_dim;
+  max_rows_ = B + std::min(kPrefillRows, B * P);
+  const int64_t R = max_rows_;
+  try {
+    for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
+      k_cache_.push_back(alloc(B * KV * P * D));
+      v_cache_.push_back(alloc(B * KV * P * D));
+    }
+    rope_cos_ = alloc(P * (D / 2));
+    rope_sin_ = alloc(P * (D / 2));
+    build_rope_tables(cfg_, P, rope_cos_, rope_sin_);
+    x_ = alloc(R * C);
+    xn_ = alloc(R * C);
+    rstd_ = alloc(R);
+    qkv_ = alloc(R * cfg_.qkv_dim());
+    att_ = alloc(R * cfg_.q_dim());
+    gu_ = alloc(R * 2 * F);
+    ffn_ = alloc(R * F);
+    hsel_ = alloc(B * C);
+    logits_ = alloc(B * V);
+    bytes_ += ops_->plan_scratch(P, D);
+  } catch (...) {
+    for (T* p : owned_) ops_->free(p);
+    throw;
+  }
+  slots_.assign(R, 0);
+  positions_.assign(R, 0);
+  tokens_.assign(R, 0);
+  logit_rows_.assign(B, 0);
+}
+
+template <class T>
+Generator<T>::~Generator() {
+  for (T* p : owned_) ops_->free(p);
+}
+
+template <class T>
+T* Generator<T>::alloc(size_t n) {
+  T* p = ops_->alloc(n);
+  owned_.push_back(p);
+  bytes_ += n * sizeof(T);
+  return p;
+}
+
+template <class T>
+void Generator<T>::extend(int64_t N, int64_t n_logit_rows) {
+  Ops<T>& o = *ops_;
+  const int64_t C = cfg_.hidden_size, F = cfg_.intermediate_size, V = cfg_.vocab_size;
+  const int64_t H = cfg_.num_attention_heads, KV = cfg_.num_key_value_heads, D = cfg_.head_dim;
+  const int64_t QD = cfg_.q_dim(), QKV = cfg_.qkv_dim();
+  const double eps = cfg_.rms_norm_eps;
+  // batch/seq describe the cache: (max_batch slots, max_context positions).
+  const AttentionShape shape{plan_.max_batch, plan_.max_context, H, KV, D, QKV, 0, QD, QD + cfg_.kv_dim(), QD,
+                             1.0 / std::sqrt(double(D))};
+  o.embedding_forward(x_, model_.embedding(), tokens_.data(), N, C);
+  for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
+    const typename Model<T>::LayerWeights w = model_.layer_weights(l);
+    o.rmsnorm_forward(xn_, rstd_, x_, w.attn_norm, N, C, eps);
+    o.gemm(false, true, N, QKV, C, T(1), xn_, C, w.wqkv, C, T(0), qkv_, QKV);
+    if (w.bqkv) o.add_bias(qkv_, w.bqkv, N, QKV, QKV);
+    o.rope(qkv_, N, QKV, 0, H, D, positions_.data(), rope_cos_, rope_sin_, false);
+    o.rope(qkv_, N, QKV, QD, KV, D, positions_.data(), rope_cos_, rope_sin_, false);
+    // All rows' keys first: a prefill row attends to earlier rows of its own prompt.
+    o.kv_cache_write(k_cache_[l], v_cache_[l], qkv_, slots_.data(), positions_.data(), N, shape);
+    o.attention_decode(att_, qkv_, k_cache_[l], v_cache_[l], slots_.data(), positions_.data(), N, shape);
+    o.gemm(false, true, N, C, QD, T(1), att_, QD, w.wo, QD, T(1), x_, C);  // residual: x += o_proj(att)
+    o.rmsnorm_forward(xn_, rstd_, x_, w.mlp_norm, N, C, eps);
+    o.gemm(false, true, N, 2 * F, C, T(1), xn_, C, w.wgu, C, T(0), gu_, 2 * F);
+    o.swiglu_forward(ffn_, gu_, N, F);
+    o.gemm(false, true, N, C, F, T(1), ffn_, F, w.wdown, F, T(1), x_, C);
+  }
+  o.rmsnorm_forward(xn_, rstd_, x_, model_.final_norm_weight(), N, C, eps);
+  if (n_logit_rows == 0) return;
+  // Only the rows that sample need the LM head (the last prompt row, and every decode row).
+  for (int64_t i = 0; i < n_logit_rows; ++i) o.copy(hsel_ + i * C, xn_ + int64_t(logit_rows_[i]) * C, C);
+  o.gemm(false, true, n_logit_rows, V, C, T(1), hsel_, C, model_.lm_head_weight(), C, T(0), logits_, V);
+}
+
+template <class T>
+void Generator<T>::extend_for_test(const int32_t* slots, const int32_t* positions, const int32_t* tokens, int64_t n,
+                                   T* logits_out) {
+  SPPO_REQUIRE(n >= 1 && n <= max_rows_, "extend_for_test: ", n, " rows, at most ", max_rows_);
+  for (int64_t i = 0; i < n; ++i) {
+    SPPO_REQUIRE(slots[i] >= 0 && slots[i] < plan_.max_batch && positions[i] >= 0 && positions[i] < plan_.max_context,
+                 "extend_for_test: row ", i, " is outside the cache");
+    slots_[i] = slots[i], positions_[i] = positions[i], tokens_[i] = tokens[i];
+  }
+  extend(n, 0);
+  ops_->gemm(false, true, n, cfg_.vocab_size, cfg_.hidden_size, T(1), xn_, cfg_.hidden_size, model_.lm_head_weight(),
+             cfg_.hidden_size, T(0), logits_out, cfg_.vocab_size);
+}
+
+template <class T>
+void Generator<T>::validate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o) const {
+  o.validate();
+  const int64_t V = cfg_.vocab_size, P = plan_.max_context;
+  for (size_t i = 0; i < o.stop_tokens.size(); ++i)
+    SPPO_REQUIRE(o.stop_tokens[i] >= 0 && o.stop_tokens[i] < V, "stop token ", o.stop_tokens[i], " (stopTokens[", i,
+                 "]) is out of range [0, ", V, ")");
+  SPPO_REQUIRE(!seqs.empty(), "no prompts to generate from");
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const SequenceRequest& r = seqs[s];
+    SPPO_REQUIRE(r.prompt_len >= 1, "prompt of sequence ", s, " is empty (generation needs at least one token)");
+    if (o.max_new_tokens > 0)
+      SPPO_REQUIRE(r.prompt_len + o.max_new_tokens <= P, "sequence ", s, ": prompt of ", r.prompt_len,
+                   " tokens + maxNewTokens ", o.max_new_tokens, " exceeds the generator's maxContext ", P);
+    else
+      SPPO_REQUIRE(r.prompt_len < P, "sequence ", s, ": prompt of ", r.prompt_len,
+                   " tokens leaves no room to generate within the generator's maxContext ", P);
+    for (int64_t t = 0; t < r.prompt_len; ++t)
+      SPPO_REQUIRE(r.prompt[t] >= 0 && r.prompt[t] < V, "token id ", r.prompt[t], " at sequence ", s, ", position ", t,
+                   " is out of range [0, ", V, ")");
+  }
+}
+
+template <class T>
+std::vector<SequenceResult> Generator<T>::generate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o,
+                                                   const std::atomic<bool>* abort,
+                                                   const std::function<void(const std::vector<TokenEvent>&)>& on_step) {
+  validate(seqs, o);
+  const int64_t n = int64_t(seqs.size()), B = plan_.max_batch, V = cfg_.vocab_size;
+  std::vector<SequenceResult> results(n);
+  // A slot holds one sequence: its tokens so far (prompt + generated) and how many of them are
+  // in the cache. It takes part in a step only while it has uncached tokens.
+  struct Slot {
+    int64_t seq = -1;
+    std::vector<int32_t> text;
+    int64_t cached = 0;
+  };
+  std::vector<Slot> slots(B);
+  int64_t next_seq = 0, unfinished = n;
+  std::vector<int64_t> sampling_slot(B);  // slot of each logit row
+  std::vector<int32_t> sampled(B);
+  std::vector<double> sampled_lp(B);
+  std::vector<TokenEvent> events;
+  auto finish = [&](Slot& s, StopReason why) {
+    results[s.seq].reason = why;
+    s.seq = -1;
+    --unfinished;
+  };
+  while (unfinished > 0) {
+    if (abort && abort->load()) {
+      for (Slot& s : slots)
+        if (s.seq >= 0) finish(s, StopReason::Aborted);
+      for (; next_seq < n; ++next_seq) results[next_seq].reason = StopReason::Aborted;
+      break;
+    }
+    for (Slot& s : slots) {
+      if (s.seq >= 0 || next_seq >= n) continue;
+      const SequenceRequest& r = seqs[next_seq];
+      s.seq = next_seq++;
+      s.text.assign(r.prompt, r.prompt + r.prompt_len);
+      s.cached = 0;
+    }
+    // Decode rows (one uncached token) first so a long prefill never delays them; prefill rows
+    // fill the rest of the step. A slot samples once all its tokens are cached.
+    int64_t rows = 0, n_logits = 0;
+    for (int pass = 0; pass < 2; ++pass) {
+      for (int64_t si = 0; si < B; ++si) {
+        Slot& s = slots[si];
+        if (s.seq < 0) continue;
+        const int64_t pending = int64_t(s.text.size()) - s.cached;
+        if ((pass == 0) != (pending == 1)) continue;
+        const int64_t take = std::min(pending, max_rows_ - rows);
+        for (int64_t t = 0; t < take; ++t, ++rows) {
+          slots_[rows] = int32_t(si);
+          positions_[rows] = int32_t(s.cached + t);
+          tokens_[rows] = s.text[s.cached + t];
+        }
+        s.cached += take;
+        if (take == pending && take > 0) {
+          logit_rows_[n_logits] = int32_t(rows - 1);
+          sampling_slot[n_logits++] = si;
+        }
+      }
+    }
+    extend(rows, n_logits);
+    cpu_pool().parallel_for(n_logits, 1, [&](int64_t b, int64_t e) {
+      thread_local SamplerScratch<T> scratch;
+      for (int64_t i = b; i < e; ++i) {
+        const Slot& s = slots[sampling_slot[i]];
+        const SequenceRequest& r = seqs[s.seq];
+        const double u = uniform01(r.seed, r.stream, results[s.seq].tokens.size());
+        sampled[i] = sample_token(logits_ + i * V, V, o, u, &sampled_lp[i], scratch);
+      }
+    });
+    events.clear();
+    for (int64_t i = 0; i < n_logits; ++i) {
+      Slot& s = slots[sampling_slot[i]];
+      SequenceResult& res = results[s.seq];
+      const int32_t tok = sampled[i];
+      res.tokens.push_back(tok);
+      res.logprobs.push_back(sampled_lp[i]);
+      s.text.push_back(tok);
+      events.push_back({s.seq, tok, sampled_lp[i]});
+      if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), tok) != o.stop_tokens.end())
+        finish(s, StopReason::StopToken);
+      else if (int64_t(res.tokens.size()) == o.max_new_tokens)
+        finish(s, StopReason::MaxTokens);
+      else if (int64_t(s.text.size()) >= plan_.max_context)
+        finish(s, StopReason::ContextFull);
+    }
+    if (on_step && !events.empty()) on_step(events);
+  }
+  return results;
+}
+
+template class Generator<float>;
+template class Generator<double>;
+
+}  // namespace sppo

@@ -1,0 +1,386 @@
+// Batched sampling tests: GEMM rows bit-identical across M (what batch invariance rests on),
+// KV-cache logits against the full forward, the sampler's distribution, reproducibility whatever
+// the batch, stop conditions, abort, and bad inputs.
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "core/rng.h"
+#include "cpu/cpu_ops.h"
+#include "cpu/gemm.h"
+#include "sppo/generate.h"
+#include "sppo/model.h"
+#include "tests/harness.h"
+
+namespace sppo::cpu {
+bool gemm_force_kernel(const char* name);  // test hook defined in gemm.cpp
+}
+
+using namespace sppo;
+
+namespace {
+
+// GQA (4 heads on 2 kv heads), head_dim 6, q/k/v bias, untied head, llama3 rope scaling.
+ModelConfig gqa_bias_config() {
+  ModelConfig c;
+  c.vocab_size = 37, c.hidden_size = 16, c.num_hidden_layers = 2, c.num_attention_heads = 4;
+  c.num_key_value_heads = 2, c.head_dim = 6, c.intermediate_size = 20, c.max_position_embeddings = 96;
+  c.attention_bias = true;
+  c.rope_theta = 500.0;
+  c.rope_scaling.kind = RopeScaling::Kind::Llama3;
+  c.rope_scaling.factor = 8, c.rope_scaling.low_freq_factor = 1, c.rope_scaling.high_freq_factor = 4;
+  c.rope_scaling.original_max_position_embeddings = 16;
+  c.initializer_range = 0.3, c.seed = 21;
+  return c;
+}
+
+template <class T>
+std::unique_ptr<Model<T>> make_model(const ModelConfig& c, int max_seq) {
+  auto m = std::make_unique<Model<T>>(c, MemoryPlan{1, max_seq}, std::make_unique<cpu::CpuOps<T>>());
+  // Biases start at 0 and norms at 1: perturb everything so every weight matters.
+  for (size_t k = 0; k < m->params().size(); ++k) {
+    const ParamInfo& p = m->params()[k];
+    for (int64_t i = 0; i < p.size; ++i) m->param_data()[p.offset + i] += T(0.1 * standard_normal(77, k, i));
+  }
+  return m;
+}
+
+template <class T>
+std::unique_ptr<Generator<T>> make_generator(const Model<T>& m, int max_batch, int max_context) {
+  return std::make_unique<Generator<T>>(m, GeneratorPlan{max_batch, max_context}, std::make_unique<cpu::CpuOps<T>>());
+}
+
+std::vector<int32_t> random_tokens(int64_t n, int vocab, uint64_t seed) {
+  std::vector<int32_t> t(n);
+  for (int64_t i = 0; i < n; ++i) t[i] = int32_t(uniform01(seed, 2, i) * vocab);
+  return t;
+}
+
+// Reference: logits (len, V) of one sequence from the full forward.
+template <class T>
+std::vector<T> full_logits(Model<T>& m, const std::vector<int32_t>& tokens) {
+  std::vector<T> out(tokens.size() * m.config().vocab_size);
+  m.forward(tokens.data(), 1, int64_t(tokens.size()), nullptr, out.data());
+  return out;
+}
+
+double log_softmax_at(const float* x, int64_t V, int32_t j) {
+  double mx = x[0];
+  for (int64_t i = 1; i < V; ++i) mx = std::max(mx, double(x[i]));
+  double s = 0;
+  for (int64_t i = 0; i < V; ++i) s += std::exp(double(x[i]) - mx);
+  return double(x[j]) - mx - std::log(s);
+}
+
+}  // namespace
+
+SPPO_TEST(gemm_row_results_do_not_depend_on_M) {
+  // The same row of A, computed inside gemms of M = 1 .. 300 rows, must come out bit-identical
+  // (small-M path and packed path alike), for every kernel this CPU runs, with and without a
+  // K tail and several K blocks.
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  for (const char* kernel : {"avx512", "avx2", "portable"}) {
+    if (!cpu::gemm_force_kernel(kernel)) continue;
+    for (int64_t K : {6, 37, 64, 512, 515, 1376}) {
+      for (bool tB : {true, false}) {
+        const int64_t N = 77, Mmax = 300;
+        std::vector<float> A(Mmax * K), B(N * K);
+        for (auto& x : A) x = d(rng);
+        for (auto& x : B) x = d(rng);
+        for (float beta : {0.0f, 1.0f}) {
+          std::vector<float> C0(Mmax * N);
+          for (auto& x : C0) x = d(rng);
+          std::vector<float> ref = C0;
+          cpu::gemm(false, tB, Mmax, N, K, 1.0f, A.data(), K, B.data(), tB ? K : N, beta, ref.data(), N);
+          for (int64_t M : {1, 5, 16, 17, 64, 299}) {
+            // Rows [Mmax - M, Mmax): the last row sits at a different place in every call.
+            const int64_t r0 = Mmax - M;
+            std::vector<float> C(C0.begin() + r0 * N, C0.end());
+            cpu::gemm(false, tB, M, N, K, 1.0f, A.data() + r0 * K, K, B.data(), tB ? K : N, beta, C.data(), N);
+            EXPECT_TRUE(std::memcmp(C.data(), ref.data() + r0 * N, C.size() * sizeof(float)) == 0,
+                        "kernel " << kernel << " K=" << K << " transB=" << tB << " beta=" << beta << " M=" << M);
+          }
+        }
+      }
+    }
+  }
+  cpu::gemm_force_kernel("auto");
+}
+
+template <class T>
+void check_cache_logits(double tol) {
+  ModelConfig c = gqa_bias_config();
+  auto m = make_model<T>(c, 40);
+  auto gen = make_generator<T>(*m, 3, 40);
+  const int64_t V = c.vocab_size;
+  // Three sequences in slots 2, 0, 1; prefilled out of order and in chunks, then decoded together.
+  std::vector<std::vector<int32_t>> seqs = {random_tokens(13, V, 1), random_tokens(30, V, 2), random_tokens(21, V, 3)};
+  const int32_t slot_of[3] = {2, 0, 1};
+  std::vector<std::vector<T>> got(3);
+  for (auto& g : got) g.assign(40 * V, T(0));
+  std::vector<int64_t> done(3, 0);
+  auto run = [&](std::vector<std::pair<int, int64_t>> plan) {  // (sequence, rows) per part of a step
+    std::vector<int32_t> slots, pos, toks;
+    std::vector<std::pair<int, int64_t>> where;
+    for (auto [s, n] : plan)
+      for (int64_t t = 0; t < n; ++t, ++done[s]) {
+        slots.push_back(slot_of[s]), pos.push_back(int32_t(done[s])), toks.push_back(seqs[s][done[s]]);
+        where.push_back({s, done[s]});
+      }
+    std::vector<T> logits(slots.size() * V);
+    gen->extend_for_test(slots.data(), pos.data(), toks.data(), int64_t(slots.size()), logits.data());
+    for (size_t i = 0; i < where.size(); ++i)
+      std::memcpy(got[where[i].first].data() + where[i].second * V, logits.data() + i * V, V * sizeof(T));
+  };
+  run({{1, 10}, {0, 4}});
+  run({{1, 10}, {2, 7}, {0, 1}});
+  run({{1, 5}, {2, 11}, {0, 1}});
+  while (done[0] < 13 || done[1] < 30 || done[2] < 21) {
+    std::vector<std::pair<int, int64_t>> step;
+    for (int s = 0; s < 3; ++s)
+      if (done[s] < int64_t(seqs[s].size())) step.push_back({s, 1});
+    run(step);
+  }
+  for (int s = 0; s < 3; ++s) {
+    std::vector<T> ref = full_logits(*m, seqs[s]);
+    for (size_t i = 0; i < ref.size(); ++i)
+      EXPECT_TRUE(std::fabs(double(ref[i]) - double(got[s][i])) <= tol,
+                  "sequence " << s << " position " << i / V << " token " << i % V << ": cache " << got[s][i]
+                              << " vs forward " << ref[i]);
+  }
+}
+
+SPPO_TEST(kv_cache_logits_match_full_forward_float) { check_cache_logits<float>(2e-5); }
+SPPO_TEST(kv_cache_logits_match_full_forward_double) { check_cache_logits<double>(1e-12); }
+
+// Chi-square goodness of fit of the sampler's draws on a fixed logit vector against
+// softmax(logits/T) restricted to the top-k / top-p set, computed here independently.
+SPPO_TEST(sampler_matches_truncated_softmax_distribution) {
+  const std::vector<float> logits = {1.2f, -0.3f, 2.5f, 0.0f, 2.5f, -1.7f, 0.9f, 1.8f, -0.5f, 0.4f, 3.1f, -2.2f};
+  const int64_t V = int64_t(logits.size());
+  struct Cfg {
+    double t;
+    int64_t k;
+    double p;
+  };
+  for (Cfg cfg : {Cfg{1.0, 0, 1.0}, Cfg{0.7, 5, 1.0}, Cfg{1.3, 0, 0.8}, Cfg{0.5, 8, 0.9}, Cfg{2.0, 3, 0.5}}) {
+    // Expected: order ids by logit (desc, then id), keep top-k (with ties), softmax at T, then
+    // the smallest prefix reaching top_p.
+    std::vector<int> order(V);
+    for (int i = 0; i < V; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return logits[a] > logits[b]; });
+    int64_t keep = V;
+    if (cfg.k > 0) {
+      keep = cfg.k;
+      while (keep < V && logits[order[keep]] == logits[order[cfg.k - 1]]) ++keep;
+    }
+    std::vector<double> w(V, 0.0);
+    double z = 0;
+    for (int64_t i = 0; i < keep; ++i) z += w[order[i]] = std::exp(logits[order[i]] / cfg.t);
+    double cum = 0;
+    int64_t m = 0;
+    while (m < keep && cum < cfg.p * z) cum += w[order[m++]];
+    std::vector<double> expect(V, 0.0);
+    for (int64_t i = 0; i < m; ++i) expect[order[i]] = w[order[i]] / cum;
+
+    SamplingOptions o;
+    o.temperature = cfg.t, o.top_k = cfg.k, o.top_p = cfg.p;
+    const int draws = 200000;
+    std::vector<int> count(V, 0);
+    SamplerScratch<float> work;
+    for (int i = 0; i < draws; ++i) {
+      double lp;
+      int32_t tok = sample_token(logits.data(), V, o, uniform01(1234, 0, i), &lp, work);
+      EXPECT_NEAR(lp, log_softmax_at(logits.data(), V, tok), 1e-6);  // float exp
+      ++count[tok];
+    }
+    double chi2 = 0;
+    int df = -1;
+    for (int64_t j = 0; j < V; ++j) {
+      if (expect[j] == 0) {
+        EXPECT_TRUE(count[j] == 0, "token " << j << " is outside the top-k/top-p set but was drawn " << count[j]
+                                            << " times (T=" << cfg.t << " k=" << cfg.k << " p=" << cfg.p << ")");
+        continue;
+      }
+      const double e = expect[j] * draws;
+      chi2 += (count[j] - e) * (count[j] - e) / e;
+      ++df;
+    }
+    // p > 1e-4 via the Wilson–Hilferty normal approximation: z < 3.719.
+    double zscore = 0;
+    if (df > 0) {
+      const double a = 2.0 / (9.0 * df);
+      zscore = (std::cbrt(chi2 / df) - (1 - a)) / std::sqrt(a);
+    }
+    EXPECT_TRUE(zscore < 3.719, "chi2 " << chi2 << " on " << df << " df (T=" << cfg.t << " k=" << cfg.k
+                                        << " p=" << cfg.p << ")");
+  }
+}
+
+SPPO_TEST(sampler_greedy_is_argmax_lowest_id_on_ties) {
+  const std::vector<float> logits = {0.5f, 3.0f, -1.0f, 3.0f, 2.9f};
+  SamplingOptions o;
+  o.temperature = 0;
+  SamplerScratch<float> work;
+  for (double u : {0.01, 0.5, 0.99}) {
+    double lp;
+    EXPECT_TRUE(sample_token(logits.data(), 5, o, u, &lp, work) == 1);
+    EXPECT_NEAR(lp, log_softmax_at(logits.data(), 5, 1), 1e-6);
+  }
+}
+
+namespace {
+struct Fixture {
+  ModelConfig c = gqa_bias_config();
+  std::unique_ptr<Model<float>> m = make_model<float>(c, 48);
+  std::vector<std::vector<int32_t>> prompts = {random_tokens(5, c.vocab_size, 10), random_tokens(17, c.vocab_size, 11),
+                                               random_tokens(1, c.vocab_size, 12), random_tokens(9, c.vocab_size, 13)};
+  std::vector<SequenceRequest> requests(std::vector<int> which, int samples = 1) {
+    std::vector<SequenceRequest> r;
+    for (int p : which)
+      for (int s = 0; s < samples; ++s)
+        r.push_back({prompts[p].data(), int64_t(prompts[p].size()), uint64_t(100 + p), uint64_t(s)});
+    return r;
+  }
+};
+
+SamplingOptions sampling(int64_t max_new) {
+  SamplingOptions o;
+  o.max_new_tokens = max_new, o.temperature = 0.9, o.top_k = 20, o.top_p = 0.95;
+  return o;
+}
+
+void expect_same(const SequenceResult& a, const SequenceResult& b, const char* what) {
+  EXPECT_TRUE(a.tokens == b.tokens, what);
+  EXPECT_TRUE(std::memcmp(a.logprobs.data(), b.logprobs.data(), a.logprobs.size() * sizeof(double)) == 0, what);
+  EXPECT_TRUE(a.reason == b.reason, what);
+}
+}  // namespace
+
+SPPO_TEST(generate_is_invariant_to_batch_composition_and_reproducible) {
+  Fixture f;
+  SamplingOptions o = sampling(20);
+  // Prompt 1, sample 0: alone (one row per decode step); in a batch of 20 mixed-length
+  // sequences (decode steps of 20 rows, past the GEMM's small-M path); split over two calls and
+  // run in waves through fewer slots than sequences.
+  auto gen = make_generator(*f.m, 24, 48);
+  auto alone = gen->generate(f.requests({1}), o);
+  auto mixed = gen->generate(f.requests({0, 1, 2, 3}, 5), o);
+  auto small = make_generator(*f.m, 3, 48);
+  auto part1 = small->generate(f.requests({3, 0}, 2), o);
+  auto part2 = small->generate(f.requests({2, 1}, 2), o);
+  expect_same(alone[0], mixed[5], "alone vs mixed batch");
+  expect_same(alone[0], part2[2], "alone vs split and waved");
+  expect_same(mixed[0], part1[2], "prompt 0 in two batches");
+  expect_same(mixed[16], part1[1], "prompt 3 sample 1 in two batches");
+  auto again = gen->generate(f.requests({0, 1, 2, 3}, 5), o);
+  for (size_t i = 0; i < mixed.size(); ++i) expect_same(mixed[i], again[i], "same call twice");
+  // Different samples of one prompt differ (streams), and so do different seeds.
+  EXPECT_TRUE(mixed[5].tokens != mixed[6].tokens);
+  auto other_seed = f.requests({1});
+  other_seed[0].seed = 999;
+  EXPECT_TRUE(gen->generate(other_seed, o)[0].tokens != alone[0].tokens);
+}
+
+SPPO_TEST(generate_logprobs_are_raw_policy_log_softmax_of_full_forward) {
+  Fixture f;
+  SamplingOptions o = sampling(12);
+  o.temperature = 1.7, o.top_k = 4;  // truncation and temperature must not leak into the log-probs
+  auto gen = make_generator(*f.m, 4, 48);
+  auto res = gen->generate(f.requests({0, 1, 3}), o);
+  const int64_t V = f.c.vocab_size;
+  for (int s = 0; s < 3; ++s) {
+    const auto& prompt = f.prompts[s == 2 ? 3 : s];
+    std::vector<int32_t> all = prompt;
+    all.insert(all.end(), res[s].tokens.begin(), res[s].tokens.end());
+    std::vector<float> ref = full_logits(*f.m, all);
+    for (size_t t = 0; t < res[s].tokens.size(); ++t) {
+      const int64_t pos = int64_t(prompt.size() + t) - 1;
+      EXPECT_NEAR(res[s].logprobs[t], log_softmax_at(ref.data() + pos * V, V, res[s].tokens[t]), 1e-4);
+    }
+  }
+}
+
+SPPO_TEST(generate_greedy_follows_full_forward_argmax) {
+  Fixture f;
+  SamplingOptions o;
+  o.max_new_tokens = 10, o.temperature = 0;
+  auto gen = make_generator(*f.m, 2, 48);
+  auto res = gen->generate(f.requests({1}), o);
+  std::vector<int32_t> all = f.prompts[1];
+  for (int32_t tok : res[0].tokens) {
+    std::vector<float> ref = full_logits(*f.m, all);
+    const float* last = ref.data() + (all.size() - 1) * f.c.vocab_size;
+    EXPECT_TRUE(tok == int32_t(std::max_element(last, last + f.c.vocab_size) - last));
+    all.push_back(tok);
+  }
+}
+
+SPPO_TEST(generate_stops_on_any_stop_token_max_tokens_and_full_context) {
+  Fixture f;
+  auto gen = make_generator(*f.m, 4, 24);
+  SamplingOptions o = sampling(15);
+  auto free_run = gen->generate(f.requests({0}), o);
+  EXPECT_TRUE(free_run[0].tokens.size() == 15 && free_run[0].reason == StopReason::MaxTokens);
+  // Stop on the 4th and 7th generated tokens (whichever comes first): the stop token is kept.
+  o.stop_tokens = {free_run[0].tokens[6], free_run[0].tokens[3]};
+  auto stopped = gen->generate(f.requests({0}), o);
+  size_t first = 0;
+  while (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), free_run[0].tokens[first]) == o.stop_tokens.end()) ++first;
+  EXPECT_TRUE(stopped[0].reason == StopReason::StopToken);
+  EXPECT_TRUE(stopped[0].tokens.size() == first + 1);
+  EXPECT_TRUE(std::equal(stopped[0].tokens.begin(), stopped[0].tokens.end(), free_run[0].tokens.begin()));
+  // No maxNewTokens: runs until prompt + new tokens fill the 24-token context.
+  o.stop_tokens.clear();
+  o.max_new_tokens = -1;
+  auto full = gen->generate(f.requests({1, 2}), o);
+  EXPECT_TRUE(full[0].reason == StopReason::ContextFull && full[0].tokens.size() == 24 - 17);
+  EXPECT_TRUE(full[1].reason == StopReason::ContextFull && full[1].tokens.size() == 24 - 1);
+}
+
+SPPO_TEST(generate_abort_returns_what_was_generated) {
+  Fixture f;
+  auto gen = make_generator(*f.m, 2, 48);
+  std::atomic<bool> abort{false};
+  int steps = 0;
+  auto res = gen->generate(f.requests({0, 1, 3}), sampling(20), &abort, [&](const std::vector<TokenEvent>&) {
+    if (++steps == 3) abort.store(true);
+  });
+  auto whole = gen->generate(f.requests({0, 1, 3}), sampling(20));
+  for (size_t s = 0; s < res.size(); ++s) {
+    EXPECT_TRUE(res[s].reason == StopReason::Aborted, "sequence " << s);
+    EXPECT_TRUE(std::equal(res[s].tokens.begin(), res[s].tokens.end(), whole[s].tokens.begin()));
+  }
+  EXPECT_TRUE(res[2].tokens.empty(), "the third sequence waits for a slot and never starts");
+  EXPECT_TRUE(res[0].tokens.size() == 3);
+}
+
+SPPO_TEST(generate_rejects_bad_inputs_with_clear_errors) {
+  Fixture f;
+  auto gen = make_generator(*f.m, 2, 24);
+  auto req = f.requests({0, 1});
+  SamplingOptions o = sampling(5);
+  o.temperature = -0.5;
+  EXPECT_THROWS_WITH(gen->generate(req, o), "temperature must be a finite number >= 0, got -0.5");
+  o = sampling(5), o.top_p = 0;
+  EXPECT_THROWS_WITH(gen->generate(req, o), "topP must be in (0, 1], got 0");
+  o = sampling(5), o.top_p = 1.5;
+  EXPECT_THROWS_WITH(gen->generate(req, o), "topP must be in (0, 1]");
+  o = sampling(5), o.top_k = -1;
+  EXPECT_THROWS_WITH(gen->generate(req, o), "topK must be >= 0");
+  o = sampling(5), o.stop_tokens = {3, 37};
+  EXPECT_THROWS_WITH(gen->generate(req, o), "stop token 37 (stopTokens[1]) is out of range [0, 37)");
+  o = sampling(8);
+  EXPECT_THROWS_WITH(gen->generate(req, o),
+                     "sequence 1: prompt of 17 tokens + maxNewTokens 8 exceeds the generator's maxContext 24");
+  std::vector<int32_t> bad = {1, 2, 40};
+  req[0] = {bad.data(), 3, 0, 0};
+  EXPECT_THROWS_WITH(gen->generate(req, sampling(5)), "token id 40 at sequence 0, position 2 is out of range [0, 37)");
+  req[0] = {bad.data(), 0, 0, 0};
+  EXPECT_THROWS_WITH(gen->generate(req, sampling(5)), "prompt of sequence 0 is empty");
+  EXPECT_THROWS_WITH(make_generator(*f.m, 2, 200), "plan.maxContext (200) exceeds the model's max_position_embeddings (96)");
+}

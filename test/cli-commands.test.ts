@@ -1,0 +1,187 @@
+// The `sppo` command line: --help for every subcommand, usage and config errors (exit code 2, one
+// line naming the option or the config field, no stack trace), and `sppo eval` over a run
+// directory. Most cases call main() in-process; a few spawn the real executable.
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { Writable } from 'node:stream';
+import { afterAll, describe, expect, it } from 'vitest';
+import { main } from '../lib/cli/cli.js';
+import { parseConfig } from '../lib/config/load.js';
+import { demoConfigInput } from '../lib/demo/demo.js';
+
+const root = new URL('..', import.meta.url).pathname;
+const dir = mkdtempSync(join(tmpdir(), 'sppo-cli-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+function sink(): Writable & { text: string } {
+  const w = new Writable({
+    write(chunk, _enc, done) {
+      w.text += chunk.toString();
+      done();
+    },
+  }) as Writable & { text: string };
+  w.text = '';
+  return w;
+}
+
+async function sppo(...argv: string[]): Promise<CliResult> {
+  const stdout = sink();
+  const stderr = sink();
+  const code = await main(argv, { stdout, stderr });
+  return { code, stdout: stdout.text, stderr: stderr.text };
+}
+
+function sppoProcess(...argv: string[]): CliResult {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli/main.ts'), ...argv], { cwd: root, encoding: 'utf8', timeout: 60_000 });
+  return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+function file(name: string, text: string): string {
+  const p = join(dir, name);
+  mkdirSync(dirname(p), { recursive: true });
+  writeFileSync(p, text);
+  return p;
+}
+
+/** A usage or config error: exit 2, nothing on stdout, exactly one line on stderr. */
+function expectUsageError(r: CliResult, ...fragments: string[]): void {
+  expect(r.code, r.stderr).toBe(2);
+  expect(r.stdout).toBe('');
+  expect(r.stderr.trimEnd().split('\n')).toHaveLength(1);
+  for (const f of fragments) expect(r.stderr).toContain(f);
+}
+
+describe('help', () => {
+  it.each(['run', 'demo', 'generate', 'eval'])('sppo %s --help describes its options', async (name) => {
+    const r = await sppo(name, '--help');
+    expect(r.code).toBe(0);
+    expect(r.stdout).toContain(`Usage: sppo ${name}`);
+    expect(r.stdout).toContain('--help');
+    expect(await sppo(name, '-h')).toEqual(r);
+  });
+
+  it('sppo --help lists the commands; no command is a usage error', async () => {
+    const r = await sppo('--help');
+    expect(r.code).toBe(0);
+    for (const name of ['run', 'demo', 'generate', 'eval']) expect(r.stdout).toMatch(new RegExp(`^  ${name} `, 'm'));
+    const none = await sppo();
+    expect(none.code).toBe(2);
+    expect(none.stderr).toContain('Usage: sppo <command>');
+  });
+
+  it('the executable prints help and exits 0', () => {
+    const r = sppoProcess('generate', '--help');
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toContain('--demo-run RUN_DIR');
+  });
+});
+
+describe('usage errors', () => {
+  it('an unknown command', async () => expectUsageError(await sppo('frob'), "unknown command 'frob'", 'run, demo, generate, eval'));
+  it('an unknown option', async () => expectUsageError(await sppo('demo', '--bogus'), "'--bogus'", 'sppo demo --help'));
+  it('an option without its value', async () => expectUsageError(await sppo('run', '--config'), '--config'));
+  it('a stray positional argument', async () => expectUsageError(await sppo('eval', 'somewhere'), "'somewhere'"));
+  it('a missing required option', async () => {
+    expectUsageError(await sppo('run'), '--config is required');
+    expectUsageError(await sppo('eval'), '--run is required');
+    expectUsageError(await sppo('generate', '--model', dir), '--prompts is required');
+  });
+  it('bad numbers and choices', async () => {
+    expectUsageError(await sppo('demo', '--iterations', '0'), '--iterations must be an integer ≥ 1', "'0'");
+    expectUsageError(await sppo('demo', '--iterations', '2.5'), '--iterations');
+    expectUsageError(await sppo('demo', '--loss', 'ppo'), '--loss must be one of', 'sppo-pair', "'ppo'");
+    expectUsageError(await sppo('demo', '--compare', '--loss', 'dpo'), '--compare', 'no --loss');
+    const prompts = file('p.jsonl', '{"prompt":"abc"}\n');
+    expectUsageError(await sppo('generate', '--model', dir, '--prompts', prompts, '--top-p', '1.5'), '--top-p must be a number', '≤ 1');
+    expectUsageError(await sppo('generate', '--model', dir, '--prompts', prompts, '--samples', 'x'), '--samples');
+  });
+  it('generate needs exactly one checkpoint source', async () => {
+    const prompts = file('p.jsonl', '{"prompt":"abc"}\n');
+    expectUsageError(await sppo('generate', '--prompts', prompts), 'exactly one of --model');
+    expectUsageError(await sppo('generate', '--prompts', prompts, '--model', dir, '--demo-run', dir), 'exactly one of --model');
+    expectUsageError(await sppo('generate', '--prompts', prompts, '--demo-run', dir), 'no run.json');
+    expectUsageError(await sppo('generate', '--prompts', prompts, '--model', dir), 'no config.json');
+  });
+  it('generate --demo-run checks the run, the iteration and the prompts against the demo', async () => {
+    const run = join(dir, 'demo-run');
+    file('demo-run/run.json', JSON.stringify({ hash: 'h', config: parseConfig(demoConfigInput({ dir: run, iterations: 2 })) }));
+    file('demo-run/base/policy/config.json', JSON.stringify({ max_position_embeddings: 32 }));
+    const words = file('words.jsonl', '{"prompt":"abc"}\n{"prompt":"xyz"}\n');
+    expectUsageError(await sppo('generate', '--demo-run', run, '--iteration', '2', '--prompts', words), 'no checkpoint of iteration 2');
+    expectUsageError(await sppo('generate', '--demo-run', run, '--prompts', words), '--prompts', "character 'x'", 'alphabet');
+    const hfRun = join(dir, 'hf-run');
+    const hfConfig = parseConfig({ model: { path: '/models/x' }, data: { prompts: 'p.jsonl' }, preference: { kind: 'styled-reversal' } });
+    file('hf-run/run.json', JSON.stringify({ hash: 'h', config: hfConfig }));
+    expectUsageError(await sppo('generate', '--demo-run', hfRun, '--prompts', words), 'not a demo run', '--model');
+  });
+
+  it('eval of a directory that does not exist', async () => expectUsageError(await sppo('eval', '--run', join(dir, 'nowhere')), 'does not exist'));
+});
+
+describe('config errors', () => {
+  const valid = 'model: {preset: demo}\ndata: {words: 100}\npreference: {kind: styled-reversal}\n';
+
+  it('name every bad field on one line, with exit code 2 and no stack trace (real process)', () => {
+    const bad = file('bad.yaml', `${valid}training: {eta: -1, learningRate: 3}\n`);
+    const r = sppoProcess('run', '--config', bad);
+    expectUsageError(r, bad, 'training.eta: must be > 0', 'training.learningRate: unknown field');
+    expect(r.stderr).not.toMatch(/\n\s+at /);
+  });
+
+  it('unknown top-level keys, wrong types and bad enum values', async () => {
+    expectUsageError(await sppo('run', '--config', file('a.yaml', `${valid}optimiser: {lr: 1}\n`)), 'optimiser: unknown field');
+    expectUsageError(await sppo('run', '--config', file('b.yaml', `${valid}run: {iterations: three}\n`)), 'run.iterations');
+    expectUsageError(await sppo('run', '--config', file('c.yaml', `${valid}training: {loss: ppo}\n`)), 'training.loss: must be one of');
+  });
+
+  it('files that cannot be read or parsed', async () => {
+    expectUsageError(await sppo('run', '--config', join(dir, 'missing.yaml')), 'cannot read the config');
+    expectUsageError(await sppo('run', '--config', file('broken.yaml', 'model: {preset: demo\n')), 'not valid YAML', 'line');
+    expectUsageError(await sppo('run', '--config', file('run.toml', 'x = 1\n')), "must be .yaml, .yml or .json");
+  });
+
+  it('refuses what `sppo run` cannot run yet, naming the field', async () => {
+    const prompts = file('prompts.jsonl', Array.from({ length: 20 }, (_, i) => JSON.stringify({ prompt: `p${i}` })).join('\n'));
+    const tiny = `model: {preset: tiny}\ndata: {prompts: ${prompts}}\npreference: {kind: styled-reversal}\n`;
+    expectUsageError(await sppo('run', '--config', file('tiny.yaml', tiny)), "model.preset 'tiny'", 'no tokenizer');
+    const hf = (rest: string) => `model: {path: ${join(dir, 'no-model')}}\ndata: {prompts: ${prompts}, evalSize: 4}\n${rest}`;
+    expectUsageError(await sppo('run', '--config', file('nofile.yaml', hf('preference: {kind: styled-reversal}\n').replace(prompts, join(dir, 'none.jsonl')))),
+      'data.prompts', 'none.jsonl');
+    expectUsageError(await sppo('run', '--config', file('fn.yaml', hf('preference: {kind: function}\n'))), 'preference.module: required');
+    const judge = file('judge.mjs', 'export const judge = () => 0.5;\n');
+    expectUsageError(await sppo('run', '--config', file('fn2.yaml', hf(`preference: {kind: function, module: ${judge}, export: score}\n`))),
+      'preference.export', "'score'", 'exports: judge');
+  });
+});
+
+describe('sppo eval', () => {
+  it("prints a run's table and writes its report", async () => {
+    const run = join(dir, 'run');
+    const row = (t: number, mean: number) => JSON.stringify({
+      iteration: t, winRateVsBase: { mean, low: mean - 0.02, high: mean + 0.02, n: 50 }, meanResponseLength: 9.25, seconds: { evaluate: 1.25 },
+    });
+    file('run/.keep', '');
+    writeFileSync(join(run, 'metrics.jsonl'), `${row(0, 0.5)}\n${row(1, 0.625)}\n`);
+    const r = await sppo('eval', '--run', run);
+    expect(r.code, r.stderr).toBe(0);
+    const lines = r.stdout.split('\n');
+    expect(lines.find((l) => /^\s+1\s/.test(l))).toMatch(/1\s+0\.625 ± 0\.020\s+–\s+–\s+–\s+–\s+–\s+9\.3\s+1\.3/);
+    expect(r.stdout).toContain(`report: ${join(run, 'report.html')}`);
+    expect(readFileSync(join(run, 'report.html'), 'utf8')).toContain('0.625 ± 0.020');
+  });
+
+  it('a corrupt metrics file is a run failure naming the line', async () => {
+    file('corrupt/metrics.jsonl', '{"iteration":0}\n');
+    const r = await sppo('eval', '--run', join(dir, 'corrupt'));
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain('line 1 is not an iteration');
+  });
+});
