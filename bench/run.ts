@@ -13,9 +13,13 @@
 //           d 512 / 1024 (`build/sppo_bench fused_head`, which also times the engine's own
 //           unfused path) vs PyTorch CPU's unfused head (bench/pytorch_head.py): time target
 //           >= 1.5x, extra memory <= 1/10 of the unfused path's
+//   decode  KV-cache decode tok/s (`build/sppo_bench generate`: 32-token prompts, 64 new tokens,
+//           T = 0.7, as the baseline's decode loop) at batch 1 / 16 / 64 vs the baseline's batch-16
+//           decode loop (target >= 3x at batch 16); per-token time at positions 16 / 256 / 1024;
+//           `sequenceLogprobs` tok/s through the Node API ('small', 8 x 512 tokens)
 //   cxx     `build/sppo_bench train_step` (C++ only, no Node), for reference
 //
-// Options: --only train,gemm,mem,head,cxx   run a subset        --json FILE   write every number
+// Options: --only train,gemm,mem,head,decode,cxx   run a subset        --json FILE   write every number
 //          --reps N                    timed steps (default: tiny 5, small 3, after 1 warm-up)
 //          --gemm-rounds N             alternating GEMM rounds (default 2)
 // The engine and its peer are measured back to back per shape (engine tiny, torch tiny, engine
@@ -361,6 +365,59 @@ function fusedHead(results: Record<string, unknown>): Row[] {
   return rows;
 }
 
+// `build/sppo_bench generate` prints "decode PRESET batch B  N tok/s" and
+// "decode PRESET batch 1 position P  T ms/token" lines (native/tests/bench_generate.cpp).
+async function decode(results: Record<string, unknown>, baseline: Record<string, number>): Promise<Row[]> {
+  const rows: Row[] = [];
+  if (existsSync(SPPO_BENCH)) {
+    const r = run(SPPO_BENCH, ['generate']);
+    if (r.status !== 0) console.log(`build/sppo_bench generate failed: ${failure(r)}`);
+    const tok = new Map<string, number>();
+    for (const m of (r.stdout ?? '').matchAll(/^decode (\w+)\s+batch (\d+)\s+([\d.]+) tok\/s/gm)) tok.set(`${m[1]} ${m[2]}`, Number(m[3]));
+    const pos = [...(r.stdout ?? '').matchAll(/^decode (\w+)\s+batch 1 position (\d+)\s+([\d.]+) ms\/token/gm)];
+    for (const preset of ['tiny', 'small'] as PresetName[]) {
+      const py = baseline[`decode_${preset}_tok_s`] ?? pytorchBaseline(preset)?.[`decode_${preset}_tok_s`];
+      if (py !== undefined) baseline[`decode_${preset}_tok_s`] = py;
+      for (const b of [1, 16, 64]) {
+        const eng = tok.get(`${preset} ${b}`);
+        if (eng === undefined) continue;
+        rows.push({
+          what: `decode ${preset} batch ${b} (KV cache, T=0.7)`,
+          unit: 'tok/s',
+          engine: eng,
+          peer: b === 16 ? py : undefined,
+          ratio: b === 16 && py ? eng / py : undefined,
+          target: b === 16 ? '>= 3' : '',
+          note: b === 16 ? 'PyTorch CPU KV-cache loop, batch 16' : '',
+        });
+      }
+      const times = pos.filter((m) => m[1] === preset).map((m) => `${m[2]}: ${m[3]}`);
+      if (times.length) rows.push({ what: `decode ${preset} batch 1, ms/token at position`, unit: 'ms', note: times.join(', ') });
+    }
+    results.decode = Object.fromEntries(tok);
+  }
+  // sequenceLogprobs through the Node API: 8 sequences of a 64-token prompt + 448-token response.
+  const model = Model.create('small', { maxBatch: 8, maxSeq: 512 });
+  const vocab = presetConfig('small').vocab_size;
+  const ids = randomTokens(8 * 512, vocab, 3);
+  const items = Array.from({ length: 8 }, (_, i) => ({
+    prompt: Array.from(ids.subarray(i * 512, i * 512 + 64)),
+    response: Array.from(ids.subarray(i * 512 + 64, (i + 1) * 512)),
+  }));
+  await model.sequenceLogprobs(items); // warm-up
+  const times: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    const t0 = performance.now();
+    await model.sequenceLogprobs(items);
+    times.push((performance.now() - t0) / 1e3);
+  }
+  await model.dispose();
+  const tokS = (8 * 512) / median(times);
+  results.sequenceLogprobs = tokS;
+  rows.push({ what: 'sequenceLogprobs small 8 x 512 (Node API)', unit: 'tok/s', engine: tokS, note: 'forward + fused head, prompt masked' });
+  return rows;
+}
+
 function cxxTrainStep(results: Record<string, unknown>): string[] {
   if (!existsSync(SPPO_BENCH)) return [`(${SPPO_BENCH} not built)`];
   const r = run(SPPO_BENCH, ['train_step']);
@@ -397,7 +454,7 @@ function printTable(rows: Row[]): void {
 
 async function main(): Promise<void> {
   if (process.argv.includes('--mem-child')) return memChild();
-  const only = new Set((arg('--only') ?? 'train,gemm,mem,head,cxx').split(','));
+  const only = new Set((arg('--only') ?? 'train,gemm,mem,head,decode,cxx').split(','));
   const results: Record<string, unknown> = {
     date: new Date().toISOString(),
     cpu: cpuModel(),
@@ -481,6 +538,10 @@ async function main(): Promise<void> {
     });
   }
   if (only.has('head')) rows.push(...fusedHead(results));
+  if (only.has('decode')) {
+    const baseline = (results.pytorchBaseline ??= {}) as Record<string, number>;
+    rows.push(...(await decode(results, baseline)));
+  }
   if (only.has('cxx')) cxxLines = cxxTrainStep(results);
 
   results.loadavgEnd = loadavg();

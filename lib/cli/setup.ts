@@ -104,7 +104,16 @@ export async function pretrainedSetup(config: RunConfig): Promise<RunSetup> {
   const plan: MemoryPlan = { maxBatch: 2 * training.batchSize, maxSeq: Math.min(longest, await contextLimit(m.path, 'model.path')) };
   const { model, tokenizer } = await loadPretrained(m.path, plan);
   try {
-    return { config, model, text: chatPolicyText(requireChatTokenizer(tokenizer, m.path), data.maxPromptTokens), preference, split };
+    const text = chatPolicyText(requireChatTokenizer(tokenizer, m.path), data.maxPromptTokens);
+    // A tokenizer that does not fit the model would otherwise fail only once generation starts,
+    // after the run directory and π_0 are written, as an out-of-range token id.
+    const vocab = model.config.vocab_size;
+    for (const prompt of [...split.iterations.flat(), ...split.evaluation]) {
+      const id = text.promptIds(prompt).find((i) => i >= vocab);
+      if (id !== undefined)
+        throw new UsageError(`model.path: the tokenizer turns the prompt ${JSON.stringify(prompt.slice(0, 40))} into token id ${id}, but the model's vocab_size is ${vocab} (a tokenizer of another model?)`);
+    }
+    return { config, model, text, preference, split, sourceDir: config.model.path };
   } catch (err) {
     await model.dispose();
     throw err;

@@ -42,6 +42,11 @@ export interface RunSetup {
   preference: PreferenceModel;
   /** prompts of each iteration, and the held-out evaluation prompts */
   split: { iterations: string[][]; evaluation: string[] };
+  /**
+   * The Hugging Face directory the model came from: checkpoints copy its tokenizer, chat
+   * template, token ids and architecture, so each is a complete model directory.
+   */
+  sourceDir?: string;
   /** turns the loaded model into π_0 (e.g. supervised fine-tuning); its return value is logged */
   makeBase?: (model: Model, hooks: RunHooks) => Promise<Record<string, unknown>>;
   /** task metrics from the evaluation samples of every policy so far (π_0 first, newest last) */
@@ -123,10 +128,10 @@ async function loadWeights(model: Model, dir: string): Promise<void> {
   }
 }
 
-async function saveCheckpoint(model: Model, dir: string): Promise<void> {
+async function saveCheckpoint(model: Model, dir: string, sourceDir: string | undefined): Promise<void> {
   const tmp = `${dir}.tmp-${process.pid}`;
   await rm(tmp, { recursive: true, force: true });
-  await savePretrained(model, tmp);
+  await savePretrained(model, tmp, { sourceDir });
   await commitDirectory(tmp, dir);
 }
 
@@ -171,7 +176,7 @@ export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<Ru
     // π_0: the given model, or what makeBase makes of it; checkpointed once.
     const base = await timed(0, 'base', path.join(dir, BASE, 'base.json'), async () => {
       const info = setup.makeBase ? await setup.makeBase(model, hooks) : {};
-      await saveCheckpoint(model, policyDir(dir, 0));
+      await saveCheckpoint(model, policyDir(dir, 0), setup.sourceDir);
       holds = 0;
       return info;
     });
@@ -259,7 +264,7 @@ export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<Ru
         await ensure(t - 1);
         holds = -1;  // from here on the weights are moving
         const steps = await trainIteration(model, config, data.value, t, hooks);
-        await saveCheckpoint(model, policyDir(dir, t));
+        await saveCheckpoint(model, policyDir(dir, t), setup.sourceDir);
         holds = t;
         return { steps };
       });
