@@ -3,7 +3,7 @@
 // each call and between the steps of `train`, and `dispose` frees the native memory.
 import { toTokenBatch } from './batch.js';
 import { Generator, type GeneratorPlan } from './generate.js';
-import { native, type NativeModelHandle } from './native.js';
+import { native, type NativeModelHandle, type NativeStepResult } from './native.js';
 import { packPreferenceBatch, packSequences } from './preference.js';
 import type {
   BatchInput,
@@ -155,13 +155,8 @@ export class Model {
 
   /** The preference loss and TRL metrics of a batch, without touching gradients. */
   async evalPreference(input: PreferenceBatchInput, options: PreferenceOptions): Promise<PreferenceEvalResult> {
-    const p = packPreferenceBatch(input, options.loss);
-    const b = p.batch;
-    const r = await this.#enqueue(
-      (h) => h.evalPreference(b.tokens, b.batch, b.seq, b.targetMask!, p.refLogp, p.target, options.loss, options.eta),
-      options.signal,
-    );
-    return { metrics: r.metrics as unknown as PreferenceMetrics, logps: r.logps };
+    const { metrics, logps } = await this.#preference('evalPreference', input, options);
+    return { metrics, logps };
   }
 
   /**
@@ -169,12 +164,17 @@ export class Model {
    * loss, backward, and the optimizer step when gradient accumulation completes.
    */
   async preferenceStep(input: PreferenceBatchInput, options: PreferenceOptions): Promise<PreferenceStepResult> {
+    return this.#preference('preferenceStep', input, options);
+  }
+
+  async #preference(call: 'evalPreference' | 'preferenceStep', input: PreferenceBatchInput, options: PreferenceOptions) {
     const p = packPreferenceBatch(input, options.loss);
     const b = p.batch;
-    const r = await this.#enqueue(
-      (h) => h.preferenceStep(b.tokens, b.batch, b.seq, b.targetMask!, p.refLogp, p.target, options.loss, options.eta),
+    // evalPreference's result has only metrics and logps; preferenceStep's adds the step fields.
+    const r = (await this.#enqueue(
+      (h) => h[call](b.tokens, b.batch, b.seq, b.targetMask!, p.refLogp, p.target, options.loss, options.eta),
       options.signal,
-    );
+    )) as NativeStepResult & { metrics: Record<string, number>; logps: Float64Array };
     return { ...r, metrics: r.metrics as unknown as PreferenceMetrics };
   }
 

@@ -461,32 +461,17 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return o;
   }
 
-  Napi::Value EvalPreference(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    Model<float>& m = usable(env);
-    auto out = std::make_shared<sppo::PreferenceMetrics>();
-    auto logps_ref = std::make_shared<Napi::ObjectReference>();
-    auto* job = new Job(env, this, nullptr, [out, logps_ref](Napi::Env env) {
-      Napi::Object r = Napi::Object::New(env);
-      r.Set("metrics", metrics_to_js(env, *out));
-      r.Set("logps", logps_ref->Value());
-      return r;
-    });
-    PreferenceArgs a = preference_args(info, job);
-    *logps_ref = Napi::Persistent(Napi::Object(a.logps));
-    double* lp = a.logps.Data();
-    sppo::PreferenceBatch pb = a.batch;
-    job->set_work([&m, pb, lp, out] { *out = m.eval_preference(pb, lp); });
-    return queue(job);
-  }
+  Napi::Value EvalPreference(const Napi::CallbackInfo& info) { return PreferenceCall(info, false); }
+  Napi::Value PreferenceStep(const Napi::CallbackInfo& info) { return PreferenceCall(info, true); }
 
-  Napi::Value PreferenceStep(const Napi::CallbackInfo& info) {
+  // The preference loss of a batch: without gradients (train = false), or one training micro-step.
+  Napi::Value PreferenceCall(const Napi::CallbackInfo& info, bool train) {
     Napi::Env env = info.Env();
     Model<float>& m = usable(env);
     auto out = std::make_shared<sppo::PreferenceStepResult>();
     auto logps_ref = std::make_shared<Napi::ObjectReference>();
-    auto* job = new Job(env, this, nullptr, [out, logps_ref](Napi::Env env) {
-      Napi::Object r = step_to_js(env, out->step);
+    auto* job = new Job(env, this, nullptr, [out, logps_ref, train](Napi::Env env) {
+      Napi::Object r = train ? step_to_js(env, out->step) : Napi::Object::New(env);
       r.Set("metrics", metrics_to_js(env, out->metrics));
       r.Set("logps", logps_ref->Value());
       return r;
@@ -495,7 +480,10 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     *logps_ref = Napi::Persistent(Napi::Object(a.logps));
     double* lp = a.logps.Data();
     sppo::PreferenceBatch pb = a.batch;
-    job->set_work([&m, pb, lp, out] { *out = m.preference_step(pb, lp); });
+    job->set_work([&m, pb, lp, out, train] {
+      if (train) *out = m.preference_step(pb, lp);
+      else out->metrics = m.eval_preference(pb, lp);
+    });
     return queue(job);
   }
 
