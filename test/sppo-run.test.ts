@@ -64,6 +64,17 @@ describe('resume', () => {
     }
   }, 600_000);
 
+  it('an iteration with fewer micro-batches than gradAccumSteps still takes an optimizer step', async () => {
+    const dir = path.join(root, 'accumulate');
+    const c = input(dir);
+    const { setup } = demoSetup(parseConfig({ ...c, training: { ...c.training, gradAccumSteps: 10_000 } }));
+    await runSppo(setup);
+    await setup.model.dispose();
+    const train = JSON.parse(readFileSync(path.join(dir, 'iter-1', 'train.json'), 'utf8'));
+    expect(train.value.steps.length).toBe(1);
+    expect(train.value.steps[0].gradNorm).toBeGreaterThan(0);
+  });
+
   it('refuses to resume with a changed configuration, naming what changed', async () => {
     const dir = path.join(root, 'whole');
     const c = input(dir);

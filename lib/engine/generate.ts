@@ -219,9 +219,14 @@ export class Generator {
 
   /** Frees the KV cache once the generator's pending calls have settled. Safe to call twice. */
   async dispose(): Promise<void> {
-    await this.#queue(async () => undefined).catch(() => undefined);
-    this.#handle?.dispose();
-    this.#handle = undefined;
+    // Freed inside the model's queue, so a model call queued right after dispose() cannot start
+    // first and hold the model busy; if the model is gone already, the queue refuses and the
+    // cache is freed here.
+    const free = () => {
+      this.#handle?.dispose();
+      this.#handle = undefined;
+    };
+    await this.#queue(async () => free()).catch(() => free());
   }
 
   [Symbol.asyncDispose](): Promise<void> {

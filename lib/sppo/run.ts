@@ -4,7 +4,7 @@
 // against π_0 and π_t, checkpoint. Every stage's output lands atomically in the run directory
 // before the next starts, so a killed run resumes where it stopped and loses nothing.
 import { existsSync } from 'node:fs';
-import { appendFile, mkdir, rm } from 'node:fs/promises';
+import { appendFile, mkdir, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 
 import type { RunConfig } from '../config/schema.js';
@@ -129,8 +129,11 @@ async function loadWeights(model: Model, dir: string): Promise<void> {
 }
 
 async function saveCheckpoint(model: Model, dir: string, sourceDir: string | undefined): Promise<void> {
+  // A killed save leaves a full-size temporary copy (of another pid): clear them all.
+  const parent = path.dirname(dir);
+  for (const name of existsSync(parent) ? await readdir(parent) : [])
+    if (name.startsWith(`${path.basename(dir)}.tmp-`)) await rm(path.join(parent, name), { recursive: true, force: true });
   const tmp = `${dir}.tmp-${process.pid}`;
-  await rm(tmp, { recursive: true, force: true });
   await savePretrained(model, tmp, { sourceDir });
   await commitDirectory(tmp, dir);
 }
@@ -152,7 +155,9 @@ export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<Ru
   const generator = model.createGenerator({ maxBatch: g.maxBatch, maxContext });
   let holds = -1;  // which policy's weights the model holds: t for π_t, -1 unknown
   const ensure = async (t: number) => {
-    if (holds !== t) await loadWeights(model, policyDir(dir, t));
+    if (holds === t) return;
+    holds = -1;  // a load that fails half-way leaves mixed weights
+    await loadWeights(model, policyDir(dir, t));
     holds = t;
   };
   // A stage file holds the stage's output and how long it took, so a resumed run still
@@ -319,11 +324,14 @@ async function trainIteration(model: Model, config: RunConfig, data: TrainingSet
   const items: (PreferencePair | PreferenceExample)[] = data.mode === 'pair' ? data.pairs : data.examples;
   if (items.length === 0) return [];
   const micro = Math.ceil(items.length / tr.batchSize);
-  const total = Math.max(1, Math.floor((micro * tr.epochsPerIteration) / tr.gradAccumSteps));
+  // An iteration with fewer micro-batches than gradAccumSteps accumulates them all into one
+  // step instead of silently training nothing; a partial accumulation at the end is dropped.
+  const accum = Math.min(tr.gradAccumSteps, micro * tr.epochsPerIteration);
+  const total = Math.floor((micro * tr.epochsPerIteration) / accum);
   // A fresh optimizer per iteration, as the reference builds a new trainer from π_t each time.
   model.setOptimizer({
     kind: tr.optimizer.kind, lr: tr.optimizer.lr, weightDecay: tr.optimizer.weightDecay, maxGradNorm: tr.optimizer.maxGradNorm,
-    gradAccumSteps: tr.gradAccumSteps,
+    gradAccumSteps: accum,
     ...(tr.optimizer.alpha !== undefined && { alpha: tr.optimizer.alpha }),
     ...(tr.optimizer.beta1 !== undefined && { beta1: tr.optimizer.beta1 }),
     ...(tr.optimizer.beta2 !== undefined && { beta2: tr.optimizer.beta2 }),
@@ -335,12 +343,12 @@ async function trainIteration(model: Model, config: RunConfig, data: TrainingSet
   for (let epoch = 0; epoch < tr.epochsPerIteration; epoch++) {
     const order = seededShuffle(items, config.run.seed * 7919 + t * 131 + epoch);
     for (let b = 0; b < order.length; b += tr.batchSize) {
-      if (steps.length >= total && done % tr.gradAccumSteps === 0) break;  // a last partial accumulation is dropped
+      if (steps.length >= total && done % accum === 0) break;
       const batch = order.slice(b, b + tr.batchSize);
       const input: PreferenceBatchInput = data.mode === 'pair' ? { pairs: batch as PreferencePair[] } : { examples: batch as PreferenceExample[] };
       const r: PreferenceStepResult = await model.preferenceStep(input, { loss: tr.loss, eta: tr.eta, signal: hooks.signal });
       done++;
-      hooks.onProgress?.({ iteration: t, stage: 'train', done, total: total * tr.gradAccumSteps });
+      hooks.onProgress?.({ iteration: t, stage: 'train', done, total: total * accum });
       if (r.stepped) steps.push({ step: r.step, loss: r.loss, lr: r.lr, gradNorm: r.gradNorm, metrics: r.metrics as unknown as Record<string, number> });
     }
   }

@@ -318,11 +318,15 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     job->keep(m);
     return m.Data();
   }
-  Napi::Value queue(Job* job) {
+  // Jobs are owned here until queued, so an argument error thrown while one is being set up
+  // frees it; once queued, libuv owns it. Every job keeps this model's JS object alive: its
+  // worker reads the model, which must not be collected mid-call.
+  Napi::Value queue(std::unique_ptr<Job> job) {
+    job->keep(Value());
     busy_.store(true);
     g_running_calls.fetch_add(1);
     Napi::Promise p = job->promise();
-    job->Queue();
+    job.release()->Queue();
     return p;
   }
 
@@ -341,7 +345,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     float* hp = hidden.IsEmpty() ? nullptr : hidden.Data();
     const int32_t* tp = a.tokens.Data();
     const int64_t batch = a.batch, seq = a.seq;
-    auto* job = new Job(
+    auto job = std::make_unique<Job>(
         env, this, [&m, tp, batch, seq, hp, lp] { m.forward(tp, batch, seq, hp, lp); },
         [logits_ref = std::make_shared<Napi::ObjectReference>(logits.IsEmpty() ? Napi::ObjectReference() : Napi::Persistent(Napi::Object(logits))),
          hidden_ref = std::make_shared<Napi::ObjectReference>(hidden.IsEmpty() ? Napi::ObjectReference() : Napi::Persistent(Napi::Object(hidden)))](Napi::Env env) {
@@ -351,7 +355,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
           return r;
         });
     job->keep(a.tokens);
-    return queue(job);
+    return queue(std::move(job));
   }
 
   Napi::Value EvalLoss(const Napi::CallbackInfo& info) {
@@ -359,17 +363,17 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     Model<float>& m = usable(env);
     TokenArgs a = token_args(info);
     auto out = std::make_shared<std::pair<double, int64_t>>();
-    auto* job = new Job(env, this, nullptr, [out](Napi::Env env) {
+    auto job = std::make_unique<Job>(env, this, nullptr, [out](Napi::Env env) {
       Napi::Object r = Napi::Object::New(env);
       r.Set("loss", out->first);
       r.Set("targetTokens", double(out->second));
       return r;
     });
-    const uint8_t* mask = mask_arg(info, 3, a.batch * a.seq, job);
+    const uint8_t* mask = mask_arg(info, 3, a.batch * a.seq, job.get());
     sppo::Batch b{a.tokens.Data(), mask, a.batch, a.seq};
     job->set_work([&m, b, out] { out->first = m.eval_loss(b, &out->second); });
     job->keep(a.tokens);
-    return queue(job);
+    return queue(std::move(job));
   }
 
   Napi::Value TrainStep(const Napi::CallbackInfo& info) {
@@ -377,12 +381,12 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     Model<float>& m = usable(env);
     TokenArgs a = token_args(info);
     auto out = std::make_shared<sppo::StepResult>();
-    auto* job = new Job(env, this, nullptr, [out](Napi::Env env) { return step_to_js(env, *out); });
-    const uint8_t* mask = mask_arg(info, 3, a.batch * a.seq, job);
+    auto job = std::make_unique<Job>(env, this, nullptr, [out](Napi::Env env) { return step_to_js(env, *out); });
+    const uint8_t* mask = mask_arg(info, 3, a.batch * a.seq, job.get());
     sppo::Batch b{a.tokens.Data(), mask, a.batch, a.seq};
     job->set_work([&m, b, out] { *out = m.train_step(b); });
     job->keep(a.tokens);
-    return queue(job);
+    return queue(std::move(job));
   }
 
   Napi::Value SequenceLogprobs(const Napi::CallbackInfo& info) {
@@ -394,19 +398,19 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     Napi::Float64Array tokens = per_token ? Napi::Float64Array::New(env, size_t(a.batch * a.seq)) : Napi::Float64Array();
     auto refs = std::make_shared<std::pair<Napi::ObjectReference, Napi::ObjectReference>>(
         Napi::Persistent(Napi::Object(sums)), per_token ? Napi::Persistent(Napi::Object(tokens)) : Napi::ObjectReference());
-    auto* job = new Job(env, this, nullptr, [refs](Napi::Env env) {
+    auto job = std::make_unique<Job>(env, this, nullptr, [refs](Napi::Env env) {
       Napi::Object r = Napi::Object::New(env);
       r.Set("sum", refs->first.Value());
       if (!refs->second.IsEmpty()) r.Set("perToken", refs->second.Value());
       return r;
     });
-    const uint8_t* mask = mask_arg(info, 3, a.batch * a.seq, job);
+    const uint8_t* mask = mask_arg(info, 3, a.batch * a.seq, job.get());
     sppo::Batch b{a.tokens.Data(), mask, a.batch, a.seq};
     double* sp = sums.Data();
     double* tp = per_token ? tokens.Data() : nullptr;
     job->set_work([&m, b, sp, tp] { m.sequence_logprobs(b, sp, tp); });
     job->keep(a.tokens);
-    return queue(job);
+    return queue(std::move(job));
   }
 
   // (tokens, batch, seq, mask, refLogp: Float64Array, target: Float64Array, loss, eta)
@@ -470,13 +474,13 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     Model<float>& m = usable(env);
     auto out = std::make_shared<sppo::PreferenceStepResult>();
     auto logps_ref = std::make_shared<Napi::ObjectReference>();
-    auto* job = new Job(env, this, nullptr, [out, logps_ref, train](Napi::Env env) {
+    auto job = std::make_unique<Job>(env, this, nullptr, [out, logps_ref, train](Napi::Env env) {
       Napi::Object r = train ? step_to_js(env, out->step) : Napi::Object::New(env);
       r.Set("metrics", metrics_to_js(env, out->metrics));
       r.Set("logps", logps_ref->Value());
       return r;
     });
-    PreferenceArgs a = preference_args(info, job);
+    PreferenceArgs a = preference_args(info, job.get());
     *logps_ref = Napi::Persistent(Napi::Object(a.logps));
     double* lp = a.logps.Data();
     sppo::PreferenceBatch pb = a.batch;
@@ -484,7 +488,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       if (train) *out = m.preference_step(pb, lp);
       else out->metrics = m.eval_preference(pb, lp);
     });
-    return queue(job);
+    return queue(std::move(job));
   }
 
   static Napi::Object step_to_js(Napi::Env env, const sppo::StepResult& s) {
@@ -698,7 +702,7 @@ class NativeGenerator : public Napi::ObjectWrap<NativeGenerator> {
           Napi::ThreadSafeFunction::New(env, info[5].As<Napi::Function>(), "sppo generate onStep", 0, 1));
     abort_.store(false);
     auto out = std::make_shared<std::vector<sppo::SequenceResult>>();
-    auto* job = new Job(env, owner_, nullptr, [out](Napi::Env env) {
+    auto job = std::make_unique<Job>(env, owner_, nullptr, [out](Napi::Env env) {
       size_t total = 0;
       for (const auto& r : *out) total += r.tokens.size();
       Napi::Int32Array toks = Napi::Int32Array::New(env, total);
@@ -756,7 +760,7 @@ class NativeGenerator : public Napi::ObjectWrap<NativeGenerator> {
     });
     job->keep(tokens);
     job->keep(info.This());  // the generator outlives its call
-    return owner_->queue(job);
+    return owner_->queue(std::move(job));
   }
 
   // Ends the running generate after its current step (a no-op when none runs).
