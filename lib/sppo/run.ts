@@ -265,6 +265,8 @@ export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<Ru
       });
       seconds.dataset = data.seconds;
 
+      // The checkpoint is committed before train.json (written by `timed`), so a kill between
+      // the two retrains from π_{t-1} rather than trusting a half-written policy: keep the order.
       const train = await timed(t, 'train', path.join(it, 'train.json'), async (): Promise<TrainFile> => {
         await ensure(t - 1);
         holds = -1;  // from here on the weights are moving
