@@ -20,3 +20,23 @@ export {
 } from './io/safetensors.js';
 export { CheckpointWeights, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, DEFAULT_MAX_SHARD_BYTES } from './io/weights.js';
 export { Tokenizer, TokenizerError, type ChatMessage, type ChatTemplateOptions, type TokenizerFiles } from './io/tokenizer.js';
+// The SPPO pipeline: preference models, win rates and training sets, prompt sets, the run
+// configuration, the scheduler and the embedded demo.
+export {
+  definePreferenceModel, PreferenceError, assertPreferenceMatrix, functionPreference, httpJudge, lmJudge, loadLmJudge,
+  styledReversalOracle, styledReversalQuality, styleOf, oraclePreference, dualityGap, nashStyles, randomWords, idealAnswer,
+  summarizeAnswers, DEFAULT_STYLED_REVERSAL, DEFAULT_JUDGE_TEMPLATE,
+  type PreferenceModel, type PreferenceModelSpec, type CompareItem, type CompareOptions, type CompareBatchOptions,
+  type PreferenceFunction, type FunctionPreferenceOptions, type HttpJudge, type HttpJudgeOptions, type LmJudge,
+  type LmJudgeOptions, type StyledReversalParams, type PolicySummary,
+} from './preference/index.js';
+export { winRates, type WinRateDiagonal } from './sppo/winrates.js';
+export { buildTrainingSet, datasetModeForLoss, type JudgedPrompt, type TrainingSet, type DatasetMode } from './sppo/dataset.js';
+export { multiplicativeWeightsStep } from './sppo/multiplicative-weights.js';
+export { runSppo, type RunSetup, type RunHooks, type RunResult, type IterationMetrics, type PolicyText, type StageName } from './sppo/run.js';
+export { loadPrompts, splitPrompts } from './data/prompts.js';
+export { loadConfig, parseConfig, configHash, diffConfigs, RunConfigError } from './config/load.js';
+export type { RunConfig, RunConfigInput } from './config/schema.js';
+export { runDemo, demoConfigInput, demoSetup, type DemoOptions } from './demo/demo.js';
+export { CharTokenizer } from './demo/task.js';
+export { writeReport, readMetrics } from './report/report.js';

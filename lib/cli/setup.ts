@@ -10,6 +10,8 @@ import type { MemoryPlan } from '../engine/types.js';
 import { loadPretrained } from '../io/checkpoint.js';
 import type { Tokenizer } from '../io/tokenizer.js';
 import { functionPreference, type PreferenceFunction } from '../preference/function.js';
+import { httpJudge } from '../preference/http.js';
+import { loadLmJudge } from '../preference/lm-judge.js';
 import type { PreferenceModel } from '../preference/model.js';
 import { randomWords, resolveStyledReversal, styledReversalOracle } from '../preference/styled-reversal.js';
 import type { PolicyText, RunSetup } from '../sppo/run.js';
@@ -69,6 +71,23 @@ async function loadPreference(config: RunConfig): Promise<PreferenceModel> {
   if (p.kind === 'styled-reversal') {
     const { kind, concurrency, ...params } = p;
     return styledReversalOracle(resolveStyledReversal(params));
+  }
+  if (p.kind === 'http') {
+    const { kind, cacheDir, ...options } = p;
+    try {
+      return httpJudge({ ...options, cacheDir: cacheDir ?? path.join(config.run.dir, 'judge-cache') });
+    } catch (err) {
+      throw new UsageError(`preference: ${(err as Error).message.replace(/^httpJudge: /, '')}`);
+    }
+  }
+  if (p.kind === 'lm-judge') {
+    const { kind, path: dir, maxSeq, ...options } = p;
+    try {
+      return await loadLmJudge(dir, { ...options, maxSeq: Math.min(maxSeq, await contextLimit(dir, 'preference.path')) });
+    } catch (err) {
+      if (err instanceof UsageError) throw err;
+      throw new UsageError(`preference.path: ${(err as Error).message.replace(/^lm-judge: /, '')}`);
+    }
   }
   if (p.module === undefined) throw new UsageError("preference.module: required for `sppo run` (a JS module exporting (prompt, a, b) => P(a ≻ b))");
   let mod: Record<string, unknown>;

@@ -48,8 +48,10 @@ export function parseConfig(raw: unknown, options: ParseConfigOptions = {}): Run
     const abs = (p: string): string => (isAbsolute(p) ? p : resolve(options.baseDir!, p));
     if (config.model.path !== undefined) config.model.path = abs(config.model.path);
     if (config.data.prompts !== undefined) config.data.prompts = abs(config.data.prompts);
-    if (config.preference.kind === 'function' && config.preference.module !== undefined)
-      config.preference.module = abs(config.preference.module);
+    const pref = config.preference;
+    if (pref.kind === 'function' && pref.module !== undefined) pref.module = abs(pref.module);
+    if (pref.kind === 'http' && pref.cacheDir !== undefined) pref.cacheDir = abs(pref.cacheDir);
+    if (pref.kind === 'lm-judge') pref.path = abs(pref.path);
     config.run.dir = abs(config.run.dir);
   }
   return config;

@@ -4,6 +4,7 @@
 // seed 42). Unknown fields are refused everywhere; errors name the field's path.
 import { z } from 'zod';
 import type { PreferenceLossName } from '../engine/types.js';
+import { missingPlaceholders } from '../preference/http.js';
 import { resolveStyledReversal } from '../preference/styled-reversal.js';
 import { datasetModeForLoss } from '../sppo/dataset.js';
 
@@ -73,6 +74,10 @@ const preferenceCommon = {
   concurrency: positiveInt().default(4),
 };
 
+/** a judge prompt: the user's prompt and the two responses go where {prompt}, {a} and {b} stand */
+const judgeTemplate = () =>
+  z.string({ error: 'must be a string' }).refine((t) => missingPlaceholders(t).length === 0, { error: 'must contain {prompt}, {a} and {b}' });
+
 const preferenceSchema = z.discriminatedUnion(
   'kind',
   [
@@ -96,8 +101,42 @@ const preferenceSchema = z.discriminatedUnion(
       id: z.string().min(1).optional(),
       ...preferenceCommon,
     }),
+    z.strictObject({
+      kind: z.literal('http'),
+      /** an OpenAI-compatible API root; requests go to <baseUrl>/chat/completions */
+      baseUrl: z.url({ protocol: /^https?$/, error: 'must be an http(s) URL' }),
+      model: z.string().min(1, { error: 'must not be empty' }),
+      /** the environment variable that holds the API key (the key itself never goes in a config) */
+      apiKeyEnv: z.string().min(1, { error: 'must not be empty' }).optional(),
+      /** default: lib/preference/http.ts DEFAULT_JUDGE_TEMPLATE */
+      template: judgeTemplate().optional(),
+      system: z.string().optional(),
+      /** HTTP requests in flight at once */
+      requestConcurrency: positiveInt().default(8),
+      timeoutMs: positiveInt().default(60_000),
+      maxRetries: nonNegativeInt().default(5),
+      /** one file per answered comparison; default <run.dir>/judge-cache */
+      cacheDir: path().optional(),
+      ...preferenceCommon,
+    }),
+    z.strictObject({
+      kind: z.literal('lm-judge'),
+      /** a Hugging Face causal LM directory with tokenizer.json (and a chat template unless chatTemplate is false) */
+      path: path(),
+      /** default: lib/preference/http.ts DEFAULT_JUDGE_TEMPLATE */
+      template: judgeTemplate().optional(),
+      /** the next tokens read as 'first is better' and 'second is better' */
+      answerTokens: z.tuple([z.string().min(1), z.string().min(1)]).default(['A', 'B']),
+      /** format the question through the judge tokenizer's chat template */
+      chatTemplate: z.boolean().default(true),
+      /** judge rows per forward pass */
+      batchSize: positiveInt().default(8),
+      /** judge tokens per row; longer questions keep their last tokens */
+      maxSeq: positiveInt().default(2048),
+      ...preferenceCommon,
+    }),
   ],
-  { error: "unknown kind (known: 'styled-reversal', 'function')" },
+  { error: "unknown kind (known: 'styled-reversal', 'function', 'http', 'lm-judge')" },
 );
 
 const trainingSchema = z

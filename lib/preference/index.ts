@@ -1,5 +1,7 @@
-// Preference models: the interface, a JS-function judge and the styled-reversal oracle.
+// Preference models: the interface, a JS-function judge, the styled-reversal oracle, and the HTTP and LM judges.
 export * from './matrix.js';
 export * from './model.js';
 export * from './function.js';
 export * from './styled-reversal.js';
+export * from './http.js';
+export * from './lm-judge.js';

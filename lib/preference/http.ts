@@ -1,0 +1,392 @@
+// A pairwise judge behind any OpenAI-compatible chat-completions endpoint: each ordered pair of
+// responses is one request (1 token, temperature 0, top-5 logprobs), both orders are averaged to
+// remove position bias, and every answer is cached on disk the moment it arrives, so a killed run
+// never pays twice for the same comparison. Requests are bounded by a semaphore, timed out, and
+// retried with exponential backoff (Retry-After respected) on 429, 5xx, network errors and bodies
+// that are not a chat completion.
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { abortError, definePreferenceModel, type PreferenceModel } from './model.js';
+
+export const DEFAULT_JUDGE_TEMPLATE = `Two AI assistants answered the same user prompt. Decide which response is better: more helpful, correct, and clear.
+
+[Prompt]
+{prompt}
+
+[Response A]
+{a}
+
+[Response B]
+{b}
+
+Which response is better? Answer with a single letter: A or B.`;
+
+export interface HttpJudgeOptions {
+  /** the API root, e.g. `https://api.openai.com/v1`; requests go to `<baseUrl>/chat/completions` */
+  baseUrl: string;
+  /** the `model` field of each request */
+  model: string;
+  /** name of the environment variable holding the API key (sent as `Authorization: Bearer`); none: no header */
+  apiKeyEnv?: string;
+  /** the user message, with {prompt}, {a} (the response shown first) and {b}; default DEFAULT_JUDGE_TEMPLATE */
+  template?: string;
+  /** an optional system message */
+  system?: string;
+  /** HTTP requests in flight at once, over all prompts; default 8 */
+  requestConcurrency?: number;
+  /** per-attempt limit in ms, body included; default 60 000 */
+  timeoutMs?: number;
+  /** retries after the first attempt; default 5 */
+  maxRetries?: number;
+  /** first backoff in ms (doubled per retry, jittered, capped at maxBackoffMs); default 500 */
+  backoffMs?: number;
+  /** default 30 000 (a server's Retry-After is waited in full, up to 10 minutes) */
+  maxBackoffMs?: number;
+  /** one JSON file per answered comparison; none: no disk cache */
+  cacheDir?: string;
+  /** prompts compared at once by compareBatch; default 4 */
+  concurrency?: number;
+  /** where apiKeyEnv is looked up; default process.env */
+  env?: Record<string, string | undefined>;
+}
+
+/** Counts since the judge was made. */
+export interface HttpJudgeStats {
+  /** HTTP requests sent, retries included */
+  requests: number;
+  /** attempts that failed and were tried again */
+  retries: number;
+  /** comparisons answered from the disk cache */
+  cacheHits: number;
+  /** comparisons answered by the endpoint (and then cached) */
+  answers: number;
+  /** answers read from the first token's top logprobs */
+  fromLogprobs: number;
+  /** answers read from the text */
+  fromText: number;
+  /** answers that were neither (scored ½) */
+  unparseable: number;
+}
+
+export interface HttpJudge extends PreferenceModel {
+  readonly stats: HttpJudgeStats;
+}
+
+/** One ordered comparison's result: P(first ≻ second) and how it was read. */
+interface Verdict {
+  p: number;
+  source: 'logprobs' | 'text' | 'unparseable';
+  /** the answer's text (1 token), for inspection */
+  text: string;
+}
+
+const REQUEST_PARAMS = { max_tokens: 1, temperature: 0, logprobs: true, top_logprobs: 5 } as const;
+
+/** Fills {prompt}, {a}, {b} in one pass, so a response that contains "{b}" is left alone. */
+export function renderJudgeTemplate(template: string, prompt: string, a: string, b: string): string {
+  const values: Record<string, string> = { prompt, a, b };
+  return template.replace(/\{(prompt|a|b)\}/g, (_, k: string) => values[k]);
+}
+
+/** The placeholders a judge template lacks. */
+export function missingPlaceholders(template: string): string[] {
+  return ['{prompt}', '{a}', '{b}'].filter((p) => !template.includes(p));
+}
+
+/** Removes the leading spaces (and SentencePiece / byte-BPE space markers) from a token's text. */
+function letterOf(token: string): string {
+  return token.replace(/^[\s\u2581\u0120]+/, '');
+}
+
+/**
+ * P(first ≻ second) from one chat completion's first choice:
+ * - logprobs: the first token's `top_logprobs`, probability mass of tokens that read 'A' (after
+ *   leading spaces) against those that read 'B', renormalised over the two — used when either
+ *   letter is among them;
+ * - else the text: its first non-space character 'A' → 1, 'B' → 0, anything else → ½, counted
+ *   as unparseable.
+ * Returns undefined for a body that is not a chat completion (no choices, no message, no text
+ * and no logprobs): the caller retries it.
+ */
+export function verdictFromCompletion(body: unknown): Verdict | undefined {
+  const choice = (body as { choices?: unknown[] } | null)?.choices?.[0] as
+    | { message?: { content?: unknown }; logprobs?: { content?: { top_logprobs?: { token?: unknown; logprob?: unknown }[] }[] } | null }
+    | undefined;
+  if (!choice || typeof choice !== 'object') return undefined;
+  const content = choice.message?.content;
+  const text = typeof content === 'string' ? content : '';
+  const top = choice.logprobs?.content?.[0]?.top_logprobs;
+  if (Array.isArray(top)) {
+    let a = 0;
+    let b = 0;
+    for (const t of top) {
+      if (typeof t?.token !== 'string' || typeof t.logprob !== 'number') continue;
+      const letter = letterOf(t.token);
+      if (letter === 'A') a += Math.exp(t.logprob);
+      else if (letter === 'B') b += Math.exp(t.logprob);
+    }
+    if (a + b > 0) return { p: a / (a + b), source: 'logprobs', text };
+  }
+  if (typeof content !== 'string') return undefined;
+  const first = content.trimStart()[0];
+  if (first === 'A') return { p: 1, source: 'text', text };
+  if (first === 'B') return { p: 0, source: 'text', text };
+  return { p: 0.5, source: 'unparseable', text };
+}
+
+/** A counting semaphore: at most `limit` holders at once, waiters served in order. */
+class Semaphore {
+  private held = 0;
+  private readonly waiting: (() => void)[] = [];
+  constructor(private readonly limit: number) {}
+  async acquire(): Promise<void> {
+    if (this.held < this.limit) {
+      this.held++;
+      return;
+    }
+    await new Promise<void>((resolve) => this.waiting.push(resolve));
+  }
+  release(): void {
+    const next = this.waiting.shift();
+    if (next) next(); // the slot passes straight to the next waiter
+    else this.held--;
+  }
+}
+
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(abortError(signal));
+    const onAbort = (): void => {
+      clearTimeout(timer);
+      reject(abortError(signal!));
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+/** Retry-After (seconds or an HTTP date) or retry-after-ms, in ms; undefined when absent. */
+function retryAfterMs(headers: Headers): number | undefined {
+  const ms = Number(headers.get('retry-after-ms'));
+  if (headers.has('retry-after-ms') && Number.isFinite(ms) && ms >= 0) return ms;
+  const ra = headers.get('retry-after');
+  if (ra === null) return undefined;
+  const s = Number(ra);
+  if (Number.isFinite(s) && s >= 0) return s * 1000;
+  const date = Date.parse(ra);
+  return Number.isNaN(date) ? undefined : Math.max(0, date - Date.now());
+}
+
+const excerpt = (s: string): string => {
+  const one = s.replace(/\s+/g, ' ').trim();
+  return one.length > 200 ? `${one.slice(0, 200)}…` : one;
+};
+
+/** A failed attempt: `retry` says whether another may succeed; `waitMs` is the server's Retry-After. */
+class AttemptError extends Error {
+  constructor(message: string, readonly retry: boolean, readonly waitMs?: number) {
+    super(message);
+  }
+}
+
+function positiveInteger(v: number, what: string): number {
+  if (!Number.isInteger(v) || v < 1) throw new RangeError(`httpJudge: ${what} must be an integer ≥ 1, got ${v}`);
+  return v;
+}
+
+/**
+ * The HTTP judge. P_ij = ½(q(i, j) + 1 − q(j, i)) where q(x, y) = P(x ≻ y) with x shown as A,
+ * so P_ij + P_ji = 1 and a judge that always answers 'A' scores every pair ½. Identical
+ * responses are scored ½ without a request.
+ */
+export function httpJudge(options: HttpJudgeOptions): HttpJudge {
+  const baseUrl = options.baseUrl?.replace(/\/+$/, '');
+  if (!baseUrl) throw new TypeError('httpJudge: baseUrl is required (e.g. https://api.openai.com/v1)');
+  if (!options.model) throw new TypeError('httpJudge: model is required');
+  const url = `${baseUrl}/chat/completions`;
+  const template = options.template ?? DEFAULT_JUDGE_TEMPLATE;
+  const missing = missingPlaceholders(template);
+  if (missing.length > 0) throw new RangeError(`httpJudge: the template lacks ${missing.join(', ')}`);
+  const env = options.env ?? process.env;
+  let apiKey: string | undefined;
+  if (options.apiKeyEnv !== undefined) {
+    apiKey = env[options.apiKeyEnv];
+    if (!apiKey) throw new Error(`httpJudge: the environment variable ${options.apiKeyEnv} (apiKeyEnv) is not set`);
+  }
+  const timeoutMs = positiveInteger(options.timeoutMs ?? 60_000, 'timeoutMs');
+  const maxRetries = options.maxRetries ?? 5;
+  if (!Number.isInteger(maxRetries) || maxRetries < 0) throw new RangeError(`httpJudge: maxRetries must be an integer ≥ 0, got ${maxRetries}`);
+  const backoffMs = options.backoffMs ?? 500;
+  const maxBackoffMs = options.maxBackoffMs ?? 30_000;
+  const semaphore = new Semaphore(positiveInteger(options.requestConcurrency ?? 8, 'requestConcurrency'));
+  const cacheDir = options.cacheDir;
+
+  // Everything that changes an answer, and nothing secret: the key's hash and the judge's id.
+  const identity = { url, model: options.model, template, system: options.system ?? null, ...REQUEST_PARAMS };
+  const identityHash = createHash('sha256').update(JSON.stringify(identity)).digest('hex');
+  const id = `http(${options.model}@${baseUrl},${identityHash.slice(0, 12)})`;
+
+  const stats: HttpJudgeStats = { requests: 0, retries: 0, cacheHits: 0, answers: 0, fromLogprobs: 0, fromText: 0, unparseable: 0 };
+  // the same ordered comparison asked twice at once (duplicate responses) is one request
+  const pending = new Map<string, Promise<Verdict>>();
+
+  const cacheKey = (prompt: string, first: string, second: string): string =>
+    createHash('sha256').update(JSON.stringify([identityHash, prompt, first, second])).digest('hex');
+  const cacheFile = (key: string): string => path.join(cacheDir!, key.slice(0, 2), `${key}.json`);
+
+  async function readCached(key: string): Promise<Verdict | undefined> {
+    if (!cacheDir) return undefined;
+    let raw: string;
+    try {
+      raw = await readFile(cacheFile(key), 'utf8');
+    } catch {
+      return undefined;
+    }
+    try {
+      const v = JSON.parse(raw) as Verdict;
+      if (typeof v.p === 'number' && v.p >= 0 && v.p <= 1 && typeof v.source === 'string') return v;
+    } catch {
+      // a file that does not parse is asked again (and overwritten)
+    }
+    return undefined;
+  }
+
+  async function writeCached(key: string, v: Verdict): Promise<void> {
+    if (!cacheDir) return;
+    const file = cacheFile(key);
+    await mkdir(path.dirname(file), { recursive: true });
+    const tmp = `${file}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
+    try {
+      await writeFile(tmp, JSON.stringify({ p: v.p, source: v.source, text: v.text, model: options.model }));
+      await rename(tmp, file); // a file that exists is complete
+    } catch (err) {
+      await rm(tmp, { force: true });
+      throw err;
+    }
+  }
+
+  async function attempt(body: string, signal?: AbortSignal): Promise<Verdict> {
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(new AttemptError(`timed out after ${timeoutMs} ms`, true)), timeoutMs);
+    const onAbort = (): void => controller.abort(signal!.reason);
+    if (signal?.aborted) onAbort();
+    else signal?.addEventListener('abort', onAbort, { once: true });
+    const headers: Record<string, string> = { 'content-type': 'application/json' };
+    if (apiKey) headers.authorization = `Bearer ${apiKey}`;
+    stats.requests++;
+    try {
+      let res: Response;
+      let text: string;
+      try {
+        res = await fetch(url, { method: 'POST', headers, body, signal: controller.signal });
+        text = await res.text();
+      } catch (err) {
+        if (signal?.aborted) throw abortError(signal);
+        if (controller.signal.reason instanceof AttemptError) throw controller.signal.reason;
+        const cause = (err as Error & { cause?: Error })?.cause;
+        throw new AttemptError(`network error: ${(err as Error)?.message ?? err}${cause?.message ? ` (${cause.message})` : ''}`, true);
+      }
+      if (!res.ok) {
+        const retry = res.status === 408 || res.status === 429 || res.status >= 500;
+        throw new AttemptError(`HTTP ${res.status}: ${excerpt(text)}`, retry, retry ? retryAfterMs(res.headers) : undefined);
+      }
+      let json: unknown;
+      try {
+        json = JSON.parse(text);
+      } catch {
+        throw new AttemptError(`HTTP ${res.status} with a body that is not JSON: ${excerpt(text)}`, true);
+      }
+      const verdict = verdictFromCompletion(json);
+      if (!verdict) throw new AttemptError(`HTTP ${res.status} with a body that is not a chat completion (no choices[0].message.content or logprobs): ${excerpt(text)}`, true);
+      return verdict;
+    } finally {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  async function ask(prompt: string, first: string, second: string, signal?: AbortSignal): Promise<Verdict> {
+    const messages = [
+      ...(options.system !== undefined ? [{ role: 'system', content: options.system }] : []),
+      { role: 'user', content: renderJudgeTemplate(template, prompt, first, second) },
+    ];
+    const body = JSON.stringify({ model: options.model, messages, ...REQUEST_PARAMS });
+    for (let n = 0; ; n++) {
+      if (signal?.aborted) throw abortError(signal);
+      let failure: AttemptError;
+      await semaphore.acquire();
+      try {
+        if (signal?.aborted) throw abortError(signal); // aborted while waiting for a slot
+        return await attempt(body, signal);
+      } catch (err) {
+        if (!(err instanceof AttemptError)) throw err;
+        failure = err;
+      } finally {
+        semaphore.release();
+      }
+      if (!failure.retry || n >= maxRetries)
+        throw new Error(`HTTP judge: POST ${url} failed${n > 0 ? ` after ${n + 1} attempts` : ''}: ${failure.message}`);
+      stats.retries++;
+      const backoff = Math.min(maxBackoffMs, backoffMs * 2 ** n);
+      const wait = failure.waitMs !== undefined ? Math.min(failure.waitMs, 600_000) : backoff / 2 + (Math.random() * backoff) / 2;
+      await sleep(wait, signal);
+    }
+  }
+
+  function tally(v: Verdict): Verdict {
+    if (v.source === 'logprobs') stats.fromLogprobs++;
+    else if (v.source === 'text') stats.fromText++;
+    else stats.unparseable++;
+    return v;
+  }
+
+  /** q(first, second): from the cache, a request already in flight, or a new request. */
+  function judgeOrdered(prompt: string, first: string, second: string, signal?: AbortSignal): Promise<Verdict> {
+    const key = cacheKey(prompt, first, second);
+    const inFlight = pending.get(key);
+    if (inFlight) return inFlight;
+    const work = (async () => {
+      const cached = await readCached(key);
+      if (cached) {
+        stats.cacheHits++;
+        return tally(cached);
+      }
+      const v = await ask(prompt, first, second, signal);
+      stats.answers++;
+      await writeCached(key, v);
+      return tally(v);
+    })().finally(() => pending.delete(key));
+    pending.set(key, work);
+    return work;
+  }
+
+  const model = definePreferenceModel({
+    id,
+    concurrency: options.concurrency,
+    async compare(prompt, responses, { signal }) {
+      const K = responses.length;
+      const P = Array.from({ length: K }, () => new Array<number>(K).fill(0.5));
+      const pairs: [number, number][] = [];
+      for (let i = 0; i < K; i++) for (let j = i + 1; j < K; j++) if (responses[i] !== responses[j]) pairs.push([i, j]);
+      const asks = pairs.flatMap(([i, j]) => [
+        judgeOrdered(prompt, responses[i], responses[j], signal),
+        judgeOrdered(prompt, responses[j], responses[i], signal),
+      ]);
+      // settle every request (each is cached as it lands) before reporting the first failure
+      const settled = await Promise.allSettled(asks);
+      const failed = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+      if (failed) throw failed.reason;
+      const q = settled.map((s) => (s as PromiseFulfilledResult<Verdict>).value.p);
+      pairs.forEach(([i, j], n) => {
+        P[i][j] = (q[2 * n] + 1 - q[2 * n + 1]) / 2;
+        P[j][i] = 1 - P[i][j];
+      });
+      return P;
+    },
+  });
+  return Object.assign(model, { stats });
+}

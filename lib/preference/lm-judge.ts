@@ -1,0 +1,186 @@
+// A pairwise judge that is a causal LM on the engine: the judge template (the HTTP judge's, by
+// default) through the judge tokenizer's chat template, and P(first ≻ second) read from the
+// next-token distribution as the two answer tokens' probabilities renormalised,
+// p = exp(l_A) / (exp(l_A) + exp(l_B)). Both orders are averaged as in the HTTP judge,
+// P_ij = ½(q(i, j) + 1 − q(j, i)), and every ordered pair of every prompt goes through
+// Model.forward in batches of rows sorted by length (right padding: a causal model's last real
+// position never sees it). Only the final hidden states are taken from the engine; the two
+// answer tokens' logits are their dot products with those tokens' output-head rows, so a batch
+// costs (batch, seq, hidden) floats rather than (batch, seq, vocab).
+import { createHash } from 'node:crypto';
+import type { Model } from '../engine/model.js';
+import { loadPretrained } from '../io/checkpoint.js';
+import type { Tokenizer } from '../io/tokenizer.js';
+import { DEFAULT_JUDGE_TEMPLATE, missingPlaceholders, renderJudgeTemplate } from './http.js';
+import { abortError, definePreferenceModel, type CompareItem, type PreferenceModel } from './model.js';
+
+export interface LmJudgeOptions {
+  /** the user message, with {prompt}, {a} (shown first) and {b}; default DEFAULT_JUDGE_TEMPLATE */
+  template?: string;
+  /** next tokens meaning 'first is better' and 'second is better'; default ['A', 'B'] */
+  answerTokens?: readonly [string, string];
+  /** format the question through the tokenizer's chat template (with the generation prompt); default true */
+  chatTemplate?: boolean;
+  /** rows per forward pass; default 8 (at most the model's memory plan's maxBatch) */
+  batchSize?: number;
+  /** tokens per row; a longer question keeps its first token (BOS) and its last tokens; default 2048 */
+  maxSeq?: number;
+  /** prompts compared at once by compare (each its own forward passes); default 1 */
+  concurrency?: number;
+  /** default `lm-judge(<label>,<hash of template and answer tokens>)` */
+  id?: string;
+  /** names the judge model in the default id (e.g. its directory) */
+  label?: string;
+  /** dispose the model with the judge; default false (true for loadLmJudge) */
+  ownsModel?: boolean;
+}
+
+export interface LmJudgeStats {
+  /** ordered comparisons scored */
+  comparisons: number;
+  /** forward passes run */
+  forwards: number;
+  /** questions cut to maxSeq tokens */
+  truncated: number;
+}
+
+export interface LmJudge extends PreferenceModel {
+  readonly stats: LmJudgeStats;
+  /** the token ids read as 'first is better' and 'second is better' */
+  readonly answerIds: readonly [number, number];
+  /** The token ids of the question that asks whether `first` beats `second` (after truncation). */
+  questionIds(prompt: string, first: string, second: string): number[];
+}
+
+/** A vocabulary entry as given, else text that encodes (without special tokens) to exactly one id. */
+function answerId(tokenizer: Tokenizer, token: string): number {
+  const direct = tokenizer.tokenId(token);
+  if (direct !== undefined) return direct;
+  const ids = tokenizer.encode(token, { addSpecialTokens: false });
+  if (ids.length !== 1)
+    throw new RangeError(`lm-judge: the answer token ${JSON.stringify(token)} is not one token of the judge's vocabulary (it encodes to ${ids.length} tokens)`);
+  return ids[0];
+}
+
+/** p = exp(a) / (exp(a) + exp(b)), computed without overflow. */
+export function twoWaySoftmax(a: number, b: number): number {
+  return 1 / (1 + Math.exp(b - a));
+}
+
+/** The judge over a model and tokenizer already loaded. */
+export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOptions = {}): LmJudge {
+  const template = options.template ?? DEFAULT_JUDGE_TEMPLATE;
+  const missing = missingPlaceholders(template);
+  if (missing.length > 0) throw new RangeError(`lm-judge: the template lacks ${missing.join(', ')}`);
+  const useChat = options.chatTemplate ?? true;
+  if (useChat && tokenizer.chatTemplates.size === 0)
+    throw new RangeError('lm-judge: the judge tokenizer has no chat template (add one, or set chatTemplate: false)');
+  const [tokA, tokB] = options.answerTokens ?? ['A', 'B'];
+  const answerIds: [number, number] = [answerId(tokenizer, tokA), answerId(tokenizer, tokB)];
+  if (answerIds[0] === answerIds[1]) throw new RangeError(`lm-judge: both answer tokens are token ${answerIds[0]}`);
+  const batchSize = options.batchSize ?? 8;
+  const maxSeq = options.maxSeq ?? 2048;
+  for (const [v, what] of [[batchSize, 'batchSize'], [maxSeq, 'maxSeq']] as const)
+    if (!Number.isInteger(v) || v < 2) throw new RangeError(`lm-judge: ${what} must be an integer ≥ 2, got ${v}`);
+
+  const { vocab_size: vocab, hidden_size: hidden } = model.config;
+  for (const id of answerIds)
+    if (id >= vocab) throw new RangeError(`lm-judge: answer token id ${id} is outside the model's vocabulary (${vocab}): a tokenizer of another model?`);
+  // The output head's rows for the two answer tokens (the embedding when tied), in float64.
+  const head = model.getParam(model.config.tie_word_embeddings ? 'model.embed_tokens.weight' : 'lm_head.weight');
+  const rows = answerIds.map((id) => Float64Array.from(head.subarray(id * hidden, (id + 1) * hidden)));
+
+  const hash = createHash('sha256').update(JSON.stringify([template, answerIds, useChat])).digest('hex').slice(0, 12);
+  const id = options.id ?? `lm-judge(${options.label ?? 'model'},${hash})`;
+  const stats: LmJudgeStats = { comparisons: 0, forwards: 0, truncated: 0 };
+  const bos = tokenizer.bosTokenId;
+
+  function questionIds(prompt: string, first: string, second: string): number[] {
+    const content = renderJudgeTemplate(template, prompt, first, second);
+    const ids = useChat
+      ? tokenizer.encodeChat([{ role: 'user', content }], { addGenerationPrompt: true })
+      : tokenizer.encode(content);
+    if (ids.length <= maxSeq) return ids;
+    stats.truncated++;
+    const keepFirst = bos !== undefined && ids[0] === bos ? 1 : 0;
+    return [...ids.slice(0, keepFirst), ...ids.slice(ids.length - (maxSeq - keepFirst))];
+  }
+
+  /** q for every ordered pair of every item: the items' matrices. */
+  async function judge(items: readonly CompareItem[], signal?: AbortSignal): Promise<number[][][]> {
+    const questions: { item: number; i: number; j: number; ids: number[] }[] = [];
+    items.forEach(({ prompt, responses }, item) => {
+      for (let i = 0; i < responses.length; i++)
+        for (let j = 0; j < responses.length; j++)
+          if (i !== j && responses[i] !== responses[j]) questions.push({ item, i, j, ids: questionIds(prompt, responses[i], responses[j]) });
+    });
+    const order = questions.map((_, n) => n).sort((x, y) => questions[x].ids.length - questions[y].ids.length);
+    const q = new Float64Array(questions.length);
+    for (let start = 0; start < order.length; start += batchSize) {
+      if (signal?.aborted) throw abortError(signal);
+      const chunk = order.slice(start, start + batchSize);
+      const seq = questions[chunk[chunk.length - 1]].ids.length;
+      const padId = questions[chunk[0]].ids[0];
+      const batch = chunk.map((n) => {
+        const ids = questions[n].ids;
+        return ids.length === seq ? ids : [...ids, ...new Array<number>(seq - ids.length).fill(padId)];
+      });
+      const { hidden: h } = await model.forward(batch, { output: 'hidden', signal });
+      stats.forwards++;
+      chunk.forEach((n, r) => {
+        const at = (r * seq + questions[n].ids.length - 1) * hidden;
+        let la = 0;
+        let lb = 0;
+        for (let d = 0; d < hidden; d++) {
+          la += h![at + d] * rows[0][d];
+          lb += h![at + d] * rows[1][d];
+        }
+        q[n] = twoWaySoftmax(la, lb);
+      });
+    }
+    stats.comparisons += questions.length;
+    const qOf = new Map(questions.map((x, n) => [`${x.item},${x.i},${x.j}`, q[n]]));
+    return items.map(({ responses }, item) => {
+      const K = responses.length;
+      const P = Array.from({ length: K }, () => new Array<number>(K).fill(0.5));
+      for (let i = 0; i < K; i++)
+        for (let j = i + 1; j < K; j++) {
+          if (responses[i] === responses[j]) continue;
+          P[i][j] = (qOf.get(`${item},${i},${j}`)! + 1 - qOf.get(`${item},${j},${i}`)!) / 2;
+          P[j][i] = 1 - P[i][j];
+        }
+      return P;
+    });
+  }
+
+  const pm = definePreferenceModel({
+    id,
+    concurrency: options.concurrency ?? 1,
+    async compare(prompt, responses, { signal }) {
+      return (await judge([{ prompt, responses }], signal))[0];
+    },
+    async compareBatch(items, { signal, onProgress }) {
+      const out = await judge(items, signal);
+      onProgress?.(items.length, items.length);
+      return out;
+    },
+    async dispose() {
+      if (options.ownsModel) await model.dispose();
+    },
+  });
+  return Object.assign(pm, { stats, answerIds: answerIds as readonly [number, number], questionIds });
+}
+
+/** Loads a Hugging Face causal LM directory (with tokenizer.json) as a judge that owns its model. */
+export async function loadLmJudge(dir: string, options: Omit<LmJudgeOptions, 'ownsModel'> = {}): Promise<LmJudge> {
+  const batchSize = options.batchSize ?? 8;
+  const maxSeq = options.maxSeq ?? 2048;
+  const { model, tokenizer } = await loadPretrained(dir, { maxBatch: batchSize, maxSeq }, { training: false });
+  try {
+    if (!tokenizer) throw new RangeError(`lm-judge: ${dir} has no tokenizer.json`);
+    return lmJudge(model, tokenizer, { label: dir, ...options, batchSize, maxSeq, ownsModel: true });
+  } catch (err) {
+    await model.dispose();
+    throw err;
+  }
+}

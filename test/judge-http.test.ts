@@ -1,0 +1,369 @@
+// The HTTP judge against a real local server (node:http on 127.0.0.1) that answers like an
+// OpenAI chat-completions endpoint and is scripted per test: logprob and text-only answers,
+// position-bias averaging, 429 / 500 / slow / malformed replies and their retries, the request
+// concurrency limit, the disk cache (a second run makes no requests; a run aborted mid-batch
+// reruns only what is missing) and the API key (sent as Bearer, never written to the cache).
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { parseConfig, RunConfigError } from '../lib/config/index.js';
+import { assertPreferenceMatrix, httpJudge, verdictFromCompletion, type HttpJudgeOptions } from '../lib/preference/index.js';
+
+const tmp = mkdtempSync(path.join(tmpdir(), 'sppo-judge-http-'));
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+let dirs = 0;
+const freshDir = (): string => path.join(tmp, `cache-${dirs++}`);
+
+// A template the server can read back: which prompt, which response is A and which is B.
+const TEMPLATE = 'P:{prompt}\nA:{a}\nB:{b}';
+
+interface Ask {
+  prompt: string;
+  a: string;
+  b: string;
+  body: Record<string, unknown>;
+  headers: IncomingMessage['headers'];
+  /** 1-based index of this request among all the server has seen */
+  n: number;
+}
+type Reply = { status?: number; headers?: Record<string, string>; body?: unknown; raw?: string; delayMs?: number; hold?: boolean };
+
+let handler: (ask: Ask) => Reply | Promise<Reply> = () => ({ body: completion({ text: 'A' }) });
+const log: Ask[] = [];
+let inFlight = 0;
+let peakInFlight = 0;
+let server: Server;
+let baseUrl: string;
+
+/** An OpenAI chat completion of one token: `text`, and `top` as top_logprobs (token → probability). */
+function completion({ text, top }: { text: string | null; top?: Record<string, number> }): unknown {
+  return {
+    id: 'chatcmpl-test',
+    object: 'chat.completion',
+    model: 'judge-model',
+    choices: [
+      {
+        index: 0,
+        message: { role: 'assistant', content: text },
+        logprobs: top
+          ? { content: [{ token: text ?? '', logprob: 0, top_logprobs: Object.entries(top).map(([token, p]) => ({ token, logprob: Math.log(p), bytes: null })) }] }
+          : null,
+        finish_reason: 'length',
+      },
+    ],
+  };
+}
+
+beforeAll(async () => {
+  server = createServer((req: IncomingMessage, res: ServerResponse) => {
+    let data = '';
+    req.on('data', (c) => (data += c));
+    req.on('end', async () => {
+      inFlight++;
+      peakInFlight = Math.max(peakInFlight, inFlight);
+      let done = false;
+      const finish = (): void => {
+        if (!done) inFlight--;
+        done = true;
+      };
+      res.on('close', finish);
+      const body = JSON.parse(data) as { messages: { role: string; content: string }[] };
+      const user = body.messages.find((m) => m.role === 'user')!.content;
+      const m = /^P:(.*)\nA:(.*)\nB:(.*)$/s.exec(user)!;
+      const ask: Ask = { prompt: m[1], a: m[2], b: m[3], body, headers: req.headers, n: log.length + 1 };
+      log.push(ask);
+      const reply = await handler(ask);
+      if (reply.hold) return; // never answered: the client's abort closes it
+      if (reply.delayMs) await new Promise((r) => setTimeout(r, reply.delayMs));
+      if (res.destroyed) return finish();
+      res.writeHead(reply.status ?? 200, { 'content-type': 'application/json', ...reply.headers });
+      res.end(reply.raw ?? JSON.stringify(reply.body));
+      finish();
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  baseUrl = `http://127.0.0.1:${(server.address() as AddressInfo).port}/v1`;
+});
+afterAll(async () => {
+  server.closeAllConnections();
+  await new Promise((r) => server.close(r));
+});
+afterEach(() => {
+  log.length = 0;
+  peakInFlight = 0;
+  handler = () => ({ body: completion({ text: 'A' }) });
+});
+
+const judge = (opts: Partial<HttpJudgeOptions> = {}) =>
+  httpJudge({ baseUrl, model: 'judge-model', template: TEMPLATE, backoffMs: 5, maxBackoffMs: 50, ...opts });
+
+// Scripted q(first, second) = P(first ≻ second | first shown as A), with a position bias toward A.
+const q = (a: string, b: string): number => Math.min(0.95, Math.max(0.05, 0.6 + 0.1 * (a.length - b.length)));
+const logprobReply = ({ a, b }: Ask): Reply => {
+  const p = q(a, b);
+  // A and B split 90% of the mass between spaced and bare tokens; 10% goes to a distractor
+  return { body: completion({ text: p >= 0.5 ? 'A' : 'B', top: { A: 0.6 * p, ' A': 0.3 * p, B: 0.6 * (1 - p), ' B': 0.3 * (1 - p), C: 0.1 } }) };
+};
+
+describe('httpJudge answers', () => {
+  it('asks both orders with 1 token, temperature 0, top-5 logprobs, and averages out position bias', async () => {
+    handler = logprobReply;
+    const j = judge();
+    const responses = ['a', 'bbb', 'cc', 'dddd'];
+    const P = await j.compare('hello', responses);
+    assertPreferenceMatrix(P, { size: 4 });
+    expect(log).toHaveLength(12); // K(K − 1) ordered pairs
+    for (const { body } of log)
+      expect(body).toMatchObject({ model: 'judge-model', max_tokens: 1, temperature: 0, logprobs: true, top_logprobs: 5 });
+    for (let i = 0; i < 4; i++)
+      for (let j2 = 0; j2 < 4; j2++) {
+        if (i === j2) continue;
+        const expected = (q(responses[i], responses[j2]) + 1 - q(responses[j2], responses[i])) / 2;
+        expect(P[i][j2]).toBeCloseTo(expected, 12);
+        expect(P[i][j2] + P[j2][i]).toBe(1);
+      }
+    expect(j.stats).toMatchObject({ requests: 12, answers: 12, fromLogprobs: 12, fromText: 0, unparseable: 0 });
+  });
+
+  it('scores a judge that always answers A (pure position bias) ½ everywhere', async () => {
+    handler = () => ({ body: completion({ text: 'A', top: { A: 0.99, B: 0.01 } }) });
+    const P = await judge().compare('x', ['one', 'two', 'three']);
+    expect(P.flat().every((v) => Math.abs(v - 0.5) < 1e-12)).toBe(true);
+  });
+
+  it('reads text-only answers: first non-space A → 1, B → 0, anything else ½ (counted unparseable)', async () => {
+    const say: Record<string, string> = { 'x|y': ' A', 'y|x': 'B', 'x|z': 'maybe', 'z|x': '  B.', 'y|z': 'A', 'z|y': '' };
+    handler = ({ a, b }) => ({ body: completion({ text: say[`${a}|${b}`] }) });
+    const j = judge();
+    const P = await j.compare('p', ['x', 'y', 'z']);
+    expect(P[0][1]).toBe(1); // x first: A; y first: B
+    expect(P[0][2]).toBe(0.75); // ½(½ + 1 − 0)
+    expect(P[1][2]).toBe(0.75); // ½(1 + 1 − ½)
+    expect(j.stats).toMatchObject({ fromText: 4, unparseable: 2 });
+  });
+
+  it('scores identical responses ½ without a request, and asks a duplicated pair once', async () => {
+    handler = logprobReply;
+    const j = judge();
+    const P = await j.compare('p', ['same', 'same', 'other']);
+    expect(P[0][1]).toBe(0.5);
+    expect(P[0][2]).toBe(P[1][2]);
+    expect(log).toHaveLength(2);
+  });
+
+  it('parses completions as documented', () => {
+    expect(verdictFromCompletion(completion({ text: 'B', top: { '\u2581A': 0.2, 'Ġ B': 0.6 } }))).toMatchObject({ p: 0.25, source: 'logprobs' });
+    expect(verdictFromCompletion(completion({ text: 'A', top: { the: 0.9 } }))).toMatchObject({ p: 1, source: 'text' });
+    expect(verdictFromCompletion({ choices: [] })).toBeUndefined();
+    expect(verdictFromCompletion({ choices: [{ message: { content: null } }] })).toBeUndefined();
+  });
+});
+
+describe('httpJudge API key', () => {
+  it('sends the key from apiKeyEnv as Bearer and never writes it to the cache', async () => {
+    const secret = 'sk-test-5ecret-do-not-store';
+    const cacheDir = freshDir();
+    const j = judge({ apiKeyEnv: 'JUDGE_KEY', env: { JUDGE_KEY: secret }, cacheDir });
+    await j.compare('p', ['a', 'b']);
+    expect(log.map((l) => l.headers.authorization)).toEqual([`Bearer ${secret}`, `Bearer ${secret}`]);
+    const files = readdirSync(cacheDir, { recursive: true, withFileTypes: true }).filter((d) => d.isFile());
+    expect(files).toHaveLength(2);
+    for (const f of files) expect(readFileSync(path.join(f.parentPath, f.name), 'utf8')).not.toContain(secret);
+    expect(j.id).not.toContain(secret);
+  });
+
+  it('refuses to start when the variable is unset, and sends no header without apiKeyEnv', async () => {
+    expect(() => judge({ apiKeyEnv: 'JUDGE_KEY_MISSING', env: {} })).toThrow(/JUDGE_KEY_MISSING \(apiKeyEnv\) is not set/);
+    await judge().compare('p', ['a', 'b']);
+    expect(log[0].headers.authorization).toBeUndefined();
+  });
+
+  it('a different key shares the cache (the key is not part of it)', async () => {
+    const cacheDir = freshDir();
+    await judge({ apiKeyEnv: 'K', env: { K: 'one' }, cacheDir }).compare('p', ['a', 'b']);
+    await judge({ apiKeyEnv: 'K', env: { K: 'two' }, cacheDir }).compare('p', ['a', 'b']);
+    expect(log).toHaveLength(2);
+  });
+});
+
+describe('httpJudge retries', () => {
+  it('retries 429 (respecting retry-after-ms) and 500, then succeeds', async () => {
+    const times: number[] = [];
+    let n = 0;
+    handler = ({ a }) => {
+      if (a !== 'a') return { body: completion({ text: 'B' }) };
+      times.push(Date.now());
+      n++;
+      if (n === 1) return { status: 429, headers: { 'retry-after-ms': '300' }, body: { error: { message: 'rate limited' } } };
+      if (n === 2) return { status: 500, body: { error: { message: 'boom' } } };
+      return { body: completion({ text: 'A' }) };
+    };
+    const j = judge({ requestConcurrency: 1 });
+    const P = await j.compare('p', ['a', 'b']);
+    assertPreferenceMatrix(P);
+    expect(log).toHaveLength(4);
+    expect(times[1] - times[0]).toBeGreaterThanOrEqual(280);
+    expect(j.stats).toMatchObject({ requests: 4, retries: 2, answers: 2 });
+  });
+
+  it('retries a request that times out', async () => {
+    let slow = true;
+    handler = ({ a }) => {
+      if (a !== 'a') return { body: completion({ text: 'B' }) };
+      if (slow) {
+        slow = false;
+        return { delayMs: 400, body: completion({ text: 'B' }) };
+      }
+      return { body: completion({ text: 'A' }) };
+    };
+    const j = judge({ requestConcurrency: 1, timeoutMs: 100 });
+    const P = await j.compare('p', ['a', 'b']);
+    expect(P[0][1]).toBe(1); // the retry's 'A' for a first, 'B' for b first: the slow reply was not used
+    expect(j.stats.retries).toBe(1);
+  });
+
+  it('retries malformed bodies (not JSON, no choices) and then succeeds', async () => {
+    handler = ({ n }) =>
+      n === 1 ? { raw: '<html>bad gateway' } : n === 2 ? { body: { object: 'chat.completion' } } : { body: completion({ text: 'A' }) };
+    const j = judge({ requestConcurrency: 1 });
+    await j.compare('p', ['a', 'b']);
+    expect(j.stats.retries).toBe(2);
+  });
+
+  it('reports the status and a body excerpt after the last retry', async () => {
+    handler = () => ({ status: 503, body: { error: { message: 'overloaded, try later' } } });
+    const j = judge({ maxRetries: 2 });
+    await expect(j.compare('p', ['a', 'b'])).rejects.toThrow(/failed after 3 attempts: HTTP 503: .*overloaded, try later/);
+    expect(log).toHaveLength(6);
+  });
+
+  it('reports a malformed body after the last retry', async () => {
+    handler = () => ({ raw: 'not json at all' });
+    await expect(judge({ maxRetries: 1 }).compare('p', ['a', 'b'])).rejects.toThrow(/after 2 attempts: .*not JSON: not json at all/);
+  });
+
+  it('does not retry a 400', async () => {
+    handler = () => ({ status: 400, body: { error: { message: 'unknown model' } } });
+    const j = judge();
+    await expect(j.compare('p', ['a', 'b'])).rejects.toThrow(/failed: HTTP 400: .*unknown model/);
+    expect(log).toHaveLength(2); // one per order, none again
+    expect(j.stats.retries).toBe(0);
+  });
+
+  it('retries network errors (a connection refused) and names them', async () => {
+    const dead = createServer();
+    await new Promise<void>((r) => dead.listen(0, '127.0.0.1', r));
+    const port = (dead.address() as AddressInfo).port;
+    await new Promise((r) => dead.close(r));
+    const j = httpJudge({ baseUrl: `http://127.0.0.1:${port}/v1`, model: 'm', maxRetries: 2, backoffMs: 1 });
+    await expect(j.compare('p', ['a', 'b'])).rejects.toThrow(/after 3 attempts: network error/);
+    expect(j.stats.retries).toBe(4);
+  });
+});
+
+describe('httpJudge concurrency', () => {
+  it('never has more than requestConcurrency requests in flight', async () => {
+    handler = (ask) => ({ ...logprobReply(ask), delayMs: 15 });
+    const j = judge({ requestConcurrency: 3 });
+    const items = ['p1', 'p2', 'p3'].map((prompt) => ({ prompt, responses: ['a', 'bb', 'ccc', 'dddd', 'eeeee'] }));
+    const out = await j.compareBatch(items, { concurrency: 3 });
+    expect(out).toHaveLength(3);
+    expect(log).toHaveLength(60);
+    expect(peakInFlight).toBe(3);
+  });
+});
+
+describe('httpJudge cache', () => {
+  it('answers a second run from disk with zero requests', async () => {
+    handler = logprobReply;
+    const cacheDir = freshDir();
+    const responses = ['a', 'bb', 'ccc', 'dd'];
+    const first = await judge({ cacheDir }).compare('p', responses);
+    expect(log).toHaveLength(12);
+    const again = judge({ cacheDir });
+    expect(await again.compare('p', responses)).toEqual(first);
+    expect(log).toHaveLength(12);
+    expect(again.stats).toMatchObject({ requests: 0, cacheHits: 12 });
+    // a changed template is another judge: it asks again
+    await judge({ cacheDir, template: `${TEMPLATE}` + '' }).compare('p', responses);
+    expect(log).toHaveLength(12);
+    await judge({ cacheDir, model: 'other-model' }).compare('p', responses);
+    expect(log).toHaveLength(24);
+  });
+
+  it('keeps every answer of a run aborted mid-batch; the rerun asks only for the missing ones', async () => {
+    const cacheDir = freshDir();
+    const items = ['p1', 'p2', 'p3', 'p4'].map((prompt) => ({ prompt, responses: ['a', 'bb', 'ccc'] })); // 4 × 6 = 24 comparisons
+    const N = 7;
+    const answered = new Set<string>();
+    // the server answers N requests, then holds every later one until the client gives up
+    handler = (ask) => {
+      if (answered.size >= N) return { hold: true };
+      answered.add(`${ask.prompt}|${ask.a}|${ask.b}`);
+      return logprobReply(ask);
+    };
+    const controller = new AbortController();
+    const cacheFiles = (): string[] =>
+      readdirSync(cacheDir, { recursive: true, withFileTypes: true }).filter((d) => d.isFile()).map((d) => d.name);
+    const run = judge({ cacheDir, requestConcurrency: 4 }).compareBatch(items, { concurrency: 2, signal: controller.signal });
+    const caught = run.catch((e: Error) => e);
+    for (let t = 0; t < 400; t++) {
+      await new Promise((r) => setTimeout(r, 10));
+      try {
+        if (cacheFiles().length >= N) break;
+      } catch {
+        // no cache directory yet
+      }
+    }
+    controller.abort(); // the "kill"
+    expect(((await caught) as Error).name).toBe('AbortError');
+    expect(cacheFiles()).toHaveLength(N);
+    expect(cacheFiles().every((f) => f.endsWith('.json'))).toBe(true); // no temp file left behind
+
+    log.length = 0;
+    handler = logprobReply;
+    const rerun = judge({ cacheDir });
+    const out = await rerun.compareBatch(items);
+    const asked = log.map((l) => `${l.prompt}|${l.a}|${l.b}`);
+    expect(asked).toHaveLength(24 - N);
+    expect(new Set(asked).size).toBe(24 - N);
+    for (const k of asked) expect(answered.has(k)).toBe(false);
+    expect(rerun.stats.cacheHits).toBe(N);
+    out.forEach((P) => assertPreferenceMatrix(P, { size: 3 }));
+    // and the same matrices as a run that was never interrupted
+    const fresh = await judge().compareBatch(items);
+    expect(out).toEqual(fresh);
+  });
+});
+
+describe("preference kind 'http' in a run config", () => {
+  const base = { model: { preset: 'tiny' }, data: { prompts: 'prompts.jsonl' } };
+  const problems = (preference: unknown): string[] => {
+    try {
+      parseConfig({ ...base, preference });
+      return [];
+    } catch (err) {
+      if (err instanceof RunConfigError) return err.problems;
+      throw err;
+    }
+  };
+
+  it('fills the defaults', () => {
+    const c = parseConfig({ ...base, preference: { kind: 'http', baseUrl: 'https://api.example.com/v1', model: 'gpt-judge', apiKeyEnv: 'JUDGE_KEY' } });
+    expect(c.preference).toEqual({
+      kind: 'http', baseUrl: 'https://api.example.com/v1', model: 'gpt-judge', apiKeyEnv: 'JUDGE_KEY',
+      requestConcurrency: 8, timeoutMs: 60_000, maxRetries: 5, concurrency: 4,
+    });
+  });
+
+  it('names what is wrong', () => {
+    expect(problems({ kind: 'http', baseUrl: 'ftp://x', model: 'm' })).toEqual(['preference.baseUrl: must be an http(s) URL']);
+    expect(problems({ kind: 'http', baseUrl: 'http://x', model: 'm', template: 'Better? {a} or {b}' })).toEqual([
+      'preference.template: must contain {prompt}, {a} and {b}',
+    ]);
+    expect(problems({ kind: 'http', baseUrl: 'http://x', model: 'm', apiKey: 'sk-...' })).toEqual(['preference.apiKey: unknown field']);
+  });
+});
