@@ -75,7 +75,7 @@ describe('errors name the field', () => {
     expect(problems({ data: minimal.data, preference: minimal.preference })).toEqual(['model: required']);
     expect(problems({ ...minimal, model: { preset: 'tiny', path: '/m' } })).toEqual(['model: give exactly one of preset and path']);
     expect(problems({ ...minimal, data: {} })).toEqual(['data: give exactly one of prompts (a file) and words (generated styled-reversal prompts)']);
-    expect(problems({ ...minimal, preference: { kind: 'pairrm' } })).toEqual(["preference.kind: unknown kind (known: 'styled-reversal', 'function', 'http', 'lm-judge')"]);
+    expect(problems({ ...minimal, preference: { kind: 'pairrm' } })).toEqual(["preference.kind: unknown kind (known: 'styled-reversal', 'function', 'http', 'lm-judge', 'reward-model')"]);
     expect(problems({ ...minimal, data: { words: 100 }, preference: { kind: 'function', id: 'j' } })).toEqual([
       "data.words: generated words go with preference.kind 'styled-reversal'",
     ]);

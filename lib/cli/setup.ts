@@ -13,6 +13,7 @@ import { functionPreference, type PreferenceFunction } from '../preference/funct
 import { httpJudge } from '../preference/http.js';
 import { loadLmJudge } from '../preference/lm-judge.js';
 import type { PreferenceModel } from '../preference/model.js';
+import { loadRewardModel } from '../preference/reward-model.js';
 import { randomWords, resolveStyledReversal, styledReversalOracle } from '../preference/styled-reversal.js';
 import type { PolicyText, RunSetup } from '../sppo/run.js';
 import { readJson } from '../sppo/run-dir.js';
@@ -87,6 +88,15 @@ async function loadPreference(config: RunConfig): Promise<PreferenceModel> {
     } catch (err) {
       if (err instanceof UsageError) throw err;
       throw new UsageError(`preference.path: ${(err as Error).message.replace(/^lm-judge: /, '')}`);
+    }
+  }
+  if (p.kind === 'reward-model') {
+    const { kind, path: dir, maxSeq, ...options } = p;
+    try {
+      return await loadRewardModel(dir, { ...options, maxSeq: Math.min(maxSeq, await contextLimit(dir, 'preference.path')) });
+    } catch (err) {
+      if (err instanceof UsageError) throw err;
+      throw new UsageError(`preference.path: ${(err as Error).message.replace(/^reward-model: /, '')}`);
     }
   }
   if (p.module === undefined) throw new UsageError("preference.module: required for `sppo run` (a JS module exporting (prompt, a, b) => P(a ≻ b))");

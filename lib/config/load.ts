@@ -32,7 +32,7 @@ function issueLines(issue: z.core.$ZodIssue): string[] {
 }
 
 export interface ParseConfigOptions {
-  /** relative paths (model.path, data.prompts, run.dir, preference.module) resolve against this */
+  /** relative paths (model.path, data.prompts, run.dir, preference.module, preference.path) resolve against this */
   baseDir?: string;
   /** named in errors; default 'config' */
   source?: string;
@@ -51,7 +51,7 @@ export function parseConfig(raw: unknown, options: ParseConfigOptions = {}): Run
     const pref = config.preference;
     if (pref.kind === 'function' && pref.module !== undefined) pref.module = abs(pref.module);
     if (pref.kind === 'http' && pref.cacheDir !== undefined) pref.cacheDir = abs(pref.cacheDir);
-    if (pref.kind === 'lm-judge') pref.path = abs(pref.path);
+    if (pref.kind === 'lm-judge' || pref.kind === 'reward-model') pref.path = abs(pref.path);
     config.run.dir = abs(config.run.dir);
   }
   return config;

@@ -135,8 +135,20 @@ const preferenceSchema = z.discriminatedUnion(
       maxSeq: positiveInt().default(2048),
       ...preferenceCommon,
     }),
+    z.strictObject({
+      kind: z.literal('reward-model'),
+      /** a Hugging Face sequence-classification directory (num_labels 1) with tokenizer.json and a chat template */
+      path: path(),
+      /** τ of P_ij = σ((r_i − r_j)/τ) */
+      temperature: positive().default(1),
+      /** reward-model rows per forward pass */
+      batchSize: positiveInt().default(8),
+      /** reward-model tokens per row; longer conversations keep their last tokens */
+      maxSeq: positiveInt().default(2048),
+      ...preferenceCommon,
+    }),
   ],
-  { error: "unknown kind (known: 'styled-reversal', 'function', 'http', 'lm-judge')" },
+  { error: "unknown kind (known: 'styled-reversal', 'function', 'http', 'lm-judge', 'reward-model')" },
 );
 
 const trainingSchema = z

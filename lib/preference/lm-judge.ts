@@ -12,7 +12,8 @@ import type { Model } from '../engine/model.js';
 import { loadPretrained } from '../io/checkpoint.js';
 import type { Tokenizer } from '../io/tokenizer.js';
 import { DEFAULT_JUDGE_TEMPLATE, missingPlaceholders, renderJudgeTemplate } from './http.js';
-import { abortError, definePreferenceModel, type CompareItem, type PreferenceModel } from './model.js';
+import { projectLastTokens } from './last-token.js';
+import { definePreferenceModel, type CompareItem, type PreferenceModel } from './model.js';
 
 export interface LmJudgeOptions {
   /** the user message, with {prompt}, {a} (shown first) and {b}; default DEFAULT_JUDGE_TEMPLATE */
@@ -114,30 +115,8 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
         for (let j = 0; j < responses.length; j++)
           if (i !== j && responses[i] !== responses[j]) questions.push({ item, i, j, ids: questionIds(prompt, responses[i], responses[j]) });
     });
-    const order = questions.map((_, n) => n).sort((x, y) => questions[x].ids.length - questions[y].ids.length);
-    const q = new Float64Array(questions.length);
-    for (let start = 0; start < order.length; start += batchSize) {
-      if (signal?.aborted) throw abortError(signal);
-      const chunk = order.slice(start, start + batchSize);
-      const seq = questions[chunk[chunk.length - 1]].ids.length;
-      const padId = questions[chunk[0]].ids[0];
-      const batch = chunk.map((n) => {
-        const ids = questions[n].ids;
-        return ids.length === seq ? ids : [...ids, ...new Array<number>(seq - ids.length).fill(padId)];
-      });
-      const { hidden: h } = await model.forward(batch, { output: 'hidden', signal });
-      stats.forwards++;
-      chunk.forEach((n, r) => {
-        const at = (r * seq + questions[n].ids.length - 1) * hidden;
-        let la = 0;
-        let lb = 0;
-        for (let d = 0; d < hidden; d++) {
-          la += h![at + d] * rows[0][d];
-          lb += h![at + d] * rows[1][d];
-        }
-        q[n] = twoWaySoftmax(la, lb);
-      });
-    }
+    const logits = await projectLastTokens(model, questions.map((x) => x.ids), rows, batchSize, signal, () => stats.forwards++);
+    const q = logits.map(([la, lb]) => twoWaySoftmax(la, lb));
     stats.comparisons += questions.length;
     const qOf = new Map(questions.map((x, n) => [`${x.item},${x.i},${x.j}`, q[n]]));
     return items.map(({ responses }, item) => {
