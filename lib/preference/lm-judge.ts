@@ -12,28 +12,17 @@ import type { Model } from '../engine/model.js';
 import { loadPretrained } from '../io/checkpoint.js';
 import type { Tokenizer } from '../io/tokenizer.js';
 import { DEFAULT_JUDGE_TEMPLATE, missingPlaceholders, renderJudgeTemplate } from './http.js';
-import { projectLastTokens } from './last-token.js';
+import { projectLastTokens, type EngineJudgeOptions } from './last-token.js';
 import { definePreferenceModel, type CompareItem, type PreferenceModel } from './model.js';
 
-export interface LmJudgeOptions {
+/** id default: `lm-judge(<label>,<hash of template and answer tokens>)`. */
+export interface LmJudgeOptions extends EngineJudgeOptions {
   /** the user message, with {prompt}, {a} (shown first) and {b}; default DEFAULT_JUDGE_TEMPLATE */
   template?: string;
   /** next tokens meaning 'first is better' and 'second is better'; default ['A', 'B'] */
   answerTokens?: readonly [string, string];
   /** format the question through the tokenizer's chat template (with the generation prompt); default true */
   chatTemplate?: boolean;
-  /** rows per forward pass; default 8 (at most the model's memory plan's maxBatch) */
-  batchSize?: number;
-  /** tokens per row; a longer question keeps its first token (BOS) and its last tokens; default 2048 */
-  maxSeq?: number;
-  /** prompts compared at once by compare (each its own forward passes); default 1 */
-  concurrency?: number;
-  /** default `lm-judge(<label>,<hash of template and answer tokens>)` */
-  id?: string;
-  /** names the judge model in the default id (e.g. its directory) */
-  label?: string;
-  /** dispose the model with the judge; default false (true for loadLmJudge) */
-  ownsModel?: boolean;
 }
 
 export interface LmJudgeStats {

@@ -15,28 +15,17 @@ import { ConfigError, engineConfigFromHf, type HfConfig } from '../io/hf-config.
 import { ReadScratch } from '../io/safetensors.js';
 import { Tokenizer } from '../io/tokenizer.js';
 import { CheckpointWeights } from '../io/weights.js';
-import { projectLastTokens } from './last-token.js';
+import { projectLastTokens, type EngineJudgeOptions } from './last-token.js';
 import { definePreferenceModel, type CompareItem, type PreferenceModel } from './model.js';
 
 export class RewardModelError extends Error {
   override name = 'RewardModelError';
 }
 
-export interface RewardModelOptions {
+/** id default: `reward-model(<label>,τ=<temperature>)`. */
+export interface RewardModelOptions extends EngineJudgeOptions {
   /** τ of P_ij = σ((r_i − r_j)/τ); default 1 */
   temperature?: number;
-  /** rows per forward pass; default 8 (at most the model's memory plan's maxBatch) */
-  batchSize?: number;
-  /** tokens per row; a longer conversation keeps its first token (BOS) and its last tokens; default 2048 */
-  maxSeq?: number;
-  /** prompts compared at once by compareBatch's callers (each its own forward passes); default 1 */
-  concurrency?: number;
-  /** default `reward-model(<label>,τ=<temperature>)` */
-  id?: string;
-  /** names the reward model in the default id (e.g. its directory) */
-  label?: string;
-  /** dispose the model with the judge; default false (true for loadRewardModel) */
-  ownsModel?: boolean;
 }
 
 export interface RewardModelStats {
