@@ -70,6 +70,7 @@ int32_t sample_token(const T* logits, int64_t V, const SamplingOptions& o, doubl
 template <class T>
 class Generator {
  public:
+  using Master = master_t<T>;
   // Reads the model's weights at each step (the model must outlive the generator and not train
   // during generate). `ops` is the generator's own op set, of the model's backend.
   Generator(const Model<T>& model, GeneratorPlan plan, std::unique_ptr<Ops<T>> ops);
@@ -90,16 +91,17 @@ class Generator {
                                        const std::function<void(const std::vector<TokenEvent>&)>& on_step = {});
 
   // For tests: one extend step over n rows (slot, position, token), writing every row's
-  // logits (n, V). n is at most max_batch + 256.
+  // logits (n, V) to host memory. n is at most max_batch + 256.
   void extend_for_test(const int32_t* slots, const int32_t* positions, const int32_t* tokens, int64_t n,
-                       T* logits_out);
+                       Master* logits_out);
 
  private:
   // One step over the n_rows rows (slot, position, token) in slots_/positions_/tokens_: leaves
   // every row's final-normed hidden state in xn_, and logits (n_logit_rows, V) of the rows listed
   // in logit_rows_ in logits_.
   void extend(int64_t n_rows, int64_t n_logit_rows);
-  T* alloc(size_t n);
+  template <class E>
+  E* alloc(size_t n);
 
   const Model<T>& model_;
   ModelConfig cfg_;
@@ -107,22 +109,24 @@ class Generator {
   std::unique_ptr<Ops<T>> ops_;
   int64_t max_rows_ = 0;  // rows per extend step (long prompts are prefilled in chunks)
   size_t bytes_ = 0;
-  std::vector<T*> owned_;
+  std::vector<void*> owned_;
 
   std::vector<T*> k_cache_, v_cache_;  // per layer (max_batch, KV, max_context, D)
-  T* rope_cos_ = nullptr;              // (max_context, D/2)
-  T* rope_sin_ = nullptr;
+  Master* rope_cos_ = nullptr;         // (max_context, D/2)
+  Master* rope_sin_ = nullptr;
   T* x_ = nullptr;       // (R, C) residual stream
   T* xn_ = nullptr;      // (R, C) normed input to a projection
-  T* rstd_ = nullptr;    // (R)
+  Master* rstd_ = nullptr;  // (R)
   T* qkv_ = nullptr;     // (R, QKV)
   T* att_ = nullptr;     // (R, H*D)
   T* gu_ = nullptr;      // (R, 2F)
   T* ffn_ = nullptr;     // (R, F)
   T* hsel_ = nullptr;    // (max_batch, C) hidden rows that need logits
-  T* logits_ = nullptr;  // (max_batch, V)
+  Master* logits_ = nullptr;  // (max_batch, V)
   std::vector<int32_t> slots_, positions_, tokens_;  // (R) the rows of the current step
   std::vector<int32_t> logit_rows_;                  // (max_batch) rows whose logits are wanted
+  int32_t *slots_dev_ = nullptr, *positions_dev_ = nullptr, *tokens_dev_ = nullptr;  // their backend copies
+  int32_t* logit_rows_dev_ = nullptr;
 };
 
 }  // namespace sppo
