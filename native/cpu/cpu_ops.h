@@ -11,6 +11,7 @@ template <class T>
 class CpuOps final : public Ops<T> {
  public:
   const char* name() const override { return "cpu"; }
+  std::unique_ptr<Ops<T>> fresh() const override { return std::make_unique<CpuOps<T>>(); }
   // Master == T here: the CPU keeps one precision, so master weights are the parameters.
   void* alloc_bytes(size_t bytes) override;
   void free_bytes(void* p) override;

@@ -30,6 +30,7 @@ class CudaOps final : public Ops<bf16> {
   explicit CudaOps(int device);
   ~CudaOps() override;
   const char* name() const override { return "cuda"; }
+  std::unique_ptr<Ops<bf16>> fresh() const override { return std::make_unique<CudaOps>(device_); }
   cudaStream_t stream() const { return stream_; }
   int device() const { return device_; }
 

@@ -354,8 +354,16 @@ std::vector<SequenceResult> Generator<T>::generate(const std::vector<SequenceReq
   return results;
 }
 
+template <class T>
+std::unique_ptr<GeneratorApi> Model<T>::make_generator(const GeneratorPlan& plan) const {
+  return std::make_unique<Generator<T>>(*this, plan, ops_->fresh());
+}
+
 template class Generator<float>;
 template class Generator<double>;
 template class Generator<bf16>;
+template std::unique_ptr<GeneratorApi> Model<float>::make_generator(const GeneratorPlan&) const;
+template std::unique_ptr<GeneratorApi> Model<double>::make_generator(const GeneratorPlan&) const;
+template std::unique_ptr<GeneratorApi> Model<bf16>::make_generator(const GeneratorPlan&) const;
 
 }  // namespace sppo

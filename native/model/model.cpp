@@ -437,7 +437,7 @@ void Model<T>::head_logprobs(int64_t n) {
 
 template <class T>
 double Model<T>::head_loss(const Batch& b, double scale, bool grad, int64_t* target_tokens) {
-  const int64_t n = gather_target_rows(b), C = cfg_.hidden_size, V = cfg_.vocab_size;
+  const int64_t n = gather_target_rows(b);
   if (target_tokens) *target_tokens = n;
   head_logprobs(n);
   double total = 0;

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 
 #include "core/bf16.h"
 
@@ -41,6 +42,8 @@ class Ops {
   using Master = master_t<T>;
   virtual ~Ops() = default;
   virtual const char* name() const = 0;
+  // A new op set on the same backend and device, with its own scratch (and stream).
+  virtual std::unique_ptr<Ops<T>> fresh() const = 0;
 
   // Memory: zeroed backend storage of `bytes` bytes, 64-byte aligned. Failure throws sppo::Error
   // naming the size (out of memory included).

@@ -67,8 +67,24 @@ template <class T>
 int32_t sample_token(const T* logits, int64_t V, const SamplingOptions& o, double u, double* raw_logprob,
                      SamplerScratch<T>& scratch);
 
+// The host-facing face of Generator<T>, whatever the backend (Model::make_generator makes one).
+class GeneratorApi {
+ public:
+  virtual ~GeneratorApi() = default;
+  virtual const GeneratorPlan& plan() const = 0;
+  virtual size_t memory_bytes() const = 0;
+  // Throws sppo::Error naming the sequence, position and value of the first bad input.
+  virtual void validate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o) const = 0;
+  // Generates every sequence. `abort` (may be null) is read between steps; once set, every
+  // unfinished sequence ends with StopReason::Aborted and what it has so far. `on_step` (may be
+  // null) receives the tokens sampled by each step.
+  virtual std::vector<SequenceResult> generate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o,
+                                               const std::atomic<bool>* abort = nullptr,
+                                               const std::function<void(const std::vector<TokenEvent>&)>& on_step = {}) = 0;
+};
+
 template <class T>
-class Generator {
+class Generator final : public GeneratorApi {
  public:
   using Master = master_t<T>;
   // Reads the model's weights at each step (the model must outlive the generator and not train
@@ -78,17 +94,12 @@ class Generator {
   Generator(const Generator&) = delete;
   Generator& operator=(const Generator&) = delete;
 
-  const GeneratorPlan& plan() const { return plan_; }
-  size_t memory_bytes() const { return bytes_; }
-
-  // Throws sppo::Error naming the sequence, position and value of the first bad input.
-  void validate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o) const;
-  // Generates every sequence. `abort` (may be null) is read between steps; once set, every
-  // unfinished sequence ends with StopReason::Aborted and what it has so far. `on_step` (may be
-  // null) receives the tokens sampled by each step.
+  const GeneratorPlan& plan() const override { return plan_; }
+  size_t memory_bytes() const override { return bytes_; }
+  void validate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o) const override;
   std::vector<SequenceResult> generate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o,
                                        const std::atomic<bool>* abort = nullptr,
-                                       const std::function<void(const std::vector<TokenEvent>&)>& on_step = {});
+                                       const std::function<void(const std::vector<TokenEvent>&)>& on_step = {}) override;
 
   // For tests: one extend step over n rows (slot, position, token), writing every row's
   // logits (n, V) to host memory. n is at most max_batch + 256.

@@ -62,8 +62,38 @@ struct MemoryReport {
   size_t total() const { return params + grads + optimizer + activations + scratch; }
 };
 
+struct GeneratorPlan;  // sppo/generate.h
+class GeneratorApi;
+
+// The host-facing face of Model<T>: the same for every T with the same Master type, so a caller
+// (the Node addon) holds a CPU float model and a CUDA bf16 model alike. Host memory throughout.
+template <class M>
+class ModelApi {
+ public:
+  virtual ~ModelApi() = default;
+  virtual const char* backend() const = 0;  // "cpu" or "cuda"
+  virtual const ModelConfig& config() const = 0;
+  virtual MemoryReport memory() const = 0;
+  virtual const std::vector<ParamInfo>& params() const = 0;
+  virtual const ParamInfo& param(const std::string& name) const = 0;
+  virtual int64_t num_params() const = 0;
+  virtual void get_param(const std::string& name, M* dst) const = 0;
+  virtual void set_param(const std::string& name, const M* src, int64_t n) = 0;
+  virtual void forward(const int32_t* tokens, int64_t B, int64_t Tn, M* hidden_out, M* logits_out) = 0;
+  virtual double eval_loss(const Batch& batch, int64_t* target_tokens) = 0;
+  virtual void sequence_logprobs(const Batch& batch, double* seq_logp, double* token_logp) = 0;
+  virtual PreferenceMetrics eval_preference(const PreferenceBatch& batch, double* seq_logp) = 0;
+  virtual void set_optimizer(const OptimizerConfig& oc) = 0;
+  virtual StepResult train_step(const Batch& batch) = 0;
+  virtual PreferenceStepResult preference_step(const PreferenceBatch& batch, double* seq_logp) = 0;
+  virtual int64_t optimizer_steps() const = 0;
+  virtual int pending_micro_batches() const = 0;
+  // A generator with its own KV cache and op set over this model's weights (sppo/generate.h).
+  virtual std::unique_ptr<GeneratorApi> make_generator(const GeneratorPlan& plan) const = 0;
+};
+
 template <class T>
-class Model {
+class Model final : public ModelApi<master_t<T>> {
  public:
   using Master = master_t<T>;
   // initialize = false leaves the parameters zero, for callers that load every one of them
@@ -73,52 +103,54 @@ class Model {
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
 
-  const ModelConfig& config() const { return cfg_; }
+  const char* backend() const override { return ops_->name(); }
+  const ModelConfig& config() const override { return cfg_; }
   const MemoryPlan& plan() const { return plan_; }
   Ops<T>& ops() { return *ops_; }
-  MemoryReport memory() const;
+  MemoryReport memory() const override;
 
   // Parameters by Hugging Face name.
-  const std::vector<ParamInfo>& params() const { return params_; }
-  const ParamInfo& param(const std::string& name) const;
+  const std::vector<ParamInfo>& params() const override { return params_; }
+  const ParamInfo& param(const std::string& name) const override;
   // Host copies of / into one named tensor (in Master precision: the master weights when there
   // are any). set_param validates size and finiteness first and leaves the model unchanged on error.
-  void get_param(const std::string& name, Master* dst) const;
-  void set_param(const std::string& name, const Master* src, int64_t n);
+  void get_param(const std::string& name, Master* dst) const override;
+  void set_param(const std::string& name, const Master* src, int64_t n) override;
   // The arenas themselves, in backend memory (host memory on the CPU, where tests read them).
   T* param_data() { return params_arena_; }
   Master* grad_data() { return grads_arena_; }
-  int64_t num_params() const { return n_params_; }
+  int64_t num_params() const override { return n_params_; }
   // Re-draws every parameter from config.seed (weights ~ N(0, initializer_range), norms 1, biases 0).
   void initialize();
 
   // Forward over tokens(B,T): final hidden states (B,T,hidden) after the last RMSNorm, and/or
   // logits (B,T,vocab), into host memory. Either output may be null.
-  void forward(const int32_t* tokens, int64_t B, int64_t Tn, Master* hidden_out, Master* logits_out);
+  void forward(const int32_t* tokens, int64_t B, int64_t Tn, Master* hidden_out, Master* logits_out) override;
   // Mean next-token cross-entropy over the masked targets, without gradients.
-  double eval_loss(const Batch& batch, int64_t* target_tokens = nullptr);
+  double eval_loss(const Batch& batch, int64_t* target_tokens = nullptr) override;
   // Forward + backward: adds scale * d(mean loss)/dθ into the gradients; returns the loss.
   double accumulate_gradients(const Batch& batch, double scale, int64_t* target_tokens = nullptr);
   void zero_grad();
 
   // Σ over each row's target tokens of log π(token | prefix), in double: seq_logp (batch);
   // token_logp (batch, seq), when not null, gets each target token's log-prob (0 elsewhere).
-  void sequence_logprobs(const Batch& batch, double* seq_logp, double* token_logp);
+  void sequence_logprobs(const Batch& batch, double* seq_logp, double* token_logp) override;
   // The preference loss of a batch without gradients; seq_logp (batch) receives log π_θ(y|x).
-  PreferenceMetrics eval_preference(const PreferenceBatch& batch, double* seq_logp);
+  PreferenceMetrics eval_preference(const PreferenceBatch& batch, double* seq_logp) override;
   // Forward, fused head + preference loss, backward: adds scale * dloss/dθ into the gradients.
   PreferenceMetrics accumulate_preference_gradients(const PreferenceBatch& batch, double scale, double* seq_logp);
 
   // Optimizer (created by set_optimizer; resets its state and step count).
-  void set_optimizer(const OptimizerConfig& oc);
+  void set_optimizer(const OptimizerConfig& oc) override;
   const OptimizerConfig& optimizer_config() const { return opt_; }
   // One training call: accumulate_gradients with scale 1/grad_accum_steps, then an optimizer
   // step when grad_accum_steps micro-batches have been accumulated.
-  StepResult train_step(const Batch& batch);
+  StepResult train_step(const Batch& batch) override;
   // The same for a preference batch (SPPO, DPO, IPO ...); seq_logp (batch) may be null.
-  PreferenceStepResult preference_step(const PreferenceBatch& batch, double* seq_logp = nullptr);
-  int64_t optimizer_steps() const { return step_; }
-  int pending_micro_batches() const { return micro_; }
+  PreferenceStepResult preference_step(const PreferenceBatch& batch, double* seq_logp = nullptr) override;
+  int64_t optimizer_steps() const override { return step_; }
+  int pending_micro_batches() const override { return micro_; }
+  std::unique_ptr<GeneratorApi> make_generator(const GeneratorPlan& plan) const override;  // generate.cpp
 
   // Read-only views of the weights, for code that runs the same network another way (the
   // KV-cache decoder). Fused blocks: wqkv (q_dim+2*kv_dim, C), wgu (2F, C) = [gate; up].
