@@ -467,8 +467,14 @@ std::unique_ptr<Ops<bf16>> make_ops(int device) {
   SPPO_CUDA_CHECK(cudaGetDeviceCount(&count));
   SPPO_REQUIRE(device >= 0 && device < count, "CUDA device ", device, " does not exist (this machine has ", count,
                " CUDA device", count == 1 ? "" : "s", ")");
+  // The ops run on whichever thread calls them (the addon's libuv workers) and set the current
+  // device only at construction; a thread's current device defaults to 0, so only device 0 is
+  // safe until every entry point selects its device.
+  SPPO_REQUIRE(device == 0, "CUDA device ", device, ": only device 0 is supported (set CUDA_VISIBLE_DEVICES to pick a GPU)");
   return std::make_unique<CudaOps>(device);
 }
+
+void CudaOps::synchronize() { SPPO_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
 // ---------------------------------------------------------------------------------------------
 // CudaOps: lifetime, memory, transfers

@@ -34,6 +34,7 @@ class CudaOps final : public Ops<bf16> {
   cudaStream_t stream() const { return stream_; }
   int device() const { return device_; }
 
+  void synchronize() override;
   void* alloc_bytes(size_t bytes) override;
   void free_bytes(void* p) override;
   size_t plan_scratch(int64_t max_seq, int64_t head_dim) override;

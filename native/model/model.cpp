@@ -287,6 +287,7 @@ void Model<T>::initialize() {
     }
   }
   zero_grad();
+  ops_->synchronize();
 }
 
 template <class T>
@@ -316,6 +317,7 @@ void Model<T>::set_param(const std::string& name, const Master* src, int64_t n) 
     SPPO_REQUIRE(std::isfinite(double(src[i])), "parameter '", name, "' value at index ", i, " is not finite (",
                  double(src[i]), "); the model was left unchanged");
   write_params(p.offset, src, n);
+  ops_->synchronize();  // a generator (its own op set) may read the weights next
 }
 
 template <class T>

@@ -88,6 +88,7 @@ StepResult Model<T>::optimizer_step() {
       ops_->rmsprop_update(w, mw, g, opt_m_ + p.offset, p.size, lr, opt_.alpha, opt_.eps, decay, clip);
   }
   zero_grad();
+  ops_->synchronize();  // a generator (its own op set) may read the weights next
   r.stepped = true;
   r.step = step_;
   r.lr = lr;

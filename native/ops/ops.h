@@ -44,6 +44,9 @@ class Ops {
   virtual const char* name() const = 0;
   // A new op set on the same backend and device, with its own scratch (and stream).
   virtual std::unique_ptr<Ops<T>> fresh() const = 0;
+  // Returns once every call made so far has finished (device work included). Needed where two
+  // op sets share memory: one's writes are not ordered before the other's reads otherwise.
+  virtual void synchronize() {}
 
   // Memory: zeroed backend storage of `bytes` bytes, 64-byte aligned. Failure throws sppo::Error
   // naming the size (out of memory included).

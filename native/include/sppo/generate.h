@@ -30,7 +30,8 @@ struct SamplingOptions {
 };
 
 // One sequence to generate: its prompt and where its random numbers come from. Draw t of the
-// sequence is uniform01(seed, stream, t), so its tokens do not depend on the rest of the batch.
+// sequence is uniform01(seed, stream, t), so its tokens do not depend on the rest of the batch
+// (exactly on the CPU; on CUDA up to the last-bit logit differences noted at Generator).
 struct SequenceRequest {
   const int32_t* prompt = nullptr;
   int64_t prompt_len = 0;
@@ -88,7 +89,10 @@ class Generator final : public GeneratorApi {
  public:
   using Master = master_t<T>;
   // Reads the model's weights at each step (the model must outlive the generator and not train
-  // during generate). `ops` is the generator's own op set, of the model's backend.
+  // during generate; the model synchronizes its op set after every weight change, so the
+  // generator's op set sees finished weights). `ops` is the generator's own op set, of the
+  // model's backend. On CUDA a row's logits may differ in the last bits with the number of rows
+  // in the step (cuBLASLt picks kernels per shape); the CPU's do not.
   Generator(const Model<T>& model, GeneratorPlan plan, std::unique_ptr<Ops<T>> ops);
   ~Generator();
   Generator(const Generator&) = delete;
