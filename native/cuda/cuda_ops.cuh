@@ -35,6 +35,9 @@ class CudaOps final : public Ops<bf16> {
   int device() const { return device_; }
 
   void synchronize() override;
+  // 256 MiB of fp32 logits: at V = 128256 a tile is ~520 rows, so its GEMMs are not starved
+  // (the 4 Mi-element CPU tile would give 32-row GEMMs).
+  int64_t head_scratch_elems() const override { return int64_t(1) << 26; }
   void* alloc_bytes(size_t bytes) override;
   void free_bytes(void* p) override;
   size_t plan_scratch(int64_t max_seq, int64_t head_dim) override;

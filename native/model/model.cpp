@@ -16,8 +16,6 @@ namespace sppo {
 namespace {
 constexpr int64_t kAlign = 16;  // elements: keeps every tensor 64-byte aligned for float
 int64_t aligned(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-// Logits of the LM head exist one tile at a time: about 16 MiB of floats.
-constexpr int64_t kLogitChunkElems = int64_t(1) << 22;
 }  // namespace
 
 ModelConfig preset_config(const std::string& name) {
@@ -171,7 +169,8 @@ void Model<T>::plan_buffers() {
   dgu_ = alloc_tracked<T>(N * 2 * F, s);
   dffn_ = alloc_tracked<T>(N * F, s);
   // At least one vocabulary row, so forward() can return logits a row block at a time.
-  logits_elems_ = std::max<int64_t>(V, std::min<int64_t>(kLogitChunkElems, N * V));
+  // Logits exist one tile at a time, of the backend's size.
+  logits_elems_ = std::max<int64_t>(V, std::min<int64_t>(ops_->head_scratch_elems(), N * V));
   logits_chunk_ = alloc_tracked<Master>(logits_elems_, s);
   gathered_h_ = alloc_tracked<T>(N * C, s);
   gathered_dh_ = alloc_tracked<T>(N * C, s);

@@ -138,7 +138,7 @@ SPPO_BENCH(cuda_fused_head) {
   auto* logp = static_cast<double*>(ops->alloc_bytes(n * sizeof(double)));
   auto* lse = static_cast<double*>(ops->alloc_bytes(n * sizeof(double)));
   auto* coef = static_cast<double*>(ops->alloc_bytes(n * sizeof(double)));
-  const int64_t scratch_elems = int64_t(1) << 26;  // 256 MiB of fp32 logits tile
+  const int64_t scratch_elems = ops->head_scratch_elems();  // the model's tile on this backend
   auto* scratch = static_cast<float*>(ops->alloc_bytes(scratch_elems * sizeof(float)));
   {
     std::vector<float> h(size_t(V) * C);

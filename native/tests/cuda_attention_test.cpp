@@ -19,79 +19,28 @@
 #include "core/rng.h"
 #include "cpu/cpu_ops.h"
 #include "cuda/cuda_backend.h"
+#include "tests/cuda_test_util.h"
 #include "tests/harness.h"
 
 using namespace sppo;
+using namespace sppo::testutil;
 
 namespace {
 
 constexpr double kBf16Tol = 1e-2;  // relative (max-norm), bf16 outputs
 constexpr double kLseTol = 1e-4;   // absolute, fp32 log-sum-exps
 
-std::unique_ptr<Ops<bf16>> cuda_or_skip() {
-  const cuda::DeviceInfo info = cuda::probe();
-  if (!info.available) throw harness::Skipped(info.why_not.empty() ? std::string("no CUDA device") : info.why_not);
-  return cuda::make_ops(0);
-}
-
-// A device allocation that lives as long as the test's scope.
-class DeviceBuffer {
- public:
-  DeviceBuffer(Ops<bf16>& ops, size_t bytes) : ops_(ops), p_(ops.alloc_bytes(bytes)) {}
-  ~DeviceBuffer() { ops_.free_bytes(p_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void* raw() const { return p_; }
-  template <class X>
-  X* as() const {
-    return static_cast<X*>(p_);
-  }
-
- private:
-  Ops<bf16>& ops_;
-  void* p_;
-};
-
-template <class X>
-std::unique_ptr<DeviceBuffer> upload(Ops<bf16>& ops, const std::vector<X>& host) {
-  auto d = std::make_unique<DeviceBuffer>(ops, std::max<size_t>(1, host.size()) * sizeof(X));
-  ops.upload_bytes(d->raw(), host.data(), host.size() * sizeof(X));
-  return d;
-}
-template <class X>
-std::vector<X> download(Ops<bf16>& ops, const DeviceBuffer& d, size_t n) {
-  std::vector<X> host(n);
-  ops.download_bytes(host.data(), d.raw(), n * sizeof(X));
-  return host;
-}
-
-float round_bf16(float x) { return float(bf16(x)); }
-const float kNaN = std::nanf("");
-
-// n standard normals (times sd), rounded to bf16.
-std::vector<float> random_values(int64_t n, uint64_t seed, double sd = 1.0) {
-  std::vector<float> v(n);
-  for (int64_t i = 0; i < n; ++i) v[i] = round_bf16(float(sd * standard_normal(seed, 7, i)));
-  return v;
-}
-std::vector<bf16> to_bf16(const std::vector<float>& v) {
-  std::vector<bf16> r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) r[i] = bf16(v[i]);
-  return r;
-}
-std::vector<float> to_float(const std::vector<bf16>& v) {
-  std::vector<float> r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) r[i] = float(v[i]);
-  return r;
-}
+// n standard normals, rounded to bf16 (this file's rng stream, 7).
+std::vector<float> random_values(int64_t n, uint64_t seed) { return randn_bf16(n, seed, 1.0, 7); }
 
 // max |a - b| / max |b| over the elements `pick` selects; infinity if a is NaN where b is not.
+// Unlike max_rel_error (cuda_test_util.h), which lets a NaN through and divides by max |b| alone.
 // The denominator is at least kRefFloor: with unit-normal inputs real outputs are O(1), while some
 // are zero in exact arithmetic (dq and dk of a one-position sequence, where P = 1) and both
 // backends then hold only rounding noise, whose ratio means nothing.
 constexpr double kRefFloor = 1e-2;
 template <class Pick>
-double rel_err(const std::vector<float>& a, const std::vector<float>& b, Pick pick) {
+double max_rel_error_floored(const std::vector<float>& a, const std::vector<float>& b, Pick pick) {
   double diff = 0, ref = 0;
   for (size_t i = 0; i < b.size(); ++i) {
     if (!pick(i)) continue;
@@ -158,11 +107,11 @@ void check_forward(Ops<bf16>& gpu, const AttentionShape& s, uint64_t seed) {
   auto qkv_d = upload(gpu, to_bf16(qkv));
   auto out_d = upload(gpu, to_bf16(std::vector<float>(out_ref.size(), kNaN)));
   auto lse_d = upload(gpu, std::vector<float>(lse_ref.size(), kNaN));
-  gpu.attention_forward(out_d->as<bf16>(), lse_d->as<float>(), qkv_d->as<bf16>(), s);
-  const std::vector<float> out = to_float(download<bf16>(gpu, *out_d, out_ref.size()));
-  const std::vector<float> lse = download<float>(gpu, *lse_d, lse_ref.size());
+  gpu.attention_forward(out_d.data(), lse_d.data(), qkv_d.data(), s);
+  const std::vector<float> out = to_float(out_d.get());
+  const std::vector<float> lse = lse_d.get();
 
-  const double e_out = rel_err(out, out_ref, [&](size_t i) { return int64_t(i) % s.out_stride < QD; });
+  const double e_out = max_rel_error_floored(out, out_ref, [&](size_t i) { return int64_t(i) % s.out_stride < QD; });
   EXPECT_TRUE(e_out < kBf16Tol, "attention_forward out error " << e_out << " " << describe(s));
   double e_lse = 0;
   for (size_t i = 0; i < lse.size(); ++i)
@@ -204,9 +153,8 @@ std::vector<bf16> gpu_backward(Ops<bf16>& gpu, const AttentionShape& s, const Ba
   auto out_d = upload(gpu, to_bf16(in.out));
   auto lse_d = upload(gpu, in.lse);
   auto dqkv_d = upload(gpu, to_bf16(in.dqkv0));
-  gpu.attention_backward(dqkv_d->as<bf16>(), dout_d->as<bf16>(), qkv_d->as<bf16>(), out_d->as<bf16>(),
-                         lse_d->as<float>(), s);
-  return download<bf16>(gpu, *dqkv_d, in.dqkv0.size());
+  gpu.attention_backward(dqkv_d.data(), dout_d.data(), qkv_d.data(), out_d.data(), lse_d.data(), s);
+  return dqkv_d.get();
 }
 
 void check_backward(Ops<bf16>& gpu, const AttentionShape& s, uint64_t seed) {
@@ -221,7 +169,8 @@ void check_backward(Ops<bf16>& gpu, const AttentionShape& s, uint64_t seed) {
   const char* names[] = {"dq", "dk", "dv"};
   const Part parts[] = {Part::q, Part::k, Part::v};
   for (int w = 0; w < 3; ++w) {
-    const double e = rel_err(got, ref, [&](size_t i) { return part_of(s, int64_t(i) % s.qkv_stride) == parts[w]; });
+    const double e =
+        max_rel_error_floored(got, ref, [&](size_t i) { return part_of(s, int64_t(i) % s.qkv_stride) == parts[w]; });
     EXPECT_TRUE(e < kBf16Tol, "attention_backward " << names[w] << " error " << e << " " << describe(s));
   }
   const std::vector<bf16> spare = to_bf16(in.dqkv0);
@@ -276,27 +225,24 @@ void check_decode(Ops<bf16>& gpu, int64_t H, int64_t KV, int64_t D, const Layout
   auto pos_d = upload(gpu, c.pos);
   const std::vector<bf16> poison = to_bf16(std::vector<float>(out_ref.size(), kNaN));
   auto out_d = upload(gpu, poison);
-  gpu.kv_cache_write(k_d->as<bf16>(), v_d->as<bf16>(), qkv_d->as<bf16>(), slot_d->as<int32_t>(),
-                     pos_d->as<int32_t>(), n, s);
+  gpu.kv_cache_write(k_d.data(), v_d.data(), qkv_d.data(), slot_d.data(), pos_d.data(), n, s);
   const std::string what = describe(s);
-  EXPECT_TRUE(same_bits(download<bf16>(gpu, *k_d, cache_elems), to_bf16(k_ref)), "kv_cache_write k cache " << what);
-  EXPECT_TRUE(same_bits(download<bf16>(gpu, *v_d, cache_elems), to_bf16(v_ref)), "kv_cache_write v cache " << what);
+  EXPECT_TRUE(same_bits(k_d.get(), to_bf16(k_ref)), "kv_cache_write k cache " << what);
+  EXPECT_TRUE(same_bits(v_d.get(), to_bf16(v_ref)), "kv_cache_write v cache " << what);
 
-  gpu.attention_decode(out_d->as<bf16>(), qkv_d->as<bf16>(), k_d->as<bf16>(), v_d->as<bf16>(), slot_d->as<int32_t>(),
-                       pos_d->as<int32_t>(), n, s);
-  const std::vector<bf16> out_bits = download<bf16>(gpu, *out_d, out_ref.size());
+  gpu.attention_decode(out_d.data(), qkv_d.data(), k_d.data(), v_d.data(), slot_d.data(), pos_d.data(), n, s);
+  const std::vector<bf16> out_bits = out_d.get();
   const std::vector<float> out = to_float(out_bits);
-  const double e = rel_err(out, out_ref, [&](size_t i) { return int64_t(i) % s.out_stride < H * D; });
+  const double e = max_rel_error_floored(out, out_ref, [&](size_t i) { return int64_t(i) % s.out_stride < H * D; });
   EXPECT_TRUE(e < kBf16Tol, "attention_decode error " << e << " " << what);
   for (size_t i = 0; i < out.size(); ++i)
     if (int64_t(i) % s.out_stride >= H * D)
       EXPECT_TRUE(std::isnan(out[i]), "attention_decode wrote spare output column " << what);
 
   // The same call again gives the same bits.
-  gpu.upload_bytes(out_d->raw(), poison.data(), poison.size() * sizeof(bf16));
-  gpu.attention_decode(out_d->as<bf16>(), qkv_d->as<bf16>(), k_d->as<bf16>(), v_d->as<bf16>(), slot_d->as<int32_t>(),
-                       pos_d->as<int32_t>(), n, s);
-  EXPECT_TRUE(same_bits(download<bf16>(gpu, *out_d, out_ref.size()), out_bits),
+  gpu.upload_bytes(out_d.data(), poison.data(), poison.size() * sizeof(bf16));
+  gpu.attention_decode(out_d.data(), qkv_d.data(), k_d.data(), v_d.data(), slot_d.data(), pos_d.data(), n, s);
+  EXPECT_TRUE(same_bits(out_d.get(), out_bits),
               "attention_decode is not deterministic " << what);
 }
 
@@ -331,9 +277,9 @@ SPPO_TEST(cuda_attention_is_deterministic) {
   std::vector<bf16> out1, out2;
   std::vector<float> lse1, lse2;
   for (int r = 0; r < 2; ++r) {
-    gpu->attention_forward(out_d->as<bf16>(), lse_d->as<float>(), qkv_d->as<bf16>(), s);
-    (r == 0 ? out1 : out2) = download<bf16>(*gpu, *out_d, in.out.size());
-    (r == 0 ? lse1 : lse2) = download<float>(*gpu, *lse_d, in.lse.size());
+    gpu->attention_forward(out_d.data(), lse_d.data(), qkv_d.data(), s);
+    (r == 0 ? out1 : out2) = out_d.get();
+    (r == 0 ? lse1 : lse2) = lse_d.get();
   }
   EXPECT_TRUE(same_bits(out1, out2) && same_bits(lse1, lse2), "attention_forward differs between two calls");
   EXPECT_TRUE(same_bits(gpu_backward(*gpu, s, in), gpu_backward(*gpu, s, in)),
@@ -370,7 +316,7 @@ SPPO_TEST(cuda_attention_decode_matches_forward) {
     auto out_f = upload(*gpu, poison);
     auto out_dec = upload(*gpu, poison);
     auto lse_d = upload(*gpu, std::vector<float>(H * Tn));
-    gpu->attention_forward(out_f->as<bf16>(), lse_d->as<float>(), qkv_d->as<bf16>(), fwd);
+    gpu->attention_forward(out_f.data(), lse_d.data(), qkv_d.data(), fwd);
 
     std::vector<int32_t> slot(Tn, 1), pos(Tn);
     for (int64_t t = 0; t < Tn; ++t) pos[t] = int32_t(t);
@@ -378,13 +324,12 @@ SPPO_TEST(cuda_attention_decode_matches_forward) {
     auto pos_d = upload(*gpu, pos);
     auto k_d = upload(*gpu, to_bf16(random_values(slots * KV * ctx * D, 31)));
     auto v_d = upload(*gpu, to_bf16(random_values(slots * KV * ctx * D, 32)));
-    gpu->kv_cache_write(k_d->as<bf16>(), v_d->as<bf16>(), qkv_d->as<bf16>(), slot_d->as<int32_t>(),
-                        pos_d->as<int32_t>(), Tn, dec);
-    gpu->attention_decode(out_dec->as<bf16>(), qkv_d->as<bf16>(), k_d->as<bf16>(), v_d->as<bf16>(),
-                          slot_d->as<int32_t>(), pos_d->as<int32_t>(), Tn, dec);
-    const std::vector<bf16> f_bits = download<bf16>(*gpu, *out_f, poison.size());
-    const std::vector<bf16> d_bits = download<bf16>(*gpu, *out_dec, poison.size());
-    const double e = rel_err(to_float(d_bits), to_float(f_bits), [&](size_t i) { return int64_t(i) % L.out_stride < H * D; });
+    gpu->kv_cache_write(k_d.data(), v_d.data(), qkv_d.data(), slot_d.data(), pos_d.data(), Tn, dec);
+    gpu->attention_decode(out_dec.data(), qkv_d.data(), k_d.data(), v_d.data(), slot_d.data(), pos_d.data(), Tn, dec);
+    const std::vector<bf16> f_bits = out_f.get();
+    const std::vector<bf16> d_bits = out_dec.get();
+    const double e = max_rel_error_floored(to_float(d_bits), to_float(f_bits),
+                                           [&](size_t i) { return int64_t(i) % L.out_stride < H * D; });
     EXPECT_TRUE(e < kBf16Tol, "decode vs forward error " << e << " " << what);
 
     // The last row alone: its own qkv row, slot and position.
@@ -394,9 +339,9 @@ SPPO_TEST(cuda_attention_decode_matches_forward) {
     auto one_slot = upload(*gpu, std::vector<int32_t>{1});
     auto one_pos = upload(*gpu, std::vector<int32_t>{int32_t(last)});
     auto out_one = upload(*gpu, std::vector<bf16>(poison.begin(), poison.begin() + L.out_stride));
-    gpu->attention_decode(out_one->as<bf16>(), row_d->as<bf16>(), k_d->as<bf16>(), v_d->as<bf16>(),
-                          one_slot->as<int32_t>(), one_pos->as<int32_t>(), 1, dec);
-    const std::vector<bf16> one = download<bf16>(*gpu, *out_one, L.out_stride);
+    gpu->attention_decode(out_one.data(), row_d.data(), k_d.data(), v_d.data(),
+                          one_slot.data(), one_pos.data(), 1, dec);
+    const std::vector<bf16> one = out_one.get();
     EXPECT_TRUE(std::memcmp(one.data(), d_bits.data() + last * L.out_stride, H * D * sizeof(bf16)) == 0,
                 "a decode row alone differs from the same row in a larger call " << what);
   }

@@ -17,16 +17,13 @@
 #include "cuda/cuda_backend.h"
 #include "sppo/generate.h"
 #include "sppo/model.h"
+#include "tests/cuda_test_util.h"
 #include "tests/harness.h"
 
 using namespace sppo;
+using namespace sppo::testutil;
 
 namespace {
-
-void require_gpu() {
-  const cuda::DeviceInfo d = cuda::probe();
-  if (!d.available) throw harness::Skipped(d.why_not);
-}
 
 // GQA, q/k/v bias, untied head, llama3 rope: every code path of the decoder.
 ModelConfig test_config() {
@@ -41,8 +38,6 @@ ModelConfig test_config() {
   c.resolve_and_validate();
   return c;
 }
-
-float round_bf16(float x) { return float(bf16(x)); }
 
 // A float CPU model and a bf16 CUDA model holding the same (bf16-representable) weights; norms
 // and biases perturbed away from 1 and 0 so that every weight matters.
@@ -64,19 +59,6 @@ Twins make_twins(const ModelConfig& c, MemoryPlan plan) {
   return t;
 }
 
-std::vector<int32_t> random_tokens(int64_t n, int vocab, uint64_t seed) {
-  std::vector<int32_t> v(n);
-  for (int64_t i = 0; i < n; ++i) v[i] = int32_t(uniform01(seed, 3, i) * vocab);
-  return v;
-}
-
-// max |a - b| / max |b|
-double rel_err(const float* a, const float* b, int64_t n) {
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < n; ++i) num = std::max(num, std::fabs(double(a[i]) - b[i])), den = std::max(den, std::fabs(double(b[i])));
-  return den > 0 ? num / den : num;
-}
-
 std::vector<float> grads_of(Model<float>& m) {
   return std::vector<float>(m.grad_data(), m.grad_data() + m.num_params());
 }
@@ -89,7 +71,7 @@ std::vector<float> grads_of(Model<bf16>& m) {
 void expect_grads_close(Model<float>& cpu, Model<bf16>& gpu, double tol) {
   const std::vector<float> a = grads_of(cpu), b = grads_of(gpu);
   for (const ParamInfo& p : cpu.params()) {
-    const double e = rel_err(b.data() + p.offset, a.data() + p.offset, p.size);
+    const double e = max_rel_error(b.data() + p.offset, a.data() + p.offset, p.size);
     EXPECT_TRUE(e <= tol, "gradient of " << p.name << ": relative error " << e << " > " << tol);
   }
 }
@@ -97,21 +79,22 @@ void expect_grads_close(Model<float>& cpu, Model<bf16>& gpu, double tol) {
 }  // namespace
 
 SPPO_TEST(cuda_model_forward_logits_match_cpu) {
-  require_gpu();
+  require_cuda();
   const ModelConfig c = test_config();
   Twins t = make_twins(c, {3, 70});
-  const std::vector<int32_t> tok = random_tokens(3 * 70, c.vocab_size, 1);
+  const std::vector<int32_t> tok = random_ids(3 * 70, c.vocab_size, 1);
   std::vector<float> la(3 * 70 * c.vocab_size, NAN), lb(la.size(), NAN), ha(3 * 70 * c.hidden_size), hb(ha.size());
   t.cpu->forward(tok.data(), 3, 70, ha.data(), la.data());
   t.gpu->forward(tok.data(), 3, 70, hb.data(), lb.data());
-  const double el = rel_err(lb.data(), la.data(), int64_t(la.size())), eh = rel_err(hb.data(), ha.data(), int64_t(ha.size()));
+  const double el = max_rel_error(lb.data(), la.data(), int64_t(la.size())),
+               eh = max_rel_error(hb.data(), ha.data(), int64_t(ha.size()));
   std::printf("      logits rel err %.2e, hidden %.2e\n", el, eh);
   EXPECT_TRUE(el <= 2e-2, "logits relative error " << el);
   EXPECT_TRUE(eh <= 2e-2, "hidden relative error " << eh);
 }
 
 SPPO_TEST(cuda_training_step_matches_cpu_loss_gradients_and_updates) {
-  require_gpu();
+  require_cuda();
   const ModelConfig c = test_config();
   for (const auto kind : {OptimizerConfig::Kind::AdamW, OptimizerConfig::Kind::RMSprop}) {
     Twins t = make_twins(c, {4, 65});
@@ -119,7 +102,7 @@ SPPO_TEST(cuda_training_step_matches_cpu_loss_gradients_and_updates) {
     oc.kind = kind, oc.lr = 1e-3, oc.weight_decay = 0.01, oc.grad_accum_steps = 2;
     t.cpu->set_optimizer(oc);
     t.gpu->set_optimizer(oc);
-    const std::vector<int32_t> tok = random_tokens(4 * 65, c.vocab_size, 2);
+    const std::vector<int32_t> tok = random_ids(4 * 65, c.vocab_size, 2);
     std::vector<uint8_t> mask(tok.size(), 1);
     for (size_t i = 0; i < mask.size(); i += 3) mask[i] = 0;
     const Batch b{tok.data(), mask.data(), 4, 65};
@@ -142,21 +125,21 @@ SPPO_TEST(cuda_training_step_matches_cpu_loss_gradients_and_updates) {
       t.cpu->get_param(p.name, wa.data());
       t.gpu->get_param(p.name, wb.data());  // fp32 master weights
       for (int64_t i = 0; i < p.size; ++i) da[i] = wa[i] - before[k][i], db[i] = wb[i] - before[k][i];
-      const double e = rel_err(db.data(), da.data(), p.size);
+      const double e = max_rel_error(db.data(), da.data(), p.size);
       EXPECT_TRUE(e <= 5e-2, p.name << " update: relative error " << e);
     }
   }
 }
 
 SPPO_TEST(cuda_preference_step_matches_cpu) {
-  require_gpu();
+  require_cuda();
   const ModelConfig c = test_config();
   Twins t = make_twins(c, {4, 40});
   OptimizerConfig oc;
   oc.kind = OptimizerConfig::Kind::RMSprop, oc.lr = 1e-4;
   t.cpu->set_optimizer(oc);
   t.gpu->set_optimizer(oc);
-  const std::vector<int32_t> tok = random_tokens(4 * 40, c.vocab_size, 3);
+  const std::vector<int32_t> tok = random_ids(4 * 40, c.vocab_size, 3);
   std::vector<uint8_t> mask(tok.size(), 0);
   for (int r = 0; r < 4; ++r)
     for (int i = 12 + r; i < 40 - r; ++i) mask[r * 40 + i] = 1;  // responses of different lengths
@@ -172,7 +155,7 @@ SPPO_TEST(cuda_preference_step_matches_cpu) {
 }
 
 SPPO_TEST(cuda_decode_step_matches_cpu) {
-  require_gpu();
+  require_cuda();
   const ModelConfig c = test_config();
   Twins t = make_twins(c, {1, 8});
   Generator<float> ga(*t.cpu, {3, 48}, std::make_unique<cpu::CpuOps<float>>());
@@ -186,23 +169,24 @@ SPPO_TEST(cuda_decode_step_matches_cpu) {
   std::vector<float> la(n * V, NAN), lb(n * V, NAN);
   ga.extend_for_test(slots.data(), pos.data(), tok.data(), n, la.data());
   gb.extend_for_test(slots.data(), pos.data(), tok.data(), n, lb.data());
-  EXPECT_TRUE(rel_err(lb.data(), la.data(), n * V) <= 2e-2, "prefill logits: " << rel_err(lb.data(), la.data(), n * V));
+  EXPECT_TRUE(max_rel_error(lb.data(), la.data(), n * V) <= 2e-2,
+              "prefill logits: " << max_rel_error(lb.data(), la.data(), n * V));
   const int32_t ds[3] = {0, 1, 2}, dp[3] = {5, 17, 1}, dt[3] = {3, 4, 5};
   std::vector<float> da(3 * V, NAN), db(3 * V, NAN);
   ga.extend_for_test(ds, dp, dt, 3, da.data());
   gb.extend_for_test(ds, dp, dt, 3, db.data());
-  const double e = rel_err(db.data(), da.data(), 3 * V);
+  const double e = max_rel_error(db.data(), da.data(), 3 * V);
   std::printf("      decode logits rel err %.2e\n", e);
   EXPECT_TRUE(e <= 2e-2, "decode logits: " << e);
 }
 
 SPPO_TEST(cuda_generate_reproducible_and_logprobs_consistent) {
-  require_gpu();
+  require_cuda();
   const ModelConfig c = test_config();
   Twins t = make_twins(c, {4, 64});
   std::unique_ptr<GeneratorApi> g = t.gpu->make_generator({4, 64});
-  std::vector<std::vector<int32_t>> prompts = {random_tokens(7, c.vocab_size, 9), random_tokens(3, c.vocab_size, 10),
-                                               random_tokens(12, c.vocab_size, 11)};
+  std::vector<std::vector<int32_t>> prompts = {random_ids(7, c.vocab_size, 9), random_ids(3, c.vocab_size, 10),
+                                               random_ids(12, c.vocab_size, 11)};
   std::vector<SequenceRequest> req;
   for (size_t i = 0; i < prompts.size(); ++i) req.push_back({prompts[i].data(), int64_t(prompts[i].size()), 42, i});
   SamplingOptions o;
@@ -223,7 +207,7 @@ SPPO_TEST(cuda_generate_reproducible_and_logprobs_consistent) {
 }
 
 SPPO_TEST(cuda_out_of_memory_is_a_clear_error) {
-  require_gpu();
+  require_cuda();
   ModelConfig c = test_config();
   c.vocab_size = 1 << 20, c.hidden_size = 1 << 14;  // 16 Gi parameters: 32 GiB of bf16 + 64 GiB of fp32 master
   c.num_attention_heads = 128, c.num_key_value_heads = 128, c.intermediate_size = 1 << 16, c.num_hidden_layers = 64;

@@ -25,98 +25,63 @@
 #include "core/rng.h"
 #include "cpu/cpu_ops.h"
 #include "cuda/cuda_backend.h"
+#include "tests/cuda_test_util.h"
 #include "tests/harness.h"
 
 using namespace sppo;
+using namespace sppo::testutil;
 
 namespace {
 
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-std::unique_ptr<Ops<bf16>> cuda_or_skip() {
-  const cuda::DeviceInfo info = cuda::probe();
-  if (!info.available) throw harness::Skipped(info.why_not.empty() ? "no usable CUDA device" : info.why_not);
-  return cuda::make_ops(0);
-}
-
-// A device buffer of n elements of T, freed with the ops that allocated it.
-template <class T>
-struct DevBuf {
-  Ops<bf16>& ops;
-  T* p;
-  int64_t n;
-  DevBuf(Ops<bf16>& o, int64_t count)
-      : ops(o), p(static_cast<T*>(o.alloc_bytes(size_t(count > 0 ? count : 1) * sizeof(T)))), n(count) {}
-  ~DevBuf() { ops.free_bytes(p); }
-  DevBuf(const DevBuf&) = delete;
-  DevBuf& operator=(const DevBuf&) = delete;
-};
-
-float round_bf16(float x) { return float(bf16(x)); }
-
-// scale * N(0,1), rounded to bf16 (exactly representable on both backends).
-std::vector<float> randn_bf16(int64_t n, uint64_t seed, double scale = 1.0) {
-  std::vector<float> v(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) v[size_t(i)] = round_bf16(float(scale * standard_normal(seed, 1, uint64_t(i))));
-  return v;
-}
 // Unrounded floats (for float-only inputs: gradients, optimizer state, float accumulators).
 std::vector<float> randn_f32(int64_t n, uint64_t seed, double scale = 1.0) {
   std::vector<float> v(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) v[size_t(i)] = float(scale * standard_normal(seed, 2, uint64_t(i)));
   return v;
 }
-std::vector<int32_t> random_ids(int64_t n, int32_t bound, uint64_t seed) {
-  std::vector<int32_t> v(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) v[size_t(i)] = int32_t(uniform01(seed, 3, uint64_t(i)) * bound) % bound;
-  return v;
-}
 
-// Transfers. bf16 buffers go through upload/download (float <-> bf16), float and int32 as bytes.
-void put(Ops<bf16>& ops, DevBuf<bf16>& d, const std::vector<float>& v) {
-  EXPECT_TRUE(int64_t(v.size()) == d.n);
-  ops.upload(d.p, v.data(), d.n);
+// Transfers. bf16 arrays go through upload/download (float <-> bf16, the conversions under test),
+// float and int32 arrays as bytes.
+void put(DeviceArray<bf16>& d, const std::vector<float>& v) {
+  EXPECT_TRUE(int64_t(v.size()) == d.size());
+  d.ops().upload(d.data(), v.data(), d.size());
 }
 template <class T>
-void put(Ops<bf16>& ops, DevBuf<T>& d, const std::vector<T>& v) {
-  EXPECT_TRUE(int64_t(v.size()) == d.n);
-  ops.upload_bytes(d.p, v.data(), v.size() * sizeof(T));
+void put(DeviceArray<T>& d, const std::vector<T>& v) {
+  d.put(v);
 }
-std::vector<float> get(Ops<bf16>& ops, const DevBuf<bf16>& d) {
-  std::vector<float> v(size_t(d.n));
-  ops.download(v.data(), d.p, d.n);
+std::vector<float> get(const DeviceArray<bf16>& d) {
+  std::vector<float> v(size_t(d.size()));
+  d.ops().download(v.data(), d.data(), d.size());
   return v;
 }
 template <class T>
-std::vector<T> get(Ops<bf16>& ops, const DevBuf<T>& d) {
-  std::vector<T> v(size_t(d.n));
-  ops.download_bytes(v.data(), d.p, v.size() * sizeof(T));
-  return v;
+std::vector<T> get(const DeviceArray<T>& d) {
+  return d.get();
 }
 // NaN poison, written without the ops under test.
-void poison(Ops<bf16>& ops, DevBuf<bf16>& d) {
-  std::vector<uint16_t> bits(size_t(d.n), 0x7FC0);  // bf16 quiet NaN
-  ops.upload_bytes(d.p, bits.data(), bits.size() * sizeof(uint16_t));
+void poison(DeviceArray<bf16>& d) {
+  std::vector<uint16_t> bits(size_t(d.size()), 0x7FC0);  // bf16 quiet NaN
+  d.ops().upload_bytes(d.data(), bits.data(), bits.size() * sizeof(uint16_t));
 }
-void poison(Ops<bf16>& ops, DevBuf<float>& d) { put(ops, d, std::vector<float>(size_t(d.n), kNaN)); }
+void poison(DeviceArray<float>& d) { put(d, std::vector<float>(size_t(d.size()), kNaN)); }
 
-// |out - ref| / |ref| (NaN when any output is NaN), plus the largest error over max |ref|.
+// |out - ref| / |ref| (NaN when any output is NaN), plus the largest error over max |ref|
+// (max_rel_error). Unlike cuda_head_test's l2_rel_error, |out - ref| itself when ref is zero.
 struct Error2 {
   double rel, max_rel;
 };
 Error2 compare(const std::vector<float>& out, const std::vector<float>& ref) {
-  double num = 0, den = 0, worst = 0, ref_max = 0;
+  double num = 0, den = 0;
   bool nan = false;
   for (size_t i = 0; i < ref.size(); ++i) {
     if (std::isnan(out[i]) && !std::isnan(ref[i])) nan = true;
     const double d = double(out[i]) - double(ref[i]);
     num += d * d;
     den += double(ref[i]) * double(ref[i]);
-    worst = std::max(worst, std::fabs(d));
-    ref_max = std::max(ref_max, std::fabs(double(ref[i])));
   }
   if (nan) return {kNaN, kNaN};
-  return {den > 0 ? std::sqrt(num / den) : std::sqrt(num), ref_max > 0 ? worst / ref_max : worst};
+  return {den > 0 ? std::sqrt(num / den) : std::sqrt(num), max_rel_error(out.data(), ref.data(), int64_t(ref.size()))};
 }
 
 void expect_close(const std::string& what, const std::vector<float>& out, const std::vector<float>& ref, double tol) {
@@ -139,7 +104,11 @@ std::vector<float> to_bf16_values(std::vector<float> v) {
 
 SPPO_TEST(cuda_probe_describes_the_device) {
   const cuda::DeviceInfo info = cuda::probe();
-  EXPECT_TRUE(info.built);
+#ifdef SPPO_WITH_CUDA
+  EXPECT_TRUE(info.built, "compiled with the CUDA backend, but probe() says it is not built");
+#else
+  EXPECT_TRUE(!info.built && !info.available && info.why_not.find("no CUDA backend") != std::string::npos, info.why_not);
+#endif
   if (!info.available) throw harness::Skipped(info.why_not);
   EXPECT_TRUE(info.why_not.empty(), info.why_not);
   EXPECT_TRUE(!info.name.empty());
@@ -155,33 +124,33 @@ SPPO_TEST(cuda_memory_is_zeroed_and_transfers_round_trip) {
   auto ops = cuda_or_skip();
   const int64_t n = 100003;  // odd: not a multiple of any block size
   {
-    DevBuf<float> z(*ops, n);
-    for (float x : get(*ops, z)) EXPECT_TRUE(x == 0.0f);
+    DeviceArray<float> z(*ops, n);
+    for (float x : get(z)) EXPECT_TRUE(x == 0.0f);
   }
   // Bytes round trip.
-  DevBuf<float> f(*ops, n);
+  DeviceArray<float> f(*ops, n);
   const auto vf = randn_f32(n, 11);
-  put(*ops, f, vf);
-  expect_bitwise("upload_bytes/download_bytes", get(*ops, f).data(), vf.data(), vf.size() * sizeof(float));
+  put(f, vf);
+  expect_bitwise("upload_bytes/download_bytes", get(f).data(), vf.data(), vf.size() * sizeof(float));
   // upload rounds to nearest even exactly like bf16.h; download widens exactly.
-  DevBuf<bf16> b(*ops, n);
-  ops->upload(b.p, vf.data(), n);
-  const auto back = get(*ops, b);
+  DeviceArray<bf16> b(*ops, n);
+  ops->upload(b.data(), vf.data(), n);
+  const auto back = get(b);
   EXPECT_TRUE(back == to_bf16_values(vf), "upload/download differs from bf16.h rounding");
   // cast (device float -> bf16) rounds the same way.
-  poison(*ops, b);
-  ops->cast(b.p, f.p, n);
-  EXPECT_TRUE(get(*ops, b) == to_bf16_values(vf), "cast differs from bf16.h rounding");
+  poison(b);
+  ops->cast(b.data(), f.data(), n);
+  EXPECT_TRUE(get(b) == to_bf16_values(vf), "cast differs from bf16.h rounding");
   // fill, copy, zero_bytes.
-  ops->fill(b.p, 0.3, n);
-  for (float x : get(*ops, b)) EXPECT_TRUE(x == float(bf16(0.3)));
-  DevBuf<bf16> c(*ops, n);
-  poison(*ops, c);
-  ops->upload(b.p, vf.data(), n);
-  ops->copy(c.p, b.p, n);
-  EXPECT_TRUE(get(*ops, c) == back);
-  ops->zero_bytes(c.p, size_t(n) * sizeof(bf16));
-  for (float x : get(*ops, c)) EXPECT_TRUE(x == 0.0f);
+  ops->fill(b.data(), 0.3, n);
+  for (float x : get(b)) EXPECT_TRUE(x == float(bf16(0.3)));
+  DeviceArray<bf16> c(*ops, n);
+  poison(c);
+  ops->upload(b.data(), vf.data(), n);
+  ops->copy(c.data(), b.data(), n);
+  EXPECT_TRUE(get(c) == back);
+  ops->zero_bytes(c.data(), size_t(n) * sizeof(bf16));
+  for (float x : get(c)) EXPECT_TRUE(x == 0.0f);
 }
 
 SPPO_TEST(cuda_out_of_memory_names_the_size) {
@@ -191,9 +160,9 @@ SPPO_TEST(cuda_out_of_memory_names_the_size) {
   EXPECT_THROWS_WITH(ops->alloc_bytes(pib), "MiB");
   EXPECT_THROWS_WITH(ops->alloc_bytes(pib), "out of memory");
   // The failure leaves the device usable.
-  DevBuf<bf16> b(*ops, 1000);
-  ops->fill(b.p, 2.0, 1000);
-  for (float x : get(*ops, b)) EXPECT_TRUE(x == 2.0f);
+  DeviceArray<bf16> b(*ops, 1000);
+  ops->fill(b.data(), 2.0, 1000);
+  for (float x : get(b)) EXPECT_TRUE(x == 2.0f);
 }
 
 SPPO_TEST(cuda_sum_squares_and_all_finite_match_cpu_and_repeat) {
@@ -202,25 +171,25 @@ SPPO_TEST(cuda_sum_squares_and_all_finite_match_cpu_and_repeat) {
   Ops<float>& ref = cpu_ops;
   for (int64_t n : {int64_t(1), int64_t(7), int64_t(1000003)}) {
     const auto x = randn_f32(n, 21 + uint64_t(n));
-    DevBuf<float> d(*ops, n);
-    put(*ops, d, x);
-    const double got = ops->sum_squares(d.p, n), want = ref.sum_squares(x.data(), n);
+    DeviceArray<float> d(*ops, n);
+    put(d, x);
+    const double got = ops->sum_squares(d.data(), n), want = ref.sum_squares(x.data(), n);
     std::printf("      sum_squares n=%-8lld relative error %.3g (tolerance 1e-10)\n", (long long)n,
                 std::fabs(got - want) / want);
     EXPECT_NEAR(got, want, 1e-10 * want);
-    const double again = ops->sum_squares(d.p, n);
+    const double again = ops->sum_squares(d.data(), n);
     expect_bitwise("sum_squares", &got, &again, sizeof got);
-    EXPECT_TRUE(ops->all_finite(d.p, n));
+    EXPECT_TRUE(ops->all_finite(d.data(), n));
     // One bad element anywhere (here the last) makes it false.
     for (float bad : {kNaN, std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()}) {
-      ops->upload_bytes(d.p + (n - 1), &bad, sizeof bad);
-      EXPECT_TRUE(!ops->all_finite(d.p, n));
+      ops->upload_bytes(d.data() + (n - 1), &bad, sizeof bad);
+      EXPECT_TRUE(!ops->all_finite(d.data(), n));
     }
   }
   // Finite values whose squares overflow float are still finite.
-  DevBuf<float> big(*ops, 3);
-  put(*ops, big, std::vector<float>{3e38f, -3e38f, 1.0f});
-  EXPECT_TRUE(ops->all_finite(big.p, 3));
+  DeviceArray<float> big(*ops, 3);
+  put(big, std::vector<float>{3e38f, -3e38f, 1.0f});
+  EXPECT_TRUE(ops->all_finite(big.data(), 3));
 }
 
 SPPO_TEST(cuda_embeddings_and_row_moves_match_cpu) {
@@ -230,52 +199,52 @@ SPPO_TEST(cuda_embeddings_and_row_moves_match_cpu) {
   const int64_t V = 97, C = 200, N = 333;  // repeats in ids; C not a multiple of any block
   const auto table = randn_bf16(V * C, 31);
   const auto ids = random_ids(N, int32_t(V), 32);
-  DevBuf<bf16> d_table(*ops, V * C), d_out(*ops, N * C);
-  DevBuf<int32_t> d_ids(*ops, N);
-  put(*ops, d_table, table);
-  put(*ops, d_ids, ids);
+  DeviceArray<bf16> d_table(*ops, V * C), d_out(*ops, N * C);
+  DeviceArray<int32_t> d_ids(*ops, N);
+  put(d_table, table);
+  put(d_ids, ids);
 
-  poison(*ops, d_out);
-  ops->embedding_forward(d_out.p, d_table.p, d_ids.p, N, C);
+  poison(d_out);
+  ops->embedding_forward(d_out.data(), d_table.data(), d_ids.data(), N, C);
   std::vector<float> out(size_t(N * C), kNaN);
   ref.embedding_forward(out.data(), table.data(), ids.data(), N, C);
-  expect_close("embedding_forward", get(*ops, d_out), out, 0.0);
+  expect_close("embedding_forward", get(d_out), out, 0.0);
 
   // dtable += scatter of dout (float, from random values); the CPU sums in the same order.
   const auto dout = randn_bf16(N * C, 33);
   const auto dtable0 = randn_f32(V * C, 34);
-  DevBuf<bf16> d_dout(*ops, N * C);
-  DevBuf<float> d_dtable(*ops, V * C);
-  put(*ops, d_dout, dout);
-  put(*ops, d_dtable, dtable0);
-  ops->embedding_backward(d_dtable.p, d_dout.p, d_ids.p, N, C);
-  const auto got = get(*ops, d_dtable);
+  DeviceArray<bf16> d_dout(*ops, N * C);
+  DeviceArray<float> d_dtable(*ops, V * C);
+  put(d_dout, dout);
+  put(d_dtable, dtable0);
+  ops->embedding_backward(d_dtable.data(), d_dout.data(), d_ids.data(), N, C);
+  const auto got = get(d_dtable);
   std::vector<float> dtable = dtable0;
   ref.embedding_backward(dtable.data(), dout.data(), ids.data(), N, C);
   expect_close("embedding_backward (+=)", got, dtable, 1e-6);
-  put(*ops, d_dtable, dtable0);
-  ops->embedding_backward(d_dtable.p, d_dout.p, d_ids.p, N, C);
-  expect_bitwise("embedding_backward", get(*ops, d_dtable).data(), got.data(), got.size() * sizeof(float));
+  put(d_dtable, dtable0);
+  ops->embedding_backward(d_dtable.data(), d_dout.data(), d_ids.data(), N, C);
+  expect_bitwise("embedding_backward", get(d_dtable).data(), got.data(), got.size() * sizeof(float));
 
   // gather rows of the table; scatter them back into a random destination (other rows untouched).
   const int64_t n = 41;
   std::vector<int32_t> rows(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) rows[size_t(i)] = int32_t((i * 37 + 5) % V);  // distinct (37 is coprime to 97)
-  DevBuf<int32_t> d_rows(*ops, n);
-  DevBuf<bf16> d_g(*ops, n * C), d_dst(*ops, V * C);
-  put(*ops, d_rows, rows);
-  poison(*ops, d_g);
-  ops->gather_rows(d_g.p, d_table.p, d_rows.p, n, C);
+  DeviceArray<int32_t> d_rows(*ops, n);
+  DeviceArray<bf16> d_g(*ops, n * C), d_dst(*ops, V * C);
+  put(d_rows, rows);
+  poison(d_g);
+  ops->gather_rows(d_g.data(), d_table.data(), d_rows.data(), n, C);
   std::vector<float> g(size_t(n * C), kNaN);
   ref.gather_rows(g.data(), table.data(), rows.data(), n, C);
-  expect_close("gather_rows", get(*ops, d_g), g, 0.0);
+  expect_close("gather_rows", get(d_g), g, 0.0);
   auto dst = randn_bf16(V * C, 35);
-  put(*ops, d_dst, dst);
+  put(d_dst, dst);
   const auto src = randn_bf16(n * C, 36);
-  put(*ops, d_g, src);
-  ops->scatter_rows(d_dst.p, d_g.p, d_rows.p, n, C);
+  put(d_g, src);
+  ops->scatter_rows(d_dst.data(), d_g.data(), d_rows.data(), n, C);
   ref.scatter_rows(dst.data(), src.data(), rows.data(), n, C);
-  expect_close("scatter_rows", get(*ops, d_dst), dst, 0.0);
+  expect_close("scatter_rows", get(d_dst), dst, 0.0);
 }
 
 SPPO_TEST(cuda_rmsnorm_matches_cpu) {
@@ -287,33 +256,33 @@ SPPO_TEST(cuda_rmsnorm_matches_cpu) {
     const double eps = 1e-5;
     const auto x = randn_bf16(N * C, 41, 2.0), w = randn_bf16(C, 42), dout = randn_bf16(N * C, 43);
     const auto dx0 = randn_bf16(N * C, 44), dw0 = randn_f32(C, 45);
-    DevBuf<bf16> d_x(*ops, N * C), d_w(*ops, C), d_out(*ops, N * C), d_dout(*ops, N * C), d_dx(*ops, N * C);
-    DevBuf<float> d_rstd(*ops, N), d_dw(*ops, C);
-    put(*ops, d_x, x);
-    put(*ops, d_w, w);
-    put(*ops, d_dout, dout);
-    poison(*ops, d_out);
-    poison(*ops, d_rstd);
-    ops->rmsnorm_forward(d_out.p, d_rstd.p, d_x.p, d_w.p, N, C, eps);
+    DeviceArray<bf16> d_x(*ops, N * C), d_w(*ops, C), d_out(*ops, N * C), d_dout(*ops, N * C), d_dx(*ops, N * C);
+    DeviceArray<float> d_rstd(*ops, N), d_dw(*ops, C);
+    put(d_x, x);
+    put(d_w, w);
+    put(d_dout, dout);
+    poison(d_out);
+    poison(d_rstd);
+    ops->rmsnorm_forward(d_out.data(), d_rstd.data(), d_x.data(), d_w.data(), N, C, eps);
     std::vector<float> out(size_t(N * C), kNaN), rstd(size_t(N), kNaN);
     ref.rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, eps);
-    expect_close("rmsnorm_forward out" + shape, get(*ops, d_out), out, 1e-2);
-    expect_close("rmsnorm_forward rstd" + shape, get(*ops, d_rstd), rstd, 1e-5);
+    expect_close("rmsnorm_forward out" + shape, get(d_out), out, 1e-2);
+    expect_close("rmsnorm_forward rstd" + shape, get(d_rstd), rstd, 1e-5);
 
     // Backward from the CPU's rstd (so only the backward is compared), into random dx and dw.
-    put(*ops, d_rstd, rstd);
-    put(*ops, d_dx, dx0);
-    put(*ops, d_dw, dw0);
-    ops->rmsnorm_backward(d_dx.p, d_dw.p, d_dout.p, d_x.p, d_w.p, d_rstd.p, N, C);
+    put(d_rstd, rstd);
+    put(d_dx, dx0);
+    put(d_dw, dw0);
+    ops->rmsnorm_backward(d_dx.data(), d_dw.data(), d_dout.data(), d_x.data(), d_w.data(), d_rstd.data(), N, C);
     std::vector<float> dx = dx0, dw = dw0;
     ref.rmsnorm_backward(dx.data(), dw.data(), dout.data(), x.data(), w.data(), rstd.data(), N, C);
-    expect_close("rmsnorm_backward dx (+=)" + shape, get(*ops, d_dx), dx, 1e-2);
-    const auto got_dw = get(*ops, d_dw);
+    expect_close("rmsnorm_backward dx (+=)" + shape, get(d_dx), dx, 1e-2);
+    const auto got_dw = get(d_dw);
     expect_close("rmsnorm_backward dw (+=)" + shape, got_dw, dw, 1e-5);
-    put(*ops, d_dx, dx0);
-    put(*ops, d_dw, dw0);
-    ops->rmsnorm_backward(d_dx.p, d_dw.p, d_dout.p, d_x.p, d_w.p, d_rstd.p, N, C);
-    expect_bitwise("rmsnorm_backward dw", get(*ops, d_dw).data(), got_dw.data(), got_dw.size() * sizeof(float));
+    put(d_dx, dx0);
+    put(d_dw, dw0);
+    ops->rmsnorm_backward(d_dx.data(), d_dw.data(), d_dout.data(), d_x.data(), d_w.data(), d_rstd.data(), N, C);
+    expect_bitwise("rmsnorm_backward dw", get(d_dw).data(), got_dw.data(), got_dw.size() * sizeof(float));
   }
 }
 
@@ -324,24 +293,24 @@ SPPO_TEST(cuda_bias_matches_cpu) {
   const int64_t N = 129, C = 300, ld = 317;  // columns C..ld of each row must stay untouched
   auto x = randn_bf16(N * ld, 51);
   const auto bias = randn_bf16(C, 52), dbias0 = randn_f32(C, 53);
-  DevBuf<bf16> d_x(*ops, N * ld), d_bias(*ops, C);
-  DevBuf<float> d_dbias(*ops, C);
-  put(*ops, d_x, x);
-  put(*ops, d_bias, bias);
-  put(*ops, d_dbias, dbias0);
-  ops->add_bias(d_x.p, d_bias.p, N, C, ld);
-  ops->bias_backward(d_dbias.p, d_x.p, N, C, ld);  // column sums of the biased x
+  DeviceArray<bf16> d_x(*ops, N * ld), d_bias(*ops, C);
+  DeviceArray<float> d_dbias(*ops, C);
+  put(d_x, x);
+  put(d_bias, bias);
+  put(d_dbias, dbias0);
+  ops->add_bias(d_x.data(), d_bias.data(), N, C, ld);
+  ops->bias_backward(d_dbias.data(), d_x.data(), N, C, ld);  // column sums of the biased x
   ref.add_bias(x.data(), bias.data(), N, C, ld);
-  const auto got_x = get(*ops, d_x);
+  const auto got_x = get(d_x);
   expect_close("add_bias (+=, ld > C)", got_x, x, 1e-2);
   // The reference sums the device's biased values, so only the column sums are compared.
   std::vector<float> dbias = dbias0;
   ref.bias_backward(dbias.data(), got_x.data(), N, C, ld);
-  const auto got_dbias = get(*ops, d_dbias);
+  const auto got_dbias = get(d_dbias);
   expect_close("bias_backward (+=, ld > C)", got_dbias, dbias, 1e-5);
-  put(*ops, d_dbias, dbias0);
-  ops->bias_backward(d_dbias.p, d_x.p, N, C, ld);
-  expect_bitwise("bias_backward", get(*ops, d_dbias).data(), got_dbias.data(), got_dbias.size() * sizeof(float));
+  put(d_dbias, dbias0);
+  ops->bias_backward(d_dbias.data(), d_x.data(), N, C, ld);
+  expect_bitwise("bias_backward", get(d_dbias).data(), got_dbias.data(), got_dbias.size() * sizeof(float));
 }
 
 SPPO_TEST(cuda_rope_matches_cpu_both_ways) {
@@ -357,18 +326,18 @@ SPPO_TEST(cuda_rope_matches_cpu_both_ways) {
       sin[size_t(p * half + j)] = float(std::sin(angle));
     }
   const auto pos = random_ids(N, int32_t(max_pos), 61);
-  DevBuf<float> d_cos(*ops, max_pos * half), d_sin(*ops, max_pos * half);
-  DevBuf<int32_t> d_pos(*ops, N);
-  DevBuf<bf16> d_x(*ops, N * ld);
-  put(*ops, d_cos, cos);
-  put(*ops, d_sin, sin);
-  put(*ops, d_pos, pos);
+  DeviceArray<float> d_cos(*ops, max_pos * half), d_sin(*ops, max_pos * half);
+  DeviceArray<int32_t> d_pos(*ops, N);
+  DeviceArray<bf16> d_x(*ops, N * ld);
+  put(d_cos, cos);
+  put(d_sin, sin);
+  put(d_pos, pos);
   for (bool inverse : {false, true}) {
     auto x = randn_bf16(N * ld, 62);
-    put(*ops, d_x, x);
-    ops->rope(d_x.p, N, ld, off, heads, D, d_pos.p, d_cos.p, d_sin.p, inverse);
+    put(d_x, x);
+    ops->rope(d_x.data(), N, ld, off, heads, D, d_pos.data(), d_cos.data(), d_sin.data(), inverse);
     ref.rope(x.data(), N, ld, off, heads, D, pos.data(), cos.data(), sin.data(), inverse);
-    expect_close(inverse ? "rope inverse" : "rope", get(*ops, d_x), x, 1e-2);
+    expect_close(inverse ? "rope inverse" : "rope", get(d_x), x, 1e-2);
   }
 }
 
@@ -378,18 +347,18 @@ SPPO_TEST(cuda_swiglu_matches_cpu) {
   Ops<float>& ref = cpu_ops;
   const int64_t N = 33, F = 1000;
   const auto gu = randn_bf16(N * 2 * F, 71, 3.0), dout = randn_bf16(N * F, 72);
-  DevBuf<bf16> d_gu(*ops, N * 2 * F), d_out(*ops, N * F), d_dout(*ops, N * F), d_dgu(*ops, N * 2 * F);
-  put(*ops, d_gu, gu);
-  put(*ops, d_dout, dout);
-  poison(*ops, d_out);
-  poison(*ops, d_dgu);
-  ops->swiglu_forward(d_out.p, d_gu.p, N, F);
-  ops->swiglu_backward(d_dgu.p, d_dout.p, d_gu.p, N, F);
+  DeviceArray<bf16> d_gu(*ops, N * 2 * F), d_out(*ops, N * F), d_dout(*ops, N * F), d_dgu(*ops, N * 2 * F);
+  put(d_gu, gu);
+  put(d_dout, dout);
+  poison(d_out);
+  poison(d_dgu);
+  ops->swiglu_forward(d_out.data(), d_gu.data(), N, F);
+  ops->swiglu_backward(d_dgu.data(), d_dout.data(), d_gu.data(), N, F);
   std::vector<float> out(size_t(N * F), kNaN), dgu(size_t(N * 2 * F), kNaN);
   ref.swiglu_forward(out.data(), gu.data(), N, F);
   ref.swiglu_backward(dgu.data(), dout.data(), gu.data(), N, F);
-  expect_close("swiglu_forward", get(*ops, d_out), out, 1e-2);
-  expect_close("swiglu_backward", get(*ops, d_dgu), dgu, 1e-2);
+  expect_close("swiglu_forward", get(d_out), out, 1e-2);
+  expect_close("swiglu_backward", get(d_dgu), dgu, 1e-2);
 }
 
 // Several steps of each optimizer with fresh gradients. With master weights the device's float
@@ -406,28 +375,29 @@ SPPO_TEST(cuda_optimizers_match_cpu_over_steps) {
       const std::string name = std::string(adam ? "adamw" : "rmsprop") + (with_master ? " master" : " no master");
       const auto p0 = randn_bf16(n, 81);
       std::vector<float> p = p0, m(size_t(n), 0.0f), v(size_t(n), 0.0f);
-      DevBuf<bf16> d_p(*ops, n);
-      DevBuf<float> d_master(*ops, n), d_g(*ops, n), d_m(*ops, n), d_v(*ops, n);
-      put(*ops, d_p, p0);
-      put(*ops, d_master, p0);
+      DeviceArray<bf16> d_p(*ops, n);
+      DeviceArray<float> d_master(*ops, n), d_g(*ops, n), d_m(*ops, n), d_v(*ops, n);
+      put(d_p, p0);
+      put(d_master, p0);
       for (int64_t step = 1; step <= steps; ++step) {
         const auto g = randn_f32(n, 90 + uint64_t(step));
-        put(*ops, d_g, g);
-        float* master = with_master ? d_master.p : nullptr;
+        put(d_g, g);
+        float* master = with_master ? d_master.data() : nullptr;
         if (adam) {
-          ops->adamw_update(d_p.p, master, d_g.p, d_m.p, d_v.p, n, lr, 0.9, 0.999, 1e-8, decay, gscale, step);
+          ops->adamw_update(d_p.data(), master, d_g.data(), d_m.data(), d_v.data(), n, lr, 0.9, 0.999, 1e-8, decay,
+                            gscale, step);
           ref.adamw_update(p.data(), nullptr, g.data(), m.data(), v.data(), n, lr, 0.9, 0.999, 1e-8, decay, gscale,
                            step);
         } else {
-          ops->rmsprop_update(d_p.p, master, d_g.p, d_m.p, n, lr, 0.99, 1e-8, decay, gscale);
+          ops->rmsprop_update(d_p.data(), master, d_g.data(), d_m.data(), n, lr, 0.99, 1e-8, decay, gscale);
           ref.rmsprop_update(p.data(), nullptr, g.data(), m.data(), n, lr, 0.99, 1e-8, decay, gscale);
         }
         if (!with_master) p = to_bf16_values(p);
       }
-      if (with_master) expect_close(name + " master", get(*ops, d_master), p, 1e-5);
-      expect_close(name + " p (bf16)", get(*ops, d_p), to_bf16_values(p), 1e-2);
-      expect_close(name + (adam ? " m" : " sq"), get(*ops, d_m), m, 1e-5);
-      if (adam) expect_close(name + " v", get(*ops, d_v), v, 1e-5);
+      if (with_master) expect_close(name + " master", get(d_master), p, 1e-5);
+      expect_close(name + " p (bf16)", get(d_p), to_bf16_values(p), 1e-2);
+      expect_close(name + (adam ? " m" : " sq"), get(d_m), m, 1e-5);
+      if (adam) expect_close(name + " v", get(d_v), v, 1e-5);
     }
   }
 }
@@ -457,23 +427,23 @@ void check_gemm(Ops<bf16>& ops, Ops<float>& ref, const GemmCase& c, bool master,
       for (int64_t j = 0; j < c.N; ++j) C[size_t(i * ldc + j)] = 0.0f;  // the CPU reference reads it
   ref.gemm(c.tA, c.tB, c.M, c.N, c.K, c.alpha, A.data(), lda, B.data(), ldb, c.beta, C.data(), ldc);
 
-  DevBuf<bf16> d_A(ops, a_rows * lda), d_B(ops, b_rows * ldb);
-  put(ops, d_A, A);
-  put(ops, d_B, B);
+  DeviceArray<bf16> d_A(ops, a_rows * lda), d_B(ops, b_rows * ldb);
+  put(d_A, A);
+  put(d_B, B);
   std::vector<float> got, again;
   if (master) {
-    DevBuf<float> d_C(ops, c.M * ldc);
+    DeviceArray<float> d_C(ops, c.M * ldc);
     for (auto* out : {&got, &again}) {
-      put(ops, d_C, C0);
-      ops.gemm_master(c.tA, c.tB, c.M, c.N, c.K, c.alpha, d_A.p, lda, d_B.p, ldb, c.beta, d_C.p, ldc);
-      *out = get(ops, d_C);
+      put(d_C, C0);
+      ops.gemm_master(c.tA, c.tB, c.M, c.N, c.K, c.alpha, d_A.data(), lda, d_B.data(), ldb, c.beta, d_C.data(), ldc);
+      *out = get(d_C);
     }
   } else {
-    DevBuf<bf16> d_C(ops, c.M * ldc);
+    DeviceArray<bf16> d_C(ops, c.M * ldc);
     for (auto* out : {&got, &again}) {
-      put(ops, d_C, C0);  // NaN stays NaN through bf16
-      ops.gemm(c.tA, c.tB, c.M, c.N, c.K, c.alpha, d_A.p, lda, d_B.p, ldb, c.beta, d_C.p, ldc);
-      *out = get(ops, d_C);
+      put(d_C, C0);  // NaN stays NaN through bf16
+      ops.gemm(c.tA, c.tB, c.M, c.N, c.K, c.alpha, d_A.data(), lda, d_B.data(), ldb, c.beta, d_C.data(), ldc);
+      *out = get(d_C);
     }
   }
   std::vector<float> got_inner, ref_inner;
@@ -514,10 +484,10 @@ SPPO_TEST(cuda_gemm_matches_cpu_in_every_layout) {
   check_gemm(*ops, cpu_ops, {true, false, 300, 1, 64, 0, 2.0, -1.0}, false, seed += 3);
   const int64_t M = 5, N = 7;
   const auto C0 = randn_bf16(M * N, 999);
-  DevBuf<float> d_C(*ops, M * N);
-  put(*ops, d_C, C0);
-  ops->gemm_master(false, false, M, N, 0, 1.0, nullptr, 1, nullptr, N, 0.5, d_C.p, N);
+  DeviceArray<float> d_C(*ops, M * N);
+  put(d_C, C0);
+  ops->gemm_master(false, false, M, N, 0, 1.0, nullptr, 1, nullptr, N, 0.5, d_C.data(), N);
   std::vector<float> half = C0;
   for (float& x : half) x *= 0.5f;
-  expect_close("gemm_master K=0 beta=0.5", get(*ops, d_C), half, 0.0);
+  expect_close("gemm_master K=0 beta=0.5", get(d_C), half, 0.0);
 }
