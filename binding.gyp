@@ -3,7 +3,7 @@
     {
       "target_name": "sppo",
       "sources": [
-        "<!@(node -p \"const s=require('./native/sources.json'); s.engine.concat(s.addon).join(' ')\")"
+        "<!@(node -p \"const s=require('./native/sources.json'); s.engine.concat(s.no_cuda, s.addon).join(' ')\")"
       ],
       "include_dirs": [
         "native",

@@ -1,5 +1,6 @@
 // Public API of sppo-engine.
-export { Model, presetConfig, setNumThreads, numThreads, type PresetName } from './engine/model.js';
+export { Model, cudaInfo, presetConfig, setNumThreads, numThreads, type CreateOptions, type Device, type PresetName } from './engine/model.js';
+export type { CudaInfo } from './engine/native.js';
 export { native } from './engine/native.js';
 export {
   Generator,

@@ -123,6 +123,10 @@ describe('usage errors', () => {
     expectUsageError(await sppo('generate', '--demo-run', hfRun, '--prompts', words), 'not a demo run', '--model');
   });
 
+  it('a device other than cpu, cuda or auto', async () => {
+    expectUsageError(await sppo('demo', '--device', 'gpu'), "--device must be cpu, cuda or auto, got 'gpu'");
+    expectUsageError(await sppo('generate', '--model', dir, '--prompts', 'p.jsonl', '--device', 'tpu'), "got 'tpu'");
+  });
   it('eval of a directory that does not exist', async () => expectUsageError(await sppo('eval', '--run', join(dir, 'nowhere')), 'does not exist'));
 });
 
@@ -160,6 +164,15 @@ describe('config errors', () => {
     expectUsageError(await sppo('run', '--config', file('fn2.yaml', hf(`preference: {kind: function, module: ${judge}, export: score}\n`))),
       'preference.export', "'score'", 'exports: judge');
   });
+});
+
+describe('--device', () => {
+  it("auto says where the policy runs and, on the CPU, why not the GPU", async () => {
+    const r = await sppo('demo', '--quick', '--iterations', '1', '--device', 'auto', '--dir', join(dir, 'demo-auto'));
+    expect(r.code, r.stderr).toBe(0);
+    const line = r.stdout.split('\n').find((l) => l.startsWith('device: '));
+    expect(line).toMatch(/^device: (cpu \(no usable GPU: .{10,}\)|cuda \(.+; bf16 weights and activations, fp32 master weights\))$/);
+  }, 120_000);
 });
 
 describe('sppo eval', () => {

@@ -12,7 +12,8 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadPretrained, savePretrained } from '../lib/index.js';
 
-const PYTHON = '/usr/bin/python3';
+// SPPO_PYTHON: another interpreter (e.g. the GPU machine's, which has transformers).
+const PYTHON = process.env.SPPO_PYTHON ?? '/usr/bin/python3';
 const SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'hf_transformers_check.py');
 /** max |logits_engine - logits_transformers| / max |logits_transformers| (fp32 both) */
 const TOLERANCE = 1e-4;

@@ -1,6 +1,7 @@
 // Argument parsing shared by the subcommands: node:util parseArgs (strict, no positionals) with
 // errors turned into UsageError, which the entry point prints as one line and exits with 2.
 import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { cudaInfo, type Device, type Model } from '../engine/model.js';
 
 /** The user asked for something the command cannot do as asked (exit code 2). */
 export class UsageError extends Error {
@@ -49,6 +50,22 @@ export function numberOption(value: string | undefined, flag: string, range: { m
   if (value.trim() === '' || !Number.isFinite(n) || n < min || (max !== undefined && n > max))
     throw new UsageError(`--${flag} must be a number ≥ ${min}${max === undefined ? '' : ` and ≤ ${max}`}, got '${value}'`);
   return n;
+}
+
+/** --device: where the policy runs ('auto': the GPU when one is usable, else the CPU). */
+export function deviceOption(value: string | undefined): Device | undefined {
+  if (value === undefined || value === 'cpu' || value === 'cuda' || value === 'auto') return value;
+  throw new UsageError(`--device must be cpu, cuda or auto, got '${value}'`);
+}
+
+/** One line saying where a model runs and, when the GPU was wanted but is not there, why. */
+export function deviceLine(model: Model, asked: Device | undefined): string {
+  if (model.device === 'cuda') {
+    const info = cudaInfo();
+    return `device: cuda (${info.name ?? 'GPU'}; bf16 weights and activations, fp32 master weights)\n`;
+  }
+  if (asked === 'auto') return `device: cpu (no usable GPU: ${cudaInfo().reason ?? 'unknown reason'})\n`;
+  return 'device: cpu\n';
 }
 
 export function requireOption<T>(value: T | undefined, flag: string, command: string): T {

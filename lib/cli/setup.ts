@@ -6,6 +6,7 @@ import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import type { RunConfig } from '../config/schema.js';
 import { loadPrompts, splitPrompts } from '../data/prompts.js';
+import type { Device } from '../engine/model.js';
 import type { MemoryPlan } from '../engine/types.js';
 import { loadPretrained } from '../io/checkpoint.js';
 import type { Tokenizer } from '../io/tokenizer.js';
@@ -113,7 +114,7 @@ async function loadPreference(config: RunConfig): Promise<PreferenceModel> {
 }
 
 /** The RunSetup of a config whose model is a Hugging Face directory (model.path). */
-export async function pretrainedSetup(config: RunConfig): Promise<RunSetup> {
+export async function pretrainedSetup(config: RunConfig, options: { device?: Device } = {}): Promise<RunSetup> {
   const { model: m, data, generation, training } = config;
   if (m.path === undefined)
     throw new UsageError(`model.preset '${m.preset}' has random weights and no tokenizer, so it cannot read prompts; use model.path (a Hugging Face directory) or model.preset 'demo'`);
@@ -131,7 +132,7 @@ export async function pretrainedSetup(config: RunConfig): Promise<RunSetup> {
   // A preference step holds a pair's two responses per row; generation's KV cache is separate.
   const longest = Math.max(training.maxLength, data.maxPromptTokens + generation.maxNewTokens);
   const plan: MemoryPlan = { maxBatch: 2 * training.batchSize, maxSeq: Math.min(longest, await contextLimit(m.path, 'model.path')) };
-  const { model, tokenizer } = await loadPretrained(m.path, plan);
+  const { model, tokenizer } = await loadPretrained(m.path, plan, { device: options.device });
   try {
     const text = chatPolicyText(requireChatTokenizer(tokenizer, m.path), data.maxPromptTokens);
     // A tokenizer that does not fit the model would otherwise fail only once generation starts,

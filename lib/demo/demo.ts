@@ -4,7 +4,7 @@
 import { parseConfig } from '../config/load.js';
 import type { RunConfig, RunConfigInput } from '../config/schema.js';
 import { splitPrompts } from '../data/prompts.js';
-import { Model } from '../engine/model.js';
+import { Model, type Device } from '../engine/model.js';
 import type { PreferenceLossName } from '../engine/types.js';
 import {
   dualityGap, randomWords, resolveStyledReversal, styledReversalOracle, summarizeAnswers, type PolicySummary,
@@ -19,6 +19,10 @@ export interface DemoOptions {
   /** a smaller, faster run (CI): fewer prompts, fewer SFT steps */
   quick?: boolean;
   seed?: number;
+  /** where the policy runs (default 'cpu') */
+  device?: Device;
+  /** called with the policy once it exists (the CLI prints where it runs) */
+  onModel?: (model: Model) => void;
 }
 
 /** The demo's run configuration (a config file with the same content runs it through `sppo run`). */
@@ -46,7 +50,7 @@ export function demoConfigInput(o: DemoOptions = {}): RunConfigInput {
 }
 
 /** Builds the run for a resolved config whose model is the 'demo' preset. */
-export function demoSetup(config: RunConfig): { setup: RunSetup; tokenizer: CharTokenizer } {
+export function demoSetup(config: RunConfig, options: { device?: Device } = {}): { setup: RunSetup; tokenizer: CharTokenizer } {
   if (config.model.preset !== 'demo' || config.data.words === undefined || config.preference.kind !== 'styled-reversal')
     throw new RangeError("demoSetup needs model.preset 'demo', data.words and preference.kind 'styled-reversal'");
   const { kind, concurrency, ...params } = config.preference;
@@ -59,7 +63,7 @@ export function demoSetup(config: RunConfig): { setup: RunSetup; tokenizer: Char
   });
   const sft = config.sft;
   const maxBatch = Math.max(2 * config.training.batchSize, sft?.batchSize ?? 1);
-  const model = Model.create(demoModelConfig(tokenizer, config.model.seed ?? 1), { maxBatch, maxSeq: 32 });
+  const model = Model.create(demoModelConfig(tokenizer, config.model.seed ?? 1), { maxBatch, maxSeq: 32 }, { device: options.device });
   const summaries = (history: readonly Sample[][]): PolicySummary[] => history.map((s) => summarizeAnswers(s));
   const setup: RunSetup = {
     config,
@@ -117,7 +121,8 @@ function normalised(s: PolicySummary): PolicySummary {
 /** Runs (or resumes) the demo. */
 export async function runDemo(o: DemoOptions = {}, hooks: RunHooks = {}): Promise<RunResult & { config: RunConfig }> {
   const config = parseConfig(demoConfigInput(o), { baseDir: process.cwd(), source: 'demo' });
-  const { setup } = demoSetup(config);
+  const { setup } = demoSetup(config, { device: o.device });
+  o.onModel?.(setup.model);
   try {
     return { ...(await runSppo(setup, hooks)), config };
   } finally {

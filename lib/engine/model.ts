@@ -3,7 +3,7 @@
 // each call and between the steps of `train`, and `dispose` frees the native memory.
 import { toTokenBatch } from './batch.js';
 import { Generator, type GeneratorPlan } from './generate.js';
-import { native, type NativeModelHandle, type NativeStepResult } from './native.js';
+import { native, type CudaInfo, type NativeModelHandle, type NativeStepResult } from './native.js';
 import { packPreferenceBatch, packSequences } from './preference.js';
 import type {
   BatchInput,
@@ -49,9 +49,26 @@ function abortError(signal: AbortSignal): Error {
   return err;
 }
 
+/** The CUDA backend's status here: built into the addon, a usable GPU, and why not. */
+export function cudaInfo(): CudaInfo {
+  return native().cudaInfo();
+}
+
+/** Where a model runs: 'auto' takes the GPU when `cudaInfo().available`, else the CPU. */
+export type Device = 'cpu' | 'cuda' | 'auto';
+
+export interface CreateOptions {
+  /** false leaves every parameter zero, for callers that set all of them (loading a checkpoint) */
+  initialize?: boolean;
+  /** default 'cpu'; 'cuda' fails with the reason when no GPU is usable */
+  device?: Device;
+}
+
 export class Model {
   readonly config: ResolvedModelConfig;
   readonly plan: MemoryPlan;
+  /** The backend the model lives on ('auto' resolved): 'cpu' (float32) or 'cuda' (bf16, fp32 master weights). */
+  readonly device: 'cpu' | 'cuda';
   #handle: NativeModelHandle | undefined;
   #tail: Promise<unknown> = Promise.resolve();
   #pending = 0;
@@ -60,15 +77,17 @@ export class Model {
     this.#handle = handle;
     this.config = handle.config() as unknown as ResolvedModelConfig;
     this.plan = { ...plan };
+    this.device = handle.state().device ?? 'cpu';
   }
 
   /**
    * Creates a model with seeded random weights. `config` is a Hugging Face-style config or a
    * preset name; `plan` fixes the largest batch the model will see, and all memory with it.
    * `initialize: false` leaves every parameter zero, for callers that set all of them (loading
-   * a checkpoint), which skips drawing a random value per parameter.
+   * a checkpoint), which skips drawing a random value per parameter. `device` picks the backend
+   * (default 'cpu'; 'auto' takes the GPU when one is usable and says which in `model.device`).
    */
-  static create(config: ModelConfig | PresetName, plan: MemoryPlan, options: { initialize?: boolean } = {}): Model {
+  static create(config: ModelConfig | PresetName, plan: MemoryPlan, options: CreateOptions = {}): Model {
     const cfg = typeof config === 'string' ? presetConfig(config) : config;
     const handle = new (native().NativeModel)(cfg, plan, options);
     return new Model(handle, plan);

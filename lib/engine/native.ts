@@ -26,12 +26,13 @@ export interface NativeModelHandle {
   setParam(name: string, values: Float32Array): void;
   memory(): { params: number; grads: number; optimizer: number; activations: number; scratch: number; total: number };
   config(): Record<string, unknown>;
-  state(): { disposed: boolean; busy: boolean; step?: number; pendingMicroBatches?: number; numParams?: number };
+  state(): { disposed: boolean; busy: boolean; device?: 'cpu' | 'cuda'; step?: number; pendingMicroBatches?: number; numParams?: number };
   dispose(): void;
 }
 
 export interface NativeAddon {
-  NativeModel: new (config: object, plan: object, options?: { initialize?: boolean }) => NativeModelHandle;
+  NativeModel: new (config: object, plan: object, options?: { initialize?: boolean; device?: string }) => NativeModelHandle;
+  cudaInfo(): CudaInfo;
   setNumThreads(n: number): void;
   numThreads(): number;
   presetConfig(name: string): Record<string, unknown>;
@@ -39,7 +40,23 @@ export interface NativeAddon {
   abiVersion: number;
 }
 
-const ABI_VERSION = 1;
+/** What the CUDA backend can do in this process (see `cudaInfo()` in lib/engine/model.ts). */
+export interface CudaInfo {
+  /** the addon was compiled with the CUDA backend (nvcc was present at install) */
+  built: boolean;
+  /** a usable GPU, driver and cuBLASLt are present */
+  available: boolean;
+  /** why not, when unavailable */
+  reason?: string;
+  name?: string;
+  computeCapability?: string;
+  totalMemory?: number;
+  freeMemory?: number;
+  runtimeVersion?: number;
+  driverVersion?: number;
+}
+
+const ABI_VERSION = 2;
 let cached: NativeAddon | undefined;
 
 export function native(): NativeAddon {

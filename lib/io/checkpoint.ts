@@ -3,7 +3,7 @@
 import { existsSync } from 'node:fs';
 import { mkdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { Model } from '../engine/model.js';
+import { Model, type Device } from '../engine/model.js';
 import type { MemoryPlan } from '../engine/types.js';
 import { ConfigError, engineConfigFromHf, hfConfigFromEngine, type Architecture, type HfConfig } from './hf-config.js';
 import { ReadScratch, type TensorSource } from './safetensors.js';
@@ -18,6 +18,8 @@ export class CheckpointError extends Error {
 export interface LoadOptions {
   /** refuse configs whose training behaviour the engine cannot match (dropout); default true */
   training?: boolean;
+  /** where the model lives (Model.create's device; default 'cpu') */
+  device?: Device;
 }
 
 export interface Pretrained {
@@ -85,7 +87,7 @@ export async function loadPretrained(dir: string, plan: MemoryPlan, options: Loa
   const weights = await CheckpointWeights.open(dir);
   let model: Model | undefined;
   try {
-    model = Model.create(config, plan, { initialize: false });  // every parameter is read below
+    model = Model.create(config, plan, { initialize: false, device: options.device });  // every parameter is read below
     checkTensorTable(weights, model);
     // setParam copies into the engine, so one pair of buffers serves every tensor.
     const scratch = new ReadScratch();

@@ -14,6 +14,7 @@
 #include "core/threadpool.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/gemm.h"
+#include "cuda/cuda_backend.h"
 #include "sppo/generate.h"
 #include "sppo/model.h"
 
@@ -21,6 +22,9 @@ namespace {
 
 using sppo::Model;
 using sppo::ModelConfig;
+// Host-side values are float for every backend (the CPU's float model, CUDA's bf16 model with
+// float master weights), so the binding holds either behind one interface.
+using ModelApi = sppo::ModelApi<float>;
 
 [[noreturn]] void throw_type(Napi::Env env, const std::string& msg) {
   throw Napi::TypeError::New(env, msg);
@@ -268,12 +272,20 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     sppo::MemoryPlan plan{checked_int(env, p.integer("maxBatch", 0), "plan.maxBatch"),
                           checked_int(env, p.integer("maxSeq", 0), "plan.maxSeq")};
     bool initialize = true;
+    std::string device = "cpu";
     if (!info[2].IsUndefined()) {
-      Fields o(env, info[2], "options", {"initialize"});
+      Fields o(env, info[2], "options", {"initialize", "device"});
       initialize = o.boolean("initialize", true);
+      device = o.string("device", "cpu");
     }
+    if (device != "cpu" && device != "cuda" && device != "auto")
+      throw Napi::RangeError::New(env, "options.device must be 'cpu', 'cuda' or 'auto', got '" + device + "'");
+    if (device == "auto") device = sppo::cuda::probe().available ? "cuda" : "cpu";
     try {
-      model_ = std::make_unique<Model<float>>(c, plan, std::make_unique<sppo::cpu::CpuOps<float>>(), initialize);
+      if (device == "cuda")
+        model_ = std::make_unique<Model<sppo::bf16>>(c, plan, sppo::cuda::make_ops(0), initialize);
+      else
+        model_ = std::make_unique<Model<float>>(c, plan, std::make_unique<sppo::cpu::CpuOps<float>>(), initialize);
     } catch (const std::exception& e) {
       throw Napi::RangeError::New(env, e.what());
     }
@@ -285,7 +297,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   }
 
  private:
-  Model<float>& usable(Napi::Env env) {
+  ModelApi& usable(Napi::Env env) {
     if (!model_) throw Napi::Error::New(env, "the model has been disposed");
     if (busy_.load()) throw Napi::Error::New(env, "the model is busy with another call; await it before starting the next");
     return *model_;
@@ -332,7 +344,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
   Napi::Value Forward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    Model<float>& m = usable(env);
+    ModelApi& m = usable(env);
     TokenArgs a = token_args(info);
     std::string want = info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "logits";
     if (want != "logits" && want != "hidden" && want != "both") throw_type(env, "output must be 'logits', 'hidden' or 'both'");
@@ -360,7 +372,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
   Napi::Value EvalLoss(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    Model<float>& m = usable(env);
+    ModelApi& m = usable(env);
     TokenArgs a = token_args(info);
     auto out = std::make_shared<std::pair<double, int64_t>>();
     auto job = std::make_unique<Job>(env, this, nullptr, [out](Napi::Env env) {
@@ -378,7 +390,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
   Napi::Value TrainStep(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    Model<float>& m = usable(env);
+    ModelApi& m = usable(env);
     TokenArgs a = token_args(info);
     auto out = std::make_shared<sppo::StepResult>();
     auto job = std::make_unique<Job>(env, this, nullptr, [out](Napi::Env env) { return step_to_js(env, *out); });
@@ -391,7 +403,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
   Napi::Value SequenceLogprobs(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    Model<float>& m = usable(env);
+    ModelApi& m = usable(env);
     TokenArgs a = token_args(info);
     const bool per_token = info[4].IsBoolean() && info[4].As<Napi::Boolean>().Value();
     Napi::Float64Array sums = Napi::Float64Array::New(env, size_t(a.batch));
@@ -471,7 +483,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   // The preference loss of a batch: without gradients (train = false), or one training micro-step.
   Napi::Value PreferenceCall(const Napi::CallbackInfo& info, bool train) {
     Napi::Env env = info.Env();
-    Model<float>& m = usable(env);
+    ModelApi& m = usable(env);
     auto out = std::make_shared<sppo::PreferenceStepResult>();
     auto logps_ref = std::make_shared<Napi::ObjectReference>();
     auto job = std::make_unique<Job>(env, this, nullptr, [out, logps_ref, train](Napi::Env env) {
@@ -505,7 +517,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   }
 
   Napi::Value SetOptimizer(const Napi::CallbackInfo& info) {
-    Model<float>& m = usable(info.Env());
+    ModelApi& m = usable(info.Env());
     sppo::OptimizerConfig oc = parse_optimizer(info.Env(), info[0]);
     m.set_optimizer(oc);
     return info.Env().Undefined();
@@ -529,7 +541,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
   Napi::Value GetParam(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    Model<float>& m = usable(env);
+    ModelApi& m = usable(env);
     if (!info[0].IsString()) throw_type(env, "parameter name must be a string");
     try {
       const sppo::ParamInfo& p = m.param(info[0].As<Napi::String>());
@@ -543,7 +555,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
   Napi::Value SetParam(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    Model<float>& m = usable(env);
+    ModelApi& m = usable(env);
     if (!info[0].IsString()) throw_type(env, "parameter name must be a string");
     if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
       throw_type(env, "parameter values must be a Float32Array");
@@ -581,6 +593,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     o.Set("disposed", !model_);
     o.Set("busy", busy_.load());
     if (model_) {
+      o.Set("device", model_->backend());
       o.Set("step", double(model_->optimizer_steps()));
       o.Set("pendingMicroBatches", model_->pending_micro_batches());
       o.Set("numParams", double(model_->num_params()));
@@ -594,7 +607,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return info.Env().Undefined();
   }
 
-  std::unique_ptr<Model<float>> model_;
+  std::unique_ptr<ModelApi> model_;
   std::atomic<bool> busy_{false};
 };
 
@@ -604,7 +617,7 @@ struct StepTokens {
   std::promise<void> delivered;
 };
 
-// Batched sampling: a Generator<float> with its own KV cache over a NativeModel's weights. Its
+// Batched sampling: a generator with its own KV cache over a NativeModel's weights. Its
 // calls hold the model's busy flag, so no training step changes the weights mid-generation.
 class NativeGenerator : public Napi::ObjectWrap<NativeGenerator> {
  public:
@@ -627,7 +640,7 @@ class NativeGenerator : public Napi::ObjectWrap<NativeGenerator> {
     sppo::GeneratorPlan plan{checked_int(env, p.integer("maxBatch", 0), "plan.maxBatch"),
                              checked_int(env, p.integer("maxContext", 0), "plan.maxContext")};
     try {
-      gen_ = std::make_unique<sppo::Generator<float>>(*owner_->model_, plan, std::make_unique<sppo::cpu::CpuOps<float>>());
+      gen_ = owner_->model_->make_generator(plan);
     } catch (const std::exception& e) {
       throw Napi::RangeError::New(env, e.what());
     }
@@ -725,7 +738,7 @@ class NativeGenerator : public Napi::ObjectWrap<NativeGenerator> {
       res.Set("reasons", reasons);
       return res;
     });
-    sppo::Generator<float>* gen = gen_.get();
+    sppo::GeneratorApi* gen = gen_.get();
     std::atomic<bool>* abort = &abort_;
     job->set_work([gen, seqs, o, out, tsfn, abort] {
       std::function<void(const std::vector<sppo::TokenEvent>&)> on_step;
@@ -783,7 +796,7 @@ class NativeGenerator : public Napi::ObjectWrap<NativeGenerator> {
 
   NativeModel* owner_ = nullptr;
   Napi::ObjectReference model_ref_;  // keeps the model (and its weights) alive
-  std::unique_ptr<sppo::Generator<float>> gen_;
+  std::unique_ptr<sppo::GeneratorApi> gen_;
   std::atomic<bool> abort_{false};
 };
 
@@ -818,6 +831,25 @@ Napi::Value PresetConfig(const Napi::CallbackInfo& info) {
   }
 }
 
+// What the CUDA backend can do here: built into this addon, a usable device, and why not.
+Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const sppo::cuda::DeviceInfo d = sppo::cuda::probe();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("built", d.built);
+  o.Set("available", d.available);
+  if (!d.available) o.Set("reason", d.why_not);
+  if (d.available) {
+    o.Set("name", d.name);
+    o.Set("computeCapability", std::to_string(d.sm_major) + "." + std::to_string(d.sm_minor));
+    o.Set("totalMemory", double(d.total_memory));
+    o.Set("freeMemory", double(d.free_memory));
+    o.Set("runtimeVersion", d.runtime_version);
+    o.Set("driverVersion", d.driver_version);
+  }
+  return o;
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeModel", NativeModel::Init(env));
   exports.Set("NativeGenerator", NativeGenerator::Init(env));
@@ -825,7 +857,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("numThreads", Napi::Function::New(env, NumThreads));
   exports.Set("presetConfig", Napi::Function::New(env, PresetConfig));
   exports.Set("gemmKernel", Napi::String::New(env, sppo::cpu::gemm_kernel_name()));
-  exports.Set("abiVersion", Napi::Number::New(env, 1));
+  exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo));
+  exports.Set("abiVersion", Napi::Number::New(env, 2));
   return exports;
 }
 

@@ -13,6 +13,7 @@
 #include "core/threadpool.h"
 #include "cpu/gemm.h"
 #include "cpu/vecmath.h"
+#include "sppo/generate.h"
 
 namespace sppo::cpu {
 
@@ -24,17 +25,30 @@ constexpr int64_t kColChunk = 64;  // columns per task in column-parallel reduct
 }  // namespace
 
 template <class T>
-T* CpuOps<T>::alloc(size_t n) {
-  size_t bytes = std::max<size_t>(64, (n * sizeof(T) + 63) / 64 * 64);
+void* CpuOps<T>::alloc_bytes(size_t n) {
+  size_t bytes = std::max<size_t>(64, (n + 63) / 64 * 64);
   void* p = std::aligned_alloc(64, bytes);
-  SPPO_REQUIRE(p != nullptr, "out of host memory allocating ", bytes, " bytes");
-  std::memset(p, 0, bytes);
-  return static_cast<T*>(p);
+  SPPO_REQUIRE(p != nullptr, "out of host memory allocating ", bytes, " bytes (", double(bytes) / (1 << 20), " MiB)");
+  zero_bytes(p, bytes);
+  return p;
 }
 
 template <class T>
-void CpuOps<T>::free(T* p) {
+void CpuOps<T>::free_bytes(void* p) {
   std::free(p);
+}
+
+template <class T>
+void CpuOps<T>::copy_bytes(void* dst, const void* src, size_t bytes) {
+  cpu_pool().parallel_for(int64_t(bytes), 1 << 18, [&](int64_t b, int64_t e) {
+    std::memcpy(static_cast<char*>(dst) + b, static_cast<const char*>(src) + b, size_t(e - b));
+  });
+}
+
+template <class T>
+void CpuOps<T>::zero_bytes(void* x, size_t bytes) {
+  cpu_pool().parallel_for(int64_t(bytes), 1 << 18,
+                          [&](int64_t b, int64_t e) { std::memset(static_cast<char*>(x) + b, 0, size_t(e - b)); });
 }
 
 template <class T>
@@ -53,26 +67,15 @@ void CpuOps<T>::ensure_scratch(int64_t seq) {
 }
 
 template <class T>
-void CpuOps<T>::gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-                     int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  cpu::gemm(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+void CpuOps<T>::gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A,
+                     int64_t lda, const T* B, int64_t ldb, double beta, T* C, int64_t ldc) {
+  cpu::gemm(transA, transB, M, N, K, T(alpha), A, lda, B, ldb, T(beta), C, ldc);
 }
 
 template <class T>
-void CpuOps<T>::fill(T* x, T value, int64_t n) {
-  cpu_pool().parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) { std::fill(x + b, x + e, value); });
-}
-
-template <class T>
-void CpuOps<T>::copy(T* dst, const T* src, int64_t n) {
-  cpu_pool().parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) { std::memcpy(dst + b, src + b, (e - b) * sizeof(T)); });
-}
-
-template <class T>
-void CpuOps<T>::scale(T* x, T s, int64_t n) {
-  cpu_pool().parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) x[i] *= s;
-  });
+void CpuOps<T>::fill(T* x, double value, int64_t n) {
+  const T v = T(value);
+  cpu_pool().parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) { std::fill(x + b, x + e, v); });
 }
 
 template <class T>
@@ -121,6 +124,20 @@ void CpuOps<T>::embedding_backward(T* dtable, const T* dout, const int32_t* ids,
       const T* src = dout + i * C;
       for (int64_t j = c0; j < c1; ++j) dst[j] += src[j];
     }
+  });
+}
+
+template <class T>
+void CpuOps<T>::gather_rows(T* dst, const T* src, const int32_t* rows, int64_t n, int64_t C) {
+  cpu_pool().parallel_for(n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) std::memcpy(dst + i * C, src + int64_t(rows[i]) * C, C * sizeof(T));
+  });
+}
+
+template <class T>
+void CpuOps<T>::scatter_rows(T* dst, const T* src, const int32_t* rows, int64_t n, int64_t C) {
+  cpu_pool().parallel_for(n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) std::memcpy(dst + int64_t(rows[i]) * C, src + i * C, C * sizeof(T));
   });
 }
 
@@ -400,32 +417,45 @@ void CpuOps<T>::head_logprobs_backward(T* dH, T* dW, const T* H, const T* W, con
 }
 
 template <class T>
-void CpuOps<T>::adamw_update(T* p, const T* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2,
-                             double eps, double decay, double gscale, int64_t step) {
+void CpuOps<T>::adamw_update(T* p, T* master, const T* g, T* m, T* v, int64_t n, double lr, double beta1,
+                             double beta2, double eps, double decay, double gscale, int64_t step) {
   const T b1 = T(beta1), b2 = T(beta2), gs = T(gscale), keep = T(1.0 - decay);
   const T step_size = T(lr / (1.0 - std::pow(beta1, double(step))));
   const T inv_sqrt_bc2 = T(1.0 / std::sqrt(1.0 - std::pow(beta2, double(step))));
   const T e = T(eps);
+  T* w = master ? master : p;  // Master == T: a master copy, when given, just mirrors into p
   cpu_pool().parallel_for(n, 1 << 14, [&](int64_t b, int64_t en) {
     for (int64_t i = b; i < en; ++i) {
       T gi = g[i] * gs;
       m[i] = b1 * m[i] + (T(1) - b1) * gi;
       v[i] = b2 * v[i] + (T(1) - b2) * gi * gi;
-      p[i] = p[i] * keep - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + e);
+      w[i] = w[i] * keep - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + e);
+      if (master) p[i] = w[i];
     }
   });
 }
 
 template <class T>
-void CpuOps<T>::rmsprop_update(T* p, const T* g, T* sq, int64_t n, double lr, double alpha, double eps, double decay,
-                               double gscale) {
+void CpuOps<T>::rmsprop_update(T* p, T* master, const T* g, T* sq, int64_t n, double lr, double alpha, double eps,
+                               double decay, double gscale) {
   const T a = T(alpha), gs = T(gscale), keep = T(1.0 - decay), l = T(lr), e = T(eps);
+  T* w = master ? master : p;
   cpu_pool().parallel_for(n, 1 << 14, [&](int64_t b, int64_t en) {
     for (int64_t i = b; i < en; ++i) {
       T gi = g[i] * gs;
       sq[i] = a * sq[i] + (T(1) - a) * gi * gi;
-      p[i] = p[i] * keep - l * gi / (std::sqrt(sq[i]) + e);
+      w[i] = w[i] * keep - l * gi / (std::sqrt(sq[i]) + e);
+      if (master) p[i] = w[i];
     }
+  });
+}
+
+template <class T>
+void CpuOps<T>::sample(int32_t* tokens, double* raw_logprobs, const T* logits, int64_t n, int64_t V,
+                       const SamplingOptions& o, const double* u) {
+  cpu_pool().parallel_for(n, 1, [&](int64_t b, int64_t e) {
+    thread_local SamplerScratch<T> scratch;
+    for (int64_t i = b; i < e; ++i) tokens[i] = sample_token(logits + i * V, V, o, u[i], &raw_logprobs[i], scratch);
   });
 }
 

@@ -11,19 +11,32 @@ template <class T>
 class CpuOps final : public Ops<T> {
  public:
   const char* name() const override { return "cpu"; }
-  T* alloc(size_t n) override;
-  void free(T* p) override;
+  std::unique_ptr<Ops<T>> fresh() const override { return std::make_unique<CpuOps<T>>(); }
+  // Master == T here: the CPU keeps one precision, so master weights are the parameters.
+  void* alloc_bytes(size_t bytes) override;
+  void free_bytes(void* p) override;
   size_t plan_scratch(int64_t max_seq, int64_t head_dim) override;
+  void upload_bytes(void* dst, const void* src, size_t bytes) override { copy_bytes(dst, src, bytes); }
+  void download_bytes(void* dst, const void* src, size_t bytes) override { copy_bytes(dst, src, bytes); }
+  void upload(T* dst, const T* src, int64_t n) override { copy(dst, src, n); }
+  void download(T* dst, const T* src, int64_t n) override { copy(dst, src, n); }
+  void cast(T* dst, const T* src, int64_t n) override { copy(dst, src, n); }
 
-  void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-            const T* B, int64_t ldb, T beta, T* C, int64_t ldc) override;
-  void fill(T* x, T value, int64_t n) override;
-  void copy(T* dst, const T* src, int64_t n) override;
-  void scale(T* x, T s, int64_t n) override;
+  void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A, int64_t lda,
+            const T* B, int64_t ldb, double beta, T* C, int64_t ldc) override;
+  void gemm_master(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A, int64_t lda,
+                   const T* B, int64_t ldb, double beta, T* C, int64_t ldc) override {
+    gemm(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  void fill(T* x, double value, int64_t n) override;
+  void zero_bytes(void* x, size_t bytes) override;
+  void copy(T* dst, const T* src, int64_t n) override { copy_bytes(dst, src, size_t(n) * sizeof(T)); }
   double sum_squares(const T* x, int64_t n) override;
   bool all_finite(const T* x, int64_t n) override;
   void embedding_forward(T* out, const T* table, const int32_t* ids, int64_t N, int64_t C) override;
   void embedding_backward(T* dtable, const T* dout, const int32_t* ids, int64_t N, int64_t C) override;
+  void gather_rows(T* dst, const T* src, const int32_t* rows, int64_t n, int64_t C) override;
+  void scatter_rows(T* dst, const T* src, const int32_t* rows, int64_t n, int64_t C) override;
   void rmsnorm_forward(T* out, T* rstd, const T* x, const T* w, int64_t N, int64_t C, double eps) override;
   void rmsnorm_backward(T* dx, T* dw, const T* dout, const T* x, const T* w, const T* rstd, int64_t N,
                         int64_t C) override;
@@ -40,9 +53,9 @@ class CpuOps final : public Ops<T> {
                      int64_t V, T* scratch, int64_t scratch_elems) override;
   void head_logprobs_backward(T* dH, T* dW, const T* H, const T* W, const int32_t* targets, const double* lse,
                               const double* coef, int64_t n, int64_t C, int64_t V, T* scratch, int64_t scratch_elems) override;
-  void adamw_update(T* p, const T* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2, double eps,
-                    double decay, double gscale, int64_t step) override;
-  void rmsprop_update(T* p, const T* g, T* sq, int64_t n, double lr, double alpha, double eps, double decay,
+  void adamw_update(T* p, T* master, const T* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2,
+                    double eps, double decay, double gscale, int64_t step) override;
+  void rmsprop_update(T* p, T* master, const T* g, T* sq, int64_t n, double lr, double alpha, double eps, double decay,
                       double gscale) override;
 
   // ---- Decoding with a KV cache (batched sampling) ----
@@ -50,8 +63,11 @@ class CpuOps final : public Ops<T> {
                       const AttentionShape& s) override;
   void attention_decode(T* out, const T* qkv, const T* k_cache, const T* v_cache, const int32_t* slots,
                         const int32_t* positions, int64_t n, const AttentionShape& s) override;
+  void sample(int32_t* tokens, double* raw_logprobs, const T* logits, int64_t n, int64_t V, const SamplingOptions& o,
+              const double* u) override;
 
  private:
+  static void copy_bytes(void* dst, const void* src, size_t bytes);
   // Per-thread attention scratch: two (query block x max_seq) score tiles per thread.
   std::vector<T> scratch_;
   int64_t scratch_per_thread_ = 0;

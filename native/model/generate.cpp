@@ -138,24 +138,31 @@ Generator<T>::Generator(const Model<T>& model, GeneratorPlan plan, std::unique_p
   const int64_t R = max_rows_;
   try {
     for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
-      k_cache_.push_back(alloc(B * KV * P * D));
-      v_cache_.push_back(alloc(B * KV * P * D));
+      k_cache_.push_back(alloc<T>(B * KV * P * D));
+      v_cache_.push_back(alloc<T>(B * KV * P * D));
     }
-    rope_cos_ = alloc(P * (D / 2));
-    rope_sin_ = alloc(P * (D / 2));
-    build_rope_tables(cfg_, P, rope_cos_, rope_sin_);
-    x_ = alloc(R * C);
-    xn_ = alloc(R * C);
-    rstd_ = alloc(R);
-    qkv_ = alloc(R * cfg_.qkv_dim());
-    att_ = alloc(R * cfg_.q_dim());
-    gu_ = alloc(R * 2 * F);
-    ffn_ = alloc(R * F);
-    hsel_ = alloc(B * C);
-    logits_ = alloc(B * V);
+    rope_cos_ = alloc<Master>(P * (D / 2));
+    rope_sin_ = alloc<Master>(P * (D / 2));
+    std::vector<Master> cos(P * (D / 2)), sin(P * (D / 2));
+    build_rope_tables(cfg_, P, cos.data(), sin.data());
+    ops_->upload_bytes(rope_cos_, cos.data(), cos.size() * sizeof(Master));
+    ops_->upload_bytes(rope_sin_, sin.data(), sin.size() * sizeof(Master));
+    x_ = alloc<T>(R * C);
+    xn_ = alloc<T>(R * C);
+    rstd_ = alloc<Master>(R);
+    qkv_ = alloc<T>(R * cfg_.qkv_dim());
+    att_ = alloc<T>(R * cfg_.q_dim());
+    gu_ = alloc<T>(R * 2 * F);
+    ffn_ = alloc<T>(R * F);
+    hsel_ = alloc<T>(B * C);
+    logits_ = alloc<Master>(B * V);
+    slots_dev_ = alloc<int32_t>(R);
+    positions_dev_ = alloc<int32_t>(R);
+    tokens_dev_ = alloc<int32_t>(R);
+    logit_rows_dev_ = alloc<int32_t>(B);
     bytes_ += ops_->plan_scratch(P, D);
   } catch (...) {
-    for (T* p : owned_) ops_->free(p);
+    for (void* p : owned_) ops_->free_bytes(p);
     throw;
   }
   slots_.assign(R, 0);
@@ -166,14 +173,15 @@ Generator<T>::Generator(const Model<T>& model, GeneratorPlan plan, std::unique_p
 
 template <class T>
 Generator<T>::~Generator() {
-  for (T* p : owned_) ops_->free(p);
+  for (void* p : owned_) ops_->free_bytes(p);
 }
 
 template <class T>
-T* Generator<T>::alloc(size_t n) {
-  T* p = ops_->alloc(n);
+template <class E>
+E* Generator<T>::alloc(size_t n) {
+  E* p = static_cast<E*>(ops_->alloc_bytes(n * sizeof(E)));
   owned_.push_back(p);
-  bytes_ += n * sizeof(T);
+  bytes_ += n * sizeof(E);
   return p;
 }
 
@@ -187,33 +195,37 @@ void Generator<T>::extend(int64_t N, int64_t n_logit_rows) {
   // batch/seq describe the cache: (max_batch slots, max_context positions).
   const AttentionShape shape{plan_.max_batch, plan_.max_context, H, KV, D, QKV, 0, QD, QD + cfg_.kv_dim(), QD,
                              1.0 / std::sqrt(double(D))};
-  o.embedding_forward(x_, model_.embedding(), tokens_.data(), N, C);
+  o.upload_bytes(slots_dev_, slots_.data(), size_t(N) * sizeof(int32_t));
+  o.upload_bytes(positions_dev_, positions_.data(), size_t(N) * sizeof(int32_t));
+  o.upload_bytes(tokens_dev_, tokens_.data(), size_t(N) * sizeof(int32_t));
+  o.embedding_forward(x_, model_.embedding(), tokens_dev_, N, C);
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     const typename Model<T>::LayerWeights w = model_.layer_weights(l);
     o.rmsnorm_forward(xn_, rstd_, x_, w.attn_norm, N, C, eps);
-    o.gemm(false, true, N, QKV, C, T(1), xn_, C, w.wqkv, C, T(0), qkv_, QKV);
+    o.gemm(false, true, N, QKV, C, 1, xn_, C, w.wqkv, C, 0, qkv_, QKV);
     if (w.bqkv) o.add_bias(qkv_, w.bqkv, N, QKV, QKV);
-    o.rope(qkv_, N, QKV, 0, H, D, positions_.data(), rope_cos_, rope_sin_, false);
-    o.rope(qkv_, N, QKV, QD, KV, D, positions_.data(), rope_cos_, rope_sin_, false);
+    o.rope(qkv_, N, QKV, 0, H, D, positions_dev_, rope_cos_, rope_sin_, false);
+    o.rope(qkv_, N, QKV, QD, KV, D, positions_dev_, rope_cos_, rope_sin_, false);
     // All rows' keys first: a prefill row attends to earlier rows of its own prompt.
-    o.kv_cache_write(k_cache_[l], v_cache_[l], qkv_, slots_.data(), positions_.data(), N, shape);
-    o.attention_decode(att_, qkv_, k_cache_[l], v_cache_[l], slots_.data(), positions_.data(), N, shape);
-    o.gemm(false, true, N, C, QD, T(1), att_, QD, w.wo, QD, T(1), x_, C);  // residual: x += o_proj(att)
+    o.kv_cache_write(k_cache_[l], v_cache_[l], qkv_, slots_dev_, positions_dev_, N, shape);
+    o.attention_decode(att_, qkv_, k_cache_[l], v_cache_[l], slots_dev_, positions_dev_, N, shape);
+    o.gemm(false, true, N, C, QD, 1, att_, QD, w.wo, QD, 1, x_, C);  // residual: x += o_proj(att)
     o.rmsnorm_forward(xn_, rstd_, x_, w.mlp_norm, N, C, eps);
-    o.gemm(false, true, N, 2 * F, C, T(1), xn_, C, w.wgu, C, T(0), gu_, 2 * F);
+    o.gemm(false, true, N, 2 * F, C, 1, xn_, C, w.wgu, C, 0, gu_, 2 * F);
     o.swiglu_forward(ffn_, gu_, N, F);
-    o.gemm(false, true, N, C, F, T(1), ffn_, F, w.wdown, F, T(1), x_, C);
+    o.gemm(false, true, N, C, F, 1, ffn_, F, w.wdown, F, 1, x_, C);
   }
   o.rmsnorm_forward(xn_, rstd_, x_, model_.final_norm_weight(), N, C, eps);
   if (n_logit_rows == 0) return;
   // Only the rows that sample need the LM head (the last prompt row, and every decode row).
-  for (int64_t i = 0; i < n_logit_rows; ++i) o.copy(hsel_ + i * C, xn_ + int64_t(logit_rows_[i]) * C, C);
-  o.gemm(false, true, n_logit_rows, V, C, T(1), hsel_, C, model_.lm_head_weight(), C, T(0), logits_, V);
+  o.upload_bytes(logit_rows_dev_, logit_rows_.data(), size_t(n_logit_rows) * sizeof(int32_t));
+  o.gather_rows(hsel_, xn_, logit_rows_dev_, n_logit_rows, C);
+  o.gemm_master(false, true, n_logit_rows, V, C, 1, hsel_, C, model_.lm_head_weight(), C, 0, logits_, V);
 }
 
 template <class T>
 void Generator<T>::extend_for_test(const int32_t* slots, const int32_t* positions, const int32_t* tokens, int64_t n,
-                                   T* logits_out) {
+                                   Master* logits_out) {
   SPPO_REQUIRE(n >= 1 && n <= max_rows_, "extend_for_test: ", n, " rows, at most ", max_rows_);
   for (int64_t i = 0; i < n; ++i) {
     SPPO_REQUIRE(slots[i] >= 0 && slots[i] < plan_.max_batch && positions[i] >= 0 && positions[i] < plan_.max_context,
@@ -221,8 +233,13 @@ void Generator<T>::extend_for_test(const int32_t* slots, const int32_t* position
     slots_[i] = slots[i], positions_[i] = positions[i], tokens_[i] = tokens[i];
   }
   extend(n, 0);
-  ops_->gemm(false, true, n, cfg_.vocab_size, cfg_.hidden_size, T(1), xn_, cfg_.hidden_size, model_.lm_head_weight(),
-             cfg_.hidden_size, T(0), logits_out, cfg_.vocab_size);
+  // Through the (max_batch, V) logits buffer, max_batch rows at a time.
+  const int64_t V = cfg_.vocab_size, C = cfg_.hidden_size;
+  for (int64_t r0 = 0; r0 < n; r0 += plan_.max_batch) {
+    const int64_t r = std::min<int64_t>(plan_.max_batch, n - r0);
+    ops_->gemm_master(false, true, r, V, C, 1, xn_ + r0 * C, C, model_.lm_head_weight(), C, 0, logits_, V);
+    ops_->download_bytes(logits_out + r0 * V, logits_, size_t(r * V) * sizeof(Master));
+  }
 }
 
 template <class T>
@@ -266,7 +283,7 @@ std::vector<SequenceResult> Generator<T>::generate(const std::vector<SequenceReq
   int64_t next_seq = 0, unfinished = n;
   std::vector<int64_t> sampling_slot(B);  // slot of each logit row
   std::vector<int32_t> sampled(B);
-  std::vector<double> sampled_lp(B);
+  std::vector<double> sampled_lp(B), draws(B);
   std::vector<TokenEvent> events;
   auto finish = [&](Slot& s, StopReason why) {
     results[s.seq].reason = why;
@@ -310,15 +327,12 @@ std::vector<SequenceResult> Generator<T>::generate(const std::vector<SequenceReq
       }
     }
     extend(rows, n_logits);
-    cpu_pool().parallel_for(n_logits, 1, [&](int64_t b, int64_t e) {
-      thread_local SamplerScratch<T> scratch;
-      for (int64_t i = b; i < e; ++i) {
-        const Slot& s = slots[sampling_slot[i]];
-        const SequenceRequest& r = seqs[s.seq];
-        const double u = uniform01(r.seed, r.stream, results[s.seq].tokens.size());
-        sampled[i] = sample_token(logits_ + i * V, V, o, u, &sampled_lp[i], scratch);
-      }
-    });
+    for (int64_t i = 0; i < n_logits; ++i) {
+      const Slot& s = slots[sampling_slot[i]];
+      const SequenceRequest& r = seqs[s.seq];
+      draws[i] = uniform01(r.seed, r.stream, results[s.seq].tokens.size());
+    }
+    if (n_logits > 0) ops_->sample(sampled.data(), sampled_lp.data(), logits_, n_logits, V, o, draws.data());
     events.clear();
     for (int64_t i = 0; i < n_logits; ++i) {
       Slot& s = slots[sampling_slot[i]];
@@ -340,7 +354,16 @@ std::vector<SequenceResult> Generator<T>::generate(const std::vector<SequenceReq
   return results;
 }
 
+template <class T>
+std::unique_ptr<GeneratorApi> Model<T>::make_generator(const GeneratorPlan& plan) const {
+  return std::make_unique<Generator<T>>(*this, plan, ops_->fresh());
+}
+
 template class Generator<float>;
 template class Generator<double>;
+template class Generator<bf16>;
+template std::unique_ptr<GeneratorApi> Model<float>::make_generator(const GeneratorPlan&) const;
+template std::unique_ptr<GeneratorApi> Model<double>::make_generator(const GeneratorPlan&) const;
+template std::unique_ptr<GeneratorApi> Model<bf16>::make_generator(const GeneratorPlan&) const;
 
 }  // namespace sppo

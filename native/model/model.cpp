@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "core/error.h"
 #include "core/rng.h"
@@ -15,8 +16,6 @@ namespace sppo {
 namespace {
 constexpr int64_t kAlign = 16;  // elements: keeps every tensor 64-byte aligned for float
 int64_t aligned(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-// Logits of the LM head exist one tile at a time: about 16 MiB of floats.
-constexpr int64_t kLogitChunkElems = int64_t(1) << 22;
 }  // namespace
 
 ModelConfig preset_config(const std::string& name) {
@@ -43,12 +42,13 @@ Model<T>::Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops
   plan_.validate(cfg_);
   build_param_table();
   try {
-    params_arena_ = alloc_tracked(n_params_, &mem_.params);
-    grads_arena_ = alloc_tracked(n_params_, &mem_.grads);
+    params_arena_ = alloc_tracked<T>(n_params_, &mem_.params);
+    if constexpr (!std::is_same_v<T, Master>) master_ = alloc_tracked<Master>(n_params_, &mem_.params);
+    grads_arena_ = alloc_tracked<Master>(n_params_, &mem_.grads);
     plan_buffers();
     build_rope_tables();
   } catch (...) {
-    for (T* p : owned_) ops_->free(p);
+    for (void* p : owned_) ops_->free_bytes(p);
     throw;
   }
   if (init) initialize();
@@ -56,14 +56,15 @@ Model<T>::Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops
 
 template <class T>
 Model<T>::~Model() {
-  for (T* p : owned_) ops_->free(p);
+  for (void* p : owned_) ops_->free_bytes(p);
 }
 
 template <class T>
-T* Model<T>::alloc_tracked(size_t n, size_t* counter) {
-  T* p = ops_->alloc(n);
+template <class E>
+E* Model<T>::alloc_tracked(size_t n, size_t* counter) {
+  E* p = static_cast<E*>(ops_->alloc_bytes(n * sizeof(E)));
   owned_.push_back(p);
-  *counter += n * sizeof(T);
+  *counter += n * sizeof(E);
   return p;
 }
 
@@ -131,15 +132,11 @@ void Model<T>::build_param_table() {
 }
 
 template <class T>
-typename Model<T>::LayerParams Model<T>::layer_params(T* base, int l) const {
+template <class E>
+typename Model<T>::template LayerParams<E> Model<T>::layer_params(E* base, int l) const {
   const LayerOffsets& o = layer_off_[l];
   return {base + o.attn_norm, base + o.wqkv, o.bqkv >= 0 ? base + o.bqkv : nullptr, base + o.wo,
           base + o.mlp_norm,  base + o.wgu,  base + o.wdown};
-}
-
-template <class T>
-T* Model<T>::lm_head(T* base) const {
-  return base + lm_head_off_;
 }
 
 template <class T>
@@ -150,41 +147,47 @@ void Model<T>::plan_buffers() {
   size_t* a = &mem_.activations;
   acts_.resize(cfg_.num_hidden_layers);
   for (auto& L : acts_) {
-    L.resid_in = alloc_tracked(N * C, a);
-    L.rstd1 = alloc_tracked(N, a);
-    L.qkv = alloc_tracked(N * QKV, a);
-    L.att = alloc_tracked(N * QD, a);
-    L.lse = alloc_tracked(N * H, a);
-    L.resid_mid = alloc_tracked(N * C, a);
-    L.rstd2 = alloc_tracked(N, a);
-    L.gu = alloc_tracked(N * 2 * F, a);
+    L.resid_in = alloc_tracked<T>(N * C, a);
+    L.rstd1 = alloc_tracked<Master>(N, a);
+    L.qkv = alloc_tracked<T>(N * QKV, a);
+    L.att = alloc_tracked<T>(N * QD, a);
+    L.lse = alloc_tracked<Master>(N * H, a);
+    L.resid_mid = alloc_tracked<T>(N * C, a);
+    L.rstd2 = alloc_tracked<Master>(N, a);
+    L.gu = alloc_tracked<T>(N * 2 * F, a);
   }
-  resid_out_ = alloc_tracked(N * C, a);
-  rstd_final_ = alloc_tracked(N, a);
-  hidden_ = alloc_tracked(N * C, a);
+  resid_out_ = alloc_tracked<T>(N * C, a);
+  rstd_final_ = alloc_tracked<Master>(N, a);
+  hidden_ = alloc_tracked<T>(N * C, a);
   size_t* s = &mem_.scratch;
-  xn_ = alloc_tracked(N * C, s);
-  ffn_ = alloc_tracked(N * F, s);
-  dresid_ = alloc_tracked(N * C, s);
-  dxn_ = alloc_tracked(N * C, s);
-  dqkv_ = alloc_tracked(N * QKV, s);
-  datt_ = alloc_tracked(N * QD, s);
-  dgu_ = alloc_tracked(N * 2 * F, s);
-  dffn_ = alloc_tracked(N * F, s);
-  logits_elems_ = std::min<int64_t>(kLogitChunkElems, N * V);
-  logits_chunk_ = alloc_tracked(logits_elems_, s);
-  gathered_h_ = alloc_tracked(N * C, s);
-  gathered_dh_ = alloc_tracked(N * C, s);
+  xn_ = alloc_tracked<T>(N * C, s);
+  ffn_ = alloc_tracked<T>(N * F, s);
+  dresid_ = alloc_tracked<T>(N * C, s);
+  dxn_ = alloc_tracked<T>(N * C, s);
+  dqkv_ = alloc_tracked<T>(N * QKV, s);
+  datt_ = alloc_tracked<T>(N * QD, s);
+  dgu_ = alloc_tracked<T>(N * 2 * F, s);
+  dffn_ = alloc_tracked<T>(N * F, s);
+  // At least one vocabulary row, so forward() can return logits a row block at a time.
+  // Logits exist one tile at a time, of the backend's size.
+  logits_elems_ = std::max<int64_t>(V, std::min<int64_t>(ops_->head_scratch_elems(), N * V));
+  logits_chunk_ = alloc_tracked<Master>(logits_elems_, s);
+  gathered_h_ = alloc_tracked<T>(N * C, s);
+  gathered_dh_ = alloc_tracked<T>(N * C, s);
   positions_.assign(N, 0);
   row_index_.assign(N, 0);
   targets_.assign(N, 0);
   logp_.assign(N, 0.0);
-  lse_.assign(N, 0.0);
   coef_.assign(N, 0.0);
+  tokens_dev_ = alloc_tracked<int32_t>(N, s);
+  positions_dev_ = alloc_tracked<int32_t>(N, s);
+  row_index_dev_ = alloc_tracked<int32_t>(N, s);
+  targets_dev_ = alloc_tracked<int32_t>(N, s);
+  logp_dev_ = alloc_tracked<double>(N, s);
+  lse_dev_ = alloc_tracked<double>(N, s);
+  coef_dev_ = alloc_tracked<double>(N, s);
   seq_logp_.assign(plan_.max_batch, 0.0);
   seq_grad_.assign(plan_.max_batch, 0.0);
-  mem_.scratch += (positions_.size() + row_index_.size() + targets_.size()) * sizeof(int32_t) +
-                  (logp_.size() + lse_.size() + coef_.size()) * sizeof(double);
   mem_.scratch += ops_->plan_scratch(plan_.max_seq, cfg_.head_dim);
 }
 
@@ -231,40 +234,59 @@ template void build_rope_tables<double>(const ModelConfig&, int64_t, double*, do
 template <class T>
 void Model<T>::build_rope_tables() {
   const int64_t half = cfg_.head_dim / 2, P = plan_.max_seq;
-  rope_cos_ = alloc_tracked(P * half, &mem_.scratch);
-  rope_sin_ = alloc_tracked(P * half, &mem_.scratch);
-  sppo::build_rope_tables(cfg_, P, rope_cos_, rope_sin_);
+  rope_cos_ = alloc_tracked<Master>(P * half, &mem_.scratch);
+  rope_sin_ = alloc_tracked<Master>(P * half, &mem_.scratch);
+  std::vector<Master> cos(P * half), sin(P * half);
+  sppo::build_rope_tables(cfg_, P, cos.data(), sin.data());
+  ops_->upload_bytes(rope_cos_, cos.data(), cos.size() * sizeof(Master));
+  ops_->upload_bytes(rope_sin_, sin.data(), sin.size() * sizeof(Master));
 }
 
 template <class T>
 typename Model<T>::LayerWeights Model<T>::layer_weights(int l) const {
   SPPO_REQUIRE(l >= 0 && l < cfg_.num_hidden_layers, "layer ", l, " out of range");
-  LayerParams p = layer_params(params_arena_, l);
+  LayerParams<T> p = layer_params(params_arena_, l);
   return {p.attn_norm, p.wqkv, p.bqkv, p.wo, p.mlp_norm, p.wgu, p.wdown};
+}
+
+template <class T>
+void Model<T>::write_params(int64_t at, const Master* src, int64_t n) {
+  if (master_) {
+    ops_->upload_bytes(master_ + at, src, size_t(n) * sizeof(Master));
+    ops_->cast(params_arena_ + at, master_ + at, n);
+  } else {
+    ops_->upload(params_arena_ + at, src, n);
+  }
 }
 
 template <class T>
 void Model<T>::initialize() {
   // Matrices ~ N(0, initializer_range) as transformers initialises Llama; norms 1; biases 0.
   // Stream = tensor index, so each tensor's values do not depend on the others or on threads.
+  // Values are drawn on the host a bounded chunk at a time and written through write_params.
+  constexpr int64_t kChunk = int64_t(1) << 22;
+  std::vector<Master> host;
   for (size_t k = 0; k < params_.size(); ++k) {
     const ParamInfo& p = params_[k];
-    T* dst = params_arena_ + p.offset;
     const bool is_norm = p.name.find("norm") != std::string::npos;
     const bool is_bias = p.name.size() >= 5 && p.name.compare(p.name.size() - 5, 5, ".bias") == 0;
-    if (is_norm) {
-      ops_->fill(dst, T(1), p.size);
-    } else if (is_bias) {
-      ops_->fill(dst, T(0), p.size);
-    } else {
-      const double std = cfg_.initializer_range;
-      const uint64_t seed = cfg_.seed;
-      cpu_pool().parallel_for(p.size, 1 << 14, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) dst[i] = T(std * standard_normal(seed, k, uint64_t(i)));
-      });
+    for (int64_t c0 = 0; c0 < p.size; c0 += kChunk) {
+      const int64_t len = std::min(kChunk, p.size - c0);
+      host.resize(size_t(len));
+      if (is_norm || is_bias) {
+        std::fill(host.begin(), host.end(), Master(is_norm ? 1 : 0));
+      } else {
+        const double std = cfg_.initializer_range;
+        const uint64_t seed = cfg_.seed;
+        cpu_pool().parallel_for(len, 1 << 14, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) host[i] = Master(std * standard_normal(seed, k, uint64_t(c0 + i)));
+        });
+      }
+      write_params(p.offset + c0, host.data(), len);
     }
   }
   zero_grad();
+  ops_->synchronize();
 }
 
 template <class T>
@@ -278,24 +300,36 @@ const ParamInfo& Model<T>::param(const std::string& name) const {
 }
 
 template <class T>
-void Model<T>::get_param(const std::string& name, T* dst) const {
+void Model<T>::get_param(const std::string& name, Master* dst) const {
   const ParamInfo& p = param(name);
-  std::memcpy(dst, params_arena_ + p.offset, p.size * sizeof(T));
+  if (master_)
+    ops_->download_bytes(dst, master_ + p.offset, size_t(p.size) * sizeof(Master));
+  else
+    ops_->download(dst, params_arena_ + p.offset, p.size);
 }
 
 template <class T>
-void Model<T>::set_param(const std::string& name, const T* src, int64_t n) {
+void Model<T>::set_param(const std::string& name, const Master* src, int64_t n) {
   const ParamInfo& p = param(name);
   SPPO_REQUIRE(n == p.size, "parameter '", name, "' has ", p.size, " elements, got ", n);
   for (int64_t i = 0; i < n; ++i)
     SPPO_REQUIRE(std::isfinite(double(src[i])), "parameter '", name, "' value at index ", i, " is not finite (",
                  double(src[i]), "); the model was left unchanged");
-  std::memcpy(params_arena_ + p.offset, src, n * sizeof(T));
+  write_params(p.offset, src, n);
+  ops_->synchronize();  // a generator (its own op set) may read the weights next
 }
 
 template <class T>
 void Model<T>::zero_grad() {
-  ops_->fill(grads_arena_, T(0), n_params_);
+  ops_->zero_bytes(grads_arena_, size_t(n_params_) * sizeof(Master));
+}
+
+template <class T>
+void Model<T>::upload_tokens(const int32_t* tokens, int64_t B, int64_t Tn) {
+  const int64_t N = B * Tn;
+  for (int64_t i = 0; i < N; ++i) positions_[i] = int32_t(i % Tn);
+  ops_->upload_bytes(tokens_dev_, tokens, size_t(N) * sizeof(int32_t));
+  ops_->upload_bytes(positions_dev_, positions_.data(), size_t(N) * sizeof(int32_t));
 }
 
 template <class T>
@@ -323,37 +357,44 @@ void Model<T>::forward_blocks(const int32_t* tokens, int64_t B, int64_t Tn) {
   const int64_t H = cfg_.num_attention_heads, KV = cfg_.num_key_value_heads, D = cfg_.head_dim;
   const int64_t QD = cfg_.q_dim(), QKV = cfg_.qkv_dim();
   const double eps = cfg_.rms_norm_eps;
-  for (int64_t i = 0; i < N; ++i) positions_[i] = int32_t(i % Tn);
+  upload_tokens(tokens, B, Tn);
   const AttentionShape shape{B, Tn, H, KV, D, QKV, 0, QD, QD + cfg_.kv_dim(), QD, 1.0 / std::sqrt(double(D))};
-  o.embedding_forward(acts_[0].resid_in, params_arena_ + embed_off_, tokens, N, C);
+  o.embedding_forward(acts_[0].resid_in, params_arena_ + embed_off_, tokens_dev_, N, C);
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     LayerActs& a = acts_[l];
-    LayerParams p = layer_params(params_arena_, l);
+    LayerParams<T> p = layer_params(params_arena_, l);
     o.rmsnorm_forward(xn_, a.rstd1, a.resid_in, p.attn_norm, N, C, eps);
-    o.gemm(false, true, N, QKV, C, T(1), xn_, C, p.wqkv, C, T(0), a.qkv, QKV);
+    o.gemm(false, true, N, QKV, C, 1, xn_, C, p.wqkv, C, 0, a.qkv, QKV);
     if (p.bqkv) o.add_bias(a.qkv, p.bqkv, N, QKV, QKV);
-    o.rope(a.qkv, N, QKV, 0, H, D, positions_.data(), rope_cos_, rope_sin_, false);
-    o.rope(a.qkv, N, QKV, QD, KV, D, positions_.data(), rope_cos_, rope_sin_, false);
+    o.rope(a.qkv, N, QKV, 0, H, D, positions_dev_, rope_cos_, rope_sin_, false);
+    o.rope(a.qkv, N, QKV, QD, KV, D, positions_dev_, rope_cos_, rope_sin_, false);
     o.attention_forward(a.att, a.lse, a.qkv, shape);
     o.copy(a.resid_mid, a.resid_in, N * C);
-    o.gemm(false, true, N, C, QD, T(1), a.att, QD, p.wo, QD, T(1), a.resid_mid, C);
+    o.gemm(false, true, N, C, QD, 1, a.att, QD, p.wo, QD, 1, a.resid_mid, C);
     o.rmsnorm_forward(xn_, a.rstd2, a.resid_mid, p.mlp_norm, N, C, eps);
-    o.gemm(false, true, N, 2 * F, C, T(1), xn_, C, p.wgu, C, T(0), a.gu, 2 * F);
+    o.gemm(false, true, N, 2 * F, C, 1, xn_, C, p.wgu, C, 0, a.gu, 2 * F);
     o.swiglu_forward(ffn_, a.gu, N, F);
     T* next = l + 1 < cfg_.num_hidden_layers ? acts_[l + 1].resid_in : resid_out_;
     o.copy(next, a.resid_mid, N * C);
-    o.gemm(false, true, N, C, F, T(1), ffn_, F, p.wdown, F, T(1), next, C);
+    o.gemm(false, true, N, C, F, 1, ffn_, F, p.wdown, F, 1, next, C);
   }
   o.rmsnorm_forward(hidden_, rstd_final_, resid_out_, params_arena_ + final_norm_off_, N, C, eps);
 }
 
 template <class T>
-void Model<T>::forward(const int32_t* tokens, int64_t B, int64_t Tn, T* hidden_out, T* logits_out) {
+void Model<T>::forward(const int32_t* tokens, int64_t B, int64_t Tn, Master* hidden_out, Master* logits_out) {
   validate_batch({tokens, nullptr, B, Tn}, false);
   forward_blocks(tokens, B, Tn);
   const int64_t N = B * Tn, C = cfg_.hidden_size, V = cfg_.vocab_size;
-  if (hidden_out) std::memcpy(hidden_out, hidden_, N * C * sizeof(T));
-  if (logits_out) ops_->gemm(false, true, N, V, C, T(1), hidden_, C, lm_head(params_arena_), C, T(0), logits_out, V);
+  if (hidden_out) ops_->download(hidden_out, hidden_, N * C);
+  if (!logits_out) return;
+  // Logits come back a row block at a time through the head's tile buffer (never N x V on the backend).
+  const int64_t rows = logits_elems_ / V;
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t r = std::min(rows, N - r0);
+    ops_->gemm_master(false, true, r, V, C, 1, hidden_ + r0 * C, C, lm_head(params_arena_), C, 0, logits_chunk_, V);
+    ops_->download_bytes(logits_out + r0 * V, logits_chunk_, size_t(r * V) * sizeof(Master));
+  }
 }
 
 template <class T>
@@ -368,10 +409,12 @@ int64_t Model<T>::gather_target_rows(const Batch& b) {
       if (b.target_mask && !b.target_mask[next]) continue;
       row_index_[n] = int32_t(r * Tn + t);
       targets_[n] = b.tokens[next];
-      std::memcpy(gathered_h_ + n * C, hidden_ + (r * Tn + t) * C, C * sizeof(T));
       ++n;
     }
   SPPO_REQUIRE(n > 0, "the target mask selects no tokens to predict (positions 1.. of some sequence must be set)");
+  ops_->upload_bytes(row_index_dev_, row_index_.data(), size_t(n) * sizeof(int32_t));
+  ops_->upload_bytes(targets_dev_, targets_.data(), size_t(n) * sizeof(int32_t));
+  ops_->gather_rows(gathered_h_, hidden_, row_index_dev_, n, C);
   return n;
 }
 
@@ -379,19 +422,25 @@ template <class T>
 void Model<T>::head_backward(int64_t n_rows, int64_t batch_tokens) {
   // coef_ holds dL/dlogp per gathered row; the result is dL/d(final hidden) in dxn_.
   const int64_t C = cfg_.hidden_size, V = cfg_.vocab_size;
-  ops_->head_logprobs_backward(gathered_dh_, lm_head(grads_arena_), gathered_h_, lm_head(params_arena_),
-                               targets_.data(), lse_.data(), coef_.data(), n_rows, C, V, logits_chunk_, logits_elems_);
-  ops_->fill(dxn_, T(0), batch_tokens * C);
-  for (int64_t i = 0; i < n_rows; ++i)
-    std::memcpy(dxn_ + int64_t(row_index_[i]) * C, gathered_dh_ + i * C, C * sizeof(T));
+  ops_->upload_bytes(coef_dev_, coef_.data(), size_t(n_rows) * sizeof(double));
+  ops_->head_logprobs_backward(gathered_dh_, lm_head(grads_arena_), gathered_h_, lm_head(params_arena_), targets_dev_,
+                               lse_dev_, coef_dev_, n_rows, C, V, logits_chunk_, logits_elems_);
+  ops_->zero_bytes(dxn_, size_t(batch_tokens * C) * sizeof(T));
+  ops_->scatter_rows(dxn_, gathered_dh_, row_index_dev_, n_rows, C);
+}
+
+template <class T>
+void Model<T>::head_logprobs(int64_t n) {
+  ops_->head_logprobs(logp_dev_, lse_dev_, gathered_h_, lm_head(params_arena_), targets_dev_, n, cfg_.hidden_size,
+                      cfg_.vocab_size, logits_chunk_, logits_elems_);
+  ops_->download_bytes(logp_.data(), logp_dev_, size_t(n) * sizeof(double));
 }
 
 template <class T>
 double Model<T>::head_loss(const Batch& b, double scale, bool grad, int64_t* target_tokens) {
-  const int64_t n = gather_target_rows(b), C = cfg_.hidden_size, V = cfg_.vocab_size;
+  const int64_t n = gather_target_rows(b);
   if (target_tokens) *target_tokens = n;
-  ops_->head_logprobs(logp_.data(), lse_.data(), gathered_h_, lm_head(params_arena_), targets_.data(), n, C, V,
-                      logits_chunk_, logits_elems_);
+  head_logprobs(n);
   double total = 0;
   for (int64_t i = 0; i < n; ++i) total -= logp_[i];
   if (grad) {
@@ -407,8 +456,7 @@ int64_t Model<T>::forward_sequence_logprobs(const Batch& b, double* seq_logp) {
   validate_batch(b, true);
   forward_blocks(b.tokens, b.batch, b.seq);
   const int64_t n = gather_target_rows(b);
-  ops_->head_logprobs(logp_.data(), lse_.data(), gathered_h_, lm_head(params_arena_), targets_.data(), n,
-                      cfg_.hidden_size, cfg_.vocab_size, logits_chunk_, logits_elems_);
+  head_logprobs(n);
   std::fill(seq_logp, seq_logp + b.batch, 0.0);
   for (int64_t i = 0; i < n; ++i) seq_logp[row_index_[i] / b.seq] += logp_[i];  // rows ascend: fixed order
   return n;
@@ -441,13 +489,13 @@ PreferenceMetrics Model<T>::accumulate_preference_gradients(const PreferenceBatc
   // Every token of a sequence carries that sequence's dloss/dlogp.
   for (int64_t i = 0; i < n; ++i) coef_[i] = scale * seq_grad_[row_index_[i] / b.seq];
   head_backward(n, b.batch * b.seq);
-  backward_blocks(b.tokens, b.batch, b.seq);
+  backward_blocks(b.batch, b.seq);
   return m;
 }
 
 template <class T>
-void Model<T>::backward_blocks(const int32_t* tokens, int64_t B, int64_t Tn) {
-  // Expects dxn_ = dL/d(final hidden). Recomputes normed inputs and swiglu outputs from the
+void Model<T>::backward_blocks(int64_t B, int64_t Tn) {
+  // Expects dxn_ = dL/d(final hidden), and the tokens of the forward pass still uploaded. Recomputes normed inputs and swiglu outputs from the
   // saved residuals instead of storing them (cheap next to the GEMMs, saves 3 (N,C|F) per layer).
   Ops<T>& o = *ops_;
   const int64_t N = B * Tn, C = cfg_.hidden_size, F = cfg_.intermediate_size;
@@ -455,35 +503,35 @@ void Model<T>::backward_blocks(const int32_t* tokens, int64_t B, int64_t Tn) {
   const int64_t QD = cfg_.q_dim(), QKV = cfg_.qkv_dim();
   const double eps = cfg_.rms_norm_eps;
   const AttentionShape shape{B, Tn, H, KV, D, QKV, 0, QD, QD + cfg_.kv_dim(), QD, 1.0 / std::sqrt(double(D))};
-  o.fill(dresid_, T(0), N * C);
+  o.zero_bytes(dresid_, size_t(N * C) * sizeof(T));
   o.rmsnorm_backward(dresid_, grads_arena_ + final_norm_off_, dxn_, resid_out_, params_arena_ + final_norm_off_,
                      rstd_final_, N, C);
   for (int l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
     LayerActs& a = acts_[l];
-    LayerParams p = layer_params(params_arena_, l);
-    LayerParams g = layer_params(grads_arena_, l);
+    LayerParams<T> p = layer_params(params_arena_, l);
+    LayerParams<Master> g = layer_params(grads_arena_, l);
     // MLP: resid_out = resid_mid + down(swiglu(gu(norm2(resid_mid)))).
     o.rmsnorm_forward(xn_, a.rstd2, a.resid_mid, p.mlp_norm, N, C, eps);
     o.swiglu_forward(ffn_, a.gu, N, F);
-    o.gemm(true, false, C, F, N, T(1), dresid_, C, ffn_, F, T(1), g.wdown, F);
-    o.gemm(false, false, N, F, C, T(1), dresid_, C, p.wdown, F, T(0), dffn_, F);
+    o.gemm_master(true, false, C, F, N, 1, dresid_, C, ffn_, F, 1, g.wdown, F);
+    o.gemm(false, false, N, F, C, 1, dresid_, C, p.wdown, F, 0, dffn_, F);
     o.swiglu_backward(dgu_, dffn_, a.gu, N, F);
-    o.gemm(true, false, 2 * F, C, N, T(1), dgu_, 2 * F, xn_, C, T(1), g.wgu, C);
-    o.gemm(false, false, N, C, 2 * F, T(1), dgu_, 2 * F, p.wgu, C, T(0), dxn_, C);
+    o.gemm_master(true, false, 2 * F, C, N, 1, dgu_, 2 * F, xn_, C, 1, g.wgu, C);
+    o.gemm(false, false, N, C, 2 * F, 1, dgu_, 2 * F, p.wgu, C, 0, dxn_, C);
     o.rmsnorm_backward(dresid_, g.mlp_norm, dxn_, a.resid_mid, p.mlp_norm, a.rstd2, N, C);
     // Attention: resid_mid = resid_in + o_proj(attn(rope(qkv(norm1(resid_in))))).
-    o.gemm(true, false, C, QD, N, T(1), dresid_, C, a.att, QD, T(1), g.wo, QD);
-    o.gemm(false, false, N, QD, C, T(1), dresid_, C, p.wo, QD, T(0), datt_, QD);
+    o.gemm_master(true, false, C, QD, N, 1, dresid_, C, a.att, QD, 1, g.wo, QD);
+    o.gemm(false, false, N, QD, C, 1, dresid_, C, p.wo, QD, 0, datt_, QD);
     o.attention_backward(dqkv_, datt_, a.qkv, a.att, a.lse, shape);
-    o.rope(dqkv_, N, QKV, 0, H, D, positions_.data(), rope_cos_, rope_sin_, true);
-    o.rope(dqkv_, N, QKV, QD, KV, D, positions_.data(), rope_cos_, rope_sin_, true);
+    o.rope(dqkv_, N, QKV, 0, H, D, positions_dev_, rope_cos_, rope_sin_, true);
+    o.rope(dqkv_, N, QKV, QD, KV, D, positions_dev_, rope_cos_, rope_sin_, true);
     if (g.bqkv) o.bias_backward(g.bqkv, dqkv_, N, QKV, QKV);
     o.rmsnorm_forward(xn_, a.rstd1, a.resid_in, p.attn_norm, N, C, eps);
-    o.gemm(true, false, QKV, C, N, T(1), dqkv_, QKV, xn_, C, T(1), g.wqkv, C);
-    o.gemm(false, false, N, C, QKV, T(1), dqkv_, QKV, p.wqkv, C, T(0), dxn_, C);
+    o.gemm_master(true, false, QKV, C, N, 1, dqkv_, QKV, xn_, C, 1, g.wqkv, C);
+    o.gemm(false, false, N, C, QKV, 1, dqkv_, QKV, p.wqkv, C, 0, dxn_, C);
     o.rmsnorm_backward(dresid_, g.attn_norm, dxn_, a.resid_in, p.attn_norm, a.rstd1, N, C);
   }
-  o.embedding_backward(grads_arena_ + embed_off_, dresid_, tokens, N, C);
+  o.embedding_backward(grads_arena_ + embed_off_, dresid_, tokens_dev_, N, C);
 }
 
 template <class T>
@@ -498,11 +546,12 @@ double Model<T>::accumulate_gradients(const Batch& b, double scale, int64_t* tar
   validate_batch(b, true);
   forward_blocks(b.tokens, b.batch, b.seq);
   const double loss = head_loss(b, scale, true, target_tokens);
-  backward_blocks(b.tokens, b.batch, b.seq);
+  backward_blocks(b.batch, b.seq);
   return loss;
 }
 
 template class Model<float>;
 template class Model<double>;
+template class Model<bf16>;
 
 }  // namespace sppo

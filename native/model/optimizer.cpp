@@ -11,10 +11,10 @@ template <class T>
 void Model<T>::set_optimizer(const OptimizerConfig& oc) {
   oc.validate();
   // State is allocated here, once, never in the step loop.
-  if (!opt_m_) opt_m_ = alloc_tracked(n_params_, &mem_.optimizer);
-  if (oc.kind == OptimizerConfig::Kind::AdamW && !opt_v_) opt_v_ = alloc_tracked(n_params_, &mem_.optimizer);
-  ops_->fill(opt_m_, T(0), n_params_);
-  if (opt_v_) ops_->fill(opt_v_, T(0), n_params_);
+  if (!opt_m_) opt_m_ = alloc_tracked<Master>(n_params_, &mem_.optimizer);
+  if (oc.kind == OptimizerConfig::Kind::AdamW && !opt_v_) opt_v_ = alloc_tracked<Master>(n_params_, &mem_.optimizer);
+  ops_->zero_bytes(opt_m_, size_t(n_params_) * sizeof(Master));
+  if (opt_v_) ops_->zero_bytes(opt_v_, size_t(n_params_) * sizeof(Master));
   opt_ = oc;
   step_ = 0;
   micro_ = 0;
@@ -79,14 +79,16 @@ StepResult Model<T>::optimizer_step() {
   for (const ParamInfo& p : params_) {
     const double decay = p.decay ? lr * opt_.weight_decay : 0.0;
     T* w = params_arena_ + p.offset;
-    const T* g = grads_arena_ + p.offset;
+    Master* mw = master_ ? master_ + p.offset : nullptr;
+    const Master* g = grads_arena_ + p.offset;
     if (opt_.kind == OptimizerConfig::Kind::AdamW)
-      ops_->adamw_update(w, g, opt_m_ + p.offset, opt_v_ + p.offset, p.size, lr, opt_.beta1, opt_.beta2, opt_.eps,
+      ops_->adamw_update(w, mw, g, opt_m_ + p.offset, opt_v_ + p.offset, p.size, lr, opt_.beta1, opt_.beta2, opt_.eps,
                          decay, clip, step_);
     else
-      ops_->rmsprop_update(w, g, opt_m_ + p.offset, p.size, lr, opt_.alpha, opt_.eps, decay, clip);
+      ops_->rmsprop_update(w, mw, g, opt_m_ + p.offset, p.size, lr, opt_.alpha, opt_.eps, decay, clip);
   }
   zero_grad();
+  ops_->synchronize();  // a generator (its own op set) may read the weights next
   r.stepped = true;
   r.step = step_;
   r.lr = lr;
@@ -102,6 +104,7 @@ StepResult Model<T>::optimizer_step() {
   template StepResult Model<T>::optimizer_step();
 SPPO_INSTANTIATE(float)
 SPPO_INSTANTIATE(double)
+SPPO_INSTANTIATE(bf16)
 #undef SPPO_INSTANTIATE
 
 }  // namespace sppo

@@ -1,12 +1,15 @@
 // The op interface: everything the model needs from a backend. The model (native/model) is
-// written once against it; native/cpu implements it for float and double (the double build is
-// the gradient-check reference), and the CUDA backend implements it for device memory.
+// written once against it; native/cpu implements it for float and double, native/cuda for bf16
+// on NVIDIA GPUs.
 //
-// Conventions: row-major; N = tokens (batch * seq); pointers are backend memory; "+=" outputs
-// accumulate, the others overwrite. Every op is deterministic for a fixed thread count.
+// Conventions: row-major; N = tokens (batch * seq); "+=" outputs accumulate, the others
+// overwrite. Every op is deterministic for a fixed thread count (CPU) or device (CUDA).
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+
+#include "core/bf16.h"
 
 namespace sppo {
 
@@ -19,54 +22,93 @@ struct AttentionShape {
   double scale;        // 1/sqrt(head_dim)
 };
 
+struct SamplingOptions;  // sppo/generate.h
+
+// T is the storage type of parameters and activations: float or double on the CPU (the double
+// build is the gradient-check reference), bf16 on CUDA. Master = master_t<T> (core/bf16.h) is the
+// precision of everything that accumulates or must not round: master weights, gradients,
+// optimizer state, RMSNorm statistics, attention log-sum-exps, logits; it is T itself for float
+// and double, float for bf16.
+//
+// Where memory lives: every tensor pointer, and the int32 index arrays (ids, positions, targets,
+// rows, slots) and the double per-row arrays of the head ops, are backend memory (host memory on
+// the CPU, device memory on CUDA), allocated with alloc_bytes. Host memory appears only where a
+// parameter says so: the sources and destinations of upload / download, and sample()'s draws and
+// results. Calls run in order on the backend; download and sample return once their results are
+// on the host.
 template <class T>
 class Ops {
  public:
+  using Master = master_t<T>;
   virtual ~Ops() = default;
   virtual const char* name() const = 0;
+  // A new op set on the same backend and device, with its own scratch (and stream).
+  virtual std::unique_ptr<Ops<T>> fresh() const = 0;
+  // Elements of Master scratch the model should give the fused head (head_logprobs) per call:
+  // the logits tile. Cache-sized on the CPU; on a GPU large enough that each tile's GEMMs fill it.
+  virtual int64_t head_scratch_elems() const { return int64_t(1) << 22; }
+  // Returns once every call made so far has finished (device work included). Needed where two
+  // op sets share memory: one's writes are not ordered before the other's reads otherwise.
+  virtual void synchronize() {}
 
-  // Memory. alloc returns zeroed, 64-byte aligned storage for n elements.
-  virtual T* alloc(size_t n) = 0;
-  virtual void free(T* p) = 0;
+  // Memory: zeroed backend storage of `bytes` bytes, 64-byte aligned. Failure throws sppo::Error
+  // naming the size (out of memory included).
+  virtual void* alloc_bytes(size_t bytes) = 0;
+  virtual void free_bytes(void* p) = 0;
   // Per-thread scratch the ops need for at most `max_seq` positions; called once at planning.
+  // Returns the bytes it set aside.
   virtual size_t plan_scratch(int64_t max_seq, int64_t head_dim) = 0;
+  // Byte copies host -> backend and backend -> host.
+  virtual void upload_bytes(void* dst, const void* src, size_t bytes) = 0;
+  virtual void download_bytes(void* dst, const void* src, size_t bytes) = 0;
+  // Host Master values -> backend T (rounded), and backend T -> host Master.
+  virtual void upload(T* dst, const Master* src, int64_t n) = 0;
+  virtual void download(Master* dst, const T* src, int64_t n) = 0;
+  // dst(n) = T(src(n)), both backend memory: refreshes working weights from master weights.
+  virtual void cast(T* dst, const Master* src, int64_t n) = 0;
 
-  // C(M,N) = alpha*op(A)*op(B) + beta*C (see cpu/gemm.h for the layout contract).
-  virtual void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-                    int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) = 0;
+  // C(M,N) = alpha*op(A)*op(B) + beta*C (row-major; see cpu/gemm.h for the layout contract).
+  virtual void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A,
+                    int64_t lda, const T* B, int64_t ldb, double beta, T* C, int64_t ldc) = 0;
+  // The same with C in Master precision (weight gradients accumulate in it, logits land in it).
+  virtual void gemm_master(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A,
+                           int64_t lda, const T* B, int64_t ldb, double beta, Master* C, int64_t ldc) = 0;
 
-  virtual void fill(T* x, T value, int64_t n) = 0;
+  virtual void fill(T* x, double value, int64_t n) = 0;
+  virtual void zero_bytes(void* x, size_t bytes) = 0;
   virtual void copy(T* dst, const T* src, int64_t n) = 0;
-  virtual void scale(T* x, T s, int64_t n) = 0;
-  // Sum of squares, accumulated in double in a fixed order.
-  virtual double sum_squares(const T* x, int64_t n) = 0;
+  // Sum of squares, accumulated in double in a fixed order (so it is the same run to run).
+  virtual double sum_squares(const Master* x, int64_t n) = 0;
   // True when every element is finite.
-  virtual bool all_finite(const T* x, int64_t n) = 0;
+  virtual bool all_finite(const Master* x, int64_t n) = 0;
 
   // out(N,C) = table[ids[i]]; dtable(V,C) += scatter of dout by ids.
   virtual void embedding_forward(T* out, const T* table, const int32_t* ids, int64_t N, int64_t C) = 0;
-  virtual void embedding_backward(T* dtable, const T* dout, const int32_t* ids, int64_t N, int64_t C) = 0;
+  virtual void embedding_backward(Master* dtable, const T* dout, const int32_t* ids, int64_t N, int64_t C) = 0;
+  // dst(n,C) = src[rows[i]] (gather); dst[rows[i]] = src(n,C) (scatter; other rows of dst untouched).
+  virtual void gather_rows(T* dst, const T* src, const int32_t* rows, int64_t n, int64_t C) = 0;
+  virtual void scatter_rows(T* dst, const T* src, const int32_t* rows, int64_t n, int64_t C) = 0;
 
   // out = x * rstd * w with rstd = 1/sqrt(mean(x^2) + eps), rstd(N) saved for backward.
-  virtual void rmsnorm_forward(T* out, T* rstd, const T* x, const T* w, int64_t N, int64_t C, double eps) = 0;
+  virtual void rmsnorm_forward(T* out, Master* rstd, const T* x, const T* w, int64_t N, int64_t C, double eps) = 0;
   // dx(N,C) += dL/dx; dw(C) += dL/dw.
-  virtual void rmsnorm_backward(T* dx, T* dw, const T* dout, const T* x, const T* w, const T* rstd, int64_t N,
+  virtual void rmsnorm_backward(T* dx, Master* dw, const T* dout, const T* x, const T* w, const Master* rstd, int64_t N,
                                 int64_t C) = 0;
 
   // x(N,C) += bias(C) on each row; dbias(C) += column sums of dout(N,C) (row stride ld).
   virtual void add_bias(T* x, const T* bias, int64_t N, int64_t C, int64_t ld) = 0;
-  virtual void bias_backward(T* dbias, const T* dout, int64_t N, int64_t C, int64_t ld) = 0;
+  virtual void bias_backward(Master* dbias, const T* dout, int64_t N, int64_t C, int64_t ld) = 0;
 
   // Rotary embedding (Hugging Face rotate-half) in place on `heads` heads of each row of x,
   // starting at column `off` (row stride ld). Token i has position positions[i]; cos/sin are
   // (max_pos, head_dim/2) tables. inverse=true applies the transpose (the backward pass).
   virtual void rope(T* x, int64_t N, int64_t ld, int64_t off, int64_t heads, int64_t head_dim,
-                    const int32_t* positions, const T* cos, const T* sin, bool inverse) = 0;
+                    const int32_t* positions, const Master* cos, const Master* sin, bool inverse) = 0;
 
   // Causal grouped-query attention over fused qkv rows; out(N, heads*head_dim), lse(B,H,T) saved.
-  virtual void attention_forward(T* out, T* lse, const T* qkv, const AttentionShape& s) = 0;
+  virtual void attention_forward(T* out, Master* lse, const T* qkv, const AttentionShape& s) = 0;
   // dqkv(N, qkv_stride) = gradients for q, k, v (overwritten; other columns untouched).
-  virtual void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse,
+  virtual void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const Master* lse,
                                   const AttentionShape& s) = 0;
 
   // gu(N, 2F) holds [gate | up]; out(N,F) = silu(gate) * up; dgu from dout.
@@ -78,20 +120,22 @@ class Ops {
   // the backward. Logits exist only a tile at a time, in `scratch_elems` elements of scratch;
   // the log-sum-exp runs online across vocabulary tiles.
   virtual void head_logprobs(double* logp, double* lse, const T* H, const T* W, const int32_t* targets, int64_t n,
-                             int64_t C, int64_t V, T* scratch, int64_t scratch_elems) = 0;
+                             int64_t C, int64_t V, Master* scratch, int64_t scratch_elems) = 0;
   // Its backward for per-row coefficients coef[i] = dL/dlogp[i]: dlogits = coef·(onehot − softmax),
   // recomputed chunk by chunk from lse; dH(n,C) = dlogits·W (overwritten), dW(V,C) += dlogitsᵀ·H.
-  virtual void head_logprobs_backward(T* dH, T* dW, const T* H, const T* W, const int32_t* targets,
+  virtual void head_logprobs_backward(T* dH, Master* dW, const T* H, const T* W, const int32_t* targets,
                                       const double* lse, const double* coef, int64_t n, int64_t C, int64_t V,
-                                      T* scratch, int64_t scratch_elems) = 0;
+                                      Master* scratch, int64_t scratch_elems) = 0;
 
   // Optimizer updates (element-wise; grad already scaled by the caller's clip factor `gscale`).
   // AdamW: m,v moments with bias correction (step is 1-based). RMSprop: PyTorch's, non-centred.
-  // `decay` is the decoupled weight-decay factor lr*wd (0 for norms and biases).
-  virtual void adamw_update(T* p, const T* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2,
-                            double eps, double decay, double gscale, int64_t step) = 0;
-  virtual void rmsprop_update(T* p, const T* g, T* sq, int64_t n, double lr, double alpha, double eps,
-                              double decay, double gscale) = 0;
+  // `decay` is the decoupled weight-decay factor lr*wd (0 for norms and biases). With master
+  // weights (`master` not null) the update applies to them and p becomes T(master); without,
+  // p itself is the master copy (Master == T).
+  virtual void adamw_update(T* p, Master* master, const Master* g, Master* m, Master* v, int64_t n, double lr,
+                            double beta1, double beta2, double eps, double decay, double gscale, int64_t step) = 0;
+  virtual void rmsprop_update(T* p, Master* master, const Master* g, Master* sq, int64_t n, double lr, double alpha,
+                              double eps, double decay, double gscale) = 0;
 
   // ---- Decoding with a KV cache (batched sampling) ----
   // Rows are new tokens of sequences held in a KV cache: row i is fused qkv as above, belongs to
@@ -106,6 +150,11 @@ class Ops {
   // and its slot's cache, never on the other rows of the call.
   virtual void attention_decode(T* out, const T* qkv, const T* k_cache, const T* v_cache, const int32_t* slots,
                                 const int32_t* positions, int64_t n, const AttentionShape& s) = 0;
+  // Samples one token from each row of logits(n, V) (backend) as sample_token (sppo/generate.h)
+  // specifies, row i with the uniform draw u[i] in (0,1); tokens[i] and raw_logprobs[i] (log
+  // softmax of the unmodified logits at the token) are host arrays, as is u.
+  virtual void sample(int32_t* tokens, double* raw_logprobs, const Master* logits, int64_t n, int64_t V,
+                      const SamplingOptions& o, const double* u) = 0;
 };
 
 }  // namespace sppo

@@ -50,10 +50,10 @@ SPPO_BENCH(fused_head) {
     std::vector<int32_t> targets(N);
     std::vector<double> coef(N, -1.0 / N), logp(N), lse(N);
     for (int64_t i = 0; i < N; ++i) targets[i] = int32_t(uniform01(3, 0, i) * V);
-    // The engine's tile budget: about 16 MiB of logits at a time (Model's kLogitChunkElems).
-    const int64_t chunk = int64_t(1) << 22;
-    std::vector<float> scratch(chunk);
+    // The tile budget the model gives the CPU head (Ops::head_scratch_elems, 16 MiB of logits).
     cpu::CpuOps<float> ops;
+    const int64_t chunk = ops.head_scratch_elems();
+    std::vector<float> scratch(chunk);
     const double fused = harness::median_seconds(3, [&] {
       ops.head_logprobs(logp.data(), lse.data(), H.data(), W.data(), targets.data(), N, C, V, scratch.data(), chunk);
       ops.head_logprobs_backward(dH.data(), dW.data(), H.data(), W.data(), targets.data(), lse.data(), coef.data(), N, C,

@@ -14,12 +14,14 @@
 #include "sppo/generate.h"
 #include "sppo/model.h"
 #include "tests/harness.h"
+#include "tests/sampling_reference.h"
 
 namespace sppo::cpu {
 bool gemm_force_kernel(const char* name);  // test hook defined in gemm.cpp
 }
 
 using namespace sppo;
+using namespace sppo::testutil;
 
 namespace {
 
@@ -65,14 +67,6 @@ std::vector<T> full_logits(Model<T>& m, const std::vector<int32_t>& tokens) {
   std::vector<T> out(tokens.size() * m.config().vocab_size);
   m.forward(tokens.data(), 1, int64_t(tokens.size()), nullptr, out.data());
   return out;
-}
-
-double log_softmax_at(const float* x, int64_t V, int32_t j) {
-  double mx = x[0];
-  for (int64_t i = 1; i < V; ++i) mx = std::max(mx, double(x[i]));
-  double s = 0;
-  for (int64_t i = 0; i < V; ++i) s += std::exp(double(x[i]) - mx);
-  return double(x[j]) - mx - std::log(s);
 }
 
 }  // namespace
@@ -158,7 +152,8 @@ SPPO_TEST(kv_cache_logits_match_full_forward_float) { check_cache_logits<float>(
 SPPO_TEST(kv_cache_logits_match_full_forward_double) { check_cache_logits<double>(1e-12); }
 
 // Chi-square goodness of fit of the sampler's draws on a fixed logit vector against
-// softmax(logits/T) restricted to the top-k / top-p set, computed here independently.
+// softmax(logits/T) restricted to the top-k / top-p set, computed independently
+// (sampling_reference.h).
 SPPO_TEST(sampler_matches_truncated_softmax_distribution) {
   const std::vector<float> logits = {1.2f, -0.3f, 2.5f, 0.0f, 2.5f, -1.7f, 0.9f, 1.8f, -0.5f, 0.4f, 3.1f, -2.2f};
   const int64_t V = int64_t(logits.size());
@@ -168,29 +163,12 @@ SPPO_TEST(sampler_matches_truncated_softmax_distribution) {
     double p;
   };
   for (Cfg cfg : {Cfg{1.0, 0, 1.0}, Cfg{0.7, 5, 1.0}, Cfg{1.3, 0, 0.8}, Cfg{0.5, 8, 0.9}, Cfg{2.0, 3, 0.5}}) {
-    // Expected: order ids by logit (desc, then id), keep top-k (with ties), softmax at T, then
-    // the smallest prefix reaching top_p.
-    std::vector<int> order(V);
-    for (int i = 0; i < V; ++i) order[i] = i;
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return logits[a] > logits[b]; });
-    int64_t keep = V;
-    if (cfg.k > 0) {
-      keep = cfg.k;
-      while (keep < V && logits[order[keep]] == logits[order[cfg.k - 1]]) ++keep;
-    }
-    std::vector<double> w(V, 0.0);
-    double z = 0;
-    for (int64_t i = 0; i < keep; ++i) z += w[order[i]] = std::exp(logits[order[i]] / cfg.t);
-    double cum = 0;
-    int64_t m = 0;
-    while (m < keep && cum < cfg.p * z) cum += w[order[m++]];
-    std::vector<double> expect(V, 0.0);
-    for (int64_t i = 0; i < m; ++i) expect[order[i]] = w[order[i]] / cum;
+    const std::vector<double> expect = truncated_distribution(logits, cfg.t, cfg.k, cfg.p);
 
     SamplingOptions o;
     o.temperature = cfg.t, o.top_k = cfg.k, o.top_p = cfg.p;
     const int draws = 200000;
-    std::vector<int> count(V, 0);
+    std::vector<int64_t> count(V, 0);
     SamplerScratch<float> work;
     for (int i = 0; i < draws; ++i) {
       double lp;
@@ -198,26 +176,13 @@ SPPO_TEST(sampler_matches_truncated_softmax_distribution) {
       EXPECT_NEAR(lp, log_softmax_at(logits.data(), V, tok), 1e-6);  // float exp
       ++count[tok];
     }
-    double chi2 = 0;
-    int df = -1;
-    for (int64_t j = 0; j < V; ++j) {
-      if (expect[j] == 0) {
-        EXPECT_TRUE(count[j] == 0, "token " << j << " is outside the top-k/top-p set but was drawn " << count[j]
-                                            << " times (T=" << cfg.t << " k=" << cfg.k << " p=" << cfg.p << ")");
-        continue;
-      }
-      const double e = expect[j] * draws;
-      chi2 += (count[j] - e) * (count[j] - e) / e;
-      ++df;
-    }
-    // p > 1e-4 via the Wilson–Hilferty normal approximation: z < 3.719.
-    double zscore = 0;
-    if (df > 0) {
-      const double a = 2.0 / (9.0 * df);
-      zscore = (std::cbrt(chi2 / df) - (1 - a)) / std::sqrt(a);
-    }
-    EXPECT_TRUE(zscore < 3.719, "chi2 " << chi2 << " on " << df << " df (T=" << cfg.t << " k=" << cfg.k
+    const ChiSquare fit = chi_square(expect, count, draws);
+    EXPECT_TRUE(fit.stray < 0, "token " << fit.stray << " is outside the top-k/top-p set but was drawn "
+                                        << count[fit.stray] << " times (T=" << cfg.t << " k=" << cfg.k
                                         << " p=" << cfg.p << ")");
+    // p > 1e-4 via the Wilson–Hilferty normal approximation: z < 3.719.
+    EXPECT_TRUE(fit.z < 3.719, "chi2 " << fit.chi2 << " on " << fit.df << " df (T=" << cfg.t << " k=" << cfg.k
+                                       << " p=" << cfg.p << ")");
   }
 }
 

@@ -36,6 +36,11 @@ struct Register {
 struct Failure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+// Thrown by a test that cannot run here (e.g. a CUDA test without a GPU): reported as skipped
+// with its reason, counted neither as passed nor as failed.
+struct Skipped : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 // Benchmarks: the median wall-clock seconds of `reps` calls after one warm-up call (which takes
 // the first-touch page faults and one-time scratch growth).

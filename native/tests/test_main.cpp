@@ -7,7 +7,7 @@
 
 int main(int argc, char** argv) {
   const char* filter = argc > 1 ? argv[1] : nullptr;
-  int passed = 0, failed = 0;
+  int passed = 0, failed = 0, skipped = 0;
   for (auto& c : sppo::harness::tests()) {
     if (filter && c.name.find(filter) == std::string::npos) continue;
     auto t0 = std::chrono::steady_clock::now();
@@ -16,12 +16,16 @@ int main(int argc, char** argv) {
       ++passed;
       double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       std::printf("ok    %s (%.0f ms)\n", c.name.c_str(), ms);
+    } catch (const sppo::harness::Skipped& e) {
+      ++skipped;
+      std::printf("skip  %s (%s)\n", c.name.c_str(), e.what());
     } catch (const std::exception& e) {
       ++failed;
       std::printf("FAIL  %s\n      %s\n", c.name.c_str(), e.what());
     }
     std::fflush(stdout);
   }
+  if (skipped) std::printf("%d skipped\n", skipped);
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;
 }

@@ -4,7 +4,8 @@ import { runDemo } from '../../demo/demo.js';
 import { PREFERENCE_LOSSES } from '../../engine/preference.js';
 import type { PreferenceLossName } from '../../engine/types.js';
 import type { IterationMetrics } from '../../sppo/run.js';
-import { integerOption, parseOptions, UsageError, type Command } from '../args.js';
+import type { Model } from '../../engine/model.js';
+import { deviceLine, deviceOption, integerOption, parseOptions, UsageError, type Command } from '../args.js';
 import { finishRun, INTERRUPTED, runInterruptibly } from '../session.js';
 import { compareTable } from '../table.js';
 
@@ -12,7 +13,7 @@ const DEFAULT_DIR = 'sppo-demo';
 /** The paper's comparison: SPPO against iterative DPO and IPO. */
 const COMPARED: readonly PreferenceLossName[] = ['sppo-pair', 'dpo', 'ipo'];
 
-const help = `Usage: sppo demo [--dir DIR] [--loss LOSS] [--iterations N] [--quick] [--compare]
+const help = `Usage: sppo demo [--dir DIR] [--loss LOSS] [--iterations N] [--quick] [--compare] [--device DEV]
 
 Trains a small policy on the styled-reversal task, whose preference is non-transitive with a
 known Nash equilibrium, so the duality gap is exact: supervised fine-tuning gives the base
@@ -23,6 +24,7 @@ policy π_0, then SPPO iterations against the oracle. Re-running the same comman
   --iterations N    SPPO iterations (default 3)
   --quick           fewer prompts and supervised steps (about a minute on two cores)
   --compare         run ${COMPARED.join(', ')} in DIR/<loss> and print them side by side
+  --device DEV      cpu | cuda | auto (default cpu; auto takes the GPU when one is usable)
   -h, --help        this text
 
 Prints a per-iteration table (win rate vs base and vs the previous iterate with 95% CIs, mean
@@ -45,11 +47,18 @@ export const demoCommand: Command = {
       iterations: { type: 'string' },
       quick: { type: 'boolean' },
       compare: { type: 'boolean' },
+      device: { type: 'string' },
     });
+    const device = deviceOption(values.device);
     const loss = lossOption(values.loss);
     if (values.compare && loss) throw new UsageError(`--compare runs ${COMPARED.join(', ')}; it takes no --loss`);
     const dir = path.resolve(values.dir ?? DEFAULT_DIR);
-    const common = { iterations: integerOption(values.iterations, 'iterations', 1), quick: values.quick ?? false };
+    const common = {
+      iterations: integerOption(values.iterations, 'iterations', 1),
+      quick: values.quick ?? false,
+      device,
+      onModel: (m: Model) => io.stdout.write(deviceLine(m, device)),
+    };
     const runs = values.compare ? COMPARED.map((l) => ({ loss: l, dir: path.join(dir, l) })) : [{ loss: loss ?? 'sppo-pair', dir }];
 
     const results: { name: string; metrics: IterationMetrics[] }[] = [];

@@ -12,7 +12,7 @@ import { Tokenizer } from '../../io/tokenizer.js';
 import { resolveStyledReversal } from '../../preference/styled-reversal.js';
 import type { PolicyText } from '../../sppo/run.js';
 import { readJson, writeTextAtomic } from '../../sppo/run-dir.js';
-import { integerOption, numberOption, parseOptions, requireOption, UsageError, type Command } from '../args.js';
+import { deviceLine, deviceOption, integerOption, numberOption, parseOptions, requireOption, UsageError, type Command } from '../args.js';
 import { Progress } from '../progress.js';
 import { chatPolicyText, contextLimit, requireChatTokenizer } from '../setup.js';
 
@@ -33,6 +33,7 @@ Samples responses from a checkpoint and writes JSON lines {prompt, response, log
   --max-new-tokens N     default 256 (--demo-run: the run's)
   --seed N               default 0
   --out FILE.jsonl       write here (atomically) instead of to stdout
+  --device DEV           cpu | cuda | auto (default cpu)
   -h, --help             this text`;
 
 /** Sequences decoded together for --model (a demo run uses its own generation.maxBatch). */
@@ -82,7 +83,9 @@ export const generateCommand: Command = {
       'max-new-tokens': { type: 'string' },
       seed: { type: 'string' },
       out: { type: 'string' },
+      device: { type: 'string' },
     });
+    const device = deviceOption(v.device);
     if ((v.model === undefined) === (v['demo-run'] === undefined)) throw new UsageError('give exactly one of --model DIR and --demo-run RUN_DIR');
     if (v.iteration !== undefined && v.model !== undefined) throw new UsageError('--iteration goes with --demo-run (for --model, name the checkpoint directory)');
     const promptFile = requireOption(v.prompts, 'prompts', 'generate');
@@ -115,7 +118,9 @@ export const generateCommand: Command = {
     // A sequence that reaches the context limit stops with stopReason 'contextFull'.
     const maxSeq = Math.min(limit, Math.max(...ids.map((p) => p.length)) + sampling.maxNewTokens);
     // Generation only: the model's own batch plan is minimal, the generator plans the KV cache.
-    const { model } = await loadPretrained(source.dir, { maxBatch: 1, maxSeq }, { training: false });
+    const { model } = await loadPretrained(source.dir, { maxBatch: 1, maxSeq }, { training: false, device });
+    // stdout may be the JSONL output: say where the model runs on stderr.
+    io.stderr.write(deviceLine(model, device));
     const progress = v.out !== undefined ? new Progress(io.stdout) : undefined;
     let out: GeneratedSequence[];
     try {

@@ -3,17 +3,19 @@ import { loadConfig, RunConfigError } from '../../config/load.js';
 import type { RunConfig } from '../../config/schema.js';
 import { demoSetup } from '../../demo/demo.js';
 import { runSppo, type RunSetup } from '../../sppo/run.js';
-import { parseOptions, requireOption, UsageError, type Command } from '../args.js';
+import { deviceLine, deviceOption, parseOptions, requireOption, UsageError, type Command } from '../args.js';
 import { finishRun, INTERRUPTED, runInterruptibly } from '../session.js';
 import { pretrainedSetup } from '../setup.js';
 
-const help = `Usage: sppo run --config FILE
+const help = `Usage: sppo run --config FILE [--device DEV]
 
 Runs SPPO as the config file (.yaml, .yml or .json) describes, or resumes the run in its
 run.dir: finished stages are read back, never recomputed. The config's schema is lib/config;
 unknown fields are refused and every error names its field.
 
   --config FILE   the run configuration (required)
+  --device DEV    cpu | cuda | auto: where the policy trains and generates (default cpu; not
+                  part of the config, so a run may resume on another device)
   -h, --help      this text
 
 model.preset 'demo' runs the embedded styled-reversal task (as \`sppo demo\`); model.path runs a
@@ -35,9 +37,12 @@ export const runCommand: Command = {
   summary: 'run (or resume) SPPO from a config file',
   help,
   async run(argv, io) {
-    const values = parseOptions('run', argv, { config: { type: 'string' } });
+    const values = parseOptions('run', argv, { config: { type: 'string' }, device: { type: 'string' } });
+    const device = deviceOption(values.device);
     const config = await readConfig(requireOption(values.config, 'config', 'run'));
-    const setup: RunSetup = config.model.preset === 'demo' ? demoSetup(config).setup : await pretrainedSetup(config);
+    const setup: RunSetup =
+      config.model.preset === 'demo' ? demoSetup(config, { device }).setup : await pretrainedSetup(config, { device });
+    io.stdout.write(deviceLine(setup.model, device));
     try {
       const result = await runInterruptibly(io, ['run', ...argv], (hooks) => runSppo(setup, hooks));
       if (!result) return INTERRUPTED;

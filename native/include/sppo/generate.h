@@ -30,7 +30,8 @@ struct SamplingOptions {
 };
 
 // One sequence to generate: its prompt and where its random numbers come from. Draw t of the
-// sequence is uniform01(seed, stream, t), so its tokens do not depend on the rest of the batch.
+// sequence is uniform01(seed, stream, t), so its tokens do not depend on the rest of the batch
+// (exactly on the CPU; on CUDA up to the last-bit logit differences noted at Generator).
 struct SequenceRequest {
   const int32_t* prompt = nullptr;
   int64_t prompt_len = 0;
@@ -67,39 +68,55 @@ template <class T>
 int32_t sample_token(const T* logits, int64_t V, const SamplingOptions& o, double u, double* raw_logprob,
                      SamplerScratch<T>& scratch);
 
-template <class T>
-class Generator {
+// The host-facing face of Generator<T>, whatever the backend (Model::make_generator makes one).
+class GeneratorApi {
  public:
+  virtual ~GeneratorApi() = default;
+  virtual const GeneratorPlan& plan() const = 0;
+  virtual size_t memory_bytes() const = 0;
+  // Throws sppo::Error naming the sequence, position and value of the first bad input.
+  virtual void validate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o) const = 0;
+  // Generates every sequence. `abort` (may be null) is read between steps; once set, every
+  // unfinished sequence ends with StopReason::Aborted and what it has so far. `on_step` (may be
+  // null) receives the tokens sampled by each step.
+  virtual std::vector<SequenceResult> generate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o,
+                                               const std::atomic<bool>* abort = nullptr,
+                                               const std::function<void(const std::vector<TokenEvent>&)>& on_step = {}) = 0;
+};
+
+template <class T>
+class Generator final : public GeneratorApi {
+ public:
+  using Master = master_t<T>;
   // Reads the model's weights at each step (the model must outlive the generator and not train
-  // during generate). `ops` is the generator's own op set, of the model's backend.
+  // during generate; the model synchronizes its op set after every weight change, so the
+  // generator's op set sees finished weights). `ops` is the generator's own op set, of the
+  // model's backend. On CUDA a row's logits may differ in the last bits with the number of rows
+  // in the step (cuBLASLt picks kernels per shape); the CPU's do not.
   Generator(const Model<T>& model, GeneratorPlan plan, std::unique_ptr<Ops<T>> ops);
   ~Generator();
   Generator(const Generator&) = delete;
   Generator& operator=(const Generator&) = delete;
 
-  const GeneratorPlan& plan() const { return plan_; }
-  size_t memory_bytes() const { return bytes_; }
-
-  // Throws sppo::Error naming the sequence, position and value of the first bad input.
-  void validate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o) const;
-  // Generates every sequence. `abort` (may be null) is read between steps; once set, every
-  // unfinished sequence ends with StopReason::Aborted and what it has so far. `on_step` (may be
-  // null) receives the tokens sampled by each step.
+  const GeneratorPlan& plan() const override { return plan_; }
+  size_t memory_bytes() const override { return bytes_; }
+  void validate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o) const override;
   std::vector<SequenceResult> generate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o,
                                        const std::atomic<bool>* abort = nullptr,
-                                       const std::function<void(const std::vector<TokenEvent>&)>& on_step = {});
+                                       const std::function<void(const std::vector<TokenEvent>&)>& on_step = {}) override;
 
   // For tests: one extend step over n rows (slot, position, token), writing every row's
-  // logits (n, V). n is at most max_batch + 256.
+  // logits (n, V) to host memory. n is at most max_batch + 256.
   void extend_for_test(const int32_t* slots, const int32_t* positions, const int32_t* tokens, int64_t n,
-                       T* logits_out);
+                       Master* logits_out);
 
  private:
   // One step over the n_rows rows (slot, position, token) in slots_/positions_/tokens_: leaves
   // every row's final-normed hidden state in xn_, and logits (n_logit_rows, V) of the rows listed
   // in logit_rows_ in logits_.
   void extend(int64_t n_rows, int64_t n_logit_rows);
-  T* alloc(size_t n);
+  template <class E>
+  E* alloc(size_t n);
 
   const Model<T>& model_;
   ModelConfig cfg_;
@@ -107,22 +124,24 @@ class Generator {
   std::unique_ptr<Ops<T>> ops_;
   int64_t max_rows_ = 0;  // rows per extend step (long prompts are prefilled in chunks)
   size_t bytes_ = 0;
-  std::vector<T*> owned_;
+  std::vector<void*> owned_;
 
   std::vector<T*> k_cache_, v_cache_;  // per layer (max_batch, KV, max_context, D)
-  T* rope_cos_ = nullptr;              // (max_context, D/2)
-  T* rope_sin_ = nullptr;
+  Master* rope_cos_ = nullptr;         // (max_context, D/2)
+  Master* rope_sin_ = nullptr;
   T* x_ = nullptr;       // (R, C) residual stream
   T* xn_ = nullptr;      // (R, C) normed input to a projection
-  T* rstd_ = nullptr;    // (R)
+  Master* rstd_ = nullptr;  // (R)
   T* qkv_ = nullptr;     // (R, QKV)
   T* att_ = nullptr;     // (R, H*D)
   T* gu_ = nullptr;      // (R, 2F)
   T* ffn_ = nullptr;     // (R, F)
   T* hsel_ = nullptr;    // (max_batch, C) hidden rows that need logits
-  T* logits_ = nullptr;  // (max_batch, V)
+  Master* logits_ = nullptr;  // (max_batch, V)
   std::vector<int32_t> slots_, positions_, tokens_;  // (R) the rows of the current step
   std::vector<int32_t> logit_rows_;                  // (max_batch) rows whose logits are wanted
+  int32_t *slots_dev_ = nullptr, *positions_dev_ = nullptr, *tokens_dev_ = nullptr;  // their backend copies
+  int32_t* logit_rows_dev_ = nullptr;
 };
 
 }  // namespace sppo

@@ -1,5 +1,8 @@
 // The Llama-family decoder (Llama, Mistral, Qwen2 shapes), written once against the op
-// interface. T is the storage type: float for the engine, double for gradient checks.
+// interface. T is the storage type of parameters and activations: float for the CPU engine,
+// double for gradient checks, bf16 on CUDA; Master = master_t<T> holds master weights, gradients,
+// optimizer state and statistics (ops/ops.h). Tensors live in backend memory; the public
+// methods take and return host memory unless they say otherwise.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -59,9 +62,40 @@ struct MemoryReport {
   size_t total() const { return params + grads + optimizer + activations + scratch; }
 };
 
-template <class T>
-class Model {
+struct GeneratorPlan;  // sppo/generate.h
+class GeneratorApi;
+
+// The host-facing face of Model<T>: the same for every T with the same Master type, so a caller
+// (the Node addon) holds a CPU float model and a CUDA bf16 model alike. Host memory throughout.
+template <class M>
+class ModelApi {
  public:
+  virtual ~ModelApi() = default;
+  virtual const char* backend() const = 0;  // "cpu" or "cuda"
+  virtual const ModelConfig& config() const = 0;
+  virtual MemoryReport memory() const = 0;
+  virtual const std::vector<ParamInfo>& params() const = 0;
+  virtual const ParamInfo& param(const std::string& name) const = 0;
+  virtual int64_t num_params() const = 0;
+  virtual void get_param(const std::string& name, M* dst) const = 0;
+  virtual void set_param(const std::string& name, const M* src, int64_t n) = 0;
+  virtual void forward(const int32_t* tokens, int64_t B, int64_t Tn, M* hidden_out, M* logits_out) = 0;
+  virtual double eval_loss(const Batch& batch, int64_t* target_tokens) = 0;
+  virtual void sequence_logprobs(const Batch& batch, double* seq_logp, double* token_logp) = 0;
+  virtual PreferenceMetrics eval_preference(const PreferenceBatch& batch, double* seq_logp) = 0;
+  virtual void set_optimizer(const OptimizerConfig& oc) = 0;
+  virtual StepResult train_step(const Batch& batch) = 0;
+  virtual PreferenceStepResult preference_step(const PreferenceBatch& batch, double* seq_logp) = 0;
+  virtual int64_t optimizer_steps() const = 0;
+  virtual int pending_micro_batches() const = 0;
+  // A generator with its own KV cache and op set over this model's weights (sppo/generate.h).
+  virtual std::unique_ptr<GeneratorApi> make_generator(const GeneratorPlan& plan) const = 0;
+};
+
+template <class T>
+class Model final : public ModelApi<master_t<T>> {
+ public:
+  using Master = master_t<T>;
   // initialize = false leaves the parameters zero, for callers that load every one of them
   // (drawing 0.5B normals costs far more than reading a checkpoint).
   Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops, bool initialize = true);
@@ -69,57 +103,60 @@ class Model {
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
 
-  const ModelConfig& config() const { return cfg_; }
+  const char* backend() const override { return ops_->name(); }
+  const ModelConfig& config() const override { return cfg_; }
   const MemoryPlan& plan() const { return plan_; }
   Ops<T>& ops() { return *ops_; }
-  MemoryReport memory() const;
+  MemoryReport memory() const override;
 
   // Parameters by Hugging Face name.
-  const std::vector<ParamInfo>& params() const { return params_; }
-  const ParamInfo& param(const std::string& name) const;
-  // Copies of / into one named tensor. set_param validates size and finiteness first and leaves
-  // the model unchanged on error.
-  void get_param(const std::string& name, T* dst) const;
-  void set_param(const std::string& name, const T* src, int64_t n);
+  const std::vector<ParamInfo>& params() const override { return params_; }
+  const ParamInfo& param(const std::string& name) const override;
+  // Host copies of / into one named tensor (in Master precision: the master weights when there
+  // are any). set_param validates size and finiteness first and leaves the model unchanged on error.
+  void get_param(const std::string& name, Master* dst) const override;
+  void set_param(const std::string& name, const Master* src, int64_t n) override;
+  // The arenas themselves, in backend memory (host memory on the CPU, where tests read them).
   T* param_data() { return params_arena_; }
-  T* grad_data() { return grads_arena_; }
-  int64_t num_params() const { return n_params_; }
+  Master* grad_data() { return grads_arena_; }
+  int64_t num_params() const override { return n_params_; }
   // Re-draws every parameter from config.seed (weights ~ N(0, initializer_range), norms 1, biases 0).
   void initialize();
 
   // Forward over tokens(B,T): final hidden states (B,T,hidden) after the last RMSNorm, and/or
-  // logits (B,T,vocab). Either output may be null.
-  void forward(const int32_t* tokens, int64_t B, int64_t Tn, T* hidden_out, T* logits_out);
+  // logits (B,T,vocab), into host memory. Either output may be null.
+  void forward(const int32_t* tokens, int64_t B, int64_t Tn, Master* hidden_out, Master* logits_out) override;
   // Mean next-token cross-entropy over the masked targets, without gradients.
-  double eval_loss(const Batch& batch, int64_t* target_tokens = nullptr);
+  double eval_loss(const Batch& batch, int64_t* target_tokens = nullptr) override;
   // Forward + backward: adds scale * d(mean loss)/dθ into the gradients; returns the loss.
   double accumulate_gradients(const Batch& batch, double scale, int64_t* target_tokens = nullptr);
   void zero_grad();
 
   // Σ over each row's target tokens of log π(token | prefix), in double: seq_logp (batch);
   // token_logp (batch, seq), when not null, gets each target token's log-prob (0 elsewhere).
-  void sequence_logprobs(const Batch& batch, double* seq_logp, double* token_logp);
+  void sequence_logprobs(const Batch& batch, double* seq_logp, double* token_logp) override;
   // The preference loss of a batch without gradients; seq_logp (batch) receives log π_θ(y|x).
-  PreferenceMetrics eval_preference(const PreferenceBatch& batch, double* seq_logp);
+  PreferenceMetrics eval_preference(const PreferenceBatch& batch, double* seq_logp) override;
   // Forward, fused head + preference loss, backward: adds scale * dloss/dθ into the gradients.
   PreferenceMetrics accumulate_preference_gradients(const PreferenceBatch& batch, double scale, double* seq_logp);
 
   // Optimizer (created by set_optimizer; resets its state and step count).
-  void set_optimizer(const OptimizerConfig& oc);
+  void set_optimizer(const OptimizerConfig& oc) override;
   const OptimizerConfig& optimizer_config() const { return opt_; }
   // One training call: accumulate_gradients with scale 1/grad_accum_steps, then an optimizer
   // step when grad_accum_steps micro-batches have been accumulated.
-  StepResult train_step(const Batch& batch);
+  StepResult train_step(const Batch& batch) override;
   // The same for a preference batch (SPPO, DPO, IPO ...); seq_logp (batch) may be null.
-  PreferenceStepResult preference_step(const PreferenceBatch& batch, double* seq_logp = nullptr);
-  int64_t optimizer_steps() const { return step_; }
-  int pending_micro_batches() const { return micro_; }
+  PreferenceStepResult preference_step(const PreferenceBatch& batch, double* seq_logp = nullptr) override;
+  int64_t optimizer_steps() const override { return step_; }
+  int pending_micro_batches() const override { return micro_; }
+  std::unique_ptr<GeneratorApi> make_generator(const GeneratorPlan& plan) const override;  // generate.cpp
 
   // Read-only views of the weights, for code that runs the same network another way (the
   // KV-cache decoder). Fused blocks: wqkv (q_dim+2*kv_dim, C), wgu (2F, C) = [gate; up].
   struct LayerWeights {
     const T *attn_norm, *wqkv, *bqkv /* null without attention_bias */, *wo, *mlp_norm, *wgu, *wdown;
-  };
+  };  // backend memory
   LayerWeights layer_weights(int l) const;
   const T* embedding() const { return params_arena_ + embed_off_; }
   const T* final_norm_weight() const { return params_arena_ + final_norm_off_; }
@@ -127,36 +164,49 @@ class Model {
 
   // Validates a batch against the vocabulary and the memory plan (throws sppo::Error).
   void validate_batch(const Batch& batch, bool need_targets) const;
-  // The rotary tables (max_position_embeddings, head_dim/2), for tests.
-  const T* rope_cos() const { return rope_cos_; }
-  const T* rope_sin() const { return rope_sin_; }
+  // The rotary tables (plan.max_seq, head_dim/2) in backend memory, for tests.
+  const Master* rope_cos() const { return rope_cos_; }
+  const Master* rope_sin() const { return rope_sin_; }
 
  private:
+  // One layer's tensors inside a parameter-shaped arena (parameters: T, gradients: Master).
+  template <class E>
   struct LayerParams {
-    T *attn_norm, *wqkv, *bqkv, *wo, *mlp_norm, *wgu, *wdown;
+    E *attn_norm, *wqkv, *bqkv, *wo, *mlp_norm, *wgu, *wdown;
   };
   struct LayerActs {
-    T *resid_in;   // (N, C) residual stream entering the layer
-    T *rstd1;      // (N)
-    T *qkv;        // (N, QKV) after bias and rotary
-    T *att;        // (N, H*D) attention output before o_proj
-    T *lse;        // (B, H, T)
-    T *resid_mid;  // (N, C) after the attention residual
-    T *rstd2;      // (N)
-    T *gu;         // (N, 2F) gate|up pre-activations
+    T* resid_in;       // (N, C) residual stream entering the layer
+    Master* rstd1;     // (N)
+    T* qkv;            // (N, QKV) after bias and rotary
+    T* att;            // (N, H*D) attention output before o_proj
+    Master* lse;       // (B, H, T)
+    T* resid_mid;      // (N, C) after the attention residual
+    Master* rstd2;     // (N)
+    T* gu;             // (N, 2F) gate|up pre-activations
   };
 
   void build_param_table();
   void plan_buffers();
   void build_rope_tables();
-  T* alloc_tracked(size_t n, size_t* counter);
-  LayerParams layer_params(T* base, int l) const;
-  T* lm_head(T* base) const;
+  template <class E>
+  E* alloc_tracked(size_t n, size_t* counter);
+  template <class E>
+  LayerParams<E> layer_params(E* base, int l) const;
+  template <class E>
+  E* lm_head(E* base) const {
+    return base + lm_head_off_;
+  }
+  // Writes host values into parameter elements [at, at + n) (the master copy too, if any).
+  void write_params(int64_t at, const Master* src, int64_t n);
+  // Uploads tokens(B,T) and their positions for forward_blocks / backward_blocks.
+  void upload_tokens(const int32_t* tokens, int64_t B, int64_t Tn);
   void forward_blocks(const int32_t* tokens, int64_t B, int64_t Tn);
   int64_t gather_target_rows(const Batch& batch);
   void head_backward(int64_t n_rows, int64_t batch_tokens);
+  // The fused head over the n gathered rows: logp_ (host) and the backend lse for the backward.
+  void head_logprobs(int64_t n);
   double head_loss(const Batch& batch, double scale, bool grad, int64_t* target_tokens);
-  void backward_blocks(const int32_t* tokens, int64_t B, int64_t Tn);
+  void backward_blocks(int64_t B, int64_t Tn);
   StepResult optimizer_step();
   // One micro-batch: accumulate(scale) adds gradients and returns the loss; steps the
   // optimizer when the accumulation is complete, discards the gradients on any failure.
@@ -180,18 +230,19 @@ class Model {
   int64_t embed_off_ = 0, final_norm_off_ = 0, lm_head_off_ = 0;
 
   T* params_arena_ = nullptr;
-  T* grads_arena_ = nullptr;
-  T* opt_m_ = nullptr;  // AdamW first moment / RMSprop square average
-  T* opt_v_ = nullptr;  // AdamW second moment
+  Master* master_ = nullptr;  // fp32 master weights when T is narrower (bf16); else null
+  Master* grads_arena_ = nullptr;
+  Master* opt_m_ = nullptr;  // AdamW first moment / RMSprop square average
+  Master* opt_v_ = nullptr;  // AdamW second moment
   int64_t step_ = 0;
   int micro_ = 0;
 
   MemoryReport mem_;
-  std::vector<T*> owned_;
+  std::vector<void*> owned_;
   std::vector<LayerActs> acts_;
-  T* resid_out_ = nullptr;   // (N, C) residual after the last layer
-  T* rstd_final_ = nullptr;  // (N)
-  T* hidden_ = nullptr;      // (N, C) final normed hidden states
+  T* resid_out_ = nullptr;        // (N, C) residual after the last layer
+  Master* rstd_final_ = nullptr;  // (N)
+  T* hidden_ = nullptr;           // (N, C) final normed hidden states
   // Scratch reused by every layer.
   T* xn_ = nullptr;          // (N, C) normed input to a projection
   T* ffn_ = nullptr;         // (N, F) swiglu output
@@ -201,17 +252,20 @@ class Model {
   T* datt_ = nullptr;        // (N, H*D)
   T* dgu_ = nullptr;         // (N, 2F)
   T* dffn_ = nullptr;        // (N, F)
-  T* logits_chunk_ = nullptr;  // (logits_elems_) the only logits that ever exist in training
+  Master* logits_chunk_ = nullptr;  // (logits_elems_) the only logits that ever exist in training
   T* gathered_h_ = nullptr;    // (N, C) final hidden rows that have a target
   T* gathered_dh_ = nullptr;   // (N, C)
+  // Host side of the per-token index arrays, and their backend copies (uploaded per call).
   std::vector<int32_t> positions_;   // (N)
   std::vector<int32_t> row_index_;   // (N) token index of each gathered row
   std::vector<int32_t> targets_;     // (N) target token of each gathered row
-  std::vector<double> logp_, lse_, coef_;  // (N) per gathered row
+  std::vector<double> logp_, coef_;  // (N) per gathered row
+  int32_t *tokens_dev_ = nullptr, *positions_dev_ = nullptr, *row_index_dev_ = nullptr, *targets_dev_ = nullptr;
+  double *logp_dev_ = nullptr, *lse_dev_ = nullptr, *coef_dev_ = nullptr;
   std::vector<double> seq_logp_, seq_grad_;  // (max_batch) per sequence
   int64_t logits_elems_ = 0;  // size of logits_chunk_
-  T* rope_cos_ = nullptr;
-  T* rope_sin_ = nullptr;
+  Master* rope_cos_ = nullptr;
+  Master* rope_sin_ = nullptr;
 };
 
 // Rotary tables for positions [0, n_pos): cos/sin (n_pos, head_dim/2), with rope_scaling applied.

@@ -1,0 +1,862 @@
+// Causal grouped-query attention on the GPU: the flash-style forward, the flash-attention-2
+// backward (dQ, and dK/dV, each by its own kernel so every output has one writer and a fixed
+// summation order: no float atomics), and the KV-cache write and split decode of batched sampling.
+//
+// All math is fp32 from bf16 tiles staged (as fp32) in shared memory; the softmax runs in the
+// base-2 domain (scores pre-multiplied by scale*log2(e)), and log-sum-exps are saved in the
+// natural log, as the CPU backend saves them (native/cpu/cpu_ops.cpp is the reference).
+#include <algorithm>
+#include <climits>
+#include <string>
+#include <unordered_map>
+
+#include "core/error.h"
+#include "cuda/cuda_common.cuh"
+#include "cuda/cuda_ops.cuh"
+
+namespace sppo::cuda {
+
+namespace {
+
+// ---- Tiling shared by the forward and backward kernels ----
+// A block owns kTile queries (or keys) of one (batch, head) and walks kTile-row tiles of the
+// other side up to the causal limit. Its 256 threads are a 16 x 16 grid: thread (ty, tx) owns
+// rows ty*4 .. ty*4+3 of the block's tile and columns tx, tx+16, tx+32, ... of the other
+// (key columns of a score tile, or head-dim columns of an accumulator).
+constexpr int kTile = 64;
+constexpr int kThreads = 256;
+constexpr int kRowsPerThread = 4;         // kTile / 16
+constexpr int kPStride = kTile + 4;       // score tiles: the two row groups of a warp hit disjoint banks
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Head-dim tiles: fp32 rows of DMAX + 1 floats (an odd stride), so both access patterns are free
+// of bank conflicts: 16 threads reading column d of 16 different rows, and threads reading
+// consecutive columns of one row.
+template <int DMAX>
+constexpr int row_stride() {
+  return DMAX + 1;
+}
+
+struct AttnParams {
+  int B, T, H, KV, D, group;
+  int64_t qkv_stride, q_off, k_off, v_off, out_stride;
+  float scale_log2;  // scale * log2(e)
+  int n_tiles;       // ceil(T / kTile)
+};
+
+// Stages rows [0, valid) of a (rows, D) block at `src` (row stride ld) into the fp32 tile dst
+// (kTile, DMAX+1); rows >= valid and columns >= D become zeros, so padded lanes add nothing
+// (and never NaN: a masked probability times stale shared memory could be 0 * NaN).
+template <int DMAX>
+__device__ __forceinline__ void stage_tile(float* __restrict__ dst, const __nv_bfloat16* __restrict__ src,
+                                           int64_t ld, int valid, int D) {
+  constexpr int LD = row_stride<DMAX>();
+  constexpr int kPerThread = kTile * DMAX / kThreads;  // 8, 16 or 32
+  constexpr int kBatch = 8;                            // loads in flight per thread before the stores
+  static_assert(kPerThread % kBatch == 0, "tile elements must split evenly over the threads");
+#pragma unroll 1
+  for (int b0 = 0; b0 < kPerThread; b0 += kBatch) {
+    float v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int e = (b0 + u) * kThreads + threadIdx.x, r = e / DMAX, c = e % DMAX;
+      v[u] = (r < valid && c < D) ? to_f(src[int64_t(r) * ld + c]) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int e = (b0 + u) * kThreads + threadIdx.x;
+      dst[(e / DMAX) * LD + e % DMAX] = v[u];
+    }
+  }
+}
+
+// Sum / max over the 16 lanes of a half-warp (the 16 threads sharing ty). The butterfly leaves
+// every lane with the same bits, and the order is fixed, so the result is deterministic.
+__device__ __forceinline__ float sum16(float x) {
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+__device__ __forceinline__ float max16(float x) {
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float sum32(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+__device__ __forceinline__ float max32(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+template <int DMAX>
+constexpr size_t forward_smem() {  // Q, K, V tiles + P
+  return sizeof(float) * (3 * kTile * row_stride<DMAX>() + kTile * kPStride);
+}
+template <int DMAX>
+constexpr size_t backward_dq_smem() {  // Q, dO, K, V tiles + dS + lse, delta
+  return sizeof(float) * (4 * kTile * row_stride<DMAX>() + kTile * kPStride + 2 * kTile);
+}
+template <int DMAX>
+constexpr size_t backward_dkdv_smem() {  // K, V, Q, dO tiles + P, dS + lse, delta
+  return sizeof(float) * (4 * kTile * row_stride<DMAX>() + 2 * kTile * kPStride + 2 * kTile);
+}
+
+// ---- Forward ----
+// Block: kTile queries of one (batch, head); grid: n_tiles * B * H, heaviest (last) query tiles
+// first. For each key tile up to the diagonal: S = Q Kᵀ (4x4 scores per thread), online softmax
+// per row (running max m and a thread-partial sum l, rescaled by the row-uniform alpha), then
+// O += P V from the P tile in shared memory.
+template <int DMAX>
+__global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(__nv_bfloat16* __restrict__ out,
+                                                                     float* __restrict__ lse,
+                                                                     const __nv_bfloat16* __restrict__ qkv,
+                                                                     AttnParams p) {
+  constexpr int LD = row_stride<DMAX>(), CPT = DMAX / 16;
+  extern __shared__ float smem[];
+  float* Qs = smem;               // (kTile, LD)
+  float* Ks = Qs + kTile * LD;    // (kTile, LD)
+  float* Vs = Ks + kTile * LD;    // (kTile, LD)
+  float* Ps = Vs + kTile * LD;    // (kTile, kPStride)
+
+  const int BH = p.B * p.H;
+  const int bh = int(blockIdx.x % unsigned(BH));
+  const int qt = p.n_tiles - 1 - int(blockIdx.x / unsigned(BH));
+  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  const int q0 = qt * kTile;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
+
+  stage_tile<DMAX>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride,
+                   min(kTile, p.T - q0), p.D);
+
+  float m[kRowsPerThread], l[kRowsPerThread], o[kRowsPerThread][CPT];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.f;
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) o[i][c] = 0.f;
+  }
+
+  // Causal: key tiles 0..qt (query and key tiles are the same size). The first tile holds key 0,
+  // visible to every query, so each row's running max is finite from the first tile on.
+  for (int kt = 0; kt <= qt; ++kt) {
+    const int k0 = kt * kTile;
+    __syncthreads();  // the previous tile's P V reads are done before K, V are overwritten
+    const __nv_bfloat16* kv_rows = base + int64_t(k0) * p.qkv_stride + int64_t(kvh) * p.D;
+    stage_tile<DMAX>(Ks, kv_rows + p.k_off, p.qkv_stride, min(kTile, p.T - k0), p.D);
+    stage_tile<DMAX>(Vs, kv_rows + p.v_off, p.qkv_stride, min(kTile, p.T - k0), p.D);
+    __syncthreads();
+
+    float s[kRowsPerThread][4];
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[i][j] = 0.f;
+#pragma unroll 8
+    for (int d = 0; d < DMAX; ++d) {
+      float qv[kRowsPerThread], kv[4];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) qv[i] = Qs[(ty * kRowsPerThread + i) * LD + d];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) kv[j] = Ks[(tx + 16 * j) * LD + d];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s[i][j] = fmaf(qv[i], kv[j], s[i][j]);
+    }
+
+    const bool diagonal = kt == qt;
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int q = q0 + ty * kRowsPerThread + i;
+      float mt = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int k = k0 + tx + 16 * j;
+        s[i][j] = (diagonal && k > q) ? -INFINITY : s[i][j] * p.scale_log2;
+        mt = fmaxf(mt, s[i][j]);
+      }
+      const float m_new = fmaxf(m[i], max16(mt));
+      const float alpha = exp2f(m[i] - m_new);  // 0 on the first tile (m = -inf, m_new finite)
+      m[i] = m_new;
+      float rs = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        s[i][j] = exp2f(s[i][j] - m_new);  // masked: exp2(-inf) = 0
+        rs += s[i][j];
+      }
+      l[i] = l[i] * alpha + rs;
+#pragma unroll
+      for (int c = 0; c < CPT; ++c) o[i][c] *= alpha;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) Ps[(ty * kRowsPerThread + i) * kPStride + tx + 16 * j] = s[i][j];
+    }
+    __syncthreads();
+
+#pragma unroll 4
+    for (int k = 0; k < kTile; ++k) {
+      float pv[kRowsPerThread], vv[CPT];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) pv[i] = Ps[(ty * kRowsPerThread + i) * kPStride + k];
+#pragma unroll
+      for (int c = 0; c < CPT; ++c) vv[c] = Vs[k * LD + tx + 16 * c];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) o[i][c] = fmaf(pv[i], vv[c], o[i][c]);
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int q = q0 + ty * kRowsPerThread + i;
+    const float total = sum16(l[i]);  // every lane takes part in the shuffle, valid row or not
+    if (q >= p.T) continue;
+    const float inv = 1.f / total;
+    __nv_bfloat16* orow = out + (int64_t(b) * p.T + q) * p.out_stride + int64_t(h) * p.D;
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+      const int col = tx + 16 * c;
+      if (col < p.D) orow[col] = to_bf(o[i][c] * inv);
+    }
+    if (tx == 0) lse[(int64_t(b) * p.H + h) * p.T + q] = (m[i] + log2f(total)) * kLn2;
+  }
+}
+
+// ---- Backward ----
+// delta(B, H, T) = rowsum(dO ∘ O) per (row, head): one warp each, lanes over the head dim.
+__global__ void attention_delta_kernel(float* __restrict__ delta, const __nv_bfloat16* __restrict__ dout,
+                                       const __nv_bfloat16* __restrict__ out, int B, int T, int H, int D,
+                                       int64_t out_stride) {
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= int64_t(B) * T * H) return;  // whole warps leave together (blockDim is a multiple of 32)
+  const int h = int(warp % H);
+  const int64_t row = warp / H;  // b * T + t
+  const int64_t at = row * out_stride + int64_t(h) * D;
+  float acc = 0.f;
+  for (int d = lane; d < D; d += 32) acc = fmaf(to_f(dout[at + d]), to_f(out[at + d]), acc);
+  acc = sum32(acc);
+  if (lane == 0) {
+    const int64_t b = row / T, t = row % T;
+    delta[(b * H + h) * T + t] = acc;
+  }
+}
+
+// Loads a tile's log-sum-exps (as base 2) and deltas; rows past T get zeros.
+__device__ __forceinline__ void stage_row_stats(float* lse2_s, float* delta_s, const float* lse, const float* delta,
+                                                int64_t at, int valid) {
+  for (int r = threadIdx.x; r < kTile; r += kThreads) {
+    lse2_s[r] = r < valid ? lse[at + r] * kLog2e : 0.f;
+    delta_s[r] = r < valid ? delta[at + r] : 0.f;
+  }
+}
+
+// dQ: block per (query tile, head, batch), grid n_tiles * B * H (heaviest first). For each key
+// tile up to the diagonal it recomputes P = exp(S - lse) and dP = dO Vᵀ, forms
+// dS = P ∘ (dP - delta) in shared memory and accumulates dQ += dS K; dQ *= scale at the end.
+template <int DMAX>
+__global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(
+    __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
+    const float* __restrict__ lse, const float* __restrict__ delta, AttnParams p, float scale) {
+  constexpr int LD = row_stride<DMAX>(), CPT = DMAX / 16;
+  extern __shared__ float smem[];
+  float* Qs = smem;                   // (kTile, LD)
+  float* dOs = Qs + kTile * LD;       // (kTile, LD)
+  float* Ks = dOs + kTile * LD;       // (kTile, LD)
+  float* Vs = Ks + kTile * LD;        // (kTile, LD)
+  float* dSs = Vs + kTile * LD;       // (kTile, kPStride)
+  float* lse2_s = dSs + kTile * kPStride;
+  float* delta_s = lse2_s + kTile;
+
+  const int BH = p.B * p.H;
+  const int bh = int(blockIdx.x % unsigned(BH));
+  const int qt = p.n_tiles - 1 - int(blockIdx.x / unsigned(BH));
+  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  const int q0 = qt * kTile, q_valid = min(kTile, p.T - q0);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
+
+  stage_tile<DMAX>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride, q_valid, p.D);
+  stage_tile<DMAX>(dOs, dout + (int64_t(b) * p.T + q0) * p.out_stride + int64_t(h) * p.D, p.out_stride, q_valid,
+                   p.D);
+  stage_row_stats(lse2_s, delta_s, lse, delta, (int64_t(b) * p.H + h) * p.T + q0, q_valid);
+
+  float dq[kRowsPerThread][CPT];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) dq[i][c] = 0.f;
+
+  for (int kt = 0; kt <= qt; ++kt) {
+    const int k0 = kt * kTile;
+    __syncthreads();  // previous tile's dS K reads are done (and Q, dO, stats staged on the first)
+    const __nv_bfloat16* kv_rows = base + int64_t(k0) * p.qkv_stride + int64_t(kvh) * p.D;
+    stage_tile<DMAX>(Ks, kv_rows + p.k_off, p.qkv_stride, min(kTile, p.T - k0), p.D);
+    stage_tile<DMAX>(Vs, kv_rows + p.v_off, p.qkv_stride, min(kTile, p.T - k0), p.D);
+    __syncthreads();
+
+    float s[kRowsPerThread][4], dp[kRowsPerThread][4];
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[i][j] = dp[i][j] = 0.f;
+#pragma unroll 4
+    for (int d = 0; d < DMAX; ++d) {
+      float qv[kRowsPerThread], gv[kRowsPerThread], kv[4], vv[4];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        qv[i] = Qs[(ty * kRowsPerThread + i) * LD + d];
+        gv[i] = dOs[(ty * kRowsPerThread + i) * LD + d];
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        kv[j] = Ks[(tx + 16 * j) * LD + d];
+        vv[j] = Vs[(tx + 16 * j) * LD + d];
+      }
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          s[i][j] = fmaf(qv[i], kv[j], s[i][j]);
+          dp[i][j] = fmaf(gv[i], vv[j], dp[i][j]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int r = ty * kRowsPerThread + i, q = q0 + r;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int k = k0 + tx + 16 * j;
+        // A select, not a product: exp2 of a masked score may overflow, and inf * 0 is NaN.
+        const float pr = (k <= q && q < p.T) ? exp2f(s[i][j] * p.scale_log2 - lse2_s[r]) : 0.f;
+        dSs[r * kPStride + tx + 16 * j] = pr * (dp[i][j] - delta_s[r]);
+      }
+    }
+    __syncthreads();
+
+#pragma unroll 4
+    for (int k = 0; k < kTile; ++k) {
+      float dsv[kRowsPerThread], kv[CPT];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) dsv[i] = dSs[(ty * kRowsPerThread + i) * kPStride + k];
+#pragma unroll
+      for (int c = 0; c < CPT; ++c) kv[c] = Ks[k * LD + tx + 16 * c];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) dq[i][c] = fmaf(dsv[i], kv[c], dq[i][c]);
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int q = q0 + ty * kRowsPerThread + i;
+    if (q >= p.T) continue;
+    __nv_bfloat16* row = dqkv + (int64_t(b) * p.T + q) * p.qkv_stride + p.q_off + int64_t(h) * p.D;
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+      const int col = tx + 16 * c;
+      if (col < p.D) row[col] = to_bf(dq[i][c] * scale);
+    }
+  }
+}
+
+// dK, dV: block per (key tile, kv head, batch), grid n_tiles * B * KV (heaviest, first key
+// tiles first). Thread (ty, tx) owns keys ty*4.. and, in the score tiles, queries tx+16j. The
+// block walks the group's query heads in order and, for each, the query tiles from the diagonal
+// on: Pᵀ and dSᵀ go to shared memory, then dV += Pᵀ dO and dK += dSᵀ Q; dK *= scale at the end.
+template <int DMAX>
+__global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_kernel(
+    __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
+    const float* __restrict__ lse, const float* __restrict__ delta, AttnParams p, float scale) {
+  constexpr int LD = row_stride<DMAX>(), CPT = DMAX / 16;
+  extern __shared__ float smem[];
+  float* Ks = smem;                    // (kTile, LD)
+  float* Vs = Ks + kTile * LD;         // (kTile, LD)
+  float* Qs = Vs + kTile * LD;         // (kTile, LD)
+  float* dOs = Qs + kTile * LD;        // (kTile, LD)
+  float* Pt = dOs + kTile * LD;        // (kTile keys, kPStride)
+  float* dSt = Pt + kTile * kPStride;  // (kTile keys, kPStride)
+  float* lse2_s = dSt + kTile * kPStride;
+  float* delta_s = lse2_s + kTile;
+
+  const int BKV = p.B * p.KV;
+  const int bkv = int(blockIdx.x % unsigned(BKV));
+  const int kt = int(blockIdx.x / unsigned(BKV));
+  const int b = bkv / p.KV, kvh = bkv % p.KV;
+  const int k0 = kt * kTile, k_valid = min(kTile, p.T - k0);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
+
+  const __nv_bfloat16* kv_rows = base + int64_t(k0) * p.qkv_stride + int64_t(kvh) * p.D;
+  stage_tile<DMAX>(Ks, kv_rows + p.k_off, p.qkv_stride, k_valid, p.D);
+  stage_tile<DMAX>(Vs, kv_rows + p.v_off, p.qkv_stride, k_valid, p.D);
+
+  float dk[kRowsPerThread][CPT], dv[kRowsPerThread][CPT];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) dk[i][c] = dv[i][c] = 0.f;
+
+  for (int g = 0; g < p.group; ++g) {
+    const int h = kvh * p.group + g;
+    for (int qt = kt; qt < p.n_tiles; ++qt) {
+      const int q0 = qt * kTile, q_valid = min(kTile, p.T - q0);
+      __syncthreads();  // previous tile's accumulation reads of Q, dO, Pᵀ, dSᵀ are done
+      stage_tile<DMAX>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride, q_valid,
+                       p.D);
+      stage_tile<DMAX>(dOs, dout + (int64_t(b) * p.T + q0) * p.out_stride + int64_t(h) * p.D, p.out_stride,
+                       q_valid, p.D);
+      stage_row_stats(lse2_s, delta_s, lse, delta, (int64_t(b) * p.H + h) * p.T + q0, q_valid);
+      __syncthreads();
+
+      float s[kRowsPerThread][4], dp[kRowsPerThread][4];  // [key ty*4+i][query tx+16j]
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s[i][j] = dp[i][j] = 0.f;
+#pragma unroll 4
+      for (int d = 0; d < DMAX; ++d) {
+        float kv[kRowsPerThread], vv[kRowsPerThread], qv[4], gv[4];
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i) {
+          kv[i] = Ks[(ty * kRowsPerThread + i) * LD + d];
+          vv[i] = Vs[(ty * kRowsPerThread + i) * LD + d];
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          qv[j] = Qs[(tx + 16 * j) * LD + d];
+          gv[j] = dOs[(tx + 16 * j) * LD + d];
+        }
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            s[i][j] = fmaf(kv[i], qv[j], s[i][j]);
+            dp[i][j] = fmaf(vv[i], gv[j], dp[i][j]);
+          }
+      }
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        const int kr = ty * kRowsPerThread + i, k = k0 + kr;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int qr = tx + 16 * j, q = q0 + qr;
+          const float pr = (k <= q && q < p.T) ? exp2f(s[i][j] * p.scale_log2 - lse2_s[qr]) : 0.f;
+          Pt[kr * kPStride + qr] = pr;
+          dSt[kr * kPStride + qr] = pr * (dp[i][j] - delta_s[qr]);
+        }
+      }
+      __syncthreads();
+
+#pragma unroll 4
+      for (int qr = 0; qr < kTile; ++qr) {
+        float pv[kRowsPerThread], dsv[kRowsPerThread], gv[CPT], qv[CPT];
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i) {
+          pv[i] = Pt[(ty * kRowsPerThread + i) * kPStride + qr];
+          dsv[i] = dSt[(ty * kRowsPerThread + i) * kPStride + qr];
+        }
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) {
+          gv[c] = dOs[qr * LD + tx + 16 * c];
+          qv[c] = Qs[qr * LD + tx + 16 * c];
+        }
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+          for (int c = 0; c < CPT; ++c) {
+            dv[i][c] = fmaf(pv[i], gv[c], dv[i][c]);
+            dk[i][c] = fmaf(dsv[i], qv[c], dk[i][c]);
+          }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int k = k0 + ty * kRowsPerThread + i;
+    if (k >= p.T) continue;
+    __nv_bfloat16* row = dqkv + (int64_t(b) * p.T + k) * p.qkv_stride + int64_t(kvh) * p.D;
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+      const int col = tx + 16 * c;
+      if (col < p.D) {
+        row[p.k_off + col] = to_bf(dk[i][c] * scale);
+        row[p.v_off + col] = to_bf(dv[i][c]);
+      }
+    }
+  }
+}
+
+// ---- Decoding with a KV cache ----
+// Split decode: a row's cached positions are cut into chunks of kDecodeChunk; block (row, kv
+// head, chunk) computes, for the group's query heads, the chunk's max m, sum l and unnormalised
+// P V, and a second kernel merges a row's chunks in chunk order. The chunking depends only on the
+// row's own length, so a row's result is the same whatever else the call holds.
+constexpr int kDecodeChunk = 256;
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeWarps = kDecodeThreads / 32;
+
+__global__ void kv_cache_write_kernel(__nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,
+                                      const __nv_bfloat16* __restrict__ qkv, const int32_t* __restrict__ slots,
+                                      const int32_t* __restrict__ positions, int64_t n, int KV, int D, int ctx,
+                                      int64_t qkv_stride, int64_t k_off, int64_t v_off) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= n * KV * D) return;
+  const int d = int(e % D);
+  const int h = int((e / D) % KV);
+  const int64_t i = e / (int64_t(D) * KV);
+  const int64_t at = ((int64_t(slots[i]) * KV + h) * ctx + positions[i]) * D + d;  // (slots, KV, ctx, D)
+  const int64_t src = i * qkv_stride + int64_t(h) * D + d;
+  k_cache[at] = qkv[src + k_off];
+  v_cache[at] = qkv[src + v_off];
+}
+
+struct DecodeParams {
+  int H, KV, D, group, ctx, n_chunks;  // n_chunks = ceil(ctx / kDecodeChunk): the partials' stride
+  int64_t qkv_stride, q_off, out_stride;
+  float scale_log2;
+};
+
+// Block (row r of this launch, kv head, chunk). Shared: q (group, D) pre-scaled, scores (group,
+// kDecodeChunk). Partials: o (rows, H, n_chunks, D) and (m, l) (rows, H, n_chunks, 2).
+template <int DMAX>
+__global__ void __launch_bounds__(kDecodeThreads) attention_decode_chunk_kernel(
+    float* __restrict__ part_o, float* __restrict__ part_ml, const __nv_bfloat16* __restrict__ qkv,
+    const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,
+    const int32_t* __restrict__ slots, const int32_t* __restrict__ positions, int64_t row0, DecodeParams p) {
+  extern __shared__ float smem[];
+  const int G = p.group, D = p.D;
+  float* qs = smem;          // (G, D)
+  float* ps = qs + G * D;    // (G, kDecodeChunk)
+  const int64_t r = blockIdx.x, i = row0 + r;
+  const int kvh = blockIdx.y, chunk = blockIdx.z;
+  // Positions past the cache would index outside it: clamp (a caller bug, not a valid request).
+  const int len = min(positions[i] + 1, p.ctx);
+  const int p0 = chunk * kDecodeChunk;
+  if (p0 >= len) return;  // the whole block leaves before any barrier
+  const int cnt = min(kDecodeChunk, len - p0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  const __nv_bfloat16* q = qkv + i * p.qkv_stride + p.q_off + int64_t(kvh) * G * D;  // (G, D), rows D apart
+  for (int e = threadIdx.x; e < G * D; e += kDecodeThreads) qs[e] = to_f(q[e]) * p.scale_log2;
+  __syncthreads();
+
+  const int64_t cache_at = ((int64_t(slots[i]) * p.KV + kvh) * p.ctx + p0) * D;
+  const __nv_bfloat16* K = k_cache + cache_at;  // (cnt, D)
+  const __nv_bfloat16* V = v_cache + cache_at;  // (cnt, D)
+  // Scores: a warp per position, lanes over the head dim.
+  constexpr int U = DMAX / 32;
+  for (int t = warp; t < cnt; t += kDecodeWarps) {
+    float kr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int d = lane + 32 * u;
+      kr[u] = d < D ? to_f(K[int64_t(t) * D + d]) : 0.f;
+    }
+    for (int g = 0; g < G; ++g) {
+      float acc = 0.f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int d = lane + 32 * u;
+        if (d < D) acc = fmaf(qs[g * D + d], kr[u], acc);
+      }
+      acc = sum32(acc);
+      if (lane == 0) ps[g * kDecodeChunk + t] = acc;
+    }
+  }
+  __syncthreads();
+
+  // Softmax pieces per query head: a warp per head; lanes stride the chunk, fixed reduction order.
+  for (int g = warp; g < G; g += kDecodeWarps) {
+    float* srow = ps + g * kDecodeChunk;
+    float mx = -INFINITY;
+    for (int t = lane; t < cnt; t += 32) mx = fmaxf(mx, srow[t]);
+    mx = max32(mx);
+    float sum = 0.f;
+    for (int t = lane; t < cnt; t += 32) {
+      const float e = exp2f(srow[t] - mx);
+      srow[t] = e;
+      sum += e;
+    }
+    sum = sum32(sum);
+    if (lane == 0) {
+      const int64_t at = ((r * p.H + int64_t(kvh) * G + g) * p.n_chunks + chunk) * 2;
+      part_ml[at] = mx;
+      part_ml[at + 1] = sum;
+    }
+  }
+  __syncthreads();
+
+  // Unnormalised P V: a thread per (head, column), positions in order.
+  for (int e = threadIdx.x; e < G * D; e += kDecodeThreads) {
+    const int g = e / D, d = e % D;
+    const float* prow = ps + g * kDecodeChunk;
+    float acc = 0.f;
+    for (int t = 0; t < cnt; ++t) acc = fmaf(prow[t], to_f(V[int64_t(t) * D + d]), acc);
+    part_o[((r * p.H + int64_t(kvh) * G + g) * p.n_chunks + chunk) * D + d] = acc;
+  }
+}
+
+// Merges a row's chunks in order: out = Σ o_c 2^(m_c - M) / Σ l_c 2^(m_c - M). Block per (row, head).
+__global__ void __launch_bounds__(kDecodeThreads) attention_decode_merge_kernel(
+    __nv_bfloat16* __restrict__ out, const float* __restrict__ part_o, const float* __restrict__ part_ml,
+    const int32_t* __restrict__ positions, int64_t row0, DecodeParams p) {
+  const int64_t r = blockIdx.x / p.H, i = row0 + r;
+  const int h = int(blockIdx.x % p.H);
+  const int len = min(positions[i] + 1, p.ctx);
+  const int chunks = (len + kDecodeChunk - 1) / kDecodeChunk;
+  const int64_t at = (r * p.H + h) * p.n_chunks;
+  float M = -INFINITY;
+  for (int c = 0; c < chunks; ++c) M = fmaxf(M, part_ml[(at + c) * 2]);
+  float L = 0.f;
+  for (int c = 0; c < chunks; ++c) L += part_ml[(at + c) * 2 + 1] * exp2f(part_ml[(at + c) * 2] - M);
+  const float inv = 1.f / L;
+  for (int d = threadIdx.x; d < p.D; d += kDecodeThreads) {
+    float acc = 0.f;
+    for (int c = 0; c < chunks; ++c) acc = fmaf(part_o[(at + c) * p.D + d], exp2f(part_ml[(at + c) * 2] - M), acc);
+    out[i * p.out_stride + int64_t(h) * p.D + d] = to_bf(acc * inv);
+  }
+}
+
+// ---- Launch helpers ----
+int dmax_for(int64_t D, const char* op) {
+  SPPO_REQUIRE(D >= 1 && D <= 128, op, ": head_dim ", D, " is not supported by the CUDA backend (1..128)");
+  return D <= 32 ? 32 : D <= 64 ? 64 : 128;
+}
+
+void check_shape(const AttentionShape& s, const char* op) {
+  SPPO_REQUIRE(s.heads > 0 && s.kv_heads > 0 && s.heads % s.kv_heads == 0, op, ": heads (", s.heads,
+               ") must be a positive multiple of kv_heads (", s.kv_heads, ")");
+  SPPO_REQUIRE(s.seq >= 0 && s.seq < (int64_t(1) << 30) && s.batch >= 0 && s.batch * s.heads <= INT_MAX, op,
+               ": shape out of range (batch ", s.batch, ", seq ", s.seq, ", heads ", s.heads, ")");
+}
+
+AttnParams attn_params(const AttentionShape& s) {
+  AttnParams p;
+  p.B = int(s.batch), p.T = int(s.seq), p.H = int(s.heads), p.KV = int(s.kv_heads), p.D = int(s.head_dim);
+  p.group = int(s.heads / s.kv_heads);
+  p.qkv_stride = s.qkv_stride, p.q_off = s.q_off, p.k_off = s.k_off, p.v_off = s.v_off;
+  p.out_stride = s.out_stride;
+  p.scale_log2 = float(s.scale * 1.4426950408889634);
+  p.n_tiles = int((s.seq + kTile - 1) / kTile);
+  return p;
+}
+
+// One block per (tile, batch, head): a 1-D grid (its x dimension allows 2^31 - 1 blocks).
+unsigned tile_grid(int64_t tiles, int64_t heads, int64_t batch, const char* op) {
+  SPPO_REQUIRE(tiles * heads * batch <= INT_MAX, op, ": too many blocks (batch ", batch, ", heads ", heads, ")");
+  return unsigned(tiles * heads * batch);
+}
+
+}  // namespace
+
+// The family's state: the delta buffer of the backward, the decode partials, and which kernels
+// were granted more than 48 KiB of dynamic shared memory. Buffers grow to the largest shape seen.
+struct AttnState {
+  float* delta = nullptr;  // (B, H, T)
+  size_t delta_elems = 0;
+  float* partials = nullptr;  // decode: o (rows, H, chunks, D) then (m, l) (rows, H, chunks, 2)
+  size_t partial_elems = 0;
+  int max_smem_optin = 0;
+  std::unordered_map<const void*, size_t> smem_granted;
+
+  ~AttnState() {
+    // Errors are ignored here: this runs from destructors, possibly after the context is gone.
+    if (delta) (void)cudaFree(delta);
+    if (partials) (void)cudaFree(partials);
+  }
+
+  float* grow(float*& buf, size_t& have, size_t need, cudaStream_t stream, const char* what) {
+    if (need <= have) return buf;
+    if (buf) {
+      SPPO_CUDA_CHECK(cudaStreamSynchronize(stream));  // earlier kernels may still use the old buffer
+      SPPO_CUDA_CHECK(cudaFree(buf));
+      buf = nullptr, have = 0;
+    }
+    const cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&buf), need * sizeof(float));
+    if (e != cudaSuccess) {
+      buf = nullptr;
+      throw Error(std::string("CUDA attention: cannot allocate ") + std::to_string(need * sizeof(float)) +
+                  " bytes for " + what + ": " + cudaGetErrorString(e));
+    }
+    have = need;
+    return buf;
+  }
+
+  // Lets `kernel` launch with `bytes` of dynamic shared memory (opting in past 48 KiB).
+  void allow_smem(const void* kernel, size_t bytes, int device, const char* op) {
+    if (bytes <= 48 * 1024) return;
+    if (max_smem_optin == 0)
+      SPPO_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    SPPO_REQUIRE(bytes <= size_t(max_smem_optin), op, " needs ", bytes, " bytes of shared memory per block; this GPU allows ",
+                 max_smem_optin);
+    size_t& granted = smem_granted[kernel];
+    if (granted >= bytes) return;
+    SPPO_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    granted = bytes;
+  }
+};
+
+template <>
+void StateDeleter<AttnState>::operator()(AttnState* s) const {
+  delete s;
+}
+
+AttnState& CudaOps::attn_state() {
+  if (!attn_) attn_.reset(new AttnState());
+  return *attn_;
+}
+
+namespace {
+
+template <int DMAX>
+void launch_forward(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* out, float* lse,
+                    const __nv_bfloat16* qkv, const AttentionShape& s) {
+  const AttnParams p = attn_params(s);
+  const size_t smem = forward_smem<DMAX>();
+  st.allow_smem(reinterpret_cast<const void*>(&attention_forward_kernel<DMAX>), smem, device, "attention_forward");
+  attention_forward_kernel<DMAX><<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_forward"), kThreads, smem,
+                                   stream>>>(out, lse, qkv, p);
+  SPPO_CUDA_LAUNCHED(attention_forward_kernel);
+}
+
+template <int DMAX>
+void launch_backward(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,
+                     const __nv_bfloat16* qkv, const float* lse, const float* delta, const AttentionShape& s) {
+  const AttnParams p = attn_params(s);
+  const float scale = float(s.scale);
+  const size_t smem_dq = backward_dq_smem<DMAX>(), smem_dkdv = backward_dkdv_smem<DMAX>();
+  st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dq_kernel<DMAX>), smem_dq, device,
+                "attention_backward");
+  st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dkdv_kernel<DMAX>), smem_dkdv, device,
+                "attention_backward");
+  attention_backward_dq_kernel<DMAX><<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_backward"), kThreads,
+                                       smem_dq, stream>>>(dqkv, dout, qkv, lse, delta, p, scale);
+  SPPO_CUDA_LAUNCHED(attention_backward_dq_kernel);
+  attention_backward_dkdv_kernel<DMAX><<<tile_grid(p.n_tiles, s.kv_heads, s.batch, "attention_backward"), kThreads,
+                                         smem_dkdv, stream>>>(dqkv, dout, qkv, lse, delta, p, scale);
+  SPPO_CUDA_LAUNCHED(attention_backward_dkdv_kernel);
+}
+
+template <int DMAX>
+void launch_decode_chunks(AttnState& st, int device, cudaStream_t stream, float* part_o, float* part_ml,
+                          const __nv_bfloat16* qkv, const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache,
+                          const int32_t* slots, const int32_t* positions, int64_t row0, int64_t rows,
+                          const DecodeParams& p) {
+  const size_t smem = sizeof(float) * size_t(p.group) * (p.D + kDecodeChunk);
+  st.allow_smem(reinterpret_cast<const void*>(&attention_decode_chunk_kernel<DMAX>), smem, device,
+                "attention_decode");
+  const dim3 grid(unsigned(rows), unsigned(p.KV), unsigned(p.n_chunks));
+  attention_decode_chunk_kernel<DMAX><<<grid, kDecodeThreads, smem, stream>>>(part_o, part_ml, qkv, k_cache, v_cache,
+                                                                              slots, positions, row0, p);
+  SPPO_CUDA_LAUNCHED(attention_decode_chunk_kernel);
+}
+
+}  // namespace
+
+void CudaOps::attention_forward(bf16* out, float* lse, const bf16* qkv, const AttentionShape& s) {
+  check_shape(s, "attention_forward");
+  const int dmax = dmax_for(s.head_dim, "attention_forward");
+  if (s.batch == 0 || s.seq == 0) return;
+  AttnState& st = attn_state();
+  switch (dmax) {
+    case 32: launch_forward<32>(st, device_, stream_, dev(out), lse, dev(qkv), s); break;
+    case 64: launch_forward<64>(st, device_, stream_, dev(out), lse, dev(qkv), s); break;
+    default: launch_forward<128>(st, device_, stream_, dev(out), lse, dev(qkv), s); break;
+  }
+}
+
+void CudaOps::attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
+                                 const AttentionShape& s) {
+  check_shape(s, "attention_backward");
+  const int dmax = dmax_for(s.head_dim, "attention_backward");
+  if (s.batch == 0 || s.seq == 0) return;
+  AttnState& st = attn_state();
+  const int64_t rows = s.batch * s.seq * s.heads;
+  float* delta = st.grow(st.delta, st.delta_elems, size_t(rows), stream_, "the attention backward's row deltas");
+  constexpr int kDeltaThreads = 256;  // 8 warps, a (row, head) each
+  const int64_t blocks = (rows + kDeltaThreads / 32 - 1) / (kDeltaThreads / 32);
+  SPPO_REQUIRE(blocks <= INT_MAX, "attention_backward: too many rows (", rows, ")");
+  attention_delta_kernel<<<unsigned(blocks), kDeltaThreads, 0, stream_>>>(
+      delta, dev(dout), dev(out), int(s.batch), int(s.seq), int(s.heads), int(s.head_dim), s.out_stride);
+  SPPO_CUDA_LAUNCHED(attention_delta_kernel);
+  switch (dmax) {
+    case 32: launch_backward<32>(st, device_, stream_, dev(dqkv), dev(dout), dev(qkv), lse, delta, s); break;
+    case 64: launch_backward<64>(st, device_, stream_, dev(dqkv), dev(dout), dev(qkv), lse, delta, s); break;
+    default: launch_backward<128>(st, device_, stream_, dev(dqkv), dev(dout), dev(qkv), lse, delta, s); break;
+  }
+}
+
+void CudaOps::kv_cache_write(bf16* k_cache, bf16* v_cache, const bf16* qkv, const int32_t* slots,
+                             const int32_t* positions, int64_t n, const AttentionShape& s) {
+  check_shape(s, "kv_cache_write");
+  SPPO_REQUIRE(s.head_dim >= 1 && s.seq < INT_MAX, "kv_cache_write: bad shape (head_dim ", s.head_dim, ", seq ",
+               s.seq, ")");
+  if (n == 0) return;
+  constexpr int kWriteThreads = 256;
+  const int64_t total = n * s.kv_heads * s.head_dim;
+  SPPO_REQUIRE(total / kWriteThreads < INT_MAX, "kv_cache_write: too many rows (", n, ")");
+  kv_cache_write_kernel<<<blocks_for(total, kWriteThreads), kWriteThreads, 0, stream_>>>(
+      dev(k_cache), dev(v_cache), dev(qkv), slots, positions, n, int(s.kv_heads), int(s.head_dim), int(s.seq),
+      s.qkv_stride, s.k_off, s.v_off);
+  SPPO_CUDA_LAUNCHED(kv_cache_write_kernel);
+}
+
+void CudaOps::attention_decode(bf16* out, const bf16* qkv, const bf16* k_cache, const bf16* v_cache,
+                               const int32_t* slots, const int32_t* positions, int64_t n, const AttentionShape& s) {
+  check_shape(s, "attention_decode");
+  const int dmax = dmax_for(s.head_dim, "attention_decode");
+  SPPO_REQUIRE(s.seq >= 1, "attention_decode: the cache has no positions (seq ", s.seq, ")");
+  if (n == 0) return;
+  AttnState& st = attn_state();
+  DecodeParams p;
+  p.H = int(s.heads), p.KV = int(s.kv_heads), p.D = int(s.head_dim), p.group = int(s.heads / s.kv_heads);
+  p.ctx = int(s.seq);
+  p.n_chunks = int((s.seq + kDecodeChunk - 1) / kDecodeChunk);
+  p.qkv_stride = s.qkv_stride, p.q_off = s.q_off, p.out_stride = s.out_stride;
+  p.scale_log2 = float(s.scale * 1.4426950408889634);
+  SPPO_REQUIRE(p.n_chunks <= 65535 && p.KV <= 65535, "attention_decode: cache of ", s.seq, " positions and ",
+               s.kv_heads, " kv heads is too large");
+  // Rows go in batches whose partials fit a bounded buffer; a row's math does not depend on the
+  // batching, only on its own length.
+  const size_t per_row = size_t(p.H) * p.n_chunks * (p.D + 2);
+  constexpr size_t kMaxPartialFloats = size_t(16) << 20;  // 64 MiB
+  const int64_t batch_rows =
+      std::min<int64_t>({n, std::max<int64_t>(1, int64_t(kMaxPartialFloats / per_row)), int64_t(INT_MAX / p.H)});
+  float* part = st.grow(st.partials, st.partial_elems, per_row * size_t(batch_rows), stream_,
+                        "the attention decode's partial results");
+  float* part_o = part;
+  float* part_ml = part + size_t(batch_rows) * p.H * p.n_chunks * p.D;
+  for (int64_t row0 = 0; row0 < n; row0 += batch_rows) {
+    const int64_t rows = std::min(batch_rows, n - row0);
+    switch (dmax) {
+      case 32:
+        launch_decode_chunks<32>(st, device_, stream_, part_o, part_ml, dev(qkv), dev(k_cache), dev(v_cache), slots,
+                                 positions, row0, rows, p);
+        break;
+      case 64:
+        launch_decode_chunks<64>(st, device_, stream_, part_o, part_ml, dev(qkv), dev(k_cache), dev(v_cache), slots,
+                                 positions, row0, rows, p);
+        break;
+      default:
+        launch_decode_chunks<128>(st, device_, stream_, part_o, part_ml, dev(qkv), dev(k_cache), dev(v_cache), slots,
+                                  positions, row0, rows, p);
+        break;
+    }
+    attention_decode_merge_kernel<<<unsigned(rows * p.H), kDecodeThreads, 0, stream_>>>(dev(out), part_o, part_ml,
+                                                                                        positions, row0, p);
+    SPPO_CUDA_LAUNCHED(attention_decode_merge_kernel);
+  }
+}
+
+}  // namespace sppo::cuda

@@ -1,0 +1,30 @@
+// What the rest of the engine sees of the CUDA backend: a probe and a factory. This header and
+// its implementation exist in every build; without a CUDA compiler (or with SPPO_CUDA=OFF) the
+// probe says so and the factory refuses, so callers need no #ifdefs.
+#pragma once
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "ops/ops.h"
+
+namespace sppo::cuda {
+
+struct DeviceInfo {
+  bool built = false;      // the addon was compiled with the CUDA backend
+  bool available = false;  // a usable device is present (driver loaded, device 0 answers)
+  std::string why_not;     // when !available: why, in words (no driver, no device, no cuBLASLt ...)
+  std::string name;        // e.g. "NVIDIA H100 80GB HBM3"
+  int sm_major = 0, sm_minor = 0;
+  size_t total_memory = 0, free_memory = 0;
+  int runtime_version = 0, driver_version = 0;
+};
+
+// Never throws; cheap after the first call.
+DeviceInfo probe();
+
+// The bf16 op set on device `device` (its own stream and cuBLASLt handle). Throws sppo::Error
+// saying why when no device is usable.
+std::unique_ptr<Ops<bf16>> make_ops(int device = 0);
+
+}  // namespace sppo::cuda

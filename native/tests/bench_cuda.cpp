@@ -1,0 +1,172 @@
+// The CUDA backend's benchmarks at the shapes of ../shared/anchors/README.md (the H100 PyTorch
+// anchors), so each line compares with the PyTorch numbers measured in the same GPU job:
+//   train 134M (d768 L12 h12 ffn2048 V32000, B16 T1024) and 1.1B (d2048 L16 h32 kv8 ffn8192,
+//   B8 T1024): fwd + bwd + AdamW tokens/s and MFU (6·params + 6·layers·d·T FLOPs per token
+//   against 790 TFLOP/s, the anchors' convention);
+//   generate 134M at batch 64 and 256 (64-token prompts, 128 new tokens, T 0.7, top-p 0.9);
+//   the fused LM head + loss backward at B8 T1024 H4096 V128256: time and extra device memory.
+// Prints "skipped" where no GPU is usable. Times are medians after a warm-up; every timed call
+// ends with a device -> host copy, so host time is device time.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <vector>
+
+#include "core/rng.h"
+#include "cuda/cuda_backend.h"
+#include "sppo/generate.h"
+#include "sppo/model.h"
+#include "tests/harness.h"
+
+using namespace sppo;
+
+namespace {
+
+bool gpu_or_skip() {
+  const cuda::DeviceInfo d = cuda::probe();
+  if (!d.available) {
+    std::printf("skipped: %s\n", d.why_not.c_str());
+    return false;
+  }
+  std::printf("device %s (sm_%d%d), %.1f GiB\n", d.name.c_str(), d.sm_major, d.sm_minor, d.total_memory / 1073741824.0);
+  return true;
+}
+
+ModelConfig llama(int64_t d, int layers, int heads, int kv, int64_t ffn, int64_t vocab) {
+  ModelConfig c;
+  c.vocab_size = vocab, c.hidden_size = d, c.num_hidden_layers = layers, c.num_attention_heads = heads;
+  c.num_key_value_heads = kv, c.intermediate_size = ffn, c.max_position_embeddings = 2048;
+  c.resolve_and_validate();
+  return c;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+size_t device_used() {
+  size_t free = 0, total = 0;
+  cudaMemGetInfo(&free, &total);
+  return total - free;
+}
+
+void bench_train(const char* name, const ModelConfig& c, int B, int Tn, int reps) {
+  Model<bf16> m(c, {B, Tn}, cuda::make_ops(0));
+  OptimizerConfig oc;
+  oc.kind = OptimizerConfig::Kind::AdamW, oc.lr = 1e-4, oc.weight_decay = 0.1;
+  m.set_optimizer(oc);
+  std::vector<int32_t> tokens(size_t(B) * Tn);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = int32_t(uniform01(1, 0, i) * c.vocab_size);
+  const Batch batch{tokens.data(), nullptr, B, Tn};
+  m.train_step(batch);
+  m.train_step(batch);
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    m.train_step(batch);
+    t.push_back(seconds_since(t0));
+  }
+  std::sort(t.begin(), t.end());
+  const double s = t[t.size() / 2], tok = double(B) * Tn / s;
+  // Parameters without the tied/untied distinction the anchors ignore: count the arena.
+  const double flops_per_token = 6.0 * double(m.num_params()) + 6.0 * c.num_hidden_layers * c.hidden_size * Tn;
+  const MemoryReport mem = m.memory();
+  std::printf("train %-5s B%d T%d  %9.0f tok/s  %.1f ms/step  MFU %.1f%%  memory %.1f GiB (params+master %.1f, grads %.1f, "
+              "optimizer %.1f, activations %.1f, scratch %.1f)\n",
+              name, B, Tn, tok, 1e3 * s, 100 * tok * flops_per_token / 790e12, mem.total() / 1073741824.0,
+              mem.params / 1073741824.0, mem.grads / 1073741824.0, mem.optimizer / 1073741824.0,
+              mem.activations / 1073741824.0, mem.scratch / 1073741824.0);
+  std::fflush(stdout);
+}
+
+void bench_generate(const ModelConfig& c, int batch, int prompt, int new_tokens) {
+  Model<bf16> m(c, {1, 8}, cuda::make_ops(0));
+  std::unique_ptr<GeneratorApi> g = m.make_generator({batch, prompt + new_tokens});
+  std::vector<std::vector<int32_t>> prompts(batch);
+  std::vector<SequenceRequest> req;
+  for (int i = 0; i < batch; ++i) {
+    prompts[i].resize(prompt);
+    for (int t = 0; t < prompt; ++t) prompts[i][t] = int32_t(uniform01(2, i, t) * c.vocab_size);
+    req.push_back({prompts[i].data(), prompt, 7, uint64_t(i)});
+  }
+  SamplingOptions o;
+  o.max_new_tokens = new_tokens, o.temperature = 0.7, o.top_p = 0.9;
+  g->generate(req, o);  // warm-up
+  std::vector<double> t;
+  int64_t produced = 0;
+  for (int r = 0; r < 3; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto res = g->generate(req, o);
+    t.push_back(seconds_since(t0));
+    produced = 0;
+    for (const auto& x : res) produced += int64_t(x.tokens.size());
+  }
+  std::sort(t.begin(), t.end());
+  std::printf("generate 134M batch %d, prompt %d, %d new: %9.0f new tok/s (%.2f s, KV cache %.2f GiB)\n", batch, prompt,
+              new_tokens, produced / t[1], t[1], g->memory_bytes() / 1073741824.0);
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+SPPO_BENCH(cuda_train_step) {
+  if (!gpu_or_skip()) return;
+  bench_train("134M", llama(768, 12, 12, 12, 2048, 32000), 16, 1024, 10);
+  bench_train("1.1B", llama(2048, 16, 32, 8, 8192, 32000), 8, 1024, 5);
+}
+
+SPPO_BENCH(cuda_generate) {
+  if (!gpu_or_skip()) return;
+  const ModelConfig c = llama(768, 12, 12, 12, 2048, 32000);
+  bench_generate(c, 64, 64, 128);
+  bench_generate(c, 256, 64, 128);
+}
+
+SPPO_BENCH(cuda_fused_head) {
+  if (!gpu_or_skip()) return;
+  const int64_t n = 8 * 1024, C = 4096, V = 128256;
+  std::unique_ptr<Ops<bf16>> ops = cuda::make_ops(0);
+  const size_t base = device_used();
+  auto* H = static_cast<bf16*>(ops->alloc_bytes(n * C * sizeof(bf16)));
+  auto* W = static_cast<bf16*>(ops->alloc_bytes(V * C * sizeof(bf16)));
+  auto* dH = static_cast<bf16*>(ops->alloc_bytes(n * C * sizeof(bf16)));
+  auto* dW = static_cast<float*>(ops->alloc_bytes(V * C * sizeof(float)));
+  auto* tg = static_cast<int32_t*>(ops->alloc_bytes(n * sizeof(int32_t)));
+  auto* logp = static_cast<double*>(ops->alloc_bytes(n * sizeof(double)));
+  auto* lse = static_cast<double*>(ops->alloc_bytes(n * sizeof(double)));
+  auto* coef = static_cast<double*>(ops->alloc_bytes(n * sizeof(double)));
+  const int64_t scratch_elems = ops->head_scratch_elems();  // the model's tile on this backend
+  auto* scratch = static_cast<float*>(ops->alloc_bytes(scratch_elems * sizeof(float)));
+  {
+    std::vector<float> h(size_t(V) * C);
+    for (size_t i = 0; i < h.size(); ++i) h[i] = float(0.02 * standard_normal(3, 0, i));
+    ops->upload(W, h.data(), V * C);
+    h.resize(size_t(n) * C);
+    for (size_t i = 0; i < h.size(); ++i) h[i] = float(standard_normal(3, 1, i));
+    ops->upload(H, h.data(), n * C);
+    std::vector<int32_t> t(n);
+    std::vector<double> cf(n);
+    for (int64_t i = 0; i < n; ++i) t[i] = int32_t(uniform01(3, 2, i) * V), cf[i] = -1.0 / n;
+    ops->upload_bytes(tg, t.data(), n * sizeof(int32_t));
+    ops->upload_bytes(coef, cf.data(), n * sizeof(double));
+  }
+  const size_t inputs = device_used() - base;
+  std::vector<double> l(n);
+  auto step = [&] {
+    ops->head_logprobs(logp, lse, H, W, tg, n, C, V, scratch, scratch_elems);
+    ops->head_logprobs_backward(dH, dW, H, W, tg, lse, coef, n, C, V, scratch, scratch_elems);
+    ops->download_bytes(l.data(), logp, n * sizeof(double));
+  };
+  const double s = harness::median_seconds(5, step);
+  // Extra = everything beyond the inputs and the outputs PyTorch also holds (H, W, dH, dW):
+  // the logits tile, the per-row arrays and whatever state the head ops keep.
+  const size_t io = size_t(n * C + V * C + n * C) * sizeof(bf16) + size_t(V) * C * sizeof(float);
+  const double extra = double(device_used() - base) - double(io);
+  std::printf("fused head fwd+bwd B8 T1024 H4096 V128256: %.1f ms, extra device memory %.2f GiB (inputs+outputs %.2f GiB)\n",
+              1e3 * s, extra / 1073741824.0, inputs / 1073741824.0);
+  for (void* p : {(void*)H, (void*)W, (void*)dH, (void*)dW, (void*)tg, (void*)logp, (void*)lse, (void*)coef, (void*)scratch})
+    ops->free_bytes(p);
+}
