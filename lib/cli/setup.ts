@@ -129,11 +129,14 @@ export async function pretrainedSetup(config: RunConfig, options: { device?: Dev
     throw new UsageError(`data: ${(err as Error).message}`);
   }
   const preference = await loadPreference(config);
-  // A preference step holds a pair's two responses per row; generation's KV cache is separate.
-  const longest = Math.max(training.maxLength, data.maxPromptTokens + generation.maxNewTokens);
-  const plan: MemoryPlan = { maxBatch: 2 * training.batchSize, maxSeq: Math.min(longest, await contextLimit(m.path, 'model.path')) };
-  const { model, tokenizer } = await loadPretrained(m.path, plan, { device: options.device });
+  let model: RunSetup['model'] | undefined;
   try {
+    // A preference step holds a pair's two responses per row; generation's KV cache is separate.
+    const longest = Math.max(training.maxLength, data.maxPromptTokens + generation.maxNewTokens);
+    const plan: MemoryPlan = { maxBatch: 2 * training.batchSize, maxSeq: Math.min(longest, await contextLimit(m.path, 'model.path')) };
+    const loaded = await loadPretrained(m.path, plan, { device: options.device });
+    model = loaded.model;
+    const tokenizer = loaded.tokenizer;
     const text = chatPolicyText(requireChatTokenizer(tokenizer, m.path), data.maxPromptTokens);
     // A tokenizer that does not fit the model would otherwise fail only once generation starts,
     // after the run directory and π_0 are written, as an out-of-range token id.
@@ -145,7 +148,9 @@ export async function pretrainedSetup(config: RunConfig, options: { device?: Dev
     }
     return { config, model, text, preference, split, sourceDir: config.model.path };
   } catch (err) {
-    await model.dispose();
+    // Neither the policy nor an engine judge (a model of its own) may outlive a failed setup.
+    await model?.dispose();
+    await preference.dispose();
     throw err;
   }
 }
