@@ -68,7 +68,8 @@ async function loadPromptSet(config: RunConfig): Promise<string[]> {
   }
 }
 
-async function loadPreference(config: RunConfig): Promise<PreferenceModel> {
+/** The run's judge; engine judges (lm-judge, reward-model) run on the policy's device. */
+async function loadPreference(config: RunConfig, device: Device | undefined): Promise<PreferenceModel> {
   const p = config.preference;
   if (p.kind === 'styled-reversal') {
     const { kind, concurrency, ...params } = p;
@@ -85,7 +86,7 @@ async function loadPreference(config: RunConfig): Promise<PreferenceModel> {
   if (p.kind === 'lm-judge') {
     const { kind, path: dir, maxSeq, ...options } = p;
     try {
-      return await loadLmJudge(dir, { ...options, maxSeq: Math.min(maxSeq, await contextLimit(dir, 'preference.path')) });
+      return await loadLmJudge(dir, { ...options, device, maxSeq: Math.min(maxSeq, await contextLimit(dir, 'preference.path')) });
     } catch (err) {
       if (err instanceof UsageError) throw err;
       throw new UsageError(`preference.path: ${(err as Error).message.replace(/^lm-judge: /, '')}`);
@@ -94,7 +95,7 @@ async function loadPreference(config: RunConfig): Promise<PreferenceModel> {
   if (p.kind === 'reward-model') {
     const { kind, path: dir, maxSeq, ...options } = p;
     try {
-      return await loadRewardModel(dir, { ...options, maxSeq: Math.min(maxSeq, await contextLimit(dir, 'preference.path')) });
+      return await loadRewardModel(dir, { ...options, device, maxSeq: Math.min(maxSeq, await contextLimit(dir, 'preference.path')) });
     } catch (err) {
       if (err instanceof UsageError) throw err;
       throw new UsageError(`preference.path: ${(err as Error).message.replace(/^reward-model: /, '')}`);
@@ -128,7 +129,7 @@ export async function pretrainedSetup(config: RunConfig, options: { device?: Dev
   } catch (err) {
     throw new UsageError(`data: ${(err as Error).message}`);
   }
-  const preference = await loadPreference(config);
+  const preference = await loadPreference(config, options.device);
   let model: RunSetup['model'] | undefined;
   try {
     // A preference step holds a pair's two responses per row; generation's KV cache is separate.

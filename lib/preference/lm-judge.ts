@@ -8,7 +8,7 @@
 // answer tokens' logits are their dot products with those tokens' output-head rows, so a batch
 // costs (batch, seq, hidden) floats rather than (batch, seq, vocab).
 import { createHash } from 'node:crypto';
-import type { Model } from '../engine/model.js';
+import type { Device, Model } from '../engine/model.js';
 import { loadPretrained } from '../io/checkpoint.js';
 import type { Tokenizer } from '../io/tokenizer.js';
 import { DEFAULT_JUDGE_TEMPLATE, missingPlaceholders, renderJudgeTemplate } from './http.js';
@@ -140,10 +140,13 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
 }
 
 /** Loads a Hugging Face causal LM directory (with tokenizer.json) as a judge that owns its model. */
-export async function loadLmJudge(dir: string, options: Omit<LmJudgeOptions, 'ownsModel'> = {}): Promise<LmJudge> {
+export async function loadLmJudge(
+  dir: string,
+  { device, ...options }: Omit<LmJudgeOptions, 'ownsModel'> & { device?: Device } = {},
+): Promise<LmJudge> {
   const batchSize = options.batchSize ?? 8;
   const maxSeq = options.maxSeq ?? 2048;
-  const { model, tokenizer } = await loadPretrained(dir, { maxBatch: batchSize, maxSeq }, { training: false });
+  const { model, tokenizer } = await loadPretrained(dir, { maxBatch: batchSize, maxSeq }, { training: false, device });
   try {
     if (!tokenizer) throw new RangeError(`lm-judge: ${dir} has no tokenizer.json`);
     return lmJudge(model, tokenizer, { label: dir, ...options, batchSize, maxSeq, ownsModel: true });

@@ -9,7 +9,7 @@
 import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { Model } from '../engine/model.js';
+import { Model, type Device } from '../engine/model.js';
 import type { ModelConfig } from '../engine/types.js';
 import { ConfigError, engineConfigFromHf, type HfConfig } from '../io/hf-config.js';
 import { ReadScratch } from '../io/safetensors.js';
@@ -171,7 +171,11 @@ export interface LoadedRewardModel {
 }
 
 /** Reads a sequence-classification directory: the backbone into a new engine model, and score.weight. */
-export async function loadRewardModelWeights(dir: string, plan: { maxBatch: number; maxSeq: number }): Promise<LoadedRewardModel> {
+export async function loadRewardModelWeights(
+  dir: string,
+  plan: { maxBatch: number; maxSeq: number },
+  device?: Device,
+): Promise<LoadedRewardModel> {
   const configFile = path.join(dir, 'config.json');
   if (!existsSync(configFile)) throw new RewardModelError(`${dir}: no config.json`);
   let hf: HfConfig;
@@ -195,7 +199,7 @@ export async function loadRewardModelWeights(dir: string, plan: { maxBatch: numb
   const weights = await CheckpointWeights.open(dir);
   let model: Model | undefined;
   try {
-    model = Model.create(config, plan, { initialize: false });
+    model = Model.create(config, plan, { initialize: false, device });
     const expected = new Map(model.params().map((p) => [p.name, p.shape]));
     const missing = [...expected.keys(), SCORE].filter((n) => !weights.tensors.has(n));
     if (missing.length > 0) throw new RewardModelError(`${dir}: the checkpoint lacks ${missing.length} tensor(s) a reward model needs: ${missing.map((n) => `'${n}'`).join(', ')}`);
@@ -219,10 +223,13 @@ export async function loadRewardModelWeights(dir: string, plan: { maxBatch: numb
 }
 
 /** Loads a Hugging Face sequence-classification directory (with tokenizer.json) as a judge that owns its model. */
-export async function loadRewardModel(dir: string, options: Omit<RewardModelOptions, 'ownsModel'> = {}): Promise<RewardModelJudge> {
+export async function loadRewardModel(
+  dir: string,
+  { device, ...options }: Omit<RewardModelOptions, 'ownsModel'> & { device?: Device } = {},
+): Promise<RewardModelJudge> {
   const batchSize = options.batchSize ?? 8;
   const maxSeq = options.maxSeq ?? 2048;
-  const { model, tokenizer, score } = await loadRewardModelWeights(dir, { maxBatch: batchSize, maxSeq });
+  const { model, tokenizer, score } = await loadRewardModelWeights(dir, { maxBatch: batchSize, maxSeq }, device);
   try {
     return rewardModelJudge(model, tokenizer, score, { label: dir, ...options, batchSize, maxSeq, ownsModel: true });
   } catch (err) {

@@ -14,8 +14,9 @@ run.dir: finished stages are read back, never recomputed. The config's schema is
 unknown fields are refused and every error names its field.
 
   --config FILE   the run configuration (required)
-  --device DEV    cpu | cuda | auto: where the policy trains and generates (default cpu; not
-                  part of the config, so a run may resume on another device)
+  --device DEV    cpu | cuda | auto: where the policy trains and generates, and where an
+                  lm-judge or reward-model judge runs (default cpu; not part of the config,
+                  so a run may resume on another device)
   -h, --help      this text
 
 model.preset 'demo' runs the embedded styled-reversal task (as \`sppo demo\`); model.path runs a
