@@ -509,12 +509,14 @@ constexpr int kDecodeWarps = kDecodeThreads / 32;
 __global__ void kv_cache_write_kernel(__nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,
                                       const __nv_bfloat16* __restrict__ qkv, const int32_t* __restrict__ slots,
                                       const int32_t* __restrict__ positions, int64_t n, int KV, int D, int ctx,
-                                      int64_t qkv_stride, int64_t k_off, int64_t v_off) {
+                                      int n_slots, int64_t qkv_stride, int64_t k_off, int64_t v_off) {
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= n * KV * D) return;
   const int d = int(e % D);
   const int h = int((e / D) % KV);
   const int64_t i = e / (int64_t(D) * KV);
+  // A row outside the cache is a caller bug (the generator validates first); never write past it.
+  if (unsigned(positions[i]) >= unsigned(ctx) || unsigned(slots[i]) >= unsigned(n_slots)) return;
   const int64_t at = ((int64_t(slots[i]) * KV + h) * ctx + positions[i]) * D + d;  // (slots, KV, ctx, D)
   const int64_t src = i * qkv_stride + int64_t(h) * D + d;
   k_cache[at] = qkv[src + k_off];
@@ -541,7 +543,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_chunk_kernel(
   const int64_t r = blockIdx.x, i = row0 + r;
   const int kvh = blockIdx.y, chunk = blockIdx.z;
   // Positions past the cache would index outside it: clamp (a caller bug, not a valid request).
-  const int len = min(positions[i] + 1, p.ctx);
+  const int len = int(min(int64_t(positions[i]) + 1, int64_t(p.ctx)));
   const int p0 = chunk * kDecodeChunk;
   if (p0 >= len) return;  // the whole block leaves before any barrier
   const int cnt = min(kDecodeChunk, len - p0);
@@ -613,7 +615,11 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_merge_kernel(
     const int32_t* __restrict__ positions, int64_t row0, DecodeParams p) {
   const int64_t r = blockIdx.x / p.H, i = row0 + r;
   const int h = int(blockIdx.x % p.H);
-  const int len = min(positions[i] + 1, p.ctx);
+  const int len = int(min(int64_t(positions[i]) + 1, int64_t(p.ctx)));
+  if (len <= 0) {  // a negative position (a caller bug): no keys, and no 0 * inf below
+    for (int d = threadIdx.x; d < p.D; d += kDecodeThreads) out[i * p.out_stride + int64_t(h) * p.D + d] = to_bf(0.f);
+    return;
+  }
   const int chunks = (len + kDecodeChunk - 1) / kDecodeChunk;
   const int64_t at = (r * p.H + h) * p.n_chunks;
   float M = -INFINITY;
@@ -686,6 +692,7 @@ struct AttnState {
     const cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&buf), need * sizeof(float));
     if (e != cudaSuccess) {
       buf = nullptr;
+      (void)cudaGetLastError();  // else the next launch check reports this allocation's error
       throw Error(std::string("CUDA attention: cannot allocate ") + std::to_string(need * sizeof(float)) +
                   " bytes for " + what + ": " + cudaGetErrorString(e));
     }
@@ -808,7 +815,7 @@ void CudaOps::kv_cache_write(bf16* k_cache, bf16* v_cache, const bf16* qkv, cons
   SPPO_REQUIRE(total / kWriteThreads < INT_MAX, "kv_cache_write: too many rows (", n, ")");
   kv_cache_write_kernel<<<blocks_for(total, kWriteThreads), kWriteThreads, 0, stream_>>>(
       dev(k_cache), dev(v_cache), dev(qkv), slots, positions, n, int(s.kv_heads), int(s.head_dim), int(s.seq),
-      s.qkv_stride, s.k_off, s.v_off);
+      int(s.batch), s.qkv_stride, s.k_off, s.v_off);
   SPPO_CUDA_LAUNCHED(kv_cache_write_kernel);
 }
 
