@@ -137,6 +137,15 @@ describe.skipIf(!info.available)('CUDA backend against the CPU backend (GPU mach
     expect(same / total).toBeGreaterThan(0.5);
   });
 
+  it('reports running out of GPU memory as an error naming the allocation and its size', () => {
+    // 16 Gi parameters: 32 GiB of bf16 weights fit an 80 GB card, their 64 GiB of fp32 master weights do not.
+    const huge = tinyConfig({ vocab_size: 1 << 20, hidden_size: 1 << 14, num_attention_heads: 128, num_key_value_heads: 128, intermediate_size: 1 << 16, num_hidden_layers: 64 });
+    expect(() => Model.create(huge, { maxBatch: 1, maxSeq: 8 }, { device: 'cuda', initialize: false })).toThrow(
+      /cannot allocate the model's parameters .*out of memory.*MiB/,
+    );
+    expect(create(cfg, 'cuda').device).toBe('cuda');  // and the device is still usable
+  });
+
   const dir = mkdtempSync(path.join(tmpdir(), 'sppo-demo-cuda-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   it('runs the embedded demo with device cuda and improves on the base policy', async () => {

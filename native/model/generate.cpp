@@ -179,7 +179,14 @@ Generator<T>::~Generator() {
 template <class T>
 template <class E>
 E* Generator<T>::alloc(size_t n) {
-  E* p = static_cast<E*>(ops_->alloc_bytes(n * sizeof(E)));
+  E* p = nullptr;
+  try {
+    p = static_cast<E*>(ops_->alloc_bytes(n * sizeof(E)));
+  } catch (const Error& e) {
+    throw Error(detail::concat("cannot allocate the generator's KV cache and step buffers (plan maxBatch ",
+                               plan_.max_batch, ", maxContext ", plan_.max_context, "; ", bytes_ >> 20,
+                               " MiB allocated before this): ", e.what()));
+  }
   owned_.push_back(p);
   bytes_ += n * sizeof(E);
   return p;

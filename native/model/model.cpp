@@ -62,7 +62,20 @@ Model<T>::~Model() {
 template <class T>
 template <class E>
 E* Model<T>::alloc_tracked(size_t n, size_t* counter) {
-  E* p = static_cast<E*>(ops_->alloc_bytes(n * sizeof(E)));
+  E* p = nullptr;
+  try {
+    p = static_cast<E*>(ops_->alloc_bytes(n * sizeof(E)));
+  } catch (const Error& e) {
+    // Name what was being allocated, in the caller's terms (out of memory is the usual cause).
+    const char* what = counter == &mem_.params        ? "parameters"
+                       : counter == &mem_.grads       ? "gradients"
+                       : counter == &mem_.optimizer   ? "optimizer state"
+                       : counter == &mem_.activations ? "activations"
+                                                      : "scratch buffers";
+    throw Error(detail::concat("cannot allocate the model's ", what, " (", num_params(), " parameters, plan ",
+                               plan_.max_batch, " x ", plan_.max_seq, " tokens; ", mem_.total() >> 20,
+                               " MiB allocated before this): ", e.what()));
+  }
   owned_.push_back(p);
   *counter += n * sizeof(E);
   return p;
