@@ -209,7 +209,7 @@ SPPO_TEST(cuda_generate_reproducible_and_logprobs_consistent) {
 SPPO_TEST(cuda_out_of_memory_is_a_clear_error) {
   require_cuda();
   ModelConfig c = test_config();
-  c.vocab_size = 1 << 20, c.hidden_size = 1 << 14;  // 16 Gi parameters: 32 GiB of bf16 + 64 GiB of fp32 master
+  c.vocab_size = 1 << 20, c.hidden_size = 1 << 14;  // ~290 billion parameters: beyond any GPU
   c.num_attention_heads = 128, c.num_key_value_heads = 128, c.intermediate_size = 1 << 16, c.num_hidden_layers = 64;
   c.resolve_and_validate();
   EXPECT_THROWS_WITH((Model<bf16>(c, {1, 8}, cuda::make_ops(0), false)), "cannot allocate the model's parameters");
