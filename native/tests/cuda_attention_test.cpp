@@ -4,9 +4,13 @@
 // Errors are max|gpu - cpu| / max|cpu| per output; the GPU's outputs are bf16, so 1e-2 leaves
 // room for their rounding (2^-9 relative) and for fp32 summation order, and none for a wrong
 // index. Log-sum-exps are fp32 on both sides: 1e-4 absolute.
+// The forward and backward have two implementations: tensor cores (the default for head_dim 32,
+// 64, 128) and fp32 FMA (SPPO_CUDA_ATTENTION=fma, and every other head_dim). Each is checked
+// against the CPU, and the two against each other.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <sstream>
@@ -29,6 +33,45 @@ namespace {
 
 constexpr double kBf16Tol = 1e-2;  // relative (max-norm), bf16 outputs
 constexpr double kLseTol = 1e-4;   // absolute, fp32 log-sum-exps
+// Tensor cores against FMA: each side is within kBf16Tol of the CPU, and their bf16 roundings are
+// independent, so one element may differ by an ulp of the largest binade (2^-7 relative) and more.
+constexpr double kPathTol = 2e-2;
+
+// Sets SPPO_CUDA_ATTENTION for its lifetime and restores the previous value. An op set reads the
+// variable once, at its first attention call, so it must make that call inside the scope.
+class AttentionPathScope {
+ public:
+  explicit AttentionPathScope(const char* value) {
+    const char* old = std::getenv(kVar);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    setenv(kVar, value, 1);
+  }
+  ~AttentionPathScope() {
+    if (had_)
+      setenv(kVar, old_.c_str(), 1);
+    else
+      unsetenv(kVar);
+  }
+  AttentionPathScope(const AttentionPathScope&) = delete;
+  AttentionPathScope& operator=(const AttentionPathScope&) = delete;
+
+ private:
+  static constexpr const char* kVar = "SPPO_CUDA_ATTENTION";
+  bool had_ = false;
+  std::string old_;
+};
+
+// A fresh op set whose attention runs the kernels SPPO_CUDA_ATTENTION=`value` selects ("wmma":
+// tensor cores where the head dim allows, "fma": the FMA kernels).
+std::unique_ptr<Ops<bf16>> ops_on_path(Ops<bf16>& gpu, const char* value) {
+  AttentionPathScope scope(value);
+  std::unique_ptr<Ops<bf16>> ops = gpu.fresh();
+  // The op set's first attention call, even an empty one, fixes its choice.
+  const AttentionShape none{0, 0, 1, 1, 64, 192, 0, 64, 128, 64, 0.125};
+  ops->attention_forward(nullptr, nullptr, nullptr, none);
+  return ops;
+}
 
 // n standard normals, rounded to bf16 (this file's rng stream, 7).
 std::vector<float> random_values(int64_t n, uint64_t seed) { return randn_bf16(n, seed, 1.0, 7); }
@@ -181,16 +224,51 @@ void check_backward(Ops<bf16>& gpu, const AttentionShape& s, uint64_t seed) {
 }
 
 // Every shape of the brief: sequence lengths around the 64-row tile, head dims 32/64/128, group
-// sizes 1, 4 and 8; each once packed with batch 1 and once in the offset layout with batch 3.
+// sizes 1, 4 and 8; each once packed with batch 1 (16-byte tile loads on the tensor-core path)
+// and once in the offset layout with batch 3 (element loads). check(shape, seed).
 template <class Check>
-void for_each_shape(Ops<bf16>& gpu, Check check) {
+void for_each_shape(Check check) {
   uint64_t seed = 100;
   for (int64_t T : {1, 7, 64, 65, 300})
     for (int64_t D : {32, 64, 128})
       for (auto [H, KV] : {std::pair<int64_t, int64_t>{4, 4}, {8, 2}, {8, 1}}) {
-        check(gpu, make_shape(1, T, H, KV, D, packed_layout(H, KV, D)), seed += 10);
-        check(gpu, make_shape(3, T, H, KV, D, offset_layout(H, KV, D)), seed += 10);
+        check(make_shape(1, T, H, KV, D, packed_layout(H, KV, D)), seed += 10);
+        check(make_shape(3, T, H, KV, D, offset_layout(H, KV, D)), seed += 10);
       }
+}
+
+// ---- Tensor cores against FMA ----
+// The same inputs through both op sets: forward out and lse, then the backward's dq, dk, dv.
+void check_paths_agree(Ops<bf16>& tc, Ops<bf16>& fma, const AttentionShape& s, uint64_t seed) {
+  const int64_t N = s.batch * s.seq, QD = s.heads * s.head_dim;
+  const std::vector<float> qkv = random_values(N * s.qkv_stride, seed);
+  Ops<bf16>* sets[2] = {&tc, &fma};
+  std::vector<float> out[2], lse[2];
+  for (int i = 0; i < 2; ++i) {
+    auto qkv_d = upload(*sets[i], to_bf16(qkv));
+    auto out_d = upload(*sets[i], to_bf16(std::vector<float>(N * s.out_stride, kNaN)));
+    auto lse_d = upload(*sets[i], std::vector<float>(s.batch * s.heads * s.seq, kNaN));
+    sets[i]->attention_forward(out_d.data(), lse_d.data(), qkv_d.data(), s);
+    out[i] = to_float(out_d.get());
+    lse[i] = lse_d.get();
+  }
+  const double e_out = max_rel_error_floored(out[0], out[1], [&](size_t i) { return int64_t(i) % s.out_stride < QD; });
+  EXPECT_TRUE(e_out < kPathTol, "attention_forward tensor cores vs FMA: out error " << e_out << " " << describe(s));
+  double e_lse = 0;
+  for (size_t i = 0; i < lse[0].size(); ++i)
+    e_lse = std::isnan(lse[0][i]) ? INFINITY : std::max(e_lse, double(std::fabs(lse[0][i] - lse[1][i])));
+  EXPECT_TRUE(e_lse < kLseTol, "attention_forward tensor cores vs FMA: lse error " << e_lse << " " << describe(s));
+
+  const BackwardInputs in = backward_inputs(s, seed + 5);
+  const std::vector<float> g_tc = to_float(gpu_backward(tc, s, in)), g_fma = to_float(gpu_backward(fma, s, in));
+  const char* names[] = {"dq", "dk", "dv"};
+  const Part parts[] = {Part::q, Part::k, Part::v};
+  for (int w = 0; w < 3; ++w) {
+    const double e = max_rel_error_floored(
+        g_tc, g_fma, [&](size_t i) { return part_of(s, int64_t(i) % s.qkv_stride) == parts[w]; });
+    EXPECT_TRUE(e < kPathTol,
+                "attention_backward tensor cores vs FMA: " << names[w] << " error " << e << " " << describe(s));
+  }
 }
 
 // ---- Decode ----
@@ -248,14 +326,33 @@ void check_decode(Ops<bf16>& gpu, int64_t H, int64_t KV, int64_t D, const Layout
 
 }  // namespace
 
+// The default kernels: tensor cores for these head dims.
 SPPO_TEST(cuda_attention_forward_matches_cpu) {
   auto gpu = cuda_or_skip();
-  for_each_shape(*gpu, check_forward);
+  auto tc = ops_on_path(*gpu, "wmma");
+  for_each_shape([&](const AttentionShape& s, uint64_t seed) { check_forward(*tc, s, seed); });
 }
 
 SPPO_TEST(cuda_attention_backward_matches_cpu) {
   auto gpu = cuda_or_skip();
-  for_each_shape(*gpu, check_backward);
+  auto tc = ops_on_path(*gpu, "wmma");
+  for_each_shape([&](const AttentionShape& s, uint64_t seed) { check_backward(*tc, s, seed); });
+}
+
+SPPO_TEST(cuda_attention_fma_kernels_match_cpu) {
+  auto gpu = cuda_or_skip();
+  auto fma = ops_on_path(*gpu, "fma");
+  for_each_shape([&](const AttentionShape& s, uint64_t seed) {
+    check_forward(*fma, s, seed);
+    check_backward(*fma, s, seed);
+  });
+}
+
+SPPO_TEST(cuda_attention_tensor_cores_match_fma) {
+  auto gpu = cuda_or_skip();
+  auto tc = ops_on_path(*gpu, "wmma");
+  auto fma = ops_on_path(*gpu, "fma");
+  for_each_shape([&](const AttentionShape& s, uint64_t seed) { check_paths_agree(*tc, *fma, s, seed); });
 }
 
 // Head dims the tiles do not fit exactly (padded up to 32 and to 128).
@@ -268,7 +365,7 @@ SPPO_TEST(cuda_attention_other_head_dims_match_cpu) {
 }
 
 SPPO_TEST(cuda_attention_is_deterministic) {
-  auto gpu = cuda_or_skip();
+  auto gpu = ops_on_path(*cuda_or_skip(), "wmma");
   const AttentionShape s = make_shape(3, 300, 8, 2, 64, offset_layout(8, 2, 64));
   const BackwardInputs in = backward_inputs(s, 77);
   auto qkv_d = upload(*gpu, to_bf16(in.qkv));
