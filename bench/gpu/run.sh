@@ -41,6 +41,14 @@ if want bench && [ -x build-gpu/sppo_bench ]; then
   cat "$OUT/cuda_bench.log" >> "$OUT/summary.txt"
 fi
 
+# Optional (SECTIONS=... fma): the training step again on the FMA attention kernels, to time the
+# tensor-core attention against them in the same job.
+if want fma && [ -x build-gpu/sppo_bench ]; then
+  log "CUDA train step, FMA attention"
+  SPPO_CUDA_ATTENTION=fma timeout 200 ./build-gpu/sppo_bench cuda_train_step > "$OUT/cuda_bench_fma.log" 2>&1
+  cat "$OUT/cuda_bench_fma.log" >> "$OUT/summary.txt"
+fi
+
 if want anchors && [ -f .gpu/anchors/gpu_anchors.py ]; then
   log "PyTorch anchors (same job)"
   OUT="$OUT" timeout 240 python3 .gpu/anchors/gpu_anchors.py > "$OUT/anchors.log" 2>&1
