@@ -3,7 +3,10 @@
 // cuda_attention.cu, the LM head and sampler in cuda_head.cu). Kernels first, then the members
 // that launch them. Every formula mirrors cpu/cpu_ops.cpp with fp32 math on bf16 storage; every
 // reduction has a fixed summation order, so results are bit-identical run to run.
+#include <cub/device/device_radix_sort.cuh>
+
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -32,7 +35,6 @@ constexpr int kThreads = 256;               // threads per block everywhere in t
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxBlocks = 1 << 16;     // grid-stride kernels cap their grid here
 constexpr int kReduceBlocks = 256;          // fixed grid of the whole-array reductions (device independent)
-constexpr int kColumnThreads = 64;          // embedding backward: one thread per column, small blocks spread the SMs
 constexpr int64_t kStagingElems = 1 << 20;  // host staging chunk of upload / download (2 MiB of bf16)
 
 // Blocks for a grid-stride loop over n items (n > 0).
@@ -99,12 +101,107 @@ __global__ void embedding_forward_kernel(bf* out, const bf* table, const int32_t
   }
 }
 
-// One thread per column adds the tokens' rows in token order: the CPU's order, so the float sums
-// are bit-identical to it, and no two threads ever touch the same element.
-__global__ void embedding_backward_kernel(float* dtable, const bf* dout, const int32_t* ids, int64_t N, int64_t C) {
-  const int64_t j = first_index();
-  if (j >= C) return;
-  for (int64_t i = 0; i < N; ++i) dtable[int64_t(ids[i]) * C + j] += to_f(dout[i * C + j]);
+// embedding_backward, after a stable sort of the (id, token) pairs by id: each table row is one
+// run of equal keys, its tokens in increasing token order. Work unit: a warp for one sorted position
+// q and one chunk of kEmbChunk columns (kEmbSlices slices of 32). Only the first S = min(run length,
+// kEmbSlices) positions of a run do work, so a run's columns are spread over S warps (a long run gets
+// one column per lane) and every element has exactly one owner. The owner starts from dtable's value
+// and adds the run's tokens one by one in sorted (= token) order: the same float additions, in the
+// same order, as the CPU and as `dtable[id][c] += dout[t][c]` token after token, so bit-identical.
+constexpr int kEmbSlices = 4;
+constexpr int kEmbChunk = 32 * kEmbSlices;  // columns per work unit
+constexpr int kEmbBack = kEmbSlices;        // the first window starts this many positions before q
+
+// One warp adds the run of `id` into K column slices (slice0 + k * step, 32 columns each) of the
+// chunk at column c_lane (this lane's column in slice 0 of the chunk). On entry the warp's window
+// holds sorted positions pos + lane (key, tok, in = position inside [0, N)), the run starting at
+// window lane lo.
+template <int K>
+__device__ __forceinline__ void embedding_run(float* dtable, const bf* dout, const uint32_t* keys, const int32_t* tokens, int64_t N,
+                              int64_t C, int64_t c_lane, int slice0, int step, uint32_t id, int64_t pos, uint32_t key,
+                              int32_t tok, bool in, int lo) {
+  constexpr int kTok = 32 / K;  // tokens gathered per round: K * kTok = 32 loads in flight per lane
+  const int lane = int(threadIdx.x % 32);
+  const int64_t c0 = c_lane + int64_t(slice0) * 32;  // this lane's column in its first slice
+  bool has[K];
+  float sum[K];
+  float* row = dtable + int64_t(id) * C + c0;
+  const bf* col = dout + c0;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    has[k] = c0 + k * step * 32 < C;
+    sum[k] = has[k] ? row[k * step * 32] : 0.0f;
+  }
+  for (;;) {
+    // The run's members in this window: lanes lo, lo + 1, ... (keys are sorted, so contiguous).
+    const unsigned eq = __ballot_sync(0xffffffffu, in && key == id);
+    const int n = __popc(eq >> lo);
+    const bool more = lo + n == 32;  // the run may go on past the window
+    uint32_t next_key = 0;
+    int32_t next_tok = 0;
+    bool next_in = false;
+    if (more) {  // prefetch the next window before this one's gathers
+      const int64_t p = pos + 32 + lane;
+      next_in = p < N;
+      if (next_in) next_key = keys[p], next_tok = tokens[p];
+    }
+    for (int j0 = 0; j0 < n; j0 += kTok) {
+      float v[kTok][K];
+#pragma unroll
+      for (int j = 0; j < kTok; ++j) {
+        const int64_t t = __shfl_sync(0xffffffffu, tok, (lo + j0 + j) & 31);
+#pragma unroll
+        for (int k = 0; k < K; ++k) v[j][k] = j0 + j < n && has[k] ? to_f(col[t * C + k * step * 32]) : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < kTok; ++j)
+        if (j0 + j < n) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) sum[k] += v[j][k];
+        }
+    }
+    if (!more) break;
+    pos += 32, key = next_key, tok = next_tok, in = next_in, lo = 0;
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    if (has[k]) row[k * step * 32] = sum[k];
+}
+
+__global__ void __launch_bounds__(kThreads) embedding_backward_kernel(float* dtable, const bf* dout,
+                                                                      const uint32_t* keys, const int32_t* tokens,
+                                                                      int64_t N, int64_t C, int64_t chunks) {
+  const int lane = int(threadIdx.x % 32);
+  const int64_t units = N * chunks, warps = int64_t(gridDim.x) * kWarps;
+  for (int64_t u = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; u < units; u += warps) {  // warp-uniform
+    const int64_t q = u / chunks, chunk = u - q * chunks;
+    // Window: sorted positions q - kEmbBack + lane.
+    const int64_t pos = q - kEmbBack;
+    const int64_t p = pos + lane;
+    const bool in = p >= 0 && p < N;
+    const uint32_t key = in ? keys[p] : 0u;
+    const int32_t tok = in ? tokens[p] : 0;
+    const uint32_t id = __shfl_sync(0xffffffffu, key, kEmbBack);
+    const unsigned eq = __ballot_sync(0xffffffffu, in && key == id);
+    const int o = __popc(eq & ((1u << kEmbBack) - 1));  // run members just before q (sorted: a suffix)
+    if (o >= kEmbSlices) continue;                      // q is deeper in its run than any owner
+    const int lo = kEmbBack - o;                        // the run's first position is window lane lo
+    // Owners of this run: its first S positions (the window shows at least kEmbSlices of the run,
+    // so S = min(run length, kEmbSlices) > o here: this unit is owner number o).
+    const int S = min(__popc(eq >> lo), kEmbSlices);
+    const int64_t c_lane = chunk * kEmbChunk + lane;
+    const int K = (kEmbSlices - o + S - 1) / S;  // slices o, o + S, ... below kEmbSlices
+    if (K == 4)
+      embedding_run<4>(dtable, dout, keys, tokens, N, C, c_lane, o, S, id, pos, key, tok, in, lo);
+    else if (K == 2)
+      embedding_run<2>(dtable, dout, keys, tokens, N, C, c_lane, o, S, id, pos, key, tok, in, lo);
+    else
+      embedding_run<1>(dtable, dout, keys, tokens, N, C, c_lane, o, S, id, pos, key, tok, in, lo);
+  }
+}
+
+__global__ void iota_kernel(int32_t* x, int64_t n) {
+  for (int64_t i = first_index(); i < n; i += grid_stride()) x[i] = int32_t(i);
 }
 
 __global__ void gather_rows_kernel(bf* dst, const bf* src, const int32_t* rows, int64_t n, int64_t C) {
@@ -338,8 +435,20 @@ struct ReduceState {
   double* partials = nullptr;  // device, `capacity` doubles
   size_t capacity = 0;
   std::vector<double> host;    // the kReduceBlocks whole-array partials, read back
+  // embedding_backward's stable sort of (id, token) pairs: sorted keys and tokens, the token
+  // indices 0, 1, ... (written once per growth), each `sort_capacity` items; cub's temp storage.
+  uint32_t* sorted_keys = nullptr;
+  int32_t* sorted_tokens = nullptr;
+  int32_t* iota = nullptr;
+  size_t sort_capacity = 0;
+  void* sort_temp = nullptr;
+  size_t sort_temp_bytes = 0;
   ~ReduceState() {
     if (partials) (void)cudaFree(partials);
+    if (sorted_keys) (void)cudaFree(sorted_keys);
+    if (sorted_tokens) (void)cudaFree(sorted_tokens);
+    if (iota) (void)cudaFree(iota);
+    if (sort_temp) (void)cudaFree(sort_temp);
   }
 };
 
@@ -365,6 +474,30 @@ double* partials_for(ReduceState& r, size_t n, cudaStream_t stream, int device) 
     r.capacity = n;
   }
   return r.partials;
+}
+
+// Sizes ReduceState's sort buffers for n items and temp_bytes of cub temp storage (grown, never
+// shrunk; a stream sync first, as queued kernels may still use the old buffers).
+void sort_buffers_for(ReduceState& r, size_t n, size_t temp_bytes, cudaStream_t stream, int device) {
+  if (n <= r.sort_capacity && temp_bytes <= r.sort_temp_bytes) return;
+  SPPO_CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (n > r.sort_capacity) {
+    for (void* p : {static_cast<void*>(r.sorted_keys), static_cast<void*>(r.sorted_tokens), static_cast<void*>(r.iota)})
+      if (p) SPPO_CUDA_CHECK(cudaFree(p));
+    r.sorted_keys = nullptr, r.sorted_tokens = nullptr, r.iota = nullptr, r.sort_capacity = 0;
+    r.sorted_keys = static_cast<uint32_t*>(device_malloc(n * sizeof(uint32_t), device));
+    r.sorted_tokens = static_cast<int32_t*>(device_malloc(n * sizeof(int32_t), device));
+    r.iota = static_cast<int32_t*>(device_malloc(n * sizeof(int32_t), device));
+    iota_kernel<<<grid_for(int64_t(n)), kThreads, 0, stream>>>(r.iota, int64_t(n));
+    SPPO_CUDA_LAUNCHED(iota_kernel);
+    r.sort_capacity = n;
+  }
+  if (temp_bytes > r.sort_temp_bytes) {
+    if (r.sort_temp) SPPO_CUDA_CHECK(cudaFree(r.sort_temp));
+    r.sort_temp = nullptr, r.sort_temp_bytes = 0;
+    r.sort_temp = device_malloc(std::max<size_t>(temp_bytes, 1), device);
+    r.sort_temp_bytes = temp_bytes;
+  }
 }
 
 // out(C) += column sums of term over N rows: row-group partials, then a fixed-order finish.
@@ -616,10 +749,28 @@ void CudaOps::embedding_forward(bf16* out, const bf16* table, const int32_t* ids
   SPPO_CUDA_LAUNCHED(embedding_forward_kernel);
 }
 
+// Stable radix sort of the (id, token) pairs by id (cub's radix sort is stable: equal ids keep
+// increasing token order), then one pass that gives every (table row, column) one owner lane.
 void CudaOps::embedding_backward(float* dtable, const bf16* dout, const int32_t* ids, int64_t N, int64_t C) {
   if (N <= 0 || C <= 0) return;
-  const unsigned blocks = unsigned((C + kColumnThreads - 1) / kColumnThreads);
-  embedding_backward_kernel<<<blocks, kColumnThreads, 0, stream_>>>(dtable, dev(dout), ids, N, C);
+  SPPO_REQUIRE(N <= INT32_MAX, "embedding_backward: ", N, " tokens exceed the int32 token index");
+  ReduceState& r = reduce_state();
+  const int n = int(N);
+  // Ids are non-negative int32, so their uint32 bits sort in the same order. The vocabulary size
+  // is not passed, so all 32 key bits are sorted.
+  const uint32_t* keys_in = reinterpret_cast<const uint32_t*>(ids);
+  size_t temp_bytes = 0;
+  SPPO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys_in, static_cast<uint32_t*>(nullptr),
+                                                  static_cast<const int32_t*>(nullptr),
+                                                  static_cast<int32_t*>(nullptr), n, 0, 32, stream_));
+  sort_buffers_for(r, size_t(N), temp_bytes, stream_, device_);
+  SPPO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(r.sort_temp, temp_bytes, keys_in, r.sorted_keys, r.iota,
+                                                  r.sorted_tokens, n, 0, 32, stream_));
+  SPPO_CUDA_LAUNCHED(cub::DeviceRadixSort::SortPairs);
+  const int64_t chunks = (C + kEmbChunk - 1) / kEmbChunk;
+  const unsigned blocks = unsigned(std::min<int64_t>((N * chunks + kWarps - 1) / kWarps, kMaxBlocks));
+  embedding_backward_kernel<<<blocks, kThreads, 0, stream_>>>(dtable, dev(dout), r.sorted_keys, r.sorted_tokens, N,
+                                                               C, chunks);
   SPPO_CUDA_LAUNCHED(embedding_backward_kernel);
 }
 
