@@ -118,6 +118,43 @@ constexpr size_t backward_dkdv_smem() {  // K, V, Q, dO tiles + P, dS + lse, del
   return sizeof(float) * (4 * kTile * row_stride<DMAX>() + 2 * kTile * kPStride + 2 * kTile);
 }
 
+// The two products of the FMA backward's score tile, for the 4x4 register tile of thread
+// (ty, tx): s[i][j] = A_r · B_c and dp[i][j] = A2_r · B2_c over DMAX, where row r = ty*4 + i
+// of the row tiles (A, A2) and row c = tx + 16j of the column tiles (B, B2). The dQ pass calls it
+// with (Q, dO | K, V), the dK/dV pass with (K, V | Q, dO).
+template <int DMAX>
+__device__ __forceinline__ void dual_tile_products(const float* __restrict__ A, const float* __restrict__ A2,
+                                                   const float* __restrict__ B, const float* __restrict__ B2,
+                                                   int tx, int ty, float (&s)[kRowsPerThread][4],
+                                                   float (&dp)[kRowsPerThread][4]) {
+  constexpr int LD = row_stride<DMAX>();
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) s[i][j] = dp[i][j] = 0.f;
+#pragma unroll 4
+  for (int d = 0; d < DMAX; ++d) {
+    float av[kRowsPerThread], a2v[kRowsPerThread], bv[4], b2v[4];
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      av[i] = A[(ty * kRowsPerThread + i) * LD + d];
+      a2v[i] = A2[(ty * kRowsPerThread + i) * LD + d];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      bv[j] = B[(tx + 16 * j) * LD + d];
+      b2v[j] = B2[(tx + 16 * j) * LD + d];
+    }
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        s[i][j] = fmaf(av[i], bv[j], s[i][j]);
+        dp[i][j] = fmaf(a2v[i], b2v[j], dp[i][j]);
+      }
+  }
+}
+
 // ---- Forward ----
 // Block: kTile queries of one (batch, head); grid: n_tiles * B * H, heaviest (last) query tiles
 // first. For each key tile up to the diagonal: S = Q Kᵀ (4x4 scores per thread), online softmax
@@ -314,32 +351,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(
     stage_tile<DMAX>(Vs, kv_rows + p.v_off, p.qkv_stride, min(kTile, p.T - k0), p.D);
     __syncthreads();
 
-    float s[kRowsPerThread][4], dp[kRowsPerThread][4];
-#pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) s[i][j] = dp[i][j] = 0.f;
-#pragma unroll 4
-    for (int d = 0; d < DMAX; ++d) {
-      float qv[kRowsPerThread], gv[kRowsPerThread], kv[4], vv[4];
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) {
-        qv[i] = Qs[(ty * kRowsPerThread + i) * LD + d];
-        gv[i] = dOs[(ty * kRowsPerThread + i) * LD + d];
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        kv[j] = Ks[(tx + 16 * j) * LD + d];
-        vv[j] = Vs[(tx + 16 * j) * LD + d];
-      }
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          s[i][j] = fmaf(qv[i], kv[j], s[i][j]);
-          dp[i][j] = fmaf(gv[i], vv[j], dp[i][j]);
-        }
-    }
+    float s[kRowsPerThread][4], dp[kRowsPerThread][4];  // [query ty*4+i][key tx+16j]
+    dual_tile_products<DMAX>(Qs, dOs, Ks, Vs, tx, ty, s, dp);
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
       const int r = ty * kRowsPerThread + i, q = q0 + r;
@@ -430,31 +443,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_kernel(
       __syncthreads();
 
       float s[kRowsPerThread][4], dp[kRowsPerThread][4];  // [key ty*4+i][query tx+16j]
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) s[i][j] = dp[i][j] = 0.f;
-#pragma unroll 4
-      for (int d = 0; d < DMAX; ++d) {
-        float kv[kRowsPerThread], vv[kRowsPerThread], qv[4], gv[4];
-#pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i) {
-          kv[i] = Ks[(ty * kRowsPerThread + i) * LD + d];
-          vv[i] = Vs[(ty * kRowsPerThread + i) * LD + d];
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          qv[j] = Qs[(tx + 16 * j) * LD + d];
-          gv[j] = dOs[(tx + 16 * j) * LD + d];
-        }
-#pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            s[i][j] = fmaf(kv[i], qv[j], s[i][j]);
-            dp[i][j] = fmaf(vv[i], gv[j], dp[i][j]);
-          }
-      }
+      dual_tile_products<DMAX>(Ks, Vs, Qs, dOs, tx, ty, s, dp);
 #pragma unroll
       for (int i = 0; i < kRowsPerThread; ++i) {
         const int kr = ty * kRowsPerThread + i, k = k0 + kr;
