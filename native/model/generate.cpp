@@ -156,10 +156,7 @@ Generator<T>::Generator(const Model<T>& model, GeneratorPlan plan, std::unique_p
     ffn_ = alloc<T>(R * F);
     hsel_ = alloc<T>(B * C);
     logits_ = alloc<Master>(B * V);
-    slots_dev_ = alloc<int32_t>(R);
-    positions_dev_ = alloc<int32_t>(R);
-    tokens_dev_ = alloc<int32_t>(R);
-    logit_rows_dev_ = alloc<int32_t>(B);
+    step_dev_ = alloc<int32_t>(3 * R + B);
     bytes_ += ops_->plan_scratch(P, D);
   } catch (...) {
     for (void* p : owned_) ops_->free_bytes(p);
@@ -202,20 +199,27 @@ void Generator<T>::extend(int64_t N, int64_t n_logit_rows) {
   // batch/seq describe the cache: (max_batch slots, max_context positions).
   const AttentionShape shape{plan_.max_batch, plan_.max_context, H, KV, D, QKV, 0, QD, QD + cfg_.kv_dim(), QD,
                              1.0 / std::sqrt(double(D))};
-  o.upload_bytes(slots_dev_, slots_.data(), size_t(N) * sizeof(int32_t));
-  o.upload_bytes(positions_dev_, positions_.data(), size_t(N) * sizeof(int32_t));
-  o.upload_bytes(tokens_dev_, tokens_.data(), size_t(N) * sizeof(int32_t));
-  o.embedding_forward(x_, model_.embedding(), tokens_dev_, N, C);
+  // The step's index arrays travel in one upload (one host-device round trip per step on a GPU):
+  // [slots (N) | positions (N) | tokens (N) | logit rows (n_logit_rows)].
+  step_host_.resize(size_t(3 * N + n_logit_rows));
+  std::copy_n(slots_.begin(), N, step_host_.begin());
+  std::copy_n(positions_.begin(), N, step_host_.begin() + N);
+  std::copy_n(tokens_.begin(), N, step_host_.begin() + 2 * N);
+  std::copy_n(logit_rows_.begin(), n_logit_rows, step_host_.begin() + 3 * N);
+  o.upload_bytes(step_dev_, step_host_.data(), step_host_.size() * sizeof(int32_t));
+  const int32_t *slots_dev = step_dev_, *positions_dev = step_dev_ + N, *tokens_dev = step_dev_ + 2 * N;
+  const int32_t* logit_rows_dev = step_dev_ + 3 * N;
+  o.embedding_forward(x_, model_.embedding(), tokens_dev, N, C);
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     const typename Model<T>::LayerWeights w = model_.layer_weights(l);
     o.rmsnorm_forward(xn_, rstd_, x_, w.attn_norm, N, C, eps);
     o.gemm(false, true, N, QKV, C, 1, xn_, C, w.wqkv, C, 0, qkv_, QKV);
     if (w.bqkv) o.add_bias(qkv_, w.bqkv, N, QKV, QKV);
-    o.rope(qkv_, N, QKV, 0, H, D, positions_dev_, rope_cos_, rope_sin_, false);
-    o.rope(qkv_, N, QKV, QD, KV, D, positions_dev_, rope_cos_, rope_sin_, false);
+    o.rope(qkv_, N, QKV, 0, H, D, positions_dev, rope_cos_, rope_sin_, false);
+    o.rope(qkv_, N, QKV, QD, KV, D, positions_dev, rope_cos_, rope_sin_, false);
     // All rows' keys first: a prefill row attends to earlier rows of its own prompt.
-    o.kv_cache_write(k_cache_[l], v_cache_[l], qkv_, slots_dev_, positions_dev_, N, shape);
-    o.attention_decode(att_, qkv_, k_cache_[l], v_cache_[l], slots_dev_, positions_dev_, N, shape);
+    o.kv_cache_write(k_cache_[l], v_cache_[l], qkv_, slots_dev, positions_dev, N, shape);
+    o.attention_decode(att_, qkv_, k_cache_[l], v_cache_[l], slots_dev, positions_dev, N, shape);
     o.gemm(false, true, N, C, QD, 1, att_, QD, w.wo, QD, 1, x_, C);  // residual: x += o_proj(att)
     o.rmsnorm_forward(xn_, rstd_, x_, w.mlp_norm, N, C, eps);
     o.gemm(false, true, N, 2 * F, C, 1, xn_, C, w.wgu, C, 0, gu_, 2 * F);
@@ -225,8 +229,7 @@ void Generator<T>::extend(int64_t N, int64_t n_logit_rows) {
   o.rmsnorm_forward(xn_, rstd_, x_, model_.final_norm_weight(), N, C, eps);
   if (n_logit_rows == 0) return;
   // Only the rows that sample need the LM head (the last prompt row, and every decode row).
-  o.upload_bytes(logit_rows_dev_, logit_rows_.data(), size_t(n_logit_rows) * sizeof(int32_t));
-  o.gather_rows(hsel_, xn_, logit_rows_dev_, n_logit_rows, C);
+  o.gather_rows(hsel_, xn_, logit_rows_dev, n_logit_rows, C);
   o.gemm_master(false, true, n_logit_rows, V, C, 1, hsel_, C, model_.lm_head_weight(), C, 0, logits_, V);
 }
 

@@ -140,8 +140,8 @@ class Generator final : public GeneratorApi {
   Master* logits_ = nullptr;  // (max_batch, V)
   std::vector<int32_t> slots_, positions_, tokens_;  // (R) the rows of the current step
   std::vector<int32_t> logit_rows_;                  // (max_batch) rows whose logits are wanted
-  int32_t *slots_dev_ = nullptr, *positions_dev_ = nullptr, *tokens_dev_ = nullptr;  // their backend copies
-  int32_t* logit_rows_dev_ = nullptr;
+  std::vector<int32_t> step_host_;  // the four above packed for one upload
+  int32_t* step_dev_ = nullptr;      // (3R + max_batch) their backend copy
 };
 
 }  // namespace sppo
