@@ -155,6 +155,28 @@ __device__ __forceinline__ void dual_tile_products(const float* __restrict__ A, 
   }
 }
 
+// acc[i][c] += Σ_k A[r][k] · B[k][col] over a kTile-wide inner dimension, for the register tile
+// of thread (ty, tx): rows r = ty*4 + i of A (row stride kPStride: a P or dS tile), columns
+// col = tx + 16c of B (row stride row_stride<DMAX>(): a V, K, dO or Q tile). O += P·V in the
+// forward, dQ += dS·K, dV += Pᵀ·dO and dK += dSᵀ·Q in the backward.
+template <int DMAX, int CPT>
+__device__ __forceinline__ void tile_accumulate(const float* __restrict__ A, const float* __restrict__ B, int tx,
+                                                int ty, float (&acc)[kRowsPerThread][CPT]) {
+  constexpr int LD = row_stride<DMAX>();
+#pragma unroll 4
+  for (int k = 0; k < kTile; ++k) {
+    float av[kRowsPerThread], bv[CPT];
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) av[i] = A[(ty * kRowsPerThread + i) * kPStride + k];
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) bv[c] = B[k * LD + tx + 16 * c];
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int c = 0; c < CPT; ++c) acc[i][c] = fmaf(av[i], bv[c], acc[i][c]);
+  }
+}
+
 // ---- Forward ----
 // Block: kTile queries of one (batch, head); grid: n_tiles * B * H, heaviest (last) query tiles
 // first. For each key tile up to the diagonal: S = Q Kᵀ (4x4 scores per thread), online softmax
@@ -248,18 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(__nv_bfl
     }
     __syncthreads();
 
-#pragma unroll 4
-    for (int k = 0; k < kTile; ++k) {
-      float pv[kRowsPerThread], vv[CPT];
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) pv[i] = Ps[(ty * kRowsPerThread + i) * kPStride + k];
-#pragma unroll
-      for (int c = 0; c < CPT; ++c) vv[c] = Vs[k * LD + tx + 16 * c];
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-        for (int c = 0; c < CPT; ++c) o[i][c] = fmaf(pv[i], vv[c], o[i][c]);
-    }
+    tile_accumulate<DMAX, CPT>(Ps, Vs, tx, ty, o);
   }
 
 #pragma unroll
@@ -366,18 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(
     }
     __syncthreads();
 
-#pragma unroll 4
-    for (int k = 0; k < kTile; ++k) {
-      float dsv[kRowsPerThread], kv[CPT];
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) dsv[i] = dSs[(ty * kRowsPerThread + i) * kPStride + k];
-#pragma unroll
-      for (int c = 0; c < CPT; ++c) kv[c] = Ks[k * LD + tx + 16 * c];
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-        for (int c = 0; c < CPT; ++c) dq[i][c] = fmaf(dsv[i], kv[c], dq[i][c]);
-    }
+    tile_accumulate<DMAX, CPT>(dSs, Ks, tx, ty, dq);
   }
 
 #pragma unroll
@@ -457,27 +457,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_kernel(
       }
       __syncthreads();
 
-#pragma unroll 4
-      for (int qr = 0; qr < kTile; ++qr) {
-        float pv[kRowsPerThread], dsv[kRowsPerThread], gv[CPT], qv[CPT];
-#pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i) {
-          pv[i] = Pt[(ty * kRowsPerThread + i) * kPStride + qr];
-          dsv[i] = dSt[(ty * kRowsPerThread + i) * kPStride + qr];
-        }
-#pragma unroll
-        for (int c = 0; c < CPT; ++c) {
-          gv[c] = dOs[qr * LD + tx + 16 * c];
-          qv[c] = Qs[qr * LD + tx + 16 * c];
-        }
-#pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-          for (int c = 0; c < CPT; ++c) {
-            dv[i][c] = fmaf(pv[i], gv[c], dv[i][c]);
-            dk[i][c] = fmaf(dsv[i], qv[c], dk[i][c]);
-          }
-      }
+      tile_accumulate<DMAX, CPT>(Pt, dOs, tx, ty, dv);
+      tile_accumulate<DMAX, CPT>(dSt, Qs, tx, ty, dk);
     }
   }
 
