@@ -1,5 +1,6 @@
 // A user-supplied JavaScript judge `(prompt, a, b) => P(a ≻ b | prompt)` as a PreferenceModel:
 // each unordered pair is asked once (i < j) and P_ji = 1 − P_ij, P_ii = ½.
+import { fromUpperTriangle } from './matrix.js';
 import { abortError, definePreferenceModel, mapWithConcurrency, type PreferenceModel } from './model.js';
 
 export type PreferenceFunction = (prompt: string, a: string, b: string) => number | Promise<number>;
@@ -24,7 +25,7 @@ export function functionPreference(fn: PreferenceFunction, options: FunctionPref
       const K = responses.length;
       const pairs: [number, number][] = [];
       for (let i = 0; i < K; i++) for (let j = i + 1; j < K; j++) pairs.push([i, j]);
-      const P = Array.from({ length: K }, () => new Array<number>(K).fill(0.5));
+      const upper = new Map<string, number>();
       await mapWithConcurrency(
         pairs,
         pairConcurrency,
@@ -41,12 +42,11 @@ export function functionPreference(fn: PreferenceFunction, options: FunctionPref
               `responses ${i} and ${j}: the preference function returned ${typeof v === 'number' ? v : `${typeof v} ${JSON.stringify(v)}`}; ` +
                 'it must return P(a ≻ b), a number in [0, 1]',
             );
-          P[i][j] = v;
-          P[j][i] = 1 - v;
+          upper.set(`${i},${j}`, v);
         },
         signal,
       );
-      return P;
+      return fromUpperTriangle(K, (i, j) => upper.get(`${i},${j}`));
     },
   });
 }

@@ -7,6 +7,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
+import { fromUpperTriangle } from './matrix.js';
 import { abortError, definePreferenceModel, type PreferenceModel } from './model.js';
 
 export const DEFAULT_JUDGE_TEMPLATE = `Two AI assistants answered the same user prompt. Decide which response is better: more helpful, correct, and clear.
@@ -369,7 +370,6 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
     concurrency: options.concurrency,
     async compare(prompt, responses, { signal }) {
       const K = responses.length;
-      const P = Array.from({ length: K }, () => new Array<number>(K).fill(0.5));
       const pairs: [number, number][] = [];
       for (let i = 0; i < K; i++) for (let j = i + 1; j < K; j++) if (responses[i] !== responses[j]) pairs.push([i, j]);
       const asks = pairs.flatMap(([i, j]) => [
@@ -381,11 +381,8 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
       const failed = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
       if (failed) throw failed.reason;
       const q = settled.map((s) => (s as PromiseFulfilledResult<Verdict>).value.p);
-      pairs.forEach(([i, j], n) => {
-        P[i][j] = (q[2 * n] + 1 - q[2 * n + 1]) / 2;
-        P[j][i] = 1 - P[i][j];
-      });
-      return P;
+      const upper = new Map(pairs.map(([i, j], n) => [`${i},${j}`, (q[2 * n] + 1 - q[2 * n + 1]) / 2]));
+      return fromUpperTriangle(K, (i, j) => upper.get(`${i},${j}`));
     },
   });
   return Object.assign(model, { stats });

@@ -13,6 +13,7 @@ import { loadPretrained } from '../io/checkpoint.js';
 import type { Tokenizer } from '../io/tokenizer.js';
 import { DEFAULT_JUDGE_TEMPLATE, missingPlaceholders, renderJudgeTemplate } from './http.js';
 import { projectLastTokens, type EngineJudgeOptions } from './last-token.js';
+import { fromUpperTriangle } from './matrix.js';
 import { definePreferenceModel, type CompareItem, type PreferenceModel } from './model.js';
 
 /** id default: `lm-judge(<label>,<hash of template and answer tokens>)`. */
@@ -108,17 +109,11 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
     const q = logits.map(([la, lb]) => twoWaySoftmax(la, lb));
     stats.comparisons += questions.length;
     const qOf = new Map(questions.map((x, n) => [`${x.item},${x.i},${x.j}`, q[n]]));
-    return items.map(({ responses }, item) => {
-      const K = responses.length;
-      const P = Array.from({ length: K }, () => new Array<number>(K).fill(0.5));
-      for (let i = 0; i < K; i++)
-        for (let j = i + 1; j < K; j++) {
-          if (responses[i] === responses[j]) continue;
-          P[i][j] = (qOf.get(`${item},${i},${j}`)! + 1 - qOf.get(`${item},${j},${i}`)!) / 2;
-          P[j][i] = 1 - P[i][j];
-        }
-      return P;
-    });
+    return items.map(({ responses }, item) =>
+      fromUpperTriangle(responses.length, (i, j) =>
+        responses[i] === responses[j] ? undefined : (qOf.get(`${item},${i},${j}`)! + 1 - qOf.get(`${item},${j},${i}`)!) / 2,
+      ),
+    );
   }
 
   const pm = definePreferenceModel({

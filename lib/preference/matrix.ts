@@ -1,6 +1,23 @@
 // The one check of a preference matrix P (P_ij ≈ P(y_i ≻ y_j | x)): every judge's output and
 // every win-rate estimate goes through it, so a bad matrix is caught where it was made.
 
+/**
+ * The K×K preference matrix with P_ii = ½, P_ij = upper(i, j) for i < j and P_ji = 1 − P_ij, so
+ * P_ij + P_ji = 1 holds exactly. `upper` returns undefined for a pair that stays at ½ (identical
+ * responses, which no judge is asked about).
+ */
+export function fromUpperTriangle(K: number, upper: (i: number, j: number) => number | undefined): number[][] {
+  const P = Array.from({ length: K }, () => new Array<number>(K).fill(0.5));
+  for (let i = 0; i < K; i++)
+    for (let j = i + 1; j < K; j++) {
+      const p = upper(i, j);
+      if (p === undefined) continue;
+      P[i][j] = p;
+      P[j][i] = 1 - p;
+    }
+  return P;
+}
+
 /** P_ij + P_ji = 1 and P_ii = ½ are checked to within this (judges compute in floating point). */
 export const PREFERENCE_TOLERANCE = 1e-6;
 

@@ -16,6 +16,7 @@ import { ReadScratch } from '../io/safetensors.js';
 import { Tokenizer } from '../io/tokenizer.js';
 import { CheckpointWeights } from '../io/weights.js';
 import { projectLastTokens, type EngineJudgeOptions } from './last-token.js';
+import { fromUpperTriangle } from './matrix.js';
 import { definePreferenceModel, type CompareItem, type PreferenceModel } from './model.js';
 
 export class RewardModelError extends Error {
@@ -98,17 +99,8 @@ export function rewardModelJudge(model: Model, tokenizer: Tokenizer, score: Arra
     return rowOf.map((ns) => ns.map((n) => reward[n]));
   }
 
-  function matrix(r: readonly number[]): number[][] {
-    const K = r.length;
-    const P = Array.from({ length: K }, () => new Array<number>(K).fill(0.5));
-    for (let i = 0; i < K; i++)
-      for (let j = i + 1; j < K; j++) {
-        if (r[i] === r[j]) continue;
-        P[i][j] = sigmoid((r[i] - r[j]) / tau);
-        P[j][i] = 1 - P[i][j];
-      }
-    return P;
-  }
+  const matrix = (r: readonly number[]): number[][] =>
+    fromUpperTriangle(r.length, (i, j) => (r[i] === r[j] ? undefined : sigmoid((r[i] - r[j]) / tau)));
 
   const pm = definePreferenceModel({
     id,
