@@ -545,6 +545,33 @@ using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::ro
 using FragBt = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>;  // a row-major tile, transposed
 using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
+// The tensor-core backward's two score products for one 16x16 chunk: S = A·Bᵀ and dP = A2·B2ᵀ
+// over D, where A/A2 are the warp's 16 rows and B/B2 16 rows of the other tiles (row stride
+// tc_ld<D>()), stored row-major into the warp's fp32 tiles at S and dP (row stride kSLd).
+// The dQ pass calls it with (Q, dO | K, V), the dK/dV pass with (K, V | Q, dO).
+template <int D>
+__device__ __forceinline__ void dual_wmma_products(const __nv_bfloat16* A, const __nv_bfloat16* A2,
+                                                   const __nv_bfloat16* B, const __nv_bfloat16* B2, float* S,
+                                                   float* dP) {
+  constexpr int LDB = tc_ld<D>(), KD = D / 16;
+  FragAcc s, dp;
+  wmma::fill_fragment(s, 0.f);
+  wmma::fill_fragment(dp, 0.f);
+#pragma unroll
+  for (int kk = 0; kk < KD; ++kk) {
+    FragA a;
+    FragBt bt;
+    wmma::load_matrix_sync(a, A + 16 * kk, LDB);
+    wmma::load_matrix_sync(bt, B + 16 * kk, LDB);
+    wmma::mma_sync(s, a, bt, s);
+    wmma::load_matrix_sync(a, A2 + 16 * kk, LDB);
+    wmma::load_matrix_sync(bt, B2 + 16 * kk, LDB);
+    wmma::mma_sync(dp, a, bt, dp);
+  }
+  wmma::store_matrix_sync(S, s, kSLd, wmma::mem_row_major);
+  wmma::store_matrix_sync(dP, dp, kSLd, wmma::mem_row_major);
+}
+
 // Stages rows [0, valid) of a (rows, D) bf16 block at src (row stride ld) into dst (kTile,
 // tc_ld<D>); rows past `valid` become zeros. `vec`: src and ld are 8-element aligned, so the
 // copy goes 16 bytes at a time.
@@ -812,22 +839,8 @@ __global__ void __launch_bounds__(kTcThreads, 1) attention_backward_dq_tc_kernel
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       if (j >= chunks) break;
-      FragAcc s, dp;
-      wmma::fill_fragment(s, 0.f);
-      wmma::fill_fragment(dp, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < KD; ++kk) {
-        FragA a;
-        FragBt bt;
-        wmma::load_matrix_sync(a, Qs + wr * LDB + 16 * kk, LDB);
-        wmma::load_matrix_sync(bt, Ks + 16 * j * LDB + 16 * kk, LDB);
-        wmma::mma_sync(s, a, bt, s);
-        wmma::load_matrix_sync(a, dOs + wr * LDB + 16 * kk, LDB);
-        wmma::load_matrix_sync(bt, Vs + 16 * j * LDB + 16 * kk, LDB);
-        wmma::mma_sync(dp, a, bt, dp);
-      }
-      wmma::store_matrix_sync(Sw + 16 * j, s, kSLd, wmma::mem_row_major);
-      wmma::store_matrix_sync(dPw + 16 * j, dp, kSLd, wmma::mem_row_major);
+      dual_wmma_products<D>(Qs + wr * LDB, dOs + wr * LDB, Ks + 16 * j * LDB, Vs + 16 * j * LDB, Sw + 16 * j,
+                            dPw + 16 * j);
     }
     __syncwarp();
 
@@ -923,22 +936,8 @@ __global__ void __launch_bounds__(kTcThreads, 1) attention_backward_dkdv_tc_kern
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         if (j < first) continue;
-        FragAcc s, dp;
-        wmma::fill_fragment(s, 0.f);
-        wmma::fill_fragment(dp, 0.f);
-#pragma unroll
-        for (int kk = 0; kk < KD; ++kk) {
-          FragA a;
-          FragBt bt;
-          wmma::load_matrix_sync(a, Ks + wr * LDB + 16 * kk, LDB);
-          wmma::load_matrix_sync(bt, Qs + 16 * j * LDB + 16 * kk, LDB);
-          wmma::mma_sync(s, a, bt, s);
-          wmma::load_matrix_sync(a, Vs + wr * LDB + 16 * kk, LDB);
-          wmma::load_matrix_sync(bt, dOs + 16 * j * LDB + 16 * kk, LDB);
-          wmma::mma_sync(dp, a, bt, dp);
-        }
-        wmma::store_matrix_sync(Sw + 16 * j, s, kSLd, wmma::mem_row_major);
-        wmma::store_matrix_sync(dPw + 16 * j, dp, kSLd, wmma::mem_row_major);
+        dual_wmma_products<D>(Ks + wr * LDB, Vs + wr * LDB, Qs + 16 * j * LDB, dOs + 16 * j * LDB, Sw + 16 * j,
+                              dPw + 16 * j);
       }
       __syncwarp();
 
