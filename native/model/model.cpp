@@ -90,58 +90,71 @@ template <class T>
 void Model<T>::build_param_table() {
   const int64_t C = cfg_.hidden_size, V = cfg_.vocab_size, F = cfg_.intermediate_size;
   const int64_t QD = cfg_.q_dim(), KD = cfg_.kv_dim(), QKV = cfg_.qkv_dim();
-  int64_t off = 0;
+  // Two regions: every tensor that takes weight decay first, then the norms and biases, so the
+  // optimizer updates the whole arena in one launch per region instead of one per tensor.
+  // Offsets of the second region are counted from its start here and moved past the first at
+  // the end.
+  int64_t off[2] = {0, 0};
   auto add = [&](const std::string& name, std::vector<int64_t> shape, int64_t at, bool decay) {
     int64_t size = 1;
     for (int64_t d : shape) size *= d;
     params_.push_back({name, std::move(shape), at, size, decay});
   };
-  auto reserve = [&](int64_t n) {
-    int64_t at = off;
-    off += aligned(n);
+  auto reserve = [&](int64_t n, bool decay) {
+    int64_t& o = off[decay ? 0 : 1];
+    const int64_t at = o;
+    o += aligned(n);
     return at;
   };
-  embed_off_ = reserve(V * C);
+  embed_off_ = reserve(V * C, true);
   add("model.embed_tokens.weight", {V, C}, embed_off_, true);
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     LayerOffsets o{};
     const std::string p = "model.layers." + std::to_string(l) + ".";
     // q, k and v (and gate and up) are stored as one fused matrix so each takes one GEMM;
     // their Hugging Face names are contiguous row ranges of it.
-    o.wqkv = reserve(QKV * C);
+    o.wqkv = reserve(QKV * C, true);
     add(p + "self_attn.q_proj.weight", {QD, C}, o.wqkv, true);
     add(p + "self_attn.k_proj.weight", {KD, C}, o.wqkv + QD * C, true);
     add(p + "self_attn.v_proj.weight", {KD, C}, o.wqkv + (QD + KD) * C, true);
     if (cfg_.attention_bias) {
-      o.bqkv = reserve(QKV);
+      o.bqkv = reserve(QKV, false);
       add(p + "self_attn.q_proj.bias", {QD}, o.bqkv, false);
       add(p + "self_attn.k_proj.bias", {KD}, o.bqkv + QD, false);
       add(p + "self_attn.v_proj.bias", {KD}, o.bqkv + QD + KD, false);
     } else {
       o.bqkv = -1;
     }
-    o.wo = reserve(C * QD);
+    o.wo = reserve(C * QD, true);
     add(p + "self_attn.o_proj.weight", {C, QD}, o.wo, true);
-    o.wgu = reserve(2 * F * C);
+    o.wgu = reserve(2 * F * C, true);
     add(p + "mlp.gate_proj.weight", {F, C}, o.wgu, true);
     add(p + "mlp.up_proj.weight", {F, C}, o.wgu + F * C, true);
-    o.wdown = reserve(C * F);
+    o.wdown = reserve(C * F, true);
     add(p + "mlp.down_proj.weight", {C, F}, o.wdown, true);
-    o.attn_norm = reserve(C);
+    o.attn_norm = reserve(C, false);
     add(p + "input_layernorm.weight", {C}, o.attn_norm, false);
-    o.mlp_norm = reserve(C);
+    o.mlp_norm = reserve(C, false);
     add(p + "post_attention_layernorm.weight", {C}, o.mlp_norm, false);
     layer_off_.push_back(o);
   }
-  final_norm_off_ = reserve(C);
+  final_norm_off_ = reserve(C, false);
   add("model.norm.weight", {C}, final_norm_off_, false);
   if (cfg_.tie_word_embeddings) {
     lm_head_off_ = embed_off_;
   } else {
-    lm_head_off_ = reserve(V * C);
+    lm_head_off_ = reserve(V * C, true);
     add("lm_head.weight", {V, C}, lm_head_off_, true);
   }
-  n_params_ = off;
+  decay_elems_ = off[0];
+  for (ParamInfo& p : params_)
+    if (!p.decay) p.offset += decay_elems_;
+  for (LayerOffsets& o : layer_off_) {
+    o.attn_norm += decay_elems_, o.mlp_norm += decay_elems_;
+    if (o.bqkv >= 0) o.bqkv += decay_elems_;
+  }
+  final_norm_off_ += decay_elems_;
+  n_params_ = off[0] + off[1];
 }
 
 template <class T>

@@ -76,16 +76,21 @@ StepResult Model<T>::optimizer_step() {
   const double clip = opt_.max_grad_norm > 0 && norm > opt_.max_grad_norm ? opt_.max_grad_norm / (norm + 1e-6) : 1.0;
   const double lr = opt_.lr_at(step_);
   ++step_;
-  for (const ParamInfo& p : params_) {
-    const double decay = p.decay ? lr * opt_.weight_decay : 0.0;
-    T* w = params_arena_ + p.offset;
-    Master* mw = master_ ? master_ + p.offset : nullptr;
-    const Master* g = grads_arena_ + p.offset;
+  // Two calls cover the arena: the region of matrices (weight decay) and that of norms and biases
+  // (build_param_table lays them out so); alignment padding between tensors stays zero (its
+  // gradient and state are zero, and decay keeps zero at zero).
+  const int64_t region_at[2] = {0, decay_elems_}, region_n[2] = {decay_elems_, n_params_ - decay_elems_};
+  for (int r = 0; r < 2; ++r) {
+    const int64_t at = region_at[r], n = region_n[r];
+    const double decay = r == 0 ? lr * opt_.weight_decay : 0.0;
+    T* w = params_arena_ + at;
+    Master* mw = master_ ? master_ + at : nullptr;
+    const Master* g = grads_arena_ + at;
     if (opt_.kind == OptimizerConfig::Kind::AdamW)
-      ops_->adamw_update(w, mw, g, opt_m_ + p.offset, opt_v_ + p.offset, p.size, lr, opt_.beta1, opt_.beta2, opt_.eps,
-                         decay, clip, step_);
+      ops_->adamw_update(w, mw, g, opt_m_ + at, opt_v_ + at, n, lr, opt_.beta1, opt_.beta2, opt_.eps, decay, clip,
+                         step_);
     else
-      ops_->rmsprop_update(w, mw, g, opt_m_ + p.offset, p.size, lr, opt_.alpha, opt_.eps, decay, clip);
+      ops_->rmsprop_update(w, mw, g, opt_m_ + at, n, lr, opt_.alpha, opt_.eps, decay, clip);
   }
   zero_grad();
   ops_->synchronize();  // a generator (its own op set) may read the weights next

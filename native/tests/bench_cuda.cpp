@@ -6,7 +6,9 @@
 //   generate 134M at batch 64 and 256 (64-token prompts, 128 new tokens, T 0.7, top-p 0.9);
 //   the fused LM head + loss backward at B8 T1024 H4096 V128256: time and extra device memory.
 // Prints "skipped" where no GPU is usable. Times are medians after a warm-up; every timed call
-// ends with a device -> host copy, so host time is device time.
+// ends with a device -> host copy, so host time is device time. cuda_breakdown prints where the
+// time of a training step and of a decode step goes (tests/cuda_profile.h), against the card's
+// bf16 GEMM and copy ceilings measured in the same process.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -17,8 +19,10 @@
 
 #include "core/rng.h"
 #include "cuda/cuda_backend.h"
+#include "cuda/cuda_ops.cuh"
 #include "sppo/generate.h"
 #include "sppo/model.h"
+#include "tests/cuda_profile.h"
 #include "tests/harness.h"
 
 using namespace sppo;
@@ -53,13 +57,34 @@ size_t device_used() {
   return total - free;
 }
 
-void bench_train(const char* name, const ModelConfig& c, int B, int Tn, int reps) {
-  Model<bf16> m(c, {B, Tn}, cuda::make_ops(0));
+// The training benchmarks' setup: AdamW as the anchors run it, and a batch of random tokens.
+std::vector<int32_t> prepare_training(Model<bf16>& m, int B, int Tn) {
   OptimizerConfig oc;
   oc.kind = OptimizerConfig::Kind::AdamW, oc.lr = 1e-4, oc.weight_decay = 0.1;
   m.set_optimizer(oc);
   std::vector<int32_t> tokens(size_t(B) * Tn);
-  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = int32_t(uniform01(1, 0, i) * c.vocab_size);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = int32_t(uniform01(1, 0, i) * m.config().vocab_size);
+  return tokens;
+}
+
+// The generation benchmarks' workload: `batch` random prompts, T 0.7, top-p 0.9 (the anchors').
+struct Workload {
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<SequenceRequest> requests;
+  SamplingOptions options;
+  Workload(const ModelConfig& c, int batch, int prompt, int new_tokens) : prompts(size_t(batch)) {
+    for (int i = 0; i < batch; ++i) {
+      prompts[size_t(i)].resize(size_t(prompt));
+      for (int t = 0; t < prompt; ++t) prompts[size_t(i)][size_t(t)] = int32_t(uniform01(2, i, t) * c.vocab_size);
+      requests.push_back({prompts[size_t(i)].data(), prompt, 7, uint64_t(i)});
+    }
+    options.max_new_tokens = new_tokens, options.temperature = 0.7, options.top_p = 0.9;
+  }
+};
+
+void bench_train(const char* name, const ModelConfig& c, int B, int Tn, int reps) {
+  Model<bf16> m(c, {B, Tn}, cuda::make_ops(0));
+  const std::vector<int32_t> tokens = prepare_training(m, B, Tn);
   const Batch batch{tokens.data(), nullptr, B, Tn};
   m.train_step(batch);
   m.train_step(batch);
@@ -85,15 +110,9 @@ void bench_train(const char* name, const ModelConfig& c, int B, int Tn, int reps
 void bench_generate(const ModelConfig& c, int batch, int prompt, int new_tokens) {
   Model<bf16> m(c, {1, 8}, cuda::make_ops(0));
   std::unique_ptr<GeneratorApi> g = m.make_generator({batch, prompt + new_tokens});
-  std::vector<std::vector<int32_t>> prompts(batch);
-  std::vector<SequenceRequest> req;
-  for (int i = 0; i < batch; ++i) {
-    prompts[i].resize(prompt);
-    for (int t = 0; t < prompt; ++t) prompts[i][t] = int32_t(uniform01(2, i, t) * c.vocab_size);
-    req.push_back({prompts[i].data(), prompt, 7, uint64_t(i)});
-  }
-  SamplingOptions o;
-  o.max_new_tokens = new_tokens, o.temperature = 0.7, o.top_p = 0.9;
+  const Workload w(c, batch, prompt, new_tokens);
+  const std::vector<SequenceRequest>& req = w.requests;
+  const SamplingOptions& o = w.options;
   g->generate(req, o);  // warm-up
   std::vector<double> t;
   int64_t produced = 0;
@@ -110,6 +129,79 @@ void bench_generate(const ModelConfig& c, int batch, int prompt, int new_tokens)
   std::fflush(stdout);
 }
 
+
+// The card's ceilings, measured once per process: bf16 GEMM TFLOP/s (8192³ through the backend's
+// own cuBLASLt path) and device-to-device copy TB/s (bytes read + written).
+struct Ceilings {
+  double tflops, tbs;
+};
+const Ceilings& ceilings() {
+  static const Ceilings c = [] {
+    std::unique_ptr<Ops<bf16>> ops = cuda::make_ops(0);
+    const int64_t n = 8192;
+    auto* a = static_cast<bf16*>(ops->alloc_bytes(n * n * sizeof(bf16)));
+    auto* b = static_cast<bf16*>(ops->alloc_bytes(n * n * sizeof(bf16)));
+    auto* d = static_cast<bf16*>(ops->alloc_bytes(n * n * sizeof(bf16)));
+    ops->fill(a, 0.01, n * n);
+    ops->fill(b, 0.01, n * n);
+    const double g = harness::median_seconds(7, [&] {
+      ops->gemm(false, true, n, n, n, 1, a, n, b, n, 0, d, n);
+      ops->synchronize();
+    });
+    const size_t bytes = size_t(1) << 30;
+    void* src = ops->alloc_bytes(bytes);
+    void* dst = ops->alloc_bytes(bytes);
+    auto* stream = static_cast<cuda::CudaOps&>(*ops).stream();
+    const double m = harness::median_seconds(7, [&] {
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream);
+      ops->synchronize();
+    });
+    for (void* p : {(void*)a, (void*)b, (void*)d, src, dst}) ops->free_bytes(p);
+    Ceilings r{2.0 * n * n * n / g / 1e12, 2.0 * bytes / m / 1e12};
+    std::printf("ceilings: bf16 GEMM 8192^3 %.0f TFLOP/s, device copy %.2f TB/s (read + write)\n", r.tflops, r.tbs);
+    return r;
+  }();
+  return c;
+}
+
+// The training step's breakdown: `steps` profiled steps after a warm-up.
+void breakdown_train(const char* name, const ModelConfig& c, int B, int Tn, int steps) {
+  auto profile = std::make_shared<bench::OpProfile>();
+  Model<bf16> m(c, {B, Tn}, bench::make_profiled_ops(0, c, profile));
+  const std::vector<int32_t> tokens = prepare_training(m, B, Tn);
+  const Batch batch{tokens.data(), nullptr, B, Tn};
+  m.train_step(batch);
+  m.train_step(batch);
+  profile->reset();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int s = 0; s < steps; ++s) m.train_step(batch);
+  const double wall = 1e3 * seconds_since(t0) / steps;
+  profile->collect();
+  char title[128];
+  std::snprintf(title, sizeof title, "train %s B%d T%d, fwd+bwd+AdamW, %d steps", name, B, Tn, steps);
+  bench::print_breakdown(title, *profile, steps, wall, ceilings().tflops, ceilings().tbs);
+}
+
+// One decode step's breakdown: a whole generate() (prefill included, ~2% of it) divided by its
+// number of decode steps.
+void breakdown_decode(const ModelConfig& c, int batch, int prompt, int new_tokens) {
+  auto profile = std::make_shared<bench::OpProfile>();
+  Model<bf16> m(c, {1, 8}, bench::make_profiled_ops(0, c, profile));
+  std::unique_ptr<GeneratorApi> g = m.make_generator({batch, prompt + new_tokens});
+  const Workload w(c, batch, prompt, new_tokens);
+  const std::vector<SequenceRequest>& req = w.requests;
+  const SamplingOptions& o = w.options;
+  g->generate(req, o);  // warm-up
+  profile->reset();
+  const auto t0 = std::chrono::steady_clock::now();
+  g->generate(req, o);
+  const double wall = 1e3 * seconds_since(t0) / new_tokens;
+  profile->collect();
+  char title[128];
+  std::snprintf(title, sizeof title, "decode step, 134M batch %d (prompt %d, %d new, T 0.7 top-p 0.9)", batch, prompt,
+                new_tokens);
+  bench::print_breakdown(title, *profile, new_tokens, wall, ceilings().tflops, ceilings().tbs);
+}
 }  // namespace
 
 SPPO_BENCH(cuda_train_step) {
@@ -169,4 +261,14 @@ SPPO_BENCH(cuda_fused_head) {
               1e3 * s, extra / 1073741824.0, inputs / 1073741824.0);
   for (void* p : {(void*)H, (void*)W, (void*)dH, (void*)dW, (void*)tg, (void*)logp, (void*)lse, (void*)coef, (void*)scratch})
     ops->free_bytes(p);
+}
+
+SPPO_BENCH(cuda_breakdown) {
+  if (!gpu_or_skip()) return;
+  ceilings();
+  breakdown_train("134M", llama(768, 12, 12, 12, 2048, 32000), 16, 1024, 3);
+  breakdown_train("1.1B", llama(2048, 16, 32, 8, 8192, 32000), 8, 1024, 2);
+  const ModelConfig c = llama(768, 12, 12, 12, 2048, 32000);
+  breakdown_decode(c, 64, 64, 128);
+  breakdown_decode(c, 256, 64, 128);
 }

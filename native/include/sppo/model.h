@@ -148,6 +148,11 @@ class Model final : public ModelApi<master_t<T>> {
   StepResult train_step(const Batch& batch) override;
   // The same for a preference batch (SPPO, DPO, IPO ...); seq_logp (batch) may be null.
   PreferenceStepResult preference_step(const PreferenceBatch& batch, double* seq_logp = nullptr) override;
+  // Applies the optimizer to the gradients accumulated so far (clipped by the global norm) and
+  // zeroes them; train_step and preference_step call it once grad_accum_steps micro-batches are
+  // in. Public for callers that accumulate gradients themselves (tests compare backends on
+  // identical gradients through it).
+  StepResult optimizer_step();
   int64_t optimizer_steps() const override { return step_; }
   int pending_micro_batches() const override { return micro_; }
   std::unique_ptr<GeneratorApi> make_generator(const GeneratorPlan& plan) const override;  // generate.cpp
@@ -207,7 +212,6 @@ class Model final : public ModelApi<master_t<T>> {
   void head_logprobs(int64_t n);
   double head_loss(const Batch& batch, double scale, bool grad, int64_t* target_tokens);
   void backward_blocks(int64_t B, int64_t Tn);
-  StepResult optimizer_step();
   // One micro-batch: accumulate(scale) adds gradients and returns the loss; steps the
   // optimizer when the accumulation is complete, discards the gradients on any failure.
   template <class Accumulate>
@@ -228,6 +232,7 @@ class Model final : public ModelApi<master_t<T>> {
   };
   std::vector<LayerOffsets> layer_off_;
   int64_t embed_off_ = 0, final_norm_off_ = 0, lm_head_off_ = 0;
+  int64_t decay_elems_ = 0;  // arena [0, decay_elems_) takes weight decay, the rest does not
 
   T* params_arena_ = nullptr;
   Master* master_ = nullptr;  // fp32 master weights when T is narrower (bf16); else null
