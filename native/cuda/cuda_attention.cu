@@ -1198,6 +1198,7 @@ struct AttnState {
       SPPO_CUDA_CHECK(cudaStreamSynchronize(stream));  // earlier kernels may still use the old buffer
       SPPO_CUDA_CHECK(cudaFree(buf));
       buf = nullptr, have = 0;
+      ++scratch_generation();
     }
     const cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&buf), need * sizeof(float));
     if (e != cudaSuccess) {

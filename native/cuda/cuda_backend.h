@@ -25,6 +25,8 @@ DeviceInfo probe();
 
 // The bf16 op set on device `device` (its own stream and cuBLASLt handle). Throws sppo::Error
 // saying why when no device is usable.
-std::unique_ptr<Ops<bf16>> make_ops(int device = 0);
+// record_graphs = false makes graph_capture_begin always refuse (Ops::graph_capture_begin), as
+// SPPO_CUDA_GRAPHS=0 does for every op set: tests compare recorded steps with eager ones so.
+std::unique_ptr<Ops<bf16>> make_ops(int device = 0, bool record_graphs = true);
 
 }  // namespace sppo::cuda

@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -25,6 +26,14 @@ namespace sppo::cuda {
   } while (0)
 // After a kernel launch: launch-configuration errors surface here, not at the next sync.
 #define SPPO_CUDA_LAUNCHED(kernel_name) SPPO_CUDA_CHECK(cudaGetLastError())
+
+// Counts reallocations of the op sets' grow-on-demand scratch (every op set of the process):
+// a recorded graph (CudaOps::graph_capture_begin) holds raw pointers into that scratch, so a
+// recording made before a reallocation must not be replayed after it.
+inline std::atomic<uint64_t>& scratch_generation() {
+  static std::atomic<uint64_t> g{0};
+  return g;
+}
 
 // The engine's host bf16 and CUDA's __nv_bfloat16 have the same layout (two bytes, same bits).
 static_assert(sizeof(__nv_bfloat16) == 2, "bf16 layout");

@@ -80,6 +80,7 @@ T* grow(HeadState::Buffer& b, size_t bytes, cudaStream_t stream, const char* wha
       SPPO_CUDA_CHECK(cudaStreamSynchronize(stream));  // earlier work may still use it
       SPPO_CUDA_CHECK(cudaFree(b.p));
       b.p = nullptr, b.bytes = 0;
+      ++scratch_generation();
     }
     const cudaError_t e = cudaMalloc(&b.p, bytes);
     if (e != cudaSuccess) {

@@ -9,6 +9,8 @@
 #include <climits>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -467,7 +469,10 @@ namespace {
 double* partials_for(ReduceState& r, size_t n, cudaStream_t stream, int device) {
   if (n > r.capacity) {
     SPPO_CUDA_CHECK(cudaStreamSynchronize(stream));  // queued kernels may still use the old buffer
-    if (r.partials) SPPO_CUDA_CHECK(cudaFree(r.partials));
+    if (r.partials) {
+      SPPO_CUDA_CHECK(cudaFree(r.partials));
+      ++scratch_generation();
+    }
     r.partials = nullptr;
     r.capacity = 0;
     r.partials = static_cast<double*>(device_malloc(n * sizeof(double), device));
@@ -481,6 +486,7 @@ double* partials_for(ReduceState& r, size_t n, cudaStream_t stream, int device) 
 void sort_buffers_for(ReduceState& r, size_t n, size_t temp_bytes, cudaStream_t stream, int device) {
   if (n <= r.sort_capacity && temp_bytes <= r.sort_temp_bytes) return;
   SPPO_CUDA_CHECK(cudaStreamSynchronize(stream));
+  ++scratch_generation();
   if (n > r.sort_capacity) {
     for (void* p : {static_cast<void*>(r.sorted_keys), static_cast<void*>(r.sorted_tokens), static_cast<void*>(r.iota)})
       if (p) SPPO_CUDA_CHECK(cudaFree(p));
@@ -593,7 +599,7 @@ DeviceInfo probe() {
   return info;
 }
 
-std::unique_ptr<Ops<bf16>> make_ops(int device) {
+std::unique_ptr<Ops<bf16>> make_ops(int device, bool record_graphs) {
   const DeviceInfo info = probe();
   if (!info.available) throw Error("CUDA is unavailable: " + info.why_not);
   int count = 0;
@@ -604,16 +610,65 @@ std::unique_ptr<Ops<bf16>> make_ops(int device) {
   // device only at construction; a thread's current device defaults to 0, so only device 0 is
   // safe until every entry point selects its device.
   SPPO_REQUIRE(device == 0, "CUDA device ", device, ": only device 0 is supported (set CUDA_VISIBLE_DEVICES to pick a GPU)");
-  return std::make_unique<CudaOps>(device);
+  return std::make_unique<CudaOps>(device, record_graphs);
 }
 
 void CudaOps::synchronize() { SPPO_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+// ---- Recorded graphs (Ops::graph_capture_begin) ----
+// Thread-local capture: another thread's op set (a model training while this one generates) may
+// keep calling unsafe APIs such as cudaMalloc meanwhile.
+
+bool CudaOps::graph_capture_begin(uint64_t key) {
+  if (!record_graphs_ || graph_failed_.count(key)) return false;
+  if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+    (void)cudaGetLastError();
+    graph_failed_.insert(key);
+    return false;
+  }
+  return true;
+}
+
+bool CudaOps::graph_capture_end(uint64_t key) {
+  cudaGraph_t graph = nullptr;
+  cudaError_t e = cudaStreamEndCapture(stream_, &graph);
+  cudaGraphExec_t exec = nullptr;
+  if (e == cudaSuccess) e = cudaGraphInstantiate(&exec, graph, 0);
+  if (graph) (void)cudaGraphDestroy(graph);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();  // a failed capture is not a sticky error: the calls run eagerly instead
+    graph_failed_.insert(key);
+    return false;
+  }
+  auto it = graphs_.find(key);
+  if (it != graphs_.end()) (void)cudaGraphExecDestroy(it->second.exec);
+  graphs_[key] = {exec, scratch_generation().load()};
+  return true;
+}
+
+bool CudaOps::graph_replay(uint64_t key) {
+  const auto it = graphs_.find(key);
+  if (it == graphs_.end()) return false;
+  if (it->second.scratch_generation != scratch_generation().load()) {
+    drop_graphs();  // some scratch a recording points into has been reallocated
+    return false;
+  }
+  SPPO_CUDA_CHECK(cudaGraphLaunch(it->second.exec, stream_));
+  return true;
+}
+
+void CudaOps::drop_graphs() {
+  for (auto& [key, g] : graphs_) (void)cudaGraphExecDestroy(g.exec);
+  graphs_.clear();
+}
 
 // ---------------------------------------------------------------------------------------------
 // CudaOps: lifetime, memory, transfers
 // ---------------------------------------------------------------------------------------------
 
-CudaOps::CudaOps(int device) : device_(device) {
+CudaOps::CudaOps(int device, bool record_graphs) : device_(device) {
+  const char* env = std::getenv("SPPO_CUDA_GRAPHS");
+  record_graphs_ = record_graphs && !(env && std::strcmp(env, "0") == 0);
   SPPO_CUDA_CHECK(cudaSetDevice(device));
   SPPO_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
 }
@@ -623,6 +678,7 @@ CudaOps::~CudaOps() {
   // will be) reported by the call that hit it.
   (void)cudaSetDevice(device_);
   if (stream_) (void)cudaStreamSynchronize(stream_);
+  drop_graphs();
   // Free the family states while the stream they may use still exists.
   head_.reset();
   attn_.reset();

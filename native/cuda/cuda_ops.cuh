@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 
 #include <memory>
+#include <unordered_map>
+#include <unordered_set>
 
 #include "cuda/cuda_backend.h"
 #include "ops/ops.h"
@@ -27,14 +29,17 @@ using StatePtr = std::unique_ptr<S, StateDeleter<S>>;
 
 class CudaOps final : public Ops<bf16> {
  public:
-  explicit CudaOps(int device);
+  explicit CudaOps(int device, bool record_graphs = true);
   ~CudaOps() override;
   const char* name() const override { return "cuda"; }
-  std::unique_ptr<Ops<bf16>> fresh() const override { return std::make_unique<CudaOps>(device_); }
+  std::unique_ptr<Ops<bf16>> fresh() const override { return std::make_unique<CudaOps>(device_, record_graphs_); }
   cudaStream_t stream() const { return stream_; }
   int device() const { return device_; }
 
   void synchronize() override;
+  bool graph_capture_begin(uint64_t key) override;  // cuda_ops.cu
+  bool graph_capture_end(uint64_t key) override;
+  bool graph_replay(uint64_t key) override;
   // 256 MiB of fp32 logits: at V = 128256 a tile is ~520 rows, so its GEMMs are not starved
   // (the 4 Mi-element CPU tile would give 32-row GEMMs).
   int64_t head_scratch_elems() const override { return int64_t(1) << 26; }
@@ -100,6 +105,14 @@ class CudaOps final : public Ops<bf16> {
  private:
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
+  bool record_graphs_ = true;
+  struct Recording {
+    cudaGraphExec_t exec;
+    uint64_t scratch_generation;  // scratch_generation() when recorded (cuda_common.cuh)
+  };
+  std::unordered_map<uint64_t, Recording> graphs_;
+  std::unordered_set<uint64_t> graph_failed_;  // keys whose recording failed: never tried again
+  void drop_graphs();
   StatePtr<GemmState> gemm_;
   StatePtr<ReduceState> reduce_;
   StatePtr<AttnState> attn_;

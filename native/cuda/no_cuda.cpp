@@ -11,6 +11,6 @@ DeviceInfo probe() {
   return d;
 }
 
-std::unique_ptr<Ops<bf16>> make_ops(int) { throw Error("CUDA is unavailable: " + probe().why_not); }
+std::unique_ptr<Ops<bf16>> make_ops(int, bool) { throw Error("CUDA is unavailable: " + probe().why_not); }
 
 }  // namespace sppo::cuda

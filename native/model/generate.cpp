@@ -209,28 +209,48 @@ void Generator<T>::extend(int64_t N, int64_t n_logit_rows) {
   o.upload_bytes(step_dev_, step_host_.data(), step_host_.size() * sizeof(int32_t));
   const int32_t *slots_dev = step_dev_, *positions_dev = step_dev_ + N, *tokens_dev = step_dev_ + 2 * N;
   const int32_t* logit_rows_dev = step_dev_ + 3 * N;
-  o.embedding_forward(x_, model_.embedding(), tokens_dev, N, C);
-  for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
-    const typename Model<T>::LayerWeights w = model_.layer_weights(l);
-    o.rmsnorm_forward(xn_, rstd_, x_, w.attn_norm, N, C, eps);
-    o.gemm(false, true, N, QKV, C, 1, xn_, C, w.wqkv, C, 0, qkv_, QKV);
-    if (w.bqkv) o.add_bias(qkv_, w.bqkv, N, QKV, QKV);
-    o.rope(qkv_, N, QKV, 0, H, D, positions_dev, rope_cos_, rope_sin_, false);
-    o.rope(qkv_, N, QKV, QD, KV, D, positions_dev, rope_cos_, rope_sin_, false);
-    // All rows' keys first: a prefill row attends to earlier rows of its own prompt.
-    o.kv_cache_write(k_cache_[l], v_cache_[l], qkv_, slots_dev, positions_dev, N, shape);
-    o.attention_decode(att_, qkv_, k_cache_[l], v_cache_[l], slots_dev, positions_dev, N, shape);
-    o.gemm(false, true, N, C, QD, 1, att_, QD, w.wo, QD, 1, x_, C);  // residual: x += o_proj(att)
-    o.rmsnorm_forward(xn_, rstd_, x_, w.mlp_norm, N, C, eps);
-    o.gemm(false, true, N, 2 * F, C, 1, xn_, C, w.wgu, C, 0, gu_, 2 * F);
-    o.swiglu_forward(ffn_, gu_, N, F);
-    o.gemm(false, true, N, C, F, 1, ffn_, F, w.wdown, F, 1, x_, C);
+  // The step's device work, from the embedding to the logits.
+  auto run = [&] {
+    o.embedding_forward(x_, model_.embedding(), tokens_dev, N, C);
+    for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
+      const typename Model<T>::LayerWeights w = model_.layer_weights(l);
+      o.rmsnorm_forward(xn_, rstd_, x_, w.attn_norm, N, C, eps);
+      o.gemm(false, true, N, QKV, C, 1, xn_, C, w.wqkv, C, 0, qkv_, QKV);
+      if (w.bqkv) o.add_bias(qkv_, w.bqkv, N, QKV, QKV);
+      o.rope(qkv_, N, QKV, 0, H, D, positions_dev, rope_cos_, rope_sin_, false);
+      o.rope(qkv_, N, QKV, QD, KV, D, positions_dev, rope_cos_, rope_sin_, false);
+      // All rows' keys first: a prefill row attends to earlier rows of its own prompt.
+      o.kv_cache_write(k_cache_[l], v_cache_[l], qkv_, slots_dev, positions_dev, N, shape);
+      o.attention_decode(att_, qkv_, k_cache_[l], v_cache_[l], slots_dev, positions_dev, N, shape);
+      o.gemm(false, true, N, C, QD, 1, att_, QD, w.wo, QD, 1, x_, C);  // residual: x += o_proj(att)
+      o.rmsnorm_forward(xn_, rstd_, x_, w.mlp_norm, N, C, eps);
+      o.gemm(false, true, N, 2 * F, C, 1, xn_, C, w.wgu, C, 0, gu_, 2 * F);
+      o.swiglu_forward(ffn_, gu_, N, F);
+      o.gemm(false, true, N, C, F, 1, ffn_, F, w.wdown, F, 1, x_, C);
+    }
+    o.rmsnorm_forward(xn_, rstd_, x_, model_.final_norm_weight(), N, C, eps);
+    if (n_logit_rows == 0) return;
+    // Only the rows that sample need the LM head (the last prompt row, and every decode row).
+    o.gather_rows(hsel_, xn_, logit_rows_dev, n_logit_rows, C);
+    o.gemm_master(false, true, n_logit_rows, V, C, 1, hsel_, C, model_.lm_head_weight(), C, 0, logits_, V);
+  };
+  // A pure decode step (every row samples) of N rows is the same launch sequence each time, its
+  // inputs all in step_dev_: on backends that record graphs it runs as one recorded graph (one
+  // launch instead of ~12 per layer), recorded the second time N occurs.
+  const bool pure_decode = n_logit_rows == N;
+  if (pure_decode && o.graph_replay(uint64_t(N))) return;
+  if (pure_decode && decode_sizes_seen_.count(N) && o.graph_capture_begin(uint64_t(N))) {
+    bool recorded = false;
+    try {
+      run();
+      recorded = o.graph_capture_end(uint64_t(N));
+    } catch (...) {
+      o.graph_capture_end(uint64_t(N));  // ends (and drops) the failed recording; the step runs below
+    }
+    if (recorded && o.graph_replay(uint64_t(N))) return;
   }
-  o.rmsnorm_forward(xn_, rstd_, x_, model_.final_norm_weight(), N, C, eps);
-  if (n_logit_rows == 0) return;
-  // Only the rows that sample need the LM head (the last prompt row, and every decode row).
-  o.gather_rows(hsel_, xn_, logit_rows_dev, n_logit_rows, C);
-  o.gemm_master(false, true, n_logit_rows, V, C, 1, hsel_, C, model_.lm_head_weight(), C, 0, logits_, V);
+  if (pure_decode) decode_sizes_seen_.insert(N);
+  run();
 }
 
 template <class T>

@@ -51,6 +51,19 @@ class Ops {
   // op sets share memory: one's writes are not ordered before the other's reads otherwise.
   virtual void synchronize() {}
 
+  // Recorded op sequences (CUDA graphs on a GPU; the CPU records nothing). Between
+  // graph_capture_begin(key) and graph_capture_end(key) the calls are recorded, not run, so they
+  // must be device work only (no download, sample or other host round trip) whose scratch is
+  // already allocated (run the same sequence once before recording it). graph_replay(key) runs
+  // the recording, reading whatever its buffers hold then. capture_begin returns false where
+  // recording is unsupported, disabled (SPPO_CUDA_GRAPHS=0) or failed before for `key`;
+  // capture_end returns whether the recording is usable (a recording that failed is dropped and
+  // the calls must be made again); replay returns false when there is no usable recording (one
+  // whose scratch was reallocated since is dropped).
+  virtual bool graph_capture_begin(uint64_t key) { return false; }
+  virtual bool graph_capture_end(uint64_t key) { return false; }
+  virtual bool graph_replay(uint64_t key) { return false; }
+
   // Memory: zeroed backend storage of `bytes` bytes, 64-byte aligned. Failure throws sppo::Error
   // naming the size (out of memory included).
   virtual void* alloc_bytes(size_t bytes) = 0;

@@ -107,8 +107,9 @@ void bench_train(const char* name, const ModelConfig& c, int B, int Tn, int reps
   std::fflush(stdout);
 }
 
-void bench_generate(const ModelConfig& c, int batch, int prompt, int new_tokens) {
-  Model<bf16> m(c, {1, 8}, cuda::make_ops(0));
+// record_graphs = false launches every decode step kernel by kernel (the line says "eager").
+void bench_generate(const ModelConfig& c, int batch, int prompt, int new_tokens, bool record_graphs = true) {
+  Model<bf16> m(c, {1, 8}, cuda::make_ops(0, record_graphs));
   std::unique_ptr<GeneratorApi> g = m.make_generator({batch, prompt + new_tokens});
   const Workload w(c, batch, prompt, new_tokens);
   const std::vector<SequenceRequest>& req = w.requests;
@@ -124,8 +125,8 @@ void bench_generate(const ModelConfig& c, int batch, int prompt, int new_tokens)
     for (const auto& x : res) produced += int64_t(x.tokens.size());
   }
   std::sort(t.begin(), t.end());
-  std::printf("generate 134M batch %d, prompt %d, %d new: %9.0f new tok/s (%.2f s, KV cache %.2f GiB)\n", batch, prompt,
-              new_tokens, produced / t[1], t[1], g->memory_bytes() / 1073741824.0);
+  std::printf("generate 134M batch %d%s, prompt %d, %d new: %9.0f new tok/s (%.2f s, KV cache %.2f GiB)\n", batch,
+              record_graphs ? "" : " eager", prompt, new_tokens, produced / t[1], t[1], g->memory_bytes() / 1073741824.0);
   std::fflush(stdout);
 }
 
@@ -213,8 +214,10 @@ SPPO_BENCH(cuda_train_step) {
 SPPO_BENCH(cuda_generate) {
   if (!gpu_or_skip()) return;
   const ModelConfig c = llama(768, 12, 12, 12, 2048, 32000);
-  bench_generate(c, 64, 64, 128);
-  bench_generate(c, 256, 64, 128);
+  for (const bool graphs : {true, false}) {
+    bench_generate(c, 64, 64, 128, graphs);
+    bench_generate(c, 256, 64, 128, graphs);
+  }
 }
 
 SPPO_BENCH(cuda_fused_head) {

@@ -435,6 +435,40 @@ SPPO_TEST(cuda_generate_reproducible_and_logprobs_consistent) {
   }
 }
 
+// Decode steps replayed from recorded CUDA graphs must give exactly what the same steps give when
+// launched one kernel at a time: the same tokens and bit-identical log-probs, for batches that
+// shrink as sequences stop at different steps (several recorded step sizes), on a generator's
+// first run (each size's first step eager, its second recorded) and on its next (all replayed).
+SPPO_TEST(cuda_recorded_decode_steps_match_eager_ones) {
+  require_cuda();
+  const ModelConfig c = test_config();
+  Twins t = make_twins(c, {1, 8});
+  Generator<bf16> eager(*t.gpu, {6, 64}, cuda::make_ops(0, false));
+  Generator<bf16> recorded(*t.gpu, {6, 64}, cuda::make_ops(0, true));
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<SequenceRequest> req;
+  for (int i = 0; i < 6; ++i) prompts.push_back(random_ids(1 + 3 * i, c.vocab_size, 50 + i));
+  for (int i = 0; i < 6; ++i) req.push_back({prompts[i].data(), int64_t(prompts[i].size()), 77, uint64_t(i)});
+  SamplingOptions o;
+  o.max_new_tokens = 40, o.temperature = 1.0, o.top_p = 0.95;
+  o.stop_tokens = {7, 11, 13, 17, 19, 23, 29, 31};  // ~3% of the vocabulary: sequences end at different steps
+  const auto want = eager.generate(req, o);
+  size_t lengths_differ = 0;
+  for (const auto& r : want) lengths_differ += r.tokens.size() != want[0].tokens.size();
+  EXPECT_TRUE(lengths_differ > 0, "every sequence has the same length: the batch never shrank");
+  for (int run = 0; run < 2; ++run) {
+    const auto got = recorded.generate(req, o);
+    for (size_t i = 0; i < req.size(); ++i) {
+      EXPECT_TRUE(got[i].tokens == want[i].tokens, "run " << run + 1 << ", sequence " << i
+                                                          << ": recorded decode steps sampled other tokens");
+      for (size_t j = 0; j < want[i].logprobs.size(); ++j)
+        EXPECT_TRUE(got[i].logprobs[j] == want[i].logprobs[j],
+                    "run " << run + 1 << ", sequence " << i << ", token " << j << ": log-prob " << got[i].logprobs[j]
+                           << " recorded, " << want[i].logprobs[j] << " eager");
+    }
+  }
+}
+
 SPPO_TEST(cuda_out_of_memory_is_a_clear_error) {
   require_cuda();
   ModelConfig c = test_config();

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <unordered_set>
 #include <vector>
 
 #include "ops/ops.h"
@@ -142,6 +143,9 @@ class Generator final : public GeneratorApi {
   std::vector<int32_t> logit_rows_;                  // (max_batch) rows whose logits are wanted
   std::vector<int32_t> step_host_;  // the four above packed for one upload
   int32_t* step_dev_ = nullptr;      // (3R + max_batch) their backend copy
+  // Row counts of pure decode steps run so far: such a step is recorded as a graph the second
+  // time its row count occurs (the first run sizes every scratch buffer it uses).
+  std::unordered_set<int64_t> decode_sizes_seen_;
 };
 
 }  // namespace sppo

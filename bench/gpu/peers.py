@@ -1,0 +1,110 @@
+# The PyTorch peers of the GPU benchmark, measured in the same job as the engine (only ratios on
+# one card compare). The strongest PyTorch path for each target of bench/NOTES.md, with the
+# methods of ../shared/anchors (transformers LlamaForCausalLM, SDPA, bf16, fused AdamW, random
+# tokens, CUDA-event medians after a warm-up):
+#   train 134M B16 T1024 and 1.1B B8 T1024 under torch.compile;
+#   generate 134M at batch 64 and 256 (64-token prompts, 128 new, T 0.7, top-p 0.9) with a static
+#   KV cache and torch.compile (mode "default": "reduce-overhead" fails in transformers 5.17);
+#   the unfused SPPO head B8 T1024 H4096 V128256 (time and extra memory).
+# Writes $OUT/peers.json; PEERS="train gen head" picks a subset.
+import json, os, time, traceback
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+OUT = os.environ.get("OUT", "/tmp")
+WANT = os.environ.get("PEERS", "train gen head").split()
+res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0)}
+SHAPES = {"134M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=12, vocab_size=32000),
+          "1.1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=32000)}
+
+
+def median_s(fn, iters, warm):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    s, e, ts = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), []
+    for _ in range(iters):
+        s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e) / 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+
+def model(name):
+    cfg = LlamaConfig(**SHAPES[name], max_position_embeddings=4096, tie_word_embeddings=False,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).to("cuda", dtype=torch.bfloat16), cfg
+
+
+def record(key, fn):
+    t0 = time.time()
+    try:
+        res[key] = fn()
+    except Exception as ex:  # a failed peer is reported, and the others still run
+        res[key] = {"error": repr(ex)[:300]}
+        traceback.print_exc()
+    res[key]["wall_s"] = round(time.time() - t0, 1)
+    print(key, json.dumps(res[key]), flush=True)
+    torch.cuda.empty_cache()
+
+
+def train(name, B, T):
+    m, cfg = model(name)
+    n = sum(p.numel() for p in m.parameters())
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+    cm = torch.compile(m)
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+
+    def step():
+        cm(input_ids=ids, labels=ids).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+
+    s = median_s(step, iters=6, warm=2)
+    tok = B * T / s
+    flops = 6 * n + 6 * cfg.num_hidden_layers * cfg.hidden_size * T
+    return {"tokens_per_s": tok, "step_ms": 1e3 * s, "mfu_vs_790": tok * flops / 790e12}
+
+
+def generate(B):
+    m, cfg = model("134M")
+    m.eval()
+    m.generation_config.cache_implementation = "static"
+    m.forward = torch.compile(m.forward, mode="default")
+    ids = torch.randint(3, cfg.vocab_size, (B, 64), device="cuda")
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.7, top_p=0.9,
+              max_new_tokens=128, min_new_tokens=128, pad_token_id=0, eos_token_id=None)
+
+    def g():
+        with torch.no_grad():
+            m.generate(**kw)
+
+    return {"new_tokens_per_s": B * 128 / median_s(g, iters=3, warm=2)}
+
+
+def head():
+    B, T, H, V = 8, 1024, 4096, 128256
+    h = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = (torch.randn(V, H, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    y = torch.randint(0, V, (B, T), device="cuda")
+    mask = torch.ones(B, T, device="cuda"); mask[:, :T // 4] = 0
+    ref = torch.randn(B, device="cuda") * 10 - 2000; p = torch.rand(B, device="cuda")
+    torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+
+    def run():
+        lp = torch.log_softmax((h @ W.t()).float(), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        loss = ((((lp * mask).sum(-1)) - ref - 1000.0 * (p - 0.5)) ** 2).mean()
+        loss.backward(); h.grad = None; W.grad = None
+
+    s = median_s(run, iters=5, warm=2)
+    return {"ms": 1e3 * s, "peak_extra_GiB": (torch.cuda.max_memory_allocated() - base) / 2 ** 30}
+
+
+if "head" in WANT:
+    record("head_unfused_B8_T1024_H4096_V128256", head)
+if "train" in WANT:
+    record("train_compiled_134M_B16_T1024", lambda: train("134M", 16, 1024))
+    record("train_compiled_1.1B_B8_T1024", lambda: train("1.1B", 8, 1024))
+if "gen" in WANT:
+    record("generate_static_compiled_134M_b64", lambda: generate(64))
+    record("generate_static_compiled_134M_b256", lambda: generate(256))
+json.dump(res, open(os.path.join(OUT, "peers.json"), "w"), indent=1)
