@@ -8,7 +8,7 @@
 #   mutants   the C++ update tests on executables with one planted optimizer bug each
 #             (sppo_tests_<bug> in .gpu/bin): each must fail
 #   bench     the CUDA benchmarks and the per-phase breakdown (sppo_bench cuda_), then the same on
-#             a baseline build when .gpu/bin/sppo_bench_base exists
+#             a baseline build when .gpu/bin/sppo_bench_base exists (BASE_FILTER: which of them)
 #   peers     the PyTorch peers (bench/gpu/peers.py), after the engine so nothing overlaps
 #   node      through Node: the device tests and the transformers round trip
 # Writes $OUT/summary.txt (the tests, the breakdown, every speed beside its peer and the ratio)
@@ -54,7 +54,7 @@ if want bench && [ -x $bin/sppo_bench ]; then
   cat "$OUT/cuda_bench.log" >> "$OUT/summary.txt"
   if [ -x $bin/sppo_bench_base ]; then
     log "baseline build: CUDA benchmarks and breakdown"
-    timeout 300 $bin/sppo_bench_base cuda_ > "$OUT/cuda_bench_base.log" 2>&1
+    timeout 300 $bin/sppo_bench_base "${BASE_FILTER:-cuda_}" > "$OUT/cuda_bench_base.log" 2>&1
     cat "$OUT/cuda_bench_base.log" >> "$OUT/summary.txt"
   fi
 fi
