@@ -13,7 +13,13 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out="$root/.gpu"
-rm -rf "$out" && mkdir -p "$out/bin"
+# Node and the packages are slow to compress: kept from the last pack while Node and the lock
+# file are the same.
+stamp="$(node --version) $(sha256sum "$root/package-lock.json" | cut -d' ' -f1)"
+keep=""
+[ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/node.xz" ] && [ -f "$out/node_modules.tar.xz" ] && keep=1
+if [ -n "$keep" ]; then rm -rf "$out/bin" "$out/bin.tar.xz" "$out/sppo.node"; else rm -rf "$out"; fi
+mkdir -p "$out/bin"
 node -e "const a=require('$root/build/Release/sppo.node'); if(!a.cudaInfo().built){console.error('build/Release/sppo.node has no CUDA backend: rebuild with nvcc on PATH (rm -rf build && npm run build:native)');process.exit(1)}"
 # The executables must be as new as the sources they were built from.
 (cd "$root/build" && cmake --build . --target sppo_tests sppo_bench > /dev/null)
@@ -21,6 +27,7 @@ cp "$root/build/Release/sppo.node" "$out/sppo.node"
 cp "$root/build/sppo_tests" "$root/build/sppo_bench" "$out/bin/"
 for pair in ${SPPO_GPU_EXTRA_BINS:-}; do cp "${pair#*=}" "$out/bin/${pair%%=*}"; done
 tar -C "$out" -cf - bin | xz -T2 -6 > "$out/bin.tar.xz" && rm -rf "$out/bin"
+if [ -z "$keep" ]; then
 xz -T2 -6 -c "$(command -v node)" > "$out/node.xz"
 scratch=$(mktemp -d)
 cp "$root/package.json" "$root/package-lock.json" "$scratch/"
@@ -31,4 +38,6 @@ cp "$root/package.json" "$root/package-lock.json" "$scratch/"
   lightningcss* @rolldown/binding-linux-x64-musl @esbuild/linux-x64-musl 2>/dev/null || true)
 tar -C "$scratch" -cf - node_modules | xz -T2 -6 > "$out/node_modules.tar.xz"
 rm -rf "$scratch"
+echo "$stamp" > "$out/stamp"
+fi
 du -ch "$out"/* | tail -1

@@ -1017,7 +1017,7 @@ struct DecodeParams {
 };
 
 // Block (row r of this launch, kv head, chunk). Shared: q (group, D) pre-scaled, scores (group,
-// kDecodeChunk). Partials: o (rows, H, n_chunks, D) and (m, l) (rows, H, n_chunks, 2).
+// kDecodeChunk), P V partials (kDecodeWarps, group, D). Partials: o (rows, H, n_chunks, D) and (m, l) (rows, H, n_chunks, 2).
 template <int DMAX>
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode_chunk_kernel(
     float* __restrict__ part_o, float* __restrict__ part_ml, const __nv_bfloat16* __restrict__ qkv,
@@ -1086,12 +1086,37 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_chunk_kernel(
   }
   __syncthreads();
 
-  // Unnormalised P V: a thread per (head, column), positions in order.
-  for (int e = threadIdx.x; e < G * D; e += kDecodeThreads) {
-    const int g = e / D, d = e % D;
+  // Unnormalised P V. Warp w takes positions w, w + kDecodeWarps, ... in order (lanes over the head
+  // dim, one coalesced V row per step), then the warps' partial sums are added in warp order: a
+  // fixed order, so the result is the same run to run. (A thread per column walking every
+  // position in turn left most threads idle and serialised ~cnt dependent loads: ~40 µs a call.)
+  float* red = ps + G * kDecodeChunk;  // (kDecodeWarps, G, D)
+  for (int g = 0; g < G; ++g) {
     const float* prow = ps + g * kDecodeChunk;
+    float acc[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) acc[u] = 0.f;
+#pragma unroll 4
+    for (int t = warp; t < cnt; t += kDecodeWarps) {
+      const float pt = prow[t];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int d = lane + 32 * u;
+        if (d < D) acc[u] = fmaf(pt, to_f(V[int64_t(t) * D + d]), acc[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int d = lane + 32 * u;
+      if (d < D) red[(warp * G + g) * D + d] = acc[u];
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < G * D; e += kDecodeThreads) {
     float acc = 0.f;
-    for (int t = 0; t < cnt; ++t) acc = fmaf(prow[t], to_f(V[int64_t(t) * D + d]), acc);
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) acc += red[w * G * D + e];
+    const int g = e / D, d = e % D;
     part_o[((r * p.H + int64_t(kvh) * G + g) * p.n_chunks + chunk) * D + d] = acc;
   }
 }
@@ -1308,7 +1333,8 @@ void launch_decode_chunks(AttnState& st, int device, cudaStream_t stream, float*
                           const __nv_bfloat16* qkv, const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache,
                           const int32_t* slots, const int32_t* positions, int64_t row0, int64_t rows,
                           const DecodeParams& p) {
-  const size_t smem = sizeof(float) * size_t(p.group) * (p.D + kDecodeChunk);
+  // q (G, D), scores (G, kDecodeChunk), the warps' P V partial sums (kDecodeWarps, G, D)
+  const size_t smem = sizeof(float) * size_t(p.group) * (p.D + kDecodeChunk + kDecodeWarps * p.D);
   st.allow_smem(reinterpret_cast<const void*>(&attention_decode_chunk_kernel<DMAX>), smem, device,
                 "attention_decode");
   const dim3 grid(unsigned(rows), unsigned(p.KV), unsigned(p.n_chunks));

@@ -132,7 +132,20 @@ void bench_generate(const ModelConfig& c, int batch, int prompt, int new_tokens,
 
 
 // The card's ceilings, measured once per process: bf16 GEMM TFLOP/s (8192³ through the backend's
-// own cuBLASLt path) and device-to-device copy TB/s (bytes read + written).
+// own cuBLASLt path) and device-to-device copy TB/s (bytes read + written), each the best of 20
+// runs after 5 warm-ups (the clock ramps: a median of 7 read 671 and 883 TFLOP/s in one job).
+template <class F>
+double best_seconds(int reps, F&& f) {
+  for (int w = 0; w < 5; ++w) f();
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    best = std::min(best, seconds_since(t0));
+  }
+  return best;
+}
+
 struct Ceilings {
   double tflops, tbs;
 };
@@ -145,7 +158,7 @@ const Ceilings& ceilings() {
     auto* d = static_cast<bf16*>(ops->alloc_bytes(n * n * sizeof(bf16)));
     ops->fill(a, 0.01, n * n);
     ops->fill(b, 0.01, n * n);
-    const double g = harness::median_seconds(7, [&] {
+    const double g = best_seconds(20, [&] {
       ops->gemm(false, true, n, n, n, 1, a, n, b, n, 0, d, n);
       ops->synchronize();
     });
@@ -153,7 +166,7 @@ const Ceilings& ceilings() {
     void* src = ops->alloc_bytes(bytes);
     void* dst = ops->alloc_bytes(bytes);
     auto* stream = static_cast<cuda::CudaOps&>(*ops).stream();
-    const double m = harness::median_seconds(7, [&] {
+    const double m = best_seconds(20, [&] {
       cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream);
       ops->synchronize();
     });
