@@ -27,6 +27,18 @@ inline std::vector<Case>& benches() {
   return v;
 }
 
+// A command line's filter: a comma-separated list of name fragments; a case runs when its name
+// contains any of them.
+inline bool name_matches(const std::string& name, const std::string& filter) {
+  size_t at = 0;
+  while (at <= filter.size()) {
+    const size_t end = std::min(filter.find(',', at), filter.size());
+    if (end > at && name.find(filter.substr(at, end - at)) != std::string::npos) return true;
+    at = end + 1;
+  }
+  return false;
+}
+
 struct Register {
   Register(std::vector<Case>& list, const char* name, std::function<void()> fn) {
     list.push_back({name, std::move(fn)});

@@ -1,4 +1,4 @@
-// Runs every SPPO_TEST (or those whose name contains argv[1]) and prints a summary line
+// Runs every SPPO_TEST (or those whose name contains one of the comma-separated fragments of argv[1]) and prints a summary line
 // "N passed, N failed" that CI reads.
 #include <chrono>
 #include <cstring>
@@ -9,7 +9,7 @@ int main(int argc, char** argv) {
   const char* filter = argc > 1 ? argv[1] : nullptr;
   int passed = 0, failed = 0, skipped = 0;
   for (auto& c : sppo::harness::tests()) {
-    if (filter && c.name.find(filter) == std::string::npos) continue;
+    if (filter && !sppo::harness::name_matches(c.name, filter)) continue;
     auto t0 = std::chrono::steady_clock::now();
     try {
       c.fn();
