@@ -7,16 +7,17 @@
 #   tests     the C++ tests: every CUDA op, the model and the sampler against the CPU backend
 #   mutants   the C++ update tests on executables with one planted optimizer bug each
 #             (sppo_tests_<bug> in .gpu/bin): each must fail
+#   variant   the tests and benchmarks again under another choice of kernels (VARIANT_ENV)
 #   bench     the CUDA benchmarks and the per-phase breakdown (sppo_bench cuda_), then the same on
 #             a baseline build when .gpu/bin/sppo_bench_base exists (BASE_FILTER: which of them)
-#   peers     the PyTorch peers (bench/gpu/peers.py), after the engine so nothing overlaps
 #   node      through Node: the device tests and the transformers round trip
+#   peers     the PyTorch peers (bench/gpu/peers.py), last so nothing overlaps the engine's timing
 # Writes $OUT/summary.txt (the tests, the breakdown, every speed beside its peer and the ratio)
 # and one log per section.
 set -u
 OUT=${OUT:-/tmp/sppo-gpu-out}
 mkdir -p "$OUT"
-SECTIONS=${SECTIONS:-"tests mutants bench peers node"}
+SECTIONS=${SECTIONS:-"tests mutants variant bench node peers"}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 log() { echo "== $* ($(date +%T))" | tee -a "$OUT/summary.txt"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
@@ -48,6 +49,20 @@ if want mutants; then
   done
 fi
 
+# A variant of the build's choices, through its environment (VARIANT_ENV, e.g.
+# "SPPO_CUDA_ATTENTION=wmma"): its tests (VARIANT_TESTS, a filter) and benchmarks (VARIANT_BENCH),
+# so a kernel and its replacement are both checked and timed in one job.
+if want variant && [ -n "${VARIANT_ENV:-}" ] && [ -x $bin/sppo_tests ]; then
+  log "variant $VARIANT_ENV"
+  env $VARIANT_ENV timeout 200 $bin/sppo_tests "${VARIANT_TESTS:-cuda_}" > "$OUT/variant_tests.log" 2>&1
+  tail -1 "$OUT/variant_tests.log" | tee -a "$OUT/summary.txt"
+  grep -E -A2 "^FAIL" "$OUT/variant_tests.log" | head -20 >> "$OUT/summary.txt"
+  if [ -n "${VARIANT_BENCH:-}" ]; then
+    env $VARIANT_ENV timeout 200 $bin/sppo_bench "$VARIANT_BENCH" > "$OUT/variant_bench.log" 2>&1
+    cat "$OUT/variant_bench.log" >> "$OUT/summary.txt"
+  fi
+fi
+
 if want bench && [ -x $bin/sppo_bench ]; then
   log "CUDA benchmarks and breakdown"
   timeout 300 $bin/sppo_bench cuda_ > "$OUT/cuda_bench.log" 2>&1
@@ -59,6 +74,13 @@ if want bench && [ -x $bin/sppo_bench ]; then
   fi
 fi
 
+if want node && [ -x .gpu/node ] && [ -f build/Release/sppo.node ]; then
+  log "Node: device tests, transformers round trip"
+  export PATH="$PWD/.gpu:$PATH"
+  SPPO_PYTHON=$(command -v python3) timeout 400 ./.gpu/node node_modules/vitest/vitest.mjs run \
+    test/engine-device.test.ts test/io-transformers.test.ts > "$OUT/node_tests.log" 2>&1
+  grep -E "✓|×|FAIL|passed|failed" "$OUT/node_tests.log" | tail -20 >> "$OUT/summary.txt"
+fi
 if want peers; then
   log "PyTorch peers (same job)"
   OUT="$OUT" timeout 300 python3 bench/gpu/peers.py > "$OUT/peers.log" 2>&1
@@ -70,11 +92,4 @@ if [ -f "$OUT/cuda_bench.log" ]; then
     $( [ -f "$OUT/cuda_bench_base.log" ] && echo "$OUT/cuda_bench_base.log") >> "$OUT/summary.txt" 2>&1
 fi
 
-if want node && [ -x .gpu/node ] && [ -f build/Release/sppo.node ]; then
-  log "Node: device tests, transformers round trip"
-  export PATH="$PWD/.gpu:$PATH"
-  SPPO_PYTHON=$(command -v python3) timeout 400 ./.gpu/node node_modules/vitest/vitest.mjs run \
-    test/engine-device.test.ts test/io-transformers.test.ts > "$OUT/node_tests.log" 2>&1
-  grep -E "✓|×|FAIL|passed|failed" "$OUT/node_tests.log" | tail -20 >> "$OUT/summary.txt"
-fi
 log "done in $(( $(date +%s) - start )) s"
