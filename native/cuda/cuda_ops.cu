@@ -383,16 +383,17 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_forward_rows_kernel(bf* out,
   }
 }
 
-// The backward's dx of the row-in-registers layout above: x and dout held, w and dx read in the
-// second pass (w from L1/L2). Traffic: reads of x, dout, dx and a write of dx.
-template <int kTeam, int kVec>
+// The backward's dx in the row-in-registers layout above, a block per row (2048 < C <= 8192; the
+// fused kernel below takes smaller rows): x and dout held, w and dx read in the second pass (w from
+// L1/L2). Traffic: reads of x, dout, dx and a write of dx; dw is a separate column sum.
+template <int kVec>
 __global__ void __launch_bounds__(kThreads) rmsnorm_backward_dx_rows_kernel(bf* dx, const bf* dout, const bf* x,
                                                                             const bf* w, const float* rstd,
                                                                             int64_t N, int64_t C) {
+  constexpr int kTeam = kThreads;
   __shared__ double shared[kWarps];
-  const int t = int(threadIdx.x) % kTeam;
-  const int64_t row = int64_t(blockIdx.x) * (kThreads / kTeam) + threadIdx.x / kTeam;
-  if (row >= N) return;
+  const int t = int(threadIdx.x);
+  const int64_t row = blockIdx.x;
   const int64_t vecs = C / 8;
   const bf* xi = x + row * C;
   const bf* di = dout + row * C;
@@ -433,6 +434,79 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_backward_dx_rows_kernel(bf* 
 #pragma unroll
     for (int k = 0; k < 8; ++k) g[k] = g[k] + r * (df[k] * wf[k] - xf[k] * r * k_mean);
     store_bf<8>(dxi + q * 8, g);
+  }
+}
+
+// The backward for warp teams (C <= 2048) with the weight gradient fused in: block g takes rows
+// [g * rows_per_group, ...), its warp w the rows w, w + kRowWarps, ... of them in order, and each
+// lane adds dout * x * rstd of its columns into this warp's shared accumulators (in double, laid
+// out lane-fastest: no bank conflicts). The warps' sums are then added in warp order into
+// partials[g*C + j], which column_finish_kernel adds up in group order: a fixed order, so
+// bit-identical run to run. dout and x are read once for dx and dw together.
+template <int kVec, int kRowWarps>
+__global__ void __launch_bounds__(32 * kRowWarps) rmsnorm_backward_fused_kernel(bf* dx, double* partials,
+                                                                                const bf* dout, const bf* x,
+                                                                                const bf* w, const float* rstd,
+                                                                                int64_t N, int64_t C,
+                                                                                int64_t rows_per_group) {
+  __shared__ double dw_acc[kRowWarps][kVec * 8][32];  // [warp][v * 8 + k][lane]: column (v*32 + lane)*8 + k
+  const int lane = int(threadIdx.x % 32), warp = int(threadIdx.x / 32);
+  const int64_t vecs = C / 8;
+#pragma unroll
+  for (int e = 0; e < kVec * 8; ++e) dw_acc[warp][e][lane] = 0.0;
+  const int64_t r0 = int64_t(blockIdx.x) * rows_per_group, r1 = min(N, r0 + rows_per_group);
+  for (int64_t row = r0 + warp; row < r1; row += kRowWarps) {
+    const bf* xi = x + row * C;
+    const bf* di = dout + row * C;
+    const float r = rstd[row];
+    uint4 held_x[kVec], held_d[kVec];
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const int64_t q = int64_t(v) * 32 + lane;
+      if (q < vecs) {
+        held_x[v] = *reinterpret_cast<const uint4*>(xi + q * 8);
+        held_d[v] = *reinterpret_cast<const uint4*>(di + q * 8);
+      }
+    }
+    double dot = 0;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const int64_t q = int64_t(v) * 32 + lane;
+      if (q >= vecs) break;
+      float xf[8], df[8], wf[8];
+      load_bf<8>(reinterpret_cast<const bf*>(&held_x[v]), xf);
+      load_bf<8>(reinterpret_cast<const bf*>(&held_d[v]), df);
+      load_bf<8>(w + q * 8, wf);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) dot += double(df[k]) * double(wf[k]) * double(xf[k]);
+    }
+    dot = team_sum<32>(dot, nullptr);
+    const float k_mean = float(dot * double(r) / double(C));  // mean(g * xhat)
+    bf* dxi = dx + row * C;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const int64_t q = int64_t(v) * 32 + lane;
+      if (q >= vecs) break;
+      float xf[8], df[8], wf[8], g[8];
+      load_bf<8>(reinterpret_cast<const bf*>(&held_x[v]), xf);
+      load_bf<8>(reinterpret_cast<const bf*>(&held_d[v]), df);
+      load_bf<8>(w + q * 8, wf);
+      load_bf<8>(dxi + q * 8, g);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        g[k] = g[k] + r * (df[k] * wf[k] - xf[k] * r * k_mean);
+        dw_acc[warp][v * 8 + k][lane] += double(df[k]) * double(xf[k]) * double(r);
+      }
+      store_bf<8>(dxi + q * 8, g);
+    }
+  }
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    const int64_t q = j / 8;
+    const int e = int(q / 32) * 8 + int(j % 8), l = int(q % 32);
+    double s = dw_acc[0][e][l];
+    for (int k = 1; k < kRowWarps; ++k) s += dw_acc[k][e][l];
+    partials[int64_t(blockIdx.x) * C + j] = s;
   }
 }
 
@@ -797,18 +871,43 @@ void column_sums(float* out, Term term, bool vec, int64_t N, int64_t C, ReduceSt
   SPPO_CUDA_LAUNCHED(column_finish_kernel);
 }
 
-// The row-in-registers RMSNorm kernels for C % 8 == 0 and C / 8 <= kMaxRowVecs vectors: a warp
-// per row up to C = 2048 (8 vectors a lane), a block per row above (so a thread holds at most 8
-// vectors of each held array: no spills). Blocks hold kThreads / kTeam rows.
-template <template <int, int> class Launch, class... Args>
-void launch_rows(int64_t N, int64_t C, cudaStream_t stream, Args... args) {
+// rmsnorm_backward with dw fused (C % 8 == 0, C <= 2048, aligned rows): four warps a block up to
+// C = 1024, two up to 2048 (32 KB of shared accumulators either way), 8 rows a warp; then the
+// fixed-order finish of the column partials.
+void rmsnorm_backward_fused(bf* dx, float* dw, const bf* dout, const bf* x, const bf* w, const float* rstd, int64_t N,
+                            int64_t C, ReduceState& r, cudaStream_t stream, int device) {
+  const auto run = [&](auto vec, auto row_warps) {
+    constexpr int kVec = decltype(vec)::value, kRowWarps = decltype(row_warps)::value;
+    const int64_t rows_per_group = 8 * kRowWarps, groups = (N + rows_per_group - 1) / rows_per_group;
+    double* partials = partials_for(r, size_t(groups * C), stream, device);
+    rmsnorm_backward_fused_kernel<kVec, kRowWarps><<<unsigned(groups), 32 * kRowWarps, 0, stream>>>(
+        dx, partials, dout, x, w, rstd, N, C, rows_per_group);
+    SPPO_CUDA_LAUNCHED(rmsnorm_backward_fused_kernel);
+    column_finish_kernel<<<unsigned((C + 31) / 32), kThreads, 0, stream>>>(dw, partials, groups, C);
+    SPPO_CUDA_LAUNCHED(column_finish_kernel);
+  };
+  using std::integral_constant;
   const int64_t vecs = C / 8;
+  if (vecs <= 32) run(integral_constant<int, 1>{}, integral_constant<int, 4>{});
+  else if (vecs <= 64) run(integral_constant<int, 2>{}, integral_constant<int, 4>{});
+  else if (vecs <= 128) run(integral_constant<int, 4>{}, integral_constant<int, 4>{});
+  else run(integral_constant<int, 8>{}, integral_constant<int, 2>{});
+}
+
+// rmsnorm_forward in the row-in-registers kernels (C % 8 == 0, C / 8 <= kMaxRowVecs, aligned
+// rows): a warp per row up to C = 2048 (8 vectors a lane), a block per row above, so a thread
+// holds at most 8 vectors (no spills). Blocks hold kThreads / kTeam rows.
+void rmsnorm_forward_rows(bf* out, float* rstd, const bf* x, const bf* w, int64_t N, int64_t C, double eps,
+                          cudaStream_t stream) {
   const auto run = [&](auto team, auto vec) {
     constexpr int kTeam = decltype(team)::value, kVec = decltype(vec)::value;
     const int64_t rows_per_block = kThreads / kTeam;
-    Launch<kTeam, kVec>::run(unsigned((N + rows_per_block - 1) / rows_per_block), stream, args...);
+    rmsnorm_forward_rows_kernel<kTeam, kVec><<<unsigned((N + rows_per_block - 1) / rows_per_block), kThreads, 0,
+                                               stream>>>(out, rstd, x, w, N, C, eps);
+    SPPO_CUDA_LAUNCHED(rmsnorm_forward_rows_kernel);
   };
   using std::integral_constant;
+  const int64_t vecs = C / 8;
   if (vecs <= 32) run(integral_constant<int, 32>{}, integral_constant<int, 1>{});
   else if (vecs <= 64) run(integral_constant<int, 32>{}, integral_constant<int, 2>{});
   else if (vecs <= 128) run(integral_constant<int, 32>{}, integral_constant<int, 4>{});
@@ -816,22 +915,6 @@ void launch_rows(int64_t N, int64_t C, cudaStream_t stream, Args... args) {
   else if (vecs <= 2 * kThreads) run(integral_constant<int, kThreads>{}, integral_constant<int, 2>{});
   else run(integral_constant<int, kThreads>{}, integral_constant<int, 4>{});
 }
-template <int kTeam, int kVec>
-struct RmsForwardRows {
-  template <class... Args>
-  static void run(unsigned blocks, cudaStream_t stream, Args... args) {
-    rmsnorm_forward_rows_kernel<kTeam, kVec><<<blocks, kThreads, 0, stream>>>(args...);
-    SPPO_CUDA_LAUNCHED(rmsnorm_forward_rows_kernel);
-  }
-};
-template <int kTeam, int kVec>
-struct RmsBackwardRows {
-  template <class... Args>
-  static void run(unsigned blocks, cudaStream_t stream, Args... args) {
-    rmsnorm_backward_dx_rows_kernel<kTeam, kVec><<<blocks, kThreads, 0, stream>>>(args...);
-    SPPO_CUDA_LAUNCHED(rmsnorm_backward_dx_rows_kernel);
-  }
-};
 
 DeviceInfo probe_once() {
   DeviceInfo d;
@@ -1114,7 +1197,7 @@ void CudaOps::rmsnorm_forward(bf16* out, float* rstd, const bf16* x, const bf16*
                               double eps) {
   if (N <= 0 || C <= 0) return;
   if (vec8(x, C) && vec8(out, C) && aligned16(w) && C / 8 <= kMaxRowVecs) {
-    launch_rows<RmsForwardRows>(N, C, stream_, dev(out), rstd, dev(x), dev(w), N, C, eps);
+    rmsnorm_forward_rows(dev(out), rstd, dev(x), dev(w), N, C, eps, stream_);
     return;
   }
   const unsigned blocks = unsigned(std::min<int64_t>(N, kMaxBlocks));
@@ -1126,8 +1209,18 @@ void CudaOps::rmsnorm_backward(bf16* dx, float* dw, const bf16* dout, const bf16
                                const float* rstd, int64_t N, int64_t C) {
   if (N <= 0 || C <= 0) return;
   const bool vec = vec8(dout, C) && vec8(x, C);
-  if (vec && vec8(dx, C) && aligned16(w) && C / 8 <= kMaxRowVecs) {
-    launch_rows<RmsBackwardRows>(N, C, stream_, dev(dx), dev(dout), dev(x), dev(w), rstd, N, C);
+  if (vec && vec8(dx, C) && aligned16(w) && C <= 2048) {
+    rmsnorm_backward_fused(dev(dx), dw, dev(dout), dev(x), dev(w), rstd, N, C, reduce_state(), stream_, device_);
+    return;
+  }
+  if (vec && vec8(dx, C) && aligned16(w) && C / 8 <= kMaxRowVecs) {  // a block per row: C > 2048
+    if (C / 8 <= 2 * kThreads)
+      rmsnorm_backward_dx_rows_kernel<2><<<unsigned(N), kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w),
+                                                                                rstd, N, C);
+    else
+      rmsnorm_backward_dx_rows_kernel<4><<<unsigned(N), kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w),
+                                                                                rstd, N, C);
+    SPPO_CUDA_LAUNCHED(rmsnorm_backward_dx_rows_kernel);
   } else {
     const unsigned blocks = unsigned(std::min<int64_t>(N, kMaxBlocks));
     rmsnorm_backward_dx_kernel<<<blocks, kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w), rstd, N, C);

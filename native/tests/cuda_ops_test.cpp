@@ -310,8 +310,9 @@ SPPO_TEST(cuda_embedding_backward_bit_identical_to_cpu) {
 }
 
 // Shapes for every kernel variant: a warp per row holding 1, 2, 4 (C = 768 uses 3) and 8 vectors
-// a lane, a block per row holding 2 and 4, C > 8192, C not a multiple of 8, N = 1; `shift` moves
-// every array one element off 16-byte alignment (the scalar kernels).
+// a lane, a block per row holding 2 and 4, C > 8192, C not a multiple of 8, N = 1, many row groups
+// of the fused backward (N = 600, 100); `shift` moves every array one element off 16-byte
+// alignment (the scalar kernels).
 struct NormCase {
   int64_t N, C, shift;
 };
@@ -322,7 +323,8 @@ SPPO_TEST(cuda_rmsnorm_matches_cpu) {
   Ops<float>& ref = cpu_ops;
   for (const NormCase& c : std::vector<NormCase>{{67, 1000, 0}, {3, 37, 0}, {300, 4096, 0}, {1, 8, 0}, {5, 512, 0},
                                                  {9, 768, 0}, {20, 2048, 0}, {3, 2056, 0}, {5, 8192, 0},
-                                                 {2, 9000, 0}, {1, 768, 0}, {7, 768, 1}}) {
+                                                 {2, 9000, 0}, {1, 768, 0}, {7, 768, 1}, {600, 768, 0},
+                                                 {100, 2048, 0}}) {
     const int64_t N = c.N, C = c.C, s = c.shift;
     const std::string shape = " N=" + std::to_string(N) + " C=" + std::to_string(C) + (s ? " unaligned" : "");
     const double eps = 1e-5;
