@@ -65,7 +65,8 @@ __device__ double block_sum(double v, double* shared) {
 // Sum of v over a team of kTeam threads (one warp, or the whole block of kThreads), returned to
 // every thread of the team. The xor butterfly gives every lane the same bits (each step adds two
 // equal-order partial sums, and a + b == b + a); the warps' sums are then added in warp order.
-// `shared` holds kWarps doubles (unused for a warp team); called once per kernel.
+// `shared` holds kWarps doubles (unused for a warp team); a block team calls this once per kernel,
+// as nothing keeps a second call from overwriting `shared` before every warp has read it.
 template <int kTeam>
 __device__ __forceinline__ double team_sum(double v, double* shared) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
