@@ -553,6 +553,7 @@ __global__ void __launch_bounds__(kThreads) column_partials_kernel(double* parti
   const int64_t g = blockIdx.y, r0 = g * rows_per_group, r1 = min(N, r0 + rows_per_group);
   double acc[W] = {};
   if (j < C)
+#pragma unroll 4  // loads in flight: the adds stay in row order
     for (int64_t i = r0 + slice; i < r1; i += kWarps) term.template add<W>(i, j, acc);
 #pragma unroll
   for (int k = 0; k < W; ++k) slice_sums[slice][lane * W + k] = acc[k];
@@ -574,6 +575,7 @@ __global__ void __launch_bounds__(kThreads) column_finish_kernel(float* out, con
   const int64_t j = int64_t(blockIdx.x) * 32 + lane;
   double s = 0;
   if (j < C)
+#pragma unroll 8  // loads in flight: the adds stay in group order
     for (int64_t g = slice; g < groups; g += kWarps) s += partials[g * C + j];
   slice_sums[slice][lane] = s;
   __syncthreads();
