@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/error.h"
@@ -63,12 +64,95 @@ __device__ double block_sum(double v, double* shared) {
   return total;
 }
 
+// Sum of v over a team of kTeam threads (one warp, or the whole block of kThreads), returned to
+// every thread of the team. The xor butterfly gives every lane the same bits (each step adds two
+// equal-order partial sums, and a + b == b + a); the warps' sums are then added in warp order.
+// `shared` holds kWarps doubles (unused for a warp team); a block team calls this once per kernel,
+// as nothing keeps a second call from overwriting `shared` before every warp has read it.
+template <int kTeam>
+__device__ __forceinline__ double team_sum(double v, double* shared) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if constexpr (kTeam > 32) {
+    static_assert(kTeam == kThreads, "a team is a warp or the whole block");
+    if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = shared[0];
+    for (int k = 1; k < kWarps; ++k) v += shared[k];
+  }
+  return v;
+}
+
+// W consecutive values at p: W = 8 is one 16-byte access for bf16 (two for float), which the
+// launcher allows only where every such address is 16-byte aligned; W = 1 is a scalar access.
+template <int W>
+__device__ __forceinline__ void load_bf(const bf* p, float (&v)[W]) {
+  if constexpr (W == 8) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {  // bf16 -> float is exact: the bits move to the top half
+      v[2 * k] = __uint_as_float(words[k] << 16);
+      v[2 * k + 1] = __uint_as_float(words[k] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < W; ++k) v[k] = to_f(p[k]);
+  }
+}
+template <int W>
+__device__ __forceinline__ void store_bf(bf* p, const float (&v)[W]) {
+  if constexpr (W == 8) {
+    uint32_t words[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      words[k] = uint32_t(__bfloat16_as_ushort(to_bf(v[2 * k]))) |
+                 uint32_t(__bfloat16_as_ushort(to_bf(v[2 * k + 1]))) << 16;
+    *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < W; ++k) p[k] = to_bf(v[k]);
+  }
+}
+template <int W>
+__device__ __forceinline__ void load_f(const float* p, float (&v)[W]) {
+  if constexpr (W == 8) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+#pragma unroll
+    for (int k = 0; k < W; ++k) v[k] = p[k];
+  }
+}
+// Bit copy of W bf16.
+template <int W>
+__device__ __forceinline__ void copy_bf(bf* dst, const bf* src) {
+  if constexpr (W == 8)
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+  else
+    for (int k = 0; k < W; ++k) dst[k] = src[k];
+}
+
+// The row kernels' 2-D grid (see row_launch): x walks the W-wide items of one row, y the rows
+// (looping when there are more than gridDim.y * blockDim.y), so no element index is divided.
+__device__ __forceinline__ int64_t row_item() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int64_t first_row() { return int64_t(blockIdx.y) * blockDim.y + threadIdx.y; }
+__device__ __forceinline__ int64_t row_stride() { return int64_t(gridDim.y) * blockDim.y; }
+
 // ---------------------------------------------------------------------------------------------
 // Kernels
 // ---------------------------------------------------------------------------------------------
 
+// dst(n) = bf16(src(n)), W per thread; the last n % W elements go to the first threads.
+template <int W>
 __global__ void cast_kernel(bf* dst, const float* src, int64_t n) {
-  for (int64_t i = first_index(); i < n; i += grid_stride()) dst[i] = to_bf(src[i]);
+  const int64_t vecs = n / W;
+  for (int64_t v = first_index(); v < vecs; v += grid_stride()) {
+    float f[W];
+    load_f<W>(src + v * W, f);
+    store_bf<W>(dst + v * W, f);
+  }
+  const int64_t tail = vecs * W + first_index();
+  if (tail < n) dst[tail] = to_bf(src[tail]);
 }
 
 __global__ void fill_kernel(uint16_t* x, uint16_t bits, int64_t n) {
@@ -95,11 +179,16 @@ __global__ void __launch_bounds__(kThreads) non_finite_kernel(double* partials, 
   if (threadIdx.x == 0) partials[blockIdx.x] = bad ? 1.0 : 0.0;
 }
 
-__global__ void embedding_forward_kernel(bf* out, const bf* table, const int32_t* ids, int64_t N, int64_t C) {
-  const int64_t total = N * C;
-  for (int64_t k = first_index(); k < total; k += grid_stride()) {
-    const int64_t i = k / C, j = k - i * C;
-    out[k] = table[int64_t(ids[i]) * C + j];
+// Row i of src (row src_rows[i], or i without src_rows) to row dst_rows[i] (or i) of dst, for n
+// rows of C columns: embedding_forward and gather_rows index the source, scatter_rows the destination.
+template <int W>
+__global__ void copy_rows_kernel(bf* dst, const int32_t* dst_rows, const bf* src, const int32_t* src_rows, int64_t n,
+                                 int64_t C) {
+  const int64_t j = row_item() * W;
+  if (j >= C) return;
+  for (int64_t i = first_row(); i < n; i += row_stride()) {
+    const int64_t d = dst_rows ? int64_t(dst_rows[i]) : i, s = src_rows ? int64_t(src_rows[i]) : i;
+    copy_bf<W>(dst + d * C + j, src + s * C + j);
   }
 }
 
@@ -206,23 +295,9 @@ __global__ void iota_kernel(int32_t* x, int64_t n) {
   for (int64_t i = first_index(); i < n; i += grid_stride()) x[i] = int32_t(i);
 }
 
-__global__ void gather_rows_kernel(bf* dst, const bf* src, const int32_t* rows, int64_t n, int64_t C) {
-  const int64_t total = n * C;
-  for (int64_t k = first_index(); k < total; k += grid_stride()) {
-    const int64_t i = k / C, j = k - i * C;
-    dst[k] = src[int64_t(rows[i]) * C + j];
-  }
-}
-
-__global__ void scatter_rows_kernel(bf* dst, const bf* src, const int32_t* rows, int64_t n, int64_t C) {
-  const int64_t total = n * C;
-  for (int64_t k = first_index(); k < total; k += grid_stride()) {
-    const int64_t i = k / C, j = k - i * C;
-    dst[int64_t(rows[i]) * C + j] = src[k];
-  }
-}
-
-// One block per row (grid-stride over rows; every thread of a block runs the same iterations).
+// RMSNorm of any row length: one block per row (grid-stride over rows; every thread of a block
+// runs the same iterations), reading the row twice. The launcher uses it where the row-in-registers
+// kernels below do not apply (C not a multiple of 8, unaligned rows, C > kMaxRowVecs * 8).
 __global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(bf* out, float* rstd, const bf* x, const bf* w,
                                                                    int64_t N, int64_t C, double eps) {
   __shared__ double shared[kWarps + 1];
@@ -241,7 +316,7 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(bf* out, floa
   }
 }
 
-// dx += r*(g - xhat*mean(g*xhat)) with g = dout*w, xhat = x*r; one block per row.
+// dx += r*(g - xhat*mean(g*xhat)) with g = dout*w, xhat = x*r; one block per row, any C.
 __global__ void __launch_bounds__(kThreads) rmsnorm_backward_dx_kernel(bf* dx, const bf* dout, const bf* x,
                                                                        const bf* w, const float* rstd, int64_t N,
                                                                        int64_t C) {
@@ -261,87 +336,337 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_backward_dx_kernel(bf* dx, c
   }
 }
 
-// Terms of the column sums: rmsnorm's dw (dout * x * rstd) and the bias gradient (dout).
+// Row-in-registers RMSNorm for C % 8 == 0 with 16-byte aligned rows: a team of kTeam threads (a
+// warp, or the whole block) per row, each holding kVec 8-column vectors of the row as packed bf16;
+// vector v of team thread t covers columns (v * kTeam + t) * 8 ... + 7, so every step of the team
+// reads consecutive 16-byte chunks. Memory traffic is one read of x (and of the L2-resident w) and
+// one write of out; the same fp32 / fp64 formulas as the kernel above, with the squares summed per
+// thread in column order and then across the team in a fixed order.
+constexpr int kMaxRowVecs = 4 * kThreads;  // C <= 8192: four vectors per thread of a block team
+
+template <int kTeam, int kVec>
+__global__ void __launch_bounds__(kThreads) rmsnorm_forward_rows_kernel(bf* out, float* rstd, const bf* x,
+                                                                        const bf* w, int64_t N, int64_t C,
+                                                                        double eps) {
+  __shared__ double shared[kWarps];
+  const int t = int(threadIdx.x) % kTeam;
+  const int64_t row = int64_t(blockIdx.x) * (kThreads / kTeam) + threadIdx.x / kTeam;
+  if (row >= N) return;  // whole teams only: a block team always has its row (grid = N)
+  const int64_t vecs = C / 8;
+  const bf* xi = x + row * C;
+  uint4 held[kVec];
+  double ss = 0;
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) {
+    const int64_t q = int64_t(v) * kTeam + t;
+    if (q < vecs) held[v] = *reinterpret_cast<const uint4*>(xi + q * 8);
+  }
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) {
+    if (int64_t(v) * kTeam + t >= vecs) break;
+    float f[8];
+    load_bf<8>(reinterpret_cast<const bf*>(&held[v]), f);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) ss += double(f[k]) * double(f[k]);
+  }
+  ss = team_sum<kTeam>(ss, shared);
+  const float r = float(1.0 / sqrt(ss / double(C) + eps));
+  if (t == 0) rstd[row] = r;
+  bf* oi = out + row * C;
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) {
+    const int64_t q = int64_t(v) * kTeam + t;
+    if (q >= vecs) break;
+    float f[8], wf[8], o[8];
+    load_bf<8>(reinterpret_cast<const bf*>(&held[v]), f);
+    load_bf<8>(w + q * 8, wf);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) o[k] = f[k] * r * wf[k];
+    store_bf<8>(oi + q * 8, o);
+  }
+}
+
+// The backward's dx in the row-in-registers layout above, a block per row (2048 < C <= 8192; the
+// fused kernel below takes smaller rows): x and dout held, w and dx read in the second pass (w from
+// L1/L2). Traffic: reads of x, dout, dx and a write of dx; dw is a separate column sum.
+template <int kVec>
+__global__ void __launch_bounds__(kThreads) rmsnorm_backward_dx_rows_kernel(bf* dx, const bf* dout, const bf* x,
+                                                                            const bf* w, const float* rstd,
+                                                                            int64_t N, int64_t C) {
+  constexpr int kTeam = kThreads;
+  __shared__ double shared[kWarps];
+  const int t = int(threadIdx.x);
+  const int64_t row = blockIdx.x;
+  const int64_t vecs = C / 8;
+  const bf* xi = x + row * C;
+  const bf* di = dout + row * C;
+  const float r = rstd[row];
+  uint4 held_x[kVec], held_d[kVec];
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) {
+    const int64_t q = int64_t(v) * kTeam + t;
+    if (q < vecs) {
+      held_x[v] = *reinterpret_cast<const uint4*>(xi + q * 8);
+      held_d[v] = *reinterpret_cast<const uint4*>(di + q * 8);
+    }
+  }
+  double dot = 0;
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) {
+    const int64_t q = int64_t(v) * kTeam + t;
+    if (q >= vecs) break;
+    float xf[8], df[8], wf[8];
+    load_bf<8>(reinterpret_cast<const bf*>(&held_x[v]), xf);
+    load_bf<8>(reinterpret_cast<const bf*>(&held_d[v]), df);
+    load_bf<8>(w + q * 8, wf);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) dot += double(df[k]) * double(wf[k]) * double(xf[k]);
+  }
+  dot = team_sum<kTeam>(dot, shared);
+  const float k_mean = float(dot * double(r) / double(C));  // mean(g * xhat)
+  bf* dxi = dx + row * C;
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) {
+    const int64_t q = int64_t(v) * kTeam + t;
+    if (q >= vecs) break;
+    float xf[8], df[8], wf[8], g[8];
+    load_bf<8>(reinterpret_cast<const bf*>(&held_x[v]), xf);
+    load_bf<8>(reinterpret_cast<const bf*>(&held_d[v]), df);
+    load_bf<8>(w + q * 8, wf);
+    load_bf<8>(dxi + q * 8, g);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) g[k] = g[k] + r * (df[k] * wf[k] - xf[k] * r * k_mean);
+    store_bf<8>(dxi + q * 8, g);
+  }
+}
+
+// The backward for warp teams (C <= 2048) with the weight gradient fused in: block g takes rows
+// [g * rows_per_group, ...), its warp w the rows w, w + kRowWarps, ... of them in order, and each
+// lane adds dout * x * rstd of its columns into this warp's shared accumulators (in double, laid
+// out lane-fastest: no bank conflicts). The warps' sums are then added in warp order into
+// partials[g*C + j], which column_finish_kernel adds up in group order: a fixed order, so
+// bit-identical run to run. dout and x are read once for dx and dw together.
+template <int kVec, int kRowWarps>
+__global__ void __launch_bounds__(32 * kRowWarps) rmsnorm_backward_fused_kernel(bf* dx, double* partials,
+                                                                                const bf* dout, const bf* x,
+                                                                                const bf* w, const float* rstd,
+                                                                                int64_t N, int64_t C,
+                                                                                int64_t rows_per_group) {
+  __shared__ double dw_acc[kRowWarps][kVec * 8][32];  // [warp][v * 8 + k][lane]: column (v*32 + lane)*8 + k
+  const int lane = int(threadIdx.x % 32), warp = int(threadIdx.x / 32);
+  const int64_t vecs = C / 8;
+#pragma unroll
+  for (int e = 0; e < kVec * 8; ++e) dw_acc[warp][e][lane] = 0.0;
+  const int64_t r0 = int64_t(blockIdx.x) * rows_per_group, r1 = min(N, r0 + rows_per_group);
+  for (int64_t row = r0 + warp; row < r1; row += kRowWarps) {
+    const bf* xi = x + row * C;
+    const bf* di = dout + row * C;
+    const float r = rstd[row];
+    uint4 held_x[kVec], held_d[kVec];
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const int64_t q = int64_t(v) * 32 + lane;
+      if (q < vecs) {
+        held_x[v] = *reinterpret_cast<const uint4*>(xi + q * 8);
+        held_d[v] = *reinterpret_cast<const uint4*>(di + q * 8);
+      }
+    }
+    double dot = 0;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const int64_t q = int64_t(v) * 32 + lane;
+      if (q >= vecs) break;
+      float xf[8], df[8], wf[8];
+      load_bf<8>(reinterpret_cast<const bf*>(&held_x[v]), xf);
+      load_bf<8>(reinterpret_cast<const bf*>(&held_d[v]), df);
+      load_bf<8>(w + q * 8, wf);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) dot += double(df[k]) * double(wf[k]) * double(xf[k]);
+    }
+    dot = team_sum<32>(dot, nullptr);
+    const float k_mean = float(dot * double(r) / double(C));  // mean(g * xhat)
+    bf* dxi = dx + row * C;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const int64_t q = int64_t(v) * 32 + lane;
+      if (q >= vecs) break;
+      float xf[8], df[8], wf[8], g[8];
+      load_bf<8>(reinterpret_cast<const bf*>(&held_x[v]), xf);
+      load_bf<8>(reinterpret_cast<const bf*>(&held_d[v]), df);
+      load_bf<8>(w + q * 8, wf);
+      load_bf<8>(dxi + q * 8, g);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        g[k] = g[k] + r * (df[k] * wf[k] - xf[k] * r * k_mean);
+        dw_acc[warp][v * 8 + k][lane] += double(df[k]) * double(xf[k]) * double(r);
+      }
+      store_bf<8>(dxi + q * 8, g);
+    }
+  }
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    const int64_t q = j / 8;
+    const int e = int(q / 32) * 8 + int(j % 8), l = int(q % 32);
+    double s = dw_acc[0][e][l];
+    for (int k = 1; k < kRowWarps; ++k) s += dw_acc[k][e][l];
+    partials[int64_t(blockIdx.x) * C + j] = s;
+  }
+}
+
+// Terms of the column sums, W consecutive columns at a time: rmsnorm's dw (dout * x * rstd) and
+// the bias gradient (dout), each added in double.
 struct NormWeightTerm {
   const bf* dout;
   const bf* x;
   const float* rstd;
   int64_t C;
-  __device__ double operator()(int64_t i, int64_t j) const {
-    return double(to_f(dout[i * C + j])) * double(to_f(x[i * C + j])) * double(rstd[i]);
+  template <int W>
+  __device__ void add(int64_t i, int64_t j, double (&acc)[W]) const {
+    float d[W], xv[W];
+    load_bf<W>(dout + i * C + j, d);
+    load_bf<W>(x + i * C + j, xv);
+    const double r = rstd[i];
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc[k] += double(d[k]) * double(xv[k]) * r;
   }
 };
 struct BiasTerm {
   const bf* dout;
   int64_t ld;
-  __device__ double operator()(int64_t i, int64_t j) const { return to_f(dout[i * ld + j]); }
+  template <int W>
+  __device__ void add(int64_t i, int64_t j, double (&acc)[W]) const {
+    float d[W];
+    load_bf<W>(dout + i * ld + j, d);
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc[k] += d[k];
+  }
 };
 
-// partials(groups, C): partials[g*C + j] = Σ term(i, j) over rows [g*rows_per_group, ...), in
-// double and row order. Grid: (ceil(C / kThreads), groups).
-template <class Term>
-__global__ void column_partials_kernel(double* partials, Term term, int64_t N, int64_t C, int64_t rows_per_group) {
-  const int64_t j = first_index();
-  if (j >= C) return;
-  const int64_t g = blockIdx.y;
-  const int64_t r0 = g * rows_per_group, r1 = min(N, r0 + rows_per_group);
-  double acc = 0;
-  for (int64_t i = r0; i < r1; ++i) acc += term(i, j);
-  partials[g * C + j] = acc;
+// partials(groups, C): partials[g*C + j] = Σ term(i, j) over the rows of group g, in double.
+// Grid: (ceil(C / (32 W)) column tiles, groups). Lane l of warp s owns columns l*W ... of the tile
+// and sums rows r0 + s, r0 + s + kWarps, ... in row order; the warps' sums are then added in warp
+// order (a fixed order: bit-identical run to run). A warp reads 32 W consecutive columns per row.
+template <int W, class Term>
+__global__ void __launch_bounds__(kThreads) column_partials_kernel(double* partials, Term term, int64_t N, int64_t C,
+                                                                   int64_t rows_per_group) {
+  __shared__ double slice_sums[kWarps][32 * W];
+  const int lane = int(threadIdx.x % 32), slice = int(threadIdx.x / 32);
+  const int64_t tile = int64_t(blockIdx.x) * 32 * W, j = tile + int64_t(lane) * W;
+  const int64_t g = blockIdx.y, r0 = g * rows_per_group, r1 = min(N, r0 + rows_per_group);
+  double acc[W] = {};
+  if (j < C)
+#pragma unroll 4  // loads in flight: the adds stay in row order
+    for (int64_t i = r0 + slice; i < r1; i += kWarps) term.template add<W>(i, j, acc);
+#pragma unroll
+  for (int k = 0; k < W; ++k) slice_sums[slice][lane * W + k] = acc[k];
+  __syncthreads();
+  for (int c = int(threadIdx.x); c < 32 * W; c += kThreads) {
+    if (tile + c >= C) break;
+    double s = slice_sums[0][c];
+    for (int k = 1; k < kWarps; ++k) s += slice_sums[k][c];
+    partials[g * C + tile + c] = s;
+  }
 }
 
-// out[j] += float(Σ_g partials[g*C + j]), groups in order.
-__global__ void column_finish_kernel(float* out, const double* partials, int64_t groups, int64_t C) {
-  const int64_t j = first_index();
-  if (j >= C) return;
+// out[j] += float(Σ_g partials[g*C + j]). Lane l of warp s sums column 32*block + l over groups
+// s, s + kWarps, ... in order; the warps' sums are then added in warp order.
+__global__ void __launch_bounds__(kThreads) column_finish_kernel(float* out, const double* partials, int64_t groups,
+                                                                 int64_t C) {
+  __shared__ double slice_sums[kWarps][32];
+  const int lane = int(threadIdx.x % 32), slice = int(threadIdx.x / 32);
+  const int64_t j = int64_t(blockIdx.x) * 32 + lane;
   double s = 0;
-  for (int64_t g = 0; g < groups; ++g) s += partials[g * C + j];
-  out[j] += float(s);
+  if (j < C)
+#pragma unroll 8  // loads in flight: the adds stay in group order
+    for (int64_t g = slice; g < groups; g += kWarps) s += partials[g * C + j];
+  slice_sums[slice][lane] = s;
+  __syncthreads();
+  if (slice == 0 && j < C) {
+    double total = slice_sums[0][lane];
+    for (int k = 1; k < kWarps; ++k) total += slice_sums[k][lane];
+    out[j] += float(total);
+  }
 }
 
+// x(N, C; row stride ld) += bias, W columns per thread (its bias held across rows).
+template <int W>
 __global__ void add_bias_kernel(bf* x, const bf* bias, int64_t N, int64_t C, int64_t ld) {
-  const int64_t total = N * C;
-  for (int64_t k = first_index(); k < total; k += grid_stride()) {
-    const int64_t i = k / C, j = k - i * C;
-    bf* p = x + i * ld + j;
-    *p = to_bf(to_f(*p) + to_f(bias[j]));
+  const int64_t j = row_item() * W;
+  if (j >= C) return;
+  float b[W];
+  load_bf<W>(bias + j, b);
+  for (int64_t i = first_row(); i < N; i += row_stride()) {
+    float v[W];
+    load_bf<W>(x + i * ld + j, v);
+#pragma unroll
+    for (int k = 0; k < W; ++k) v[k] = v[k] + b[k];
+    store_bf<W>(x + i * ld + j, v);
   }
 }
 
-// One thread per rotated pair (row i, head h, j < half): (v[j], v[j+half]) rotated by the angle
-// of position positions[i] (sign = -1: by minus the angle, the transpose).
-__global__ void rope_kernel(bf* x, int64_t N, int64_t ld, int64_t off, int64_t heads, int64_t head_dim,
+// One thread per W rotated pairs (row i, head h, j ... j + W - 1 < half): (v[j], v[j+half])
+// rotated by the angle of position positions[i] (sign = -1: by minus the angle, the transpose).
+// Row items: heads * (half / W), head-major.
+template <int W>
+__global__ void rope_kernel(bf* x, int64_t N, int64_t ld, int64_t off, int heads, int head_dim,
                             const int32_t* positions, const float* cos, const float* sin, float sign) {
-  const int64_t half = head_dim / 2, total = N * heads * half;
-  for (int64_t k = first_index(); k < total; k += grid_stride()) {
-    const int64_t j = k % half, t = k / half, h = t % heads, i = t / heads;
+  const int half = head_dim / 2, per_head = half / W;
+  const int64_t item = row_item();
+  if (item >= int64_t(heads) * per_head) return;
+  const int h = int(item) / per_head, j = (int(item) - h * per_head) * W;
+  for (int64_t i = first_row(); i < N; i += row_stride()) {
     const int64_t table = int64_t(positions[i]) * half + j;
-    const float c = cos[table], s = sign * sin[table];
-    bf* v = x + i * ld + off + h * head_dim;
-    const float a = to_f(v[j]), b = to_f(v[j + half]);
-    v[j] = to_bf(a * c - b * s);
-    v[j + half] = to_bf(b * c + a * s);
+    float c[W], s[W], a[W], b[W];
+    load_f<W>(cos + table, c);
+    load_f<W>(sin + table, s);
+    bf* v = x + i * ld + off + int64_t(h) * head_dim + j;
+    load_bf<W>(v, a);
+    load_bf<W>(v + half, b);
+    float ra[W], rb[W];
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const float sk = sign * s[k];
+      ra[k] = a[k] * c[k] - b[k] * sk;
+      rb[k] = b[k] * c[k] + a[k] * sk;
+    }
+    store_bf<W>(v, ra);
+    store_bf<W>(v + half, rb);
   }
 }
 
+// out(N, F) = silu(gate) * up with gu(N, 2F) = [gate | up], W columns per thread.
+template <int W>
 __global__ void swiglu_forward_kernel(bf* out, const bf* gu, int64_t N, int64_t F) {
-  const int64_t total = N * F;
-  for (int64_t k = first_index(); k < total; k += grid_stride()) {
-    const int64_t i = k / F, j = k - i * F;
-    const float g = to_f(gu[i * 2 * F + j]), u = to_f(gu[i * 2 * F + F + j]);
-    out[k] = to_bf(g / (1.0f + expf(-g)) * u);
+  const int64_t j = row_item() * W;
+  if (j >= F) return;
+  for (int64_t i = first_row(); i < N; i += row_stride()) {
+    float g[W], u[W], o[W];
+    load_bf<W>(gu + i * 2 * F + j, g);
+    load_bf<W>(gu + i * 2 * F + F + j, u);
+#pragma unroll
+    for (int k = 0; k < W; ++k) o[k] = g[k] / (1.0f + expf(-g[k])) * u[k];
+    store_bf<W>(out + i * F + j, o);
   }
 }
 
 // dg = d*u*s*(1 + g*(1-s)), du = d*g*s with s = sigmoid(g) (cpu/vecmath.h).
+template <int W>
 __global__ void swiglu_backward_kernel(bf* dgu, const bf* dout, const bf* gu, int64_t N, int64_t F) {
-  const int64_t total = N * F;
-  for (int64_t k = first_index(); k < total; k += grid_stride()) {
-    const int64_t i = k / F, j = k - i * F;
-    const float g = to_f(gu[i * 2 * F + j]), u = to_f(gu[i * 2 * F + F + j]), d = to_f(dout[k]);
-    const float s = 1.0f / (1.0f + expf(-g));
-    dgu[i * 2 * F + j] = to_bf(d * u * s * (1.0f + g * (1.0f - s)));
-    dgu[i * 2 * F + F + j] = to_bf(d * g * s);
+  const int64_t j = row_item() * W;
+  if (j >= F) return;
+  for (int64_t i = first_row(); i < N; i += row_stride()) {
+    float g[W], u[W], d[W], dg[W], du[W];
+    load_bf<W>(gu + i * 2 * F + j, g);
+    load_bf<W>(gu + i * 2 * F + F + j, u);
+    load_bf<W>(dout + i * F + j, d);
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const float s = 1.0f / (1.0f + expf(-g[k]));
+      dg[k] = d[k] * u[k] * s * (1.0f + g[k] * (1.0f - s));
+      du[k] = d[k] * g[k] * s;
+    }
+    store_bf<W>(dgu + i * 2 * F + j, dg);
+    store_bf<W>(dgu + i * 2 * F + F + j, du);
   }
 }
 
@@ -420,14 +745,32 @@ void* device_malloc(size_t bytes, int device) {
   throw Error(msg);
 }
 
-// Column-sum partition: at most 128 row groups of at least 64 rows, a function of N alone.
+// Column-sum partition: at most 256 row groups of at least 64 rows (8 per warp of a block), a
+// function of N alone. At N = 16384 and C = 768 that is 768 blocks of partials, and 1.5 MB of them.
 struct RowGroups {
   int64_t groups, rows_per_group;
 };
 RowGroups row_groups(int64_t N) {
-  const int64_t wanted = std::clamp<int64_t>((N + 63) / 64, 1, 128);
+  const int64_t wanted = std::clamp<int64_t>((N + 63) / 64, 1, 256);
   const int64_t per = (N + wanted - 1) / wanted;
   return {(N + per - 1) / per, per};
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// W: whether a pointer and a row length in elements (bf16: 8 per 16 bytes) allow 8-wide accesses.
+bool vec8(const void* p, int64_t elems) { return aligned16(p) && elems % 8 == 0; }
+
+// Launch shape of the row kernels (row_item / first_row): blockDim.x threads, a multiple of 32 up
+// to kThreads, cover a row's `items` in gridDim.x blocks; the rest of the kThreads threads take
+// more rows (blockDim.y per block), and gridDim.y is capped (the kernels loop over further rows).
+struct RowLaunch {
+  dim3 grid, block;
+};
+RowLaunch row_launch(int64_t items, int64_t rows) {
+  const int64_t bx = std::min<int64_t>(kThreads, (items + 31) / 32 * 32), by = kThreads / bx;
+  return {dim3(unsigned((items + bx - 1) / bx), unsigned(std::min<int64_t>((rows + by - 1) / by, 65535))),
+          dim3(unsigned(bx), unsigned(by))};
 }
 
 }  // namespace
@@ -506,17 +849,80 @@ void sort_buffers_for(ReduceState& r, size_t n, size_t temp_bytes, cudaStream_t 
   }
 }
 
+// Rows of C bf16 from src (rows src_rows[i], or i) to dst (rows dst_rows[i], or i).
+void copy_rows(bf* dst, const int32_t* dst_rows, const bf* src, const int32_t* src_rows, int64_t n, int64_t C,
+               cudaStream_t stream) {
+  if (vec8(dst, C) && vec8(src, C)) {
+    const RowLaunch l = row_launch(C / 8, n);
+    copy_rows_kernel<8><<<l.grid, l.block, 0, stream>>>(dst, dst_rows, src, src_rows, n, C);
+  } else {
+    const RowLaunch l = row_launch(C, n);
+    copy_rows_kernel<1><<<l.grid, l.block, 0, stream>>>(dst, dst_rows, src, src_rows, n, C);
+  }
+  SPPO_CUDA_LAUNCHED(copy_rows_kernel);
+}
+
 // out(C) += column sums of term over N rows: row-group partials, then a fixed-order finish.
+// `vec`: every row of the term's arrays starts 16-byte aligned and C % 8 == 0 (8 columns a lane).
 template <class Term>
-void column_sums(float* out, Term term, int64_t N, int64_t C, ReduceState& r, cudaStream_t stream, int device) {
+void column_sums(float* out, Term term, bool vec, int64_t N, int64_t C, ReduceState& r, cudaStream_t stream,
+                 int device) {
   const RowGroups rg = row_groups(N);
   double* partials = partials_for(r, size_t(rg.groups * C), stream, device);
-  const unsigned col_blocks = unsigned((C + kThreads - 1) / kThreads);
-  column_partials_kernel<<<dim3(col_blocks, unsigned(rg.groups)), kThreads, 0, stream>>>(partials, term, N, C,
-                                                                                         rg.rows_per_group);
+  const int W = vec ? 8 : 1;
+  const dim3 grid(unsigned((C + 32 * W - 1) / (32 * W)), unsigned(rg.groups));
+  if (vec)
+    column_partials_kernel<8><<<grid, kThreads, 0, stream>>>(partials, term, N, C, rg.rows_per_group);
+  else
+    column_partials_kernel<1><<<grid, kThreads, 0, stream>>>(partials, term, N, C, rg.rows_per_group);
   SPPO_CUDA_LAUNCHED(column_partials_kernel);
-  column_finish_kernel<<<col_blocks, kThreads, 0, stream>>>(out, partials, rg.groups, C);
+  column_finish_kernel<<<unsigned((C + 31) / 32), kThreads, 0, stream>>>(out, partials, rg.groups, C);
   SPPO_CUDA_LAUNCHED(column_finish_kernel);
+}
+
+// rmsnorm_backward with dw fused (C % 8 == 0, C <= 2048, aligned rows): four warps a block up to
+// C = 1024, two up to 2048 (32 KB of shared accumulators either way), 8 rows a warp; then the
+// fixed-order finish of the column partials.
+void rmsnorm_backward_fused(bf* dx, float* dw, const bf* dout, const bf* x, const bf* w, const float* rstd, int64_t N,
+                            int64_t C, ReduceState& r, cudaStream_t stream, int device) {
+  const auto run = [&](auto vec, auto row_warps) {
+    constexpr int kVec = decltype(vec)::value, kRowWarps = decltype(row_warps)::value;
+    const int64_t rows_per_group = 8 * kRowWarps, groups = (N + rows_per_group - 1) / rows_per_group;
+    double* partials = partials_for(r, size_t(groups * C), stream, device);
+    rmsnorm_backward_fused_kernel<kVec, kRowWarps><<<unsigned(groups), 32 * kRowWarps, 0, stream>>>(
+        dx, partials, dout, x, w, rstd, N, C, rows_per_group);
+    SPPO_CUDA_LAUNCHED(rmsnorm_backward_fused_kernel);
+    column_finish_kernel<<<unsigned((C + 31) / 32), kThreads, 0, stream>>>(dw, partials, groups, C);
+    SPPO_CUDA_LAUNCHED(column_finish_kernel);
+  };
+  using std::integral_constant;
+  const int64_t vecs = C / 8;
+  if (vecs <= 32) run(integral_constant<int, 1>{}, integral_constant<int, 4>{});
+  else if (vecs <= 64) run(integral_constant<int, 2>{}, integral_constant<int, 4>{});
+  else if (vecs <= 128) run(integral_constant<int, 4>{}, integral_constant<int, 4>{});
+  else run(integral_constant<int, 8>{}, integral_constant<int, 2>{});
+}
+
+// rmsnorm_forward in the row-in-registers kernels (C % 8 == 0, C / 8 <= kMaxRowVecs, aligned
+// rows): a warp per row up to C = 2048 (8 vectors a lane), a block per row above, so a thread
+// holds at most 8 vectors (no spills). Blocks hold kThreads / kTeam rows.
+void rmsnorm_forward_rows(bf* out, float* rstd, const bf* x, const bf* w, int64_t N, int64_t C, double eps,
+                          cudaStream_t stream) {
+  const auto run = [&](auto team, auto vec) {
+    constexpr int kTeam = decltype(team)::value, kVec = decltype(vec)::value;
+    const int64_t rows_per_block = kThreads / kTeam;
+    rmsnorm_forward_rows_kernel<kTeam, kVec><<<unsigned((N + rows_per_block - 1) / rows_per_block), kThreads, 0,
+                                               stream>>>(out, rstd, x, w, N, C, eps);
+    SPPO_CUDA_LAUNCHED(rmsnorm_forward_rows_kernel);
+  };
+  using std::integral_constant;
+  const int64_t vecs = C / 8;
+  if (vecs <= 32) run(integral_constant<int, 32>{}, integral_constant<int, 1>{});
+  else if (vecs <= 64) run(integral_constant<int, 32>{}, integral_constant<int, 2>{});
+  else if (vecs <= 128) run(integral_constant<int, 32>{}, integral_constant<int, 4>{});
+  else if (vecs <= 256) run(integral_constant<int, 32>{}, integral_constant<int, 8>{});
+  else if (vecs <= 2 * kThreads) run(integral_constant<int, kThreads>{}, integral_constant<int, 2>{});
+  else run(integral_constant<int, kThreads>{}, integral_constant<int, 4>{});
 }
 
 DeviceInfo probe_once() {
@@ -557,7 +963,7 @@ DeviceInfo probe_once() {
   d.total_memory = prop.totalGlobalMem;
   // The kernels exist only for the architectures the build targeted (CMAKE_CUDA_ARCHITECTURES).
   cudaFuncAttributes attr{};
-  if ((e = cudaFuncGetAttributes(&attr, cast_kernel)) != cudaSuccess) {
+  if ((e = cudaFuncGetAttributes(&attr, cast_kernel<1>)) != cudaSuccess) {
     (void)cudaGetLastError();
     d.why_not = "this build has no kernels for " + d.name + " (compute capability " + std::to_string(prop.major) +
                 "." + std::to_string(prop.minor) + "): " + cudaGetErrorName(e) +
@@ -743,7 +1149,10 @@ void CudaOps::download(float* dst, const bf16* src, int64_t n) {
 
 void CudaOps::cast(bf16* dst, const float* src, int64_t n) {
   if (n <= 0) return;
-  cast_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dev(dst), src, n);
+  if (aligned16(dst) && aligned16(src))
+    cast_kernel<8><<<grid_for((n + 7) / 8), kThreads, 0, stream_>>>(dev(dst), src, n);
+  else
+    cast_kernel<1><<<grid_for(n), kThreads, 0, stream_>>>(dev(dst), src, n);
   SPPO_CUDA_LAUNCHED(cast_kernel);
 }
 
@@ -801,8 +1210,7 @@ bool CudaOps::all_finite(const float* x, int64_t n) {
 
 void CudaOps::embedding_forward(bf16* out, const bf16* table, const int32_t* ids, int64_t N, int64_t C) {
   if (N <= 0 || C <= 0) return;
-  embedding_forward_kernel<<<grid_for(N * C), kThreads, 0, stream_>>>(dev(out), dev(table), ids, N, C);
-  SPPO_CUDA_LAUNCHED(embedding_forward_kernel);
+  copy_rows(dev(out), nullptr, dev(table), ids, N, C, stream_);
 }
 
 // Stable radix sort of the (id, token) pairs by id (cub's radix sort is stable: equal ids keep
@@ -832,14 +1240,12 @@ void CudaOps::embedding_backward(float* dtable, const bf16* dout, const int32_t*
 
 void CudaOps::gather_rows(bf16* dst, const bf16* src, const int32_t* rows, int64_t n, int64_t C) {
   if (n <= 0 || C <= 0) return;
-  gather_rows_kernel<<<grid_for(n * C), kThreads, 0, stream_>>>(dev(dst), dev(src), rows, n, C);
-  SPPO_CUDA_LAUNCHED(gather_rows_kernel);
+  copy_rows(dev(dst), nullptr, dev(src), rows, n, C, stream_);
 }
 
 void CudaOps::scatter_rows(bf16* dst, const bf16* src, const int32_t* rows, int64_t n, int64_t C) {
   if (n <= 0 || C <= 0) return;
-  scatter_rows_kernel<<<grid_for(n * C), kThreads, 0, stream_>>>(dev(dst), dev(src), rows, n, C);
-  SPPO_CUDA_LAUNCHED(scatter_rows_kernel);
+  copy_rows(dev(dst), rows, dev(src), nullptr, n, C, stream_);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -849,6 +1255,10 @@ void CudaOps::scatter_rows(bf16* dst, const bf16* src, const int32_t* rows, int6
 void CudaOps::rmsnorm_forward(bf16* out, float* rstd, const bf16* x, const bf16* w, int64_t N, int64_t C,
                               double eps) {
   if (N <= 0 || C <= 0) return;
+  if (vec8(x, C) && vec8(out, C) && aligned16(w) && C / 8 <= kMaxRowVecs) {
+    rmsnorm_forward_rows(dev(out), rstd, dev(x), dev(w), N, C, eps, stream_);
+    return;
+  }
   const unsigned blocks = unsigned(std::min<int64_t>(N, kMaxBlocks));
   rmsnorm_forward_kernel<<<blocks, kThreads, 0, stream_>>>(dev(out), rstd, dev(x), dev(w), N, C, eps);
   SPPO_CUDA_LAUNCHED(rmsnorm_forward_kernel);
@@ -857,21 +1267,42 @@ void CudaOps::rmsnorm_forward(bf16* out, float* rstd, const bf16* x, const bf16*
 void CudaOps::rmsnorm_backward(bf16* dx, float* dw, const bf16* dout, const bf16* x, const bf16* w,
                                const float* rstd, int64_t N, int64_t C) {
   if (N <= 0 || C <= 0) return;
-  const unsigned blocks = unsigned(std::min<int64_t>(N, kMaxBlocks));
-  rmsnorm_backward_dx_kernel<<<blocks, kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w), rstd, N, C);
-  SPPO_CUDA_LAUNCHED(rmsnorm_backward_dx_kernel);
-  column_sums(dw, NormWeightTerm{dev(dout), dev(x), rstd, C}, N, C, reduce_state(), stream_, device_);
+  const bool vec = vec8(dout, C) && vec8(x, C);
+  if (vec && vec8(dx, C) && aligned16(w) && C <= 2048) {
+    rmsnorm_backward_fused(dev(dx), dw, dev(dout), dev(x), dev(w), rstd, N, C, reduce_state(), stream_, device_);
+    return;
+  }
+  if (vec && vec8(dx, C) && aligned16(w) && C / 8 <= kMaxRowVecs) {  // a block per row: C > 2048
+    if (C / 8 <= 2 * kThreads)
+      rmsnorm_backward_dx_rows_kernel<2><<<unsigned(N), kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w),
+                                                                                rstd, N, C);
+    else
+      rmsnorm_backward_dx_rows_kernel<4><<<unsigned(N), kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w),
+                                                                                rstd, N, C);
+    SPPO_CUDA_LAUNCHED(rmsnorm_backward_dx_rows_kernel);
+  } else {
+    const unsigned blocks = unsigned(std::min<int64_t>(N, kMaxBlocks));
+    rmsnorm_backward_dx_kernel<<<blocks, kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w), rstd, N, C);
+    SPPO_CUDA_LAUNCHED(rmsnorm_backward_dx_kernel);
+  }
+  column_sums(dw, NormWeightTerm{dev(dout), dev(x), rstd, C}, vec, N, C, reduce_state(), stream_, device_);
 }
 
 void CudaOps::add_bias(bf16* x, const bf16* bias, int64_t N, int64_t C, int64_t ld) {
   if (N <= 0 || C <= 0) return;
-  add_bias_kernel<<<grid_for(N * C), kThreads, 0, stream_>>>(dev(x), dev(bias), N, C, ld);
+  if (vec8(x, ld) && vec8(bias, C)) {
+    const RowLaunch l = row_launch(C / 8, N);
+    add_bias_kernel<8><<<l.grid, l.block, 0, stream_>>>(dev(x), dev(bias), N, C, ld);
+  } else {
+    const RowLaunch l = row_launch(C, N);
+    add_bias_kernel<1><<<l.grid, l.block, 0, stream_>>>(dev(x), dev(bias), N, C, ld);
+  }
   SPPO_CUDA_LAUNCHED(add_bias_kernel);
 }
 
 void CudaOps::bias_backward(float* dbias, const bf16* dout, int64_t N, int64_t C, int64_t ld) {
   if (N <= 0 || C <= 0) return;
-  column_sums(dbias, BiasTerm{dev(dout), ld}, N, C, reduce_state(), stream_, device_);
+  column_sums(dbias, BiasTerm{dev(dout), ld}, vec8(dout, ld) && C % 8 == 0, N, C, reduce_state(), stream_, device_);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -880,22 +1311,44 @@ void CudaOps::bias_backward(float* dbias, const bf16* dout, int64_t N, int64_t C
 
 void CudaOps::rope(bf16* x, int64_t N, int64_t ld, int64_t off, int64_t heads, int64_t head_dim,
                    const int32_t* positions, const float* cos, const float* sin, bool inverse) {
-  const int64_t pairs = N * heads * (head_dim / 2);
-  if (pairs <= 0) return;
-  rope_kernel<<<grid_for(pairs), kThreads, 0, stream_>>>(dev(x), N, ld, off, heads, head_dim, positions, cos, sin,
-                                                          inverse ? -1.0f : 1.0f);
+  const int64_t half = head_dim / 2;
+  if (N <= 0 || heads <= 0 || half <= 0) return;
+  SPPO_REQUIRE(heads * head_dim < INT_MAX, "rope: ", heads, " heads of ", head_dim, " exceed the int column index");
+  const float sign = inverse ? -1.0f : 1.0f;
+  // 8 pairs a thread where every row, head and half-head starts 16 bytes aligned (also in the tables).
+  if (vec8(x, ld) && off % 8 == 0 && head_dim % 16 == 0 && aligned16(cos) && aligned16(sin)) {
+    const RowLaunch l = row_launch(heads * half / 8, N);
+    rope_kernel<8><<<l.grid, l.block, 0, stream_>>>(dev(x), N, ld, off, int(heads), int(head_dim), positions, cos, sin,
+                                                    sign);
+  } else {
+    const RowLaunch l = row_launch(heads * half, N);
+    rope_kernel<1><<<l.grid, l.block, 0, stream_>>>(dev(x), N, ld, off, int(heads), int(head_dim), positions, cos, sin,
+                                                    sign);
+  }
   SPPO_CUDA_LAUNCHED(rope_kernel);
 }
 
 void CudaOps::swiglu_forward(bf16* out, const bf16* gu, int64_t N, int64_t F) {
   if (N <= 0 || F <= 0) return;
-  swiglu_forward_kernel<<<grid_for(N * F), kThreads, 0, stream_>>>(dev(out), dev(gu), N, F);
+  if (vec8(out, F) && vec8(gu, F)) {
+    const RowLaunch l = row_launch(F / 8, N);
+    swiglu_forward_kernel<8><<<l.grid, l.block, 0, stream_>>>(dev(out), dev(gu), N, F);
+  } else {
+    const RowLaunch l = row_launch(F, N);
+    swiglu_forward_kernel<1><<<l.grid, l.block, 0, stream_>>>(dev(out), dev(gu), N, F);
+  }
   SPPO_CUDA_LAUNCHED(swiglu_forward_kernel);
 }
 
 void CudaOps::swiglu_backward(bf16* dgu, const bf16* dout, const bf16* gu, int64_t N, int64_t F) {
   if (N <= 0 || F <= 0) return;
-  swiglu_backward_kernel<<<grid_for(N * F), kThreads, 0, stream_>>>(dev(dgu), dev(dout), dev(gu), N, F);
+  if (vec8(dgu, F) && vec8(dout, F) && vec8(gu, F)) {
+    const RowLaunch l = row_launch(F / 8, N);
+    swiglu_backward_kernel<8><<<l.grid, l.block, 0, stream_>>>(dev(dgu), dev(dout), dev(gu), N, F);
+  } else {
+    const RowLaunch l = row_launch(F, N);
+    swiglu_backward_kernel<1><<<l.grid, l.block, 0, stream_>>>(dev(dgu), dev(dout), dev(gu), N, F);
+  }
   SPPO_CUDA_LAUNCHED(swiglu_backward_kernel);
 }
 

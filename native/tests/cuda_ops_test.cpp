@@ -18,6 +18,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -141,6 +142,11 @@ SPPO_TEST(cuda_memory_is_zeroed_and_transfers_round_trip) {
   poison(b);
   ops->cast(b.data(), f.data(), n);
   EXPECT_TRUE(get(b) == to_bf16_values(vf), "cast differs from bf16.h rounding");
+  // Source and destination one element off 16-byte alignment (the scalar path), and n = 1.
+  poison(b);
+  ops->cast(b.data() + 1, f.data() + 1, n - 1);
+  ops->cast(b.data(), f.data(), 1);
+  EXPECT_TRUE(get(b) == to_bf16_values(vf), "cast (unaligned) differs from bf16.h rounding");
   // fill, copy, zero_bytes.
   ops->fill(b.data(), 0.3, n);
   for (float x : get(b)) EXPECT_TRUE(x == float(bf16(0.3)));
@@ -192,11 +198,12 @@ SPPO_TEST(cuda_sum_squares_and_all_finite_match_cpu_and_repeat) {
   EXPECT_TRUE(ops->all_finite(big.data(), 3));
 }
 
-SPPO_TEST(cuda_embeddings_and_row_moves_match_cpu) {
-  auto ops = cuda_or_skip();
+namespace {
+
+void check_embeddings_and_row_moves(Ops<bf16>* ops, int64_t C) {
   cpu::CpuOps<float> cpu_ops;
   Ops<float>& ref = cpu_ops;
-  const int64_t V = 97, C = 200, N = 333;  // repeats in ids; C not a multiple of any block
+  const int64_t V = 97, N = 333;  // repeats in ids
   const auto table = randn_bf16(V * C, 31);
   const auto ids = random_ids(N, int32_t(V), 32);
   DeviceArray<bf16> d_table(*ops, V * C), d_out(*ops, N * C);
@@ -208,7 +215,7 @@ SPPO_TEST(cuda_embeddings_and_row_moves_match_cpu) {
   ops->embedding_forward(d_out.data(), d_table.data(), d_ids.data(), N, C);
   std::vector<float> out(size_t(N * C), kNaN);
   ref.embedding_forward(out.data(), table.data(), ids.data(), N, C);
-  expect_close("embedding_forward", get(d_out), out, 0.0);
+  expect_close(std::string("embedding_forward") + " C=" + std::to_string(C), get(d_out), out, 0.0);
 
   // dtable += scatter of dout (float, from random values); the CPU sums in the same order.
   const auto dout = randn_bf16(N * C, 33);
@@ -221,7 +228,7 @@ SPPO_TEST(cuda_embeddings_and_row_moves_match_cpu) {
   const auto got = get(d_dtable);
   std::vector<float> dtable = dtable0;
   ref.embedding_backward(dtable.data(), dout.data(), ids.data(), N, C);
-  expect_close("embedding_backward (+=)", got, dtable, 0.0);
+  expect_close(std::string("embedding_backward (+=)") + " C=" + std::to_string(C), got, dtable, 0.0);
   EXPECT_TRUE(std::memcmp(got.data(), dtable.data(), got.size() * sizeof(float)) == 0,
               "embedding_backward is not bit-identical to the CPU");
   put(d_dtable, dtable0);
@@ -239,14 +246,22 @@ SPPO_TEST(cuda_embeddings_and_row_moves_match_cpu) {
   ops->gather_rows(d_g.data(), d_table.data(), d_rows.data(), n, C);
   std::vector<float> g(size_t(n * C), kNaN);
   ref.gather_rows(g.data(), table.data(), rows.data(), n, C);
-  expect_close("gather_rows", get(d_g), g, 0.0);
+  expect_close(std::string("gather_rows") + " C=" + std::to_string(C), get(d_g), g, 0.0);
   auto dst = randn_bf16(V * C, 35);
   put(d_dst, dst);
   const auto src = randn_bf16(n * C, 36);
   put(d_g, src);
   ops->scatter_rows(d_dst.data(), d_g.data(), d_rows.data(), n, C);
   ref.scatter_rows(dst.data(), src.data(), rows.data(), n, C);
-  expect_close("scatter_rows", get(d_dst), dst, 0.0);
+  expect_close(std::string("scatter_rows") + " C=" + std::to_string(C), get(d_dst), dst, 0.0);
+}
+
+}  // namespace
+
+// C = 200 takes 16-byte row copies, C = 203 (not a multiple of 8) the scalar ones.
+SPPO_TEST(cuda_embeddings_and_row_moves_match_cpu) {
+  auto ops = cuda_or_skip();
+  for (int64_t C : {int64_t(200), int64_t(203)}) check_embeddings_and_row_moves(ops.get(), C);
 }
 
 // embedding_backward sorts the (id, token) pairs and sums each table row's tokens in token order:
@@ -294,118 +309,159 @@ SPPO_TEST(cuda_embedding_backward_bit_identical_to_cpu) {
   EXPECT_TRUE(get(d_ids) == ids, "embedding_backward modified the ids");
 }
 
+// Shapes for every kernel variant: a warp per row holding 1, 2, 4 (C = 768 uses 3) and 8 vectors
+// a lane, a block per row holding 2 and 4, C > 8192, C not a multiple of 8, N = 1, many row groups
+// of the fused backward (N = 600, 100); `shift` moves every array one element off 16-byte
+// alignment (the scalar kernels).
+struct NormCase {
+  int64_t N, C, shift;
+};
+
 SPPO_TEST(cuda_rmsnorm_matches_cpu) {
   auto ops = cuda_or_skip();
   cpu::CpuOps<float> cpu_ops;
   Ops<float>& ref = cpu_ops;
-  for (auto [N, C] : std::vector<std::pair<int64_t, int64_t>>{{67, 1000}, {3, 37}, {300, 4096}}) {
-    const std::string shape = " N=" + std::to_string(N) + " C=" + std::to_string(C);
+  for (const NormCase& c : std::vector<NormCase>{{67, 1000, 0}, {3, 37, 0}, {300, 4096, 0}, {1, 8, 0}, {5, 512, 0},
+                                                 {9, 768, 0}, {20, 2048, 0}, {3, 2056, 0}, {5, 8192, 0},
+                                                 {2, 9000, 0}, {1, 768, 0}, {7, 768, 1}, {600, 768, 0},
+                                                 {100, 2048, 0}}) {
+    const int64_t N = c.N, C = c.C, s = c.shift;
+    const std::string shape = " N=" + std::to_string(N) + " C=" + std::to_string(C) + (s ? " unaligned" : "");
     const double eps = 1e-5;
     const auto x = randn_bf16(N * C, 41, 2.0), w = randn_bf16(C, 42), dout = randn_bf16(N * C, 43);
     const auto dx0 = randn_bf16(N * C, 44), dw0 = randn_f32(C, 45);
-    DeviceArray<bf16> d_x(*ops, N * C), d_w(*ops, C), d_out(*ops, N * C), d_dout(*ops, N * C), d_dx(*ops, N * C);
+    DeviceArray<bf16> d_x(*ops, N * C + s), d_w(*ops, C + s), d_out(*ops, N * C + s), d_dout(*ops, N * C + s),
+        d_dx(*ops, N * C + s);
     DeviceArray<float> d_rstd(*ops, N), d_dw(*ops, C);
-    put(d_x, x);
-    put(d_w, w);
-    put(d_dout, dout);
+    // The arrays at offset s: filled through a whole-array upload with s leading values.
+    const auto put_at = [&](DeviceArray<bf16>& d, const std::vector<float>& v) {
+      std::vector<float> all(size_t(s), 0.0f);
+      all.insert(all.end(), v.begin(), v.end());
+      put(d, all);
+    };
+    const auto get_at = [&](const DeviceArray<bf16>& d) {
+      auto all = get(d);
+      return std::vector<float>(all.begin() + s, all.end());
+    };
+    put_at(d_x, x);
+    put_at(d_w, w);
+    put_at(d_dout, dout);
     poison(d_out);
     poison(d_rstd);
-    ops->rmsnorm_forward(d_out.data(), d_rstd.data(), d_x.data(), d_w.data(), N, C, eps);
+    ops->rmsnorm_forward(d_out.data() + s, d_rstd.data(), d_x.data() + s, d_w.data() + s, N, C, eps);
     std::vector<float> out(size_t(N * C), kNaN), rstd(size_t(N), kNaN);
     ref.rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, eps);
-    expect_close("rmsnorm_forward out" + shape, get(d_out), out, 1e-2);
+    expect_close("rmsnorm_forward out" + shape, get_at(d_out), out, 1e-2);
     expect_close("rmsnorm_forward rstd" + shape, get(d_rstd), rstd, 1e-5);
 
     // Backward from the CPU's rstd (so only the backward is compared), into random dx and dw.
     put(d_rstd, rstd);
-    put(d_dx, dx0);
+    put_at(d_dx, dx0);
     put(d_dw, dw0);
-    ops->rmsnorm_backward(d_dx.data(), d_dw.data(), d_dout.data(), d_x.data(), d_w.data(), d_rstd.data(), N, C);
+    ops->rmsnorm_backward(d_dx.data() + s, d_dw.data(), d_dout.data() + s, d_x.data() + s, d_w.data() + s,
+                          d_rstd.data(), N, C);
     std::vector<float> dx = dx0, dw = dw0;
     ref.rmsnorm_backward(dx.data(), dw.data(), dout.data(), x.data(), w.data(), rstd.data(), N, C);
-    expect_close("rmsnorm_backward dx (+=)" + shape, get(d_dx), dx, 1e-2);
+    expect_close("rmsnorm_backward dx (+=)" + shape, get_at(d_dx), dx, 1e-2);
     const auto got_dw = get(d_dw);
     expect_close("rmsnorm_backward dw (+=)" + shape, got_dw, dw, 1e-5);
-    put(d_dx, dx0);
+    put_at(d_dx, dx0);
     put(d_dw, dw0);
-    ops->rmsnorm_backward(d_dx.data(), d_dw.data(), d_dout.data(), d_x.data(), d_w.data(), d_rstd.data(), N, C);
+    ops->rmsnorm_backward(d_dx.data() + s, d_dw.data(), d_dout.data() + s, d_x.data() + s, d_w.data() + s,
+                          d_rstd.data(), N, C);
     expect_bitwise("rmsnorm_backward dw", get(d_dw).data(), got_dw.data(), got_dw.size() * sizeof(float));
   }
 }
 
+// ld = 317 (odd) takes the scalar kernels, ld = 312 and C = 304 the 16-byte ones; columns C..ld of
+// each row must stay untouched.
 SPPO_TEST(cuda_bias_matches_cpu) {
   auto ops = cuda_or_skip();
   cpu::CpuOps<float> cpu_ops;
   Ops<float>& ref = cpu_ops;
-  const int64_t N = 129, C = 300, ld = 317;  // columns C..ld of each row must stay untouched
-  auto x = randn_bf16(N * ld, 51);
-  const auto bias = randn_bf16(C, 52), dbias0 = randn_f32(C, 53);
-  DeviceArray<bf16> d_x(*ops, N * ld), d_bias(*ops, C);
-  DeviceArray<float> d_dbias(*ops, C);
-  put(d_x, x);
-  put(d_bias, bias);
-  put(d_dbias, dbias0);
-  ops->add_bias(d_x.data(), d_bias.data(), N, C, ld);
-  ops->bias_backward(d_dbias.data(), d_x.data(), N, C, ld);  // column sums of the biased x
-  ref.add_bias(x.data(), bias.data(), N, C, ld);
-  const auto got_x = get(d_x);
-  expect_close("add_bias (+=, ld > C)", got_x, x, 1e-2);
-  // The reference sums the device's biased values, so only the column sums are compared.
-  std::vector<float> dbias = dbias0;
-  ref.bias_backward(dbias.data(), got_x.data(), N, C, ld);
-  const auto got_dbias = get(d_dbias);
-  expect_close("bias_backward (+=, ld > C)", got_dbias, dbias, 1e-5);
-  put(d_dbias, dbias0);
-  ops->bias_backward(d_dbias.data(), d_x.data(), N, C, ld);
-  expect_bitwise("bias_backward", get(d_dbias).data(), got_dbias.data(), got_dbias.size() * sizeof(float));
+  for (const auto& [N, C, ld] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {129, 300, 317}, {129, 304, 312}, {1, 8, 8}, {1000, 24, 32}}) {
+    const std::string shape = " N=" + std::to_string(N) + " C=" + std::to_string(C) + " ld=" + std::to_string(ld);
+    auto x = randn_bf16(N * ld, 51);
+    const auto bias = randn_bf16(C, 52), dbias0 = randn_f32(C, 53);
+    DeviceArray<bf16> d_x(*ops, N * ld), d_bias(*ops, C);
+    DeviceArray<float> d_dbias(*ops, C);
+    put(d_x, x);
+    put(d_bias, bias);
+    put(d_dbias, dbias0);
+    ops->add_bias(d_x.data(), d_bias.data(), N, C, ld);
+    ops->bias_backward(d_dbias.data(), d_x.data(), N, C, ld);  // column sums of the biased x
+    ref.add_bias(x.data(), bias.data(), N, C, ld);
+    const auto got_x = get(d_x);
+    expect_close("add_bias (+=)" + shape, got_x, x, 1e-2);
+    // The reference sums the device's biased values, so only the column sums are compared.
+    std::vector<float> dbias = dbias0;
+    ref.bias_backward(dbias.data(), got_x.data(), N, C, ld);
+    const auto got_dbias = get(d_dbias);
+    expect_close("bias_backward (+=)" + shape, got_dbias, dbias, 1e-5);
+    put(d_dbias, dbias0);
+    ops->bias_backward(d_dbias.data(), d_x.data(), N, C, ld);
+    expect_bitwise("bias_backward", get(d_dbias).data(), got_dbias.data(), got_dbias.size() * sizeof(float));
+  }
 }
 
+// off = 5 (odd) takes the scalar kernel; off = 8 with ld a multiple of 8 the 8-pair one (also with
+// head_dim 32, and one row); head_dim 6 (half-head 3) the scalar one.
 SPPO_TEST(cuda_rope_matches_cpu_both_ways) {
   auto ops = cuda_or_skip();
   cpu::CpuOps<float> cpu_ops;
   Ops<float>& ref = cpu_ops;
-  const int64_t N = 37, heads = 3, D = 64, half = D / 2, off = 5, ld = off + heads * D + 2 * D + 7, max_pos = 50;
-  std::vector<float> cos(size_t(max_pos * half)), sin(size_t(max_pos * half));
-  for (int64_t p = 0; p < max_pos; ++p)
-    for (int64_t j = 0; j < half; ++j) {
-      const double angle = double(p) * std::pow(10000.0, -2.0 * double(j) / double(D));
-      cos[size_t(p * half + j)] = float(std::cos(angle));
-      sin[size_t(p * half + j)] = float(std::sin(angle));
+  for (const auto& [N, heads, D, off] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
+           {37, 3, 64, 5}, {37, 3, 64, 8}, {1, 12, 64, 8}, {20, 4, 32, 16}, {9, 2, 6, 3}}) {
+    const int64_t half = D / 2, max_pos = 50;
+    const int64_t ld = (off + heads * D + 2 * D + 7) / 8 * 8 + (off % 8 ? 7 : 0);
+    const std::string shape = " N=" + std::to_string(N) + " heads=" + std::to_string(heads) +
+                              " D=" + std::to_string(D) + " off=" + std::to_string(off);
+    std::vector<float> cos(size_t(max_pos * half)), sin(size_t(max_pos * half));
+    for (int64_t p = 0; p < max_pos; ++p)
+      for (int64_t j = 0; j < half; ++j) {
+        const double angle = double(p) * std::pow(10000.0, -2.0 * double(j) / double(D));
+        cos[size_t(p * half + j)] = float(std::cos(angle));
+        sin[size_t(p * half + j)] = float(std::sin(angle));
+      }
+    const auto pos = random_ids(N, int32_t(max_pos), 61);
+    DeviceArray<float> d_cos(*ops, max_pos * half), d_sin(*ops, max_pos * half);
+    DeviceArray<int32_t> d_pos(*ops, N);
+    DeviceArray<bf16> d_x(*ops, N * ld);
+    put(d_cos, cos);
+    put(d_sin, sin);
+    put(d_pos, pos);
+    for (bool inverse : {false, true}) {
+      auto x = randn_bf16(N * ld, 62);
+      put(d_x, x);
+      ops->rope(d_x.data(), N, ld, off, heads, D, d_pos.data(), d_cos.data(), d_sin.data(), inverse);
+      ref.rope(x.data(), N, ld, off, heads, D, pos.data(), cos.data(), sin.data(), inverse);
+      expect_close((inverse ? "rope inverse" : "rope") + shape, get(d_x), x, 1e-2);
     }
-  const auto pos = random_ids(N, int32_t(max_pos), 61);
-  DeviceArray<float> d_cos(*ops, max_pos * half), d_sin(*ops, max_pos * half);
-  DeviceArray<int32_t> d_pos(*ops, N);
-  DeviceArray<bf16> d_x(*ops, N * ld);
-  put(d_cos, cos);
-  put(d_sin, sin);
-  put(d_pos, pos);
-  for (bool inverse : {false, true}) {
-    auto x = randn_bf16(N * ld, 62);
-    put(d_x, x);
-    ops->rope(d_x.data(), N, ld, off, heads, D, d_pos.data(), d_cos.data(), d_sin.data(), inverse);
-    ref.rope(x.data(), N, ld, off, heads, D, pos.data(), cos.data(), sin.data(), inverse);
-    expect_close(inverse ? "rope inverse" : "rope", get(d_x), x, 1e-2);
   }
 }
 
+// F = 1000 and 2048 take the 16-byte kernels, F = 1001 the scalar ones.
 SPPO_TEST(cuda_swiglu_matches_cpu) {
   auto ops = cuda_or_skip();
   cpu::CpuOps<float> cpu_ops;
   Ops<float>& ref = cpu_ops;
-  const int64_t N = 33, F = 1000;
-  const auto gu = randn_bf16(N * 2 * F, 71, 3.0), dout = randn_bf16(N * F, 72);
-  DeviceArray<bf16> d_gu(*ops, N * 2 * F), d_out(*ops, N * F), d_dout(*ops, N * F), d_dgu(*ops, N * 2 * F);
-  put(d_gu, gu);
-  put(d_dout, dout);
-  poison(d_out);
-  poison(d_dgu);
-  ops->swiglu_forward(d_out.data(), d_gu.data(), N, F);
-  ops->swiglu_backward(d_dgu.data(), d_dout.data(), d_gu.data(), N, F);
-  std::vector<float> out(size_t(N * F), kNaN), dgu(size_t(N * 2 * F), kNaN);
-  ref.swiglu_forward(out.data(), gu.data(), N, F);
-  ref.swiglu_backward(dgu.data(), dout.data(), gu.data(), N, F);
-  expect_close("swiglu_forward", get(d_out), out, 1e-2);
-  expect_close("swiglu_backward", get(d_dgu), dgu, 1e-2);
+  for (const auto& [N, F] : std::vector<std::pair<int64_t, int64_t>>{{33, 1000}, {33, 1001}, {1, 2048}, {70, 8}}) {
+    const std::string shape = " N=" + std::to_string(N) + " F=" + std::to_string(F);
+    const auto gu = randn_bf16(N * 2 * F, 71, 3.0), dout = randn_bf16(N * F, 72);
+    DeviceArray<bf16> d_gu(*ops, N * 2 * F), d_out(*ops, N * F), d_dout(*ops, N * F), d_dgu(*ops, N * 2 * F);
+    put(d_gu, gu);
+    put(d_dout, dout);
+    poison(d_out);
+    poison(d_dgu);
+    ops->swiglu_forward(d_out.data(), d_gu.data(), N, F);
+    ops->swiglu_backward(d_dgu.data(), d_dout.data(), d_gu.data(), N, F);
+    std::vector<float> out(size_t(N * F), kNaN), dgu(size_t(N * 2 * F), kNaN);
+    ref.swiglu_forward(out.data(), gu.data(), N, F);
+    ref.swiglu_backward(dgu.data(), dout.data(), gu.data(), N, F);
+    expect_close("swiglu_forward" + shape, get(d_out), out, 1e-2);
+    expect_close("swiglu_backward" + shape, get(d_dgu), dgu, 1e-2);
+  }
 }
 
 // Several steps of each optimizer with fresh gradients. With master weights the device's float
