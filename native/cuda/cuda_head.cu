@@ -134,6 +134,17 @@ __device__ float block_max(float v, float* red) {
   return m;
 }
 
+template <int Warps = kWarps>
+__device__ float block_min(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float m = red[0];
+  for (int w = 1; w < Warps; ++w) m = fminf(m, red[w]);
+  return m;
+}
+
 // ---- Head kernels ----
 
 // Running statistics start empty: lse holds the running max, logp the running Σexp(x − max).
@@ -320,16 +331,19 @@ __global__ void __launch_bounds__(kRowThreads)
 
 // ---- Truncated sampling (top-k / top-p): radix selection, no sort ----
 //
-// Candidates are totally ordered by (logit desc, id asc), the ascending order of order_key().
+// Candidates are totally ordered by (logit desc, id asc), the ascending order of SampleRow::key.
 // The k-th candidate, the top-p cutoff and the drawn token are each a selection on that order:
 // the first candidate whose cumulative weight (a count for top-k) exceeds a threshold. A
 // selection fixes the key kDigitBits bits at a time: a pass histograms the weights of the
 // candidates whose key starts with the digits fixed so far by their next digit, and a block scan
-// of the bins finds the digit where the cumulative weight crosses. Passes re-read the row's logits
-// (from L2 at decode batch sizes) until the remaining candidates fit in shared memory: the pass
-// that reads them copies them there, and later passes (and later selections over the same
-// candidates) read the copy. A key has 32 + id_bits <= 63 bits, so at most 6 passes per selection;
-// a continuous row needs 2 row passes (12 + 12 bits leave a handful of candidates).
+// of the bins finds the digit where the cumulative weight crosses. The key's top digit is a
+// bucket of max − logit, 4096 buckets over the row's range (at most 32·T, where weights fall
+// below the fixed point's unit), so the first pass spreads the row evenly and the chosen bucket
+// holds few candidates, near-uniform rows included. Passes re-read the row's logits (from L2 at
+// decode batch sizes) until those left fit in shared memory: the pass that reads them copies them
+// there, and once at most kRankMax are left each finds its place by comparing keys with the
+// others. A continuous row takes 2 row passes per selection (the draw after top-p reuses the
+// cutoff's first histogram: 1); ties take up to 6 (key bits / 12).
 //
 // Weights are summed exactly in 64-bit fixed point: w = expf((x − max)/T) <= 1 (1 at the max) in
 // units of 2^-S, S = 63 − id_bits, so V weights sum below 2^63 and integer atomics give the same
@@ -346,8 +360,9 @@ constexpr int kDigitBits = 12;
 constexpr int kBins = 1 << kDigitBits;
 constexpr int kBinsPerThread = kBins / kSelectThreads;
 constexpr int kListCap = 4096;  // candidates a selection copies to shared memory
+constexpr int kRankMax = 256;   // candidates few enough to rank by comparing all pairs
 constexpr int kRowLoads = 4;    // logits each thread loads before using them
-static_assert(kBins % kSelectThreads == 0, "whole bins per thread");
+static_assert(kBins % kSelectThreads == 0 && kRankMax <= kSelectThreads, "bins and ranks per thread");
 
 // First-pass histogram of a selection: computed, computed and kept (top-p), or the kept one
 // (the draw after top-p, whose first pass would histogram the same candidates by the same digit).
@@ -360,24 +375,16 @@ struct SelectShared {
   unsigned kept_count[kBins];
   unsigned long long list_key[kListCap];  // candidates copied from the row, in no particular order
   float list_w[kListCap];                 // their weights at temperature T
+  unsigned long long rank_key[kRankMax];  // the last few candidates of a selection
+  unsigned long long rank_w[kRankMax];    // their fixed-point weights (1 in count mode)
   unsigned long long warp_total[kSelectWarps];
   double red[kSelectWarps];
   float redf[kSelectWarps];
   int redi[kSelectWarps];
-  unsigned long long chosen_before, chosen_mass, found_key;
+  unsigned long long chosen_before, chosen_mass, found_key, found_cum;
   unsigned chosen_digit, chosen_count;
-  int list_n;
+  int list_n, rank_n;
 };
-
-// The key whose ascending order is the candidates' order: the logit's bits mapped to an
-// order-preserving unsigned integer and complemented, above id_bits bits of id. −0 ranks as +0
-// (sample_token compares values).
-__device__ __forceinline__ uint64_t order_key(float x, uint32_t id, int id_bits) {
-  if (x == 0.0f) x = 0.0f;
-  const uint32_t u = __float_as_uint(x);
-  const uint32_t ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return (uint64_t(~ord) << id_bits) | id;
-}
 
 // A selection's candidates: key <= limit, and key's bits from `shift` up equal prefix's.
 struct KeyRange {
@@ -399,11 +406,25 @@ struct CandidateList {
 struct SampleRow {
   const float* x;  // (V) logits
   int64_t V;
-  int id_bits;
+  int id_bits, bucket_bits;  // key = bucket, order-preserving logit bits, id
   float mx, inv_t;
-  float unit;  // 2^S, a weight of 1 in fixed point
+  float bucket_scale;  // buckets per unit of max − logit
+  float unit;          // 2^S, a weight of 1 in fixed point
+
+  __device__ int key_bits() const { return bucket_bits + 32 + id_bits; }
   __device__ float weight(float v) const { return expf((v - mx) * inv_t); }
   __device__ unsigned long long fixed(float w) const { return __float2ull_rz(w * unit); }  // exact scaling
+  // Ascending keys are the candidates' order: the bucket of max − x (non-decreasing as x falls),
+  // then x's bits mapped to an order-preserving integer and complemented (−0 ranks as +0, as
+  // sample_token compares values), then the id.
+  __device__ uint64_t key(float v, uint32_t id) const {
+    if (v == 0.0f) v = 0.0f;
+    const uint32_t u = __float_as_uint(v);
+    const uint32_t ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    const float d = mx - v;  // fminf drops the NaN of inf·0 (x = −inf on a scale of 0) to the last bucket
+    const uint64_t bucket = d > 0 ? uint64_t(fminf(d * bucket_scale, float((1 << bucket_bits) - 1))) : 0;
+    return (((bucket << 32) | ~ord) << id_bits) | id;
+  }
 };
 
 // One histogram pass over r's candidates: each adds its fixed-point weight (nothing in count
@@ -439,7 +460,7 @@ __device__ void histogram_pass(const SampleRow& row, const KeyRange& r, int dshi
         const int64_t j = j0 + k * kSelectThreads;
         if (j >= row.V) break;
         if (raw) raw_part += double(expf(v[k] - row.mx));
-        const uint64_t key = order_key(v[k], uint32_t(j), row.id_bits);
+        const uint64_t key = row.key(v[k], uint32_t(j));
         if (!r.holds(key)) continue;
         const float w = count_mode && !gather ? 0.0f : row.weight(v[k]);
         add(key, w);
@@ -497,6 +518,34 @@ struct Selected {
   uint64_t cum;  // cumulative weight (count) through it
 };
 
+// The selection among r's candidates, at most kRankMax and all in the list, `before` the weight
+// of the candidates ahead of r: each finds the weight ahead of it within r by comparing keys.
+template <class Threshold>
+__device__ Selected rank_select(const SampleRow& row, const KeyRange& r, bool count_mode, uint64_t before,
+                                Threshold th, const CandidateList& list, SelectShared& sh) {
+  if (threadIdx.x == 0) sh.rank_n = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < list.n; i += kSelectThreads)
+    if (r.holds(sh.list_key[i])) {
+      const int at = atomicAdd(&sh.rank_n, 1);
+      sh.rank_key[at] = sh.list_key[i], sh.rank_w[at] = count_mode ? 1 : row.fixed(sh.list_w[i]);
+    }
+  __syncthreads();
+  const int n = sh.rank_n;
+  if (int(threadIdx.x) < n) {
+    const uint64_t key = sh.rank_key[threadIdx.x], w = sh.rank_w[threadIdx.x];
+    uint64_t ahead = before, total = 0;
+    for (int j = 0; j < n; ++j) {
+      total += sh.rank_w[j];
+      if (sh.rank_key[j] < key) ahead += sh.rank_w[j];
+    }
+    const uint64_t t = th(total);
+    if (ahead <= t && ahead + w > t) sh.found_key = key, sh.found_cum = ahead + w;  // exactly one
+  }
+  __syncthreads();
+  return {sh.found_key, sh.found_cum};
+}
+
 // The first candidate (key <= limit) in key order whose cumulative weight (count in count mode)
 // exceeds th(the candidates' total), th(total) < total. `gather`: whether the first pass copies
 // the candidates to shared memory (when they may fit); `raw`: whether it sums the raw numerators
@@ -505,7 +554,7 @@ template <class Threshold>
 __device__ Selected select_candidate(const SampleRow& row, uint64_t limit, bool count_mode, Threshold th_of_total,
                                      FirstHistogram first_hist, bool gather, bool& raw, double& raw_part,
                                      CandidateList& list, SelectShared& sh) {
-  KeyRange r{0, limit, 32 + row.id_bits};
+  KeyRange r{0, limit, row.key_bits()};
   uint64_t before = 0, th = 0;
   for (bool first = true;; first = false) {
     const int dshift = r.shift > kDigitBits ? r.shift - kDigitBits : 0;
@@ -523,12 +572,8 @@ __device__ Selected select_candidate(const SampleRow& row, uint64_t limit, bool 
     r.prefix |= uint64_t(c.digit) << dshift;
     r.shift = dshift;
     if (dshift == 0) return {r.prefix, c.before + c.mass};
-    if (c.count == 1 && list.valid && list.range.covers(r)) {  // the one candidate left is in the list
-      for (int i = threadIdx.x; i < list.n; i += kSelectThreads)
-        if (r.holds(sh.list_key[i])) sh.found_key = sh.list_key[i];
-      __syncthreads();
-      return {sh.found_key, c.before + c.mass};
-    }
+    if (c.count <= kRankMax && list.valid && list.range.covers(r))
+      return rank_select(row, r, count_mode, before, [&](uint64_t) { return th; }, list, sh);
     gather = c.count <= kListCap;
   }
 }
@@ -544,12 +589,18 @@ __global__ void __launch_bounds__(kSelectThreads)
   SelectShared& sh = *reinterpret_cast<SelectShared*>(select_smem);
   const int64_t row_id = blockIdx.x;
   const float* x = logits + row_id * V;
-  float mx = -INFINITY;
+  float mx = -INFINITY, mn = INFINITY;
   int am = -1;
-  for (int64_t j = threadIdx.x; j < V; j += kSelectThreads)
+  for (int64_t j = threadIdx.x; j < V; j += kSelectThreads) {
     if (beats(x[j], int(j), mx, am)) mx = x[j], am = int(j);
+    mn = fminf(mn, x[j]);
+  }
   block_argmax<kSelectWarps>(mx, am, sh.redf, sh.redi);
-  const SampleRow row{x, V, id_bits, mx, inv_t, ldexpf(1.0f, 63 - id_bits)};
+  mn = block_min<kSelectWarps>(mn, sh.redf);
+  const int bucket_bits = min(kDigitBits, 31 - id_bits);  // keys of at most 63 bits
+  const float range = fminf(mx - mn, 32.0f / inv_t);      // a constant row: 0, one bucket
+  const SampleRow row{x,   V,     id_bits, bucket_bits, mx, inv_t, range > 0 ? float(1 << bucket_bits) / range : 0.0f,
+                      ldexpf(1.0f, 63 - id_bits)};
   const uint64_t id_mask = (uint64_t(1) << id_bits) - 1;
   CandidateList list{{0, 0, 0}, 0, false};
   bool raw = true;
