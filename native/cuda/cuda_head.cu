@@ -396,11 +396,15 @@ struct KeyRange {
   }
 };
 
-// The candidates in shared memory: every one of `range` when valid.
+// The candidates in shared memory: when valid, every one of `range` and of `also` (if set).
 struct CandidateList {
-  KeyRange range;
+  KeyRange range, also;
+  bool has_also;
   int n;
   bool valid;
+  __device__ bool covers(const KeyRange& r) const {
+    return valid && (range.covers(r) || (has_also && also.covers(r)));
+  }
 };
 
 struct SampleRow {
@@ -421,19 +425,22 @@ struct SampleRow {
     if (v == 0.0f) v = 0.0f;
     const uint32_t u = __float_as_uint(v);
     const uint32_t ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-    const float d = mx - v;  // fminf drops the NaN of inf·0 (x = −inf on a scale of 0) to the last bucket
-    const uint64_t bucket = d > 0 ? uint64_t(fminf(d * bucket_scale, float((1 << bucket_bits) - 1))) : 0;
+    // fminf turns the NaN of inf·0 (x = −inf, a scale of 0) or 0·inf (x = max, a scale that
+    // overflowed) into the last bucket: still non-decreasing as x falls.
+    const uint64_t bucket = uint64_t(fminf((mx - v) * bucket_scale, float((1 << bucket_bits) - 1)));
     return (((bucket << 32) | ~ord) << id_bits) | id;
   }
 };
 
 // One histogram pass over r's candidates: each adds its fixed-point weight (nothing in count
 // mode) and 1 to the bins of its digit, key bits [dshift, r.shift). From the list when it covers
-// r, else from the row: then `gather` copies the candidates into the list (valid if they fit) and
-// `raw` adds every raw softmax numerator expf(x − max) to raw_part (a fixed order per thread).
+// r, else from the row: then `gather` copies the candidates into the list (valid if they fit),
+// with those of `also` when has_also (a later selection's), and `raw` adds every raw softmax
+// numerator expf(x − max) to raw_part (a fixed order per thread).
 __device__ void histogram_pass(const SampleRow& row, const KeyRange& r, int dshift, bool count_mode, bool gather,
-                               bool raw, double& raw_part, CandidateList& list, SelectShared& sh) {
-  const bool from_list = list.valid && list.range.covers(r);
+                               KeyRange also, bool has_also, bool raw, double& raw_part, CandidateList& list,
+                               SelectShared& sh) {
+  const bool from_list = list.covers(r);
   gather = gather && !from_list;
   for (int b = threadIdx.x; b < kBins; b += kSelectThreads) sh.mass[b] = 0, sh.count[b] = 0;
   if (gather && threadIdx.x == 0) sh.list_n = 0;
@@ -461,9 +468,10 @@ __device__ void histogram_pass(const SampleRow& row, const KeyRange& r, int dshi
         if (j >= row.V) break;
         if (raw) raw_part += double(expf(v[k] - row.mx));
         const uint64_t key = row.key(v[k], uint32_t(j));
-        if (!r.holds(key)) continue;
+        const bool mine = r.holds(key);
+        if (!mine && !(gather && has_also && also.holds(key))) continue;
         const float w = count_mode && !gather ? 0.0f : row.weight(v[k]);
-        add(key, w);
+        if (mine) add(key, w);
         if (gather) {
           const int at = atomicAdd(&sh.list_n, 1);
           if (at < kListCap) sh.list_key[at] = key, sh.list_w[at] = w;
@@ -472,7 +480,7 @@ __device__ void histogram_pass(const SampleRow& row, const KeyRange& r, int dshi
     }
   }
   __syncthreads();
-  if (gather) list = {r, min(sh.list_n, kListCap), sh.list_n <= kListCap};
+  if (gather) list = {r, also, has_also, min(sh.list_n, kListCap), sh.list_n <= kListCap};
 }
 
 struct Chosen {
@@ -549,19 +557,21 @@ __device__ Selected rank_select(const SampleRow& row, const KeyRange& r, bool co
 // The first candidate (key <= limit) in key order whose cumulative weight (count in count mode)
 // exceeds th(the candidates' total), th(total) < total. `gather`: whether the first pass copies
 // the candidates to shared memory (when they may fit); `raw`: whether it sums the raw numerators
-// (cleared once done).
-template <class Threshold>
+// (cleared once done); also(chosen, r, range): after the first digit, when the next pass reads
+// the row, may name a later selection's candidates for it to copy as well.
+template <class Threshold, class Also>
 __device__ Selected select_candidate(const SampleRow& row, uint64_t limit, bool count_mode, Threshold th_of_total,
-                                     FirstHistogram first_hist, bool gather, bool& raw, double& raw_part,
-                                     CandidateList& list, SelectShared& sh) {
-  KeyRange r{0, limit, row.key_bits()};
+                                     Also also_of, FirstHistogram first_hist, bool gather, bool& raw,
+                                     double& raw_part, CandidateList& list, SelectShared& sh) {
+  KeyRange r{0, limit, row.key_bits()}, also{0, 0, 0};
+  bool has_also = false;
   uint64_t before = 0, th = 0;
   for (bool first = true;; first = false) {
     const int dshift = r.shift > kDigitBits ? r.shift - kDigitBits : 0;
     const bool reuse = first && first_hist == kReuseKept;
     if (!reuse) {
-      histogram_pass(row, r, dshift, count_mode, gather, raw, raw_part, list, sh);
-      raw = false;
+      histogram_pass(row, r, dshift, count_mode, gather, also, has_also, raw, raw_part, list, sh);
+      raw = false, has_also = false;
       if (first && first_hist == kComputeAndKeep)
         for (int b = threadIdx.x; b < kBins; b += kSelectThreads)
           sh.kept_mass[b] = sh.mass[b], sh.kept_count[b] = sh.count[b];
@@ -572,9 +582,10 @@ __device__ Selected select_candidate(const SampleRow& row, uint64_t limit, bool 
     r.prefix |= uint64_t(c.digit) << dshift;
     r.shift = dshift;
     if (dshift == 0) return {r.prefix, c.before + c.mass};
-    if (c.count <= kRankMax && list.valid && list.range.covers(r))
+    if (c.count <= kRankMax && list.covers(r))
       return rank_select(row, r, count_mode, before, [&](uint64_t) { return th; }, list, sh);
     gather = c.count <= kListCap;
+    if (first && gather && !list.covers(r)) has_also = also_of(c, r, also);
   }
 }
 
@@ -602,14 +613,21 @@ __global__ void __launch_bounds__(kSelectThreads)
   const SampleRow row{x,   V,     id_bits, bucket_bits, mx, inv_t, range > 0 ? float(1 << bucket_bits) / range : 0.0f,
                       ldexpf(1.0f, 63 - id_bits)};
   const uint64_t id_mask = (uint64_t(1) << id_bits) - 1;
-  CandidateList list{{0, 0, 0}, 0, false};
+  CandidateList list{{0, 0, 0}, {0, 0, 0}, false, 0, false};
   bool raw = true;
   double raw_part = 0;
 
+  auto nothing_else = [](const Chosen&, const KeyRange&, KeyRange&) { return false; };
   uint64_t limit = ~uint64_t(0);
   if (top_k > 0) {
     auto kth = [&](uint64_t) { return uint64_t(top_k - 1); };
-    limit = select_candidate(row, limit, true, kth, kCompute, V <= kListCap, raw, raw_part, list, sh).key | id_mask;
+    // Every candidate up to the end of the k-th's first digit: the kept set, for top-p and the draw.
+    auto kept_set = [&](const Chosen& c, const KeyRange& r, KeyRange& also) {
+      also = {0, r.prefix | ((uint64_t(1) << r.shift) - 1), row.key_bits()};
+      return c.before + c.count <= kListCap;
+    };
+    limit = select_candidate(row, limit, true, kth, kept_set, kCompute, V <= kListCap, raw, raw_part, list, sh).key |
+            id_mask;
   }
   // Copy the kept candidates while reading them when they may fit (top-k ties can overflow).
   const bool gather_kept = top_k > 0 ? top_k <= kListCap : V <= kListCap;
@@ -619,13 +637,25 @@ __global__ void __launch_bounds__(kSelectThreads)
     auto reach = [&](uint64_t z) {  // cum >= top_p·z  <=>  cum > ceil(top_p·z) − 1
       return min(uint64_t(ceil(top_p * double(z))) - 1, z - 1);
     };
+    // The draw's threshold u·z lies between u·before and u·(before + mass) of the cutoff's first
+    // digit; when both fall in one other digit of the kept histogram, the pass that copies the
+    // cutoff's candidates copies the draw's too, and the draw reads no more of the row.
+    auto draw_digit = [&](const Chosen& c, const KeyRange& r, KeyRange& also) {
+      const uint64_t lo = uint64_t(ud * double(c.before)), hi = uint64_t(ud * double(c.before + c.mass));
+      const Chosen a = choose_digit(sh.kept_mass, sh.kept_count, false, 0, [&](uint64_t z) { return min(lo, z - 1); }, sh);
+      const Chosen b = choose_digit(sh.kept_mass, sh.kept_count, false, 0, [&](uint64_t z) { return min(hi, z - 1); }, sh);
+      if (a.digit != b.digit || a.digit == c.digit || a.count + c.count > kListCap) return false;
+      also = {uint64_t(a.digit) << r.shift, r.limit, r.shift};
+      return true;
+    };
     const uint64_t nucleus =
-        select_candidate(row, limit, false, reach, kComputeAndKeep, gather_kept, raw, raw_part, list, sh).cum;
+        select_candidate(row, limit, false, reach, draw_digit, kComputeAndKeep, gather_kept, raw, raw_part, list, sh)
+            .cum;
     draw_th = min(uint64_t(ud * double(nucleus)), nucleus - 1);  // cum > u·z; the last one if rounding
   }
   auto draw = [&](uint64_t z) { return top_p < 1 ? draw_th : min(uint64_t(ud * double(z)), z - 1); };
-  const uint64_t key = select_candidate(row, limit, false, draw, top_p < 1 ? kReuseKept : kCompute, gather_kept, raw,
-                                        raw_part, list, sh)
+  const uint64_t key = select_candidate(row, limit, false, draw, nothing_else, top_p < 1 ? kReuseKept : kCompute,
+                                        gather_kept, raw, raw_part, list, sh)
                            .key;
   const double raw_sum = block_sum<kSelectWarps>(raw_part, sh.red);
   if (threadIdx.x == 0) {
