@@ -361,7 +361,7 @@ constexpr int kBins = 1 << kDigitBits;
 constexpr int kBinsPerThread = kBins / kSelectThreads;
 constexpr int kListCap = 4096;  // candidates a selection copies to shared memory
 constexpr int kRankMax = 256;   // candidates few enough to rank by comparing all pairs
-constexpr int kRowLoads = 4;    // logits each thread loads before using them
+constexpr int kRowLoads = 8;    // logits each thread loads before using them
 static_assert(kBins % kSelectThreads == 0 && kRankMax <= kSelectThreads, "bins and ranks per thread");
 
 // First-pass histogram of a selection: computed, computed and kept (top-p), or the kept one
@@ -432,6 +432,23 @@ struct SampleRow {
   }
 };
 
+// f(x[j], j) for this thread's share of the row (j = threadIdx.x + i·kSelectThreads, in order),
+// kRowLoads loads in flight per thread: one block per SM must cover L2's latency by itself.
+template <class F>
+__device__ void for_each_logit(const float* x, int64_t V, F f) {
+  for (int64_t j0 = threadIdx.x; j0 < V; j0 += int64_t(kSelectThreads) * kRowLoads) {
+    float v[kRowLoads];
+#pragma unroll
+    for (int k = 0; k < kRowLoads; ++k) {
+      const int64_t j = j0 + k * kSelectThreads;
+      v[k] = j < V ? x[j] : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < kRowLoads; ++k)
+      if (j0 + k * kSelectThreads < V) f(v[k], j0 + k * kSelectThreads);
+  }
+}
+
 // One histogram pass over r's candidates: each adds its fixed-point weight (nothing in count
 // mode) and 1 to the bins of its digit, key bits [dshift, r.shift). From the list when it covers
 // r, else from the row: then `gather` copies the candidates into the list (valid if they fit),
@@ -455,29 +472,18 @@ __device__ void histogram_pass(const SampleRow& row, const KeyRange& r, int dshi
     for (int i = threadIdx.x; i < list.n; i += kSelectThreads)
       if (r.holds(sh.list_key[i])) add(sh.list_key[i], sh.list_w[i]);
   } else {
-    for (int64_t j0 = threadIdx.x; j0 < row.V; j0 += int64_t(kSelectThreads) * kRowLoads) {
-      float v[kRowLoads];
-#pragma unroll
-      for (int k = 0; k < kRowLoads; ++k) {
-        const int64_t j = j0 + k * kSelectThreads;
-        v[k] = j < row.V ? row.x[j] : 0.0f;
+    for_each_logit(row.x, row.V, [&](float v, int64_t j) {
+      if (raw) raw_part += double(expf(v - row.mx));
+      const uint64_t key = row.key(v, uint32_t(j));
+      const bool mine = r.holds(key);
+      if (!mine && !(gather && has_also && also.holds(key))) return;
+      const float w = count_mode && !gather ? 0.0f : row.weight(v);
+      if (mine) add(key, w);
+      if (gather) {
+        const int at = atomicAdd(&sh.list_n, 1);
+        if (at < kListCap) sh.list_key[at] = key, sh.list_w[at] = w;
       }
-#pragma unroll
-      for (int k = 0; k < kRowLoads; ++k) {
-        const int64_t j = j0 + k * kSelectThreads;
-        if (j >= row.V) break;
-        if (raw) raw_part += double(expf(v[k] - row.mx));
-        const uint64_t key = row.key(v[k], uint32_t(j));
-        const bool mine = r.holds(key);
-        if (!mine && !(gather && has_also && also.holds(key))) continue;
-        const float w = count_mode && !gather ? 0.0f : row.weight(v[k]);
-        if (mine) add(key, w);
-        if (gather) {
-          const int at = atomicAdd(&sh.list_n, 1);
-          if (at < kListCap) sh.list_key[at] = key, sh.list_w[at] = w;
-        }
-      }
-    }
+    });
   }
   __syncthreads();
   if (gather) list = {r, also, has_also, min(sh.list_n, kListCap), sh.list_n <= kListCap};
@@ -602,10 +608,10 @@ __global__ void __launch_bounds__(kSelectThreads)
   const float* x = logits + row_id * V;
   float mx = -INFINITY, mn = INFINITY;
   int am = -1;
-  for (int64_t j = threadIdx.x; j < V; j += kSelectThreads) {
-    if (beats(x[j], int(j), mx, am)) mx = x[j], am = int(j);
-    mn = fminf(mn, x[j]);
-  }
+  for_each_logit(x, V, [&](float v, int64_t j) {
+    if (beats(v, int(j), mx, am)) mx = v, am = int(j);
+    mn = fminf(mn, v);
+  });
   block_argmax<kSelectWarps>(mx, am, sh.redf, sh.redi);
   mn = block_min<kSelectWarps>(mn, sh.redf);
   const int bucket_bits = min(kDigitBits, 31 - id_bits);  // keys of at most 63 bits
