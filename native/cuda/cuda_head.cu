@@ -338,12 +338,15 @@ __global__ void __launch_bounds__(kRowThreads)
 // candidates whose key starts with the digits fixed so far by their next digit, and a block scan
 // of the bins finds the digit where the cumulative weight crosses. The key's top digit is a
 // bucket of max − logit, 4096 buckets over the row's range (at most 32·T, where weights fall
-// below the fixed point's unit), so the first pass spreads the row evenly and the chosen bucket
-// holds few candidates, near-uniform rows included. Passes re-read the row's logits (from L2 at
-// decode batch sizes) until those left fit in shared memory: the pass that reads them copies them
-// there, and once at most kRankMax are left each finds its place by comparing keys with the
-// others. A continuous row takes 2 row passes per selection (the draw after top-p reuses the
-// cutoff's first histogram: 1); ties take up to 6 (key bits / 12).
+// below the fixed point's unit; fewer buckets for V > 2^19), so the first pass spreads the row
+// evenly and the chosen bucket holds few candidates, near-uniform rows included. Passes re-read
+// the row's logits (from L2 at decode batch sizes) until those left fit in shared memory: the
+// pass that reads them copies them there, and once at most kRankMax are left each finds its
+// place by comparing keys with the others. On a continuous row a call reads the row 3 times: the
+// max, then top-p's first histogram (which the draw reuses) and the copy of the cutoff's bucket
+// (with the draw's when the kept histogram pins it), or top-k's two passes (the second copies
+// every kept candidate when they fit, for top-p and the draw). Ties cost more passes: at most
+// key bits / 12 per selection.
 //
 // Weights are summed exactly in 64-bit fixed point: w = expf((x − max)/T) <= 1 (1 at the max) in
 // units of 2^-S, S = 63 − id_bits, so V weights sum below 2^63 and integer atomics give the same

@@ -112,14 +112,10 @@ void bench_generate(const ModelConfig& c, int batch, int prompt, int new_tokens)
 }
 
 
-// One sampler call per timing at decode shapes: near-uniform logits (a random-weight model: top-p
-// 0.9 keeps ~90% of the vocabulary) and peaked ones (standard deviation 4), untruncated as the floor.
-void bench_sampler(Ops<bf16>& ops, int64_t n, int64_t V, double sigma, const char* what, double t, int64_t k,
-                   double p) {
-  std::vector<float> x(size_t(n * V));
-  for (size_t i = 0; i < x.size(); ++i) x[i] = float(sigma * standard_normal(3, 0, i));
-  auto* d = static_cast<float*>(ops.alloc_bytes(x.size() * sizeof(float)));
-  ops.upload_bytes(d, x.data(), x.size() * sizeof(float));
+// One sampler call per timing at decode shapes (`logits`: n rows of V on the device), host time
+// of the whole call: draws up, kernels, tokens and log-probs down.
+void bench_sampler(Ops<bf16>& ops, const float* logits, int64_t n, int64_t V, const char* rows, const char* what,
+                   double t, int64_t k, double p) {
   SamplingOptions o;
   o.temperature = t, o.top_k = k, o.top_p = p;
   std::vector<double> u(n), lp(n);
@@ -128,14 +124,13 @@ void bench_sampler(Ops<bf16>& ops, int64_t n, int64_t V, double sigma, const cha
   for (int r = 0; r < 25; ++r) {
     for (int64_t i = 0; i < n; ++i) u[i] = uniform01(4, r, i);
     const auto t0 = std::chrono::steady_clock::now();
-    ops.sample(tok.data(), lp.data(), d, n, V, o, u.data());
+    ops.sample(tok.data(), lp.data(), logits, n, V, o, u.data());
     if (r >= 5) times.push_back(seconds_since(t0));
   }
   std::sort(times.begin(), times.end());
-  std::printf("sampler batch %-3lld V %-6lld %-12s %-22s %8.1f us/call\n", (long long)n, (long long)V,
-              sigma < 0.1 ? "near-uniform" : "peaked", what, 1e6 * times[times.size() / 2]);
+  std::printf("sampler batch %-3lld V %-6lld %-12s %-20s %8.1f us/call\n", (long long)n, (long long)V, rows, what,
+              1e6 * times[times.size() / 2]);
   std::fflush(stdout);
-  ops.free_bytes(d);
 }
 
 }  // namespace
@@ -199,14 +194,25 @@ SPPO_BENCH(cuda_fused_head) {
     ops->free_bytes(p);
 }
 
+// Near-uniform rows (a random-weight model: top-p 0.9 keeps ~90% of the vocabulary) and peaked
+// ones (standard deviation 4); every row of a batch the same (the work does not depend on which).
 SPPO_BENCH(cuda_sampler) {
   if (!gpu_or_skip()) return;
   std::unique_ptr<Ops<bf16>> ops = cuda::make_ops(0);
   for (int64_t V : {int64_t(32000), int64_t(151936)})
-    for (double sigma : {0.02, 4.0})
+    for (double sigma : {0.02, 4.0}) {
+      std::vector<float> row(V);
+      for (int64_t j = 0; j < V; ++j) row[j] = float(sigma * standard_normal(3, 0, j));
       for (int64_t n : {int64_t(1), int64_t(64), int64_t(256)}) {
-        bench_sampler(*ops, n, V, sigma, "T 0.7 untruncated", 0.7, 0, 1);
-        bench_sampler(*ops, n, V, sigma, "T 0.7 top-p 0.9", 0.7, 0, 0.9);
-        bench_sampler(*ops, n, V, sigma, "top-k 50 top-p 0.9", 0.7, 50, 0.9);
+        std::vector<float> x;
+        for (int64_t i = 0; i < n; ++i) x.insert(x.end(), row.begin(), row.end());
+        auto* d = static_cast<float*>(ops->alloc_bytes(x.size() * sizeof(float)));
+        ops->upload_bytes(d, x.data(), x.size() * sizeof(float));
+        const char* rows = sigma < 0.1 ? "near-uniform" : "peaked";
+        bench_sampler(*ops, d, n, V, rows, "T 0.7 untruncated", 0.7, 0, 1);
+        bench_sampler(*ops, d, n, V, rows, "T 0.7 top-p 0.9", 0.7, 0, 0.9);
+        bench_sampler(*ops, d, n, V, rows, "top-k 50 top-p 0.9", 0.7, 50, 0.9);
+        ops->free_bytes(d);
       }
+    }
 }
