@@ -421,17 +421,20 @@ struct SampleRow {
   __device__ int key_bits() const { return bucket_bits + 32 + id_bits; }
   __device__ float weight(float v) const { return expf((v - mx) * inv_t); }
   __device__ unsigned long long fixed(float w) const { return __float2ull_rz(w * unit); }  // exact scaling
-  // Ascending keys are the candidates' order: the bucket of max − x (non-decreasing as x falls),
-  // then x's bits mapped to an order-preserving integer and complemented (−0 ranks as +0, as
-  // sample_token compares values), then the id.
+  // The bucket of max − x, non-decreasing as x falls. fminf turns the NaN of inf·0 (x = −inf, a
+  // scale of 0) or 0·inf (x = max, a scale that overflowed) into the last bucket: still so.
+  __device__ unsigned bucket(float v) const {
+    return unsigned(fminf((mx - v) * bucket_scale, float((1 << bucket_bits) - 1)));
+  }
+  // Ascending keys are the candidates' order: the bucket, then x's bits mapped to an
+  // order-preserving integer and complemented (−0 ranks as +0, as sample_token compares values),
+  // then the id.
   __device__ uint64_t key(float v, uint32_t id) const {
+    const unsigned b = bucket(v);
     if (v == 0.0f) v = 0.0f;
     const uint32_t u = __float_as_uint(v);
     const uint32_t ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-    // fminf turns the NaN of inf·0 (x = −inf, a scale of 0) or 0·inf (x = max, a scale that
-    // overflowed) into the last bucket: still non-decreasing as x falls.
-    const uint64_t bucket = uint64_t(fminf((mx - v) * bucket_scale, float((1 << bucket_bits) - 1)));
-    return (((bucket << 32) | ~ord) << id_bits) | id;
+    return (((uint64_t(b) << 32) | ~ord) << id_bits) | id;
   }
 };
 
@@ -466,17 +469,20 @@ __device__ void histogram_pass(const SampleRow& row, const KeyRange& r, int dshi
   if (gather && threadIdx.x == 0) sh.list_n = 0;
   __syncthreads();
   const uint64_t mask = (uint64_t(1) << (r.shift - dshift)) - 1;
-  auto add = [&](uint64_t key, float w) {
-    const unsigned d = unsigned((key >> dshift) & mask);
+  auto add_digit = [&](unsigned d, float w) {
     if (!count_mode) atomicAdd(&sh.mass[d], row.fixed(w));
     atomicAdd(&sh.count[d], 1u);
   };
+  auto add = [&](uint64_t key, float w) { add_digit(unsigned((key >> dshift) & mask), w); };
+  // The first digit over the whole row: every logit is a candidate and its digit is its bucket.
+  const bool by_bucket = r.shift == row.key_bits() && r.limit == ~uint64_t(0) && row.bucket_bits == kDigitBits;
   if (from_list) {
     for (int i = threadIdx.x; i < list.n; i += kSelectThreads)
       if (r.holds(sh.list_key[i])) add(sh.list_key[i], sh.list_w[i]);
   } else {
     for_each_logit(row.x, row.V, [&](float v, int64_t j) {
       if (raw) raw_part += double(expf(v - row.mx));
+      if (by_bucket && !gather) return add_digit(row.bucket(v), count_mode ? 0.0f : row.weight(v));
       const uint64_t key = row.key(v, uint32_t(j));
       const bool mine = r.holds(key);
       if (!mine && !(gather && has_also && also.holds(key))) return;
