@@ -173,7 +173,8 @@ std::vector<float> hard_row(int kind, int64_t V, uint64_t seed) {
 
 // How close sample_token's thresholds came to a cumulative boundary of its walk, relative to the
 // kept total: the smallest |cum − top_p·z| / z over the kept candidates and |cum − u·z| / z over
-// the nucleus, from the weights sample_token left in `work`.
+// the nucleus, from the weights sample_token left in `work`. The last sum of each walk is no
+// boundary: top_p·z and u·z stay below it, and both samplers take the last candidate there.
 double cpu_boundary_gap(const float* x, int64_t V, const SamplingOptions& o, double u, const SamplerScratch<float>& work) {
   std::vector<int32_t> ids(V);
   for (int64_t j = 0; j < V; ++j) ids[j] = int32_t(j);
@@ -188,7 +189,7 @@ double cpu_boundary_gap(const float* x, int64_t V, const SamplingOptions& o, dou
   for (int64_t i = 0; i < kept; ++i) z += double(w[ids[i]]);
   auto closest = [&](double target, int64_t n) {
     double cum = 0;
-    for (int64_t i = 0; i < n; ++i) cum += double(w[ids[i]]), gap = std::min(gap, std::fabs(cum - target) / z);
+    for (int64_t i = 0; i + 1 < n; ++i) cum += double(w[ids[i]]), gap = std::min(gap, std::fabs(cum - target) / z);
   };
   if (o.top_p < 1) {
     closest(o.top_p * z, kept);
