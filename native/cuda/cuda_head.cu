@@ -754,7 +754,7 @@ void CudaOps::sample(int32_t* tokens, double* raw_logprobs, const float* logits,
   if (!greedy) SPPO_CUDA_CHECK(cudaMemcpyAsync(du, u, size_t(n) * sizeof(double), cudaMemcpyHostToDevice, stream_));
   if (truncated) {
     int id_bits = 1;
-    while ((int64_t(1) << id_bits) < V) ++id_bits;  // ids 0..V−1 fit; 32 + id_bits <= 63
+    while ((int64_t(1) << id_bits) < V) ++id_bits;  // ids 0..V−1 fit; id_bits <= 31
     const int64_t top_k = o.top_k > 0 && o.top_k < V ? o.top_k : 0;
     if (!st.select_smem_set) {  // above the 48 KiB a kernel gets without asking
       SPPO_CUDA_CHECK(cudaFuncSetAttribute(sample_truncated_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
