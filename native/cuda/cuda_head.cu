@@ -364,7 +364,7 @@ constexpr int kBins = 1 << kDigitBits;
 constexpr int kBinsPerThread = kBins / kSelectThreads;
 constexpr int kListCap = 4096;  // candidates a selection copies to shared memory
 constexpr int kRankMax = 256;   // candidates few enough to rank by comparing all pairs
-constexpr int kRowLoads = 8;    // logits each thread loads before using them
+constexpr int kRowLoads = 6;    // logits each thread loads before using them
 static_assert(kBins % kSelectThreads == 0 && kRankMax <= kSelectThreads, "bins and ranks per thread");
 
 // First-pass histogram of a selection: computed, computed and kept (top-p), or the kept one
@@ -470,19 +470,31 @@ __device__ void histogram_pass(const SampleRow& row, const KeyRange& r, int dshi
   __syncthreads();
   const uint64_t mask = (uint64_t(1) << (r.shift - dshift)) - 1;
   auto add_digit = [&](unsigned d, float w) {
-    if (!count_mode) atomicAdd(&sh.mass[d], row.fixed(w));
+    const unsigned long long f = count_mode ? 0 : row.fixed(w);
+    if (f) atomicAdd(&sh.mass[d], f);  // most of a peaked row weighs 0: no contended atomics for it
     atomicAdd(&sh.count[d], 1u);
   };
   auto add = [&](uint64_t key, float w) { add_digit(unsigned((key >> dshift) & mask), w); };
   // The first digit over the whole row: every logit is a candidate and its digit is its bucket.
+  // The last bucket (32·T and more below the max, −inf) can hold most of a row at low T: each
+  // thread sums its share and adds it once.
   const bool by_bucket = r.shift == row.key_bits() && r.limit == ~uint64_t(0) && row.bucket_bits == kDigitBits;
+  unsigned long long tail_mass = 0;
+  unsigned tail_count = 0;
   if (from_list) {
     for (int i = threadIdx.x; i < list.n; i += kSelectThreads)
       if (r.holds(sh.list_key[i])) add(sh.list_key[i], sh.list_w[i]);
   } else {
     for_each_logit(row.x, row.V, [&](float v, int64_t j) {
       if (raw) raw_part += double(expf(v - row.mx));
-      if (by_bucket && !gather) return add_digit(row.bucket(v), count_mode ? 0.0f : row.weight(v));
+      if (by_bucket && !gather) {
+        const unsigned b = row.bucket(v);
+        const float w = count_mode ? 0.0f : row.weight(v);
+        if (b != kBins - 1) return add_digit(b, w);
+        ++tail_count;
+        if (!count_mode) tail_mass += row.fixed(w);
+        return;
+      }
       const uint64_t key = row.key(v, uint32_t(j));
       const bool mine = r.holds(key);
       if (!mine && !(gather && has_also && also.holds(key))) return;
@@ -493,6 +505,8 @@ __device__ void histogram_pass(const SampleRow& row, const KeyRange& r, int dshi
         if (at < kListCap) sh.list_key[at] = key, sh.list_w[at] = w;
       }
     });
+    if (tail_count) atomicAdd(&sh.count[kBins - 1], tail_count);
+    if (tail_mass) atomicAdd(&sh.mass[kBins - 1], tail_mass);
   }
   __syncthreads();
   if (gather) list = {r, also, has_also, min(sh.list_n, kListCap), sh.list_n <= kListCap};
