@@ -7,11 +7,8 @@
 //   head backward: 2·rows·ld bytes (bf16 dlogits tile) + 4·rows·C bytes (float dH of one row
 //                  tile), rows·ld <= scratch_elems and rows <= 4096; the forward needs none.
 //                  At n 8192, C 4096, V 128256 with 2^22 scratch elements: 8 + 64 MiB.
-//   sampler:       16·G·V bytes of sort keys (G = rows sorted at once: G·V <= 2^22, or G = 1
-//                  when V > 2^22), the sort's small temporary and 32 bytes per row: 64 MiB + 32·n
-//                  at most for V <= 2^22; only top-k / top-p sampling sorts.
+//   sampler:       20 bytes per row (draws, tokens, log-probs).
 #include <cub/block/block_scan.cuh>
-#include <cub/device/device_segmented_radix_sort.cuh>
 
 #include <algorithm>
 #include <climits>
@@ -37,15 +34,10 @@ struct HeadState {
   Buffer u;        // (n) double: the sampler's draws
   Buffer tokens;   // (n) int32: sampled tokens
   Buffer logprob;  // (n) double: raw log-probs of the sampled tokens
-  Buffer row_max;  // (n) float: max logit of each row
-  Buffer raw_lse;  // (n) double: log-sum-exp of each row's unmodified logits
-  Buffer keys_a, keys_b;  // (G, V) uint64: sort keys, the radix sort's double buffer
-  Buffer offsets;         // (G + 1) int: segment boundaries i·V
-  Buffer sort_temp;       // the radix sort's temporary storage
+  bool select_smem_set = false;  // sample_truncated_kernel may use sizeof(SelectShared) bytes
 
   ~HeadState() {
-    for (Buffer* b : {&dlogits, &dh_acc, &u, &tokens, &logprob, &row_max, &raw_lse, &keys_a, &keys_b, &offsets,
-                      &sort_temp})
+    for (Buffer* b : {&dlogits, &dh_acc, &u, &tokens, &logprob})
       if (b->p) cudaFree(b->p);  // errors ignored: nothing to report them to from a destructor
   }
 };
@@ -67,9 +59,6 @@ constexpr int kWarps = kRowThreads / 32;
 constexpr int kScanItems = 8;  // consecutive items per thread in the block-wide scans
 constexpr int64_t kScanChunk = int64_t(kRowThreads) * kScanItems;
 constexpr int64_t kMaxTileRows = 4096;      // bounds the dH accumulator to 4096·C floats
-constexpr int64_t kSortKeys = int64_t(1) << 22;  // keys sorted at once by the sampler (32 MiB)
-
-enum SampleMode : int { kGreedy = 0, kUntruncated = 1, kTruncated = 2 };
 
 // Returns b->p holding at least `bytes`, reallocating (contents lost) when it is smaller.
 template <class T>
@@ -124,14 +113,15 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// `red` is shared memory of kWarps values; the leading barrier lets callers reuse it.
+// `red` is shared memory of Warps values; the leading barrier lets callers reuse it.
+template <int Warps = kWarps>
 __device__ double block_sum(double v, double* red) {
   v = warp_sum(v);
   __syncthreads();
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
   __syncthreads();
   double s = 0;
-  for (int w = 0; w < kWarps; ++w) s += red[w];  // the same fixed order in every thread
+  for (int w = 0; w < Warps; ++w) s += red[w];  // the same fixed order in every thread
   return s;
 }
 
@@ -142,6 +132,17 @@ __device__ float block_max(float v, float* red) {
   __syncthreads();
   float m = red[0];
   for (int w = 1; w < kWarps; ++w) m = fmaxf(m, red[w]);
+  return m;
+}
+
+template <int Warps = kWarps>
+__device__ float block_min(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float m = red[0];
+  for (int w = 1; w < Warps; ++w) m = fminf(m, red[w]);
   return m;
 }
 
@@ -239,19 +240,20 @@ __device__ __forceinline__ bool beats(float av, int ai, float bv, int bi) {
   return ai >= 0 && (bi < 0 || av > bv || (av == bv && ai < bi));
 }
 
-// The block's argmax, ties to the lowest id; every thread gets it.
-__device__ void block_argmax(float& v, int& i, RowShared& sh) {
+// The block's argmax, ties to the lowest id; every thread gets it. redf, redi: Warps entries.
+template <int Warps = kWarps>
+__device__ void block_argmax(float& v, int& i, float* redf, int* redi) {
   for (int o = 16; o > 0; o >>= 1) {
     const float ov = __shfl_xor_sync(0xffffffffu, v, o);
     const int oi = __shfl_xor_sync(0xffffffffu, i, o);
     if (beats(ov, oi, v, i)) v = ov, i = oi;
   }
   __syncthreads();
-  if ((threadIdx.x & 31) == 0) sh.redf[threadIdx.x >> 5] = v, sh.redi[threadIdx.x >> 5] = i;
+  if ((threadIdx.x & 31) == 0) redf[threadIdx.x >> 5] = v, redi[threadIdx.x >> 5] = i;
   __syncthreads();
-  v = sh.redf[0], i = sh.redi[0];
-  for (int w = 1; w < kWarps; ++w)
-    if (beats(sh.redf[w], sh.redi[w], v, i)) v = sh.redf[w], i = sh.redi[w];
+  v = redf[0], i = redi[0];
+  for (int w = 1; w < Warps; ++w)
+    if (beats(redf[w], redi[w], v, i)) v = redf[w], i = redi[w];
 }
 
 struct ScanHit {
@@ -260,11 +262,10 @@ struct ScanHit {
 };
 
 // Inverse CDF over positions [0, count) with weights weight(i) >= 0, summed in double: the first
-// position whose inclusive cumulative weight exceeds `threshold` (or reaches it, with or_equal).
-// Chunks of kScanChunk positions in order; within a chunk a block scan of per-thread sums.
+// position whose inclusive cumulative weight exceeds `threshold`. Chunks of kScanChunk positions
+// in order; within a chunk a block scan of per-thread sums.
 template <class Weight>
-__device__ ScanHit block_first_crossing(Weight weight, int64_t count, double threshold, bool or_equal,
-                                        RowShared& sh) {
+__device__ ScanHit block_first_crossing(Weight weight, int64_t count, double threshold, RowShared& sh) {
   double carry = 0;
   for (int64_t c0 = 0; c0 < count; c0 += kScanChunk) {
     const int64_t base = c0 + int64_t(threadIdx.x) * kScanItems;
@@ -286,7 +287,7 @@ __device__ ScanHit block_first_crossing(Weight weight, int64_t count, double thr
     for (int k = 0; k < kScanItems; ++k) {
       if (mine < 0 && base + k < count) {
         run += double(w[k]);
-        if (run > threshold || (or_equal && run >= threshold)) mine = base + k, mine_cum = run;
+        if (run > threshold) mine = base + k, mine_cum = run;
       }
     }
     if (mine >= 0) atomicMin(&sh.hit, mine);
@@ -302,45 +303,12 @@ __device__ ScanHit block_first_crossing(Weight weight, int64_t count, double thr
   return {count, carry};
 }
 
-// The first position in [begin, end) where pred holds (end if none), scanning kRowThreads at a time.
-template <class Pred>
-__device__ int64_t block_first_index(int64_t begin, int64_t end, Pred pred, RowShared& sh) {
-  for (int64_t c0 = begin; c0 < end; c0 += kRowThreads) {
-    const int64_t i = c0 + threadIdx.x;
-    const bool hit = i < end && pred(i);
-    __syncthreads();
-    if (threadIdx.x == 0) sh.hit = LLONG_MAX;
-    if (__syncthreads_or(hit)) {
-      if (hit) atomicMin(&sh.hit, (long long)i);
-      __syncthreads();
-      return sh.hit;
-    }
-  }
-  return end;
-}
-
-// Sort keys whose ascending order is (logit descending, id ascending): the logit's bits mapped
-// to an order-preserving unsigned integer, complemented, above `id_bits` bits of id. −0 sorts as +0.
-__device__ __forceinline__ uint64_t sort_key(float x, uint32_t id, int id_bits) {
-  if (x == 0.0f) x = 0.0f;
-  const uint32_t u = __float_as_uint(x);
-  const uint32_t ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return (uint64_t(~ord) << id_bits) | id;
-}
-__device__ __forceinline__ float key_logit(uint64_t key, int id_bits) {
-  const uint32_t ord = ~uint32_t(key >> id_bits);
-  return __uint_as_float((ord & 0x80000000u) ? (ord ^ 0x80000000u) : ~ord);
-}
-__device__ __forceinline__ int key_id(uint64_t key, int id_bits) {
-  return int(key & ((uint64_t(1) << id_bits) - 1));
-}
-
-// One block per row: the max and argmax (lowest id on ties), the raw log-sum-exp, and for the
-// greedy and untruncated modes the token and its raw log-prob. Weights at temperature T are
-// expf((x − max)·(1/T)), the float arithmetic of sample_token.
+// One block per row, greedy and untruncated sampling: the argmax (lowest id on ties), the raw
+// log-sum-exp, the token and its raw log-prob. Weights at temperature T are expf((x − max)·(1/T)),
+// the float arithmetic of sample_token.
 __global__ void __launch_bounds__(kRowThreads)
-    sample_rows_kernel(const float* logits, int64_t V, int mode, float inv_t, const double* u, float* row_max,
-                       double* raw_lse, int32_t* tokens, double* logprobs) {
+    sample_rows_kernel(const float* logits, int64_t V, bool greedy, float inv_t, const double* u, int32_t* tokens,
+                       double* logprobs) {
   __shared__ RowShared sh;
   const int64_t row = blockIdx.x;
   const float* x = logits + row * V;
@@ -348,62 +316,382 @@ __global__ void __launch_bounds__(kRowThreads)
   int am = -1;
   for (int64_t j = threadIdx.x; j < V; j += kRowThreads)
     if (beats(x[j], int(j), mx, am)) mx = x[j], am = int(j);
-  block_argmax(mx, am, sh);
+  block_argmax(mx, am, sh.redf, sh.redi);
   double s = 0;
   for (int64_t j = threadIdx.x; j < V; j += kRowThreads) s += double(expf(x[j] - mx));
   const double raw_sum = block_sum(s, sh.red);
-  const double lse = double(mx) + log(raw_sum);
   int tok = am;
-  if (mode == kUntruncated) {
+  if (!greedy) {
     auto w = [&](int64_t j) { return expf((x[j] - mx) * inv_t); };
-    const double z = inv_t == 1.0f ? raw_sum : block_first_crossing(w, V, INFINITY, false, sh).cum;
-    const ScanHit hit = block_first_crossing(w, V, u[row] * z, false, sh);
+    const double z = inv_t == 1.0f ? raw_sum : block_first_crossing(w, V, INFINITY, sh).cum;
+    const ScanHit hit = block_first_crossing(w, V, u[row] * z, sh);
     tok = hit.index < V ? int(hit.index) : int(V - 1);  // V − 1 if rounding left u·z past the end
   }
-  if (threadIdx.x == 0) {
-    row_max[row] = mx;
-    raw_lse[row] = lse;
-    if (mode != kTruncated) tokens[row] = tok, logprobs[row] = double(x[tok]) - lse;
+  if (threadIdx.x == 0) tokens[row] = tok, logprobs[row] = double(x[tok]) - (double(mx) + log(raw_sum));
+}
+
+// ---- Truncated sampling (top-k / top-p): radix selection, no sort ----
+//
+// Candidates are totally ordered by (logit desc, id asc), the ascending order of SampleRow::key.
+// The k-th candidate, the top-p cutoff and the drawn token are each a selection on that order:
+// the first candidate whose cumulative weight (a count for top-k) exceeds a threshold. A
+// selection fixes the key kDigitBits bits at a time: a pass histograms the weights of the
+// candidates whose key starts with the digits fixed so far by their next digit, and a block scan
+// of the bins finds the digit where the cumulative weight crosses. The key's top digit is a
+// bucket of max − logit, 4096 buckets over the row's range (at most 32·T, where weights fall
+// below the fixed point's unit; fewer buckets for V > 2^19), so the first pass spreads the row
+// evenly and the chosen bucket holds few candidates, near-uniform rows included. Passes re-read
+// the row's logits (from L2 at decode batch sizes) until those left fit in shared memory: the
+// pass that reads them copies them there, and once at most kRankMax are left each finds its
+// place by comparing keys with the others. On a continuous row a call reads the row 3 times: the
+// max, then top-p's first histogram (which the draw reuses) and the copy of the cutoff's bucket
+// (with the draw's when the kept histogram pins it), or top-k's two passes (the second copies
+// every kept candidate when they fit, for top-p and the draw). Ties cost more passes: at most
+// key bits / 12 per selection.
+//
+// Weights are summed exactly in 64-bit fixed point: w = expf((x − max)/T) <= 1 (1 at the max) in
+// units of 2^-S, S = 63 − id_bits, so V weights sum below 2^63 and integer atomics give the same
+// sums in any order. A weight >= 2^-23 converts exactly (its float ulp is >= 2^-46 >= 2^-S);
+// smaller ones truncate to a multiple of 2^-S, those under 2^-S (2^-45 of the max weight at V
+// 152k) to 0: such a token is never drawn here, while sample_token draws it with probability
+// below 2^-S. The exact sums stand in for sample_token's double sums, so a cutoff or draw can
+// differ from the CPU's only where top_p·z or u·z lies within expf's rounding (~2^-22·z) plus
+// V·2^-S of a cumulative boundary.
+
+constexpr int kSelectThreads = 1024;  // one block per row: many loads in flight on its SM
+constexpr int kSelectWarps = kSelectThreads / 32;
+constexpr int kDigitBits = 12;
+constexpr int kBins = 1 << kDigitBits;
+constexpr int kBinsPerThread = kBins / kSelectThreads;
+constexpr int kListCap = 4096;  // candidates a selection copies to shared memory
+constexpr int kRankMax = 256;   // candidates few enough to rank by comparing all pairs
+constexpr int kRowLoads = 6;    // logits each thread loads before using them
+static_assert(kBins % kSelectThreads == 0 && kRankMax <= kSelectThreads, "bins and ranks per thread");
+
+// First-pass histogram of a selection: computed, computed and kept (top-p), or the kept one
+// (the draw after top-p, whose first pass would histogram the same candidates by the same digit).
+enum FirstHistogram : int { kCompute = 0, kComputeAndKeep = 1, kReuseKept = 2 };
+
+struct SelectShared {
+  unsigned long long mass[kBins];        // fixed-point weight of the candidates per digit value
+  unsigned count[kBins];                 // candidates per digit value
+  unsigned long long kept_mass[kBins];   // the top-p selection's first histogram
+  unsigned kept_count[kBins];
+  unsigned long long list_key[kListCap];  // candidates copied from the row, in no particular order
+  float list_w[kListCap];                 // their weights at temperature T
+  unsigned long long rank_key[kRankMax];  // the last few candidates of a selection
+  unsigned long long rank_w[kRankMax];    // their fixed-point weights (1 in count mode)
+  unsigned long long warp_total[kSelectWarps];
+  double red[kSelectWarps];
+  float redf[kSelectWarps];
+  int redi[kSelectWarps];
+  unsigned long long chosen_before, chosen_mass, found_key, found_cum;
+  unsigned chosen_digit, chosen_count;
+  int list_n, rank_n;
+};
+
+// A selection's candidates: key <= limit, and key's bits from `shift` up equal prefix's.
+struct KeyRange {
+  uint64_t prefix, limit;
+  int shift;
+  __device__ bool holds(uint64_t key) const { return key <= limit && (key >> shift) == (prefix >> shift); }
+  __device__ bool covers(const KeyRange& r) const {  // every candidate of r is one of ours
+    return r.shift <= shift && (r.prefix >> shift) == (prefix >> shift) && r.limit <= limit;
+  }
+};
+
+// The candidates in shared memory: when valid, every one of `range` and of `also` (if set).
+struct CandidateList {
+  KeyRange range, also;
+  bool has_also;
+  int n;
+  bool valid;
+  __device__ bool covers(const KeyRange& r) const {
+    return valid && (range.covers(r) || (has_also && also.covers(r)));
+  }
+};
+
+struct SampleRow {
+  const float* x;  // (V) logits
+  int64_t V;
+  int id_bits, bucket_bits;  // key = bucket, order-preserving logit bits, id
+  float mx, inv_t;
+  float bucket_scale;  // buckets per unit of max − logit
+  float unit;          // 2^S, a weight of 1 in fixed point
+
+  __device__ int key_bits() const { return bucket_bits + 32 + id_bits; }
+  __device__ float weight(float v) const { return expf((v - mx) * inv_t); }
+  __device__ unsigned long long fixed(float w) const { return __float2ull_rz(w * unit); }  // exact scaling
+  // The bucket of max − x, non-decreasing as x falls. fminf turns the NaN of inf·0 (x = −inf, a
+  // scale of 0) or 0·inf (x = max, a scale that overflowed) into the last bucket: still so.
+  __device__ unsigned bucket(float v) const {
+    return unsigned(fminf((mx - v) * bucket_scale, float((1 << bucket_bits) - 1)));
+  }
+  // Ascending keys are the candidates' order: the bucket, then x's bits mapped to an
+  // order-preserving integer and complemented (−0 ranks as +0, as sample_token compares values),
+  // then the id.
+  __device__ uint64_t key(float v, uint32_t id) const {
+    const unsigned b = bucket(v);
+    if (v == 0.0f) v = 0.0f;
+    const uint32_t u = __float_as_uint(v);
+    const uint32_t ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return (((uint64_t(b) << 32) | ~ord) << id_bits) | id;
+  }
+};
+
+// f(x[j], j) for this thread's share of the row (j = threadIdx.x + i·kSelectThreads, in order),
+// kRowLoads loads in flight per thread: one block per SM must cover L2's latency by itself.
+template <class F>
+__device__ void for_each_logit(const float* x, int64_t V, F f) {
+  for (int64_t j0 = threadIdx.x; j0 < V; j0 += int64_t(kSelectThreads) * kRowLoads) {
+    float v[kRowLoads];
+#pragma unroll
+    for (int k = 0; k < kRowLoads; ++k) {
+      const int64_t j = j0 + k * kSelectThreads;
+      v[k] = j < V ? x[j] : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < kRowLoads; ++k)
+      if (j0 + k * kSelectThreads < V) f(v[k], j0 + k * kSelectThreads);
   }
 }
 
-__global__ void sample_keys_kernel(const float* logits, int64_t V, int id_bits, uint64_t* keys) {
-  const int64_t off = int64_t(blockIdx.x) * V;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) keys[off + j] = sort_key(logits[off + j], uint32_t(j), id_bits);
+// One histogram pass over r's candidates: each adds its fixed-point weight (nothing in count
+// mode) and 1 to the bins of its digit, key bits [dshift, r.shift). From the list when it covers
+// r, else from the row: then `gather` copies the candidates into the list (valid if they fit),
+// with those of `also` when has_also (a later selection's), and `raw` adds every raw softmax
+// numerator expf(x − max) to raw_part (a fixed order per thread).
+__device__ void histogram_pass(const SampleRow& row, const KeyRange& r, int dshift, bool count_mode, bool gather,
+                               KeyRange also, bool has_also, bool raw, double& raw_part, CandidateList& list,
+                               SelectShared& sh) {
+  const bool from_list = list.covers(r);
+  gather = gather && !from_list;
+  for (int b = threadIdx.x; b < kBins; b += kSelectThreads) sh.mass[b] = 0, sh.count[b] = 0;
+  if (gather && threadIdx.x == 0) sh.list_n = 0;
+  __syncthreads();
+  const uint64_t mask = (uint64_t(1) << (r.shift - dshift)) - 1;
+  auto add_digit = [&](unsigned d, float w) {
+    const unsigned long long f = count_mode ? 0 : row.fixed(w);
+    if (f) atomicAdd(&sh.mass[d], f);  // most of a peaked row weighs 0: no contended atomics for it
+    atomicAdd(&sh.count[d], 1u);
+  };
+  auto add = [&](uint64_t key, float w) { add_digit(unsigned((key >> dshift) & mask), w); };
+  // The first digit over the whole row: every logit is a candidate and its digit is its bucket.
+  // The last bucket (32·T and more below the max, −inf) can hold most of a row at low T: each
+  // thread sums its share and adds it once.
+  const bool by_bucket = r.shift == row.key_bits() && r.limit == ~uint64_t(0) && row.bucket_bits == kDigitBits;
+  unsigned long long tail_mass = 0;
+  unsigned tail_count = 0;
+  if (from_list) {
+    for (int i = threadIdx.x; i < list.n; i += kSelectThreads)
+      if (r.holds(sh.list_key[i])) add(sh.list_key[i], sh.list_w[i]);
+  } else {
+    for_each_logit(row.x, row.V, [&](float v, int64_t j) {
+      if (raw) raw_part += double(expf(v - row.mx));
+      if (by_bucket && !gather) {
+        const unsigned b = row.bucket(v);
+        const float w = count_mode ? 0.0f : row.weight(v);
+        if (b != kBins - 1) return add_digit(b, w);
+        ++tail_count;
+        if (!count_mode) tail_mass += row.fixed(w);
+        return;
+      }
+      const uint64_t key = row.key(v, uint32_t(j));
+      const bool mine = r.holds(key);
+      if (!mine && !(gather && has_also && also.holds(key))) return;
+      const float w = count_mode && !gather ? 0.0f : row.weight(v);
+      if (mine) add(key, w);
+      if (gather) {
+        const int at = atomicAdd(&sh.list_n, 1);
+        if (at < kListCap) sh.list_key[at] = key, sh.list_w[at] = w;
+      }
+    });
+    if (tail_count) atomicAdd(&sh.count[kBins - 1], tail_count);
+    if (tail_mass) atomicAdd(&sh.mass[kBins - 1], tail_mass);
+  }
+  __syncthreads();
+  if (gather) list = {r, also, has_also, min(sh.list_n, kListCap), sh.list_n <= kListCap};
 }
 
-__global__ void segment_offsets_kernel(int* offsets, int64_t segments, int64_t V) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i <= segments) offsets[i] = int(i * V);
+struct Chosen {
+  uint64_t before, mass;  // cumulative weight before the digit's candidates, and theirs
+  unsigned digit, count;
+};
+
+// After a histogram pass: the digit at which `before` plus the cumulative weight of the digits
+// (their counts in count mode) first exceeds th(total), total being the histogram's sum.
+template <class Threshold>
+__device__ Chosen choose_digit(const unsigned long long* mass, const unsigned* count, bool count_mode, uint64_t before,
+                               Threshold th, SelectShared& sh) {
+  const int b0 = threadIdx.x * kBinsPerThread, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint64_t m[kBinsPerThread], local = 0;
+#pragma unroll
+  for (int i = 0; i < kBinsPerThread; ++i) local += m[i] = count_mode ? count[b0 + i] : mass[b0 + i];
+  uint64_t incl = local;
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint64_t y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) sh.warp_total[warp] = incl;
+  __syncthreads();
+  uint64_t run = before + incl - local, total = 0;
+  for (int w = 0; w < kSelectWarps; ++w) {
+    if (w < warp) run += sh.warp_total[w];
+    total += sh.warp_total[w];
+  }
+  const uint64_t t = th(total);
+#pragma unroll
+  for (int i = 0; i < kBinsPerThread; ++i) {
+    const uint64_t start = run;
+    run += m[i];
+    if (start <= t && run > t)  // exactly one digit: the sums only grow
+      sh.chosen_before = start, sh.chosen_mass = m[i], sh.chosen_digit = b0 + i, sh.chosen_count = count[b0 + i];
+  }
+  __syncthreads();
+  return {sh.chosen_before, sh.chosen_mass, sh.chosen_digit, sh.chosen_count};
 }
 
-// One block per row of the group, on its keys sorted by (logit desc, id asc): top-k keeping ties
-// at the k-th logit (top_k 0: off), then the smallest prefix reaching top_p of the kept weight,
-// then the inverse-CDF draw; the raw log-prob from the row's unmodified logits.
-__global__ void __launch_bounds__(kRowThreads)
-    sample_sorted_kernel(const uint64_t* sorted, const float* logits, int64_t V, int id_bits, int64_t top_k,
-                         double top_p, float inv_t, const double* u, const float* row_max, const double* raw_lse,
-                         int64_t row0, int32_t* tokens, double* logprobs) {
-  __shared__ RowShared sh;
-  const int64_t g = blockIdx.x, row = row0 + g;
-  const uint64_t* keys = sorted + g * V;
-  const float mx = row_max[row];
-  int64_t kept = V;
+struct Selected {
+  uint64_t key;  // the selected candidate
+  uint64_t cum;  // cumulative weight (count) through it
+};
+
+// The selection among r's candidates, at most kRankMax and all in the list, `before` the weight
+// of the candidates ahead of r: each finds the weight ahead of it within r by comparing keys.
+template <class Threshold>
+__device__ Selected rank_select(const SampleRow& row, const KeyRange& r, bool count_mode, uint64_t before,
+                                Threshold th, const CandidateList& list, SelectShared& sh) {
+  if (threadIdx.x == 0) sh.rank_n = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < list.n; i += kSelectThreads)
+    if (r.holds(sh.list_key[i])) {
+      const int at = atomicAdd(&sh.rank_n, 1);
+      sh.rank_key[at] = sh.list_key[i], sh.rank_w[at] = count_mode ? 1 : row.fixed(sh.list_w[i]);
+    }
+  __syncthreads();
+  const int n = sh.rank_n;
+  if (int(threadIdx.x) < n) {
+    const uint64_t key = sh.rank_key[threadIdx.x], w = sh.rank_w[threadIdx.x];
+    uint64_t ahead = before, total = 0;
+    for (int j = 0; j < n; ++j) {
+      total += sh.rank_w[j];
+      if (sh.rank_key[j] < key) ahead += sh.rank_w[j];
+    }
+    const uint64_t t = th(total);
+    if (ahead <= t && ahead + w > t) sh.found_key = key, sh.found_cum = ahead + w;  // exactly one
+  }
+  __syncthreads();
+  return {sh.found_key, sh.found_cum};
+}
+
+// The first candidate (key <= limit) in key order whose cumulative weight (count in count mode)
+// exceeds th(the candidates' total), th(total) < total. `gather`: whether the first pass copies
+// the candidates to shared memory (when they may fit); `raw`: whether it sums the raw numerators
+// (cleared once done); also(chosen, r, range): after the first digit, when the next pass reads
+// the row, may name a later selection's candidates for it to copy as well.
+template <class Threshold, class Also>
+__device__ Selected select_candidate(const SampleRow& row, uint64_t limit, bool count_mode, Threshold th_of_total,
+                                     Also also_of, FirstHistogram first_hist, bool gather, bool& raw,
+                                     double& raw_part, CandidateList& list, SelectShared& sh) {
+  KeyRange r{0, limit, row.key_bits()}, also{0, 0, 0};
+  bool has_also = false;
+  uint64_t before = 0, th = 0;
+  for (bool first = true;; first = false) {
+    const int dshift = r.shift > kDigitBits ? r.shift - kDigitBits : 0;
+    const bool reuse = first && first_hist == kReuseKept;
+    if (!reuse) {
+      histogram_pass(row, r, dshift, count_mode, gather, also, has_also, raw, raw_part, list, sh);
+      raw = false, has_also = false;
+      if (first && first_hist == kComputeAndKeep)
+        for (int b = threadIdx.x; b < kBins; b += kSelectThreads)
+          sh.kept_mass[b] = sh.mass[b], sh.kept_count[b] = sh.count[b];
+    }
+    const Chosen c = choose_digit(reuse ? sh.kept_mass : sh.mass, reuse ? sh.kept_count : sh.count, count_mode, before,
+                                  [&](uint64_t total) { return first ? th = th_of_total(total) : th; }, sh);
+    before = c.before;
+    r.prefix |= uint64_t(c.digit) << dshift;
+    r.shift = dshift;
+    if (dshift == 0) return {r.prefix, c.before + c.mass};
+    if (c.count <= kRankMax && list.covers(r))
+      return rank_select(row, r, count_mode, before, [&](uint64_t) { return th; }, list, sh);
+    gather = c.count <= kListCap;
+    if (first && gather && !list.covers(r)) has_also = also_of(c, r, also);
+  }
+}
+
+// One block per row: top-k (every logit >= the k-th's; top_k 0: off), then the smallest prefix
+// of the kept candidates whose weight reaches top_p of theirs, then the draw u; the raw log-prob
+// from the row's unmodified logits. The draw runs over the top-k set with the nucleus's total:
+// a threshold below that total crosses within the nucleus.
+__global__ void __launch_bounds__(kSelectThreads)
+    sample_truncated_kernel(const float* logits, int64_t V, int id_bits, int64_t top_k, double top_p, float inv_t,
+                            const double* u, int32_t* tokens, double* logprobs) {
+  extern __shared__ __align__(16) unsigned char select_smem[];
+  SelectShared& sh = *reinterpret_cast<SelectShared*>(select_smem);
+  const int64_t row_id = blockIdx.x;
+  const float* x = logits + row_id * V;
+  float mx = -INFINITY, mn = INFINITY;
+  int am = -1;
+  for_each_logit(x, V, [&](float v, int64_t j) {
+    if (beats(v, int(j), mx, am)) mx = v, am = int(j);
+    mn = fminf(mn, v);
+  });
+  block_argmax<kSelectWarps>(mx, am, sh.redf, sh.redi);
+  mn = block_min<kSelectWarps>(mn, sh.redf);
+  const int bucket_bits = min(kDigitBits, 31 - id_bits);  // keys of at most 63 bits
+  const float range = fminf(mx - mn, 32.0f / inv_t);      // a constant row: 0, one bucket
+  const SampleRow row{x,   V,     id_bits, bucket_bits, mx, inv_t, range > 0 ? float(1 << bucket_bits) / range : 0.0f,
+                      ldexpf(1.0f, 63 - id_bits)};
+  const uint64_t id_mask = (uint64_t(1) << id_bits) - 1;
+  CandidateList list{{0, 0, 0}, {0, 0, 0}, false, 0, false};
+  bool raw = true;
+  double raw_part = 0;
+
+  auto nothing_else = [](const Chosen&, const KeyRange&, KeyRange&) { return false; };
+  uint64_t limit = ~uint64_t(0);
   if (top_k > 0) {
-    const float kth = key_logit(keys[top_k - 1], id_bits);
-    kept = block_first_index(top_k, V, [&](int64_t i) { return key_logit(keys[i], id_bits) < kth; }, sh);
+    auto kth = [&](uint64_t) { return uint64_t(top_k - 1); };
+    // Every candidate up to the end of the k-th's first digit: the kept set, for top-p and the draw.
+    auto kept_set = [&](const Chosen& c, const KeyRange& r, KeyRange& also) {
+      also = {0, r.prefix | ((uint64_t(1) << r.shift) - 1), row.key_bits()};
+      return c.before + c.count <= kListCap;
+    };
+    limit = select_candidate(row, limit, true, kth, kept_set, kCompute, V <= kListCap, raw, raw_part, list, sh).key |
+            id_mask;
   }
-  auto w = [&](int64_t i) { return expf((key_logit(keys[i], id_bits) - mx) * inv_t); };
-  double z = block_first_crossing(w, kept, INFINITY, false, sh).cum;
+  // Copy the kept candidates while reading them when they may fit (top-k ties can overflow).
+  const bool gather_kept = top_k > 0 ? top_k <= kListCap : V <= kListCap;
+  const double ud = u[row_id];
+  uint64_t draw_th = 0;
   if (top_p < 1) {
-    const ScanHit nucleus = block_first_crossing(w, kept, top_p * z, true, sh);
-    if (nucleus.index < kept) kept = nucleus.index + 1, z = nucleus.cum;
+    auto reach = [&](uint64_t z) {  // cum >= top_p·z  <=>  cum > ceil(top_p·z) − 1
+      return min(uint64_t(ceil(top_p * double(z))) - 1, z - 1);
+    };
+    // The draw's threshold u·z lies between u·before and u·(before + mass) of the cutoff's first
+    // digit; when both fall in one other digit of the kept histogram, the pass that copies the
+    // cutoff's candidates copies the draw's too, and the draw reads no more of the row.
+    auto draw_digit = [&](const Chosen& c, const KeyRange& r, KeyRange& also) {
+      const uint64_t lo = uint64_t(ud * double(c.before)), hi = uint64_t(ud * double(c.before + c.mass));
+      const Chosen a = choose_digit(sh.kept_mass, sh.kept_count, false, 0, [&](uint64_t z) { return min(lo, z - 1); }, sh);
+      const Chosen b = choose_digit(sh.kept_mass, sh.kept_count, false, 0, [&](uint64_t z) { return min(hi, z - 1); }, sh);
+      if (a.digit != b.digit || a.digit == c.digit || a.count + c.count > kListCap) return false;
+      also = {uint64_t(a.digit) << r.shift, r.limit, r.shift};
+      return true;
+    };
+    const uint64_t nucleus =
+        select_candidate(row, limit, false, reach, draw_digit, kComputeAndKeep, gather_kept, raw, raw_part, list, sh)
+            .cum;
+    draw_th = min(uint64_t(ud * double(nucleus)), nucleus - 1);  // cum > u·z; the last one if rounding
   }
-  const ScanHit hit = block_first_crossing(w, kept, u[row] * z, false, sh);
-  const int tok = key_id(keys[hit.index < kept ? hit.index : kept - 1], id_bits);
+  auto draw = [&](uint64_t z) { return top_p < 1 ? draw_th : min(uint64_t(ud * double(z)), z - 1); };
+  const uint64_t key = select_candidate(row, limit, false, draw, nothing_else, top_p < 1 ? kReuseKept : kCompute,
+                                        gather_kept, raw, raw_part, list, sh)
+                           .key;
+  const double raw_sum = block_sum<kSelectWarps>(raw_part, sh.red);
   if (threadIdx.x == 0) {
-    tokens[row] = tok;
-    logprobs[row] = double(logits[row * V + tok]) - raw_lse[row];
+    const int tok = int(key & id_mask);
+    tokens[row_id] = tok;
+    logprobs[row_id] = double(x[tok]) - (double(mx) + log(raw_sum));
   }
 }
 
@@ -461,10 +749,10 @@ void CudaOps::head_logprobs_backward(bf16* dH, float* dW, const bf16* H, const b
   }
 }
 
-// Float vs double: each weight is an fp32 expf of the same fp32 argument sample_token computes,
+// Untruncated: each weight is an fp32 expf of the same fp32 argument sample_token computes,
 // summed in double; the sums run in another order (block scans, not a loop) and expf differs from
 // the CPU's exp by about an ulp, so a draw can differ from the CPU's only when u·z lies within
-// about 1e-7 relative of a cumulative boundary.
+// about 1e-7 relative of a cumulative boundary. Truncated: see sample_truncated_kernel's notes.
 void CudaOps::sample(int32_t* tokens, double* raw_logprobs, const float* logits, int64_t n, int64_t V,
                      const SamplingOptions& o, const double* u) {
   SPPO_REQUIRE(n >= 0 && V > 0 && V < (int64_t(1) << 31), "sample: bad shape n ", n, ", V ", V);
@@ -472,46 +760,28 @@ void CudaOps::sample(int32_t* tokens, double* raw_logprobs, const float* logits,
   if (n == 0) return;
   SPPO_CUDA_CHECK(cudaSetDevice(device_));
   HeadState& st = head_state();
-  const int mode = !(o.temperature > 0)                                      ? kGreedy
-                   : (o.top_k == 0 || o.top_k >= V) && o.top_p >= 1 ? kUntruncated
-                                                                            : kTruncated;
-  const float inv_t = mode == kGreedy ? 1.0f : float(1.0 / o.temperature);
+  const bool greedy = !(o.temperature > 0);
+  const bool truncated = !greedy && ((o.top_k > 0 && o.top_k < V) || o.top_p < 1);
+  const float inv_t = greedy ? 1.0f : float(1.0 / o.temperature);
   double* du = grow<double>(st.u, size_t(n) * sizeof(double), stream_, "the sampler's draws");
   int32_t* dtok = grow<int32_t>(st.tokens, size_t(n) * sizeof(int32_t), stream_, "the sampled tokens");
   double* dlp = grow<double>(st.logprob, size_t(n) * sizeof(double), stream_, "the sampled log-probs");
-  float* dmax = grow<float>(st.row_max, size_t(n) * sizeof(float), stream_, "the sampler's row maxima");
-  double* dlse = grow<double>(st.raw_lse, size_t(n) * sizeof(double), stream_, "the sampler's log-sum-exps");
-  if (mode != kGreedy)
-    SPPO_CUDA_CHECK(cudaMemcpyAsync(du, u, size_t(n) * sizeof(double), cudaMemcpyHostToDevice, stream_));
-  sample_rows_kernel<<<unsigned(n), kRowThreads, 0, stream_>>>(logits, V, mode, inv_t, du, dmax, dlse, dtok, dlp);
-  SPPO_CUDA_LAUNCHED(sample_rows_kernel);
-
-  if (mode == kTruncated) {
+  if (!greedy) SPPO_CUDA_CHECK(cudaMemcpyAsync(du, u, size_t(n) * sizeof(double), cudaMemcpyHostToDevice, stream_));
+  if (truncated) {
     int id_bits = 1;
-    while ((int64_t(1) << id_bits) < V) ++id_bits;  // ids 0..V−1 fit; 32 + id_bits <= 63
-    const int64_t G = std::max<int64_t>(1, std::min(n, kSortKeys / V));
-    const size_t key_bytes = size_t(G * V) * sizeof(uint64_t);
-    uint64_t* ka = grow<uint64_t>(st.keys_a, key_bytes, stream_, "the sampler's sort keys");
-    uint64_t* kb = grow<uint64_t>(st.keys_b, key_bytes, stream_, "the sampler's sort keys");
-    int* offsets = grow<int>(st.offsets, size_t(G + 1) * sizeof(int), stream_, "the sampler's segment offsets");
-    segment_offsets_kernel<<<blocks_for(G + 1, 256), 256, 0, stream_>>>(offsets, G, V);
-    SPPO_CUDA_LAUNCHED(segment_offsets_kernel);
+    while ((int64_t(1) << id_bits) < V) ++id_bits;  // ids 0..V−1 fit; id_bits <= 31
     const int64_t top_k = o.top_k > 0 && o.top_k < V ? o.top_k : 0;
-    for (int64_t row0 = 0; row0 < n; row0 += G) {
-      const int64_t g = std::min(G, n - row0);
-      sample_keys_kernel<<<unsigned(g), kRowThreads, 0, stream_>>>(logits + row0 * V, V, id_bits, ka);
-      SPPO_CUDA_LAUNCHED(sample_keys_kernel);
-      cub::DoubleBuffer<uint64_t> keys(ka, kb);
-      size_t temp_bytes = 0;
-      SPPO_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeys(nullptr, temp_bytes, keys, int(g * V), int(g), offsets,
-                                                              offsets + 1, 0, 32 + id_bits, stream_));
-      void* temp = grow<void>(st.sort_temp, temp_bytes, stream_, "the sampler's sort");
-      SPPO_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeys(temp, temp_bytes, keys, int(g * V), int(g), offsets,
-                                                              offsets + 1, 0, 32 + id_bits, stream_));
-      sample_sorted_kernel<<<unsigned(g), kRowThreads, 0, stream_>>>(keys.Current(), logits, V, id_bits, top_k,
-                                                                     o.top_p, inv_t, du, dmax, dlse, row0, dtok, dlp);
-      SPPO_CUDA_LAUNCHED(sample_sorted_kernel);
+    if (!st.select_smem_set) {  // above the 48 KiB a kernel gets without asking
+      SPPO_CUDA_CHECK(cudaFuncSetAttribute(sample_truncated_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(sizeof(SelectShared))));
+      st.select_smem_set = true;
     }
+    sample_truncated_kernel<<<unsigned(n), kSelectThreads, sizeof(SelectShared), stream_>>>(
+        logits, V, id_bits, top_k, o.top_p, inv_t, du, dtok, dlp);
+    SPPO_CUDA_LAUNCHED(sample_truncated_kernel);
+  } else {
+    sample_rows_kernel<<<unsigned(n), kRowThreads, 0, stream_>>>(logits, V, greedy, inv_t, du, dtok, dlp);
+    SPPO_CUDA_LAUNCHED(sample_rows_kernel);
   }
   SPPO_CUDA_CHECK(cudaMemcpyAsync(tokens, dtok, size_t(n) * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
   SPPO_CUDA_CHECK(cudaMemcpyAsync(raw_logprobs, dlp, size_t(n) * sizeof(double), cudaMemcpyDeviceToHost, stream_));

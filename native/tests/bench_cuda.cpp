@@ -4,7 +4,8 @@
 //   B8 T1024): fwd + bwd + AdamW tokens/s and MFU (6·params + 6·layers·d·T FLOPs per token
 //   against 790 TFLOP/s, the anchors' convention);
 //   generate 134M at batch 64 and 256 (64-token prompts, 128 new tokens, T 0.7, top-p 0.9);
-//   the fused LM head + loss backward at B8 T1024 H4096 V128256: time and extra device memory.
+//   the fused LM head + loss backward at B8 T1024 H4096 V128256: time and extra device memory;
+//   the sampler alone (one call: draws up, tokens and log-probs down) at batch 1, 64 and 256.
 // Prints "skipped" where no GPU is usable. Times are medians after a warm-up; every timed call
 // ends with a device -> host copy, so host time is device time. cuda_breakdown prints where the
 // time of a training step and of a decode step goes (tests/cuda_profile.h), against the card's
@@ -216,6 +217,28 @@ void breakdown_decode(const ModelConfig& c, int batch, int prompt, int new_token
                 new_tokens);
   bench::print_breakdown(title, *profile, new_tokens, wall, ceilings().tflops, ceilings().tbs);
 }
+
+// One sampler call per timing at decode shapes (`logits`: n rows of V on the device), host time
+// of the whole call: draws up, kernels, tokens and log-probs down.
+void bench_sampler(Ops<bf16>& ops, const float* logits, int64_t n, int64_t V, const char* rows, const char* what,
+                   double t, int64_t k, double p) {
+  SamplingOptions o;
+  o.temperature = t, o.top_k = k, o.top_p = p;
+  std::vector<double> u(n), lp(n);
+  std::vector<int32_t> tok(n);
+  std::vector<double> times;
+  for (int r = 0; r < 25; ++r) {
+    for (int64_t i = 0; i < n; ++i) u[i] = uniform01(4, r, i);
+    const auto t0 = std::chrono::steady_clock::now();
+    ops.sample(tok.data(), lp.data(), logits, n, V, o, u.data());
+    if (r >= 5) times.push_back(seconds_since(t0));
+  }
+  std::sort(times.begin(), times.end());
+  std::printf("sampler batch %-3lld V %-6lld %-12s %-20s %8.1f us/call\n", (long long)n, (long long)V, rows, what,
+              1e6 * times[times.size() / 2]);
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 SPPO_BENCH(cuda_train_step) {
@@ -277,6 +300,29 @@ SPPO_BENCH(cuda_fused_head) {
               1e3 * s, extra / 1073741824.0, inputs / 1073741824.0);
   for (void* p : {(void*)H, (void*)W, (void*)dH, (void*)dW, (void*)tg, (void*)logp, (void*)lse, (void*)coef, (void*)scratch})
     ops->free_bytes(p);
+}
+
+// Near-uniform rows (a random-weight model: top-p 0.9 keeps ~90% of the vocabulary) and peaked
+// ones (standard deviation 4); every row of a batch the same (the work does not depend on which).
+SPPO_BENCH(cuda_sampler) {
+  if (!gpu_or_skip()) return;
+  std::unique_ptr<Ops<bf16>> ops = cuda::make_ops(0);
+  for (int64_t V : {int64_t(32000), int64_t(151936)})
+    for (double sigma : {0.02, 4.0}) {
+      std::vector<float> row(V);
+      for (int64_t j = 0; j < V; ++j) row[j] = float(sigma * standard_normal(3, 0, j));
+      for (int64_t n : {int64_t(1), int64_t(64), int64_t(256)}) {
+        std::vector<float> x;
+        for (int64_t i = 0; i < n; ++i) x.insert(x.end(), row.begin(), row.end());
+        auto* d = static_cast<float*>(ops->alloc_bytes(x.size() * sizeof(float)));
+        ops->upload_bytes(d, x.data(), x.size() * sizeof(float));
+        const char* rows = sigma < 0.1 ? "near-uniform" : "peaked";
+        bench_sampler(*ops, d, n, V, rows, "T 0.7 untruncated", 0.7, 0, 1);
+        bench_sampler(*ops, d, n, V, rows, "T 0.7 top-p 0.9", 0.7, 0, 0.9);
+        bench_sampler(*ops, d, n, V, rows, "top-k 50 top-p 0.9", 0.7, 50, 0.9);
+        ops->free_bytes(d);
+      }
+    }
 }
 
 SPPO_BENCH(cuda_breakdown) {

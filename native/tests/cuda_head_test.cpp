@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -144,6 +145,65 @@ std::vector<float> sampler_logits(int64_t rows, int64_t V, uint64_t seed) {
   return x;
 }
 
+
+// The truncated sampler's hard rows, by kind: continuous; near-uniform (a random-weight model:
+// top-p 0.9 keeps ~90% of the vocabulary); quarters and whole numbers (ties at every cutoff);
+// peaked and very peaked; a constant row; ±0 ties; −inf and −3e38 / −1e30 logits among normal ones.
+constexpr const char* kHardKinds[] = {"continuous", "near-uniform", "quarters", "integers",     "peaked",
+                                      "very peaked", "constant",    "signed zeros", "-inf", "-huge"};
+std::vector<float> hard_row(int kind, int64_t V, uint64_t seed) {
+  std::vector<float> r(V);
+  for (int64_t j = 0; j < V; ++j) {
+    const double g = standard_normal(seed, kind, j);
+    switch (kind) {
+      case 0: r[j] = float(2.5 * g); break;
+      case 1: r[j] = float(0.02 * g); break;
+      case 2: r[j] = float(std::round(8 * g) / 4); break;
+      case 3: r[j] = float(std::round(g)); break;
+      case 4: r[j] = float(2 * g + (j % 997 == 5 ? 12 : 0)); break;
+      case 5: r[j] = float(30 * g); break;
+      case 6: r[j] = 1.25f; break;
+      case 7: r[j] = j % 3 == 0 ? 0.0f : j % 3 == 1 ? -0.0f : float(std::round(g) / 2); break;
+      case 8: r[j] = j % 4 == 1 ? -std::numeric_limits<float>::infinity() : float(1.5 * g); break;
+      default: r[j] = j % 5 == 2 ? -3e38f : j % 5 == 3 ? -1e30f : float(g); break;
+    }
+  }
+  return r;
+}
+
+// How close sample_token's thresholds came to a cumulative boundary of its walk, relative to the
+// kept total: the smallest |cum − top_p·z| / z over the kept candidates and |cum − u·z| / z over
+// the nucleus, from the weights sample_token left in `work`. The last sum of each walk is no
+// boundary: top_p·z and u·z stay below it, and both samplers take the last candidate there.
+double cpu_boundary_gap(const float* x, int64_t V, const SamplingOptions& o, double u, const SamplerScratch<float>& work) {
+  std::vector<int32_t> ids(V);
+  for (int64_t j = 0; j < V; ++j) ids[j] = int32_t(j);
+  std::sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
+  int64_t kept = V;
+  if (o.top_k > 0 && o.top_k < V) {
+    kept = o.top_k;
+    while (kept < V && x[ids[kept]] >= x[ids[o.top_k - 1]]) ++kept;
+  }
+  const std::vector<float>& w = work.weights;
+  double z = 0, gap = std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < kept; ++i) z += double(w[ids[i]]);
+  auto closest = [&](double target, int64_t n) {
+    double cum = 0;
+    for (int64_t i = 0; i + 1 < n; ++i) cum += double(w[ids[i]]), gap = std::min(gap, std::fabs(cum - target) / z);
+  };
+  if (o.top_p < 1) {
+    closest(o.top_p * z, kept);
+    double cum = 0;
+    int64_t m = 0;
+    while (m < kept) {
+      cum += double(w[ids[m++]]);
+      if (cum >= o.top_p * z) break;
+    }
+    kept = m, z = cum;
+  }
+  closest(u * z, kept);
+  return gap;
+}
 }  // namespace
 
 SPPO_TEST(cuda_head_logprobs_and_backward_match_cpu) {
@@ -288,6 +348,81 @@ SPPO_TEST(cuda_sampler_matches_cpu_sample_token) {
                                                           << " draws differ from sample_token");
       EXPECT_TRUE(lp_err <= 1e-5, settings[s].name << " at V " << V << ": raw log-prob error " << lp_err);
     }
+  }
+}
+
+// The truncated sampler (radix selection on the candidate order) on every hard kind of row, all
+// kinds in one batch, at V 1000, 32000 (Llama 2) and 151936 (Qwen2), with ties across the top-k
+// and top-p cutoffs, top_p tiny (one token) and just below 1, top_k 1, top_k >= V, both together,
+// and u near 0 and 1: the same token as sample_token for the same u except where top_p·z or u·z
+// lies within 1e-6·z of a cumulative boundary of the CPU's walk (the kernel sums exact fixed-point
+// copies of its float weights, the CPU rounded double sums of its own exps: ~1e-7 apart); the same
+// raw log-prob; the same bits on a second call; the same result for a row sampled alone.
+SPPO_TEST(cuda_sampler_truncated_hard_cases) {
+  auto gpu = cuda_or_skip();
+  struct Setting {
+    double t;
+    int64_t k;  // −1: V − 1, −2: V, −3: V + 7
+    double p;
+  };
+  const Setting settings[] = {{1, 0, 0.9},    {0.7, 0, 0.9},   {1.3, 0, 0.5},   {1, 0, 1e-6},     {1, 0, 0.999999},
+                              {1, 1, 1},      {0.7, 50, 1},    {1, 5, 0.8},     {1.3, 20, 0.9},   {1, -1, 1},
+                              {1, -2, 0.95},  {1, -3, 0.3},    {0.05, 0, 0.99}, {1, 4096, 0.9},   {2, 5000, 0.999},
+                              {1, 1, 0.5},    {0.7, 1000, 0.97}};
+  const int kinds = int(std::size(kHardKinds));
+  for (int64_t V : {int64_t(1000), int64_t(32000), int64_t(151936)}) {
+    const int per_kind = V > 100000 ? 1 : 3;
+    const int64_t rows = int64_t(kinds) * per_kind;
+    std::vector<float> x;
+    for (int64_t r = 0; r < rows; ++r) {
+      const std::vector<float> row = hard_row(int(r % kinds), V, 500 + uint64_t(r) + uint64_t(V));
+      x.insert(x.end(), row.begin(), row.end());
+    }
+    const DeviceArray<float> d = upload(*gpu, x);
+    SamplerScratch<float> work;
+    int64_t boundary = 0, draws = 0;
+    double lp_err = 0;
+    for (size_t s = 0; s < std::size(settings); ++s) {
+      SamplingOptions o;
+      o.temperature = settings[s].t, o.top_p = settings[s].p;
+      o.top_k = settings[s].k >= 0 ? settings[s].k : settings[s].k == -1 ? V - 1 : settings[s].k == -2 ? V : V + 7;
+      std::vector<double> u(rows), lp(rows), lp2(rows);
+      std::vector<int32_t> tok(rows), tok2(rows);
+      for (int64_t i = 0; i < rows; ++i) u[i] = i < kinds ? uniform01(77, s, uint64_t(i)) : i < 2 * kinds ? 1e-12 : 1 - 1e-12;
+      gpu->sample(tok.data(), lp.data(), d.data(), rows, V, o, u.data());
+      gpu->sample(tok2.data(), lp2.data(), d.data(), rows, V, o, u.data());
+      for (int64_t i = 0; i < rows; ++i) {
+        const char* kind = kHardKinds[i % kinds];
+        const float* xi = x.data() + i * V;
+        EXPECT_TRUE(tok2[i] == tok[i] && std::memcmp(&lp2[i], &lp[i], sizeof(double)) == 0,
+                    "V " << V << " " << kind << " setting " << s << ": a second call gave token " << tok2[i] << " vs "
+                         << tok[i]);
+        double cpu_lp = 0;
+        const int32_t cpu_tok = sample_token(xi, V, o, u[i], &cpu_lp, work);
+        ++draws;
+        if (tok[i] != cpu_tok) {
+          const double gap = cpu_boundary_gap(xi, V, o, u[i], work);
+          EXPECT_TRUE(gap < 1e-6, "V " << V << " " << kind << " T " << o.temperature << " k " << o.top_k << " p "
+                                       << o.top_p << " u " << u[i] << ": token " << tok[i] << " vs cpu " << cpu_tok
+                                       << ", thresholds " << gap << "·z from a boundary");
+          ++boundary;
+          continue;
+        }
+        lp_err = std::max(lp_err, std::fabs(lp[i] - cpu_lp));
+        EXPECT_NEAR(lp[i], cpu_lp, 1e-6);
+      }
+      for (int64_t i = 0; i < 2; ++i) {  // a row's result does not depend on the other rows
+        int32_t t1 = -1;
+        double l1 = 0;
+        const int64_t r = i == 0 ? 1 : rows - 1;
+        gpu->sample(&t1, &l1, d.data() + r * V, 1, V, o, &u[r]);
+        EXPECT_TRUE(t1 == tok[r] && std::memcmp(&l1, &lp[r], sizeof(double)) == 0,
+                    "V " << V << " setting " << s << " row " << r << " alone: token " << t1 << " vs " << tok[r]);
+      }
+    }
+    std::printf("      truncated sampler V %lld: %lld of %lld draws differ from sample_token (all at a boundary); "
+                "raw log-prob err %.1e\n",
+                (long long)V, (long long)boundary, (long long)draws, lp_err);
   }
 }
 
