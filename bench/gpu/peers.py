@@ -6,14 +6,14 @@
 #   generate 134M at batch 64 and 256 (64-token prompts, 128 new, T 0.7, top-p 0.9) with a static
 #   KV cache and torch.compile (mode "default": "reduce-overhead" fails in transformers 5.17);
 #   the unfused SPPO head B8 T1024 H4096 V128256 (time and extra memory).
-# Writes $OUT/peers.json; PEERS="train gen head" picks a subset.
+# Writes $OUT/peers.json; PEERS="head train134M train1.1B gen64 gen256" (the default) picks which.
 import json, os, time, traceback
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 OUT = os.environ.get("OUT", "/tmp")
-WANT = os.environ.get("PEERS", "train gen head").split()
+WANT = os.environ.get("PEERS", "head train134M train1.1B gen64 gen256").split()
 res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0)}
 SHAPES = {"134M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=12, vocab_size=32000),
@@ -101,10 +101,12 @@ def head():
 
 if "head" in WANT:
     record("head_unfused_B8_T1024_H4096_V128256", head)
-if "train" in WANT:
+if "train134M" in WANT:
     record("train_compiled_134M_B16_T1024", lambda: train("134M", 16, 1024))
+if "train1.1B" in WANT:
     record("train_compiled_1.1B_B8_T1024", lambda: train("1.1B", 8, 1024))
-if "gen" in WANT:
+if "gen64" in WANT:
     record("generate_static_compiled_134M_b64", lambda: generate(64))
+if "gen256" in WANT:
     record("generate_static_compiled_134M_b256", lambda: generate(256))
 json.dump(res, open(os.path.join(OUT, "peers.json"), "w"), indent=1)
