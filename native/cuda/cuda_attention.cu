@@ -1112,12 +1112,77 @@ __device__ __forceinline__ void fa_write_rows(const float (&acc)[D / 8][4], __nv
   }
 }
 
+// One 64-key tile of the forward for a warp's 16 queries (from wq): S = Q Kᵀ, the online softmax
+// update of the running max m (base 2, scaled) and lane-partial sum l of this lane's rows g and
+// g + 8, and O += P V. kMasked: the tile crosses the warp's diagonal, so keys after a row's query
+// (those past T included) are -inf, and 16-key chunks wholly after the warp's last query are
+// skipped. Key 0 is in the first tile and visible to every row, so m is finite from the first
+// tile on. Scores stay unscaled up to the exponent: exp2(s scale log2(e) - m) is one FFMA and an
+// EX2 (scaling commutes with the max, the scale being positive).
+template <int D, bool kMasked>
+__device__ __forceinline__ void fa_forward_tile(float (&o)[D / 8][4], float (&m)[2], float (&l)[2],
+                                                const uint32_t (&qf)[D / 16][4], const __nv_bfloat16* Kb,
+                                                const __nv_bfloat16* Vb, int k0, int wq, float scale_log2) {
+  const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int chunks = kMasked ? min(4, (wq + 15 - k0) / 16 + 1) : 4;  // 16-key chunks with a key visible to the warp
+  float s[4][2][4];                                                   // [chunk][n-tile][fragment]
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+#pragma unroll
+    for (int n = 0; n < 2; ++n) s[c][n][0] = s[c][n][1] = s[c][n][2] = s[c][n][3] = 0.f;
+    if (c < chunks) fa_scores<D>(s[c], qf, Kb + 16 * c * fa_ld<D>());
+  }
+  float mt[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int c = 0; c < 4; ++c)
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float& x = s[c][n][e];
+        if (kMasked && k0 + 16 * c + 8 * n + 2 * t + (e & 1) > wq + g + 8 * (e >> 1)) x = -INFINITY;
+        mt[e >> 1] = fmaxf(mt[e >> 1], x);
+      }
+  float alpha[2], neg_m[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 1));
+    mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 2));
+    const float m_new = fmaxf(m[r], mt[r] * scale_log2);
+    alpha[r] = exp2f(m[r] - m_new);  // 0 on the first tile (m = -inf, m_new finite)
+    m[r] = m_new;
+    neg_m[r] = -m_new;
+    l[r] *= alpha[r];
+  }
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    o[n][0] *= alpha[0], o[n][1] *= alpha[0];
+    o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    if (c >= chunks) break;
+    uint32_t pa[4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      // Masked: exp2(-inf) = 0.
+      const float p0 = exp2f(fmaf(s[c][n][0], scale_log2, neg_m[0])), p1 = exp2f(fmaf(s[c][n][1], scale_log2, neg_m[0]));
+      const float p2 = exp2f(fmaf(s[c][n][2], scale_log2, neg_m[1])), p3 = exp2f(fmaf(s[c][n][3], scale_log2, neg_m[1]));
+      l[0] += p0 + p1;
+      l[1] += p2 + p3;
+      pa[2 * n] = pack_bf16x2(p0, p1);
+      pa[2 * n + 1] = pack_bf16x2(p2, p3);
+    }
+    fa_accumulate<D>(o, pa, Vb + 16 * c * fa_ld<D>());
+  }
+}
+
 // Forward. Block: 128 queries of one (batch, head), grid ceil(T/128) * B * H, heaviest (last)
 // query blocks first; warp w owns queries q0 + 16w .. q0 + 16w + 15, and this lane rows g and
 // g + 8 of them. Per 64-key tile up to the block's last query: S = Q Kᵀ (Q in registers), online
 // softmax per row (the max over the quad of lanes sharing the row; the sum stays lane-partial,
 // rescaled by the row-uniform alpha, and is reduced once at the end), then O += P V with P taken
-// from the S registers.
+// from the S registers (fa_forward_tile).
 template <int D>
 __global__ void __launch_bounds__(kFaThreads) attention_forward_mma_kernel(__nv_bfloat16* __restrict__ out,
                                                                         float* __restrict__ lse,
@@ -1167,62 +1232,11 @@ __global__ void __launch_bounds__(kFaThreads) attention_forward_mma_kernel(__nv_
     const int k0 = kt * kFaCols;
     const __nv_bfloat16* Kb = Ks + (kt & 1) * kFaCols * LDS;
     const __nv_bfloat16* Vb = Vs + (kt & 1) * kFaCols * LDS;
-    if (k0 <= wq + 15) {  // else every key of the tile is after every query of the warp
-      const int chunks = min(4, (wq + 15 - k0) / 16 + 1);  // 16-key chunks holding a key visible to the warp
-      float s[4][2][4];                                    // [chunk][n-tile][fragment]
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-#pragma unroll
-        for (int n = 0; n < 2; ++n) s[c][n][0] = s[c][n][1] = s[c][n][2] = s[c][n][3] = 0.f;
-        if (c < chunks) fa_scores<D>(s[c], qf, Kb + 16 * c * LDS);
-      }
-      // Scaled scores; keys after the row's query (those past T included) are -inf. Chunks past
-      // `chunks` are all masked. Key 0 is in the first tile and visible to every row, so m is
-      // finite from the first tile on.
-      const bool masked = k0 + kFaCols - 1 > wq;
-      float mt[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int c = 0; c < 4; ++c)
-#pragma unroll
-        for (int n = 0; n < 2; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int key = k0 + 16 * c + 8 * n + 2 * t + (e & 1), q = wq + g + 8 * (e >> 1);
-            float& x = s[c][n][e];
-            x = (masked && key > q) ? -INFINITY : x * p.scale_log2;
-            mt[e >> 1] = fmaxf(mt[e >> 1], x);
-          }
-      float alpha[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 1));
-        mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 2));
-        const float m_new = fmaxf(m[r], mt[r]);
-        alpha[r] = exp2f(m[r] - m_new);  // 0 on the first tile (m = -inf, m_new finite)
-        m[r] = m_new;
-        l[r] *= alpha[r];
-      }
-#pragma unroll
-      for (int n = 0; n < ND; ++n) {
-        o[n][0] *= alpha[0], o[n][1] *= alpha[0];
-        o[n][2] *= alpha[1], o[n][3] *= alpha[1];
-      }
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        if (c >= chunks) break;
-        uint32_t pa[4];
-#pragma unroll
-        for (int n = 0; n < 2; ++n) {
-          const float p0 = exp2f(s[c][n][0] - m[0]), p1 = exp2f(s[c][n][1] - m[0]);  // masked: exp2(-inf) = 0
-          const float p2 = exp2f(s[c][n][2] - m[1]), p3 = exp2f(s[c][n][3] - m[1]);
-          l[0] += p0 + p1;
-          l[1] += p2 + p3;
-          pa[2 * n] = pack_bf16x2(p0, p1);
-          pa[2 * n + 1] = pack_bf16x2(p2, p3);
-        }
-        fa_accumulate<D>(o, pa, Vb + 16 * c * LDS);
-      }
-    }
+    // Tiles wholly after the warp's queries are skipped; only those crossing its diagonal mask.
+    if (k0 + kFaCols - 1 <= wq)
+      fa_forward_tile<D, false>(o, m, l, qf, Kb, Vb, k0, wq, p.scale_log2);
+    else if (k0 <= wq + 15)
+      fa_forward_tile<D, true>(o, m, l, qf, Kb, Vb, k0, wq, p.scale_log2);
     __syncthreads();  // every warp is done with this tile's buffers before they are refilled
   }
 
