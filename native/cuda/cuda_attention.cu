@@ -991,9 +991,9 @@ __global__ void __launch_bounds__(kTcThreads, 1) attention_backward_dkdv_tc_kern
 // For head_dim 32, 64 and 128, the default (SPPO_CUDA_ATTENTION unset or "mma"). Unlike the WMMA
 // kernels above, fragments here have the documented layout of cuda_mma.cuh, so scores S, dP,
 // probabilities P, dS and the accumulators O, dQ, dK, dV never leave registers: a score tile's
-// accumulators, rounded to bf16, are directly the A operand of the next product. A block is 8
-// warps; each warp owns 16 rows of the block's 128 (queries in the forward and dQ, keys in dK/dV)
-// and walks 64-row tiles of the other side, staged in shared memory by cp.async one tile ahead
+// accumulators, rounded to bf16, are directly the A operand of the next product. A block owns
+// 128 rows (queries in the forward and dQ, keys in dK/dV), 16 per warp (8 warps; the forward: 32
+// per warp up to head_dim 64, 4 warps), and walks 64-row tiles of the other side, staged in shared memory by cp.async one tile ahead
 // (double buffering: the copy of tile i+1 runs under the products of tile i). Tile rows are
 // padded by 16 bytes (row stride D+8 bf16), so the 8 row addresses of an ldmatrix phase fall in 8
 // distinct 16-byte bank groups. Causality is exploited per warp: a tile wholly after a warp's
@@ -1029,16 +1029,16 @@ constexpr size_t fa_backward_dkdv_smem() {  // K, V (128 rows), Q and dO (64 row
 // (ROWS, fa_ld<D>); rows past `valid` become zeros (so a masked probability never meets stale
 // shared memory: 0 * NaN). `vec` (every row 16-byte aligned): cp.async, visible after
 // cp_async_wait and a barrier; otherwise element copies, visible after the barrier.
-template <int D, int ROWS>
+template <int D, int ROWS, int THREADS = kFaThreads>
 __device__ __forceinline__ void fa_load_tile(__nv_bfloat16* __restrict__ dst, const __nv_bfloat16* __restrict__ src,
                                              int64_t ld, int valid, bool vec) {
   constexpr int LDS = fa_ld<D>();
   if (vec) {
-    constexpr int kPieces = ROWS * D / 8, kPerThread = (kPieces + kFaThreads - 1) / kFaThreads;
+    constexpr int kPieces = ROWS * D / 8, kPerThread = (kPieces + THREADS - 1) / THREADS;
 #pragma unroll
     for (int u = 0; u < kPerThread; ++u) {
-      const int e = u * kFaThreads + threadIdx.x;
-      if (kPieces % kFaThreads != 0 && e >= kPieces) break;
+      const int e = u * THREADS + threadIdx.x;
+      if (kPieces % THREADS != 0 && e >= kPieces) break;
       const int r = e / (D / 8), c = e % (D / 8) * 8;
       // A zero-filled row still needs a valid address: the tile's first row.
       cp_async_16(dst + r * LDS + c, src + int64_t(r < valid ? r : 0) * ld + c, r < valid);
@@ -1046,7 +1046,7 @@ __device__ __forceinline__ void fa_load_tile(__nv_bfloat16* __restrict__ dst, co
   } else {
     const __nv_bfloat16 zero = to_bf(0.f);
 #pragma unroll 4
-    for (int e = threadIdx.x; e < ROWS * D; e += kFaThreads) {
+    for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
       const int r = e / D, c = e % D;
       dst[r * LDS + c] = r < valid ? src[int64_t(r) * ld + c] : zero;
     }
@@ -1112,83 +1112,129 @@ __device__ __forceinline__ void fa_write_rows(const float (&acc)[D / 8][4], __nv
   }
 }
 
-// One 64-key tile of the forward for a warp's 16 queries (from wq): S = Q Kᵀ, the online softmax
-// update of the running max m (base 2, scaled) and lane-partial sum l of this lane's rows g and
-// g + 8, and O += P V. kMasked: the tile crosses the warp's diagonal, so keys after a row's query
-// (those past T included) are -inf, and 16-key chunks wholly after the warp's last query are
-// skipped. Key 0 is in the first tile and visible to every row, so m is finite from the first
-// tile on. Scores stay unscaled up to the exponent: exp2(s scale log2(e) - m) is one FFMA and an
-// EX2 (scaling commutes with the max, the scale being positive).
-template <int D, bool kMasked>
-__device__ __forceinline__ void fa_forward_tile(float (&o)[D / 8][4], float (&m)[2], float (&l)[2],
-                                                const uint32_t (&qf)[D / 16][4], const __nv_bfloat16* Kb,
+// The forward gives each warp MT 16-row m-tiles (MT = 2 up to head_dim 64, 1 at 128, where O
+// alone takes 64 registers per m-tile), so every K or V fragment loaded from shared memory feeds
+// MT products: shared-memory bandwidth, not the tensor cores, bounds these kernels at one m-tile
+// (one ldmatrix.x4, 512 bytes, per two m16n8k16). A block is always 128 queries: 4 warps at MT 2.
+template <int D>
+constexpr int fa_fwd_row_tiles() {
+  return D <= 64 ? 2 : 1;
+}
+template <int D>
+constexpr int fa_fwd_threads() {
+  return 32 * kFaRows / (16 * fa_fwd_row_tiles<D>());
+}
+
+// One 64-key tile of the forward for a warp's 16 MT queries (from wq): S = Q Kᵀ, the online
+// softmax update of the running max m (base 2, scaled) and lane-partial sum l of this lane's rows
+// (g and g + 8 of each m-tile), and O += P V. kMasked: the tile crosses the warp's diagonal, so
+// keys after a row's query (those past T included) are -inf, and 16-key chunks wholly after the
+// warp's last query are skipped. Key 0 is in the first tile and visible to every row, so m is
+// finite from the first tile on. Scores stay unscaled up to the exponent: exp2(s scale log2(e) -
+// m) is one FFMA and an EX2 (scaling commutes with the max, the scale being positive).
+template <int D, int MT, bool kMasked>
+__device__ __forceinline__ void fa_forward_tile(float (&o)[MT][D / 8][4], float (&m)[MT][2], float (&l)[MT][2],
+                                                const uint32_t (&qf)[MT][D / 16][4], const __nv_bfloat16* Kb,
                                                 const __nv_bfloat16* Vb, int k0, int wq, float scale_log2) {
+  constexpr int LDS = fa_ld<D>();
   const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  const int chunks = kMasked ? min(4, (wq + 15 - k0) / 16 + 1) : 4;  // 16-key chunks with a key visible to the warp
-  float s[4][2][4];                                                   // [chunk][n-tile][fragment]
+  const int chunks = kMasked ? min(4, (wq + 16 * MT - 1 - k0) / 16 + 1) : 4;  // chunks with a key visible to the warp
+  float s[MT][4][2][4];                                                       // [m-tile][chunk][n-tile][fragment]
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
 #pragma unroll
-    for (int n = 0; n < 2; ++n) s[c][n][0] = s[c][n][1] = s[c][n][2] = s[c][n][3] = 0.f;
-    if (c < chunks) fa_scores<D>(s[c], qf, Kb + 16 * c * fa_ld<D>());
-  }
-  float mt[2] = {-INFINITY, -INFINITY};
+    for (int i = 0; i < MT; ++i)
 #pragma unroll
-  for (int c = 0; c < 4; ++c)
+      for (int n = 0; n < 2; ++n) s[i][c][n][0] = s[i][c][n][1] = s[i][c][n][2] = s[i][c][n][3] = 0.f;
+    if (c >= chunks) continue;
+    // S chunk c = Q Kᵀ: each K fragment (keys 16c.., 16 of D) serves the MT m-tiles.
+    const __nv_bfloat16* row = Kb + (16 * c + (lane >> 4) * 8 + (lane & 7)) * LDS + ((lane >> 3) & 1) * 8;
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t b[4];
+      ldmatrix_x4(b, row + 16 * kk);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float& x = s[c][n][e];
-        if (kMasked && k0 + 16 * c + 8 * n + 2 * t + (e & 1) > wq + g + 8 * (e >> 1)) x = -INFINITY;
-        mt[e >> 1] = fmaxf(mt[e >> 1], x);
+      for (int i = 0; i < MT; ++i) {
+        mma_m16n8k16(s[i][c][0], qf[i][kk], b[0], b[1]);
+        mma_m16n8k16(s[i][c][1], qf[i][kk], b[2], b[3]);
       }
-  float alpha[2], neg_m[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 1));
-    mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 2));
-    const float m_new = fmaxf(m[r], mt[r] * scale_log2);
-    alpha[r] = exp2f(m[r] - m_new);  // 0 on the first tile (m = -inf, m_new finite)
-    m[r] = m_new;
-    neg_m[r] = -m_new;
-    l[r] *= alpha[r];
+    }
   }
+  float neg_m[MT][2];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-    o[n][0] *= alpha[0], o[n][1] *= alpha[0];
-    o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+  for (int i = 0; i < MT; ++i) {
+    float mt[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float& x = s[i][c][n][e];
+          if (kMasked && k0 + 16 * c + 8 * n + 2 * t + (e & 1) > wq + 16 * i + g + 8 * (e >> 1)) x = -INFINITY;
+          mt[e >> 1] = fmaxf(mt[e >> 1], x);
+        }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 1));
+      mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 2));
+      const float m_new = fmaxf(m[i][r], mt[r] * scale_log2);
+      alpha[r] = exp2f(m[i][r] - m_new);  // 0 on the first tile (m = -inf, m_new finite)
+      m[i][r] = m_new;
+      neg_m[i][r] = -m_new;
+      l[i][r] *= alpha[r];
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[i][n][0] *= alpha[0], o[i][n][1] *= alpha[0];
+      o[i][n][2] *= alpha[1], o[i][n][3] *= alpha[1];
+    }
   }
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     if (c >= chunks) break;
-    uint32_t pa[4];
+    uint32_t pa[MT][4];
 #pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      // Masked: exp2(-inf) = 0.
-      const float p0 = exp2f(fmaf(s[c][n][0], scale_log2, neg_m[0])), p1 = exp2f(fmaf(s[c][n][1], scale_log2, neg_m[0]));
-      const float p2 = exp2f(fmaf(s[c][n][2], scale_log2, neg_m[1])), p3 = exp2f(fmaf(s[c][n][3], scale_log2, neg_m[1]));
-      l[0] += p0 + p1;
-      l[1] += p2 + p3;
-      pa[2 * n] = pack_bf16x2(p0, p1);
-      pa[2 * n + 1] = pack_bf16x2(p2, p3);
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const float* x = s[i][c][n];  // masked: exp2(-inf) = 0
+        const float p0 = exp2f(fmaf(x[0], scale_log2, neg_m[i][0])), p1 = exp2f(fmaf(x[1], scale_log2, neg_m[i][0]));
+        const float p2 = exp2f(fmaf(x[2], scale_log2, neg_m[i][1])), p3 = exp2f(fmaf(x[3], scale_log2, neg_m[i][1]));
+        l[i][0] += p0 + p1;
+        l[i][1] += p2 + p3;
+        pa[i][2 * n] = pack_bf16x2(p0, p1);
+        pa[i][2 * n + 1] = pack_bf16x2(p2, p3);
+      }
+    // O += P V over keys 16c..: each V fragment serves the MT m-tiles.
+    const __nv_bfloat16* row = Vb + (16 * c + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + (lane >> 4) * 8;
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, row + 16 * dp);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        mma_m16n8k16(o[i][2 * dp], pa[i], b[0], b[1]);
+        mma_m16n8k16(o[i][2 * dp + 1], pa[i], b[2], b[3]);
+      }
     }
-    fa_accumulate<D>(o, pa, Vb + 16 * c * fa_ld<D>());
   }
 }
 
 // Forward. Block: 128 queries of one (batch, head), grid ceil(T/128) * B * H, heaviest (last)
-// query blocks first; warp w owns queries q0 + 16w .. q0 + 16w + 15, and this lane rows g and
-// g + 8 of them. Per 64-key tile up to the block's last query: S = Q Kᵀ (Q in registers), online
-// softmax per row (the max over the quad of lanes sharing the row; the sum stays lane-partial,
-// rescaled by the row-uniform alpha, and is reduced once at the end), then O += P V with P taken
-// from the S registers (fa_forward_tile).
+// query blocks first; warp w owns queries q0 + 16 MT w .. q0 + 16 MT (w + 1) - 1. Per 64-key tile
+// up to the block's last query: S = Q Kᵀ (Q in registers), online softmax per row (the max over
+// the quad of lanes sharing the row; the sum stays lane-partial, rescaled by the row-uniform
+// alpha, and is reduced once at the end), then O += P V with P taken from the S registers
+// (fa_forward_tile).
 template <int D>
-__global__ void __launch_bounds__(kFaThreads) attention_forward_mma_kernel(__nv_bfloat16* __restrict__ out,
-                                                                        float* __restrict__ lse,
-                                                                        const __nv_bfloat16* __restrict__ qkv,
-                                                                        AttnParams p) {
+__global__ void __launch_bounds__(fa_fwd_threads<D>()) attention_forward_mma_kernel(__nv_bfloat16* __restrict__ out,
+                                                                                  float* __restrict__ lse,
+                                                                                  const __nv_bfloat16* __restrict__ qkv,
+                                                                                  AttnParams p) {
   constexpr int LDS = fa_ld<D>(), KD = D / 16, ND = D / 8;
+  constexpr int MT = fa_fwd_row_tiles<D>(), WR = 16 * MT, THREADS = fa_fwd_threads<D>();
   extern __shared__ __align__(128) unsigned char fa_smem[];
   __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(fa_smem);  // (128, LDS)
   __nv_bfloat16* Ks = Qs + kFaRows * LDS;                          // 2 x (64, LDS)
@@ -1200,61 +1246,72 @@ __global__ void __launch_bounds__(kFaThreads) attention_forward_mma_kernel(__nv_
   const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
   const int q0 = qb * kFaRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  const int wq = q0 + 16 * warp;  // the warp's first query
+  const int wq = q0 + WR * warp;  // the warp's first query
   const int n_kt = min(p.T - 1, q0 + kFaRows - 1) / kFaCols + 1;
   const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
   const __nv_bfloat16* kv_base = base + int64_t(kvh) * p.D;
 
-  fa_load_tile<D, kFaRows>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride,
-                           min(kFaRows, p.T - q0), p.vec);
-  fa_load_tile<D, kFaCols>(Ks, kv_base + p.k_off, p.qkv_stride, min(kFaCols, p.T), p.vec);
-  fa_load_tile<D, kFaCols>(Vs, kv_base + p.v_off, p.qkv_stride, min(kFaCols, p.T), p.vec);
+  fa_load_tile<D, kFaRows, THREADS>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D,
+                                    p.qkv_stride, min(kFaRows, p.T - q0), p.vec);
+  fa_load_tile<D, kFaCols, THREADS>(Ks, kv_base + p.k_off, p.qkv_stride, min(kFaCols, p.T), p.vec);
+  fa_load_tile<D, kFaCols, THREADS>(Vs, kv_base + p.v_off, p.qkv_stride, min(kFaCols, p.T), p.vec);
   cp_async_commit();
 
-  uint32_t qf[KD][4];
-  float o[ND][4];
+  uint32_t qf[MT][KD][4];
+  float o[MT][ND][4], m[MT][2], l[MT][2];  // this lane's rows: running max (base 2), lane-partial sum
 #pragma unroll
-  for (int n = 0; n < ND; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g, g + 8: running max (base 2), lane-partial sum
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int n = 0; n < ND; ++n) o[i][n][0] = o[i][n][1] = o[i][n][2] = o[i][n][3] = 0.f;
+    m[i][0] = m[i][1] = -INFINITY;
+    l[i][0] = l[i][1] = 0.f;
+  }
 
   for (int kt = 0; kt < n_kt; ++kt) {
     if (kt + 1 < n_kt) {  // the next tile into the other buffer, freed by the barrier ending the last iteration
       const int k1 = (kt + 1) * kFaCols, buf = (kt + 1) & 1;
       const __nv_bfloat16* rows = kv_base + int64_t(k1) * p.qkv_stride;
-      fa_load_tile<D, kFaCols>(Ks + buf * kFaCols * LDS, rows + p.k_off, p.qkv_stride, min(kFaCols, p.T - k1), p.vec);
-      fa_load_tile<D, kFaCols>(Vs + buf * kFaCols * LDS, rows + p.v_off, p.qkv_stride, min(kFaCols, p.T - k1), p.vec);
+      fa_load_tile<D, kFaCols, THREADS>(Ks + buf * kFaCols * LDS, rows + p.k_off, p.qkv_stride,
+                                        min(kFaCols, p.T - k1), p.vec);
+      fa_load_tile<D, kFaCols, THREADS>(Vs + buf * kFaCols * LDS, rows + p.v_off, p.qkv_stride,
+                                        min(kFaCols, p.T - k1), p.vec);
     }
     cp_async_commit();
     cp_async_wait<1>();  // everything but the copy just issued: tile kt (and Q)
     __syncthreads();
-    if (kt == 0) fa_load_a<D>(qf, Qs + 16 * warp * LDS);
+    if (kt == 0) {
+#pragma unroll
+      for (int i = 0; i < MT; ++i) fa_load_a<D>(qf[i], Qs + (WR * warp + 16 * i) * LDS);
+    }
 
     const int k0 = kt * kFaCols;
     const __nv_bfloat16* Kb = Ks + (kt & 1) * kFaCols * LDS;
     const __nv_bfloat16* Vb = Vs + (kt & 1) * kFaCols * LDS;
     // Tiles wholly after the warp's queries are skipped; only those crossing its diagonal mask.
     if (k0 + kFaCols - 1 <= wq)
-      fa_forward_tile<D, false>(o, m, l, qf, Kb, Vb, k0, wq, p.scale_log2);
-    else if (k0 <= wq + 15)
-      fa_forward_tile<D, true>(o, m, l, qf, Kb, Vb, k0, wq, p.scale_log2);
+      fa_forward_tile<D, MT, false>(o, m, l, qf, Kb, Vb, k0, wq, p.scale_log2);
+    else if (k0 <= wq + WR - 1)
+      fa_forward_tile<D, MT, true>(o, m, l, qf, Kb, Vb, k0, wq, p.scale_log2);
     __syncthreads();  // every warp is done with this tile's buffers before they are refilled
   }
 
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
   float* lse_row = lse + (int64_t(b) * p.H + h) * p.T;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int q = wq + g + 8 * r;
-    if (t == 0 && q < p.T) lse_row[q] = (m[r] + log2f(l[r])) * kLn2;
-  }
-  const float inv[2] = {1.f / l[0], 1.f / l[1]};
+  for (int i = 0; i < MT; ++i) {
+    float inv[2];
 #pragma unroll
-  for (int n = 0; n < ND; ++n) o[n][0] *= inv[0], o[n][1] *= inv[0], o[n][2] *= inv[1], o[n][3] *= inv[1];
-  fa_write_rows<D>(o, out + int64_t(b) * p.T * p.out_stride + int64_t(h) * p.D, p.out_stride, wq, p.T, 1.f);
+    for (int r = 0; r < 2; ++r) {
+      l[i][r] += __shfl_xor_sync(0xffffffffu, l[i][r], 1);
+      l[i][r] += __shfl_xor_sync(0xffffffffu, l[i][r], 2);
+      const int q = wq + 16 * i + g + 8 * r;
+      if (t == 0 && q < p.T) lse_row[q] = (m[i][r] + log2f(l[i][r])) * kLn2;
+      inv[r] = 1.f / l[i][r];
+    }
+#pragma unroll
+    for (int n = 0; n < ND; ++n) o[i][n][0] *= inv[0], o[i][n][1] *= inv[0], o[i][n][2] *= inv[1], o[i][n][3] *= inv[1];
+    fa_write_rows<D>(o[i], out + int64_t(b) * p.T * p.out_stride + int64_t(h) * p.D, p.out_stride, wq + 16 * i, p.T,
+                     1.f);
+  }
 }
 
 // dQ. Block: 128 queries of one (batch, head), grid ceil(T/128) * B * H, heaviest first; warp w
@@ -1793,8 +1850,8 @@ void launch_forward_mma(AttnState& st, int device, cudaStream_t stream, __nv_bfl
   const size_t smem = fa_forward_smem<D>();
   st.allow_smem(reinterpret_cast<const void*>(&attention_forward_mma_kernel<D>), smem, device, "attention_forward");
   const int64_t blocks = (s.seq + kFaRows - 1) / kFaRows;
-  attention_forward_mma_kernel<D><<<tile_grid(blocks, s.heads, s.batch, "attention_forward"), kFaThreads, smem,
-                                    stream>>>(out, lse, qkv, p);
+  attention_forward_mma_kernel<D><<<tile_grid(blocks, s.heads, s.batch, "attention_forward"), fa_fwd_threads<D>(),
+                                    smem, stream>>>(out, lse, qkv, p);
   SPPO_CUDA_LAUNCHED(attention_forward_mma_kernel);
 }
 
