@@ -1112,17 +1112,18 @@ __device__ __forceinline__ void fa_write_rows(const float (&acc)[D / 8][4], __nv
   }
 }
 
-// The forward gives each warp MT 16-row m-tiles (MT = 2 up to head_dim 64, 1 at 128, where O
-// alone takes 64 registers per m-tile), so every K or V fragment loaded from shared memory feeds
-// MT products: shared-memory bandwidth, not the tensor cores, bounds these kernels at one m-tile
-// (one ldmatrix.x4, 512 bytes, per two m16n8k16). A block is always 128 queries: 4 warps at MT 2.
+// The query-side kernels (forward, dQ) give each warp MT 16-row m-tiles (MT = 2 up to head_dim 64;
+// 1 at 128, where O or dQ alone takes 64 registers per m-tile), so every K or V fragment loaded
+// from shared memory feeds MT products: shared-memory bandwidth, not the tensor cores, bounds
+// these kernels at one m-tile (one ldmatrix.x4, 512 bytes, per two m16n8k16). A block is always
+// 128 queries: 4 warps at MT 2.
 template <int D>
-constexpr int fa_fwd_row_tiles() {
+constexpr int fa_query_row_tiles() {
   return D <= 64 ? 2 : 1;
 }
 template <int D>
-constexpr int fa_fwd_threads() {
-  return 32 * kFaRows / (16 * fa_fwd_row_tiles<D>());
+constexpr int fa_query_threads() {
+  return 32 * kFaRows / (16 * fa_query_row_tiles<D>());
 }
 
 // One 64-key tile of the forward for a warp's 16 MT queries (from wq): S = Q Kᵀ, the online
@@ -1229,12 +1230,12 @@ __device__ __forceinline__ void fa_forward_tile(float (&o)[MT][D / 8][4], float 
 // alpha, and is reduced once at the end), then O += P V with P taken from the S registers
 // (fa_forward_tile).
 template <int D>
-__global__ void __launch_bounds__(fa_fwd_threads<D>()) attention_forward_mma_kernel(__nv_bfloat16* __restrict__ out,
+__global__ void __launch_bounds__(fa_query_threads<D>()) attention_forward_mma_kernel(__nv_bfloat16* __restrict__ out,
                                                                                   float* __restrict__ lse,
                                                                                   const __nv_bfloat16* __restrict__ qkv,
                                                                                   AttnParams p) {
   constexpr int LDS = fa_ld<D>(), KD = D / 16, ND = D / 8;
-  constexpr int MT = fa_fwd_row_tiles<D>(), WR = 16 * MT, THREADS = fa_fwd_threads<D>();
+  constexpr int MT = fa_query_row_tiles<D>(), WR = 16 * MT, THREADS = fa_query_threads<D>();
   extern __shared__ __align__(128) unsigned char fa_smem[];
   __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(fa_smem);  // (128, LDS)
   __nv_bfloat16* Ks = Qs + kFaRows * LDS;                          // 2 x (64, LDS)
@@ -1314,16 +1315,56 @@ __global__ void __launch_bounds__(fa_fwd_threads<D>()) attention_forward_mma_ker
   }
 }
 
+// acc[i] (16 x 16 chunk, two n-tiles) += A[i] · Bᵀ over D for the MT m-tiles of a warp, with B
+// the 16 rows at `b_rows` (row stride fa_ld<D>): each B fragment is loaded once for all m-tiles.
+template <int D, int MT>
+__device__ __forceinline__ void fa_scores_rows(float (&acc)[MT][2][4], const uint32_t (&a)[MT][D / 16][4],
+                                               const __nv_bfloat16* b_rows) {
+  const int lane = threadIdx.x % 32;
+  const __nv_bfloat16* row = b_rows + ((lane >> 4) * 8 + (lane & 7)) * fa_ld<D>() + ((lane >> 3) & 1) * 8;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t b[4];
+    ldmatrix_x4(b, row + 16 * kk);
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      mma_m16n8k16(acc[i][0], a[i][kk], b[0], b[1]);
+      mma_m16n8k16(acc[i][1], a[i][kk], b[2], b[3]);
+    }
+  }
+}
+
+// acc[i] (16 x D) += A[i] · B for a 16-wide inner chunk and the MT m-tiles of a warp, with B the
+// 16 rows at `b_rows` (row-major, loaded transposed once for all m-tiles).
+template <int D, int MT>
+__device__ __forceinline__ void fa_accumulate_rows(float (&acc)[MT][D / 8][4], const uint32_t (&a)[MT][4],
+                                                   const __nv_bfloat16* b_rows) {
+  const int lane = threadIdx.x % 32;
+  const __nv_bfloat16* row = b_rows + (((lane >> 3) & 1) * 8 + (lane & 7)) * fa_ld<D>() + (lane >> 4) * 8;
+#pragma unroll
+  for (int dp = 0; dp < D / 16; ++dp) {
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, row + 16 * dp);
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      mma_m16n8k16(acc[i][2 * dp], a[i], b[0], b[1]);
+      mma_m16n8k16(acc[i][2 * dp + 1], a[i], b[2], b[3]);
+    }
+  }
+}
+
 // dQ. Block: 128 queries of one (batch, head), grid ceil(T/128) * B * H, heaviest first; warp w
-// owns queries q0 + 16w .. +15, with Q and dO in registers and this lane's rows' lse (base 2) and
-// delta in registers. Per 64-key tile up to the block's last query and per 16-key chunk visible to
-// the warp: S = Q Kᵀ and dP = dO Vᵀ (one chunk), P = exp2(S scale log2(e) - lse2),
-// dS = P ∘ (dP - delta) packed straight into an A fragment, dQ += dS K. dQ *= scale at the end.
+// owns queries q0 + 16 MT w .. q0 + 16 MT (w + 1) - 1, with Q and dO in registers and this lane's
+// rows' lse (base 2) and delta in registers. Per 64-key tile up to the block's last query and per
+// 16-key chunk visible to the warp: S = Q Kᵀ and dP = dO Vᵀ (one chunk), P = exp2(S scale
+// log2(e) - lse2), dS = P ∘ (dP - delta) packed straight into an A fragment, dQ += dS K. dQ *=
+// scale at the end.
 template <int D>
-__global__ void __launch_bounds__(kFaThreads) attention_backward_dq_mma_kernel(
+__global__ void __launch_bounds__(fa_query_threads<D>()) attention_backward_dq_mma_kernel(
     __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
     const float* __restrict__ lse, const float* __restrict__ delta, AttnParams p, float scale) {
   constexpr int LDS = fa_ld<D>(), KD = D / 16, ND = D / 8;
+  constexpr int MT = fa_query_row_tiles<D>(), WR = 16 * MT, THREADS = fa_query_threads<D>();
   extern __shared__ __align__(128) unsigned char fa_smem[];
   __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(fa_smem);  // (128, LDS)
   __nv_bfloat16* dOs = Qs + kFaRows * LDS;                         // (128, LDS)
@@ -1336,47 +1377,57 @@ __global__ void __launch_bounds__(kFaThreads) attention_backward_dq_mma_kernel(
   const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
   const int q0 = qb * kFaRows, q_valid = min(kFaRows, p.T - q0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  const int wq = q0 + 16 * warp;
+  const int wq = q0 + WR * warp;
   const int n_kt = min(p.T - 1, q0 + kFaRows - 1) / kFaCols + 1;
   const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
   const __nv_bfloat16* kv_base = base + int64_t(kvh) * p.D;
 
-  fa_load_tile<D, kFaRows>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride, q_valid,
-                           p.vec);
-  fa_load_tile<D, kFaRows>(dOs, dout + (int64_t(b) * p.T + q0) * p.out_stride + int64_t(h) * p.D, p.out_stride,
-                           q_valid, p.vec);
-  fa_load_tile<D, kFaCols>(Ks, kv_base + p.k_off, p.qkv_stride, min(kFaCols, p.T), p.vec);
-  fa_load_tile<D, kFaCols>(Vs, kv_base + p.v_off, p.qkv_stride, min(kFaCols, p.T), p.vec);
+  fa_load_tile<D, kFaRows, THREADS>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D,
+                                    p.qkv_stride, q_valid, p.vec);
+  fa_load_tile<D, kFaRows, THREADS>(dOs, dout + (int64_t(b) * p.T + q0) * p.out_stride + int64_t(h) * p.D,
+                                    p.out_stride, q_valid, p.vec);
+  fa_load_tile<D, kFaCols, THREADS>(Ks, kv_base + p.k_off, p.qkv_stride, min(kFaCols, p.T), p.vec);
+  fa_load_tile<D, kFaCols, THREADS>(Vs, kv_base + p.v_off, p.qkv_stride, min(kFaCols, p.T), p.vec);
   cp_async_commit();
 
-  // This lane's rows' statistics (rows past T: zeros; their dQ is never written).
-  float lse2[2], dl[2];
+  // This lane's rows' log-sum-exps (base 2) and deltas: [m-tile][g, g + 8]; rows past T: zeros
+  // (their dQ is never written).
+  float lse2[MT][2], dl[MT][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int q = wq + g + 8 * r;
-    const int64_t at = (int64_t(b) * p.H + h) * p.T + q;
-    lse2[r] = q < p.T ? lse[at] * kLog2e : 0.f;
-    dl[r] = q < p.T ? delta[at] : 0.f;
-  }
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int q = wq + 16 * i + g + 8 * r;
+      const int64_t at = (int64_t(b) * p.H + h) * p.T + q;
+      lse2[i][r] = q < p.T ? lse[at] * kLog2e : 0.f;
+      dl[i][r] = q < p.T ? delta[at] : 0.f;
+    }
 
-  uint32_t qf[KD][4], dof[KD][4];
-  float dq[ND][4];
+  uint32_t qf[MT][KD][4], dof[MT][KD][4];
+  float dq[MT][ND][4];
 #pragma unroll
-  for (int n = 0; n < ND; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int n = 0; n < ND; ++n) dq[i][n][0] = dq[i][n][1] = dq[i][n][2] = dq[i][n][3] = 0.f;
 
   for (int kt = 0; kt < n_kt; ++kt) {
     if (kt + 1 < n_kt) {
       const int k1 = (kt + 1) * kFaCols, buf = (kt + 1) & 1;
       const __nv_bfloat16* rows = kv_base + int64_t(k1) * p.qkv_stride;
-      fa_load_tile<D, kFaCols>(Ks + buf * kFaCols * LDS, rows + p.k_off, p.qkv_stride, min(kFaCols, p.T - k1), p.vec);
-      fa_load_tile<D, kFaCols>(Vs + buf * kFaCols * LDS, rows + p.v_off, p.qkv_stride, min(kFaCols, p.T - k1), p.vec);
+      fa_load_tile<D, kFaCols, THREADS>(Ks + buf * kFaCols * LDS, rows + p.k_off, p.qkv_stride,
+                                        min(kFaCols, p.T - k1), p.vec);
+      fa_load_tile<D, kFaCols, THREADS>(Vs + buf * kFaCols * LDS, rows + p.v_off, p.qkv_stride,
+                                        min(kFaCols, p.T - k1), p.vec);
     }
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
     if (kt == 0) {
-      fa_load_a<D>(qf, Qs + 16 * warp * LDS);
-      fa_load_a<D>(dof, dOs + 16 * warp * LDS);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        fa_load_a<D>(qf[i], Qs + (WR * warp + 16 * i) * LDS);
+        fa_load_a<D>(dof[i], dOs + (WR * warp + 16 * i) * LDS);
+      }
     }
 
     const int k0 = kt * kFaCols;
@@ -1385,31 +1436,36 @@ __global__ void __launch_bounds__(kFaThreads) attention_backward_dq_mma_kernel(
     const bool masked = k0 + kFaCols - 1 > wq;
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      if (k0 + 16 * c > wq + 15) break;  // this chunk and the next are after every query of the warp
-      float s[2][4] = {}, dp[2][4] = {};
-      fa_scores<D>(s, qf, Kb + 16 * c * LDS);
-      fa_scores<D>(dp, dof, Vb + 16 * c * LDS);
-      uint32_t da[4];
+      if (k0 + 16 * c > wq + WR - 1) break;  // this chunk and the next are after every query of the warp
+      float s[MT][2][4] = {}, dp[MT][2][4] = {};
+      fa_scores_rows<D, MT>(s, qf, Kb + 16 * c * LDS);
+      fa_scores_rows<D, MT>(dp, dof, Vb + 16 * c * LDS);
+      uint32_t da[MT][4];
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        float ds[4];
+      for (int i = 0; i < MT; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = k0 + 16 * c + 8 * n + 2 * t + (e & 1), r = e >> 1;
-          // A select, not a product: exp2 of a masked score may overflow, and inf * 0 is NaN.
-          const float pr = (masked && key > wq + g + 8 * r) ? 0.f : exp2f(s[n][e] * p.scale_log2 - lse2[r]);
-          ds[e] = pr * (dp[n][e] - dl[r]);
+        for (int n = 0; n < 2; ++n) {
+          float ds[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = k0 + 16 * c + 8 * n + 2 * t + (e & 1), r = e >> 1;
+            // A select, not a product: exp2 of a masked score may overflow, and inf * 0 is NaN.
+            const float pr = (masked && key > wq + 16 * i + g + 8 * r)
+                                 ? 0.f
+                                 : exp2f(s[i][n][e] * p.scale_log2 - lse2[i][r]);
+            ds[e] = pr * (dp[i][n][e] - dl[i][r]);
+          }
+          da[i][2 * n] = pack_bf16x2(ds[0], ds[1]);
+          da[i][2 * n + 1] = pack_bf16x2(ds[2], ds[3]);
         }
-        da[2 * n] = pack_bf16x2(ds[0], ds[1]);
-        da[2 * n + 1] = pack_bf16x2(ds[2], ds[3]);
-      }
-      fa_accumulate<D>(dq, da, Kb + 16 * c * LDS);
+      fa_accumulate_rows<D, MT>(dq, da, Kb + 16 * c * LDS);
     }
     __syncthreads();
   }
 
-  fa_write_rows<D>(dq, dqkv + int64_t(b) * p.T * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride, wq, p.T,
-                   scale);
+  __nv_bfloat16* rows = dqkv + int64_t(b) * p.T * p.qkv_stride + p.q_off + int64_t(h) * p.D;
+#pragma unroll
+  for (int i = 0; i < MT; ++i) fa_write_rows<D>(dq[i], rows, p.qkv_stride, wq + 16 * i, p.T, scale);
 }
 
 // dK, dV. Block: 128 keys of one (batch, kv head), grid ceil(T/128) * B * KV, first key blocks
@@ -1850,7 +1906,7 @@ void launch_forward_mma(AttnState& st, int device, cudaStream_t stream, __nv_bfl
   const size_t smem = fa_forward_smem<D>();
   st.allow_smem(reinterpret_cast<const void*>(&attention_forward_mma_kernel<D>), smem, device, "attention_forward");
   const int64_t blocks = (s.seq + kFaRows - 1) / kFaRows;
-  attention_forward_mma_kernel<D><<<tile_grid(blocks, s.heads, s.batch, "attention_forward"), fa_fwd_threads<D>(),
+  attention_forward_mma_kernel<D><<<tile_grid(blocks, s.heads, s.batch, "attention_forward"), fa_query_threads<D>(),
                                     smem, stream>>>(out, lse, qkv, p);
   SPPO_CUDA_LAUNCHED(attention_forward_mma_kernel);
 }
@@ -1868,8 +1924,9 @@ void launch_backward_mma(AttnState& st, int device, cudaStream_t stream, __nv_bf
   st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dkdv_mma_kernel<D>), smem_dkdv, device,
                 "attention_backward");
   const int64_t blocks = (s.seq + kFaRows - 1) / kFaRows;
-  attention_backward_dq_mma_kernel<D><<<tile_grid(blocks, s.heads, s.batch, "attention_backward"), kFaThreads,
-                                        smem_dq, stream>>>(dqkv, dout, qkv, lse, delta, p, scale);
+  attention_backward_dq_mma_kernel<D><<<tile_grid(blocks, s.heads, s.batch, "attention_backward"),
+                                        fa_query_threads<D>(), smem_dq, stream>>>(dqkv, dout, qkv, lse, delta, p,
+                                                                                  scale);
   SPPO_CUDA_LAUNCHED(attention_backward_dq_mma_kernel);
   attention_backward_dkdv_mma_kernel<D><<<tile_grid(blocks, s.kv_heads, s.batch, "attention_backward"), kFaThreads,
                                           smem_dkdv, stream>>>(dqkv, dout, qkv, lse, delta, p, scale);
