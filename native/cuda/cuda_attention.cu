@@ -1468,6 +1468,64 @@ __global__ void __launch_bounds__(fa_query_threads<D>()) attention_backward_dq_m
   for (int i = 0; i < MT; ++i) fa_write_rows<D>(dq[i], rows, p.qkv_stride, wq + 16 * i, p.T, scale);
 }
 
+// Whether the dK/dV pass keeps a warp's K and V rows in registers (at head_dim 128 dK and dV
+// alone take 128 registers: there they are reloaded from shared memory per chunk).
+template <int D>
+constexpr bool fa_kv_in_registers() {
+  return D <= 64;
+}
+
+// One 64-query tile of the dK/dV pass for a warp's 16 keys (from wk), 16 queries at a time: Sᵀ and
+// dPᵀ, Pᵀ = exp2(Sᵀ scale log2(e) - lse2), dSᵀ = Pᵀ ∘ (dPᵀ - delta), dV += Pᵀ dO, dK += dSᵀ Q.
+// K and V are the A fragments kf, vf (fa_kv_in_registers) or are loaded from Kw, Vw per chunk.
+// kMasked: queries before a key of the warp, or past T, get P = 0, and chunks wholly so are
+// skipped. lse2 (base 2) and delta are the tile's, in shared memory.
+template <int D, bool kMasked>
+__device__ __forceinline__ void fa_dkdv_tile(float (&dk)[D / 8][4], float (&dv)[D / 8][4],
+                                             const uint32_t (&kf)[D / 16][4], const uint32_t (&vf)[D / 16][4],
+                                             const __nv_bfloat16* Kw, const __nv_bfloat16* Vw,
+                                             const __nv_bfloat16* Qb, const __nv_bfloat16* dOb, const float* lse2_s,
+                                             const float* delta_s, int q0, int wk, int T, float scale_log2) {
+  constexpr int LDS = fa_ld<D>();
+  const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    if (kMasked && (q0 + 16 * c + 15 < wk || q0 + 16 * c >= T)) continue;  // all before the keys, or all padding
+    float st[2][4] = {}, dpt[2][4] = {};
+    if constexpr (fa_kv_in_registers<D>()) {
+      fa_scores<D>(st, kf, Qb + 16 * c * LDS);
+      fa_scores<D>(dpt, vf, dOb + 16 * c * LDS);
+    } else {
+      uint32_t af[D / 16][4];
+      fa_load_a<D>(af, Kw);
+      fa_scores<D>(st, af, Qb + 16 * c * LDS);
+      fa_load_a<D>(af, Vw);
+      fa_scores<D>(dpt, af, dOb + 16 * c * LDS);
+    }
+    uint32_t pa[4], da[4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      const int qr = 16 * c + 8 * n + 2 * t;  // this lane's two query columns: qr, qr + 1
+      const float2 l2 = *reinterpret_cast<const float2*>(lse2_s + qr);
+      const float2 d2 = *reinterpret_cast<const float2*>(delta_s + qr);
+      float pr[4], ds[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int q = q0 + qr + (e & 1), key = wk + g + 8 * (e >> 1);
+        const float l2e = (e & 1) ? l2.y : l2.x, d2e = (e & 1) ? d2.y : d2.x;
+        pr[e] = (kMasked && (q < key || q >= T)) ? 0.f : exp2f(st[n][e] * scale_log2 - l2e);
+        ds[e] = pr[e] * (dpt[n][e] - d2e);
+      }
+      pa[2 * n] = pack_bf16x2(pr[0], pr[1]);
+      pa[2 * n + 1] = pack_bf16x2(pr[2], pr[3]);
+      da[2 * n] = pack_bf16x2(ds[0], ds[1]);
+      da[2 * n + 1] = pack_bf16x2(ds[2], ds[3]);
+    }
+    fa_accumulate<D>(dv, pa, dOb + 16 * c * LDS);
+    fa_accumulate<D>(dk, da, Qb + 16 * c * LDS);
+  }
+}
+
 // dK, dV. Block: 128 keys of one (batch, kv head), grid ceil(T/128) * B * KV, first key blocks
 // (the heaviest) first; warp w owns keys k0 + 16w .. +15 (K and V in registers where they fit:
 // head_dim up to 64). The block walks the group's query heads in order and, for each, the 64-query
@@ -1475,11 +1533,11 @@ __global__ void __launch_bounds__(fa_query_threads<D>()) attention_backward_dq_m
 // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ, Pᵀ = exp2(Sᵀ scale log2(e) - lse2) and dSᵀ = Pᵀ ∘ (dPᵀ - delta) as
 // A fragments, dV += Pᵀ dO and dK += dSᵀ Q. dK *= scale at the end.
 template <int D>
-__global__ void __launch_bounds__(kFaThreads) attention_backward_dkdv_mma_kernel(
+__global__ void __launch_bounds__(kFaThreads, 1) attention_backward_dkdv_mma_kernel(
     __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
     const float* __restrict__ lse, const float* __restrict__ delta, AttnParams p, float scale) {
   constexpr int LDS = fa_ld<D>(), KD = D / 16, ND = D / 8;
-  constexpr bool kKvInRegisters = D <= 64;  // at 128, dK and dV alone take 128 registers
+  constexpr bool kKvInRegisters = fa_kv_in_registers<D>();
   extern __shared__ __align__(128) unsigned char fa_smem[];
   __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(fa_smem);  // (128, LDS)
   __nv_bfloat16* Vs = Ks + kFaRows * LDS;                          // (128, LDS)
@@ -1519,7 +1577,7 @@ __global__ void __launch_bounds__(kFaThreads) attention_backward_dkdv_mma_kernel
   load_queries(0, 0);
   cp_async_commit();
 
-  uint32_t kf[KD][4], vf[KD][4];  // the warp's K and V rows as A fragments (per chunk at head_dim 128)
+  uint32_t kf[KD][4], vf[KD][4];  // the warp's K and V rows as A fragments (unused at head_dim 128)
   float dk[ND][4], dv[ND][4];
 #pragma unroll
   for (int n = 0; n < ND; ++n)
@@ -1541,38 +1599,13 @@ __global__ void __launch_bounds__(kFaThreads) attention_backward_dkdv_mma_kernel
     const __nv_bfloat16* dOb = dOs + (it & 1) * kFaCols * LDS;
     const float* lse2_s = stats + (it & 1) * 2 * kFaCols;
     const float* delta_s = lse2_s + kFaCols;
-    // Masks: queries before a key of the warp, and padding queries past T.
-    const bool masked = q0 < wk + 15 || q0 + kFaCols > p.T;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      if (q0 + 16 * c + 15 < wk || q0 + 16 * c >= p.T) continue;  // all before the warp's keys, or all padding
-      float st[2][4] = {}, dpt[2][4] = {};
-      if (!kKvInRegisters) fa_load_a<D>(kf, Ks + 16 * warp * LDS);
-      fa_scores<D>(st, kf, Qb + 16 * c * LDS);
-      if (!kKvInRegisters) fa_load_a<D>(vf, Vs + 16 * warp * LDS);
-      fa_scores<D>(dpt, vf, dOb + 16 * c * LDS);
-      uint32_t pa[4], da[4];
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const int qr = 16 * c + 8 * n + 2 * t;  // this lane's two query columns: qr, qr + 1
-        const float2 l2 = *reinterpret_cast<const float2*>(lse2_s + qr);
-        const float2 d2 = *reinterpret_cast<const float2*>(delta_s + qr);
-        float pr[4], ds[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int q = q0 + qr + (e & 1), key = wk + g + 8 * (e >> 1);
-          const float l2e = (e & 1) ? l2.y : l2.x, d2e = (e & 1) ? d2.y : d2.x;
-          pr[e] = (masked && (q < key || q >= p.T)) ? 0.f : exp2f(st[n][e] * p.scale_log2 - l2e);
-          ds[e] = pr[e] * (dpt[n][e] - d2e);
-        }
-        pa[2 * n] = pack_bf16x2(pr[0], pr[1]);
-        pa[2 * n + 1] = pack_bf16x2(pr[2], pr[3]);
-        da[2 * n] = pack_bf16x2(ds[0], ds[1]);
-        da[2 * n + 1] = pack_bf16x2(ds[2], ds[3]);
-      }
-      fa_accumulate<D>(dv, pa, dOb + 16 * c * LDS);
-      fa_accumulate<D>(dk, da, Qb + 16 * c * LDS);
-    }
+    // A tile wholly before the warp's keys (the block's first, for warps 4..7) is skipped; only
+    // tiles holding a query before one of its keys, or padding queries past T, mask.
+    const __nv_bfloat16 *Kw = Ks + 16 * warp * LDS, *Vw = Vs + 16 * warp * LDS;
+    if (D <= 64 && q0 >= wk + 15 && q0 + kFaCols <= p.T)  // at 128 the two versions together would spill
+      fa_dkdv_tile<D, false>(dk, dv, kf, vf, Kw, Vw, Qb, dOb, lse2_s, delta_s, q0, wk, p.T, p.scale_log2);
+    else if (q0 + kFaCols - 1 >= wk)
+      fa_dkdv_tile<D, true>(dk, dv, kf, vf, Kw, Vw, Qb, dOb, lse2_s, delta_s, q0, wk, p.T, p.scale_log2);
     __syncthreads();
   }
 
