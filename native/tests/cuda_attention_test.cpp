@@ -4,12 +4,15 @@
 // Errors are max|gpu - cpu| / max|cpu| per output; the GPU's outputs are bf16, so 1e-2 leaves
 // room for their rounding (2^-9 relative) and for fp32 summation order, and none for a wrong
 // index. Log-sum-exps are fp32 on both sides: 1e-4 absolute.
-// The forward and backward have two implementations: tensor cores (the default for head_dim 32,
-// 64, 128) and fp32 FMA (SPPO_CUDA_ATTENTION=fma, and every other head_dim). Each is checked
-// against the CPU, and the two against each other.
+// The forward and backward have three implementations: mma.sync tensor-core kernels (the default
+// for head_dim 32, 64, 128), WMMA tensor-core kernels (SPPO_CUDA_ATTENTION=wmma, the same head
+// dims) and fp32 FMA (SPPO_CUDA_ATTENTION=fma, and every other head_dim). Each is checked against
+// the CPU, and each tensor-core path against FMA.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -62,8 +65,8 @@ class AttentionPathScope {
   std::string old_;
 };
 
-// A fresh op set whose attention runs the kernels SPPO_CUDA_ATTENTION=`value` selects ("wmma":
-// tensor cores where the head dim allows, "fma": the FMA kernels).
+// A fresh op set whose attention runs the kernels SPPO_CUDA_ATTENTION=`value` selects ("mma" or
+// "wmma": those tensor cores where the head dim allows, "fma": the FMA kernels).
 std::unique_ptr<Ops<bf16>> ops_on_path(Ops<bf16>& gpu, const char* value) {
   AttentionPathScope scope(value);
   std::unique_ptr<Ops<bf16>> ops = gpu.fresh();
@@ -223,17 +226,19 @@ void check_backward(Ops<bf16>& gpu, const AttentionShape& s, uint64_t seed) {
                                                         << int64_t(i) % s.qkv_stride << " " << describe(s));
 }
 
-// Every shape of the brief: sequence lengths around the 64-row tile, head dims 32/64/128, group
-// sizes 1, 4 and 8; each once packed with batch 1 (16-byte tile loads on the tensor-core path)
-// and once in the offset layout with batch 3 (element loads). check(shape, seed).
+// Sequence lengths at and around the tiles (64 and 128 rows: 1, 15, 64, 127, 128, 129, 300 and
+// 1024), head dims 32/64/128, GQA groups 1, 2 and 4; each once packed (16-byte tile loads on the
+// tensor-core paths) and once in the offset layout (element loads) with a larger batch.
+// check(shape, seed).
 template <class Check>
 void for_each_shape(Check check) {
   uint64_t seed = 100;
-  for (int64_t T : {1, 7, 64, 65, 300})
+  for (int64_t T : {1, 15, 64, 127, 128, 129, 300, 1024})
     for (int64_t D : {32, 64, 128})
-      for (auto [H, KV] : {std::pair<int64_t, int64_t>{4, 4}, {8, 2}, {8, 1}}) {
+      for (auto [H, KV] : {std::pair<int64_t, int64_t>{4, 4}, {4, 2}, {8, 2}}) {
+        const int64_t B = T < 1024 ? 3 : 2;  // the CPU reference's time grows with T^2
         check(make_shape(1, T, H, KV, D, packed_layout(H, KV, D)), seed += 10);
-        check(make_shape(3, T, H, KV, D, offset_layout(H, KV, D)), seed += 10);
+        check(make_shape(B, T, H, KV, D, offset_layout(H, KV, D)), seed += 10);
       }
 }
 
@@ -326,17 +331,26 @@ void check_decode(Ops<bf16>& gpu, int64_t H, int64_t KV, int64_t D, const Layout
 
 }  // namespace
 
-// The default kernels: tensor cores for these head dims.
+// The default kernels: mma.sync tensor cores for these head dims.
 SPPO_TEST(cuda_attention_forward_matches_cpu) {
   auto gpu = cuda_or_skip();
-  auto tc = ops_on_path(*gpu, "wmma");
+  auto tc = ops_on_path(*gpu, "mma");
   for_each_shape([&](const AttentionShape& s, uint64_t seed) { check_forward(*tc, s, seed); });
 }
 
 SPPO_TEST(cuda_attention_backward_matches_cpu) {
   auto gpu = cuda_or_skip();
-  auto tc = ops_on_path(*gpu, "wmma");
+  auto tc = ops_on_path(*gpu, "mma");
   for_each_shape([&](const AttentionShape& s, uint64_t seed) { check_backward(*tc, s, seed); });
+}
+
+SPPO_TEST(cuda_attention_wmma_kernels_match_cpu) {
+  auto gpu = cuda_or_skip();
+  auto wmma = ops_on_path(*gpu, "wmma");
+  for_each_shape([&](const AttentionShape& s, uint64_t seed) {
+    check_forward(*wmma, s, seed);
+    check_backward(*wmma, s, seed);
+  });
 }
 
 SPPO_TEST(cuda_attention_fma_kernels_match_cpu) {
@@ -350,9 +364,11 @@ SPPO_TEST(cuda_attention_fma_kernels_match_cpu) {
 
 SPPO_TEST(cuda_attention_tensor_cores_match_fma) {
   auto gpu = cuda_or_skip();
-  auto tc = ops_on_path(*gpu, "wmma");
   auto fma = ops_on_path(*gpu, "fma");
-  for_each_shape([&](const AttentionShape& s, uint64_t seed) { check_paths_agree(*tc, *fma, s, seed); });
+  for (const char* path : {"mma", "wmma"}) {
+    auto tc = ops_on_path(*gpu, path);
+    for_each_shape([&](const AttentionShape& s, uint64_t seed) { check_paths_agree(*tc, *fma, s, seed); });
+  }
 }
 
 // Head dims the tiles do not fit exactly (padded up to 32 and to 128).
@@ -365,22 +381,70 @@ SPPO_TEST(cuda_attention_other_head_dims_match_cpu) {
 }
 
 SPPO_TEST(cuda_attention_is_deterministic) {
-  auto gpu = ops_on_path(*cuda_or_skip(), "wmma");
-  const AttentionShape s = make_shape(3, 300, 8, 2, 64, offset_layout(8, 2, 64));
-  const BackwardInputs in = backward_inputs(s, 77);
-  auto qkv_d = upload(*gpu, to_bf16(in.qkv));
-  auto out_d = upload(*gpu, std::vector<bf16>(in.out.size()));
-  auto lse_d = upload(*gpu, std::vector<float>(in.lse.size()));
-  std::vector<bf16> out1, out2;
-  std::vector<float> lse1, lse2;
-  for (int r = 0; r < 2; ++r) {
-    gpu->attention_forward(out_d.data(), lse_d.data(), qkv_d.data(), s);
-    (r == 0 ? out1 : out2) = out_d.get();
-    (r == 0 ? lse1 : lse2) = lse_d.get();
+  for (const char* path : {"mma", "wmma"}) {
+    auto gpu = ops_on_path(*cuda_or_skip(), path);
+    const AttentionShape s = make_shape(3, 300, 8, 2, 64, offset_layout(8, 2, 64));
+    const BackwardInputs in = backward_inputs(s, 77);
+    auto qkv_d = upload(*gpu, to_bf16(in.qkv));
+    auto out_d = upload(*gpu, std::vector<bf16>(in.out.size()));
+    auto lse_d = upload(*gpu, std::vector<float>(in.lse.size()));
+    std::vector<bf16> out1, out2;
+    std::vector<float> lse1, lse2;
+    for (int r = 0; r < 2; ++r) {
+      gpu->attention_forward(out_d.data(), lse_d.data(), qkv_d.data(), s);
+      (r == 0 ? out1 : out2) = out_d.get();
+      (r == 0 ? lse1 : lse2) = lse_d.get();
+    }
+    EXPECT_TRUE(same_bits(out1, out2) && same_bits(lse1, lse2), path << ": attention_forward differs between two calls");
+    EXPECT_TRUE(same_bits(gpu_backward(*gpu, s, in), gpu_backward(*gpu, s, in)),
+                path << ": attention_backward differs between two calls");
   }
-  EXPECT_TRUE(same_bits(out1, out2) && same_bits(lse1, lse2), "attention_forward differs between two calls");
-  EXPECT_TRUE(same_bits(gpu_backward(*gpu, s, in), gpu_backward(*gpu, s, in)),
-              "attention_backward differs between two calls");
+}
+
+// Not a check: the time of each path's forward and backward at the training shapes (134M:
+// 12 heads of 64; 1.1B: 32 heads over 8 kv heads of 64; and 16 heads of 128), printed for the
+// GPU job's log. Causal FLOPs: forward 2 B H T^2 D (two products, half the square), backward
+// 2.5 times that (five products).
+SPPO_TEST(cuda_attention_speed) {
+  auto gpu = cuda_or_skip();
+  struct Case {
+    const char* name;
+    int64_t B, T, H, KV, D;
+  };
+  for (const Case& c : {Case{"134M", 16, 1024, 12, 12, 64}, Case{"1.1B", 8, 1024, 32, 8, 64},
+                        Case{"d128", 8, 1024, 16, 16, 128}}) {
+    const AttentionShape s = make_shape(c.B, c.T, c.H, c.KV, c.D, packed_layout(c.H, c.KV, c.D));
+    const int64_t N = c.B * c.T;
+    auto qkv_d = upload(*gpu, to_bf16(random_values(N * s.qkv_stride, 5)));
+    auto dout_d = upload(*gpu, to_bf16(random_values(N * s.out_stride, 6)));
+    auto out_d = upload(*gpu, std::vector<bf16>(N * s.out_stride));
+    auto dqkv_d = upload(*gpu, std::vector<bf16>(N * s.qkv_stride));
+    auto lse_d = upload(*gpu, std::vector<float>(c.B * c.H * c.T));
+    const double fwd_flops = 2.0 * c.B * c.H * double(c.T) * c.T * c.D, bwd_flops = 2.5 * fwd_flops;
+    for (const char* path : {"mma", "wmma", "fma"}) {
+      auto ops = ops_on_path(*gpu, path);
+      auto wait = [&] {  // a download on this op set's stream waits for its work so far
+        bf16 one;
+        ops->download_bytes(&one, out_d.data(), sizeof one);
+      };
+      auto time_ms = [&](auto&& call) {
+        constexpr int kReps = 10;
+        call();
+        wait();
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int r = 0; r < kReps; ++r) call();
+        wait();
+        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / kReps;
+      };
+      const double f = time_ms([&] { ops->attention_forward(out_d.data(), lse_d.data(), qkv_d.data(), s); });
+      const double b = time_ms([&] {
+        ops->attention_backward(dqkv_d.data(), dout_d.data(), qkv_d.data(), out_d.data(), lse_d.data(), s);
+      });
+      std::printf("attention %-4s B%ld T%ld %ld/%ld x %ld  %-4s  forward %7.3f ms %6.1f TFLOP/s  backward %7.3f ms %6.1f TFLOP/s\n",
+                  c.name, long(c.B), long(c.T), long(c.H), long(c.KV), long(c.D), path, f, fwd_flops / f / 1e9, b,
+                  bwd_flops / b / 1e9);
+    }
+  }
 }
 
 SPPO_TEST(cuda_attention_decode_matches_cpu) {
