@@ -502,8 +502,8 @@ __device__ void histogram_pass(const SampleRow& row, const KeyRange& r, int dshi
     if (f) atomicAdd(&sh.mass[d], f);  // most of a peaked row weighs 0: no contended atomics for it
     atomicAdd(&sh.count[d], 1u);
   };
-  auto add = [&](uint64_t key, float w) { add_digit(unsigned((key >> dshift) & mask), w); };
   auto digit = [&](uint64_t key) { return unsigned((key >> dshift) & mask); };
+  auto add = [&](uint64_t key, float w) { add_digit(digit(key), w); };
   // A row pass that copies nothing after the first digit finds more than kListCap candidates in
   // one bin of the last digit: ties, most likely; so does a constant row's first pass.
   const bool tied = !gather && (r.shift != row.key_bits() || row.bucket_scale == 0);
