@@ -456,6 +456,34 @@ __device__ void for_each_logit(const float* x, int64_t V, F f) {
   }
 }
 
+// The lanes of this thread's warp whose index (this lane's is i) is below n: the warp's lanes
+// take consecutive indices, so only the last group of a row or list is partial.
+__device__ __forceinline__ unsigned lanes_below(int64_t i, int64_t n) {
+  const int64_t left = n - (i - (threadIdx.x & 31));
+  return left >= 32 ? 0xffffffffu : (1u << left) - 1;
+}
+
+// Adds digit d with fixed-point weight f (and a count of 1) for each lane of `lanes` that takes
+// part. Tied logits share digit and weight, so where every taking lane agrees one atomic adds
+// them all: a row of equal logits would otherwise serialise on one bin. Every lane of `lanes`
+// must call it.
+__device__ void add_warp(bool take, unsigned d, unsigned long long f, unsigned lanes, SelectShared& sh) {
+  const unsigned takers = __ballot_sync(lanes, take);
+  if (!takers) return;
+  const int first = __ffs(takers) - 1;
+  const unsigned d0 = __shfl_sync(lanes, d, first);
+  const unsigned long long f0 = __shfl_sync(lanes, f, first);
+  if (__all_sync(lanes, !take || (d == d0 && f == f0))) {
+    if (int(threadIdx.x & 31) == first) {
+      atomicAdd(&sh.count[d0], unsigned(__popc(takers)));
+      if (f0) atomicAdd(&sh.mass[d0], f0 * unsigned(__popc(takers)));
+    }
+  } else if (take) {
+    if (f) atomicAdd(&sh.mass[d], f);
+    atomicAdd(&sh.count[d], 1u);
+  }
+}
+
 // One histogram pass over r's candidates: each adds its fixed-point weight (nothing in count
 // mode) and 1 to the bins of its digit, key bits [dshift, r.shift). From the list when it covers
 // r, else from the row: then `gather` copies the candidates into the list (valid if they fit),
@@ -475,7 +503,11 @@ __device__ void histogram_pass(const SampleRow& row, const KeyRange& r, int dshi
     if (f) atomicAdd(&sh.mass[d], f);  // most of a peaked row weighs 0: no contended atomics for it
     atomicAdd(&sh.count[d], 1u);
   };
-  auto add = [&](uint64_t key, float w) { add_digit(unsigned((key >> dshift) & mask), w); };
+  auto digit = [&](uint64_t key) { return unsigned((key >> dshift) & mask); };
+  auto add = [&](uint64_t key, float w) { add_digit(digit(key), w); };
+  // A row pass that copies nothing after the first digit finds more than kListCap candidates in
+  // one bin of the last digit: ties, most likely; so does a constant row's first pass.
+  const bool tied = !gather && (r.shift != row.key_bits() || row.bucket_scale == 0);
   // The first digit over the whole row: every logit is a candidate and its digit is its bucket.
   // The last bucket (32·T and more below the max, −inf) can hold most of a row at low T: each
   // thread sums its share and adds it once.
@@ -483,8 +515,18 @@ __device__ void histogram_pass(const SampleRow& row, const KeyRange& r, int dshi
   unsigned long long tail_mass = 0;
   unsigned tail_count = 0;
   if (from_list) {
-    for (int i = threadIdx.x; i < list.n; i += kSelectThreads)
-      if (r.holds(sh.list_key[i])) add(sh.list_key[i], sh.list_w[i]);
+    for (int i = threadIdx.x; i < list.n; i += kSelectThreads) {
+      const uint64_t key = sh.list_key[i];
+      const bool take = r.holds(key);
+      add_warp(take, digit(key), take && !count_mode ? row.fixed(sh.list_w[i]) : 0, lanes_below(i, list.n), sh);
+    }
+  } else if (tied) {
+    for_each_logit(row.x, row.V, [&](float v, int64_t j) {
+      if (raw) raw_part += double(expf(v - row.mx));
+      const uint64_t key = row.key(v, uint32_t(j));
+      const bool take = r.holds(key);
+      add_warp(take, digit(key), take && !count_mode ? row.fixed(row.weight(v)) : 0, lanes_below(j, row.V), sh);
+    });
   } else {
     for_each_logit(row.x, row.V, [&](float v, int64_t j) {
       if (raw) raw_part += double(expf(v - row.mx));

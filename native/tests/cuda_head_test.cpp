@@ -426,6 +426,44 @@ SPPO_TEST(cuda_sampler_truncated_hard_cases) {
   }
 }
 
+// A decode batch larger than one wave of blocks (300 rows at V 32000, the kinds in turn) at the
+// benchmark's settings: every row as sample_token draws it, boundary cases aside.
+SPPO_TEST(cuda_sampler_truncated_large_batch) {
+  auto gpu = cuda_or_skip();
+  const int64_t V = 32000, rows = 300, kinds = int64_t(std::size(kHardKinds));
+  std::vector<float> x;
+  for (int64_t r = 0; r < rows; ++r) {
+    const std::vector<float> row = hard_row(int(r % kinds), V, 900 + uint64_t(r));
+    x.insert(x.end(), row.begin(), row.end());
+  }
+  const DeviceArray<float> d = upload(*gpu, x);
+  SamplerScratch<float> work;
+  for (int64_t k : {int64_t(0), int64_t(50)}) {
+    SamplingOptions o;
+    o.temperature = 0.7, o.top_k = k, o.top_p = 0.9;
+    std::vector<double> u(rows), lp(rows);
+    std::vector<int32_t> tok(rows);
+    for (int64_t i = 0; i < rows; ++i) u[i] = uniform01(78, uint64_t(k), uint64_t(i));
+    gpu->sample(tok.data(), lp.data(), d.data(), rows, V, o, u.data());
+    int64_t boundary = 0;
+    for (int64_t i = 0; i < rows; ++i) {
+      double cpu_lp = 0;
+      const float* xi = x.data() + i * V;
+      const int32_t cpu_tok = sample_token(xi, V, o, u[i], &cpu_lp, work);
+      if (tok[i] != cpu_tok) {
+        const double gap = cpu_boundary_gap(xi, V, o, u[i], work);
+        EXPECT_TRUE(gap < 1e-6, "row " << i << " (" << kHardKinds[i % kinds] << ") k " << k << ": token " << tok[i]
+                                       << " vs cpu " << cpu_tok << ", thresholds " << gap << "·z from a boundary");
+        ++boundary;
+        continue;
+      }
+      EXPECT_NEAR(lp[i], cpu_lp, 1e-6);
+    }
+    std::printf("      truncated sampler, %lld rows, T 0.7 top-k %lld top-p 0.9: %lld differ (at a boundary)\n",
+                (long long)rows, (long long)k, (long long)boundary);
+  }
+}
+
 // Chi-square goodness of fit of 100k GPU draws on a fixed logit vector (with ties, also at the
 // top-k boundary) against softmax(logits/T) restricted to the top-k / top-p set, computed here
 // independently (sampling_reference.h), as generate_test.cpp does for the CPU sampler.
