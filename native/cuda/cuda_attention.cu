@@ -992,14 +992,15 @@ __global__ void __launch_bounds__(kTcThreads, 1) attention_backward_dkdv_tc_kern
 // kernels above, fragments here have the documented layout of cuda_mma.cuh, so scores S, dP,
 // probabilities P, dS and the accumulators O, dQ, dK, dV never leave registers: a score tile's
 // accumulators, rounded to bf16, are directly the A operand of the next product. A block owns
-// 128 rows (queries in the forward and dQ, keys in dK/dV), 16 per warp (8 warps; the forward: 32
-// per warp up to head_dim 64, 4 warps), and walks 64-row tiles of the other side, staged in shared memory by cp.async one tile ahead
-// (double buffering: the copy of tile i+1 runs under the products of tile i). Tile rows are
-// padded by 16 bytes (row stride D+8 bf16), so the 8 row addresses of an ldmatrix phase fall in 8
-// distinct 16-byte bank groups. Causality is exploited per warp: a tile wholly after a warp's
-// last row is skipped, and only tiles that cross the diagonal pay for the mask. As in the other
-// kernels: base-2 softmax, natural-log lse, P and dS rounded to bf16 for the products, fp32
-// everywhere else, one writer per output and a fixed summation order (deterministic).
+// 128 rows (queries in the forward and dQ, keys in dK/dV), 16 per warp (8 warps; the forward and
+// dQ: 32 per warp up to head_dim 64, 4 warps), and walks 64-row tiles of the other side, staged
+// in shared memory by cp.async one tile ahead (double buffering: the copy of tile i+1 runs under
+// the products of tile i). Tile rows are padded by 16 bytes (row stride D+8 bf16), so the 8 row
+// addresses of an ldmatrix phase fall in 8 distinct 16-byte bank groups. Causality is exploited
+// per warp: a tile wholly after a warp's last row is skipped, and only tiles that cross the
+// diagonal pay for the mask. As in the other kernels: base-2 softmax, natural-log lse, P and dS
+// rounded to bf16 for the products, fp32 everywhere else, one writer per output and a fixed
+// summation order (deterministic).
 constexpr int kFaWarps = 8;
 constexpr int kFaThreads = 32 * kFaWarps;
 constexpr int kFaRows = 16 * kFaWarps;  // the block's own rows: 128
@@ -1181,7 +1182,7 @@ __device__ __forceinline__ void fa_forward_tile(float (&o)[MT][D / 8][4], float 
       mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 1));
       mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 2));
       const float m_new = fmaxf(m[i][r], mt[r] * scale_log2);
-      alpha[r] = exp2f(m[i][r] - m_new);  // 0 on the first tile (m = -inf, m_new finite)
+      alpha[r] = exp2_approx(m[i][r] - m_new);  // 0 on the first tile (m = -inf, m_new finite)
       m[i][r] = m_new;
       neg_m[i][r] = -m_new;
       l[i][r] *= alpha[r];
@@ -1201,8 +1202,10 @@ __device__ __forceinline__ void fa_forward_tile(float (&o)[MT][D / 8][4], float 
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         const float* x = s[i][c][n];  // masked: exp2(-inf) = 0
-        const float p0 = exp2f(fmaf(x[0], scale_log2, neg_m[i][0])), p1 = exp2f(fmaf(x[1], scale_log2, neg_m[i][0]));
-        const float p2 = exp2f(fmaf(x[2], scale_log2, neg_m[i][1])), p3 = exp2f(fmaf(x[3], scale_log2, neg_m[i][1]));
+        const float p0 = exp2_approx(fmaf(x[0], scale_log2, neg_m[i][0]));
+        const float p1 = exp2_approx(fmaf(x[1], scale_log2, neg_m[i][0]));
+        const float p2 = exp2_approx(fmaf(x[2], scale_log2, neg_m[i][1]));
+        const float p3 = exp2_approx(fmaf(x[3], scale_log2, neg_m[i][1]));
         l[i][0] += p0 + p1;
         l[i][1] += p2 + p3;
         pa[i][2 * n] = pack_bf16x2(p0, p1);
@@ -1230,10 +1233,9 @@ __device__ __forceinline__ void fa_forward_tile(float (&o)[MT][D / 8][4], float 
 // alpha, and is reduced once at the end), then O += P V with P taken from the S registers
 // (fa_forward_tile).
 template <int D>
-__global__ void __launch_bounds__(fa_query_threads<D>()) attention_forward_mma_kernel(__nv_bfloat16* __restrict__ out,
-                                                                                  float* __restrict__ lse,
-                                                                                  const __nv_bfloat16* __restrict__ qkv,
-                                                                                  AttnParams p) {
+__global__ void __launch_bounds__(fa_query_threads<D>(), 1)
+    attention_forward_mma_kernel(__nv_bfloat16* __restrict__ out, float* __restrict__ lse,
+                                 const __nv_bfloat16* __restrict__ qkv, AttnParams p) {
   constexpr int LDS = fa_ld<D>(), KD = D / 16, ND = D / 8;
   constexpr int MT = fa_query_row_tiles<D>(), WR = 16 * MT, THREADS = fa_query_threads<D>();
   extern __shared__ __align__(128) unsigned char fa_smem[];
@@ -1360,7 +1362,7 @@ __device__ __forceinline__ void fa_accumulate_rows(float (&acc)[MT][D / 8][4], c
 // log2(e) - lse2), dS = P ∘ (dP - delta) packed straight into an A fragment, dQ += dS K. dQ *=
 // scale at the end.
 template <int D>
-__global__ void __launch_bounds__(fa_query_threads<D>()) attention_backward_dq_mma_kernel(
+__global__ void __launch_bounds__(fa_query_threads<D>(), 1) attention_backward_dq_mma_kernel(
     __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
     const float* __restrict__ lse, const float* __restrict__ delta, AttnParams p, float scale) {
   constexpr int LDS = fa_ld<D>(), KD = D / 16, ND = D / 8;
@@ -1452,7 +1454,7 @@ __global__ void __launch_bounds__(fa_query_threads<D>()) attention_backward_dq_m
             // A select, not a product: exp2 of a masked score may overflow, and inf * 0 is NaN.
             const float pr = (masked && key > wq + 16 * i + g + 8 * r)
                                  ? 0.f
-                                 : exp2f(s[i][n][e] * p.scale_log2 - lse2[i][r]);
+                                 : exp2_approx(s[i][n][e] * p.scale_log2 - lse2[i][r]);
             ds[e] = pr * (dp[i][n][e] - dl[i][r]);
           }
           da[i][2 * n] = pack_bf16x2(ds[0], ds[1]);
@@ -1513,7 +1515,7 @@ __device__ __forceinline__ void fa_dkdv_tile(float (&dk)[D / 8][4], float (&dv)[
       for (int e = 0; e < 4; ++e) {
         const int q = q0 + qr + (e & 1), key = wk + g + 8 * (e >> 1);
         const float l2e = (e & 1) ? l2.y : l2.x, d2e = (e & 1) ? d2.y : d2.x;
-        pr[e] = (kMasked && (q < key || q >= T)) ? 0.f : exp2f(st[n][e] * scale_log2 - l2e);
+        pr[e] = (kMasked && (q < key || q >= T)) ? 0.f : exp2_approx(st[n][e] * scale_log2 - l2e);
         ds[e] = pr[e] * (dpt[n][e] - d2e);
       }
       pa[2 * n] = pack_bf16x2(pr[0], pr[1]);
@@ -1561,8 +1563,9 @@ __global__ void __launch_bounds__(kFaThreads, 1) attention_backward_dkdv_mma_ker
     const int h = kvh * p.group + i / n_qt, q1 = (qt0 + i % n_qt) * kFaCols, valid = min(kFaCols, p.T - q1);
     fa_load_tile<D, kFaCols>(Qs + buf * kFaCols * LDS, base + int64_t(q1) * p.qkv_stride + p.q_off + int64_t(h) * p.D,
                              p.qkv_stride, valid, p.vec);
-    fa_load_tile<D, kFaCols>(dOs + buf * kFaCols * LDS, dout + (int64_t(b) * p.T + q1) * p.out_stride + int64_t(h) * p.D,
-                             p.out_stride, valid, p.vec);
+    fa_load_tile<D, kFaCols>(dOs + buf * kFaCols * LDS,
+                             dout + (int64_t(b) * p.T + q1) * p.out_stride + int64_t(h) * p.D, p.out_stride, valid,
+                             p.vec);
     if (threadIdx.x < kFaCols) {  // plain stores: visible after the barrier
       const int r = threadIdx.x;
       const int64_t at = (int64_t(b) * p.H + h) * p.T + q1 + r;
