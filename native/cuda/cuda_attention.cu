@@ -992,14 +992,15 @@ __global__ void __launch_bounds__(kTcThreads, 1) attention_backward_dkdv_tc_kern
 // kernels above, fragments here have the documented layout of cuda_mma.cuh, so scores S, dP,
 // probabilities P, dS and the accumulators O, dQ, dK, dV never leave registers: a score tile's
 // accumulators, rounded to bf16, are directly the A operand of the next product. A block owns
-// 128 rows (queries in the forward and dQ, keys in dK/dV), 16 per warp (8 warps; the forward: 32
-// per warp up to head_dim 64, 4 warps), and walks 64-row tiles of the other side, staged in shared memory by cp.async one tile ahead
-// (double buffering: the copy of tile i+1 runs under the products of tile i). Tile rows are
-// padded by 16 bytes (row stride D+8 bf16), so the 8 row addresses of an ldmatrix phase fall in 8
-// distinct 16-byte bank groups. Causality is exploited per warp: a tile wholly after a warp's
-// last row is skipped, and only tiles that cross the diagonal pay for the mask. As in the other
-// kernels: base-2 softmax, natural-log lse, P and dS rounded to bf16 for the products, fp32
-// everywhere else, one writer per output and a fixed summation order (deterministic).
+// 128 rows (queries in the forward and dQ, keys in dK/dV), 16 per warp (8 warps; the forward and
+// dQ: 32 per warp up to head_dim 64, 4 warps), and walks 64-row tiles of the other side, staged
+// in shared memory by cp.async one tile ahead (double buffering: the copy of tile i+1 runs under
+// the products of tile i). Tile rows are padded by 16 bytes (row stride D+8 bf16), so the 8 row
+// addresses of an ldmatrix phase fall in 8 distinct 16-byte bank groups. Causality is exploited
+// per warp: a tile wholly after a warp's last row is skipped, and only tiles that cross the
+// diagonal pay for the mask. As in the other kernels: base-2 softmax, natural-log lse, P and dS
+// rounded to bf16 for the products, fp32 everywhere else, one writer per output and a fixed
+// summation order (deterministic).
 constexpr int kFaWarps = 8;
 constexpr int kFaThreads = 32 * kFaWarps;
 constexpr int kFaRows = 16 * kFaWarps;  // the block's own rows: 128
@@ -1181,7 +1182,7 @@ __device__ __forceinline__ void fa_forward_tile(float (&o)[MT][D / 8][4], float 
       mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 1));
       mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 2));
       const float m_new = fmaxf(m[i][r], mt[r] * scale_log2);
-      alpha[r] = exp2f(m[i][r] - m_new);  // 0 on the first tile (m = -inf, m_new finite)
+      alpha[r] = exp2_approx(m[i][r] - m_new);  // 0 on the first tile (m = -inf, m_new finite)
       m[i][r] = m_new;
       neg_m[i][r] = -m_new;
       l[i][r] *= alpha[r];
@@ -1201,8 +1202,10 @@ __device__ __forceinline__ void fa_forward_tile(float (&o)[MT][D / 8][4], float 
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         const float* x = s[i][c][n];  // masked: exp2(-inf) = 0
-        const float p0 = exp2f(fmaf(x[0], scale_log2, neg_m[i][0])), p1 = exp2f(fmaf(x[1], scale_log2, neg_m[i][0]));
-        const float p2 = exp2f(fmaf(x[2], scale_log2, neg_m[i][1])), p3 = exp2f(fmaf(x[3], scale_log2, neg_m[i][1]));
+        const float p0 = exp2_approx(fmaf(x[0], scale_log2, neg_m[i][0]));
+        const float p1 = exp2_approx(fmaf(x[1], scale_log2, neg_m[i][0]));
+        const float p2 = exp2_approx(fmaf(x[2], scale_log2, neg_m[i][1]));
+        const float p3 = exp2_approx(fmaf(x[3], scale_log2, neg_m[i][1]));
         l[i][0] += p0 + p1;
         l[i][1] += p2 + p3;
         pa[i][2 * n] = pack_bf16x2(p0, p1);
@@ -1230,10 +1233,9 @@ __device__ __forceinline__ void fa_forward_tile(float (&o)[MT][D / 8][4], float 
 // alpha, and is reduced once at the end), then O += P V with P taken from the S registers
 // (fa_forward_tile).
 template <int D>
-__global__ void __launch_bounds__(fa_query_threads<D>()) attention_forward_mma_kernel(__nv_bfloat16* __restrict__ out,
-                                                                                  float* __restrict__ lse,
-                                                                                  const __nv_bfloat16* __restrict__ qkv,
-                                                                                  AttnParams p) {
+__global__ void __launch_bounds__(fa_query_threads<D>(), 1)
+    attention_forward_mma_kernel(__nv_bfloat16* __restrict__ out, float* __restrict__ lse,
+                                 const __nv_bfloat16* __restrict__ qkv, AttnParams p) {
   constexpr int LDS = fa_ld<D>(), KD = D / 16, ND = D / 8;
   constexpr int MT = fa_query_row_tiles<D>(), WR = 16 * MT, THREADS = fa_query_threads<D>();
   extern __shared__ __align__(128) unsigned char fa_smem[];
@@ -1360,7 +1362,7 @@ __device__ __forceinline__ void fa_accumulate_rows(float (&acc)[MT][D / 8][4], c
 // log2(e) - lse2), dS = P ∘ (dP - delta) packed straight into an A fragment, dQ += dS K. dQ *=
 // scale at the end.
 template <int D>
-__global__ void __launch_bounds__(fa_query_threads<D>()) attention_backward_dq_mma_kernel(
+__global__ void __launch_bounds__(fa_query_threads<D>(), 1) attention_backward_dq_mma_kernel(
     __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
     const float* __restrict__ lse, const float* __restrict__ delta, AttnParams p, float scale) {
   constexpr int LDS = fa_ld<D>(), KD = D / 16, ND = D / 8;
@@ -1452,7 +1454,7 @@ __global__ void __launch_bounds__(fa_query_threads<D>()) attention_backward_dq_m
             // A select, not a product: exp2 of a masked score may overflow, and inf * 0 is NaN.
             const float pr = (masked && key > wq + 16 * i + g + 8 * r)
                                  ? 0.f
-                                 : exp2f(s[i][n][e] * p.scale_log2 - lse2[i][r]);
+                                 : exp2_approx(s[i][n][e] * p.scale_log2 - lse2[i][r]);
             ds[e] = pr * (dp[i][n][e] - dl[i][r]);
           }
           da[i][2 * n] = pack_bf16x2(ds[0], ds[1]);
@@ -1468,21 +1470,51 @@ __global__ void __launch_bounds__(fa_query_threads<D>()) attention_backward_dq_m
   for (int i = 0; i < MT; ++i) fa_write_rows<D>(dq[i], rows, p.qkv_stride, wq + 16 * i, p.T, scale);
 }
 
-// Whether the dK/dV pass keeps a warp's K and V rows in registers (at head_dim 128 dK and dV
-// alone take 128 registers: there they are reloaded from shared memory per chunk).
+// The dK/dV pass gives each warp MT 16-key m-tiles (as the query-side kernels do with queries:
+// MT = 2 up to head_dim 64, 4 warps per 128 keys), so each Q or dO fragment from shared memory
+// feeds MT products. A warp's K and V rows are the A operands of every chunk: kept in registers
+// where they fit (K up to head_dim 64, V up to 32: at 64, dK, dV and K of two m-tiles already take
+// 160 registers), else reloaded from shared memory per chunk.
 template <int D>
-constexpr bool fa_kv_in_registers() {
+constexpr int fa_key_row_tiles() {
+  return D <= 64 ? 2 : 1;
+}
+template <int D>
+constexpr int fa_key_threads() {
+  return 32 * kFaRows / (16 * fa_key_row_tiles<D>());
+}
+template <int D>
+constexpr bool fa_k_in_registers() {
   return D <= 64;
 }
+template <int D>
+constexpr bool fa_v_in_registers() {
+  return D <= 32;
+}
 
-// One 64-query tile of the dK/dV pass for a warp's 16 keys (from wk), 16 queries at a time: Sᵀ and
-// dPᵀ, Pᵀ = exp2(Sᵀ scale log2(e) - lse2), dSᵀ = Pᵀ ∘ (dPᵀ - delta), dV += Pᵀ dO, dK += dSᵀ Q.
-// K and V are the A fragments kf, vf (fa_kv_in_registers) or are loaded from Kw, Vw per chunk.
+// S (MT m-tiles x 16 columns) = A · Bᵀ with A the warp's rows: from registers (`held`) when
+// kHeld, else loaded from `rows` (16-row m-tiles, row stride fa_ld<D>) into scratch first.
+template <int D, int MT, bool kHeld>
+__device__ __forceinline__ void fa_scores_from(float (&acc)[MT][2][4], const uint32_t (&held)[MT][D / 16][4],
+                                               const __nv_bfloat16* rows, const __nv_bfloat16* b_rows) {
+  if constexpr (kHeld) {
+    fa_scores_rows<D, MT>(acc, held, b_rows);
+  } else {
+    uint32_t a[MT][D / 16][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) fa_load_a<D>(a[i], rows + 16 * i * fa_ld<D>());
+    fa_scores_rows<D, MT>(acc, a, b_rows);
+  }
+}
+
+// One 64-query tile of the dK/dV pass for a warp's 16 MT keys (from wk), 16 queries at a time:
+// Sᵀ and dPᵀ, Pᵀ = exp2(Sᵀ scale log2(e) - lse2), dSᵀ = Pᵀ ∘ (dPᵀ - delta), dV += Pᵀ dO,
+// dK += dSᵀ Q. K and V: the fragments kf, vf or the rows at Kw, Vw (fa_k/v_in_registers).
 // kMasked: queries before a key of the warp, or past T, get P = 0, and chunks wholly so are
 // skipped. lse2 (base 2) and delta are the tile's, in shared memory.
-template <int D, bool kMasked>
-__device__ __forceinline__ void fa_dkdv_tile(float (&dk)[D / 8][4], float (&dv)[D / 8][4],
-                                             const uint32_t (&kf)[D / 16][4], const uint32_t (&vf)[D / 16][4],
+template <int D, int MT, bool kMasked>
+__device__ __forceinline__ void fa_dkdv_tile(float (&dk)[MT][D / 8][4], float (&dv)[MT][D / 8][4],
+                                             const uint32_t (&kf)[MT][D / 16][4], const uint32_t (&vf)[MT][D / 16][4],
                                              const __nv_bfloat16* Kw, const __nv_bfloat16* Vw,
                                              const __nv_bfloat16* Qb, const __nv_bfloat16* dOb, const float* lse2_s,
                                              const float* delta_s, int q0, int wk, int T, float scale_log2) {
@@ -1490,54 +1522,50 @@ __device__ __forceinline__ void fa_dkdv_tile(float (&dk)[D / 8][4], float (&dv)[
   const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
-    if (kMasked && (q0 + 16 * c + 15 < wk || q0 + 16 * c >= T)) continue;  // all before the keys, or all padding
-    float st[2][4] = {}, dpt[2][4] = {};
-    if constexpr (fa_kv_in_registers<D>()) {
-      fa_scores<D>(st, kf, Qb + 16 * c * LDS);
-      fa_scores<D>(dpt, vf, dOb + 16 * c * LDS);
-    } else {
-      uint32_t af[D / 16][4];
-      fa_load_a<D>(af, Kw);
-      fa_scores<D>(st, af, Qb + 16 * c * LDS);
-      fa_load_a<D>(af, Vw);
-      fa_scores<D>(dpt, af, dOb + 16 * c * LDS);
-    }
-    uint32_t pa[4], da[4];
+    // All before the warp's keys, or all padding.
+    if (kMasked && (q0 + 16 * c + 15 < wk || q0 + 16 * c >= T)) continue;
+    float st[MT][2][4] = {}, dpt[MT][2][4] = {};
+    fa_scores_from<D, MT, fa_k_in_registers<D>()>(st, kf, Kw, Qb + 16 * c * LDS);
+    fa_scores_from<D, MT, fa_v_in_registers<D>()>(dpt, vf, Vw, dOb + 16 * c * LDS);
+    uint32_t pa[MT][4], da[MT][4];
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
       const int qr = 16 * c + 8 * n + 2 * t;  // this lane's two query columns: qr, qr + 1
       const float2 l2 = *reinterpret_cast<const float2*>(lse2_s + qr);
       const float2 d2 = *reinterpret_cast<const float2*>(delta_s + qr);
-      float pr[4], ds[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int q = q0 + qr + (e & 1), key = wk + g + 8 * (e >> 1);
-        const float l2e = (e & 1) ? l2.y : l2.x, d2e = (e & 1) ? d2.y : d2.x;
-        pr[e] = (kMasked && (q < key || q >= T)) ? 0.f : exp2f(st[n][e] * scale_log2 - l2e);
-        ds[e] = pr[e] * (dpt[n][e] - d2e);
+      for (int i = 0; i < MT; ++i) {
+        float pr[4], ds[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int q = q0 + qr + (e & 1), key = wk + 16 * i + g + 8 * (e >> 1);
+          const float l2e = (e & 1) ? l2.y : l2.x, d2e = (e & 1) ? d2.y : d2.x;
+          pr[e] = (kMasked && (q < key || q >= T)) ? 0.f : exp2_approx(st[i][n][e] * scale_log2 - l2e);
+          ds[e] = pr[e] * (dpt[i][n][e] - d2e);
+        }
+        pa[i][2 * n] = pack_bf16x2(pr[0], pr[1]);
+        pa[i][2 * n + 1] = pack_bf16x2(pr[2], pr[3]);
+        da[i][2 * n] = pack_bf16x2(ds[0], ds[1]);
+        da[i][2 * n + 1] = pack_bf16x2(ds[2], ds[3]);
       }
-      pa[2 * n] = pack_bf16x2(pr[0], pr[1]);
-      pa[2 * n + 1] = pack_bf16x2(pr[2], pr[3]);
-      da[2 * n] = pack_bf16x2(ds[0], ds[1]);
-      da[2 * n + 1] = pack_bf16x2(ds[2], ds[3]);
     }
-    fa_accumulate<D>(dv, pa, dOb + 16 * c * LDS);
-    fa_accumulate<D>(dk, da, Qb + 16 * c * LDS);
+    fa_accumulate_rows<D, MT>(dv, pa, dOb + 16 * c * LDS);
+    fa_accumulate_rows<D, MT>(dk, da, Qb + 16 * c * LDS);
   }
 }
 
 // dK, dV. Block: 128 keys of one (batch, kv head), grid ceil(T/128) * B * KV, first key blocks
-// (the heaviest) first; warp w owns keys k0 + 16w .. +15 (K and V in registers where they fit:
-// head_dim up to 64). The block walks the group's query heads in order and, for each, the 64-query
-// tiles from the block's first key on; per 16-query chunk not wholly before the warp's keys:
-// Sᵀ = K Qᵀ and dPᵀ = V dOᵀ, Pᵀ = exp2(Sᵀ scale log2(e) - lse2) and dSᵀ = Pᵀ ∘ (dPᵀ - delta) as
-// A fragments, dV += Pᵀ dO and dK += dSᵀ Q. dK *= scale at the end.
+// (the heaviest) first; warp w owns keys k0 + 16 MT w .. k0 + 16 MT (w + 1) - 1. The block walks
+// the group's query heads in order and, for each, the 64-query tiles from the block's first key
+// on; per 16-query chunk not wholly before the warp's keys: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ,
+// Pᵀ = exp2(Sᵀ scale log2(e) - lse2) and dSᵀ = Pᵀ ∘ (dPᵀ - delta) as A fragments, dV += Pᵀ dO and
+// dK += dSᵀ Q (fa_dkdv_tile). dK *= scale at the end.
 template <int D>
-__global__ void __launch_bounds__(kFaThreads, 1) attention_backward_dkdv_mma_kernel(
+__global__ void __launch_bounds__(fa_key_threads<D>(), 1) attention_backward_dkdv_mma_kernel(
     __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
     const float* __restrict__ lse, const float* __restrict__ delta, AttnParams p, float scale) {
   constexpr int LDS = fa_ld<D>(), KD = D / 16, ND = D / 8;
-  constexpr bool kKvInRegisters = fa_kv_in_registers<D>();
+  constexpr int MT = fa_key_row_tiles<D>(), WR = 16 * MT, THREADS = fa_key_threads<D>();
   extern __shared__ __align__(128) unsigned char fa_smem[];
   __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(fa_smem);  // (128, LDS)
   __nv_bfloat16* Vs = Ks + kFaRows * LDS;                          // (128, LDS)
@@ -1550,8 +1578,8 @@ __global__ void __launch_bounds__(kFaThreads, 1) attention_backward_dkdv_mma_ker
   const int kb = int(blockIdx.x / unsigned(BKV));
   const int b = bkv / p.KV, kvh = bkv % p.KV;
   const int k0 = kb * kFaRows;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  const int wk = k0 + 16 * warp;  // the warp's first key
+  const int warp = threadIdx.x / 32;
+  const int wk = k0 + WR * warp;  // the warp's first key
   const int qt0 = k0 / kFaCols, n_qt = (p.T + kFaCols - 1) / kFaCols - qt0;  // query tiles per head
   const int n_it = p.group * n_qt;
   const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
@@ -1559,10 +1587,13 @@ __global__ void __launch_bounds__(kFaThreads, 1) attention_backward_dkdv_mma_ker
   // Stages iteration i's query tile: head kvh * group + i / n_qt, tile qt0 + i % n_qt.
   auto load_queries = [&](int i, int buf) {
     const int h = kvh * p.group + i / n_qt, q1 = (qt0 + i % n_qt) * kFaCols, valid = min(kFaCols, p.T - q1);
-    fa_load_tile<D, kFaCols>(Qs + buf * kFaCols * LDS, base + int64_t(q1) * p.qkv_stride + p.q_off + int64_t(h) * p.D,
-                             p.qkv_stride, valid, p.vec);
-    fa_load_tile<D, kFaCols>(dOs + buf * kFaCols * LDS, dout + (int64_t(b) * p.T + q1) * p.out_stride + int64_t(h) * p.D,
-                             p.out_stride, valid, p.vec);
+    fa_load_tile<D, kFaCols, THREADS>(Qs + buf * kFaCols * LDS,
+                                      base + int64_t(q1) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride,
+                                      valid, p.vec);
+    fa_load_tile<D, kFaCols, THREADS>(dOs + buf * kFaCols * LDS,
+                                      dout + (int64_t(b) * p.T + q1) * p.out_stride + int64_t(h) * p.D,
+                                      p.out_stride, valid, p.vec);
+    static_assert(THREADS >= kFaCols, "a thread per query row stages the statistics");
     if (threadIdx.x < kFaCols) {  // plain stores: visible after the barrier
       const int r = threadIdx.x;
       const int64_t at = (int64_t(b) * p.H + h) * p.T + q1 + r;
@@ -1572,26 +1603,32 @@ __global__ void __launch_bounds__(kFaThreads, 1) attention_backward_dkdv_mma_ker
   };
 
   const __nv_bfloat16* kv_rows = base + int64_t(k0) * p.qkv_stride + int64_t(kvh) * p.D;
-  fa_load_tile<D, kFaRows>(Ks, kv_rows + p.k_off, p.qkv_stride, min(kFaRows, p.T - k0), p.vec);
-  fa_load_tile<D, kFaRows>(Vs, kv_rows + p.v_off, p.qkv_stride, min(kFaRows, p.T - k0), p.vec);
+  fa_load_tile<D, kFaRows, THREADS>(Ks, kv_rows + p.k_off, p.qkv_stride, min(kFaRows, p.T - k0), p.vec);
+  fa_load_tile<D, kFaRows, THREADS>(Vs, kv_rows + p.v_off, p.qkv_stride, min(kFaRows, p.T - k0), p.vec);
   load_queries(0, 0);
   cp_async_commit();
 
-  uint32_t kf[KD][4], vf[KD][4];  // the warp's K and V rows as A fragments (unused at head_dim 128)
-  float dk[ND][4], dv[ND][4];
+  uint32_t kf[MT][KD][4], vf[MT][KD][4];  // the warp's K and V rows as A fragments, where held
+  float dk[MT][ND][4], dv[MT][ND][4];
 #pragma unroll
-  for (int n = 0; n < ND; ++n)
+  for (int i = 0; i < MT; ++i)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[i][n][e] = dv[i][n][e] = 0.f;
 
+  const __nv_bfloat16 *Kw = Ks + WR * warp * LDS, *Vw = Vs + WR * warp * LDS;
   for (int it = 0; it < n_it; ++it) {
     if (it + 1 < n_it) load_queries(it + 1, (it + 1) & 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    if (kKvInRegisters && it == 0) {
-      fa_load_a<D>(kf, Ks + 16 * warp * LDS);
-      fa_load_a<D>(vf, Vs + 16 * warp * LDS);
+    if (it == 0) {
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        if (fa_k_in_registers<D>()) fa_load_a<D>(kf[i], Kw + 16 * i * LDS);
+        if (fa_v_in_registers<D>()) fa_load_a<D>(vf[i], Vw + 16 * i * LDS);
+      }
     }
 
     const int q0 = (qt0 + it % n_qt) * kFaCols;
@@ -1599,19 +1636,22 @@ __global__ void __launch_bounds__(kFaThreads, 1) attention_backward_dkdv_mma_ker
     const __nv_bfloat16* dOb = dOs + (it & 1) * kFaCols * LDS;
     const float* lse2_s = stats + (it & 1) * 2 * kFaCols;
     const float* delta_s = lse2_s + kFaCols;
-    // A tile wholly before the warp's keys (the block's first, for warps 4..7) is skipped; only
-    // tiles holding a query before one of its keys, or padding queries past T, mask.
-    const __nv_bfloat16 *Kw = Ks + 16 * warp * LDS, *Vw = Vs + 16 * warp * LDS;
-    if (D <= 64 && q0 >= wk + 15 && q0 + kFaCols <= p.T)  // at 128 the two versions together would spill
-      fa_dkdv_tile<D, false>(dk, dv, kf, vf, Kw, Vw, Qb, dOb, lse2_s, delta_s, q0, wk, p.T, p.scale_log2);
+    // A tile wholly before the warp's keys (the block's first, for its later warps) is skipped;
+    // only tiles holding a query before one of its keys, or padding queries past T, mask. From
+    // head_dim 64 on the two versions together would spill: there every tile takes the masked one.
+    if (D <= 32 && q0 >= wk + WR - 1 && q0 + kFaCols <= p.T)
+      fa_dkdv_tile<D, MT, false>(dk, dv, kf, vf, Kw, Vw, Qb, dOb, lse2_s, delta_s, q0, wk, p.T, p.scale_log2);
     else if (q0 + kFaCols - 1 >= wk)
-      fa_dkdv_tile<D, true>(dk, dv, kf, vf, Kw, Vw, Qb, dOb, lse2_s, delta_s, q0, wk, p.T, p.scale_log2);
+      fa_dkdv_tile<D, MT, true>(dk, dv, kf, vf, Kw, Vw, Qb, dOb, lse2_s, delta_s, q0, wk, p.T, p.scale_log2);
     __syncthreads();
   }
 
   __nv_bfloat16* rows = dqkv + int64_t(b) * p.T * p.qkv_stride + int64_t(kvh) * p.D;
-  fa_write_rows<D>(dk, rows + p.k_off, p.qkv_stride, wk, p.T, scale);
-  fa_write_rows<D>(dv, rows + p.v_off, p.qkv_stride, wk, p.T, 1.f);
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    fa_write_rows<D>(dk[i], rows + p.k_off, p.qkv_stride, wk + 16 * i, p.T, scale);
+    fa_write_rows<D>(dv[i], rows + p.v_off, p.qkv_stride, wk + 16 * i, p.T, 1.f);
+  }
 }
 
 // ---- Decoding with a KV cache ----
@@ -1987,8 +2027,9 @@ void launch_backward_mma(AttnState& st, int device, cudaStream_t stream, __nv_bf
                                         fa_query_threads<D>(), smem_dq, stream>>>(dqkv, dout, qkv, lse, delta, p,
                                                                                   scale);
   SPPO_CUDA_LAUNCHED(attention_backward_dq_mma_kernel);
-  attention_backward_dkdv_mma_kernel<D><<<tile_grid(blocks, s.kv_heads, s.batch, "attention_backward"), kFaThreads,
-                                          smem_dkdv, stream>>>(dqkv, dout, qkv, lse, delta, p, scale);
+  attention_backward_dkdv_mma_kernel<D><<<tile_grid(blocks, s.kv_heads, s.batch, "attention_backward"),
+                                          fa_key_threads<D>(), smem_dkdv, stream>>>(dqkv, dout, qkv, lse, delta, p,
+                                                                                    scale);
   SPPO_CUDA_LAUNCHED(attention_backward_dkdv_mma_kernel);
 }
 

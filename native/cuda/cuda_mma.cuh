@@ -63,6 +63,15 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
 }
 
+// 2^x, one MUFU.EX2 (ex2.approx.ftz: about 2 ulp; denormal results flush to zero, exp2(-inf) = 0).
+// exp2f without fast-math adds the denormal scaling around it, which a probability below 2^-126
+// does not need.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Two floats as a bf16 pair (round to nearest even), `lo` in the low half: an A-fragment register.
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);

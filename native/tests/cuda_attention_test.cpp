@@ -395,7 +395,8 @@ SPPO_TEST(cuda_attention_is_deterministic) {
       (r == 0 ? out1 : out2) = out_d.get();
       (r == 0 ? lse1 : lse2) = lse_d.get();
     }
-    EXPECT_TRUE(same_bits(out1, out2) && same_bits(lse1, lse2), path << ": attention_forward differs between two calls");
+    EXPECT_TRUE(same_bits(out1, out2) && same_bits(lse1, lse2),
+                path << ": attention_forward differs between two calls");
     EXPECT_TRUE(same_bits(gpu_backward(*gpu, s, in), gpu_backward(*gpu, s, in)),
                 path << ": attention_backward differs between two calls");
   }
@@ -440,7 +441,8 @@ SPPO_TEST(cuda_attention_speed) {
       const double b = time_ms([&] {
         ops->attention_backward(dqkv_d.data(), dout_d.data(), qkv_d.data(), out_d.data(), lse_d.data(), s);
       });
-      std::printf("attention %-4s B%ld T%ld %ld/%ld x %ld  %-4s  forward %7.3f ms %6.1f TFLOP/s  backward %7.3f ms %6.1f TFLOP/s\n",
+      std::printf("attention %-4s B%ld T%ld %ld/%ld x %ld  %-4s  forward %7.3f ms %6.1f TFLOP/s  "
+                  "backward %7.3f ms %6.1f TFLOP/s\n",
                   c.name, long(c.B), long(c.T), long(c.H), long(c.KV), long(c.D), path, f, fwd_flops / f / 1e9, b,
                   bwd_flops / b / 1e9);
     }
