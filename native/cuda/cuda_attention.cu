@@ -3,9 +3,9 @@
 // summation order: no float atomics), and the KV-cache write and split decode of batched sampling.
 //
 // Three implementations of the forward and backward: register-resident tensor-core kernels
-// (mma.sync PTX, FlashAttention-2 structure) for head_dim 32, 64 and 128, the default; the older
-// WMMA tensor-core kernels for the same head dims (SPPO_CUDA_ATTENTION=wmma), kept until a GPU
-// job has timed both, then one of the two goes; and fp32 FMA kernels from tiles staged as fp32,
+// (mma.sync PTX, FlashAttention-2 structure) for head_dim 32, 64 and 128 (SPPO_CUDA_ATTENTION=mma,
+// not yet run on a GPU); the WMMA tensor-core kernels for the same head dims, the default (checked
+// on an H200) until a GPU job has checked and timed both, then one of the two goes; and fp32 FMA kernels from tiles staged as fp32,
 // for every head_dim, which are also the tensor cores' reference (SPPO_CUDA_ATTENTION=fma). All
 // run the softmax in the base-2 domain (scores pre-multiplied by scale*log2(e)) and save
 // log-sum-exps in the natural log, as the CPU backend saves them (native/cpu/cpu_ops.cpp is the
@@ -482,8 +482,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_kernel(
 }
 
 // ---- Tensor-core kernels (WMMA bf16 16x16x16, fp32 accumulate) ----
-// The same algorithms as the FMA kernels above, for head_dim 32, 64 and 128, selected by
-// SPPO_CUDA_ATTENTION=wmma (other head dims take the FMA kernels). Tiles are staged as bf16 in shared memory;
+// The same algorithms as the FMA kernels above, for head_dim 32, 64 and 128, the default
+// (SPPO_CUDA_ATTENTION unset or "wmma"; other head dims take the FMA kernels). Tiles are staged as bf16 in shared memory;
 // products go through WMMA fragments, and every per-element step (mask, softmax, rescale,
 // dS) runs on plain threads from shared memory after store_matrix_sync, since which lane holds
 // which element of a fragment is implementation-defined. A block is 4 warps; warp w owns rows
@@ -988,7 +988,8 @@ __global__ void __launch_bounds__(kTcThreads, 1) attention_backward_dkdv_tc_kern
 }
 
 // ---- Register-resident tensor-core kernels (mma.sync m16n8k16, the FlashAttention-2 structure) ----
-// For head_dim 32, 64 and 128, the default (SPPO_CUDA_ATTENTION unset or "mma"). Unlike the WMMA
+// For head_dim 32, 64 and 128 with SPPO_CUDA_ATTENTION=mma (the WMMA kernels are the default until a
+// GPU job has checked these). Unlike the WMMA
 // kernels above, fragments here have the documented layout of cuda_mma.cuh, so scores S, dP,
 // probabilities P, dS and the accumulators O, dQ, dK, dV never leave registers: a score tile's
 // accumulators, rounded to bf16, are directly the A operand of the next product. A block owns
@@ -1851,16 +1852,19 @@ bool rows_aligned16(std::initializer_list<const void*> ptrs, std::initializer_li
   return true;
 }
 
-// Which forward/backward kernels run (SPPO_CUDA_ATTENTION, read once per op set): "mma" (or
-// unset) the register-resident mma.sync kernels, "wmma" the WMMA kernels (both for head_dim 32,
-// 64, 128; other head dims take the FMA kernels), "fma" the fp32 FMA kernels everywhere.
+// Which forward/backward kernels run (SPPO_CUDA_ATTENTION, read once per op set): "wmma" (or
+// unset) the WMMA kernels, "mma" the register-resident mma.sync kernels (both for head_dim 32,
+// 64, 128; other head dims take the FMA kernels), "fma" the fp32 FMA kernels everywhere. WMMA
+// stays the default until a GPU job has run the mma.sync kernels: they were checked only under a
+// CPU emulation whose fragment layouts come from the same reading of the PTX manual as the
+// kernels, which a real GPU can contradict (bench/NOTES.md, issue 12).
 enum class AttnPath { mma, wmma, fma };
 AttnPath attention_path() {
   const char* v = std::getenv("SPPO_CUDA_ATTENTION");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "mma") == 0) return AttnPath::mma;
-  if (std::strcmp(v, "wmma") == 0) return AttnPath::wmma;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "wmma") == 0) return AttnPath::wmma;
+  if (std::strcmp(v, "mma") == 0) return AttnPath::mma;
   SPPO_REQUIRE(std::strcmp(v, "fma") == 0, "SPPO_CUDA_ATTENTION is '", v,
-               "'; expected 'mma' (tensor cores, mma.sync: the default), 'wmma' (tensor cores, WMMA) or 'fma' "
+               "'; expected 'wmma' (tensor cores, WMMA: the default), 'mma' (tensor cores, mma.sync) or 'fma' "
                "(fp32 FMA kernels)");
   return AttnPath::fma;
 }

@@ -4,8 +4,8 @@
 // Errors are max|gpu - cpu| / max|cpu| per output; the GPU's outputs are bf16, so 1e-2 leaves
 // room for their rounding (2^-9 relative) and for fp32 summation order, and none for a wrong
 // index. Log-sum-exps are fp32 on both sides: 1e-4 absolute.
-// The forward and backward have three implementations: mma.sync tensor-core kernels (the default
-// for head_dim 32, 64, 128), WMMA tensor-core kernels (SPPO_CUDA_ATTENTION=wmma, the same head
+// The forward and backward have three implementations: WMMA tensor-core kernels (the default for
+// head_dim 32, 64, 128), mma.sync tensor-core kernels (SPPO_CUDA_ATTENTION=mma, the same head
 // dims) and fp32 FMA (SPPO_CUDA_ATTENTION=fma, and every other head_dim). Each is checked against
 // the CPU, and each tensor-core path against FMA.
 #include <algorithm>
