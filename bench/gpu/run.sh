@@ -52,12 +52,16 @@ fi
 # A variant of the build's choices, through its environment (VARIANT_ENV, e.g.
 # "SPPO_CUDA_ATTENTION=wmma"): its tests (VARIANT_TESTS, a filter) and benchmarks (VARIANT_BENCH),
 # so a kernel and its replacement are both checked and timed in one job.
-if want variant && [ -n "${VARIANT_ENV:-}" ] && [ -x $bin/sppo_tests ]; then
+# By default the mma.sync attention kernels, which no GPU has run yet (the WMMA ones are the default).
+VARIANT_ENV=${VARIANT_ENV-"SPPO_CUDA_ATTENTION=mma"}
+VARIANT_TESTS=${VARIANT_TESTS-"cuda_attention,cuda_training,cuda_model"}
+VARIANT_BENCH=${VARIANT_BENCH-"cuda_train_step"}
+if want variant && [ -n "$VARIANT_ENV" ] && [ -x $bin/sppo_tests ]; then
   log "variant $VARIANT_ENV"
   env $VARIANT_ENV timeout 200 $bin/sppo_tests "${VARIANT_TESTS:-cuda_}" > "$OUT/variant_tests.log" 2>&1
   tail -1 "$OUT/variant_tests.log" | tee -a "$OUT/summary.txt"
   grep -E -A2 "^FAIL" "$OUT/variant_tests.log" | head -20 >> "$OUT/summary.txt"
-  if [ -n "${VARIANT_BENCH:-}" ]; then
+  if [ -n "$VARIANT_BENCH" ]; then
     env $VARIANT_ENV timeout 200 $bin/sppo_bench "$VARIANT_BENCH" > "$OUT/variant_bench.log" 2>&1
     cat "$OUT/variant_bench.log" >> "$OUT/summary.txt"
   fi
@@ -90,6 +94,10 @@ if [ -f "$OUT/cuda_bench.log" ]; then
   log "speed against the peers"
   python3 bench/gpu/summary.py "$OUT/cuda_bench.log" "$OUT/peers.json" \
     $( [ -f "$OUT/cuda_bench_base.log" ] && echo "$OUT/cuda_bench_base.log") >> "$OUT/summary.txt" 2>&1
+fi
+if [ -f "$OUT/variant_bench.log" ]; then
+  echo "the same under $VARIANT_ENV:" >> "$OUT/summary.txt"
+  grep -E "^(train|generate|fused)" "$OUT/variant_bench.log" >> "$OUT/summary.txt"
 fi
 
 log "done in $(( $(date +%s) - start )) s"
