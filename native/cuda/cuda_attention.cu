@@ -993,18 +993,16 @@ __global__ void __launch_bounds__(kTcThreads, 1) attention_backward_dkdv_tc_kern
 // kernels above, fragments here have the documented layout of cuda_mma.cuh, so scores S, dP,
 // probabilities P, dS and the accumulators O, dQ, dK, dV never leave registers: a score tile's
 // accumulators, rounded to bf16, are directly the A operand of the next product. A block owns
-// 128 rows (queries in the forward and dQ, keys in dK/dV), 16 per warp (8 warps; the forward and
-// dQ: 32 per warp up to head_dim 64, 4 warps), and walks 64-row tiles of the other side, staged
-// in shared memory by cp.async one tile ahead (double buffering: the copy of tile i+1 runs under
-// the products of tile i). Tile rows are padded by 16 bytes (row stride D+8 bf16), so the 8 row
+// 128 rows (queries in the forward and dQ, keys in dK/dV): 32 per warp up to head_dim 64 (4
+// warps), 16 at 128 (8 warps), and walks 64-row tiles of the other side, staged in shared
+// memory by cp.async one tile ahead (double buffering: the copy of tile i+1 runs under the
+// products of tile i). Tile rows are padded by 16 bytes (row stride D+8 bf16), so the 8 row
 // addresses of an ldmatrix phase fall in 8 distinct 16-byte bank groups. Causality is exploited
 // per warp: a tile wholly after a warp's last row is skipped, and only tiles that cross the
 // diagonal pay for the mask. As in the other kernels: base-2 softmax, natural-log lse, P and dS
 // rounded to bf16 for the products, fp32 everywhere else, one writer per output and a fixed
 // summation order (deterministic).
-constexpr int kFaWarps = 8;
-constexpr int kFaThreads = 32 * kFaWarps;
-constexpr int kFaRows = 16 * kFaWarps;  // the block's own rows: 128
+constexpr int kFaRows = 128;  // the block's own rows
 constexpr int kFaCols = 64;             // rows per tile of the other side
 template <int D>
 constexpr int fa_ld() {  // bf16 row stride of staged tiles
@@ -1030,8 +1028,9 @@ constexpr size_t fa_backward_dkdv_smem() {  // K, V (128 rows), Q and dO (64 row
 // Starts the copy of rows [0, valid) of a (ROWS, D) bf16 block at src (row stride ld) into dst
 // (ROWS, fa_ld<D>); rows past `valid` become zeros (so a masked probability never meets stale
 // shared memory: 0 * NaN). `vec` (every row 16-byte aligned): cp.async, visible after
-// cp_async_wait and a barrier; otherwise element copies, visible after the barrier.
-template <int D, int ROWS, int THREADS = kFaThreads>
+// cp_async_wait and a barrier; otherwise element copies, visible after the barrier. THREADS: the
+// block size, every thread taking part.
+template <int D, int ROWS, int THREADS>
 __device__ __forceinline__ void fa_load_tile(__nv_bfloat16* __restrict__ dst, const __nv_bfloat16* __restrict__ src,
                                              int64_t ld, int valid, bool vec) {
   constexpr int LDS = fa_ld<D>();
@@ -1063,35 +1062,41 @@ __device__ __forceinline__ void fa_load_a(uint32_t (&a)[D / 16][4], const __nv_b
   for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(a[kk], rows + (lane & 15) * fa_ld<D>() + 16 * kk + (lane >> 4) * 8);
 }
 
-// acc (16 x 16 chunk, two n-tiles) += A · Bᵀ over D, with A in fragments and B the 16 rows at
-// `b_rows` (row stride fa_ld<D>): a score chunk, S = Q Kᵀ or dP = dO Vᵀ (or their transposes).
-template <int D>
-__device__ __forceinline__ void fa_scores(float (&acc)[2][4], const uint32_t (&a)[D / 16][4],
-                                          const __nv_bfloat16* b_rows) {
+// acc[i] (16 x 16 chunk, two n-tiles) += A[i] · Bᵀ over D for the MT m-tiles of a warp, with B
+// the 16 rows at `b_rows` (row stride fa_ld<D>): each B fragment is loaded once for all m-tiles.
+template <int D, int MT>
+__device__ __forceinline__ void fa_scores_rows(float (&acc)[MT][2][4], const uint32_t (&a)[MT][D / 16][4],
+                                               const __nv_bfloat16* b_rows) {
   const int lane = threadIdx.x % 32;
   const __nv_bfloat16* row = b_rows + ((lane >> 4) * 8 + (lane & 7)) * fa_ld<D>() + ((lane >> 3) & 1) * 8;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t b[4];
     ldmatrix_x4(b, row + 16 * kk);
-    mma_m16n8k16(acc[0], a[kk], b[0], b[1]);
-    mma_m16n8k16(acc[1], a[kk], b[2], b[3]);
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      mma_m16n8k16(acc[i][0], a[i][kk], b[0], b[1]);
+      mma_m16n8k16(acc[i][1], a[i][kk], b[2], b[3]);
+    }
   }
 }
 
-// acc (16 x D) += A · B for a 16-wide inner chunk, with A in one fragment (P or dS) and B the 16
-// rows at `b_rows` (V, K, dO or Q: row-major, loaded transposed).
-template <int D>
-__device__ __forceinline__ void fa_accumulate(float (&acc)[D / 8][4], const uint32_t (&a)[4],
-                                              const __nv_bfloat16* b_rows) {
+// acc[i] (16 x D) += A[i] · B for a 16-wide inner chunk and the MT m-tiles of a warp, with B the
+// 16 rows at `b_rows` (row-major, loaded transposed once for all m-tiles).
+template <int D, int MT>
+__device__ __forceinline__ void fa_accumulate_rows(float (&acc)[MT][D / 8][4], const uint32_t (&a)[MT][4],
+                                                   const __nv_bfloat16* b_rows) {
   const int lane = threadIdx.x % 32;
   const __nv_bfloat16* row = b_rows + (((lane >> 3) & 1) * 8 + (lane & 7)) * fa_ld<D>() + (lane >> 4) * 8;
 #pragma unroll
   for (int dp = 0; dp < D / 16; ++dp) {
     uint32_t b[4];
     ldmatrix_x4_trans(b, row + 16 * dp);
-    mma_m16n8k16(acc[2 * dp], a, b[0], b[1]);
-    mma_m16n8k16(acc[2 * dp + 1], a, b[2], b[3]);
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      mma_m16n8k16(acc[i][2 * dp], a[i], b[0], b[1]);
+      mma_m16n8k16(acc[i][2 * dp + 1], a[i], b[2], b[3]);
+    }
   }
 }
 
@@ -1150,7 +1155,8 @@ __device__ __forceinline__ void fa_forward_tile(float (&o)[MT][D / 8][4], float 
 #pragma unroll
       for (int n = 0; n < 2; ++n) s[i][c][n][0] = s[i][c][n][1] = s[i][c][n][2] = s[i][c][n][3] = 0.f;
     if (c >= chunks) continue;
-    // S chunk c = Q Kᵀ: each K fragment (keys 16c.., 16 of D) serves the MT m-tiles.
+    // S chunk c = Q Kᵀ: each K fragment (keys 16c.., 16 of D) serves the MT m-tiles. (Written out
+    // rather than fa_scores_rows, whose chunk-major score layout makes ptxas spill at head_dim 64.)
     const __nv_bfloat16* row = Kb + (16 * c + (lane >> 4) * 8 + (lane & 7)) * LDS + ((lane >> 3) & 1) * 8;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -1315,44 +1321,6 @@ __global__ void __launch_bounds__(fa_query_threads<D>(), 1)
     for (int n = 0; n < ND; ++n) o[i][n][0] *= inv[0], o[i][n][1] *= inv[0], o[i][n][2] *= inv[1], o[i][n][3] *= inv[1];
     fa_write_rows<D>(o[i], out + int64_t(b) * p.T * p.out_stride + int64_t(h) * p.D, p.out_stride, wq + 16 * i, p.T,
                      1.f);
-  }
-}
-
-// acc[i] (16 x 16 chunk, two n-tiles) += A[i] · Bᵀ over D for the MT m-tiles of a warp, with B
-// the 16 rows at `b_rows` (row stride fa_ld<D>): each B fragment is loaded once for all m-tiles.
-template <int D, int MT>
-__device__ __forceinline__ void fa_scores_rows(float (&acc)[MT][2][4], const uint32_t (&a)[MT][D / 16][4],
-                                               const __nv_bfloat16* b_rows) {
-  const int lane = threadIdx.x % 32;
-  const __nv_bfloat16* row = b_rows + ((lane >> 4) * 8 + (lane & 7)) * fa_ld<D>() + ((lane >> 3) & 1) * 8;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t b[4];
-    ldmatrix_x4(b, row + 16 * kk);
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      mma_m16n8k16(acc[i][0], a[i][kk], b[0], b[1]);
-      mma_m16n8k16(acc[i][1], a[i][kk], b[2], b[3]);
-    }
-  }
-}
-
-// acc[i] (16 x D) += A[i] · B for a 16-wide inner chunk and the MT m-tiles of a warp, with B the
-// 16 rows at `b_rows` (row-major, loaded transposed once for all m-tiles).
-template <int D, int MT>
-__device__ __forceinline__ void fa_accumulate_rows(float (&acc)[MT][D / 8][4], const uint32_t (&a)[MT][4],
-                                                   const __nv_bfloat16* b_rows) {
-  const int lane = threadIdx.x % 32;
-  const __nv_bfloat16* row = b_rows + (((lane >> 3) & 1) * 8 + (lane & 7)) * fa_ld<D>() + (lane >> 4) * 8;
-#pragma unroll
-  for (int dp = 0; dp < D / 16; ++dp) {
-    uint32_t b[4];
-    ldmatrix_x4_trans(b, row + 16 * dp);
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      mma_m16n8k16(acc[i][2 * dp], a[i], b[0], b[1]);
-      mma_m16n8k16(acc[i][2 * dp + 1], a[i], b[2], b[3]);
-    }
   }
 }
 
