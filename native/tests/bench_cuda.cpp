@@ -14,7 +14,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -300,6 +302,54 @@ SPPO_BENCH(cuda_fused_head) {
               1e3 * s, extra / 1073741824.0, inputs / 1073741824.0);
   for (void* p : {(void*)H, (void*)W, (void*)dH, (void*)dW, (void*)tg, (void*)logp, (void*)lse, (void*)coef, (void*)scratch})
     ops->free_bytes(p);
+}
+
+// Each attention path's forward and backward at the training shapes (134M: 12 heads of 64;
+// 1.1B: 32 heads over 8 kv heads of 64; 16 heads of 128), B·T = 8–16k tokens of T 1024. Causal
+// FLOPs: forward 2·B·H·T²·D (two products over half the square), backward 2.5 times that.
+SPPO_BENCH(cuda_attention) {
+  if (!gpu_or_skip()) return;
+  struct Case {
+    const char* name;
+    int64_t B, T, H, KV, D;
+  };
+  for (const Case& c : {Case{"134M", 16, 1024, 12, 12, 64}, Case{"1.1B", 8, 1024, 32, 8, 64},
+                        Case{"d128", 8, 1024, 16, 16, 128}}) {
+    const int64_t N = c.B * c.T, QD = c.H * c.D, KD = c.KV * c.D, QKV = QD + 2 * KD;
+    const AttentionShape s{c.B, c.T, c.H, c.KV, c.D, QKV, 0, QD, QD + KD, QD, 1.0 / std::sqrt(double(c.D))};
+    const double fwd_flops = 2.0 * c.B * c.H * double(c.T) * c.T * c.D, bwd_flops = 2.5 * fwd_flops;
+    for (const char* path : {"wmma", "mma", "fma"}) {
+      setenv("SPPO_CUDA_ATTENTION", path, 1);  // read by an op set at its first attention call
+      std::unique_ptr<Ops<bf16>> ops = cuda::make_ops(0);
+      auto* qkv = static_cast<bf16*>(ops->alloc_bytes(N * QKV * sizeof(bf16)));
+      auto* dqkv = static_cast<bf16*>(ops->alloc_bytes(N * QKV * sizeof(bf16)));
+      auto* out = static_cast<bf16*>(ops->alloc_bytes(N * QD * sizeof(bf16)));
+      auto* dout = static_cast<bf16*>(ops->alloc_bytes(N * QD * sizeof(bf16)));
+      auto* lse = static_cast<float*>(ops->alloc_bytes(c.B * c.H * c.T * sizeof(float)));
+      {
+        std::vector<float> h(size_t(N * QKV));
+        for (size_t i = 0; i < h.size(); ++i) h[i] = float(standard_normal(5, 0, i));
+        ops->upload(qkv, h.data(), N * QKV);
+        h.resize(size_t(N * QD));
+        ops->upload(dout, h.data(), N * QD);
+      }
+      const double f = harness::median_seconds(10, [&] {
+        ops->attention_forward(out, lse, qkv, s);
+        ops->synchronize();
+      });
+      const double b = harness::median_seconds(10, [&] {
+        ops->attention_backward(dqkv, dout, qkv, out, lse, s);
+        ops->synchronize();
+      });
+      std::printf("attention %-4s B%ld T%ld %ld/%ld x %ld  %-4s  forward %7.3f ms %6.1f TFLOP/s  "
+                  "backward %7.3f ms %6.1f TFLOP/s\n",
+                  c.name, long(c.B), long(c.T), long(c.H), long(c.KV), long(c.D), path, 1e3 * f, fwd_flops / f / 1e12,
+                  1e3 * b, bwd_flops / b / 1e12);
+      std::fflush(stdout);
+      for (void* p : {(void*)qkv, (void*)dqkv, (void*)out, (void*)dout, (void*)lse}) ops->free_bytes(p);
+    }
+  }
+  unsetenv("SPPO_CUDA_ATTENTION");
 }
 
 // Near-uniform rows (a random-weight model: top-p 0.9 keeps ~90% of the vocabulary) and peaked

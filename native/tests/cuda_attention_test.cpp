@@ -402,53 +402,6 @@ SPPO_TEST(cuda_attention_is_deterministic) {
   }
 }
 
-// Not a check: the time of each path's forward and backward at the training shapes (134M:
-// 12 heads of 64; 1.1B: 32 heads over 8 kv heads of 64; and 16 heads of 128), printed for the
-// GPU job's log. Causal FLOPs: forward 2 B H T^2 D (two products, half the square), backward
-// 2.5 times that (five products).
-SPPO_TEST(cuda_attention_speed) {
-  auto gpu = cuda_or_skip();
-  struct Case {
-    const char* name;
-    int64_t B, T, H, KV, D;
-  };
-  for (const Case& c : {Case{"134M", 16, 1024, 12, 12, 64}, Case{"1.1B", 8, 1024, 32, 8, 64},
-                        Case{"d128", 8, 1024, 16, 16, 128}}) {
-    const AttentionShape s = make_shape(c.B, c.T, c.H, c.KV, c.D, packed_layout(c.H, c.KV, c.D));
-    const int64_t N = c.B * c.T;
-    auto qkv_d = upload(*gpu, to_bf16(random_values(N * s.qkv_stride, 5)));
-    auto dout_d = upload(*gpu, to_bf16(random_values(N * s.out_stride, 6)));
-    auto out_d = upload(*gpu, std::vector<bf16>(N * s.out_stride));
-    auto dqkv_d = upload(*gpu, std::vector<bf16>(N * s.qkv_stride));
-    auto lse_d = upload(*gpu, std::vector<float>(c.B * c.H * c.T));
-    const double fwd_flops = 2.0 * c.B * c.H * double(c.T) * c.T * c.D, bwd_flops = 2.5 * fwd_flops;
-    for (const char* path : {"mma", "wmma", "fma"}) {
-      auto ops = ops_on_path(*gpu, path);
-      auto wait = [&] {  // a download on this op set's stream waits for its work so far
-        bf16 one;
-        ops->download_bytes(&one, out_d.data(), sizeof one);
-      };
-      auto time_ms = [&](auto&& call) {
-        constexpr int kReps = 10;
-        call();
-        wait();
-        const auto t0 = std::chrono::steady_clock::now();
-        for (int r = 0; r < kReps; ++r) call();
-        wait();
-        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / kReps;
-      };
-      const double f = time_ms([&] { ops->attention_forward(out_d.data(), lse_d.data(), qkv_d.data(), s); });
-      const double b = time_ms([&] {
-        ops->attention_backward(dqkv_d.data(), dout_d.data(), qkv_d.data(), out_d.data(), lse_d.data(), s);
-      });
-      std::printf("attention %-4s B%ld T%ld %ld/%ld x %ld  %-4s  forward %7.3f ms %6.1f TFLOP/s  "
-                  "backward %7.3f ms %6.1f TFLOP/s\n",
-                  c.name, long(c.B), long(c.T), long(c.H), long(c.KV), long(c.D), path, f, fwd_flops / f / 1e9, b,
-                  bwd_flops / b / 1e9);
-    }
-  }
-}
-
 SPPO_TEST(cuda_attention_decode_matches_cpu) {
   auto gpu = cuda_or_skip();
   // Three slots of 300 positions (the GPU splits a row's positions in chunks of 256). Slot 0 gets
