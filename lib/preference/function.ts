@@ -1,7 +1,8 @@
 // A user-supplied JavaScript judge `(prompt, a, b) => P(a ≻ b | prompt)` as a PreferenceModel:
 // each unordered pair is asked once (i < j) and P_ji = 1 − P_ij, P_ii = ½.
+import { abortError } from '../util/abort.js';
 import { fromUpperTriangle } from './matrix.js';
-import { abortError, definePreferenceModel, mapWithConcurrency, type PreferenceModel } from './model.js';
+import { definePreferenceModel, mapWithConcurrency, type PreferenceModel } from './model.js';
 
 export type PreferenceFunction = (prompt: string, a: string, b: string) => number | Promise<number>;
 

@@ -7,8 +7,9 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
+import { abortError } from '../util/abort.js';
 import { fromUpperTriangle } from './matrix.js';
-import { abortError, definePreferenceModel, type PreferenceModel } from './model.js';
+import { definePreferenceModel, type PreferenceModel } from './model.js';
 
 export const DEFAULT_JUDGE_TEMPLATE = `Two AI assistants answered the same user prompt. Decide which response is better: more helpful, correct, and clear.
 

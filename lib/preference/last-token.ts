@@ -2,7 +2,7 @@
 // the final hidden state at each row's own last token projected onto a few vectors (answer-token
 // head rows, a reward head) in float64 — never (batch, seq, vocab) logits.
 import type { Model } from '../engine/model.js';
-import { abortError } from './model.js';
+import { abortError } from '../util/abort.js';
 
 /** Options every judge that runs on the engine takes. */
 export interface EngineJudgeOptions {

@@ -2,6 +2,7 @@
 // an LM judge, a reward model, an HTTP judge), and `definePreferenceModel`, which turns a bare
 // `compare` into a full model: input and output checks, AbortSignal, disposal, and a batched
 // `compareBatch` with bounded concurrency whose errors name the prompt they came from.
+import { abortError } from '../util/abort.js';
 import { assertPreferenceMatrix } from './matrix.js';
 
 export interface CompareOptions {
@@ -58,14 +59,6 @@ export class PreferenceError extends Error {
     this.name = 'PreferenceError';
     this.promptIndex = promptIndex;
   }
-}
-
-export function abortError(signal: AbortSignal): Error {
-  const reason = signal.reason;
-  if (reason instanceof Error) return reason;
-  const err = new Error(typeof reason === 'string' ? reason : 'The operation was aborted');
-  err.name = 'AbortError';
-  return err;
 }
 
 function checkConcurrency(n: number, what: string): number {
