@@ -7,7 +7,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { abortError } from '../util/abort.js';
+import { abortError, throwIfAborted } from '../util/abort.js';
 import { fromUpperTriangle } from './matrix.js';
 import { definePreferenceModel, type PreferenceModel } from './model.js';
 
@@ -287,7 +287,7 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
         res = await fetch(url, { method: 'POST', headers, body, signal: controller.signal });
         text = await res.text();
       } catch (err) {
-        if (signal?.aborted) throw abortError(signal);
+        throwIfAborted(signal);
         if (controller.signal.reason instanceof AttemptError) throw controller.signal.reason;
         const cause = (err as Error & { cause?: Error })?.cause;
         throw new AttemptError(`network error: ${(err as Error)?.message ?? err}${cause?.message ? ` (${cause.message})` : ''}`, true);
@@ -318,11 +318,11 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
     ];
     const body = JSON.stringify({ model: options.model, messages, ...REQUEST_PARAMS });
     for (let n = 0; ; n++) {
-      if (signal?.aborted) throw abortError(signal);
+      throwIfAborted(signal);
       let failure: AttemptError;
       await semaphore.acquire();
       try {
-        if (signal?.aborted) throw abortError(signal); // aborted while waiting for a slot
+        throwIfAborted(signal); // aborted while waiting for a slot
         return await attempt(body, signal);
       } catch (err) {
         if (!(err instanceof AttemptError)) throw err;

@@ -2,7 +2,7 @@
 // an LM judge, a reward model, an HTTP judge), and `definePreferenceModel`, which turns a bare
 // `compare` into a full model: input and output checks, AbortSignal, disposal, and a batched
 // `compareBatch` with bounded concurrency whose errors name the prompt they came from.
-import { abortError } from '../util/abort.js';
+import { throwIfAborted } from '../util/abort.js';
 import { assertPreferenceMatrix } from './matrix.js';
 
 export interface CompareOptions {
@@ -91,7 +91,7 @@ export async function mapWithConcurrency<T, R>(
   let failed = false;
   const worker = async (): Promise<void> => {
     while (!failed && next < items.length) {
-      if (signal?.aborted) throw abortError(signal);
+      throwIfAborted(signal);
       const i = next++;
       try {
         results[i] = await fn(items[i], i);
@@ -106,7 +106,7 @@ export async function mapWithConcurrency<T, R>(
   const settled = await Promise.allSettled(workers);
   const rejected = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
   if (rejected) throw rejected.reason;
-  if (signal?.aborted) throw abortError(signal);
+  throwIfAborted(signal);
   return results;
 }
 
@@ -121,7 +121,7 @@ export function definePreferenceModel(spec: PreferenceModelSpec): PreferenceMode
   const compare = async (prompt: string, responses: readonly string[], options: CompareOptions = {}): Promise<number[][]> => {
     live();
     checkItem(prompt, responses);
-    if (options.signal?.aborted) throw abortError(options.signal);
+    throwIfAborted(options.signal);
     const P = await spec.compare(prompt, responses, options);
     try {
       assertPreferenceMatrix(P, { size: responses.length });
@@ -141,7 +141,7 @@ export function definePreferenceModel(spec: PreferenceModelSpec): PreferenceMode
         throw new PreferenceError(i, err);
       }
     });
-    if (options.signal?.aborted) throw abortError(options.signal);
+    throwIfAborted(options.signal);
     if (spec.compareBatch) {
       const out = await spec.compareBatch(items, options);
       if (!Array.isArray(out) || out.length !== items.length)

@@ -16,6 +16,7 @@ import type { PreferenceBatchInput, PreferenceExample, PreferencePair, Preferenc
 import { savePretrained } from '../io/checkpoint.js';
 import { CheckpointWeights } from '../io/weights.js';
 import type { PreferenceModel } from '../preference/model.js';
+import { throwIfAborted } from '../util/abort.js';
 import { buildTrainingSet, type JudgedPrompt, type TrainingSet } from './dataset.js';
 import { commitDirectory, readJson, writeJsonAtomic, writeTextAtomic } from './run-dir.js';
 
@@ -167,7 +168,7 @@ export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<Ru
       hooks.onStage?.({ iteration, stage: name, status: 'skipped' });
       return readJson<{ value: T; seconds: number }>(file);
     }
-    if (signal?.aborted) throw signal.reason ?? new Error('aborted');
+    throwIfAborted(signal);
     hooks.onStage?.({ iteration, stage: name, status: 'start' });
     const t0 = performance.now();
     const value = await fn();

@@ -12,3 +12,8 @@ export function abortError(signal: AbortSignal): Error {
   err.name = 'AbortError';
   return err;
 }
+
+/** Throws abortError(signal) when `signal` has been aborted; the check before each unit of work. */
+export function throwIfAborted(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw abortError(signal);
+}
