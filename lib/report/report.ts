@@ -7,7 +7,8 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { RunConfig } from '../config/schema.js';
 import type { IterationMetrics } from '../sppo/run.js';
-import { readJson, writeTextAtomic } from '../sppo/run-dir.js';
+import { readJson } from '../sppo/run-dir.js';
+import { writeTextAtomic } from '../util/atomic-write.js';
 import { ITERATION_COLUMNS } from './columns.js';
 import { renderCurvesSvg, svgToPng } from './curves.js';
 

@@ -17,8 +17,9 @@ import { savePretrained } from '../io/checkpoint.js';
 import { CheckpointWeights } from '../io/weights.js';
 import type { PreferenceModel } from '../preference/model.js';
 import { throwIfAborted } from '../util/abort.js';
+import { writeJsonAtomic, writeTextAtomic } from '../util/atomic-write.js';
 import { buildTrainingSet, type JudgedPrompt, type TrainingSet } from './dataset.js';
-import { commitDirectory, readJson, writeJsonAtomic, writeTextAtomic } from './run-dir.js';
+import { commitDirectory, readJson } from './run-dir.js';
 
 export type StageName = 'base' | 'base-eval' | 'generate' | 'judge' | 'dataset' | 'train' | 'evaluate';
 
