@@ -7,11 +7,10 @@
 // Reading goes tensor by tensor through a file handle at explicit positions: a checkpoint
 // never exists twice in memory (at most one tensor's raw bytes beside its float32 copy).
 // Writing goes to a temporary file that is renamed over the target once complete.
-import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { open, rename, rm, type FileHandle } from 'node:fs/promises';
 import { endianness } from 'node:os';
-import path from 'node:path';
+import { temporaryPath } from '../util/atomic-write.js';
 
 export class SafetensorsError extends Error {
   override name = 'SafetensorsError';
@@ -392,11 +391,6 @@ function encodeHeader(tensors: readonly TensorSource[], dtype: WriteDtype, metad
   new DataView(out.buffer).setBigUint64(0, BigInt(padded), true);
   out.set(json, 8);
   return out;
-}
-
-/** A sibling temporary name: same directory, so the final rename is atomic. */
-export function temporaryPath(target: string): string {
-  return path.join(path.dirname(target), `.${path.basename(target)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
 }
 
 /**

@@ -2,7 +2,7 @@
 // its target directory, and only when all are written are they renamed into place, in the
 // order they were staged. A failure before commit leaves every existing file untouched.
 import { copyFile, rename, rm, writeFile } from 'node:fs/promises';
-import { temporaryPath } from './safetensors.js';
+import { temporaryPath } from '../util/atomic-write.js';
 
 export class StagedFiles {
   readonly #staged: { tmp: string; target: string }[] = [];

@@ -1,7 +1,13 @@
 // Atomic file writes: a reader, or a run restarted after a crash, sees the old file or the
 // complete new one, never a part of it.
+import { randomBytes } from 'node:crypto';
 import { mkdir, open, rename } from 'node:fs/promises';
 import path from 'node:path';
+
+/** A sibling temporary name: same directory, so the final rename is atomic. */
+export function temporaryPath(target: string): string {
+  return path.join(path.dirname(target), `.${path.basename(target)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
+}
 
 export async function writeJsonAtomic(file: string, value: unknown): Promise<void> {
   await writeTextAtomic(file, JSON.stringify(value));
