@@ -4,10 +4,11 @@
 // never pays twice for the same comparison. Requests are bounded by a semaphore, timed out, and
 // retried with exponential backoff (Retry-After respected) on 429, 5xx, network errors and bodies
 // that are not a chat completion.
-import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { abortError, throwIfAborted } from '../util/abort.js';
+import { writeJsonAtomic } from '../util/atomic-write.js';
 import { fromUpperTriangle } from './matrix.js';
 import { definePreferenceModel, type PreferenceModel } from './model.js';
 
@@ -259,16 +260,8 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
 
   async function writeCached(key: string, v: Verdict): Promise<void> {
     if (!cacheDir) return;
-    const file = cacheFile(key);
-    await mkdir(path.dirname(file), { recursive: true });
-    const tmp = `${file}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
-    try {
-      await writeFile(tmp, JSON.stringify({ p: v.p, source: v.source, text: v.text, model: options.model }));
-      await rename(tmp, file); // a file that exists is complete
-    } catch (err) {
-      await rm(tmp, { force: true });
-      throw err;
-    }
+    // a file that exists is complete
+    await writeJsonAtomic(cacheFile(key), { p: v.p, source: v.source, text: v.text, model: options.model }, { createParents: true });
   }
 
   async function attempt(body: string, signal?: AbortSignal): Promise<Verdict> {
