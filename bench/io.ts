@@ -18,7 +18,8 @@ import path from 'node:path';
 import { Bench } from 'tinybench';
 import llama3Reference from 'llama3-tokenizer-js';
 
-import { hfConfigFromEngine, loadPretrained, Model, ReadScratch, SafetensorsFile, Tokenizer, writeSafetensors, type ModelConfig, type TensorSource } from '../lib/index.js';
+import { hfConfigFromEngine, loadPretrained, Model, SafetensorsFile, Tokenizer, writeSafetensors, type ModelConfig, type TensorSource } from '../lib/index.js';
+import { ReadScratch } from '../lib/io/safetensors.js';
 
 const reps = Number(process.argv[process.argv.indexOf('--reps') + 1]) || 3;
 const QWEN2_05B: ModelConfig = {

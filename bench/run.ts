@@ -34,7 +34,8 @@ import { cpus, loadavg, tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-import { Model, native, numThreads, presetConfig, type PresetName } from '../lib/index.js';
+import { Model, numThreads, presetConfig, type PresetName } from '../lib/index.js';
+import { native } from '../lib/engine/native.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const PYTHON = '/usr/bin/python3';

@@ -1,7 +1,6 @@
 // Public API of sppo-engine.
 export { Model, cudaInfo, presetConfig, setNumThreads, numThreads, type CreateOptions, type Device, type PresetName } from './engine/model.js';
 export type { CudaInfo } from './engine/native.js';
-export { native } from './engine/native.js';
 export {
   Generator,
   type GenerateOptions,
@@ -16,7 +15,7 @@ export type * from './engine/types.js';
 export { loadPretrained, savePretrained, CheckpointError, type LoadOptions, type Pretrained, type SaveOptions } from './io/checkpoint.js';
 export { engineConfigFromHf, hfConfigFromEngine, ConfigError, type Architecture, type HfConfig, type FromHfOptions, type ToHfOptions } from './io/hf-config.js';
 export {
-  readSafetensors, writeSafetensors, parseSafetensorsHeader, SafetensorsFile, ReadScratch, SafetensorsError, float32ToBf16, MAX_HEADER_BYTES,
+  readSafetensors, writeSafetensors, parseSafetensorsHeader, SafetensorsFile, SafetensorsError, float32ToBf16,
   type LoadedTensor, type SafetensorsHeader, type TensorInfo, type TensorSource, type WriteDtype, type WriteOptions,
 } from './io/safetensors.js';
 export { CheckpointWeights, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, DEFAULT_MAX_SHARD_BYTES } from './io/weights.js';
@@ -25,11 +24,13 @@ export { Tokenizer, TokenizerError, type ChatMessage, type ChatTemplateOptions, 
 // configuration, the scheduler and the embedded demo.
 export {
   definePreferenceModel, PreferenceError, assertPreferenceMatrix, functionPreference, httpJudge, lmJudge, loadLmJudge,
+  rewardModelJudge, loadRewardModel, RewardModelError,
   styledReversalOracle, styledReversalQuality, styleOf, oraclePreference, dualityGap, nashStyles, randomWords, idealAnswer,
   summarizeAnswers, DEFAULT_STYLED_REVERSAL, DEFAULT_JUDGE_TEMPLATE,
   type PreferenceModel, type PreferenceModelSpec, type CompareItem, type CompareOptions, type CompareBatchOptions,
   type PreferenceFunction, type FunctionPreferenceOptions, type HttpJudge, type HttpJudgeOptions, type LmJudge,
-  type LmJudgeOptions, type StyledReversalParams, type PolicySummary,
+  type LmJudgeOptions, type RewardModelJudge, type RewardModelOptions, type RewardModelStats, type StyledReversalParams,
+  type PolicySummary,
 } from './preference/index.js';
 export { winRates, type WinRateDiagonal } from './sppo/winrates.js';
 export { buildTrainingSet, datasetModeForLoss, type JudgedPrompt, type TrainingSet, type DatasetMode } from './sppo/dataset.js';

@@ -7,8 +7,9 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import {
-  CheckpointWeights, float32ToBf16, MAX_HEADER_BYTES, ReadScratch, readSafetensors, SafetensorsError, SafetensorsFile, writeSafetensors,
+  CheckpointWeights, float32ToBf16, readSafetensors, SafetensorsError, SafetensorsFile, writeSafetensors,
 } from '../lib/index.js';
+import { MAX_HEADER_BYTES, ReadScratch } from '../lib/io/safetensors.js';
 import { prng } from './fixtures/engine-helpers.js';
 
 const dir = mkdtempSync(path.join(tmpdir(), 'sppo-io-st-'));

@@ -5,6 +5,7 @@ import type { Model } from '../engine/model.js';
 import type { ModelConfig, StepResult } from '../engine/types.js';
 import { seededRng } from '../data/random.js';
 import { idealAnswer, STYLES, type Style } from '../preference/styled-reversal.js';
+import { throwIfAborted } from '../util/abort.js';
 
 /** Prompt `cabd` is encoded as <bos> c a b d >; an answer `S:dbac` as S : d b a c <eos>. */
 export class CharTokenizer {
@@ -109,7 +110,7 @@ export async function supervisedFineTune(model: Model, rows: readonly { prompt: 
   const rng = seededRng(o.seed);
   const results: StepResult[] = [];
   for (let step = 0; step < o.steps; step++) {
-    if (o.signal?.aborted) throw o.signal.reason ?? new Error('aborted');
+    throwIfAborted(o.signal);
     const batch = Array.from({ length: o.batchSize }, () => rows[rng.int(rows.length)]);
     const seq = Math.max(...batch.map((r) => r.prompt.length + r.response.length));
     const rowsOut = batch.map((r) => [...r.prompt, ...r.response, ...Array(seq - r.prompt.length - r.response.length).fill(CharTokenizer.PAD)]);

@@ -1,9 +1,7 @@
 // Turns the accepted batch forms into the flat typed arrays the addon reads, rejecting ragged
 // rows, non-integer ids and mismatched masks with messages that name the row and position.
+import { isInt32, tokenIdError } from '../util/int32.js';
 import type { BatchInput, TokenBatch } from './types.js';
-
-const INT32_MIN = -(2 ** 31);
-const INT32_MAX = 2 ** 31 - 1;
 
 export function toTokenBatch(input: BatchInput): TokenBatch {
   if (Array.isArray(input)) return fromRows(input, undefined);
@@ -34,8 +32,7 @@ function fromRows(rows: number[][], mask: number[][] | undefined): TokenBatch {
           'pad rows to one length and mask the padding with targetMask',
       );
     row.forEach((id, t) => {
-      if (!Number.isInteger(id) || id < INT32_MIN || id > INT32_MAX)
-        throw new TypeError(`token at sequence ${r}, position ${t} is not an integer id: ${id}`);
+      if (!isInt32(id)) throw tokenIdError(`token at sequence ${r}, position ${t}`, id);
       tokens[r * seq + t] = id;
     });
   });

@@ -2,6 +2,7 @@
 // to maxContext tokens) and samples from the weights of the model that created it. Its calls
 // queue with the model's other calls, stream tokens as they are sampled, and stop cleanly on
 // abort, returning what was generated so far.
+import { isInt32, tokenIdError } from '../util/int32.js';
 import { native } from './native.js';
 import type { CallOptions } from './types.js';
 
@@ -101,8 +102,7 @@ function promptsToArrays(prompts: readonly PromptTokens[]): { tokens: Int32Array
   prompts.forEach((p, i) => {
     for (let t = 0; t < p.length; t++) {
       const id = p[t];
-      if (!Number.isInteger(id) || id < -(2 ** 31) || id >= 2 ** 31)
-        throw new TypeError(`token at prompt ${i}, position ${t} is not an integer id: ${id}`);
+      if (!isInt32(id)) throw tokenIdError(`token at prompt ${i}, position ${t}`, id);
       tokens[at++] = id;
     }
   });
@@ -161,8 +161,7 @@ export class Generator {
     const stop = options.stopTokens ?? [];
     if (!Array.isArray(stop)) throw new TypeError('stopTokens must be an array of token ids');
     stop.forEach((id, i) => {
-      if (!Number.isInteger(id) || id < -(2 ** 31) || id >= 2 ** 31)
-        throw new TypeError(`stopTokens[${i}] is not an integer id: ${id}`);
+      if (!isInt32(id)) throw tokenIdError(`stopTokens[${i}]`, id);
     });
     const nativeOptions = {
       maxNewTokens: options.maxNewTokens,

@@ -1,6 +1,7 @@
 // The typed model: every slow call is a Promise that runs off the JavaScript thread, calls on
 // one model run one at a time in the order they were made, AbortSignals are honoured before
 // each call and between the steps of `train`, and `dispose` frees the native memory.
+import { throwIfAborted } from '../util/abort.js';
 import { toTokenBatch } from './batch.js';
 import { Generator, type GeneratorPlan } from './generate.js';
 import { native, type CudaInfo, type NativeModelHandle, type NativeStepResult } from './native.js';
@@ -39,14 +40,6 @@ export function setNumThreads(n: number): void {
 
 export function numThreads(): number {
   return native().numThreads();
-}
-
-function abortError(signal: AbortSignal): Error {
-  const reason = signal.reason;
-  if (reason instanceof Error) return reason;
-  const err = new Error(typeof reason === 'string' ? reason : 'The operation was aborted');
-  err.name = 'AbortError';
-  return err;
 }
 
 /** The CUDA backend's status here: built into the addon, a usable GPU, and why not. */
@@ -112,7 +105,7 @@ export class Model {
     this.#pending++;
     const run = this.#tail.then(
       () => {
-        if (signal?.aborted) throw abortError(signal);
+        throwIfAborted(signal);
         return fn(this.#live());
       },
     );
@@ -206,7 +199,7 @@ export class Model {
     const total = Array.isArray(batches) ? batches.length : undefined;
     let index = 0;
     for await (const batch of batches) {
-      if (options.signal?.aborted) throw abortError(options.signal);
+      throwIfAborted(options.signal);
       const result = await this.trainStep(batch, { signal: options.signal });
       results.push(result);
       options.onProgress?.({ index, total, result });

@@ -1,5 +1,6 @@
 // Packs preference examples (prompt + response token ids, reference log-probs, targets) into
 // the rectangular, response-masked batches the engine's fused head + preference loss reads.
+import { isInt32, tokenIdError } from '../util/int32.js';
 import type { PreferenceBatchInput, PreferenceLossName, SequenceInput, TokenBatch } from './types.js';
 
 export const PREFERENCE_LOSSES: readonly PreferenceLossName[] = ['sppo', 'sppo-pair', 'sppo-single', 'sppo-hard', 'dpo', 'ipo'];
@@ -18,8 +19,7 @@ export function packSequences(items: readonly SequenceInput[]): TokenBatch {
   items.forEach((it, r) => {
     const row = [...it.prompt, ...it.response];
     row.forEach((id, t) => {
-      if (!Number.isInteger(id) || id < -(2 ** 31) || id >= 2 ** 31)
-        throw new TypeError(`sequence ${r}, position ${t}: token is not an integer id: ${id}`);
+      if (!isInt32(id)) throw tokenIdError(`token at sequence ${r}, position ${t}`, id);
       tokens[r * seq + t] = id;
       if (t >= it.prompt.length) targetMask[r * seq + t] = 1;
     });

@@ -7,11 +7,10 @@
 // Reading goes tensor by tensor through a file handle at explicit positions: a checkpoint
 // never exists twice in memory (at most one tensor's raw bytes beside its float32 copy).
 // Writing goes to a temporary file that is renamed over the target once complete.
-import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { open, type FileHandle } from 'node:fs/promises';
 import { endianness } from 'node:os';
-import path from 'node:path';
+import { commitTemporaries, writeTemporary } from '../util/atomic-write.js';
 
 export class SafetensorsError extends Error {
   override name = 'SafetensorsError';
@@ -394,22 +393,15 @@ function encodeHeader(tensors: readonly TensorSource[], dtype: WriteDtype, metad
   return out;
 }
 
-/** A sibling temporary name: same directory, so the final rename is atomic. */
-export function temporaryPath(target: string): string {
-  return path.join(path.dirname(target), `.${path.basename(target)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
-}
-
 /**
  * Writes `tensors` to a temporary file next to `target` and fsyncs it, without renaming;
- * returns the temporary path. The caller renames it (or removes it on failure).
+ * returns the temporary path. The caller commits it (commitTemporaries) or removes it.
  */
 export async function writeSafetensorsTemp(target: string, tensors: readonly TensorSource[], options: WriteOptions = {}): Promise<string> {
   const dtype = options.dtype ?? 'F32';
   if (dtype !== 'F32' && dtype !== 'BF16') throw new SafetensorsError(`cannot write dtype ${dtype} (supported: F32, BF16)`);
   const header = encodeHeader(tensors, dtype, options.metadata ?? {});
-  const tmp = temporaryPath(target);
-  const fh = await open(tmp, 'wx');
-  try {
+  return writeTemporary(target, async (fh) => {
     await fh.write(header, 0, header.length, 0);
     let position = header.length;
     for (const t of tensors) {
@@ -423,23 +415,10 @@ export async function writeSafetensorsTemp(target: string, tensors: readonly Ten
       await fh.write(bytes, 0, bytes.length, position);
       position += bytes.length;
     }
-    await fh.sync();
-    await fh.close();
-    return tmp;
-  } catch (e) {
-    await fh.close().catch(() => undefined);
-    await rm(tmp, { force: true });
-    throw e;
-  }
+  });
 }
 
 /** Writes one safetensors file atomically: a reader sees the old file or the complete new one. */
 export async function writeSafetensors(file: string, tensors: readonly TensorSource[], options: WriteOptions = {}): Promise<void> {
-  const tmp = await writeSafetensorsTemp(file, tensors, options);
-  try {
-    await rename(tmp, file);
-  } catch (e) {
-    await rm(tmp, { force: true });
-    throw e;
-  }
+  await commitTemporaries([{ tmp: await writeSafetensorsTemp(file, tensors, options), target: file }]);
 }

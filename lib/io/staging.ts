@@ -1,8 +1,8 @@
 // Several files replaced together: each is first written in full under a temporary name in
 // its target directory, and only when all are written are they renamed into place, in the
 // order they were staged. A failure before commit leaves every existing file untouched.
-import { copyFile, rename, rm, writeFile } from 'node:fs/promises';
-import { temporaryPath } from './safetensors.js';
+import { rm } from 'node:fs/promises';
+import { commitTemporaries, copyToTemporary, writeTemporary } from '../util/atomic-write.js';
 
 export class StagedFiles {
   readonly #staged: { tmp: string; target: string }[] = [];
@@ -13,15 +13,11 @@ export class StagedFiles {
   }
 
   async writeText(target: string, text: string): Promise<void> {
-    const tmp = temporaryPath(target);
-    this.add(tmp, target);
-    await writeFile(tmp, text, { flag: 'wx', flush: true });
+    this.add(await writeTemporary(target, (file) => file.writeFile(text)), target);
   }
 
   async copy(source: string, target: string): Promise<void> {
-    const tmp = temporaryPath(target);
-    this.add(tmp, target);
-    await copyFile(source, tmp);
+    this.add(await copyToTemporary(source, target), target);
   }
 
   get targets(): string[] {
@@ -29,15 +25,7 @@ export class StagedFiles {
   }
 
   async commit(): Promise<void> {
-    const staged = this.#staged.splice(0);
-    for (let i = 0; i < staged.length; i++) {
-      try {
-        await rename(staged[i].tmp, staged[i].target);
-      } catch (e) {
-        await Promise.all(staged.slice(i).map((s) => rm(s.tmp, { force: true })));
-        throw e;
-      }
-    }
+    await commitTemporaries(this.#staged.splice(0));
   }
 
   async abort(): Promise<void> {

@@ -1,7 +1,8 @@
 // A user-supplied JavaScript judge `(prompt, a, b) => P(a ≻ b | prompt)` as a PreferenceModel:
 // each unordered pair is asked once (i < j) and P_ji = 1 − P_ij, P_ii = ½.
+import { throwIfAborted } from '../util/abort.js';
 import { fromUpperTriangle } from './matrix.js';
-import { abortError, definePreferenceModel, mapWithConcurrency, type PreferenceModel } from './model.js';
+import { definePreferenceModel, mapWithConcurrency, type PreferenceModel } from './model.js';
 
 export type PreferenceFunction = (prompt: string, a: string, b: string) => number | Promise<number>;
 
@@ -30,7 +31,7 @@ export function functionPreference(fn: PreferenceFunction, options: FunctionPref
         pairs,
         pairConcurrency,
         async ([i, j]) => {
-          if (signal?.aborted) throw abortError(signal);
+          throwIfAborted(signal);
           let v: unknown;
           try {
             v = await fn(prompt, responses[i], responses[j]);

@@ -4,11 +4,13 @@
 // never pays twice for the same comparison. Requests are bounded by a semaphore, timed out, and
 // retried with exponential backoff (Retry-After respected) on 429, 5xx, network errors and bodies
 // that are not a chat completion.
-import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
+import { abortError, throwIfAborted } from '../util/abort.js';
+import { writeJsonAtomic } from '../util/atomic-write.js';
 import { fromUpperTriangle } from './matrix.js';
-import { abortError, definePreferenceModel, type PreferenceModel } from './model.js';
+import { definePreferenceModel, type PreferenceModel } from './model.js';
 
 export const DEFAULT_JUDGE_TEMPLATE = `Two AI assistants answered the same user prompt. Decide which response is better: more helpful, correct, and clear.
 
@@ -258,16 +260,8 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
 
   async function writeCached(key: string, v: Verdict): Promise<void> {
     if (!cacheDir) return;
-    const file = cacheFile(key);
-    await mkdir(path.dirname(file), { recursive: true });
-    const tmp = `${file}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
-    try {
-      await writeFile(tmp, JSON.stringify({ p: v.p, source: v.source, text: v.text, model: options.model }));
-      await rename(tmp, file); // a file that exists is complete
-    } catch (err) {
-      await rm(tmp, { force: true });
-      throw err;
-    }
+    // a file that exists is complete
+    await writeJsonAtomic(cacheFile(key), { p: v.p, source: v.source, text: v.text, model: options.model }, { createParents: true });
   }
 
   async function attempt(body: string, signal?: AbortSignal): Promise<Verdict> {
@@ -286,7 +280,7 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
         res = await fetch(url, { method: 'POST', headers, body, signal: controller.signal });
         text = await res.text();
       } catch (err) {
-        if (signal?.aborted) throw abortError(signal);
+        throwIfAborted(signal);
         if (controller.signal.reason instanceof AttemptError) throw controller.signal.reason;
         const cause = (err as Error & { cause?: Error })?.cause;
         throw new AttemptError(`network error: ${(err as Error)?.message ?? err}${cause?.message ? ` (${cause.message})` : ''}`, true);
@@ -317,11 +311,11 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
     ];
     const body = JSON.stringify({ model: options.model, messages, ...REQUEST_PARAMS });
     for (let n = 0; ; n++) {
-      if (signal?.aborted) throw abortError(signal);
+      throwIfAborted(signal);
       let failure: AttemptError;
       await semaphore.acquire();
       try {
-        if (signal?.aborted) throw abortError(signal); // aborted while waiting for a slot
+        throwIfAborted(signal); // aborted while waiting for a slot
         return await attempt(body, signal);
       } catch (err) {
         if (!(err instanceof AttemptError)) throw err;

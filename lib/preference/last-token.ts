@@ -2,7 +2,7 @@
 // the final hidden state at each row's own last token projected onto a few vectors (answer-token
 // head rows, a reward head) in float64 — never (batch, seq, vocab) logits.
 import type { Model } from '../engine/model.js';
-import { abortError } from './model.js';
+import { throwIfAborted } from '../util/abort.js';
 
 /** Options every judge that runs on the engine takes. */
 export interface EngineJudgeOptions {
@@ -30,7 +30,7 @@ export async function projectLastTokens(model: Model, rows: readonly (readonly n
   const out = rows.map(() => new Float64Array(vectors.length));
   const order = rows.map((_, n) => n).sort((x, y) => rows[x].length - rows[y].length);
   for (let start = 0; start < order.length; start += batchSize) {
-    if (signal?.aborted) throw abortError(signal);
+    throwIfAborted(signal);
     const chunk = order.slice(start, start + batchSize);
     const seq = rows[chunk[chunk.length - 1]].length;
     const padId = rows[chunk[0]][0];

@@ -2,6 +2,7 @@
 // an LM judge, a reward model, an HTTP judge), and `definePreferenceModel`, which turns a bare
 // `compare` into a full model: input and output checks, AbortSignal, disposal, and a batched
 // `compareBatch` with bounded concurrency whose errors name the prompt they came from.
+import { throwIfAborted } from '../util/abort.js';
 import { assertPreferenceMatrix } from './matrix.js';
 
 export interface CompareOptions {
@@ -60,14 +61,6 @@ export class PreferenceError extends Error {
   }
 }
 
-export function abortError(signal: AbortSignal): Error {
-  const reason = signal.reason;
-  if (reason instanceof Error) return reason;
-  const err = new Error(typeof reason === 'string' ? reason : 'The operation was aborted');
-  err.name = 'AbortError';
-  return err;
-}
-
 function checkConcurrency(n: number, what: string): number {
   if (!Number.isInteger(n) || n < 1) throw new RangeError(`${what} must be an integer ≥ 1, got ${n}`);
   return n;
@@ -98,7 +91,7 @@ export async function mapWithConcurrency<T, R>(
   let failed = false;
   const worker = async (): Promise<void> => {
     while (!failed && next < items.length) {
-      if (signal?.aborted) throw abortError(signal);
+      throwIfAborted(signal);
       const i = next++;
       try {
         results[i] = await fn(items[i], i);
@@ -113,7 +106,7 @@ export async function mapWithConcurrency<T, R>(
   const settled = await Promise.allSettled(workers);
   const rejected = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
   if (rejected) throw rejected.reason;
-  if (signal?.aborted) throw abortError(signal);
+  throwIfAborted(signal);
   return results;
 }
 
@@ -128,7 +121,7 @@ export function definePreferenceModel(spec: PreferenceModelSpec): PreferenceMode
   const compare = async (prompt: string, responses: readonly string[], options: CompareOptions = {}): Promise<number[][]> => {
     live();
     checkItem(prompt, responses);
-    if (options.signal?.aborted) throw abortError(options.signal);
+    throwIfAborted(options.signal);
     const P = await spec.compare(prompt, responses, options);
     try {
       assertPreferenceMatrix(P, { size: responses.length });
@@ -148,7 +141,7 @@ export function definePreferenceModel(spec: PreferenceModelSpec): PreferenceMode
         throw new PreferenceError(i, err);
       }
     });
-    if (options.signal?.aborted) throw abortError(options.signal);
+    throwIfAborted(options.signal);
     if (spec.compareBatch) {
       const out = await spec.compareBatch(items, options);
       if (!Array.isArray(out) || out.length !== items.length)

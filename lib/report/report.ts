@@ -7,7 +7,8 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { RunConfig } from '../config/schema.js';
 import type { IterationMetrics } from '../sppo/run.js';
-import { readJson, writeTextAtomic } from '../sppo/run-dir.js';
+import { readJson } from '../sppo/run-dir.js';
+import { writeFileAtomic } from '../util/atomic-write.js';
 import { ITERATION_COLUMNS } from './columns.js';
 import { renderCurvesSvg, svgToPng } from './curves.js';
 
@@ -108,8 +109,8 @@ export async function writeReport(dir: string): Promise<ReportFiles> {
     svg: path.join(dir, 'curves.svg'),
     png: path.join(dir, 'curves.png'),
   };
-  await writeTextAtomic(files.svg, curvesSvg);
-  await writeTextAtomic(files.png, svgToPng(curvesSvg));
-  await writeTextAtomic(files.html, reportHtml({ title: `SPPO run ${path.basename(path.resolve(dir))}`, rows, config, curvesSvg }));
+  await writeFileAtomic(files.svg, curvesSvg);
+  await writeFileAtomic(files.png, svgToPng(curvesSvg));
+  await writeFileAtomic(files.html, reportHtml({ title: `SPPO run ${path.basename(path.resolve(dir))}`, rows, config, curvesSvg }));
   return files;
 }

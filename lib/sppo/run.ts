@@ -16,8 +16,10 @@ import type { PreferenceBatchInput, PreferenceExample, PreferencePair, Preferenc
 import { savePretrained } from '../io/checkpoint.js';
 import { CheckpointWeights } from '../io/weights.js';
 import type { PreferenceModel } from '../preference/model.js';
+import { throwIfAborted } from '../util/abort.js';
+import { isTemporaryOf, temporaryPath, writeFileAtomic, writeJsonAtomic } from '../util/atomic-write.js';
 import { buildTrainingSet, type JudgedPrompt, type TrainingSet } from './dataset.js';
-import { commitDirectory, readJson, writeJsonAtomic, writeTextAtomic } from './run-dir.js';
+import { commitDirectory, readJson } from './run-dir.js';
 
 export type StageName = 'base' | 'base-eval' | 'generate' | 'judge' | 'dataset' | 'train' | 'evaluate';
 
@@ -132,8 +134,8 @@ async function saveCheckpoint(model: Model, dir: string, sourceDir: string | und
   // A killed save leaves a full-size temporary copy (of another pid): clear them all.
   const parent = path.dirname(dir);
   for (const name of existsSync(parent) ? await readdir(parent) : [])
-    if (name.startsWith(`${path.basename(dir)}.tmp-`)) await rm(path.join(parent, name), { recursive: true, force: true });
-  const tmp = `${dir}.tmp-${process.pid}`;
+    if (isTemporaryOf(name, path.basename(dir))) await rm(path.join(parent, name), { recursive: true, force: true });
+  const tmp = temporaryPath(dir);
   await savePretrained(model, tmp, { sourceDir });
   await commitDirectory(tmp, dir);
 }
@@ -167,12 +169,12 @@ export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<Ru
       hooks.onStage?.({ iteration, stage: name, status: 'skipped' });
       return readJson<{ value: T; seconds: number }>(file);
     }
-    if (signal?.aborted) throw signal.reason ?? new Error('aborted');
+    throwIfAborted(signal);
     hooks.onStage?.({ iteration, stage: name, status: 'start' });
     const t0 = performance.now();
     const value = await fn();
     const seconds = (performance.now() - t0) / 1000;
-    await writeJsonAtomic(file, { value, seconds });
+    await writeJsonAtomic(file, { value, seconds }, { createParents: true });
     hooks.onStage?.({ iteration, stage: name, status: 'done', seconds });
     return { value, seconds };
   };
@@ -215,7 +217,7 @@ export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<Ru
       metrics.push(row);
       hooks.onMetrics?.(row);
       // metrics.jsonl is rebuilt from the stage files, so a resumed run never duplicates rows.
-      await writeTextAtomic(path.join(dir, 'metrics.jsonl'), metrics.map((m) => JSON.stringify(m)).join('\n') + '\n');
+      await writeFileAtomic(path.join(dir, 'metrics.jsonl'), metrics.map((m) => JSON.stringify(m)).join('\n') + '\n', { createParents: true });
     };
     await record(iterationMetrics(0, baseEval.value, undefined, undefined, setup, evals, { base: base.seconds, 'base-eval': baseEval.seconds }));
 
@@ -372,6 +374,6 @@ async function checkRunConfig(dir: string, config: RunConfig): Promise<void> {
     }
     return;
   }
-  await writeJsonAtomic(file, { hash, config });
+  await writeJsonAtomic(file, { hash, config }, { createParents: true });
   await appendFile(path.join(dir, 'run.log'), `${new Date().toISOString()} started, config ${hash}\n`);
 }

@@ -11,7 +11,8 @@ import { loadPretrained } from '../../io/checkpoint.js';
 import { Tokenizer } from '../../io/tokenizer.js';
 import { resolveStyledReversal } from '../../preference/styled-reversal.js';
 import type { PolicyText } from '../../sppo/run.js';
-import { readJson, writeTextAtomic } from '../../sppo/run-dir.js';
+import { readJson } from '../../sppo/run-dir.js';
+import { writeFileAtomic } from '../../util/atomic-write.js';
 import { deviceLine, deviceOption, integerOption, numberOption, parseOptions, requireOption, UsageError, type Command } from '../args.js';
 import { Progress } from '../progress.js';
 import { chatPolicyText, contextLimit, requireChatTokenizer } from '../setup.js';
@@ -149,7 +150,7 @@ export const generateCommand: Command = {
     }) + '\n').join('');
     if (v.out === undefined) io.stdout.write(jsonl);
     else {
-      await writeTextAtomic(path.resolve(v.out), jsonl);
+      await writeFileAtomic(path.resolve(v.out), jsonl, { createParents: true });
       io.stdout.write(`wrote ${out.length} responses to ${path.resolve(v.out)}\n`);
     }
     return 0;

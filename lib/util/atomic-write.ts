@@ -1,0 +1,99 @@
+// Atomic file writes: a reader, or a run restarted after a crash, sees the old file or the
+// complete new one, never a part of it. The data goes to a temporary sibling of the target
+// (same directory, so the rename cannot cross filesystems), is fsynced, renamed over the target,
+// and the directory is fsynced so that the rename itself survives a power loss.
+import { randomBytes } from 'node:crypto';
+import { constants as fsConstants } from 'node:fs';
+import { copyFile, mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
+import path from 'node:path';
+
+/** The package's one temporary-name scheme: `<target>.tmp-<pid>-<random>`. */
+export function temporaryPath(target: string): string {
+  return `${target}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
+}
+
+/** Whether the directory entry `name` is a temporary of a target named `targetName` (from any process). */
+export function isTemporaryOf(name: string, targetName: string): boolean {
+  return name.startsWith(`${targetName}.tmp-`);
+}
+
+/**
+ * Creates a temporary sibling of `target`, lets `write` fill it, fsyncs it and returns its path,
+ * for commitTemporaries to rename; if anything fails the temporary is removed.
+ */
+export async function writeTemporary(target: string, write: (file: FileHandle) => Promise<void>): Promise<string> {
+  const tmp = temporaryPath(target);
+  const file = await open(tmp, 'wx');
+  try {
+    await write(file);
+    await file.sync();
+    await file.close();
+    return tmp;
+  } catch (e) {
+    await file.close().catch(() => undefined);
+    await rm(tmp, { force: true });
+    throw e;
+  }
+}
+
+/** Copies `source` to a temporary sibling of `target`, fsynced; returns its path. */
+export async function copyToTemporary(source: string, target: string): Promise<string> {
+  const tmp = temporaryPath(target);
+  try {
+    await copyFile(source, tmp, fsConstants.COPYFILE_EXCL);
+    const file = await open(tmp, 'r');
+    try {
+      await file.sync();
+    } finally {
+      await file.close();
+    }
+    return tmp;
+  } catch (e) {
+    await rm(tmp, { force: true });
+    throw e;
+  }
+}
+
+/**
+ * Renames finished temporaries over their targets in the order given, then fsyncs each target
+ * directory once. If a rename fails, the temporaries not yet renamed are removed.
+ */
+export async function commitTemporaries(staged: readonly { tmp: string; target: string }[]): Promise<void> {
+  for (let i = 0; i < staged.length; i++) {
+    try {
+      await rename(staged[i].tmp, staged[i].target);
+    } catch (e) {
+      await Promise.all(staged.slice(i).map((s) => rm(s.tmp, { force: true })));
+      throw e;
+    }
+  }
+  for (const dir of new Set(staged.map((s) => path.dirname(s.target)))) await syncDirectory(dir);
+}
+
+/** Makes the renames in `dir` durable. (Windows cannot open a directory; NTFS journals renames.) */
+export async function syncDirectory(dir: string): Promise<void> {
+  if (process.platform === 'win32') return;
+  const handle = await open(dir, 'r');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
+
+export interface AtomicWriteOptions {
+  /** create the target's missing parent directories first (default false) */
+  createParents?: boolean;
+}
+
+/** Replaces `file` with `data` (text is written as UTF-8) atomically and durably. */
+export async function writeFileAtomic(file: string, data: string | Uint8Array, options: AtomicWriteOptions = {}): Promise<void> {
+  if (options.createParents) await mkdir(path.dirname(file), { recursive: true });
+  const tmp = await writeTemporary(file, (handle) => handle.writeFile(data));
+  await commitTemporaries([{ tmp, target: file }]);
+}
+
+/** Replaces `file` with `JSON.stringify(value)` atomically and durably. */
+export async function writeJsonAtomic(file: string, value: unknown, options: AtomicWriteOptions = {}): Promise<void> {
+  await writeFileAtomic(file, JSON.stringify(value), options);
+}
