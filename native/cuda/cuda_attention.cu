@@ -1219,17 +1219,7 @@ __device__ __forceinline__ void fa_forward_tile(float (&o)[MT][D / 8][4], float 
         pa[i][2 * n + 1] = pack_bf16x2(p2, p3);
       }
     // O += P V over keys 16c..: each V fragment serves the MT m-tiles.
-    const __nv_bfloat16* row = Vb + (16 * c + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + (lane >> 4) * 8;
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, row + 16 * dp);
-#pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        mma_m16n8k16(o[i][2 * dp], pa[i], b[0], b[1]);
-        mma_m16n8k16(o[i][2 * dp + 1], pa[i], b[2], b[3]);
-      }
-    }
+    fa_accumulate_rows<D, MT>(o, pa, Vb + 16 * c * LDS);
   }
 }
 
