@@ -19,6 +19,10 @@
 //           `sequenceLogprobs` tok/s through the Node API ('small', 8 x 512 tokens)
 //   cxx     `build/sppo_bench train_step` (C++ only, no Node), for reference
 //
+// Before any of these, bench/peer_blas.py names the BLAS under each Python peer the chosen
+// sections use (PyTorch, numpy) and measures its sgemm; a speed ratio against a peer on the
+// reference BLAS or below MIN_PEER_SGEMM_GFLOPS is withheld (bench/peer_blas.ts).
+//
 // Options: --only train,gemm,mem,head,decode,cxx   run a subset        --json FILE   write every number
 //          --reps N                    timed steps (default: tiny 5, small 3, after 1 warm-up)
 //          --gemm-rounds N             alternating GEMM rounds (default 2)
@@ -36,6 +40,7 @@ import { fileURLToPath } from 'node:url';
 
 import { Model, numThreads, presetConfig, type PresetName } from '../lib/index.js';
 import { native } from '../lib/engine/native.js';
+import { checkPeerBlas, describePeerBlas, PEER_NAMES, type PeerBlas, type PythonPeer } from './peer_blas.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const PYTHON = '/usr/bin/python3';
@@ -107,6 +112,10 @@ interface Row {
   ratio?: number;
   target?: string;
   note?: string;
+  /** the Python peer a speed ratio is taken against (its BLAS decides whether it is shown) */
+  against?: PythonPeer;
+  /** why the ratio is not reported */
+  ratioWithheld?: string;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -204,6 +213,15 @@ function parseGemmTable(text: string): { rows: GemmRow[]; kernel?: string } {
   return { rows, kernel };
 }
 
+// numpy's environment for the GEMM peer (and its BLAS probe): some machines set these to work
+// around old OpenBLAS builds, and they make a current one pick a slower kernel.
+function gemmPeerEnv(): NodeJS.ProcessEnv {
+  const env = { ...process.env };
+  delete env.OPENBLAS_CORETYPE;
+  delete env.OPENBLAS_L2_SIZE;
+  return env;
+}
+
 // Per-shape best GFLOP/s over `rounds` alternating runs of the two programs (C++, numpy, C++,
 // numpy, ...): interference from other processes only ever slows a run down, and alternating
 // keeps both sides exposed to the same drift.
@@ -213,9 +231,7 @@ function gemm(results: Record<string, unknown>): Row[] {
     return [];
   }
   const rounds = Number(arg('--gemm-rounds') ?? 2);
-  const env = { ...process.env };
-  delete env.OPENBLAS_CORETYPE;
-  delete env.OPENBLAS_L2_SIZE;
+  const env = gemmPeerEnv();
   const best = (acc: Map<string, GemmRow>, rows: GemmRow[]) => {
     for (const r of rows) {
       const k = gemmKey(r);
@@ -263,6 +279,7 @@ function gemm(results: Record<string, unknown>): Row[] {
       peer: p?.gflops,
       ratio: p ? e.gflops / p.gflops : undefined,
       target: '>= 0.7',
+      against: 'numpy',
     };
   });
   const unmatched = [...peer.keys()].filter((k) => !engine.has(k));
@@ -351,6 +368,7 @@ function fusedHead(results: Record<string, unknown>): Row[] {
       peer: py?.ms,
       ratio: py ? py.ms / fused.ms : undefined,
       target: '>= 1.5 (peer/engine)',
+      against: 'torch',
       note: py ? `PyTorch unfused, ${py.threads} thr; engine unfused ${fmt(unfused?.ms ?? NaN)} ms` : 'no torch',
     });
     rows.push({
@@ -389,6 +407,7 @@ async function decode(results: Record<string, unknown>, baseline: Record<string,
           peer: b === 16 ? py : undefined,
           ratio: b === 16 && py ? eng / py : undefined,
           target: b === 16 ? '>= 3' : '',
+          against: 'torch',
           note: b === 16 ? 'PyTorch CPU KV-cache loop, batch 16' : '',
         });
       }
@@ -435,6 +454,26 @@ function cpuModel(): string {
   return /^Model name:\s*(.*)$/m.exec(r.stdout ?? '')?.[1]?.trim() ?? cpus()[0]?.model ?? 'unknown CPU';
 }
 
+// Drops the speed ratios taken against a peer whose BLAS is the reference one or too slow
+// (peerRatioVerdict); returns each such peer's reason, for a line under the table.
+function withholdUnfairRatios(rows: Row[], peerBlas: Partial<Record<PythonPeer, PeerBlas>>): Map<PythonPeer, string> {
+  const withheld = new Map<PythonPeer, string>();
+  for (const r of rows) {
+    if (!r.against || r.ratio === undefined) continue;
+    const c = peerBlas[r.against];
+    const verdict = c?.verdict ?? { ok: false, reason: 'its BLAS was not probed' };
+    if (verdict.ok) continue;
+    const sgemm = c?.probe ? `, sgemm ${c.probe.sgemmGflops.toFixed(1)} GFLOP/s` : '';
+    r.ratio = undefined;
+    r.ratioWithheld = verdict.reason;
+    const blas = !c || c.blas === 'unknown' ? 'an unidentified BLAS' : c.blas;
+    // The whole note goes: some quote a ratio (the GEMM geometric mean's worst shape).
+    r.note = `no ratio: ${PEER_NAMES[r.against]} on ${blas}${sgemm} (see below)`;
+    withheld.set(r.against, verdict.reason);
+  }
+  return withheld;
+}
+
 function printTable(rows: Row[]): void {
   const head = ['what', 'unit', 'engine', 'peer', 'ratio', 'target', 'note'];
   const body = rows.map((r) => [
@@ -468,6 +507,13 @@ async function main(): Promise<void> {
     `${results.date}  ${results.cpu}, ${results.cores} cores, engine threads ${results.engineThreads}, ` +
       `gemm kernel ${results.gemmKernel}, load average ${loadavg().map((x) => x.toFixed(2)).join(' ')}`,
   );
+  // The peers' BLAS, measured before anything is compared with them.
+  const peerBlas: Partial<Record<PythonPeer, PeerBlas>> = {};
+  if (haveTorch() && ['train', 'head', 'decode'].some((s) => only.has(s))) peerBlas.torch = checkPeerBlas(PYTHON, 'torch');
+  if (only.has('gemm') && existsSync(SPPO_BENCH)) peerBlas.numpy = checkPeerBlas(PYTHON, 'numpy', gemmPeerEnv());
+  for (const [peer, c] of Object.entries(peerBlas)) console.log(describePeerBlas(peer as PythonPeer, c));
+  results.peerBlas = peerBlas;
+
   const rows: Row[] = [];
   let cxxLines: string[] = [];
 
@@ -487,6 +533,7 @@ async function main(): Promise<void> {
         peer,
         ratio: peer ? eng / peer : undefined,
         target: '>= 2',
+        against: 'torch',
         note: py ? `PyTorch ${py.torch} CPU, ${py.threads} thr` : 'no torch',
       });
     }
@@ -505,6 +552,7 @@ async function main(): Promise<void> {
         unit: 'ratio',
         ratio: geo,
         target: '>= 0.7',
+        against: 'numpy',
         note: `worst ${min.ratio!.toFixed(2)}x (${min.what.replace('gemm ', '')})`,
       });
     }
@@ -545,9 +593,11 @@ async function main(): Promise<void> {
   }
   if (only.has('cxx')) cxxLines = cxxTrainStep(results);
 
+  const withheld = withholdUnfairRatios(rows, peerBlas);
   results.loadavgEnd = loadavg();
   console.log('');
   printTable(rows);
+  for (const [peer, reason] of withheld) console.log(`— ratios against ${PEER_NAMES[peer]} withheld: ${reason}`);
   if (cxxLines.length) {
     console.log('\nbuild/sppo_bench train_step (C++ only, no Node):');
     for (const l of cxxLines) console.log(`  ${l}`);
