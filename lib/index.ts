@@ -10,7 +10,7 @@ export {
   type PromptTokens,
   type StopReason,
 } from './engine/generate.js';
-export { PREFERENCE_LOSSES } from './engine/preference.js';
+export { PREFERENCE_LOSSES, datasetModeForLoss, type DatasetMode } from './engine/losses.js';
 export type * from './engine/types.js';
 export { loadPretrained, savePretrained, CheckpointError, type LoadOptions, type Pretrained, type SaveOptions } from './io/checkpoint.js';
 export { engineConfigFromHf, hfConfigFromEngine, ConfigError, type Architecture, type HfConfig, type FromHfOptions, type ToHfOptions } from './io/hf-config.js';
@@ -33,7 +33,7 @@ export {
   type PolicySummary,
 } from './preference/index.js';
 export { winRates, type WinRateDiagonal } from './sppo/winrates.js';
-export { buildTrainingSet, datasetModeForLoss, type JudgedPrompt, type TrainingSet, type DatasetMode } from './sppo/dataset.js';
+export { buildTrainingSet, type JudgedPrompt, type TrainingSet } from './sppo/dataset.js';
 export { multiplicativeWeightsStep } from './sppo/multiplicative-weights.js';
 export { runSppo, type RunSetup, type RunHooks, type RunResult, type IterationMetrics, type PolicyText, type StageName } from './sppo/run.js';
 export { loadPrompts, splitPrompts } from './data/prompts.js';

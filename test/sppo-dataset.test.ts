@@ -2,8 +2,8 @@
 // reference), every response with its P̂ (Algorithm 1), tie-breaking, skipped prompts, and which
 // mode goes with which loss. Matrices are written by hand with P̂ worked out in the comments.
 import { describe, expect, it } from 'vitest';
-import { PREFERENCE_LOSSES } from '../lib/engine/preference.js';
-import { buildTrainingSet, checkLossMode, datasetModeForLoss, selectPair, type JudgedPrompt } from '../lib/sppo/dataset.js';
+import { datasetModeForLoss, PREFERENCE_LOSSES } from '../lib/engine/losses.js';
+import { buildTrainingSet, checkLossMode, selectPair, type JudgedPrompt } from '../lib/sppo/dataset.js';
 
 function judged(prompt: number[], P: number[][], seed = 0): JudgedPrompt {
   return {

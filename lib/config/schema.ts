@@ -3,10 +3,9 @@
 // temperature 0.7, top-p 0.9, 3 iterations, global batch 64 = 8 × 8, one epoch per iteration,
 // seed 42). Unknown fields are refused everywhere; errors name the field's path.
 import { z } from 'zod';
-import type { PreferenceLossName } from '../engine/types.js';
+import { datasetModeForLoss, PREFERENCE_LOSSES } from '../engine/losses.js';
 import { missingPlaceholders } from '../preference/http.js';
 import { resolveStyledReversal } from '../preference/styled-reversal.js';
-import { datasetModeForLoss } from '../sppo/dataset.js';
 
 const positive = () => z.number({ error: 'must be a number' }).gt(0, { error: 'must be > 0' });
 const nonNegative = () => z.number({ error: 'must be a number' }).min(0, { error: 'must be ≥ 0' });
@@ -14,8 +13,6 @@ const positiveInt = () => z.int({ error: 'must be an integer' }).min(1, { error:
 const nonNegativeInt = () => z.int({ error: 'must be an integer' }).min(0, { error: 'must be an integer ≥ 0' });
 const probability = () => nonNegative().max(1, { error: 'must be ≤ 1' });
 const path = () => z.string({ error: 'must be a path (a string)' }).min(1, { error: 'must not be empty' });
-
-const LOSSES = ['sppo', 'sppo-pair', 'sppo-single', 'sppo-hard', 'dpo', 'ipo'] as const satisfies readonly PreferenceLossName[];
 
 const modelSchema = z
   .strictObject({
@@ -153,7 +150,7 @@ const preferenceSchema = z.discriminatedUnion(
 
 const trainingSchema = z
   .strictObject({
-    loss: z.enum(LOSSES, { error: `must be one of ${LOSSES.join(', ')}` }).default('sppo-pair'),
+    loss: z.enum(PREFERENCE_LOSSES, { error: `must be one of ${PREFERENCE_LOSSES.join(', ')}` }).default('sppo-pair'),
     /** η of the multiplicative-weights update; β = 1/η (reference β = 0.001) */
     eta: positive().default(1000),
     /** 'pair' (one pair per prompt) or 'all' (every response); default: what the loss reads */

@@ -1,9 +1,8 @@
 // Packs preference examples (prompt + response token ids, reference log-probs, targets) into
 // the rectangular, response-masked batches the engine's fused head + preference loss reads.
 import { isInt32, tokenIdError } from '../util/int32.js';
-import type { PreferenceBatchInput, PreferenceLossName, SequenceInput, TokenBatch } from './types.js';
-
-export const PREFERENCE_LOSSES: readonly PreferenceLossName[] = ['sppo', 'sppo-pair', 'sppo-single', 'sppo-hard', 'dpo', 'ipo'];
+import { PREFERENCE_LOSSES, type PreferenceLossName } from './losses.js';
+import type { PreferenceBatchInput, SequenceInput, TokenBatch } from './types.js';
 
 /** Rows = prompt + response, right-padded with token 0; the mask selects the response tokens. */
 export function packSequences(items: readonly SequenceInput[]): TokenBatch {

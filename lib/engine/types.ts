@@ -1,5 +1,8 @@
 // Public types of the engine API. Model configs use Hugging Face config.json field names so a
 // checkpoint's config can be passed as it is; the engine validates them (one schema, native).
+import type { PreferenceLossName } from './losses.js';
+
+export type { PreferenceLossName };
 
 export interface RopeScalingConfig {
   rope_type?: 'default' | 'linear' | 'llama3';
@@ -137,7 +140,6 @@ export interface SequenceInput {
   response: number[];
 }
 
-export type PreferenceLossName = 'sppo' | 'sppo-pair' | 'sppo-single' | 'sppo-hard' | 'dpo' | 'ipo';
 
 export interface PreferenceResponse {
   response: number[];

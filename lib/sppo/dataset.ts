@@ -1,26 +1,9 @@
 // One iteration's training set from judged samples: per prompt, K responses with their raw
 // reference log-probs and the judge's matrix P → win rates P̂ → either one (winner, loser) pair
 // per prompt (the reference code) or every response with its own P̂ (the paper's Algorithm 1).
-import type { PreferenceExample, PreferenceLossName, PreferencePair } from '../engine/types.js';
+import { datasetModeForLoss, type DatasetMode, type PreferenceLossName } from '../engine/losses.js';
+import type { PreferenceExample, PreferencePair } from '../engine/types.js';
 import { winRates, type WinRateDiagonal } from './winrates.js';
-
-export type DatasetMode = 'pair' | 'all';
-
-const MODE_OF_LOSS: Record<PreferenceLossName, DatasetMode> = {
-  sppo: 'all',
-  'sppo-pair': 'pair',
-  'sppo-single': 'pair',
-  'sppo-hard': 'pair',
-  dpo: 'pair',
-  ipo: 'pair',
-};
-
-/** The training-set mode a loss reads: 'all' for sppo, 'pair' for the others. */
-export function datasetModeForLoss(loss: PreferenceLossName): DatasetMode {
-  const mode = MODE_OF_LOSS[loss];
-  if (!mode) throw new RangeError(`unknown loss '${loss}' (known: ${Object.keys(MODE_OF_LOSS).join(', ')})`);
-  return mode;
-}
 
 /** Throws unless `mode` is what `loss` reads. */
 export function checkLossMode(loss: PreferenceLossName, mode: DatasetMode): void {

@@ -1,8 +1,7 @@
 // `sppo demo`: the embedded styled-reversal run (lib/demo), alone or SPPO beside DPO and IPO.
 import path from 'node:path';
 import { runDemo } from '../../demo/demo.js';
-import { PREFERENCE_LOSSES } from '../../engine/preference.js';
-import type { PreferenceLossName } from '../../engine/types.js';
+import { isPreferenceLoss, PREFERENCE_LOSSES, type PreferenceLossName } from '../../engine/losses.js';
 import type { IterationMetrics } from '../../sppo/run.js';
 import type { Model } from '../../engine/model.js';
 import { deviceLine, deviceOption, integerOption, parseOptions, UsageError, type Command } from '../args.js';
@@ -32,7 +31,7 @@ quality, style mix, duality gap of the last iterate and of the average policy, r
 seconds) and writes DIR/report.html and DIR/curves.png.`;
 
 function lossOption(value: string | undefined): PreferenceLossName | undefined {
-  if (value === undefined || (PREFERENCE_LOSSES as readonly string[]).includes(value)) return value as PreferenceLossName | undefined;
+  if (value === undefined || isPreferenceLoss(value)) return value;
   throw new UsageError(`--loss must be one of ${PREFERENCE_LOSSES.join(', ')}, got '${value}'`);
 }
 
