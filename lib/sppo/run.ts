@@ -4,22 +4,20 @@
 // against π_0 and π_t, checkpoint. Every stage's output lands atomically in the run directory
 // before the next starts, so a killed run resumes where it stopped and loses nothing.
 import { existsSync } from 'node:fs';
-import { appendFile, mkdir, readdir, rm } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 
 import type { RunConfig } from '../config/schema.js';
-import { configHash, diffConfigs } from '../config/load.js';
 import { seededShuffle } from '../data/random.js';
 import type { Generator } from '../engine/generate.js';
 import type { Model } from '../engine/model.js';
 import type { PreferenceBatchInput, PreferenceExample, PreferencePair, PreferenceStepResult } from '../engine/types.js';
-import { savePretrained } from '../io/checkpoint.js';
 import { CheckpointWeights } from '../io/weights.js';
 import type { PreferenceModel } from '../preference/model.js';
 import { throwIfAborted } from '../util/abort.js';
-import { isTemporaryOf, temporaryPath, writeFileAtomic, writeJsonAtomic } from '../util/atomic-write.js';
+import { writeFileAtomic, writeJsonAtomic } from '../util/atomic-write.js';
 import { buildTrainingSet, type JudgedPrompt, type TrainingSet } from './dataset.js';
-import { commitDirectory, readJson } from './run-dir.js';
+import { BASE, checkRunConfig, evalFile, iterDir, policyDir, readJson, saveCheckpoint } from './run-dir.js';
 
 export type StageName = 'base' | 'base-eval' | 'generate' | 'judge' | 'dataset' | 'train' | 'evaluate';
 
@@ -101,11 +99,6 @@ interface TrainFile {
   steps: { step: number; loss: number; lr?: number; gradNorm?: number; metrics: Record<string, number> }[];
 }
 
-const BASE = 'base';
-const iterDir = (dir: string, t: number) => path.join(dir, `iter-${t}`);
-const policyDir = (dir: string, t: number) => (t === 0 ? path.join(dir, BASE, 'policy') : path.join(iterDir(dir, t), 'policy'));
-const evalFile = (dir: string, t: number) => (t === 0 ? path.join(dir, BASE, 'eval.json') : path.join(iterDir(dir, t), 'eval.json'));
-
 function interval(xs: readonly number[]): Interval {
   const n = xs.length;
   const mean = xs.reduce((a, b) => a + b, 0) / n;
@@ -128,16 +121,6 @@ async function loadWeights(model: Model, dir: string): Promise<void> {
   } finally {
     await weights.close();
   }
-}
-
-async function saveCheckpoint(model: Model, dir: string, sourceDir: string | undefined): Promise<void> {
-  // A killed save leaves a full-size temporary copy (of another pid): clear them all.
-  const parent = path.dirname(dir);
-  for (const name of existsSync(parent) ? await readdir(parent) : [])
-    if (isTemporaryOf(name, path.basename(dir))) await rm(path.join(parent, name), { recursive: true, force: true });
-  const tmp = temporaryPath(dir);
-  await savePretrained(model, tmp, { sourceDir });
-  await commitDirectory(tmp, dir);
 }
 
 export interface RunResult {
@@ -357,23 +340,4 @@ async function trainIteration(model: Model, config: RunConfig, data: TrainingSet
     }
   }
   return steps;
-}
-
-/** Refuses to resume a run whose configuration changed, naming the fields. */
-async function checkRunConfig(dir: string, config: RunConfig): Promise<void> {
-  const file = path.join(dir, 'run.json');
-  const hash = configHash(config);
-  if (existsSync(file)) {
-    const saved = await readJson<{ hash: string; config: RunConfig }>(file);
-    if (saved.hash !== hash) {
-      const changes = diffConfigs(saved.config, config).filter((c) => c.path !== 'run.dir');
-      if (changes.length > 0) {
-        const list = changes.slice(0, 10).map((c) => `${c.path}: ${JSON.stringify(c.before)} → ${JSON.stringify(c.after)}`).join('; ');
-        throw new Error(`${dir} holds a run with a different configuration (${list}); use a new run.dir or restore the config`);
-      }
-    }
-    return;
-  }
-  await writeJsonAtomic(file, { hash, config }, { createParents: true });
-  await appendFile(path.join(dir, 'run.log'), `${new Date().toISOString()} started, config ${hash}\n`);
 }
