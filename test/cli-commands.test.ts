@@ -114,6 +114,7 @@ describe('usage errors', () => {
     const run = join(dir, 'demo-run');
     file('demo-run/run.json', JSON.stringify({ hash: 'h', config: parseConfig(demoConfigInput({ dir: run, iterations: 2 })) }));
     file('demo-run/base/policy/config.json', JSON.stringify({ max_position_embeddings: 32 }));
+    file('demo-run/base/base.json', JSON.stringify({ value: {}, seconds: 1 }));
     const words = file('words.jsonl', '{"prompt":"abc"}\n{"prompt":"xyz"}\n');
     expectUsageError(await sppo('generate', '--demo-run', run, '--iteration', '2', '--prompts', words), 'no checkpoint of iteration 2');
     expectUsageError(await sppo('generate', '--demo-run', run, '--prompts', words), '--prompts', "character 'x'", 'alphabet');

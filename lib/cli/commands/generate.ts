@@ -3,7 +3,6 @@
 // tokenizer) — and writes one JSON line per response.
 import { existsSync } from 'node:fs';
 import path from 'node:path';
-import type { RunConfig } from '../../config/schema.js';
 import { loadPrompts } from '../../data/prompts.js';
 import { CharTokenizer } from '../../demo/task.js';
 import type { GeneratedSequence } from '../../engine/generate.js';
@@ -11,7 +10,7 @@ import { loadPretrained } from '../../io/checkpoint.js';
 import { Tokenizer } from '../../io/tokenizer.js';
 import { resolveStyledReversal } from '../../preference/styled-reversal.js';
 import type { PolicyText } from '../../sppo/run.js';
-import { readJson } from '../../sppo/run-dir.js';
+import { RunDir } from '../../sppo/run-dir.js';
 import { writeFileAtomic } from '../../util/atomic-write.js';
 import { deviceLine, deviceOption, integerOption, numberOption, parseOptions, requireOption, UsageError, type Command } from '../args.js';
 import { Progress } from '../progress.js';
@@ -49,19 +48,20 @@ interface Source {
 }
 
 async function demoRunSource(runDir: string, iteration: number | undefined): Promise<Source> {
-  const runFile = path.join(runDir, 'run.json');
-  if (!existsSync(runFile)) throw new UsageError(`--demo-run: ${runDir} has no run.json (not a run directory)`);
-  const { config } = await readJson<{ config: RunConfig }>(runFile);
+  const run = RunDir.at(runDir);
+  const record = await run.readRun();
+  if (!record) throw new UsageError(`--demo-run: ${runDir} has no run.json (not a run directory)`);
+  const { config } = record;
+  const newest = await run.newestPolicy();
   if (config.model.preset !== 'demo' || config.preference.kind !== 'styled-reversal')
-    throw new UsageError(`--demo-run: ${runDir} is not a demo run; sample with --model ${path.join(runDir, 'iter-T', 'policy')}`);
-  const policy = (t: number) => path.join(runDir, t === 0 ? 'base' : `iter-${t}`, 'policy');
-  let t = iteration;
-  if (t === undefined) for (t = config.run.iterations; t > 0 && !existsSync(policy(t)); t--);
-  if (!existsSync(policy(t))) throw new UsageError(`--iteration: ${runDir} has no checkpoint of iteration ${t} yet`);
+    throw new UsageError(`--demo-run: ${runDir} is not a demo run; ${newest === undefined ? 'once it has a checkpoint, sample it with --model DIR' : `sample with --model ${run.policy(newest)}`}`);
+  const t = iteration ?? newest;
+  if (t === undefined) throw new UsageError(`--demo-run: ${runDir} has no finished checkpoint yet`);
+  if (!run.hasPolicy(t)) throw new UsageError(`--iteration: ${runDir} has no checkpoint of iteration ${t} yet`);
   const { kind, concurrency, ...params } = config.preference;
   const g = config.generation;
   return {
-    dir: policy(t),
+    dir: run.policy(t),
     demoText: new CharTokenizer(resolveStyledReversal(params).alphabet),
     sampling: { temperature: g.temperature, topP: g.topP, topK: g.topK, maxNewTokens: g.maxNewTokens, maxBatch: g.maxBatch },
   };
