@@ -1,12 +1,17 @@
 // The run directory on real temporary directories: its layout, stage files, metrics.jsonl and
 // run.json read back (or refused with a RunDirError naming the file), the newest complete policy
-// when a newer one is unfinished, and checkpoints committed whole.
+// when a newer one is unfinished, checkpoints committed whole, and the demo's character tokenizer
+// saved with a checkpoint and loaded back through tokenizer.json.
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { parseConfig } from '../lib/config/load.js';
-import { demoConfigInput } from '../lib/demo/demo.js';
+import { seededRng } from '../lib/data/random.js';
+import { demoConfigInput, demoSetup } from '../lib/demo/demo.js';
+import { CharTokenizer, demoPolicyText } from '../lib/demo/task.js';
+import { loadPretrained, savePretrained } from '../lib/io/checkpoint.js';
+import { Tokenizer } from '../lib/io/tokenizer.js';
 import type { IterationMetrics } from '../lib/sppo/run.js';
 import { RunDir, RunDirError } from '../lib/sppo/run-dir.js';
 
@@ -178,5 +183,44 @@ describe('run.json', () => {
     await expectRunDirError(RunDir.at(dir).readRun(), file, file, 'not a run record', 'config');
     writeFileSync(file, '[]');
     await expectRunDirError(RunDir.at(dir).readRun(), file, file, 'not a run record');
+  });
+});
+
+describe('the demo tokenizer saved with a checkpoint', () => {
+  it('loads back through tokenizer.json with the same ids, stop tokens, errors and text as the in-memory one', async () => {
+    const dir = path.join(root, 'demo-tokenizer');
+    const config = configOf(dir);
+    const { setup, tokenizer } = demoSetup(config);
+    const run = await RunDir.open(dir, config);
+    try {
+      await run.savePolicy(0, (policy) => savePretrained(setup.model, policy, { tokenizer: setup.tokenizer }));
+    } finally {
+      await setup.model.dispose();
+      await run.close();
+    }
+    expect(readdirSync(run.policy(0))).toEqual(expect.arrayContaining(['tokenizer.json', 'tokenizer_config.json']));
+    const loaded = await Tokenizer.fromDirectory(run.policy(0));
+    const saved = demoPolicyText(loaded);
+    expect(loaded.vocabSize).toBe(tokenizer.vocabSize);
+    expect(saved.stopTokens).toEqual(tokenizer.stopTokens);
+
+    const prompts = [...setup.split.evaluation, ...setup.split.iterations.flat(), tokenizer.chars, '', '>>S:'];
+    for (const p of prompts) expect(saved.promptIds(p), p).toEqual(tokenizer.promptIds(p));
+    // the chat template gives the same prompt, so `--model` and transformers read it alike
+    for (const p of prompts.slice(0, 20)) expect(loaded.encodeChat([{ role: 'user', content: p }])).toEqual(tokenizer.promptIds(p));
+    const refusal = (f: () => unknown) => { try { f(); } catch (e) { return (e as Error).message; } return 'no error'; };
+    for (const bad of ['abz', 'a b', 'a<s>', 'A']) expect(refusal(() => saved.promptIds(bad))).toBe(refusal(() => tokenizer.promptIds(bad)));
+
+    // answers as generated: any ids (<pad> and <s> included), with or without an <eos>
+    const rng = seededRng(5);
+    const answers = Array.from({ length: 500 }, () => Array.from({ length: rng.int(16) }, () => rng.int(tokenizer.vocabSize)));
+    answers.push([], [CharTokenizer.EOS], [CharTokenizer.PAD, CharTokenizer.BOS, 5, CharTokenizer.EOS, 6], tokenizer.encode('S:cba'));
+    for (const ids of answers) expect(saved.decode(Int32Array.from(ids)), ids.join(' ')).toBe(tokenizer.decode(ids));
+    expect(saved.decode([...tokenizer.encode('P:dcba'), CharTokenizer.EOS])).toBe('P:dcba');
+
+    // the checkpoint is a whole model directory that brings its tokenizer
+    const { model, tokenizer: withModel } = await loadPretrained(run.policy(0), { maxBatch: 1, maxSeq: 32 }, { training: false });
+    await model.dispose();
+    expect(withModel?.encode('abc')).toEqual(tokenizer.promptIds('abc'));
   });
 });

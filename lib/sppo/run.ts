@@ -9,6 +9,7 @@ import type { Generator } from '../engine/generate.js';
 import type { Model } from '../engine/model.js';
 import type { PreferenceBatchInput, PreferenceExample, PreferencePair, PreferenceStepResult } from '../engine/types.js';
 import { savePretrained } from '../io/checkpoint.js';
+import type { TokenizerFiles } from '../io/tokenizer.js';
 import { CheckpointWeights } from '../io/weights.js';
 import type { PreferenceModel } from '../preference/model.js';
 import { throwIfAborted } from '../util/abort.js';
@@ -43,6 +44,8 @@ export interface RunSetup {
    * template, token ids and architecture, so each is a complete model directory.
    */
   sourceDir?: string;
+  /** the tokenizer saved with every checkpoint when there is no sourceDir to copy it from (the demo's) */
+  tokenizer?: TokenizerFiles;
   /** turns the loaded model into π_0 (e.g. supervised fine-tuning); its return value is logged */
   makeBase?: (model: Model, hooks: RunHooks) => Promise<Record<string, unknown>>;
   /** task metrics from the evaluation samples of every policy so far (π_0 first, newest last) */
@@ -165,7 +168,7 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
     return { value, seconds };
   };
 
-  const save = (t: number) => run.savePolicy(t, (dir) => savePretrained(model, dir, { sourceDir: setup.sourceDir }));
+  const save = (t: number) => run.savePolicy(t, (dir) => savePretrained(model, dir, { sourceDir: setup.sourceDir, tokenizer: setup.tokenizer }));
 
   try {
     // π_0: the given model, or what makeBase makes of it; checkpointed once.
