@@ -10,6 +10,10 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { main } from '../lib/cli/cli.js';
 import { parseConfig } from '../lib/config/load.js';
 import { demoConfigInput } from '../lib/demo/demo.js';
+import { CharTokenizer, demoModelConfig } from '../lib/demo/task.js';
+import { Model } from '../lib/engine/model.js';
+import { savePretrained } from '../lib/io/checkpoint.js';
+import { tokenizerFileTexts } from '../lib/io/tokenizer.js';
 
 const root = new URL('..', import.meta.url).pathname;
 const dir = mkdtempSync(join(tmpdir(), 'sppo-cli-'));
@@ -114,6 +118,8 @@ describe('usage errors', () => {
     const run = join(dir, 'demo-run');
     file('demo-run/run.json', JSON.stringify({ hash: 'h', config: parseConfig(demoConfigInput({ dir: run, iterations: 2 })) }));
     file('demo-run/base/policy/config.json', JSON.stringify({ max_position_embeddings: 32 }));
+    file('demo-run/base/base.json', JSON.stringify({ value: {}, seconds: 1 }));
+    for (const [name, text] of tokenizerFileTexts(new CharTokenizer('abcdefgh').files())) file(`demo-run/base/policy/${name}`, text);
     const words = file('words.jsonl', '{"prompt":"abc"}\n{"prompt":"xyz"}\n');
     expectUsageError(await sppo('generate', '--demo-run', run, '--iteration', '2', '--prompts', words), 'no checkpoint of iteration 2');
     expectUsageError(await sppo('generate', '--demo-run', run, '--prompts', words), '--prompts', "character 'x'", 'alphabet');
@@ -173,6 +179,39 @@ describe('--device', () => {
     const line = r.stdout.split('\n').find((l) => l.startsWith('device: '));
     expect(line).toMatch(/^device: (cpu \(no usable GPU: .{10,}\)|cuda \(.+; bf16 weights and activations, fp32 master weights\))$/);
   }, 120_000);
+});
+
+describe('sppo generate --demo-run', () => {
+  it('samples with the tokenizer saved in the checkpoint, as --model does through its chat template', async () => {
+    const run = join(dir, 'demo-sampled');
+    const policy = join(run, 'base', 'policy');
+    file('demo-sampled/run.json', JSON.stringify({ hash: 'h', config: parseConfig(demoConfigInput({ dir: run, iterations: 1 })) }));
+    file('demo-sampled/base/base.json', JSON.stringify({ value: {}, seconds: 1 }));
+    const tokenizer = new CharTokenizer('abcdefgh');  // the styled-reversal task's default alphabet
+    const model = Model.create(demoModelConfig(tokenizer, 3), { maxBatch: 1, maxSeq: 32 });
+    try {
+      await savePretrained(model, policy, { tokenizer: tokenizer.files() });
+    } finally {
+      await model.dispose();
+    }
+    const words = file('sampled.jsonl', '{"prompt":"abc"}\n{"prompt":"hgfe"}\n');
+    const jsonl = (text: string) => text.trimEnd().split('\n').map((l) => JSON.parse(l) as { prompt: string; response: string; logprob: number });
+
+    const demo = await sppo('generate', '--demo-run', run, '--prompts', words);
+    expect(demo.code, demo.stderr).toBe(0);
+    const sampled = jsonl(demo.stdout);
+    expect(sampled.map((r) => r.prompt)).toEqual(['abc', 'hgfe']);
+    for (const r of sampled) expect(r.response).toMatch(new RegExp(`^[${tokenizer.chars}�]*$`));
+    // the demo run's sampling settings (temperature 1, top-p 1, 12 new tokens) given to --model
+    const viaModel = await sppo('generate', '--model', policy, '--prompts', words, '--temperature', '1', '--top-p', '1', '--max-new-tokens', '12');
+    expect(viaModel.code, viaModel.stderr).toBe(0);
+    // the same tokens: the chat text leaves the special tokens out where the demo's shows '�'
+    expect(jsonl(viaModel.stdout)).toEqual(sampled.map((r) => ({ ...r, response: r.response.replaceAll('�', '') })));
+
+    // a checkpoint of a run made before demo checkpoints saved their tokenizer
+    rmSync(join(policy, 'tokenizer.json'));
+    expectUsageError(await sppo('generate', '--demo-run', run, '--prompts', words), policy, 'no tokenizer.json', 'sppo demo --dir');
+  });
 });
 
 describe('sppo eval', () => {

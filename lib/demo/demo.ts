@@ -10,7 +10,7 @@ import {
   dualityGap, randomWords, resolveStyledReversal, styledReversalOracle, summarizeAnswers, type PolicySummary,
 } from '../preference/styled-reversal.js';
 import { runSppo, type RunHooks, type RunResult, type RunSetup, type Sample } from '../sppo/run.js';
-import { CharTokenizer, demoModelConfig, supervisedExamples, supervisedFineTune } from './task.js';
+import { CharTokenizer, DEMO_CONTEXT, demoModelConfig, supervisedExamples, supervisedFineTune } from './task.js';
 
 export interface DemoOptions {
   dir?: string;
@@ -63,12 +63,13 @@ export function demoSetup(config: RunConfig, options: { device?: Device } = {}):
   });
   const sft = config.sft;
   const maxBatch = Math.max(2 * config.training.batchSize, sft?.batchSize ?? 1);
-  const model = Model.create(demoModelConfig(tokenizer, config.model.seed ?? 1), { maxBatch, maxSeq: 32 }, { device: options.device });
+  const model = Model.create(demoModelConfig(tokenizer, config.model.seed ?? 1), { maxBatch, maxSeq: DEMO_CONTEXT }, { device: options.device });
   const summaries = (history: readonly Sample[][]): PolicySummary[] => history.map((s) => summarizeAnswers(s));
   const setup: RunSetup = {
     config,
     model,
     text: tokenizer,
+    tokenizer: tokenizer.files(),
     preference: styledReversalOracle(oracle),
     split,
     makeBase: sft

@@ -4,8 +4,13 @@
 import type { Model } from '../engine/model.js';
 import type { ModelConfig, StepResult } from '../engine/types.js';
 import { seededRng } from '../data/random.js';
+import type { Tokenizer, TokenizerFiles } from '../io/tokenizer.js';
 import { idealAnswer, STYLES, type Style } from '../preference/styled-reversal.js';
+import type { PolicyText } from '../sppo/run.js';
 import { throwIfAborted } from '../util/abort.js';
+
+/** The policy's context: a prompt word, the separator and a styled answer fit with room to spare. */
+export const DEMO_CONTEXT = 32;
 
 /** Prompt `cabd` is encoded as <bos> c a b d >; an answer `S:dbac` as S : d b a c <eos>. */
 export class CharTokenizer {
@@ -13,6 +18,8 @@ export class CharTokenizer {
   static readonly BOS = 1;
   static readonly EOS = 2;
   static readonly SEPARATOR = '>';
+  /** the special tokens' names in tokenizer.json, by id */
+  static readonly SPECIAL_TOKENS = ['<pad>', '<s>', '</s>'] as const;
   readonly chars: string;
   readonly #ids: Map<string, number>;
 
@@ -52,6 +59,77 @@ export class CharTokenizer {
     }
     return out;
   }
+
+  /**
+   * This tokenizer as Hugging Face files, saved with every checkpoint of a demo run: a
+   * character-level WordLevel model whose post-processor frames a prompt as promptIds does, whose
+   * decoder shows <pad> and <s> as '�' as decode does, and a chat template that gives the same
+   * prompt ids, so transformers and `sppo generate --model` read the policy like any other.
+   */
+  files(): TokenizerFiles {
+    const [pad, bos, eos] = CharTokenizer.SPECIAL_TOKENS;
+    const vocab = Object.fromEntries([...CharTokenizer.SPECIAL_TOKENS, ...this.chars].map((token, id) => [token, id]));
+    const special = (token: string) => ({ SpecialToken: { id: token, type_id: 0 } });
+    const sep = CharTokenizer.SEPARATOR;
+    return {
+      tokenizer: {
+        version: '1.0',
+        truncation: null,
+        padding: null,
+        added_tokens: CharTokenizer.SPECIAL_TOKENS.map((content, id) => ({
+          id, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true,
+        })),
+        normalizer: null,
+        pre_tokenizer: { type: 'Split', pattern: { Regex: '[\\s\\S]' }, behavior: 'Isolated', invert: false },
+        post_processor: {
+          type: 'TemplateProcessing',
+          single: [special(bos), { Sequence: { id: 'A', type_id: 0 } }, special(sep)],
+          pair: [special(bos), { Sequence: { id: 'A', type_id: 0 } }, special(sep), { Sequence: { id: 'B', type_id: 1 } }],
+          special_tokens: Object.fromEntries([bos, sep].map((t) => [t, { id: t, ids: [vocab[t]], tokens: [t] }])),
+        },
+        decoder: {
+          type: 'Sequence',
+          decoders: [
+            ...[pad, bos].map((t) => ({ type: 'Replace', pattern: { String: t }, content: '�' })),
+            { type: 'Fuse' },
+          ],
+        },
+        // No <unk>: a character outside the alphabet is an error, as in encode.
+        model: { type: 'WordLevel', vocab, unk_token: '<unk>' },
+      },
+      tokenizerConfig: {
+        tokenizer_class: 'PreTrainedTokenizerFast',
+        bos_token: bos,
+        eos_token: eos,
+        pad_token: pad,
+        clean_up_tokenization_spaces: false,
+        model_max_length: DEMO_CONTEXT,
+        chat_template: `{{ bos_token }}{{ messages[-1]['content'] }}{% if add_generation_prompt %}${sep}{% endif %}`,
+      },
+    };
+  }
+}
+
+/**
+ * The demo's prompt and answer text over its tokenizer as loaded from a checkpoint
+ * (CharTokenizer.files()): the same ids, errors and answers as the CharTokenizer it was saved from.
+ */
+export function demoPolicyText(tokenizer: Tokenizer): PolicyText {
+  const stopTokens = tokenizer.eosTokenIds;
+  return {
+    promptIds(prompt) {
+      [...prompt].forEach((c, i) => {
+        if (tokenizer.tokenId(c) === undefined) throw new RangeError(`character '${c}' at ${i} of '${prompt}' is not in the tokenizer's alphabet`);
+      });
+      return tokenizer.encode(prompt);
+    },
+    decode(ids) {
+      const all = Array.from(ids);
+      const end = all.findIndex((id) => stopTokens.includes(id));
+      return tokenizer.decode(end < 0 ? all : all.slice(0, end));
+    },
+    stopTokens,
+  };
 }
 
 /** A small Llama-architecture policy sized for the task (about 0.1M parameters). */
@@ -63,7 +141,7 @@ export function demoModelConfig(tokenizer: CharTokenizer, seed: number): ModelCo
     num_attention_heads: 4,
     num_key_value_heads: 2,
     intermediate_size: 176,
-    max_position_embeddings: 32,
+    max_position_embeddings: DEMO_CONTEXT,
     initializer_range: 0.05,
     seed,
   };

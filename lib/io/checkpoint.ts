@@ -8,7 +8,7 @@ import type { MemoryPlan } from '../engine/types.js';
 import { ConfigError, engineConfigFromHf, hfConfigFromEngine, type Architecture, type HfConfig } from './hf-config.js';
 import { ReadScratch, type TensorSource } from './safetensors.js';
 import { StagedFiles } from './staging.js';
-import { Tokenizer, TOKENIZER_FILES } from './tokenizer.js';
+import { Tokenizer, TOKENIZER_FILES, tokenizerFileTexts, type TokenizerFiles } from './tokenizer.js';
 import { CheckpointWeights, removeStaleWeights, stageWeights } from './weights.js';
 
 export class CheckpointError extends Error {
@@ -118,6 +118,8 @@ export async function loadPretrained(dir: string, plan: MemoryPlan, options: Loa
 export interface SaveOptions {
   /** the model's source directory: its config.json is the template (architecture, token ids) and its tokenizer and generation config are copied */
   sourceDir?: string;
+  /** a tokenizer to save with the model, in place of the source directory's tokenizer files */
+  tokenizer?: TokenizerFiles;
   /** default: the source's architecture, else Qwen2ForCausalLM with q/k/v biases, else LlamaForCausalLM */
   architecture?: Architecture;
   /** shard above this many bytes of tensors (default 5 GB, as transformers) */
@@ -128,9 +130,10 @@ export interface SaveOptions {
 
 /**
  * Writes a complete model directory: config.json, generation_config.json, the weights
- * (model.safetensors, or shards and their index) and the source's tokenizer files. Every file
- * is written in full under a temporary name first and renamed into place only when all are
- * written, so a failure leaves an earlier save in `dir` intact. Returns the files written.
+ * (model.safetensors, or shards and their index) and the tokenizer files (options.tokenizer's,
+ * else the source's). Every file is written in full under a temporary name first and renamed
+ * into place only when all are written, so a failure leaves an earlier save in `dir` intact.
+ * Returns the files written.
  */
 export async function savePretrained(model: Model, dir: string, options: SaveOptions = {}): Promise<string[]> {
   const dtype = options.dtype ?? 'float32';
@@ -152,9 +155,13 @@ export async function savePretrained(model: Model, dir: string, options: SaveOpt
       const ids = Object.fromEntries(['bos_token_id', 'eos_token_id', 'pad_token_id'].filter((k) => hf[k] !== undefined).map((k) => [k, hf[k]]));
       await staging.writeText(path.join(dir, 'generation_config.json'), JSON.stringify({ _from_model_config: true, ...ids }, null, 2) + '\n');
     }
-    for (const name of TOKENIZER_FILES) {
-      const from = sourceFile(name);
-      if (from && existsSync(from)) await staging.copy(from, path.join(dir, name));
+    if (options.tokenizer) {
+      for (const [name, text] of tokenizerFileTexts(options.tokenizer)) await staging.writeText(path.join(dir, name), text);
+    } else {
+      for (const name of TOKENIZER_FILES) {
+        const from = sourceFile(name);
+        if (from && existsSync(from)) await staging.copy(from, path.join(dir, name));
+      }
     }
     const written = staging.targets;
     await staging.commit();

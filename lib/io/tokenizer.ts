@@ -45,6 +45,19 @@ export interface TokenizerFiles {
 /** The tokenizer files saved with a model, in the order transformers writes them. */
 export const TOKENIZER_FILES = ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'chat_template.jinja', 'tokenizer.model'];
 
+/**
+ * The files of a tokenizer directory (file name → text) that Tokenizer.fromDirectory reads back
+ * as `files`; generation_config.json is left to the model's checkpoint.
+ */
+export function tokenizerFileTexts(files: TokenizerFiles): Map<string, string> {
+  const json = (v: unknown) => JSON.stringify(v, null, 2) + '\n';
+  const texts = new Map([['tokenizer.json', json(files.tokenizer)]]);
+  if (files.tokenizerConfig) texts.set('tokenizer_config.json', json(files.tokenizerConfig));
+  if (files.specialTokensMap) texts.set('special_tokens_map.json', json(files.specialTokensMap));
+  if (files.chatTemplate !== undefined) texts.set('chat_template.jinja', files.chatTemplate);
+  return texts;
+}
+
 async function readJson(file: string): Promise<Record<string, unknown> | undefined> {
   if (!existsSync(file)) return undefined;
   let parsed: unknown;
@@ -84,6 +97,7 @@ export class Tokenizer {
   readonly #hf: HfTokenizer;
   readonly #label: string;
   readonly #compiled = new Map<string, Template>();
+  #vocabSize: number | undefined;
 
   constructor(files: TokenizerFiles) {
     this.#label = files.label ?? 'tokenizer';
@@ -142,7 +156,7 @@ export class Tokenizer {
 
   /** The vocabulary size including added tokens. */
   get vocabSize(): number {
-    return this.#hf.get_vocab(true).size;
+    return (this.#vocabSize ??= this.#hf.get_vocab(true).size);
   }
 
   tokenId(token: string): number | undefined {
@@ -156,6 +170,9 @@ export class Tokenizer {
 
   /** Text of `ids`; cleanUpTokenizationSpaces defaults to tokenizer_config.json's setting, as in transformers. */
   decode(ids: readonly number[], options: { skipSpecialTokens?: boolean; cleanUpTokenizationSpaces?: boolean } = {}): string {
+    if (ids.length === 0) return '';
+    const bad = ids.findIndex((id) => !Number.isInteger(id) || id < 0 || id >= this.vocabSize);
+    if (bad >= 0) throw new TokenizerError(`${this.#label}: token id ${ids[bad]} at ${bad} is not in the vocabulary (ids 0..${this.vocabSize - 1})`);
     return this.#hf.decode([...ids], {
       skip_special_tokens: options.skipSpecialTokens ?? false,
       clean_up_tokenization_spaces: options.cleanUpTokenizationSpaces ?? null,

@@ -2,45 +2,17 @@
 // config): report.html (self-contained: the per-iteration table, the curves as inline SVG, the
 // config), curves.svg and curves.png. Every file is written under a temporary name and renamed,
 // so a reader never sees half a report.
-import { existsSync } from 'node:fs';
-import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { RunConfig } from '../config/schema.js';
 import type { IterationMetrics } from '../sppo/run.js';
-import { readJson } from '../sppo/run-dir.js';
+import { RunDir } from '../sppo/run-dir.js';
 import { writeFileAtomic } from '../util/atomic-write.js';
 import { ITERATION_COLUMNS } from './columns.js';
 import { renderCurvesSvg, svgToPng } from './curves.js';
 
-export class ReportError extends Error {
-  override name = 'ReportError';
-}
-
 /** The rows of `<dir>/metrics.jsonl`, π_0 first. */
 export async function readMetrics(dir: string): Promise<IterationMetrics[]> {
-  const file = path.join(dir, 'metrics.jsonl');
-  if (!existsSync(file))
-    throw new ReportError(`${dir} has no metrics.jsonl (not a run directory, or the run has not evaluated π_0 yet)`);
-  const rows = (await readFile(file, 'utf8')).split('\n').flatMap((line, i) => {
-    if (line.trim() === '') return [];
-    let row: IterationMetrics;
-    try {
-      row = JSON.parse(line);
-    } catch (err) {
-      throw new ReportError(`${file}: line ${i + 1} is not valid JSON (${(err as Error).message})`);
-    }
-    if (typeof row?.iteration !== 'number' || typeof row.winRateVsBase?.mean !== 'number' || typeof row.meanResponseLength !== 'number')
-      throw new ReportError(`${file}: line ${i + 1} is not an iteration's metrics (needs iteration, winRateVsBase, meanResponseLength)`);
-    return [{ ...row, seconds: row.seconds ?? {} }];
-  });
-  if (rows.length === 0) throw new ReportError(`${file} is empty`);
-  return rows;
-}
-
-/** The resolved config the run recorded in run.json, if any. */
-export async function readRunConfig(dir: string): Promise<RunConfig | undefined> {
-  const file = path.join(dir, 'run.json');
-  return existsSync(file) ? (await readJson<{ config: RunConfig }>(file)).config : undefined;
+  return RunDir.at(dir).readMetrics();
 }
 
 const escapeHtml = (s: string) =>
@@ -101,16 +73,13 @@ export interface ReportFiles {
 
 /** (Re)writes the report of the run in `dir` from its files; returns the paths written. */
 export async function writeReport(dir: string): Promise<ReportFiles> {
-  const rows = await readMetrics(dir);
-  const config = await readRunConfig(dir);
+  const run = RunDir.at(dir);
+  const rows = await run.readMetrics();
+  const config = (await run.readRun())?.config;
   const curvesSvg = await renderCurvesSvg(rows);
-  const files: ReportFiles = {
-    html: path.join(dir, 'report.html'),
-    svg: path.join(dir, 'curves.svg'),
-    png: path.join(dir, 'curves.png'),
-  };
+  const files: ReportFiles = run.reportFiles;
   await writeFileAtomic(files.svg, curvesSvg);
   await writeFileAtomic(files.png, svgToPng(curvesSvg));
-  await writeFileAtomic(files.html, reportHtml({ title: `SPPO run ${path.basename(path.resolve(dir))}`, rows, config, curvesSvg }));
+  await writeFileAtomic(files.html, reportHtml({ title: `SPPO run ${path.basename(run.root)}`, rows, config, curvesSvg }));
   return files;
 }

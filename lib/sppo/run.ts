@@ -3,25 +3,20 @@
 // build the training set, train π_{t+1} from π_t with reference log-probs from π_t, evaluate
 // against π_0 and π_t, checkpoint. Every stage's output lands atomically in the run directory
 // before the next starts, so a killed run resumes where it stopped and loses nothing.
-import { existsSync } from 'node:fs';
-import { appendFile, mkdir, readdir, rm } from 'node:fs/promises';
-import path from 'node:path';
-
 import type { RunConfig } from '../config/schema.js';
-import { configHash, diffConfigs } from '../config/load.js';
 import { seededShuffle } from '../data/random.js';
 import type { Generator } from '../engine/generate.js';
 import type { Model } from '../engine/model.js';
 import type { PreferenceBatchInput, PreferenceExample, PreferencePair, PreferenceStepResult } from '../engine/types.js';
 import { savePretrained } from '../io/checkpoint.js';
+import type { TokenizerFiles } from '../io/tokenizer.js';
 import { CheckpointWeights } from '../io/weights.js';
 import type { PreferenceModel } from '../preference/model.js';
 import { throwIfAborted } from '../util/abort.js';
-import { isTemporaryOf, temporaryPath, writeFileAtomic, writeJsonAtomic } from '../util/atomic-write.js';
 import { buildTrainingSet, type JudgedPrompt, type TrainingSet } from './dataset.js';
-import { commitDirectory, readJson } from './run-dir.js';
+import { RunDir, type StageName } from './run-dir.js';
 
-export type StageName = 'base' | 'base-eval' | 'generate' | 'judge' | 'dataset' | 'train' | 'evaluate';
+export type { StageName } from './run-dir.js';
 
 /** How a run turns prompt text into the policy's tokens and generated tokens back into text. */
 export interface PolicyText {
@@ -49,6 +44,8 @@ export interface RunSetup {
    * template, token ids and architecture, so each is a complete model directory.
    */
   sourceDir?: string;
+  /** the tokenizer saved with every checkpoint when there is no sourceDir to copy it from (the demo's) */
+  tokenizer?: TokenizerFiles;
   /** turns the loaded model into π_0 (e.g. supervised fine-tuning); its return value is logged */
   makeBase?: (model: Model, hooks: RunHooks) => Promise<Record<string, unknown>>;
   /** task metrics from the evaluation samples of every policy so far (π_0 first, newest last) */
@@ -101,11 +98,6 @@ interface TrainFile {
   steps: { step: number; loss: number; lr?: number; gradNorm?: number; metrics: Record<string, number> }[];
 }
 
-const BASE = 'base';
-const iterDir = (dir: string, t: number) => path.join(dir, `iter-${t}`);
-const policyDir = (dir: string, t: number) => (t === 0 ? path.join(dir, BASE, 'policy') : path.join(iterDir(dir, t), 'policy'));
-const evalFile = (dir: string, t: number) => (t === 0 ? path.join(dir, BASE, 'eval.json') : path.join(iterDir(dir, t), 'eval.json'));
-
 function interval(xs: readonly number[]): Interval {
   const n = xs.length;
   const mean = xs.reduce((a, b) => a + b, 0) / n;
@@ -130,16 +122,6 @@ async function loadWeights(model: Model, dir: string): Promise<void> {
   }
 }
 
-async function saveCheckpoint(model: Model, dir: string, sourceDir: string | undefined): Promise<void> {
-  // A killed save leaves a full-size temporary copy (of another pid): clear them all.
-  const parent = path.dirname(dir);
-  for (const name of existsSync(parent) ? await readdir(parent) : [])
-    if (isTemporaryOf(name, path.basename(dir))) await rm(path.join(parent, name), { recursive: true, force: true });
-  const tmp = temporaryPath(dir);
-  await savePretrained(model, tmp, { sourceDir });
-  await commitDirectory(tmp, dir);
-}
-
 export interface RunResult {
   dir: string;
   metrics: IterationMetrics[];
@@ -147,43 +129,52 @@ export interface RunResult {
 
 /** Runs (or resumes) an SPPO run; returns every iteration's metrics, π_0 first. */
 export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<RunResult> {
+  const run = await RunDir.open(setup.config.run.dir, setup.config);
+  try {
+    return await runIn(run, setup, hooks);
+  } finally {
+    await run.close();
+  }
+}
+
+async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<RunResult> {
   const { config, model, text, preference } = setup;
-  const dir = path.resolve(config.run.dir);
   const { signal } = hooks;
   const g = config.generation;
-  await mkdir(dir, { recursive: true });
-  await checkRunConfig(dir, config);
   const maxContext = Math.min(model.config.max_position_embeddings, model.plan.maxSeq);
   const generator = model.createGenerator({ maxBatch: g.maxBatch, maxContext });
   let holds = -1;  // which policy's weights the model holds: t for π_t, -1 unknown
   const ensure = async (t: number) => {
     if (holds === t) return;
     holds = -1;  // a load that fails half-way leaves mixed weights
-    await loadWeights(model, policyDir(dir, t));
+    await loadWeights(model, run.policy(t));
     holds = t;
   };
   // A stage file holds the stage's output and how long it took, so a resumed run still
   // reports the time of stages it skips.
-  const timed = async <T>(iteration: number, name: StageName, file: string, fn: () => Promise<T>) => {
-    if (existsSync(file)) {
+  const timed = async <T>(iteration: number, name: StageName, fn: () => Promise<T>) => {
+    const saved = await run.readStage<T>(iteration, name);
+    if (saved) {
       hooks.onStage?.({ iteration, stage: name, status: 'skipped' });
-      return readJson<{ value: T; seconds: number }>(file);
+      return saved;
     }
     throwIfAborted(signal);
     hooks.onStage?.({ iteration, stage: name, status: 'start' });
     const t0 = performance.now();
     const value = await fn();
     const seconds = (performance.now() - t0) / 1000;
-    await writeJsonAtomic(file, { value, seconds }, { createParents: true });
+    await run.writeStage(iteration, name, { value, seconds });
     hooks.onStage?.({ iteration, stage: name, status: 'done', seconds });
     return { value, seconds };
   };
 
+  const save = (t: number) => run.savePolicy(t, (dir) => savePretrained(model, dir, { sourceDir: setup.sourceDir, tokenizer: setup.tokenizer }));
+
   try {
     // π_0: the given model, or what makeBase makes of it; checkpointed once.
-    const base = await timed(0, 'base', path.join(dir, BASE, 'base.json'), async () => {
+    const base = await timed(0, 'base', async () => {
       const info = setup.makeBase ? await setup.makeBase(model, hooks) : {};
-      await saveCheckpoint(model, policyDir(dir, 0), setup.sourceDir);
+      await save(0);
       holds = 0;
       return info;
     });
@@ -207,7 +198,7 @@ export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<Ru
       const P = await preference.compareBatch(a.map((s, i) => ({ prompt: s.prompt, responses: [s.answer, b[i].answer] })), { signal });
       return interval(P.map((m) => m[0][1]));
     };
-    const baseEval = await timed(0, 'base-eval', evalFile(dir, 0), async (): Promise<EvalFile> => {
+    const baseEval = await timed(0, 'base-eval', async (): Promise<EvalFile> => {
       const samples = await sample(0, 1);
       return { samples, winRateVsBase: { mean: 0.5, low: 0.5, high: 0.5, n: samples.length } };
     });
@@ -216,18 +207,16 @@ export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<Ru
     const record = async (row: IterationMetrics) => {
       metrics.push(row);
       hooks.onMetrics?.(row);
-      // metrics.jsonl is rebuilt from the stage files, so a resumed run never duplicates rows.
-      await writeFileAtomic(path.join(dir, 'metrics.jsonl'), metrics.map((m) => JSON.stringify(m)).join('\n') + '\n', { createParents: true });
+      await run.appendMetrics(row);
     };
     await record(iterationMetrics(0, baseEval.value, undefined, undefined, setup, evals, { base: base.seconds, 'base-eval': baseEval.seconds }));
 
     for (let t = 1; t <= config.run.iterations; t++) {
-      const it = iterDir(dir, t);
       const prompts = setup.split.iterations[t - 1];
       if (!prompts || prompts.length === 0) throw new RangeError(`iteration ${t} has no prompts (check data.promptsPerIteration and the prompt count)`);
       const seconds: Partial<Record<StageName, number>> = {};
 
-      const gen = await timed(t, 'generate', path.join(it, 'generations.json'), async (): Promise<Generations> => {
+      const gen = await timed(t, 'generate', async (): Promise<Generations> => {
         const ids = prompts.map((p) => text.promptIds(p));
         const K = g.samplesPerPrompt;
         let done = 0;
@@ -242,7 +231,7 @@ export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<Ru
       });
       seconds.generate = gen.seconds;
 
-      const judged = await timed(t, 'judge', path.join(it, 'judgments.json'), async () => {
+      const judged = await timed(t, 'judge', async () => {
         const P = await preference.compareBatch(
           gen.value.prompts.map((p, i) => ({ prompt: p.text, responses: gen.value.responses[i].map((r) => r.text) })),
           { signal, onProgress: (done, total) => hooks.onProgress?.({ iteration: t, stage: 'judge', done, total }) },
@@ -251,7 +240,7 @@ export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<Ru
       });
       seconds.judge = judged.seconds;
 
-      const data = await timed(t, 'dataset', path.join(it, 'dataset.json'), async () => {
+      const data = await timed(t, 'dataset', async () => {
         const items: JudgedPrompt[] = gen.value.prompts.map((p, i) => ({
           prompt: truncatePrompt(p.ids, config.training.maxLength, config.data.maxPromptTokens),
           responses: gen.value.responses[i].map((r) => {
@@ -269,17 +258,17 @@ export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<Ru
 
       // The checkpoint is committed before train.json (written by `timed`), so a kill between
       // the two retrains from π_{t-1} rather than trusting a half-written policy: keep the order.
-      const train = await timed(t, 'train', path.join(it, 'train.json'), async (): Promise<TrainFile> => {
+      const train = await timed(t, 'train', async (): Promise<TrainFile> => {
         await ensure(t - 1);
         holds = -1;  // from here on the weights are moving
         const steps = await trainIteration(model, config, data.value, t, hooks);
-        await saveCheckpoint(model, policyDir(dir, t), setup.sourceDir);
+        await save(t);
         holds = t;
         return { steps };
       });
       seconds.train = train.seconds;
 
-      const ev = await timed(t, 'evaluate', evalFile(dir, t), async (): Promise<EvalFile> => {
+      const ev = await timed(t, 'evaluate', async (): Promise<EvalFile> => {
         const samples = await sample(t, 1);
         return {
           samples,
@@ -291,7 +280,7 @@ export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<Ru
       evals.push(ev.value);
       await record(iterationMetrics(t, ev.value, data.value, train.value, setup, evals, seconds));
     }
-    return { dir, metrics };
+    return { dir: run.root, metrics };
   } finally {
     await generator.dispose();
   }
@@ -357,23 +346,4 @@ async function trainIteration(model: Model, config: RunConfig, data: TrainingSet
     }
   }
   return steps;
-}
-
-/** Refuses to resume a run whose configuration changed, naming the fields. */
-async function checkRunConfig(dir: string, config: RunConfig): Promise<void> {
-  const file = path.join(dir, 'run.json');
-  const hash = configHash(config);
-  if (existsSync(file)) {
-    const saved = await readJson<{ hash: string; config: RunConfig }>(file);
-    if (saved.hash !== hash) {
-      const changes = diffConfigs(saved.config, config).filter((c) => c.path !== 'run.dir');
-      if (changes.length > 0) {
-        const list = changes.slice(0, 10).map((c) => `${c.path}: ${JSON.stringify(c.before)} → ${JSON.stringify(c.after)}`).join('; ');
-        throw new Error(`${dir} holds a run with a different configuration (${list}); use a new run.dir or restore the config`);
-      }
-    }
-    return;
-  }
-  await writeJsonAtomic(file, { hash, config }, { createParents: true });
-  await appendFile(path.join(dir, 'run.log'), `${new Date().toISOString()} started, config ${hash}\n`);
 }

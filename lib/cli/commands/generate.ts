@@ -1,17 +1,14 @@
 // `sppo generate`: samples responses to a prompt file from a checkpoint — a Hugging Face model
-// directory (prompts through its chat template) or a policy of a demo run (its character
-// tokenizer) — and writes one JSON line per response.
+// directory (prompts through its chat template) or a policy of a demo run (the character
+// tokenizer saved with it) — and writes one JSON line per response.
 import { existsSync } from 'node:fs';
 import path from 'node:path';
-import type { RunConfig } from '../../config/schema.js';
 import { loadPrompts } from '../../data/prompts.js';
-import { CharTokenizer } from '../../demo/task.js';
+import { demoPolicyText } from '../../demo/task.js';
 import type { GeneratedSequence } from '../../engine/generate.js';
 import { loadPretrained } from '../../io/checkpoint.js';
 import { Tokenizer } from '../../io/tokenizer.js';
-import { resolveStyledReversal } from '../../preference/styled-reversal.js';
-import type { PolicyText } from '../../sppo/run.js';
-import { readJson } from '../../sppo/run-dir.js';
+import { RunDir } from '../../sppo/run-dir.js';
 import { writeFileAtomic } from '../../util/atomic-write.js';
 import { deviceLine, deviceOption, integerOption, numberOption, parseOptions, requireOption, UsageError, type Command } from '../args.js';
 import { Progress } from '../progress.js';
@@ -43,26 +40,26 @@ const MODEL_MAX_BATCH = 16;
 interface Source {
   /** the checkpoint */
   dir: string;
-  /** a demo run's character tokenizer; a model directory brings its own */
-  demoText?: PolicyText;
+  /** a demo run's policy: prompts are words, framed by its character tokenizer rather than a chat template */
+  demo: boolean;
   sampling: { temperature: number; topP: number; topK: number; maxNewTokens: number; maxBatch: number };
 }
 
 async function demoRunSource(runDir: string, iteration: number | undefined): Promise<Source> {
-  const runFile = path.join(runDir, 'run.json');
-  if (!existsSync(runFile)) throw new UsageError(`--demo-run: ${runDir} has no run.json (not a run directory)`);
-  const { config } = await readJson<{ config: RunConfig }>(runFile);
+  const run = RunDir.at(runDir);
+  const record = await run.readRun();
+  if (!record) throw new UsageError(`--demo-run: ${runDir} has no run.json (not a run directory)`);
+  const { config } = record;
+  const newest = await run.newestPolicy();
   if (config.model.preset !== 'demo' || config.preference.kind !== 'styled-reversal')
-    throw new UsageError(`--demo-run: ${runDir} is not a demo run; sample with --model ${path.join(runDir, 'iter-T', 'policy')}`);
-  const policy = (t: number) => path.join(runDir, t === 0 ? 'base' : `iter-${t}`, 'policy');
-  let t = iteration;
-  if (t === undefined) for (t = config.run.iterations; t > 0 && !existsSync(policy(t)); t--);
-  if (!existsSync(policy(t))) throw new UsageError(`--iteration: ${runDir} has no checkpoint of iteration ${t} yet`);
-  const { kind, concurrency, ...params } = config.preference;
+    throw new UsageError(`--demo-run: ${runDir} is not a demo run; ${newest === undefined ? 'once it has a checkpoint, sample it with --model DIR' : `sample with --model ${run.policy(newest)}`}`);
+  const t = iteration ?? newest;
+  if (t === undefined) throw new UsageError(`--demo-run: ${runDir} has no finished checkpoint yet`);
+  if (!run.hasPolicy(t)) throw new UsageError(`--iteration: ${runDir} has no checkpoint of iteration ${t} yet`);
   const g = config.generation;
   return {
-    dir: policy(t),
-    demoText: new CharTokenizer(resolveStyledReversal(params).alphabet),
+    dir: run.policy(t),
+    demo: true,
     sampling: { temperature: g.temperature, topP: g.topP, topK: g.topK, maxNewTokens: g.maxNewTokens, maxBatch: g.maxBatch },
   };
 }
@@ -93,7 +90,7 @@ export const generateCommand: Command = {
     const samples = integerOption(v.samples, 'samples', 1) ?? 1;
     const seed = integerOption(v.seed, 'seed', 0) ?? 0;
     const source: Source = v.model !== undefined
-      ? { dir: path.resolve(v.model), sampling: { temperature: 0.7, topP: 0.9, topK: 0, maxNewTokens: 256, maxBatch: MODEL_MAX_BATCH } }
+      ? { dir: path.resolve(v.model), demo: false, sampling: { temperature: 0.7, topP: 0.9, topK: 0, maxNewTokens: 256, maxBatch: MODEL_MAX_BATCH } }
       : await demoRunSource(path.resolve(v['demo-run']!), integerOption(v.iteration, 'iteration', 0));
     const sampling = {
       ...source.sampling,
@@ -109,7 +106,8 @@ export const generateCommand: Command = {
       throw new UsageError(`--prompts: ${(err as Error).message}`);
     }
     const limit = await contextLimit(source.dir, v.model !== undefined ? '--model' : '--demo-run');
-    const text = source.demoText ?? chatPolicyText(requireChatTokenizer(await readTokenizer(source.dir), source.dir), Infinity);
+    const tokenizer = await readTokenizer(source.dir);
+    const text = source.demo ? demoPolicyText(requireDemoTokenizer(tokenizer, source.dir)) : chatPolicyText(requireChatTokenizer(tokenizer, source.dir), Infinity);
     let ids: number[][];
     try {
       ids = prompts.map((p) => text.promptIds(p));
@@ -159,4 +157,11 @@ export const generateCommand: Command = {
 
 async function readTokenizer(dir: string): Promise<Tokenizer | undefined> {
   return existsSync(path.join(dir, 'tokenizer.json')) ? Tokenizer.fromDirectory(dir) : undefined;
+}
+
+/** A demo checkpoint's tokenizer; checkpoints of runs made before they saved one have none. */
+function requireDemoTokenizer(tokenizer: Tokenizer | undefined, dir: string): Tokenizer {
+  if (!tokenizer)
+    throw new UsageError(`--demo-run: ${dir} has no tokenizer.json (its run was made before demo checkpoints saved their tokenizer); run the demo again into a new directory (sppo demo --dir NEW_DIR) and sample that`);
+  return tokenizer;
 }
