@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeMistralTokenizer } from './fixtures/mistral-tokenizer.js';
-import { pretrainedSetup } from '../lib/cli/setup.js';
+import { pretrainedSetup } from '../lib/sppo/setup.js';
 import { parseConfig } from '../lib/config/index.js';
 import { Model, savePretrained, type Tokenizer } from '../lib/index.js';
 import { writeSafetensors, type TensorSource } from '../lib/io/safetensors.js';

@@ -20,7 +20,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { stringify as toYaml } from 'yaml';
 import { writeMistralTokenizer } from './fixtures/mistral-tokenizer.js';
-import { pretrainedSetup } from '../lib/cli/setup.js';
+import { pretrainedSetup } from '../lib/sppo/setup.js';
 import { loadConfig } from '../lib/config/index.js';
 import { loadPretrained, Model, savePretrained, Tokenizer, writeSafetensors, type RunConfigInput } from '../lib/index.js';
 import { loadLmJudge, loadRewardModel, type PreferenceModel } from '../lib/preference/index.js';

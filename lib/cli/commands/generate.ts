@@ -12,10 +12,10 @@ import { Tokenizer } from '../../io/tokenizer.js';
 import { resolveStyledReversal } from '../../preference/styled-reversal.js';
 import type { PolicyText } from '../../sppo/run.js';
 import { readJson } from '../../sppo/run-dir.js';
+import { chatPolicyText, contextLimit, requireChatTokenizer } from '../../sppo/setup.js';
 import { writeFileAtomic } from '../../util/atomic-write.js';
 import { deviceLine, deviceOption, integerOption, numberOption, parseOptions, requireOption, UsageError, type Command } from '../args.js';
 import { Progress } from '../progress.js';
-import { chatPolicyText, contextLimit, requireChatTokenizer } from '../setup.js';
 
 const help = `Usage: sppo generate (--model DIR | --demo-run RUN_DIR [--iteration T]) --prompts FILE [options]
 

@@ -3,9 +3,9 @@ import { loadConfig, RunConfigError } from '../../config/load.js';
 import type { RunConfig } from '../../config/schema.js';
 import { demoSetup } from '../../demo/demo.js';
 import { runSppo, type RunSetup } from '../../sppo/run.js';
+import { pretrainedSetup } from '../../sppo/setup.js';
 import { deviceLine, deviceOption, parseOptions, requireOption, UsageError, type Command } from '../args.js';
 import { finishRun, INTERRUPTED, runInterruptibly } from '../session.js';
-import { pretrainedSetup } from '../setup.js';
 
 const help = `Usage: sppo run --config FILE [--device DEV]
 

@@ -4,6 +4,7 @@
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
+import { UsageError } from '../cli/args.js';
 import type { RunConfig } from '../config/schema.js';
 import { loadPrompts, splitPrompts } from '../data/prompts.js';
 import type { Device } from '../engine/model.js';
@@ -16,9 +17,8 @@ import { loadLmJudge } from '../preference/lm-judge.js';
 import type { PreferenceModel } from '../preference/model.js';
 import { loadRewardModel } from '../preference/reward-model.js';
 import { randomWords, resolveStyledReversal, styledReversalOracle } from '../preference/styled-reversal.js';
-import type { PolicyText, RunSetup } from '../sppo/run.js';
-import { readJson } from '../sppo/run-dir.js';
-import { UsageError } from './args.js';
+import type { PolicyText, RunSetup } from './run.js';
+import { readJson } from './run-dir.js';
 
 /**
  * A chat model's view of prompt text: the user turn through the chat template with the
