@@ -4,8 +4,8 @@
 // seed 42). Unknown fields are refused everywhere; errors name the field's path.
 import { z } from 'zod';
 import { datasetModeForLoss, PREFERENCE_LOSSES } from '../engine/losses.js';
-import { missingPlaceholders } from '../preference/http.js';
-import { resolveStyledReversal } from '../preference/styled-reversal.js';
+import { missingPlaceholders } from '../preference/options/http.js';
+import { resolveStyledReversal } from '../preference/options/styled-reversal.js';
 
 const positive = () => z.number({ error: 'must be a number' }).gt(0, { error: 'must be > 0' });
 const nonNegative = () => z.number({ error: 'must be a number' }).min(0, { error: 'must be ≥ 0' });

@@ -11,19 +11,9 @@ import { abortError, throwIfAborted } from '../util/abort.js';
 import { writeJsonAtomic } from '../util/atomic-write.js';
 import { fromUpperTriangle } from './matrix.js';
 import { definePreferenceModel, type PreferenceModel } from './model.js';
+import { DEFAULT_JUDGE_TEMPLATE, missingPlaceholders } from './options/http.js';
 
-export const DEFAULT_JUDGE_TEMPLATE = `Two AI assistants answered the same user prompt. Decide which response is better: more helpful, correct, and clear.
-
-[Prompt]
-{prompt}
-
-[Response A]
-{a}
-
-[Response B]
-{b}
-
-Which response is better? Answer with a single letter: A or B.`;
+export { DEFAULT_JUDGE_TEMPLATE, missingPlaceholders };
 
 export interface HttpJudgeOptions {
   /** the API root, e.g. `https://api.openai.com/v1`; requests go to `<baseUrl>/chat/completions` */
@@ -90,11 +80,6 @@ const REQUEST_PARAMS = { max_tokens: 1, temperature: 0, logprobs: true, top_logp
 export function renderJudgeTemplate(template: string, prompt: string, a: string, b: string): string {
   const values: Record<string, string> = { prompt, a, b };
   return template.replace(/\{(prompt|a|b)\}/g, (_, k: string) => values[k]);
-}
-
-/** The placeholders a judge template lacks. */
-export function missingPlaceholders(template: string): string[] {
-  return ['{prompt}', '{a}', '{b}'].filter((p) => !template.includes(p));
 }
 
 /** Removes the leading spaces (and SentencePiece / byte-BPE space markers) from a token's text. */
