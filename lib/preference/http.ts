@@ -11,9 +11,7 @@ import { abortError, throwIfAborted } from '../util/abort.js';
 import { writeJsonAtomic } from '../util/atomic-write.js';
 import { fromUpperTriangle } from './matrix.js';
 import { definePreferenceModel, type PreferenceModel } from './model.js';
-import { DEFAULT_JUDGE_TEMPLATE, missingPlaceholders } from './options/http.js';
-
-export { DEFAULT_JUDGE_TEMPLATE, missingPlaceholders };
+import { DEFAULT_JUDGE_TEMPLATE, HTTP_JUDGE_DEFAULTS, missingPlaceholders } from './options/http.js';
 
 export interface HttpJudgeOptions {
   /** the API root, e.g. `https://api.openai.com/v1`; requests go to `<baseUrl>/chat/completions` */
@@ -26,11 +24,11 @@ export interface HttpJudgeOptions {
   template?: string;
   /** an optional system message */
   system?: string;
-  /** HTTP requests in flight at once, over all prompts; default 8 */
+  /** HTTP requests in flight at once, over all prompts; default HTTP_JUDGE_DEFAULTS */
   requestConcurrency?: number;
-  /** per-attempt limit in ms, body included; default 60 000 */
+  /** per-attempt limit in ms, body included; default HTTP_JUDGE_DEFAULTS */
   timeoutMs?: number;
-  /** retries after the first attempt; default 5 */
+  /** retries after the first attempt; default HTTP_JUDGE_DEFAULTS */
   maxRetries?: number;
   /** first backoff in ms (doubled per retry, jittered, capped at maxBackoffMs); default 500 */
   backoffMs?: number;
@@ -38,7 +36,7 @@ export interface HttpJudgeOptions {
   maxBackoffMs?: number;
   /** one JSON file per answered comparison; none: no disk cache */
   cacheDir?: string;
-  /** prompts compared at once by compareBatch; default 4 */
+  /** prompts compared at once by compareBatch; default DEFAULT_JUDGE_CONCURRENCY */
   concurrency?: number;
   /** where apiKeyEnv is looked up; default process.env */
   env?: Record<string, string | undefined>;
@@ -205,12 +203,12 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
     apiKey = env[options.apiKeyEnv];
     if (!apiKey) throw new Error(`httpJudge: the environment variable ${options.apiKeyEnv} (apiKeyEnv) is not set`);
   }
-  const timeoutMs = positiveInteger(options.timeoutMs ?? 60_000, 'timeoutMs');
-  const maxRetries = options.maxRetries ?? 5;
+  const timeoutMs = positiveInteger(options.timeoutMs ?? HTTP_JUDGE_DEFAULTS.timeoutMs, 'timeoutMs');
+  const maxRetries = options.maxRetries ?? HTTP_JUDGE_DEFAULTS.maxRetries;
   if (!Number.isInteger(maxRetries) || maxRetries < 0) throw new RangeError(`httpJudge: maxRetries must be an integer ≥ 0, got ${maxRetries}`);
   const backoffMs = options.backoffMs ?? 500;
   const maxBackoffMs = options.maxBackoffMs ?? 30_000;
-  const semaphore = new Semaphore(positiveInteger(options.requestConcurrency ?? 8, 'requestConcurrency'));
+  const semaphore = new Semaphore(positiveInteger(options.requestConcurrency ?? HTTP_JUDGE_DEFAULTS.requestConcurrency, 'requestConcurrency'));
   const cacheDir = options.cacheDir;
 
   // Everything that changes an answer, and nothing secret: the key's hash and the judge's id.

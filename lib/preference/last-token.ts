@@ -6,9 +6,9 @@ import { throwIfAborted } from '../util/abort.js';
 
 /** Options every judge that runs on the engine takes. */
 export interface EngineJudgeOptions {
-  /** rows per forward pass; default 8 (at most the model's memory plan's maxBatch) */
+  /** rows per forward pass; default ENGINE_JUDGE_DEFAULTS (at most the model's memory plan's maxBatch) */
   batchSize?: number;
-  /** tokens per row; a longer row keeps its first token (BOS) and its last tokens; default 2048 */
+  /** tokens per row; a longer row keeps its first token (BOS) and its last tokens; default ENGINE_JUDGE_DEFAULTS */
   maxSeq?: number;
   /** prompts compared at once by compareBatch (each its own forward passes); default 1 */
   concurrency?: number;

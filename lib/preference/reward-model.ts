@@ -18,6 +18,7 @@ import { CheckpointWeights } from '../io/weights.js';
 import { projectLastTokens, type EngineJudgeOptions } from './last-token.js';
 import { fromUpperTriangle } from './matrix.js';
 import { definePreferenceModel, type CompareItem, type PreferenceModel } from './model.js';
+import { REWARD_MODEL_DEFAULTS } from './options/reward-model.js';
 
 export class RewardModelError extends Error {
   override name = 'RewardModelError';
@@ -25,7 +26,7 @@ export class RewardModelError extends Error {
 
 /** id default: `reward-model(<label>,τ=<temperature>)`. */
 export interface RewardModelOptions extends EngineJudgeOptions {
-  /** τ of P_ij = σ((r_i − r_j)/τ); default 1 */
+  /** τ of P_ij = σ((r_i − r_j)/τ); default REWARD_MODEL_DEFAULTS.temperature */
   temperature?: number;
 }
 
@@ -56,10 +57,10 @@ function sigmoid(x: number): number {
 
 /** The judge over a backbone model, its tokenizer and the score row already loaded. */
 export function rewardModelJudge(model: Model, tokenizer: Tokenizer, score: ArrayLike<number>, options: RewardModelOptions = {}): RewardModelJudge {
-  const tau = options.temperature ?? 1;
+  const tau = options.temperature ?? REWARD_MODEL_DEFAULTS.temperature;
   if (!(typeof tau === 'number' && Number.isFinite(tau) && tau > 0)) throw new RangeError(`reward-model: temperature must be a finite number > 0, got ${tau}`);
-  const batchSize = options.batchSize ?? 8;
-  const maxSeq = options.maxSeq ?? 2048;
+  const batchSize = options.batchSize ?? REWARD_MODEL_DEFAULTS.batchSize;
+  const maxSeq = options.maxSeq ?? REWARD_MODEL_DEFAULTS.maxSeq;
   for (const [v, what] of [[batchSize, 'batchSize'], [maxSeq, 'maxSeq']] as const)
     if (!Number.isInteger(v) || v < 2) throw new RangeError(`reward-model: ${what} must be an integer ≥ 2, got ${v}`);
   if (tokenizer.chatTemplates.size === 0) throw new RangeError('reward-model: the tokenizer has no chat template (the conversation cannot be formatted)');
@@ -219,8 +220,8 @@ export async function loadRewardModel(
   dir: string,
   { device, ...options }: Omit<RewardModelOptions, 'ownsModel'> & { device?: Device } = {},
 ): Promise<RewardModelJudge> {
-  const batchSize = options.batchSize ?? 8;
-  const maxSeq = options.maxSeq ?? 2048;
+  const batchSize = options.batchSize ?? REWARD_MODEL_DEFAULTS.batchSize;
+  const maxSeq = options.maxSeq ?? REWARD_MODEL_DEFAULTS.maxSeq;
   const { model, tokenizer, score } = await loadRewardModelWeights(dir, { maxBatch: batchSize, maxSeq }, device);
   try {
     return rewardModelJudge(model, tokenizer, score, { label: dir, ...options, batchSize, maxSeq, ownsModel: true });

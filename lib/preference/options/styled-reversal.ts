@@ -1,5 +1,9 @@
-// The styled-reversal oracle's parameters: their defaults and the check that keeps every
-// P(y ≻ y') in [0, 1]. A leaf (no imports), so the run configuration can validate them.
+// The styled-reversal oracle's parameters: their defaults, the check that keeps every P(y ≻ y')
+// in [0, 1], and its options in a run configuration (preference.kind 'styled-reversal'). A leaf
+// (zod and the config's field helpers only), so lib/config can compose it.
+import { z } from 'zod';
+import { nonEmpty, nonNegative, positiveInt } from '../../config/fields.js';
+import { judgeConcurrency } from './common.js';
 
 export const STYLES = ['R', 'P', 'S'] as const;
 export type Style = (typeof STYLES)[number];
@@ -64,3 +68,33 @@ export function resolveStyledReversal(params: Partial<StyledReversalParams> = {}
     throw new RangeError(`styled reversal: need integers 1 ≤ minLength ≤ maxLength, got ${p.minLength}..${p.maxLength}`);
   return p;
 }
+
+const styleMatrix = z
+  .array(z.array(z.number({ error: 'must be a number' })).length(3, { error: 'must be a row of 3 numbers' }), { error: 'must be a 3×3 matrix' })
+  .length(3, { error: 'must be a 3×3 matrix over the styles (R, P, S)' });
+
+const d = DEFAULT_STYLED_REVERSAL;
+
+export const styledReversalOptionsSchema = z
+  .strictObject({
+    kind: z.literal('styled-reversal').describe('the synthetic oracle P(y ≻ y′) = ½ + a·(q(y) − q(y′)) + b·A[s(y), s(y′)], with a known Nash equilibrium'),
+    a: nonNegative().default(d.a).describe('weight of the quality difference q(y) − q(y′)'),
+    b: nonNegative().default(d.b).describe('weight of the style game A'),
+    A: styleMatrix
+      .optional()
+      .describe('the style game over (R, P, S), antisymmetric: A[i][j] = how much style i beats style j; default R beats S by 1/3, S beats P by 2/3, P beats R by 1'),
+    noneAdvantage: nonNegative().default(d.noneAdvantage).describe('how much any style beats an answer without one (A[c, none])'),
+    alphabet: nonEmpty().default(d.alphabet).describe('the prompt words\' letters (distinct)'),
+    minLength: positiveInt().default(d.minLength).describe('shortest prompt word'),
+    maxLength: positiveInt().default(d.maxLength).describe('longest prompt word'),
+    concurrency: judgeConcurrency(),
+  })
+  .superRefine(({ kind, concurrency, ...params }, ctx) => {
+    if (ctx.issues.length > 0) return; // a malformed field is reported once, by its own path
+    try {
+      resolveStyledReversal(params);
+    } catch (err) {
+      ctx.addIssue({ code: 'custom', message: (err as Error).message.replace(/^styled reversal: /, '') });
+    }
+  })
+  .describe('the styled-reversal oracle');
