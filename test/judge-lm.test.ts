@@ -8,9 +8,8 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeMistralTokenizer } from './fixtures/mistral-tokenizer.js';
-import { pretrainedSetup } from '../lib/sppo/setup.js';
 import { parseConfig } from '../lib/config/index.js';
-import { loadPretrained, Model, savePretrained, type Tokenizer } from '../lib/index.js';
+import { loadPretrained, Model, savePretrained, setupFromConfig, type Tokenizer } from '../lib/index.js';
 import {
   assertPreferenceMatrix,
   DEFAULT_JUDGE_TEMPLATE,
@@ -154,7 +153,7 @@ describe('sppo run setup builds the judges from the config', () => {
   };
 
   it("kind 'lm-judge'", async () => {
-    const setup = await pretrainedSetup(config({ kind: 'lm-judge', path: dir, maxSeq: 4096, batchSize: 2 }));
+    const setup = await setupFromConfig(config({ kind: 'lm-judge', path: dir, maxSeq: 4096, batchSize: 2 }));
     try {
       expect(setup.preference.id).toMatch(/^lm-judge\(/);
       const P = await setup.preference.compare(PROMPT, RESPONSES.slice(0, 2));
@@ -167,12 +166,13 @@ describe('sppo run setup builds the judges from the config', () => {
 
   it("kind 'http' (a missing API key is the user's to fix)", async () => {
     delete process.env.SPPO_TEST_JUDGE_KEY;
-    await expect(pretrainedSetup(config({ kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_TEST_JUDGE_KEY' }))).rejects.toMatchObject({
-      name: 'UsageError',
+    await expect(setupFromConfig(config({ kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_TEST_JUDGE_KEY' }))).rejects.toMatchObject({
+      name: 'SetupError',
+      path: ['preference', 'apiKeyEnv'],
       message: expect.stringMatching(/SPPO_TEST_JUDGE_KEY \(apiKeyEnv\) is not set/),
     });
     process.env.SPPO_TEST_JUDGE_KEY = 'k';
-    const setup = await pretrainedSetup(config({ kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_TEST_JUDGE_KEY' }));
+    const setup = await setupFromConfig(config({ kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_TEST_JUDGE_KEY' }));
     delete process.env.SPPO_TEST_JUDGE_KEY;
     expect(setup.preference.id).toMatch(/^http\(m@http:\/\/127\.0\.0\.1:9\/v1,/);
     await setup.preference.dispose();

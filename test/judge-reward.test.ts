@@ -9,9 +9,8 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeMistralTokenizer } from './fixtures/mistral-tokenizer.js';
-import { pretrainedSetup } from '../lib/sppo/setup.js';
 import { parseConfig } from '../lib/config/index.js';
-import { Model, savePretrained, type Tokenizer } from '../lib/index.js';
+import { Model, savePretrained, setupFromConfig, type Tokenizer } from '../lib/index.js';
 import { writeSafetensors, type TensorSource } from '../lib/io/safetensors.js';
 import {
   assertPreferenceMatrix,
@@ -221,7 +220,7 @@ describe("sppo run setup builds kind 'reward-model'", () => {
       preference: { kind: 'reward-model', path: dir, temperature: 2, maxSeq: 4096, batchSize: 2 },
     });
     expect(config.preference).toMatchObject({ kind: 'reward-model', temperature: 2, concurrency: 4 });
-    const setup = await pretrainedSetup(config);
+    const setup = await setupFromConfig(config);
     try {
       expect(setup.preference.id).toBe(`reward-model(${dir},τ=2)`);
       const r = await judge.rewards(PROMPT, RESPONSES.slice(0, 2));

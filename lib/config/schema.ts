@@ -16,7 +16,9 @@ const modelSchema = z
     preset: z
       .enum(['demo', 'tiny', 'small'])
       .optional()
-      .describe("a built-in model with random weights: 'demo' (the embedded styled-reversal policy with its character tokenizer), or the engine's 'tiny' / 'small' sizes"),
+      .describe(
+        "a built-in model with random weights: 'demo', the embedded styled-reversal policy with its character tokenizer (the engine's 'tiny' and 'small' sizes have no tokenizer, so a run refuses them)",
+      ),
     path: filePath().optional().describe('a Hugging Face model directory (config.json, *.safetensors, tokenizer.json and a chat template)'),
     seed: nonNegativeInt().optional().describe("seed of a preset's random initialisation"),
   })
@@ -129,7 +131,7 @@ const sftSchema = z
       .describe('style mix of the supervised answers: clearly exploitable, as the base policy should be'),
     corruption: probability().default(0.4).describe("probability that a supervised answer's reversal has one wrong letter"),
   })
-  .describe('supervised fine-tuning that makes π_0 before the first iteration (the demo’s base policy)');
+  .describe("supervised fine-tuning that makes π_0 before the first iteration (model.preset 'demo' only)");
 
 const runSchema = z
   .strictObject({
@@ -150,9 +152,18 @@ export const runConfigSchema = z
     sft: sftSchema.optional(),
   })
   .superRefine((c, ctx) => {
-    if (c.model.preset === 'demo' && c.data.words === undefined)
+    const { preset } = c.model;
+    if ((preset === 'tiny' || preset === 'small') && c.model.path === undefined)
+      ctx.addIssue({
+        code: 'custom',
+        path: ['model', 'preset'],
+        message: `model.preset '${preset}' has random weights and no tokenizer, so it cannot read prompts; use model.path (a Hugging Face directory) or model.preset 'demo'`,
+      });
+    if (preset === 'demo' && c.data.words === undefined)
       ctx.addIssue({ code: 'custom', path: ['model', 'preset'], message: "the 'demo' policy reads generated styled-reversal words (data.words)" });
-    if (c.sft !== undefined && c.preference.kind !== 'styled-reversal')
+    if (c.sft !== undefined && preset !== 'demo')
+      ctx.addIssue({ code: 'custom', path: ['sft'], message: "supervised fine-tuning of the base policy is only available with model.preset 'demo'" });
+    else if (c.sft !== undefined && c.preference.kind !== 'styled-reversal')
       ctx.addIssue({ code: 'custom', path: ['sft'], message: "supervised fine-tuning data comes from the styled-reversal task (preference.kind 'styled-reversal')" });
     if (c.data.words !== undefined && c.preference.kind !== 'styled-reversal')
       ctx.addIssue({ code: 'custom', path: ['data', 'words'], message: "generated words go with preference.kind 'styled-reversal'" });
@@ -163,3 +174,5 @@ export const runConfigSchema = z
 export type RunConfigInput = z.input<typeof runConfigSchema>;
 /** Every field filled in: what a run uses and hashes. */
 export type RunConfig = z.output<typeof runConfigSchema>;
+/** A resolved config's judge, by kind. */
+export type PreferenceConfig = RunConfig['preference'];

@@ -1,24 +1,27 @@
-// `sppo run` for a Hugging Face model directory: the config's pieces turned into a RunSetup —
-// the checkpoint and its tokenizer (prompts through the chat template), the prompt split, and
-// the judge. Problems the user can fix in the config are UsageErrors (exit 2) naming the field.
-import { existsSync } from 'node:fs';
+// A resolved run configuration turned into a RunSetup, for the demo policy and Hugging Face model
+// directories alike: the prompt split, the judge (lib/preference/from-config.ts) and the policy
+// with its text (a checkpoint's tokenizer, prompts through its chat template). What the schema
+// cannot check — files, directories, tokenizers — fails here as a SetupError naming the field.
 import path from 'node:path';
-import { pathToFileURL } from 'node:url';
-import { UsageError } from '../cli/args.js';
+import { SetupError } from '../config/errors.js';
 import type { RunConfig } from '../config/schema.js';
 import { loadPrompts, splitPrompts } from '../data/prompts.js';
+import { demoSetup } from '../demo/demo.js';
 import type { Device } from '../engine/model.js';
 import type { MemoryPlan } from '../engine/types.js';
-import { loadPretrained } from '../io/checkpoint.js';
-import type { Tokenizer } from '../io/tokenizer.js';
-import { functionPreference, type PreferenceFunction } from '../preference/function.js';
-import { httpJudge } from '../preference/http.js';
-import { loadLmJudge } from '../preference/lm-judge.js';
+import { CheckpointError, loadPretrained } from '../io/checkpoint.js';
+import { ConfigError } from '../io/hf-config.js';
+import { SafetensorsError } from '../io/safetensors.js';
+import { TokenizerError, type Tokenizer } from '../io/tokenizer.js';
+import { contextLimit, preferenceFromConfig } from '../preference/from-config.js';
 import type { PreferenceModel } from '../preference/model.js';
-import { loadRewardModel } from '../preference/reward-model.js';
-import { randomWords, resolveStyledReversal, styledReversalOracle } from '../preference/styled-reversal.js';
+import { randomWords } from '../preference/styled-reversal.js';
 import type { PolicyText, RunSetup } from './run.js';
-import { readJson } from './run-dir.js';
+
+export interface SetupOptions {
+  /** where the policy trains and generates, and where an lm-judge or reward-model judge runs; default 'cpu' */
+  device?: Device;
+}
 
 /**
  * A chat model's view of prompt text: the user turn through the chat template with the
@@ -36,26 +39,17 @@ export function chatPolicyText(tokenizer: Tokenizer, maxPromptTokens: number): P
   };
 }
 
-/** The tokenizer a chat policy needs, or a UsageError saying what the directory lacks. */
-export function requireChatTokenizer(tokenizer: Tokenizer | undefined, dir: string): Tokenizer {
-  if (!tokenizer) throw new UsageError(`${dir} has no tokenizer.json, so prompts cannot be turned into tokens`);
+/** The tokenizer a chat policy needs, or a SetupError (naming `field` when given) saying what the directory lacks. */
+export function requireChatTokenizer(tokenizer: Tokenizer | undefined, dir: string, field?: string): Tokenizer {
+  const at = field?.split('.') ?? [];
+  if (!tokenizer) throw new SetupError(at, `${dir} has no tokenizer.json, so prompts cannot be turned into tokens`);
   if (tokenizer.chatTemplates.size === 0)
-    throw new UsageError(`${dir} has no chat template (chat_template.jinja or tokenizer_config.json chat_template), so prompts cannot be formatted`);
+    throw new SetupError(at, `${dir} has no chat template (chat_template.jinja or tokenizer_config.json chat_template), so prompts cannot be formatted`);
   return tokenizer;
 }
 
-/**
- * The context length of a model directory (config.json's max_position_embeddings), which a
- * memory plan must not exceed; a UsageError naming `what` if the directory has no config.json.
- */
-export async function contextLimit(dir: string, what: string): Promise<number> {
-  const file = path.join(dir, 'config.json');
-  if (!existsSync(file)) throw new UsageError(`${what}: ${dir} is not a model directory (no config.json)`);
-  const { max_position_embeddings: n } = await readJson<{ max_position_embeddings?: unknown }>(file);
-  return typeof n === 'number' ? n : Infinity;
-}
-
-async function loadPromptSet(config: RunConfig): Promise<string[]> {
+/** The config's prompts: generated styled-reversal words, or its prompt file. */
+async function promptSet(config: RunConfig): Promise<string[]> {
   const { data, preference } = config;
   if (data.words !== undefined && preference.kind === 'styled-reversal') {
     const { kind, concurrency, ...params } = preference;
@@ -64,94 +58,67 @@ async function loadPromptSet(config: RunConfig): Promise<string[]> {
   try {
     return await loadPrompts(data.prompts!, { column: data.column, format: data.format });
   } catch (err) {
-    throw new UsageError(`data.prompts: ${(err as Error).message}`);
+    throw new SetupError(['data', 'prompts'], (err as Error).message, { cause: err });
   }
 }
 
-/** The run's judge; engine judges (lm-judge, reward-model) run on the policy's device. */
-async function loadPreference(config: RunConfig, device: Device | undefined): Promise<PreferenceModel> {
-  const p = config.preference;
-  if (p.kind === 'styled-reversal') {
-    const { kind, concurrency, ...params } = p;
-    return styledReversalOracle(resolveStyledReversal(params));
-  }
-  if (p.kind === 'http') {
-    const { kind, cacheDir, ...options } = p;
-    try {
-      return httpJudge({ ...options, cacheDir: cacheDir ?? path.join(config.run.dir, 'judge-cache') });
-    } catch (err) {
-      throw new UsageError(`preference: ${(err as Error).message.replace(/^httpJudge: /, '')}`);
-    }
-  }
-  if (p.kind === 'lm-judge') {
-    const { kind, path: dir, maxSeq, ...options } = p;
-    try {
-      return await loadLmJudge(dir, { ...options, device, maxSeq: Math.min(maxSeq, await contextLimit(dir, 'preference.path')) });
-    } catch (err) {
-      if (err instanceof UsageError) throw err;
-      throw new UsageError(`preference.path: ${(err as Error).message.replace(/^lm-judge: /, '')}`);
-    }
-  }
-  if (p.kind === 'reward-model') {
-    const { kind, path: dir, maxSeq, ...options } = p;
-    try {
-      return await loadRewardModel(dir, { ...options, device, maxSeq: Math.min(maxSeq, await contextLimit(dir, 'preference.path')) });
-    } catch (err) {
-      if (err instanceof UsageError) throw err;
-      throw new UsageError(`preference.path: ${(err as Error).message.replace(/^reward-model: /, '')}`);
-    }
-  }
-  if (p.module === undefined) throw new UsageError("preference.module: required for `sppo run` (a JS module exporting (prompt, a, b) => P(a ≻ b))");
-  let mod: Record<string, unknown>;
-  try {
-    mod = await import(pathToFileURL(p.module).href);
-  } catch (err) {
-    throw new UsageError(`preference.module: cannot import ${p.module}: ${(err as Error).message}`);
-  }
-  const fn = mod[p.export];
-  if (typeof fn !== 'function')
-    throw new UsageError(`preference.export: ${p.module} has no function export '${p.export}' (exports: ${Object.keys(mod).join(', ') || 'none'})`);
-  return functionPreference(fn as PreferenceFunction, { id: p.id, concurrency: p.concurrency });
-}
+/** What a checkpoint directory that cannot be loaded throws: the user's to fix by pointing model.path elsewhere. */
+const CHECKPOINT_ERRORS = [CheckpointError, ConfigError, SafetensorsError, TokenizerError];
 
 /** The RunSetup of a config whose model is a Hugging Face directory (model.path). */
-export async function pretrainedSetup(config: RunConfig, options: { device?: Device } = {}): Promise<RunSetup> {
-  const { model: m, data, generation, training } = config;
-  if (m.path === undefined)
-    throw new UsageError(`model.preset '${m.preset}' has random weights and no tokenizer, so it cannot read prompts; use model.path (a Hugging Face directory) or model.preset 'demo'`);
-  if (config.sft !== undefined) throw new UsageError("sft: supervised fine-tuning of the base policy is only available with model.preset 'demo'");
-  const prompts = await loadPromptSet(config);
+async function pretrainedSetup(config: RunConfig, dir: string, options: SetupOptions): Promise<RunSetup> {
+  const { data, generation, training } = config;
+  const prompts = await promptSet(config);
   let split: RunSetup['split'];
   try {
     split = splitPrompts(prompts, {
       iterations: config.run.iterations, evalSize: data.evalSize, seed: config.run.seed, promptsPerIteration: data.promptsPerIteration,
     });
   } catch (err) {
-    throw new UsageError(`data: ${(err as Error).message}`);
+    throw new SetupError(['data'], (err as Error).message, { cause: err });
   }
-  const preference = await loadPreference(config, options.device);
+  const preference: PreferenceModel = await preferenceFromConfig(config.preference, {
+    device: options.device, judgeCacheDir: path.join(config.run.dir, 'judge-cache'),
+  });
   let model: RunSetup['model'] | undefined;
   try {
     // A preference step holds a pair's two responses per row; generation's KV cache is separate.
     const longest = Math.max(training.maxLength, data.maxPromptTokens + generation.maxNewTokens);
-    const plan: MemoryPlan = { maxBatch: 2 * training.batchSize, maxSeq: Math.min(longest, await contextLimit(m.path, 'model.path')) };
-    const loaded = await loadPretrained(m.path, plan, { device: options.device });
-    model = loaded.model;
-    const tokenizer = loaded.tokenizer;
-    const text = chatPolicyText(requireChatTokenizer(tokenizer, m.path), data.maxPromptTokens);
+    const plan: MemoryPlan = { maxBatch: 2 * training.batchSize, maxSeq: Math.min(longest, await contextLimit(dir, 'model.path')) };
+    let tokenizer: Tokenizer | undefined;
+    try {
+      ({ model, tokenizer } = await loadPretrained(dir, plan, { device: options.device }));
+    } catch (err) {
+      if (CHECKPOINT_ERRORS.some((E) => err instanceof E)) throw new SetupError(['model', 'path'], (err as Error).message, { cause: err });
+      throw err;
+    }
+    const text = chatPolicyText(requireChatTokenizer(tokenizer, dir, 'model.path'), data.maxPromptTokens);
     // A tokenizer that does not fit the model would otherwise fail only once generation starts,
     // after the run directory and π_0 are written, as an out-of-range token id.
     const vocab = model.config.vocab_size;
     for (const prompt of [...split.iterations.flat(), ...split.evaluation]) {
       const id = text.promptIds(prompt).find((i) => i >= vocab);
       if (id !== undefined)
-        throw new UsageError(`model.path: the tokenizer turns the prompt ${JSON.stringify(prompt.slice(0, 40))} into token id ${id}, but the model's vocab_size is ${vocab} (a tokenizer of another model?)`);
+        throw new SetupError(['model', 'path'], `the tokenizer turns the prompt ${JSON.stringify(prompt.slice(0, 40))} into token id ${id}, but the model's vocab_size is ${vocab} (a tokenizer of another model?)`);
     }
-    return { config, model, text, preference, split, sourceDir: config.model.path };
+    return { config, model, text, preference, split, sourceDir: dir };
   } catch (err) {
     // Neither the policy nor an engine judge (a model of its own) may outlive a failed setup.
     await model?.dispose();
     await preference.dispose();
     throw err;
   }
+}
+
+/**
+ * The RunSetup a resolved config (parseConfig, loadConfig) describes: model.preset 'demo' is the
+ * embedded styled-reversal policy (lib/demo), model.path a Hugging Face model directory with a
+ * tokenizer and a chat template. The caller disposes setup.model and setup.preference.
+ */
+export async function setupFromConfig(config: RunConfig, options: SetupOptions = {}): Promise<RunSetup> {
+  const { preset, path: dir } = config.model;
+  if (preset === 'demo') return demoSetup(config, { device: options.device }).setup;
+  // parseConfig refuses the other presets; a config built by hand may still hold one
+  if (dir === undefined) throw new SetupError(['model', 'preset'], `'${String(preset)}' has random weights and no tokenizer; use model.path or model.preset 'demo'`);
+  return pretrainedSetup(config, dir, options);
 }
