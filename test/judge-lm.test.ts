@@ -109,6 +109,27 @@ describe('lmJudge', () => {
     }
   });
 
+  it('judges `concurrency` prompts at a time, their questions sharing forward passes', async () => {
+    const items = [
+      { prompt: PROMPT, responses: RESPONSES.slice(0, 2) },
+      { prompt: 'Say hello.', responses: ['Hello!', 'Hi there, how can I help?'] },
+      { prompt: 'Say bye.', responses: ['Bye.', 'Goodbye!'] },
+    ];
+    const run = async (concurrency: number | undefined, callOption?: number) => {
+      const j = lmJudge(model, tokenizer, { batchSize: 4, maxSeq: 256, concurrency });
+      const progress: number[] = [];
+      const out = await j.compareBatch(items, { concurrency: callOption, onProgress: (done) => progress.push(done) });
+      return { out, progress, forwards: j.stats.forwards };
+    };
+    const pooled = await run(undefined); // the default: the three prompts' 6 questions in batches of 4
+    expect(pooled).toMatchObject({ progress: [3], forwards: 2 });
+    const single = await run(1);
+    expect(single).toMatchObject({ progress: [1, 2, 3], forwards: 3 });
+    expect(await run(1, 2)).toMatchObject({ progress: [2, 3], forwards: 2 });
+    single.out.forEach((P, n) => P.forEach((row, i) => row.forEach((v, k) => expect(v).toBeCloseTo(pooled.out[n][i][k], 6))));
+    expect(() => lmJudge(model, tokenizer, { concurrency: 0 })).toThrow(/concurrency must be an integer ≥ 1, got 0/);
+  });
+
   it('scores identical responses ½ without asking', async () => {
     const before = judge.stats.comparisons;
     const P = await judge.compare(PROMPT, ['same', 'same']);

@@ -122,6 +122,22 @@ describe('setupFromConfig', () => {
   });
 });
 
+describe('preference.concurrency', () => {
+  it('is how many prompts an engine judge takes at once', async () => {
+    const items = ['a', 'b', 'c'].map((w) => ({ prompt: `Say ${w}.`, responses: [w, `${w}${w}`] }));
+    for (const [concurrency, expected] of [[1, [1, 2, 3]], [2, [2, 3]], [undefined, [3]]] as const) {
+      const setup = await setupFromConfig(hfConfig({ preference: { kind: 'lm-judge', path: policyDir, batchSize: 2, concurrency } }));
+      try {
+        const progress: number[] = [];
+        await setup.preference.compareBatch(items, { onProgress: (done) => progress.push(done) });
+        expect(progress).toEqual(expected);
+      } finally {
+        await dispose(setup);
+      }
+    }
+  });
+});
+
 describe('refusals name the field', () => {
   it('the schema refuses presets without a tokenizer, and SFT without the demo policy', () => {
     const base = { data: { prompts }, preference: { kind: 'styled-reversal' } };

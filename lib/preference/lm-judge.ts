@@ -2,9 +2,9 @@
 // default) through the judge tokenizer's chat template, and P(first ≻ second) read from the
 // next-token distribution as the two answer tokens' probabilities renormalised,
 // p = exp(l_A) / (exp(l_A) + exp(l_B)). Both orders are averaged as in the HTTP judge,
-// P_ij = ½(q(i, j) + 1 − q(j, i)), and every ordered pair of every prompt goes through
-// Model.forward in batches of rows sorted by length (right padding: a causal model's last real
-// position never sees it). Only the final hidden states are taken from the engine; the two
+// P_ij = ½(q(i, j) + 1 − q(j, i)), and every ordered pair of `concurrency` prompts at a time
+// goes through Model.forward in batches of rows sorted by length (right padding: a causal
+// model's last real position never sees it). Only the final hidden states are taken from the engine; the two
 // answer tokens' logits are their dot products with those tokens' output-head rows, so a batch
 // costs (batch, seq, hidden) floats rather than (batch, seq, vocab).
 import { createHash } from 'node:crypto';
@@ -12,9 +12,10 @@ import type { Device, Model } from '../engine/model.js';
 import { loadPretrained } from '../io/checkpoint.js';
 import type { Tokenizer } from '../io/tokenizer.js';
 import { renderJudgeTemplate } from './http.js';
-import { projectLastTokens, type EngineJudgeOptions } from './last-token.js';
+import { judgeInGroups, projectLastTokens, type EngineJudgeOptions } from './last-token.js';
 import { fromUpperTriangle } from './matrix.js';
 import { definePreferenceModel, type CompareItem, type PreferenceModel } from './model.js';
+import { DEFAULT_JUDGE_CONCURRENCY } from './options/common.js';
 import { DEFAULT_JUDGE_TEMPLATE, missingPlaceholders } from './options/http.js';
 import { LM_JUDGE_DEFAULTS } from './options/lm-judge.js';
 
@@ -85,6 +86,7 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
 
   const hash = createHash('sha256').update(JSON.stringify([template, answerIds, useChat])).digest('hex').slice(0, 12);
   const id = options.id ?? `lm-judge(${options.label ?? 'model'},${hash})`;
+  const concurrency = options.concurrency ?? DEFAULT_JUDGE_CONCURRENCY;
   const stats: LmJudgeStats = { comparisons: 0, forwards: 0, truncated: 0 };
   const bos = tokenizer.bosTokenId;
 
@@ -120,15 +122,11 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
 
   const pm = definePreferenceModel({
     id,
-    concurrency: options.concurrency ?? 1,
+    concurrency,
     async compare(prompt, responses, { signal }) {
       return (await judge([{ prompt, responses }], signal))[0];
     },
-    async compareBatch(items, { signal, onProgress }) {
-      const out = await judge(items, signal);
-      onProgress?.(items.length, items.length);
-      return out;
-    },
+    compareBatch: (items, batchOptions) => judgeInGroups(items, concurrency, batchOptions, judge),
     async dispose() {
       if (options.ownsModel) await model.dispose();
     },

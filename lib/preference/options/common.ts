@@ -13,7 +13,9 @@ export const ENGINE_JUDGE_DEFAULTS = Object.freeze({
 });
 
 export const judgeConcurrency = () =>
-  positiveInt().default(DEFAULT_JUDGE_CONCURRENCY).describe('prompts judged at once (compareBatch concurrency)');
+  positiveInt()
+    .default(DEFAULT_JUDGE_CONCURRENCY)
+    .describe('prompts judged at once; an engine judge (lm-judge, reward-model) pools their rows into shared forward passes');
 
 export const engineJudgeBatchSize = (what: string) =>
   positiveInt().default(ENGINE_JUDGE_DEFAULTS.batchSize).describe(`${what} rows per forward pass`);
