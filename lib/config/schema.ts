@@ -1,7 +1,10 @@
 // The run configuration: one zod schema with the reference's defaults (uclaml/SPPO on
 // Mistral-7B-Instruct: RMSprop, lr 5e-7, linear schedule with 10% warm-up, η = 1000, K = 5,
 // temperature 0.7, top-p 0.9, 3 iterations, global batch 64 = 8 × 8, one epoch per iteration,
-// seed 42). Unknown fields are refused everywhere; errors name the field's path.
+// seed 42). Unknown fields are refused everywhere; errors name the field's path; every field says
+// what it is for (.describe, for z.toJSONSchema). Each judge's section is that judge's own options
+// schema (lib/preference/options). A leaf: nothing here imports a pipeline module
+// (test/import-graph.test.ts), so a config can be checked without the engine.
 import { z } from 'zod';
 import { datasetModeForLoss, PREFERENCE_LOSSES } from '../engine/losses.js';
 import { functionJudgeOptionsSchema } from '../preference/options/function.js';
