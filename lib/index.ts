@@ -26,8 +26,9 @@ export {
   definePreferenceModel, PreferenceError, assertPreferenceMatrix, functionPreference, httpJudge, lmJudge, loadLmJudge,
   rewardModelJudge, loadRewardModel, RewardModelError,
   styledReversalOracle, styledReversalQuality, styleOf, oraclePreference, dualityGap, nashStyles, randomWords, idealAnswer,
-  summarizeAnswers, DEFAULT_STYLED_REVERSAL, DEFAULT_JUDGE_TEMPLATE,
-  type PreferenceModel, type PreferenceModelSpec, type CompareItem, type CompareOptions, type CompareBatchOptions,
+  summarizeAnswers, DEFAULT_STYLED_REVERSAL, DEFAULT_JUDGE_TEMPLATE, preferenceFromConfig,
+  styledReversalOptionsSchema, functionJudgeOptionsSchema, httpJudgeOptionsSchema, lmJudgeOptionsSchema, rewardModelOptionsSchema,
+  type PreferenceFromConfigOptions, type PreferenceModel, type PreferenceModelSpec, type CompareItem, type CompareOptions, type CompareBatchOptions,
   type PreferenceFunction, type FunctionPreferenceOptions, type HttpJudge, type HttpJudgeOptions, type LmJudge,
   type LmJudgeOptions, type RewardModelJudge, type RewardModelOptions, type RewardModelStats, type StyledReversalParams,
   type PolicySummary,
@@ -36,9 +37,12 @@ export { winRates, type WinRateDiagonal } from './sppo/winrates.js';
 export { buildTrainingSet, type JudgedPrompt, type TrainingSet } from './sppo/dataset.js';
 export { multiplicativeWeightsStep } from './sppo/multiplicative-weights.js';
 export { runSppo, type RunSetup, type RunHooks, type RunResult, type IterationMetrics, type PolicyText, type StageName } from './sppo/run.js';
+export { setupFromConfig, type SetupOptions } from './sppo/setup.js';
+export { RunDir, RunDirError, type RunRecord, type StageOutput } from './sppo/run-dir.js';
 export { loadPrompts, splitPrompts } from './data/prompts.js';
-export { loadConfig, parseConfig, configHash, diffConfigs, RunConfigError } from './config/load.js';
-export type { RunConfig, RunConfigInput } from './config/schema.js';
+export { loadConfig, parseConfig, configHash, diffConfigs, RunConfigError, type ConfigIssue } from './config/load.js';
+export { SetupError, type FieldPath } from './config/errors.js';
+export type { RunConfig, RunConfigInput, PreferenceConfig } from './config/schema.js';
 export { runDemo, demoConfigInput, demoSetup, type DemoOptions } from './demo/demo.js';
-export { CharTokenizer } from './demo/task.js';
+export { CharTokenizer, demoPolicyText } from './demo/task.js';
 export { writeReport, readMetrics } from './report/report.js';

@@ -340,7 +340,7 @@ describe('httpJudge cache', () => {
 });
 
 describe("preference kind 'http' in a run config", () => {
-  const base = { model: { preset: 'tiny' }, data: { prompts: 'prompts.jsonl' } };
+  const base = { model: { path: 'model' }, data: { prompts: 'prompts.jsonl' } };
   const problems = (preference: unknown): string[] => {
     try {
       parseConfig({ ...base, preference });

@@ -8,9 +8,8 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeMistralTokenizer } from './fixtures/mistral-tokenizer.js';
-import { pretrainedSetup } from '../lib/cli/setup.js';
 import { parseConfig } from '../lib/config/index.js';
-import { loadPretrained, Model, savePretrained, type Tokenizer } from '../lib/index.js';
+import { loadPretrained, Model, savePretrained, setupFromConfig, type Tokenizer } from '../lib/index.js';
 import {
   assertPreferenceMatrix,
   DEFAULT_JUDGE_TEMPLATE,
@@ -110,6 +109,27 @@ describe('lmJudge', () => {
     }
   });
 
+  it('judges `concurrency` prompts at a time, their questions sharing forward passes', async () => {
+    const items = [
+      { prompt: PROMPT, responses: RESPONSES.slice(0, 2) },
+      { prompt: 'Say hello.', responses: ['Hello!', 'Hi there, how can I help?'] },
+      { prompt: 'Say bye.', responses: ['Bye.', 'Goodbye!'] },
+    ];
+    const run = async (concurrency: number | undefined, callOption?: number) => {
+      const j = lmJudge(model, tokenizer, { batchSize: 4, maxSeq: 256, concurrency });
+      const progress: number[] = [];
+      const out = await j.compareBatch(items, { concurrency: callOption, onProgress: (done) => progress.push(done) });
+      return { out, progress, forwards: j.stats.forwards };
+    };
+    const pooled = await run(undefined); // the default: the three prompts' 6 questions in batches of 4
+    expect(pooled).toMatchObject({ progress: [3], forwards: 2 });
+    const single = await run(1);
+    expect(single).toMatchObject({ progress: [1, 2, 3], forwards: 3 });
+    expect(await run(1, 2)).toMatchObject({ progress: [2, 3], forwards: 2 });
+    single.out.forEach((P, n) => P.forEach((row, i) => row.forEach((v, k) => expect(v).toBeCloseTo(pooled.out[n][i][k], 6))));
+    expect(() => lmJudge(model, tokenizer, { concurrency: 0 })).toThrow(/concurrency must be an integer ≥ 1, got 0/);
+  });
+
   it('scores identical responses ½ without asking', async () => {
     const before = judge.stats.comparisons;
     const P = await judge.compare(PROMPT, ['same', 'same']);
@@ -154,7 +174,7 @@ describe('sppo run setup builds the judges from the config', () => {
   };
 
   it("kind 'lm-judge'", async () => {
-    const setup = await pretrainedSetup(config({ kind: 'lm-judge', path: dir, maxSeq: 4096, batchSize: 2 }));
+    const setup = await setupFromConfig(config({ kind: 'lm-judge', path: dir, maxSeq: 4096, batchSize: 2 }));
     try {
       expect(setup.preference.id).toMatch(/^lm-judge\(/);
       const P = await setup.preference.compare(PROMPT, RESPONSES.slice(0, 2));
@@ -167,12 +187,13 @@ describe('sppo run setup builds the judges from the config', () => {
 
   it("kind 'http' (a missing API key is the user's to fix)", async () => {
     delete process.env.SPPO_TEST_JUDGE_KEY;
-    await expect(pretrainedSetup(config({ kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_TEST_JUDGE_KEY' }))).rejects.toMatchObject({
-      name: 'UsageError',
+    await expect(setupFromConfig(config({ kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_TEST_JUDGE_KEY' }))).rejects.toMatchObject({
+      name: 'SetupError',
+      path: ['preference', 'apiKeyEnv'],
       message: expect.stringMatching(/SPPO_TEST_JUDGE_KEY \(apiKeyEnv\) is not set/),
     });
     process.env.SPPO_TEST_JUDGE_KEY = 'k';
-    const setup = await pretrainedSetup(config({ kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_TEST_JUDGE_KEY' }));
+    const setup = await setupFromConfig(config({ kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_TEST_JUDGE_KEY' }));
     delete process.env.SPPO_TEST_JUDGE_KEY;
     expect(setup.preference.id).toMatch(/^http\(m@http:\/\/127\.0\.0\.1:9\/v1,/);
     await setup.preference.dispose();

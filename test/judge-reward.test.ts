@@ -9,9 +9,8 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeMistralTokenizer } from './fixtures/mistral-tokenizer.js';
-import { pretrainedSetup } from '../lib/cli/setup.js';
 import { parseConfig } from '../lib/config/index.js';
-import { Model, savePretrained, type Tokenizer } from '../lib/index.js';
+import { Model, savePretrained, setupFromConfig, type Tokenizer } from '../lib/index.js';
 import { writeSafetensors, type TensorSource } from '../lib/io/safetensors.js';
 import {
   assertPreferenceMatrix,
@@ -157,6 +156,24 @@ describe('rewardModelJudge', () => {
     }
   });
 
+  it('scores `concurrency` prompts at a time, their rows sharing forward passes', async () => {
+    const items = [
+      { prompt: PROMPT, responses: RESPONSES.slice(0, 2) },
+      { prompt: 'Say hello.', responses: ['Hello!', 'Hi there, how can I help?'] },
+    ];
+    const run = async (concurrency?: number) => {
+      const j = rewardModelJudge(model, tokenizer, score, { batchSize: 4, maxSeq: 256, concurrency });
+      const progress: number[] = [];
+      const out = await j.compareBatch(items, { onProgress: (done) => progress.push(done) });
+      return { out, progress, forwards: j.stats.forwards };
+    };
+    const pooled = await run(); // the default: both prompts' 4 rows in one pass
+    expect(pooled).toMatchObject({ progress: [2], forwards: 1 });
+    const single = await run(1);
+    expect(single).toMatchObject({ progress: [1, 2], forwards: 2 });
+    single.out.forEach((P, n) => P.forEach((row, i) => row.forEach((v, k) => expect(v).toBeCloseTo(pooled.out[n][i][k], 5))));
+  });
+
   it('cuts long conversations to maxSeq, keeping BOS and the end', async () => {
     const short = rewardModelJudge(model, tokenizer, score, { batchSize: 4, maxSeq: 16 });
     const full = judge.conversationIds(PROMPT, RESPONSES[1]);
@@ -221,7 +238,7 @@ describe("sppo run setup builds kind 'reward-model'", () => {
       preference: { kind: 'reward-model', path: dir, temperature: 2, maxSeq: 4096, batchSize: 2 },
     });
     expect(config.preference).toMatchObject({ kind: 'reward-model', temperature: 2, concurrency: 4 });
-    const setup = await pretrainedSetup(config);
+    const setup = await setupFromConfig(config);
     try {
       expect(setup.preference.id).toBe(`reward-model(${dir},τ=2)`);
       const r = await judge.rewards(PROMPT, RESPONSES.slice(0, 2));

@@ -6,7 +6,7 @@ import * as api from '../lib/index.js';
 const RUNTIME_EXPORTS = [
   // classes and errors
   'CharTokenizer', 'CheckpointError', 'CheckpointWeights', 'ConfigError', 'Generator', 'Model', 'PreferenceError',
-  'RewardModelError', 'RunConfigError', 'SafetensorsError', 'SafetensorsFile', 'Tokenizer', 'TokenizerError',
+  'RewardModelError', 'RunConfigError', 'RunDir', 'RunDirError', 'SafetensorsError', 'SafetensorsFile', 'SetupError', 'Tokenizer', 'TokenizerError',
   // constants
   'DEFAULT_JUDGE_TEMPLATE', 'DEFAULT_MAX_SHARD_BYTES', 'DEFAULT_STYLED_REVERSAL', 'PREFERENCE_LOSSES', 'WEIGHTS_INDEX_NAME', 'WEIGHTS_NAME',
   // the engine
@@ -17,10 +17,12 @@ const RUNTIME_EXPORTS = [
   // preference models
   'assertPreferenceMatrix', 'definePreferenceModel', 'dualityGap', 'functionPreference', 'httpJudge', 'idealAnswer', 'lmJudge',
   'loadLmJudge', 'loadRewardModel', 'nashStyles', 'oraclePreference', 'randomWords', 'rewardModelJudge', 'styleOf',
-  'styledReversalOracle', 'styledReversalQuality', 'summarizeAnswers',
+  'styledReversalOracle', 'styledReversalQuality', 'summarizeAnswers', 'preferenceFromConfig',
+  // each judge's options in a run configuration (zod schemas)
+  'functionJudgeOptionsSchema', 'httpJudgeOptionsSchema', 'lmJudgeOptionsSchema', 'rewardModelOptionsSchema', 'styledReversalOptionsSchema',
   // the SPPO pipeline, its configuration, the demo and the report
-  'buildTrainingSet', 'configHash', 'datasetModeForLoss', 'demoConfigInput', 'demoSetup', 'diffConfigs', 'loadConfig', 'loadPrompts',
-  'multiplicativeWeightsStep', 'parseConfig', 'readMetrics', 'runDemo', 'runSppo', 'splitPrompts', 'winRates', 'writeReport',
+  'buildTrainingSet', 'configHash', 'datasetModeForLoss', 'demoConfigInput', 'demoPolicyText', 'demoSetup', 'diffConfigs', 'loadConfig', 'loadPrompts',
+  'multiplicativeWeightsStep', 'parseConfig', 'readMetrics', 'runDemo', 'runSppo', 'setupFromConfig', 'splitPrompts', 'winRates', 'writeReport',
 ];
 
 describe('the public API (lib/index.ts)', () => {

@@ -9,7 +9,7 @@ import { RunConfigError, configHash, diffConfigs, loadConfig, parseConfig } from
 const dir = mkdtempSync(join(tmpdir(), 'sppo-config-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-const minimal = { model: { preset: 'tiny' }, data: { prompts: 'prompts.jsonl' }, preference: { kind: 'styled-reversal' } };
+const minimal = { model: { path: 'model' }, data: { prompts: 'prompts.jsonl' }, preference: { kind: 'styled-reversal' } };
 
 function problems(raw: unknown): string[] {
   try {
@@ -151,7 +151,7 @@ describe('files', () => {
 describe('hash and diff', () => {
   it('hashes resolved configs stably: same content, same hash, whatever the key order or spelled-out defaults', () => {
     const a = parseConfig(minimal);
-    const b = parseConfig({ preference: { kind: 'styled-reversal', b: 0.25 }, data: { prompts: 'prompts.jsonl' }, model: { preset: 'tiny' }, training: { eta: 1000 } });
+    const b = parseConfig({ preference: { kind: 'styled-reversal', b: 0.25 }, data: { prompts: 'prompts.jsonl' }, model: { path: 'model' }, training: { eta: 1000 } });
     expect(configHash(a)).toMatch(/^[0-9a-f]{64}$/);
     expect(configHash(b)).toBe(configHash(a));
     expect(configHash(parseConfig({ ...minimal, training: { eta: 999 } }))).not.toBe(configHash(a));

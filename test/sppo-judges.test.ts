@@ -1,5 +1,5 @@
 // One full SPPO iteration through the `sppo run` path (a YAML config file → loadConfig →
-// pretrainedSetup → runSppo, in this process) with each judge kind for real use configured from
+// setupFromConfig → runSppo, in this process) with each judge kind for real use configured from
 // the file: `http` against an OpenAI-style chat-completions server on loopback started here,
 // `lm-judge` with a tiny random causal judge and `reward-model` with a tiny random
 // LlamaForSequenceClassification, both in the Hugging Face layout over the real Mistral-7B
@@ -20,9 +20,8 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { stringify as toYaml } from 'yaml';
 import { writeMistralTokenizer } from './fixtures/mistral-tokenizer.js';
-import { pretrainedSetup } from '../lib/cli/setup.js';
 import { loadConfig } from '../lib/config/index.js';
-import { loadPretrained, Model, savePretrained, Tokenizer, writeSafetensors, type RunConfigInput } from '../lib/index.js';
+import { loadPretrained, Model, savePretrained, setupFromConfig, Tokenizer, writeSafetensors, type RunConfigInput } from '../lib/index.js';
 import { loadLmJudge, loadRewardModel, type PreferenceModel } from '../lib/preference/index.js';
 import { runSppo, type StageName } from '../lib/sppo/run.js';
 
@@ -148,7 +147,7 @@ interface Run {
 async function sppoRun(configFile: string): Promise<Run> {
   const t0 = performance.now();
   const config = await loadConfig(configFile);
-  const setup = await pretrainedSetup(config);
+  const setup = await setupFromConfig(config);
   const stages = new Map<string, string>();
   try {
     const result = await runSppo(setup, { onStage: (e) => stages.set(`${e.iteration}:${e.stage}`, e.status) });

@@ -1,6 +1,7 @@
 // The `sppo` command: subcommand dispatch, `--help`, and how failures end — one line and exit
-// code 2 for what the user can fix in the command or the config, the error's message and exit
-// code 1 for a run that failed, 130 for Ctrl-C (lib/cli/session.ts).
+// code 2 for what the user can fix in the command or the config (USER_ERRORS), the error's
+// message and exit code 1 for a run that failed, 130 for Ctrl-C (lib/cli/session.ts).
+import { SetupError } from '../config/errors.js';
 import { RunConfigError } from '../config/load.js';
 import { UsageError, type Command, type Io } from './args.js';
 import { demoCommand } from './commands/demo.js';
@@ -9,6 +10,9 @@ import { generateCommand } from './commands/generate.js';
 import { runCommand } from './commands/run.js';
 
 const COMMANDS: readonly Command[] = [runCommand, demoCommand, generateCommand, evalCommand];
+
+/** Errors the user fixes in the command line (UsageError) or the config (RunConfigError, SetupError): exit code 2. */
+const USER_ERRORS = [UsageError, RunConfigError, SetupError];
 
 const usage = `Usage: sppo <command> [options]
 
@@ -41,6 +45,6 @@ export async function main(argv: readonly string[], io: Io = { stdout: process.s
     // Multi-line messages (a config's or a prompt file's list of problems) become one line.
     const message = (err instanceof Error ? err.message : String(err)).replace(/:?\n\s*/g, (m) => (m.startsWith(':') ? ': ' : '; '));
     io.stderr.write(`sppo ${name}: ${message}\n`);
-    return err instanceof UsageError || err instanceof RunConfigError ? 2 : 1;
+    return USER_ERRORS.some((E) => err instanceof E) ? 2 : 1;
   }
 }

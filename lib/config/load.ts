@@ -5,30 +5,41 @@ import { readFile } from 'node:fs/promises';
 import { dirname, extname, isAbsolute, resolve } from 'node:path';
 import { parse as parseYaml, YAMLParseError } from 'yaml';
 import type { z } from 'zod';
+import { formatFieldPath, type FieldPath } from './errors.js';
 import { runConfigSchema, type RunConfig } from './schema.js';
+
+/** One problem of a config the schema refuses: the field, and what is wrong with it. */
+export interface ConfigIssue {
+  path: FieldPath;
+  /** the line printed for it: `training.eta: must be > 0` */
+  line: string;
+}
 
 export class RunConfigError extends Error {
   /** one line per problem: `training.eta: must be > 0` */
   readonly problems: string[];
-  constructor(source: string, problems: string[]) {
+  /** the same problems with their fields */
+  readonly issues: readonly ConfigIssue[];
+  constructor(source: string, issues: readonly ConfigIssue[]) {
+    const problems = issues.map((i) => i.line);
     super(`${source}: invalid configuration:\n  ${problems.join('\n  ')}`);
     this.name = 'RunConfigError';
     this.problems = problems;
+    this.issues = issues;
   }
 }
 
-function fieldPath(path: readonly PropertyKey[]): string {
-  return path.map((p, i) => (typeof p === 'number' ? `[${p}]` : `${i ? '.' : ''}${String(p)}`)).join('') || '(top level)';
-}
-
-function issueLines(issue: z.core.$ZodIssue): string[] {
-  const at = fieldPath(issue.path);
-  if (issue.code === 'unrecognized_keys') return issue.keys.map((k) => `${fieldPath([...issue.path, k])}: unknown field`);
-  if (issue.code === 'invalid_type' && issue.message.startsWith('Invalid input'))
-    return [`${at}: ${issue.input === undefined ? 'required' : `expected ${issue.expected}`}`];
+function configIssues(issue: z.core.$ZodIssue): ConfigIssue[] {
+  const path = issue.path.filter((p): p is string | number => typeof p !== 'symbol');
+  const at = formatFieldPath(path);
+  const one = (text: string): ConfigIssue[] => [{ path, line: `${at}: ${text}` }];
+  if (issue.code === 'unrecognized_keys') return issue.keys.map((k) => ({ path: [...path, k], line: `${formatFieldPath([...path, k])}: unknown field` }));
+  if (issue.code === 'invalid_type' && issue.message.startsWith('Invalid input')) return one(issue.input === undefined ? 'required' : `expected ${issue.expected}`);
   if (issue.code === 'invalid_value' && issue.message.startsWith('Invalid option'))
-    return [`${at}: must be one of ${issue.values.map((v) => JSON.stringify(v)).join(', ')}`];
-  return [`${at}: ${issue.message}`];
+    return one(`must be one of ${issue.values.map((v) => JSON.stringify(v)).join(', ')}`);
+  // a message that opens with its own field (`model.preset 'tiny' has …`) reads better without the prefix
+  if (issue.message.startsWith(`${at} `)) return [{ path, line: issue.message }];
+  return one(issue.message);
 }
 
 export interface ParseConfigOptions {
@@ -42,7 +53,7 @@ export interface ParseConfigOptions {
 export function parseConfig(raw: unknown, options: ParseConfigOptions = {}): RunConfig {
   const source = options.source ?? 'config';
   const result = runConfigSchema.safeParse(raw, { reportInput: true });
-  if (!result.success) throw new RunConfigError(source, result.error.issues.flatMap(issueLines));
+  if (!result.success) throw new RunConfigError(source, result.error.issues.flatMap(configIssues));
   const config = result.data;
   if (options.baseDir !== undefined) {
     const abs = (p: string): string => (isAbsolute(p) ? p : resolve(options.baseDir!, p));
@@ -112,7 +123,7 @@ export function diffConfigs(before: RunConfig, after: RunConfig): ConfigChange[]
     } else if (Array.isArray(a) && Array.isArray(b) && a.length === b.length) {
       a.forEach((v, i) => walk(v, b[i], [...path, i]));
     } else if (canonicalJson(a) !== canonicalJson(b)) {
-      changes.push({ path: fieldPath(path), before: a, after: b });
+      changes.push({ path: formatFieldPath(path), before: a, after: b });
     }
   };
   walk(before, after, []);

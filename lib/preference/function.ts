@@ -11,7 +11,7 @@ export interface FunctionPreferenceOptions {
   id?: string;
   /** pair calls in flight at once within one compare (for async judges); default 1 */
   pairConcurrency?: number;
-  /** prompts compared at once by compareBatch; default 4 */
+  /** prompts compared at once by compareBatch; default DEFAULT_JUDGE_CONCURRENCY */
   concurrency?: number;
 }
 

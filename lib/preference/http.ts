@@ -11,19 +11,7 @@ import { abortError, throwIfAborted } from '../util/abort.js';
 import { writeJsonAtomic } from '../util/atomic-write.js';
 import { fromUpperTriangle } from './matrix.js';
 import { definePreferenceModel, type PreferenceModel } from './model.js';
-
-export const DEFAULT_JUDGE_TEMPLATE = `Two AI assistants answered the same user prompt. Decide which response is better: more helpful, correct, and clear.
-
-[Prompt]
-{prompt}
-
-[Response A]
-{a}
-
-[Response B]
-{b}
-
-Which response is better? Answer with a single letter: A or B.`;
+import { DEFAULT_JUDGE_TEMPLATE, HTTP_JUDGE_DEFAULTS, missingPlaceholders } from './options/http.js';
 
 export interface HttpJudgeOptions {
   /** the API root, e.g. `https://api.openai.com/v1`; requests go to `<baseUrl>/chat/completions` */
@@ -36,11 +24,11 @@ export interface HttpJudgeOptions {
   template?: string;
   /** an optional system message */
   system?: string;
-  /** HTTP requests in flight at once, over all prompts; default 8 */
+  /** HTTP requests in flight at once, over all prompts; default HTTP_JUDGE_DEFAULTS */
   requestConcurrency?: number;
-  /** per-attempt limit in ms, body included; default 60 000 */
+  /** per-attempt limit in ms, body included; default HTTP_JUDGE_DEFAULTS */
   timeoutMs?: number;
-  /** retries after the first attempt; default 5 */
+  /** retries after the first attempt; default HTTP_JUDGE_DEFAULTS */
   maxRetries?: number;
   /** first backoff in ms (doubled per retry, jittered, capped at maxBackoffMs); default 500 */
   backoffMs?: number;
@@ -48,7 +36,7 @@ export interface HttpJudgeOptions {
   maxBackoffMs?: number;
   /** one JSON file per answered comparison; none: no disk cache */
   cacheDir?: string;
-  /** prompts compared at once by compareBatch; default 4 */
+  /** prompts compared at once by compareBatch; default DEFAULT_JUDGE_CONCURRENCY */
   concurrency?: number;
   /** where apiKeyEnv is looked up; default process.env */
   env?: Record<string, string | undefined>;
@@ -90,11 +78,6 @@ const REQUEST_PARAMS = { max_tokens: 1, temperature: 0, logprobs: true, top_logp
 export function renderJudgeTemplate(template: string, prompt: string, a: string, b: string): string {
   const values: Record<string, string> = { prompt, a, b };
   return template.replace(/\{(prompt|a|b)\}/g, (_, k: string) => values[k]);
-}
-
-/** The placeholders a judge template lacks. */
-export function missingPlaceholders(template: string): string[] {
-  return ['{prompt}', '{a}', '{b}'].filter((p) => !template.includes(p));
 }
 
 /** Removes the leading spaces (and SentencePiece / byte-BPE space markers) from a token's text. */
@@ -220,12 +203,12 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
     apiKey = env[options.apiKeyEnv];
     if (!apiKey) throw new Error(`httpJudge: the environment variable ${options.apiKeyEnv} (apiKeyEnv) is not set`);
   }
-  const timeoutMs = positiveInteger(options.timeoutMs ?? 60_000, 'timeoutMs');
-  const maxRetries = options.maxRetries ?? 5;
+  const timeoutMs = positiveInteger(options.timeoutMs ?? HTTP_JUDGE_DEFAULTS.timeoutMs, 'timeoutMs');
+  const maxRetries = options.maxRetries ?? HTTP_JUDGE_DEFAULTS.maxRetries;
   if (!Number.isInteger(maxRetries) || maxRetries < 0) throw new RangeError(`httpJudge: maxRetries must be an integer ≥ 0, got ${maxRetries}`);
   const backoffMs = options.backoffMs ?? 500;
   const maxBackoffMs = options.maxBackoffMs ?? 30_000;
-  const semaphore = new Semaphore(positiveInteger(options.requestConcurrency ?? 8, 'requestConcurrency'));
+  const semaphore = new Semaphore(positiveInteger(options.requestConcurrency ?? HTTP_JUDGE_DEFAULTS.requestConcurrency, 'requestConcurrency'));
   const cacheDir = options.cacheDir;
 
   // Everything that changes an answer, and nothing secret: the key's hash and the judge's id.

@@ -6,3 +6,11 @@ export * from './styled-reversal.js';
 export * from './http.js';
 export * from './lm-judge.js';
 export * from './reward-model.js';
+export * from './from-config.js';
+// Each judge's options in a run configuration (zod schemas) and its defaults.
+export * from './options/common.js';
+export * from './options/function.js';
+export * from './options/http.js';
+export * from './options/lm-judge.js';
+export * from './options/reward-model.js';
+export { styledReversalOptionsSchema } from './options/styled-reversal.js';

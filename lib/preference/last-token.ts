@@ -1,16 +1,18 @@
 // The one engine pass judges need: token rows run in length-sorted, right-padded batches, and
 // the final hidden state at each row's own last token projected onto a few vectors (answer-token
-// head rows, a reward head) in float64 — never (batch, seq, vocab) logits.
+// head rows, a reward head) in float64 — never (batch, seq, vocab) logits. Also how an engine
+// judge takes a batch of prompts: `concurrency` of them at a time, their rows sharing batches.
 import type { Model } from '../engine/model.js';
 import { throwIfAborted } from '../util/abort.js';
+import type { CompareBatchOptions, CompareItem } from './model.js';
 
 /** Options every judge that runs on the engine takes. */
 export interface EngineJudgeOptions {
-  /** rows per forward pass; default 8 (at most the model's memory plan's maxBatch) */
+  /** rows per forward pass; default ENGINE_JUDGE_DEFAULTS (at most the model's memory plan's maxBatch) */
   batchSize?: number;
-  /** tokens per row; a longer row keeps its first token (BOS) and its last tokens; default 2048 */
+  /** tokens per row; a longer row keeps its first token (BOS) and its last tokens; default ENGINE_JUDGE_DEFAULTS */
   maxSeq?: number;
-  /** prompts compared at once by compareBatch (each its own forward passes); default 1 */
+  /** prompts compareBatch judges at once, their rows pooled into shared forward passes; default DEFAULT_JUDGE_CONCURRENCY */
   concurrency?: number;
   /** the judge's id (cache keys, config hashes); each judge documents its default */
   id?: string;
@@ -45,6 +47,29 @@ export async function projectLastTokens(model: Model, rows: readonly (readonly n
         out[n][k] = s;
       });
     });
+  }
+  return out;
+}
+
+/**
+ * An engine judge's compareBatch: the items in groups of `concurrency` prompts (the call's
+ * option, else the judge's), each group's rows judged together by `judgeGroup`, progress after
+ * each group. More prompts at once fill the batches better; fewer report progress sooner and
+ * hold fewer rows.
+ */
+export async function judgeInGroups(
+  items: readonly CompareItem[],
+  concurrency: number,
+  options: CompareBatchOptions,
+  judgeGroup: (group: readonly CompareItem[], signal?: AbortSignal) => Promise<number[][][]>,
+): Promise<number[][][]> {
+  const n = options.concurrency ?? concurrency;
+  if (!Number.isInteger(n) || n < 1) throw new RangeError(`compareBatch concurrency must be an integer ≥ 1, got ${n}`);
+  const out: number[][][] = [];
+  for (let start = 0; start < items.length; start += n) {
+    throwIfAborted(options.signal);
+    out.push(...(await judgeGroup(items.slice(start, start + n), options.signal)));
+    options.onProgress?.(out.length, items.length);
   }
   return out;
 }

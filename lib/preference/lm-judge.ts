@@ -2,27 +2,30 @@
 // default) through the judge tokenizer's chat template, and P(first ≻ second) read from the
 // next-token distribution as the two answer tokens' probabilities renormalised,
 // p = exp(l_A) / (exp(l_A) + exp(l_B)). Both orders are averaged as in the HTTP judge,
-// P_ij = ½(q(i, j) + 1 − q(j, i)), and every ordered pair of every prompt goes through
-// Model.forward in batches of rows sorted by length (right padding: a causal model's last real
-// position never sees it). Only the final hidden states are taken from the engine; the two
+// P_ij = ½(q(i, j) + 1 − q(j, i)), and every ordered pair of `concurrency` prompts at a time
+// goes through Model.forward in batches of rows sorted by length (right padding: a causal
+// model's last real position never sees it). Only the final hidden states are taken from the engine; the two
 // answer tokens' logits are their dot products with those tokens' output-head rows, so a batch
 // costs (batch, seq, hidden) floats rather than (batch, seq, vocab).
 import { createHash } from 'node:crypto';
 import type { Device, Model } from '../engine/model.js';
 import { loadPretrained } from '../io/checkpoint.js';
 import type { Tokenizer } from '../io/tokenizer.js';
-import { DEFAULT_JUDGE_TEMPLATE, missingPlaceholders, renderJudgeTemplate } from './http.js';
-import { projectLastTokens, type EngineJudgeOptions } from './last-token.js';
+import { renderJudgeTemplate } from './http.js';
+import { judgeInGroups, projectLastTokens, type EngineJudgeOptions } from './last-token.js';
 import { fromUpperTriangle } from './matrix.js';
 import { definePreferenceModel, type CompareItem, type PreferenceModel } from './model.js';
+import { DEFAULT_JUDGE_CONCURRENCY } from './options/common.js';
+import { DEFAULT_JUDGE_TEMPLATE, missingPlaceholders } from './options/http.js';
+import { LM_JUDGE_DEFAULTS } from './options/lm-judge.js';
 
 /** id default: `lm-judge(<label>,<hash of template and answer tokens>)`. */
 export interface LmJudgeOptions extends EngineJudgeOptions {
   /** the user message, with {prompt}, {a} (shown first) and {b}; default DEFAULT_JUDGE_TEMPLATE */
   template?: string;
-  /** next tokens meaning 'first is better' and 'second is better'; default ['A', 'B'] */
+  /** next tokens meaning 'first is better' and 'second is better'; default LM_JUDGE_DEFAULTS.answerTokens */
   answerTokens?: readonly [string, string];
-  /** format the question through the tokenizer's chat template (with the generation prompt); default true */
+  /** format the question through the tokenizer's chat template (with the generation prompt); default LM_JUDGE_DEFAULTS.chatTemplate */
   chatTemplate?: boolean;
 }
 
@@ -63,14 +66,14 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
   const template = options.template ?? DEFAULT_JUDGE_TEMPLATE;
   const missing = missingPlaceholders(template);
   if (missing.length > 0) throw new RangeError(`lm-judge: the template lacks ${missing.join(', ')}`);
-  const useChat = options.chatTemplate ?? true;
+  const useChat = options.chatTemplate ?? LM_JUDGE_DEFAULTS.chatTemplate;
   if (useChat && tokenizer.chatTemplates.size === 0)
     throw new RangeError('lm-judge: the judge tokenizer has no chat template (add one, or set chatTemplate: false)');
-  const [tokA, tokB] = options.answerTokens ?? ['A', 'B'];
+  const [tokA, tokB] = options.answerTokens ?? LM_JUDGE_DEFAULTS.answerTokens;
   const answerIds: [number, number] = [answerId(tokenizer, tokA), answerId(tokenizer, tokB)];
   if (answerIds[0] === answerIds[1]) throw new RangeError(`lm-judge: both answer tokens are token ${answerIds[0]}`);
-  const batchSize = options.batchSize ?? 8;
-  const maxSeq = options.maxSeq ?? 2048;
+  const batchSize = options.batchSize ?? LM_JUDGE_DEFAULTS.batchSize;
+  const maxSeq = options.maxSeq ?? LM_JUDGE_DEFAULTS.maxSeq;
   for (const [v, what] of [[batchSize, 'batchSize'], [maxSeq, 'maxSeq']] as const)
     if (!Number.isInteger(v) || v < 2) throw new RangeError(`lm-judge: ${what} must be an integer ≥ 2, got ${v}`);
 
@@ -83,6 +86,7 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
 
   const hash = createHash('sha256').update(JSON.stringify([template, answerIds, useChat])).digest('hex').slice(0, 12);
   const id = options.id ?? `lm-judge(${options.label ?? 'model'},${hash})`;
+  const concurrency = options.concurrency ?? DEFAULT_JUDGE_CONCURRENCY;
   const stats: LmJudgeStats = { comparisons: 0, forwards: 0, truncated: 0 };
   const bos = tokenizer.bosTokenId;
 
@@ -118,15 +122,11 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
 
   const pm = definePreferenceModel({
     id,
-    concurrency: options.concurrency ?? 1,
+    concurrency,
     async compare(prompt, responses, { signal }) {
       return (await judge([{ prompt, responses }], signal))[0];
     },
-    async compareBatch(items, { signal, onProgress }) {
-      const out = await judge(items, signal);
-      onProgress?.(items.length, items.length);
-      return out;
-    },
+    compareBatch: (items, batchOptions) => judgeInGroups(items, concurrency, batchOptions, judge),
     async dispose() {
       if (options.ownsModel) await model.dispose();
     },
@@ -139,8 +139,8 @@ export async function loadLmJudge(
   dir: string,
   { device, ...options }: Omit<LmJudgeOptions, 'ownsModel'> & { device?: Device } = {},
 ): Promise<LmJudge> {
-  const batchSize = options.batchSize ?? 8;
-  const maxSeq = options.maxSeq ?? 2048;
+  const batchSize = options.batchSize ?? LM_JUDGE_DEFAULTS.batchSize;
+  const maxSeq = options.maxSeq ?? LM_JUDGE_DEFAULTS.maxSeq;
   const { model, tokenizer } = await loadPretrained(dir, { maxBatch: batchSize, maxSeq }, { training: false, device });
   try {
     if (!tokenizer) throw new RangeError(`lm-judge: ${dir} has no tokenizer.json`);

@@ -4,6 +4,7 @@
 // `compareBatch` with bounded concurrency whose errors name the prompt they came from.
 import { throwIfAborted } from '../util/abort.js';
 import { assertPreferenceMatrix } from './matrix.js';
+import { DEFAULT_JUDGE_CONCURRENCY } from './options/common.js';
 
 export interface CompareOptions {
   signal?: AbortSignal;
@@ -15,7 +16,7 @@ export interface CompareItem {
 }
 
 export interface CompareBatchOptions extends CompareOptions {
-  /** prompts compared at once; default: the model's own (4 unless it says otherwise) */
+  /** prompts compared at once; default: the model's own (DEFAULT_JUDGE_CONCURRENCY unless it says otherwise) */
   concurrency?: number;
   /** called after each prompt's matrix is ready */
   onProgress?: (done: number, total: number) => void;
@@ -112,7 +113,7 @@ export async function mapWithConcurrency<T, R>(
 
 export function definePreferenceModel(spec: PreferenceModelSpec): PreferenceModel {
   if (typeof spec.id !== 'string' || spec.id.length === 0) throw new TypeError('a preference model needs a non-empty string id');
-  const defaultConcurrency = checkConcurrency(spec.concurrency ?? 4, `preference model '${spec.id}': concurrency`);
+  const defaultConcurrency = checkConcurrency(spec.concurrency ?? DEFAULT_JUDGE_CONCURRENCY, `preference model '${spec.id}': concurrency`);
   let disposed = false;
   const live = (): void => {
     if (disposed) throw new Error(`preference model '${spec.id}' is disposed`);

@@ -4,8 +4,9 @@
 // of shape (1, hidden), no lm_head). A response's reward is r = score · h, h the final hidden
 // state (after the last RMSNorm) at the last token of the conversation [user: prompt,
 // assistant: response] formatted by the tokenizer's chat template; P_ij = σ((r_i − r_j)/τ),
-// P_ii = ½. Each distinct response is scored once per prompt (K rows, not K² questions), rows
-// sorted by length and right-padded: a causal model's last real position never sees padding.
+// P_ii = ½. Each distinct response is scored once per prompt (K rows, not K² questions); the
+// rows of `concurrency` prompts at a time are sorted by length and right-padded: a causal
+// model's last real position never sees padding.
 import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -15,9 +16,11 @@ import { ConfigError, engineConfigFromHf, type HfConfig } from '../io/hf-config.
 import { ReadScratch } from '../io/safetensors.js';
 import { Tokenizer } from '../io/tokenizer.js';
 import { CheckpointWeights } from '../io/weights.js';
-import { projectLastTokens, type EngineJudgeOptions } from './last-token.js';
+import { judgeInGroups, projectLastTokens, type EngineJudgeOptions } from './last-token.js';
 import { fromUpperTriangle } from './matrix.js';
 import { definePreferenceModel, type CompareItem, type PreferenceModel } from './model.js';
+import { DEFAULT_JUDGE_CONCURRENCY } from './options/common.js';
+import { REWARD_MODEL_DEFAULTS } from './options/reward-model.js';
 
 export class RewardModelError extends Error {
   override name = 'RewardModelError';
@@ -25,7 +28,7 @@ export class RewardModelError extends Error {
 
 /** id default: `reward-model(<label>,τ=<temperature>)`. */
 export interface RewardModelOptions extends EngineJudgeOptions {
-  /** τ of P_ij = σ((r_i − r_j)/τ); default 1 */
+  /** τ of P_ij = σ((r_i − r_j)/τ); default REWARD_MODEL_DEFAULTS.temperature */
   temperature?: number;
 }
 
@@ -56,10 +59,10 @@ function sigmoid(x: number): number {
 
 /** The judge over a backbone model, its tokenizer and the score row already loaded. */
 export function rewardModelJudge(model: Model, tokenizer: Tokenizer, score: ArrayLike<number>, options: RewardModelOptions = {}): RewardModelJudge {
-  const tau = options.temperature ?? 1;
+  const tau = options.temperature ?? REWARD_MODEL_DEFAULTS.temperature;
   if (!(typeof tau === 'number' && Number.isFinite(tau) && tau > 0)) throw new RangeError(`reward-model: temperature must be a finite number > 0, got ${tau}`);
-  const batchSize = options.batchSize ?? 8;
-  const maxSeq = options.maxSeq ?? 2048;
+  const batchSize = options.batchSize ?? REWARD_MODEL_DEFAULTS.batchSize;
+  const maxSeq = options.maxSeq ?? REWARD_MODEL_DEFAULTS.maxSeq;
   for (const [v, what] of [[batchSize, 'batchSize'], [maxSeq, 'maxSeq']] as const)
     if (!Number.isInteger(v) || v < 2) throw new RangeError(`reward-model: ${what} must be an integer ≥ 2, got ${v}`);
   if (tokenizer.chatTemplates.size === 0) throw new RangeError('reward-model: the tokenizer has no chat template (the conversation cannot be formatted)');
@@ -68,6 +71,7 @@ export function rewardModelJudge(model: Model, tokenizer: Tokenizer, score: Arra
   const w = Float64Array.from(score as ArrayLike<number>);
 
   const id = options.id ?? `reward-model(${options.label ?? 'model'},τ=${tau})`;
+  const concurrency = options.concurrency ?? DEFAULT_JUDGE_CONCURRENCY;
   const stats: RewardModelStats = { scored: 0, forwards: 0, truncated: 0 };
   const bos = tokenizer.bosTokenId;
 
@@ -104,15 +108,11 @@ export function rewardModelJudge(model: Model, tokenizer: Tokenizer, score: Arra
 
   const pm = definePreferenceModel({
     id,
-    concurrency: options.concurrency ?? 1,
+    concurrency,
     async compare(prompt, responses, { signal }) {
       return matrix((await score_([{ prompt, responses }], signal))[0]);
     },
-    async compareBatch(items, { signal, onProgress }) {
-      const out = (await score_(items, signal)).map(matrix);
-      onProgress?.(items.length, items.length);
-      return out;
-    },
+    compareBatch: (items, batchOptions) => judgeInGroups(items, concurrency, batchOptions, async (group, signal) => (await score_(group, signal)).map(matrix)),
     async dispose() {
       if (options.ownsModel) await model.dispose();
     },
@@ -219,8 +219,8 @@ export async function loadRewardModel(
   dir: string,
   { device, ...options }: Omit<RewardModelOptions, 'ownsModel'> & { device?: Device } = {},
 ): Promise<RewardModelJudge> {
-  const batchSize = options.batchSize ?? 8;
-  const maxSeq = options.maxSeq ?? 2048;
+  const batchSize = options.batchSize ?? REWARD_MODEL_DEFAULTS.batchSize;
+  const maxSeq = options.maxSeq ?? REWARD_MODEL_DEFAULTS.maxSeq;
   const { model, tokenizer, score } = await loadRewardModelWeights(dir, { maxBatch: batchSize, maxSeq }, device);
   try {
     return rewardModelJudge(model, tokenizer, score, { label: dir, ...options, batchSize, maxSeq, ownsModel: true });

@@ -66,7 +66,7 @@ export class RunDirError extends Error {
   }
 }
 
-export async function readJson<T>(file: string): Promise<T> {
+async function readJson<T>(file: string): Promise<T> {
   return JSON.parse(await readFile(file, 'utf8')) as T;
 }
 

@@ -8,11 +8,12 @@ import { demoPolicyText } from '../../demo/task.js';
 import type { GeneratedSequence } from '../../engine/generate.js';
 import { loadPretrained } from '../../io/checkpoint.js';
 import { Tokenizer } from '../../io/tokenizer.js';
+import { contextLimit } from '../../preference/from-config.js';
 import { RunDir } from '../../sppo/run-dir.js';
+import { chatPolicyText, requireChatTokenizer } from '../../sppo/setup.js';
 import { writeFileAtomic } from '../../util/atomic-write.js';
 import { deviceLine, deviceOption, integerOption, numberOption, parseOptions, requireOption, UsageError, type Command } from '../args.js';
 import { Progress } from '../progress.js';
-import { chatPolicyText, contextLimit, requireChatTokenizer } from '../setup.js';
 
 const help = `Usage: sppo generate (--model DIR | --demo-run RUN_DIR [--iteration T]) --prompts FILE [options]
 

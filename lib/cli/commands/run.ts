@@ -1,11 +1,10 @@
 // `sppo run --config FILE`: an SPPO run (or its resumption) described by a config file.
 import { loadConfig, RunConfigError } from '../../config/load.js';
 import type { RunConfig } from '../../config/schema.js';
-import { demoSetup } from '../../demo/demo.js';
-import { runSppo, type RunSetup } from '../../sppo/run.js';
+import { runSppo } from '../../sppo/run.js';
+import { setupFromConfig } from '../../sppo/setup.js';
 import { deviceLine, deviceOption, parseOptions, requireOption, UsageError, type Command } from '../args.js';
 import { finishRun, INTERRUPTED, runInterruptibly } from '../session.js';
-import { pretrainedSetup } from '../setup.js';
 
 const help = `Usage: sppo run --config FILE [--device DEV]
 
@@ -41,8 +40,7 @@ export const runCommand: Command = {
     const values = parseOptions('run', argv, { config: { type: 'string' }, device: { type: 'string' } });
     const device = deviceOption(values.device);
     const config = await readConfig(requireOption(values.config, 'config', 'run'));
-    const setup: RunSetup =
-      config.model.preset === 'demo' ? demoSetup(config, { device }).setup : await pretrainedSetup(config, { device });
+    const setup = await setupFromConfig(config, { device });
     io.stdout.write(deviceLine(setup.model, device));
     try {
       const result = await runInterruptibly(io, ['run', ...argv], (hooks) => runSppo(setup, hooks));

@@ -1,0 +1,95 @@
+// A run configuration's judge (its `preference` section) as a PreferenceModel. What the schema
+// cannot check — a module to import, an environment variable, a judge model directory — fails
+// here as a SetupError naming the field to change.
+import { existsSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { SetupError } from '../config/errors.js';
+import type { PreferenceConfig } from '../config/schema.js';
+import type { Device } from '../engine/model.js';
+import { functionPreference, type PreferenceFunction } from './function.js';
+import { httpJudge } from './http.js';
+import { loadLmJudge } from './lm-judge.js';
+import type { PreferenceModel } from './model.js';
+import { loadRewardModel } from './reward-model.js';
+import { styledReversalOracle } from './styled-reversal.js';
+
+export interface PreferenceFromConfigOptions {
+  /** where an engine judge (lm-judge, reward-model) runs; default 'cpu' */
+  device?: Device;
+  /** the HTTP judge's disk cache when the config gives no cacheDir (a run uses <run.dir>/judge-cache); none: no disk cache */
+  judgeCacheDir?: string;
+  /** where the HTTP judge's apiKeyEnv is looked up; default process.env */
+  env?: Record<string, string | undefined>;
+}
+
+/**
+ * The context length of a model directory (config.json's max_position_embeddings), which a
+ * memory plan must not exceed; a SetupError naming `field` if the directory has no config.json.
+ */
+export async function contextLimit(dir: string, field: string): Promise<number> {
+  const file = path.join(dir, 'config.json');
+  if (!existsSync(file)) throw new SetupError(field.split('.'), `${dir} is not a model directory (no config.json)`);
+  const { max_position_embeddings: n } = JSON.parse(await readFile(file, 'utf8')) as { max_position_embeddings?: unknown };
+  return typeof n === 'number' ? n : Infinity;
+}
+
+/** An engine judge loaded with rows no longer than its model's context; a failure names preference.path. */
+async function loadEngineJudge(dir: string, maxSeq: number, load: (maxSeq: number) => Promise<PreferenceModel>): Promise<PreferenceModel> {
+  try {
+    return await load(Math.min(maxSeq, await contextLimit(dir, 'preference.path')));
+  } catch (err) {
+    if (err instanceof SetupError) throw err;
+    throw new SetupError(['preference', 'path'], (err as Error).message.replace(/^(lm-judge|reward-model): /, ''), { cause: err });
+  }
+}
+
+async function importFunction(module: string, name: string): Promise<PreferenceFunction> {
+  let mod: Record<string, unknown>;
+  try {
+    mod = await import(pathToFileURL(module).href);
+  } catch (err) {
+    throw new SetupError(['preference', 'module'], `cannot import ${module}: ${(err as Error).message}`, { cause: err });
+  }
+  const fn = mod[name];
+  if (typeof fn !== 'function')
+    throw new SetupError(['preference', 'export'], `${module} has no function export '${name}' (exports: ${Object.keys(mod).join(', ') || 'none'})`);
+  return fn as PreferenceFunction;
+}
+
+/** The judge a config's `preference` section describes; engine judges (lm-judge, reward-model) load their model on `device`. */
+export async function preferenceFromConfig(preference: PreferenceConfig, options: PreferenceFromConfigOptions = {}): Promise<PreferenceModel> {
+  const p = preference;
+  const { device } = options;
+  switch (p.kind) {
+    case 'styled-reversal': {
+      const { kind, concurrency, ...params } = p;
+      return styledReversalOracle(params);
+    }
+    case 'function': {
+      if (p.module === undefined)
+        throw new SetupError(['preference', 'module'], 'required to build the judge from a config (a JS module exporting (prompt, a, b) => P(a ≻ b))');
+      return functionPreference(await importFunction(p.module, p.export), { id: p.id, concurrency: p.concurrency });
+    }
+    case 'http': {
+      const { kind, cacheDir, ...rest } = p;
+      const env = options.env ?? process.env;
+      if (rest.apiKeyEnv !== undefined && !env[rest.apiKeyEnv])
+        throw new SetupError(['preference', 'apiKeyEnv'], `the environment variable ${rest.apiKeyEnv} (apiKeyEnv) is not set`);
+      try {
+        return httpJudge({ ...rest, env, cacheDir: cacheDir ?? options.judgeCacheDir });
+      } catch (err) {
+        throw new SetupError(['preference'], (err as Error).message.replace(/^httpJudge: /, ''), { cause: err });
+      }
+    }
+    case 'lm-judge': {
+      const { kind, path: dir, ...rest } = p;
+      return loadEngineJudge(dir, rest.maxSeq, (maxSeq) => loadLmJudge(dir, { ...rest, device, maxSeq }));
+    }
+    case 'reward-model': {
+      const { kind, path: dir, ...rest } = p;
+      return loadEngineJudge(dir, rest.maxSeq, (maxSeq) => loadRewardModel(dir, { ...rest, device, maxSeq }));
+    }
+  }
+}

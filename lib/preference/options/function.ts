@@ -1,0 +1,17 @@
+// The function judge's options in a run configuration (preference.kind 'function'). A leaf (zod
+// and the config's field helpers only), so lib/config can compose it.
+import { z } from 'zod';
+import { filePath, nonEmpty } from '../../config/fields.js';
+import { judgeConcurrency } from './common.js';
+
+export const functionJudgeOptionsSchema = z
+  .strictObject({
+    kind: z.literal('function').describe('a JavaScript judge (prompt, a, b) => P(a ≻ b)'),
+    module: filePath()
+      .optional()
+      .describe('a JS module that exports the judge; required to build it from the config (a program may instead build its RunSetup with functionPreference)'),
+    export: nonEmpty().default('default').describe("the module's export that is the judge"),
+    id: nonEmpty().optional().describe("the judge's id: change it whenever the function's behaviour changes (it is part of the config hash)"),
+    concurrency: judgeConcurrency(),
+  })
+  .describe('the function judge');

@@ -1,0 +1,124 @@
+// A resolved run configuration turned into a RunSetup, for the demo policy and Hugging Face model
+// directories alike: the prompt split, the judge (lib/preference/from-config.ts) and the policy
+// with its text (a checkpoint's tokenizer, prompts through its chat template). What the schema
+// cannot check — files, directories, tokenizers — fails here as a SetupError naming the field.
+import { SetupError } from '../config/errors.js';
+import type { RunConfig } from '../config/schema.js';
+import { loadPrompts, splitPrompts } from '../data/prompts.js';
+import { demoSetup } from '../demo/demo.js';
+import type { Device } from '../engine/model.js';
+import type { MemoryPlan } from '../engine/types.js';
+import { CheckpointError, loadPretrained } from '../io/checkpoint.js';
+import { ConfigError } from '../io/hf-config.js';
+import { SafetensorsError } from '../io/safetensors.js';
+import { TokenizerError, type Tokenizer } from '../io/tokenizer.js';
+import { contextLimit, preferenceFromConfig } from '../preference/from-config.js';
+import type { PreferenceModel } from '../preference/model.js';
+import { randomWords } from '../preference/styled-reversal.js';
+import type { PolicyText, RunSetup } from './run.js';
+import { RunDir } from './run-dir.js';
+
+export interface SetupOptions {
+  /** where the policy trains and generates, and where an lm-judge or reward-model judge runs; default 'cpu' */
+  device?: Device;
+}
+
+/**
+ * A chat model's view of prompt text: the user turn through the chat template with the
+ * generation prompt, kept to its last `maxPromptTokens` tokens (the reference truncates prompts
+ * from the left); responses decoded without special tokens; generation stops at any EOS id.
+ */
+export function chatPolicyText(tokenizer: Tokenizer, maxPromptTokens: number): PolicyText {
+  return {
+    promptIds(prompt) {
+      const ids = tokenizer.encodeChat([{ role: 'user', content: prompt }], { addGenerationPrompt: true });
+      return ids.length > maxPromptTokens ? ids.slice(ids.length - maxPromptTokens) : ids;
+    },
+    decode: (ids) => tokenizer.decode(Array.from(ids), { skipSpecialTokens: true }),
+    stopTokens: tokenizer.eosTokenIds,
+  };
+}
+
+/** The tokenizer a chat policy needs, or a SetupError (naming `field` when given) saying what the directory lacks. */
+export function requireChatTokenizer(tokenizer: Tokenizer | undefined, dir: string, field?: string): Tokenizer {
+  const at = field?.split('.') ?? [];
+  if (!tokenizer) throw new SetupError(at, `${dir} has no tokenizer.json, so prompts cannot be turned into tokens`);
+  if (tokenizer.chatTemplates.size === 0)
+    throw new SetupError(at, `${dir} has no chat template (chat_template.jinja or tokenizer_config.json chat_template), so prompts cannot be formatted`);
+  return tokenizer;
+}
+
+/** The config's prompts: generated styled-reversal words, or its prompt file. */
+async function promptSet(config: RunConfig): Promise<string[]> {
+  const { data, preference } = config;
+  if (data.words !== undefined && preference.kind === 'styled-reversal') {
+    const { kind, concurrency, ...params } = preference;
+    return randomWords(data.words, config.run.seed, params);
+  }
+  try {
+    return await loadPrompts(data.prompts!, { column: data.column, format: data.format });
+  } catch (err) {
+    throw new SetupError(['data', 'prompts'], (err as Error).message, { cause: err });
+  }
+}
+
+/** What a checkpoint directory that cannot be loaded throws: the user's to fix by pointing model.path elsewhere. */
+const CHECKPOINT_ERRORS = [CheckpointError, ConfigError, SafetensorsError, TokenizerError];
+
+/** The RunSetup of a config whose model is a Hugging Face directory (model.path). */
+async function pretrainedSetup(config: RunConfig, dir: string, options: SetupOptions): Promise<RunSetup> {
+  const { data, generation, training } = config;
+  const prompts = await promptSet(config);
+  let split: RunSetup['split'];
+  try {
+    split = splitPrompts(prompts, {
+      iterations: config.run.iterations, evalSize: data.evalSize, seed: config.run.seed, promptsPerIteration: data.promptsPerIteration,
+    });
+  } catch (err) {
+    throw new SetupError(['data'], (err as Error).message, { cause: err });
+  }
+  const preference: PreferenceModel = await preferenceFromConfig(config.preference, {
+    device: options.device, judgeCacheDir: RunDir.at(config.run.dir).judgeCache,
+  });
+  let model: RunSetup['model'] | undefined;
+  try {
+    // A preference step holds a pair's two responses per row; generation's KV cache is separate.
+    const longest = Math.max(training.maxLength, data.maxPromptTokens + generation.maxNewTokens);
+    const plan: MemoryPlan = { maxBatch: 2 * training.batchSize, maxSeq: Math.min(longest, await contextLimit(dir, 'model.path')) };
+    let tokenizer: Tokenizer | undefined;
+    try {
+      ({ model, tokenizer } = await loadPretrained(dir, plan, { device: options.device }));
+    } catch (err) {
+      if (CHECKPOINT_ERRORS.some((E) => err instanceof E)) throw new SetupError(['model', 'path'], (err as Error).message, { cause: err });
+      throw err;
+    }
+    const text = chatPolicyText(requireChatTokenizer(tokenizer, dir, 'model.path'), data.maxPromptTokens);
+    // A tokenizer that does not fit the model would otherwise fail only once generation starts,
+    // after the run directory and π_0 are written, as an out-of-range token id.
+    const vocab = model.config.vocab_size;
+    for (const prompt of [...split.iterations.flat(), ...split.evaluation]) {
+      const id = text.promptIds(prompt).find((i) => i >= vocab);
+      if (id !== undefined)
+        throw new SetupError(['model', 'path'], `the tokenizer turns the prompt ${JSON.stringify(prompt.slice(0, 40))} into token id ${id}, but the model's vocab_size is ${vocab} (a tokenizer of another model?)`);
+    }
+    return { config, model, text, preference, split, sourceDir: dir };
+  } catch (err) {
+    // Neither the policy nor an engine judge (a model of its own) may outlive a failed setup.
+    await model?.dispose();
+    await preference.dispose();
+    throw err;
+  }
+}
+
+/**
+ * The RunSetup a resolved config (parseConfig, loadConfig) describes: model.preset 'demo' is the
+ * embedded styled-reversal policy (lib/demo), model.path a Hugging Face model directory with a
+ * tokenizer and a chat template. The caller disposes setup.model and setup.preference.
+ */
+export async function setupFromConfig(config: RunConfig, options: SetupOptions = {}): Promise<RunSetup> {
+  const { preset, path: dir } = config.model;
+  if (preset === 'demo') return demoSetup(config, { device: options.device }).setup;
+  // parseConfig refuses the other presets; a config built by hand may still hold one
+  if (dir === undefined) throw new SetupError(['model', 'preset'], `'${String(preset)}' has random weights and no tokenizer; use model.path or model.preset 'demo'`);
+  return pretrainedSetup(config, dir, options);
+}

@@ -1,0 +1,209 @@
+// setupFromConfig through the public API: the demo config gives the embedded policy, its oracle
+// and supervised base; a tiny Hugging Face directory (random Llama weights over the real
+// Mistral-7B tokenizer, as test/judge-lm.test.ts builds its judge) gives a chat policy, the split
+// and the judge. What the schema refuses is a RunConfigError whose issues carry their field;
+// what only setup can find out is a SetupError whose `path` names the field to change.
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { writeMistralTokenizer } from './fixtures/mistral-tokenizer.js';
+import {
+  demoConfigInput, Model, parseConfig, RunConfigError, savePretrained, SetupError, setupFromConfig, type RunConfig, type RunConfigInput,
+  type RunSetup,
+} from '../lib/index.js';
+
+const tmp = mkdtempSync(path.join(tmpdir(), 'sppo-setup-'));
+const policyDir = path.join(tmp, 'policy');
+const prompts = path.join(tmp, 'prompts.jsonl');
+const judgeModule = path.join(tmp, 'judge.mjs');
+const PROMPTS = Array.from({ length: 6 }, (_, i) => `Say ${'abcdef'[i]}.`);
+
+async function writePolicy(dir: string, vocab: number, tokenizer = true): Promise<void> {
+  const model = Model.create(
+    { vocab_size: vocab, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32, max_position_embeddings: 128, seed: 3 },
+    { maxBatch: 1, maxSeq: 8 },
+  );
+  try {
+    await savePretrained(model, dir);
+  } finally {
+    await model.dispose();
+  }
+  const cfg = path.join(dir, 'config.json');
+  writeFileSync(cfg, JSON.stringify({ ...JSON.parse(readFileSync(cfg, 'utf8')), bos_token_id: 1, eos_token_id: 2 }));
+  if (tokenizer) writeMistralTokenizer(dir);
+}
+
+beforeAll(async () => {
+  await writePolicy(policyDir, 32000);
+  writeFileSync(prompts, PROMPTS.map((prompt) => JSON.stringify({ prompt })).join('\n'));
+  writeFileSync(judgeModule, 'export const longer = (prompt, a, b) => (a.length === b.length ? 0.5 : a.length > b.length ? 0.75 : 0.25);\n');
+}, 60_000);
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+/** A config over the tiny policy directory, with `patch`'s sections replacing the defaults here. */
+function hfConfig(patch: Partial<RunConfigInput> = {}): RunConfig {
+  return parseConfig({
+    model: { path: policyDir },
+    data: { prompts, evalSize: 2, maxPromptTokens: 12 },
+    generation: { maxNewTokens: 4 },
+    preference: { kind: 'function', module: judgeModule, export: 'longer', id: 'longer-v1' },
+    training: { maxLength: 32, batchSize: 1 },
+    run: { dir: path.join(tmp, 'run'), iterations: 2 },
+    ...patch,
+  });
+}
+
+async function dispose(setup: RunSetup): Promise<void> {
+  await setup.model.dispose();
+  await setup.preference.dispose();
+}
+
+/** The SetupError setupFromConfig rejects with. */
+async function setupError(config: RunConfig): Promise<SetupError> {
+  const err = await setupFromConfig(config).then(
+    async (s) => {
+      await dispose(s);
+      return undefined;
+    },
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(SetupError);
+  return err as SetupError;
+}
+
+/** The issues parseConfig refuses a config with. */
+function configIssues(raw: unknown): RunConfigError['issues'] {
+  let refused: unknown;
+  try {
+    parseConfig(raw);
+  } catch (err) {
+    refused = err;
+  }
+  expect(refused).toBeInstanceOf(RunConfigError);
+  return (refused as RunConfigError).issues;
+}
+
+describe('setupFromConfig', () => {
+  it("builds the demo: the 'demo' policy, the oracle and a supervised base", async () => {
+    const config = parseConfig(demoConfigInput({ quick: true, iterations: 2, dir: path.join(tmp, 'demo') }));
+    const setup = await setupFromConfig(config);
+    try {
+      expect(setup.config).toBe(config);
+      expect(setup.preference.id).toMatch(/^styled-reversal\(a=0\.25,b=0\.25,/);
+      expect(setup.makeBase).toBeTypeOf('function');
+      expect(setup.split.iterations).toHaveLength(2);
+      expect(setup.split.evaluation).toHaveLength(config.data.evalSize);
+      expect(setup.text.decode(setup.text.promptIds('cab'))).toContain('cab');
+      expect(setup.model.device).toBe('cpu');
+    } finally {
+      await dispose(setup);
+    }
+  });
+
+  it('builds a Hugging Face run: the chat policy, the split and the judge', async () => {
+    const config = hfConfig();
+    const setup = await setupFromConfig(config, { device: 'cpu' });
+    try {
+      expect(setup.sourceDir).toBe(policyDir);
+      expect(setup.model.config.vocab_size).toBe(32000);
+      expect(setup.makeBase).toBeUndefined();
+      expect(setup.split.evaluation).toHaveLength(2);
+      expect(setup.split.iterations.map((it) => it.length)).toEqual([2, 2]);
+      expect([...setup.split.evaluation, ...setup.split.iterations.flat()].sort()).toEqual([...PROMPTS].sort());
+      const ids = setup.text.promptIds('Say a.');
+      expect(ids.length).toBeLessThanOrEqual(config.data.maxPromptTokens);
+      expect(setup.text.stopTokens).toEqual([2]);
+      expect(setup.preference.id).toBe('longer-v1');
+      expect(await setup.preference.compare('p', ['ab', 'a'])).toEqual([[0.5, 0.75], [0.25, 0.5]]);
+    } finally {
+      await dispose(setup);
+    }
+  });
+});
+
+describe('preference.concurrency', () => {
+  it('is how many prompts an engine judge takes at once', async () => {
+    const items = ['a', 'b', 'c'].map((w) => ({ prompt: `Say ${w}.`, responses: [w, `${w}${w}`] }));
+    for (const [concurrency, expected] of [[1, [1, 2, 3]], [2, [2, 3]], [undefined, [3]]] as const) {
+      const setup = await setupFromConfig(hfConfig({ preference: { kind: 'lm-judge', path: policyDir, batchSize: 2, concurrency } }));
+      try {
+        const progress: number[] = [];
+        await setup.preference.compareBatch(items, { onProgress: (done) => progress.push(done) });
+        expect(progress).toEqual(expected);
+      } finally {
+        await dispose(setup);
+      }
+    }
+  });
+});
+
+describe('refusals name the field', () => {
+  it('the schema refuses presets without a tokenizer, and SFT without the demo policy', () => {
+    const base = { data: { prompts }, preference: { kind: 'styled-reversal' } };
+    for (const preset of ['tiny', 'small']) {
+      const issues = configIssues({ ...base, model: { preset } });
+      expect(issues.map((i) => i.path)).toEqual([['model', 'preset']]);
+      expect(issues[0].line).toMatch(new RegExp(`^model\\.preset '${preset}' has random weights and no tokenizer`));
+    }
+    const sft = configIssues({ ...base, model: { path: policyDir }, sft: {} });
+    expect(sft).toEqual([{ path: ['sft'], line: "sft: supervised fine-tuning of the base policy is only available with model.preset 'demo'" }]);
+    expect(configIssues({ ...base, model: { path: policyDir }, training: { eta: 0 } })).toEqual([{ path: ['training', 'eta'], line: 'training.eta: must be > 0' }]);
+  });
+
+  it('a config built by hand with a preset that has no tokenizer', async () => {
+    const config = { ...hfConfig(), model: { preset: 'tiny' as const } };
+    expect((await setupError(config)).path).toEqual(['model', 'preset']);
+  });
+
+  it('prompts: a missing file, too few for the split', async () => {
+    const missing = await setupError(hfConfig({ data: { prompts: path.join(tmp, 'none.jsonl') } }));
+    expect(missing.path).toEqual(['data', 'prompts']);
+    expect(missing.message).toMatch(/^data\.prompts: .*none\.jsonl/);
+    const few = await setupError(hfConfig({ data: { prompts, evalSize: 100 } }));
+    expect(few.path).toEqual(['data']);
+  });
+
+  it('the judge: its module, its export, its API key, its model directory', async () => {
+    const fn = (p: Record<string, unknown>) => hfConfig({ preference: { kind: 'function', ...p } as RunConfigInput['preference'] });
+    expect((await setupError(fn({}))).message).toMatch(/^preference\.module: required/);
+    expect((await setupError(fn({}))).path).toEqual(['preference', 'module']);
+    expect((await setupError(fn({ module: path.join(tmp, 'nowhere.mjs') }))).path).toEqual(['preference', 'module']);
+    const noExport = await setupError(fn({ module: judgeModule, export: 'shorter' }));
+    expect(noExport.path).toEqual(['preference', 'export']);
+    expect(noExport.message).toContain('exports: longer');
+    delete process.env.SPPO_SETUP_TEST_KEY;
+    const key = await setupError(hfConfig({ preference: { kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_SETUP_TEST_KEY' } }));
+    expect(key.path).toEqual(['preference', 'apiKeyEnv']);
+    expect(key.message).toBe('preference.apiKeyEnv: the environment variable SPPO_SETUP_TEST_KEY (apiKeyEnv) is not set');
+    const judge = await setupError(hfConfig({ preference: { kind: 'lm-judge', path: tmp } }));
+    expect(judge.path).toEqual(['preference', 'path']);
+    expect(judge.message).toContain('is not a model directory (no config.json)');
+    const rm = await setupError(hfConfig({ preference: { kind: 'reward-model', path: policyDir } }));
+    expect(rm.path).toEqual(['preference', 'path']);
+    expect(rm.message).toMatch(/^preference\.path: .*architectures must be one of/);
+  });
+
+  it('the policy: not a model directory, no tokenizer, a broken config.json, a tokenizer of another model', async () => {
+    const notModel = await setupError(hfConfig({ model: { path: tmp } }));
+    expect(notModel.path).toEqual(['model', 'path']);
+    expect(notModel.message).toBe(`model.path: ${tmp} is not a model directory (no config.json)`);
+
+    const bare = path.join(tmp, 'bare');
+    await writePolicy(bare, 32000, false);
+    const noTokenizer = await setupError(hfConfig({ model: { path: bare } }));
+    expect(noTokenizer.path).toEqual(['model', 'path']);
+    expect(noTokenizer.message).toContain('has no tokenizer.json');
+
+    const broken = path.join(tmp, 'broken');
+    mkdirSync(broken);
+    writeFileSync(path.join(broken, 'config.json'), JSON.stringify({ architectures: ['GPT2LMHeadModel'], max_position_embeddings: 64 }));
+    expect((await setupError(hfConfig({ model: { path: broken } }))).path).toEqual(['model', 'path']);
+
+    const small = path.join(tmp, 'small-vocab');
+    await writePolicy(small, 1000);
+    const vocab = await setupError(hfConfig({ model: { path: small } }));
+    expect(vocab.path).toEqual(['model', 'path']);
+    expect(vocab.message).toMatch(/into token id \d+, but the model's vocab_size is 1000/);
+  });
+});
