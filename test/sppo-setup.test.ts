@@ -122,6 +122,33 @@ describe('setupFromConfig', () => {
   });
 });
 
+describe('a judge function given in code', () => {
+  const shorter = (_prompt: string, a: string, b: string): number => (a.length === b.length ? 0.5 : a.length < b.length ? 0.9 : 0.1);
+  const inCode = () => hfConfig({ preference: { kind: 'function', id: 'shorter-v1' } });
+
+  it("is the judge of a kind 'function' section without a module", async () => {
+    const setup = await setupFromConfig(inCode(), { judgeFunction: shorter });
+    try {
+      expect(setup.preference.id).toBe('shorter-v1');
+      expect(await setup.preference.compare('p', ['ab', 'a'])).toEqual([[0.5, 0.1], [0.9, 0.5]]);
+    } finally {
+      await dispose(setup);
+    }
+  });
+
+  it('is refused beside a module, and beside any other kind (the demo included)', async () => {
+    const both = await setupFromConfig(hfConfig(), { judgeFunction: shorter }).catch((e: unknown) => e);
+    expect(both).toBeInstanceOf(SetupError);
+    expect((both as SetupError).path).toEqual(['preference', 'module']);
+    const demo = parseConfig(demoConfigInput({ quick: true, dir: path.join(tmp, 'demo-fn') }));
+    for (const config of [demo, hfConfig({ preference: { kind: 'lm-judge', path: policyDir } })]) {
+      const err = await setupFromConfig(config, { judgeFunction: shorter }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(SetupError);
+      expect((err as SetupError).path).toEqual(['preference', 'kind']);
+    }
+  });
+});
+
 describe('preference.concurrency', () => {
   it('is how many prompts an engine judge takes at once', async () => {
     const items = ['a', 'b', 'c'].map((w) => ({ prompt: `Say ${w}.`, responses: [w, `${w}${w}`] }));

@@ -22,6 +22,8 @@ export interface PreferenceFromConfigOptions {
   judgeCacheDir?: string;
   /** where the HTTP judge's apiKeyEnv is looked up; default process.env */
   env?: Record<string, string | undefined>;
+  /** a kind 'function' judge given in code (an embedding tool's own scorer) instead of preference.module */
+  judgeFunction?: PreferenceFunction;
 }
 
 /**
@@ -58,19 +60,30 @@ async function importFunction(module: string, name: string): Promise<PreferenceF
   return fn as PreferenceFunction;
 }
 
+/** A judge function given in code belongs to a kind 'function' section only (setupFromConfig checks before building a demo). */
+export function refuseMisplacedJudgeFunction(preference: PreferenceConfig, judgeFunction: PreferenceFunction | undefined): void {
+  if (judgeFunction !== undefined && preference.kind !== 'function')
+    throw new SetupError(['preference', 'kind'], `a judge function was given in code, so the kind must be 'function', not '${preference.kind}'`);
+}
+
 /** The judge a config's `preference` section describes; engine judges (lm-judge, reward-model) load their model on `device`. */
 export async function preferenceFromConfig(preference: PreferenceConfig, options: PreferenceFromConfigOptions = {}): Promise<PreferenceModel> {
   const p = preference;
   const { device } = options;
+  refuseMisplacedJudgeFunction(p, options.judgeFunction);
   switch (p.kind) {
     case 'styled-reversal': {
       const { kind, concurrency, ...params } = p;
       return styledReversalOracle(params);
     }
     case 'function': {
-      if (p.module === undefined)
-        throw new SetupError(['preference', 'module'], 'required to build the judge from a config (a JS module exporting (prompt, a, b) => P(a ≻ b))');
-      return functionPreference(await importFunction(p.module, p.export), { id: p.id, concurrency: p.concurrency });
+      const given = options.judgeFunction;
+      if (p.module !== undefined && given !== undefined)
+        throw new SetupError(['preference', 'module'], 'a judge function was also given in code: give one or the other');
+      if (p.module === undefined && given === undefined)
+        throw new SetupError(['preference', 'module'], 'required unless the judge function is given in code (a JS module exporting (prompt, a, b) => P(a ≻ b))');
+      const fn = given ?? (await importFunction(p.module!, p.export));
+      return functionPreference(fn, { id: p.id, concurrency: p.concurrency });
     }
     case 'http': {
       const { kind, cacheDir, ...rest } = p;

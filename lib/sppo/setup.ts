@@ -12,7 +12,8 @@ import { CheckpointError, loadPretrained } from '../io/checkpoint.js';
 import { ConfigError } from '../io/hf-config.js';
 import { SafetensorsError } from '../io/safetensors.js';
 import { TokenizerError, type Tokenizer } from '../io/tokenizer.js';
-import { contextLimit, preferenceFromConfig } from '../preference/from-config.js';
+import { contextLimit, preferenceFromConfig, refuseMisplacedJudgeFunction } from '../preference/from-config.js';
+import type { PreferenceFunction } from '../preference/function.js';
 import type { PreferenceModel } from '../preference/model.js';
 import { randomWords } from '../preference/styled-reversal.js';
 import type { PolicyText, RunSetup } from './run.js';
@@ -21,6 +22,12 @@ import { RunDir } from './run-dir.js';
 export interface SetupOptions {
   /** where the policy trains and generates, and where an lm-judge or reward-model judge runs; default 'cpu' */
   device?: Device;
+  /**
+   * The judge of a preference.kind 'function' config given in code, for a tool that embeds the
+   * engine with its own scorer: (prompt, a, b) => P(a ≻ b). Set preference.id so that a change
+   * of the function changes the config hash.
+   */
+  judgeFunction?: PreferenceFunction;
 }
 
 /**
@@ -78,7 +85,7 @@ async function pretrainedSetup(config: RunConfig, dir: string, options: SetupOpt
     throw new SetupError(['data'], (err as Error).message, { cause: err });
   }
   const preference: PreferenceModel = await preferenceFromConfig(config.preference, {
-    device: options.device, judgeCacheDir: RunDir.at(config.run.dir).judgeCache,
+    device: options.device, judgeCacheDir: RunDir.at(config.run.dir).judgeCache, judgeFunction: options.judgeFunction,
   });
   let model: RunSetup['model'] | undefined;
   try {
@@ -117,6 +124,7 @@ async function pretrainedSetup(config: RunConfig, dir: string, options: SetupOpt
  */
 export async function setupFromConfig(config: RunConfig, options: SetupOptions = {}): Promise<RunSetup> {
   const { preset, path: dir } = config.model;
+  refuseMisplacedJudgeFunction(config.preference, options.judgeFunction);
   if (preset === 'demo') return demoSetup(config, { device: options.device }).setup;
   // parseConfig refuses the other presets; a config built by hand may still hold one
   if (dir === undefined) throw new SetupError(['model', 'preset'], `'${String(preset)}' has random weights and no tokenizer; use model.path or model.preset 'demo'`);
