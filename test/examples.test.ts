@@ -7,7 +7,7 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { alignWithHouseStyle, houseStyle } from '../examples/embed-in-a-tool.js';
 import { runConfigured } from '../examples/run-config.js';
-import { writeMistralTokenizer } from './fixtures/mistral-tokenizer.js';
+import { makeMistralChatModel } from './fixtures/mistral-tokenizer.js';
 import {
   demoConfigInput, loadConfig, loadPrompts, Model, parseConfig, RunDir, savePretrained, splitPrompts,
 } from '../lib/index.js';
@@ -52,9 +52,7 @@ async function tinyChatModel(dir: string): Promise<void> {
   } finally {
     await model.dispose();
   }
-  const cfg = path.join(dir, 'config.json');
-  writeFileSync(cfg, JSON.stringify({ ...JSON.parse(readFileSync(cfg, 'utf8')), bos_token_id: 1, eos_token_id: 2 }));
-  writeMistralTokenizer(dir);
+  makeMistralChatModel(dir);
 }
 
 describe('examples/*.ts', () => {

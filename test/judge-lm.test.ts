@@ -3,11 +3,11 @@
 // entry equals the computation done by hand from the same model's full logits (one row per
 // question, no batching, no padding), reordering the responses reorders the matrix, a batch of
 // prompts equals prompts one by one, and long questions are cut to maxSeq keeping BOS.
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { writeMistralTokenizer } from './fixtures/mistral-tokenizer.js';
+import { makeMistralChatModel } from './fixtures/mistral-tokenizer.js';
 import { parseConfig } from '../lib/config/index.js';
 import { loadPretrained, Model, savePretrained, setupFromConfig, type Tokenizer } from '../lib/index.js';
 import {
@@ -45,9 +45,7 @@ beforeAll(async () => {
   } finally {
     await random.dispose();
   }
-  const cfg = path.join(dir, 'config.json');
-  writeFileSync(cfg, JSON.stringify({ ...JSON.parse(readFileSync(cfg, 'utf8')), bos_token_id: 1, eos_token_id: 2 }));
-  writeMistralTokenizer(dir);
+  makeMistralChatModel(dir);
   ({ model, tokenizer } = (await loadPretrained(dir, { maxBatch: 4, maxSeq: 256 }, { training: false })) as { model: Model; tokenizer: Tokenizer });
   judge = lmJudge(model, tokenizer, { batchSize: 4, maxSeq: 256 });
 }, 120_000);

@@ -3,11 +3,11 @@
 // Mistral-7B tokenizer, as test/judge-lm.test.ts builds its judge) gives a chat policy, the split
 // and the judge. What the schema refuses is a RunConfigError whose issues carry their field;
 // what only setup can find out is a SetupError whose `path` names the field to change.
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { writeMistralTokenizer } from './fixtures/mistral-tokenizer.js';
+import { makeMistralChatModel } from './fixtures/mistral-tokenizer.js';
 import {
   demoConfigInput, Model, parseConfig, RunConfigError, savePretrained, SetupError, setupFromConfig, type RunConfig, type RunConfigInput,
   type RunSetup,
@@ -29,9 +29,7 @@ async function writePolicy(dir: string, vocab: number, tokenizer = true): Promis
   } finally {
     await model.dispose();
   }
-  const cfg = path.join(dir, 'config.json');
-  writeFileSync(cfg, JSON.stringify({ ...JSON.parse(readFileSync(cfg, 'utf8')), bos_token_id: 1, eos_token_id: 2 }));
-  if (tokenizer) writeMistralTokenizer(dir);
+  if (tokenizer) makeMistralChatModel(dir);
 }
 
 beforeAll(async () => {
