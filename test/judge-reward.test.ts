@@ -157,7 +157,7 @@ describe('rewardModelJudge', () => {
     }
   });
 
-  it('cuts long conversations to maxSeq, keeping BOS and the end', async () => {
+  it('cuts long conversations to maxSeq, keeping BOS and the end', () => {
     const short = rewardModelJudge(model, tokenizer, score, { batchSize: 4, maxSeq: 16 });
     const full = judge.conversationIds(PROMPT, RESPONSES[1]);
     const cut = short.conversationIds(PROMPT, RESPONSES[1]);
