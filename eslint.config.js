@@ -18,6 +18,9 @@ export default tseslint.config(
       '@typescript-eslint/restrict-template-expressions': ['error', { allowNumber: true, allowBoolean: true }],
       // `(x) => void_call(x)` callbacks are idiomatic; a void value used in a real expression is still an error.
       '@typescript-eslint/no-confusing-void-expression': ['error', { ignoreArrowShorthand: true }],
+      // Spreading a string into code points is deliberate here (the character tokenizer, the
+      // styled-reversal task, display widths); spreading promises, functions or maps stays an error.
+      '@typescript-eslint/no-misused-spread': ['error', { allow: [{ from: 'lib', name: 'string' }] }],
       // The library checks its callers' input at run time (JavaScript callers ignore the types), and
       // without noUncheckedIndexedAccess this rule calls every `rows[i]?.` guard unnecessary.
       '@typescript-eslint/no-unnecessary-condition': 'off',
