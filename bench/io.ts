@@ -117,7 +117,7 @@ try {
 
   const raw = await time(() => rawRead(file));
   const reader = await time(() => readerOnly(file));
-  const create = await time(async () => (await Model.create(QWEN2_05B, PLAN)).dispose());
+  const create = await time(() => Model.create(QWEN2_05B, PLAN).dispose());
   const load = await time(async () => (await loadPretrained(dir, PLAN)).model.dispose());
   const row = (what: string, s: number) => console.log(`${what.padEnd(44)} ${s.toFixed(3).padStart(7)} s  ${(gb / s).toFixed(2).padStart(6)} GB/s  ${(raw / s).toFixed(2)}x raw`);
   console.log(`\nload (median of ${reps}, page cache warm)`);

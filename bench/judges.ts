@@ -168,7 +168,7 @@ async function writeJudges(shape: Shape): Promise<JudgeDirs> {
       { name: 'score.weight', shape: [1, m.config.hidden_size], data: score },
     ]);
     for (const p of backbone) writeFileSync(path.join(raw, `${p.name}.f32`), m.getParam(p.name));
-    const { tie_word_embeddings: _, ...cfg } = JSON.parse(readFileSync(path.join(lm, 'config.json'), 'utf8'));
+    const { tie_word_embeddings: _, ...cfg } = JSON.parse(readFileSync(path.join(lm, 'config.json'), 'utf8')) as Record<string, unknown>;
     writeFileSync(path.join(reward, 'config.json'), JSON.stringify({ ...cfg, architectures: ['LlamaForSequenceClassification'], num_labels: 1 }));
     for (const dir of [lm, reward]) {
       for (const f of ['tokenizer.json', 'tokenizer_config.json']) copyFileSync(path.join(MISTRAL, f), path.join(dir, f));
@@ -297,7 +297,7 @@ function runPeer(dirs: JudgeDirs, runs: EngineRun[]): PeerOut | string {
   const peer = spawnSync(PYTHON, ['-c', PEER, specFile], { cwd: root, encoding: 'utf8', maxBuffer: 64 << 20, timeout: 20 * 60_000 });
   const line = peer.stdout?.trim().split('\n').pop();
   if (peer.status !== 0 || !line?.startsWith('{'))
-    return peer.error ? peer.error.message : `exit ${peer.status}: ${`${peer.stderr ?? ''}`.trim().split('\n').slice(-3).join(' | ')}`;
+    return peer.error ? peer.error.message : `exit ${peer.status}: ${(peer.stderr ?? '').trim().split('\n').slice(-3).join(' | ')}`;
   return JSON.parse(line) as PeerOut;
 }
 

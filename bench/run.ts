@@ -331,7 +331,7 @@ print(json.dumps({"afterBuild": built * 1024, "afterStep": resource.getrusage(re
     console.log(`pytorch memory child failed: ${failure(r)}`);
     return undefined;
   }
-  return JSON.parse(line);
+  return JSON.parse(line) as { afterBuild: number; afterStep: number };
 }
 
 // `build/sppo_bench fused_head` prints rows "d path ms extraMiB" (native/tests/bench_head.cpp).
@@ -350,7 +350,7 @@ function fusedHead(results: Record<string, unknown>): Row[] {
     const dir = mkdtempSync(path.join(tmpdir(), 'sppo-head-'));
     const out = path.join(dir, 'head.json');
     const p = run(PYTHON, [PYTORCH_HEAD, '--json', out]);
-    if (p.status === 0 && existsSync(out)) torch = JSON.parse(readFileSync(out, 'utf8'));
+    if (p.status === 0 && existsSync(out)) torch = JSON.parse(readFileSync(out, 'utf8')) as typeof torch;
     else console.log(`bench/pytorch_head.py failed: ${failure(p)}`);
     rmSync(dir, { recursive: true, force: true });
   }
@@ -495,7 +495,7 @@ function printTable(rows: Row[]): void {
 async function main(): Promise<void> {
   if (process.argv.includes('--mem-child')) return memChild();
   const only = new Set((arg('--only') ?? 'train,gemm,mem,head,decode,cxx').split(','));
-  const results: Record<string, unknown> = {
+  const machine = {
     date: new Date().toISOString(),
     cpu: cpuModel(),
     cores: cpus().length,
@@ -503,9 +503,10 @@ async function main(): Promise<void> {
     gemmKernel: native().gemmKernel,
     loadavgStart: loadavg(),
   };
+  const results: Record<string, unknown> = { ...machine };
   console.log(
-    `${results.date}  ${results.cpu}, ${results.cores} cores, engine threads ${results.engineThreads}, ` +
-      `gemm kernel ${results.gemmKernel}, load average ${loadavg().map((x) => x.toFixed(2)).join(' ')}`,
+    `${machine.date}  ${machine.cpu}, ${machine.cores} cores, engine threads ${machine.engineThreads}, ` +
+      `gemm kernel ${machine.gemmKernel}, load average ${loadavg().map((x) => x.toFixed(2)).join(' ')}`,
   );
   // The peers' BLAS, measured before anything is compared with them.
   const peerBlas: Partial<Record<PythonPeer, PeerBlas>> = {};

@@ -27,7 +27,7 @@ interface CliResult {
 
 function sink(): Writable & { text: string } {
   const w = new Writable({
-    write(chunk, _enc, done) {
+    write(chunk: Buffer, _enc, done) {
       w.text += chunk.toString();
       done();
     },

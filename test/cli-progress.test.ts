@@ -7,7 +7,7 @@ import type { IterationMetrics } from '../lib/sppo/run.js';
 
 function sink(isTTY: boolean): Writable & { text: string; isTTY: boolean; columns: number } {
   const w = new Writable({
-    write(chunk, _enc, done) {
+    write(chunk: Buffer, _enc, done) {
       w.text += chunk.toString();
       done();
     },

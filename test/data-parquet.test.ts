@@ -268,7 +268,7 @@ describe('Parquet prompt sets', () => {
   it('names the rows whose prompt is null or empty', async () => {
     const file = join(dir, 'nulls.parquet');
     writeParquet(file, [{ name: 'prompt', type: 'string', optional: true, values: ['ok', null, 'fine', '  ', null] }], { codec: 'SNAPPY' });
-    const err = await loadPrompts(file).catch((e: Error) => e);
+    const err = await loadPrompts(file).catch((e: unknown) => e);
     expect((err as Error).message).toMatch(/3 bad row\(s\)/);
     expect((err as Error).message).toMatch(/row 1: 'prompt' is null/);
     expect((err as Error).message).toMatch(/row 3: 'prompt' is empty/);

@@ -38,7 +38,7 @@ describe('JSONL prompt sets', () => {
 
   it('reports every malformed line with its line number', async () => {
     const text = ['{"prompt": "ok"}', '{"prompt": "unterminated}', '', '["prompt"]', '{"text": "no prompt"}', '{"prompt": 42}', '{"prompt": "   "}', '{"prompt": null}'].join('\n');
-    const err = await loadPrompts(file('bad.jsonl', text)).catch((e: Error) => e);
+    const err = await loadPrompts(file('bad.jsonl', text)).catch((e: unknown) => e);
     const msg = (err as Error).message;
     expect(msg).toMatch(/bad\.jsonl: 6 bad row\(s\):/);
     expect(msg).toMatch(/line 2: not valid JSON/);

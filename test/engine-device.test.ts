@@ -72,7 +72,7 @@ function bf16(x: Float32Array): Float32Array {
   return new Float32Array(u.buffer);
 }
 
-async function twins(cfg: ModelConfig, plan = { maxBatch: 4, maxSeq: 32 }): Promise<{ cpu: Model; gpu: Model }> {
+function twins(cfg: ModelConfig, plan = { maxBatch: 4, maxSeq: 32 }): { cpu: Model; gpu: Model } {
   const cpu = create(cfg, 'cpu', plan);
   const gpu = create(cfg, 'cuda', plan);
   for (const { name } of cpu.params()) {
@@ -87,7 +87,7 @@ describe.skipIf(!info.available)('CUDA backend against the CPU backend (GPU mach
   const cfg = tinyConfig({ vocab_size: 96, hidden_size: 64, num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 160, max_position_embeddings: 64, seed: 7 });
 
   it('gives the same logits within bf16 tolerance (2e-2 of the largest logit)', async () => {
-    const { cpu, gpu } = await twins(cfg);
+    const { cpu, gpu } = twins(cfg);
     const rows = randomRows(prng(3), 4, 32, cfg.vocab_size);
     const a = await cpu.forward(rows, { output: 'both' });
     const b = await gpu.forward(rows, { output: 'both' });
@@ -105,7 +105,7 @@ describe.skipIf(!info.available)('CUDA backend against the CPU backend (GPU mach
       { kind: 'adamw' as const, lr: 1e-3, weightDecay: 0.01 },
       { kind: 'adamw' as const, lr: 10, eps: 1e3, weightDecay: 0 },
     ]) {
-      const { cpu, gpu } = await twins(cfg);
+      const { cpu, gpu } = twins(cfg);
       cpu.setOptimizer(opt);
       gpu.setOptimizer(opt);
       const rand = prng(11);
@@ -130,7 +130,7 @@ describe.skipIf(!info.available)('CUDA backend against the CPU backend (GPU mach
   });
 
   it('generates with a device sampler: greedy continuations agree with the CPU for most tokens', async () => {
-    const { cpu, gpu } = await twins(cfg);
+    const { cpu, gpu } = twins(cfg);
     const prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]];
     const opts = { maxNewTokens: 12, temperature: 0 };
     const a = await cpu.createGenerator({ maxBatch: 4, maxContext: 32 }).generate(prompts, opts);

@@ -37,7 +37,7 @@ const untied = tinyConfig({ vocab_size: 48, tie_word_embeddings: false, seed: 3 
 const tiedBias = tinyConfig({ vocab_size: 48, tie_word_embeddings: true, attention_bias: true, seed: 4,
   rope_theta: 500000, rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 16 } });
 
-async function expectSameModel(a: Model, b: Model, roundParam: (x: Float32Array) => Float32Array = (x) => x): Promise<void> {
+function expectSameModel(a: Model, b: Model, roundParam: (x: Float32Array) => Float32Array = (x) => x): void {
   expect(b.params()).toEqual(a.params());
   for (const { name } of a.params()) expect(b.getParam(name), name).toEqual(roundParam(a.getParam(name)));
 }
@@ -58,7 +58,7 @@ describe('save → load round trip', () => {
     const back = await load(dir);
     expect(back.architecture).toBe('LlamaForCausalLM');
     expect(back.tokenizer).toBeUndefined();
-    await expectSameModel(m, back.model);
+    expectSameModel(m, back.model);
     expect((await back.model.forward(rows)).logits).toEqual((await m.forward(rows)).logits);
   });
 
@@ -81,7 +81,7 @@ describe('save → load round trip', () => {
     const back = await load(dir);
     expect(back.architecture).toBe('Qwen2ForCausalLM');
     expect({ ...back.model.config, seed: 0 }).toEqual({ ...m.config, seed: 0 }); // the init seed is not saved
-    await expectSameModel(m, back.model);
+    expectSameModel(m, back.model);
     expect((await back.model.forward(rows)).logits).toEqual((await m.forward(rows)).logits);
   });
 
@@ -92,7 +92,7 @@ describe('save → load round trip', () => {
       await savePretrained(m, dir, { dtype: 'bfloat16', maxShardBytes });
       expect(json(path.join(dir, 'config.json')).torch_dtype).toBe('bfloat16');
       const back = await load(dir);
-      await expectSameModel(m, back.model, bf16Round);
+      expectSameModel(m, back.model, bf16Round);
       // and the rounding really changed something, so the comparison above is not vacuous
       const name = 'model.layers.0.mlp.up_proj.weight';
       expect(back.model.getParam(name)).not.toEqual(m.getParam(name));
@@ -109,7 +109,7 @@ describe('save → load round trip', () => {
     await savePretrained(m, dir, { maxShardBytes: 3000 });
     expect(readdirSync(dir)).not.toContain('model.safetensors');
     expect(readdirSync(dir)).toContain('model.safetensors.index.json');
-    await expectSameModel(m, (await load(dir)).model);
+    expectSameModel(m, (await load(dir)).model);
   });
 
   it('a failed save leaves the earlier save intact and no temporary files', async () => {

@@ -31,7 +31,7 @@ const qwen2: HfConfig = {
 /** The same Llama 3.1 config as transformers 5 writes it: rope_parameters and dtype. */
 function v5(c: HfConfig): HfConfig {
   const { rope_theta, rope_scaling, torch_dtype, ...rest } = c;
-  return { ...rest, dtype: torch_dtype, rope_parameters: { ...(rope_scaling as object ?? { rope_type: 'default' }), rope_theta } };
+  return { ...rest, dtype: torch_dtype, rope_parameters: { ...(rope_scaling ?? { rope_type: 'default' }), rope_theta } };
 }
 
 const refuse = (c: HfConfig, message: RegExp, options = {}) => {

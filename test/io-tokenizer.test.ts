@@ -4,7 +4,6 @@
 // (llama3-tokenizer-js, mistral-tokenizer-js: their own BPE code and baked vocabularies) on a
 // long varied text; decoding restores the text exactly; chat templates render to exact strings
 // with one BOS.
-/// <reference path="./fixtures/io-mistral-tokenizer-js.d.ts" />
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';

@@ -58,31 +58,34 @@ function completion({ text, top }: { text: string | null; top?: Record<string, n
 }
 
 beforeAll(async () => {
-  server = createServer((req: IncomingMessage, res: ServerResponse) => {
-    let data = '';
-    req.on('data', (c) => (data += c));
-    req.on('end', async () => {
-      inFlight++;
-      peakInFlight = Math.max(peakInFlight, inFlight);
-      let done = false;
-      const finish = (): void => {
-        if (!done) inFlight--;
-        done = true;
-      };
-      res.on('close', finish);
-      const body = JSON.parse(data) as { messages: { role: string; content: string }[] };
-      const user = body.messages.find((m) => m.role === 'user')!.content;
-      const m = /^P:(.*)\nA:(.*)\nB:(.*)$/s.exec(user)!;
-      const ask: Ask = { prompt: m[1], a: m[2], b: m[3], body, headers: req.headers, n: log.length + 1 };
-      log.push(ask);
-      const reply = await handler(ask);
-      if (reply.hold) return; // never answered: the client's abort closes it
-      if (reply.delayMs) await new Promise((r) => setTimeout(r, reply.delayMs));
-      if (res.destroyed) return finish();
+  async function answer(req: IncomingMessage, res: ServerResponse, data: string): Promise<void> {
+    inFlight++;
+    peakInFlight = Math.max(peakInFlight, inFlight);
+    let done = false;
+    const finish = (): void => {
+      if (!done) inFlight--;
+      done = true;
+    };
+    res.on('close', finish);
+    const body = JSON.parse(data) as { messages: { role: string; content: string }[] };
+    const user = body.messages.find((m) => m.role === 'user')!.content;
+    const m = /^P:(.*)\nA:(.*)\nB:(.*)$/s.exec(user)!;
+    const ask: Ask = { prompt: m[1], a: m[2], b: m[3], body, headers: req.headers, n: log.length + 1 };
+    log.push(ask);
+    const reply = await handler(ask);
+    if (reply.hold) return; // never answered: the client's abort closes it
+    if (reply.delayMs) await new Promise((r) => setTimeout(r, reply.delayMs));
+    if (!res.destroyed) {
       res.writeHead(reply.status ?? 200, { 'content-type': 'application/json', ...reply.headers });
       res.end(reply.raw ?? JSON.stringify(reply.body));
-      finish();
-    });
+    }
+    finish();
+  }
+  server = createServer((req: IncomingMessage, res: ServerResponse) => {
+    let data = '';
+    req.setEncoding('utf8');
+    req.on('data', (c: string) => (data += c));
+    req.on('end', () => void answer(req, res, data));
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   baseUrl = `http://127.0.0.1:${(server.address() as AddressInfo).port}/v1`;
@@ -288,10 +291,10 @@ describe('httpJudge cache', () => {
     expect(log).toHaveLength(12);
     expect(again.stats).toMatchObject({ requests: 0, cacheHits: 12 });
     // a changed template is another judge: it asks again
-    await judge({ cacheDir, template: `${TEMPLATE}` + '' }).compare('p', responses);
-    expect(log).toHaveLength(12);
-    await judge({ cacheDir, model: 'other-model' }).compare('p', responses);
+    await judge({ cacheDir, template: TEMPLATE.replace('{prompt}', '{prompt} ') }).compare('p', responses);
     expect(log).toHaveLength(24);
+    await judge({ cacheDir, model: 'other-model' }).compare('p', responses);
+    expect(log).toHaveLength(36);
   });
 
   it('keeps every answer of a run aborted mid-batch; the rerun asks only for the missing ones', async () => {
@@ -309,7 +312,7 @@ describe('httpJudge cache', () => {
     const cacheFiles = (): string[] =>
       readdirSync(cacheDir, { recursive: true, withFileTypes: true }).filter((d) => d.isFile()).map((d) => d.name);
     const run = judge({ cacheDir, requestConcurrency: 4 }).compareBatch(items, { concurrency: 2, signal: controller.signal });
-    const caught = run.catch((e: Error) => e);
+    const caught = run.catch((e: unknown) => e);
     for (let t = 0; t < 400; t++) {
       await new Promise((r) => setTimeout(r, 10));
       try {

@@ -174,7 +174,7 @@ describe('rewardModelJudge', () => {
     single.out.forEach((P, n) => P.forEach((row, i) => row.forEach((v, k) => expect(v).toBeCloseTo(pooled.out[n][i][k], 5))));
   });
 
-  it('cuts long conversations to maxSeq, keeping BOS and the end', async () => {
+  it('cuts long conversations to maxSeq, keeping BOS and the end', () => {
     const short = rewardModelJudge(model, tokenizer, score, { batchSize: 4, maxSeq: 16 });
     const full = judge.conversationIds(PROMPT, RESPONSES[1]);
     const cut = short.conversationIds(PROMPT, RESPONSES[1]);

@@ -59,7 +59,7 @@ describe('functionPreference', () => {
     ['0.5', /returned string "0\.5"; it must return/],
   ])('refuses a judge that returns %s, naming the pair', async (bad, pattern) => {
     const model = functionPreference((_p, a, b) => (a === 'y1' && b === 'y2' ? (bad as number) : 0.5));
-    const err = await model.compare('w', ['y0', 'y1', 'y2']).catch((e: Error) => e);
+    const err = await model.compare('w', ['y0', 'y1', 'y2']).catch((e: unknown) => e);
     expect((err as Error).message).toMatch(/^responses 1 and 2: /);
     expect((err as Error).message).toMatch(pattern);
   });
@@ -67,7 +67,7 @@ describe('functionPreference', () => {
   it('names the prompt index and the pair when a batch item fails', async () => {
     const model = functionPreference((p, a, b) => (p === 'third' && a === 'b' && b === 'c' ? Number.NaN : 0.5));
     const items = ['first', 'second', 'third', 'fourth'].map((prompt) => ({ prompt, responses: ['a', 'b', 'c'] }));
-    const err = await model.compareBatch(items).catch((e: Error) => e);
+    const err = await model.compareBatch(items).catch((e: unknown) => e);
     expect(err).toMatchObject({ name: 'PreferenceError', promptIndex: 2 });
     expect((err as Error).message).toMatch(/^prompt 2: responses 1 and 2: the preference function returned NaN/);
   });
@@ -141,13 +141,16 @@ describe('definePreferenceModel', () => {
     );
     const wrongSize = definePreferenceModel({ id: 'small', compare: () => [[0.5, 0.5], [0.5, 0.5]] });
     await expect(wrongSize.compare('x', ['a', 'b', 'c'])).rejects.toThrow(/has 2 rows, expected 3/);
-    const batched = definePreferenceModel({ id: 'b', compare: () => [[0.5]], compareBatch: async () => [[[0.5, 2], [-1, 0.5]]] });
+    const batched = definePreferenceModel({ id: 'b', compare: () => [[0.5]], compareBatch: () => Promise.resolve([[[0.5, 2], [-1, 0.5]]]) });
     await expect(batched.compareBatch([{ prompt: 'x', responses: ['a', 'b'] }])).rejects.toThrow(/^prompt 0: .*P\[0\]\[1\] = 2 is not a probability/);
   });
 
   it('refuses calls after dispose, and disposes once', async () => {
     let disposed = 0;
-    const model = definePreferenceModel({ id: 'd', compare: () => [[0.5, 0.5], [0.5, 0.5]], dispose: () => void disposed++ });
+    const dispose = (): void => {
+      disposed++;
+    };
+    const model = definePreferenceModel({ id: 'd', compare: () => [[0.5, 0.5], [0.5, 0.5]], dispose });
     await model.dispose();
     await model.dispose();
     expect(disposed).toBe(1);

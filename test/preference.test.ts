@@ -123,7 +123,10 @@ describe('preference losses through the model', () => {
     model.setOptimizer({ kind: 'rmsprop', lr: 3e-3 });
     const pairs = await pairsAtReference(model);
     // Targets far from ½ ask for large moves: chosen up, rejected down.
-    for (const p of pairs) (p.chosen.target = 0.9), (p.rejected.target = 0.1);
+    for (const p of pairs) {
+      p.chosen.target = 0.9;
+      p.rejected.target = 0.1;
+    }
     const eta = 20;
     const first = await model.preferenceStep({ pairs }, { loss: 'sppo-pair', eta });
     let last = first;

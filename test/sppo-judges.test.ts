@@ -57,9 +57,8 @@ function sharpen(model: Model): void {
 }
 function patchConfig(dir: string, patch: Record<string, unknown>, drop: string[] = []): void {
   const file = path.join(dir, 'config.json');
-  const cfg = { ...JSON.parse(readFileSync(file, 'utf8')), ...patch };
-  for (const k of drop) delete cfg[k];
-  writeFileSync(file, JSON.stringify(cfg, null, 2));
+  const cfg = { ...(JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown>), ...patch };
+  writeFileSync(file, JSON.stringify(Object.fromEntries(Object.entries(cfg).filter(([k]) => !drop.includes(k))), null, 2));
 }
 const tinyLlama = (seed: number, tied = false) => Model.create(
   { vocab_size: 32000, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 64,
@@ -351,10 +350,11 @@ describe("preference kind 'http': an OpenAI-compatible server on loopback", () =
     // distractor 'C' that the judge must ignore.
     server = createServer((req, res) => {
       let raw = '';
-      req.on('data', (c) => (raw += c));
+      req.setEncoding('utf8');
+      req.on('data', (c: string) => (raw += c));
       req.on('end', () => {
         requests++;
-        const body = JSON.parse(raw) as { model: string; messages: { role: string; content: string }[]; max_tokens: number; logprobs: boolean; top_logprobs: number };
+        const body = JSON.parse(raw) as { model: string; messages: { role: string; content: string }[]; max_tokens: number; logprobs: unknown; top_logprobs: number };
         const m = HTTP_QUESTION.exec(body.messages.find((x) => x.role === 'user')?.content ?? '');
         if (!m || body.model !== 'judge-model' || body.max_tokens !== 1 || body.logprobs !== true || req.url !== '/v1/chat/completions') {
           refused++;

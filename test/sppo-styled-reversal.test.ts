@@ -69,7 +69,7 @@ describe('the preference P(y ≻ y′ | x)', () => {
     for (const word of randomWords(40, 3)) {
       const answers = Array.from({ length: 7 }, () => {
         const style = ['R:', 'P:', 'S:', '', 'x'][rng.int(5)];
-        const body = rng.next() < 0.4 ? [...word].reverse().join('') : Array.from({ length: rng.int(8) }, () => letters[rng.int(8)]).join('');
+        const body = rng.next() < 0.4 ? Array.from(word).reverse().join('') : Array.from({ length: rng.int(8) }, () => letters[rng.int(8)]).join('');
         return style + body;
       });
       answers.push(idealAnswer(word, 'P'), 'none at all');

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU job (../shared/docs/GPU.md), run from the repository root on the GPU machine with
-# .gpu/ from bench/gpu/pack.sh carried along:
+# One GPU job (docs/architecture.md, "Checking the CUDA backend"), run from the repository root
+# on the GPU machine with .gpu/ from bench/gpu/pack.sh carried along:
 #   run(command="bash bench/gpu/run.sh", carry=[".gpu"], timeout_s=...)
 # Nothing is compiled there: the C++ test and benchmark executables and the addon travel in .gpu/.
 # Sections, in order (SECTIONS="..." picks a subset; each is skipped when its input is missing):

@@ -120,7 +120,7 @@ export function parseSafetensorsHeader(json: Uint8Array, fileSize: number, label
     const elements = (shape as number[]).reduce((a, d) => a * BigInt(d), 1n);
     const expected = elements * BigInt(elemBytes);
     if (expected !== BigInt(end - begin)) {
-      fail(`${where}: shape [${(shape as number[]).join(', ')}] of ${dtype} needs ${expected} bytes but data_offsets [${begin}, ${end}] hold ${end - begin}`);
+      fail(`${where}: shape [${(shape as number[]).join(', ')}] of ${dtype as string} needs ${expected} bytes but data_offsets [${begin}, ${end}] hold ${end - begin}`);
     }
     entries.push([name, { dtype: dtype as string, shape: [...(shape as number[])], begin, end }]);
   }
@@ -269,8 +269,13 @@ export class SafetensorsFile {
     return this.header.tensors;
   }
 
-  #info(name: string): TensorInfo {
+  #handle(): FileHandle {
     if (!this.fh) throw new SafetensorsError(`${this.path}: the file has been closed`);
+    return this.fh;
+  }
+
+  #info(name: string): TensorInfo {
+    this.#handle();
     const t = this.header.tensors.get(name);
     if (!t) throw new SafetensorsError(`${this.path}: no tensor named '${name}'`);
     return t;
@@ -280,7 +285,7 @@ export class SafetensorsFile {
   async readRaw(name: string, into?: Uint8Array): Promise<Uint8Array> {
     const t = this.#info(name);
     const bytes = into ?? new Uint8Array(t.end - t.begin);
-    await readExactly(this.fh!, bytes, this.header.dataStart + t.begin, this.path, `tensor '${name}'`);
+    await readExactly(this.#handle(), bytes, this.header.dataStart + t.begin, this.path, `tensor '${name}'`);
     return bytes;
   }
 
@@ -399,7 +404,7 @@ function encodeHeader(tensors: readonly TensorSource[], dtype: WriteDtype, metad
  */
 export async function writeSafetensorsTemp(target: string, tensors: readonly TensorSource[], options: WriteOptions = {}): Promise<string> {
   const dtype = options.dtype ?? 'F32';
-  if (dtype !== 'F32' && dtype !== 'BF16') throw new SafetensorsError(`cannot write dtype ${dtype} (supported: F32, BF16)`);
+  if (dtype !== 'F32' && dtype !== 'BF16') throw new SafetensorsError(`cannot write dtype ${String(dtype)} (supported: F32, BF16)`);
   const header = encodeHeader(tensors, dtype, options.metadata ?? {});
   return writeTemporary(target, async (fh) => {
     await fh.write(header, 0, header.length, 0);

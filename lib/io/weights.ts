@@ -36,14 +36,14 @@ export class CheckpointWeights {
     const files: SafetensorsFile[] = [];
     try {
       const byShard = new Map<string, SafetensorsFile>();
-      for (const shard of new Set(weightMap.values())) {
-        const f = await SafetensorsFile.open(path.join(dir, shard));
-        files.push(f);
-        byShard.set(shard, f);
-      }
       const tensors = new Map<string, TensorInfo & { file: SafetensorsFile }>();
       for (const [name, shard] of weightMap) {
-        const f = byShard.get(shard)!;
+        let f = byShard.get(shard);
+        if (!f) {
+          f = await SafetensorsFile.open(path.join(dir, shard));
+          files.push(f);
+          byShard.set(shard, f);
+        }
         const t = f.tensors.get(name);
         if (!t) throw new SafetensorsError(`${index}: weight_map puts '${name}' in ${shard}, which has no such tensor`);
         tensors.set(name, { ...t, file: f });

@@ -6,7 +6,7 @@
  * AbortError whose message is the reason when that is a string.
  */
 export function abortError(signal: AbortSignal): Error {
-  const reason = signal.reason;
+  const reason: unknown = signal.reason;
   if (reason instanceof Error) return reason;
   const err = new Error(typeof reason === 'string' ? reason : 'The operation was aborted');
   err.name = 'AbortError';

@@ -19,7 +19,7 @@ namespace {
 const PreferenceLoss kAllLosses[] = {PreferenceLoss::Sppo,     PreferenceLoss::SppoPair, PreferenceLoss::SppoSingle,
                                      PreferenceLoss::SppoHard, PreferenceLoss::Dpo,      PreferenceLoss::Ipo};
 
-// The table of ../shared/docs/SPPO.md, example by example (Δ = logp − ref, β = 1/η).
+// The loss table of docs/algorithm.md, example by example (Δ = logp − ref, β = 1/η).
 double reference_loss(PreferenceLoss loss, double eta, const std::vector<double>& logp, const std::vector<double>& ref,
                       const std::vector<double>& target) {
   const double beta = 1 / eta;

@@ -1,5 +1,5 @@
 // The SPPO family of preference losses and the DPO / IPO baselines, on per-sequence log-probs
-// (formulas in ../shared/docs/SPPO.md). Host-side double math over a handful of sequences, so
+// (formulas in docs/algorithm.md). Host-side double math over a handful of sequences, so
 // every backend shares this one definition.
 #pragma once
 #include <cstdint>
