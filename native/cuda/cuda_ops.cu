@@ -1,6 +1,6 @@
 // The CUDA backend's core: device, stream and memory; transfers; the deterministic reductions;
 // and the element-wise and row-wise ops (GEMMs live in cuda_gemm.cu, attention and decoding in
-// cuda_attention.cu, the LM head and sampler in cuda_head.cu). Kernels first, then the members
+// attention/, the LM head and sampler in cuda_head.cu). Kernels first, then the members
 // that launch them. Every formula mirrors cpu/cpu_ops.cpp with fp32 math on bf16 storage; every
 // reduction has a fixed summation order, so results are bit-identical run to run.
 #include <cub/device/device_radix_sort.cuh>

@@ -1,8 +1,9 @@
 // The CUDA backend: the op interface for bf16 storage on one NVIDIA GPU (fp32 math and fp32
 // Master precision; see ops/ops.h). Its members are implemented across native/cuda/*.cu, one
-// file per family (core + element-wise + GEMM, attention + decode, LM head + sampler); each
-// family keeps its private state in its own struct behind a unique_ptr, so the files do not
-// share more than this declaration and cuda_common.cuh.
+// file per family (core + element-wise + GEMM, LM head + sampler) or folder (attention/: its
+// implementations, decode and dispatch); each family keeps its private state in its own struct
+// behind a unique_ptr, so the families do not share more than this declaration and
+// cuda_common.cuh.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -17,7 +18,7 @@ namespace sppo::cuda {
 
 struct GemmState;    // cuda_gemm.cu: the cuBLASLt handle (loaded with dlopen), workspace
 struct ReduceState;  // cuda_ops.cu: partial-sum buffers of the deterministic reductions
-struct AttnState;    // cuda_attention.cu
+struct AttnState;    // attention/attention.cuh: row deltas, decode partials, the kernel choice
 struct HeadState;    // cuda_head.cu: per-row buffers of the fused head and the sampler
 // Each family's .cu file defines StateDeleter<ItsState>::operator() (where the type is complete).
 template <class S>
