@@ -12,8 +12,8 @@
 #include "core/error.h"
 #include "core/threadpool.h"
 #include "cpu/gemm.h"
+#include "cpu/sampler.h"
 #include "cpu/vecmath.h"
-#include "sppo/generate.h"
 
 namespace sppo::cpu {
 

@@ -163,7 +163,7 @@ class Ops {
   // and its slot's cache, never on the other rows of the call.
   virtual void attention_decode(T* out, const T* qkv, const T* k_cache, const T* v_cache, const int32_t* slots,
                                 const int32_t* positions, int64_t n, const AttentionShape& s) = 0;
-  // Samples one token from each row of logits(n, V) (backend) as sample_token (sppo/generate.h)
+  // Samples one token from each row of logits(n, V) (backend) as sample_token (cpu/sampler.h)
   // specifies, row i with the uniform draw u[i] in (0,1); tokens[i] and raw_logprobs[i] (log
   // softmax of the unmodified logits at the token) are host arrays, as is u.
   virtual void sample(int32_t* tokens, double* raw_logprobs, const Master* logits, int64_t n, int64_t V,
