@@ -107,13 +107,6 @@ bool CpuOps<T>::all_finite(const T* x, int64_t n) {
 }
 
 template <class T>
-void CpuOps<T>::embedding_forward(T* out, const T* table, const int32_t* ids, int64_t N, int64_t C) {
-  cpu_pool().parallel_for(N, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) std::memcpy(out + i * C, table + int64_t(ids[i]) * C, C * sizeof(T));
-  });
-}
-
-template <class T>
 void CpuOps<T>::embedding_backward(T* dtable, const T* dout, const int32_t* ids, int64_t N, int64_t C) {
   // Column chunks: every row of the table is touched by one task per chunk, in token order.
   int64_t chunks = (C + kColChunk - 1) / kColChunk;

@@ -64,7 +64,6 @@ class CudaOps final : public Ops<bf16> {
   double sum_squares(const float* x, int64_t n) override;
   bool all_finite(const float* x, int64_t n) override;
 
-  void embedding_forward(bf16* out, const bf16* table, const int32_t* ids, int64_t N, int64_t C) override;
   void embedding_backward(float* dtable, const bf16* dout, const int32_t* ids, int64_t N, int64_t C) override;
   void gather_rows(bf16* dst, const bf16* src, const int32_t* rows, int64_t n, int64_t C) override;
   void scatter_rows(bf16* dst, const bf16* src, const int32_t* rows, int64_t n, int64_t C) override;

@@ -125,7 +125,7 @@ void Generator<T>::extend(int64_t N, int64_t n_logit_rows) {
   const int32_t* logit_rows_dev = step_dev_ + 3 * N;
   // The step's device work, from the embedding to the logits.
   auto run = [&] {
-    o.embedding_forward(x_, model_.embedding(), tokens_dev, N, C);
+    o.gather_rows(x_, model_.embedding(), tokens_dev, N, C);  // the embedding lookup
     for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
       const typename Model<T>::LayerWeights w = model_.layer_weights(l);
       o.rmsnorm_forward(xn_, rstd_, x_, w.attn_norm, N, C, eps);

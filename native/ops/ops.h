@@ -95,8 +95,8 @@ class Ops {
   // True when every element is finite.
   virtual bool all_finite(const Master* x, int64_t n) = 0;
 
-  // out(N,C) = table[ids[i]]; dtable(V,C) += scatter of dout by ids.
-  virtual void embedding_forward(T* out, const T* table, const int32_t* ids, int64_t N, int64_t C) = 0;
+  // dtable(V,C) += scatter of dout by ids: the backward of the embedding lookup, which is
+  // gather_rows(out, table, ids, N, C).
   virtual void embedding_backward(Master* dtable, const T* dout, const int32_t* ids, int64_t N, int64_t C) = 0;
   // dst(n,C) = src[rows[i]] (gather); dst[rows[i]] = src(n,C) (scatter; other rows of dst untouched).
   virtual void gather_rows(T* dst, const T* src, const int32_t* rows, int64_t n, int64_t C) = 0;
