@@ -8,7 +8,7 @@
 //   the sampler alone (one call: draws up, tokens and log-probs down) at batch 1, 64 and 256.
 // Prints "skipped" where no GPU is usable. Times are medians after a warm-up; every timed call
 // ends with a device -> host copy, so host time is device time. cuda_breakdown prints where the
-// time of a training step and of a decode step goes (tests/cuda_profile.h), against the card's
+// time of a training step and of a decode step goes (bench/cuda_profile.h), against the card's
 // bf16 GEMM and copy ceilings measured in the same process.
 #include <cuda_runtime.h>
 
@@ -25,7 +25,7 @@
 #include "cuda/cuda_ops.cuh"
 #include "sppo/generate.h"
 #include "sppo/model.h"
-#include "tests/cuda_profile.h"
+#include "bench/cuda_profile.h"
 #include "tests/harness.h"
 
 using namespace sppo;

@@ -1,5 +1,5 @@
 // The profiled CUDA op set and the breakdown table (cuda_profile.h).
-#include "tests/cuda_profile.h"
+#include "bench/cuda_profile.h"
 
 #include <cuda_runtime.h>
 
