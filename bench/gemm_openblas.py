@@ -1,4 +1,4 @@
-"""OpenBLAS sgemm baseline (through numpy) for the shapes of native/tests/bench_gemm.cpp.
+"""OpenBLAS sgemm baseline (through numpy) for the shapes of native/bench/bench_gemm.cpp.
 
 Prints the same table as the C++ benchmark (case, M, N, K, trans, ms, GFLOP/s); with
 `--json out.json` it also writes the rows as JSON. Transposes are .T views of C-contiguous

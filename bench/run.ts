@@ -200,7 +200,7 @@ interface GemmRow {
 }
 const gemmKey = (r: GemmRow) => `${r.case} ${r.M}x${r.N}x${r.K} ${r.trans}`;
 
-// The C++ bench prints a table: `case M N K trans ms GFLOP/s` rows (bench_gemm.cpp); rows are
+// The C++ bench prints a table: `case M N K trans ms GFLOP/s` rows (native/bench/bench_gemm.cpp); rows are
 // matched by a regex, anything else (headers, the kernel line) is ignored.
 function parseGemmTable(text: string): { rows: GemmRow[]; kernel?: string } {
   const rows: GemmRow[] = [];
@@ -334,7 +334,7 @@ print(json.dumps({"afterBuild": built * 1024, "afterStep": resource.getrusage(re
   return JSON.parse(line) as { afterBuild: number; afterStep: number };
 }
 
-// `build/sppo_bench fused_head` prints rows "d path ms extraMiB" (native/tests/bench_head.cpp).
+// `build/sppo_bench fused_head` prints rows "d path ms extraMiB" (native/bench/bench_head.cpp).
 function fusedHead(results: Record<string, unknown>): Row[] {
   if (!existsSync(SPPO_BENCH)) return [];
   const r = run(SPPO_BENCH, ['fused_head']);
@@ -385,7 +385,7 @@ function fusedHead(results: Record<string, unknown>): Row[] {
 }
 
 // `build/sppo_bench generate` prints "decode PRESET batch B  N tok/s" and
-// "decode PRESET batch 1 position P  T ms/token" lines (native/tests/bench_generate.cpp).
+// "decode PRESET batch 1 position P  T ms/token" lines (native/bench/bench_generate.cpp).
 async function decode(results: Record<string, unknown>, baseline: Record<string, number>): Promise<Row[]> {
   const rows: Row[] = [];
   if (existsSync(SPPO_BENCH)) {

@@ -12,8 +12,8 @@
 #include "core/error.h"
 #include "core/threadpool.h"
 #include "cpu/gemm.h"
+#include "cpu/sampler.h"
 #include "cpu/vecmath.h"
-#include "sppo/generate.h"
 
 namespace sppo::cpu {
 
@@ -104,13 +104,6 @@ bool CpuOps<T>::all_finite(const T* x, int64_t n) {
       if (!std::isfinite(x[i])) return false;
     return true;
   }();
-}
-
-template <class T>
-void CpuOps<T>::embedding_forward(T* out, const T* table, const int32_t* ids, int64_t N, int64_t C) {
-  cpu_pool().parallel_for(N, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) std::memcpy(out + i * C, table + int64_t(ids[i]) * C, C * sizeof(T));
-  });
 }
 
 template <class T>

@@ -33,7 +33,6 @@ class CpuOps final : public Ops<T> {
   void copy(T* dst, const T* src, int64_t n) override { copy_bytes(dst, src, size_t(n) * sizeof(T)); }
   double sum_squares(const T* x, int64_t n) override;
   bool all_finite(const T* x, int64_t n) override;
-  void embedding_forward(T* out, const T* table, const int32_t* ids, int64_t N, int64_t C) override;
   void embedding_backward(T* dtable, const T* dout, const int32_t* ids, int64_t N, int64_t C) override;
   void gather_rows(T* dst, const T* src, const int32_t* rows, int64_t n, int64_t C) override;
   void scatter_rows(T* dst, const T* src, const int32_t* rows, int64_t n, int64_t C) override;

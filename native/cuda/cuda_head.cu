@@ -1,7 +1,7 @@
 // The fused LM head (target log-probs and their backward, logits a tile at a time) and the
 // batched token sampler, on the device. The head's GEMMs go through gemm_master (cuBLASLt); the
 // kernels here do what lies between them: the online log-sum-exp across vocabulary tiles, the
-// target logit, and dlogits. The sampler mirrors sample_token (native/model/generate.cpp).
+// target logit, and dlogits. The sampler mirrors sample_token (native/cpu/sampler.cpp).
 //
 // Extra device memory (HeadState, grown on first need, kept until the CudaOps goes away):
 //   head backward: 2·rows·ld bytes (bf16 dlogits tile) + 4·rows·C bytes (float dH of one row

@@ -1,6 +1,6 @@
 // The CUDA backend's core: device, stream and memory; transfers; the deterministic reductions;
 // and the element-wise and row-wise ops (GEMMs live in cuda_gemm.cu, attention and decoding in
-// cuda_attention.cu, the LM head and sampler in cuda_head.cu). Kernels first, then the members
+// attention/, the LM head and sampler in cuda_head.cu). Kernels first, then the members
 // that launch them. Every formula mirrors cpu/cpu_ops.cpp with fp32 math on bf16 storage; every
 // reduction has a fixed summation order, so results are bit-identical run to run.
 #include <cub/device/device_radix_sort.cuh>
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kThreads) non_finite_kernel(double* partials, 
 }
 
 // Row i of src (row src_rows[i], or i without src_rows) to row dst_rows[i] (or i) of dst, for n
-// rows of C columns: embedding_forward and gather_rows index the source, scatter_rows the destination.
+// rows of C columns: gather_rows (the embedding lookup too) indexes the source, scatter_rows the destination.
 template <int W>
 __global__ void copy_rows_kernel(bf* dst, const int32_t* dst_rows, const bf* src, const int32_t* src_rows, int64_t n,
                                  int64_t C) {
@@ -1207,11 +1207,6 @@ bool CudaOps::all_finite(const float* x, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // Embeddings and row moves
 // ---------------------------------------------------------------------------------------------
-
-void CudaOps::embedding_forward(bf16* out, const bf16* table, const int32_t* ids, int64_t N, int64_t C) {
-  if (N <= 0 || C <= 0) return;
-  copy_rows(dev(out), nullptr, dev(table), ids, N, C, stream_);
-}
 
 // Stable radix sort of the (id, token) pairs by id (cub's radix sort is stable: equal ids keep
 // increasing token order), then one pass that gives every (table row, column) one owner lane.

@@ -1,8 +1,9 @@
 // The CUDA backend: the op interface for bf16 storage on one NVIDIA GPU (fp32 math and fp32
 // Master precision; see ops/ops.h). Its members are implemented across native/cuda/*.cu, one
-// file per family (core + element-wise + GEMM, attention + decode, LM head + sampler); each
-// family keeps its private state in its own struct behind a unique_ptr, so the files do not
-// share more than this declaration and cuda_common.cuh.
+// file per family (core + element-wise + GEMM, LM head + sampler) or folder (attention/: its
+// implementations, decode and dispatch); each family keeps its private state in its own struct
+// behind a unique_ptr, so the families do not share more than this declaration and
+// cuda_common.cuh.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -17,7 +18,7 @@ namespace sppo::cuda {
 
 struct GemmState;    // cuda_gemm.cu: the cuBLASLt handle (loaded with dlopen), workspace
 struct ReduceState;  // cuda_ops.cu: partial-sum buffers of the deterministic reductions
-struct AttnState;    // cuda_attention.cu
+struct AttnState;    // attention/attention.cuh: row deltas, decode partials, the kernel choice
 struct HeadState;    // cuda_head.cu: per-row buffers of the fused head and the sampler
 // Each family's .cu file defines StateDeleter<ItsState>::operator() (where the type is complete).
 template <class S>
@@ -63,7 +64,6 @@ class CudaOps final : public Ops<bf16> {
   double sum_squares(const float* x, int64_t n) override;
   bool all_finite(const float* x, int64_t n) override;
 
-  void embedding_forward(bf16* out, const bf16* table, const int32_t* ids, int64_t N, int64_t C) override;
   void embedding_backward(float* dtable, const bf16* dout, const int32_t* ids, int64_t N, int64_t C) override;
   void gather_rows(bf16* dst, const bf16* src, const int32_t* rows, int64_t n, int64_t C) override;
   void scatter_rows(bf16* dst, const bf16* src, const int32_t* rows, int64_t n, int64_t C) override;

@@ -1,5 +1,6 @@
 // Batched sampling with a KV cache: the decoder of model.cpp run one "extend" step at a time
-// over rows (slot, position, token), the sampler, and the scheduler that feeds slots.
+// over rows (slot, position, token), and the scheduler that feeds slots; the draw itself is an
+// op (Ops::sample: cpu/sampler.h on the CPU).
 #include "sppo/generate.h"
 
 #include <algorithm>
@@ -9,7 +10,6 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/threadpool.h"
-#include "cpu/vecmath.h"
 
 namespace sppo {
 
@@ -36,92 +36,6 @@ const char* stop_reason_name(StopReason r) {
   }
   return "unknown";
 }
-
-template <class T>
-int32_t sample_token(const T* x, int64_t V, const SamplingOptions& o, double u, double* raw_logprob,
-                     SamplerScratch<T>& scratch) {
-  int64_t argmax = 0;
-  for (int64_t j = 1; j < V; ++j)
-    if (x[j] > x[argmax]) argmax = j;  // strict: ties go to the lowest id
-  const T mx = x[argmax];
-  // w = exp(x - max): the raw policy's softmax numerators; the recorded log-prob is always
-  // log softmax of the unmodified logits, whatever temperature and truncation do to the draw.
-  std::vector<T>& w = scratch.weights;
-  w.resize(size_t(V));
-  const double raw_sum = cpu::exp_shifted_sum(x, w.data(), V, mx);
-  const double lse = double(mx) + std::log(raw_sum);
-
-  int64_t token = argmax;
-  if (o.temperature > 0) {
-    double z = raw_sum;
-    if (o.temperature != 1) {  // w = exp((x - max) / T)
-      const T inv_t = T(1.0 / o.temperature);
-      for (int64_t j = 0; j < V; ++j) w[j] = (x[j] - mx) * inv_t;
-      z = cpu::exp_shifted_sum(w.data(), w.data(), V, T(0));
-    }
-    if ((o.top_k == 0 || o.top_k >= V) && o.top_p >= 1) {
-      // Untruncated: inverse CDF over the ids in order, no sort needed.
-      const double target = u * z;
-      double cum = 0;
-      token = V - 1;  // if rounding leaves target past the last sum
-      for (int64_t j = 0; j < V; ++j) {
-        cum += double(w[j]);
-        if (target < cum) {
-          token = j;
-          break;
-        }
-      }
-    } else {
-      // Candidates in a total order: higher logit first, then lower id, so truncation and the
-      // draw are the same on every run.
-      auto& ranked = scratch.ranked;
-      ranked.resize(size_t(V));
-      for (int64_t j = 0; j < V; ++j) ranked[j] = {double(x[j]), int32_t(j)};
-      auto before = [](const std::pair<double, int32_t>& a, const std::pair<double, int32_t>& b) {
-        return a.first > b.first || (a.first == b.first && a.second < b.second);
-      };
-      int64_t kept = V;
-      if (o.top_k > 0 && o.top_k < V) {
-        std::nth_element(ranked.begin(), ranked.begin() + (o.top_k - 1), ranked.end(), before);
-        const double kth = ranked[o.top_k - 1].first;
-        // Keep every logit >= the k-th (ties included, as Hugging Face's TopKLogitsWarper does).
-        kept = std::partition(ranked.begin(), ranked.end(), [&](const auto& c) { return c.first >= kth; }) -
-               ranked.begin();
-      }
-      std::sort(ranked.begin(), ranked.begin() + kept, before);
-      // From here .first is the candidate's weight at temperature T.
-      z = 0;
-      for (int64_t i = 0; i < kept; ++i) z += ranked[i].first = double(w[ranked[i].second]);
-      if (o.top_p < 1) {
-        // Nucleus: the smallest prefix whose probability reaches top_p (at least one token).
-        double cum = 0;
-        int64_t m = 0;
-        while (m < kept) {
-          cum += ranked[m++].first;
-          if (cum >= o.top_p * z) break;
-        }
-        kept = m;
-        z = cum;
-      }
-      const double target = u * z;
-      double cum = 0;
-      token = ranked[kept - 1].second;
-      for (int64_t i = 0; i < kept; ++i) {
-        cum += ranked[i].first;
-        if (target < cum) {
-          token = ranked[i].second;
-          break;
-        }
-      }
-    }
-  }
-  *raw_logprob = double(x[token]) - lse;
-  return int32_t(token);
-}
-template int32_t sample_token<float>(const float*, int64_t, const SamplingOptions&, double, double*,
-                                     SamplerScratch<float>&);
-template int32_t sample_token<double>(const double*, int64_t, const SamplingOptions&, double, double*,
-                                      SamplerScratch<double>&);
 
 template <class T>
 Generator<T>::Generator(const Model<T>& model, GeneratorPlan plan, std::unique_ptr<Ops<T>> ops)
@@ -211,7 +125,7 @@ void Generator<T>::extend(int64_t N, int64_t n_logit_rows) {
   const int32_t* logit_rows_dev = step_dev_ + 3 * N;
   // The step's device work, from the embedding to the logits.
   auto run = [&] {
-    o.embedding_forward(x_, model_.embedding(), tokens_dev, N, C);
+    o.gather_rows(x_, model_.embedding(), tokens_dev, N, C);  // the embedding lookup
     for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
       const typename Model<T>::LayerWeights w = model_.layer_weights(l);
       o.rmsnorm_forward(xn_, rstd_, x_, w.attn_norm, N, C, eps);

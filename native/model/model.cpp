@@ -385,7 +385,7 @@ void Model<T>::forward_blocks(const int32_t* tokens, int64_t B, int64_t Tn) {
   const double eps = cfg_.rms_norm_eps;
   upload_tokens(tokens, B, Tn);
   const AttentionShape shape{B, Tn, H, KV, D, QKV, 0, QD, QD + cfg_.kv_dim(), QD, 1.0 / std::sqrt(double(D))};
-  o.embedding_forward(acts_[0].resid_in, params_arena_ + embed_off_, tokens_dev_, N, C);
+  o.gather_rows(acts_[0].resid_in, params_arena_ + embed_off_, tokens_dev_, N, C);  // the embedding lookup
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     LayerActs& a = acts_[l];
     LayerParams<T> p = layer_params(params_arena_, l);

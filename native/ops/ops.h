@@ -95,8 +95,8 @@ class Ops {
   // True when every element is finite.
   virtual bool all_finite(const Master* x, int64_t n) = 0;
 
-  // out(N,C) = table[ids[i]]; dtable(V,C) += scatter of dout by ids.
-  virtual void embedding_forward(T* out, const T* table, const int32_t* ids, int64_t N, int64_t C) = 0;
+  // dtable(V,C) += scatter of dout by ids: the backward of the embedding lookup, which is
+  // gather_rows(out, table, ids, N, C).
   virtual void embedding_backward(Master* dtable, const T* dout, const int32_t* ids, int64_t N, int64_t C) = 0;
   // dst(n,C) = src[rows[i]] (gather); dst[rows[i]] = src(n,C) (scatter; other rows of dst untouched).
   virtual void gather_rows(T* dst, const T* src, const int32_t* rows, int64_t n, int64_t C) = 0;
@@ -163,7 +163,7 @@ class Ops {
   // and its slot's cache, never on the other rows of the call.
   virtual void attention_decode(T* out, const T* qkv, const T* k_cache, const T* v_cache, const int32_t* slots,
                                 const int32_t* positions, int64_t n, const AttentionShape& s) = 0;
-  // Samples one token from each row of logits(n, V) (backend) as sample_token (sppo/generate.h)
+  // Samples one token from each row of logits(n, V) (backend) as sample_token (cpu/sampler.h)
   // specifies, row i with the uniform draw u[i] in (0,1); tokens[i] and raw_logprobs[i] (log
   // softmax of the unmodified logits at the token) are host arrays, as is u.
   virtual void sample(int32_t* tokens, double* raw_logprobs, const Master* logits, int64_t n, int64_t V,

@@ -1,4 +1,4 @@
-// The CUDA attention family (cuda/cuda_attention.cu) against the CPU backend: forward, backward,
+// The CUDA attention family (cuda/attention/) against the CPU backend: forward, backward,
 // KV-cache write and decode on fresh random inputs rounded to bf16 first (so both backends see
 // the same numbers), with outputs poisoned with NaN so an unwritten element cannot pass.
 // Errors are max|gpu - cpu| / max|cpu| per output; the GPU's outputs are bf16, so 1e-2 leaves

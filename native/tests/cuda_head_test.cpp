@@ -26,6 +26,7 @@
 
 #include "core/rng.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/sampler.h"
 #include "cuda/cuda_backend.h"
 #include "sppo/generate.h"
 #include "tests/cuda_test_util.h"
@@ -175,7 +176,8 @@ std::vector<float> hard_row(int kind, int64_t V, uint64_t seed) {
 // kept total: the smallest |cum − top_p·z| / z over the kept candidates and |cum − u·z| / z over
 // the nucleus, from the weights sample_token left in `work`. The last sum of each walk is no
 // boundary: top_p·z and u·z stay below it, and both samplers take the last candidate there.
-double cpu_boundary_gap(const float* x, int64_t V, const SamplingOptions& o, double u, const SamplerScratch<float>& work) {
+double cpu_boundary_gap(const float* x, int64_t V, const SamplingOptions& o, double u,
+                        const cpu::SamplerScratch<float>& work) {
   std::vector<int32_t> ids(V);
   for (int64_t j = 0; j < V; ++j) ids[j] = int32_t(j);
   std::sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
@@ -268,7 +270,7 @@ SPPO_TEST(cuda_sampler_greedy_ties_and_tiny_rows) {
   // Ties at the top (ids 1 and 3): greedy takes id 1; top-k 1 keeps both, id 1 first.
   const std::vector<float> x = {0.5f, 3.0f, -1.0f, 3.0f, 2.9f};
   const DeviceArray<float> d = upload(*gpu, x);
-  SamplerScratch<float> work;
+  cpu::SamplerScratch<float> work;
   struct Opt {
     double t;
     int64_t k;
@@ -281,7 +283,7 @@ SPPO_TEST(cuda_sampler_greedy_ties_and_tiny_rows) {
       int32_t tok = -1;
       double lp = 0, cpu_lp = 0;
       gpu->sample(&tok, &lp, d.data(), 1, 5, o, &u);
-      const int32_t cpu_tok = sample_token(x.data(), 5, o, u, &cpu_lp, work);
+      const int32_t cpu_tok = cpu::sample_token(x.data(), 5, o, u, &cpu_lp, work);
       EXPECT_TRUE(tok == cpu_tok, "T " << c.t << " k " << c.k << " p " << c.p << " u " << u << ": token " << tok
                                        << " vs cpu " << cpu_tok);
       EXPECT_NEAR(lp, cpu_lp, 1e-6);
@@ -318,7 +320,7 @@ SPPO_TEST(cuda_sampler_matches_cpu_sample_token) {
     const int64_t rows = 4, calls = V < 5000 ? 500 : 250;  // 2000 and 1000 draws per setting
     const std::vector<float> x = sampler_logits(rows, V, 31 + V);
     const DeviceArray<float> d = upload(*gpu, x);
-    SamplerScratch<float> work;
+    cpu::SamplerScratch<float> work;
     for (size_t s = 0; s < std::size(settings); ++s) {
       SamplingOptions o;
       o.temperature = settings[s].t, o.top_k = settings[s].k, o.top_p = settings[s].p;
@@ -331,7 +333,7 @@ SPPO_TEST(cuda_sampler_matches_cpu_sample_token) {
         gpu->sample(tok.data(), lp.data(), d.data(), rows, V, o, u.data());
         for (int64_t i = 0; i < rows; ++i) {
           double cpu_lp = 0;
-          const int32_t cpu_tok = sample_token(x.data() + i * V, V, o, u[i], &cpu_lp, work);
+          const int32_t cpu_tok = cpu::sample_token(x.data() + i * V, V, o, u[i], &cpu_lp, work);
           EXPECT_TRUE(tok[i] >= 0 && tok[i] < V, settings[s].name << ": token " << tok[i]);
           if (tok[i] != cpu_tok) {
             ++mismatches;
@@ -379,7 +381,7 @@ SPPO_TEST(cuda_sampler_truncated_hard_cases) {
       x.insert(x.end(), row.begin(), row.end());
     }
     const DeviceArray<float> d = upload(*gpu, x);
-    SamplerScratch<float> work;
+    cpu::SamplerScratch<float> work;
     int64_t boundary = 0, draws = 0;
     double lp_err = 0;
     for (size_t s = 0; s < std::size(settings); ++s) {
@@ -398,7 +400,7 @@ SPPO_TEST(cuda_sampler_truncated_hard_cases) {
                     "V " << V << " " << kind << " setting " << s << ": a second call gave token " << tok2[i] << " vs "
                          << tok[i]);
         double cpu_lp = 0;
-        const int32_t cpu_tok = sample_token(xi, V, o, u[i], &cpu_lp, work);
+        const int32_t cpu_tok = cpu::sample_token(xi, V, o, u[i], &cpu_lp, work);
         ++draws;
         if (tok[i] != cpu_tok) {
           const double gap = cpu_boundary_gap(xi, V, o, u[i], work);
@@ -437,7 +439,7 @@ SPPO_TEST(cuda_sampler_truncated_large_batch) {
     x.insert(x.end(), row.begin(), row.end());
   }
   const DeviceArray<float> d = upload(*gpu, x);
-  SamplerScratch<float> work;
+  cpu::SamplerScratch<float> work;
   for (int64_t k : {int64_t(0), int64_t(50)}) {
     SamplingOptions o;
     o.temperature = 0.7, o.top_k = k, o.top_p = 0.9;
@@ -449,7 +451,7 @@ SPPO_TEST(cuda_sampler_truncated_large_batch) {
     for (int64_t i = 0; i < rows; ++i) {
       double cpu_lp = 0;
       const float* xi = x.data() + i * V;
-      const int32_t cpu_tok = sample_token(xi, V, o, u[i], &cpu_lp, work);
+      const int32_t cpu_tok = cpu::sample_token(xi, V, o, u[i], &cpu_lp, work);
       if (tok[i] != cpu_tok) {
         const double gap = cpu_boundary_gap(xi, V, o, u[i], work);
         EXPECT_TRUE(gap < 1e-6, "row " << i << " (" << kHardKinds[i % kinds] << ") k " << k << ": token " << tok[i]

@@ -211,11 +211,12 @@ void check_embeddings_and_row_moves(Ops<bf16>* ops, int64_t C) {
   put(d_table, table);
   put(d_ids, ids);
 
+  // The embedding lookup: gather_rows of the table by token ids (with repeats).
   poison(d_out);
-  ops->embedding_forward(d_out.data(), d_table.data(), d_ids.data(), N, C);
+  ops->gather_rows(d_out.data(), d_table.data(), d_ids.data(), N, C);
   std::vector<float> out(size_t(N * C), kNaN);
-  ref.embedding_forward(out.data(), table.data(), ids.data(), N, C);
-  expect_close(std::string("embedding_forward") + " C=" + std::to_string(C), get(d_out), out, 0.0);
+  ref.gather_rows(out.data(), table.data(), ids.data(), N, C);
+  expect_close(std::string("embedding lookup (gather_rows)") + " C=" + std::to_string(C), get(d_out), out, 0.0);
 
   // dtable += scatter of dout (float, from random values); the CPU sums in the same order.
   const auto dout = randn_bf16(N * C, 33);

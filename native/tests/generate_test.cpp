@@ -10,6 +10,7 @@
 
 #include "core/rng.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/sampler.h"
 #include "cpu/gemm.h"
 #include "sppo/generate.h"
 #include "sppo/model.h"
@@ -169,10 +170,10 @@ SPPO_TEST(sampler_matches_truncated_softmax_distribution) {
     o.temperature = cfg.t, o.top_k = cfg.k, o.top_p = cfg.p;
     const int draws = 200000;
     std::vector<int64_t> count(V, 0);
-    SamplerScratch<float> work;
+    cpu::SamplerScratch<float> work;
     for (int i = 0; i < draws; ++i) {
       double lp;
-      int32_t tok = sample_token(logits.data(), V, o, uniform01(1234, 0, i), &lp, work);
+      int32_t tok = cpu::sample_token(logits.data(), V, o, uniform01(1234, 0, i), &lp, work);
       EXPECT_NEAR(lp, log_softmax_at(logits.data(), V, tok), 1e-6);  // float exp
       ++count[tok];
     }
@@ -190,10 +191,10 @@ SPPO_TEST(sampler_greedy_is_argmax_lowest_id_on_ties) {
   const std::vector<float> logits = {0.5f, 3.0f, -1.0f, 3.0f, 2.9f};
   SamplingOptions o;
   o.temperature = 0;
-  SamplerScratch<float> work;
+  cpu::SamplerScratch<float> work;
   for (double u : {0.01, 0.5, 0.99}) {
     double lp;
-    EXPECT_TRUE(sample_token(logits.data(), 5, o, u, &lp, work) == 1);
+    EXPECT_TRUE(cpu::sample_token(logits.data(), 5, o, u, &lp, work) == 1);
     EXPECT_NEAR(lp, log_softmax_at(logits.data(), 5, 1), 1e-6);
   }
 }

@@ -56,19 +56,6 @@ struct TokenEvent {
   double logprob;
 };
 
-// Per-thread scratch of the sampler, grown to the vocabulary on first use.
-template <class T>
-struct SamplerScratch {
-  std::vector<T> weights;                          // (V) softmax numerators
-  std::vector<std::pair<double, int32_t>> ranked;  // (V) candidates in sampling order
-};
-
-// The sampler on one row of logits (V), exposed for tests. Returns the token and writes
-// log softmax(logits)[token] to *raw_logprob. `u` in (0,1) is the draw (unused when greedy).
-template <class T>
-int32_t sample_token(const T* logits, int64_t V, const SamplingOptions& o, double u, double* raw_logprob,
-                     SamplerScratch<T>& scratch);
-
 // The host-facing face of Generator<T>, whatever the backend (Model::make_generator makes one).
 class GeneratorApi {
  public:

@@ -8,7 +8,7 @@
 //   the sampler alone (one call: draws up, tokens and log-probs down) at batch 1, 64 and 256.
 // Prints "skipped" where no GPU is usable. Times are medians after a warm-up; every timed call
 // ends with a device -> host copy, so host time is device time. cuda_breakdown prints where the
-// time of a training step and of a decode step goes (tests/cuda_profile.h), against the card's
+// time of a training step and of a decode step goes (bench/cuda_profile.h), against the card's
 // bf16 GEMM and copy ceilings measured in the same process.
 #include <cuda_runtime.h>
 
@@ -25,7 +25,7 @@
 #include "cuda/cuda_ops.cuh"
 #include "sppo/generate.h"
 #include "sppo/model.h"
-#include "tests/cuda_profile.h"
+#include "bench/cuda_profile.h"
 #include "tests/harness.h"
 
 using namespace sppo;
@@ -185,6 +185,7 @@ const Ceilings& ceilings() {
 void breakdown_train(const char* name, const ModelConfig& c, int B, int Tn, int steps) {
   auto profile = std::make_shared<bench::OpProfile>();
   Model<bf16> m(c, {B, Tn}, bench::make_profiled_ops(0, c, profile));
+  profile->embedding_table = m.embedding();
   const std::vector<int32_t> tokens = prepare_training(m, B, Tn);
   const Batch batch{tokens.data(), nullptr, B, Tn};
   m.train_step(batch);
@@ -204,6 +205,7 @@ void breakdown_train(const char* name, const ModelConfig& c, int B, int Tn, int 
 void breakdown_decode(const ModelConfig& c, int batch, int prompt, int new_tokens) {
   auto profile = std::make_shared<bench::OpProfile>();
   Model<bf16> m(c, {1, 8}, bench::make_profiled_ops(0, c, profile));
+  profile->embedding_table = m.embedding();
   std::unique_ptr<GeneratorApi> g = m.make_generator({batch, prompt + new_tokens});
   const Workload w(c, batch, prompt, new_tokens);
   const std::vector<SequenceRequest>& req = w.requests;

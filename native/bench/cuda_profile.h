@@ -33,6 +33,9 @@ class OpProfile {
   // Waits for every recorded event and folds the elapsed times into the totals.
   void collect();
   const std::map<std::string, PhaseTotals>& phases() const { return phases_; }
+  // The model's embedding table (Model::embedding()), set once the model exists: a gather_rows
+  // from it is the embedding lookup, timed as "embedding forward".
+  const void* embedding_table = nullptr;
 
   // Used by the profiled op set.
   struct Pending {

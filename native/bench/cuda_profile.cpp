@@ -1,5 +1,5 @@
 // The profiled CUDA op set and the breakdown table (cuda_profile.h).
-#include "tests/cuda_profile.h"
+#include "bench/cuda_profile.h"
 
 #include <cuda_runtime.h>
 
@@ -92,14 +92,12 @@ class ProfiledOps final : public Ops<bf16> {
     timed("finiteness checks", 0, 4.0 * n, [&] { r = inner_->all_finite(x, n); });
     return r;
   }
-  void embedding_forward(bf16* out, const bf16* table, const int32_t* ids, int64_t N, int64_t C) override {
-    timed("embedding forward", 0, 4.0 * N * C, [&] { inner_->embedding_forward(out, table, ids, N, C); });
-  }
   void embedding_backward(float* dtable, const bf16* dout, const int32_t* ids, int64_t N, int64_t C) override {
     timed("embedding backward", 0, 10.0 * N * C, [&] { inner_->embedding_backward(dtable, dout, ids, N, C); });
   }
   void gather_rows(bf16* dst, const bf16* src, const int32_t* rows, int64_t n, int64_t C) override {
-    timed("gather/scatter rows", 0, 4.0 * n * C, [&] { inner_->gather_rows(dst, src, rows, n, C); });
+    timed(src == profile_->embedding_table ? "embedding forward" : "gather/scatter rows", 0, 4.0 * n * C,
+          [&] { inner_->gather_rows(dst, src, rows, n, C); });
   }
   void scatter_rows(bf16* dst, const bf16* src, const int32_t* rows, int64_t n, int64_t C) override {
     timed("gather/scatter rows", 0, 4.0 * n * C, [&] { inner_->scatter_rows(dst, src, rows, n, C); });

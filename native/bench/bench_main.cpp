@@ -1,5 +1,5 @@
 // Runs every SPPO_BENCH (or those whose name contains one of the comma-separated fragments of argv[1]); each prints its own table.
-#include "harness.h"
+#include "tests/harness.h"
 
 int main(int argc, char** argv) {
   const char* filter = argc > 1 ? argv[1] : nullptr;

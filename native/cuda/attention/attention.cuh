@@ -1,0 +1,180 @@
+// What the attention family's files share (native/cuda/attention/): causal grouped-query
+// attention on the GPU, with the flash-style forward, the flash-attention-2 backward (dQ, and
+// dK/dV, each by its own kernel so every output has one writer and a fixed summation order: no
+// float atomics), and the KV-cache write and split decode of batched sampling.
+//
+// Three implementations of the forward and backward: register-resident tensor-core kernels
+// (mma.sync PTX, FlashAttention-2 structure) for head_dim 32, 64 and 128 (mma.cu,
+// SPPO_CUDA_ATTENTION=mma, not yet run on a GPU); the WMMA tensor-core kernels for the same head
+// dims (wmma.cu), the default (checked on an H200) until a GPU job has checked and timed both,
+// then one of the two goes; and fp32 FMA kernels from tiles staged as fp32 (fma.cu), for every
+// head_dim, which are also the tensor cores' reference (SPPO_CUDA_ATTENTION=fma). All run the
+// softmax in the base-2 domain (scores pre-multiplied by scale*log2(e)) and save log-sum-exps in
+// the natural log, as the CPU backend saves them (native/cpu/cpu_ops.cpp is the reference).
+// dispatch.cu picks the implementation and holds the op entry points; decode.cu the KV cache.
+//
+// Two sections: the tiling and device helpers the kernels share, then the host side: the
+// family's state, the launch helpers and each implementation's launchers.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <type_traits>
+#include <unordered_map>
+
+#include "core/error.h"
+#include "cuda/cuda_common.cuh"
+#include "cuda/cuda_ops.cuh"
+
+namespace sppo::cuda::attn {
+
+// ---- Tiling shared by the forward and backward kernels ----
+// A block owns kTile queries (or keys) of one (batch, head) and walks kTile-row tiles of the
+// other side up to the causal limit (the mma.sync kernels: kFaRows and kFaCols, mma.cu).
+constexpr int kTile = 64;
+constexpr int kThreads = 256;             // the FMA kernels' block (fma.cu)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct AttnParams {
+  int B, T, H, KV, D, group;
+  int64_t qkv_stride, q_off, k_off, v_off, out_stride;
+  float scale_log2;  // scale * log2(e)
+  int n_tiles;       // ceil(T / kTile)
+  bool vec;          // tensor-core staging: every tile row starts 16-byte aligned (16-byte copies)
+};
+
+// Sum / max over a warp (the delta and decode kernels). The butterfly leaves every lane with the
+// same bits, and the order is fixed, so the result is deterministic.
+__device__ __forceinline__ float sum32(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+__device__ __forceinline__ float max32(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// Loads a tile's log-sum-exps (as base 2) and deltas; rows past T get zeros.
+__device__ __forceinline__ void stage_row_stats(float* lse2_s, float* delta_s, const float* lse, const float* delta,
+                                                int64_t at, int valid) {
+  for (int r = threadIdx.x; r < kTile; r += kThreads) {
+    lse2_s[r] = r < valid ? lse[at + r] * kLog2e : 0.f;
+    delta_s[r] = r < valid ? delta[at + r] : 0.f;
+  }
+}
+
+// ---- Host side ----
+// Which forward/backward kernels run (SPPO_CUDA_ATTENTION, read once per op set): "wmma" (or
+// unset) the WMMA kernels, "mma" the register-resident mma.sync kernels (both for head_dim 32,
+// 64, 128; other head dims take the FMA kernels), "fma" the fp32 FMA kernels everywhere. WMMA
+// stays the default until a GPU job has run the mma.sync kernels: they were checked only under a
+// CPU emulation whose fragment layouts come from the same reading of the PTX manual as the
+// kernels, which a real GPU can contradict (bench/NOTES.md, issue 12).
+enum class AttnPath { mma, wmma, fma };
+AttnPath attention_path();
+
+// The launch helpers (dispatch.cu).
+int dmax_for(int64_t D, const char* op);
+void check_shape(const AttentionShape& s, const char* op);
+AttnParams attn_params(const AttentionShape& s);
+// Whether 16-byte copies of tile rows are aligned: every base pointer 16-byte aligned and every
+// stride and offset (in bf16 elements) a multiple of 8. D is 32, 64 or 128 on this path.
+bool rows_aligned16(std::initializer_list<const void*> ptrs, std::initializer_list<int64_t> elems);
+// One block per (tile, batch, head): a 1-D grid (its x dimension allows 2^31 - 1 blocks).
+unsigned tile_grid(int64_t tiles, int64_t heads, int64_t batch, const char* op);
+
+}  // namespace sppo::cuda::attn
+
+namespace sppo::cuda {
+
+// The family's state: the delta buffer of the backward, the decode partials, which kernels were
+// granted more than 48 KiB of dynamic shared memory, and the kernel choice (SPPO_CUDA_ATTENTION,
+// read once, when an op set makes its first attention call). Buffers grow to the largest shape seen.
+struct AttnState {
+  const attn::AttnPath path = attn::attention_path();
+  float* delta = nullptr;  // (B, H, T)
+  size_t delta_elems = 0;
+  float* partials = nullptr;  // decode: o (rows, H, chunks, D) then (m, l) (rows, H, chunks, 2)
+  size_t partial_elems = 0;
+  int max_smem_optin = 0;
+  std::unordered_map<const void*, size_t> smem_granted;
+
+  ~AttnState() {
+    // Errors are ignored here: this runs from destructors, possibly after the context is gone.
+    if (delta) (void)cudaFree(delta);
+    if (partials) (void)cudaFree(partials);
+  }
+
+  float* grow(float*& buf, size_t& have, size_t need, cudaStream_t stream, const char* what) {
+    if (need <= have) return buf;
+    if (buf) {
+      SPPO_CUDA_CHECK(cudaStreamSynchronize(stream));  // earlier kernels may still use the old buffer
+      SPPO_CUDA_CHECK(cudaFree(buf));
+      buf = nullptr, have = 0;
+      ++scratch_generation();
+    }
+    const cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&buf), need * sizeof(float));
+    if (e != cudaSuccess) {
+      buf = nullptr;
+      (void)cudaGetLastError();  // else the next launch check reports this allocation's error
+      throw Error(std::string("CUDA attention: cannot allocate ") + std::to_string(need * sizeof(float)) +
+                  " bytes for " + what + ": " + cudaGetErrorString(e));
+    }
+    have = need;
+    return buf;
+  }
+
+  // Lets `kernel` launch with `bytes` of dynamic shared memory (opting in past 48 KiB).
+  void allow_smem(const void* kernel, size_t bytes, int device, const char* op) {
+    if (bytes <= 48 * 1024) return;
+    if (max_smem_optin == 0)
+      SPPO_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    SPPO_REQUIRE(bytes <= size_t(max_smem_optin), op, " needs ", bytes, " bytes of shared memory per block; this GPU allows ",
+                 max_smem_optin);
+    size_t& granted = smem_granted[kernel];
+    if (granted >= bytes) return;
+    SPPO_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    granted = bytes;
+  }
+};
+
+}  // namespace sppo::cuda
+
+namespace sppo::cuda::attn {
+
+// Calls f(std::integral_constant<int, N>()) with N = d for d = 32 or 64, else 128: the launchers'
+// bridge from a run-time head dim to their kernels' template argument.
+template <class F>
+void with_head_dim(int d, F&& f) {
+  switch (d) {
+    case 32: return f(std::integral_constant<int, 32>());
+    case 64: return f(std::integral_constant<int, 64>());
+    default: return f(std::integral_constant<int, 128>());
+  }
+}
+
+// Each implementation's launchers: the forward writes out and lse, the backward dqkv from the
+// row deltas of dispatch.cu. fma.cu: head_dim padded to dmax (dmax_for: 32, 64 or 128).
+void fma_forward(AttnState& st, int device, cudaStream_t stream, int dmax, __nv_bfloat16* out, float* lse,
+                 const __nv_bfloat16* qkv, const AttentionShape& s);
+void fma_backward(AttnState& st, int device, cudaStream_t stream, int dmax, __nv_bfloat16* dqkv,
+                  const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
+                  const AttentionShape& s);
+// wmma.cu and mma.cu: head_dim D exactly 32, 64 or 128.
+void wmma_forward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* out, float* lse,
+                  const __nv_bfloat16* qkv, const AttentionShape& s);
+void wmma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* dqkv,
+                   const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
+                   const AttentionShape& s);
+void mma_forward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* out, float* lse,
+                 const __nv_bfloat16* qkv, const AttentionShape& s);
+void mma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* dqkv,
+                  const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
+                  const AttentionShape& s);
+
+}  // namespace sppo::cuda::attn
