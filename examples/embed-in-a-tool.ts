@@ -74,11 +74,12 @@ export async function alignWithHouseStyle(o: AlignOptions): Promise<Aligned> {
   const policyDir = run.policy(newest);
   const { model, tokenizer } = await loadPretrained(policyDir, { maxBatch: 1, maxSeq: 512 }, { device: o.device });
   try {
-    const prompt = tokenizer!.encodeChat([{ role: 'user', content: 'In one sentence: what is a prime number?' }], { addGenerationPrompt: true });
+    if (!tokenizer) throw new Error(`${policyDir} has no tokenizer`); // checkpoints of a Hugging Face run always carry one
+    const prompt = tokenizer.encodeChat([{ role: 'user', content: 'In one sentence: what is a prime number?' }], { addGenerationPrompt: true });
     const generator = model.createGenerator({ maxBatch: 1, maxContext: prompt.length + maxNewTokens });
-    const [out] = await generator.generate([prompt], { maxNewTokens, temperature: 0, stopTokens: tokenizer!.eosTokenIds, seed: 1 });
+    const [out] = await generator.generate([prompt], { maxNewTokens, temperature: 0, stopTokens: tokenizer.eosTokenIds, seed: 1 });
     await generator.dispose();
-    return { metrics, policyDir, answer: tokenizer!.decode(Array.from(out.tokens), { skipSpecialTokens: true }) };
+    return { metrics, policyDir, answer: tokenizer.decode(Array.from(out.tokens), { skipSpecialTokens: true }) };
   } finally {
     await model.dispose();
   }

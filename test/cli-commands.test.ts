@@ -8,7 +8,7 @@ import { dirname, join } from 'node:path';
 import { Writable } from 'node:stream';
 import { afterAll, describe, expect, it } from 'vitest';
 import { main } from '../lib/cli/cli.js';
-import { parseConfig } from '../lib/config/load.js';
+import { loadConfig, parseConfig } from '../lib/config/load.js';
 import { demoConfigInput } from '../lib/demo/demo.js';
 import { CharTokenizer, demoModelConfig } from '../lib/demo/task.js';
 import { Model } from '../lib/engine/model.js';
@@ -235,5 +235,44 @@ describe('sppo eval', () => {
     const r = await sppo('eval', '--run', join(dir, 'corrupt'));
     expect(r.code).toBe(1);
     expect(r.stderr).toContain('line 1 is not an iteration');
+  });
+});
+
+describe('sppo init', () => {
+  const initDir = join(dir, 'init');
+  mkdirSync(initDir, { recursive: true });
+
+  it('writes a commented config that loads as the demo, or as each judge over a model directory', async () => {
+    const out = join(initDir, 'demo.yaml');
+    expect((await sppo('init', '--demo', '--out', out)).code).toBe(0);
+    expect(await loadConfig(out)).toEqual(parseConfig(demoConfigInput(), { baseDir: initDir }));
+
+    for (const judge of ['http', 'lm-judge', 'reward-model', 'function']) {
+      const file = join(initDir, 'sub', `${judge}.yaml`);
+      mkdirSync(dirname(file), { recursive: true });
+      const r = await sppo('init', '--out', file, '--judge', judge, '--model', join(dir, 'my-model'), '--prompts', join(dir, 'p.jsonl'));
+      expect(r.code, r.stderr).toBe(0);
+      const config = await loadConfig(file);
+      expect(config.preference.kind).toBe(judge);
+      // the options' paths survive being written relative to the config's folder
+      expect(config.model.path).toBe(join(dir, 'my-model'));
+      expect(config.data.prompts).toBe(join(dir, 'p.jsonl'));
+      const text = readFileSync(file, 'utf8');
+      expect(text).toContain('path: ../../my-model\n');
+      // every field is documented; optional ones without a default wait commented out
+      expect(text).toMatch(/# η of the multiplicative-weights update[^\n]*\n {2}eta: 1000\n/);
+      expect(text).toMatch(/\n {4}# alpha:\n/);
+    }
+  });
+
+  it('never overwrites a file, and refuses bad options', async () => {
+    const out = join(initDir, 'kept.yaml');
+    writeFileSync(out, 'mine\n');
+    expectUsageError(await sppo('init', '--out', out), 'already exists');
+    expect(readFileSync(out, 'utf8')).toBe('mine\n');
+    expectUsageError(await sppo('init', '--out', join(initDir, 'x.yaml'), '--judge', 'oracle'), '--judge', 'oracle');
+    expectUsageError(await sppo('init', '--out', join(initDir, 'x.json')), '.yaml');
+    expectUsageError(await sppo('init', '--out', join(initDir, 'x.yaml'), '--demo', '--model', 'm'), '--demo');
+    expectUsageError(await sppo('init', '--out', join(initDir, 'none', 'x.yaml')), 'does not exist');
   });
 });

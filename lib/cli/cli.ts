@@ -7,9 +7,10 @@ import { UsageError, type Command, type Io } from './args.js';
 import { demoCommand } from './commands/demo.js';
 import { evalCommand } from './commands/eval.js';
 import { generateCommand } from './commands/generate.js';
+import { initCommand } from './commands/init.js';
 import { runCommand } from './commands/run.js';
 
-const COMMANDS: readonly Command[] = [runCommand, demoCommand, generateCommand, evalCommand];
+const COMMANDS: readonly Command[] = [initCommand, runCommand, demoCommand, generateCommand, evalCommand];
 
 /** Errors the user fixes in the command line (UsageError) or the config (RunConfigError, SetupError): exit code 2. */
 const USER_ERRORS = [UsageError, RunConfigError, SetupError];
