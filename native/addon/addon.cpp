@@ -1,23 +1,29 @@
-// The Node binding: the only code that knows about JavaScript. It converts and checks
-// arguments on the JS thread, runs every slow call on a libuv worker (a Promise), and turns
-// engine errors into JS exceptions. Config objects use Hugging Face config.json field names.
+// The Node binding: the only code that knows about JavaScript. Arguments are read on the JS
+// thread (args.h), every slow call runs on a libuv worker behind a Promise (async_call.h), and
+// engine errors become JS exceptions. This file holds the module's functions and its exports,
+// among them the lists lib/engine checks its own against (test/native-surface.test.ts).
 #include <napi.h>
 
+#include <iterator>
 #include <string>
 
+#include "addon/args.h"
 #include "addon/generator_binding.h"
 #include "addon/model_binding.h"
 #include "core/threadpool.h"
 #include "cpu/gemm.h"
 #include "cuda/cuda_backend.h"
+#include "sppo/preference.h"
 
 namespace {
 
 using namespace sppo::addon;
 
+// Changes whenever the exports do; lib/engine/native.ts refuses an addon of another version.
+constexpr int kAbiVersion = 3;
+
 Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
-  if (!info[0].IsNumber()) throw_type(info.Env(), "threads must be a number");
-  int n = info[0].As<Napi::Number>().Int32Value();
+  const int n = info[0].As<Napi::Number>().Int32Value();
   if (n < 0 || n > 1024) throw Napi::RangeError::New(info.Env(), "threads must be between 0 (all cores) and 1024");
   if (g_running_calls.load() > 0)
     throw Napi::Error::New(info.Env(), "cannot change the thread count while a model call is running; await it first");
@@ -28,12 +34,8 @@ Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
 Napi::Value NumThreads(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), sppo::num_threads()); }
 
 Napi::Value PresetConfig(const Napi::CallbackInfo& info) {
-  if (!info[0].IsString()) throw_type(info.Env(), "preset name must be a string");
-  try {
-    return config_to_js(info.Env(), sppo::preset_config(info[0].As<Napi::String>()));
-  } catch (const sppo::Error& e) {
-    throw Napi::RangeError::New(info.Env(), e.what());
-  }
+  const std::string name = info[0].As<Napi::String>();
+  return or_range_error(info.Env(), [&] { return config_to_js(info.Env(), sppo::preset_config(name)); });
 }
 
 // What the CUDA backend can do here: built into this addon, a usable device, and why not.
@@ -55,15 +57,25 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// The preference losses the engine implements, in its order.
+Napi::Array preference_losses(Napi::Env env) {
+  Napi::Array names = Napi::Array::New(env, std::size(sppo::kPreferenceLosses));
+  for (uint32_t i = 0; i < std::size(sppo::kPreferenceLosses); ++i)
+    names.Set(i, sppo::preference_loss_name(sppo::kPreferenceLosses[i]));
+  return names;
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeModel", NativeModel::Init(env));
   exports.Set("NativeGenerator", NativeGenerator::Init(env));
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads));
   exports.Set("numThreads", Napi::Function::New(env, NumThreads));
   exports.Set("presetConfig", Napi::Function::New(env, PresetConfig));
-  exports.Set("gemmKernel", Napi::String::New(env, sppo::cpu::gemm_kernel_name()));
   exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo));
-  exports.Set("abiVersion", Napi::Number::New(env, 2));
+  exports.Set("gemmKernel", Napi::String::New(env, sppo::cpu::gemm_kernel_name()));
+  exports.Set("preferenceLosses", preference_losses(env));
+  exports.Set("modelConfigFields", model_config_fields(env));
+  exports.Set("abiVersion", Napi::Number::New(env, kAbiVersion));
   return exports;
 }
 

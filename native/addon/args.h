@@ -1,81 +1,125 @@
-// Reading JavaScript arguments on the JS thread: config objects field by field, with errors
-// that name the field's path, and converting the engine's resolved config back to JS.
+// Arguments read on the JS thread into plain structs a worker can use. The TypeScript layer
+// (lib/engine) checks types, shapes and unknown fields and names the caller's mistake; this side
+// keeps what memory safety and the engine need: a typed array is read only as its own type,
+// every length the engine will index by agrees with the shape it is given, and numbers convert
+// without undefined behaviour. A value of the wrong JS type throws node-addon-api's generic error.
 #pragma once
 #include <napi.h>
 
-#include <cmath>
-#include <set>
+#include <cstdint>
+#include <exception>
 #include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "sppo/config.h"
+#include "sppo/generate.h"
+#include "sppo/model.h"
 
 namespace sppo::addon {
 
-using sppo::ModelConfig;
+// Runs `f`, turning an engine error into a RangeError with its message (JS errors pass through).
+template <class F>
+decltype(auto) or_range_error(Napi::Env env, F&& f) {
+  try {
+    return f();
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw Napi::RangeError::New(env, e.what());
+  }
+}
 
-[[noreturn]] void throw_type(Napi::Env env, const std::string& msg);
-
-// Reads a JS object field by field, refusing unknown keys and wrong types with the field's path.
-class Fields {
+// A typed array a call reads or fills on a worker: its elements, and a reference that keeps it
+// from being collected until the holder is destroyed (on the JS thread).
+template <class T>
+class Array {
  public:
-  Fields(Napi::Env env, Napi::Value v, std::string path, std::set<std::string> known)
-      : env_(env), path_(std::move(path)), known_(std::move(known)) {
-    if (!v.IsObject() || v.IsArray()) throw_type(env, path_ + " must be an object");
-    obj_ = v.As<Napi::Object>();
-    Napi::Array keys = obj_.GetPropertyNames();
-    for (uint32_t i = 0; i < keys.Length(); ++i) {
-      std::string k = keys.Get(i).ToString();
-      if (!known_.count(k)) throw_type(env, path_ + " has an unknown field '" + k + "'");
-    }
-  }
-  bool has(const std::string& k) const { return obj_.Has(k) && !obj_.Get(k).IsUndefined() && !obj_.Get(k).IsNull(); }
-  Napi::Value get(const std::string& k) const { return obj_.Get(k); }
-  double number(const std::string& k, double fallback) const {
-    if (!has(k)) return fallback;
-    Napi::Value v = obj_.Get(k);
-    if (!v.IsNumber()) throw_type(env_, name(k) + " must be a number, got " + type_of(v));
-    double d = v.As<Napi::Number>().DoubleValue();
-    if (!std::isfinite(d)) throw_type(env_, name(k) + " must be finite, got " + v.ToString().Utf8Value());
-    return d;
-  }
-  int64_t integer(const std::string& k, int64_t fallback) const {
-    double d = number(k, double(fallback));
-    if (d != std::floor(d) || std::fabs(d) > 9007199254740991.0) throw_type(env_, name(k) + " must be an integer, got " + std::to_string(d));
-    return int64_t(d);
-  }
-  bool boolean(const std::string& k, bool fallback) const {
-    if (!has(k)) return fallback;
-    Napi::Value v = obj_.Get(k);
-    if (!v.IsBoolean()) throw_type(env_, name(k) + " must be a boolean, got " + type_of(v));
-    return v.As<Napi::Boolean>().Value();
-  }
-  std::string string(const std::string& k, const std::string& fallback) const {
-    if (!has(k)) return fallback;
-    Napi::Value v = obj_.Get(k);
-    if (!v.IsString()) throw_type(env_, name(k) + " must be a string, got " + type_of(v));
-    return v.As<Napi::String>().Utf8Value();
-  }
-  std::string name(const std::string& k) const { return path_ + "." + k; }
+  Array() = default;
+  explicit Array(Napi::TypedArrayOf<T> a)
+      : ref_(Napi::Persistent(Napi::Object(a))), data_(a.Data()), size_(int64_t(a.ElementLength())) {}
+  // A new zero-filled array of n elements.
+  static Array make(Napi::Env env, int64_t n) { return Array(Napi::TypedArrayOf<T>::New(env, size_t(n))); }
+  // `v` as an array of T: a TypeError names `what` when it is another kind of value, since
+  // reading another type's buffer as T would run past its end.
+  static Array read(Napi::Value v, const char* what);
+
+  T* data() const { return data_; }  // null when empty
+  int64_t size() const { return size_; }
+  bool empty() const { return ref_.IsEmpty(); }
+  Napi::Value value() const { return ref_.Value(); }  // JS thread only
 
  private:
-  static std::string type_of(Napi::Value v) {
-    switch (v.Type()) {
-      case napi_string: return "a string";
-      case napi_boolean: return "a boolean";
-      case napi_number: return "a number";
-      case napi_object: return v.IsArray() ? "an array" : "an object";
-      default: return "a " + std::string(v.IsFunction() ? "function" : "value of another type");
-    }
-  }
-  Napi::Env env_;
-  std::string path_;
-  std::set<std::string> known_;
-  Napi::Object obj_;
+  Napi::ObjectReference ref_;
+  T* data_ = nullptr;
+  int64_t size_ = 0;
 };
 
-int checked_int(Napi::Env env, int64_t v, const std::string& name);
-ModelConfig parse_model_config(Napi::Env env, Napi::Value v);
+template <class T>
+Array<T> Array<T>::read(Napi::Value v, const char* what) {
+  constexpr auto kind = [] {
+    if constexpr (std::is_same_v<T, int32_t>) return std::pair{napi_int32_array, "an Int32Array"};
+    else if constexpr (std::is_same_v<T, uint8_t>) return std::pair{napi_uint8_array, "a Uint8Array"};
+    else if constexpr (std::is_same_v<T, float>) return std::pair{napi_float32_array, "a Float32Array"};
+    else return std::pair{napi_float64_array, "a Float64Array"};
+  }();
+  static_assert(std::is_same_v<T, int32_t> || std::is_same_v<T, uint8_t> || std::is_same_v<T, float> || std::is_same_v<T, double>);
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != kind.first)
+    throw Napi::TypeError::New(v.Env(), std::string(what) + " must be " + kind.second);
+  return Array(v.As<Napi::TypedArrayOf<T>>());
+}
+
+// Refuses an array whose length is not the n elements the engine will index (`shape` says why n).
+template <class T>
+void require_length(Napi::Env env, const Array<T>& a, int64_t n, const char* what, const std::string& shape) {
+  if (a.size() != n)
+    throw Napi::RangeError::New(env, std::string(what) + " has " + std::to_string(a.size()) + " elements but " + shape);
+}
+
+// (tokens: Int32Array, batch, seq, targetMask?: Uint8Array | null) at info[0..3].
+struct BatchArgs {
+  Array<int32_t> tokens;  // (batch, seq)
+  Array<uint8_t> mask;    // (batch, seq) or empty
+  int64_t batch = 0, seq = 0;
+  sppo::Batch view() const { return {tokens.data(), mask.data(), batch, seq}; }
+};
+BatchArgs parse_batch(const Napi::CallbackInfo& info, bool with_mask);
+
+// A batch with mask, then (refLogp: Float64Array, target: Float64Array, loss, eta) at info[4..7].
+struct PreferenceArgs {
+  BatchArgs seqs;
+  Array<double> ref_logp, target;  // (batch)
+  sppo::PreferenceLoss loss{};
+  double eta = 0;
+  sppo::PreferenceBatch view() const { return {seqs.view(), ref_logp.data(), target.data(), loss, eta}; }
+};
+PreferenceArgs parse_preference(const Napi::CallbackInfo& info);
+
+// Hugging Face config.json field names, as the engine's ModelConfig (validated and resolved).
+sppo::ModelConfig parse_model_config(Napi::Env env, Napi::Value v);
+Napi::Object config_to_js(Napi::Env env, const sppo::ModelConfig& c);
+// The config fields parse_model_config reads and config_to_js writes, in that order.
+Napi::Array model_config_fields(Napi::Env env);
+
+sppo::MemoryPlan parse_memory_plan(Napi::Value v);
+// NativeModel's options: whether to draw the weights, and the device ('auto' resolved).
+struct CreateOptions {
+  bool initialize = true;
+  std::string device = "cpu";
+};
+CreateOptions parse_create_options(Napi::Env env, Napi::Value v);
 sppo::OptimizerConfig parse_optimizer(Napi::Env env, Napi::Value v);
-Napi::Object config_to_js(Napi::Env env, const ModelConfig& c);
+
+sppo::GeneratorPlan parse_generator_plan(Napi::Value v);
+// (tokens: Int32Array, lengths: Int32Array, seeds: Float64Array, samplesPerPrompt, options) at
+// info[0..4]: the prompts concatenated in tokens, validated by the generator.
+struct GenerateArgs {
+  Array<int32_t> tokens;                        // the prompts, concatenated
+  std::vector<sppo::SequenceRequest> prompts;   // one per prompt, pointing into tokens
+  std::vector<sppo::SequenceRequest> sequences; // one per sample (prompt-major)
+  sppo::SamplingOptions options;
+};
+GenerateArgs parse_generate(const Napi::CallbackInfo& info, const sppo::GeneratorApi& gen);
 
 }  // namespace sppo::addon
