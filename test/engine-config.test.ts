@@ -1,7 +1,7 @@
 // Config, plan and optimizer validation as seen from JavaScript: every error names the field
 // that is wrong, and a rejected optimizer config leaves the previous optimizer in place.
 import { afterEach, describe, expect, it } from 'vitest';
-import { Model, type ModelConfig } from '../lib/index.js';
+import { Model, presetConfig, type ModelConfig } from '../lib/index.js';
 import { errorOf, tinyConfig, product } from './fixtures/engine-helpers.js';
 
 const PLAN = { maxBatch: 2, maxSeq: 8 };
@@ -187,3 +187,49 @@ describe('optimizer validation', () => {
     expect(err.message).toMatch(/setOptimizer/);
   });
 });
+
+// The addon trusts its arguments' types: these are checked in lib/engine before any call.
+describe('type checks made in TypeScript before the addon', () => {
+  const cases: [string, () => unknown, RegExp][] = [
+    ['a config that is not an object', () => Model.create(7 as never, PLAN), /^config must be an object$/],
+    ['a size beyond 32 bits', () => Model.create({ ...tinyConfig(), vocab_size: 2 ** 31 }, PLAN), /config\.vocab_size is out of range \(a 32-bit integer\), got 2147483648/],
+    ['a string boolean', () => Model.create({ ...tinyConfig(), attention_bias: 'yes' as never }, PLAN), /config\.attention_bias must be a boolean, got a string/],
+    ['a fractional seed', () => Model.create({ ...tinyConfig(), seed: 1.5 }, PLAN), /config\.seed must be an integer, got 1\.5/],
+    ['rope_scaling that is not an object', () => Model.create({ ...tinyConfig(), rope_scaling: 'linear' as never }, PLAN), /config\.rope_scaling must be an object, got a string/],
+    ['a numeric rope_type', () => Model.create({ ...tinyConfig(), rope_scaling: { rope_type: 3 as never } }, PLAN), /config\.rope_scaling\.rope_type must be a string, got a number/],
+    ['a plan that is not an object', () => Model.create(tinyConfig(), null as never), /^plan must be an object$/],
+    ['a string maxSeq', () => Model.create(tinyConfig(), { maxBatch: 1, maxSeq: '8' as never }), /plan\.maxSeq must be a number, got a string/],
+    ['a numeric device', () => Model.create(tinyConfig(), PLAN, { device: 0 as never }), /options\.device must be a string, got a number/],
+    ['a string initialize', () => Model.create(tinyConfig(), PLAN, { initialize: 'no' as never }), /options\.initialize must be a boolean, got a string/],
+    ['a numeric preset name', () => presetConfigOf(3), /preset name must be a string, got a number/],
+  ];
+  for (const [what, call, msg] of cases)
+    it(`refuses ${what} with a TypeError`, () => {
+      let err: unknown;
+      try {
+        live.push(call() as Model);
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(TypeError);
+      expect((err as Error).message).toMatch(msg);
+    });
+
+  const optimizerCases: [string, object, RegExp][] = [
+    ['an optimizer that is an array', [] as never, /^optimizer must be an object$/],
+    ['a fractional gradAccumSteps', { gradAccumSteps: 1.5 }, /optimizer\.gradAccumSteps must be an integer, got 1\.5/],
+    ['a string schedule', { schedule: 'cosine' }, /optimizer\.schedule must be an object, got a string/],
+    ['a string totalSteps', { schedule: { kind: 'linear', totalSteps: '5' } }, /optimizer\.schedule\.totalSteps must be a number, got a string/],
+    ['an infinite weightDecay', { weightDecay: Infinity }, /optimizer\.weightDecay must be finite, got Infinity/],
+  ];
+  for (const [what, cfg, msg] of optimizerCases)
+    it(`setOptimizer refuses ${what} with a TypeError`, () => {
+      const m = create(tinyConfig());
+      expect(() => m.setOptimizer(cfg as never)).toThrow(TypeError);
+      expect(() => m.setOptimizer(cfg as never)).toThrow(msg);
+    });
+});
+
+function presetConfigOf(name: unknown): unknown {
+  return presetConfig(name as never);
+}

@@ -154,3 +154,23 @@ describe('a failed training step discards its gradients', () => {
     await Promise.all([a.dispose(), b.dispose()]);
   });
 });
+
+// The addon trusts its arguments' types: these are checked in lib/engine before any call.
+describe('argument types are checked before the addon and leave the model usable', () => {
+  const items = [{ prompt: [1, 2], response: [3, 4] }];
+  const examples = [{ prompt: [1, 2], response: [3, 4], refLogp: -3, target: 0.5 }];
+  const cases: [string, () => unknown, RegExp][] = [
+    ['a numeric parameter name for getParam', () => model.getParam(3 as never), /parameter name must be a string, got a number/],
+    ['a numeric parameter name for setParam', () => model.setParam(3 as never, new Float32Array(32)), /parameter name must be a string, got a number/],
+    ['a non-boolean perToken', () => model.sequenceLogprobs(items, { perToken: 1 as never }), /perToken must be a boolean, got a number/],
+    ['a string eta', () => model.evalPreference({ examples }, { loss: 'sppo', eta: '1000' as never }), /eta must be a number, got a string/],
+    ['a missing eta', () => model.preferenceStep({ examples }, { loss: 'sppo' } as never), /eta must be a number, got undefined/],
+  ];
+  for (const [what, call, msg] of cases)
+    it(`refuses ${what}`, async () => {
+      const err = await errorOf(call);
+      expect(err).toBeInstanceOf(TypeError);
+      expect(err.message).toMatch(msg);
+      await expectUnchanged();
+    });
+});

@@ -213,3 +213,37 @@ describe('generate', () => {
     );
   });
 });
+
+describe('Generator construction and argument types', () => {
+  it('a Generator comes from model.createGenerator only', async () => {
+    const m = model();
+    const gen = m.createGenerator({ maxBatch: 1, maxContext: 8 });
+    const Ctor = gen.constructor as new (...args: unknown[]) => Generator;
+    expect(() => new Ctor(Symbol('Generator'), {}, { maxBatch: 1, maxContext: 8 }, async () => undefined)).toThrow(
+      new TypeError('a Generator comes from model.createGenerator(plan); it has no public constructor'),
+    );
+    expect(() => new Ctor({}, { maxBatch: 1, maxContext: 8 })).toThrow(/has no public constructor/);
+    await gen.dispose();
+  });
+
+  it('refuses plans and sampling options of the wrong types with TypeErrors naming the field', async () => {
+    const m = model();
+    expect(() => m.createGenerator({ maxBatch: 1, maxContext: 8, maxSeq: 8 } as never)).toThrow(new TypeError("plan has an unknown field 'maxSeq'"));
+    expect(() => m.createGenerator({ maxBatch: 1.5, maxContext: 8 })).toThrow(new TypeError('plan.maxBatch must be an integer, got 1.5'));
+    const gen = m.createGenerator({ maxBatch: 2, maxContext: 24 });
+    const err = async (o: GenerateOptions) => errorOf(() => gen.generate([[1, 2]], o));
+    for (const [o, msg] of [
+      [{ temperature: 'hot' }, 'options.temperature must be a number, got a string'],
+      [{ topK: 2.5 }, 'options.topK must be an integer, got 2.5'],
+      [{ topP: NaN }, 'options.topP must be finite, got NaN'],
+      [{ maxNewTokens: '4' }, 'options.maxNewTokens must be a number, got a string'],
+    ] as const) {
+      const e = await err(o as never);
+      expect(e).toBeInstanceOf(TypeError);
+      expect(e.message).toBe(msg);
+    }
+    expect((await err({ maxNewTokens: -1 })).message).toBe('maxNewTokens must be at least 1, got -1');
+    expect((await gen.generate([[1, 2]], { maxNewTokens: 2 }))[0].tokens.length).toBe(2); // still usable
+    await gen.dispose();
+  });
+});

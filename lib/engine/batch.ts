@@ -1,7 +1,54 @@
-// Turns the accepted batch forms into the flat typed arrays the addon reads, rejecting ragged
-// rows, non-integer ids and mismatched masks with messages that name the row and position.
-import { isInt32, tokenIdError } from '../util/int32.js';
+// What crosses into the addon, checked here since the addon trusts types and shapes: the
+// accepted batch forms become the flat typed arrays it reads (ragged rows, non-integer ids and
+// mismatched masks are refused naming the row and position), and option objects' fields are
+// checked against their kinds (an unknown field or a wrong type names the field's path).
+import { INT32_MAX, INT32_MIN, isInt32, tokenIdError } from '../util/int32.js';
 import type { BatchInput, TokenBatch } from './types.js';
+
+/** The kind of value an option field takes; the engine checks the value's range. */
+export type FieldKind = 'int32' | 'int53' | 'uint53' | 'number' | 'boolean' | 'string' | 'object';
+
+function describe(v: unknown): string {
+  if (v === undefined || v === null) return String(v);
+  if (Array.isArray(v)) return 'an array';
+  switch (typeof v) {
+    case 'string': return 'a string';
+    case 'boolean': return 'a boolean';
+    case 'number': return 'a number';
+    case 'object': return 'an object';
+    case 'function': return 'a function';
+    default: return 'a value of another type';
+  }
+}
+
+/** Throws a TypeError naming `name` unless `v` is of the given kind. */
+export function checkKind(v: unknown, kind: FieldKind, name: string): void {
+  const type = kind === 'boolean' || kind === 'string' || kind === 'object' ? kind : 'number';
+  if (typeof v !== type || (type === 'object' && (v === null || Array.isArray(v))))
+    throw new TypeError(`${name} must be ${type === 'object' ? 'an' : 'a'} ${type}, got ${describe(v)}`);
+  if (type !== 'number') return;
+  const n = v as number;
+  if (!Number.isFinite(n)) throw new TypeError(`${name} must be finite, got ${n}`);
+  if (kind === 'number') return;
+  if (!Number.isSafeInteger(n)) throw new TypeError(`${name} must be an integer, got ${n}`);
+  if (kind === 'int32' && (n < INT32_MIN || n > INT32_MAX)) throw new TypeError(`${name} is out of range (a 32-bit integer), got ${n}`);
+  if (kind === 'uint53' && n < 0) throw new TypeError(`${name} must be a non-negative integer, got ${n}`);
+}
+
+/**
+ * Checks an options object against its fields' kinds: it must be a plain object without unknown
+ * fields, each present field of its kind. Absent fields (undefined or null) take the engine's
+ * defaults. Errors are TypeErrors naming the field's path (`path.field`).
+ */
+export function checkFields(value: unknown, path: string, kinds: Readonly<Record<string, FieldKind>>): Record<string, unknown> {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new TypeError(`${path} must be an object`);
+  const fields = value as Record<string, unknown>;
+  for (const [key, v] of Object.entries(fields)) {
+    if (!Object.hasOwn(kinds, key)) throw new TypeError(`${path} has an unknown field '${key}'`);
+    if (v !== undefined && v !== null) checkKind(v, kinds[key], `${path}.${key}`);
+  }
+  return fields;
+}
 
 export function toTokenBatch(input: BatchInput): TokenBatch {
   if (Array.isArray(input)) return fromRows(input, undefined);

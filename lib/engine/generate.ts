@@ -3,7 +3,8 @@
 // queue with the model's other calls, stream tokens as they are sampled, and stop cleanly on
 // abort, returning what was generated so far.
 import { isInt32, tokenIdError } from '../util/int32.js';
-import { native } from './native.js';
+import { checkFields, type FieldKind } from './batch.js';
+import { native, type NativeGenerateResult, type NativeGeneratorHandle, type NativeModelHandle } from './native.js';
 import type { CallOptions } from './types.js';
 
 /** What a generator plans memory for: its KV cache holds maxBatch sequences of maxContext tokens. */
@@ -60,29 +61,6 @@ export interface GeneratedSequence {
   stopReason: StopReason;
 }
 
-interface NativeGenerateResult {
-  tokens: Int32Array;
-  counts: Int32Array;
-  logprobs: Float64Array;
-  reasons: StopReason[];
-}
-
-interface NativeGeneratorHandle {
-  generate(
-    tokens: Int32Array,
-    lengths: Int32Array,
-    seeds: Float64Array,
-    samplesPerPrompt: number,
-    options: object,
-    onStep: ((sequences: Int32Array, tokens: Int32Array, logprobs: Float64Array) => void) | null,
-  ): Promise<NativeGenerateResult>;
-  abort(): void;
-  memory(): number;
-  dispose(): void;
-}
-
-type NativeGeneratorCtor = new (model: object, plan: GeneratorPlan) => NativeGeneratorHandle;
-
 /** Runs `fn` in the owning model's call queue (rejecting if `signal` is already aborted). */
 export type ModelQueue = <T>(fn: () => Promise<T>, signal?: AbortSignal) => Promise<T>;
 
@@ -120,15 +98,34 @@ function seedsFor(seed: GenerateOptions['seed'], n: number): Float64Array {
   return Float64Array.from({ length: n }, (_, i) => list[list.length === 1 ? 0 : i]);
 }
 
+const PLAN_FIELDS: Record<keyof GeneratorPlan, FieldKind> = { maxBatch: 'int32', maxContext: 'int32' };
+const SAMPLING_FIELDS: Record<'maxNewTokens' | 'temperature' | 'topK' | 'topP' | 'stopTokens', FieldKind> = {
+  maxNewTokens: 'int53',
+  temperature: 'number',
+  topK: 'int53',
+  topP: 'number',
+  stopTokens: 'object',
+};
+
+// Held by this module only: the Generator constructor refuses any caller without it, so a
+// Generator comes from Model.createGenerator (through openGenerator) and from nowhere else.
+const OPEN = Symbol('Generator');
+
+/** Model.createGenerator's way to a Generator: a KV cache over `model`'s weights, planned for `plan`. */
+export function openGenerator(model: NativeModelHandle, plan: GeneratorPlan, queue: ModelQueue): Generator {
+  checkFields(plan, 'plan', PLAN_FIELDS);
+  return new Generator(OPEN, new (native().NativeGenerator)(model, plan), plan, queue);
+}
+
 export class Generator {
   readonly plan: GeneratorPlan;
   #handle: NativeGeneratorHandle | undefined;
   #queue: ModelQueue;
 
-  /** Use Model.createGenerator. */
-  constructor(modelHandle: object, plan: GeneratorPlan, queue: ModelQueue) {
-    const ctor = (native() as unknown as { NativeGenerator: NativeGeneratorCtor }).NativeGenerator;
-    this.#handle = new ctor(modelHandle, plan);
+  /** Not for use: a Generator comes from `model.createGenerator(plan)`. */
+  constructor(token: symbol, handle: NativeGeneratorHandle, plan: GeneratorPlan, queue: ModelQueue) {
+    if (token !== OPEN) throw new TypeError('a Generator comes from model.createGenerator(plan); it has no public constructor');
+    this.#handle = handle;
     this.plan = { ...plan };
     this.#queue = queue;
   }
@@ -170,6 +167,9 @@ export class Generator {
       topP: options.topP,
       stopTokens: Int32Array.from(stop),
     };
+    checkFields(nativeOptions, 'options', SAMPLING_FIELDS);
+    if (nativeOptions.maxNewTokens !== undefined && nativeOptions.maxNewTokens < 1)
+      throw new RangeError(`maxNewTokens must be at least 1, got ${nativeOptions.maxNewTokens}`);
     const { onToken, signal } = options;
 
     return this.#queue(async () => {

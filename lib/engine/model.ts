@@ -2,8 +2,8 @@
 // one model run one at a time in the order they were made, AbortSignals are honoured before
 // each call and between the steps of `train`, and `dispose` frees the native memory.
 import { throwIfAborted } from '../util/abort.js';
-import { toTokenBatch } from './batch.js';
-import { Generator, type GeneratorPlan } from './generate.js';
+import { checkFields, checkKind, toTokenBatch, type FieldKind } from './batch.js';
+import { openGenerator, type Generator, type GeneratorPlan } from './generate.js';
 import { native, type CudaInfo, type NativeModelHandle, type NativeStepResult } from './native.js';
 import { packPreferenceBatch, packSequences } from './preference.js';
 import type {
@@ -13,6 +13,8 @@ import type {
   MemoryReport,
   ModelConfig,
   OptimizerConfig,
+  RopeScalingConfig,
+  ScheduleConfig,
   ParamInfo,
   PreferenceBatchInput,
   PreferenceEvalResult,
@@ -28,13 +30,78 @@ import type {
 
 export type PresetName = 'tiny' | 'small';
 
+/**
+ * The model config's fields in config.json order, each with the kind of value it takes: the one
+ * list of them in TypeScript (ModelConfig must have exactly these fields). The addon exports its
+ * own list, `modelConfigFields`, which test/native-surface.test.ts checks against this one.
+ */
+export const MODEL_CONFIG_FIELDS = {
+  vocab_size: 'int32',
+  hidden_size: 'int32',
+  num_hidden_layers: 'int32',
+  num_attention_heads: 'int32',
+  num_key_value_heads: 'int32',
+  head_dim: 'int32',
+  intermediate_size: 'int32',
+  max_position_embeddings: 'int32',
+  rms_norm_eps: 'number',
+  rope_theta: 'number',
+  rope_scaling: 'object',
+  attention_bias: 'boolean',
+  tie_word_embeddings: 'boolean',
+  initializer_range: 'number',
+  seed: 'uint53',
+} as const satisfies Record<keyof ModelConfig, FieldKind>;
+
+const ROPE_SCALING_FIELDS: Record<keyof RopeScalingConfig, FieldKind> = {
+  rope_type: 'string',
+  type: 'string',
+  factor: 'number',
+  low_freq_factor: 'number',
+  high_freq_factor: 'number',
+  original_max_position_embeddings: 'int32',
+};
+const MEMORY_PLAN_FIELDS: Record<keyof MemoryPlan, FieldKind> = { maxBatch: 'int32', maxSeq: 'int32' };
+const CREATE_OPTIONS_FIELDS: Record<keyof CreateOptions, FieldKind> = { initialize: 'boolean', device: 'string' };
+const OPTIMIZER_FIELDS: Record<keyof OptimizerConfig, FieldKind> = {
+  kind: 'string',
+  lr: 'number',
+  beta1: 'number',
+  beta2: 'number',
+  alpha: 'number',
+  eps: 'number',
+  weightDecay: 'number',
+  maxGradNorm: 'number',
+  gradAccumSteps: 'int32',
+  schedule: 'object',
+};
+const SCHEDULE_FIELDS: Record<keyof ScheduleConfig, FieldKind> = {
+  kind: 'string',
+  warmupSteps: 'int53',
+  totalSteps: 'int53',
+  minLrRatio: 'number',
+};
+
+// The addon reads these objects trusting their fields' types; their values are the engine's to check.
+function checkModelConfig(config: unknown): void {
+  const fields = checkFields(config, 'config', MODEL_CONFIG_FIELDS);
+  if (fields.rope_scaling != null) checkFields(fields.rope_scaling, 'config.rope_scaling', ROPE_SCALING_FIELDS);
+}
+
+function checkOptimizer(config: unknown): void {
+  const fields = checkFields(config, 'optimizer', OPTIMIZER_FIELDS);
+  if (fields.schedule != null) checkFields(fields.schedule, 'optimizer.schedule', SCHEDULE_FIELDS);
+}
+
 /** The engine's built-in sizes (the PyTorch CPU baseline's `tiny` and `small`). */
 export function presetConfig(name: PresetName): ResolvedModelConfig {
+  checkKind(name, 'string', 'preset name');
   return native().presetConfig(name) as unknown as ResolvedModelConfig;
 }
 
 /** Threads of the CPU backend (0 = one per core); refused while any model call is running. */
 export function setNumThreads(n: number): void {
+  checkKind(n, 'int32', 'threads');
   native().setNumThreads(n);
 }
 
@@ -82,6 +149,9 @@ export class Model {
    */
   static create(config: ModelConfig | PresetName, plan: MemoryPlan, options: CreateOptions = {}): Model {
     const cfg = typeof config === 'string' ? presetConfig(config) : config;
+    checkModelConfig(cfg);
+    checkFields(plan, 'plan', MEMORY_PLAN_FIELDS);
+    checkFields(options, 'options', CREATE_OPTIONS_FIELDS);
     const handle = new (native().NativeModel)(cfg, plan, options);
     return new Model(handle, plan);
   }
@@ -137,7 +207,9 @@ export class Model {
 
   /** Sets (or resets) the optimizer, its schedule and its state. */
   setOptimizer(config: OptimizerConfig): void {
-    this.#idle().setOptimizer(config);
+    const h = this.#idle();
+    checkOptimizer(config);
+    h.setOptimizer(config);
   }
 
   /**
@@ -156,6 +228,7 @@ export class Model {
    */
   async sequenceLogprobs(items: readonly SequenceInput[], options: CallOptions & { perToken?: boolean } = {}): Promise<SequenceLogprobs> {
     const b = packSequences(items);
+    if (options.perToken !== undefined) checkKind(options.perToken, 'boolean', 'perToken');
     const r = await this.#enqueue((h) => h.sequenceLogprobs(b.tokens, b.batch, b.seq, b.targetMask!, options.perToken ?? false), options.signal);
     if (!r.perToken) return { sum: r.sum };
     const perToken = items.map((it, i) => {
@@ -181,6 +254,7 @@ export class Model {
 
   async #preference(call: 'evalPreference' | 'preferenceStep', input: PreferenceBatchInput, options: PreferenceOptions) {
     const p = packPreferenceBatch(input, options.loss);
+    checkKind(options.eta, 'number', 'eta');
     const b = p.batch;
     // evalPreference's result has only metrics and logps; preferenceStep's adds the step fields.
     const r = (await this.#enqueue(
@@ -214,7 +288,7 @@ export class Model {
    * so it always samples from the weights as they are when the call starts.
    */
   createGenerator(plan: GeneratorPlan): Generator {
-    return new Generator(this.#live(), plan, (fn, signal) => this.#enqueue(() => fn(), signal));
+    return openGenerator(this.#live(), plan, (fn, signal) => this.#enqueue(() => fn(), signal));
   }
 
   /** Every parameter with its Hugging Face name and shape. */
@@ -224,13 +298,17 @@ export class Model {
 
   /** A copy of one parameter, by Hugging Face name (e.g. model.layers.0.self_attn.q_proj.weight). */
   getParam(name: string): Float32Array {
-    return this.#idle().getParam(name);
+    const h = this.#idle();
+    checkKind(name, 'string', 'parameter name');
+    return h.getParam(name);
   }
 
   /** Overwrites one parameter; wrong sizes and non-finite values are refused, leaving it unchanged. */
   setParam(name: string, values: Float32Array | ArrayLike<number>): void {
+    const h = this.#idle();
+    checkKind(name, 'string', 'parameter name');
     const v = values instanceof Float32Array ? values : Float32Array.from(values);
-    this.#idle().setParam(name, v);
+    h.setParam(name, v);
   }
 
   /** Bytes planned for parameters, gradients, optimizer state, activations and scratch. */

@@ -1,8 +1,14 @@
-// Loads the compiled addon with `bindings` and describes its surface. A missing or broken
-// binary becomes one clear error that says how to rebuild, instead of a loader stack trace.
+// Loads the compiled addon with `bindings` and declares its surface: the one declaration of it.
+// A missing, broken or stale binary becomes one clear error that says how to rebuild, instead
+// of a loader stack trace. The addon trusts its arguments' types and shapes (it checks only what
+// memory safety needs): model.ts, generate.ts, batch.ts and preference.ts check them first.
 import { createRequire } from 'node:module';
+import type { StopReason } from './generate.js';
 
 const require = createRequire(import.meta.url);
+
+/** The addon's ABI version; native/addon/addon.cpp exports its own and native() refuses others. */
+export const ABI_VERSION = 3;
 
 export interface NativeStepResult {
   loss: number;
@@ -30,13 +36,42 @@ export interface NativeModelHandle {
   dispose(): void;
 }
 
+export interface NativeGenerateResult {
+  /** every sequence's new tokens, concatenated (prompt-major) */
+  tokens: Int32Array;
+  /** tokens per sequence */
+  counts: Int32Array;
+  logprobs: Float64Array;
+  reasons: StopReason[];
+}
+
+export interface NativeGeneratorHandle {
+  /** the prompts concatenated in `tokens`, lengths[i] tokens each, with one seed per prompt */
+  generate(
+    tokens: Int32Array,
+    lengths: Int32Array,
+    seeds: Float64Array,
+    samplesPerPrompt: number,
+    options: { maxNewTokens?: number; temperature?: number; topK?: number; topP?: number; stopTokens: Int32Array },
+    onStep: ((sequences: Int32Array, tokens: Int32Array, logprobs: Float64Array) => void) | null,
+  ): Promise<NativeGenerateResult>;
+  abort(): void;
+  memory(): number;
+  dispose(): void;
+}
+
 export interface NativeAddon {
   NativeModel: new (config: object, plan: object, options?: { initialize?: boolean; device?: string }) => NativeModelHandle;
+  NativeGenerator: new (model: NativeModelHandle, plan: object) => NativeGeneratorHandle;
   cudaInfo(): CudaInfo;
   setNumThreads(n: number): void;
   numThreads(): number;
   presetConfig(name: string): Record<string, unknown>;
   gemmKernel: string;
+  /** the engine's preference losses, in order (lib/engine/losses.ts lists the same) */
+  preferenceLosses: string[];
+  /** the model config fields the addon reads (lib/engine/model.ts MODEL_CONFIG_FIELDS lists the same) */
+  modelConfigFields: string[];
   abiVersion: number;
 }
 
@@ -56,7 +91,6 @@ export interface CudaInfo {
   driverVersion?: number;
 }
 
-const ABI_VERSION = 2;
 let cached: NativeAddon | undefined;
 
 export function native(): NativeAddon {

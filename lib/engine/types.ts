@@ -1,5 +1,6 @@
 // Public types of the engine API. Model configs use Hugging Face config.json field names so a
-// checkpoint's config can be passed as it is; the engine validates them (one schema, native).
+// checkpoint's config can be passed as it is; Model.create checks their fields and types
+// (MODEL_CONFIG_FIELDS in model.ts), the engine their values.
 import type { PreferenceLossName } from './losses.js';
 
 export type { PreferenceLossName };

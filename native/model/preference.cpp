@@ -11,13 +11,12 @@
 namespace sppo {
 
 PreferenceLoss parse_preference_loss(const std::string& name) {
-  if (name == "sppo") return PreferenceLoss::Sppo;
-  if (name == "sppo-pair") return PreferenceLoss::SppoPair;
-  if (name == "sppo-single") return PreferenceLoss::SppoSingle;
-  if (name == "sppo-hard") return PreferenceLoss::SppoHard;
-  if (name == "dpo") return PreferenceLoss::Dpo;
-  if (name == "ipo") return PreferenceLoss::Ipo;
-  throw Error("unknown loss '" + name + "' (known: sppo, sppo-pair, sppo-single, sppo-hard, dpo, ipo)");
+  std::string known;
+  for (PreferenceLoss loss : kPreferenceLosses) {
+    if (name == preference_loss_name(loss)) return loss;
+    known += (known.empty() ? "" : ", ") + std::string(preference_loss_name(loss));
+  }
+  throw Error("unknown loss '" + name + "' (known: " + known + ")");
 }
 
 const char* preference_loss_name(PreferenceLoss loss) {

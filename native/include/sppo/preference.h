@@ -8,8 +8,12 @@
 namespace sppo {
 
 enum class PreferenceLoss { Sppo, SppoPair, SppoSingle, SppoHard, Dpo, Ipo };
+// Every loss, in the order the addon exports their names (lib/engine/losses.ts lists the same).
+inline constexpr PreferenceLoss kPreferenceLosses[] = {PreferenceLoss::Sppo,     PreferenceLoss::SppoPair,
+                                                       PreferenceLoss::SppoSingle, PreferenceLoss::SppoHard,
+                                                       PreferenceLoss::Dpo,      PreferenceLoss::Ipo};
 
-// "sppo", "sppo-pair", "sppo-single", "sppo-hard", "dpo", "ipo"; throws sppo::Error otherwise.
+// The loss named preference_loss_name(loss); throws sppo::Error naming the known ones otherwise.
 PreferenceLoss parse_preference_loss(const std::string& name);
 const char* preference_loss_name(PreferenceLoss loss);
 // Every loss but `sppo` works on (chosen, rejected) pairs: sequences 2k and 2k+1.
