@@ -86,12 +86,13 @@ function fromRows(rows: number[][], mask: number[][] | undefined): TokenBatch {
   let targetMask: Uint8Array | undefined;
   if (mask !== undefined) {
     if (mask.length !== rows.length) throw new RangeError(`targetMask has ${mask.length} rows, the batch has ${rows.length}`);
-    targetMask = new Uint8Array(tokens.length);
+    const out = new Uint8Array(tokens.length);
+    targetMask = out;
     mask.forEach((row, r) => {
       if (row.length !== seq) throw new RangeError(`targetMask row ${r} has ${row.length} entries, sequences have ${seq}`);
       row.forEach((m, t) => {
         if (m !== 0 && m !== 1) throw new RangeError(`targetMask at sequence ${r}, position ${t} must be 0 or 1, got ${m}`);
-        targetMask![r * seq + t] = m;
+        out[r * seq + t] = m;
       });
     });
   }

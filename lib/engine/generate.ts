@@ -68,7 +68,9 @@ export type ModelQueue = <T>(fn: () => Promise<T>, signal?: AbortSignal) => Prom
 export type PromptTokens = readonly number[] | Int32Array;
 
 function promptsToArrays(prompts: readonly PromptTokens[]): { tokens: Int32Array; lengths: Int32Array } {
-  if (!Array.isArray(prompts)) throw new TypeError('prompts must be an array of token id arrays');
+  // (checked on an unknown: Array.isArray would narrow `prompts` itself to any[])
+  const given: unknown = prompts;
+  if (!Array.isArray(given)) throw new TypeError('prompts must be an array of token id arrays');
   if (prompts.length === 0) throw new RangeError('no prompts to generate from');
   const lengths = new Int32Array(prompts.length);
   prompts.forEach((p, i) => {
@@ -177,7 +179,7 @@ export class Generator {
       // The worker waits for each step's callback, so every token has been seen by onToken
       // before the result arrives. A throwing onToken aborts the generation and its error
       // rejects the call.
-      let callbackError: unknown;
+      let callbackError: { error: unknown } | undefined;
       const onStep =
         onToken &&
         ((seqs: Int32Array, toks: Int32Array, lps: Float64Array) => {
@@ -185,7 +187,7 @@ export class Generator {
             try {
               onToken({ sequence: seqs[i], token: toks[i], logprob: lps[i] });
             } catch (err) {
-              callbackError = err;
+              callbackError = { error: err };
               handle.abort();
             }
           }
@@ -198,7 +200,7 @@ export class Generator {
       } finally {
         signal?.removeEventListener('abort', abort);
       }
-      if (callbackError !== undefined) throw callbackError;
+      if (callbackError !== undefined) throw callbackError.error;
       const out: GeneratedSequence[] = [];
       let at = 0;
       for (let i = 0; i < r.counts.length; i++) {
@@ -225,7 +227,10 @@ export class Generator {
       this.#handle?.dispose();
       this.#handle = undefined;
     };
-    await this.#queue(async () => free()).catch(() => free());
+    await this.#queue(() => {
+      free();
+      return Promise.resolve();
+    }).catch(free);
   }
 
   [Symbol.asyncDispose](): Promise<void> {

@@ -1,6 +1,6 @@
 // The preference losses the engine implements, written once: the type, the config's enum,
 // the CLI's choices and the training-set mode each loss reads all derive from this tuple.
-// The addon reports its own list (native/model/preference.cpp); a test asserts they agree.
+// The addon reports its own list (kPreferenceLosses, native/include/sppo/preference.h); test/native-surface.test.ts asserts they agree.
 
 export const PREFERENCE_LOSSES = ['sppo', 'sppo-pair', 'sppo-single', 'sppo-hard', 'dpo', 'ipo'] as const;
 

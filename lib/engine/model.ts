@@ -229,11 +229,12 @@ export class Model {
   async sequenceLogprobs(items: readonly SequenceInput[], options: CallOptions & { perToken?: boolean } = {}): Promise<SequenceLogprobs> {
     const b = packSequences(items);
     if (options.perToken !== undefined) checkKind(options.perToken, 'boolean', 'perToken');
-    const r = await this.#enqueue((h) => h.sequenceLogprobs(b.tokens, b.batch, b.seq, b.targetMask!, options.perToken ?? false), options.signal);
-    if (!r.perToken) return { sum: r.sum };
+    const r = await this.#enqueue((h) => h.sequenceLogprobs(b.tokens, b.batch, b.seq, b.targetMask, options.perToken ?? false), options.signal);
+    const perTokenAll = r.perToken;
+    if (!perTokenAll) return { sum: r.sum };
     const perToken = items.map((it, i) => {
       const start = i * b.seq + it.prompt.length;
-      return r.perToken!.slice(start, start + it.response.length);
+      return perTokenAll.slice(start, start + it.response.length);
     });
     return { sum: r.sum, perToken };
   }
@@ -258,7 +259,7 @@ export class Model {
     const b = p.batch;
     // evalPreference's result has only metrics and logps; preferenceStep's adds the step fields.
     const r = (await this.#enqueue(
-      (h) => h[call](b.tokens, b.batch, b.seq, b.targetMask!, p.refLogp, p.target, options.loss, options.eta),
+      (h) => h[call](b.tokens, b.batch, b.seq, b.targetMask, p.refLogp, p.target, options.loss, options.eta),
       options.signal,
     )) as NativeStepResult & { metrics: Record<string, number>; logps: Float64Array };
     return { ...r, metrics: r.metrics as unknown as PreferenceMetrics };

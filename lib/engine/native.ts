@@ -97,7 +97,7 @@ export function native(): NativeAddon {
   if (cached) return cached;
   let addon: NativeAddon;
   try {
-    addon = require('bindings')('sppo') as NativeAddon;
+    addon = (require('bindings') as (name: string) => NativeAddon)('sppo');
   } catch (err) {
     throw new Error(
       `sppo-engine: the native addon could not be loaded (${(err as Error).message.split('\n')[0]}). ` +

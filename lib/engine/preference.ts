@@ -5,7 +5,10 @@ import { PREFERENCE_LOSSES, type PreferenceLossName } from './losses.js';
 import type { PreferenceBatchInput, SequenceInput, TokenBatch } from './types.js';
 
 /** Rows = prompt + response, right-padded with token 0; the mask selects the response tokens. */
-export function packSequences(items: readonly SequenceInput[]): TokenBatch {
+/** A packed batch of prompt + response sequences: its mask marks the response tokens. */
+export type SequenceBatch = TokenBatch & { targetMask: Uint8Array };
+
+export function packSequences(items: readonly SequenceInput[]): SequenceBatch {
   if (items.length === 0) throw new RangeError('the batch is empty (0 sequences)');
   items.forEach((it, i) => {
     if (!Array.isArray(it.prompt) || it.prompt.length === 0)
@@ -27,7 +30,7 @@ export function packSequences(items: readonly SequenceInput[]): TokenBatch {
 }
 
 export interface PackedPreferenceBatch {
-  batch: TokenBatch;
+  batch: SequenceBatch;
   refLogp: Float64Array;
   target: Float64Array;
 }
@@ -37,7 +40,7 @@ export function packPreferenceBatch(input: PreferenceBatchInput, loss: Preferenc
   if (!PREFERENCE_LOSSES.includes(loss))
     throw new RangeError(`unknown loss '${loss}' (known: ${PREFERENCE_LOSSES.join(', ')})`);
   const finite = (v: unknown, what: string): number => {
-    if (typeof v !== 'number' || !Number.isFinite(v)) throw new RangeError(`${what} must be a finite number, got ${v}`);
+    if (typeof v !== 'number' || !Number.isFinite(v)) throw new RangeError(`${what} must be a finite number, got ${String(v)}`);
     return v;
   };
   const NO_TARGET = Number.NaN;  // not read by the loss
