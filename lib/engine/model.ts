@@ -4,7 +4,7 @@
 import { throwIfAborted } from '../util/abort.js';
 import { checkFields, checkKind, toTokenBatch, type FieldKind } from './batch.js';
 import { openGenerator, type Generator, type GeneratorPlan } from './generate.js';
-import { native, type CudaInfo, type NativeModelHandle, type NativeStepResult } from './native.js';
+import { native, type CudaInfo, type NativeModelHandle } from './native.js';
 import { packPreferenceBatch, packSequences } from './preference.js';
 import type {
   BatchInput,
@@ -261,7 +261,7 @@ export class Model {
     const r = (await this.#enqueue(
       (h) => h[call](b.tokens, b.batch, b.seq, b.targetMask, p.refLogp, p.target, options.loss, options.eta),
       options.signal,
-    )) as NativeStepResult & { metrics: Record<string, number>; logps: Float64Array };
+    )) as StepResult & { metrics: Record<string, number>; logps: Float64Array };
     return { ...r, metrics: r.metrics as unknown as PreferenceMetrics };
   }
 

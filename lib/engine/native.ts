@@ -4,28 +4,20 @@
 // memory safety needs): model.ts, generate.ts, batch.ts and preference.ts check them first.
 import { createRequire } from 'node:module';
 import type { StopReason } from './generate.js';
+import type { StepResult } from './types.js';
 
 const require = createRequire(import.meta.url);
 
 /** The addon's ABI version; native/addon/addon.cpp exports its own and native() refuses others. */
 export const ABI_VERSION = 3;
 
-export interface NativeStepResult {
-  loss: number;
-  targetTokens: number;
-  stepped: boolean;
-  step: number;
-  lr?: number;
-  gradNorm?: number;
-}
-
 export interface NativeModelHandle {
   forward(tokens: Int32Array, batch: number, seq: number, output: string): Promise<{ logits?: Float32Array; hidden?: Float32Array }>;
   evalLoss(tokens: Int32Array, batch: number, seq: number, mask: Uint8Array | null): Promise<{ loss: number; targetTokens: number }>;
-  trainStep(tokens: Int32Array, batch: number, seq: number, mask: Uint8Array | null): Promise<NativeStepResult>;
+  trainStep(tokens: Int32Array, batch: number, seq: number, mask: Uint8Array | null): Promise<StepResult>;
   sequenceLogprobs(tokens: Int32Array, batch: number, seq: number, mask: Uint8Array | null, perToken: boolean): Promise<{ sum: Float64Array; perToken?: Float64Array }>;
   evalPreference(tokens: Int32Array, batch: number, seq: number, mask: Uint8Array | null, refLogp: Float64Array, target: Float64Array, loss: string, eta: number): Promise<{ metrics: Record<string, number>; logps: Float64Array }>;
-  preferenceStep(tokens: Int32Array, batch: number, seq: number, mask: Uint8Array | null, refLogp: Float64Array, target: Float64Array, loss: string, eta: number): Promise<NativeStepResult & { metrics: Record<string, number>; logps: Float64Array }>;
+  preferenceStep(tokens: Int32Array, batch: number, seq: number, mask: Uint8Array | null, refLogp: Float64Array, target: Float64Array, loss: string, eta: number): Promise<StepResult & { metrics: Record<string, number>; logps: Float64Array }>;
   setOptimizer(config: object): void;
   params(): { name: string; shape: number[] }[];
   getParam(name: string): Float32Array;
