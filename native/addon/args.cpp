@@ -17,11 +17,16 @@ using sppo::RopeScaling;
 // TypeScript layer has refused non-integers and values out of range.
 template <class T>
 T value_as(Napi::Value v) {
-  if constexpr (std::is_same_v<T, bool>) return v.As<Napi::Boolean>().Value();
-  else if constexpr (std::is_same_v<T, std::string>) return v.As<Napi::String>().Utf8Value();
-  else if constexpr (std::is_same_v<T, double>) return v.As<Napi::Number>().DoubleValue();
-  else if constexpr (std::is_same_v<T, int>) return v.As<Napi::Number>().Int32Value();
-  else return T(v.As<Napi::Number>().Int64Value());  // int64_t, uint64_t (a non-negative seed)
+  if constexpr (std::is_same_v<T, bool>)
+    return v.As<Napi::Boolean>().Value();
+  else if constexpr (std::is_same_v<T, std::string>)
+    return v.As<Napi::String>().Utf8Value();
+  else if constexpr (std::is_same_v<T, double>)
+    return v.As<Napi::Number>().DoubleValue();
+  else if constexpr (std::is_same_v<T, int>)
+    return v.As<Napi::Number>().Int32Value();
+  else
+    return T(v.As<Napi::Number>().Int64Value());  // int64_t, uint64_t (a non-negative seed)
 }
 
 bool absent(Napi::Value v) { return v.IsUndefined() || v.IsNull(); }
@@ -40,11 +45,13 @@ RopeScaling parse_rope_scaling(Napi::Env env, Napi::Object r) {
     s.kind = RopeScaling::Kind::Llama3;
     s.low_freq_factor = field(r, "low_freq_factor", s.low_freq_factor);
     s.high_freq_factor = field(r, "high_freq_factor", s.high_freq_factor);
-    s.original_max_position_embeddings = field(r, "original_max_position_embeddings", s.original_max_position_embeddings);
+    s.original_max_position_embeddings =
+        field(r, "original_max_position_embeddings", s.original_max_position_embeddings);
   } else if (kind == "linear") {
     s.kind = RopeScaling::Kind::Linear;
   } else if (kind != "default") {
-    throw Napi::TypeError::New(env, "config.rope_scaling.rope_type '" + kind + "' is not supported (supported: default, linear, llama3)");
+    throw Napi::TypeError::New(
+        env, "config.rope_scaling.rope_type '" + kind + "' is not supported (supported: default, linear, llama3)");
   }
   s.factor = field(r, "factor", 1.0);
   return s;
@@ -134,8 +141,10 @@ sppo::ModelConfig parse_model_config(Napi::Env env, Napi::Value v) {
     std::visit(
         [&](auto member) {
           using T = MemberType<decltype(member)>;
-          if constexpr (std::is_same_v<T, RopeScaling>) c.*member = parse_rope_scaling(env, x.As<Napi::Object>());
-          else c.*member = value_as<T>(x);
+          if constexpr (std::is_same_v<T, RopeScaling>)
+            c.*member = parse_rope_scaling(env, x.As<Napi::Object>());
+          else
+            c.*member = value_as<T>(x);
         },
         f.member);
   }
@@ -149,9 +158,12 @@ Napi::Object config_to_js(Napi::Env env, const sppo::ModelConfig& c) {
     std::visit(
         [&](auto member) {
           using T = MemberType<decltype(member)>;
-          if constexpr (std::is_same_v<T, RopeScaling>) o.Set(f.name, rope_scaling_to_js(env, c.*member));
-          else if constexpr (std::is_same_v<T, uint64_t>) o.Set(f.name, double(c.*member));
-          else o.Set(f.name, c.*member);
+          if constexpr (std::is_same_v<T, RopeScaling>)
+            o.Set(f.name, rope_scaling_to_js(env, c.*member));
+          else if constexpr (std::is_same_v<T, uint64_t>)
+            o.Set(f.name, double(c.*member));
+          else
+            o.Set(f.name, c.*member);
         },
         f.member);
   }
@@ -184,9 +196,12 @@ sppo::OptimizerConfig parse_optimizer(Napi::Env env, Napi::Value v) {
   const Napi::Object f = v.As<Napi::Object>();
   sppo::OptimizerConfig o;
   const std::string kind = field(f, "kind", std::string("adamw"));
-  if (kind == "adamw") o.kind = sppo::OptimizerConfig::Kind::AdamW;
-  else if (kind == "rmsprop") o.kind = sppo::OptimizerConfig::Kind::RMSprop;
-  else throw Napi::TypeError::New(env, "optimizer.kind must be 'adamw' or 'rmsprop', got '" + kind + "'");
+  if (kind == "adamw")
+    o.kind = sppo::OptimizerConfig::Kind::AdamW;
+  else if (kind == "rmsprop")
+    o.kind = sppo::OptimizerConfig::Kind::RMSprop;
+  else
+    throw Napi::TypeError::New(env, "optimizer.kind must be 'adamw' or 'rmsprop', got '" + kind + "'");
   o.lr = field(f, "lr", o.lr);
   o.beta1 = field(f, "beta1", o.beta1);
   o.beta2 = field(f, "beta2", o.beta2);
@@ -199,10 +214,15 @@ sppo::OptimizerConfig parse_optimizer(Napi::Env env, Napi::Value v) {
   if (!absent(schedule)) {
     const Napi::Object s = schedule.As<Napi::Object>();
     const std::string sk = field(s, "kind", std::string("constant"));
-    if (sk == "constant") o.schedule.kind = sppo::ScheduleConfig::Kind::Constant;
-    else if (sk == "linear") o.schedule.kind = sppo::ScheduleConfig::Kind::Linear;
-    else if (sk == "cosine") o.schedule.kind = sppo::ScheduleConfig::Kind::Cosine;
-    else throw Napi::TypeError::New(env, "optimizer.schedule.kind must be 'constant', 'linear' or 'cosine', got '" + sk + "'");
+    if (sk == "constant")
+      o.schedule.kind = sppo::ScheduleConfig::Kind::Constant;
+    else if (sk == "linear")
+      o.schedule.kind = sppo::ScheduleConfig::Kind::Linear;
+    else if (sk == "cosine")
+      o.schedule.kind = sppo::ScheduleConfig::Kind::Cosine;
+    else
+      throw Napi::TypeError::New(env,
+                                 "optimizer.schedule.kind must be 'constant', 'linear' or 'cosine', got '" + sk + "'");
     o.schedule.warmup_steps = field(s, "warmupSteps", o.schedule.warmup_steps);
     o.schedule.total_steps = field(s, "totalSteps", o.schedule.total_steps);
     o.schedule.min_lr_ratio = field(s, "minLrRatio", o.schedule.min_lr_ratio);
@@ -224,7 +244,8 @@ GenerateArgs parse_generate(const Napi::CallbackInfo& info, const sppo::Generato
   const Array<double> seeds = Array<double>::read(info[2], "seeds");
   require_length(env, seeds, lengths.size(), "seeds", "there are " + std::to_string(lengths.size()) + " prompts");
   const int64_t samples = value_as<int64_t>(info[3]);
-  if (samples < 1) throw Napi::RangeError::New(env, "samplesPerPrompt must be at least 1, got " + std::to_string(samples));
+  if (samples < 1)
+    throw Napi::RangeError::New(env, "samplesPerPrompt must be at least 1, got " + std::to_string(samples));
 
   const Napi::Object o = info[4].As<Napi::Object>();
   sppo::SamplingOptions& so = a.options;

@@ -59,12 +59,17 @@ class Array {
 template <class T>
 Array<T> Array<T>::read(Napi::Value v, const char* what) {
   constexpr auto kind = [] {
-    if constexpr (std::is_same_v<T, int32_t>) return std::pair{napi_int32_array, "an Int32Array"};
-    else if constexpr (std::is_same_v<T, uint8_t>) return std::pair{napi_uint8_array, "a Uint8Array"};
-    else if constexpr (std::is_same_v<T, float>) return std::pair{napi_float32_array, "a Float32Array"};
-    else return std::pair{napi_float64_array, "a Float64Array"};
+    if constexpr (std::is_same_v<T, int32_t>)
+      return std::pair{napi_int32_array, "an Int32Array"};
+    else if constexpr (std::is_same_v<T, uint8_t>)
+      return std::pair{napi_uint8_array, "a Uint8Array"};
+    else if constexpr (std::is_same_v<T, float>)
+      return std::pair{napi_float32_array, "a Float32Array"};
+    else
+      return std::pair{napi_float64_array, "a Float64Array"};
   }();
-  static_assert(std::is_same_v<T, int32_t> || std::is_same_v<T, uint8_t> || std::is_same_v<T, float> || std::is_same_v<T, double>);
+  static_assert(std::is_same_v<T, int32_t> || std::is_same_v<T, uint8_t> || std::is_same_v<T, float> ||
+                std::is_same_v<T, double>);
   if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != kind.first)
     throw Napi::TypeError::New(v.Env(), std::string(what) + " must be " + kind.second);
   return Array(v.As<Napi::TypedArrayOf<T>>());
@@ -115,9 +120,9 @@ sppo::GeneratorPlan parse_generator_plan(Napi::Value v);
 // (tokens: Int32Array, lengths: Int32Array, seeds: Float64Array, samplesPerPrompt, options) at
 // info[0..4]: the prompts concatenated in tokens, validated by the generator.
 struct GenerateArgs {
-  Array<int32_t> tokens;                        // the prompts, concatenated
-  std::vector<sppo::SequenceRequest> prompts;   // one per prompt, pointing into tokens
-  std::vector<sppo::SequenceRequest> sequences; // one per sample (prompt-major)
+  Array<int32_t> tokens;                         // the prompts, concatenated
+  std::vector<sppo::SequenceRequest> prompts;    // one per prompt, pointing into tokens
+  std::vector<sppo::SequenceRequest> sequences;  // one per sample (prompt-major)
   sppo::SamplingOptions options;
 };
 GenerateArgs parse_generate(const Napi::CallbackInfo& info, const sppo::GeneratorApi& gen);

@@ -15,8 +15,12 @@ template <class Args, class Work, class ToJs, class Settled>
 class AsyncCall final : public Napi::AsyncWorker {
  public:
   AsyncCall(Napi::Env env, Args args, Work work, ToJs to_js, Settled settled)
-      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), args_(std::move(args)),
-        work_(std::move(work)), to_js_(std::move(to_js)), settled_(std::move(settled)) {}
+      : Napi::AsyncWorker(env),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        args_(std::move(args)),
+        work_(std::move(work)),
+        to_js_(std::move(to_js)),
+        settled_(std::move(settled)) {}
   Napi::Promise promise() const { return deferred_.Promise(); }
 
  private:

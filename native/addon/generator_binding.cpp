@@ -70,11 +70,10 @@ Napi::Object results_to_js(Napi::Env env, const std::vector<sppo::SequenceResult
 }  // namespace
 
 Napi::Function NativeGenerator::Init(Napi::Env env) {
-  return DefineClass(env, "NativeGenerator",
-                     {InstanceMethod<&NativeGenerator::Generate>("generate"),
-                      InstanceMethod<&NativeGenerator::Abort>("abort"),
-                      InstanceMethod<&NativeGenerator::Memory>("memory"),
-                      InstanceMethod<&NativeGenerator::Dispose>("dispose")});
+  return DefineClass(
+      env, "NativeGenerator",
+      {InstanceMethod<&NativeGenerator::Generate>("generate"), InstanceMethod<&NativeGenerator::Abort>("abort"),
+       InstanceMethod<&NativeGenerator::Memory>("memory"), InstanceMethod<&NativeGenerator::Dispose>("dispose")});
 }
 
 NativeGenerator::NativeGenerator(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeGenerator>(info) {
@@ -107,7 +106,8 @@ Napi::Value NativeGenerator::Generate(const Napi::CallbackInfo& info) {
       env, std::move(a),
       [gen = gen_.get(), abort = &abort_](Args& a) {
         std::function<void(const std::vector<sppo::TokenEvent>&)> on_step;
-        if (a.on_step) on_step = [&a](const std::vector<sppo::TokenEvent>& events) { deliver_step(*a.on_step, events); };
+        if (a.on_step)
+          on_step = [&a](const std::vector<sppo::TokenEvent>& events) { deliver_step(*a.on_step, events); };
         try {
           a.out = gen->generate(a.in.sequences, a.in.options, abort, on_step);
         } catch (...) {

@@ -48,21 +48,17 @@ Napi::Object metrics_to_js(Napi::Env env, const sppo::PreferenceMetrics& m) {
 }  // namespace
 
 Napi::Function NativeModel::Init(Napi::Env env) {
-  return DefineClass(env, "NativeModel",
-                     {InstanceMethod<&NativeModel::Forward>("forward"),
-                      InstanceMethod<&NativeModel::EvalLoss>("evalLoss"),
-                      InstanceMethod<&NativeModel::TrainStep>("trainStep"),
-                      InstanceMethod<&NativeModel::SequenceLogprobs>("sequenceLogprobs"),
-                      InstanceMethod<&NativeModel::EvalPreference>("evalPreference"),
-                      InstanceMethod<&NativeModel::PreferenceStep>("preferenceStep"),
-                      InstanceMethod<&NativeModel::SetOptimizer>("setOptimizer"),
-                      InstanceMethod<&NativeModel::Params>("params"),
-                      InstanceMethod<&NativeModel::GetParam>("getParam"),
-                      InstanceMethod<&NativeModel::SetParam>("setParam"),
-                      InstanceMethod<&NativeModel::Memory>("memory"),
-                      InstanceMethod<&NativeModel::Config>("config"),
-                      InstanceMethod<&NativeModel::State>("state"),
-                      InstanceMethod<&NativeModel::Dispose>("dispose")});
+  return DefineClass(
+      env, "NativeModel",
+      {InstanceMethod<&NativeModel::Forward>("forward"), InstanceMethod<&NativeModel::EvalLoss>("evalLoss"),
+       InstanceMethod<&NativeModel::TrainStep>("trainStep"),
+       InstanceMethod<&NativeModel::SequenceLogprobs>("sequenceLogprobs"),
+       InstanceMethod<&NativeModel::EvalPreference>("evalPreference"),
+       InstanceMethod<&NativeModel::PreferenceStep>("preferenceStep"),
+       InstanceMethod<&NativeModel::SetOptimizer>("setOptimizer"), InstanceMethod<&NativeModel::Params>("params"),
+       InstanceMethod<&NativeModel::GetParam>("getParam"), InstanceMethod<&NativeModel::SetParam>("setParam"),
+       InstanceMethod<&NativeModel::Memory>("memory"), InstanceMethod<&NativeModel::Config>("config"),
+       InstanceMethod<&NativeModel::State>("state"), InstanceMethod<&NativeModel::Dispose>("dispose")});
 }
 
 NativeModel::NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {
@@ -73,7 +69,8 @@ NativeModel::NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Nati
   const bool cuda = o.device == "cuda" || (o.device == "auto" && sppo::cuda::probe().available);
   model_ = or_range_error(env, [&]() -> std::unique_ptr<ModelApi> {
     if (cuda) return std::make_unique<sppo::Model<sppo::bf16>>(config, plan, sppo::cuda::make_ops(0), o.initialize);
-    return std::make_unique<sppo::Model<float>>(config, plan, std::make_unique<sppo::cpu::CpuOps<float>>(), o.initialize);
+    return std::make_unique<sppo::Model<float>>(config, plan, std::make_unique<sppo::cpu::CpuOps<float>>(),
+                                                o.initialize);
   });
   info.This().As<Napi::Object>().TypeTag(&kNativeModelTag);
 }
@@ -85,7 +82,8 @@ ModelApi& NativeModel::live(Napi::Env env) {
 
 ModelApi& NativeModel::usable(Napi::Env env) {
   ModelApi& m = live(env);
-  if (busy_.load()) throw Napi::Error::New(env, "the model is busy with another call; await it before starting the next");
+  if (busy_.load())
+    throw Napi::Error::New(env, "the model is busy with another call; await it before starting the next");
   return m;
 }
 
@@ -179,8 +177,10 @@ Napi::Value NativeModel::PreferenceCall(const Napi::CallbackInfo& info, bool tra
   return run(
       env, std::move(a),
       [&m, train](Args& a) {
-        if (train) a.out = m.preference_step(a.in.view(), a.logps.data());
-        else a.out.metrics = m.eval_preference(a.in.view(), a.logps.data());
+        if (train)
+          a.out = m.preference_step(a.in.view(), a.logps.data());
+        else
+          a.out.metrics = m.eval_preference(a.in.view(), a.logps.data());
       },
       [train](Napi::Env env, Args& a) {
         Napi::Object r = train ? step_to_js(env, a.out.step) : Napi::Object::New(env);
@@ -245,7 +245,9 @@ Napi::Value NativeModel::Memory(const Napi::CallbackInfo& info) {
   return o;
 }
 
-Napi::Value NativeModel::Config(const Napi::CallbackInfo& info) { return config_to_js(info.Env(), live(info.Env()).config()); }
+Napi::Value NativeModel::Config(const Napi::CallbackInfo& info) {
+  return config_to_js(info.Env(), live(info.Env()).config());
+}
 
 Napi::Value NativeModel::State(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -262,7 +264,8 @@ Napi::Value NativeModel::State(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value NativeModel::Dispose(const Napi::CallbackInfo& info) {
-  if (busy_.load()) throw Napi::Error::New(info.Env(), "cannot dispose the model while a call is running; await it first");
+  if (busy_.load())
+    throw Napi::Error::New(info.Env(), "cannot dispose the model while a call is running; await it first");
   model_.reset();
   return info.Env().Undefined();
 }

@@ -102,11 +102,12 @@ void bench_train(const char* name, const ModelConfig& c, int B, int Tn, int reps
   // Parameters without the tied/untied distinction the anchors ignore: count the arena.
   const double flops_per_token = 6.0 * double(m.num_params()) + 6.0 * c.num_hidden_layers * c.hidden_size * Tn;
   const MemoryReport mem = m.memory();
-  std::printf("train %-5s B%d T%d  %9.0f tok/s  %.1f ms/step  MFU %.1f%%  memory %.1f GiB (params+master %.1f, grads %.1f, "
-              "optimizer %.1f, activations %.1f, scratch %.1f)\n",
-              name, B, Tn, tok, 1e3 * s, 100 * tok * flops_per_token / 790e12, mem.total() / 1073741824.0,
-              mem.params / 1073741824.0, mem.grads / 1073741824.0, mem.optimizer / 1073741824.0,
-              mem.activations / 1073741824.0, mem.scratch / 1073741824.0);
+  std::printf(
+      "train %-5s B%d T%d  %9.0f tok/s  %.1f ms/step  MFU %.1f%%  memory %.1f GiB (params+master %.1f, grads %.1f, "
+      "optimizer %.1f, activations %.1f, scratch %.1f)\n",
+      name, B, Tn, tok, 1e3 * s, 100 * tok * flops_per_token / 790e12, mem.total() / 1073741824.0,
+      mem.params / 1073741824.0, mem.grads / 1073741824.0, mem.optimizer / 1073741824.0, mem.activations / 1073741824.0,
+      mem.scratch / 1073741824.0);
   std::fflush(stdout);
 }
 
@@ -129,10 +130,10 @@ void bench_generate(const ModelConfig& c, int batch, int prompt, int new_tokens,
   }
   std::sort(t.begin(), t.end());
   std::printf("generate 134M batch %d%s, prompt %d, %d new: %9.0f new tok/s (%.2f s, KV cache %.2f GiB)\n", batch,
-              record_graphs ? "" : " eager", prompt, new_tokens, produced / t[1], t[1], g->memory_bytes() / 1073741824.0);
+              record_graphs ? "" : " eager", prompt, new_tokens, produced / t[1], t[1],
+              g->memory_bytes() / 1073741824.0);
   std::fflush(stdout);
 }
-
 
 // The card's ceilings, measured once per process: bf16 GEMM TFLOP/s (8192³ through the backend's
 // own cuBLASLt path) and device-to-device copy TB/s (bytes read + written), each the best of 20
@@ -300,9 +301,11 @@ SPPO_BENCH(cuda_fused_head) {
   // the logits tile, the per-row arrays and whatever state the head ops keep.
   const size_t io = size_t(n * C + V * C + n * C) * sizeof(bf16) + size_t(V) * C * sizeof(float);
   const double extra = double(device_used() - base) - double(io);
-  std::printf("fused head fwd+bwd B8 T1024 H4096 V128256: %.1f ms, extra device memory %.2f GiB (inputs+outputs %.2f GiB)\n",
-              1e3 * s, extra / 1073741824.0, inputs / 1073741824.0);
-  for (void* p : {(void*)H, (void*)W, (void*)dH, (void*)dW, (void*)tg, (void*)logp, (void*)lse, (void*)coef, (void*)scratch})
+  std::printf(
+      "fused head fwd+bwd B8 T1024 H4096 V128256: %.1f ms, extra device memory %.2f GiB (inputs+outputs %.2f GiB)\n",
+      1e3 * s, extra / 1073741824.0, inputs / 1073741824.0);
+  for (void* p :
+       {(void*)H, (void*)W, (void*)dH, (void*)dW, (void*)tg, (void*)logp, (void*)lse, (void*)coef, (void*)scratch})
     ops->free_bytes(p);
 }
 
@@ -315,8 +318,8 @@ SPPO_BENCH(cuda_attention) {
     const char* name;
     int64_t B, T, H, KV, D;
   };
-  for (const Case& c : {Case{"134M", 16, 1024, 12, 12, 64}, Case{"1.1B", 8, 1024, 32, 8, 64},
-                        Case{"d128", 8, 1024, 16, 16, 128}}) {
+  for (const Case& c :
+       {Case{"134M", 16, 1024, 12, 12, 64}, Case{"1.1B", 8, 1024, 32, 8, 64}, Case{"d128", 8, 1024, 16, 16, 128}}) {
     const int64_t N = c.B * c.T, QD = c.H * c.D, KD = c.KV * c.D, QKV = QD + 2 * KD;
     const AttentionShape s{c.B, c.T, c.H, c.KV, c.D, QKV, 0, QD, QD + KD, QD, 1.0 / std::sqrt(double(c.D))};
     const double fwd_flops = 2.0 * c.B * c.H * double(c.T) * c.T * c.D, bwd_flops = 2.5 * fwd_flops;
@@ -343,10 +346,11 @@ SPPO_BENCH(cuda_attention) {
         ops->attention_backward(dqkv, dout, qkv, out, lse, s);
         ops->synchronize();
       });
-      std::printf("attention %-4s B%ld T%ld %ld/%ld x %ld  %-4s  forward %7.3f ms %6.1f TFLOP/s  "
-                  "backward %7.3f ms %6.1f TFLOP/s\n",
-                  c.name, long(c.B), long(c.T), long(c.H), long(c.KV), long(c.D), path, 1e3 * f, fwd_flops / f / 1e12,
-                  1e3 * b, bwd_flops / b / 1e12);
+      std::printf(
+          "attention %-4s B%ld T%ld %ld/%ld x %ld  %-4s  forward %7.3f ms %6.1f TFLOP/s  "
+          "backward %7.3f ms %6.1f TFLOP/s\n",
+          c.name, long(c.B), long(c.T), long(c.H), long(c.KV), long(c.D), path, 1e3 * f, fwd_flops / f / 1e12, 1e3 * b,
+          bwd_flops / b / 1e12);
       std::fflush(stdout);
       for (void* p : {(void*)qkv, (void*)dqkv, (void*)out, (void*)dout, (void*)lse}) ops->free_bytes(p);
     }

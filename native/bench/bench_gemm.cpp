@@ -26,7 +26,7 @@ std::vector<Shape> model_shapes() {
   std::vector<Shape> v;
   const int64_t T = 4096;
   const int64_t nk[][2] = {{512, 512}, {256, 512}, {1376, 512}, {512, 1376}, {8192, 512},
-                           {256, 256}, {688, 256},  {256, 688},  {512, 256}};
+                           {256, 256}, {688, 256}, {256, 688},  {512, 256}};
   for (auto& s : nk) v.push_back({"fwd", T, s[0], s[1], false, true, 0.0f});
   for (auto& s : nk) v.push_back({"bwd_dx", T, s[1], s[0], false, false, 0.0f});
   for (auto& s : nk) v.push_back({"bwd_dw", s[0], s[1], T, true, false, 1.0f});
@@ -54,8 +54,7 @@ SPPO_BENCH(gemm_model_shapes) {
     // Enough repetitions for ~0.3 s of work (at least 5) after two warm-up calls.
     int reps = std::clamp(static_cast<int>(0.3 * 200e9 / flop), 5, 200);
     auto call = [&] {
-      sppo::cpu::gemm(s.tA, s.tB, s.M, s.N, s.K, 1.0f, A.data(), lda, B.data(), ldb, s.beta,
-                      C.data(), s.N);
+      sppo::cpu::gemm(s.tA, s.tB, s.M, s.N, s.K, 1.0f, A.data(), lda, B.data(), ldb, s.beta, C.data(), s.N);
     };
     call();
     call();
@@ -68,8 +67,8 @@ SPPO_BENCH(gemm_model_shapes) {
     std::sort(ms.begin(), ms.end());
     double med = ms[ms.size() / 2];
     std::string tr = std::string(s.tA ? "T" : "N") + (s.tB ? "T" : "N");
-    std::printf("%-8s %6lld %6lld %6lld %5s %10.4f %9.1f\n", s.name, (long long)s.M, (long long)s.N,
-                (long long)s.K, tr.c_str(), med, flop / med * 1e-6);
+    std::printf("%-8s %6lld %6lld %6lld %5s %10.4f %9.1f\n", s.name, (long long)s.M, (long long)s.N, (long long)s.K,
+                tr.c_str(), med, flop / med * 1e-6);
     std::fflush(stdout);
   }
 }

@@ -56,8 +56,8 @@ SPPO_BENCH(fused_head) {
     std::vector<float> scratch(chunk);
     const double fused = harness::median_seconds(3, [&] {
       ops.head_logprobs(logp.data(), lse.data(), H.data(), W.data(), targets.data(), N, C, V, scratch.data(), chunk);
-      ops.head_logprobs_backward(dH.data(), dW.data(), H.data(), W.data(), targets.data(), lse.data(), coef.data(), N, C,
-                                 V, scratch.data(), chunk);
+      ops.head_logprobs_backward(dH.data(), dW.data(), H.data(), W.data(), targets.data(), lse.data(), coef.data(), N,
+                                 C, V, scratch.data(), chunk);
     });
     const double fused_extra = (scratch.size() * sizeof(float) + 2.0 * N * sizeof(double)) / 1048576.0;
     std::vector<float> logits(N * V);
@@ -65,7 +65,8 @@ SPPO_BENCH(fused_head) {
     const double plain_extra = logits.size() * sizeof(float) / 1048576.0;
     std::printf("%-6lld %-10s %10.1f %14.1f\n", (long long)C, "fused", fused * 1e3, fused_extra);
     std::printf("%-6lld %-10s %10.1f %14.1f\n", (long long)C, "unfused", plain * 1e3, plain_extra);
-    std::printf("d %lld: fused/unfused time %.2f, extra memory %.3f\n", (long long)C, fused / plain, fused_extra / plain_extra);
+    std::printf("d %lld: fused/unfused time %.2f, extra memory %.3f\n", (long long)C, fused / plain,
+                fused_extra / plain_extra);
     std::fflush(stdout);
   }
 }

@@ -35,10 +35,11 @@ void bench_train(const char* preset, int B, int Tn, int reps) {
   std::sort(times.begin(), times.end());
   const double t = times[times.size() / 2];
   MemoryReport mem = m.memory();
-  std::printf("train %-6s B%-3d T%-4d %8.0f tok/s  (%.3f s/step, median of %d)  memory %.0f MiB "
-              "(params %.0f, grads %.0f, optimizer %.0f, activations %.0f, scratch %.0f)\n",
-              preset, B, Tn, B * Tn / t, t, reps, mem.total() / 1048576.0, mem.params / 1048576.0,
-              mem.grads / 1048576.0, mem.optimizer / 1048576.0, mem.activations / 1048576.0, mem.scratch / 1048576.0);
+  std::printf(
+      "train %-6s B%-3d T%-4d %8.0f tok/s  (%.3f s/step, median of %d)  memory %.0f MiB "
+      "(params %.0f, grads %.0f, optimizer %.0f, activations %.0f, scratch %.0f)\n",
+      preset, B, Tn, B * Tn / t, t, reps, mem.total() / 1048576.0, mem.params / 1048576.0, mem.grads / 1048576.0,
+      mem.optimizer / 1048576.0, mem.activations / 1048576.0, mem.scratch / 1048576.0);
   std::fflush(stdout);
 }
 }  // namespace

@@ -63,8 +63,8 @@ class ProfiledOps final : public Ops<bf16> {
   void cast(bf16* dst, const float* src, int64_t n) override {
     timed("cast", 0, 6.0 * n, [&] { inner_->cast(dst, src, n); });
   }
-  void gemm(bool tA, bool tB, int64_t M, int64_t N, int64_t K, double alpha, const bf16* A, int64_t lda,
-            const bf16* B, int64_t ldb, double beta, bf16* C, int64_t ldc) override {
+  void gemm(bool tA, bool tB, int64_t M, int64_t N, int64_t K, double alpha, const bf16* A, int64_t lda, const bf16* B,
+            int64_t ldb, double beta, bf16* C, int64_t ldc) override {
     timed(gemm_phase(tA, tB, M, N, K), 2.0 * M * N * K, gemm_bytes(M, N, K, 2, beta),
           [&] { inner_->gemm(tA, tB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); });
   }
@@ -147,9 +147,8 @@ class ProfiledOps final : public Ops<bf16> {
                               const double* lse, const double* coef, int64_t n, int64_t C, int64_t V, float* scratch,
                               int64_t scratch_elems) override {
     // Three GEMMs: the recomputed logits, dH and dW.
-    timed("lm head + loss backward", 6.0 * n * V * C, 0, [&] {
-      inner_->head_logprobs_backward(dH, dW, H, W, targets, lse, coef, n, C, V, scratch, scratch_elems);
-    });
+    timed("lm head + loss backward", 6.0 * n * V * C, 0,
+          [&] { inner_->head_logprobs_backward(dH, dW, H, W, targets, lse, coef, n, C, V, scratch, scratch_elems); });
   }
   void adamw_update(bf16* p, float* master, const float* g, float* m, float* v, int64_t n, double lr, double beta1,
                     double beta2, double eps, double decay, double gscale, int64_t step) override {
@@ -157,8 +156,8 @@ class ProfiledOps final : public Ops<bf16> {
     timed("optimizer", 0, 30.0 * n,
           [&] { inner_->adamw_update(p, master, g, m, v, n, lr, beta1, beta2, eps, decay, gscale, step); });
   }
-  void rmsprop_update(bf16* p, float* master, const float* g, float* sq, int64_t n, double lr, double alpha,
-                      double eps, double decay, double gscale) override {
+  void rmsprop_update(bf16* p, float* master, const float* g, float* sq, int64_t n, double lr, double alpha, double eps,
+                      double decay, double gscale) override {
     timed("optimizer", 0, 22.0 * n,
           [&] { inner_->rmsprop_update(p, master, g, sq, n, lr, alpha, eps, decay, gscale); });
   }
@@ -275,7 +274,8 @@ void print_breakdown(const char* title, const OpProfile& p, double units, double
     }
     std::printf("  %-34s %9.3f %6.1f%% %7.0f %18s\n", name.c_str(), ms, 100 * ms / wall_ms, t.calls / units, rate);
   }
-  std::printf("  %-34s %9.3f %6.1f%%\n", "host gaps (launches, host work)", wall_ms - sum, 100 * (wall_ms - sum) / wall_ms);
+  std::printf("  %-34s %9.3f %6.1f%%\n", "host gaps (launches, host work)", wall_ms - sum,
+              100 * (wall_ms - sum) / wall_ms);
   std::fflush(stdout);
 }
 

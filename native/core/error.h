@@ -21,8 +21,8 @@ std::string concat(const Args&... args) {
 }  // namespace detail
 
 // SPPO_REQUIRE(cond, "config.hidden_size (", x, ") must be ...") throws sppo::Error.
-#define SPPO_REQUIRE(cond, ...) \
-  do {                          \
+#define SPPO_REQUIRE(cond, ...)                                            \
+  do {                                                                     \
     if (!(cond)) throw ::sppo::Error(::sppo::detail::concat(__VA_ARGS__)); \
   } while (0)
 

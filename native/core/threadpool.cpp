@@ -8,7 +8,7 @@ namespace sppo {
 namespace {
 thread_local bool in_task = false;
 thread_local int current_thread = 0;  // this thread's index in the pool running it
-}
+}  // namespace
 
 ThreadPool::ThreadPool(int n_threads) {
   if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -120,9 +120,7 @@ std::unique_ptr<ThreadPool>& pool_slot() {
 }
 }  // namespace
 
-ThreadPool& cpu_pool() {
-  return *pool_slot();
-}
+ThreadPool& cpu_pool() { return *pool_slot(); }
 
 void set_num_threads(int n) { pool_slot() = std::make_unique<ThreadPool>(n); }
 

@@ -62,7 +62,7 @@ class ThreadPool {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable done_cv_;
-  std::mutex run_mutex_;  // one run() at a time per pool
+  std::mutex run_mutex_;                 // one run() at a time per pool
   std::atomic<uint64_t> generation_{0};  // bumped (under mutex_) for each run
   bool stop_ = false;
   const FnRef<void(int64_t, int)>* job_ = nullptr;

@@ -67,8 +67,8 @@ void CpuOps<T>::ensure_scratch(int64_t seq) {
 }
 
 template <class T>
-void CpuOps<T>::gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A,
-                     int64_t lda, const T* B, int64_t ldb, double beta, T* C, int64_t ldc) {
+void CpuOps<T>::gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A, int64_t lda,
+                     const T* B, int64_t ldb, double beta, T* C, int64_t ldc) {
   cpu::gemm(transA, transB, M, N, K, T(alpha), A, lda, B, ldb, T(beta), C, ldc);
 }
 
@@ -410,8 +410,8 @@ void CpuOps<T>::head_logprobs_backward(T* dH, T* dW, const T* H, const T* W, con
 }
 
 template <class T>
-void CpuOps<T>::adamw_update(T* p, T* master, const T* g, T* m, T* v, int64_t n, double lr, double beta1,
-                             double beta2, double eps, double decay, double gscale, int64_t step) {
+void CpuOps<T>::adamw_update(T* p, T* master, const T* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2,
+                             double eps, double decay, double gscale, int64_t step) {
   const T b1 = T(beta1), b2 = T(beta2), gs = T(gscale), keep = T(1.0 - decay);
   const T step_size = T(lr / (1.0 - std::pow(beta1, double(step))));
   const T inv_sqrt_bc2 = T(1.0 / std::sqrt(1.0 - std::pow(beta2, double(step))));

@@ -51,7 +51,8 @@ class CpuOps final : public Ops<T> {
   void head_logprobs(double* logp, double* lse, const T* H, const T* W, const int32_t* targets, int64_t n, int64_t C,
                      int64_t V, T* scratch, int64_t scratch_elems) override;
   void head_logprobs_backward(T* dH, T* dW, const T* H, const T* W, const int32_t* targets, const double* lse,
-                              const double* coef, int64_t n, int64_t C, int64_t V, T* scratch, int64_t scratch_elems) override;
+                              const double* coef, int64_t n, int64_t C, int64_t V, T* scratch,
+                              int64_t scratch_elems) override;
   void adamw_update(T* p, T* master, const T* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2,
                     double eps, double decay, double gscale, int64_t step) override;
   void rmsprop_update(T* p, T* master, const T* g, T* sq, int64_t n, double lr, double alpha, double eps, double decay,

@@ -70,14 +70,13 @@ constexpr int64_t kRowsMaxM = 8;
 // The micro-kernel computes C[0:mr, 0:nr] (= alpha * a * b + beta * C) for one tile:
 // a is mr x kc packed k-major (a[k * mr + i]), b is kc x NR packed k-major (zero-padded past
 // nr). beta == 0 never reads C.
-using TileFn = void (*)(int mr, int nr, int64_t kc, const float* a, const float* b, float* c,
-                        int64_t ldc, float alpha, float beta);
+using TileFn = void (*)(int mr, int nr, int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
+                        float beta);
 
 // The small-M path: C[0:M, j0:j1] = alpha * A * B^T + beta * C with A (M,K), B (N,K), reduced
 // over K in blocks of depth kcb exactly as the packed path does (bit-identical results).
-using RowsFn = void (*)(int64_t M, int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A,
-                        int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, float alpha,
-                        float beta);
+using RowsFn = void (*)(int64_t M, int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A, int64_t lda,
+                        const float* B, int64_t ldb, float* C, int64_t ldc, float alpha, float beta);
 
 // Transposing pack (see avx512_pack_t); nullptr: plain loops.
 using PackTFn = void (*)(const float* src, int64_t ld, int rows, int64_t kc, int w, float* dst);
@@ -96,8 +95,8 @@ struct KernelSet {
 constexpr int kPortMR = 4, kPortNR = 16;
 
 template <int MR>
-void port_tile_fixed(int nr, int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
-                     float alpha, float beta) {
+void port_tile_fixed(int nr, int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
+                     float beta) {
   float acc[MR][kPortNR] = {};
   for (int64_t k = 0; k < kc; ++k) {
     for (int i = 0; i < MR; ++i) {
@@ -115,13 +114,17 @@ void port_tile_fixed(int nr, int64_t kc, const float* a, const float* b, float* 
   }
 }
 
-void port_tile(int mr, int nr, int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
-               float alpha, float beta) {
+void port_tile(int mr, int nr, int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
+               float beta) {
   switch (mr) {
-    case 1: return port_tile_fixed<1>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 2: return port_tile_fixed<2>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 3: return port_tile_fixed<3>(nr, kc, a, b, c, ldc, alpha, beta);
-    default: return port_tile_fixed<4>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 1:
+      return port_tile_fixed<1>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 2:
+      return port_tile_fixed<2>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 3:
+      return port_tile_fixed<3>(nr, kc, a, b, c, ldc, alpha, beta);
+    default:
+      return port_tile_fixed<4>(nr, kc, a, b, c, ldc, alpha, beta);
   }
 }
 
@@ -132,9 +135,8 @@ void port_tile(int mr, int nr, int64_t kc, const float* a, const float* b, float
 constexpr int kAvx2MR = 6, kAvx2NR = 16;
 
 template <int MR>
-SPPO_AVX2 void avx2_tile_fixed(int nr, int64_t kc, const float* __restrict a,
-                               const float* __restrict b, float* c, int64_t ldc, float alpha,
-                               float beta) {
+SPPO_AVX2 void avx2_tile_fixed(int nr, int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
+                               int64_t ldc, float alpha, float beta) {
   __m256 acc0[MR], acc1[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
@@ -159,8 +161,7 @@ SPPO_AVX2 void avx2_tile_fixed(int nr, int64_t kc, const float* __restrict a,
         _mm256_storeu_ps(ci + 8, _mm256_mul_ps(acc1[i], va));
       } else {
         _mm256_storeu_ps(ci, _mm256_fmadd_ps(acc0[i], va, _mm256_mul_ps(vb, _mm256_loadu_ps(ci))));
-        _mm256_storeu_ps(ci + 8,
-                         _mm256_fmadd_ps(acc1[i], va, _mm256_mul_ps(vb, _mm256_loadu_ps(ci + 8))));
+        _mm256_storeu_ps(ci + 8, _mm256_fmadd_ps(acc1[i], va, _mm256_mul_ps(vb, _mm256_loadu_ps(ci + 8))));
       }
     }
     return;
@@ -171,20 +172,25 @@ SPPO_AVX2 void avx2_tile_fixed(int nr, int64_t kc, const float* __restrict a,
     float* ci = c + i * ldc;
     _mm256_store_ps(t, acc0[i]);
     _mm256_store_ps(t + 8, acc1[i]);
-    for (int j = 0; j < nr; ++j)
-      ci[j] = beta == 0.0f ? t[j] * alpha : __builtin_fmaf(t[j], alpha, beta * ci[j]);
+    for (int j = 0; j < nr; ++j) ci[j] = beta == 0.0f ? t[j] * alpha : __builtin_fmaf(t[j], alpha, beta * ci[j]);
   }
 }
 
-SPPO_AVX2 void avx2_tile(int mr, int nr, int64_t kc, const float* a, const float* b, float* c,
-                         int64_t ldc, float alpha, float beta) {
+SPPO_AVX2 void avx2_tile(int mr, int nr, int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
+                         float beta) {
   switch (mr) {
-    case 1: return avx2_tile_fixed<1>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 2: return avx2_tile_fixed<2>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 3: return avx2_tile_fixed<3>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 4: return avx2_tile_fixed<4>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 5: return avx2_tile_fixed<5>(nr, kc, a, b, c, ldc, alpha, beta);
-    default: return avx2_tile_fixed<6>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 1:
+      return avx2_tile_fixed<1>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 2:
+      return avx2_tile_fixed<2>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 3:
+      return avx2_tile_fixed<3>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 4:
+      return avx2_tile_fixed<4>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 5:
+      return avx2_tile_fixed<5>(nr, kc, a, b, c, ldc, alpha, beta);
+    default:
+      return avx2_tile_fixed<6>(nr, kc, a, b, c, ldc, alpha, beta);
   }
 }
 
@@ -201,9 +207,8 @@ SPPO_AVX2 void avx2_tile(int mr, int nr, int64_t kc, const float* a, const float
 constexpr int kAvx512MR = 14, kAvx512NR = 32;
 
 template <int MR>
-SPPO_AVX512 void avx512_tile_fixed(int nr, int64_t kc, const float* __restrict a,
-                                   const float* __restrict b, float* c, int64_t ldc, float alpha,
-                                   float beta) {
+SPPO_AVX512 void avx512_tile_fixed(int nr, int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
+                                   int64_t ldc, float alpha, float beta) {
   // C rows are ldc apart (often a page or more), so hardware prefetch does not find them:
   // ask for the tile now and it arrives while the K loop runs.
 #pragma GCC unroll 16
@@ -243,31 +248,44 @@ SPPO_AVX512 void avx512_tile_fixed(int nr, int64_t kc, const float* __restrict a
   }
 }
 
-SPPO_AVX512 void avx512_tile(int mr, int nr, int64_t kc, const float* a, const float* b, float* c,
-                             int64_t ldc, float alpha, float beta) {
+SPPO_AVX512 void avx512_tile(int mr, int nr, int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
+                             float alpha, float beta) {
   switch (mr) {
-    case 1: return avx512_tile_fixed<1>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 2: return avx512_tile_fixed<2>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 3: return avx512_tile_fixed<3>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 4: return avx512_tile_fixed<4>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 5: return avx512_tile_fixed<5>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 6: return avx512_tile_fixed<6>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 7: return avx512_tile_fixed<7>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 8: return avx512_tile_fixed<8>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 9: return avx512_tile_fixed<9>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 10: return avx512_tile_fixed<10>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 11: return avx512_tile_fixed<11>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 12: return avx512_tile_fixed<12>(nr, kc, a, b, c, ldc, alpha, beta);
-    case 13: return avx512_tile_fixed<13>(nr, kc, a, b, c, ldc, alpha, beta);
-    default: return avx512_tile_fixed<14>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 1:
+      return avx512_tile_fixed<1>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 2:
+      return avx512_tile_fixed<2>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 3:
+      return avx512_tile_fixed<3>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 4:
+      return avx512_tile_fixed<4>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 5:
+      return avx512_tile_fixed<5>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 6:
+      return avx512_tile_fixed<6>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 7:
+      return avx512_tile_fixed<7>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 8:
+      return avx512_tile_fixed<8>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 9:
+      return avx512_tile_fixed<9>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 10:
+      return avx512_tile_fixed<10>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 11:
+      return avx512_tile_fixed<11>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 12:
+      return avx512_tile_fixed<12>(nr, kc, a, b, c, ldc, alpha, beta);
+    case 13:
+      return avx512_tile_fixed<13>(nr, kc, a, b, c, ldc, alpha, beta);
+    default:
+      return avx512_tile_fixed<14>(nr, kc, a, b, c, ldc, alpha, beta);
   }
 }
 
 // Transposing pack: dst[k * w + r] = src[r * ld + k] for r < rows, k < kc, and zero for
 // rows <= r < w. Done as 16 x 16 register transposes, since the scalar version of this
 // (A for every non-transposed A, B for every transposed B) costs ~10% of a small-N gemm.
-SPPO_AVX512 void avx512_pack_t(const float* src, int64_t ld, int rows, int64_t kc, int w,
-                               float* dst) {
+SPPO_AVX512 void avx512_pack_t(const float* src, int64_t ld, int rows, int64_t kc, int w, float* dst) {
   for (int r0 = 0; r0 < w; r0 += 16) {
     const int cr = std::max(0, std::min(16, rows - r0));
     const int lanes = std::min(16, w - r0);
@@ -305,8 +323,7 @@ SPPO_AVX512 void avx512_pack_t(const float* src, int64_t ld, int rows, int64_t k
         col[4 + q] = _mm512_shuffle_f32x4(y, y2, 0x88);
         col[12 + q] = _mm512_shuffle_f32x4(y, y2, 0xDD);
       }
-      for (int kk = 0; kk < kn; ++kk)
-        _mm512_mask_storeu_ps(dst + (k0 + kk) * w + r0, store_mask, col[kk]);
+      for (int kk = 0; kk < kn; ++kk) _mm512_mask_storeu_ps(dst + (k0 + kk) * w + r0, store_mask, col[kk]);
     }
   }
 }
@@ -347,9 +364,8 @@ SPPO_AVX512 inline void avx512_transpose16(const __m512 (&r)[16], __m512 (&col)[
 // decoding relies on that to give each sequence the same tokens whatever else is in the batch.
 // C[0:MB, j0:j0+nr], nr <= 16, MB <= 8 (MB accumulators + 16 columns fit the 32 registers).
 template <int MB>
-SPPO_AVX512 void avx512_rows_block(int nr, int64_t K, int64_t kcb, const float* A, int64_t lda,
-                                   const float* B, int64_t ldb, float* C, int64_t ldc, float alpha,
-                                   float beta) {
+SPPO_AVX512 void avx512_rows_block(int nr, int64_t K, int64_t kcb, const float* A, int64_t lda, const float* B,
+                                   int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
   const __mmask16 out_mask = static_cast<__mmask16>((1u << nr) - 1);
   const __m512 va = _mm512_set1_ps(alpha);
   for (int64_t p0 = 0; p0 < K; p0 += kcb) {
@@ -369,8 +385,7 @@ SPPO_AVX512 void avx512_rows_block(int nr, int64_t K, int64_t kcb, const float* 
 #pragma GCC unroll 16
         for (int kk = 0; kk < 16; ++kk)
 #pragma GCC unroll 8
-          for (int i = 0; i < MB; ++i)
-            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * lda + k0 + kk]), col[kk], acc[i]);
+          for (int i = 0; i < MB; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * lda + k0 + kk]), col[kk], acc[i]);
       } else {
         // K-block tail: only the kn real columns enter the chain, as in the packed kernel.
         alignas(64) float cols[16 * 16];
@@ -400,29 +415,43 @@ SPPO_AVX512 void avx512_rows_block(int nr, int64_t K, int64_t kcb, const float* 
 }
 
 // C[0:M, j0:j1] for M <= kRowsMaxM, in column blocks of 16.
-SPPO_AVX512 void avx512_rows(int64_t M, int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A,
-                             int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                             float alpha, float beta) {
+SPPO_AVX512 void avx512_rows(int64_t M, int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A, int64_t lda,
+                             const float* B, int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
   for (int64_t j = j0; j < j1; j += 16) {
     const int nr = static_cast<int>(std::min<int64_t>(16, j1 - j));
     const float* bj = B + j * ldb;
     // The next block's W rows are 16 short streams the hardware prefetcher barely catches;
     // ask for them now so they arrive while this block computes.
     for (int64_t r = 16; r < std::min<int64_t>(32, j1 - j); ++r)
-      for (int64_t k = 0; k < K; k += 16)
-        _mm_prefetch(reinterpret_cast<const char*>(bj + r * ldb + k), _MM_HINT_T1);
+      for (int64_t k = 0; k < K; k += 16) _mm_prefetch(reinterpret_cast<const char*>(bj + r * ldb + k), _MM_HINT_T1);
     for (int64_t i = 0; i < M; i += 8) {
       const float* ai = A + i * lda;
       float* c = C + i * ldc + j;
       switch (std::min<int64_t>(8, M - i)) {
-        case 1: avx512_rows_block<1>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
-        case 2: avx512_rows_block<2>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
-        case 3: avx512_rows_block<3>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
-        case 4: avx512_rows_block<4>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
-        case 5: avx512_rows_block<5>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
-        case 6: avx512_rows_block<6>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
-        case 7: avx512_rows_block<7>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
-        default: avx512_rows_block<8>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta); break;
+        case 1:
+          avx512_rows_block<1>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
+          break;
+        case 2:
+          avx512_rows_block<2>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
+          break;
+        case 3:
+          avx512_rows_block<3>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
+          break;
+        case 4:
+          avx512_rows_block<4>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
+          break;
+        case 5:
+          avx512_rows_block<5>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
+          break;
+        case 6:
+          avx512_rows_block<6>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
+          break;
+        case 7:
+          avx512_rows_block<7>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
+          break;
+        default:
+          avx512_rows_block<8>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
+          break;
       }
     }
   }
@@ -439,8 +468,8 @@ const KernelSet kAvx512{"avx512", kAvx512MR, kAvx512NR, avx512_tile, avx512_rows
 
 const KernelSet* detect_kernel() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
     return &kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &kAvx2;
   return &kPortable;
@@ -455,8 +484,7 @@ const KernelSet*& active_kernel() {
 // Packing.
 
 // dst[k * w + r] = src[r * ld + k] (r < rows), zero for rows <= r < w.
-void pack_t(const KernelSet& ks, const float* src, int64_t ld, int rows, int64_t kc, int w,
-            float* dst) {
+void pack_t(const KernelSet& ks, const float* src, int64_t ld, int rows, int64_t kc, int w, float* dst) {
   if (ks.pack_t) return ks.pack_t(src, ld, rows, kc, w, dst);
   if (rows < w) std::memset(dst, 0, sizeof(float) * kc * w);
   for (int r = 0; r < rows; ++r)
@@ -465,8 +493,8 @@ void pack_t(const KernelSet& ks, const float* src, int64_t ld, int rows, int64_t
 
 // op(A) rows [i0, i0+mc) x k [p0, p0+kc) into slivers of mr rows, each stored k-major
 // (dst[k * rows + i]); the last sliver holds the remaining rows, packed just as densely.
-void pack_a(const KernelSet& ks, bool transA, const float* A, int64_t lda, int64_t i0, int64_t mc,
-            int64_t p0, int64_t kc, int mr, float* dst) {
+void pack_a(const KernelSet& ks, bool transA, const float* A, int64_t lda, int64_t i0, int64_t mc, int64_t p0,
+            int64_t kc, int mr, float* dst) {
   for (int64_t is = 0; is < mc; is += mr) {
     int rows = static_cast<int>(std::min<int64_t>(mr, mc - is));
     if (transA) {
@@ -484,8 +512,8 @@ void pack_a(const KernelSet& ks, bool transA, const float* A, int64_t lda, int64
 
 // op(B) k [p0, p0+kc) x columns [j0, j0+nr) into one sliver dst[k * NR + j], zero-padded
 // past the last valid column so the kernel can always load full vectors.
-void pack_b_sliver(const KernelSet& ks, bool transB, const float* B, int64_t ldb, int64_t p0,
-                   int64_t kc, int64_t j0, int nr, int NR, float* dst) {
+void pack_b_sliver(const KernelSet& ks, bool transB, const float* B, int64_t ldb, int64_t p0, int64_t kc, int64_t j0,
+                   int nr, int NR, float* dst) {
   if (transB) {
     // B is (N, K): column j of op(B) is row j of B.
     pack_t(ks, B + j0 * ldb + p0, ldb, nr, kc, NR, dst);
@@ -502,9 +530,8 @@ void pack_b_sliver(const KernelSet& ks, bool transB, const float* B, int64_t ldb
 // ---------------------------------------------------------------------------------------------
 // Driver.
 
-void gemm_f32(const KernelSet& ks, bool transA, bool transB, int64_t M, int64_t N, int64_t K,
-              float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
-              float* C, int64_t ldc) {
+void gemm_f32(const KernelSet& ks, bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha,
+              const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0 || alpha == 0.0f) {
     // Nothing to accumulate: C = beta * C (beta == 0 overwrites without reading).
@@ -654,15 +681,15 @@ bool gemm_force_kernel(const char* name) {
 
 const char* gemm_kernel_name() { return active_kernel()->name; }
 
-void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   gemm_f32(*active_kernel(), transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 // Float64 is only used by gradient checks: row-parallel, straightforward loops. Each row of C
 // is computed by one task with a fixed k order, so it is deterministic too.
-void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
-          int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+          const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   cpu_pool().parallel_for(M, 8, [&](int64_t r0, int64_t r1) {
     thread_local std::vector<double> acc;

@@ -8,10 +8,10 @@ namespace sppo::cpu {
 // transA: A is stored (K,M) with row stride lda; else (M,K). transB: B is stored (N,K); else (K,N).
 // beta == 0 overwrites C without reading it (C may hold NaN). Uses the shared thread pool;
 // results are bit-identical run to run for the same thread count and shapes.
-void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
-void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
-          int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
+void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+          const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
 
 // Which float kernel the running machine uses: "avx512", "avx2" or "portable".
 const char* gemm_kernel_name();

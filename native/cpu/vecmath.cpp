@@ -93,7 +93,8 @@ SPPO_AVX512 void swiglu_grad_avx512(const float* g, const float* u, const float*
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i), dv = _mm512_maskz_loadu_ps(m, d + i);
+    __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i),
+           dv = _mm512_maskz_loadu_ps(m, d + i);
     __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
     _mm512_mask_storeu_ps(du + i, m, _mm512_mul_ps(dv, _mm512_mul_ps(gv, sig)));
     __m512 t = _mm512_fmadd_ps(gv, _mm512_sub_ps(one, sig), one);  // 1 + g(1-s)
@@ -110,7 +111,9 @@ const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_suppo
 double exp_shifted_sum(const float* x, float* y, int64_t n, float shift) {
   return kHasAvx512 ? exp_shifted_sum_avx512(x, y, n, shift) : exp_shifted_sum_scalar(x, y, n, shift);
 }
-double exp_shifted_sum(const double* x, double* y, int64_t n, double shift) { return exp_shifted_sum_scalar(x, y, n, shift); }
+double exp_shifted_sum(const double* x, double* y, int64_t n, double shift) {
+  return exp_shifted_sum_scalar(x, y, n, shift);
+}
 
 void swiglu_rows(const float* g, const float* u, float* out, int64_t n) {
   kHasAvx512 ? swiglu_avx512(g, u, out, n) : swiglu_scalar(g, u, out, n);

@@ -19,9 +19,9 @@ namespace sppo::cuda {
 }
 
 // SPPO_CUDA_CHECK(cudaMemcpyAsync(...)): throws sppo::Error with the call's text on failure.
-#define SPPO_CUDA_CHECK(call)                                                  \
-  do {                                                                         \
-    cudaError_t sppo_e_ = (call);                                              \
+#define SPPO_CUDA_CHECK(call)                                                           \
+  do {                                                                                  \
+    cudaError_t sppo_e_ = (call);                                                       \
     if (sppo_e_ != cudaSuccess) ::sppo::cuda::fail(#call, sppo_e_, __FILE__, __LINE__); \
   } while (0)
 // After a kernel launch: launch-configuration errors surface here, not at the next sync.

@@ -104,10 +104,10 @@ using CreateFn = cublasStatus_t (*)(cublasLtHandle_t*);
 using DestroyFn = cublasStatus_t (*)(cublasLtHandle_t);
 using MatmulDescCreateFn = cublasStatus_t (*)(cublasLtMatmulDesc_t*, cublasComputeType_t, cudaDataType_t);
 using MatmulDescDestroyFn = cublasStatus_t (*)(cublasLtMatmulDesc_t);
-using MatmulDescSetAttributeFn = cublasStatus_t (*)(cublasLtMatmulDesc_t, cublasLtMatmulDescAttributes_t,
-                                                    const void*, size_t);
-using MatrixLayoutCreateFn = cublasStatus_t (*)(cublasLtMatrixLayout_t*, cudaDataType, uint64_t rows,
-                                                uint64_t cols, int64_t ld);
+using MatmulDescSetAttributeFn = cublasStatus_t (*)(cublasLtMatmulDesc_t, cublasLtMatmulDescAttributes_t, const void*,
+                                                    size_t);
+using MatrixLayoutCreateFn = cublasStatus_t (*)(cublasLtMatrixLayout_t*, cudaDataType, uint64_t rows, uint64_t cols,
+                                                int64_t ld);
 using MatrixLayoutDestroyFn = cublasStatus_t (*)(cublasLtMatrixLayout_t);
 using MatmulPreferenceCreateFn = cublasStatus_t (*)(cublasLtMatmulPreference_t*);
 using MatmulPreferenceDestroyFn = cublasStatus_t (*)(cublasLtMatmulPreference_t);
@@ -115,27 +115,35 @@ using MatmulPreferenceSetAttributeFn = cublasStatus_t (*)(cublasLtMatmulPreferen
                                                           cublasLtMatmulPreferenceAttributes_t, const void*, size_t);
 using MatmulAlgoGetHeuristicFn = cublasStatus_t (*)(cublasLtHandle_t, cublasLtMatmulDesc_t, cublasLtMatrixLayout_t A,
                                                     cublasLtMatrixLayout_t B, cublasLtMatrixLayout_t C,
-                                                    cublasLtMatrixLayout_t D, cublasLtMatmulPreference_t,
-                                                    int requested, cublasLtMatmulHeuristicResult_t results[],
-                                                    int* returned);
+                                                    cublasLtMatrixLayout_t D, cublasLtMatmulPreference_t, int requested,
+                                                    cublasLtMatmulHeuristicResult_t results[], int* returned);
 using MatmulFn = cublasStatus_t (*)(cublasLtHandle_t, cublasLtMatmulDesc_t, const void* alpha, const void* A,
                                     cublasLtMatrixLayout_t, const void* B, cublasLtMatrixLayout_t, const void* beta,
                                     const void* C, cublasLtMatrixLayout_t, void* D, cublasLtMatrixLayout_t,
-                                    const cublasLtMatmulAlgo_t*, void* workspace, size_t workspace_bytes,
-                                    cudaStream_t);
+                                    const cublasLtMatmulAlgo_t*, void* workspace, size_t workspace_bytes, cudaStream_t);
 
 const char* status_name(cublasStatus_t s) {
   switch (s) {
-    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
-    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
-    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
-    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
-    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
-    case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
-    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
-    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
-    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
-    case CUBLAS_STATUS_LICENSE_ERROR: return "CUBLAS_STATUS_LICENSE_ERROR";
+    case CUBLAS_STATUS_SUCCESS:
+      return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED:
+      return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED:
+      return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE:
+      return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH:
+      return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_MAPPING_ERROR:
+      return "CUBLAS_STATUS_MAPPING_ERROR";
+    case CUBLAS_STATUS_EXECUTION_FAILED:
+      return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_INTERNAL_ERROR:
+      return "CUBLAS_STATUS_INTERNAL_ERROR";
+    case CUBLAS_STATUS_NOT_SUPPORTED:
+      return "CUBLAS_STATUS_NOT_SUPPORTED";
+    case CUBLAS_STATUS_LICENSE_ERROR:
+      return "CUBLAS_STATUS_LICENSE_ERROR";
   }
   return "unknown cuBLAS status";
 }
@@ -229,9 +237,9 @@ struct GemmKey {
   int64_t M, N, K, lda, ldb, ldc;
   uint32_t align_a, align_b, align_c;
   bool operator==(const GemmKey& o) const {
-    return transA == o.transA && transB == o.transB && c_is_float == o.c_is_float && M == o.M && N == o.N &&
-           K == o.K && lda == o.lda && ldb == o.ldb && ldc == o.ldc && align_a == o.align_a &&
-           align_b == o.align_b && align_c == o.align_c;
+    return transA == o.transA && transB == o.transB && c_is_float == o.c_is_float && M == o.M && N == o.N && K == o.K &&
+           lda == o.lda && ldb == o.ldb && ldc == o.ldc && align_a == o.align_a && align_b == o.align_b &&
+           align_c == o.align_c;
   }
 };
 
@@ -275,8 +283,8 @@ std::string describe(const GemmKey& k) {
 
 void check_lt(lt::cublasStatus_t s, const char* call, const GemmKey& k) {
   if (s != lt::CUBLAS_STATUS_SUCCESS)
-    throw Error(std::string("cuBLASLt ") + call + " failed with " + lt::status_name(s) + " (" +
-                std::to_string(int(s)) + ") for " + describe(k));
+    throw Error(std::string("cuBLASLt ") + call + " failed with " + lt::status_name(s) + " (" + std::to_string(int(s)) +
+                ") for " + describe(k));
 }
 
 // The largest power of two (up to 256) dividing the address.
@@ -406,15 +414,15 @@ GemmPlan make_plan(GemmState& st, const GemmKey& k) {
 void gemm_lt(CudaOps& ops, GemmState& st, bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha,
              const bf16* A, int64_t lda, const bf16* B, int64_t ldb, double beta, void* C, bool c_is_float,
              int64_t ldc) {
-  const GemmKey key{transA,    transB,           c_is_float,       M, N, K, lda, ldb, ldc, alignment_of(A),
-                    alignment_of(B), alignment_of(C)};
+  const GemmKey key{transA,          transB,          c_is_float,     M, N, K, lda, ldb, ldc,
+                    alignment_of(A), alignment_of(B), alignment_of(C)};
   SPPO_REQUIRE(M >= 0 && N >= 0 && K >= 0, "negative GEMM size in ", describe(key));
   if (M == 0 || N == 0) return;
   SPPO_REQUIRE(ldc >= N && (K == 0 || (lda >= (transA ? M : K) && ldb >= (transB ? K : N))),
                "a leading dimension is smaller than the row it strides over in ", describe(key));
-  SPPO_REQUIRE(M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX && lda <= INT32_MAX && ldb <= INT32_MAX &&
-                   ldc <= INT32_MAX,
-               "GEMM dimensions beyond int32 are not supported by cuBLASLt: ", describe(key));
+  SPPO_REQUIRE(
+      M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX && lda <= INT32_MAX && ldb <= INT32_MAX && ldc <= INT32_MAX,
+      "GEMM dimensions beyond int32 are not supported by cuBLASLt: ", describe(key));
   const float a = float(alpha), b = float(beta);
   if (K == 0) {  // no products: C = beta*C (cuBLASLt does not take k = 0)
     const unsigned blocks = unsigned(std::min<int64_t>((M * N + 255) / 256, 1 << 16));
@@ -436,8 +444,8 @@ void gemm_lt(CudaOps& ops, GemmState& st, bool transA, bool transB, int64_t M, i
 
 }  // namespace
 
-void CudaOps::gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const bf16* A,
-                   int64_t lda, const bf16* B, int64_t ldb, double beta, bf16* C, int64_t ldc) {
+void CudaOps::gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const bf16* A, int64_t lda,
+                   const bf16* B, int64_t ldb, double beta, bf16* C, int64_t ldc) {
   gemm_lt(*this, gemm_state(), transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, false, ldc);
 }
 

@@ -29,11 +29,11 @@ struct HeadState {
     void* p = nullptr;
     size_t bytes = 0;
   };
-  Buffer dlogits;  // (rows, ld) bf16: the backward's dlogits tile, operand of the dH and dW GEMMs
-  Buffer dh_acc;   // (rows, C) float: dH of the current row tile, summed over vocabulary tiles
-  Buffer u;        // (n) double: the sampler's draws
-  Buffer tokens;   // (n) int32: sampled tokens
-  Buffer logprob;  // (n) double: raw log-probs of the sampled tokens
+  Buffer dlogits;                // (rows, ld) bf16: the backward's dlogits tile, operand of the dH and dW GEMMs
+  Buffer dh_acc;                 // (rows, C) float: dH of the current row tile, summed over vocabulary tiles
+  Buffer u;                      // (n) double: the sampler's draws
+  Buffer tokens;                 // (n) int32: sampled tokens
+  Buffer logprob;                // (n) double: raw log-probs of the sampled tokens
   bool select_smem_set = false;  // sample_truncated_kernel may use sizeof(SelectShared) bytes
 
   ~HeadState() {
@@ -58,7 +58,7 @@ constexpr int kRowThreads = 256;  // threads of every one-block-per-row kernel
 constexpr int kWarps = kRowThreads / 32;
 constexpr int kScanItems = 8;  // consecutive items per thread in the block-wide scans
 constexpr int64_t kScanChunk = int64_t(kRowThreads) * kScanItems;
-constexpr int64_t kMaxTileRows = 4096;      // bounds the dH accumulator to 4096·C floats
+constexpr int64_t kMaxTileRows = 4096;  // bounds the dH accumulator to 4096·C floats
 
 // Returns b->p holding at least `bytes`, reallocating (contents lost) when it is smaller.
 template <class T>
@@ -90,8 +90,9 @@ struct HeadTiles {
   int64_t rows, vocab, ld;
 };
 HeadTiles head_tiles(int64_t n, int64_t V, int64_t elems) {
-  SPPO_REQUIRE(elems >= std::min<int64_t>(V, 256), "the LM head needs at least min(vocab, 256) = ",
-               std::min<int64_t>(V, 256), " elements of logits scratch, got ", elems);
+  SPPO_REQUIRE(elems >= std::min<int64_t>(V, 256),
+               "the LM head needs at least min(vocab, 256) = ", std::min<int64_t>(V, 256),
+               " elements of logits scratch, got ", elems);
   int64_t vocab = std::min(V, std::max<int64_t>(256, elems / std::min(n, kMaxTileRows)));
   if (vocab < V) vocab = vocab / 64 * 64;  // still >= 256
   int64_t ld = (vocab + 7) / 8 * 8;
@@ -373,9 +374,9 @@ static_assert(kBins % kSelectThreads == 0 && kRankMax <= kSelectThreads, "bins a
 enum FirstHistogram : int { kCompute = 0, kComputeAndKeep = 1, kReuseKept = 2 };
 
 struct SelectShared {
-  unsigned long long mass[kBins];        // fixed-point weight of the candidates per digit value
-  unsigned count[kBins];                 // candidates per digit value
-  unsigned long long kept_mass[kBins];   // the top-p selection's first histogram
+  unsigned long long mass[kBins];       // fixed-point weight of the candidates per digit value
+  unsigned count[kBins];                // candidates per digit value
+  unsigned long long kept_mass[kBins];  // the top-p selection's first histogram
   unsigned kept_count[kBins];
   unsigned long long list_key[kListCap];  // candidates copied from the row, in no particular order
   float list_w[kListCap];                 // their weights at temperature T
@@ -406,9 +407,7 @@ struct CandidateList {
   bool has_also;
   int n;
   bool valid;
-  __device__ bool covers(const KeyRange& r) const {
-    return valid && (range.covers(r) || (has_also && also.covers(r)));
-  }
+  __device__ bool covers(const KeyRange& r) const { return valid && (range.covers(r) || (has_also && also.covers(r))); }
 };
 
 struct SampleRow {
@@ -601,8 +600,8 @@ struct Selected {
 // The selection among r's candidates, at most kRankMax and all in the list, `before` the weight
 // of the candidates ahead of r: each finds the weight ahead of it within r by comparing keys.
 template <class Threshold>
-__device__ Selected rank_select(const SampleRow& row, const KeyRange& r, bool count_mode, uint64_t before,
-                                Threshold th, const CandidateList& list, SelectShared& sh) {
+__device__ Selected rank_select(const SampleRow& row, const KeyRange& r, bool count_mode, uint64_t before, Threshold th,
+                                const CandidateList& list, SelectShared& sh) {
   if (threadIdx.x == 0) sh.rank_n = 0;
   __syncthreads();
   for (int i = threadIdx.x; i < list.n; i += kSelectThreads)
@@ -633,8 +632,8 @@ __device__ Selected rank_select(const SampleRow& row, const KeyRange& r, bool co
 // the row, may name a later selection's candidates for it to copy as well.
 template <class Threshold, class Also>
 __device__ Selected select_candidate(const SampleRow& row, uint64_t limit, bool count_mode, Threshold th_of_total,
-                                     Also also_of, FirstHistogram first_hist, bool gather, bool& raw,
-                                     double& raw_part, CandidateList& list, SelectShared& sh) {
+                                     Also also_of, FirstHistogram first_hist, bool gather, bool& raw, double& raw_part,
+                                     CandidateList& list, SelectShared& sh) {
   KeyRange r{0, limit, row.key_bits()}, also{0, 0, 0};
   bool has_also = false;
   uint64_t before = 0, th = 0;
@@ -648,14 +647,16 @@ __device__ Selected select_candidate(const SampleRow& row, uint64_t limit, bool 
         for (int b = threadIdx.x; b < kBins; b += kSelectThreads)
           sh.kept_mass[b] = sh.mass[b], sh.kept_count[b] = sh.count[b];
     }
-    const Chosen c = choose_digit(reuse ? sh.kept_mass : sh.mass, reuse ? sh.kept_count : sh.count, count_mode, before,
-                                  [&](uint64_t total) { return first ? th = th_of_total(total) : th; }, sh);
+    const Chosen c = choose_digit(
+        reuse ? sh.kept_mass : sh.mass, reuse ? sh.kept_count : sh.count, count_mode, before,
+        [&](uint64_t total) { return first ? th = th_of_total(total) : th; }, sh);
     before = c.before;
     r.prefix |= uint64_t(c.digit) << dshift;
     r.shift = dshift;
     if (dshift == 0) return {r.prefix, c.before + c.mass};
     if (c.count <= kRankMax && list.covers(r))
-      return rank_select(row, r, count_mode, before, [&](uint64_t) { return th; }, list, sh);
+      return rank_select(
+          row, r, count_mode, before, [&](uint64_t) { return th; }, list, sh);
     gather = c.count <= kListCap;
     if (first && gather && !list.covers(r)) has_also = also_of(c, r, also);
   }
@@ -682,7 +683,13 @@ __global__ void __launch_bounds__(kSelectThreads)
   mn = block_min<kSelectWarps>(mn, sh.redf);
   const int bucket_bits = min(kDigitBits, 31 - id_bits);  // keys of at most 63 bits
   const float range = fminf(mx - mn, 32.0f / inv_t);      // a constant row: 0, one bucket
-  const SampleRow row{x,   V,     id_bits, bucket_bits, mx, inv_t, range > 0 ? float(1 << bucket_bits) / range : 0.0f,
+  const SampleRow row{x,
+                      V,
+                      id_bits,
+                      bucket_bits,
+                      mx,
+                      inv_t,
+                      range > 0 ? float(1 << bucket_bits) / range : 0.0f,
                       ldexpf(1.0f, 63 - id_bits)};
   const uint64_t id_mask = (uint64_t(1) << id_bits) - 1;
   CandidateList list{{0, 0, 0}, {0, 0, 0}, false, 0, false};
@@ -714,8 +721,10 @@ __global__ void __launch_bounds__(kSelectThreads)
     // cutoff's candidates copies the draw's too, and the draw reads no more of the row.
     auto draw_digit = [&](const Chosen& c, const KeyRange& r, KeyRange& also) {
       const uint64_t lo = uint64_t(ud * double(c.before)), hi = uint64_t(ud * double(c.before + c.mass));
-      const Chosen a = choose_digit(sh.kept_mass, sh.kept_count, false, 0, [&](uint64_t z) { return min(lo, z - 1); }, sh);
-      const Chosen b = choose_digit(sh.kept_mass, sh.kept_count, false, 0, [&](uint64_t z) { return min(hi, z - 1); }, sh);
+      const Chosen a = choose_digit(
+          sh.kept_mass, sh.kept_count, false, 0, [&](uint64_t z) { return min(lo, z - 1); }, sh);
+      const Chosen b = choose_digit(
+          sh.kept_mass, sh.kept_count, false, 0, [&](uint64_t z) { return min(hi, z - 1); }, sh);
       if (a.digit != b.digit || a.digit == c.digit || a.count + c.count > kListCap) return false;
       also = {uint64_t(a.digit) << r.shift, r.limit, r.shift};
       return true;
@@ -741,8 +750,8 @@ __global__ void __launch_bounds__(kSelectThreads)
 
 // ---- Launchers ----
 
-void CudaOps::head_logprobs(double* logp, double* lse, const bf16* H, const bf16* W, const int32_t* targets,
-                            int64_t n, int64_t C, int64_t V, float* scratch, int64_t scratch_elems) {
+void CudaOps::head_logprobs(double* logp, double* lse, const bf16* H, const bf16* W, const int32_t* targets, int64_t n,
+                            int64_t C, int64_t V, float* scratch, int64_t scratch_elems) {
   SPPO_REQUIRE(n >= 0 && C > 0 && V > 0, "head_logprobs: bad shape n ", n, ", C ", C, ", V ", V);
   if (n == 0) return;
   SPPO_CUDA_CHECK(cudaSetDevice(device_));
@@ -758,8 +767,7 @@ void CudaOps::head_logprobs(double* logp, double* lse, const bf16* H, const bf16
       SPPO_CUDA_LAUNCHED(head_tile_stats_kernel);
     }
   }
-  head_finalize_kernel<<<blocks_for(n, kWarps), kRowThreads, 0, stream_>>>(logp, lse, dev(H), dev(W), targets, n, C,
-                                                                           V);
+  head_finalize_kernel<<<blocks_for(n, kWarps), kRowThreads, 0, stream_>>>(logp, lse, dev(H), dev(W), targets, n, C, V);
   SPPO_CUDA_LAUNCHED(head_finalize_kernel);
 }
 
@@ -779,8 +787,8 @@ void CudaOps::head_logprobs_backward(bf16* dH, float* dW, const bf16* H, const b
       const int64_t Vc = std::min(tile.vocab, V - v0);
       // Recompute the tile's logits, turn them into bf16 dlogits, and push them through both GEMMs.
       gemm_master(false, true, R, Vc, C, 1.0, H + r0 * C, C, W + v0 * C, C, 0.0, scratch, tile.ld);
-      head_dlogits_kernel<<<unsigned(R), kRowThreads, 0, stream_>>>(scratch, tile.ld, Vc, dev(dl), lse + r0,
-                                                                     coef + r0, targets + r0, v0);
+      head_dlogits_kernel<<<unsigned(R), kRowThreads, 0, stream_>>>(scratch, tile.ld, Vc, dev(dl), lse + r0, coef + r0,
+                                                                    targets + r0, v0);
       SPPO_CUDA_LAUNCHED(head_dlogits_kernel);
       gemm_master(false, false, R, C, Vc, 1.0, dl, tile.ld, W + v0 * C, C, v0 == 0 ? 0.0 : 1.0, dh, C);
       gemm_master(true, false, Vc, C, R, 1.0, dl, tile.ld, H + r0 * C, C, 1.0, dW + v0 * C, C);

@@ -34,7 +34,7 @@ using bf = __nv_bfloat16;
 
 namespace {
 
-constexpr int kThreads = 256;               // threads per block everywhere in this file
+constexpr int kThreads = 256;  // threads per block everywhere in this file
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxBlocks = 1 << 16;     // grid-stride kernels cap their grid here
 constexpr int kReduceBlocks = 256;          // fixed grid of the whole-array reductions (device independent)
@@ -105,8 +105,8 @@ __device__ __forceinline__ void store_bf(bf* p, const float (&v)[W]) {
     uint32_t words[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k)
-      words[k] = uint32_t(__bfloat16_as_ushort(to_bf(v[2 * k]))) |
-                 uint32_t(__bfloat16_as_ushort(to_bf(v[2 * k + 1]))) << 16;
+      words[k] = uint32_t(__bfloat16_as_ushort(to_bf(v[2 * k]))) | uint32_t(__bfloat16_as_ushort(to_bf(v[2 * k + 1])))
+                                                                       << 16;
     *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
   } else {
 #pragma unroll
@@ -208,9 +208,10 @@ constexpr int kEmbBack = kEmbSlices;        // the first window starts this many
 // holds sorted positions pos + lane (key, tok, in = position inside [0, N)), the run starting at
 // window lane lo.
 template <int K>
-__device__ __forceinline__ void embedding_run(float* dtable, const bf* dout, const uint32_t* keys, const int32_t* tokens, int64_t N,
-                              int64_t C, int64_t c_lane, int slice0, int step, uint32_t id, int64_t pos, uint32_t key,
-                              int32_t tok, bool in, int lo) {
+__device__ __forceinline__ void embedding_run(float* dtable, const bf* dout, const uint32_t* keys,
+                                              const int32_t* tokens, int64_t N, int64_t C, int64_t c_lane, int slice0,
+                                              int step, uint32_t id, int64_t pos, uint32_t key, int32_t tok, bool in,
+                                              int lo) {
   constexpr int kTok = 32 / K;  // tokens gathered per round: K * kTok = 32 loads in flight per lane
   const int lane = int(threadIdx.x % 32);
   const int64_t c0 = c_lane + int64_t(slice0) * 32;  // this lane's column in its first slice
@@ -259,9 +260,9 @@ __device__ __forceinline__ void embedding_run(float* dtable, const bf* dout, con
     if (has[k]) row[k * step * 32] = sum[k];
 }
 
-__global__ void __launch_bounds__(kThreads) embedding_backward_kernel(float* dtable, const bf* dout,
-                                                                      const uint32_t* keys, const int32_t* tokens,
-                                                                      int64_t N, int64_t C, int64_t chunks) {
+__global__ void __launch_bounds__(kThreads)
+    embedding_backward_kernel(float* dtable, const bf* dout, const uint32_t* keys, const int32_t* tokens, int64_t N,
+                              int64_t C, int64_t chunks) {
   const int lane = int(threadIdx.x % 32);
   const int64_t units = N * chunks, warps = int64_t(gridDim.x) * kWarps;
   for (int64_t u = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; u < units; u += warps) {  // warp-uniform
@@ -298,8 +299,8 @@ __global__ void iota_kernel(int32_t* x, int64_t n) {
 // RMSNorm of any row length: one block per row (grid-stride over rows; every thread of a block
 // runs the same iterations), reading the row twice. The launcher uses it where the row-in-registers
 // kernels below do not apply (C not a multiple of 8, unaligned rows, C > kMaxRowVecs * 8).
-__global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(bf* out, float* rstd, const bf* x, const bf* w,
-                                                                   int64_t N, int64_t C, double eps) {
+__global__ void __launch_bounds__(kThreads)
+    rmsnorm_forward_kernel(bf* out, float* rstd, const bf* x, const bf* w, int64_t N, int64_t C, double eps) {
   __shared__ double shared[kWarps + 1];
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const bf* xi = x + row * C;
@@ -317,9 +318,8 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(bf* out, floa
 }
 
 // dx += r*(g - xhat*mean(g*xhat)) with g = dout*w, xhat = x*r; one block per row, any C.
-__global__ void __launch_bounds__(kThreads) rmsnorm_backward_dx_kernel(bf* dx, const bf* dout, const bf* x,
-                                                                       const bf* w, const float* rstd, int64_t N,
-                                                                       int64_t C) {
+__global__ void __launch_bounds__(kThreads) rmsnorm_backward_dx_kernel(bf* dx, const bf* dout, const bf* x, const bf* w,
+                                                                       const float* rstd, int64_t N, int64_t C) {
   __shared__ double shared[kWarps + 1];
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const bf* xi = x + row * C;
@@ -345,9 +345,8 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_backward_dx_kernel(bf* dx, c
 constexpr int kMaxRowVecs = 4 * kThreads;  // C <= 8192: four vectors per thread of a block team
 
 template <int kTeam, int kVec>
-__global__ void __launch_bounds__(kThreads) rmsnorm_forward_rows_kernel(bf* out, float* rstd, const bf* x,
-                                                                        const bf* w, int64_t N, int64_t C,
-                                                                        double eps) {
+__global__ void __launch_bounds__(kThreads)
+    rmsnorm_forward_rows_kernel(bf* out, float* rstd, const bf* x, const bf* w, int64_t N, int64_t C, double eps) {
   __shared__ double shared[kWarps];
   const int t = int(threadIdx.x) % kTeam;
   const int64_t row = int64_t(blockIdx.x) * (kThreads / kTeam) + threadIdx.x / kTeam;
@@ -390,9 +389,9 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_forward_rows_kernel(bf* out,
 // fused kernel below takes smaller rows): x and dout held, w and dx read in the second pass (w from
 // L1/L2). Traffic: reads of x, dout, dx and a write of dx; dw is a separate column sum.
 template <int kVec>
-__global__ void __launch_bounds__(kThreads) rmsnorm_backward_dx_rows_kernel(bf* dx, const bf* dout, const bf* x,
-                                                                            const bf* w, const float* rstd,
-                                                                            int64_t N, int64_t C) {
+__global__ void __launch_bounds__(kThreads)
+    rmsnorm_backward_dx_rows_kernel(bf* dx, const bf* dout, const bf* x, const bf* w, const float* rstd, int64_t N,
+                                    int64_t C) {
   constexpr int kTeam = kThreads;
   __shared__ double shared[kWarps];
   const int t = int(threadIdx.x);
@@ -447,11 +446,9 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_backward_dx_rows_kernel(bf* 
 // partials[g*C + j], which column_finish_kernel adds up in group order: a fixed order, so
 // bit-identical run to run. dout and x are read once for dx and dw together.
 template <int kVec, int kRowWarps>
-__global__ void __launch_bounds__(32 * kRowWarps) rmsnorm_backward_fused_kernel(bf* dx, double* partials,
-                                                                                const bf* dout, const bf* x,
-                                                                                const bf* w, const float* rstd,
-                                                                                int64_t N, int64_t C,
-                                                                                int64_t rows_per_group) {
+__global__ void __launch_bounds__(32 * kRowWarps)
+    rmsnorm_backward_fused_kernel(bf* dx, double* partials, const bf* dout, const bf* x, const bf* w, const float* rstd,
+                                  int64_t N, int64_t C, int64_t rows_per_group) {
   __shared__ double dw_acc[kRowWarps][kVec * 8][32];  // [warp][v * 8 + k][lane]: column (v*32 + lane)*8 + k
   const int lane = int(threadIdx.x % 32), warp = int(threadIdx.x / 32);
   const int64_t vecs = C / 8;
@@ -547,8 +544,8 @@ struct BiasTerm {
 // and sums rows r0 + s, r0 + s + kWarps, ... in row order; the warps' sums are then added in warp
 // order (a fixed order: bit-identical run to run). A warp reads 32 W consecutive columns per row.
 template <int W, class Term>
-__global__ void __launch_bounds__(kThreads) column_partials_kernel(double* partials, Term term, int64_t N, int64_t C,
-                                                                   int64_t rows_per_group) {
+__global__ void __launch_bounds__(kThreads)
+    column_partials_kernel(double* partials, Term term, int64_t N, int64_t C, int64_t rows_per_group) {
   __shared__ double slice_sums[kWarps][32 * W];
   const int lane = int(threadIdx.x % 32), slice = int(threadIdx.x / 32);
   const int64_t tile = int64_t(blockIdx.x) * 32 * W, j = tile + int64_t(lane) * W;
@@ -570,8 +567,8 @@ __global__ void __launch_bounds__(kThreads) column_partials_kernel(double* parti
 
 // out[j] += float(Σ_g partials[g*C + j]). Lane l of warp s sums column 32*block + l over groups
 // s, s + kWarps, ... in order; the warps' sums are then added in warp order.
-__global__ void __launch_bounds__(kThreads) column_finish_kernel(float* out, const double* partials, int64_t groups,
-                                                                 int64_t C) {
+__global__ void __launch_bounds__(kThreads)
+    column_finish_kernel(float* out, const double* partials, int64_t groups, int64_t C) {
   __shared__ double slice_sums[kWarps][32];
   const int lane = int(threadIdx.x % 32), slice = int(threadIdx.x / 32);
   const int64_t j = int64_t(blockIdx.x) * 32 + lane;
@@ -732,16 +729,17 @@ void* device_malloc(size_t bytes, int device) {
   size_t free_b = 0, total_b = 0;
   const bool known = cudaMemGetInfo(&free_b, &total_b) == cudaSuccess;
   (void)cudaGetLastError();
-  std::string msg = (e == cudaErrorMemoryAllocation ? "CUDA out of memory: could not allocate "
-                                                    : "CUDA could not allocate ") +
-                    format_bytes(bytes) + " on device " + std::to_string(device);
+  std::string msg =
+      (e == cudaErrorMemoryAllocation ? "CUDA out of memory: could not allocate " : "CUDA could not allocate ") +
+      format_bytes(bytes) + " on device " + std::to_string(device);
   if (known) {
     char buf[96];
     std::snprintf(buf, sizeof buf, " (%.2f GiB free of %.2f GiB)", double(free_b) / double(1 << 30),
                   double(total_b) / double(1 << 30));
     msg += buf;
   }
-  if (e != cudaErrorMemoryAllocation) msg += std::string(": ") + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
+  if (e != cudaErrorMemoryAllocation)
+    msg += std::string(": ") + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
   throw Error(msg);
 }
 
@@ -779,7 +777,7 @@ RowLaunch row_launch(int64_t items, int64_t rows) {
 struct ReduceState {
   double* partials = nullptr;  // device, `capacity` doubles
   size_t capacity = 0;
-  std::vector<double> host;    // the kReduceBlocks whole-array partials, read back
+  std::vector<double> host;  // the kReduceBlocks whole-array partials, read back
   // embedding_backward's stable sort of (id, token) pairs: sorted keys and tokens, the token
   // indices 0, 1, ... (written once per growth), each `sort_capacity` items; cub's temp storage.
   uint32_t* sorted_keys = nullptr;
@@ -889,18 +887,22 @@ void rmsnorm_backward_fused(bf* dx, float* dw, const bf* dout, const bf* x, cons
     constexpr int kVec = decltype(vec)::value, kRowWarps = decltype(row_warps)::value;
     const int64_t rows_per_group = 8 * kRowWarps, groups = (N + rows_per_group - 1) / rows_per_group;
     double* partials = partials_for(r, size_t(groups * C), stream, device);
-    rmsnorm_backward_fused_kernel<kVec, kRowWarps><<<unsigned(groups), 32 * kRowWarps, 0, stream>>>(
-        dx, partials, dout, x, w, rstd, N, C, rows_per_group);
+    rmsnorm_backward_fused_kernel<kVec, kRowWarps>
+        <<<unsigned(groups), 32 * kRowWarps, 0, stream>>>(dx, partials, dout, x, w, rstd, N, C, rows_per_group);
     SPPO_CUDA_LAUNCHED(rmsnorm_backward_fused_kernel);
     column_finish_kernel<<<unsigned((C + 31) / 32), kThreads, 0, stream>>>(dw, partials, groups, C);
     SPPO_CUDA_LAUNCHED(column_finish_kernel);
   };
   using std::integral_constant;
   const int64_t vecs = C / 8;
-  if (vecs <= 32) run(integral_constant<int, 1>{}, integral_constant<int, 4>{});
-  else if (vecs <= 64) run(integral_constant<int, 2>{}, integral_constant<int, 4>{});
-  else if (vecs <= 128) run(integral_constant<int, 4>{}, integral_constant<int, 4>{});
-  else run(integral_constant<int, 8>{}, integral_constant<int, 2>{});
+  if (vecs <= 32)
+    run(integral_constant<int, 1>{}, integral_constant<int, 4>{});
+  else if (vecs <= 64)
+    run(integral_constant<int, 2>{}, integral_constant<int, 4>{});
+  else if (vecs <= 128)
+    run(integral_constant<int, 4>{}, integral_constant<int, 4>{});
+  else
+    run(integral_constant<int, 8>{}, integral_constant<int, 2>{});
 }
 
 // rmsnorm_forward in the row-in-registers kernels (C % 8 == 0, C / 8 <= kMaxRowVecs, aligned
@@ -911,18 +913,24 @@ void rmsnorm_forward_rows(bf* out, float* rstd, const bf* x, const bf* w, int64_
   const auto run = [&](auto team, auto vec) {
     constexpr int kTeam = decltype(team)::value, kVec = decltype(vec)::value;
     const int64_t rows_per_block = kThreads / kTeam;
-    rmsnorm_forward_rows_kernel<kTeam, kVec><<<unsigned((N + rows_per_block - 1) / rows_per_block), kThreads, 0,
-                                               stream>>>(out, rstd, x, w, N, C, eps);
+    rmsnorm_forward_rows_kernel<kTeam, kVec>
+        <<<unsigned((N + rows_per_block - 1) / rows_per_block), kThreads, 0, stream>>>(out, rstd, x, w, N, C, eps);
     SPPO_CUDA_LAUNCHED(rmsnorm_forward_rows_kernel);
   };
   using std::integral_constant;
   const int64_t vecs = C / 8;
-  if (vecs <= 32) run(integral_constant<int, 32>{}, integral_constant<int, 1>{});
-  else if (vecs <= 64) run(integral_constant<int, 32>{}, integral_constant<int, 2>{});
-  else if (vecs <= 128) run(integral_constant<int, 32>{}, integral_constant<int, 4>{});
-  else if (vecs <= 256) run(integral_constant<int, 32>{}, integral_constant<int, 8>{});
-  else if (vecs <= 2 * kThreads) run(integral_constant<int, kThreads>{}, integral_constant<int, 2>{});
-  else run(integral_constant<int, kThreads>{}, integral_constant<int, 4>{});
+  if (vecs <= 32)
+    run(integral_constant<int, 32>{}, integral_constant<int, 1>{});
+  else if (vecs <= 64)
+    run(integral_constant<int, 32>{}, integral_constant<int, 2>{});
+  else if (vecs <= 128)
+    run(integral_constant<int, 32>{}, integral_constant<int, 4>{});
+  else if (vecs <= 256)
+    run(integral_constant<int, 32>{}, integral_constant<int, 8>{});
+  else if (vecs <= 2 * kThreads)
+    run(integral_constant<int, kThreads>{}, integral_constant<int, 2>{});
+  else
+    run(integral_constant<int, kThreads>{}, integral_constant<int, 4>{});
 }
 
 DeviceInfo probe_once() {
@@ -954,7 +962,8 @@ DeviceInfo probe_once() {
   cudaDeviceProp prop{};
   if ((e = cudaGetDeviceProperties(&prop, 0)) != cudaSuccess) {
     (void)cudaGetLastError();
-    d.why_not = std::string("CUDA device 0 did not answer: ") + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
+    d.why_not =
+        std::string("CUDA device 0 did not answer: ") + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
     return d;
   }
   d.name = prop.name;
@@ -965,15 +974,15 @@ DeviceInfo probe_once() {
   cudaFuncAttributes attr{};
   if ((e = cudaFuncGetAttributes(&attr, cast_kernel<1>)) != cudaSuccess) {
     (void)cudaGetLastError();
-    d.why_not = "this build has no kernels for " + d.name + " (compute capability " + std::to_string(prop.major) +
-                "." + std::to_string(prop.minor) + "): " + cudaGetErrorName(e) +
+    d.why_not = "this build has no kernels for " + d.name + " (compute capability " + std::to_string(prop.major) + "." +
+                std::to_string(prop.minor) + "): " + cudaGetErrorName(e) +
                 "; rebuild with CMAKE_CUDA_ARCHITECTURES including " + std::to_string(prop.major * 10 + prop.minor);
     return d;
   }
   if ((e = cudaMemGetInfo(&d.free_memory, &d.total_memory)) != cudaSuccess) {
     (void)cudaGetLastError();
-    d.why_not = "CUDA device 0 (" + d.name + ") cannot be used: " + cudaGetErrorName(e) + " (" +
-                cudaGetErrorString(e) + ")";
+    d.why_not =
+        "CUDA device 0 (" + d.name + ") cannot be used: " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
     return d;
   }
   std::string lt = cublaslt_load_error();
@@ -1015,7 +1024,8 @@ std::unique_ptr<Ops<bf16>> make_ops(int device, bool record_graphs) {
   // The ops run on whichever thread calls them (the addon's libuv workers) and set the current
   // device only at construction; a thread's current device defaults to 0, so only device 0 is
   // safe until every entry point selects its device.
-  SPPO_REQUIRE(device == 0, "CUDA device ", device, ": only device 0 is supported (set CUDA_VISIBLE_DEVICES to pick a GPU)");
+  SPPO_REQUIRE(device == 0, "CUDA device ", device,
+               ": only device 0 is supported (set CUDA_VISIBLE_DEVICES to pick a GPU)");
   return std::make_unique<CudaOps>(device, record_graphs);
 }
 
@@ -1220,16 +1230,16 @@ void CudaOps::embedding_backward(float* dtable, const bf16* dout, const int32_t*
   const uint32_t* keys_in = reinterpret_cast<const uint32_t*>(ids);
   size_t temp_bytes = 0;
   SPPO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys_in, static_cast<uint32_t*>(nullptr),
-                                                  static_cast<const int32_t*>(nullptr),
-                                                  static_cast<int32_t*>(nullptr), n, 0, 32, stream_));
+                                                  static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
+                                                  n, 0, 32, stream_));
   sort_buffers_for(r, size_t(N), temp_bytes, stream_, device_);
   SPPO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(r.sort_temp, temp_bytes, keys_in, r.sorted_keys, r.iota,
                                                   r.sorted_tokens, n, 0, 32, stream_));
   SPPO_CUDA_LAUNCHED(cub::DeviceRadixSort::SortPairs);
   const int64_t chunks = (C + kEmbChunk - 1) / kEmbChunk;
   const unsigned blocks = unsigned(std::min<int64_t>((N * chunks + kWarps - 1) / kWarps, kMaxBlocks));
-  embedding_backward_kernel<<<blocks, kThreads, 0, stream_>>>(dtable, dev(dout), r.sorted_keys, r.sorted_tokens, N,
-                                                               C, chunks);
+  embedding_backward_kernel<<<blocks, kThreads, 0, stream_>>>(dtable, dev(dout), r.sorted_keys, r.sorted_tokens, N, C,
+                                                              chunks);
   SPPO_CUDA_LAUNCHED(embedding_backward_kernel);
 }
 
@@ -1247,8 +1257,7 @@ void CudaOps::scatter_rows(bf16* dst, const bf16* src, const int32_t* rows, int6
 // RMSNorm and bias
 // ---------------------------------------------------------------------------------------------
 
-void CudaOps::rmsnorm_forward(bf16* out, float* rstd, const bf16* x, const bf16* w, int64_t N, int64_t C,
-                              double eps) {
+void CudaOps::rmsnorm_forward(bf16* out, float* rstd, const bf16* x, const bf16* w, int64_t N, int64_t C, double eps) {
   if (N <= 0 || C <= 0) return;
   if (vec8(x, C) && vec8(out, C) && aligned16(w) && C / 8 <= kMaxRowVecs) {
     rmsnorm_forward_rows(dev(out), rstd, dev(x), dev(w), N, C, eps, stream_);
@@ -1259,8 +1268,8 @@ void CudaOps::rmsnorm_forward(bf16* out, float* rstd, const bf16* x, const bf16*
   SPPO_CUDA_LAUNCHED(rmsnorm_forward_kernel);
 }
 
-void CudaOps::rmsnorm_backward(bf16* dx, float* dw, const bf16* dout, const bf16* x, const bf16* w,
-                               const float* rstd, int64_t N, int64_t C) {
+void CudaOps::rmsnorm_backward(bf16* dx, float* dw, const bf16* dout, const bf16* x, const bf16* w, const float* rstd,
+                               int64_t N, int64_t C) {
   if (N <= 0 || C <= 0) return;
   const bool vec = vec8(dout, C) && vec8(x, C);
   if (vec && vec8(dx, C) && aligned16(w) && C <= 2048) {
@@ -1269,11 +1278,11 @@ void CudaOps::rmsnorm_backward(bf16* dx, float* dw, const bf16* dout, const bf16
   }
   if (vec && vec8(dx, C) && aligned16(w) && C / 8 <= kMaxRowVecs) {  // a block per row: C > 2048
     if (C / 8 <= 2 * kThreads)
-      rmsnorm_backward_dx_rows_kernel<2><<<unsigned(N), kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w),
-                                                                                rstd, N, C);
+      rmsnorm_backward_dx_rows_kernel<2>
+          <<<unsigned(N), kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w), rstd, N, C);
     else
-      rmsnorm_backward_dx_rows_kernel<4><<<unsigned(N), kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w),
-                                                                                rstd, N, C);
+      rmsnorm_backward_dx_rows_kernel<4>
+          <<<unsigned(N), kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w), rstd, N, C);
     SPPO_CUDA_LAUNCHED(rmsnorm_backward_dx_rows_kernel);
   } else {
     const unsigned blocks = unsigned(std::min<int64_t>(N, kMaxBlocks));
@@ -1313,12 +1322,12 @@ void CudaOps::rope(bf16* x, int64_t N, int64_t ld, int64_t off, int64_t heads, i
   // 8 pairs a thread where every row, head and half-head starts 16 bytes aligned (also in the tables).
   if (vec8(x, ld) && off % 8 == 0 && head_dim % 16 == 0 && aligned16(cos) && aligned16(sin)) {
     const RowLaunch l = row_launch(heads * half / 8, N);
-    rope_kernel<8><<<l.grid, l.block, 0, stream_>>>(dev(x), N, ld, off, int(heads), int(head_dim), positions, cos, sin,
-                                                    sign);
+    rope_kernel<8>
+        <<<l.grid, l.block, 0, stream_>>>(dev(x), N, ld, off, int(heads), int(head_dim), positions, cos, sin, sign);
   } else {
     const RowLaunch l = row_launch(heads * half, N);
-    rope_kernel<1><<<l.grid, l.block, 0, stream_>>>(dev(x), N, ld, off, int(heads), int(head_dim), positions, cos, sin,
-                                                    sign);
+    rope_kernel<1>
+        <<<l.grid, l.block, 0, stream_>>>(dev(x), N, ld, off, int(heads), int(head_dim), positions, cos, sin, sign);
   }
   SPPO_CUDA_LAUNCHED(rope_kernel);
 }

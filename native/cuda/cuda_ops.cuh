@@ -55,8 +55,8 @@ class CudaOps final : public Ops<bf16> {
 
   void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const bf16* A, int64_t lda,
             const bf16* B, int64_t ldb, double beta, bf16* C, int64_t ldc) override;
-  void gemm_master(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const bf16* A,
-                   int64_t lda, const bf16* B, int64_t ldb, double beta, float* C, int64_t ldc) override;
+  void gemm_master(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const bf16* A, int64_t lda,
+                   const bf16* B, int64_t ldb, double beta, float* C, int64_t ldc) override;
 
   void fill(bf16* x, double value, int64_t n) override;
   void zero_bytes(void* x, size_t bytes) override;
@@ -68,8 +68,7 @@ class CudaOps final : public Ops<bf16> {
   void gather_rows(bf16* dst, const bf16* src, const int32_t* rows, int64_t n, int64_t C) override;
   void scatter_rows(bf16* dst, const bf16* src, const int32_t* rows, int64_t n, int64_t C) override;
 
-  void rmsnorm_forward(bf16* out, float* rstd, const bf16* x, const bf16* w, int64_t N, int64_t C,
-                       double eps) override;
+  void rmsnorm_forward(bf16* out, float* rstd, const bf16* x, const bf16* w, int64_t N, int64_t C, double eps) override;
   void rmsnorm_backward(bf16* dx, float* dw, const bf16* dout, const bf16* x, const bf16* w, const float* rstd,
                         int64_t N, int64_t C) override;
   void add_bias(bf16* x, const bf16* bias, int64_t N, int64_t C, int64_t ld) override;
@@ -92,8 +91,8 @@ class CudaOps final : public Ops<bf16> {
 
   void adamw_update(bf16* p, float* master, const float* g, float* m, float* v, int64_t n, double lr, double beta1,
                     double beta2, double eps, double decay, double gscale, int64_t step) override;
-  void rmsprop_update(bf16* p, float* master, const float* g, float* sq, int64_t n, double lr, double alpha,
-                      double eps, double decay, double gscale) override;
+  void rmsprop_update(bf16* p, float* master, const float* g, float* sq, int64_t n, double lr, double alpha, double eps,
+                      double decay, double gscale) override;
 
   void kv_cache_write(bf16* k_cache, bf16* v_cache, const bf16* qkv, const int32_t* slots, const int32_t* positions,
                       int64_t n, const AttentionShape& s) override;

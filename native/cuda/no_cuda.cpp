@@ -6,8 +6,9 @@ namespace sppo::cuda {
 
 DeviceInfo probe() {
   DeviceInfo d;
-  d.why_not = "this build of the engine has no CUDA backend (nvcc was not found when it was compiled, or "
-              "SPPO_CUDA=OFF); reinstall with nvcc on PATH to build it";
+  d.why_not =
+      "this build of the engine has no CUDA backend (nvcc was not found when it was compiled, or "
+      "SPPO_CUDA=OFF); reinstall with nvcc on PATH to build it";
   return d;
 }
 

@@ -10,11 +10,14 @@ void ModelConfig::resolve_and_validate() {
   SPPO_REQUIRE(vocab_size > 0, "config.vocab_size must be a positive integer, got ", vocab_size);
   SPPO_REQUIRE(hidden_size > 0, "config.hidden_size must be a positive integer, got ", hidden_size);
   SPPO_REQUIRE(num_hidden_layers > 0, "config.num_hidden_layers must be a positive integer, got ", num_hidden_layers);
-  SPPO_REQUIRE(num_attention_heads > 0, "config.num_attention_heads must be a positive integer, got ", num_attention_heads);
+  SPPO_REQUIRE(num_attention_heads > 0, "config.num_attention_heads must be a positive integer, got ",
+               num_attention_heads);
   SPPO_REQUIRE(intermediate_size > 0, "config.intermediate_size must be a positive integer, got ", intermediate_size);
-  SPPO_REQUIRE(max_position_embeddings > 0, "config.max_position_embeddings must be a positive integer, got ", max_position_embeddings);
+  SPPO_REQUIRE(max_position_embeddings > 0, "config.max_position_embeddings must be a positive integer, got ",
+               max_position_embeddings);
   if (num_key_value_heads == 0) num_key_value_heads = num_attention_heads;
-  SPPO_REQUIRE(num_key_value_heads > 0, "config.num_key_value_heads must be a positive integer, got ", num_key_value_heads);
+  SPPO_REQUIRE(num_key_value_heads > 0, "config.num_key_value_heads must be a positive integer, got ",
+               num_key_value_heads);
   SPPO_REQUIRE(num_attention_heads % num_key_value_heads == 0, "config.num_key_value_heads (", num_key_value_heads,
                ") must divide config.num_attention_heads (", num_attention_heads, ")");
   if (head_dim == 0) {
@@ -22,10 +25,13 @@ void ModelConfig::resolve_and_validate() {
                  ") must divide config.hidden_size (", hidden_size, ") unless config.head_dim is given");
     head_dim = hidden_size / num_attention_heads;
   }
-  SPPO_REQUIRE(head_dim > 0 && head_dim % 2 == 0, "config.head_dim must be a positive even integer (rotary pairs), got ", head_dim);
-  SPPO_REQUIRE(std::isfinite(rms_norm_eps) && rms_norm_eps > 0, "config.rms_norm_eps must be a positive number, got ", rms_norm_eps);
+  SPPO_REQUIRE(head_dim > 0 && head_dim % 2 == 0,
+               "config.head_dim must be a positive even integer (rotary pairs), got ", head_dim);
+  SPPO_REQUIRE(std::isfinite(rms_norm_eps) && rms_norm_eps > 0, "config.rms_norm_eps must be a positive number, got ",
+               rms_norm_eps);
   SPPO_REQUIRE(std::isfinite(rope_theta) && rope_theta > 1, "config.rope_theta must be a number > 1, got ", rope_theta);
-  SPPO_REQUIRE(std::isfinite(initializer_range) && initializer_range >= 0, "config.initializer_range must be >= 0, got ", initializer_range);
+  SPPO_REQUIRE(std::isfinite(initializer_range) && initializer_range >= 0,
+               "config.initializer_range must be >= 0, got ", initializer_range);
   const RopeScaling& r = rope_scaling;
   if (r.kind != RopeScaling::Kind::None) {
     SPPO_REQUIRE(std::isfinite(r.factor) && r.factor >= 1, "config.rope_scaling.factor must be >= 1, got ", r.factor);
@@ -55,17 +61,22 @@ void OptimizerConfig::validate() const {
   SPPO_REQUIRE(beta2 >= 0 && beta2 < 1, "optimizer.beta2 must be in [0, 1), got ", beta2);
   SPPO_REQUIRE(alpha >= 0 && alpha < 1, "optimizer.alpha must be in [0, 1), got ", alpha);
   SPPO_REQUIRE(std::isfinite(eps) && eps > 0, "optimizer.eps must be > 0, got ", eps);
-  SPPO_REQUIRE(std::isfinite(weight_decay) && weight_decay >= 0, "optimizer.weightDecay must be >= 0, got ", weight_decay);
-  SPPO_REQUIRE(std::isfinite(max_grad_norm) && max_grad_norm >= 0, "optimizer.maxGradNorm must be >= 0 (0 disables clipping), got ", max_grad_norm);
+  SPPO_REQUIRE(std::isfinite(weight_decay) && weight_decay >= 0, "optimizer.weightDecay must be >= 0, got ",
+               weight_decay);
+  SPPO_REQUIRE(std::isfinite(max_grad_norm) && max_grad_norm >= 0,
+               "optimizer.maxGradNorm must be >= 0 (0 disables clipping), got ", max_grad_norm);
   SPPO_REQUIRE(grad_accum_steps >= 1, "optimizer.gradAccumSteps must be an integer >= 1, got ", grad_accum_steps);
   const ScheduleConfig& s = schedule;
   SPPO_REQUIRE(s.warmup_steps >= 0, "optimizer.schedule.warmupSteps must be >= 0, got ", s.warmup_steps);
   if (s.kind != ScheduleConfig::Kind::Constant) {
-    SPPO_REQUIRE(s.total_steps > 0, "optimizer.schedule.totalSteps must be a positive integer for linear and cosine schedules, got ", s.total_steps);
+    SPPO_REQUIRE(s.total_steps > 0,
+                 "optimizer.schedule.totalSteps must be a positive integer for linear and cosine schedules, got ",
+                 s.total_steps);
     SPPO_REQUIRE(s.warmup_steps <= s.total_steps, "optimizer.schedule.warmupSteps (", s.warmup_steps,
                  ") exceeds totalSteps (", s.total_steps, ")");
   }
-  SPPO_REQUIRE(s.min_lr_ratio >= 0 && s.min_lr_ratio <= 1, "optimizer.schedule.minLrRatio must be in [0, 1], got ", s.min_lr_ratio);
+  SPPO_REQUIRE(s.min_lr_ratio >= 0 && s.min_lr_ratio <= 1, "optimizer.schedule.minLrRatio must be in [0, 1], got ",
+               s.min_lr_ratio);
 }
 
 double OptimizerConfig::lr_at(int64_t step) const {

@@ -29,10 +29,14 @@ void SamplingOptions::validate() const {
 
 const char* stop_reason_name(StopReason r) {
   switch (r) {
-    case StopReason::StopToken: return "stop";
-    case StopReason::MaxTokens: return "maxTokens";
-    case StopReason::Aborted: return "aborted";
-    case StopReason::ContextFull: return "contextFull";
+    case StopReason::StopToken:
+      return "stop";
+    case StopReason::MaxTokens:
+      return "maxTokens";
+    case StopReason::Aborted:
+      return "aborted";
+    case StopReason::ContextFull:
+      return "contextFull";
   }
   return "unknown";
 }
@@ -41,8 +45,8 @@ template <class T>
 Generator<T>::Generator(const Model<T>& model, GeneratorPlan plan, std::unique_ptr<Ops<T>> ops)
     : model_(model), cfg_(model.config()), plan_(plan), ops_(std::move(ops)) {
   SPPO_REQUIRE(plan.max_batch >= 1, "generator plan.maxBatch must be at least 1, got ", plan.max_batch);
-  SPPO_REQUIRE(plan.max_context >= 2, "generator plan.maxContext must be at least 2 (a prompt token and a new one), got ",
-               plan.max_context);
+  SPPO_REQUIRE(plan.max_context >= 2,
+               "generator plan.maxContext must be at least 2 (a prompt token and a new one), got ", plan.max_context);
   SPPO_REQUIRE(plan.max_context <= cfg_.max_position_embeddings, "generator plan.maxContext (", plan.max_context,
                ") exceeds the model's max_position_embeddings (", cfg_.max_position_embeddings, ")");
   const int64_t B = plan.max_batch, P = plan.max_context;
@@ -111,7 +115,7 @@ void Generator<T>::extend(int64_t N, int64_t n_logit_rows) {
   const int64_t QD = cfg_.q_dim(), QKV = cfg_.qkv_dim();
   const double eps = cfg_.rms_norm_eps;
   // batch/seq describe the cache: (max_batch slots, max_context positions).
-  const AttentionShape shape{plan_.max_batch, plan_.max_context, H, KV, D, QKV, 0, QD, QD + cfg_.kv_dim(), QD,
+  const AttentionShape shape{plan_.max_batch,           plan_.max_context, H, KV, D, QKV, 0, QD, QD + cfg_.kv_dim(), QD,
                              1.0 / std::sqrt(double(D))};
   // The step's index arrays travel in one upload (one host-device round trip per step on a GPU):
   // [slots (N) | positions (N) | tokens (N) | logit rows (n_logit_rows)].

@@ -161,8 +161,8 @@ template <class T>
 template <class E>
 typename Model<T>::template LayerParams<E> Model<T>::layer_params(E* base, int l) const {
   const LayerOffsets& o = layer_off_[l];
-  return {base + o.attn_norm, base + o.wqkv, o.bqkv >= 0 ? base + o.bqkv : nullptr, base + o.wo,
-          base + o.mlp_norm,  base + o.wgu,  base + o.wdown};
+  return {base + o.attn_norm, base + o.wqkv, o.bqkv >= 0 ? base + o.bqkv : nullptr, base + o.wo, base + o.mlp_norm,
+          base + o.wgu,       base + o.wdown};
 }
 
 template <class T>
@@ -366,13 +366,12 @@ void Model<T>::validate_batch(const Batch& b, bool need_targets) const {
                plan_.max_batch, " (plan.maxBatch)");
   SPPO_REQUIRE(b.seq <= plan_.max_seq, "sequence length ", b.seq, " exceeds the planned maximum ", plan_.max_seq,
                " (plan.maxSeq)");
-  if (need_targets)
-    SPPO_REQUIRE(b.seq >= 2, "a next-token loss needs sequences of at least 2 tokens, got ", b.seq);
+  if (need_targets) SPPO_REQUIRE(b.seq >= 2, "a next-token loss needs sequences of at least 2 tokens, got ", b.seq);
   const int64_t n = b.batch * b.seq;
   for (int64_t i = 0; i < n; ++i) {
     const int32_t id = b.tokens[i];
-    SPPO_REQUIRE(id >= 0 && id < cfg_.vocab_size, "token id ", id, " at sequence ", i / b.seq, ", position ",
-                 i % b.seq, " is out of range [0, ", cfg_.vocab_size, ")");
+    SPPO_REQUIRE(id >= 0 && id < cfg_.vocab_size, "token id ", id, " at sequence ", i / b.seq, ", position ", i % b.seq,
+                 " is out of range [0, ", cfg_.vocab_size, ")");
   }
 }
 

@@ -102,9 +102,9 @@ StepResult Model<T>::optimizer_step() {
 }
 
 // The class itself is instantiated in model.cpp; these are the members defined here.
-#define SPPO_INSTANTIATE(T)                                        \
-  template void Model<T>::set_optimizer(const OptimizerConfig&);  \
-  template StepResult Model<T>::train_step(const Batch&);          \
+#define SPPO_INSTANTIATE(T)                                                                 \
+  template void Model<T>::set_optimizer(const OptimizerConfig&);                            \
+  template StepResult Model<T>::train_step(const Batch&);                                   \
   template PreferenceStepResult Model<T>::preference_step(const PreferenceBatch&, double*); \
   template StepResult Model<T>::optimizer_step();
 SPPO_INSTANTIATE(float)

@@ -21,12 +21,18 @@ PreferenceLoss parse_preference_loss(const std::string& name) {
 
 const char* preference_loss_name(PreferenceLoss loss) {
   switch (loss) {
-    case PreferenceLoss::Sppo: return "sppo";
-    case PreferenceLoss::SppoPair: return "sppo-pair";
-    case PreferenceLoss::SppoSingle: return "sppo-single";
-    case PreferenceLoss::SppoHard: return "sppo-hard";
-    case PreferenceLoss::Dpo: return "dpo";
-    case PreferenceLoss::Ipo: return "ipo";
+    case PreferenceLoss::Sppo:
+      return "sppo";
+    case PreferenceLoss::SppoPair:
+      return "sppo-pair";
+    case PreferenceLoss::SppoSingle:
+      return "sppo-single";
+    case PreferenceLoss::SppoHard:
+      return "sppo-hard";
+    case PreferenceLoss::Dpo:
+      return "dpo";
+    case PreferenceLoss::Ipo:
+      return "ipo";
   }
   return "?";
 }
@@ -52,7 +58,8 @@ double preference_loss(PreferenceLoss loss, double eta, int64_t n, const double*
   const bool pairs = is_pair_loss(loss);
   SPPO_REQUIRE(!pairs || n % 2 == 0, "loss '", preference_loss_name(loss), "' needs (chosen, rejected) pairs: got ", n,
                " sequences, an odd number");
-  const bool reads_target = loss == PreferenceLoss::Sppo || loss == PreferenceLoss::SppoPair || loss == PreferenceLoss::SppoSingle;
+  const bool reads_target =
+      loss == PreferenceLoss::Sppo || loss == PreferenceLoss::SppoPair || loss == PreferenceLoss::SppoSingle;
   for (int64_t s = 0; s < n; ++s) {
     SPPO_REQUIRE(std::isfinite(logp[s]), "sequence ", s, ": the policy log-prob is not finite (", logp[s], ")");
     SPPO_REQUIRE(std::isfinite(ref_logp[s]) && ref_logp[s] <= 0, "sequence ", s,

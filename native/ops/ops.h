@@ -81,8 +81,8 @@ class Ops {
   virtual void cast(T* dst, const Master* src, int64_t n) = 0;
 
   // C(M,N) = alpha*op(A)*op(B) + beta*C (row-major; see cpu/gemm.h for the layout contract).
-  virtual void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A,
-                    int64_t lda, const T* B, int64_t ldb, double beta, T* C, int64_t ldc) = 0;
+  virtual void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A, int64_t lda,
+                    const T* B, int64_t ldb, double beta, T* C, int64_t ldc) = 0;
   // The same with C in Master precision (weight gradients accumulate in it, logits land in it).
   virtual void gemm_master(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A,
                            int64_t lda, const T* B, int64_t ldb, double beta, Master* C, int64_t ldc) = 0;
@@ -115,8 +115,8 @@ class Ops {
   // Rotary embedding (Hugging Face rotate-half) in place on `heads` heads of each row of x,
   // starting at column `off` (row stride ld). Token i has position positions[i]; cos/sin are
   // (max_pos, head_dim/2) tables. inverse=true applies the transpose (the backward pass).
-  virtual void rope(T* x, int64_t N, int64_t ld, int64_t off, int64_t heads, int64_t head_dim,
-                    const int32_t* positions, const Master* cos, const Master* sin, bool inverse) = 0;
+  virtual void rope(T* x, int64_t N, int64_t ld, int64_t off, int64_t heads, int64_t head_dim, const int32_t* positions,
+                    const Master* cos, const Master* sin, bool inverse) = 0;
 
   // Causal grouped-query attention over fused qkv rows; out(N, heads*head_dim), lse(B,H,T) saved.
   virtual void attention_forward(T* out, Master* lse, const T* qkv, const AttentionShape& s) = 0;

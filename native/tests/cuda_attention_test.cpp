@@ -103,9 +103,7 @@ double max_rel_error_floored(const std::vector<float>& a, const std::vector<floa
 struct Layout {
   int64_t stride, q_off, k_off, v_off, out_stride;
 };
-Layout packed_layout(int64_t H, int64_t KV, int64_t D) {
-  return {(H + 2 * KV) * D, 0, H * D, (H + KV) * D, H * D};
-}
+Layout packed_layout(int64_t H, int64_t KV, int64_t D) { return {(H + 2 * KV) * D, 0, H * D, (H + KV) * D, H * D}; }
 Layout offset_layout(int64_t H, int64_t KV, int64_t D) {
   const int64_t v_off = 3, q_off = v_off + KV * D + 5, k_off = q_off + H * D;
   return {k_off + KV * D + 7, q_off, k_off, v_off, H * D + 5};
@@ -165,8 +163,8 @@ void check_forward(Ops<bf16>& gpu, const AttentionShape& s, uint64_t seed) {
   EXPECT_TRUE(e_lse < kLseTol, "attention_forward lse error " << e_lse << " " << describe(s));
   for (size_t i = 0; i < out.size(); ++i)
     if (int64_t(i) % s.out_stride >= QD)
-      EXPECT_TRUE(std::isnan(out[i]), "attention_forward wrote spare output column " << int64_t(i) % s.out_stride
-                                                                                     << " " << describe(s));
+      EXPECT_TRUE(std::isnan(out[i]),
+                  "attention_forward wrote spare output column " << int64_t(i) % s.out_stride << " " << describe(s));
 }
 
 // ---- Backward ----
@@ -222,8 +220,8 @@ void check_backward(Ops<bf16>& gpu, const AttentionShape& s, uint64_t seed) {
   const std::vector<bf16> spare = to_bf16(in.dqkv0);
   for (size_t i = 0; i < got_bits.size(); ++i)
     if (part_of(s, int64_t(i) % s.qkv_stride) == Part::spare)
-      EXPECT_TRUE(got_bits[i].bits == spare[i].bits, "attention_backward changed spare column "
-                                                        << int64_t(i) % s.qkv_stride << " " << describe(s));
+      EXPECT_TRUE(got_bits[i].bits == spare[i].bits,
+                  "attention_backward changed spare column " << int64_t(i) % s.qkv_stride << " " << describe(s));
 }
 
 // Sequence lengths at and around the tiles (64 and 128 rows: 1, 15, 64, 127, 128, 129, 300 and
@@ -269,8 +267,8 @@ void check_paths_agree(Ops<bf16>& tc, Ops<bf16>& fma, const AttentionShape& s, u
   const char* names[] = {"dq", "dk", "dv"};
   const Part parts[] = {Part::q, Part::k, Part::v};
   for (int w = 0; w < 3; ++w) {
-    const double e = max_rel_error_floored(
-        g_tc, g_fma, [&](size_t i) { return part_of(s, int64_t(i) % s.qkv_stride) == parts[w]; });
+    const double e =
+        max_rel_error_floored(g_tc, g_fma, [&](size_t i) { return part_of(s, int64_t(i) % s.qkv_stride) == parts[w]; });
     EXPECT_TRUE(e < kPathTol,
                 "attention_backward tensor cores vs FMA: " << names[w] << " error " << e << " " << describe(s));
   }
@@ -292,7 +290,8 @@ void check_decode(Ops<bf16>& gpu, int64_t H, int64_t KV, int64_t D, const Layout
   std::vector<float> k_cache = random_values(cache_elems, seed), v_cache = random_values(cache_elems, seed + 1);
   for (int64_t h = 0; h < KV; ++h)
     for (int64_t t = stale_after + 1; t < c.ctx; ++t)
-      for (int64_t d = 0; d < D; ++d) k_cache[((1 * KV + h) * c.ctx + t) * D + d] = v_cache[((1 * KV + h) * c.ctx + t) * D + d] = kNaN;
+      for (int64_t d = 0; d < D; ++d)
+        k_cache[((1 * KV + h) * c.ctx + t) * D + d] = v_cache[((1 * KV + h) * c.ctx + t) * D + d] = kNaN;
   const std::vector<float> qkv = random_values(n * s.qkv_stride, seed + 2);
 
   cpu::CpuOps<float> cpu;
@@ -325,8 +324,7 @@ void check_decode(Ops<bf16>& gpu, int64_t H, int64_t KV, int64_t D, const Layout
   // The same call again gives the same bits.
   gpu.upload_bytes(out_d.data(), poison.data(), poison.size() * sizeof(bf16));
   gpu.attention_decode(out_d.data(), qkv_d.data(), k_d.data(), v_d.data(), slot_d.data(), pos_d.data(), n, s);
-  EXPECT_TRUE(same_bits(out_d.get(), out_bits),
-              "attention_decode is not deterministic " << what);
+  EXPECT_TRUE(same_bits(out_d.get(), out_bits), "attention_decode is not deterministic " << what);
 }
 
 }  // namespace
@@ -455,8 +453,8 @@ SPPO_TEST(cuda_attention_decode_matches_forward) {
     auto one_slot = upload(*gpu, std::vector<int32_t>{1});
     auto one_pos = upload(*gpu, std::vector<int32_t>{int32_t(last)});
     auto out_one = upload(*gpu, std::vector<bf16>(poison.begin(), poison.begin() + L.out_stride));
-    gpu->attention_decode(out_one.data(), row_d.data(), k_d.data(), v_d.data(),
-                          one_slot.data(), one_pos.data(), 1, dec);
+    gpu->attention_decode(out_one.data(), row_d.data(), k_d.data(), v_d.data(), one_slot.data(), one_pos.data(), 1,
+                          dec);
     const std::vector<bf16> one = out_one.get();
     EXPECT_TRUE(std::memcmp(one.data(), d_bits.data() + last * L.out_stride, H * D * sizeof(bf16)) == 0,
                 "a decode row alone differs from the same row in a larger call " << what);

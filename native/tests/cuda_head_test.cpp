@@ -109,9 +109,9 @@ void check_head(Ops<bf16>& gpu, const HeadCase& hc, uint64_t seed) {
   double logp_err = 0, lse_err = 0;
   for (int64_t i = 0; i < n; ++i) {
     EXPECT_TRUE(std::fabs(logp[i] - logp_cpu[i]) <= 1e-4, "n " << n << " C " << C << " V " << V << " row " << i
-                                                                << ": logp " << logp[i] << " vs cpu " << logp_cpu[i]);
+                                                               << ": logp " << logp[i] << " vs cpu " << logp_cpu[i]);
     EXPECT_TRUE(std::fabs(lse[i] - lse_cpu[i]) <= 1e-4, "n " << n << " C " << C << " V " << V << " row " << i
-                                                              << ": lse " << lse[i] << " vs cpu " << lse_cpu[i]);
+                                                             << ": lse " << lse[i] << " vs cpu " << lse_cpu[i]);
     logp_err = std::max(logp_err, std::fabs(logp[i] - logp_cpu[i]));
     lse_err = std::max(lse_err, std::fabs(lse[i] - lse_cpu[i]));
   }
@@ -123,8 +123,9 @@ void check_head(Ops<bf16>& gpu, const HeadCase& hc, uint64_t seed) {
   std::vector<double> dW_inc(V * C);
   for (int64_t i = 0; i < V * C; ++i) dW_inc[i] = double(dW_cpu[i]) - double(dW0[i]);
   const double dH_err = l2_rel_error(dH_gpu, dH_cpu, dH_cpu), dW_err = l2_rel_error(dW_gpu, dW_cpu, dW_inc);
-  std::printf("      head n %lld C %lld V %lld scratch %lld: |logp| err %.2e, |lse| err %.2e, dH rel %.2e, dW rel %.2e\n",
-              (long long)n, (long long)C, (long long)V, (long long)elems, logp_err, lse_err, dH_err, dW_err);
+  std::printf(
+      "      head n %lld C %lld V %lld scratch %lld: |logp| err %.2e, |lse| err %.2e, dH rel %.2e, dW rel %.2e\n",
+      (long long)n, (long long)C, (long long)V, (long long)elems, logp_err, lse_err, dH_err, dW_err);
   EXPECT_TRUE(dH_err <= 1e-2, "n " << n << " C " << C << " V " << V << ": dH relative error " << dH_err);
   EXPECT_TRUE(dW_err <= 1e-2, "n " << n << " C " << C << " V " << V << ": dW relative error " << dW_err);
 }
@@ -146,27 +147,46 @@ std::vector<float> sampler_logits(int64_t rows, int64_t V, uint64_t seed) {
   return x;
 }
 
-
 // The truncated sampler's hard rows, by kind: continuous; near-uniform (a random-weight model:
 // top-p 0.9 keeps ~90% of the vocabulary); quarters and whole numbers (ties at every cutoff);
 // peaked and very peaked; a constant row; ±0 ties; −inf and −3e38 / −1e30 logits among normal ones.
-constexpr const char* kHardKinds[] = {"continuous", "near-uniform", "quarters", "integers",     "peaked",
-                                      "very peaked", "constant",    "signed zeros", "-inf", "-huge"};
+constexpr const char* kHardKinds[] = {"continuous",  "near-uniform", "quarters",     "integers", "peaked",
+                                      "very peaked", "constant",     "signed zeros", "-inf",     "-huge"};
 std::vector<float> hard_row(int kind, int64_t V, uint64_t seed) {
   std::vector<float> r(V);
   for (int64_t j = 0; j < V; ++j) {
     const double g = standard_normal(seed, kind, j);
     switch (kind) {
-      case 0: r[j] = float(2.5 * g); break;
-      case 1: r[j] = float(0.02 * g); break;
-      case 2: r[j] = float(std::round(8 * g) / 4); break;
-      case 3: r[j] = float(std::round(g)); break;
-      case 4: r[j] = float(2 * g + (j % 997 == 5 ? 12 : 0)); break;
-      case 5: r[j] = float(30 * g); break;
-      case 6: r[j] = 1.25f; break;
-      case 7: r[j] = j % 3 == 0 ? 0.0f : j % 3 == 1 ? -0.0f : float(std::round(g) / 2); break;
-      case 8: r[j] = j % 4 == 1 ? -std::numeric_limits<float>::infinity() : float(1.5 * g); break;
-      default: r[j] = j % 5 == 2 ? -3e38f : j % 5 == 3 ? -1e30f : float(g); break;
+      case 0:
+        r[j] = float(2.5 * g);
+        break;
+      case 1:
+        r[j] = float(0.02 * g);
+        break;
+      case 2:
+        r[j] = float(std::round(8 * g) / 4);
+        break;
+      case 3:
+        r[j] = float(std::round(g));
+        break;
+      case 4:
+        r[j] = float(2 * g + (j % 997 == 5 ? 12 : 0));
+        break;
+      case 5:
+        r[j] = float(30 * g);
+        break;
+      case 6:
+        r[j] = 1.25f;
+        break;
+      case 7:
+        r[j] = j % 3 == 0 ? 0.0f : j % 3 == 1 ? -0.0f : float(std::round(g) / 2);
+        break;
+      case 8:
+        r[j] = j % 4 == 1 ? -std::numeric_limits<float>::infinity() : float(1.5 * g);
+        break;
+      default:
+        r[j] = j % 5 == 2 ? -3e38f : j % 5 == 3 ? -1e30f : float(g);
+        break;
     }
   }
   return r;
@@ -212,8 +232,8 @@ SPPO_TEST(cuda_head_logprobs_and_backward_match_cpu) {
   auto gpu = cuda_or_skip();
   // Scratch sizes force row tiles (of 1, 7, 16, 19 and 256 rows) and vocabulary tiles of 256
   // with a ragged last one; n 300 at V 997 is one tile with a padded row stride.
-  const HeadCase cases[] = {{1, 64, 1000, 300},      {37, 128, 1000, 4096},  {37, 96, 32000, 5000},
-                            {300, 128, 1000, 2000},  {300, 64, 997, 1 << 20}, {300, 256, 32000, 1 << 16}};
+  const HeadCase cases[] = {{1, 64, 1000, 300},     {37, 128, 1000, 4096},   {37, 96, 32000, 5000},
+                            {300, 128, 1000, 2000}, {300, 64, 997, 1 << 20}, {300, 256, 32000, 1 << 16}};
   uint64_t seed = 100;
   for (const HeadCase& hc : cases) check_head(*gpu, hc, seed += 10);
 }
@@ -253,9 +273,10 @@ SPPO_TEST(cuda_head_extra_memory_at_llama3_8b_shape) {
   step();
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double flops = 4 * 2.0 * double(n) * double(V) * double(C);  // logits twice, dH, dW
-  std::printf("      n %lld C %lld V %lld: extra device memory %.1f MiB (ΔcudaMemGetInfo), fwd+bwd %.2f ms = %.0f "
-              "TFLOP/s\n",
-              (long long)n, (long long)C, (long long)V, extra / (1 << 20), 1e3 * s, flops / s * 1e-12);
+  std::printf(
+      "      n %lld C %lld V %lld: extra device memory %.1f MiB (ΔcudaMemGetInfo), fwd+bwd %.2f ms = %.0f "
+      "TFLOP/s\n",
+      (long long)n, (long long)C, (long long)V, extra / (1 << 20), 1e3 * s, flops / s * 1e-12);
   EXPECT_TRUE(std::isnan(extra) || extra <= double(1 << 30), "the head used " << extra / (1 << 20) << " MiB extra");
 
   const std::vector<double> lp = logp.get();
@@ -314,8 +335,9 @@ SPPO_TEST(cuda_sampler_matches_cpu_sample_token) {
     int64_t k;
     double p;
   };
-  const Setting settings[] = {{"greedy", 0, 0, 1},       {"T 1", 1, 0, 1},         {"T 0.7", 0.7, 0, 1},
-                              {"top-k 5", 1, 5, 1},      {"top-p 0.8", 1, 0, 0.8}, {"top-k 20, top-p 0.9, T 1.3", 1.3, 20, 0.9}};
+  const Setting settings[] = {{"greedy", 0, 0, 1},      {"T 1", 1, 0, 1},
+                              {"T 0.7", 0.7, 0, 1},     {"top-k 5", 1, 5, 1},
+                              {"top-p 0.8", 1, 0, 0.8}, {"top-k 20, top-p 0.9, T 1.3", 1.3, 20, 0.9}};
   for (int64_t V : {int64_t(1000), int64_t(32003)}) {
     const int64_t rows = 4, calls = V < 5000 ? 500 : 250;  // 2000 and 1000 draws per setting
     const std::vector<float> x = sampler_logits(rows, V, 31 + V);
@@ -367,10 +389,10 @@ SPPO_TEST(cuda_sampler_truncated_hard_cases) {
     int64_t k;  // −1: V − 1, −2: V, −3: V + 7
     double p;
   };
-  const Setting settings[] = {{1, 0, 0.9},    {0.7, 0, 0.9},   {1.3, 0, 0.5},   {1, 0, 1e-6},     {1, 0, 0.999999},
-                              {1, 1, 1},      {0.7, 50, 1},    {1, 5, 0.8},     {1.3, 20, 0.9},   {1, -1, 1},
-                              {1, -2, 0.95},  {1, -3, 0.3},    {0.05, 0, 0.99}, {1, 4096, 0.9},   {2, 5000, 0.999},
-                              {1, 1, 0.5},    {0.7, 1000, 0.97}};
+  const Setting settings[] = {{1, 0, 0.9},   {0.7, 0, 0.9},    {1.3, 0, 0.5},   {1, 0, 1e-6},   {1, 0, 0.999999},
+                              {1, 1, 1},     {0.7, 50, 1},     {1, 5, 0.8},     {1.3, 20, 0.9}, {1, -1, 1},
+                              {1, -2, 0.95}, {1, -3, 0.3},     {0.05, 0, 0.99}, {1, 4096, 0.9}, {2, 5000, 0.999},
+                              {1, 1, 0.5},   {0.7, 1000, 0.97}};
   const int kinds = int(std::size(kHardKinds));
   for (int64_t V : {int64_t(1000), int64_t(32000), int64_t(151936)}) {
     const int per_kind = V > 100000 ? 1 : 3;
@@ -390,7 +412,8 @@ SPPO_TEST(cuda_sampler_truncated_hard_cases) {
       o.top_k = settings[s].k >= 0 ? settings[s].k : settings[s].k == -1 ? V - 1 : settings[s].k == -2 ? V : V + 7;
       std::vector<double> u(rows), lp(rows), lp2(rows);
       std::vector<int32_t> tok(rows), tok2(rows);
-      for (int64_t i = 0; i < rows; ++i) u[i] = i < kinds ? uniform01(77, s, uint64_t(i)) : i < 2 * kinds ? 1e-12 : 1 - 1e-12;
+      for (int64_t i = 0; i < rows; ++i)
+        u[i] = i < kinds ? uniform01(77, s, uint64_t(i)) : i < 2 * kinds ? 1e-12 : 1 - 1e-12;
       gpu->sample(tok.data(), lp.data(), d.data(), rows, V, o, u.data());
       gpu->sample(tok2.data(), lp2.data(), d.data(), rows, V, o, u.data());
       for (int64_t i = 0; i < rows; ++i) {
@@ -422,9 +445,10 @@ SPPO_TEST(cuda_sampler_truncated_hard_cases) {
                     "V " << V << " setting " << s << " row " << r << " alone: token " << t1 << " vs " << tok[r]);
       }
     }
-    std::printf("      truncated sampler V %lld: %lld of %lld draws differ from sample_token (all at a boundary); "
-                "raw log-prob err %.1e\n",
-                (long long)V, (long long)boundary, (long long)draws, lp_err);
+    std::printf(
+        "      truncated sampler V %lld: %lld of %lld draws differ from sample_token (all at a boundary); "
+        "raw log-prob err %.1e\n",
+        (long long)V, (long long)boundary, (long long)draws, lp_err);
   }
 }
 
@@ -502,8 +526,8 @@ SPPO_TEST(cuda_sampler_matches_truncated_softmax_distribution) {
     }
     const ChiSquare fit = chi_square(expect, count, double(rows * calls));
     EXPECT_TRUE(fit.stray < 0, "token " << fit.stray << " is outside the top-k/top-p set but was drawn "
-                                        << count[fit.stray] << " times (T=" << cfg.t << " k=" << cfg.k
-                                        << " p=" << cfg.p << ")");
+                                        << count[fit.stray] << " times (T=" << cfg.t << " k=" << cfg.k << " p=" << cfg.p
+                                        << ")");
     std::printf("      sampler T %.1f k %lld p %.1f: chi2 %.1f on %d df\n", cfg.t, (long long)cfg.k, cfg.p, fit.chi2,
                 fit.df);
     // p > 1e-4 via the Wilson–Hilferty normal approximation: z < 3.719.

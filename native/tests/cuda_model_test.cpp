@@ -182,7 +182,8 @@ SPPO_TEST(cuda_training_step_matches_cpu_loss_gradients_and_updates) {
     for (size_t k = 0; k < t.cpu->params().size(); ++k) {
       const ParamInfo& p = t.cpu->params()[k];
       double noise = 0;
-      for (int64_t i = 0; i < p.size; ++i) noise = std::max(noise, std::fabs(double(gb[p.offset + i]) - ga[p.offset + i]));
+      for (int64_t i = 0; i < p.size; ++i)
+        noise = std::max(noise, std::fabs(double(gb[p.offset + i]) - ga[p.offset + i]));
       std::vector<float> sel_a, sel_b;
       double worst = 0;
       for (int64_t i = 0; i < p.size; ++i) {
@@ -191,8 +192,8 @@ SPPO_TEST(cuda_training_step_matches_cpu_loss_gradients_and_updates) {
         worst = std::max(worst, std::fabs(double(ub[k][i]) - ua[k][i]));
       }
       const double full_step = kind == OptimizerConfig::Kind::AdamW ? oc.lr : oc.lr / std::sqrt(1 - oc.alpha);
-      EXPECT_TRUE(worst <= 2.02 * full_step, p.name << ": an element's update differs by " << worst << " > 2 steps of "
-                                                    << full_step);
+      EXPECT_TRUE(worst <= 2.02 * full_step,
+                  p.name << ": an element's update differs by " << worst << " > 2 steps of " << full_step);
       EXPECT_TRUE(sel_a.size() >= size_t(p.size) / 100 + 1,
                   p.name << ": only " << sel_a.size() << " of " << p.size << " gradients above the noise " << noise);
       const double e = max_rel_error(sel_b.data(), sel_a.data(), int64_t(sel_a.size()));
@@ -292,9 +293,9 @@ SPPO_TEST(cuda_optimizer_matches_cpu_on_identical_gradients) {
         const ParamInfo& p = t.cpu->params()[k];
         const double e = max_rel_error(ub[k].data(), ua[k].data(), p.size);
         // fp32 weights of ~0.1 round at ~1e-8, against updates of ~lr·step = 1e-3 or more.
-        EXPECT_TRUE(e <= 1e-4, kind_name(kind) << " step " << step + 1 << ", " << p.name
-                                               << ": update differs from the CPU's on identical gradients, relative error "
-                                               << e);
+        EXPECT_TRUE(e <= 1e-4, kind_name(kind)
+                                   << " step " << step + 1 << ", " << p.name
+                                   << ": update differs from the CPU's on identical gradients, relative error " << e);
       }
       expect_working_copy_is_rounded_master(*t.gpu);
     }
@@ -326,12 +327,14 @@ SPPO_TEST(cuda_linear_updates_match_cpu_over_several_steps) {
     EXPECT_TRUE(largest_g < 1e-2 * oc.eps, "the update is not linear: |g| reaches " << largest_g);
     const auto ua = updates_since(*t.cpu, start), ub = updates_since(*t.gpu, start);
     double worst = 0;
-    for (size_t k = 0; k < ua.size(); ++k) worst = std::max(worst, max_rel_error(ub[k].data(), ua[k].data(), ua[k].size()));
+    for (size_t k = 0; k < ua.size(); ++k)
+      worst = std::max(worst, max_rel_error(ub[k].data(), ua[k].data(), ua[k].size()));
     std::printf("      %s: largest relative update error %.2e\n", kind_name(kind), worst);
     for (size_t k = 0; k < ua.size(); ++k) {
       const ParamInfo& p = t.cpu->params()[k];
       const double e = max_rel_error(ub[k].data(), ua[k].data(), p.size);
-      EXPECT_TRUE(e <= 5e-2, kind_name(kind) << ", " << p.name << ": update after 3 linear steps, relative error " << e);
+      EXPECT_TRUE(e <= 5e-2, kind_name(kind)
+                                 << ", " << p.name << ": update after 3 linear steps, relative error " << e);
     }
   }
 }
@@ -393,7 +396,8 @@ SPPO_TEST(cuda_decode_step_matches_cpu) {
   std::vector<int32_t> slots, pos, tok;
   const int lens[3] = {5, 17, 1};
   for (int s = 0; s < 3; ++s)
-    for (int p = 0; p < lens[s]; ++p) slots.push_back(s), pos.push_back(p), tok.push_back(int32_t((s * 31 + p * 7) % c.vocab_size));
+    for (int p = 0; p < lens[s]; ++p)
+      slots.push_back(s), pos.push_back(p), tok.push_back(int32_t((s * 31 + p * 7) % c.vocab_size));
   const int64_t n = int64_t(tok.size()), V = c.vocab_size;
   std::vector<float> la(n * V, NAN), lb(n * V, NAN);
   ga.extend_for_test(slots.data(), pos.data(), tok.data(), n, la.data());
@@ -459,8 +463,8 @@ SPPO_TEST(cuda_recorded_decode_steps_match_eager_ones) {
   for (int run = 0; run < 2; ++run) {
     const auto got = recorded.generate(req, o);
     for (size_t i = 0; i < req.size(); ++i) {
-      EXPECT_TRUE(got[i].tokens == want[i].tokens, "run " << run + 1 << ", sequence " << i
-                                                          << ": recorded decode steps sampled other tokens");
+      EXPECT_TRUE(got[i].tokens == want[i].tokens,
+                  "run " << run + 1 << ", sequence " << i << ": recorded decode steps sampled other tokens");
       for (size_t j = 0; j < want[i].logprobs.size(); ++j)
         EXPECT_TRUE(got[i].logprobs[j] == want[i].logprobs[j],
                     "run " << run + 1 << ", sequence " << i << ", token " << j << ": log-prob " << got[i].logprobs[j]

@@ -108,7 +108,8 @@ SPPO_TEST(cuda_probe_describes_the_device) {
 #ifdef SPPO_WITH_CUDA
   EXPECT_TRUE(info.built, "compiled with the CUDA backend, but probe() says it is not built");
 #else
-  EXPECT_TRUE(!info.built && !info.available && info.why_not.find("no CUDA backend") != std::string::npos, info.why_not);
+  EXPECT_TRUE(!info.built && !info.available && info.why_not.find("no CUDA backend") != std::string::npos,
+              info.why_not);
 #endif
   if (!info.available) throw harness::Skipped(info.why_not);
   EXPECT_TRUE(info.why_not.empty(), info.why_not);
@@ -322,9 +323,19 @@ SPPO_TEST(cuda_rmsnorm_matches_cpu) {
   auto ops = cuda_or_skip();
   cpu::CpuOps<float> cpu_ops;
   Ops<float>& ref = cpu_ops;
-  for (const NormCase& c : std::vector<NormCase>{{67, 1000, 0}, {3, 37, 0}, {300, 4096, 0}, {1, 8, 0}, {5, 512, 0},
-                                                 {9, 768, 0}, {20, 2048, 0}, {3, 2056, 0}, {5, 8192, 0},
-                                                 {2, 9000, 0}, {1, 768, 0}, {7, 768, 1}, {600, 768, 0},
+  for (const NormCase& c : std::vector<NormCase>{{67, 1000, 0},
+                                                 {3, 37, 0},
+                                                 {300, 4096, 0},
+                                                 {1, 8, 0},
+                                                 {5, 512, 0},
+                                                 {9, 768, 0},
+                                                 {20, 2048, 0},
+                                                 {3, 2056, 0},
+                                                 {5, 8192, 0},
+                                                 {2, 9000, 0},
+                                                 {1, 768, 0},
+                                                 {7, 768, 1},
+                                                 {600, 768, 0},
                                                  {100, 2048, 0}}) {
     const int64_t N = c.N, C = c.C, s = c.shift;
     const std::string shape = " N=" + std::to_string(N) + " C=" + std::to_string(C) + (s ? " unaligned" : "");
@@ -558,8 +569,8 @@ void check_gemm(Ops<bf16>& ops, Ops<float>& ref, const GemmCase& c, bool master,
         got_inner.push_back(got[k]);
         ref_inner.push_back(C[k]);
       } else {
-        EXPECT_TRUE(std::memcmp(&got[k], &C0[k], sizeof(float)) == 0, "padding column " << j << " of row " << i
-                                                                                        << " was written");
+        EXPECT_TRUE(std::memcmp(&got[k], &C0[k], sizeof(float)) == 0,
+                    "padding column " << j << " of row " << i << " was written");
       }
     }
   char name[128];

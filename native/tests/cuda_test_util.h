@@ -39,9 +39,7 @@ template <class T>
 class DeviceArray {
  public:
   DeviceArray(Ops<bf16>& ops, int64_t count)
-      : ops_(&ops),
-        p_(static_cast<T*>(ops.alloc_bytes(size_t(std::max<int64_t>(count, 1)) * sizeof(T)))),
-        n_(count) {}
+      : ops_(&ops), p_(static_cast<T*>(ops.alloc_bytes(size_t(std::max<int64_t>(count, 1)) * sizeof(T)))), n_(count) {}
   DeviceArray(DeviceArray&& o) noexcept : ops_(o.ops_), p_(std::exchange(o.p_, nullptr)), n_(o.n_) {}
   DeviceArray(const DeviceArray&) = delete;
   DeviceArray& operator=(const DeviceArray&) = delete;

@@ -52,8 +52,8 @@ double check_case(const Case& c, std::mt19937& rng) {
   for (int64_t i = 0; i < c.M; ++i)
     for (int64_t j = c.N; j < ldc; ++j) C[i * ldc + j] = sentinel;
 
-  gemm(c.tA, c.tB, c.M, c.N, c.K, static_cast<T>(c.alpha), A.data(), lda, B.data(), ldb,
-       static_cast<T>(c.beta), C.data(), ldc);
+  gemm(c.tA, c.tB, c.M, c.N, c.K, static_cast<T>(c.alpha), A.data(), lda, B.data(), ldb, static_cast<T>(c.beta),
+       C.data(), ldc);
 
   double worst = 0.0;
   for (int64_t i = 0; i < c.M; ++i) {
@@ -81,9 +81,8 @@ double check_case(const Case& c, std::mt19937& rng) {
 }
 
 std::vector<Case> cases() {
-  const int64_t sizes[][3] = {{1, 1, 1},    {7, 13, 5},    {33, 65, 17},  {130, 97, 300},
-                              {1, 1376, 512}, {5, 77, 515}, {16, 48, 33},  {64, 200, 129},
-                              {300, 40, 600}, {29, 31, 1}};
+  const int64_t sizes[][3] = {{1, 1, 1},    {7, 13, 5},   {33, 65, 17},   {130, 97, 300}, {1, 1376, 512},
+                              {5, 77, 515}, {16, 48, 33}, {64, 200, 129}, {300, 40, 600}, {29, 31, 1}};
   const double ab[][2] = {{1.0, 0.0}, {1.0, 1.0}, {-0.75, 0.5}};
   std::vector<Case> v;
   int n = 0;
@@ -106,10 +105,9 @@ void check_all_f32(const char* kernel) {
   std::mt19937 rng(7);
   for (const Case& c : cases()) {
     double err = check_case<float>(c, rng);
-    EXPECT_TRUE(err <= f32_tol(c.K), "kernel " << kernel << " tA=" << c.tA << " tB=" << c.tB
-                                               << " M=" << c.M << " N=" << c.N << " K=" << c.K
-                                               << " pad=" << c.pad << " alpha=" << c.alpha
-                                               << " beta=" << c.beta << ": rel err " << err);
+    EXPECT_TRUE(err <= f32_tol(c.K), "kernel " << kernel << " tA=" << c.tA << " tB=" << c.tB << " M=" << c.M
+                                               << " N=" << c.N << " K=" << c.K << " pad=" << c.pad
+                                               << " alpha=" << c.alpha << " beta=" << c.beta << ": rel err " << err);
   }
   sppo::cpu::gemm_force_kernel("auto");
 }
@@ -138,8 +136,8 @@ SPPO_TEST(gemm_f64_matches_reference) {
   std::mt19937 rng(11);
   for (const Case& c : cases()) {
     double err = check_case<double>(c, rng);
-    EXPECT_TRUE(err <= 1e-12, "tA=" << c.tA << " tB=" << c.tB << " M=" << c.M << " N=" << c.N
-                                    << " K=" << c.K << ": rel err " << err);
+    EXPECT_TRUE(err <= 1e-12,
+                "tA=" << c.tA << " tB=" << c.tB << " M=" << c.M << " N=" << c.N << " K=" << c.K << ": rel err " << err);
   }
 }
 

@@ -179,8 +179,8 @@ SPPO_TEST(sampler_matches_truncated_softmax_distribution) {
     }
     const ChiSquare fit = chi_square(expect, count, draws);
     EXPECT_TRUE(fit.stray < 0, "token " << fit.stray << " is outside the top-k/top-p set but was drawn "
-                                        << count[fit.stray] << " times (T=" << cfg.t << " k=" << cfg.k
-                                        << " p=" << cfg.p << ")");
+                                        << count[fit.stray] << " times (T=" << cfg.t << " k=" << cfg.k << " p=" << cfg.p
+                                        << ")");
     // p > 1e-4 via the Wilson–Hilferty normal approximation: z < 3.719.
     EXPECT_TRUE(fit.z < 3.719, "chi2 " << fit.chi2 << " on " << fit.df << " df (T=" << cfg.t << " k=" << cfg.k
                                        << " p=" << cfg.p << ")");
@@ -296,7 +296,8 @@ SPPO_TEST(generate_stops_on_any_stop_token_max_tokens_and_full_context) {
   o.stop_tokens = {free_run[0].tokens[6], free_run[0].tokens[3]};
   auto stopped = gen->generate(f.requests({0}), o);
   size_t first = 0;
-  while (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), free_run[0].tokens[first]) == o.stop_tokens.end()) ++first;
+  while (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), free_run[0].tokens[first]) == o.stop_tokens.end())
+    ++first;
   EXPECT_TRUE(stopped[0].reason == StopReason::StopToken);
   EXPECT_TRUE(stopped[0].tokens.size() == first + 1);
   EXPECT_TRUE(std::equal(stopped[0].tokens.begin(), stopped[0].tokens.end(), free_run[0].tokens.begin()));
@@ -348,5 +349,6 @@ SPPO_TEST(generate_rejects_bad_inputs_with_clear_errors) {
   EXPECT_THROWS_WITH(gen->generate(req, sampling(5)), "token id 40 at sequence 0, position 2 is out of range [0, 37)");
   req[0] = {bad.data(), 0, 0, 0};
   EXPECT_THROWS_WITH(gen->generate(req, sampling(5)), "prompt of sequence 0 is empty");
-  EXPECT_THROWS_WITH(make_generator(*f.m, 2, 200), "plan.maxContext (200) exceeds the model's max_position_embeddings (96)");
+  EXPECT_THROWS_WITH(make_generator(*f.m, 2, 200),
+                     "plan.maxContext (200) exceeds the model's max_position_embeddings (96)");
 }

@@ -78,45 +78,44 @@ double median_seconds(int reps, F&& f) {
   static void name();                                                                           \
   static ::sppo::harness::Register SPPO_CAT(reg_, name)(::sppo::harness::tests(), #name, name); \
   static void name()
-#define SPPO_BENCH(name)                                                                          \
-  static void name();                                                                             \
+#define SPPO_BENCH(name)                                                                           \
+  static void name();                                                                              \
   static ::sppo::harness::Register SPPO_CAT(regb_, name)(::sppo::harness::benches(), #name, name); \
   static void name()
 
 // EXPECT(cond) << "message"-style checks are overkill here: a failed check throws with the
 // file, line and a formatted explanation.
-#define EXPECT_TRUE(cond, ...)                                                           \
-  do {                                                                                   \
-    if (!(cond)) {                                                                       \
-      std::ostringstream os_;                                                            \
+#define EXPECT_TRUE(cond, ...)                                                                  \
+  do {                                                                                          \
+    if (!(cond)) {                                                                              \
+      std::ostringstream os_;                                                                   \
       os_ << __FILE__ << ":" << __LINE__ << ": expected " #cond " " __VA_OPT__(<< __VA_ARGS__); \
-      throw ::sppo::harness::Failure(os_.str());                                         \
-    }                                                                                    \
+      throw ::sppo::harness::Failure(os_.str());                                                \
+    }                                                                                           \
   } while (0)
-#define EXPECT_NEAR(a, b, tol)                                                                   \
-  do {                                                                                           \
-    double a_ = (a), b_ = (b);                                                                   \
-    if (!(std::fabs(a_ - b_) <= (tol))) {                                                        \
-      std::ostringstream os_;                                                                    \
-      os_ << __FILE__ << ":" << __LINE__ << ": " #a " = " << a_ << " vs " #b " = " << b_         \
-          << " (tolerance " << (tol) << ")";                                                     \
-      throw ::sppo::harness::Failure(os_.str());                                                 \
-    }                                                                                            \
+#define EXPECT_NEAR(a, b, tol)                                                                                      \
+  do {                                                                                                              \
+    double a_ = (a), b_ = (b);                                                                                      \
+    if (!(std::fabs(a_ - b_) <= (tol))) {                                                                           \
+      std::ostringstream os_;                                                                                       \
+      os_ << __FILE__ << ":" << __LINE__ << ": " #a " = " << a_ << " vs " #b " = " << b_ << " (tolerance " << (tol) \
+          << ")";                                                                                                   \
+      throw ::sppo::harness::Failure(os_.str());                                                                    \
+    }                                                                                                               \
   } while (0)
 // Expects `stmt` to throw an exception whose message contains `fragment`.
-#define EXPECT_THROWS_WITH(stmt, fragment)                                                        \
-  do {                                                                                            \
-    bool threw_ = false;                                                                          \
-    try {                                                                                         \
-      stmt;                                                                                       \
-    } catch (const std::exception& e_) {                                                          \
-      threw_ = true;                                                                              \
-      if (std::string(e_.what()).find(fragment) == std::string::npos) {                           \
-        std::ostringstream os_;                                                                   \
-        os_ << __FILE__ << ":" << __LINE__ << ": error '" << e_.what() << "' lacks '" << fragment \
-            << "'";                                                                               \
-        throw ::sppo::harness::Failure(os_.str());                                                \
-      }                                                                                           \
-    }                                                                                             \
-    if (!threw_) throw ::sppo::harness::Failure(std::string(__FILE__) + ": " #stmt " did not throw"); \
+#define EXPECT_THROWS_WITH(stmt, fragment)                                                                \
+  do {                                                                                                    \
+    bool threw_ = false;                                                                                  \
+    try {                                                                                                 \
+      stmt;                                                                                               \
+    } catch (const std::exception& e_) {                                                                  \
+      threw_ = true;                                                                                      \
+      if (std::string(e_.what()).find(fragment) == std::string::npos) {                                   \
+        std::ostringstream os_;                                                                           \
+        os_ << __FILE__ << ":" << __LINE__ << ": error '" << e_.what() << "' lacks '" << fragment << "'"; \
+        throw ::sppo::harness::Failure(os_.str());                                                        \
+      }                                                                                                   \
+    }                                                                                                     \
+    if (!threw_) throw ::sppo::harness::Failure(std::string(__FILE__) + ": " #stmt " did not throw");     \
   } while (0)

@@ -127,7 +127,8 @@ SPPO_TEST(float_model_matches_double_model) {
   md->forward(tokens.data(), B, Tn, nullptr, ld.data());
   mf->forward(tokens.data(), B, Tn, nullptr, lf.data());
   double err = 0, ref = 0;
-  for (size_t i = 0; i < ld.size(); ++i) err = std::max(err, std::fabs(ld[i] - lf[i])), ref = std::max(ref, std::fabs(ld[i]));
+  for (size_t i = 0; i < ld.size(); ++i)
+    err = std::max(err, std::fabs(ld[i] - lf[i])), ref = std::max(ref, std::fabs(ld[i]));
   EXPECT_TRUE(err <= 1e-5 * ref, "max |logit error| " << err << " vs max |logit| " << ref);
   Batch batch{tokens.data(), nullptr, B, Tn};
   md->zero_grad();
@@ -267,7 +268,8 @@ SPPO_TEST(bad_inputs_give_clear_errors_and_leave_the_model_usable) {
   const double before = m->eval_loss(ok);
   auto bad = tokens;
   bad[11] = c.vocab_size;
-  EXPECT_THROWS_WITH(m->eval_loss({bad.data(), nullptr, 2, 8}), "token id 19 at sequence 1, position 3 is out of range");
+  EXPECT_THROWS_WITH(m->eval_loss({bad.data(), nullptr, 2, 8}),
+                     "token id 19 at sequence 1, position 3 is out of range");
   bad[11] = -4;
   EXPECT_THROWS_WITH(m->eval_loss({bad.data(), nullptr, 2, 8}), "token id -4");
   EXPECT_THROWS_WITH(m->eval_loss({tokens.data(), nullptr, 0, 8}), "batch is empty");
@@ -283,7 +285,8 @@ SPPO_TEST(bad_inputs_give_clear_errors_and_leave_the_model_usable) {
   EXPECT_NEAR(m->eval_loss(ok), before, 0);
   ModelConfig bad_cfg = c;
   bad_cfg.num_key_value_heads = 2;
-  EXPECT_THROWS_WITH(make_model<float>(bad_cfg, 1, 4), "num_key_value_heads (2) must divide config.num_attention_heads (3)");
+  EXPECT_THROWS_WITH(make_model<float>(bad_cfg, 1, 4),
+                     "num_key_value_heads (2) must divide config.num_attention_heads (3)");
   bad_cfg = c;
   bad_cfg.hidden_size = 13;
   EXPECT_THROWS_WITH(make_model<float>(bad_cfg, 1, 4), "must divide config.hidden_size (13)");

@@ -59,7 +59,8 @@ SPPO_TEST(rope_inverse_undoes_rope) {
   auto x = randn(N * heads * D, 2);
   std::vector<double> y = x, cos(16 * half), sin(16 * half);
   for (int64_t p = 0; p < 16; ++p)
-    for (int64_t i = 0; i < half; ++i) cos[p * half + i] = std::cos(0.3 * p * (i + 1)), sin[p * half + i] = std::sin(0.3 * p * (i + 1));
+    for (int64_t i = 0; i < half; ++i)
+      cos[p * half + i] = std::cos(0.3 * p * (i + 1)), sin[p * half + i] = std::sin(0.3 * p * (i + 1));
   std::vector<int32_t> pos = {0, 3, 7, 15, 2};
   cpu::CpuOps<double> ops;
   ops.rope(y.data(), N, heads * D, 0, heads, D, pos.data(), cos.data(), sin.data(), false);
@@ -97,7 +98,8 @@ SPPO_TEST(vectorised_exp_and_swiglu_match_float64) {
   std::vector<float> x(n), y(n), g(n), u(n), d(n), out(n), dg(n), du(n);
   for (int64_t i = 0; i < n; ++i) {
     x[i] = float(-110.0 + 120.0 * i / (n - 1));
-    g[i] = float(6 * standard_normal(9, 0, i)), u[i] = float(standard_normal(9, 1, i)), d[i] = float(standard_normal(9, 2, i));
+    g[i] = float(6 * standard_normal(9, 0, i)), u[i] = float(standard_normal(9, 1, i)),
+    d[i] = float(standard_normal(9, 2, i));
   }
   x[500] = 0.0f;
   const float shift = 3.5f;
@@ -109,8 +111,10 @@ SPPO_TEST(vectorised_exp_and_swiglu_match_float64) {
     const double e = std::exp(double(x[i] - shift));
     ref_sum += e;
     // Relative error within a few float ulps where the result is a normal float.
-    if (e > 1e-37) worst = std::max(worst, std::fabs(y[i] - e) / e);
-    else EXPECT_TRUE(y[i] >= 0 && y[i] < 1e-37f, "exp(" << x[i] << ") = " << y[i]);
+    if (e > 1e-37)
+      worst = std::max(worst, std::fabs(y[i] - e) / e);
+    else
+      EXPECT_TRUE(y[i] >= 0 && y[i] < 1e-37f, "exp(" << x[i] << ") = " << y[i]);
   }
   EXPECT_TRUE(worst < 4e-7, "worst relative exp error " << worst);
   EXPECT_NEAR(sum, ref_sum, 1e-6 * ref_sum);

@@ -33,12 +33,23 @@ double reference_loss(PreferenceLoss loss, double eta, const std::vector<double>
     const double dw = logp[2 * k] - ref[2 * k], dl = logp[2 * k + 1] - ref[2 * k + 1];
     const double pw = target[2 * k], pl = target[2 * k + 1], q = target[2 * k];
     switch (loss) {
-      case PreferenceLoss::SppoPair: sum += 0.5 * (std::pow(dw - eta * (pw - 0.5), 2) + std::pow(dl - eta * (pl - 0.5), 2)); break;
-      case PreferenceLoss::SppoSingle: sum += 0.5 * (std::pow(dw - eta * (q - 0.5), 2) + std::pow(dl + eta * (q - 0.5), 2)); break;
-      case PreferenceLoss::SppoHard: sum += std::pow(dw - eta / 2, 2) + std::pow(dl + eta / 2, 2); break;
-      case PreferenceLoss::Dpo: sum += -std::log(1 / (1 + std::exp(-beta * (dw - dl)))); break;
-      case PreferenceLoss::Ipo: sum += std::pow(dw - dl - 1 / (2 * beta), 2); break;
-      default: break;
+      case PreferenceLoss::SppoPair:
+        sum += 0.5 * (std::pow(dw - eta * (pw - 0.5), 2) + std::pow(dl - eta * (pl - 0.5), 2));
+        break;
+      case PreferenceLoss::SppoSingle:
+        sum += 0.5 * (std::pow(dw - eta * (q - 0.5), 2) + std::pow(dl + eta * (q - 0.5), 2));
+        break;
+      case PreferenceLoss::SppoHard:
+        sum += std::pow(dw - eta / 2, 2) + std::pow(dl + eta / 2, 2);
+        break;
+      case PreferenceLoss::Dpo:
+        sum += -std::log(1 / (1 + std::exp(-beta * (dw - dl))));
+        break;
+      case PreferenceLoss::Ipo:
+        sum += std::pow(dw - dl - 1 / (2 * beta), 2);
+        break;
+      default:
+        break;
     }
   }
   return sum / double(n / 2);
@@ -97,9 +108,11 @@ SPPO_TEST(preference_losses_match_the_formulas_and_their_derivatives) {
         const double h = 1e-4;
         auto up = logp, down = logp;
         up[s] += h, down[s] -= h;
-        const double fd = (reference_loss(loss, eta, up, ref, target) - reference_loss(loss, eta, down, ref, target)) / (2 * h);
+        const double fd =
+            (reference_loss(loss, eta, up, ref, target) - reference_loss(loss, eta, down, ref, target)) / (2 * h);
         EXPECT_TRUE(std::fabs(fd - grad[s]) <= 1e-6 * std::max(1.0, std::fabs(fd)),
-                    preference_loss_name(loss) << " eta " << eta << " seq " << s << ": grad " << grad[s] << " vs fd " << fd);
+                    preference_loss_name(loss)
+                        << " eta " << eta << " seq " << s << ": grad " << grad[s] << " vs fd " << fd);
       }
       if (is_pair_loss(loss)) {
         double chosen = 0;
@@ -125,7 +138,8 @@ SPPO_TEST(preference_losses_stay_finite_at_extreme_valid_values) {
   }
   // DPO far into saturation: -log σ(z) for z = -1e4 is 1e4, not inf; its gradient is -β.
   std::vector<double> lp = {-1e7, 0 - 1.0}, rf = {-1.0, -1e7};
-  const double v = preference_loss(PreferenceLoss::Dpo, 1000, 2, lp.data(), rf.data(), target.data(), grad.data(), nullptr);
+  const double v =
+      preference_loss(PreferenceLoss::Dpo, 1000, 2, lp.data(), rf.data(), target.data(), grad.data(), nullptr);
   EXPECT_NEAR(v, 1e-3 * (1e7 - 1 + 1e7 - 1), 1e-6 * v);
   EXPECT_NEAR(grad[0], -1e-3, 1e-15);
 }
@@ -139,9 +153,11 @@ SPPO_TEST(preference_losses_reject_bad_values) {
   EXPECT_THROWS_WITH(call(PreferenceLoss::Sppo, 0, 2), "eta must be a finite number > 0");
   EXPECT_THROWS_WITH(call(PreferenceLoss::Sppo, NAN, 2), "eta must be");
   ref[1] = NAN;
-  EXPECT_THROWS_WITH(call(PreferenceLoss::Dpo, 1, 2), "sequence 1: the reference log-prob must be a finite number <= 0");
+  EXPECT_THROWS_WITH(call(PreferenceLoss::Dpo, 1, 2),
+                     "sequence 1: the reference log-prob must be a finite number <= 0");
   ref[1] = -5, target[0] = 1.5;
-  EXPECT_THROWS_WITH(call(PreferenceLoss::Sppo, 1, 2), "sequence 0: the target win probability must be in [0, 1], got 1.5");
+  EXPECT_THROWS_WITH(call(PreferenceLoss::Sppo, 1, 2),
+                     "sequence 0: the target win probability must be in [0, 1], got 1.5");
   EXPECT_TRUE(std::isfinite(call(PreferenceLoss::Dpo, 1, 2)));  // dpo reads no target, so 1.5 is not an error there
   logp[0] = INFINITY;
   EXPECT_THROWS_WITH(call(PreferenceLoss::Ipo, 1, 2), "sequence 0: the policy log-prob is not finite");
@@ -172,7 +188,8 @@ SPPO_TEST(fused_head_matches_unfused_float64_reference) {
   }
   for (int64_t i = 0; i < n; ++i)
     for (int64_t v = 0; v < V; ++v)
-      for (int64_t k = 0; k < C; ++k) ref_dH[i * C + k] += dlog[i * V + v] * Wd[v * C + k], ref_dW[v * C + k] += dlog[i * V + v] * Hd[i * C + k];
+      for (int64_t k = 0; k < C; ++k)
+        ref_dH[i * C + k] += dlog[i * V + v] * Wd[v * C + k], ref_dW[v * C + k] += dlog[i * V + v] * Hd[i * C + k];
   auto check = [&](auto tag, double tol) {
     using T = decltype(tag);
     std::vector<T> H(Hd.begin(), Hd.end()), W(Wd.begin(), Wd.end()), scratch(chunk), dH(n * C, T(NAN)), dW(V * C, T(0));
@@ -183,10 +200,13 @@ SPPO_TEST(fused_head_matches_unfused_float64_reference) {
                                V, scratch.data(), chunk);
     double e1 = 0, e2 = 0, e3 = 0, m2 = 0, m3 = 0;
     for (int64_t i = 0; i < n; ++i) e1 = std::max(e1, std::fabs(logp[i] - ref_logp[i]));
-    for (int64_t i = 0; i < n * C; ++i) e2 = std::max(e2, std::fabs(dH[i] - ref_dH[i])), m2 = std::max(m2, std::fabs(ref_dH[i]));
-    for (int64_t i = 0; i < V * C; ++i) e3 = std::max(e3, std::fabs(dW[i] - ref_dW[i])), m3 = std::max(m3, std::fabs(ref_dW[i]));
-    EXPECT_TRUE(e1 <= tol * 10 && e2 <= tol * m2 && e3 <= tol * m3,
-                sizeof(T) * 8 << "-bit: logp err " << e1 << ", dH err " << e2 << "/" << m2 << ", dW err " << e3 << "/" << m3);
+    for (int64_t i = 0; i < n * C; ++i)
+      e2 = std::max(e2, std::fabs(dH[i] - ref_dH[i])), m2 = std::max(m2, std::fabs(ref_dH[i]));
+    for (int64_t i = 0; i < V * C; ++i)
+      e3 = std::max(e3, std::fabs(dW[i] - ref_dW[i])), m3 = std::max(m3, std::fabs(ref_dW[i]));
+    EXPECT_TRUE(e1 <= tol * 10 && e2 <= tol * m2 && e3 <= tol * m3, sizeof(T) * 8 << "-bit: logp err " << e1
+                                                                                  << ", dH err " << e2 << "/" << m2
+                                                                                  << ", dW err " << e3 << "/" << m3);
   };
   check(double(0), 1e-12);
   check(float(0), 2e-5);  // float logits of magnitude ~10 carry ~1e-6 absolute error
@@ -251,7 +271,8 @@ SPPO_TEST(at_the_start_of_an_iteration_gradients_take_their_closed_form) {
   double worst = 0, scale = 0;
   for (int64_t i = 0; i < m.num_params(); ++i)
     worst = std::max(worst, std::fabs(m.grad_data()[i] - k * ce[i])), scale = std::max(scale, std::fabs(k * ce[i]));
-  EXPECT_TRUE(worst <= 1e-10 * scale, "sppo gradient differs from its closed form by " << worst << " (scale " << scale << ")");
+  EXPECT_TRUE(worst <= 1e-10 * scale,
+              "sppo gradient differs from its closed form by " << worst << " (scale " << scale << ")");
   // Pair losses on pairs whose chosen and rejected responses are the same sequence: the
   // symmetric ones (dpo, ipo, sppo-hard, and sppo-single at q = ½) have exactly zero gradient.
   std::vector<int32_t> twin(e.tokens);
@@ -261,13 +282,15 @@ SPPO_TEST(at_the_start_of_an_iteration_gradients_take_their_closed_form) {
   Batch tb{twin.data(), twin_mask.data(), e.B, e.T};
   m.sequence_logprobs(tb, ref.data(), nullptr);
   std::vector<double> half(e.B, 0.5);
-  for (PreferenceLoss loss : {PreferenceLoss::Dpo, PreferenceLoss::Ipo, PreferenceLoss::SppoHard, PreferenceLoss::SppoSingle}) {
+  for (PreferenceLoss loss :
+       {PreferenceLoss::Dpo, PreferenceLoss::Ipo, PreferenceLoss::SppoHard, PreferenceLoss::SppoSingle}) {
     PreferenceBatch tp{tb, ref.data(), half.data(), loss, eta};
     m.zero_grad();
     m.accumulate_preference_gradients(tp, 1.0, seq.data());
     double g = 0;
     for (int64_t i = 0; i < m.num_params(); ++i) g = std::max(g, std::fabs(m.grad_data()[i]));
-    EXPECT_TRUE(g <= 1e-10 * std::max(1.0, scale), preference_loss_name(loss) << " gradient on identical pairs is " << g);
+    EXPECT_TRUE(g <= 1e-10 * std::max(1.0, scale), preference_loss_name(loss)
+                                                       << " gradient on identical pairs is " << g);
   }
 }
 

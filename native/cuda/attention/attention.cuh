@@ -34,7 +34,7 @@ namespace sppo::cuda::attn {
 // A block owns kTile queries (or keys) of one (batch, head) and walks kTile-row tiles of the
 // other side up to the causal limit (the mma.sync kernels: kFaRows and kFaCols, mma.cu).
 constexpr int kTile = 64;
-constexpr int kThreads = 256;             // the FMA kernels' block (fma.cu)
+constexpr int kThreads = 256;  // the FMA kernels' block (fma.cu)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -134,8 +134,8 @@ struct AttnState {
     if (bytes <= 48 * 1024) return;
     if (max_smem_optin == 0)
       SPPO_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    SPPO_REQUIRE(bytes <= size_t(max_smem_optin), op, " needs ", bytes, " bytes of shared memory per block; this GPU allows ",
-                 max_smem_optin);
+    SPPO_REQUIRE(bytes <= size_t(max_smem_optin), op, " needs ", bytes,
+                 " bytes of shared memory per block; this GPU allows ", max_smem_optin);
     size_t& granted = smem_granted[kernel];
     if (granted >= bytes) return;
     SPPO_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
@@ -152,9 +152,12 @@ namespace sppo::cuda::attn {
 template <class F>
 void with_head_dim(int d, F&& f) {
   switch (d) {
-    case 32: return f(std::integral_constant<int, 32>());
-    case 64: return f(std::integral_constant<int, 64>());
-    default: return f(std::integral_constant<int, 128>());
+    case 32:
+      return f(std::integral_constant<int, 32>());
+    case 64:
+      return f(std::integral_constant<int, 64>());
+    default:
+      return f(std::integral_constant<int, 128>());
   }
 }
 
@@ -173,8 +176,7 @@ void wmma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_b
                    const AttentionShape& s);
 void mma_forward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* out, float* lse,
                  const __nv_bfloat16* qkv, const AttentionShape& s);
-void mma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* dqkv,
-                  const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
-                  const AttentionShape& s);
+void mma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,
+                  const __nv_bfloat16* qkv, const float* lse, const float* delta, const AttentionShape& s);
 
 }  // namespace sppo::cuda::attn

@@ -45,14 +45,15 @@ struct DecodeParams {
 // Block (row r of this launch, kv head, chunk). Shared: q (group, D) pre-scaled, scores (group,
 // kDecodeChunk), P V partials (kDecodeWarps, group, D). Partials: o (rows, H, n_chunks, D) and (m, l) (rows, H, n_chunks, 2).
 template <int DMAX>
-__global__ void __launch_bounds__(kDecodeThreads) attention_decode_chunk_kernel(
-    float* __restrict__ part_o, float* __restrict__ part_ml, const __nv_bfloat16* __restrict__ qkv,
-    const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,
-    const int32_t* __restrict__ slots, const int32_t* __restrict__ positions, int64_t row0, DecodeParams p) {
+__global__ void __launch_bounds__(kDecodeThreads)
+    attention_decode_chunk_kernel(float* __restrict__ part_o, float* __restrict__ part_ml,
+                                  const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ k_cache,
+                                  const __nv_bfloat16* __restrict__ v_cache, const int32_t* __restrict__ slots,
+                                  const int32_t* __restrict__ positions, int64_t row0, DecodeParams p) {
   extern __shared__ float smem[];
   const int G = p.group, D = p.D;
-  float* qs = smem;          // (G, D)
-  float* ps = qs + G * D;    // (G, kDecodeChunk)
+  float* qs = smem;        // (G, D)
+  float* ps = qs + G * D;  // (G, kDecodeChunk)
   const int64_t r = blockIdx.x, i = row0 + r;
   const int kvh = blockIdx.y, chunk = blockIdx.z;
   // Positions past the cache would index outside it: clamp (a caller bug, not a valid request).
@@ -148,9 +149,10 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_chunk_kernel(
 }
 
 // Merges a row's chunks in order: out = Σ o_c 2^(m_c - M) / Σ l_c 2^(m_c - M). Block per (row, head).
-__global__ void __launch_bounds__(kDecodeThreads) attention_decode_merge_kernel(
-    __nv_bfloat16* __restrict__ out, const float* __restrict__ part_o, const float* __restrict__ part_ml,
-    const int32_t* __restrict__ positions, int64_t row0, DecodeParams p) {
+__global__ void __launch_bounds__(kDecodeThreads)
+    attention_decode_merge_kernel(__nv_bfloat16* __restrict__ out, const float* __restrict__ part_o,
+                                  const float* __restrict__ part_ml, const int32_t* __restrict__ positions,
+                                  int64_t row0, DecodeParams p) {
   const int64_t r = blockIdx.x / p.H, i = row0 + r;
   const int h = int(blockIdx.x % p.H);
   const int len = int(min(int64_t(positions[i]) + 1, int64_t(p.ctx)));
@@ -179,11 +181,10 @@ void launch_decode_chunks(AttnState& st, int device, cudaStream_t stream, float*
                           const DecodeParams& p) {
   // q (G, D), scores (G, kDecodeChunk), the warps' P V partial sums (kDecodeWarps, G, D)
   const size_t smem = sizeof(float) * size_t(p.group) * (p.D + kDecodeChunk + kDecodeWarps * p.D);
-  st.allow_smem(reinterpret_cast<const void*>(&attention_decode_chunk_kernel<DMAX>), smem, device,
-                "attention_decode");
+  st.allow_smem(reinterpret_cast<const void*>(&attention_decode_chunk_kernel<DMAX>), smem, device, "attention_decode");
   const dim3 grid(unsigned(rows), unsigned(p.KV), unsigned(p.n_chunks));
-  attention_decode_chunk_kernel<DMAX><<<grid, kDecodeThreads, smem, stream>>>(part_o, part_ml, qkv, k_cache, v_cache,
-                                                                              slots, positions, row0, p);
+  attention_decode_chunk_kernel<DMAX>
+      <<<grid, kDecodeThreads, smem, stream>>>(part_o, part_ml, qkv, k_cache, v_cache, slots, positions, row0, p);
   SPPO_CUDA_LAUNCHED(attention_decode_chunk_kernel);
 }
 
@@ -195,8 +196,8 @@ using namespace attn;
 void CudaOps::kv_cache_write(bf16* k_cache, bf16* v_cache, const bf16* qkv, const int32_t* slots,
                              const int32_t* positions, int64_t n, const AttentionShape& s) {
   check_shape(s, "kv_cache_write");
-  SPPO_REQUIRE(s.head_dim >= 1 && s.seq < INT_MAX, "kv_cache_write: bad shape (head_dim ", s.head_dim, ", seq ",
-               s.seq, ")");
+  SPPO_REQUIRE(s.head_dim >= 1 && s.seq < INT_MAX, "kv_cache_write: bad shape (head_dim ", s.head_dim, ", seq ", s.seq,
+               ")");
   if (n == 0) return;
   constexpr int kWriteThreads = 256;
   const int64_t total = n * s.kv_heads * s.head_dim;

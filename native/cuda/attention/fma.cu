@@ -9,8 +9,8 @@ namespace {
 // In the FMA kernels a block's 256 threads are a 16 x 16 grid: thread (ty, tx) owns rows
 // ty*4 .. ty*4+3 of the block's tile and columns tx, tx+16, tx+32, ... of the other (key columns
 // of a score tile, or head-dim columns of an accumulator).
-constexpr int kRowsPerThread = 4;         // kTile / 16
-constexpr int kPStride = kTile + 4;       // score tiles: the two row groups of a warp hit disjoint banks
+constexpr int kRowsPerThread = 4;    // kTile / 16
+constexpr int kPStride = kTile + 4;  // score tiles: the two row groups of a warp hit disjoint banks
 
 // Head-dim tiles: fp32 rows of DMAX + 1 floats (an odd stride), so both access patterns are free
 // of bank conflicts: 16 threads reading column d of 16 different rows, and threads reading
@@ -24,8 +24,8 @@ constexpr int row_stride() {
 // (kTile, DMAX+1); rows >= valid and columns >= D become zeros, so padded lanes add nothing
 // (and never NaN: a masked probability times stale shared memory could be 0 * NaN).
 template <int DMAX>
-__device__ __forceinline__ void stage_tile(float* __restrict__ dst, const __nv_bfloat16* __restrict__ src,
-                                           int64_t ld, int valid, int D) {
+__device__ __forceinline__ void stage_tile(float* __restrict__ dst, const __nv_bfloat16* __restrict__ src, int64_t ld,
+                                           int valid, int D) {
   constexpr int LD = row_stride<DMAX>();
   constexpr int kPerThread = kTile * DMAX / kThreads;  // 8, 16 or 32
   constexpr int kBatch = 8;                            // loads in flight per thread before the stores
@@ -78,8 +78,8 @@ constexpr size_t backward_dkdv_smem() {  // K, V, Q, dO tiles + P, dS + lse, del
 // with (Q, dO | K, V), the dK/dV pass with (K, V | Q, dO).
 template <int DMAX>
 __device__ __forceinline__ void dual_tile_products(const float* __restrict__ A, const float* __restrict__ A2,
-                                                   const float* __restrict__ B, const float* __restrict__ B2,
-                                                   int tx, int ty, float (&s)[kRowsPerThread][4],
+                                                   const float* __restrict__ B, const float* __restrict__ B2, int tx,
+                                                   int ty, float (&s)[kRowsPerThread][4],
                                                    float (&dp)[kRowsPerThread][4]) {
   constexpr int LD = row_stride<DMAX>();
 #pragma unroll
@@ -137,16 +137,15 @@ __device__ __forceinline__ void tile_accumulate(const float* __restrict__ A, con
 // per row (running max m and a thread-partial sum l, rescaled by the row-uniform alpha), then
 // O += P V from the P tile in shared memory.
 template <int DMAX>
-__global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(__nv_bfloat16* __restrict__ out,
-                                                                     float* __restrict__ lse,
-                                                                     const __nv_bfloat16* __restrict__ qkv,
-                                                                     AttnParams p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_forward_kernel(__nv_bfloat16* __restrict__ out, float* __restrict__ lse,
+                             const __nv_bfloat16* __restrict__ qkv, AttnParams p) {
   constexpr int LD = row_stride<DMAX>(), CPT = DMAX / 16;
   extern __shared__ float smem[];
-  float* Qs = smem;               // (kTile, LD)
-  float* Ks = Qs + kTile * LD;    // (kTile, LD)
-  float* Vs = Ks + kTile * LD;    // (kTile, LD)
-  float* Ps = Vs + kTile * LD;    // (kTile, kPStride)
+  float* Qs = smem;             // (kTile, LD)
+  float* Ks = Qs + kTile * LD;  // (kTile, LD)
+  float* Vs = Ks + kTile * LD;  // (kTile, LD)
+  float* Ps = Vs + kTile * LD;  // (kTile, kPStride)
 
   const int BH = p.B * p.H;
   const int bh = int(blockIdx.x % unsigned(BH));
@@ -248,16 +247,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(__nv_bfl
 // tile up to the diagonal it recomputes P = exp(S - lse) and dP = dO Vᵀ, forms
 // dS = P ∘ (dP - delta) in shared memory and accumulates dQ += dS K; dQ *= scale at the end.
 template <int DMAX>
-__global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(
-    __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
-    const float* __restrict__ lse, const float* __restrict__ delta, AttnParams p, float scale) {
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_backward_dq_kernel(__nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout,
+                                 const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ lse,
+                                 const float* __restrict__ delta, AttnParams p, float scale) {
   constexpr int LD = row_stride<DMAX>(), CPT = DMAX / 16;
   extern __shared__ float smem[];
-  float* Qs = smem;                   // (kTile, LD)
-  float* dOs = Qs + kTile * LD;       // (kTile, LD)
-  float* Ks = dOs + kTile * LD;       // (kTile, LD)
-  float* Vs = Ks + kTile * LD;        // (kTile, LD)
-  float* dSs = Vs + kTile * LD;       // (kTile, kPStride)
+  float* Qs = smem;              // (kTile, LD)
+  float* dOs = Qs + kTile * LD;  // (kTile, LD)
+  float* Ks = dOs + kTile * LD;  // (kTile, LD)
+  float* Vs = Ks + kTile * LD;   // (kTile, LD)
+  float* dSs = Vs + kTile * LD;  // (kTile, kPStride)
   float* lse2_s = dSs + kTile * kPStride;
   float* delta_s = lse2_s + kTile;
 
@@ -270,8 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(
   const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
 
   stage_tile<DMAX>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride, q_valid, p.D);
-  stage_tile<DMAX>(dOs, dout + (int64_t(b) * p.T + q0) * p.out_stride + int64_t(h) * p.D, p.out_stride, q_valid,
-                   p.D);
+  stage_tile<DMAX>(dOs, dout + (int64_t(b) * p.T + q0) * p.out_stride + int64_t(h) * p.D, p.out_stride, q_valid, p.D);
   stage_row_stats(lse2_s, delta_s, lse, delta, (int64_t(b) * p.H + h) * p.T + q0, q_valid);
 
   float dq[kRowsPerThread][CPT];
@@ -324,9 +323,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(
 // block walks the group's query heads in order and, for each, the query tiles from the diagonal
 // on: Pᵀ and dSᵀ go to shared memory, then dV += Pᵀ dO and dK += dSᵀ Q; dK *= scale at the end.
 template <int DMAX>
-__global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_kernel(
-    __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
-    const float* __restrict__ lse, const float* __restrict__ delta, AttnParams p, float scale) {
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_backward_dkdv_kernel(__nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout,
+                                   const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ lse,
+                                   const float* __restrict__ delta, AttnParams p, float scale) {
   constexpr int LD = row_stride<DMAX>(), CPT = DMAX / 16;
   extern __shared__ float smem[];
   float* Ks = smem;                    // (kTile, LD)
@@ -361,10 +361,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dkdv_kernel(
     for (int qt = kt; qt < p.n_tiles; ++qt) {
       const int q0 = qt * kTile, q_valid = min(kTile, p.T - q0);
       __syncthreads();  // previous tile's accumulation reads of Q, dO, Pᵀ, dSᵀ are done
-      stage_tile<DMAX>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride, q_valid,
+      stage_tile<DMAX>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride, q_valid, p.D);
+      stage_tile<DMAX>(dOs, dout + (int64_t(b) * p.T + q0) * p.out_stride + int64_t(h) * p.D, p.out_stride, q_valid,
                        p.D);
-      stage_tile<DMAX>(dOs, dout + (int64_t(b) * p.T + q0) * p.out_stride + int64_t(h) * p.D, p.out_stride,
-                       q_valid, p.D);
       stage_row_stats(lse2_s, delta_s, lse, delta, (int64_t(b) * p.H + h) * p.T + q0, q_valid);
       __syncthreads();
 
@@ -410,8 +409,8 @@ void launch_forward(AttnState& st, int device, cudaStream_t stream, __nv_bfloat1
   const AttnParams p = attn_params(s);
   const size_t smem = forward_smem<DMAX>();
   st.allow_smem(reinterpret_cast<const void*>(&attention_forward_kernel<DMAX>), smem, device, "attention_forward");
-  attention_forward_kernel<DMAX><<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_forward"), kThreads, smem,
-                                   stream>>>(out, lse, qkv, p);
+  attention_forward_kernel<DMAX>
+      <<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_forward"), kThreads, smem, stream>>>(out, lse, qkv, p);
   SPPO_CUDA_LAUNCHED(attention_forward_kernel);
 }
 
@@ -425,11 +424,13 @@ void launch_backward(AttnState& st, int device, cudaStream_t stream, __nv_bfloat
                 "attention_backward");
   st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dkdv_kernel<DMAX>), smem_dkdv, device,
                 "attention_backward");
-  attention_backward_dq_kernel<DMAX><<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_backward"), kThreads,
-                                       smem_dq, stream>>>(dqkv, dout, qkv, lse, delta, p, scale);
+  attention_backward_dq_kernel<DMAX>
+      <<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_backward"), kThreads, smem_dq, stream>>>(
+          dqkv, dout, qkv, lse, delta, p, scale);
   SPPO_CUDA_LAUNCHED(attention_backward_dq_kernel);
-  attention_backward_dkdv_kernel<DMAX><<<tile_grid(p.n_tiles, s.kv_heads, s.batch, "attention_backward"), kThreads,
-                                         smem_dkdv, stream>>>(dqkv, dout, qkv, lse, delta, p, scale);
+  attention_backward_dkdv_kernel<DMAX>
+      <<<tile_grid(p.n_tiles, s.kv_heads, s.batch, "attention_backward"), kThreads, smem_dkdv, stream>>>(
+          dqkv, dout, qkv, lse, delta, p, scale);
   SPPO_CUDA_LAUNCHED(attention_backward_dkdv_kernel);
 }
 
@@ -443,9 +444,8 @@ void fma_forward(AttnState& st, int device, cudaStream_t stream, int dmax, __nv_
 void fma_backward(AttnState& st, int device, cudaStream_t stream, int dmax, __nv_bfloat16* dqkv,
                   const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
                   const AttentionShape& s) {
-  with_head_dim(dmax, [&](auto d) {
-    launch_backward<decltype(d)::value>(st, device, stream, dqkv, dout, qkv, lse, delta, s);
-  });
+  with_head_dim(
+      dmax, [&](auto d) { launch_backward<decltype(d)::value>(st, device, stream, dqkv, dout, qkv, lse, delta, s); });
 }
 
 }  // namespace sppo::cuda::attn

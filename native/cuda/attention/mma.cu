@@ -23,7 +23,7 @@ namespace {
 // rounded to bf16 for the products, fp32 everywhere else, one writer per output and a fixed
 // summation order (deterministic).
 constexpr int kFaRows = 128;  // the block's own rows
-constexpr int kFaCols = 64;             // rows per tile of the other side
+constexpr int kFaCols = 64;   // rows per tile of the other side
 template <int D>
 constexpr int fa_ld() {  // bf16 row stride of staged tiles
   return D + 8;
@@ -123,8 +123,8 @@ __device__ __forceinline__ void fa_accumulate_rows(float (&acc)[MT][D / 8][4], c
 // Writes a warp's 16 x D accumulator rows times `mul` as bf16: this lane's rows row0 + g and
 // row0 + g + 8 (those before T) of dst (row stride ld).
 template <int D>
-__device__ __forceinline__ void fa_write_rows(const float (&acc)[D / 8][4], __nv_bfloat16* __restrict__ dst,
-                                              int64_t ld, int row0, int T, float mul) {
+__device__ __forceinline__ void fa_write_rows(const float (&acc)[D / 8][4], __nv_bfloat16* __restrict__ dst, int64_t ld,
+                                              int row0, int T, float mul) {
   const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -257,8 +257,8 @@ __global__ void __launch_bounds__(fa_query_threads<D>(), 1)
   constexpr int MT = fa_query_row_tiles<D>(), WR = 16 * MT, THREADS = fa_query_threads<D>();
   extern __shared__ __align__(128) unsigned char fa_smem[];
   __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(fa_smem);  // (128, LDS)
-  __nv_bfloat16* Ks = Qs + kFaRows * LDS;                          // 2 x (64, LDS)
-  __nv_bfloat16* Vs = Ks + 2 * kFaCols * LDS;                      // 2 x (64, LDS)
+  __nv_bfloat16* Ks = Qs + kFaRows * LDS;                         // 2 x (64, LDS)
+  __nv_bfloat16* Vs = Ks + 2 * kFaCols * LDS;                     // 2 x (64, LDS)
 
   const int BH = p.B * p.H, n_blocks = (p.T + kFaRows - 1) / kFaRows;
   const int bh = int(blockIdx.x % unsigned(BH));
@@ -271,8 +271,8 @@ __global__ void __launch_bounds__(fa_query_threads<D>(), 1)
   const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
   const __nv_bfloat16* kv_base = base + int64_t(kvh) * p.D;
 
-  fa_load_tile<D, kFaRows, THREADS>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D,
-                                    p.qkv_stride, min(kFaRows, p.T - q0), p.vec);
+  fa_load_tile<D, kFaRows, THREADS>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride,
+                                    min(kFaRows, p.T - q0), p.vec);
   fa_load_tile<D, kFaCols, THREADS>(Ks, kv_base + p.k_off, p.qkv_stride, min(kFaCols, p.T), p.vec);
   fa_load_tile<D, kFaCols, THREADS>(Vs, kv_base + p.v_off, p.qkv_stride, min(kFaCols, p.T), p.vec);
   cp_async_commit();
@@ -291,10 +291,10 @@ __global__ void __launch_bounds__(fa_query_threads<D>(), 1)
     if (kt + 1 < n_kt) {  // the next tile into the other buffer, freed by the barrier ending the last iteration
       const int k1 = (kt + 1) * kFaCols, buf = (kt + 1) & 1;
       const __nv_bfloat16* rows = kv_base + int64_t(k1) * p.qkv_stride;
-      fa_load_tile<D, kFaCols, THREADS>(Ks + buf * kFaCols * LDS, rows + p.k_off, p.qkv_stride,
-                                        min(kFaCols, p.T - k1), p.vec);
-      fa_load_tile<D, kFaCols, THREADS>(Vs + buf * kFaCols * LDS, rows + p.v_off, p.qkv_stride,
-                                        min(kFaCols, p.T - k1), p.vec);
+      fa_load_tile<D, kFaCols, THREADS>(Ks + buf * kFaCols * LDS, rows + p.k_off, p.qkv_stride, min(kFaCols, p.T - k1),
+                                        p.vec);
+      fa_load_tile<D, kFaCols, THREADS>(Vs + buf * kFaCols * LDS, rows + p.v_off, p.qkv_stride, min(kFaCols, p.T - k1),
+                                        p.vec);
     }
     cp_async_commit();
     cp_async_wait<1>();  // everything but the copy just issued: tile kt (and Q)
@@ -341,16 +341,17 @@ __global__ void __launch_bounds__(fa_query_threads<D>(), 1)
 // log2(e) - lse2), dS = P ∘ (dP - delta) packed straight into an A fragment, dQ += dS K. dQ *=
 // scale at the end.
 template <int D>
-__global__ void __launch_bounds__(fa_query_threads<D>(), 1) attention_backward_dq_mma_kernel(
-    __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
-    const float* __restrict__ lse, const float* __restrict__ delta, AttnParams p, float scale) {
+__global__ void __launch_bounds__(fa_query_threads<D>(), 1)
+    attention_backward_dq_mma_kernel(__nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout,
+                                     const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ lse,
+                                     const float* __restrict__ delta, AttnParams p, float scale) {
   constexpr int LDS = fa_ld<D>(), KD = D / 16, ND = D / 8;
   constexpr int MT = fa_query_row_tiles<D>(), WR = 16 * MT, THREADS = fa_query_threads<D>();
   extern __shared__ __align__(128) unsigned char fa_smem[];
   __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(fa_smem);  // (128, LDS)
-  __nv_bfloat16* dOs = Qs + kFaRows * LDS;                         // (128, LDS)
-  __nv_bfloat16* Ks = dOs + kFaRows * LDS;                         // 2 x (64, LDS)
-  __nv_bfloat16* Vs = Ks + 2 * kFaCols * LDS;                      // 2 x (64, LDS)
+  __nv_bfloat16* dOs = Qs + kFaRows * LDS;                        // (128, LDS)
+  __nv_bfloat16* Ks = dOs + kFaRows * LDS;                        // 2 x (64, LDS)
+  __nv_bfloat16* Vs = Ks + 2 * kFaCols * LDS;                     // 2 x (64, LDS)
 
   const int BH = p.B * p.H, n_blocks = (p.T + kFaRows - 1) / kFaRows;
   const int bh = int(blockIdx.x % unsigned(BH));
@@ -363,10 +364,10 @@ __global__ void __launch_bounds__(fa_query_threads<D>(), 1) attention_backward_d
   const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
   const __nv_bfloat16* kv_base = base + int64_t(kvh) * p.D;
 
-  fa_load_tile<D, kFaRows, THREADS>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D,
-                                    p.qkv_stride, q_valid, p.vec);
-  fa_load_tile<D, kFaRows, THREADS>(dOs, dout + (int64_t(b) * p.T + q0) * p.out_stride + int64_t(h) * p.D,
-                                    p.out_stride, q_valid, p.vec);
+  fa_load_tile<D, kFaRows, THREADS>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride,
+                                    q_valid, p.vec);
+  fa_load_tile<D, kFaRows, THREADS>(dOs, dout + (int64_t(b) * p.T + q0) * p.out_stride + int64_t(h) * p.D, p.out_stride,
+                                    q_valid, p.vec);
   fa_load_tile<D, kFaCols, THREADS>(Ks, kv_base + p.k_off, p.qkv_stride, min(kFaCols, p.T), p.vec);
   fa_load_tile<D, kFaCols, THREADS>(Vs, kv_base + p.v_off, p.qkv_stride, min(kFaCols, p.T), p.vec);
   cp_async_commit();
@@ -395,10 +396,10 @@ __global__ void __launch_bounds__(fa_query_threads<D>(), 1) attention_backward_d
     if (kt + 1 < n_kt) {
       const int k1 = (kt + 1) * kFaCols, buf = (kt + 1) & 1;
       const __nv_bfloat16* rows = kv_base + int64_t(k1) * p.qkv_stride;
-      fa_load_tile<D, kFaCols, THREADS>(Ks + buf * kFaCols * LDS, rows + p.k_off, p.qkv_stride,
-                                        min(kFaCols, p.T - k1), p.vec);
-      fa_load_tile<D, kFaCols, THREADS>(Vs + buf * kFaCols * LDS, rows + p.v_off, p.qkv_stride,
-                                        min(kFaCols, p.T - k1), p.vec);
+      fa_load_tile<D, kFaCols, THREADS>(Ks + buf * kFaCols * LDS, rows + p.k_off, p.qkv_stride, min(kFaCols, p.T - k1),
+                                        p.vec);
+      fa_load_tile<D, kFaCols, THREADS>(Vs + buf * kFaCols * LDS, rows + p.v_off, p.qkv_stride, min(kFaCols, p.T - k1),
+                                        p.vec);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -431,9 +432,8 @@ __global__ void __launch_bounds__(fa_query_threads<D>(), 1) attention_backward_d
           for (int e = 0; e < 4; ++e) {
             const int key = k0 + 16 * c + 8 * n + 2 * t + (e & 1), r = e >> 1;
             // A select, not a product: exp2 of a masked score may overflow, and inf * 0 is NaN.
-            const float pr = (masked && key > wq + 16 * i + g + 8 * r)
-                                 ? 0.f
-                                 : exp2_approx(s[i][n][e] * p.scale_log2 - lse2[i][r]);
+            const float pr =
+                (masked && key > wq + 16 * i + g + 8 * r) ? 0.f : exp2_approx(s[i][n][e] * p.scale_log2 - lse2[i][r]);
             ds[e] = pr * (dp[i][n][e] - dl[i][r]);
           }
           da[i][2 * n] = pack_bf16x2(ds[0], ds[1]);
@@ -494,9 +494,9 @@ __device__ __forceinline__ void fa_scores_from(float (&acc)[MT][2][4], const uin
 template <int D, int MT, bool kMasked>
 __device__ __forceinline__ void fa_dkdv_tile(float (&dk)[MT][D / 8][4], float (&dv)[MT][D / 8][4],
                                              const uint32_t (&kf)[MT][D / 16][4], const uint32_t (&vf)[MT][D / 16][4],
-                                             const __nv_bfloat16* Kw, const __nv_bfloat16* Vw,
-                                             const __nv_bfloat16* Qb, const __nv_bfloat16* dOb, const float* lse2_s,
-                                             const float* delta_s, int q0, int wk, int T, float scale_log2) {
+                                             const __nv_bfloat16* Kw, const __nv_bfloat16* Vw, const __nv_bfloat16* Qb,
+                                             const __nv_bfloat16* dOb, const float* lse2_s, const float* delta_s,
+                                             int q0, int wk, int T, float scale_log2) {
   constexpr int LDS = fa_ld<D>();
   const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -540,16 +540,17 @@ __device__ __forceinline__ void fa_dkdv_tile(float (&dk)[MT][D / 8][4], float (&
 // Pᵀ = exp2(Sᵀ scale log2(e) - lse2) and dSᵀ = Pᵀ ∘ (dPᵀ - delta) as A fragments, dV += Pᵀ dO and
 // dK += dSᵀ Q (fa_dkdv_tile). dK *= scale at the end.
 template <int D>
-__global__ void __launch_bounds__(fa_key_threads<D>(), 1) attention_backward_dkdv_mma_kernel(
-    __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
-    const float* __restrict__ lse, const float* __restrict__ delta, AttnParams p, float scale) {
+__global__ void __launch_bounds__(fa_key_threads<D>(), 1)
+    attention_backward_dkdv_mma_kernel(__nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout,
+                                       const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ lse,
+                                       const float* __restrict__ delta, AttnParams p, float scale) {
   constexpr int LDS = fa_ld<D>(), KD = D / 16, ND = D / 8;
   constexpr int MT = fa_key_row_tiles<D>(), WR = 16 * MT, THREADS = fa_key_threads<D>();
   extern __shared__ __align__(128) unsigned char fa_smem[];
-  __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(fa_smem);  // (128, LDS)
-  __nv_bfloat16* Vs = Ks + kFaRows * LDS;                          // (128, LDS)
-  __nv_bfloat16* Qs = Vs + kFaRows * LDS;                          // 2 x (64, LDS)
-  __nv_bfloat16* dOs = Qs + 2 * kFaCols * LDS;                     // 2 x (64, LDS)
+  __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(fa_smem);     // (128, LDS)
+  __nv_bfloat16* Vs = Ks + kFaRows * LDS;                            // (128, LDS)
+  __nv_bfloat16* Qs = Vs + kFaRows * LDS;                            // 2 x (64, LDS)
+  __nv_bfloat16* dOs = Qs + 2 * kFaCols * LDS;                       // 2 x (64, LDS)
   float* stats = reinterpret_cast<float*>(dOs + 2 * kFaCols * LDS);  // 2 x (lse2 (64), delta (64))
 
   const int BKV = p.B * p.KV;
@@ -558,7 +559,7 @@ __global__ void __launch_bounds__(fa_key_threads<D>(), 1) attention_backward_dkd
   const int b = bkv / p.KV, kvh = bkv % p.KV;
   const int k0 = kb * kFaRows;
   const int warp = threadIdx.x / 32;
-  const int wk = k0 + WR * warp;  // the warp's first key
+  const int wk = k0 + WR * warp;                                             // the warp's first key
   const int qt0 = k0 / kFaCols, n_qt = (p.T + kFaCols - 1) / kFaCols - qt0;  // query tiles per head
   const int n_it = p.group * n_qt;
   const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
@@ -570,8 +571,8 @@ __global__ void __launch_bounds__(fa_key_threads<D>(), 1) attention_backward_dkd
                                       base + int64_t(q1) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride,
                                       valid, p.vec);
     fa_load_tile<D, kFaCols, THREADS>(dOs + buf * kFaCols * LDS,
-                                      dout + (int64_t(b) * p.T + q1) * p.out_stride + int64_t(h) * p.D,
-                                      p.out_stride, valid, p.vec);
+                                      dout + (int64_t(b) * p.T + q1) * p.out_stride + int64_t(h) * p.D, p.out_stride,
+                                      valid, p.vec);
     static_assert(THREADS >= kFaCols, "a thread per query row stages the statistics");
     if (threadIdx.x < kFaCols) {  // plain stores: visible after the barrier
       const int r = threadIdx.x;
@@ -641,15 +642,15 @@ void launch_forward_mma(AttnState& st, int device, cudaStream_t stream, __nv_bfl
   const size_t smem = fa_forward_smem<D>();
   st.allow_smem(reinterpret_cast<const void*>(&attention_forward_mma_kernel<D>), smem, device, "attention_forward");
   const int64_t blocks = (s.seq + kFaRows - 1) / kFaRows;
-  attention_forward_mma_kernel<D><<<tile_grid(blocks, s.heads, s.batch, "attention_forward"), fa_query_threads<D>(),
-                                    smem, stream>>>(out, lse, qkv, p);
+  attention_forward_mma_kernel<D>
+      <<<tile_grid(blocks, s.heads, s.batch, "attention_forward"), fa_query_threads<D>(), smem, stream>>>(out, lse, qkv,
+                                                                                                          p);
   SPPO_CUDA_LAUNCHED(attention_forward_mma_kernel);
 }
 
 template <int D>
-void launch_backward_mma(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* dqkv,
-                         const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
-                         const AttentionShape& s) {
+void launch_backward_mma(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,
+                         const __nv_bfloat16* qkv, const float* lse, const float* delta, const AttentionShape& s) {
   AttnParams p = attn_params(s);
   p.vec = rows_aligned16({qkv, dout}, {s.qkv_stride, s.q_off, s.k_off, s.v_off, s.out_stride});
   const float scale = float(s.scale);
@@ -659,13 +660,13 @@ void launch_backward_mma(AttnState& st, int device, cudaStream_t stream, __nv_bf
   st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dkdv_mma_kernel<D>), smem_dkdv, device,
                 "attention_backward");
   const int64_t blocks = (s.seq + kFaRows - 1) / kFaRows;
-  attention_backward_dq_mma_kernel<D><<<tile_grid(blocks, s.heads, s.batch, "attention_backward"),
-                                        fa_query_threads<D>(), smem_dq, stream>>>(dqkv, dout, qkv, lse, delta, p,
-                                                                                  scale);
+  attention_backward_dq_mma_kernel<D>
+      <<<tile_grid(blocks, s.heads, s.batch, "attention_backward"), fa_query_threads<D>(), smem_dq, stream>>>(
+          dqkv, dout, qkv, lse, delta, p, scale);
   SPPO_CUDA_LAUNCHED(attention_backward_dq_mma_kernel);
-  attention_backward_dkdv_mma_kernel<D><<<tile_grid(blocks, s.kv_heads, s.batch, "attention_backward"),
-                                          fa_key_threads<D>(), smem_dkdv, stream>>>(dqkv, dout, qkv, lse, delta, p,
-                                                                                    scale);
+  attention_backward_dkdv_mma_kernel<D>
+      <<<tile_grid(blocks, s.kv_heads, s.batch, "attention_backward"), fa_key_threads<D>(), smem_dkdv, stream>>>(
+          dqkv, dout, qkv, lse, delta, p, scale);
   SPPO_CUDA_LAUNCHED(attention_backward_dkdv_mma_kernel);
 }
 
@@ -676,12 +677,10 @@ void mma_forward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfl
   with_head_dim(D, [&](auto d) { launch_forward_mma<decltype(d)::value>(st, device, stream, out, lse, qkv, s); });
 }
 
-void mma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* dqkv,
-                  const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
-                  const AttentionShape& s) {
-  with_head_dim(D, [&](auto d) {
-    launch_backward_mma<decltype(d)::value>(st, device, stream, dqkv, dout, qkv, lse, delta, s);
-  });
+void mma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,
+                  const __nv_bfloat16* qkv, const float* lse, const float* delta, const AttentionShape& s) {
+  with_head_dim(
+      D, [&](auto d) { launch_backward_mma<decltype(d)::value>(st, device, stream, dqkv, dout, qkv, lse, delta, s); });
 }
 
 }  // namespace sppo::cuda::attn

@@ -52,7 +52,7 @@ constexpr size_t tc_tile_bytes() {
 }
 constexpr size_t kProbBytes = sizeof(__nv_bfloat16) * kTile * kPLd;
 constexpr size_t kScoreBytes = sizeof(float) * kTile * kSLd;  // (64 rows, kSLd): S, or a warp's S and dP
-constexpr size_t kStatBytes = sizeof(float) * 2 * kTile;       // lse (base 2) and delta per row
+constexpr size_t kStatBytes = sizeof(float) * 2 * kTile;      // lse (base 2) and delta per row
 // Regions follow each other in this order; every size is a multiple of 128 bytes, so every
 // fragment pointer below is 32-byte aligned as load/store_matrix_sync require.
 template <int D>
@@ -74,7 +74,8 @@ static_assert(acc_ld<128>() <= 2 * kSLd, "a warp's output rows fit its S and dP 
 
 using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
 using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
-using FragBt = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>;  // a row-major tile, transposed
+using FragBt =
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>;  // a row-major tile, transposed
 using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
 // The tensor-core backward's two score products for one 16x16 chunk: S = A·Bᵀ and dP = A2·B2ᵀ
@@ -145,18 +146,17 @@ __device__ __forceinline__ int pair_col(int half, int a, int g) { return 16 * ha
 // by lane pairs (P to shared memory as bf16, its O rows rescaled in place), then O += P V with O
 // loaded from and stored back to shared memory.
 template <int D>
-__global__ void __launch_bounds__(kTcThreads, 1) attention_forward_tc_kernel(__nv_bfloat16* __restrict__ out,
-                                                                       float* __restrict__ lse,
-                                                                       const __nv_bfloat16* __restrict__ qkv,
-                                                                       AttnParams p) {
+__global__ void __launch_bounds__(kTcThreads, 1)
+    attention_forward_tc_kernel(__nv_bfloat16* __restrict__ out, float* __restrict__ lse,
+                                const __nv_bfloat16* __restrict__ qkv, AttnParams p) {
   constexpr int LDB = tc_ld<D>(), LDO = acc_ld<D>(), KD = D / 16;
   extern __shared__ __align__(128) unsigned char tc_smem[];
   __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(tc_smem);  // (kTile, LDB)
-  __nv_bfloat16* Ks = Qs + kTile * LDB;                            // (kTile, LDB)
-  __nv_bfloat16* Vs = Ks + kTile * LDB;                            // (kTile, LDB)
-  __nv_bfloat16* Ps = Vs + kTile * LDB;                            // (kTile, kPLd)
-  float* Ss = reinterpret_cast<float*>(Ps + kTile * kPLd);         // (kTile, kSLd)
-  float* Os = Ss + kTile * kSLd;                                   // (kTile, LDO)
+  __nv_bfloat16* Ks = Qs + kTile * LDB;                           // (kTile, LDB)
+  __nv_bfloat16* Vs = Ks + kTile * LDB;                           // (kTile, LDB)
+  __nv_bfloat16* Ps = Vs + kTile * LDB;                           // (kTile, kPLd)
+  float* Ss = reinterpret_cast<float*>(Ps + kTile * kPLd);        // (kTile, kSLd)
+  float* Os = Ss + kTile * kSLd;                                  // (kTile, LDO)
 
   const int BH = p.B * p.H;
   const int bh = int(blockIdx.x % unsigned(BH));
@@ -296,8 +296,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) attention_forward_tc_kernel(__n
 // rows (k0 + wr + i) of `dst` (row stride ld), those before `T` only.
 template <int D>
 __device__ __forceinline__ void write_rows_tc(float* __restrict__ Ow, const FragAcc (&acc)[D / 16],
-                                              __nv_bfloat16* __restrict__ dst, int64_t ld, int row0, int T,
-                                              float mul) {
+                                              __nv_bfloat16* __restrict__ dst, int64_t ld, int row0, int T, float mul) {
   constexpr int LDO = acc_ld<D>();
   const int lane = threadIdx.x % 32, rw = lane / 2, half = lane % 2;
   __syncwarp();  // the lanes' earlier reads of Ow are done
@@ -323,17 +322,18 @@ __device__ __forceinline__ void write_rows_tc(float* __restrict__ Ow, const Frag
 // memory), and dQ += dS K in fragments (no rescaling here, so dQ stays in registers). dQ *= scale
 // on the way out.
 template <int D>
-__global__ void __launch_bounds__(kTcThreads, 1) attention_backward_dq_tc_kernel(
-    __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
-    const float* __restrict__ lse, const float* __restrict__ delta, AttnParams p, float scale) {
+__global__ void __launch_bounds__(kTcThreads, 1)
+    attention_backward_dq_tc_kernel(__nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout,
+                                    const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ lse,
+                                    const float* __restrict__ delta, AttnParams p, float scale) {
   constexpr int LDB = tc_ld<D>(), KD = D / 16;
   extern __shared__ __align__(128) unsigned char tc_smem[];
   __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(tc_smem);  // (kTile, LDB)
-  __nv_bfloat16* dOs = Qs + kTile * LDB;                           // (kTile, LDB)
-  __nv_bfloat16* Ks = dOs + kTile * LDB;                           // (kTile, LDB)
-  __nv_bfloat16* Vs = Ks + kTile * LDB;                            // (kTile, LDB)
-  __nv_bfloat16* dSs = Vs + kTile * LDB;                           // (kTile, kPLd)
-  float* scratch = reinterpret_cast<float*>(dSs + kTile * kPLd);   // per warp: S, dP (16, kSLd) each
+  __nv_bfloat16* dOs = Qs + kTile * LDB;                          // (kTile, LDB)
+  __nv_bfloat16* Ks = dOs + kTile * LDB;                          // (kTile, LDB)
+  __nv_bfloat16* Vs = Ks + kTile * LDB;                           // (kTile, LDB)
+  __nv_bfloat16* dSs = Vs + kTile * LDB;                          // (kTile, kPLd)
+  float* scratch = reinterpret_cast<float*>(dSs + kTile * kPLd);  // per warp: S, dP (16, kSLd) each
   float* lse2_s = scratch + 2 * kTile * kSLd;
   float* delta_s = lse2_s + kTile;
 
@@ -348,8 +348,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) attention_backward_dq_tc_kernel
   float* dPw = Sw + 16 * kSLd;                                        // (16, kSLd)
   const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
 
-  stage_tile_bf16<D>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride, q_valid,
-                     p.vec);
+  stage_tile_bf16<D>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride, q_valid, p.vec);
   stage_tile_bf16<D>(dOs, dout + (int64_t(b) * p.T + q0) * p.out_stride + int64_t(h) * p.D, p.out_stride, q_valid,
                      p.vec);
   stage_row_stats(lse2_s, delta_s, lse, delta, (int64_t(b) * p.H + h) * p.T + q0, q_valid);
@@ -407,8 +406,8 @@ __global__ void __launch_bounds__(kTcThreads, 1) attention_backward_dq_tc_kernel
     }
   }
 
-  write_rows_tc<D>(Sw, dq, dqkv + int64_t(b) * p.T * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride,
-                   q0 + wr, p.T, scale);
+  write_rows_tc<D>(Sw, dq, dqkv + int64_t(b) * p.T * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride, q0 + wr,
+                   p.T, scale);
 }
 
 // dK, dV. Block: 64 keys of one (batch, kv head), grid n_tiles * B * KV. Warp w owns keys 16w ..
@@ -416,18 +415,19 @@ __global__ void __launch_bounds__(kTcThreads, 1) attention_backward_dq_tc_kernel
 // the diagonal on: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ per warp, lane pairs form Pᵀ and dSᵀ (bf16), then
 // dV += Pᵀ dO and dK += dSᵀ Q in fragments; dK *= scale on the way out.
 template <int D>
-__global__ void __launch_bounds__(kTcThreads, 1) attention_backward_dkdv_tc_kernel(
-    __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
-    const float* __restrict__ lse, const float* __restrict__ delta, AttnParams p, float scale) {
+__global__ void __launch_bounds__(kTcThreads, 1)
+    attention_backward_dkdv_tc_kernel(__nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout,
+                                      const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ lse,
+                                      const float* __restrict__ delta, AttnParams p, float scale) {
   constexpr int LDB = tc_ld<D>(), KD = D / 16;
   extern __shared__ __align__(128) unsigned char tc_smem[];
   __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(tc_smem);  // (kTile, LDB)
-  __nv_bfloat16* Vs = Ks + kTile * LDB;                            // (kTile, LDB)
-  __nv_bfloat16* Qs = Vs + kTile * LDB;                            // (kTile, LDB)
-  __nv_bfloat16* dOs = Qs + kTile * LDB;                           // (kTile, LDB)
-  __nv_bfloat16* Pt = dOs + kTile * LDB;                           // (kTile keys, kPLd)
-  __nv_bfloat16* dSt = Pt + kTile * kPLd;                          // (kTile keys, kPLd)
-  float* scratch = reinterpret_cast<float*>(dSt + kTile * kPLd);   // per warp: Sᵀ, dPᵀ (16, kSLd) each
+  __nv_bfloat16* Vs = Ks + kTile * LDB;                           // (kTile, LDB)
+  __nv_bfloat16* Qs = Vs + kTile * LDB;                           // (kTile, LDB)
+  __nv_bfloat16* dOs = Qs + kTile * LDB;                          // (kTile, LDB)
+  __nv_bfloat16* Pt = dOs + kTile * LDB;                          // (kTile keys, kPLd)
+  __nv_bfloat16* dSt = Pt + kTile * kPLd;                         // (kTile keys, kPLd)
+  float* scratch = reinterpret_cast<float*>(dSt + kTile * kPLd);  // per warp: Sᵀ, dPᵀ (16, kSLd) each
   float* lse2_s = scratch + 2 * kTile * kSLd;
   float* delta_s = lse2_s + kTile;
 
@@ -455,10 +455,10 @@ __global__ void __launch_bounds__(kTcThreads, 1) attention_backward_dkdv_tc_kern
     for (int qt = kt; qt < p.n_tiles; ++qt) {
       const int q0 = qt * kTile, q_valid = min(kTile, p.T - q0);
       __syncthreads();  // every warp's reads of the previous Q, dO tiles and stats are done
-      stage_tile_bf16<D>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride,
-                         q_valid, p.vec);
-      stage_tile_bf16<D>(dOs, dout + (int64_t(b) * p.T + q0) * p.out_stride + int64_t(h) * p.D, p.out_stride,
-                         q_valid, p.vec);
+      stage_tile_bf16<D>(Qs, base + int64_t(q0) * p.qkv_stride + p.q_off + int64_t(h) * p.D, p.qkv_stride, q_valid,
+                         p.vec);
+      stage_tile_bf16<D>(dOs, dout + (int64_t(b) * p.T + q0) * p.out_stride + int64_t(h) * p.D, p.out_stride, q_valid,
+                         p.vec);
       stage_row_stats(lse2_s, delta_s, lse, delta, (int64_t(b) * p.H + h) * p.T + q0, q_valid);
       __syncthreads();
 
@@ -523,15 +523,14 @@ void launch_forward_tc(AttnState& st, int device, cudaStream_t stream, __nv_bflo
   p.vec = rows_aligned16({qkv}, {s.qkv_stride, s.q_off, s.k_off, s.v_off});
   const size_t smem = tc_forward_smem<D>();
   st.allow_smem(reinterpret_cast<const void*>(&attention_forward_tc_kernel<D>), smem, device, "attention_forward");
-  attention_forward_tc_kernel<D><<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_forward"), kTcThreads, smem,
-                                   stream>>>(out, lse, qkv, p);
+  attention_forward_tc_kernel<D>
+      <<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_forward"), kTcThreads, smem, stream>>>(out, lse, qkv, p);
   SPPO_CUDA_LAUNCHED(attention_forward_tc_kernel);
 }
 
 template <int D>
-void launch_backward_tc(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* dqkv,
-                        const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
-                        const AttentionShape& s) {
+void launch_backward_tc(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,
+                        const __nv_bfloat16* qkv, const float* lse, const float* delta, const AttentionShape& s) {
   AttnParams p = attn_params(s);
   p.vec = rows_aligned16({qkv, dout}, {s.qkv_stride, s.q_off, s.k_off, s.v_off, s.out_stride});
   const float scale = float(s.scale);
@@ -540,11 +539,13 @@ void launch_backward_tc(AttnState& st, int device, cudaStream_t stream, __nv_bfl
                 "attention_backward");
   st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dkdv_tc_kernel<D>), smem_dkdv, device,
                 "attention_backward");
-  attention_backward_dq_tc_kernel<D><<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_backward"), kTcThreads,
-                                       smem_dq, stream>>>(dqkv, dout, qkv, lse, delta, p, scale);
+  attention_backward_dq_tc_kernel<D>
+      <<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_backward"), kTcThreads, smem_dq, stream>>>(
+          dqkv, dout, qkv, lse, delta, p, scale);
   SPPO_CUDA_LAUNCHED(attention_backward_dq_tc_kernel);
-  attention_backward_dkdv_tc_kernel<D><<<tile_grid(p.n_tiles, s.kv_heads, s.batch, "attention_backward"),
-                                         kTcThreads, smem_dkdv, stream>>>(dqkv, dout, qkv, lse, delta, p, scale);
+  attention_backward_dkdv_tc_kernel<D>
+      <<<tile_grid(p.n_tiles, s.kv_heads, s.batch, "attention_backward"), kTcThreads, smem_dkdv, stream>>>(
+          dqkv, dout, qkv, lse, delta, p, scale);
   SPPO_CUDA_LAUNCHED(attention_backward_dkdv_tc_kernel);
 }
 
@@ -558,9 +559,8 @@ void wmma_forward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bf
 void wmma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* dqkv,
                    const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
                    const AttentionShape& s) {
-  with_head_dim(D, [&](auto d) {
-    launch_backward_tc<decltype(d)::value>(st, device, stream, dqkv, dout, qkv, lse, delta, s);
-  });
+  with_head_dim(
+      D, [&](auto d) { launch_backward_tc<decltype(d)::value>(st, device, stream, dqkv, dout, qkv, lse, delta, s); });
 }
 
 }  // namespace sppo::cuda::attn

@@ -10,8 +10,8 @@ struct RopeScaling {
   enum class Kind { None, Linear, Llama3 };
   Kind kind = Kind::None;
   double factor = 1.0;
-  double low_freq_factor = 1.0;    // llama3
-  double high_freq_factor = 4.0;   // llama3
+  double low_freq_factor = 1.0;                 // llama3
+  double high_freq_factor = 4.0;                // llama3
   int original_max_position_embeddings = 8192;  // llama3
 };
 
@@ -51,8 +51,8 @@ struct ScheduleConfig {
   enum class Kind { Constant, Linear, Cosine };
   Kind kind = Kind::Constant;
   int64_t warmup_steps = 0;
-  int64_t total_steps = 0;   // required by linear and cosine
-  double min_lr_ratio = 0.0; // cosine floor, as a fraction of lr
+  int64_t total_steps = 0;    // required by linear and cosine
+  double min_lr_ratio = 0.0;  // cosine floor, as a fraction of lr
 };
 
 struct OptimizerConfig {
@@ -60,10 +60,10 @@ struct OptimizerConfig {
   Kind kind = Kind::AdamW;
   double lr = 1e-3;
   double beta1 = 0.9, beta2 = 0.999;  // AdamW
-  double alpha = 0.99;                 // RMSprop smoothing (PyTorch's default)
+  double alpha = 0.99;                // RMSprop smoothing (PyTorch's default)
   double eps = 1e-8;
-  double weight_decay = 0.0;  // decoupled: p -= lr * wd * p, on matrices only (not norms, biases)
-  double max_grad_norm = 0.0; // global-norm clipping; 0 disables
+  double weight_decay = 0.0;   // decoupled: p -= lr * wd * p, on matrices only (not norms, biases)
+  double max_grad_norm = 0.0;  // global-norm clipping; 0 disables
   int grad_accum_steps = 1;
   ScheduleConfig schedule;
 

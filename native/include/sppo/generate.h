@@ -67,9 +67,9 @@ class GeneratorApi {
   // Generates every sequence. `abort` (may be null) is read between steps; once set, every
   // unfinished sequence ends with StopReason::Aborted and what it has so far. `on_step` (may be
   // null) receives the tokens sampled by each step.
-  virtual std::vector<SequenceResult> generate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o,
-                                               const std::atomic<bool>* abort = nullptr,
-                                               const std::function<void(const std::vector<TokenEvent>&)>& on_step = {}) = 0;
+  virtual std::vector<SequenceResult> generate(
+      const std::vector<SequenceRequest>& seqs, const SamplingOptions& o, const std::atomic<bool>* abort = nullptr,
+      const std::function<void(const std::vector<TokenEvent>&)>& on_step = {}) = 0;
 };
 
 template <class T>
@@ -89,9 +89,9 @@ class Generator final : public GeneratorApi {
   const GeneratorPlan& plan() const override { return plan_; }
   size_t memory_bytes() const override { return bytes_; }
   void validate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o) const override;
-  std::vector<SequenceResult> generate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o,
-                                       const std::atomic<bool>* abort = nullptr,
-                                       const std::function<void(const std::vector<TokenEvent>&)>& on_step = {}) override;
+  std::vector<SequenceResult> generate(
+      const std::vector<SequenceRequest>& seqs, const SamplingOptions& o, const std::atomic<bool>* abort = nullptr,
+      const std::function<void(const std::vector<TokenEvent>&)>& on_step = {}) override;
 
   // For tests: one extend step over n rows (slot, position, token), writing every row's
   // logits (n, V) to host memory. n is at most max_batch + 256.
@@ -117,19 +117,19 @@ class Generator final : public GeneratorApi {
   std::vector<T*> k_cache_, v_cache_;  // per layer (max_batch, KV, max_context, D)
   Master* rope_cos_ = nullptr;         // (max_context, D/2)
   Master* rope_sin_ = nullptr;
-  T* x_ = nullptr;       // (R, C) residual stream
-  T* xn_ = nullptr;      // (R, C) normed input to a projection
-  Master* rstd_ = nullptr;  // (R)
-  T* qkv_ = nullptr;     // (R, QKV)
-  T* att_ = nullptr;     // (R, H*D)
-  T* gu_ = nullptr;      // (R, 2F)
-  T* ffn_ = nullptr;     // (R, F)
-  T* hsel_ = nullptr;    // (max_batch, C) hidden rows that need logits
-  Master* logits_ = nullptr;  // (max_batch, V)
+  T* x_ = nullptr;                                   // (R, C) residual stream
+  T* xn_ = nullptr;                                  // (R, C) normed input to a projection
+  Master* rstd_ = nullptr;                           // (R)
+  T* qkv_ = nullptr;                                 // (R, QKV)
+  T* att_ = nullptr;                                 // (R, H*D)
+  T* gu_ = nullptr;                                  // (R, 2F)
+  T* ffn_ = nullptr;                                 // (R, F)
+  T* hsel_ = nullptr;                                // (max_batch, C) hidden rows that need logits
+  Master* logits_ = nullptr;                         // (max_batch, V)
   std::vector<int32_t> slots_, positions_, tokens_;  // (R) the rows of the current step
   std::vector<int32_t> logit_rows_;                  // (max_batch) rows whose logits are wanted
-  std::vector<int32_t> step_host_;  // the four above packed for one upload
-  int32_t* step_dev_ = nullptr;      // (3R + max_batch) their backend copy
+  std::vector<int32_t> step_host_;                   // the four above packed for one upload
+  int32_t* step_dev_ = nullptr;                      // (3R + max_batch) their backend copy
   // Row counts of pure decode steps run so far: such a step is recorded as a graph the second
   // time its row count occurs (the first run sizes every scratch buffer it uses).
   std::unordered_set<int64_t> decode_sizes_seen_;

@@ -34,12 +34,12 @@ struct Batch {
 };
 
 struct StepResult {
-  double loss = 0;          // mean cross-entropy over target tokens of this micro-batch
+  double loss = 0;  // mean cross-entropy over target tokens of this micro-batch
   int64_t target_tokens = 0;
-  bool stepped = false;     // the optimizer ran (gradient accumulation complete)
-  int64_t step = 0;         // optimizer steps taken so far
-  double lr = 0;            // learning rate used by the step (when stepped)
-  double grad_norm = 0;     // global gradient norm before clipping (when stepped)
+  bool stepped = false;  // the optimizer ran (gradient accumulation complete)
+  int64_t step = 0;      // optimizer steps taken so far
+  double lr = 0;         // learning rate used by the step (when stepped)
+  double grad_norm = 0;  // global gradient norm before clipping (when stepped)
 };
 
 // A batch for a preference loss: one row per sequence (prompt + response, right-padded), with
@@ -180,14 +180,14 @@ class Model final : public ModelApi<master_t<T>> {
     E *attn_norm, *wqkv, *bqkv, *wo, *mlp_norm, *wgu, *wdown;
   };
   struct LayerActs {
-    T* resid_in;       // (N, C) residual stream entering the layer
-    Master* rstd1;     // (N)
-    T* qkv;            // (N, QKV) after bias and rotary
-    T* att;            // (N, H*D) attention output before o_proj
-    Master* lse;       // (B, H, T)
-    T* resid_mid;      // (N, C) after the attention residual
-    Master* rstd2;     // (N)
-    T* gu;             // (N, 2F) gate|up pre-activations
+    T* resid_in;    // (N, C) residual stream entering the layer
+    Master* rstd1;  // (N)
+    T* qkv;         // (N, QKV) after bias and rotary
+    T* att;         // (N, H*D) attention output before o_proj
+    Master* lse;    // (B, H, T)
+    T* resid_mid;   // (N, C) after the attention residual
+    Master* rstd2;  // (N)
+    T* gu;          // (N, 2F) gate|up pre-activations
   };
 
   void build_param_table();
@@ -249,17 +249,17 @@ class Model final : public ModelApi<master_t<T>> {
   Master* rstd_final_ = nullptr;  // (N)
   T* hidden_ = nullptr;           // (N, C) final normed hidden states
   // Scratch reused by every layer.
-  T* xn_ = nullptr;          // (N, C) normed input to a projection
-  T* ffn_ = nullptr;         // (N, F) swiglu output
-  T* dresid_ = nullptr;      // (N, C) gradient of the residual stream
-  T* dxn_ = nullptr;         // (N, C)
-  T* dqkv_ = nullptr;        // (N, QKV)
-  T* datt_ = nullptr;        // (N, H*D)
-  T* dgu_ = nullptr;         // (N, 2F)
-  T* dffn_ = nullptr;        // (N, F)
+  T* xn_ = nullptr;                 // (N, C) normed input to a projection
+  T* ffn_ = nullptr;                // (N, F) swiglu output
+  T* dresid_ = nullptr;             // (N, C) gradient of the residual stream
+  T* dxn_ = nullptr;                // (N, C)
+  T* dqkv_ = nullptr;               // (N, QKV)
+  T* datt_ = nullptr;               // (N, H*D)
+  T* dgu_ = nullptr;                // (N, 2F)
+  T* dffn_ = nullptr;               // (N, F)
   Master* logits_chunk_ = nullptr;  // (logits_elems_) the only logits that ever exist in training
-  T* gathered_h_ = nullptr;    // (N, C) final hidden rows that have a target
-  T* gathered_dh_ = nullptr;   // (N, C)
+  T* gathered_h_ = nullptr;         // (N, C) final hidden rows that have a target
+  T* gathered_dh_ = nullptr;        // (N, C)
   // Host side of the per-token index arrays, and their backend copies (uploaded per call).
   std::vector<int32_t> positions_;   // (N)
   std::vector<int32_t> row_index_;   // (N) token index of each gathered row
@@ -268,7 +268,7 @@ class Model final : public ModelApi<master_t<T>> {
   int32_t *tokens_dev_ = nullptr, *positions_dev_ = nullptr, *row_index_dev_ = nullptr, *targets_dev_ = nullptr;
   double *logp_dev_ = nullptr, *lse_dev_ = nullptr, *coef_dev_ = nullptr;
   std::vector<double> seq_logp_, seq_grad_;  // (max_batch) per sequence
-  int64_t logits_elems_ = 0;  // size of logits_chunk_
+  int64_t logits_elems_ = 0;                 // size of logits_chunk_
   Master* rope_cos_ = nullptr;
   Master* rope_sin_ = nullptr;
 };

@@ -9,9 +9,9 @@ namespace sppo {
 
 enum class PreferenceLoss { Sppo, SppoPair, SppoSingle, SppoHard, Dpo, Ipo };
 // Every loss, in the order the addon exports their names (lib/engine/losses.ts lists the same).
-inline constexpr PreferenceLoss kPreferenceLosses[] = {PreferenceLoss::Sppo,     PreferenceLoss::SppoPair,
+inline constexpr PreferenceLoss kPreferenceLosses[] = {PreferenceLoss::Sppo,       PreferenceLoss::SppoPair,
                                                        PreferenceLoss::SppoSingle, PreferenceLoss::SppoHard,
-                                                       PreferenceLoss::Dpo,      PreferenceLoss::Ipo};
+                                                       PreferenceLoss::Dpo,        PreferenceLoss::Ipo};
 
 // The loss named preference_loss_name(loss); throws sppo::Error naming the known ones otherwise.
 PreferenceLoss parse_preference_loss(const std::string& name);
