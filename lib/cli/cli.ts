@@ -42,7 +42,7 @@ export async function main(argv: readonly string[], io: Io = { stdout: process.s
   try {
     return await command.run(rest, io);
   } catch (err) {
-    if (process.env.SPPO_DEBUG) io.stderr.write(`${(err as Error)?.stack ?? err}\n`);
+    if (process.env.SPPO_DEBUG) io.stderr.write(`${(err as Error)?.stack ?? String(err)}\n`);
     // Multi-line messages (a config's or a prompt file's list of problems) become one line.
     const message = (err instanceof Error ? err.message : String(err)).replace(/:?\n\s*/g, (m) => (m.startsWith(':') ? ': ' : '; '));
     io.stderr.write(`sppo ${name}: ${message}\n`);

@@ -55,8 +55,9 @@ export function parseConfig(raw: unknown, options: ParseConfigOptions = {}): Run
   const result = runConfigSchema.safeParse(raw, { reportInput: true });
   if (!result.success) throw new RunConfigError(source, result.error.issues.flatMap(configIssues));
   const config = result.data;
-  if (options.baseDir !== undefined) {
-    const abs = (p: string): string => (isAbsolute(p) ? p : resolve(options.baseDir!, p));
+  const { baseDir } = options;
+  if (baseDir !== undefined) {
+    const abs = (p: string): string => (isAbsolute(p) ? p : resolve(baseDir, p));
     if (config.model.path !== undefined) config.model.path = abs(config.model.path);
     if (config.data.prompts !== undefined) config.data.prompts = abs(config.data.prompts);
     const pref = config.preference;

@@ -46,7 +46,7 @@ export class CharTokenizer {
 
   /** The prompt as the policy sees it. */
   promptIds(prompt: string): number[] {
-    return [CharTokenizer.BOS, ...this.encode(prompt), this.#ids.get(CharTokenizer.SEPARATOR)!];
+    return [CharTokenizer.BOS, ...this.encode(prompt), ...this.encode(CharTokenizer.SEPARATOR)];
   }
 
   /** The answer text of generated ids: everything before the first <eos>. */
@@ -191,7 +191,7 @@ export async function supervisedFineTune(model: Model, rows: readonly { prompt: 
     throwIfAborted(o.signal);
     const batch = Array.from({ length: o.batchSize }, () => rows[rng.int(rows.length)]);
     const seq = Math.max(...batch.map((r) => r.prompt.length + r.response.length));
-    const rowsOut = batch.map((r) => [...r.prompt, ...r.response, ...Array(seq - r.prompt.length - r.response.length).fill(CharTokenizer.PAD)]);
+    const rowsOut = batch.map((r) => [...r.prompt, ...r.response, ...new Array<number>(seq - r.prompt.length - r.response.length).fill(CharTokenizer.PAD)]);
     const mask = batch.map((r) => Array.from({ length: seq }, (_, t) => (t >= r.prompt.length && t < r.prompt.length + r.response.length ? 1 : 0)));
     const result = await model.trainStep({ rows: rowsOut, targetMask: mask }, { signal: o.signal });
     results.push(result);

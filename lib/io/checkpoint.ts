@@ -62,14 +62,14 @@ function checkTensorTable(weights: CheckpointWeights, model: Model): void {
   if (missing.length > 0) throw new CheckpointError(`${weights.dir}: the checkpoint lacks ${missing.length} tensor(s) the model needs: ${listed(missing)}`);
   if (unexpected.length > 0) throw new CheckpointError(`${weights.dir}: the checkpoint has ${unexpected.length} tensor(s) the model does not: ${listed(unexpected)}`);
   for (const [name, shape] of expected) {
-    const t = weights.tensors.get(name)!;
+    const t = weights.tensor(name);
     if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
       throw new CheckpointError(`${t.file.path}: tensor '${name}' has shape [${t.shape.join(', ')}] but the config gives [${shape.join(', ')}]`);
     }
   }
   if (tied && weights.tensors.has(TIED_HEAD)) {
-    const t = weights.tensors.get(TIED_HEAD)!;
-    const e = expected.get(EMBEDDING)!;
+    const t = weights.tensor(TIED_HEAD);
+    const e = weights.tensor(EMBEDDING).shape; // checked against the config's in the loop above
     if (t.shape.join() !== e.join()) throw new CheckpointError(`${t.file.path}: tied '${TIED_HEAD}' has shape [${t.shape.join(', ')}], the embedding [${e.join(', ')}]`);
   }
 }
@@ -96,7 +96,7 @@ export async function loadPretrained(dir: string, plan: MemoryPlan, options: Loa
       try {
         model.setParam(name, data);
       } catch (e) {
-        throw new CheckpointError(`${weights.tensors.get(name)!.file.path}: tensor '${name}': ${(e as Error).message}`);
+        throw new CheckpointError(`${weights.tensor(name).file.path}: tensor '${name}': ${(e as Error).message}`);
       }
     }
     if (model.config.tie_word_embeddings && weights.tensors.has(TIED_HEAD)) {
@@ -104,7 +104,7 @@ export async function loadPretrained(dir: string, plan: MemoryPlan, options: Loa
       const head = await weights.readFloat32(TIED_HEAD);
       const embedding = model.getParam(EMBEDDING);
       const i = head.findIndex((v, k) => v !== embedding[k]);
-      if (i >= 0) throw new CheckpointError(`${weights.tensors.get(TIED_HEAD)!.file.path}: tie_word_embeddings is true but '${TIED_HEAD}' differs from '${EMBEDDING}' (first at element ${i})`);
+      if (i >= 0) throw new CheckpointError(`${weights.tensor(TIED_HEAD).file.path}: tie_word_embeddings is true but '${TIED_HEAD}' differs from '${EMBEDDING}' (first at element ${i})`);
     }
     return { model, config: hf, architecture, tokenizer };
   } catch (e) {

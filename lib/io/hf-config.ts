@@ -62,6 +62,11 @@ export interface FromHfOptions {
   label?: string;
 }
 
+/** A config value in a message: objects and arrays as JSON, anything else as String() writes it. */
+function shown(v: unknown): string {
+  return typeof v === 'object' && v !== null ? JSON.stringify(v) : String(v);
+}
+
 function architectureOf(hf: HfConfig, fail: (m: string) => never): Architecture {
   const known = Object.keys(MODEL_TYPE) as Architecture[];
   let arch: Architecture | undefined;
@@ -77,8 +82,8 @@ function architectureOf(hf: HfConfig, fail: (m: string) => never): Architecture 
   }
   if (hf.model_type !== undefined) {
     const fromType = known.find((a) => MODEL_TYPE[a] === hf.model_type);
-    if (!fromType) fail(`model_type '${String(hf.model_type)}' is not supported (supported: ${Object.values(MODEL_TYPE).join(', ')})`);
-    if (arch && arch !== fromType) fail(`model_type '${String(hf.model_type)}' does not match architecture '${arch}'`);
+    if (!fromType) fail(`model_type '${shown(hf.model_type)}' is not supported (supported: ${Object.values(MODEL_TYPE).join(', ')})`);
+    if (arch && arch !== fromType) fail(`model_type '${MODEL_TYPE[fromType]}' does not match architecture '${arch}'`);
     arch = fromType;
   }
   // A config naming neither is a bare Llama config (the engine's own family).
@@ -96,7 +101,7 @@ function ropeOf(hf: HfConfig, arch: Architecture, fail: (m: string) => never): {
     if (typeof rp !== 'object' || Array.isArray(rp)) fail('rope_parameters must be an object');
     const { rope_theta, ...rest } = rp as Record<string, unknown>;
     if (rope_theta !== undefined && theta !== undefined && rope_theta !== theta) {
-      fail(`rope_theta (${String(theta)}) and rope_parameters.rope_theta (${String(rope_theta)}) disagree`);
+      fail(`rope_theta (${shown(theta)}) and rope_parameters.rope_theta (${shown(rope_theta)}) disagree`);
     }
     theta = rope_theta ?? theta;
     scaling = rest;
@@ -104,24 +109,24 @@ function ropeOf(hf: HfConfig, arch: Architecture, fail: (m: string) => never): {
   }
   theta ??= DEFAULTS[arch].rope_theta;
   if (typeof theta !== 'number' || !(theta > 0)) fail(`rope_theta must be a positive number, got ${JSON.stringify(theta)}`);
-  if (scaling === null) return { theta: theta as number, scaling: null };
+  if (scaling === null) return { theta, scaling: null };
   if (typeof scaling !== 'object' || Array.isArray(scaling)) fail(`${field} must be an object or null`);
   const s = scaling as Record<string, unknown>;
   if (s.rope_type !== undefined && s.type !== undefined && s.rope_type !== s.type) fail(`${field}.rope_type and ${field}.type disagree`);
   const kind = s.rope_type ?? s.type ?? 'default';
   if (typeof kind !== 'string' || !(kind in ROPE_FIELDS)) {
-    fail(`${field}.rope_type '${String(kind)}' is not supported (supported: ${Object.keys(ROPE_FIELDS).join(', ')})`);
+    fail(`${field}.rope_type '${shown(kind)}' is not supported (supported: ${Object.keys(ROPE_FIELDS).join(', ')})`);
   }
-  const allowed = ROPE_FIELDS[kind as string];
+  const allowed = ROPE_FIELDS[kind];
   const extra = Object.keys(s).filter((k) => k !== 'rope_type' && k !== 'type' && !allowed.includes(k));
-  if (extra.length > 0) fail(`${field}.${extra[0]} is not supported with rope_type '${String(kind)}'`);
-  if (kind === 'default') return { theta: theta as number, scaling: null };
+  if (extra.length > 0) fail(`${field}.${extra[0]} is not supported with rope_type '${kind}'`);
+  if (kind === 'default') return { theta, scaling: null };
   const out: Record<string, unknown> = { rope_type: kind };
   for (const k of allowed) {
-    if (typeof s[k] !== 'number') fail(`${field}.${k} must be a number for rope_type '${String(kind)}', got ${JSON.stringify(s[k])}`);
+    if (typeof s[k] !== 'number') fail(`${field}.${k} must be a number for rope_type '${kind}', got ${JSON.stringify(s[k])}`);
     out[k] = s[k];
   }
-  return { theta: theta as number, scaling: out as RopeScalingConfig };
+  return { theta, scaling: out };
 }
 
 /**
@@ -130,7 +135,8 @@ function ropeOf(hf: HfConfig, arch: Architecture, fail: (m: string) => never): {
  */
 export function engineConfigFromHf(hf: HfConfig, options: FromHfOptions = {}): { config: ModelConfig; architecture: Architecture } {
   const label = options.label ?? 'config.json';
-  const fail = (msg: string): never => {
+  // typed on the name, so that TypeScript narrows after each `… fail(…)`
+  const fail: (msg: string) => never = (msg) => {
     throw new ConfigError(`${label}: ${msg}`);
   };
   if (typeof hf !== 'object' || hf === null || Array.isArray(hf)) fail('must be a JSON object');
@@ -143,7 +149,7 @@ export function engineConfigFromHf(hf: HfConfig, options: FromHfOptions = {}): {
   for (const k of REQUIRED) if (hf[k] === undefined || hf[k] === null) fail(`field '${k}' is required`);
 
   const act = hf.hidden_act ?? 'silu';
-  if (act !== 'silu') fail(`hidden_act '${String(act)}' is not supported (the engine's MLP is SwiGLU: silu)`);
+  if (act !== 'silu') fail(`hidden_act '${shown(act)}' is not supported (the engine's MLP is SwiGLU: silu)`);
   if (hf.mlp_bias !== undefined && hf.mlp_bias !== false) fail('mlp_bias must be false (the engine has no MLP biases)');
 
   // Which attention biases exist is fixed per architecture in transformers: Qwen2 always has
@@ -164,10 +170,10 @@ export function engineConfigFromHf(hf: HfConfig, options: FromHfOptions = {}): {
   const maxSeq = options.maxSeq ?? maxPositions;
   if (arch === 'MistralForCausalLM') {
     const w = hf.sliding_window ?? null;
-    if (w !== null && !(Number.isSafeInteger(w) && (w as number) > 0)) fail(`sliding_window must be a positive integer or null, got ${JSON.stringify(w)}`);
+    if (w !== null && !(typeof w === 'number' && Number.isSafeInteger(w) && w > 0)) fail(`sliding_window must be a positive integer or null, got ${JSON.stringify(w)}`);
     // Within the window, sliding-window attention is ordinary causal attention.
-    if (w !== null && maxSeq > (w as number)) {
-      fail(`sliding_window ${String(w)} is smaller than the longest sequence planned (${maxSeq}); the engine has no sliding-window attention, so plan maxSeq <= ${String(w)}`);
+    if (w !== null && maxSeq > w) {
+      fail(`sliding_window ${w} is smaller than the longest sequence planned (${maxSeq}); the engine has no sliding-window attention, so plan maxSeq <= ${w}`);
     }
   } else if (arch === 'Qwen2ForCausalLM') {
     if (hf.use_sliding_window !== undefined && hf.use_sliding_window !== false) fail('use_sliding_window must be false (the engine has no sliding-window attention)');
@@ -197,7 +203,7 @@ export function engineConfigFromHf(hf: HfConfig, options: FromHfOptions = {}): {
     rope_theta: theta,
     rope_scaling: scaling,
     attention_bias: attentionBias,
-    tie_word_embeddings: tie as boolean,
+    tie_word_embeddings: tie,
   };
   if (hf.head_dim !== undefined && hf.head_dim !== null) config.head_dim = hf.head_dim as number;
   if (typeof hf.initializer_range === 'number') config.initializer_range = hf.initializer_range;

@@ -58,6 +58,25 @@ export function tokenizerFileTexts(files: TokenizerFiles): Map<string, string> {
   return texts;
 }
 
+/**
+ * The part of @huggingface/tokenizers' Tokenizer used here. The package's .d.ts files import one
+ * another without file extensions, which NodeNext resolution does not follow, so its class
+ * arrives untyped; this is its declared signature for these methods.
+ */
+interface HfTokenizerApi {
+  token_to_id(token: string): number | undefined;
+  get_vocab(withAddedTokens?: boolean): Map<string, number>;
+  encode(text: string, options?: { add_special_tokens?: boolean }): { ids: number[] };
+  decode(ids: number[], options?: { skip_special_tokens?: boolean; clean_up_tokenization_spaces?: boolean | null }): string;
+}
+const HfTokenizerClass = HfTokenizer as unknown as new (tokenizer: object, config: object) => HfTokenizerApi;
+
+/** An entry of tokenizer_config.json's chat_template list. */
+function isNamedTemplate(v: unknown): v is { name: string; template: string } {
+  const t = v as { name?: unknown; template?: unknown } | null | undefined;
+  return typeof t?.name === 'string' && typeof t.template === 'string';
+}
+
 async function readJson(file: string): Promise<Record<string, unknown> | undefined> {
   if (!existsSync(file)) return undefined;
   let parsed: unknown;
@@ -94,7 +113,7 @@ export class Tokenizer {
   readonly padTokenId: number | undefined;
   /** named chat templates; 'default' is the one used without a templateName */
   readonly chatTemplates: ReadonlyMap<string, string>;
-  readonly #hf: HfTokenizer;
+  readonly #hf: HfTokenizerApi;
   readonly #label: string;
   readonly #compiled = new Map<string, Template>();
   #vocabSize: number | undefined;
@@ -103,7 +122,7 @@ export class Tokenizer {
     this.#label = files.label ?? 'tokenizer';
     const config = files.tokenizerConfig ?? {};
     try {
-      this.#hf = new HfTokenizer(files.tokenizer, config);
+      this.#hf = new HfTokenizerClass(files.tokenizer, config);
     } catch (e) {
       throw new TokenizerError(`${this.#label}: tokenizer.json could not be loaded (${(e as Error).message})`);
     }
@@ -125,7 +144,7 @@ export class Tokenizer {
     if (typeof fromConfig === 'string') out.set('default', fromConfig);
     else if (Array.isArray(fromConfig)) {
       for (const t of fromConfig) {
-        if (typeof t?.name !== 'string' || typeof t?.template !== 'string') {
+        if (!isNamedTemplate(t)) {
           throw new TokenizerError(`${label}: tokenizer_config.json chat_template list entries must be {name, template} strings`);
         }
         out.set(t.name, t.template);

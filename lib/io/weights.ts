@@ -62,10 +62,15 @@ export class CheckpointWeights {
     }
   }
 
-  async readFloat32(name: string, scratch?: ReadScratch): Promise<Float32Array> {
+  /** The tensor `name`, or a SafetensorsError when the checkpoint has none. */
+  tensor(name: string): TensorInfo & { file: SafetensorsFile } {
     const t = this.tensors.get(name);
     if (!t) throw new SafetensorsError(`${this.dir}: the checkpoint has no tensor '${name}'`);
-    return t.file.readFloat32(name, scratch);
+    return t;
+  }
+
+  async readFloat32(name: string, scratch?: ReadScratch): Promise<Float32Array> {
+    return this.tensor(name).file.readFloat32(name, scratch);
   }
 
   async close(): Promise<void> {

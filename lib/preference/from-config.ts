@@ -50,7 +50,7 @@ async function loadEngineJudge(dir: string, maxSeq: number, load: (maxSeq: numbe
 async function importFunction(module: string, name: string): Promise<PreferenceFunction> {
   let mod: Record<string, unknown>;
   try {
-    mod = await import(pathToFileURL(module).href);
+    mod = (await import(pathToFileURL(module).href)) as Record<string, unknown>; // a module namespace: export name → value
   } catch (err) {
     throw new SetupError(['preference', 'module'], `cannot import ${module}: ${(err as Error).message}`, { cause: err });
   }
@@ -80,9 +80,12 @@ export async function preferenceFromConfig(preference: PreferenceConfig, options
       const given = options.judgeFunction;
       if (p.module !== undefined && given !== undefined)
         throw new SetupError(['preference', 'module'], 'a judge function was also given in code: give one or the other');
-      if (p.module === undefined && given === undefined)
-        throw new SetupError(['preference', 'module'], 'required unless the judge function is given in code (a JS module exporting (prompt, a, b) => P(a ≻ b))');
-      const fn = given ?? (await importFunction(p.module!, p.export));
+      let fn = given;
+      if (fn === undefined) {
+        if (p.module === undefined)
+          throw new SetupError(['preference', 'module'], 'required unless the judge function is given in code (a JS module exporting (prompt, a, b) => P(a ≻ b))');
+        fn = await importFunction(p.module, p.export);
+      }
       return functionPreference(fn, { id: p.id, concurrency: p.concurrency });
     }
     case 'http': {

@@ -142,10 +142,13 @@ class Semaphore {
 
 function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(abortError(signal));
+    if (signal?.aborted) {
+      reject(abortError(signal));
+      return;
+    }
     const onAbort = (): void => {
       clearTimeout(timer);
-      reject(abortError(signal!));
+      if (signal) reject(abortError(signal)); // only ever added to signal
     };
     const timer = setTimeout(() => {
       signal?.removeEventListener('abort', onAbort);
@@ -222,13 +225,13 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
 
   const cacheKey = (prompt: string, first: string, second: string): string =>
     createHash('sha256').update(JSON.stringify([identityHash, prompt, first, second])).digest('hex');
-  const cacheFile = (key: string): string => path.join(cacheDir!, key.slice(0, 2), `${key}.json`);
+  const cacheFile = (dir: string, key: string): string => path.join(dir, key.slice(0, 2), `${key}.json`);
 
   async function readCached(key: string): Promise<Verdict | undefined> {
     if (!cacheDir) return undefined;
     let raw: string;
     try {
-      raw = await readFile(cacheFile(key), 'utf8');
+      raw = await readFile(cacheFile(cacheDir, key), 'utf8');
     } catch {
       return undefined;
     }
@@ -244,13 +247,13 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
   async function writeCached(key: string, v: Verdict): Promise<void> {
     if (!cacheDir) return;
     // a file that exists is complete
-    await writeJsonAtomic(cacheFile(key), { p: v.p, source: v.source, text: v.text, model: options.model }, { createParents: true });
+    await writeJsonAtomic(cacheFile(cacheDir, key), { p: v.p, source: v.source, text: v.text, model: options.model }, { createParents: true });
   }
 
   async function attempt(body: string, signal?: AbortSignal): Promise<Verdict> {
     const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(new AttemptError(`timed out after ${timeoutMs} ms`, true)), timeoutMs);
-    const onAbort = (): void => controller.abort(signal!.reason);
+    const onAbort = (): void => controller.abort(signal?.reason); // only ever added to signal
     if (signal?.aborted) onAbort();
     else signal?.addEventListener('abort', onAbort, { once: true });
     const headers: Record<string, string> = { 'content-type': 'application/json' };

@@ -38,12 +38,13 @@ export async function projectLastTokens(model: Model, rows: readonly (readonly n
     const padId = rows[chunk[0]][0];
     const batch = chunk.map((n) => (rows[n].length === seq ? [...rows[n]] : [...rows[n], ...new Array<number>(seq - rows[n].length).fill(padId)]));
     const { hidden: h } = await model.forward(batch, { output: 'hidden', signal });
+    if (!h) throw new Error('the engine returned no hidden states for output: hidden');
     onForward?.();
     chunk.forEach((n, r) => {
       const at = (r * seq + rows[n].length - 1) * hidden;
       vectors.forEach((v, k) => {
         let s = 0;
-        for (let d = 0; d < hidden; d++) s += h![at + d] * v[d];
+        for (let d = 0; d < hidden; d++) s += h[at + d] * v[d];
         out[n][k] = s;
       });
     });

@@ -112,10 +112,14 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
     const logits = await projectLastTokens(model, questions.map((x) => x.ids), rows, batchSize, signal, () => stats.forwards++);
     const q = logits.map(([la, lb]) => twoWaySoftmax(la, lb));
     stats.comparisons += questions.length;
-    const qOf = new Map(questions.map((x, n) => [`${x.item},${x.i},${x.j}`, q[n]]));
+    // qOf[item][i][j]: the answer to "is i better than j?", asked in that order
+    const qOf = items.map(({ responses }) => responses.map(() => new Array<number>(responses.length).fill(NaN)));
+    questions.forEach((x, n) => {
+      qOf[x.item][x.i][x.j] = q[n];
+    });
     return items.map(({ responses }, item) =>
       fromUpperTriangle(responses.length, (i, j) =>
-        responses[i] === responses[j] ? undefined : (qOf.get(`${item},${i},${j}`)! + 1 - qOf.get(`${item},${j},${i}`)!) / 2,
+        responses[i] === responses[j] ? undefined : (qOf[item][i][j] + 1 - qOf[item][j][i]) / 2,
       ),
     );
   }
@@ -131,7 +135,7 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
       if (options.ownsModel) await model.dispose();
     },
   });
-  return Object.assign(pm, { stats, answerIds: answerIds as readonly [number, number], questionIds });
+  return Object.assign(pm, { stats, answerIds, questionIds });
 }
 
 /** Loads a Hugging Face causal LM directory (with tokenizer.json) as a judge that owns its model. */

@@ -47,20 +47,19 @@ export function assertPreferenceMatrix(P: unknown, check: PreferenceMatrixCheck 
         throw new RangeError(`P[${i}][${j}] = ${describe(v)} is not a probability in [0, 1]`);
     });
   });
+  const M = P as number[][]; // every entry is a number (checked above)
   for (let i = 0; i < K; i++) {
-    if (Math.abs(P[i][i] - 0.5) > tol) throw new RangeError(`P[${i}][${i}] = ${P[i][i]}: the diagonal must be 1/2 (a response ties with itself)`);
+    if (Math.abs(M[i][i] - 0.5) > tol) throw new RangeError(`P[${i}][${i}] = ${M[i][i]}: the diagonal must be 1/2 (a response ties with itself)`);
     for (let j = i + 1; j < K; j++) {
-      const s = P[i][j] + P[j][i];
+      const s = M[i][j] + M[j][i];
       if (Math.abs(s - 1) > tol)
-        throw new RangeError(`P[${i}][${j}] + P[${j}][${i}] = ${P[i][j]} + ${P[j][i]} = ${s}, must be 1 (within ${tol})`);
+        throw new RangeError(`P[${i}][${j}] + P[${j}][${i}] = ${M[i][j]} + ${M[j][i]} = ${s}, must be 1 (within ${tol})`);
     }
   }
 }
 
 function describe(v: unknown): string {
-  if (v === null) return 'null';
   if (Array.isArray(v)) return 'an array';
   if (typeof v === 'string') return JSON.stringify(v);
-  if (typeof v === 'object') return 'an object';
-  return String(v);
+  return typeof v === 'object' && v !== null ? 'an object' : String(v);
 }

@@ -134,7 +134,8 @@ export function definePreferenceModel(spec: PreferenceModelSpec): PreferenceMode
 
   const compareBatch = async (items: readonly CompareItem[], options: CompareBatchOptions = {}): Promise<number[][][]> => {
     live();
-    if (!Array.isArray(items)) throw new TypeError('compareBatch takes an array of { prompt, responses }');
+    const given: unknown = items; // JavaScript callers may pass anything
+    if (!Array.isArray(given)) throw new TypeError('compareBatch takes an array of { prompt, responses }');
     items.forEach((it, i) => {
       try {
         checkItem(it?.prompt, it?.responses);

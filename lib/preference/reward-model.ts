@@ -68,7 +68,7 @@ export function rewardModelJudge(model: Model, tokenizer: Tokenizer, score: Arra
   if (tokenizer.chatTemplates.size === 0) throw new RangeError('reward-model: the tokenizer has no chat template (the conversation cannot be formatted)');
   const hidden = model.config.hidden_size;
   if (score.length !== hidden) throw new RangeError(`reward-model: the score row has ${score.length} values, the model's hidden size is ${hidden}`);
-  const w = Float64Array.from(score as ArrayLike<number>);
+  const w = Float64Array.from(score);
 
   const id = options.id ?? `reward-model(${options.label ?? 'model'},τ=${tau})`;
   const concurrency = options.concurrency ?? DEFAULT_JUDGE_CONCURRENCY;
@@ -198,7 +198,7 @@ export async function loadRewardModelWeights(
     const unexpected = [...weights.tensors.keys()].filter((n) => !expected.has(n) && n !== SCORE && !IGNORED_TENSOR.test(n));
     if (unexpected.length > 0) throw new RewardModelError(`${dir}: the checkpoint has ${unexpected.length} tensor(s) a reward model does not: ${unexpected.map((n) => `'${n}'`).join(', ')}`);
     for (const [name, shape] of [...expected, [SCORE, [1, config.hidden_size]] as const]) {
-      const t = weights.tensors.get(name)!;
+      const t = weights.tensor(name);
       if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i]))
         throw new RewardModelError(`${t.file.path}: tensor '${name}' has shape [${t.shape.join(', ')}] but the config gives [${shape.join(', ')}]`);
     }

@@ -119,8 +119,8 @@ export function nashStyles(params: Partial<StyledReversalParams> = {}): Record<S
 function solveSupport(A: readonly (readonly number[])[], S: number[]): number[] | null {
   const m = S.length;
   const rows = S.map((i) => S.map((j) => A[i][j]));
-  rows.push(new Array(m).fill(1));
-  const rhs = [...new Array(m).fill(0), 1];
+  rows.push(new Array<number>(m).fill(1));
+  const rhs = [...new Array<number>(m).fill(0), 1];
   // M = RᵀR, v = Rᵀ rhs
   const M = Array.from({ length: m }, (_, a) => Array.from({ length: m }, (_, b) => rows.reduce((s, r) => s + r[a] * r[b], 0)));
   const v = Array.from({ length: m }, (_, a) => rows.reduce((s, r, k) => s + r[a] * rhs[k], 0));

@@ -12,7 +12,7 @@ export interface TaskMetrics {
 
 /** IterationMetrics.task is free-form: take the known fields only when they have the right type. */
 export function taskMetrics(row: IterationMetrics): TaskMetrics {
-  const t = (row.task ?? {}) as Record<string, unknown>;
+  const t = row.task ?? {};
   const num = (v: unknown) => (typeof v === 'number' && Number.isFinite(v) ? v : undefined);
   const s = t.styles as Record<string, unknown> | undefined;
   const styles = s && typeof s === 'object' && [s.R, s.P, s.S].every((v) => typeof v === 'number')

@@ -83,7 +83,7 @@ function checkPrompt(item: JudgedPrompt, n: number): void {
     throw new RangeError(`${where}: needs at least 2 responses, got ${Array.isArray(item.responses) ? item.responses.length : 'none'}`);
   if (!Array.isArray(item.preference) || item.preference.length !== item.responses.length)
     throw new RangeError(`${where}: the preference matrix has ${Array.isArray(item.preference) ? item.preference.length : 'no'} rows for ${item.responses.length} responses`);
-  item.responses.forEach((r, i) => {
+  item.responses.forEach((r: SampledResponse, i) => {
     if (!Array.isArray(r.tokens) || r.tokens.length === 0) throw new RangeError(`${where}, response ${i}: the response token ids are missing or empty`);
     if (typeof r.refLogp !== 'number' || !Number.isFinite(r.refLogp) || r.refLogp > 1e-6)
       throw new RangeError(`${where}, response ${i}: refLogp must be a finite log-probability ≤ 0, got ${r.refLogp}`);

@@ -66,8 +66,10 @@ export class RunDirError extends Error {
   }
 }
 
-async function readJson<T>(file: string): Promise<T> {
-  return JSON.parse(await readFile(file, 'utf8')) as T;
+/** A metrics.jsonl row: at least the fields every iteration's metrics have. */
+function isMetricsRow(v: unknown): v is IterationMetrics {
+  const row = v as Partial<IterationMetrics> | null | undefined;
+  return typeof row?.iteration === 'number' && typeof row.winRateVsBase?.mean === 'number' && typeof row.meanResponseLength === 'number';
 }
 
 /** The parsed JSON of `file`, or a RunDirError naming it. */
@@ -107,8 +109,9 @@ export class RunDir {
     return run;
   }
 
-  async close(): Promise<void> {
+  close(): Promise<void> {
     this.#open = false;
+    return Promise.resolve();
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
@@ -232,13 +235,13 @@ export class RunDir {
     const file = this.metricsFile;
     return (await readFile(file, 'utf8')).split('\n').flatMap((line, i) => {
       if (line.trim() === '') return [];
-      let row: IterationMetrics;
+      let row: unknown;
       try {
         row = JSON.parse(line);
       } catch (err) {
         throw new RunDirError(file, `${file}: line ${i + 1} is not valid JSON (${(err as Error).message})`);
       }
-      if (typeof row?.iteration !== 'number' || typeof row.winRateVsBase?.mean !== 'number' || typeof row.meanResponseLength !== 'number')
+      if (!isMetricsRow(row))
         throw new RunDirError(file, `${file}: line ${i + 1} is not an iteration's metrics (needs iteration, winRateVsBase, meanResponseLength)`);
       return [{ ...row, seconds: row.seconds ?? {} }];
     });

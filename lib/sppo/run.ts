@@ -5,7 +5,6 @@
 // before the next starts, so a killed run resumes where it stopped and loses nothing.
 import type { RunConfig } from '../config/schema.js';
 import { seededShuffle } from '../data/random.js';
-import type { Generator } from '../engine/generate.js';
 import type { Model } from '../engine/model.js';
 import type { PreferenceBatchInput, PreferenceExample, PreferencePair, PreferenceStepResult } from '../engine/types.js';
 import { savePretrained } from '../io/checkpoint.js';
@@ -152,7 +151,7 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
   };
   // A stage file holds the stage's output and how long it took, so a resumed run still
   // reports the time of stages it skips.
-  const timed = async <T>(iteration: number, name: StageName, fn: () => Promise<T>) => {
+  const timed = async <T>(iteration: number, name: StageName, fn: () => T | Promise<T>) => {
     const saved = await run.readStage<T>(iteration, name);
     if (saved) {
       hooks.onStage?.({ iteration, stage: name, status: 'skipped' });
@@ -240,7 +239,7 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
       });
       seconds.judge = judged.seconds;
 
-      const data = await timed(t, 'dataset', async () => {
+      const data = await timed(t, 'dataset', () => {
         const items: JudgedPrompt[] = gen.value.prompts.map((p, i) => ({
           prompt: truncatePrompt(p.ids, config.training.maxLength, config.data.maxPromptTokens),
           responses: gen.value.responses[i].map((r) => {

@@ -62,8 +62,10 @@ async function promptSet(config: RunConfig): Promise<string[]> {
     const { kind, concurrency, ...params } = preference;
     return randomWords(data.words, config.run.seed, params);
   }
+  // parseConfig requires one of words and prompts; a config built by hand may lack both
+  if (data.prompts === undefined) throw new SetupError(['data', 'prompts'], 'give exactly one of prompts (a file) and words (generated styled-reversal prompts)');
   try {
-    return await loadPrompts(data.prompts!, { column: data.column, format: data.format });
+    return await loadPrompts(data.prompts, { column: data.column, format: data.format });
   } catch (err) {
     throw new SetupError(['data', 'prompts'], (err as Error).message, { cause: err });
   }

@@ -92,7 +92,7 @@ export const generateCommand: Command = {
     const seed = integerOption(v.seed, 'seed', 0) ?? 0;
     const source: Source = v.model !== undefined
       ? { dir: path.resolve(v.model), demo: false, sampling: { temperature: 0.7, topP: 0.9, topK: 0, maxNewTokens: 256, maxBatch: MODEL_MAX_BATCH } }
-      : await demoRunSource(path.resolve(v['demo-run']!), integerOption(v.iteration, 'iteration', 0));
+      : await demoRunSource(path.resolve(requireOption(v['demo-run'], 'demo-run', 'generate')), integerOption(v.iteration, 'iteration', 0));
     const sampling = {
       ...source.sampling,
       temperature: numberOption(v.temperature, 'temperature', { min: 0 }) ?? source.sampling.temperature,

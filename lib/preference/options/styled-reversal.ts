@@ -49,7 +49,8 @@ export function resolveStyledReversal(params: Partial<StyledReversalParams> = {}
   finite(p.noneAdvantage, 'noneAdvantage');
   if (p.a < 0 || p.b < 0) throw new RangeError(`styled reversal: a and b must be ≥ 0, got a = ${p.a}, b = ${p.b}`);
   if (p.noneAdvantage < 0) throw new RangeError(`styled reversal: noneAdvantage must be ≥ 0, got ${p.noneAdvantage}`);
-  if (!Array.isArray(p.A) || p.A.length !== 3 || p.A.some((r) => !Array.isArray(r) || r.length !== 3))
+  const A: unknown = p.A; // JavaScript callers may pass anything
+  if (!Array.isArray(A) || A.length !== 3 || A.some((r) => !Array.isArray(r) || r.length !== 3))
     throw new RangeError('styled reversal: A must be a 3×3 matrix over the styles (R, P, S)');
   let maxA = p.noneAdvantage;
   for (let i = 0; i < 3; i++)
