@@ -219,7 +219,7 @@ describe('Generator construction and argument types', () => {
     const m = model();
     const gen = m.createGenerator({ maxBatch: 1, maxContext: 8 });
     const Ctor = gen.constructor as new (...args: unknown[]) => Generator;
-    expect(() => new Ctor(Symbol('Generator'), {}, { maxBatch: 1, maxContext: 8 }, async () => undefined)).toThrow(
+    expect(() => new Ctor(Symbol('Generator'), {}, { maxBatch: 1, maxContext: 8 }, () => Promise.resolve())).toThrow(
       new TypeError('a Generator comes from model.createGenerator(plan); it has no public constructor'),
     );
     expect(() => new Ctor({}, { maxBatch: 1, maxContext: 8 })).toThrow(/has no public constructor/);

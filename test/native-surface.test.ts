@@ -31,7 +31,7 @@ describe('the addon refuses calls that would read memory wrongly', () => {
   afterAll(() => handle.dispose());
   const tokens = new Int32Array(16);
 
-  it('a typed array of another type than the one read', async () => {
+  it('a typed array of another type than the one read', () => {
     expect(() => handle.evalLoss(new Uint8Array(16) as never, 2, 8, null)).toThrow(new TypeError('tokens must be an Int32Array'));
     expect(() => handle.evalLoss(tokens, 2, 8, new Int32Array(16) as never)).toThrow(new TypeError('targetMask must be a Uint8Array'));
     expect(() => handle.setParam('model.norm.weight', new Float64Array(32) as never)).toThrow(

@@ -25,9 +25,10 @@ const row = (iteration: number, mean: number): IterationMetrics => ({
 });
 
 /** A checkpoint directory written by `savePolicy`'s callback. */
-const checkpoint = (text: string) => async (dir: string) => {
+const checkpoint = (text: string) => (dir: string) => {
   mkdirSync(dir, { recursive: true });
   writeFileSync(path.join(dir, 'config.json'), text);
+  return Promise.resolve();
 };
 
 /** A RunDirError about `file` whose message says each fragment. */
