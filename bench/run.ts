@@ -263,7 +263,8 @@ function gemm(results: Record<string, unknown>): Row[] {
       const json = path.join(dir, 'gemm.json');
       const r = run(PYTHON, [GEMM_OPENBLAS, '--json', json], { env });
       if (r.status === 0 && existsSync(json)) best(peer, JSON.parse(readFileSync(json, 'utf8')) as GemmRow[]);
-      else if (r.status === 0) best(peer, parseGemmTable(r.stdout).rows); // a version without --json
+      else if (r.status === 0)
+        best(peer, parseGemmTable(r.stdout).rows); // a version without --json
       else console.log(`gemm: bench/gemm_openblas.py failed: ${failure(r)}`);
     } finally {
       rmSync(dir, { recursive: true, force: true });
@@ -434,7 +435,12 @@ async function decode(results: Record<string, unknown>, baseline: Record<string,
   await model.dispose();
   const tokS = (8 * 512) / median(times);
   results.sequenceLogprobs = tokS;
-  rows.push({ what: 'sequenceLogprobs small 8 x 512 (Node API)', unit: 'tok/s', engine: tokS, note: 'forward + fused head, prompt masked' });
+  rows.push({
+    what: 'sequenceLogprobs small 8 x 512 (Node API)',
+    unit: 'tok/s',
+    engine: tokS,
+    note: 'forward + fused head, prompt masked',
+  });
   return rows;
 }
 
@@ -506,7 +512,9 @@ async function main(): Promise<void> {
   const results: Record<string, unknown> = { ...machine };
   console.log(
     `${machine.date}  ${machine.cpu}, ${machine.cores} cores, engine threads ${machine.engineThreads}, ` +
-      `gemm kernel ${machine.gemmKernel}, load average ${loadavg().map((x) => x.toFixed(2)).join(' ')}`,
+      `gemm kernel ${machine.gemmKernel}, load average ${loadavg()
+        .map((x) => x.toFixed(2))
+        .join(' ')}`,
   );
   // The peers' BLAS, measured before anything is compared with them.
   const peerBlas: Partial<Record<PythonPeer, PeerBlas>> = {};
@@ -603,7 +611,11 @@ async function main(): Promise<void> {
     console.log('\nbuild/sppo_bench train_step (C++ only, no Node):');
     for (const l of cxxLines) console.log(`  ${l}`);
   }
-  console.log(`\nload average at the end: ${loadavg().map((x) => x.toFixed(2)).join(' ')} (other processes skew numbers)`);
+  console.log(
+    `\nload average at the end: ${loadavg()
+      .map((x) => x.toFixed(2))
+      .join(' ')} (other processes skew numbers)`,
+  );
   results.table = rows;
   const jsonOut = arg('--json');
   if (jsonOut) {

@@ -7,7 +7,14 @@
 //   npx tsx examples/embed-in-a-tool.ts models/Qwen2-0.5B-Instruct
 import path from 'node:path';
 import {
-  loadPretrained, parseConfig, RunDir, runSppo, setupFromConfig, type Device, type IterationMetrics, type RunConfigInput,
+  loadPretrained,
+  parseConfig,
+  RunDir,
+  runSppo,
+  setupFromConfig,
+  type Device,
+  type IterationMetrics,
+  type RunConfigInput,
 } from 'sppo-engine';
 
 /** The tool's own preference: within `budget` characters beats over it, then a finished sentence beats an unfinished one. */
@@ -55,7 +62,8 @@ export async function alignWithHouseStyle(o: AlignOptions): Promise<Aligned> {
     run: { dir: o.runDir, iterations: o.iterations ?? 2 },
   };
   const setup = await setupFromConfig(parseConfig(input, { baseDir: process.cwd() }), {
-    device: o.device, judgeFunction: houseStyle(4 * maxNewTokens),
+    device: o.device,
+    judgeFunction: houseStyle(4 * maxNewTokens),
   });
   let metrics: IterationMetrics[];
   try {
@@ -75,7 +83,9 @@ export async function alignWithHouseStyle(o: AlignOptions): Promise<Aligned> {
   const { model, tokenizer } = await loadPretrained(policyDir, { maxBatch: 1, maxSeq: 512 }, { device: o.device });
   try {
     if (!tokenizer) throw new Error(`${policyDir} has no tokenizer`); // checkpoints of a Hugging Face run always carry one
-    const prompt = tokenizer.encodeChat([{ role: 'user', content: 'In one sentence: what is a prime number?' }], { addGenerationPrompt: true });
+    const prompt = tokenizer.encodeChat([{ role: 'user', content: 'In one sentence: what is a prime number?' }], {
+      addGenerationPrompt: true,
+    });
     const generator = model.createGenerator({ maxBatch: 1, maxContext: prompt.length + maxNewTokens });
     const [out] = await generator.generate([prompt], { maxNewTokens, temperature: 0, stopTokens: tokenizer.eosTokenIds, seed: 1 });
     await generator.dispose();

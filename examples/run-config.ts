@@ -26,7 +26,9 @@ export async function runConfigured(file: string, options: RunConfiguredOptions 
         if (status === 'skipped') log(`iteration ${iteration} ${stage}: already done`);
       },
       onMetrics: ({ iteration, winRateVsBase: w, meanResponseLength }) =>
-        log(`π_${iteration}: win rate vs π_0 ${w.mean.toFixed(3)} [${w.low.toFixed(3)}, ${w.high.toFixed(3)}], mean length ${meanResponseLength.toFixed(1)}`),
+        log(
+          `π_${iteration}: win rate vs π_0 ${w.mean.toFixed(3)} [${w.low.toFixed(3)}, ${w.high.toFixed(3)}], mean length ${meanResponseLength.toFixed(1)}`,
+        ),
     });
   } finally {
     await setup.model.dispose();

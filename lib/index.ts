@@ -1,5 +1,14 @@
 // Public API of sppo-engine.
-export { Model, cudaInfo, presetConfig, setNumThreads, numThreads, type CreateOptions, type Device, type PresetName } from './engine/model.js';
+export {
+  Model,
+  cudaInfo,
+  presetConfig,
+  setNumThreads,
+  numThreads,
+  type CreateOptions,
+  type Device,
+  type PresetName,
+} from './engine/model.js';
 export type { CudaInfo } from './engine/native.js';
 export {
   Generator,
@@ -13,30 +22,91 @@ export {
 export { PREFERENCE_LOSSES, datasetModeForLoss, type DatasetMode } from './engine/losses.js';
 export type * from './engine/types.js';
 export { loadPretrained, savePretrained, CheckpointError, type LoadOptions, type Pretrained, type SaveOptions } from './io/checkpoint.js';
-export { engineConfigFromHf, hfConfigFromEngine, ConfigError, type Architecture, type HfConfig, type FromHfOptions, type ToHfOptions } from './io/hf-config.js';
 export {
-  readSafetensors, writeSafetensors, parseSafetensorsHeader, SafetensorsFile, SafetensorsError, float32ToBf16,
-  type LoadedTensor, type SafetensorsHeader, type TensorInfo, type TensorSource, type WriteDtype, type WriteOptions,
+  engineConfigFromHf,
+  hfConfigFromEngine,
+  ConfigError,
+  type Architecture,
+  type HfConfig,
+  type FromHfOptions,
+  type ToHfOptions,
+} from './io/hf-config.js';
+export {
+  readSafetensors,
+  writeSafetensors,
+  parseSafetensorsHeader,
+  SafetensorsFile,
+  SafetensorsError,
+  float32ToBf16,
+  type LoadedTensor,
+  type SafetensorsHeader,
+  type TensorInfo,
+  type TensorSource,
+  type WriteDtype,
+  type WriteOptions,
 } from './io/safetensors.js';
 export { CheckpointWeights, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, DEFAULT_MAX_SHARD_BYTES } from './io/weights.js';
 export { Tokenizer, TokenizerError, type ChatMessage, type ChatTemplateOptions, type TokenizerFiles } from './io/tokenizer.js';
 // The SPPO pipeline: preference models, win rates and training sets, prompt sets, the run
 // configuration, the scheduler and the embedded demo.
 export {
-  definePreferenceModel, PreferenceError, assertPreferenceMatrix, functionPreference, httpJudge, lmJudge, loadLmJudge,
-  rewardModelJudge, loadRewardModel, RewardModelError,
-  styledReversalOracle, styledReversalQuality, styleOf, oraclePreference, dualityGap, nashStyles, randomWords, idealAnswer,
-  summarizeAnswers, DEFAULT_STYLED_REVERSAL, DEFAULT_JUDGE_TEMPLATE, preferenceFromConfig,
-  styledReversalOptionsSchema, functionJudgeOptionsSchema, httpJudgeOptionsSchema, lmJudgeOptionsSchema, rewardModelOptionsSchema,
-  type PreferenceFromConfigOptions, type PreferenceModel, type PreferenceModelSpec, type CompareItem, type CompareOptions, type CompareBatchOptions,
-  type PreferenceFunction, type FunctionPreferenceOptions, type HttpJudge, type HttpJudgeOptions, type LmJudge,
-  type LmJudgeOptions, type RewardModelJudge, type RewardModelOptions, type RewardModelStats, type StyledReversalParams,
+  definePreferenceModel,
+  PreferenceError,
+  assertPreferenceMatrix,
+  functionPreference,
+  httpJudge,
+  lmJudge,
+  loadLmJudge,
+  rewardModelJudge,
+  loadRewardModel,
+  RewardModelError,
+  styledReversalOracle,
+  styledReversalQuality,
+  styleOf,
+  oraclePreference,
+  dualityGap,
+  nashStyles,
+  randomWords,
+  idealAnswer,
+  summarizeAnswers,
+  DEFAULT_STYLED_REVERSAL,
+  DEFAULT_JUDGE_TEMPLATE,
+  preferenceFromConfig,
+  styledReversalOptionsSchema,
+  functionJudgeOptionsSchema,
+  httpJudgeOptionsSchema,
+  lmJudgeOptionsSchema,
+  rewardModelOptionsSchema,
+  type PreferenceFromConfigOptions,
+  type PreferenceModel,
+  type PreferenceModelSpec,
+  type CompareItem,
+  type CompareOptions,
+  type CompareBatchOptions,
+  type PreferenceFunction,
+  type FunctionPreferenceOptions,
+  type HttpJudge,
+  type HttpJudgeOptions,
+  type LmJudge,
+  type LmJudgeOptions,
+  type RewardModelJudge,
+  type RewardModelOptions,
+  type RewardModelStats,
+  type StyledReversalParams,
   type PolicySummary,
 } from './preference/index.js';
 export { winRates, type WinRateDiagonal } from './sppo/winrates.js';
 export { buildTrainingSet, type JudgedPrompt, type TrainingSet } from './sppo/dataset.js';
 export { multiplicativeWeightsStep } from './sppo/multiplicative-weights.js';
-export { runSppo, type RunSetup, type RunHooks, type RunResult, type IterationMetrics, type PolicyText, type StageName } from './sppo/run.js';
+export {
+  runSppo,
+  type RunSetup,
+  type RunHooks,
+  type RunResult,
+  type IterationMetrics,
+  type PolicyText,
+  type StageName,
+} from './sppo/run.js';
 export { setupFromConfig, type SetupOptions } from './sppo/setup.js';
 export { RunDir, RunDirError, type RunRecord, type StageOutput } from './sppo/run-dir.js';
 export { loadPrompts, splitPrompts } from './data/prompts.js';

@@ -29,9 +29,12 @@ describe('classifyBlas', () => {
   });
   it('names optimized libraries, also when the reference one is mapped beside them', () => {
     expect(classifyBlas(['/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3'])).toBe('OpenBLAS');
-    expect(classifyBlas(['/usr/lib/x86_64-linux-gnu/blas/libblas.so.3.11.0', '/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp-r0.3.21.so'])).toBe(
-      'OpenBLAS',
-    );
+    expect(
+      classifyBlas([
+        '/usr/lib/x86_64-linux-gnu/blas/libblas.so.3.11.0',
+        '/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp-r0.3.21.so',
+      ]),
+    ).toBe('OpenBLAS');
     expect(classifyBlas(['/x/site-packages/numpy.libs/libscipy_openblas64_-32a4b2a6.so'])).toBe('OpenBLAS');
     expect(classifyBlas(['/opt/intel/lib/libmkl_rt.so.2'])).toBe('MKL');
     expect(classifyBlas(['/usr/lib/x86_64-linux-gnu/blis-openmp/libblis.so.4'])).toBe('BLIS');

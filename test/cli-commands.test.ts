@@ -44,7 +44,11 @@ async function sppo(...argv: string[]): Promise<CliResult> {
 }
 
 function sppoProcess(...argv: string[]): CliResult {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli/main.ts'), ...argv], { cwd: root, encoding: 'utf8', timeout: 60_000 });
+  const r = spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli/main.ts'), ...argv], {
+    cwd: root,
+    encoding: 'utf8',
+    timeout: 60_000,
+  });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 
@@ -133,7 +137,8 @@ describe('usage errors', () => {
     expectUsageError(await sppo('demo', '--device', 'gpu'), "--device must be cpu, cuda or auto, got 'gpu'");
     expectUsageError(await sppo('generate', '--model', dir, '--prompts', 'p.jsonl', '--device', 'tpu'), "got 'tpu'");
   });
-  it('eval of a directory that does not exist', async () => expectUsageError(await sppo('eval', '--run', join(dir, 'nowhere')), 'does not exist'));
+  it('eval of a directory that does not exist', async () =>
+    expectUsageError(await sppo('eval', '--run', join(dir, 'nowhere')), 'does not exist'));
 });
 
 describe('config errors', () => {
@@ -155,7 +160,7 @@ describe('config errors', () => {
   it('files that cannot be read or parsed', async () => {
     expectUsageError(await sppo('run', '--config', join(dir, 'missing.yaml')), 'cannot read the config');
     expectUsageError(await sppo('run', '--config', file('broken.yaml', 'model: {preset: demo\n')), 'not valid YAML', 'line');
-    expectUsageError(await sppo('run', '--config', file('run.toml', 'x = 1\n')), "must be .yaml, .yml or .json");
+    expectUsageError(await sppo('run', '--config', file('run.toml', 'x = 1\n')), 'must be .yaml, .yml or .json');
   });
 
   it('refuses what `sppo run` cannot run yet, naming the field', async () => {
@@ -163,17 +168,28 @@ describe('config errors', () => {
     const tiny = `model: {preset: tiny}\ndata: {prompts: ${prompts}}\npreference: {kind: styled-reversal}\n`;
     expectUsageError(await sppo('run', '--config', file('tiny.yaml', tiny)), "model.preset 'tiny'", 'no tokenizer');
     const hf = (rest: string) => `model: {path: ${join(dir, 'no-model')}}\ndata: {prompts: ${prompts}, evalSize: 4}\n${rest}`;
-    expectUsageError(await sppo('run', '--config', file('nofile.yaml', hf('preference: {kind: styled-reversal}\n').replace(prompts, join(dir, 'none.jsonl')))),
-      'data.prompts', 'none.jsonl');
+    expectUsageError(
+      await sppo(
+        'run',
+        '--config',
+        file('nofile.yaml', hf('preference: {kind: styled-reversal}\n').replace(prompts, join(dir, 'none.jsonl'))),
+      ),
+      'data.prompts',
+      'none.jsonl',
+    );
     expectUsageError(await sppo('run', '--config', file('fn.yaml', hf('preference: {kind: function}\n'))), 'preference.module: required');
     const judge = file('judge.mjs', 'export const judge = () => 0.5;\n');
-    expectUsageError(await sppo('run', '--config', file('fn2.yaml', hf(`preference: {kind: function, module: ${judge}, export: score}\n`))),
-      'preference.export', "'score'", 'exports: judge');
+    expectUsageError(
+      await sppo('run', '--config', file('fn2.yaml', hf(`preference: {kind: function, module: ${judge}, export: score}\n`))),
+      'preference.export',
+      "'score'",
+      'exports: judge',
+    );
   });
 });
 
 describe('--device', () => {
-  it("auto says where the policy runs and, on the CPU, why not the GPU", async () => {
+  it('auto says where the policy runs and, on the CPU, why not the GPU', async () => {
     const r = await sppo('demo', '--quick', '--iterations', '1', '--device', 'auto', '--dir', join(dir, 'demo-auto'));
     expect(r.code, r.stderr).toBe(0);
     const line = r.stdout.split('\n').find((l) => l.startsWith('device: '));
@@ -187,7 +203,7 @@ describe('sppo generate --demo-run', () => {
     const policy = join(run, 'base', 'policy');
     file('demo-sampled/run.json', JSON.stringify({ hash: 'h', config: parseConfig(demoConfigInput({ dir: run, iterations: 1 })) }));
     file('demo-sampled/base/base.json', JSON.stringify({ value: {}, seconds: 1 }));
-    const tokenizer = new CharTokenizer('abcdefgh');  // the styled-reversal task's default alphabet
+    const tokenizer = new CharTokenizer('abcdefgh'); // the styled-reversal task's default alphabet
     const model = Model.create(demoModelConfig(tokenizer, 3), { maxBatch: 1, maxSeq: 32 });
     try {
       await savePretrained(model, policy, { tokenizer: tokenizer.files() });
@@ -195,7 +211,11 @@ describe('sppo generate --demo-run', () => {
       await model.dispose();
     }
     const words = file('sampled.jsonl', '{"prompt":"abc"}\n{"prompt":"hgfe"}\n');
-    const jsonl = (text: string) => text.trimEnd().split('\n').map((l) => JSON.parse(l) as { prompt: string; response: string; logprob: number });
+    const jsonl = (text: string) =>
+      text
+        .trimEnd()
+        .split('\n')
+        .map((l) => JSON.parse(l) as { prompt: string; response: string; logprob: number });
 
     const demo = await sppo('generate', '--demo-run', run, '--prompts', words);
     expect(demo.code, demo.stderr).toBe(0);
@@ -203,7 +223,19 @@ describe('sppo generate --demo-run', () => {
     expect(sampled.map((r) => r.prompt)).toEqual(['abc', 'hgfe']);
     for (const r of sampled) expect(r.response).toMatch(new RegExp(`^[${tokenizer.chars}�]*$`));
     // the demo run's sampling settings (temperature 1, top-p 1, 12 new tokens) given to --model
-    const viaModel = await sppo('generate', '--model', policy, '--prompts', words, '--temperature', '1', '--top-p', '1', '--max-new-tokens', '12');
+    const viaModel = await sppo(
+      'generate',
+      '--model',
+      policy,
+      '--prompts',
+      words,
+      '--temperature',
+      '1',
+      '--top-p',
+      '1',
+      '--max-new-tokens',
+      '12',
+    );
     expect(viaModel.code, viaModel.stderr).toBe(0);
     // the same tokens: the chat text leaves the special tokens out where the demo's shows '�'
     expect(jsonl(viaModel.stdout)).toEqual(sampled.map((r) => ({ ...r, response: r.response.replaceAll('�', '') })));
@@ -217,9 +249,13 @@ describe('sppo generate --demo-run', () => {
 describe('sppo eval', () => {
   it("prints a run's table and writes its report", async () => {
     const run = join(dir, 'run');
-    const row = (t: number, mean: number) => JSON.stringify({
-      iteration: t, winRateVsBase: { mean, low: mean - 0.02, high: mean + 0.02, n: 50 }, meanResponseLength: 9.25, seconds: { evaluate: 1.25 },
-    });
+    const row = (t: number, mean: number) =>
+      JSON.stringify({
+        iteration: t,
+        winRateVsBase: { mean, low: mean - 0.02, high: mean + 0.02, n: 50 },
+        meanResponseLength: 9.25,
+        seconds: { evaluate: 1.25 },
+      });
     file('run/.keep', '');
     writeFileSync(join(run, 'metrics.jsonl'), `${row(0, 0.5)}\n${row(1, 0.625)}\n`);
     const r = await sppo('eval', '--run', run);

@@ -90,7 +90,10 @@ interface CliResult {
 function sppo(...argv: string[]): CliResult {
   const t0 = performance.now();
   const r = spawnSync(process.execPath, ['--import', 'tsx', path.join(root, 'lib/cli/main.ts'), ...argv], {
-    cwd: root, encoding: 'utf8', timeout: 90_000, env: { ...process.env, SPPO_DEBUG: '1' },
+    cwd: root,
+    encoding: 'utf8',
+    timeout: 90_000,
+    env: { ...process.env, SPPO_DEBUG: '1' },
   });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr, seconds: (performance.now() - t0) / 1000 };
 }
@@ -112,8 +115,16 @@ beforeAll(async () => {
   tokenizer = await Tokenizer.fromDirectory(MISTRAL);
   expect(tokenizer.vocabSize).toBe(32000);
   const model = Model.create(
-    { vocab_size: tokenizer.vocabSize, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
-      intermediate_size: 64, max_position_embeddings: 256, seed: 11 },
+    {
+      vocab_size: tokenizer.vocabSize,
+      hidden_size: 32,
+      num_hidden_layers: 2,
+      num_attention_heads: 4,
+      num_key_value_heads: 2,
+      intermediate_size: 64,
+      max_position_embeddings: 256,
+      seed: 11,
+    },
     { maxBatch: 1, maxSeq: 8 },
   );
   try {
@@ -141,8 +152,16 @@ describe('sppo run on a Hugging Face model directory', () => {
   it('runs one SPPO iteration and exits 0', () => {
     expect(first.code, `${first.stdout}\n${first.stderr}`).toBe(0);
     console.log(`sppo run (first): ${first.seconds.toFixed(1)} s`);
-    for (const label of ['base policy π_0', 'evaluate π_0', 'iteration 1 generate', 'iteration 1 judge', 'iteration 1 training set',
-      'iteration 1 train', 'iteration 1 evaluate']) expect(first.stdout).toContain(label);
+    for (const label of [
+      'base policy π_0',
+      'evaluate π_0',
+      'iteration 1 generate',
+      'iteration 1 judge',
+      'iteration 1 training set',
+      'iteration 1 train',
+      'iteration 1 evaluate',
+    ])
+      expect(first.stdout).toContain(label);
     expect(first.stdout).not.toContain('skipped');
     expect(first.stdout).toContain(`report: ${path.join(runDir, 'report.html')}`);
   });
@@ -157,7 +176,10 @@ describe('sppo run on a Hugging Face model directory', () => {
       for (const f of ['config.json', 'generation_config.json', 'model.safetensors'])
         expect(existsSync(path.join(runDir, policy, f)), `${policy}/${f}`).toBe(true);
 
-    const rows = readFileSync(path.join(runDir, 'metrics.jsonl'), 'utf8').trimEnd().split('\n').map((l) => JSON.parse(l));
+    const rows = readFileSync(path.join(runDir, 'metrics.jsonl'), 'utf8')
+      .trimEnd()
+      .split('\n')
+      .map((l) => JSON.parse(l));
     expect(rows.map((r) => r.iteration)).toEqual([0, 1]);
     expect(rows[0].winRateVsBase).toEqual({ mean: 0.5, low: 0.5, high: 0.5, n: 8 });
     expect(rows[1].winRateVsBase.n).toBe(8);
@@ -185,7 +207,15 @@ describe('sppo run on a Hugging Face model directory', () => {
       expect([config.bos_token_id, config.eos_token_id], `${policy}/config.json token ids`).toEqual([BOS, EOS]);
     }
     writeFileSync(path.join(tmp, 'one.jsonl'), `${JSON.stringify({ prompt: PROMPTS[0] })}\n`);
-    const r = sppo('generate', '--model', path.join(runDir, 'iter-1/policy'), '--prompts', path.join(tmp, 'one.jsonl'), '--max-new-tokens', '4');
+    const r = sppo(
+      'generate',
+      '--model',
+      path.join(runDir, 'iter-1/policy'),
+      '--prompts',
+      path.join(tmp, 'one.jsonl'),
+      '--max-new-tokens',
+      '4',
+    );
     expect(r.code, r.stderr).toBe(0);
     expect(JSON.parse(r.stdout.trim().split('\n')[0]).prompt).toBe(PROMPTS[0]);
   });
@@ -200,7 +230,10 @@ describe('sppo run on a Hugging Face model directory', () => {
       let changed = 0;
       for (const { name } of base.model.params()) {
         const [o, b, t] = [original.model.getParam(name), base.model.getParam(name), iter1.model.getParam(name)];
-        expect(o.every((v, i) => v === b[i]), `base/policy ${name} is the given model's`).toBe(true);
+        expect(
+          o.every((v, i) => v === b[i]),
+          `base/policy ${name} is the given model's`,
+        ).toBe(true);
         expect(t.every(Number.isFinite), name).toBe(true);
         if (t.some((v, i) => v !== b[i])) changed++;
       }
@@ -264,8 +297,16 @@ describe('sppo run on a Hugging Face model directory', () => {
     const again = sppo('run', '--config', configFile);
     expect(again.code, `${again.stdout}\n${again.stderr}`).toBe(0);
     console.log(`sppo run (resume): ${again.seconds.toFixed(1)} s`);
-    for (const label of ['base policy π_0', 'evaluate π_0', 'iteration 1 generate', 'iteration 1 judge', 'iteration 1 training set',
-      'iteration 1 train', 'iteration 1 evaluate']) expect(again.stdout).toContain(`${label}: already in the run directory, skipped`);
+    for (const label of [
+      'base policy π_0',
+      'evaluate π_0',
+      'iteration 1 generate',
+      'iteration 1 judge',
+      'iteration 1 training set',
+      'iteration 1 train',
+      'iteration 1 evaluate',
+    ])
+      expect(again.stdout).toContain(`${label}: already in the run directory, skipped`);
     expect(readFileSync(path.join(runDir, 'metrics.jsonl'), 'utf8')).toBe(metrics);
     expect(readFileSync(path.join(runDir, 'iter-1/policy/model.safetensors')).equals(policy)).toBe(true);
   });
@@ -283,12 +324,20 @@ describe('sppo run on a Hugging Face model directory', () => {
   it('a tokenizer whose ids do not fit the model is refused before the run directory is written', async () => {
     const small = path.join(tmp, 'small');
     const model = Model.create(
-      { vocab_size: 1000, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 64,
-        max_position_embeddings: 256, seed: 12 },
+      {
+        vocab_size: 1000,
+        hidden_size: 32,
+        num_hidden_layers: 1,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        intermediate_size: 64,
+        max_position_embeddings: 256,
+        seed: 12,
+      },
       { maxBatch: 1, maxSeq: 8 },
     );
     try {
-      await savePretrained(model, path.join(small, 'model'), { sourceDir: modelDir });  // copies the tokenizer and template
+      await savePretrained(model, path.join(small, 'model'), { sourceDir: modelDir }); // copies the tokenizer and template
     } finally {
       await model.dispose();
     }

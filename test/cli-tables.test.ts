@@ -5,13 +5,22 @@ import { compareTable, metricsTable, textTable } from '../lib/cli/table.js';
 import type { IterationMetrics } from '../lib/sppo/run.js';
 
 const row = (iteration: number, mean: number, quality: number): IterationMetrics => ({
-  iteration, winRateVsBase: { mean, low: mean - 0.01, high: mean + 0.01, n: 10 }, meanResponseLength: 5,
-  task: { meanQuality: quality, styles: { R: 1, P: 0, S: 0, none: 0 }, dualityGap: 0.5, dualityGapAverage: 0.25 }, seconds: { train: 2 },
+  iteration,
+  winRateVsBase: { mean, low: mean - 0.01, high: mean + 0.01, n: 10 },
+  meanResponseLength: 5,
+  task: { meanQuality: quality, styles: { R: 1, P: 0, S: 0, none: 0 }, dualityGap: 0.5, dualityGapAverage: 0.25 },
+  seconds: { train: 2 },
 });
 
 describe('tables', () => {
   it('aligns every column to its widest cell', () => {
-    const lines = textTable(['a', 'P̂ x'], [['1', '22'], ['333', '4']]).split('\n');
+    const lines = textTable(
+      ['a', 'P̂ x'],
+      [
+        ['1', '22'],
+        ['333', '4'],
+      ],
+    ).split('\n');
     expect(lines).toEqual(['  a  P̂ x', '───  ───', '  1   22', '333    4']);
   });
 
@@ -19,7 +28,17 @@ describe('tables', () => {
     const lines = metricsTable([row(0, 0.5, 0.8), row(1, 0.625, 0.9)]).split('\n');
     expect(lines).toHaveLength(4);
     expect(lines[0]).toMatch(/^iteration\s+win rate vs base\s+vs previous\s+mean quality/);
-    expect(lines[3].trim().split(/\s{2,}/)).toEqual(['1', '0.625 ± 0.010', '–', '0.900', '1.00/0.00/0.00/0.00', '0.500 / 0.250', '–', '5.0', '2.0']);
+    expect(lines[3].trim().split(/\s{2,}/)).toEqual([
+      '1',
+      '0.625 ± 0.010',
+      '–',
+      '0.900',
+      '1.00/0.00/0.00/0.00',
+      '0.500 / 0.250',
+      '–',
+      '5.0',
+      '2.0',
+    ]);
   });
 
   it('compareTable puts the runs side by side, a missing iteration as a dash', () => {

@@ -5,7 +5,11 @@ import { describe, expect, it } from 'vitest';
 import { z } from 'zod';
 import { parseConfig, runConfigSchema } from '../lib/config/index.js';
 import {
-  DEFAULT_JUDGE_CONCURRENCY, DEFAULT_STYLED_REVERSAL, HTTP_JUDGE_DEFAULTS, LM_JUDGE_DEFAULTS, REWARD_MODEL_DEFAULTS,
+  DEFAULT_JUDGE_CONCURRENCY,
+  DEFAULT_STYLED_REVERSAL,
+  HTTP_JUDGE_DEFAULTS,
+  LM_JUDGE_DEFAULTS,
+  REWARD_MODEL_DEFAULTS,
 } from '../lib/preference/index.js';
 
 interface JsonSchema {
@@ -43,12 +47,22 @@ describe('the schema as a document', () => {
 
   it('walks every judge and every nested section', () => {
     const fields = (node: JsonSchema, at: string): string[] => [
-      ...[...(node.anyOf ?? []), ...(node.oneOf ?? [])].flatMap((o) => fields(o, `${at}[${(o.properties?.kind as { const?: string })?.const}]`)),
+      ...[...(node.anyOf ?? []), ...(node.oneOf ?? [])].flatMap((o) =>
+        fields(o, `${at}[${(o.properties?.kind as { const?: string })?.const}]`),
+      ),
       ...Object.entries(node.properties ?? {}).flatMap(([k, c]) => [`${at}.${k}`, ...fields(c, `${at}.${k}`)]),
     ];
     const all = fields(json, '');
-    for (const f of ['.preference[lm-judge].answerTokens', '.preference[http].timeoutMs', '.preference[styled-reversal].A', '.preference[function].module',
-      '.preference[reward-model].temperature', '.training.optimizer.lr', '.training.schedule.warmupRatio', '.sft.styles.R'])
+    for (const f of [
+      '.preference[lm-judge].answerTokens',
+      '.preference[http].timeoutMs',
+      '.preference[styled-reversal].A',
+      '.preference[function].module',
+      '.preference[reward-model].temperature',
+      '.training.optimizer.lr',
+      '.training.schedule.warmupRatio',
+      '.sft.styles.R',
+    ])
       expect(all).toContain(f);
   });
 });
@@ -59,12 +73,26 @@ describe("the judges' defaults are written once", () => {
 
   it('a resolved config holds the runtime defaults', () => {
     expect(preference({ kind: 'lm-judge', path: 'j' })).toEqual({
-      kind: 'lm-judge', path: 'j', answerTokens: [...LM_JUDGE_DEFAULTS.answerTokens], chatTemplate: LM_JUDGE_DEFAULTS.chatTemplate,
-      batchSize: LM_JUDGE_DEFAULTS.batchSize, maxSeq: LM_JUDGE_DEFAULTS.maxSeq, concurrency: DEFAULT_JUDGE_CONCURRENCY,
+      kind: 'lm-judge',
+      path: 'j',
+      answerTokens: [...LM_JUDGE_DEFAULTS.answerTokens],
+      chatTemplate: LM_JUDGE_DEFAULTS.chatTemplate,
+      batchSize: LM_JUDGE_DEFAULTS.batchSize,
+      maxSeq: LM_JUDGE_DEFAULTS.maxSeq,
+      concurrency: DEFAULT_JUDGE_CONCURRENCY,
     });
-    expect(preference({ kind: 'reward-model', path: 'r' })).toEqual({ kind: 'reward-model', path: 'r', ...REWARD_MODEL_DEFAULTS, concurrency: DEFAULT_JUDGE_CONCURRENCY });
+    expect(preference({ kind: 'reward-model', path: 'r' })).toEqual({
+      kind: 'reward-model',
+      path: 'r',
+      ...REWARD_MODEL_DEFAULTS,
+      concurrency: DEFAULT_JUDGE_CONCURRENCY,
+    });
     expect(preference({ kind: 'http', baseUrl: 'http://x/v1', model: 'm' })).toEqual({
-      kind: 'http', baseUrl: 'http://x/v1', model: 'm', ...HTTP_JUDGE_DEFAULTS, concurrency: DEFAULT_JUDGE_CONCURRENCY,
+      kind: 'http',
+      baseUrl: 'http://x/v1',
+      model: 'm',
+      ...HTTP_JUDGE_DEFAULTS,
+      concurrency: DEFAULT_JUDGE_CONCURRENCY,
     });
     const { A, ...params } = DEFAULT_STYLED_REVERSAL;
     expect(preference({ kind: 'styled-reversal' })).toEqual({ kind: 'styled-reversal', ...params, concurrency: DEFAULT_JUDGE_CONCURRENCY });

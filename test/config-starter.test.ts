@@ -8,13 +8,26 @@ import { demoConfigInput, parseConfig, type RunConfigInput } from '../lib/index.
 const hf = { model: { path: 'models/m' }, data: { prompts: 'p.jsonl', evalSize: 3 } } as const;
 const INPUTS: RunConfigInput[] = [
   demoConfigInput(),
-  { ...demoConfigInput(), preference: { kind: 'styled-reversal', A: [[0, 1, -1], [-1, 0, 1], [1, -1, 0]], alphabet: 'xyz: "#' } },
+  {
+    ...demoConfigInput(),
+    preference: {
+      kind: 'styled-reversal',
+      A: [
+        [0, 1, -1],
+        [-1, 0, 1],
+        [1, -1, 0],
+      ],
+      alphabet: 'xyz: "#',
+    },
+  },
   { ...hf, preference: { kind: 'http', baseUrl: 'http://h:1/v1', model: 'j', system: 'Be fair.\nReally.', template: '{prompt} {a} {b}' } },
   { ...hf, preference: { kind: 'lm-judge', path: 'judge', answerTokens: [',', 'x: y'], chatTemplate: false } },
   { ...hf, preference: { kind: 'reward-model', path: 'rm', temperature: 0.5 } },
   {
-    ...hf, preference: { kind: 'function', module: 'j.mjs', id: 'v2' },
-    training: { loss: 'dpo', optimizer: { kind: 'adamw', beta1: 0.8, eps: 1e-6 }, schedule: { kind: 'cosine' } }, run: { seed: 7 },
+    ...hf,
+    preference: { kind: 'function', module: 'j.mjs', id: 'v2' },
+    training: { loss: 'dpo', optimizer: { kind: 'adamw', beta1: 0.8, eps: 1e-6 }, schedule: { kind: 'cosine' } },
+    run: { seed: 7 },
   },
 ];
 

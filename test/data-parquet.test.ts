@@ -22,7 +22,11 @@ interface Column {
 }
 
 const CODEC_ID: Record<Codec, number> = { UNCOMPRESSED: 0, SNAPPY: 1, GZIP: 2 };
-const T_I32 = 5, T_I64 = 6, T_BINARY = 8, T_LIST = 9, T_STRUCT = 12;
+const T_I32 = 5,
+  T_I64 = 6,
+  T_BINARY = 8,
+  T_LIST = 9,
+  T_STRUCT = 12;
 
 /** Thrift compact protocol, just the parts a Parquet footer and page header use. */
 class Thrift {
@@ -170,9 +174,13 @@ function writeParquet(file: string, columns: Column[], options: { codec?: Codec;
       const raw = pageData(col, values);
       const stored = compress(raw, codec);
       const header = Thrift.struct((t) =>
-        t.i32(1, 0).i32(2, raw.length).i32(3, stored.length).struct(5, () => {
-          t.i32(1, values.length).i32(2, 0).i32(3, 3).i32(4, 3);
-        }),
+        t
+          .i32(1, 0)
+          .i32(2, raw.length)
+          .i32(3, stored.length)
+          .struct(5, () => {
+            t.i32(1, values.length).i32(2, 0).i32(3, 3).i32(4, 3);
+          }),
       );
       const offset = body.length;
       body.push(...header, ...stored);
@@ -186,8 +194,10 @@ function writeParquet(file: string, columns: Column[], options: { codec?: Codec;
     t.listStruct(2, [null, ...columns], (col) => {
       if (col === null) t.binary(4, 'schema').i32(5, columns.length);
       else {
-        t.i32(1, col.type === 'string' ? 6 : 2).i32(3, col.optional ? 1 : 0).binary(4, col.name);
-        if (col.type === 'string') t.i32(6, 0);  // converted type UTF8
+        t.i32(1, col.type === 'string' ? 6 : 2)
+          .i32(3, col.optional ? 1 : 0)
+          .binary(4, col.name);
+        if (col.type === 'string') t.i32(6, 0); // converted type UTF8
       }
     });
     t.i64(3, numRows);
@@ -204,7 +214,10 @@ function writeParquet(file: string, columns: Column[], options: { codec?: Codec;
             .i64(9, c.offset);
         });
       });
-      t.i64(2, rg.chunks.reduce((s, c) => s + c.raw, 0)).i64(3, rg.rows);
+      t.i64(
+        2,
+        rg.chunks.reduce((s, c) => s + c.raw, 0),
+      ).i64(3, rg.rows);
     });
     t.binary(6, 'sppo-engine test writer');
   });
@@ -238,10 +251,14 @@ describe('Parquet prompt sets', () => {
 
   it('reads a nullable (OPTIONAL) column without nulls, and another column by name', async () => {
     const file = join(dir, 'optional.parquet');
-    writeParquet(file, [
-      { name: 'instruction', type: 'string', optional: true, values: ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i'] },
-      { name: 'prompt', type: 'int64', values: [1, 2, 3, 4, 5, 6, 7, 8, 9] },
-    ], { codec: 'GZIP' });
+    writeParquet(
+      file,
+      [
+        { name: 'instruction', type: 'string', optional: true, values: ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i'] },
+        { name: 'prompt', type: 'int64', values: [1, 2, 3, 4, 5, 6, 7, 8, 9] },
+      ],
+      { codec: 'GZIP' },
+    );
     expect(await readParquetPrompts(file, { column: 'instruction' })).toEqual(['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i']);
   });
 
@@ -255,7 +272,10 @@ describe('Parquet prompt sets', () => {
 
   it('names the missing column and lists the ones there are', async () => {
     const file = join(dir, 'noprompt.parquet');
-    writeParquet(file, [{ name: 'instruction', type: 'string', values: ['x'] }, { name: 'output', type: 'string', values: ['y'] }]);
+    writeParquet(file, [
+      { name: 'instruction', type: 'string', values: ['x'] },
+      { name: 'output', type: 'string', values: ['y'] },
+    ]);
     await expect(loadPrompts(file)).rejects.toThrow(/no 'prompt' column \(columns: instruction, output\)/);
   });
 

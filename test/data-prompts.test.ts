@@ -37,7 +37,16 @@ describe('JSONL prompt sets', () => {
   });
 
   it('reports every malformed line with its line number', async () => {
-    const text = ['{"prompt": "ok"}', '{"prompt": "unterminated}', '', '["prompt"]', '{"text": "no prompt"}', '{"prompt": 42}', '{"prompt": "   "}', '{"prompt": null}'].join('\n');
+    const text = [
+      '{"prompt": "ok"}',
+      '{"prompt": "unterminated}',
+      '',
+      '["prompt"]',
+      '{"text": "no prompt"}',
+      '{"prompt": 42}',
+      '{"prompt": "   "}',
+      '{"prompt": null}',
+    ].join('\n');
     const err = await loadPrompts(file('bad.jsonl', text)).catch((e: unknown) => e);
     const msg = (err as Error).message;
     expect(msg).toMatch(/bad\.jsonl: 6 bad row\(s\):/);
@@ -99,8 +108,12 @@ describe('splitPrompts', () => {
 
   it('refuses splits that cannot be made', () => {
     expect(() => splitPrompts([], { iterations: 1, evalSize: 0, seed: 1 })).toThrow(/the prompt set is empty/);
-    expect(() => splitPrompts(prompts, { iterations: 3, evalSize: 101, seed: 1 })).toThrow(/103 prompts cannot give 101 for evaluation and at least one to each of 3 iterations/);
-    expect(() => splitPrompts(prompts, { iterations: 3, evalSize: 10, seed: 1, promptsPerIteration: 40 })).toThrow(/3 iterations × 40 prompts need 120, but only 93 remain/);
+    expect(() => splitPrompts(prompts, { iterations: 3, evalSize: 101, seed: 1 })).toThrow(
+      /103 prompts cannot give 101 for evaluation and at least one to each of 3 iterations/,
+    );
+    expect(() => splitPrompts(prompts, { iterations: 3, evalSize: 10, seed: 1, promptsPerIteration: 40 })).toThrow(
+      /3 iterations × 40 prompts need 120, but only 93 remain/,
+    );
     expect(() => splitPrompts(prompts, { iterations: 0, evalSize: 0, seed: 1 })).toThrow(/iterations must be an integer ≥ 1/);
     expect(() => splitPrompts(prompts, { iterations: 1, evalSize: -1, seed: 1 })).toThrow(/evalSize must be an integer ≥ 0/);
     expect(() => splitPrompts(prompts, { iterations: 1, evalSize: 0, seed: 1.5 })).toThrow(/seed must be an integer/);

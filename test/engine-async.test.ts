@@ -64,7 +64,9 @@ describe('event loop responsiveness', () => {
       expect(longest.ticks).toBeGreaterThanOrEqual(Math.floor(longest.ms / 10 / 3));
       expect(during.length).toBeGreaterThanOrEqual(Math.floor(elapsed / 10 / 3));
       expect(maxGap).toBeLessThan(100);
-      console.log(`event loop: step ${longest.ms.toFixed(0)} ms, ${during.length} ticks in ${elapsed.toFixed(0)} ms, max gap ${maxGap.toFixed(1)} ms`);
+      console.log(
+        `event loop: step ${longest.ms.toFixed(0)} ms, ${during.length} ticks in ${elapsed.toFixed(0)} ms, max gap ${maxGap.toFixed(1)} ms`,
+      );
     } finally {
       clearInterval(timer);
     }

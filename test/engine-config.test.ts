@@ -61,7 +61,9 @@ describe('model config validation', () => {
   it('rejects a missing required field and a non-positive size', () => {
     const { vocab_size: _, ...noVocab } = tinyConfig();
     expect(createError(noVocab).message).toMatch(/config\.vocab_size must be a positive integer/);
-    expect(createError({ ...tinyConfig(), num_hidden_layers: 0 }).message).toMatch(/config\.num_hidden_layers must be a positive integer, got 0/);
+    expect(createError({ ...tinyConfig(), num_hidden_layers: 0 }).message).toMatch(
+      /config\.num_hidden_layers must be a positive integer, got 0/,
+    );
     expect(createError({ ...tinyConfig(), seed: -3 }).message).toContain('config.seed');
   });
 
@@ -153,10 +155,18 @@ describe('optimizer validation', () => {
   const cases: [string, object, RegExp][] = [
     ["kind 'sgd'", { kind: 'sgd' }, /optimizer\.kind must be 'adamw' or 'rmsprop', got 'sgd'/],
     ['negative lr', { lr: -0.1 }, /optimizer\.lr must be a finite number >= 0, got -0\.1/],
-    ['linear schedule without totalSteps', { schedule: { kind: 'linear', warmupSteps: 2 } }, /optimizer\.schedule\.totalSteps must be a positive integer/],
+    [
+      'linear schedule without totalSteps',
+      { schedule: { kind: 'linear', warmupSteps: 2 } },
+      /optimizer\.schedule\.totalSteps must be a positive integer/,
+    ],
     ['unknown optimizer key', { lr: 1e-3, momentum: 0.9 }, /optimizer has an unknown field 'momentum'/],
     ['unknown schedule key', { schedule: { kind: 'cosine', totalSteps: 5, decay: 1 } }, /optimizer\.schedule has an unknown field 'decay'/],
-    ['warmup longer than the schedule', { schedule: { kind: 'linear', warmupSteps: 9, totalSteps: 5 } }, /warmupSteps \(9\) exceeds totalSteps \(5\)/],
+    [
+      'warmup longer than the schedule',
+      { schedule: { kind: 'linear', warmupSteps: 9, totalSteps: 5 } },
+      /warmupSteps \(9\) exceeds totalSteps \(5\)/,
+    ],
     ['gradAccumSteps 0', { gradAccumSteps: 0 }, /optimizer\.gradAccumSteps must be an integer >= 1/],
     ['beta1 = 1', { beta1: 1 }, /optimizer\.beta1 must be in \[0, 1\)/],
     ['string lr', { lr: '0.1' }, /optimizer\.lr must be a number, got a string/],
@@ -192,15 +202,39 @@ describe('optimizer validation', () => {
 describe('type checks made in TypeScript before the addon', () => {
   const cases: [string, () => unknown, RegExp][] = [
     ['a config that is not an object', () => Model.create(7 as never, PLAN), /^config must be an object$/],
-    ['a size beyond 32 bits', () => Model.create({ ...tinyConfig(), vocab_size: 2 ** 31 }, PLAN), /config\.vocab_size is out of range \(a 32-bit integer\), got 2147483648/],
-    ['a string boolean', () => Model.create({ ...tinyConfig(), attention_bias: 'yes' as never }, PLAN), /config\.attention_bias must be a boolean, got a string/],
+    [
+      'a size beyond 32 bits',
+      () => Model.create({ ...tinyConfig(), vocab_size: 2 ** 31 }, PLAN),
+      /config\.vocab_size is out of range \(a 32-bit integer\), got 2147483648/,
+    ],
+    [
+      'a string boolean',
+      () => Model.create({ ...tinyConfig(), attention_bias: 'yes' as never }, PLAN),
+      /config\.attention_bias must be a boolean, got a string/,
+    ],
     ['a fractional seed', () => Model.create({ ...tinyConfig(), seed: 1.5 }, PLAN), /config\.seed must be an integer, got 1\.5/],
-    ['rope_scaling that is not an object', () => Model.create({ ...tinyConfig(), rope_scaling: 'linear' as never }, PLAN), /config\.rope_scaling must be an object, got a string/],
-    ['a numeric rope_type', () => Model.create({ ...tinyConfig(), rope_scaling: { rope_type: 3 as never } }, PLAN), /config\.rope_scaling\.rope_type must be a string, got a number/],
+    [
+      'rope_scaling that is not an object',
+      () => Model.create({ ...tinyConfig(), rope_scaling: 'linear' as never }, PLAN),
+      /config\.rope_scaling must be an object, got a string/,
+    ],
+    [
+      'a numeric rope_type',
+      () => Model.create({ ...tinyConfig(), rope_scaling: { rope_type: 3 as never } }, PLAN),
+      /config\.rope_scaling\.rope_type must be a string, got a number/,
+    ],
     ['a plan that is not an object', () => Model.create(tinyConfig(), null as never), /^plan must be an object$/],
-    ['a string maxSeq', () => Model.create(tinyConfig(), { maxBatch: 1, maxSeq: '8' as never }), /plan\.maxSeq must be a number, got a string/],
+    [
+      'a string maxSeq',
+      () => Model.create(tinyConfig(), { maxBatch: 1, maxSeq: '8' as never }),
+      /plan\.maxSeq must be a number, got a string/,
+    ],
     ['a numeric device', () => Model.create(tinyConfig(), PLAN, { device: 0 as never }), /options\.device must be a string, got a number/],
-    ['a string initialize', () => Model.create(tinyConfig(), PLAN, { initialize: 'no' as never }), /options\.initialize must be a boolean, got a string/],
+    [
+      'a string initialize',
+      () => Model.create(tinyConfig(), PLAN, { initialize: 'no' as never }),
+      /options\.initialize must be a boolean, got a string/,
+    ],
     ['a numeric preset name', () => presetConfigOf(3), /preset name must be a string, got a number/],
   ];
   for (const [what, call, msg] of cases)
@@ -219,7 +253,11 @@ describe('type checks made in TypeScript before the addon', () => {
     ['an optimizer that is an array', [] as never, /^optimizer must be an object$/],
     ['a fractional gradAccumSteps', { gradAccumSteps: 1.5 }, /optimizer\.gradAccumSteps must be an integer, got 1\.5/],
     ['a string schedule', { schedule: 'cosine' }, /optimizer\.schedule must be an object, got a string/],
-    ['a string totalSteps', { schedule: { kind: 'linear', totalSteps: '5' } }, /optimizer\.schedule\.totalSteps must be a number, got a string/],
+    [
+      'a string totalSteps',
+      { schedule: { kind: 'linear', totalSteps: '5' } },
+      /optimizer\.schedule\.totalSteps must be a number, got a string/,
+    ],
     ['an infinite weightDecay', { weightDecay: Infinity }, /optimizer\.weightDecay must be finite, got Infinity/],
   ];
   for (const [what, cfg, msg] of optimizerCases)

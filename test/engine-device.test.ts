@@ -84,7 +84,15 @@ function twins(cfg: ModelConfig, plan = { maxBatch: 4, maxSeq: 32 }): { cpu: Mod
 }
 
 describe.skipIf(!info.available)('CUDA backend against the CPU backend (GPU machines)', () => {
-  const cfg = tinyConfig({ vocab_size: 96, hidden_size: 64, num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 160, max_position_embeddings: 64, seed: 7 });
+  const cfg = tinyConfig({
+    vocab_size: 96,
+    hidden_size: 64,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    intermediate_size: 160,
+    max_position_embeddings: 64,
+    seed: 7,
+  });
 
   it('gives the same logits within bf16 tolerance (2e-2 of the largest logit)', async () => {
     const { cpu, gpu } = twins(cfg);
@@ -123,7 +131,7 @@ describe.skipIf(!info.available)('CUDA backend against the CPU backend (GPU mach
         // Compare the updates, not the weights: a relative error of the weights would hide them.
         const dx = x.map((v, i) => v - before[i]);
         const dy = y.map((v, i) => v - before[i]);
-        expect(dx.reduce((m, v) => Math.max(m, Math.abs(v)), 0)).toBeGreaterThan(1e-6);  // they did move
+        expect(dx.reduce((m, v) => Math.max(m, Math.abs(v)), 0)).toBeGreaterThan(1e-6); // they did move
         expect(relErr(dy, dx)).toBeLessThan(5e-2);
       }
     }
@@ -150,11 +158,18 @@ describe.skipIf(!info.available)('CUDA backend against the CPU backend (GPU mach
 
   it('reports running out of GPU memory as an error naming the allocation and its size', () => {
     // ~290 billion parameters: the bf16 weights alone exceed any GPU.
-    const huge = tinyConfig({ vocab_size: 1 << 20, hidden_size: 1 << 14, num_attention_heads: 128, num_key_value_heads: 128, intermediate_size: 1 << 16, num_hidden_layers: 64 });
+    const huge = tinyConfig({
+      vocab_size: 1 << 20,
+      hidden_size: 1 << 14,
+      num_attention_heads: 128,
+      num_key_value_heads: 128,
+      intermediate_size: 1 << 16,
+      num_hidden_layers: 64,
+    });
     expect(() => Model.create(huge, { maxBatch: 1, maxSeq: 8 }, { device: 'cuda', initialize: false })).toThrow(
       /cannot allocate the model's parameters .*out of memory.*MiB/,
     );
-    expect(create(cfg, 'cuda').device).toBe('cuda');  // and the device is still usable
+    expect(create(cfg, 'cuda').device).toBe('cuda'); // and the device is still usable
   });
 
   const dir = mkdtempSync(path.join(tmpdir(), 'sppo-demo-cuda-'));

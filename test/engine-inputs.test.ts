@@ -52,7 +52,11 @@ describe('bad batches are refused with a clear error and leave the model usable'
     ['an empty batch', () => [], /batch is empty/],
     ['ragged rows', () => [good[0], good[1].slice(0, 5)], /ragged batch: sequence 1 has 5 tokens but sequence 0 has 8/],
     ['a sequence longer than plan.maxSeq', () => [[...good[0], 1]], /sequence length 9 exceeds the planned maximum 8 \(plan\.maxSeq\)/],
-    ['more sequences than plan.maxBatch', () => [good[0], good[1], good[0]], /batch has 3 sequences; the model was planned for at most 2 \(plan\.maxBatch\)/],
+    [
+      'more sequences than plan.maxBatch',
+      () => [good[0], good[1], good[0]],
+      /batch has 3 sequences; the model was planned for at most 2 \(plan\.maxBatch\)/,
+    ],
     ['a non-integer token id', () => withToken(0, 2, 1.5), /token at sequence 0, position 2 is not an integer id: 1\.5/],
     ['a string token id', () => withToken(1, 0, '3' as unknown as number), /token at sequence 1, position 0 is not an integer id/],
     ['a row that is not an array', () => [good[0], 5], /batch row 1 is not an array/],
@@ -61,7 +65,11 @@ describe('bad batches are refused with a clear error and leave the model usable'
       () => ({ tokens: new Int32Array(15), batch: 2, seq: 8 }),
       /batch\.tokens has 15 elements but batch x seq = 2 x 8/,
     ],
-    ['a typed batch with a plain-array tokens field', () => ({ tokens: good.flat(), batch: 2, seq: 8 }), /batch\.tokens must be an Int32Array/],
+    [
+      'a typed batch with a plain-array tokens field',
+      () => ({ tokens: good.flat(), batch: 2, seq: 8 }),
+      /batch\.tokens must be an Int32Array/,
+    ],
   ];
   for (const kind of calls)
     for (const [what, input, msg] of cases) {
@@ -76,11 +84,27 @@ describe('bad batches are refused with a clear error and leave the model usable'
 describe('bad target masks are refused with a clear error and leave the model usable', () => {
   const tokens = Int32Array.from(good.flat());
   const cases: [string, () => unknown, RegExp][] = [
-    ['a typed mask of the wrong length', () => ({ tokens, batch: 2, seq: 8, targetMask: new Uint8Array(15) }), /targetMask has 15 elements, batch\.tokens has 16/],
-    ['a typed mask that is not a Uint8Array', () => ({ tokens, batch: 2, seq: 8, targetMask: new Array(16).fill(1) }), /batch\.targetMask must be a Uint8Array/],
+    [
+      'a typed mask of the wrong length',
+      () => ({ tokens, batch: 2, seq: 8, targetMask: new Uint8Array(15) }),
+      /targetMask has 15 elements, batch\.tokens has 16/,
+    ],
+    [
+      'a typed mask that is not a Uint8Array',
+      () => ({ tokens, batch: 2, seq: 8, targetMask: new Array(16).fill(1) }),
+      /batch\.targetMask must be a Uint8Array/,
+    ],
     ['a row mask with too few rows', () => ({ rows: good, targetMask: [good[0].map(() => 1)] }), /targetMask has 1 rows, the batch has 2/],
-    ['a row mask with a short row', () => ({ rows: good, targetMask: [good[0].map(() => 1), [1, 1]] }), /targetMask row 1 has 2 entries, sequences have 8/],
-    ['a row mask with a value other than 0/1', () => ({ rows: good, targetMask: good.map((r) => r.map(() => 2)) }), /targetMask at sequence 0, position 0 must be 0 or 1, got 2/],
+    [
+      'a row mask with a short row',
+      () => ({ rows: good, targetMask: [good[0].map(() => 1), [1, 1]] }),
+      /targetMask row 1 has 2 entries, sequences have 8/,
+    ],
+    [
+      'a row mask with a value other than 0/1',
+      () => ({ rows: good, targetMask: good.map((r) => r.map(() => 2)) }),
+      /targetMask at sequence 0, position 0 must be 0 or 1, got 2/,
+    ],
     [
       // position 0 is never a target, so a mask that only sets position 0 selects nothing
       'a mask selecting no targets',
@@ -110,7 +134,9 @@ describe('bad parameter values are refused and leave the parameter unchanged', (
   });
 
   it('setParam with the wrong length names both sizes and changes nothing', async () => {
-    expect(() => model.setParam('model.norm.weight', new Float32Array(5))).toThrow(/parameter 'model\.norm\.weight' has 32 elements, got 5/);
+    expect(() => model.setParam('model.norm.weight', new Float32Array(5))).toThrow(
+      /parameter 'model\.norm\.weight' has 32 elements, got 5/,
+    );
     expect(() => model.setParam('model.norm.weight', new Float32Array(33))).toThrow(/has 32 elements, got 33/);
     await expectUnchanged();
   });
@@ -136,7 +162,10 @@ describe('a failed training step discards its gradients', () => {
     // a: one micro-batch accumulated, then a step whose loss overflows to a non-finite value
     expect((await a.trainStep(good)).stepped).toBe(false);
     const head = a.getParam('lm_head.weight');
-    a.setParam('lm_head.weight', head.map((_, i) => (i % 2 ? 3e38 : -3e38)));
+    a.setParam(
+      'lm_head.weight',
+      head.map((_, i) => (i % 2 ? 3e38 : -3e38)),
+    );
     const before = snapshot(a);
     const err = await errorOf(() => a.trainStep(other));
     expect(err.message).toMatch(/training loss is not finite/);
@@ -161,9 +190,17 @@ describe('argument types are checked before the addon and leave the model usable
   const examples = [{ prompt: [1, 2], response: [3, 4], refLogp: -3, target: 0.5 }];
   const cases: [string, () => unknown, RegExp][] = [
     ['a numeric parameter name for getParam', () => model.getParam(3 as never), /parameter name must be a string, got a number/],
-    ['a numeric parameter name for setParam', () => model.setParam(3 as never, new Float32Array(32)), /parameter name must be a string, got a number/],
+    [
+      'a numeric parameter name for setParam',
+      () => model.setParam(3 as never, new Float32Array(32)),
+      /parameter name must be a string, got a number/,
+    ],
     ['a non-boolean perToken', () => model.sequenceLogprobs(items, { perToken: 1 as never }), /perToken must be a boolean, got a number/],
-    ['a string eta', () => model.evalPreference({ examples }, { loss: 'sppo', eta: '1000' as never }), /eta must be a number, got a string/],
+    [
+      'a string eta',
+      () => model.evalPreference({ examples }, { loss: 'sppo', eta: '1000' as never }),
+      /eta must be a number, got a string/,
+    ],
     ['a missing eta', () => model.preferenceStep({ examples }, { loss: 'sppo' } as never), /eta must be a number, got undefined/],
   ];
   for (const [what, call, msg] of cases)

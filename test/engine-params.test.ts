@@ -83,8 +83,16 @@ describe('params(): Hugging Face names and shapes', () => {
     for (const p of m.params()) {
       const v = m.getParam(p.name);
       expect(v.length, p.name).toBe(product(p.shape));
-      if (p.name.endsWith('norm.weight')) expect(v.every((x) => x === 1), p.name).toBe(true);
-      else if (p.name.endsWith('.bias')) expect(v.every((x) => x === 0), p.name).toBe(true);
+      if (p.name.endsWith('norm.weight'))
+        expect(
+          v.every((x) => x === 1),
+          p.name,
+        ).toBe(true);
+      else if (p.name.endsWith('.bias'))
+        expect(
+          v.every((x) => x === 0),
+          p.name,
+        ).toBe(true);
     }
     // matrices ~ N(0, initializer_range): check the sample std of the largest one
     const e = m.getParam('model.embed_tokens.weight');
@@ -146,11 +154,24 @@ describe('setParam / getParam', () => {
     const m = create(biasUntied);
     const rows = randomRows(prng(4), 2, 8, biasUntied.vocab_size);
     const a = await m.forward(rows, { output: 'both' });
-    m.setParam('model.norm.weight', m.getParam('model.norm.weight').map((x) => 2 * x));
+    m.setParam(
+      'model.norm.weight',
+      m.getParam('model.norm.weight').map((x) => 2 * x),
+    );
     const b = await m.forward(rows, { output: 'both' });
     // a power-of-two scale commutes with float rounding, so the doubling is exact
-    expect(bitsEqual(b.hidden!, a.hidden!.map((x) => 2 * x))).toBe(true);
-    expect(bitsEqual(b.logits!, a.logits!.map((x) => 2 * x))).toBe(true);
+    expect(
+      bitsEqual(
+        b.hidden!,
+        a.hidden!.map((x) => 2 * x),
+      ),
+    ).toBe(true);
+    expect(
+      bitsEqual(
+        b.logits!,
+        a.logits!.map((x) => 2 * x),
+      ),
+    ).toBe(true);
   });
 
   it('setParam on an attention weight changes the logits of later positions only', async () => {
@@ -158,7 +179,10 @@ describe('setParam / getParam', () => {
     const rows = randomRows(prng(5), 1, 8, biasUntied.vocab_size);
     const a = (await m.forward(rows)).logits!;
     const name = 'model.layers.1.self_attn.v_proj.weight';
-    m.setParam(name, m.getParam(name).map((x, i) => x + (i % 3) * 0.05));
+    m.setParam(
+      name,
+      m.getParam(name).map((x, i) => x + (i % 3) * 0.05),
+    );
     const b = (await m.forward(rows)).logits!;
     const V = biasUntied.vocab_size;
     const diff = (t: number) => Math.max(...Array.from({ length: V }, (_, j) => Math.abs(a[t * V + j] - b[t * V + j])));
@@ -226,7 +250,7 @@ describe('the output head', () => {
     expect(bitsEqual(both.hidden!, h.hidden!)).toBe(true);
   });
 
-  it('causal: a row\'s outputs depend only on earlier tokens, and rows are independent', async () => {
+  it("causal: a row's outputs depend only on earlier tokens, and rows are independent", async () => {
     const m = create(biasUntied);
     const V = biasUntied.vocab_size;
     const rows = randomRows(prng(12), 2, 8, V);
@@ -246,10 +270,18 @@ describe('Model.create({ initialize: false })', () => {
     const blank = Model.create(tinyConfig(), { maxBatch: 1, maxSeq: 8 }, { initialize: false });
     const drawn = Model.create(tinyConfig(), { maxBatch: 1, maxSeq: 8 });
     for (const { name } of blank.params()) {
-      expect(blank.getParam(name).every((v) => v === 0), name).toBe(true);
-      expect(drawn.getParam(name).some((v) => v !== 0), name).toBe(true);
+      expect(
+        blank.getParam(name).every((v) => v === 0),
+        name,
+      ).toBe(true);
+      expect(
+        drawn.getParam(name).some((v) => v !== 0),
+        name,
+      ).toBe(true);
     }
-    expect(() => Model.create(tinyConfig(), { maxBatch: 1, maxSeq: 8 }, { initialise: false } as never)).toThrow(/options has an unknown field 'initialise'/);
+    expect(() => Model.create(tinyConfig(), { maxBatch: 1, maxSeq: 8 }, { initialise: false } as never)).toThrow(
+      /options has an unknown field 'initialise'/,
+    );
     await blank.dispose();
     await drawn.dispose();
   });

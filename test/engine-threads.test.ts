@@ -7,7 +7,10 @@ import { numThreads, setNumThreads } from '../lib/index.js';
 
 const child = fileURLToPath(new URL('./fixtures/engine-threads-child.mts', import.meta.url));
 
-function runChild(args: string[], timeoutMs: number): Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string; timedOut: boolean }> {
+function runChild(
+  args: string[],
+  timeoutMs: number,
+): Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string; timedOut: boolean }> {
   return new Promise((resolve) => {
     const p = spawn(process.execPath, ['--import', 'tsx', child, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';

@@ -78,8 +78,7 @@ describe('learning', () => {
 
     const init = (await m.evalLoss(heldOut)).loss;
     m.setOptimizer({ lr: 1e-2 });
-    for (let epoch = 0; epoch < 4; epoch++)
-      for (let i = 0; i < train.length; i += 8) await m.trainStep(train.slice(i, i + 8));
+    for (let epoch = 0; epoch < 4; epoch++) for (let i = 0; i < train.length; i += 8) await m.trainStep(train.slice(i, i + 8));
     const held = (await m.evalLoss(heldOut)).loss;
     const optimum = chain.crossEntropy(heldOut); // the true chain's loss on the same tokens (~1.03)
     const uniform = Math.log(V); // 2.77

@@ -8,9 +8,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { alignWithHouseStyle, houseStyle } from '../examples/embed-in-a-tool.js';
 import { runConfigured } from '../examples/run-config.js';
 import { makeMistralChatModel } from './fixtures/mistral-tokenizer.js';
-import {
-  demoConfigInput, loadConfig, loadPrompts, Model, parseConfig, RunDir, savePretrained, splitPrompts,
-} from '../lib/index.js';
+import { demoConfigInput, loadConfig, loadPrompts, Model, parseConfig, RunDir, savePretrained, splitPrompts } from '../lib/index.js';
 
 const examples = path.resolve(import.meta.dirname, '../examples');
 const configs = readdirSync(path.join(examples, 'configs')).filter((f) => /\.(ya?ml|json)$/.test(f));
@@ -44,7 +42,15 @@ afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 /** A chat model directory: random Llama weights, the Mistral-7B tokenizer and chat template. */
 async function tinyChatModel(dir: string): Promise<void> {
   const model = Model.create(
-    { vocab_size: 32000, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32, max_position_embeddings: 512, seed: 5 },
+    {
+      vocab_size: 32000,
+      hidden_size: 16,
+      num_hidden_layers: 1,
+      num_attention_heads: 2,
+      intermediate_size: 32,
+      max_position_embeddings: 512,
+      seed: 5,
+    },
     { maxBatch: 1, maxSeq: 8 },
   );
   try {
@@ -63,7 +69,12 @@ describe('examples/*.ts', () => {
     const lines: string[] = [];
     const maxNewTokens = 6;
     const aligned = await alignWithHouseStyle({
-      modelDir, promptsFile: path.join(examples, 'prompts.jsonl'), runDir, iterations: 1, maxNewTokens, log: (l) => lines.push(l),
+      modelDir,
+      promptsFile: path.join(examples, 'prompts.jsonl'),
+      runDir,
+      iterations: 1,
+      maxNewTokens,
+      log: (l) => lines.push(l),
     });
     expect(aligned.metrics.map((m) => m.iteration)).toEqual([0, 1]);
     expect(lines).toHaveLength(2);

@@ -31,7 +31,7 @@ function logSoftmaxAt(logits: Float32Array, offset: number, V: number, j: number
 
 function same(a: GeneratedSequence, b: GeneratedSequence): void {
   expect(Array.from(a.tokens)).toEqual(Array.from(b.tokens));
-  expect(Array.from(a.logprobs)).toEqual(Array.from(b.logprobs));  // bitwise: same doubles
+  expect(Array.from(a.logprobs)).toEqual(Array.from(b.logprobs)); // bitwise: same doubles
   expect(a.stopReason).toBe(b.stopReason);
 }
 
@@ -41,7 +41,12 @@ describe('generate', () => {
     const gen = m.createGenerator({ maxBatch: 4, maxContext: 48 });
     // Temperature and truncation change the draw, never the recorded log-prob.
     const out = await gen.generate(prompts, { ...sampling, temperature: 1.6, topK: 5 });
-    expect(out.map((s) => [s.prompt, s.sample])).toEqual([[0, 0], [1, 0], [2, 0], [3, 0]]);
+    expect(out.map((s) => [s.prompt, s.sample])).toEqual([
+      [0, 0],
+      [1, 0],
+      [2, 0],
+      [3, 0],
+    ]);
     const scored = await m.sequenceLogprobs(
       out.map((s) => ({ prompt: prompts[s.prompt], response: Array.from(s.tokens) })),
       { perToken: true },
@@ -171,7 +176,7 @@ describe('generate', () => {
     const batch = randomRows(rand, 2, 8, cfg.vocab_size);
     const [during, step] = await Promise.all([gen.generate(prompts, sampling), m.trainStep(batch)]);
     expect(step.stepped).toBe(true);
-    during.forEach((s, i) => same(s, before[i]));  // generated before the step changed the weights
+    during.forEach((s, i) => same(s, before[i])); // generated before the step changed the weights
     const after = await gen.generate(prompts, sampling);
     expect(after.some((s, i) => s.logprobs[0] !== before[i].logprobs[0])).toBe(true);
     await gen.dispose();
@@ -191,26 +196,18 @@ describe('generate', () => {
     expect(await msg(prompts, { maxNewTokens: 8 })).toBe(
       "sequence 1: prompt of 17 tokens + maxNewTokens 8 exceeds the generator's maxContext 24",
     );
-    expect(await msg([[1, 2, 40]], { maxNewTokens: 2 })).toBe(
-      'token id 40 at sequence 0, position 2 is out of range [0, 32)',
-    );
-    expect(await msg([[1], []], { maxNewTokens: 2 })).toBe(
-      'prompt of sequence 1 is empty (generation needs at least one token)',
-    );
+    expect(await msg([[1, 2, 40]], { maxNewTokens: 2 })).toBe('token id 40 at sequence 0, position 2 is out of range [0, 32)');
+    expect(await msg([[1], []], { maxNewTokens: 2 })).toBe('prompt of sequence 1 is empty (generation needs at least one token)');
     expect(await msg([], {})).toBe('no prompts to generate from');
     expect(await msg([[1, 2.5]], {})).toBe('token at prompt 0, position 1 is not an integer id: 2.5');
     expect(await msg([[1]], { stopTokens: [3, 32] })).toBe('stop token 32 (stopTokens[1]) is out of range [0, 32)');
     expect(await msg([[1]], { samplesPerPrompt: 0 })).toBe('samplesPerPrompt must be a positive integer, got 0');
-    expect(await msg([[1], [2]], { seed: [1] })).toBe(
-      'seed has 1 entries for 2 prompts (give one number, or one per prompt)',
-    );
+    expect(await msg([[1], [2]], { seed: [1] })).toBe('seed has 1 entries for 2 prompts (give one number, or one per prompt)');
     expect(await msg([[1]], { seed: -3 })).toBe('seed must be a non-negative safe integer, got -3');
     expect(() => m.createGenerator({ maxBatch: 2, maxContext: 100 })).toThrow(
       "generator plan.maxContext (100) exceeds the model's max_position_embeddings (64)",
     );
-    expect(() => m.createGenerator({ maxBatch: 0, maxContext: 10 })).toThrow(
-      'generator plan.maxBatch must be at least 1, got 0',
-    );
+    expect(() => m.createGenerator({ maxBatch: 0, maxContext: 10 })).toThrow('generator plan.maxBatch must be at least 1, got 0');
   });
 });
 
@@ -228,7 +225,9 @@ describe('Generator construction and argument types', () => {
 
   it('refuses plans and sampling options of the wrong types with TypeErrors naming the field', async () => {
     const m = model();
-    expect(() => m.createGenerator({ maxBatch: 1, maxContext: 8, maxSeq: 8 } as never)).toThrow(new TypeError("plan has an unknown field 'maxSeq'"));
+    expect(() => m.createGenerator({ maxBatch: 1, maxContext: 8, maxSeq: 8 } as never)).toThrow(
+      new TypeError("plan has an unknown field 'maxSeq'"),
+    );
     expect(() => m.createGenerator({ maxBatch: 1.5, maxContext: 8 })).toThrow(new TypeError('plan.maxBatch must be an integer, got 1.5'));
     const gen = m.createGenerator({ maxBatch: 2, maxContext: 24 });
     const err = async (o: GenerateOptions) => errorOf(() => gen.generate([[1, 2]], o));

@@ -59,7 +59,9 @@ function pipelineReached(roots: readonly string[]): string[] {
 }
 
 const tsFiles = (dir: string): string[] =>
-  readdirSync(path.join(root, dir)).filter((f) => f.endsWith('.ts')).map((f) => `${dir}${f}`);
+  readdirSync(path.join(root, dir))
+    .filter((f) => f.endsWith('.ts'))
+    .map((f) => `${dir}${f}`);
 
 describe('import graph', () => {
   it('reads every kind of import statement', () => {

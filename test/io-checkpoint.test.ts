@@ -6,9 +6,7 @@ import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, 
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
-import {
-  float32ToBf16, loadPretrained, Model, savePretrained, writeSafetensors, type ModelConfig, type Pretrained,
-} from '../lib/index.js';
+import { float32ToBf16, loadPretrained, Model, savePretrained, writeSafetensors, type ModelConfig, type Pretrained } from '../lib/index.js';
 import { prng, randomRows, tinyConfig } from './fixtures/engine-helpers.js';
 
 const root = mkdtempSync(path.join(tmpdir(), 'sppo-io-ckpt-'));
@@ -34,8 +32,14 @@ afterEach(async () => {
 
 const rows = randomRows(prng(9), 2, 12, 48);
 const untied = tinyConfig({ vocab_size: 48, tie_word_embeddings: false, seed: 3 });
-const tiedBias = tinyConfig({ vocab_size: 48, tie_word_embeddings: true, attention_bias: true, seed: 4,
-  rope_theta: 500000, rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 16 } });
+const tiedBias = tinyConfig({
+  vocab_size: 48,
+  tie_word_embeddings: true,
+  attention_bias: true,
+  seed: 4,
+  rope_theta: 500000,
+  rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 16 },
+});
 
 function expectSameModel(a: Model, b: Model, roundParam: (x: Float32Array) => Float32Array = (x) => x): void {
   expect(b.params()).toEqual(a.params());
@@ -53,7 +57,13 @@ describe('save → load round trip', () => {
     expect(written.map((f) => path.basename(f)).sort()).toEqual(['config.json', 'generation_config.json', 'model.safetensors']);
     expect(readdirSync(dir).sort()).toEqual(['config.json', 'generation_config.json', 'model.safetensors']);
     const cfg = json(path.join(dir, 'config.json'));
-    expect(cfg).toMatchObject({ architectures: ['LlamaForCausalLM'], model_type: 'llama', tie_word_embeddings: false, torch_dtype: 'float32', attention_bias: false });
+    expect(cfg).toMatchObject({
+      architectures: ['LlamaForCausalLM'],
+      model_type: 'llama',
+      tie_word_embeddings: false,
+      torch_dtype: 'float32',
+      attention_bias: false,
+    });
 
     const back = await load(dir);
     expect(back.architecture).toBe('LlamaForCausalLM');
@@ -70,13 +80,30 @@ describe('save → load round trip', () => {
     const shards = readdirSync(dir).filter((f) => /^model-\d{5}-of-\d{5}\.safetensors$/.test(f));
     expect(shards.length).toBeGreaterThan(3);
     expect(new Set(Object.values(index.weight_map))).toEqual(new Set(shards));
-    expect(Object.keys(index.weight_map).sort()).toEqual(m.params().map((p) => p.name).sort());
+    expect(Object.keys(index.weight_map).sort()).toEqual(
+      m
+        .params()
+        .map((p) => p.name)
+        .sort(),
+    );
     expect(index.weight_map['lm_head.weight']).toBeUndefined();
     expect(index.metadata.total_size).toBe(m.params().reduce((a, p) => a + p.shape.reduce((x, y) => x * y, 1) * 4, 0));
     expect(existsSync(path.join(dir, 'model.safetensors'))).toBe(false);
     const cfg = json(path.join(dir, 'config.json'));
-    expect(cfg).toMatchObject({ architectures: ['Qwen2ForCausalLM'], model_type: 'qwen2', use_sliding_window: false, tie_word_embeddings: true, rope_theta: 500000 });
-    expect(cfg.rope_scaling).toEqual({ rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 16 });
+    expect(cfg).toMatchObject({
+      architectures: ['Qwen2ForCausalLM'],
+      model_type: 'qwen2',
+      use_sliding_window: false,
+      tie_word_embeddings: true,
+      rope_theta: 500000,
+    });
+    expect(cfg.rope_scaling).toEqual({
+      rope_type: 'llama3',
+      factor: 8,
+      low_freq_factor: 1,
+      high_freq_factor: 4,
+      original_max_position_embeddings: 16,
+    });
 
     const back = await load(dir);
     expect(back.architecture).toBe('Qwen2ForCausalLM');
@@ -128,7 +155,9 @@ describe('save → load round trip', () => {
       },
     } as unknown as Model;
     await expect(savePretrained(failing, dir, { maxShardBytes: 3000 })).rejects.toThrow(/simulated write failure/);
-    await expect(savePretrained(other, dir, { architecture: 'Qwen2ForCausalLM' })).rejects.toThrow(/Qwen2ForCausalLM has q\/k\/v biases, but the model has none/);
+    await expect(savePretrained(other, dir, { architecture: 'Qwen2ForCausalLM' })).rejects.toThrow(
+      /Qwen2ForCausalLM has q\/k\/v biases, but the model has none/,
+    );
     expect(new Map(readdirSync(dir).map((f) => [f, readFileSync(path.join(dir, f))]))).toEqual(before);
   });
 });
@@ -144,10 +173,25 @@ describe('tokenizer and source files', () => {
     cpSync(path.join(pkg, 'tokenizer_config.json'), path.join(src, 'tokenizer_config.json'));
     writeFileSync(path.join(src, 'special_tokens_map.json'), JSON.stringify({ bos_token: '<|begin_of_text|>', eos_token: '<|eot_id|>' }));
     writeFileSync(path.join(src, 'chat_template.jinja'), '{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}');
-    writeFileSync(path.join(src, 'generation_config.json'), JSON.stringify({ bos_token_id: 128000, eos_token_id: [128001, 128009], do_sample: true }));
+    writeFileSync(
+      path.join(src, 'generation_config.json'),
+      JSON.stringify({ bos_token_id: 128000, eos_token_id: [128001, 128009], do_sample: true }),
+    );
     const cfg = json(path.join(src, 'config.json'));
-    writeFileSync(path.join(src, 'config.json'), JSON.stringify({ ...cfg, architectures: ['MistralForCausalLM'], model_type: 'mistral', sliding_window: 4096,
-      attention_bias: undefined, mlp_bias: undefined, bos_token_id: 128000, eos_token_id: 128001, transformers_version: '4.44.0' }));
+    writeFileSync(
+      path.join(src, 'config.json'),
+      JSON.stringify({
+        ...cfg,
+        architectures: ['MistralForCausalLM'],
+        model_type: 'mistral',
+        sliding_window: 4096,
+        attention_bias: undefined,
+        mlp_bias: undefined,
+        bos_token_id: 128000,
+        eos_token_id: 128001,
+        transformers_version: '4.44.0',
+      }),
+    );
 
     const p = await load(src);
     expect(p.architecture).toBe('MistralForCausalLM');
@@ -156,10 +200,22 @@ describe('tokenizer and source files', () => {
 
     const out = newDir('out');
     await savePretrained(p.model, out, { sourceDir: src });
-    for (const f of ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'chat_template.jinja', 'generation_config.json']) {
+    for (const f of [
+      'tokenizer.json',
+      'tokenizer_config.json',
+      'special_tokens_map.json',
+      'chat_template.jinja',
+      'generation_config.json',
+    ]) {
       expect(readFileSync(path.join(out, f)).equals(readFileSync(path.join(src, f))), f).toBe(true);
     }
-    expect(json(path.join(out, 'config.json'))).toMatchObject({ architectures: ['MistralForCausalLM'], model_type: 'mistral', sliding_window: 4096, bos_token_id: 128000, eos_token_id: 128001 });
+    expect(json(path.join(out, 'config.json'))).toMatchObject({
+      architectures: ['MistralForCausalLM'],
+      model_type: 'mistral',
+      sliding_window: 4096,
+      bos_token_id: 128000,
+      eos_token_id: 128001,
+    });
     // saving over the source directory itself works too
     await savePretrained(p.model, src, { sourceDir: src, dtype: 'bfloat16' });
     expect((await load(src)).tokenizer!.decode([9906, 1917])).toBe('Hello world');
@@ -175,21 +231,33 @@ describe('tokenizer and source files', () => {
 
 describe('checkpoints that do not fit', () => {
   /** A directory holding `config` and the given tensors (by default the model's own). */
-  async function checkpoint(config: ModelConfig, edit: (t: Map<string, { shape: number[]; data: Float32Array }>) => void, extraConfig = {}): Promise<string> {
+  async function checkpoint(
+    config: ModelConfig,
+    edit: (t: Map<string, { shape: number[]; data: Float32Array }>) => void,
+    extraConfig = {},
+  ): Promise<string> {
     const m = create(config);
     const dir = newDir('bad');
     await savePretrained(m, dir);
     const tensors = new Map(m.params().map((p) => [p.name, { shape: p.shape, data: m.getParam(p.name) }]));
     edit(tensors);
-    await writeSafetensors(path.join(dir, 'model.safetensors'), [...tensors].map(([name, t]) => ({ name, ...t })));
+    await writeSafetensors(
+      path.join(dir, 'model.safetensors'),
+      [...tensors].map(([name, t]) => ({ name, ...t })),
+    );
     writeFileSync(path.join(dir, 'config.json'), JSON.stringify({ ...json(path.join(dir, 'config.json')), ...extraConfig }));
     return dir;
   }
   const q0 = 'model.layers.0.self_attn.q_proj.weight';
 
   it('names missing tensors', async () => {
-    const dir = await checkpoint(untied, (t) => { t.delete(q0); t.delete('model.norm.weight'); });
-    await expect(load(dir)).rejects.toThrow(/lacks 2 tensor\(s\) the model needs: 'model.layers.0.self_attn.q_proj.weight', 'model.norm.weight'/);
+    const dir = await checkpoint(untied, (t) => {
+      t.delete(q0);
+      t.delete('model.norm.weight');
+    });
+    await expect(load(dir)).rejects.toThrow(
+      /lacks 2 tensor\(s\) the model needs: 'model.layers.0.self_attn.q_proj.weight', 'model.norm.weight'/,
+    );
   });
 
   it('requires lm_head.weight when untied', async () => {
@@ -200,13 +268,17 @@ describe('checkpoints that do not fit', () => {
   it('names unexpected tensors, but ignores rotary inv_freq buffers', async () => {
     const extra = await checkpoint(untied, (t) => t.set('model.layers.0.mlp.gate_proj.bias', { shape: [64], data: new Float32Array(64) }));
     await expect(load(extra)).rejects.toThrow(/has 1 tensor\(s\) the model does not: 'model.layers.0.mlp.gate_proj.bias'/);
-    const rotary = await checkpoint(untied, (t) => t.set('model.layers.0.self_attn.rotary_emb.inv_freq', { shape: [4], data: new Float32Array(4) }));
+    const rotary = await checkpoint(untied, (t) =>
+      t.set('model.layers.0.self_attn.rotary_emb.inv_freq', { shape: [4], data: new Float32Array(4) }),
+    );
     expect((await load(rotary)).model.getParam(q0).length).toBe(32 * 32);
   });
 
   it('gives both shapes on a mismatch', async () => {
     const dir = await checkpoint(untied, (t) => t.set(q0, { shape: [32, 16], data: new Float32Array(512) }));
-    await expect(load(dir)).rejects.toThrow(/model.safetensors: tensor 'model.layers.0.self_attn.q_proj.weight' has shape \[32, 16\] but the config gives \[32, 32\]/);
+    await expect(load(dir)).rejects.toThrow(
+      /model.safetensors: tensor 'model.layers.0.self_attn.q_proj.weight' has shape \[32, 16\] but the config gives \[32, 32\]/,
+    );
   });
 
   it('accepts a tied checkpoint that still carries lm_head.weight only when it equals the embedding', async () => {
@@ -214,11 +286,15 @@ describe('checkpoints that do not fit', () => {
     const same = await checkpoint(tied, (t) => t.set('lm_head.weight', t.get('model.embed_tokens.weight')!));
     await load(same);
     const differs = await checkpoint(tied, (t) => t.set('lm_head.weight', { shape: [48, 32], data: new Float32Array(48 * 32).fill(0.5) }));
-    await expect(load(differs)).rejects.toThrow(/tie_word_embeddings is true but 'lm_head.weight' differs from 'model.embed_tokens.weight' \(first at element 0\)/);
+    await expect(load(differs)).rejects.toThrow(
+      /tie_word_embeddings is true but 'lm_head.weight' differs from 'model.embed_tokens.weight' \(first at element 0\)/,
+    );
   });
 
   it('names a tensor with non-finite values', async () => {
-    const dir = await checkpoint(untied, (t) => { t.get('model.norm.weight')!.data[3] = NaN; });
+    const dir = await checkpoint(untied, (t) => {
+      t.get('model.norm.weight')!.data[3] = NaN;
+    });
     await expect(load(dir)).rejects.toThrow(/tensor 'model.norm.weight': .*(finite|NaN)/i);
   });
 

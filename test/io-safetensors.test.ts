@@ -6,9 +6,7 @@ import { mkdtempSync, rmSync, writeFileSync, readFileSync, openSync, ftruncateSy
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import {
-  CheckpointWeights, float32ToBf16, readSafetensors, SafetensorsError, SafetensorsFile, writeSafetensors,
-} from '../lib/index.js';
+import { CheckpointWeights, float32ToBf16, readSafetensors, SafetensorsError, SafetensorsFile, writeSafetensors } from '../lib/index.js';
 import { MAX_HEADER_BYTES, ReadScratch } from '../lib/io/safetensors.js';
 import { prng } from './fixtures/engine-helpers.js';
 
@@ -47,15 +45,19 @@ const randomData = (n: number, seed: number) => {
 };
 
 describe('writing and reading back', () => {
-  it('round-trips F32 tensors bit for bit, lazily produced data included, in transformers\' layout', async () => {
+  it("round-trips F32 tensors bit for bit, lazily produced data included, in transformers' layout", async () => {
     const a = randomData(12, 1);
     const b = randomData(5, 2);
     const file = fresh();
-    await writeSafetensors(file, [
-      { name: 'a', shape: [3, 4], data: a },
-      { name: 'b.bias', shape: [5], data: () => b },
-      { name: 'empty', shape: [0, 7], data: new Float32Array(0) },
-    ], { metadata: { note: 'x' } });
+    await writeSafetensors(
+      file,
+      [
+        { name: 'a', shape: [3, 4], data: a },
+        { name: 'b.bias', shape: [5], data: () => b },
+        { name: 'empty', shape: [0, 7], data: new Float32Array(0) },
+      ],
+      { metadata: { note: 'x' } },
+    );
     const bytes = readFileSync(file);
     const n = Number(bytes.readBigUInt64LE(0));
     expect(n % 8).toBe(0); // data section 8-byte aligned
@@ -75,8 +77,15 @@ describe('writing and reading back', () => {
 
   it('writes BF16 with round-to-nearest-even, NaN kept, overflow to infinity', async () => {
     const values = Float32Array.from([
-      1, -2.5, 1 + 2 ** -8, /* tie → even (1) */ 1 + 3 * 2 ** -8, /* tie → even (1 + 2^-6) */
-      1 + 2 ** -8 + 2 ** -20, /* above the tie → up */ 3.4e38, /* rounds past the max → inf */ NaN, -0, 1e-40,
+      1,
+      -2.5,
+      1 + 2 ** -8,
+      /* tie → even (1) */ 1 + 3 * 2 ** -8 /* tie → even (1 + 2^-6) */,
+      1 + 2 ** -8 + 2 ** -20,
+      /* above the tie → up */ 3.4e38,
+      /* rounds past the max → inf */ NaN,
+      -0,
+      1e-40,
     ]);
     const bits = float32ToBf16(values);
     const back = new Float32Array(new Uint32Array(Array.from(bits, (h) => h << 16)).buffer);
@@ -109,11 +118,14 @@ describe('writing and reading back', () => {
     data.set(new Uint8Array(halves.buffer), 0);
     data.set(new Uint8Array(f64.buffer), 16); // after 2 bytes of an I8 tensor below
     data.set(new Uint8Array(halves.buffer), 0);
-    const file = rawFile({
-      h: { dtype: 'F16', shape: [7], data_offsets: [0, 14] },
-      i: { dtype: 'I8', shape: [2], data_offsets: [14, 16] },
-      d: { dtype: 'F64', shape: [2], data_offsets: [16, 32] },
-    }, data);
+    const file = rawFile(
+      {
+        h: { dtype: 'F16', shape: [7], data_offsets: [0, 14] },
+        i: { dtype: 'I8', shape: [2], data_offsets: [14, 16] },
+        d: { dtype: 'F64', shape: [2], data_offsets: [16, 32] },
+      },
+      data,
+    );
     const f = await SafetensorsFile.open(file);
     expect(Array.from(await f.readFloat32('h'))).toEqual([1, -2, 65504, 2 ** -24, Infinity, 0.333251953125, -0]);
     expect(Array.from(await f.readFloat32('d'))).toEqual([Math.fround(0.1), -3]);
@@ -134,10 +146,29 @@ describe('writing and reading back', () => {
     const file = fresh();
     await writeSafetensors(file, [{ name: 'keep', shape: [2], data: Float32Array.from([1, 2]) }]);
     const before = readFileSync(file);
-    await expect(writeSafetensors(file, [{ name: 'x', shape: [3], data: new Float32Array(2) }])).rejects.toThrow(/'x': shape \[3\] has 3 elements but the data has 2/);
-    await expect(writeSafetensors(file, [{ name: 'x', shape: [1], data: new Float32Array(1) }, { name: 'x', shape: [1], data: new Float32Array(1) }])).rejects.toThrow(/listed twice/);
-    await expect(writeSafetensors(file, [{ name: '__metadata__', shape: [1], data: new Float32Array(1) }])).rejects.toThrow(/invalid tensor name/);
-    await expect(writeSafetensors(file, [{ name: 'x', shape: [1], data: () => { throw new Error('producer failed'); } }])).rejects.toThrow(/producer failed/);
+    await expect(writeSafetensors(file, [{ name: 'x', shape: [3], data: new Float32Array(2) }])).rejects.toThrow(
+      /'x': shape \[3\] has 3 elements but the data has 2/,
+    );
+    await expect(
+      writeSafetensors(file, [
+        { name: 'x', shape: [1], data: new Float32Array(1) },
+        { name: 'x', shape: [1], data: new Float32Array(1) },
+      ]),
+    ).rejects.toThrow(/listed twice/);
+    await expect(writeSafetensors(file, [{ name: '__metadata__', shape: [1], data: new Float32Array(1) }])).rejects.toThrow(
+      /invalid tensor name/,
+    );
+    await expect(
+      writeSafetensors(file, [
+        {
+          name: 'x',
+          shape: [1],
+          data: () => {
+            throw new Error('producer failed');
+          },
+        },
+      ]),
+    ).rejects.toThrow(/producer failed/);
     expect(readFileSync(file).equals(before)).toBe(true);
     expect(readdirSync(dir).filter((f) => f.includes('.tmp-'))).toEqual([]);
   });
@@ -146,7 +177,15 @@ describe('writing and reading back', () => {
 describe('malformed and hostile files', () => {
   const ok = { a: { dtype: 'F32', shape: [2], data_offsets: [0, 8] } };
   const cases: [string, () => string, RegExp][] = [
-    ['shorter than the length field', () => { const f = fresh(); writeFileSync(f, new Uint8Array(5)); return f; }, /5 bytes is too short for the 8-byte header length/],
+    [
+      'shorter than the length field',
+      () => {
+        const f = fresh();
+        writeFileSync(f, new Uint8Array(5));
+        return f;
+      },
+      /5 bytes is too short for the 8-byte header length/,
+    ],
     ['header length beyond the file', () => rawFile(ok, 8, 10_000n), /header length 10000 runs past the end of the file/],
     ['header length 2^64-1', () => rawFile(ok, 8, 2n ** 64n - 1n), /header length 18446744073709551615 runs past the end/],
     ['header not UTF-8', () => rawFile(Uint8Array.from([0x7b, 0xff, 0xfe, 0x7d])), /header is not valid UTF-8/],
@@ -156,25 +195,84 @@ describe('malformed and hostile files', () => {
     ['truncated data', () => rawFile(ok, 4), /tensor 'a': data_offsets \[0, 8\] run past the end of the data section \(4 bytes/],
     ['unknown dtype', () => rawFile({ a: { dtype: 'F33', shape: [2], data_offsets: [0, 8] } }, 8), /tensor 'a': unknown dtype "F33"/],
     ['dtype not a string', () => rawFile({ a: { dtype: 4, shape: [2], data_offsets: [0, 8] } }, 8), /tensor 'a': dtype must be a string/],
-    ['wrong dtype size', () => rawFile({ a: { dtype: 'F16', shape: [2], data_offsets: [0, 8] } }, 8), /shape \[2\] of F16 needs 4 bytes but data_offsets \[0, 8\] hold 8/],
-    ['huge shape', () => rawFile({ a: { dtype: 'F32', shape: [2 ** 40, 2 ** 40], data_offsets: [0, 8] } }, 8), /needs 4835703278458516698824704 bytes/],
-    ['negative dimension', () => rawFile({ a: { dtype: 'F32', shape: [-2], data_offsets: [0, 8] } }, 8), /shape must be an array of non-negative integers/],
-    ['fractional dimension', () => rawFile({ a: { dtype: 'F32', shape: [2.5], data_offsets: [0, 10] } }, 10), /shape must be an array of non-negative integers/],
+    [
+      'wrong dtype size',
+      () => rawFile({ a: { dtype: 'F16', shape: [2], data_offsets: [0, 8] } }, 8),
+      /shape \[2\] of F16 needs 4 bytes but data_offsets \[0, 8\] hold 8/,
+    ],
+    [
+      'huge shape',
+      () => rawFile({ a: { dtype: 'F32', shape: [2 ** 40, 2 ** 40], data_offsets: [0, 8] } }, 8),
+      /needs 4835703278458516698824704 bytes/,
+    ],
+    [
+      'negative dimension',
+      () => rawFile({ a: { dtype: 'F32', shape: [-2], data_offsets: [0, 8] } }, 8),
+      /shape must be an array of non-negative integers/,
+    ],
+    [
+      'fractional dimension',
+      () => rawFile({ a: { dtype: 'F32', shape: [2.5], data_offsets: [0, 10] } }, 10),
+      /shape must be an array of non-negative integers/,
+    ],
     ['shape not an array', () => rawFile({ a: { dtype: 'F32', shape: '2', data_offsets: [0, 8] } }, 8), /shape must be an array/],
-    ['negative offset', () => rawFile({ a: { dtype: 'F32', shape: [2], data_offsets: [-8, 0] } }, 8), /data_offsets must be \[begin, end\] non-negative integers, got \[-8,0\]/],
-    ['non-integer offset', () => rawFile({ a: { dtype: 'F32', shape: [2], data_offsets: [0, 8.5] } }, 9), /data_offsets must be \[begin, end\] non-negative integers/],
-    ['offset beyond 2^53', () => rawFile({ a: { dtype: 'F32', shape: [2], data_offsets: [0, 2 ** 60] } }, 8), /data_offsets must be \[begin, end\] non-negative integers/],
-    ['three offsets', () => rawFile({ a: { dtype: 'F32', shape: [2], data_offsets: [0, 8, 9] } }, 8), /data_offsets must be \[begin, end\]/],
+    [
+      'negative offset',
+      () => rawFile({ a: { dtype: 'F32', shape: [2], data_offsets: [-8, 0] } }, 8),
+      /data_offsets must be \[begin, end\] non-negative integers, got \[-8,0\]/,
+    ],
+    [
+      'non-integer offset',
+      () => rawFile({ a: { dtype: 'F32', shape: [2], data_offsets: [0, 8.5] } }, 9),
+      /data_offsets must be \[begin, end\] non-negative integers/,
+    ],
+    [
+      'offset beyond 2^53',
+      () => rawFile({ a: { dtype: 'F32', shape: [2], data_offsets: [0, 2 ** 60] } }, 8),
+      /data_offsets must be \[begin, end\] non-negative integers/,
+    ],
+    [
+      'three offsets',
+      () => rawFile({ a: { dtype: 'F32', shape: [2], data_offsets: [0, 8, 9] } }, 8),
+      /data_offsets must be \[begin, end\]/,
+    ],
     ['end before begin', () => rawFile({ a: { dtype: 'F32', shape: [0], data_offsets: [8, 0] } }, 8), /end before begin/],
-    ['overlapping ranges', () => rawFile({
-      a: { dtype: 'F32', shape: [2], data_offsets: [0, 8] }, b: { dtype: 'F32', shape: [2], data_offsets: [4, 12] },
-    }, 12), /tensor 'b': data_offsets \[4, 12\] overlap the previous tensor \(which ends at 8\)/],
-    ['aliased tensors', () => rawFile({
-      a: { dtype: 'F32', shape: [2], data_offsets: [0, 8] }, b: { dtype: 'F32', shape: [2], data_offsets: [0, 8] },
-    }, 8), /overlap the previous tensor/],
-    ['a hole', () => rawFile({
-      a: { dtype: 'F32', shape: [1], data_offsets: [0, 4] }, b: { dtype: 'F32', shape: [1], data_offsets: [8, 12] },
-    }, 12), /tensor 'b': data_offsets \[8, 12\] leave a hole at bytes \[4, 8\)/],
+    [
+      'overlapping ranges',
+      () =>
+        rawFile(
+          {
+            a: { dtype: 'F32', shape: [2], data_offsets: [0, 8] },
+            b: { dtype: 'F32', shape: [2], data_offsets: [4, 12] },
+          },
+          12,
+        ),
+      /tensor 'b': data_offsets \[4, 12\] overlap the previous tensor \(which ends at 8\)/,
+    ],
+    [
+      'aliased tensors',
+      () =>
+        rawFile(
+          {
+            a: { dtype: 'F32', shape: [2], data_offsets: [0, 8] },
+            b: { dtype: 'F32', shape: [2], data_offsets: [0, 8] },
+          },
+          8,
+        ),
+      /overlap the previous tensor/,
+    ],
+    [
+      'a hole',
+      () =>
+        rawFile(
+          {
+            a: { dtype: 'F32', shape: [1], data_offsets: [0, 4] },
+            b: { dtype: 'F32', shape: [1], data_offsets: [8, 12] },
+          },
+          12,
+        ),
+      /tensor 'b': data_offsets \[8, 12\] leave a hole at bytes \[4, 8\)/,
+    ],
     ['trailing bytes', () => rawFile(ok, 12), /cover 8 bytes of data but the data section holds 12/],
     ['tensor entry not an object', () => rawFile({ a: [1] }), /tensor 'a' must be an object/],
     ['unknown tensor field', () => rawFile({ a: { ...ok.a, offset: 3 } }, 8), /tensor 'a' has unknown field\(s\) offset/],
@@ -213,29 +311,44 @@ describe('malformed and hostile files', () => {
       return d;
     };
     const shard = fresh();
-    await writeSafetensors(shard, [{ name: 'a', shape: [1], data: new Float32Array(1) }, { name: 'b', shape: [1], data: new Float32Array(1) }]);
+    await writeSafetensors(shard, [
+      { name: 'a', shape: [1], data: new Float32Array(1) },
+      { name: 'b', shape: [1], data: new Float32Array(1) },
+    ]);
     await expect(CheckpointWeights.open(ckpt('{'))).rejects.toThrow(/index.json: not valid JSON/);
     await expect(CheckpointWeights.open(ckpt({ weight_map: [] }))).rejects.toThrow(/weight_map must be an object/);
     await expect(CheckpointWeights.open(ckpt({ weight_map: {} }))).rejects.toThrow(/weight_map lists no tensors/);
-    await expect(CheckpointWeights.open(ckpt({ weight_map: { a: '../x.safetensors' } }))).rejects.toThrow(/weight_map\['a'\] must be a file name in the same directory, got "..\/x.safetensors"/);
-    await expect(CheckpointWeights.open(ckpt({ weight_map: { a: '/etc/passwd' } }))).rejects.toThrow(/must be a file name in the same directory/);
+    await expect(CheckpointWeights.open(ckpt({ weight_map: { a: '../x.safetensors' } }))).rejects.toThrow(
+      /weight_map\['a'\] must be a file name in the same directory, got "..\/x.safetensors"/,
+    );
+    await expect(CheckpointWeights.open(ckpt({ weight_map: { a: '/etc/passwd' } }))).rejects.toThrow(
+      /must be a file name in the same directory/,
+    );
     await expect(CheckpointWeights.open(ckpt({ weight_map: { a: 'gone.safetensors' } }))).rejects.toThrow(/gone.safetensors: cannot open/);
-    await expect(CheckpointWeights.open(ckpt({ weight_map: { a: 's.safetensors', c: 's.safetensors' } }, { 's.safetensors': shard })))
-      .rejects.toThrow(/weight_map puts 'c' in s.safetensors, which has no such tensor/);
-    await expect(CheckpointWeights.open(ckpt({ weight_map: { a: 's.safetensors' } }, { 's.safetensors': shard })))
-      .rejects.toThrow(/s.safetensors: holds tensor 'b' that model.safetensors.index.json does not list/);
-    await expect(CheckpointWeights.open(mkdtempSync(path.join(dir, 'empty-')))).rejects.toThrow(/no model.safetensors or model.safetensors.index.json/);
+    await expect(
+      CheckpointWeights.open(ckpt({ weight_map: { a: 's.safetensors', c: 's.safetensors' } }, { 's.safetensors': shard })),
+    ).rejects.toThrow(/weight_map puts 'c' in s.safetensors, which has no such tensor/);
+    await expect(CheckpointWeights.open(ckpt({ weight_map: { a: 's.safetensors' } }, { 's.safetensors': shard }))).rejects.toThrow(
+      /s.safetensors: holds tensor 'b' that model.safetensors.index.json does not list/,
+    );
+    await expect(CheckpointWeights.open(mkdtempSync(path.join(dir, 'empty-')))).rejects.toThrow(
+      /no model.safetensors or model.safetensors.index.json/,
+    );
   });
 });
 
 describe('fuzz: mutated headers and bytes', () => {
   it('gives a clean read or a SafetensorsError for 400 seeded mutations, never anything else', async () => {
     const base = fresh('base');
-    await writeSafetensors(base, [
-      { name: 'w', shape: [3, 4], data: randomData(12, 5) },
-      { name: 'b', shape: [4], data: randomData(4, 6) },
-      { name: 'v', shape: [2, 2], data: randomData(4, 7) },
-    ], { dtype: 'BF16' });
+    await writeSafetensors(
+      base,
+      [
+        { name: 'w', shape: [3, 4], data: randomData(12, 5) },
+        { name: 'b', shape: [4], data: randomData(4, 6) },
+        { name: 'v', shape: [2, 2], data: randomData(4, 7) },
+      ],
+      { dtype: 'BF16' },
+    );
     const original = readFileSync(base);
     const headerLen = Number(original.readBigUInt64LE(0));
     const header = JSON.parse(original.subarray(8, 8 + headerLen).toString('utf8'));
@@ -244,15 +357,21 @@ describe('fuzz: mutated headers and bytes', () => {
     const junk = [-1, 0, 1, 2.5, 2 ** 53, 1e300, 'x', null, [], {}, [1, 2, 3], true, -0, 2 ** 31];
     const mutate = (): Uint8Array => {
       const kind = int(6);
-      if (kind === 0) { // flip bytes anywhere
+      if (kind === 0) {
+        // flip bytes anywhere
         const b = Uint8Array.from(original);
         for (let k = 0, n = 1 + int(4); k < n; k++) b[int(b.length)] ^= 1 << int(8);
         return b;
       }
       if (kind === 1) return original.subarray(0, int(original.length)); // truncate
-      if (kind === 2) { // rewrite the length field
+      if (kind === 2) {
+        // rewrite the length field
         const b = Uint8Array.from(original);
-        new DataView(b.buffer).setBigUint64(0, [BigInt(int(200)), 2n ** 63n, BigInt(headerLen - 1 - int(8)), BigInt(headerLen + 1 + int(8))][int(4)], true);
+        new DataView(b.buffer).setBigUint64(
+          0,
+          [BigInt(int(200)), 2n ** 63n, BigInt(headerLen - 1 - int(8)), BigInt(headerLen + 1 + int(8))][int(4)],
+          true,
+        );
         return b;
       }
       // JSON-level: replace one field of one tensor with junk, then re-lay the file

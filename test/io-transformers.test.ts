@@ -24,7 +24,7 @@ if (!HAVE) {
   console.warn(
     `io-transformers: SKIPPED — ${PYTHON} cannot import torch, transformers and safetensors ` +
       `(${(probe.stderr || probe.error?.message || 'not found').trim().split('\n').pop()}). ` +
-      'Install them to check that transformers and the engine load each other\'s checkpoints.',
+      "Install them to check that transformers and the engine load each other's checkpoints.",
   );
 }
 

@@ -49,7 +49,15 @@ function completion({ text, top }: { text: string | null; top?: Record<string, n
         index: 0,
         message: { role: 'assistant', content: text },
         logprobs: top
-          ? { content: [{ token: text ?? '', logprob: 0, top_logprobs: Object.entries(top).map(([token, p]) => ({ token, logprob: Math.log(p), bytes: null })) }] }
+          ? {
+              content: [
+                {
+                  token: text ?? '',
+                  logprob: 0,
+                  top_logprobs: Object.entries(top).map(([token, p]) => ({ token, logprob: Math.log(p), bytes: null })),
+                },
+              ],
+            }
           : null,
         finish_reason: 'length',
       },
@@ -108,7 +116,9 @@ const q = (a: string, b: string): number => Math.min(0.95, Math.max(0.05, 0.6 + 
 const logprobReply = ({ a, b }: Ask): Reply => {
   const p = q(a, b);
   // A and B split 90% of the mass between spaced and bare tokens; 10% goes to a distractor
-  return { body: completion({ text: p >= 0.5 ? 'A' : 'B', top: { A: 0.6 * p, ' A': 0.3 * p, B: 0.6 * (1 - p), ' B': 0.3 * (1 - p), C: 0.1 } }) };
+  return {
+    body: completion({ text: p >= 0.5 ? 'A' : 'B', top: { A: 0.6 * p, ' A': 0.3 * p, B: 0.6 * (1 - p), ' B': 0.3 * (1 - p), C: 0.1 } }),
+  };
 };
 
 describe('httpJudge answers', () => {
@@ -158,7 +168,10 @@ describe('httpJudge answers', () => {
   });
 
   it('parses completions as documented', () => {
-    expect(verdictFromCompletion(completion({ text: 'B', top: { '\u2581A': 0.2, 'Ġ B': 0.6 } }))).toMatchObject({ p: 0.25, source: 'logprobs' });
+    expect(verdictFromCompletion(completion({ text: 'B', top: { '\u2581A': 0.2, 'Ġ B': 0.6 } }))).toMatchObject({
+      p: 0.25,
+      source: 'logprobs',
+    });
     expect(verdictFromCompletion(completion({ text: 'A', top: { the: 0.9 } }))).toMatchObject({ p: 1, source: 'text' });
     expect(verdictFromCompletion({ choices: [] })).toBeUndefined();
     expect(verdictFromCompletion({ choices: [{ message: { content: null } }] })).toBeUndefined();
@@ -310,7 +323,9 @@ describe('httpJudge cache', () => {
     };
     const controller = new AbortController();
     const cacheFiles = (): string[] =>
-      readdirSync(cacheDir, { recursive: true, withFileTypes: true }).filter((d) => d.isFile()).map((d) => d.name);
+      readdirSync(cacheDir, { recursive: true, withFileTypes: true })
+        .filter((d) => d.isFile())
+        .map((d) => d.name);
     const run = judge({ cacheDir, requestConcurrency: 4 }).compareBatch(items, { concurrency: 2, signal: controller.signal });
     const caught = run.catch((e: unknown) => e);
     for (let t = 0; t < 400; t++) {
@@ -355,10 +370,19 @@ describe("preference kind 'http' in a run config", () => {
   };
 
   it('fills the defaults', () => {
-    const c = parseConfig({ ...base, preference: { kind: 'http', baseUrl: 'https://api.example.com/v1', model: 'gpt-judge', apiKeyEnv: 'JUDGE_KEY' } });
+    const c = parseConfig({
+      ...base,
+      preference: { kind: 'http', baseUrl: 'https://api.example.com/v1', model: 'gpt-judge', apiKeyEnv: 'JUDGE_KEY' },
+    });
     expect(c.preference).toEqual({
-      kind: 'http', baseUrl: 'https://api.example.com/v1', model: 'gpt-judge', apiKeyEnv: 'JUDGE_KEY',
-      requestConcurrency: 8, timeoutMs: 60_000, maxRetries: 5, concurrency: 4,
+      kind: 'http',
+      baseUrl: 'https://api.example.com/v1',
+      model: 'gpt-judge',
+      apiKeyEnv: 'JUDGE_KEY',
+      requestConcurrency: 8,
+      timeoutMs: 60_000,
+      maxRetries: 5,
+      concurrency: 4,
     });
   });
 

@@ -29,15 +29,27 @@ let judge: LmJudge;
 
 beforeAll(async () => {
   const random = Model.create(
-    { vocab_size: 32000, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
-      intermediate_size: 64, max_position_embeddings: 256, seed: 5 },
+    {
+      vocab_size: 32000,
+      hidden_size: 32,
+      num_hidden_layers: 2,
+      num_attention_heads: 4,
+      num_key_value_heads: 2,
+      intermediate_size: 64,
+      max_position_embeddings: 256,
+      seed: 5,
+    },
     { maxBatch: 1, maxSeq: 8 },
   );
   try {
     // Sharpen the random model so that its answers depend visibly on the responses' order: a
     // larger output head and peaked attention (near-uniform attention is blind to order, and
     // a judge blind to order scores every pair ½ once both orders are averaged).
-    const scale = (name: string, by: number): void => random.setParam(name, random.getParam(name).map((v) => v * by));
+    const scale = (name: string, by: number): void =>
+      random.setParam(
+        name,
+        random.getParam(name).map((v) => v * by),
+      );
     scale('lm_head.weight', 200);
     for (const l of [0, 1]) for (const w of ['q_proj', 'k_proj']) scale(`model.layers.${l}.self_attn.${w}.weight`, 20);
     for (const l of [0, 1]) for (const w of ['v_proj', 'o_proj']) scale(`model.layers.${l}.self_attn.${w}.weight`, 6);
@@ -46,7 +58,10 @@ beforeAll(async () => {
     await random.dispose();
   }
   makeMistralChatModel(dir);
-  ({ model, tokenizer } = (await loadPretrained(dir, { maxBatch: 4, maxSeq: 256 }, { training: false })) as { model: Model; tokenizer: Tokenizer });
+  ({ model, tokenizer } = (await loadPretrained(dir, { maxBatch: 4, maxSeq: 256 }, { training: false })) as {
+    model: Model;
+    tokenizer: Tokenizer;
+  });
   judge = lmJudge(model, tokenizer, { batchSize: 4, maxSeq: 256 });
 }, 120_000);
 afterAll(async () => {
@@ -77,7 +92,8 @@ describe('lmJudge', () => {
     for (let i = 0; i < 4; i++)
       for (let j = 0; j < 4; j++) {
         if (i === j) continue;
-        const expected = ((await directQ(PROMPT, RESPONSES[i], RESPONSES[j])) + 1 - (await directQ(PROMPT, RESPONSES[j], RESPONSES[i]))) / 2;
+        const expected =
+          ((await directQ(PROMPT, RESPONSES[i], RESPONSES[j])) + 1 - (await directQ(PROMPT, RESPONSES[j], RESPONSES[i]))) / 2;
         expect(P[i][j]).toBeCloseTo(expected, 5);
         expect(P[i][j] + P[j][i]).toBe(1);
       }
@@ -131,7 +147,10 @@ describe('lmJudge', () => {
   it('scores identical responses ½ without asking', async () => {
     const before = judge.stats.comparisons;
     const P = await judge.compare(PROMPT, ['same', 'same']);
-    expect(P).toEqual([[0.5, 0.5], [0.5, 0.5]]);
+    expect(P).toEqual([
+      [0.5, 0.5],
+      [0.5, 0.5],
+    ]);
     expect(judge.stats.comparisons).toBe(before);
   });
 
@@ -166,8 +185,12 @@ describe('sppo run setup builds the judges from the config', () => {
   const config = (preference: unknown) => {
     writeFileSync(path.join(tmp, 'prompts.jsonl'), ['a', 'b', 'c', 'd'].map((p) => JSON.stringify({ prompt: `Say ${p}.` })).join('\n'));
     return parseConfig({
-      model: { path: dir }, data: { prompts: path.join(tmp, 'prompts.jsonl'), evalSize: 1, maxPromptTokens: 32 },
-      generation: { maxNewTokens: 8 }, training: { maxLength: 64, batchSize: 1 }, run: { dir: path.join(tmp, 'run'), iterations: 1 }, preference,
+      model: { path: dir },
+      data: { prompts: path.join(tmp, 'prompts.jsonl'), evalSize: 1, maxPromptTokens: 32 },
+      generation: { maxNewTokens: 8 },
+      training: { maxLength: 64, batchSize: 1 },
+      run: { dir: path.join(tmp, 'run'), iterations: 1 },
+      preference,
     });
   };
 
@@ -185,13 +208,17 @@ describe('sppo run setup builds the judges from the config', () => {
 
   it("kind 'http' (a missing API key is the user's to fix)", async () => {
     delete process.env.SPPO_TEST_JUDGE_KEY;
-    await expect(setupFromConfig(config({ kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_TEST_JUDGE_KEY' }))).rejects.toMatchObject({
+    await expect(
+      setupFromConfig(config({ kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_TEST_JUDGE_KEY' })),
+    ).rejects.toMatchObject({
       name: 'SetupError',
       path: ['preference', 'apiKeyEnv'],
       message: expect.stringMatching(/SPPO_TEST_JUDGE_KEY \(apiKeyEnv\) is not set/),
     });
     process.env.SPPO_TEST_JUDGE_KEY = 'k';
-    const setup = await setupFromConfig(config({ kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_TEST_JUDGE_KEY' }));
+    const setup = await setupFromConfig(
+      config({ kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_TEST_JUDGE_KEY' }),
+    );
     delete process.env.SPPO_TEST_JUDGE_KEY;
     expect(setup.preference.id).toMatch(/^http\(m@http:\/\/127\.0\.0\.1:9\/v1,/);
     await setup.preference.dispose();

@@ -36,19 +36,33 @@ function writeCheckpoint(to: string, configPatch: Record<string, unknown>, tenso
   mkdirSync(to, { recursive: true });
   const cfg = JSON.parse(readFileSync(path.join(dir, 'config.json'), 'utf8'));
   writeFileSync(path.join(to, 'config.json'), JSON.stringify({ ...cfg, ...configPatch }));
-  for (const name of ['tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja']) copyFileSync(path.join(dir, name), path.join(to, name));
+  for (const name of ['tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja'])
+    copyFileSync(path.join(dir, name), path.join(to, name));
   return writeSafetensors(path.join(to, 'model.safetensors'), tensors);
 }
 
 beforeAll(async () => {
   const random = Model.create(
-    { vocab_size: 32000, hidden_size: HIDDEN, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
-      intermediate_size: 64, max_position_embeddings: 256, tie_word_embeddings: true, seed: 7 },
+    {
+      vocab_size: 32000,
+      hidden_size: HIDDEN,
+      num_hidden_layers: 2,
+      num_attention_heads: 4,
+      num_key_value_heads: 2,
+      intermediate_size: 64,
+      max_position_embeddings: 256,
+      tie_word_embeddings: true,
+      seed: 7,
+    },
     { maxBatch: 1, maxSeq: 8 },
   );
   try {
     // peaked attention, so that the last position's state depends visibly on the whole text
-    const scale = (name: string, by: number): void => random.setParam(name, random.getParam(name).map((v) => v * by));
+    const scale = (name: string, by: number): void =>
+      random.setParam(
+        name,
+        random.getParam(name).map((v) => v * by),
+      );
     for (const l of [0, 1]) for (const w of ['q_proj', 'k_proj']) scale(`model.layers.${l}.self_attn.${w}.weight`, 20);
     for (const l of [0, 1]) for (const w of ['v_proj', 'o_proj']) scale(`model.layers.${l}.self_attn.${w}.weight`, 6);
     await savePretrained(random, dir);
@@ -61,10 +75,19 @@ beforeAll(async () => {
   writeMistralTokenizer(dir);
   const cfg = JSON.parse(readFileSync(path.join(dir, 'config.json'), 'utf8'));
   delete cfg.tie_word_embeddings;
-  writeFileSync(path.join(dir, 'config.json'), JSON.stringify({
-    ...cfg, architectures: ['LlamaForSequenceClassification'], num_labels: 1, bos_token_id: 1, eos_token_id: 2, pad_token_id: 0,
-    id2label: { 0: 'LABEL_0' }, label2id: { LABEL_0: 0 },
-  }));
+  writeFileSync(
+    path.join(dir, 'config.json'),
+    JSON.stringify({
+      ...cfg,
+      architectures: ['LlamaForSequenceClassification'],
+      num_labels: 1,
+      bos_token_id: 1,
+      eos_token_id: 2,
+      pad_token_id: 0,
+      id2label: { 0: 'LABEL_0' },
+      label2id: { LABEL_0: 0 },
+    }),
+  );
   await writeSafetensors(path.join(dir, 'model.safetensors'), [...backbone, { name: 'score.weight', shape: [1, HIDDEN], data: scoreRow }]);
   ({ model, tokenizer, score } = await loadRewardModelWeights(dir, { maxBatch: 4, maxSeq: 256 }));
   judge = rewardModelJudge(model, tokenizer, score, { batchSize: 4, maxSeq: 256 });
@@ -77,7 +100,13 @@ afterAll(async () => {
 
 /** r the slow way: the conversation alone through forward, hidden · score in float64. */
 async function directReward(prompt: string, response: string): Promise<number> {
-  const ids = tokenizer.encodeChat([{ role: 'user', content: prompt }, { role: 'assistant', content: response }], { addGenerationPrompt: false });
+  const ids = tokenizer.encodeChat(
+    [
+      { role: 'user', content: prompt },
+      { role: 'assistant', content: response },
+    ],
+    { addGenerationPrompt: false },
+  );
   const { hidden } = await model.forward([ids], { output: 'hidden' });
   const at = (ids.length - 1) * HIDDEN;
   let r = 0;
@@ -93,7 +122,8 @@ describe('rewardModelJudge', () => {
   it('loads the checkpoint exactly (backbone tensors and score row)', () => {
     expect(Array.from(score)).toEqual(Array.from(scoreRow));
     expect(model.config.tie_word_embeddings).toBe(true);
-    for (const t of backbone) expect(Array.from(model.getParam(t.name)).slice(0, 50)).toEqual(Array.from(t.data as Float32Array).slice(0, 50));
+    for (const t of backbone)
+      expect(Array.from(model.getParam(t.name)).slice(0, 50)).toEqual(Array.from(t.data as Float32Array).slice(0, 50));
   });
 
   it('gives a valid matrix equal to σ((r_i − r_j)/τ) from rewards computed by hand', async () => {
@@ -199,7 +229,10 @@ describe('loadRewardModel', () => {
     const small = { batchSize: 2, maxSeq: 64 };
     const score1 = { name: 'score.weight', shape: [1, HIDDEN], data: scoreRow };
     const two = path.join(tmp, 'two');
-    await writeCheckpoint(two, { num_labels: 2 }, [...backbone, { name: 'score.weight', shape: [2, HIDDEN], data: new Float32Array(2 * HIDDEN) }]);
+    await writeCheckpoint(two, { num_labels: 2 }, [
+      ...backbone,
+      { name: 'score.weight', shape: [2, HIDDEN], data: new Float32Array(2 * HIDDEN) },
+    ]);
     await expect(loadRewardModel(two, small)).rejects.toThrow(/num_labels must be 1 .* got 2/);
     const labels = path.join(tmp, 'labels');
     const { num_labels: _, ...noNum } = JSON.parse(readFileSync(path.join(dir, 'config.json'), 'utf8'));
@@ -216,7 +249,11 @@ describe('loadRewardModel', () => {
     await writeCheckpoint(noNorm, {}, [...backbone.filter((t) => t.name !== 'model.norm.weight'), score1]);
     await expect(loadRewardModel(noNorm, small)).rejects.toThrow(/'model\.norm\.weight'/);
     const head = path.join(tmp, 'head');
-    await writeCheckpoint(head, {}, [...backbone, score1, { name: 'lm_head.weight', shape: [32000, HIDDEN], data: new Float32Array(32000 * HIDDEN) }]);
+    await writeCheckpoint(head, {}, [
+      ...backbone,
+      score1,
+      { name: 'lm_head.weight', shape: [32000, HIDDEN], data: new Float32Array(32000 * HIDDEN) },
+    ]);
     await expect(loadRewardModel(head, small)).rejects.toThrow(/does not: 'lm_head\.weight'/);
     const wide = path.join(tmp, 'wide');
     await writeCheckpoint(wide, {}, [...backbone, { name: 'score.weight', shape: [1, HIDDEN + 1], data: new Float32Array(HIDDEN + 1) }]);
@@ -228,13 +265,27 @@ describe("sppo run setup builds kind 'reward-model'", () => {
   it('from the config, with its temperature', async () => {
     writeFileSync(path.join(tmp, 'prompts.jsonl'), ['a', 'b', 'c', 'd'].map((p) => JSON.stringify({ prompt: `Say ${p}.` })).join('\n'));
     const policy = path.join(tmp, 'policy');
-    const random = Model.create({ vocab_size: 32000, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32, max_position_embeddings: 128 }, { maxBatch: 1, maxSeq: 8 });
+    const random = Model.create(
+      {
+        vocab_size: 32000,
+        hidden_size: 16,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        intermediate_size: 32,
+        max_position_embeddings: 128,
+      },
+      { maxBatch: 1, maxSeq: 8 },
+    );
     await savePretrained(random, policy);
     await random.dispose();
-    for (const name of ['tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja']) copyFileSync(path.join(dir, name), path.join(policy, name));
+    for (const name of ['tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja'])
+      copyFileSync(path.join(dir, name), path.join(policy, name));
     const config = parseConfig({
-      model: { path: policy }, data: { prompts: path.join(tmp, 'prompts.jsonl'), evalSize: 1, maxPromptTokens: 32 },
-      generation: { maxNewTokens: 8 }, training: { maxLength: 64, batchSize: 1 }, run: { dir: path.join(tmp, 'run'), iterations: 1 },
+      model: { path: policy },
+      data: { prompts: path.join(tmp, 'prompts.jsonl'), evalSize: 1, maxPromptTokens: 32 },
+      generation: { maxNewTokens: 8 },
+      training: { maxLength: 64, batchSize: 1 },
+      run: { dir: path.join(tmp, 'run'), iterations: 1 },
       preference: { kind: 'reward-model', path: dir, temperature: 2, maxSeq: 4096, batchSize: 2 },
     });
     expect(config.preference).toMatchObject({ kind: 'reward-model', temperature: 2, concurrency: 4 });

@@ -40,28 +40,45 @@ describe('the addon refuses calls that would read memory wrongly', () => {
   });
 
   it('lengths that disagree with the shape the engine indexes by', () => {
-    expect(() => handle.trainStep(new Int32Array(15), 2, 8, null)).toThrow(new RangeError('tokens has 15 elements but batch x seq = 2 x 8'));
+    expect(() => handle.trainStep(new Int32Array(15), 2, 8, null)).toThrow(
+      new RangeError('tokens has 15 elements but batch x seq = 2 x 8'),
+    );
     expect(() => handle.forward(tokens, 4, 8, 'logits')).toThrow(/tokens has 16 elements but batch x seq = 4 x 8/);
     expect(() => handle.evalLoss(tokens, -2, -8, null)).toThrow(/batch and seq must be 32-bit integers >= 0/);
-    expect(() => handle.sequenceLogprobs(tokens, 2, 8, new Uint8Array(15), false)).toThrow(/targetMask has 15 elements but batch x seq = 2 x 8/);
+    expect(() => handle.sequenceLogprobs(tokens, 2, 8, new Uint8Array(15), false)).toThrow(
+      /targetMask has 15 elements but batch x seq = 2 x 8/,
+    );
     const f64 = (n: number) => new Float64Array(n);
-    expect(() => handle.evalPreference(tokens, 2, 8, null, f64(1), f64(2), 'dpo', 1)).toThrow(/refLogp has 1 elements but the batch has 2 sequences/);
-    expect(() => handle.preferenceStep(tokens, 2, 8, null, f64(2), f64(3), 'dpo', 1)).toThrow(/target has 3 elements but the batch has 2 sequences/);
+    expect(() => handle.evalPreference(tokens, 2, 8, null, f64(1), f64(2), 'dpo', 1)).toThrow(
+      /refLogp has 1 elements but the batch has 2 sequences/,
+    );
+    expect(() => handle.preferenceStep(tokens, 2, 8, null, f64(2), f64(3), 'dpo', 1)).toThrow(
+      /target has 3 elements but the batch has 2 sequences/,
+    );
   });
 
   it('token ids out of range, found by the engine before it reads an embedding', async () => {
-    await expect(handle.evalLoss(Int32Array.from({ length: 16 }, (_, i) => (i === 5 ? 32 : 1)), 2, 8, null)).rejects.toThrow(
-      /token id 32 at sequence 0, position 5 is out of range \[0, 32\)/,
-    );
+    await expect(
+      handle.evalLoss(
+        Int32Array.from({ length: 16 }, (_, i) => (i === 5 ? 32 : 1)),
+        2,
+        8,
+        null,
+      ),
+    ).rejects.toThrow(/token id 32 at sequence 0, position 5 is out of range \[0, 32\)/);
   });
 
   it('generate: prompt lengths, seeds and prompt tokens that disagree', () => {
     const gen = new addon.NativeGenerator(handle, { maxBatch: 2, maxContext: 16 });
     const opts = { stopTokens: new Int32Array(0) };
     const one = Float64Array.of(0);
-    expect(() => gen.generate(Int32Array.of(1, 2), Int32Array.of(3), one, 1, opts, null)).toThrow(/prompt lengths do not match the 2 prompt tokens/);
+    expect(() => gen.generate(Int32Array.of(1, 2), Int32Array.of(3), one, 1, opts, null)).toThrow(
+      /prompt lengths do not match the 2 prompt tokens/,
+    );
     expect(() => gen.generate(Int32Array.of(1, 2), Int32Array.of(-1), one, 1, opts, null)).toThrow(/prompt lengths do not match/);
-    expect(() => gen.generate(Int32Array.of(1, 2), Int32Array.of(1, 1), one, 1, opts, null)).toThrow(/seeds has 1 elements but there are 2 prompts/);
+    expect(() => gen.generate(Int32Array.of(1, 2), Int32Array.of(1, 1), one, 1, opts, null)).toThrow(
+      /seeds has 1 elements but there are 2 prompts/,
+    );
     expect(() => gen.generate(Int32Array.of(1), Int32Array.of(1), Float64Array.of(-1), 1, opts, null)).toThrow(
       /seed of prompt 0 must be a non-negative safe integer/,
     );

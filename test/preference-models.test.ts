@@ -23,13 +23,21 @@ describe('functionPreference', () => {
     });
     const responses = ['aa', 'a', 'aaaa', 'aaa'];
     const P = await model.compare('x', responses);
-    expect(calls).toEqual([['aa', 'a'], ['aa', 'aaaa'], ['aa', 'aaa'], ['a', 'aaaa'], ['a', 'aaa'], ['aaaa', 'aaa']]);
+    expect(calls).toEqual([
+      ['aa', 'a'],
+      ['aa', 'aaaa'],
+      ['aa', 'aaa'],
+      ['a', 'aaaa'],
+      ['a', 'aaa'],
+      ['aaaa', 'aaa'],
+    ]);
     for (let i = 0; i < 4; i++) {
       expect(P[i][i]).toBe(0.5);
-      for (let j = 0; j < 4; j++) if (i < j) {
-        expect(P[i][j]).toBe(longer('x', responses[i], responses[j]));
-        expect(P[j][i]).toBe(1 - P[i][j]);
-      }
+      for (let j = 0; j < 4; j++)
+        if (i < j) {
+          expect(P[i][j]).toBe(longer('x', responses[i], responses[j]));
+          expect(P[j][i]).toBe(1 - P[i][j]);
+        }
     }
     assertPreferenceMatrix(P, { size: 4 });
   });
@@ -84,9 +92,12 @@ describe('functionPreference', () => {
     await expect(model.compare('x', ['only'])).rejects.toThrow(/at least 2 responses, got 1/);
     await expect(model.compare('x', ['a', 3 as unknown as string])).rejects.toThrow(/response 1 must be a string/);
     await expect(model.compare(7 as unknown as string, ['a', 'b'])).rejects.toThrow(/prompt must be a string/);
-    await expect(model.compareBatch([{ prompt: 'x', responses: ['a', 'b'] }, { prompt: 'y', responses: [] }])).rejects.toThrow(
-      /^prompt 1: comparing needs at least 2 responses, got 0/,
-    );
+    await expect(
+      model.compareBatch([
+        { prompt: 'x', responses: ['a', 'b'] },
+        { prompt: 'y', responses: [] },
+      ]),
+    ).rejects.toThrow(/^prompt 1: comparing needs at least 2 responses, got 0/);
     expect(() => functionPreference('judge' as unknown as () => number)).toThrow(/takes a function/);
   });
 
@@ -135,14 +146,38 @@ describe('compareBatch', () => {
 
 describe('definePreferenceModel', () => {
   it('checks what a judge returns', async () => {
-    const notAntisymmetric = definePreferenceModel({ id: 'bad', compare: () => [[0.5, 0.7], [0.7, 0.5]] });
+    const notAntisymmetric = definePreferenceModel({
+      id: 'bad',
+      compare: () => [
+        [0.5, 0.7],
+        [0.7, 0.5],
+      ],
+    });
     await expect(notAntisymmetric.compare('x', ['a', 'b'])).rejects.toThrow(
       /preference model 'bad' returned a bad matrix: P\[0\]\[1\] \+ P\[1\]\[0\] = 0\.7 \+ 0\.7 = 1\.4, must be 1/,
     );
-    const wrongSize = definePreferenceModel({ id: 'small', compare: () => [[0.5, 0.5], [0.5, 0.5]] });
+    const wrongSize = definePreferenceModel({
+      id: 'small',
+      compare: () => [
+        [0.5, 0.5],
+        [0.5, 0.5],
+      ],
+    });
     await expect(wrongSize.compare('x', ['a', 'b', 'c'])).rejects.toThrow(/has 2 rows, expected 3/);
-    const batched = definePreferenceModel({ id: 'b', compare: () => [[0.5]], compareBatch: () => Promise.resolve([[[0.5, 2], [-1, 0.5]]]) });
-    await expect(batched.compareBatch([{ prompt: 'x', responses: ['a', 'b'] }])).rejects.toThrow(/^prompt 0: .*P\[0\]\[1\] = 2 is not a probability/);
+    const batched = definePreferenceModel({
+      id: 'b',
+      compare: () => [[0.5]],
+      compareBatch: () =>
+        Promise.resolve([
+          [
+            [0.5, 2],
+            [-1, 0.5],
+          ],
+        ]),
+    });
+    await expect(batched.compareBatch([{ prompt: 'x', responses: ['a', 'b'] }])).rejects.toThrow(
+      /^prompt 0: .*P\[0\]\[1\] = 2 is not a probability/,
+    );
   });
 
   it('refuses calls after dispose, and disposes once', async () => {
@@ -150,7 +185,14 @@ describe('definePreferenceModel', () => {
     const dispose = (): void => {
       disposed++;
     };
-    const model = definePreferenceModel({ id: 'd', compare: () => [[0.5, 0.5], [0.5, 0.5]], dispose });
+    const model = definePreferenceModel({
+      id: 'd',
+      compare: () => [
+        [0.5, 0.5],
+        [0.5, 0.5],
+      ],
+      dispose,
+    });
     await model.dispose();
     await model.dispose();
     expect(disposed).toBe(1);

@@ -4,8 +4,15 @@ import { describe, expect, it } from 'vitest';
 import { Model, PREFERENCE_LOSSES, type ModelConfig, type PreferencePair } from '../lib/index.js';
 
 const config: ModelConfig = {
-  vocab_size: 37, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
-  intermediate_size: 48, max_position_embeddings: 64, initializer_range: 0.1, seed: 7,
+  vocab_size: 37,
+  hidden_size: 32,
+  num_hidden_layers: 2,
+  num_attention_heads: 4,
+  num_key_value_heads: 2,
+  intermediate_size: 48,
+  max_position_embeddings: 64,
+  initializer_range: 0.1,
+  seed: 7,
 };
 const plan = { maxBatch: 8, maxSeq: 24 };
 
@@ -42,7 +49,7 @@ describe('sequenceLogprobs', () => {
       const V = config.vocab_size;
       let sum = 0;
       it.response.forEach((tok, j) => {
-        const pos = it.prompt.length + j - 1;  // the position that predicts this token
+        const pos = it.prompt.length + j - 1; // the position that predicts this token
         const lp = logSoftmaxAt(logits!.subarray(pos * V, (pos + 1) * V), tok);
         // float32 logits of magnitude ~1: log-softmax agrees to ~1e-6 absolute
         expect(Math.abs(r.perToken![i][j] - lp)).toBeLessThan(2e-6);
@@ -78,7 +85,12 @@ async function pairsAtReference(model: Model): Promise<PreferencePair[]> {
     { prompt: tokens(4, 11), chosen: tokens(6, 12), rejected: tokens(3, 13) },
     { prompt: tokens(2, 14), chosen: tokens(4, 15), rejected: tokens(7, 16) },
   ];
-  const lp = await model.sequenceLogprobs(raw.flatMap((p) => [{ prompt: p.prompt, response: p.chosen }, { prompt: p.prompt, response: p.rejected }]));
+  const lp = await model.sequenceLogprobs(
+    raw.flatMap((p) => [
+      { prompt: p.prompt, response: p.chosen },
+      { prompt: p.prompt, response: p.rejected },
+    ]),
+  );
   return raw.map((p, k) => ({
     prompt: p.prompt,
     chosen: { response: p.chosen, refLogp: lp.sum[2 * k], target: 0.75 - 0.1 * k },
@@ -93,7 +105,15 @@ describe('preference losses through the model', () => {
     const pairs = await pairsAtReference(model);
     const eta = 1000;
     for (const loss of PREFERENCE_LOSSES) {
-      const input = loss === 'sppo' ? { examples: pairs.flatMap((p) => [{ prompt: p.prompt, ...p.chosen }, { prompt: p.prompt, ...p.rejected }]) } : { pairs };
+      const input =
+        loss === 'sppo'
+          ? {
+              examples: pairs.flatMap((p) => [
+                { prompt: p.prompt, ...p.chosen },
+                { prompt: p.prompt, ...p.rejected },
+              ]),
+            }
+          : { pairs };
       const { metrics, logps } = await model.evalPreference(input, { loss, eta });
       const refs = pairs.flatMap((p) => [p.chosen.refLogp, p.rejected.refLogp]);
       logps.forEach((lp, i) => expect(Math.abs(lp - refs[i])).toBeLessThan(1e-9));
@@ -154,13 +174,43 @@ describe('preference losses through the model', () => {
     };
     await expect(model.preferenceStep({ pairs }, { loss: 'kto' as never, eta: 1 })).rejects.toThrow(/unknown loss 'kto'/);
     await expect(model.preferenceStep({ pairs }, { loss: 'sppo', eta: 1 })).rejects.toThrow(/takes \{ examples/);
-    await expect(model.preferenceStep(bad((p) => delete p[1].rejected.target), { loss: 'sppo-pair', eta: 1 })).rejects.toThrow(/pairs\[1\]\.rejected\.target must be a finite number/);
-    await expect(model.preferenceStep(bad((p) => delete p[0].q), { loss: 'sppo-single', eta: 1 })).rejects.toThrow(/pairs\[0\]\.q/);
-    await expect(model.preferenceStep(bad((p) => (p[0].chosen.refLogp = NaN)), { loss: 'dpo', eta: 1 })).rejects.toThrow(/pairs\[0\]\.chosen\.refLogp/);
-    await expect(model.preferenceStep(bad((p) => (p[1].chosen.target = 1.5)), { loss: 'sppo-pair', eta: 1 })).rejects.toThrow(/sequence 2: the target win probability must be in \[0, 1\]/);
-    await expect(model.preferenceStep(bad((p) => (p[0].rejected.refLogp = 3)), { loss: 'ipo', eta: 1 })).rejects.toThrow(/sequence 1: the reference log-prob must be a finite number <= 0/);
+    await expect(
+      model.preferenceStep(
+        bad((p) => delete p[1].rejected.target),
+        { loss: 'sppo-pair', eta: 1 },
+      ),
+    ).rejects.toThrow(/pairs\[1\]\.rejected\.target must be a finite number/);
+    await expect(
+      model.preferenceStep(
+        bad((p) => delete p[0].q),
+        { loss: 'sppo-single', eta: 1 },
+      ),
+    ).rejects.toThrow(/pairs\[0\]\.q/);
+    await expect(
+      model.preferenceStep(
+        bad((p) => (p[0].chosen.refLogp = NaN)),
+        { loss: 'dpo', eta: 1 },
+      ),
+    ).rejects.toThrow(/pairs\[0\]\.chosen\.refLogp/);
+    await expect(
+      model.preferenceStep(
+        bad((p) => (p[1].chosen.target = 1.5)),
+        { loss: 'sppo-pair', eta: 1 },
+      ),
+    ).rejects.toThrow(/sequence 2: the target win probability must be in \[0, 1\]/);
+    await expect(
+      model.preferenceStep(
+        bad((p) => (p[0].rejected.refLogp = 3)),
+        { loss: 'ipo', eta: 1 },
+      ),
+    ).rejects.toThrow(/sequence 1: the reference log-prob must be a finite number <= 0/);
     await expect(model.preferenceStep({ pairs }, { loss: 'dpo', eta: 0 })).rejects.toThrow(/eta must be a finite number > 0/);
-    await expect(model.preferenceStep(bad((p) => (p[0].chosen.response = [])), { loss: 'dpo', eta: 1 })).rejects.toThrow(/sequence 0: the response is empty/);
+    await expect(
+      model.preferenceStep(
+        bad((p) => (p[0].chosen.response = [])),
+        { loss: 'dpo', eta: 1 },
+      ),
+    ).rejects.toThrow(/sequence 0: the response is empty/);
     expect(model.getParam('model.layers.0.self_attn.q_proj.weight')).toEqual(before);
     expect(model.step).toBe(0);
     const ok = await model.preferenceStep({ pairs }, { loss: 'dpo', eta: 10 });

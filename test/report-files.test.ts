@@ -17,18 +17,37 @@ afterAll(() => rmSync(root, { recursive: true, force: true }));
 
 const interval = (mean: number, half: number) => ({ mean, low: mean - half, high: mean + half, n: 200 });
 const task = (q: number, styles: number[], gap: number, avg: number) => ({
-  meanQuality: q, styles: { R: styles[0], P: styles[1], S: styles[2], none: styles[3] }, dualityGap: gap, dualityGapAverage: avg,
+  meanQuality: q,
+  styles: { R: styles[0], P: styles[1], S: styles[2], none: styles[3] },
+  dualityGap: gap,
+  dualityGapAverage: avg,
 });
 const demoRows: IterationMetrics[] = [
-  { iteration: 0, winRateVsBase: interval(0.5, 0), meanResponseLength: 7.2, task: task(0.61, [0.6, 0.3, 0.1, 0], 0.31, 0.31), seconds: { 'base-eval': 1.5 } },
   {
-    iteration: 1, winRateVsBase: interval(0.58, 0.03), winRateVsPrevious: interval(0.58, 0.03), meanResponseLength: 7.4,
-    meanChosenWinRate: 0.71, meanRejectedWinRate: 0.33, task: task(0.68, [0.45, 0.35, 0.2, 0], 0.21, 0.21),
+    iteration: 0,
+    winRateVsBase: interval(0.5, 0),
+    meanResponseLength: 7.2,
+    task: task(0.61, [0.6, 0.3, 0.1, 0], 0.31, 0.31),
+    seconds: { 'base-eval': 1.5 },
+  },
+  {
+    iteration: 1,
+    winRateVsBase: interval(0.58, 0.03),
+    winRateVsPrevious: interval(0.58, 0.03),
+    meanResponseLength: 7.4,
+    meanChosenWinRate: 0.71,
+    meanRejectedWinRate: 0.33,
+    task: task(0.68, [0.45, 0.35, 0.2, 0], 0.21, 0.21),
     seconds: { generate: 2, judge: 0.5, train: 5, evaluate: 1 },
   },
   {
-    iteration: 2, winRateVsBase: interval(0.6384, 0.0312), winRateVsPrevious: interval(0.54, 0.03), meanResponseLength: 7.36,
-    meanChosenWinRate: 0.69, meanRejectedWinRate: 0.35, task: task(0.74, [0.38, 0.22, 0.4, 0], 0.12, 0.15),
+    iteration: 2,
+    winRateVsBase: interval(0.6384, 0.0312),
+    winRateVsPrevious: interval(0.54, 0.03),
+    meanResponseLength: 7.36,
+    meanChosenWinRate: 0.69,
+    meanRejectedWinRate: 0.35,
+    task: task(0.74, [0.38, 0.22, 0.4, 0], 0.12, 0.15),
     seconds: { generate: 2, judge: 0.5, train: 5, evaluate: 1.25 },
   },
 ];
@@ -37,7 +56,8 @@ function runDir(name: string, rows: readonly IterationMetrics[], withConfig = tr
   const dir = join(root, name);
   mkdirSync(dir, { recursive: true });
   writeFileSync(join(dir, 'metrics.jsonl'), rows.map((r) => JSON.stringify(r)).join('\n') + '\n');
-  if (withConfig) writeFileSync(join(dir, 'run.json'), JSON.stringify({ hash: 'h', config: parseConfig(demoConfigInput({ dir, quick: true })) }));
+  if (withConfig)
+    writeFileSync(join(dir, 'run.json'), JSON.stringify({ hash: 'h', config: parseConfig(demoConfigInput({ dir, quick: true })) }));
   return dir;
 }
 
@@ -62,8 +82,15 @@ describe('writeReport', () => {
     const html = readFileSync(files.html, 'utf8');
     const cells = [...html.matchAll(/<tr>(.*?)<\/tr>/g)].map((m) => [...m[1].matchAll(/<t[hd]>(.*?)<\/t[hd]>/g)].map((c) => c[1]));
     expect(cells[0]).toEqual([
-      'iteration', 'win rate vs base', 'vs previous', 'mean quality', 'styles R/P/S/none', 'duality gap last / avg',
-      'P̂ chosen / rejected', 'response length', 'seconds',
+      'iteration',
+      'win rate vs base',
+      'vs previous',
+      'mean quality',
+      'styles R/P/S/none',
+      'duality gap last / avg',
+      'P̂ chosen / rejected',
+      'response length',
+      'seconds',
     ]);
     expect(cells.slice(1)).toEqual([
       ['0', '0.500 ± 0.000', '–', '0.610', '0.60/0.30/0.10/0.00', '0.310 / 0.310', '–', '7.2', '1.5'],

@@ -21,7 +21,10 @@ afterAll(() => rmSync(root, { recursive: true, force: true }));
 const configOf = (dir: string, iterations = 3) => parseConfig(demoConfigInput({ dir, iterations, quick: true }));
 
 const row = (iteration: number, mean: number): IterationMetrics => ({
-  iteration, winRateVsBase: { mean, low: mean - 0.05, high: mean + 0.05, n: 10 }, meanResponseLength: 7, seconds: { evaluate: 1 },
+  iteration,
+  winRateVsBase: { mean, low: mean - 0.05, high: mean + 0.05, n: 10 },
+  meanResponseLength: 7,
+  seconds: { evaluate: 1 },
 });
 
 /** A checkpoint directory written by `savePolicy`'s callback. */
@@ -33,7 +36,10 @@ const checkpoint = (text: string) => (dir: string) => {
 
 /** A RunDirError about `file` whose message says each fragment. */
 async function expectRunDirError(promise: Promise<unknown>, file: string, ...fragments: string[]): Promise<void> {
-  const err = await promise.then(() => undefined, (e: unknown) => e);
+  const err = await promise.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
   expect(err).toBeInstanceOf(RunDirError);
   expect((err as RunDirError).path).toBe(file);
   for (const f of fragments) expect((err as Error).message).toContain(f);
@@ -48,11 +54,16 @@ describe('RunDir layout', () => {
     expect(run.policy(3)).toBe(path.join(dir, 'iter-3', 'policy'));
     expect(run.stageFile(0, 'base')).toBe(path.join(dir, 'base', 'base.json'));
     expect(run.stageFile(0, 'base-eval')).toBe(path.join(dir, 'base', 'eval.json'));
-    expect(['generate', 'judge', 'dataset', 'train', 'evaluate'].map((s) => run.stageFile(2, s as never)))
-      .toEqual(['generations', 'judgments', 'dataset', 'train', 'eval'].map((f) => path.join(dir, 'iter-2', `${f}.json`)));
+    expect(['generate', 'judge', 'dataset', 'train', 'evaluate'].map((s) => run.stageFile(2, s as never))).toEqual(
+      ['generations', 'judgments', 'dataset', 'train', 'eval'].map((f) => path.join(dir, 'iter-2', `${f}.json`)),
+    );
     expect(run.metricsFile).toBe(path.join(dir, 'metrics.jsonl'));
     expect(run.judgeCache).toBe(path.join(dir, 'judge-cache'));
-    expect(run.reportFiles).toEqual({ html: path.join(dir, 'report.html'), svg: path.join(dir, 'curves.svg'), png: path.join(dir, 'curves.png') });
+    expect(run.reportFiles).toEqual({
+      html: path.join(dir, 'report.html'),
+      svg: path.join(dir, 'curves.svg'),
+      png: path.join(dir, 'curves.png'),
+    });
     expect(() => run.stageFile(0, 'train')).toThrow("stage 'train' belongs to an iteration t ≥ 1");
     expect(() => run.stageFile(1, 'base')).toThrow("stage 'base' belongs to π_0");
     expect(() => run.policy(-1)).toThrow(RangeError);
@@ -105,7 +116,7 @@ describe('policies', () => {
     const run = await RunDir.open(dir, configOf(dir));
     expect(await run.newestPolicy()).toBeUndefined();
     await run.savePolicy(0, checkpoint('{"t":0}'));
-    expect(run.hasPolicy(0)).toBe(false);  // base.json not written yet: the stage may still fail
+    expect(run.hasPolicy(0)).toBe(false); // base.json not written yet: the stage may still fail
     await run.writeStage(0, 'base', { value: {}, seconds: 1 });
     expect(await run.newestPolicy()).toBe(0);
     await run.savePolicy(1, checkpoint('{"t":1}'));
@@ -132,10 +143,12 @@ describe('policies', () => {
     expect(readdirSync(run.policy(1))).toEqual(['config.json']);
     expect(readFileSync(path.join(run.policy(1), 'config.json'), 'utf8')).toBe('new');
     // a save that fails leaves the previous checkpoint and no temporary
-    await expect(run.savePolicy(1, async (tmp) => {
-      await checkpoint('half')(tmp);
-      throw new Error('disk full');
-    })).rejects.toThrow('disk full');
+    await expect(
+      run.savePolicy(1, async (tmp) => {
+        await checkpoint('half')(tmp);
+        throw new Error('disk full');
+      }),
+    ).rejects.toThrow('disk full');
     expect(readdirSync(path.join(dir, 'iter-1'))).toEqual(['policy']);
     expect(readFileSync(path.join(run.policy(1), 'config.json'), 'utf8')).toBe('new');
     await run.close();
@@ -147,9 +160,14 @@ describe('metrics.jsonl', () => {
     const dir = path.join(root, 'metrics');
     const run = await RunDir.open(dir, configOf(dir));
     await expectRunDirError(run.readMetrics(), run.metricsFile, `${dir} has no metrics.jsonl`);
-    for (const [t, mean] of [[0, 0.5], [1, 0.6], [2, 0.7]]) await run.appendMetrics(row(t, mean));
+    for (const [t, mean] of [
+      [0, 0.5],
+      [1, 0.6],
+      [2, 0.7],
+    ])
+      await run.appendMetrics(row(t, mean));
     expect(await run.readMetrics()).toEqual([row(0, 0.5), row(1, 0.6), row(2, 0.7)]);
-    await run.appendMetrics(row(1, 0.65));  // a resumed run records iteration 1 again
+    await run.appendMetrics(row(1, 0.65)); // a resumed run records iteration 1 again
     expect(await RunDir.at(dir).readMetrics()).toEqual([row(0, 0.5), row(1, 0.65)]);
     await run.appendMetrics(row(0, 0.5));
     expect(readFileSync(run.metricsFile, 'utf8')).toBe(`${JSON.stringify(row(0, 0.5))}\n`);
@@ -209,8 +227,16 @@ describe('the demo tokenizer saved with a checkpoint', () => {
     for (const p of prompts) expect(saved.promptIds(p), p).toEqual(tokenizer.promptIds(p));
     // the chat template gives the same prompt, so `--model` and transformers read it alike
     for (const p of prompts.slice(0, 20)) expect(loaded.encodeChat([{ role: 'user', content: p }])).toEqual(tokenizer.promptIds(p));
-    const refusal = (f: () => unknown) => { try { f(); } catch (e) { return (e as Error).message; } return 'no error'; };
-    for (const bad of ['abz', 'a b', 'a<s>', 'A']) expect(refusal(() => saved.promptIds(bad))).toBe(refusal(() => tokenizer.promptIds(bad)));
+    const refusal = (f: () => unknown) => {
+      try {
+        f();
+      } catch (e) {
+        return (e as Error).message;
+      }
+      return 'no error';
+    };
+    for (const bad of ['abz', 'a b', 'a<s>', 'A'])
+      expect(refusal(() => saved.promptIds(bad))).toBe(refusal(() => tokenizer.promptIds(bad)));
 
     // answers as generated: any ids (<pad> and <s> included), with or without an <eos>
     const rng = seededRng(5);

@@ -14,7 +14,14 @@ const dir = mkdtempSync(path.join(tmpdir(), 'sppo-test-'));
 const report = path.join(dir, 'vitest.json');
 const vitest = spawnSync(
   process.execPath,
-  [path.join(root, 'node_modules/vitest/vitest.mjs'), 'run', '--reporter=default', '--reporter=json', `--outputFile.json=${report}`, ...args],
+  [
+    path.join(root, 'node_modules/vitest/vitest.mjs'),
+    'run',
+    '--reporter=default',
+    '--reporter=json',
+    `--outputFile.json=${report}`,
+    ...args,
+  ],
   { cwd: root, stdio: 'inherit' },
 );
 if (existsSync(report)) {

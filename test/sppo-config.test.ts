@@ -39,7 +39,15 @@ describe('defaults', () => {
     expect(c.generation).toEqual({ samplesPerPrompt: 5, temperature: 0.7, topP: 0.9, topK: 0, maxNewTokens: 2048, maxBatch: 16 });
     expect(c.run).toEqual({ dir: 'sppo-run', iterations: 3, seed: 42 });
     expect(c.data).toMatchObject({ prompts: 'prompts.jsonl', column: 'prompt', evalSize: 100, maxPromptTokens: 512 });
-    expect(c.preference).toMatchObject({ kind: 'styled-reversal', a: 0.25, b: 0.25, noneAdvantage: 1, alphabet: 'abcdefgh', minLength: 3, maxLength: 6 });
+    expect(c.preference).toMatchObject({
+      kind: 'styled-reversal',
+      a: 0.25,
+      b: 0.25,
+      noneAdvantage: 1,
+      alphabet: 'abcdefgh',
+      minLength: 3,
+      maxLength: 6,
+    });
   });
 
   it("derives the training set's mode from the loss", () => {
@@ -74,8 +82,12 @@ describe('errors name the field', () => {
   it('missing sections and either-or fields', () => {
     expect(problems({ data: minimal.data, preference: minimal.preference })).toEqual(['model: required']);
     expect(problems({ ...minimal, model: { preset: 'tiny', path: '/m' } })).toEqual(['model: give exactly one of preset and path']);
-    expect(problems({ ...minimal, data: {} })).toEqual(['data: give exactly one of prompts (a file) and words (generated styled-reversal prompts)']);
-    expect(problems({ ...minimal, preference: { kind: 'pairrm' } })).toEqual(["preference.kind: unknown kind (known: 'styled-reversal', 'function', 'http', 'lm-judge', 'reward-model')"]);
+    expect(problems({ ...minimal, data: {} })).toEqual([
+      'data: give exactly one of prompts (a file) and words (generated styled-reversal prompts)',
+    ]);
+    expect(problems({ ...minimal, preference: { kind: 'pairrm' } })).toEqual([
+      "preference.kind: unknown kind (known: 'styled-reversal', 'function', 'http', 'lm-judge', 'reward-model')",
+    ]);
     expect(problems({ ...minimal, data: { words: 100 }, preference: { kind: 'function', id: 'j' } })).toEqual([
       "data.words: generated words go with preference.kind 'styled-reversal'",
     ]);
@@ -87,10 +99,32 @@ describe('errors name the field', () => {
     expect(problems({ ...minimal, preference: { kind: 'styled-reversal', a: 0.4 } })).toEqual([
       "preference: a + b·max|A| = 0.65 exceeds 1/2, so P(y ≻ y') could leave [0, 1]",
     ]);
-    expect(problems({ ...minimal, preference: { kind: 'styled-reversal', A: [[0, 1, 0], [0, 0, 0], [0, 0, 0]] } })[0]).toMatch(
-      /^preference: A must be antisymmetric/,
-    );
-    expect(problems({ ...minimal, preference: { kind: 'styled-reversal', A: [[0, 1], [0, 0], [0, 0]] } })).toEqual([
+    expect(
+      problems({
+        ...minimal,
+        preference: {
+          kind: 'styled-reversal',
+          A: [
+            [0, 1, 0],
+            [0, 0, 0],
+            [0, 0, 0],
+          ],
+        },
+      })[0],
+    ).toMatch(/^preference: A must be antisymmetric/);
+    expect(
+      problems({
+        ...minimal,
+        preference: {
+          kind: 'styled-reversal',
+          A: [
+            [0, 1],
+            [0, 0],
+            [0, 0],
+          ],
+        },
+      }),
+    ).toEqual([
       'preference.A[0]: must be a row of 3 numbers',
       'preference.A[1]: must be a row of 3 numbers',
       'preference.A[2]: must be a row of 3 numbers',
@@ -151,7 +185,12 @@ describe('files', () => {
 describe('hash and diff', () => {
   it('hashes resolved configs stably: same content, same hash, whatever the key order or spelled-out defaults', () => {
     const a = parseConfig(minimal);
-    const b = parseConfig({ preference: { kind: 'styled-reversal', b: 0.25 }, data: { prompts: 'prompts.jsonl' }, model: { path: 'model' }, training: { eta: 1000 } });
+    const b = parseConfig({
+      preference: { kind: 'styled-reversal', b: 0.25 },
+      data: { prompts: 'prompts.jsonl' },
+      model: { path: 'model' },
+      training: { eta: 1000 },
+    });
     expect(configHash(a)).toMatch(/^[0-9a-f]{64}$/);
     expect(configHash(b)).toBe(configHash(a));
     expect(configHash(parseConfig({ ...minimal, training: { eta: 999 } }))).not.toBe(configHash(a));
@@ -162,20 +201,53 @@ describe('hash and diff', () => {
     const b = parseConfig({
       ...minimal,
       training: { eta: 100, optimizer: { lr: 1e-6 } },
-      preference: { kind: 'styled-reversal', A: [[0, -1, 1], [1, 0, -1], [-1, 1, 0]] },
+      preference: {
+        kind: 'styled-reversal',
+        A: [
+          [0, -1, 1],
+          [1, 0, -1],
+          [-1, 1, 0],
+        ],
+      },
     });
     expect(diffConfigs(a, a)).toEqual([]);
     expect(diffConfigs(a, b)).toEqual([
-      { path: 'preference.A', before: undefined, after: [[0, -1, 1], [1, 0, -1], [-1, 1, 0]] },
+      {
+        path: 'preference.A',
+        before: undefined,
+        after: [
+          [0, -1, 1],
+          [1, 0, -1],
+          [-1, 1, 0],
+        ],
+      },
       { path: 'training.eta', before: 1000, after: 100 },
       { path: 'training.optimizer.lr', before: 5e-7, after: 1e-6 },
     ]);
-    const c = parseConfig({ ...minimal, training: { eta: 100, optimizer: { lr: 1e-6 } }, preference: { kind: 'styled-reversal', A: [[0, -1, 1], [1, 0, -0.5], [-1, 0.5, 0]] } });
+    const c = parseConfig({
+      ...minimal,
+      training: { eta: 100, optimizer: { lr: 1e-6 } },
+      preference: {
+        kind: 'styled-reversal',
+        A: [
+          [0, -1, 1],
+          [1, 0, -0.5],
+          [-1, 0.5, 0],
+        ],
+      },
+    });
     expect(diffConfigs(b, c).map((d) => d.path)).toEqual(['preference.A[1][2]', 'preference.A[2][1]']);
     const d = parseConfig({ ...minimal, preference: { kind: 'function', id: 'j' } });
     expect(diffConfigs(a, d).map((x) => x.path)).toEqual([
-      'preference.a', 'preference.alphabet', 'preference.b', 'preference.export', 'preference.id', 'preference.kind',
-      'preference.maxLength', 'preference.minLength', 'preference.noneAdvantage',
+      'preference.a',
+      'preference.alphabet',
+      'preference.b',
+      'preference.export',
+      'preference.id',
+      'preference.kind',
+      'preference.maxLength',
+      'preference.minLength',
+      'preference.noneAdvantage',
     ]);
   });
 });

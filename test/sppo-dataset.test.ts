@@ -8,7 +8,11 @@ import { buildTrainingSet, checkLossMode, selectPair, type JudgedPrompt } from '
 function judged(prompt: number[], P: number[][], seed = 0): JudgedPrompt {
   return {
     prompt,
-    responses: P.map((_, i) => ({ tokens: Array.from({ length: i + 1 }, (_, t) => seed + 10 * i + t + 1), refLogp: -(i + 1.5) - seed, text: `y${i}` })),
+    responses: P.map((_, i) => ({
+      tokens: Array.from({ length: i + 1 }, (_, t) => seed + 10 * i + t + 1),
+      refLogp: -(i + 1.5) - seed,
+      text: `y${i}`,
+    })),
     preference: P,
   };
 }
@@ -55,7 +59,10 @@ describe("buildTrainingSet, mode 'pair'", () => {
     const items = [judged([1, 2], A), judged([3], B, 100)];
     const set = buildTrainingSet(items, { mode: 'pair' });
     if (set.mode !== 'pair') throw new Error('mode');
-    expect(set.sources).toEqual([{ prompt: 0, chosen: 0, rejected: 2 }, { prompt: 1, chosen: 3, rejected: 0 }]);
+    expect(set.sources).toEqual([
+      { prompt: 0, chosen: 0, rejected: 2 },
+      { prompt: 1, chosen: 3, rejected: 0 },
+    ]);
     const [p0, p1] = set.pairs;
     expect(p0.prompt).toEqual([1, 2]);
     expect(p0.chosen.response).toEqual(items[0].responses[0].tokens);
@@ -94,7 +101,18 @@ describe("buildTrainingSet, mode 'pair'", () => {
   });
 
   it('skips prompts whose P̂ are all equal, and counts them', () => {
-    const items = [judged([1], CYCLE), judged([2], A), judged([3], ROUNDED_CYCLE), judged([4], [[0.5, 0.5], [0.5, 0.5]])];
+    const items = [
+      judged([1], CYCLE),
+      judged([2], A),
+      judged([3], ROUNDED_CYCLE),
+      judged(
+        [4],
+        [
+          [0.5, 0.5],
+          [0.5, 0.5],
+        ],
+      ),
+    ];
     const set = buildTrainingSet(items, { mode: 'pair' });
     if (set.mode !== 'pair') throw new Error('mode');
     expect(set.pairs).toHaveLength(1);
@@ -136,15 +154,36 @@ describe("buildTrainingSet, mode 'all'", () => {
 describe('bad input', () => {
   it('names the prompt (and response) that is wrong', () => {
     const bad = judged([1], A);
-    expect(() => buildTrainingSet([judged([1], A), { ...bad, preference: [[0.5, 0.8, 0.6], [0.2, 0.5, 0.9], [0.4, 0.2, 0.5]] }], { mode: 'pair' })).toThrow(
-      /^prompt 1: P\[1\]\[2\] \+ P\[2\]\[1\] = 0\.9 \+ 0\.2 = 1\.1, must be 1/,
+    expect(() =>
+      buildTrainingSet(
+        [
+          judged([1], A),
+          {
+            ...bad,
+            preference: [
+              [0.5, 0.8, 0.6],
+              [0.2, 0.5, 0.9],
+              [0.4, 0.2, 0.5],
+            ],
+          },
+        ],
+        { mode: 'pair' },
+      ),
+    ).toThrow(/^prompt 1: P\[1\]\[2\] \+ P\[2\]\[1\] = 0\.9 \+ 0\.2 = 1\.1, must be 1/);
+    expect(() => buildTrainingSet([{ ...bad, preference: A.slice(0, 2) }], { mode: 'pair' })).toThrow(
+      /prompt 0: the preference matrix has 2 rows for 3 responses/,
     );
-    expect(() => buildTrainingSet([{ ...bad, preference: A.slice(0, 2) }], { mode: 'pair' })).toThrow(/prompt 0: the preference matrix has 2 rows for 3 responses/);
     const nanRef = { ...bad, responses: bad.responses.map((r, i) => (i === 1 ? { ...r, refLogp: Number.NaN } : r)) };
-    expect(() => buildTrainingSet([nanRef], { mode: 'all' })).toThrow(/prompt 0, response 1: refLogp must be a finite log-probability ≤ 0, got NaN/);
+    expect(() => buildTrainingSet([nanRef], { mode: 'all' })).toThrow(
+      /prompt 0, response 1: refLogp must be a finite log-probability ≤ 0, got NaN/,
+    );
     const emptyResponse = { ...bad, responses: bad.responses.map((r, i) => (i === 2 ? { ...r, tokens: [] } : r)) };
-    expect(() => buildTrainingSet([emptyResponse], { mode: 'pair' })).toThrow(/prompt 0, response 2: the response token ids are missing or empty/);
-    expect(() => buildTrainingSet([{ ...bad, prompt: [] }], { mode: 'pair' })).toThrow(/prompt 0: the prompt token ids are missing or empty/);
+    expect(() => buildTrainingSet([emptyResponse], { mode: 'pair' })).toThrow(
+      /prompt 0, response 2: the response token ids are missing or empty/,
+    );
+    expect(() => buildTrainingSet([{ ...bad, prompt: [] }], { mode: 'pair' })).toThrow(
+      /prompt 0: the prompt token ids are missing or empty/,
+    );
     expect(() => buildTrainingSet([bad], { mode: 'both' as 'all' })).toThrow(/mode must be 'pair' or 'all'/);
   });
 });
@@ -162,7 +201,9 @@ describe('losses and modes', () => {
   });
 
   it('refuses a mismatch, and an unknown loss', () => {
-    expect(() => checkLossMode('sppo', 'pair')).toThrow(/loss 'sppo' trains on every response with its own P̂: it needs mode 'all', not 'pair'/);
+    expect(() => checkLossMode('sppo', 'pair')).toThrow(
+      /loss 'sppo' trains on every response with its own P̂: it needs mode 'all', not 'pair'/,
+    );
     expect(() => checkLossMode('dpo', 'all')).toThrow(/loss 'dpo' trains on \(chosen, rejected\) pairs: it needs mode 'pair', not 'all'/);
     expect(() => checkLossMode('sppo-single', 'pair')).not.toThrow();
     expect(() => datasetModeForLoss('kto' as 'dpo')).toThrow(/unknown loss 'kto'/);

@@ -35,7 +35,9 @@ const EVAL = 3;
 const BATCH = 2;
 /** the reward model's τ: rewards of the random model differ by several units, so P stays off 0 and 1 */
 const TAU = 2;
-const PROMPTS = ['apple', 'river', 'seven', 'green', 'stone', 'cloud', 'violet', 'north'].map((w, i) => `Write a short line about ${w} number ${i}.`);
+const PROMPTS = ['apple', 'river', 'seven', 'green', 'stone', 'cloud', 'violet', 'north'].map(
+  (w, i) => `Write a short line about ${w} number ${i}.`,
+);
 // A judge template the server can read back: prompt, first response (A), second (B).
 const HTTP_TEMPLATE = '<<P>>{prompt}<</P>>\n<<A>>{a}<</A>>\n<<B>>{b}<</B>>';
 const HTTP_QUESTION = /^<<P>>([\s\S]*)<<\/P>>\n<<A>>([\s\S]*)<<\/A>>\n<<B>>([\s\S]*)<<\/B>>$/;
@@ -47,7 +49,10 @@ let tokenizer: Tokenizer;
 
 /** Scales a parameter in place: peaked attention and a larger head give a random judge visible opinions. */
 function scale(model: Model, name: string, by: number): void {
-  model.setParam(name, model.getParam(name).map((v) => v * by));
+  model.setParam(
+    name,
+    model.getParam(name).map((v) => v * by),
+  );
 }
 function sharpen(model: Model): void {
   for (let l = 0; l < model.config.num_hidden_layers; l++) {
@@ -60,11 +65,21 @@ function patchConfig(dir: string, patch: Record<string, unknown>, drop: string[]
   const cfg = { ...(JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown>), ...patch };
   writeFileSync(file, JSON.stringify(Object.fromEntries(Object.entries(cfg).filter(([k]) => !drop.includes(k))), null, 2));
 }
-const tinyLlama = (seed: number, tied = false) => Model.create(
-  { vocab_size: 32000, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 64,
-    max_position_embeddings: 256, tie_word_embeddings: tied, seed },
-  { maxBatch: 1, maxSeq: 8 },
-);
+const tinyLlama = (seed: number, tied = false) =>
+  Model.create(
+    {
+      vocab_size: 32000,
+      hidden_size: 32,
+      num_hidden_layers: 2,
+      num_attention_heads: 4,
+      num_key_value_heads: 2,
+      intermediate_size: 64,
+      max_position_embeddings: 256,
+      tie_word_embeddings: tied,
+      seed,
+    },
+    { maxBatch: 1, maxSeq: 8 },
+  );
 
 beforeAll(async () => {
   // the policy: random weights over the Mistral vocabulary, with its token ids and a chat template
@@ -105,9 +120,17 @@ beforeAll(async () => {
   } finally {
     await rm.dispose();
   }
-  patchConfig(rewardDir, {
-    architectures: ['LlamaForSequenceClassification'], num_labels: 1, bos_token_id: 1, eos_token_id: 2, pad_token_id: 0,
-  }, ['tie_word_embeddings']);
+  patchConfig(
+    rewardDir,
+    {
+      architectures: ['LlamaForSequenceClassification'],
+      num_labels: 1,
+      bos_token_id: 1,
+      eos_token_id: 2,
+      pad_token_id: 0,
+    },
+    ['tie_word_embeddings'],
+  );
   writeMistralTokenizer(rewardDir);
 });
 
@@ -123,8 +146,13 @@ function writeRunConfig(name: string, preference: Record<string, unknown>): stri
     generation: { samplesPerPrompt: K, maxNewTokens: MAX_NEW, maxBatch: 8, temperature: 1, topP: 1 },
     preference: preference as RunConfigInput['preference'],
     training: {
-      loss: 'sppo-pair', eta: 1, optimizer: { kind: 'adamw', lr: 1e-3 }, schedule: { kind: 'constant', warmupRatio: 0 },
-      batchSize: BATCH, gradAccumSteps: 1, maxLength: 64,
+      loss: 'sppo-pair',
+      eta: 1,
+      optimizer: { kind: 'adamw', lr: 1e-3 },
+      schedule: { kind: 'constant', warmupRatio: 0 },
+      batchSize: BATCH,
+      gradAccumSteps: 1,
+      maxLength: 64,
     },
     run: { dir: 'run', iterations: 1, seed: 3 },
   };
@@ -158,7 +186,15 @@ async function sppoRun(configFile: string): Promise<Run> {
   }
 }
 
-const ALL_STAGES: [number, StageName][] = [[0, 'base'], [0, 'base-eval'], [1, 'generate'], [1, 'judge'], [1, 'dataset'], [1, 'train'], [1, 'evaluate']];
+const ALL_STAGES: [number, StageName][] = [
+  [0, 'base'],
+  [0, 'base-eval'],
+  [1, 'generate'],
+  [1, 'judge'],
+  [1, 'dataset'],
+  [1, 'train'],
+  [1, 'evaluate'],
+];
 
 // ---- the stage files ----
 
@@ -168,7 +204,12 @@ interface Generations {
 }
 interface Dataset {
   mode: string;
-  pairs: { prompt: number[]; chosen: { response: number[]; refLogp: number; target: number }; rejected: { response: number[]; refLogp: number; target: number }; q?: number }[];
+  pairs: {
+    prompt: number[];
+    chosen: { response: number[]; refLogp: number; target: number };
+    rejected: { response: number[]; refLogp: number; target: number };
+    q?: number;
+  }[];
   sources: { prompt: number; chosen: number; rejected: number }[];
   skipped: number[];
   winRates: number[][];
@@ -202,7 +243,13 @@ const sameText = (xs: readonly string[]): number[][] => xs.map((a) => xs.map((b)
 /** Reads iteration 1's stage files and checks everything that holds whatever the judge. */
 async function checkIteration(run: Run): Promise<Iteration> {
   const { runDir } = run;
-  for (const f of ['run.json', 'base/base.json', 'base/eval.json', 'metrics.jsonl', ...['generations', 'judgments', 'dataset', 'train', 'eval'].map((s) => `iter-1/${s}.json`)])
+  for (const f of [
+    'run.json',
+    'base/base.json',
+    'base/eval.json',
+    'metrics.jsonl',
+    ...['generations', 'judgments', 'dataset', 'train', 'eval'].map((s) => `iter-1/${s}.json`),
+  ])
     expect(existsSync(path.join(runDir, f)), f).toBe(true);
   expect(existsSync(path.join(runDir, 'iter-2'))).toBe(false);
 
@@ -263,7 +310,10 @@ async function checkIteration(run: Run): Promise<Iteration> {
     expect(pair.prompt).toEqual(gen.prompts[s.prompt].ids);
     expect(pair.chosen.response).toEqual(w.tokens);
     expect(pair.rejected.response).toEqual(l.tokens);
-    expect(pair.chosen.refLogp).toBeCloseTo(w.logprobs.reduce((a, b) => a + b, 0), 9);
+    expect(pair.chosen.refLogp).toBeCloseTo(
+      w.logprobs.reduce((a, b) => a + b, 0),
+      9,
+    );
     expect(pair.chosen.target).toBeCloseTo(r[s.chosen], 12);
     expect(pair.rejected.target).toBeCloseTo(r[s.rejected], 12);
     expect(pair.q).toBe(P[s.prompt][s.chosen][s.rejected]);
@@ -277,21 +327,30 @@ async function checkIteration(run: Run): Promise<Iteration> {
     expect(Number.isFinite(s.loss)).toBe(true);
     expect(s.gradNorm).toBeGreaterThan(0);
   });
-  const rows = readFileSync(path.join(runDir, 'metrics.jsonl'), 'utf8').trimEnd().split('\n').map((l) => JSON.parse(l));
+  const rows = readFileSync(path.join(runDir, 'metrics.jsonl'), 'utf8')
+    .trimEnd()
+    .split('\n')
+    .map((l) => JSON.parse(l));
   expect(rows.map((r) => r.iteration)).toEqual([0, 1]);
   expect(rows[1].train.steps).toBe(steps.length);
   expect(rows[1].train.last.loss).toBe(steps[steps.length - 1].loss);
 
   // the checkpoint loads back as the weights the run trained, which moved away from π_0
   const plan = { maxBatch: 1, maxSeq: 64 };
-  const [base, iter1] = await Promise.all([loadPretrained(path.join(runDir, 'base/policy'), plan), loadPretrained(path.join(runDir, 'iter-1/policy'), plan)]);
+  const [base, iter1] = await Promise.all([
+    loadPretrained(path.join(runDir, 'base/policy'), plan),
+    loadPretrained(path.join(runDir, 'iter-1/policy'), plan),
+  ]);
   try {
     expect(iter1.model.config).toEqual(base.model.config);
     expect(iter1.tokenizer?.vocabSize).toBe(32000);
     let moved = 0;
     for (const { name } of iter1.model.params()) {
       const t = iter1.model.getParam(name);
-      expect(t.every((v, i) => v === run.trained.get(name)![i]), `iter-1/policy ${name} is the trained model's`).toBe(true);
+      expect(
+        t.every((v, i) => v === run.trained.get(name)![i]),
+        `iter-1/policy ${name} is the trained model's`,
+      ).toBe(true);
       if (t.some((v, i) => v !== base.model.getParam(name)[i])) moved++;
     }
     expect(moved).toBeGreaterThan(0);
@@ -310,14 +369,16 @@ async function checkIteration(run: Run): Promise<Iteration> {
 }
 
 const items = (it: Iteration) => it.gen.prompts.map((p, n) => ({ prompt: p.text, responses: it.gen.responses[n].map((r) => r.text) }));
-const versusItems = (it: Iteration) => it.ev.samples.map((s, n) => ({ prompt: s.prompt, responses: [s.answer, it.base.samples[n].answer] }));
+const versusItems = (it: Iteration) =>
+  it.ev.samples.map((s, n) => ({ prompt: s.prompt, responses: [s.answer, it.base.samples[n].answer] }));
 
 /** The stored matrices and the evaluation's win rate equal the judge's own answers, within 1e-6. */
 async function expectSameAsDirect(it: Iteration, judge: PreferenceModel): Promise<void> {
   // prompt by prompt, so the engine judges batch differently from the pipeline's one call
   for (const [n, item] of items(it).entries()) {
     const direct = await judge.compare(item.prompt, item.responses);
-    for (let i = 0; i < K; i++) for (let j = 0; j < K; j++) expect(Math.abs(it.P[n][i][j] - direct[i][j]), `prompt ${n} P[${i}][${j}]`).toBeLessThan(1e-6);
+    for (let i = 0; i < K; i++)
+      for (let j = 0; j < K; j++) expect(Math.abs(it.P[n][i][j] - direct[i][j]), `prompt ${n} P[${i}][${j}]`).toBeLessThan(1e-6);
   }
   const vs = await judge.compareBatch(versusItems(it));
   const mean = vs.reduce((a, M) => a + M[0][1], 0) / vs.length;
@@ -354,7 +415,13 @@ describe("preference kind 'http': an OpenAI-compatible server on loopback", () =
       req.on('data', (c: string) => (raw += c));
       req.on('end', () => {
         requests++;
-        const body = JSON.parse(raw) as { model: string; messages: { role: string; content: string }[]; max_tokens: number; logprobs: unknown; top_logprobs: number };
+        const body = JSON.parse(raw) as {
+          model: string;
+          messages: { role: string; content: string }[];
+          max_tokens: number;
+          logprobs: unknown;
+          top_logprobs: number;
+        };
         const m = HTTP_QUESTION.exec(body.messages.find((x) => x.role === 'user')?.content ?? '');
         if (!m || body.model !== 'judge-model' || body.max_tokens !== 1 || body.logprobs !== true || req.url !== '/v1/chat/completions') {
           refused++;
@@ -363,7 +430,9 @@ describe("preference kind 'http': an OpenAI-compatible server on loopback", () =
           return;
         }
         const [, prompt, a, b] = m;
-        const h = createHash('sha256').update(key(prompt, a, b)).digest();
+        const h = createHash('sha256')
+          .update(key(prompt, a, b))
+          .digest();
         const u = (i: number): number => h.readUInt32BE(4 * i) / 2 ** 32;
         const top = [
           { token: 'A', logprob: -0.1 - 3 * u(0) },
@@ -374,16 +443,33 @@ describe("preference kind 'http': an OpenAI-compatible server on loopback", () =
         answered.set(key(prompt, a, b), { prompt, a, b, top });
         const best = top.reduce((x, y) => (y.logprob > x.logprob ? y : x));
         res.writeHead(200, { 'content-type': 'application/json' });
-        res.end(JSON.stringify({
-          id: 'chatcmpl-test', object: 'chat.completion', model: 'judge-model',
-          choices: [{ index: 0, message: { role: 'assistant', content: best.token.trim() }, finish_reason: 'length',
-            logprobs: { content: [{ token: best.token, logprob: best.logprob, top_logprobs: top }] } }],
-        }));
+        res.end(
+          JSON.stringify({
+            id: 'chatcmpl-test',
+            object: 'chat.completion',
+            model: 'judge-model',
+            choices: [
+              {
+                index: 0,
+                message: { role: 'assistant', content: best.token.trim() },
+                finish_reason: 'length',
+                logprobs: { content: [{ token: best.token, logprob: best.logprob, top_logprobs: top }] },
+              },
+            ],
+          }),
+        );
       });
     });
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
     baseUrl = `http://127.0.0.1:${(server.address() as AddressInfo).port}/v1`;
-    configFile = writeRunConfig('http', { kind: 'http', baseUrl, model: 'judge-model', template: HTTP_TEMPLATE, requestConcurrency: 4, maxRetries: 0 });
+    configFile = writeRunConfig('http', {
+      kind: 'http',
+      baseUrl,
+      model: 'judge-model',
+      template: HTTP_TEMPLATE,
+      requestConcurrency: 4,
+      maxRetries: 0,
+    });
     first = await sppoRun(configFile);
     console.log(`http: first run ${first.seconds.toFixed(1)} s, ${requests} requests`);
   });
@@ -418,7 +504,10 @@ describe("preference kind 'http': an OpenAI-compatible server on loopback", () =
   it('the stored P is what the server’s logprobs give, both orders averaged; so is the evaluation’s win rate', () => {
     expect(refused).toBe(0);
     it1.P.forEach((M, n) => {
-      const expected = expectedMatrix(it1.gen.prompts[n].text, it1.gen.responses[n].map((r) => r.text));
+      const expected = expectedMatrix(
+        it1.gen.prompts[n].text,
+        it1.gen.responses[n].map((r) => r.text),
+      );
       for (let i = 0; i < K; i++) for (let j = 0; j < K; j++) expect(M[i][j]).toBeCloseTo(expected[i][j], 12);
     });
     const vs = versusItems(it1).map(({ prompt, responses }) => expectedMatrix(prompt, responses)[0][1]);
@@ -477,7 +566,9 @@ describe.each([
 
   beforeAll(async () => {
     const options = kind === 'reward-model' ? { temperature: TAU } : {};
-    run = await sppoRun(writeRunConfig(kind, { kind, path: path.relative(path.join(tmp, kind), dir), batchSize: 4, maxSeq: 256, ...options }));
+    run = await sppoRun(
+      writeRunConfig(kind, { kind, path: path.relative(path.join(tmp, kind), dir), batchSize: 4, maxSeq: 256, ...options }),
+    );
     console.log(`${kind}: run ${run.seconds.toFixed(1)} s`);
   });
 

@@ -29,7 +29,14 @@ describe('the embedded SPPO demo', () => {
     expect(rows).toHaveLength(3);
     // every checkpoint brings the character tokenizer, as tokenizer.json
     for (const t of [0, 1, 2]) expect(existsSync(path.join(RunDir.at(dir).policy(t), 'tokenizer.json')), `π_${t}`).toBe(true);
-    console.log(metrics.map((m) => `iter ${m.iteration}: win ${m.winRateVsBase.mean.toFixed(3)} [${m.winRateVsBase.low.toFixed(3)}, ${m.winRateVsBase.high.toFixed(3)}] gap ${gap(m.iteration).toFixed(3)}`).join('\n'));
+    console.log(
+      metrics
+        .map(
+          (m) =>
+            `iter ${m.iteration}: win ${m.winRateVsBase.mean.toFixed(3)} [${m.winRateVsBase.low.toFixed(3)}, ${m.winRateVsBase.high.toFixed(3)}] gap ${gap(m.iteration).toFixed(3)}`,
+        )
+        .join('\n'),
+    );
   }, 300_000);
 });
 
@@ -39,8 +46,15 @@ describe('resume', () => {
     const c = demoConfigInput({ dir, quick: true, iterations: 1 });
     return { ...c, data: { ...c.data, words: 120, evalSize: 40 }, sft: { ...c.sft, steps: 40 } };
   };
-  const metricsOf = (dir: string) => readFileSync(path.join(dir, 'metrics.jsonl'), 'utf8')
-    .trim().split('\n').map((l) => { const m = JSON.parse(l); delete m.seconds; return m; });
+  const metricsOf = (dir: string) =>
+    readFileSync(path.join(dir, 'metrics.jsonl'), 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => {
+        const m = JSON.parse(l);
+        delete m.seconds;
+        return m;
+      });
 
   it('a run killed in each stage and restarted ends as an uninterrupted one', async () => {
     const reference = path.join(root, 'whole');
@@ -54,11 +68,15 @@ describe('resume', () => {
       const dir = path.join(root, `killed-${victim}`);
       const first = demoSetup(parseConfig(input(dir)));
       const ac = new AbortController();
-      await expect(runSppo(first.setup, {
-        signal: ac.signal,
-        // Abort once the victim stage has started: it is killed mid-way.
-        onStage: (e) => { if (e.stage === victim && e.status === 'start') queueMicrotask(() => ac.abort(new Error(`killed in ${victim}`))); },
-      })).rejects.toThrow();
+      await expect(
+        runSppo(first.setup, {
+          signal: ac.signal,
+          // Abort once the victim stage has started: it is killed mid-way.
+          onStage: (e) => {
+            if (e.stage === victim && e.status === 'start') queueMicrotask(() => ac.abort(new Error(`killed in ${victim}`)));
+          },
+        }),
+      ).rejects.toThrow();
       await first.setup.model.dispose();
       const second = demoSetup(parseConfig(input(dir)));
       await runSppo(second.setup);

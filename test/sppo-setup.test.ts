@@ -9,7 +9,15 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeMistralChatModel } from './fixtures/mistral-tokenizer.js';
 import {
-  demoConfigInput, Model, parseConfig, RunConfigError, savePretrained, SetupError, setupFromConfig, type RunConfig, type RunConfigInput,
+  demoConfigInput,
+  Model,
+  parseConfig,
+  RunConfigError,
+  savePretrained,
+  SetupError,
+  setupFromConfig,
+  type RunConfig,
+  type RunConfigInput,
   type RunSetup,
 } from '../lib/index.js';
 
@@ -21,7 +29,15 @@ const PROMPTS = Array.from({ length: 6 }, (_, i) => `Say ${'abcdef'[i]}.`);
 
 async function writePolicy(dir: string, vocab: number, tokenizer = true): Promise<void> {
   const model = Model.create(
-    { vocab_size: vocab, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32, max_position_embeddings: 128, seed: 3 },
+    {
+      vocab_size: vocab,
+      hidden_size: 16,
+      num_hidden_layers: 1,
+      num_attention_heads: 2,
+      intermediate_size: 32,
+      max_position_embeddings: 128,
+      seed: 3,
+    },
     { maxBatch: 1, maxSeq: 8 },
   );
   try {
@@ -35,7 +51,10 @@ async function writePolicy(dir: string, vocab: number, tokenizer = true): Promis
 beforeAll(async () => {
   await writePolicy(policyDir, 32000);
   writeFileSync(prompts, PROMPTS.map((prompt) => JSON.stringify({ prompt })).join('\n'));
-  writeFileSync(judgeModule, 'export const longer = (prompt, a, b) => (a.length === b.length ? 0.5 : a.length > b.length ? 0.75 : 0.25);\n');
+  writeFileSync(
+    judgeModule,
+    'export const longer = (prompt, a, b) => (a.length === b.length ? 0.5 : a.length > b.length ? 0.75 : 0.25);\n',
+  );
 }, 60_000);
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
@@ -113,7 +132,10 @@ describe('setupFromConfig', () => {
       expect(ids.length).toBeLessThanOrEqual(config.data.maxPromptTokens);
       expect(setup.text.stopTokens).toEqual([2]);
       expect(setup.preference.id).toBe('longer-v1');
-      expect(await setup.preference.compare('p', ['ab', 'a'])).toEqual([[0.5, 0.75], [0.25, 0.5]]);
+      expect(await setup.preference.compare('p', ['ab', 'a'])).toEqual([
+        [0.5, 0.75],
+        [0.25, 0.5],
+      ]);
     } finally {
       await dispose(setup);
     }
@@ -128,7 +150,10 @@ describe('a judge function given in code', () => {
     const setup = await setupFromConfig(inCode(), { judgeFunction: shorter });
     try {
       expect(setup.preference.id).toBe('shorter-v1');
-      expect(await setup.preference.compare('p', ['ab', 'a'])).toEqual([[0.5, 0.1], [0.9, 0.5]]);
+      expect(await setup.preference.compare('p', ['ab', 'a'])).toEqual([
+        [0.5, 0.1],
+        [0.9, 0.5],
+      ]);
     } finally {
       await dispose(setup);
     }
@@ -150,7 +175,11 @@ describe('a judge function given in code', () => {
 describe('preference.concurrency', () => {
   it('is how many prompts an engine judge takes at once', async () => {
     const items = ['a', 'b', 'c'].map((w) => ({ prompt: `Say ${w}.`, responses: [w, `${w}${w}`] }));
-    for (const [concurrency, expected] of [[1, [1, 2, 3]], [2, [2, 3]], [undefined, [3]]] as const) {
+    for (const [concurrency, expected] of [
+      [1, [1, 2, 3]],
+      [2, [2, 3]],
+      [undefined, [3]],
+    ] as const) {
       const setup = await setupFromConfig(hfConfig({ preference: { kind: 'lm-judge', path: policyDir, batchSize: 2, concurrency } }));
       try {
         const progress: number[] = [];
@@ -172,8 +201,12 @@ describe('refusals name the field', () => {
       expect(issues[0].line).toMatch(new RegExp(`^model\\.preset '${preset}' has random weights and no tokenizer`));
     }
     const sft = configIssues({ ...base, model: { path: policyDir }, sft: {} });
-    expect(sft).toEqual([{ path: ['sft'], line: "sft: supervised fine-tuning of the base policy is only available with model.preset 'demo'" }]);
-    expect(configIssues({ ...base, model: { path: policyDir }, training: { eta: 0 } })).toEqual([{ path: ['training', 'eta'], line: 'training.eta: must be > 0' }]);
+    expect(sft).toEqual([
+      { path: ['sft'], line: "sft: supervised fine-tuning of the base policy is only available with model.preset 'demo'" },
+    ]);
+    expect(configIssues({ ...base, model: { path: policyDir }, training: { eta: 0 } })).toEqual([
+      { path: ['training', 'eta'], line: 'training.eta: must be > 0' },
+    ]);
   });
 
   it('a config built by hand with a preset that has no tokenizer', async () => {
@@ -198,7 +231,9 @@ describe('refusals name the field', () => {
     expect(noExport.path).toEqual(['preference', 'export']);
     expect(noExport.message).toContain('exports: longer');
     delete process.env.SPPO_SETUP_TEST_KEY;
-    const key = await setupError(hfConfig({ preference: { kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_SETUP_TEST_KEY' } }));
+    const key = await setupError(
+      hfConfig({ preference: { kind: 'http', baseUrl: 'http://127.0.0.1:9/v1', model: 'm', apiKeyEnv: 'SPPO_SETUP_TEST_KEY' } }),
+    );
     expect(key.path).toEqual(['preference', 'apiKeyEnv']);
     expect(key.message).toBe('preference.apiKeyEnv: the environment variable SPPO_SETUP_TEST_KEY (apiKeyEnv) is not set');
     const judge = await setupError(hfConfig({ preference: { kind: 'lm-judge', path: tmp } }));

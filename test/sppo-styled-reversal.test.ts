@@ -32,13 +32,13 @@ describe('answers: style and quality', () => {
   it('scores matching positions over max(len(body), len(reversed word))', () => {
     // prompt cabd → reversed dbac
     expect(styledReversalQuality('cabd', 'S:dbac')).toBe(1);
-    expect(styledReversalQuality('cabd', 'S:dbca')).toBe(2 / 4);  // d b match, c a do not
-    expect(styledReversalQuality('cabd', 'R:dba')).toBe(3 / 4);  // short: 3 of 4 positions
-    expect(styledReversalQuality('cabd', 'P:dbacxx')).toBe(4 / 6);  // long: 4 of 6 positions
-    expect(styledReversalQuality('cabd', 'S:dbac\n')).toBe(4 / 5);  // nothing may follow the answer
+    expect(styledReversalQuality('cabd', 'S:dbca')).toBe(2 / 4); // d b match, c a do not
+    expect(styledReversalQuality('cabd', 'R:dba')).toBe(3 / 4); // short: 3 of 4 positions
+    expect(styledReversalQuality('cabd', 'P:dbacxx')).toBe(4 / 6); // long: 4 of 6 positions
+    expect(styledReversalQuality('cabd', 'S:dbac\n')).toBe(4 / 5); // nothing may follow the answer
     expect(styledReversalQuality('cabd', 'R:')).toBe(0);
-    expect(styledReversalQuality('cabd', 'dbac')).toBe(0);  // no style → q = 0
-    expect(styledReversalQuality('cabd', 'S:acdb')).toBe(0);  // no position matches dbac
+    expect(styledReversalQuality('cabd', 'dbac')).toBe(0); // no style → q = 0
+    expect(styledReversalQuality('cabd', 'S:acdb')).toBe(0); // no position matches dbac
   });
 
   it('builds the ideal answer', () => {
@@ -69,7 +69,8 @@ describe('the preference P(y ≻ y′ | x)', () => {
     for (const word of randomWords(40, 3)) {
       const answers = Array.from({ length: 7 }, () => {
         const style = ['R:', 'P:', 'S:', '', 'x'][rng.int(5)];
-        const body = rng.next() < 0.4 ? Array.from(word).reverse().join('') : Array.from({ length: rng.int(8) }, () => letters[rng.int(8)]).join('');
+        const body =
+          rng.next() < 0.4 ? Array.from(word).reverse().join('') : Array.from({ length: rng.int(8) }, () => letters[rng.int(8)]).join('');
         return style + body;
       });
       answers.push(idealAnswer(word, 'P'), 'none at all');
@@ -147,11 +148,23 @@ describe('the Nash equilibrium and the duality gap', () => {
   });
 
   it('solves other style games: classic rock-paper-scissors, and one with a dominant style', () => {
-    const rps = { A: [[0, -1, 1], [1, 0, -1], [-1, 1, 0]] };
+    const rps = {
+      A: [
+        [0, -1, 1],
+        [1, 0, -1],
+        [-1, 1, 0],
+      ],
+    };
     const u = nashStyles(rps);
     for (const c of STYLES) expect(u[c]).toBeCloseTo(1 / 3, 12);
     // R beats both P and S: the equilibrium is pure R
-    const dominant = { A: [[0, 1, 1], [-1, 0, 0.5], [-1, -0.5, 0]] };
+    const dominant = {
+      A: [
+        [0, 1, 1],
+        [-1, 0, 0.5],
+        [-1, -0.5, 0],
+      ],
+    };
     expect(nashStyles(dominant)).toEqual({ R: 1, P: 0, S: 0 });
     expect(dualityGap({ styleDistribution: nashStyles(dominant), meanQuality: 1 }, dominant)).toBe(0);
   });
@@ -159,12 +172,27 @@ describe('the Nash equilibrium and the duality gap', () => {
 
 describe('parameters and prompts', () => {
   it('refuses parameters that break the oracle', () => {
-    expect(() => resolveStyledReversal({ A: [[0, 1, 0], [0, 0, 0], [0, 0, 0]] })).toThrow(/A must be antisymmetric, but A\[R\]\[P\] = 1 and A\[P\]\[R\] = 0/);
+    expect(() =>
+      resolveStyledReversal({
+        A: [
+          [0, 1, 0],
+          [0, 0, 0],
+          [0, 0, 0],
+        ],
+      }),
+    ).toThrow(/A must be antisymmetric, but A\[R\]\[P\] = 1 and A\[P\]\[R\] = 0/);
     expect(() => resolveStyledReversal({ a: 0.3 })).toThrow(/a \+ b·max\|A\| = 0\.55 exceeds 1\/2/);
     expect(() => resolveStyledReversal({ a: -0.1 })).toThrow(/a and b must be ≥ 0/);
     expect(() => resolveStyledReversal({ alphabet: 'aab' })).toThrow(/distinct letters/);
     expect(() => resolveStyledReversal({ minLength: 5, maxLength: 4 })).toThrow(/1 ≤ minLength ≤ maxLength/);
-    expect(() => resolveStyledReversal({ A: [[0, 1], [-1, 0]] })).toThrow(/3×3/);
+    expect(() =>
+      resolveStyledReversal({
+        A: [
+          [0, 1],
+          [-1, 0],
+        ],
+      }),
+    ).toThrow(/3×3/);
     expect(resolveStyledReversal()).toEqual({ ...DEFAULT_STYLED_REVERSAL });
   });
 
@@ -218,7 +246,8 @@ describe('multiplicative weights on the tabular style game (q = 1)', () => {
     const T = 10_000;
     for (let t = 1; t <= T; t++) {
       pi.forEach((p, i) => (sum[i] += p));
-      if ([10, 100, 1000, T].includes(t)) averageGaps.push(dualityGap({ styleDistribution: asStyles(sum.map((s) => s / t)), meanQuality: 1 }));
+      if ([10, 100, 1000, T].includes(t))
+        averageGaps.push(dualityGap({ styleDistribution: asStyles(sum.map((s) => s / t)), meanQuality: 1 }));
       if (t > T - 1000) lastGapMax = Math.max(lastGapMax, dualityGap({ styleDistribution: asStyles(pi), meanQuality: 1 }));
       pi = multiplicativeWeightsStep(pi, table, eta).policy;
     }

@@ -31,14 +31,21 @@ describe('winRates', () => {
 
   it('K = 2: the diagonal pulls P̂ halfway to 1/2', () => {
     // include: (0.5 + 0.9)/2 = 0.7, (0.1 + 0.5)/2 = 0.3; exclude: 0.9, 0.1
-    const P = [[0.5, 0.9], [0.1, 0.5]];
+    const P = [
+      [0.5, 0.9],
+      [0.1, 0.5],
+    ];
     expect(winRates(P).map((v) => +v.toFixed(12))).toEqual([0.7, 0.3]);
     expect(winRates(P, { diagonal: 'exclude' })).toEqual([0.9, 0.1]);
   });
 
   it('gives every response 1/2 in a balanced cycle (rock-paper-scissors)', () => {
     // each row: 0.5 + 0.7 + 0.3 = 1.5 → 0.5
-    const cycle = [[0.5, 0.7, 0.3], [0.3, 0.5, 0.7], [0.7, 0.3, 0.5]];
+    const cycle = [
+      [0.5, 0.7, 0.3],
+      [0.3, 0.5, 0.7],
+      [0.7, 0.3, 0.5],
+    ];
     for (const v of winRates(cycle)) expect(v).toBeCloseTo(0.5, 15);
   });
 
@@ -46,10 +53,34 @@ describe('winRates', () => {
     [[[0.5, 0.5], [0.5]], /P is not square: row 1 has 1 entries, expected 2/],
     [[[0.5]], /needs K ≥ 2 responses, got K = 1/],
     [[], /needs K ≥ 2 responses, got K = 0/],
-    [[[0.5, 1.2], [-0.2, 0.5]], /P\[0\]\[1\] = 1\.2 is not a probability in \[0, 1\]/],
-    [[[0.5, Number.NaN], [0.5, 0.5]], /P\[0\]\[1\] = NaN is not a probability/],
-    [[[0.5, 0.6], [0.6, 0.5]], /P\[0\]\[1\] \+ P\[1\]\[0\] = 0\.6 \+ 0\.6 = 1\.2, must be 1 \(within 0\.000001\)/],
-    [[[0.4, 0.5], [0.5, 0.5]], /P\[0\]\[0\] = 0\.4: the diagonal must be 1\/2/],
+    [
+      [
+        [0.5, 1.2],
+        [-0.2, 0.5],
+      ],
+      /P\[0\]\[1\] = 1\.2 is not a probability in \[0, 1\]/,
+    ],
+    [
+      [
+        [0.5, Number.NaN],
+        [0.5, 0.5],
+      ],
+      /P\[0\]\[1\] = NaN is not a probability/,
+    ],
+    [
+      [
+        [0.5, 0.6],
+        [0.6, 0.5],
+      ],
+      /P\[0\]\[1\] \+ P\[1\]\[0\] = 0\.6 \+ 0\.6 = 1\.2, must be 1 \(within 0\.000001\)/,
+    ],
+    [
+      [
+        [0.4, 0.5],
+        [0.5, 0.5],
+      ],
+      /P\[0\]\[0\] = 0\.4: the diagonal must be 1\/2/,
+    ],
     ['not a matrix', /must be an array of rows/],
     [[[0.5, 0.5], 'row'], /P\[1\] must be an array/],
   ])('refuses a malformed matrix %#', (P, message) => {
@@ -57,8 +88,18 @@ describe('winRates', () => {
   });
 
   it('tolerates rounding within 1e-6 in P_ij + P_ji', () => {
-    expect(() => winRates([[0.5, 0.3 + 5e-7], [0.7, 0.5]])).not.toThrow();
-    expect(() => winRates([[0.5, 0.3 + 2e-6], [0.7, 0.5]])).toThrow(/must be 1/);
+    expect(() =>
+      winRates([
+        [0.5, 0.3 + 5e-7],
+        [0.7, 0.5],
+      ]),
+    ).not.toThrow();
+    expect(() =>
+      winRates([
+        [0.5, 0.3 + 2e-6],
+        [0.7, 0.5],
+      ]),
+    ).toThrow(/must be 1/);
   });
 
   it('refuses an unknown diagonal mode', () => {

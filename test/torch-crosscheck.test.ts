@@ -219,8 +219,16 @@ describe.skipIf(!HAVE_TORCH)('engine vs float64 PyTorch reference (test/torch_re
         const infos = model.params();
         for (const p of infos) {
           const n = p.shape.reduce((a, b) => a * b, 1);
-          if (p.name.includes('norm')) model.setParam(p.name, Float32Array.from({ length: n }, () => 0.7 + 0.6 * r()));
-          else if (p.name.endsWith('.bias')) model.setParam(p.name, Float32Array.from({ length: n }, () => 0.4 * (r() - 0.5)));
+          if (p.name.includes('norm'))
+            model.setParam(
+              p.name,
+              Float32Array.from({ length: n }, () => 0.7 + 0.6 * r()),
+            );
+          else if (p.name.endsWith('.bias'))
+            model.setParam(
+              p.name,
+              Float32Array.from({ length: n }, () => 0.4 * (r() - 0.5)),
+            );
         }
         const init = new Map(infos.map((p) => [p.name, model.getParam(p.name)]));
         let total = 0;
@@ -319,9 +327,7 @@ describe.skipIf(!HAVE_TORCH)('engine vs float64 PyTorch reference (test/torch_re
             if (gradErr > worstGrad.err) worstGrad = { err: gradErr, name: p.name };
             expect(maxAbs(dR), `${optName} ${p.name}: reference update is zero`).toBeGreaterThan(0);
             expect(updErr, `${optName} ${p.name}: update rel err`).toBeLessThan(TOL.update);
-            expect(gradErr, `${optName} ${p.name}: gradient rel err (max |g| ${maxAbs(refGrad).toExponential(2)})`).toBeLessThan(
-              TOL.grad,
-            );
+            expect(gradErr, `${optName} ${p.name}: gradient rel err (max |g| ${maxAbs(refGrad).toExponential(2)})`).toBeLessThan(TOL.grad);
           }
           report.push(
             `${optName}: gradNorm ${step.gradNorm!.toFixed(5)} (rel err ${normErr.toExponential(1)}), clip ${coef.toFixed(4)}, ` +

@@ -7,7 +7,12 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { abortError, throwIfAborted } from '../lib/util/abort.js';
 import {
-  commitTemporaries, isTemporaryOf, temporaryPath, writeFileAtomic, writeJsonAtomic, writeTemporary,
+  commitTemporaries,
+  isTemporaryOf,
+  temporaryPath,
+  writeFileAtomic,
+  writeJsonAtomic,
+  writeTemporary,
 } from '../lib/util/atomic-write.js';
 import { INT32_MAX, INT32_MIN, isInt32, tokenIdError } from '../lib/util/int32.js';
 
@@ -48,10 +53,12 @@ describe('atomic writes', () => {
     const dir = freshDir();
     const file = path.join(dir, 'out.bin');
     writeFileSync(file, 'old');
-    await expect(writeTemporary(file, async (fh) => {
-      await fh.writeFile('half of it');
-      throw new Error('disk full');
-    })).rejects.toThrow('disk full');
+    await expect(
+      writeTemporary(file, async (fh) => {
+        await fh.writeFile('half of it');
+        throw new Error('disk full');
+      }),
+    ).rejects.toThrow('disk full');
     expect(readFileSync(file, 'utf8')).toBe('old');
     expect(temporaries(dir)).toEqual([]);
   });
@@ -88,9 +95,12 @@ describe('atomic writes', () => {
     const blocked = path.join(dir, 'blocked');
     mkdirSync(blocked);
     writeFileSync(path.join(blocked, 'inside'), '');
-    const staged = await Promise.all([a, blocked, b].map(async (target) => ({
-      tmp: await writeTemporary(target, (fh) => fh.writeFile(path.basename(target))), target,
-    })));
+    const staged = await Promise.all(
+      [a, blocked, b].map(async (target) => ({
+        tmp: await writeTemporary(target, (fh) => fh.writeFile(path.basename(target))),
+        target,
+      })),
+    );
     expect(temporaries(dir)).toHaveLength(3);
     await expect(commitTemporaries(staged)).rejects.toThrow();
     expect(readFileSync(a, 'utf8')).toBe('a');
@@ -135,10 +145,11 @@ describe('int32 token ids', () => {
   });
 
   it('refuse 2^31, −2^31 − 1, NaN, infinities, fractions and non-numbers', () => {
-    for (const v of [2 ** 31, -(2 ** 31) - 1, NaN, Infinity, -Infinity, 1.5, -0.5, '3', null, undefined, 3n]) expect(isInt32(v)).toBe(false);
+    for (const v of [2 ** 31, -(2 ** 31) - 1, NaN, Infinity, -Infinity, 1.5, -0.5, '3', null, undefined, 3n])
+      expect(isInt32(v)).toBe(false);
   });
 
-  it('name the bad id in the caller\'s terms', () => {
+  it("name the bad id in the caller's terms", () => {
     const err = tokenIdError('token at sequence 1, position 2', 1.5);
     expect(err).toBeInstanceOf(TypeError);
     expect(err.message).toBe('token at sequence 1, position 2 is not an integer id: 1.5');

@@ -39,7 +39,8 @@ export function parseOptions<O extends Options>(command: string, argv: string[],
 export function integerOption(value: string | undefined, flag: string, min: number): number | undefined {
   if (value === undefined) return undefined;
   const n = Number(value);
-  if (value.trim() === '' || !Number.isSafeInteger(n) || n < min) throw new UsageError(`--${flag} must be an integer ≥ ${min}, got '${value}'`);
+  if (value.trim() === '' || !Number.isSafeInteger(n) || n < min)
+    throw new UsageError(`--${flag} must be an integer ≥ ${min}, got '${value}'`);
   return n;
 }
 

@@ -19,14 +19,17 @@ export class Progress {
   start(label: string): void {
     this.#stopBar();
     if (!this.tty) return;
-    this.#bar = new cliProgress.SingleBar({
-      stream: this.#out,
-      format: '{label} [{bar}] {percentage}% | ETA {eta_formatted} | {value}/{total}',
-      hideCursor: true,
-      clearOnComplete: true,
-      // Token-level updates arrive in bursts; a longer window keeps the ETA from jumping.
-      etaBuffer: 200,
-    }, cliProgress.Presets.shades_classic);
+    this.#bar = new cliProgress.SingleBar(
+      {
+        stream: this.#out,
+        format: '{label} [{bar}] {percentage}% | ETA {eta_formatted} | {value}/{total}',
+        hideCursor: true,
+        clearOnComplete: true,
+        // Token-level updates arrive in bursts; a longer window keeps the ETA from jumping.
+        etaBuffer: 200,
+      },
+      cliProgress.Presets.shades_classic,
+    );
     this.#bar.start(1, 0, { label });
   }
 

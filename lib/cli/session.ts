@@ -22,7 +22,7 @@ export async function runInterruptibly<T>(io: Io, argv: readonly string[], fn: (
   const progress = new Progress(io.stdout);
   const controller = new AbortController();
   const onSigint = () => {
-    progress.stop();  // also shows the cursor again
+    progress.stop(); // also shows the cursor again
     if (controller.signal.aborted) process.exit(INTERRUPTED);
     io.stderr.write('\nstopping at the next step (Ctrl-C again quits at once)…\n');
     controller.abort(new Interrupted('interrupted by Ctrl-C'));

@@ -20,11 +20,19 @@ export function textTable(headers: readonly string[], rows: readonly (readonly s
     const width = widths.slice(at, (at += span)).reduce((a, w) => a + w + 2, -2);
     return label.padEnd(width);
   });
-  return [...(groups.length ? [groupLine.join('  ').trimEnd()] : []), line(headers), widths.map((w) => '─'.repeat(w)).join('  '), ...rows.map(line)].join('\n');
+  return [
+    ...(groups.length ? [groupLine.join('  ').trimEnd()] : []),
+    line(headers),
+    widths.map((w) => '─'.repeat(w)).join('  '),
+    ...rows.map(line),
+  ].join('\n');
 }
 
 export function metricsTable(rows: readonly IterationMetrics[]): string {
-  return textTable(ITERATION_COLUMNS.map((c) => c.header), rows.map((r) => ITERATION_COLUMNS.map((c) => c.cell(r))));
+  return textTable(
+    ITERATION_COLUMNS.map((c) => c.header),
+    rows.map((r) => ITERATION_COLUMNS.map((c) => c.cell(r))),
+  );
 }
 
 /** One row per iteration, the runs side by side under their names (`sppo demo --compare`). */

@@ -33,8 +33,10 @@ function configIssues(issue: z.core.$ZodIssue): ConfigIssue[] {
   const path = issue.path.filter((p): p is string | number => typeof p !== 'symbol');
   const at = formatFieldPath(path);
   const one = (text: string): ConfigIssue[] => [{ path, line: `${at}: ${text}` }];
-  if (issue.code === 'unrecognized_keys') return issue.keys.map((k) => ({ path: [...path, k], line: `${formatFieldPath([...path, k])}: unknown field` }));
-  if (issue.code === 'invalid_type' && issue.message.startsWith('Invalid input')) return one(issue.input === undefined ? 'required' : `expected ${issue.expected}`);
+  if (issue.code === 'unrecognized_keys')
+    return issue.keys.map((k) => ({ path: [...path, k], line: `${formatFieldPath([...path, k])}: unknown field` }));
+  if (issue.code === 'invalid_type' && issue.message.startsWith('Invalid input'))
+    return one(issue.input === undefined ? 'required' : `expected ${issue.expected}`);
   if (issue.code === 'invalid_value' && issue.message.startsWith('Invalid option'))
     return one(`must be one of ${issue.values.map((v) => JSON.stringify(v)).join(', ')}`);
   // a message that opens with its own field (`model.preset 'tiny' has …`) reads better without the prefix

@@ -37,8 +37,12 @@ const dataSchema = z
     column: nonEmpty().default('prompt').describe('the prompt column (a JSONL field or a Parquet column)'),
     format: z.enum(['jsonl', 'parquet']).optional().describe("the prompt file's format; default: from its extension"),
     evalSize: nonNegativeInt().default(100).describe('held-out prompts for evaluation against the base policy'),
-    promptsPerIteration: positiveInt().optional().describe('prompts per iteration; default: all remaining prompts, split evenly over the iterations'),
-    maxPromptTokens: positiveInt().default(512).describe("prompt tokens kept (truncated from the left), as the reference's max_prompt_length"),
+    promptsPerIteration: positiveInt()
+      .optional()
+      .describe('prompts per iteration; default: all remaining prompts, split evenly over the iterations'),
+    maxPromptTokens: positiveInt()
+      .default(512)
+      .describe("prompt tokens kept (truncated from the left), as the reference's max_prompt_length"),
   })
   .refine((d) => (d.prompts === undefined) !== (d.words === undefined), {
     error: 'give exactly one of prompts (a file) and words (generated styled-reversal prompts)',
@@ -53,7 +57,10 @@ const generationSchema = z
       .default(5)
       .describe('K: responses sampled per prompt'),
     temperature: nonNegative().default(0.7).describe('sampling temperature; 0 is greedy'),
-    topP: positive().max(1, { error: 'must be ≤ 1' }).default(0.9).describe('nucleus sampling: the smallest set of tokens with this much probability'),
+    topP: positive()
+      .max(1, { error: 'must be ≤ 1' })
+      .default(0.9)
+      .describe('nucleus sampling: the smallest set of tokens with this much probability'),
     topK: nonNegativeInt().default(0).describe('sample among the K most likely tokens; 0 keeps every token'),
     maxNewTokens: positiveInt()
       .default(2048)
@@ -75,7 +82,9 @@ const trainingSchema = z
     loss: z
       .enum(PREFERENCE_LOSSES, { error: `must be one of ${PREFERENCE_LOSSES.join(', ')}` })
       .default('sppo-pair')
-      .describe('the preference loss: SPPO (sppo: every response; sppo-pair, sppo-single, sppo-hard: one pair per prompt) or the DPO / IPO baselines'),
+      .describe(
+        'the preference loss: SPPO (sppo: every response; sppo-pair, sppo-single, sppo-hard: one pair per prompt) or the DPO / IPO baselines',
+      ),
     eta: positive().default(1000).describe('η of the multiplicative-weights update; β = 1/η (reference β = 0.001)'),
     mode: z
       .enum(['pair', 'all'])
@@ -163,11 +172,23 @@ export const runConfigSchema = z
         message: `model.preset '${preset}' has random weights and no tokenizer, so it cannot read prompts; use model.path (a Hugging Face directory) or model.preset 'demo'`,
       });
     if (preset === 'demo' && c.data.words === undefined)
-      ctx.addIssue({ code: 'custom', path: ['model', 'preset'], message: "the 'demo' policy reads generated styled-reversal words (data.words)" });
+      ctx.addIssue({
+        code: 'custom',
+        path: ['model', 'preset'],
+        message: "the 'demo' policy reads generated styled-reversal words (data.words)",
+      });
     if (c.sft !== undefined && preset !== 'demo')
-      ctx.addIssue({ code: 'custom', path: ['sft'], message: "supervised fine-tuning of the base policy is only available with model.preset 'demo'" });
+      ctx.addIssue({
+        code: 'custom',
+        path: ['sft'],
+        message: "supervised fine-tuning of the base policy is only available with model.preset 'demo'",
+      });
     else if (c.sft !== undefined && c.preference.kind !== 'styled-reversal')
-      ctx.addIssue({ code: 'custom', path: ['sft'], message: "supervised fine-tuning data comes from the styled-reversal task (preference.kind 'styled-reversal')" });
+      ctx.addIssue({
+        code: 'custom',
+        path: ['sft'],
+        message: "supervised fine-tuning data comes from the styled-reversal task (preference.kind 'styled-reversal')",
+      });
     if (c.data.words !== undefined && c.preference.kind !== 'styled-reversal')
       ctx.addIssue({ code: 'custom', path: ['data', 'words'], message: "generated words go with preference.kind 'styled-reversal'" });
   })

@@ -26,7 +26,9 @@ export function promptFormatOf(path: string): PromptFormat {
   const ext = extname(path).toLowerCase();
   if (ext === '.jsonl' || ext === '.ndjson' || ext === '.json') return 'jsonl';
   if (ext === '.parquet') return 'parquet';
-  throw new RangeError(`${path}: cannot tell the prompt file's format from '${ext || 'no extension'}' (use .jsonl or .parquet, or pass format)`);
+  throw new RangeError(
+    `${path}: cannot tell the prompt file's format from '${ext || 'no extension'}' (use .jsonl or .parquet, or pass format)`,
+  );
 }
 
 /** Reads the prompts of a JSONL or Parquet file, in file order. */
@@ -178,13 +180,14 @@ export function splitPrompts<T>(prompts: readonly T[], options: SplitOptions): P
   if (!Number.isInteger(T) || T < 1) throw new RangeError(`iterations must be an integer ≥ 1, got ${T}`);
   if (!Number.isInteger(evalSize) || evalSize < 0) throw new RangeError(`evalSize must be an integer ≥ 0, got ${evalSize}`);
   const rest = n - evalSize;
-  if (rest < T)
-    throw new RangeError(`${n} prompts cannot give ${evalSize} for evaluation and at least one to each of ${T} iterations`);
+  if (rest < T) throw new RangeError(`${n} prompts cannot give ${evalSize} for evaluation and at least one to each of ${T} iterations`);
   const per = options.promptsPerIteration;
   if (per !== undefined) {
     if (!Number.isInteger(per) || per < 1) throw new RangeError(`promptsPerIteration must be an integer ≥ 1, got ${per}`);
     if (per * T > rest)
-      throw new RangeError(`${T} iterations × ${per} prompts need ${per * T}, but only ${rest} remain after ${evalSize} for evaluation (of ${n})`);
+      throw new RangeError(
+        `${T} iterations × ${per} prompts need ${per * T}, but only ${rest} remain after ${evalSize} for evaluation (of ${n})`,
+      );
   }
   const shuffled = seededShuffle(prompts, seed);
   const evaluation = shuffled.slice(0, evalSize);

@@ -11,7 +11,7 @@ export interface Rng {
 export function seededRng(seed: number): Rng {
   if (!Number.isSafeInteger(seed)) throw new RangeError(`the seed must be an integer, got ${seed}`);
   // fold the high bits in so seeds beyond 2^32 still differ
-  let s = (seed ^ Math.floor(seed / 2 ** 32) * 0x9e3779b9) >>> 0;
+  let s = (seed ^ (Math.floor(seed / 2 ** 32) * 0x9e3779b9)) >>> 0;
   const next = (): number => {
     s = (s + 0x6d2b79f5) >>> 0;
     let t = s;

@@ -7,7 +7,12 @@ import { splitPrompts } from '../data/prompts.js';
 import { Model, type Device } from '../engine/model.js';
 import type { PreferenceLossName } from '../engine/types.js';
 import {
-  dualityGap, randomWords, resolveStyledReversal, styledReversalOracle, summarizeAnswers, type PolicySummary,
+  dualityGap,
+  randomWords,
+  resolveStyledReversal,
+  styledReversalOracle,
+  summarizeAnswers,
+  type PolicySummary,
 } from '../preference/styled-reversal.js';
 import { runSppo, type RunHooks, type RunResult, type RunSetup, type Sample } from '../sppo/run.js';
 import { CharTokenizer, DEMO_CONTEXT, demoModelConfig, supervisedExamples, supervisedFineTune } from './task.js';
@@ -58,12 +63,18 @@ export function demoSetup(config: RunConfig, options: { device?: Device } = {}):
   const tokenizer = new CharTokenizer(oracle.alphabet);
   const words = randomWords(config.data.words, config.run.seed, oracle);
   const split = splitPrompts(words, {
-    iterations: config.run.iterations, evalSize: config.data.evalSize, seed: config.run.seed,
+    iterations: config.run.iterations,
+    evalSize: config.data.evalSize,
+    seed: config.run.seed,
     promptsPerIteration: config.data.promptsPerIteration,
   });
   const sft = config.sft;
   const maxBatch = Math.max(2 * config.training.batchSize, sft?.batchSize ?? 1);
-  const model = Model.create(demoModelConfig(tokenizer, config.model.seed ?? 1), { maxBatch, maxSeq: DEMO_CONTEXT }, { device: options.device });
+  const model = Model.create(
+    demoModelConfig(tokenizer, config.model.seed ?? 1),
+    { maxBatch, maxSeq: DEMO_CONTEXT },
+    { device: options.device },
+  );
   const summaries = (history: readonly Sample[][]): PolicySummary[] => history.map((s) => summarizeAnswers(s));
   const setup: RunSetup = {
     config,
@@ -74,9 +85,19 @@ export function demoSetup(config: RunConfig, options: { device?: Device } = {}):
     split,
     makeBase: sft
       ? async (m: Model, hooks: RunHooks) => {
-          const rows = supervisedExamples(randomWords(sft.examples, config.run.seed + 1, oracle), sft, oracle.alphabet, config.run.seed + 2, tokenizer);
+          const rows = supervisedExamples(
+            randomWords(sft.examples, config.run.seed + 1, oracle),
+            sft,
+            oracle.alphabet,
+            config.run.seed + 2,
+            tokenizer,
+          );
           const results = await supervisedFineTune(m, rows, {
-            steps: sft.steps, batchSize: sft.batchSize, lr: sft.lr, seed: config.run.seed + 3, signal: hooks.signal,
+            steps: sft.steps,
+            batchSize: sft.batchSize,
+            lr: sft.lr,
+            seed: config.run.seed + 3,
+            signal: hooks.signal,
             onProgress: (done, total) => hooks.onProgress?.({ iteration: 0, stage: 'base', done, total }),
           });
           return { sftSteps: results.length, sftFinalLoss: results[results.length - 1].loss };
@@ -130,4 +151,3 @@ export async function runDemo(o: DemoOptions = {}, hooks: RunHooks = {}): Promis
     await setup.model.dispose();
   }
 }
-

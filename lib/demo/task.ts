@@ -77,7 +77,13 @@ export class CharTokenizer {
         truncation: null,
         padding: null,
         added_tokens: CharTokenizer.SPECIAL_TOKENS.map((content, id) => ({
-          id, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true,
+          id,
+          content,
+          single_word: false,
+          lstrip: false,
+          rstrip: false,
+          normalized: false,
+          special: true,
         })),
         normalizer: null,
         pre_tokenizer: { type: 'Split', pattern: { Regex: '[\\s\\S]' }, behavior: 'Isolated', invert: false },
@@ -89,10 +95,7 @@ export class CharTokenizer {
         },
         decoder: {
           type: 'Sequence',
-          decoders: [
-            ...[pad, bos].map((t) => ({ type: 'Replace', pattern: { String: t }, content: '�' })),
-            { type: 'Fuse' },
-          ],
+          decoders: [...[pad, bos].map((t) => ({ type: 'Replace', pattern: { String: t }, content: '�' })), { type: 'Fuse' }],
         },
         // No <unk>: a character outside the alphabet is an error, as in encode.
         model: { type: 'WordLevel', vocab, unk_token: '<unk>' },
@@ -119,7 +122,8 @@ export function demoPolicyText(tokenizer: Tokenizer): PolicyText {
   return {
     promptIds(prompt) {
       [...prompt].forEach((c, i) => {
-        if (tokenizer.tokenId(c) === undefined) throw new RangeError(`character '${c}' at ${i} of '${prompt}' is not in the tokenizer's alphabet`);
+        if (tokenizer.tokenId(c) === undefined)
+          throw new RangeError(`character '${c}' at ${i} of '${prompt}' is not in the tokenizer's alphabet`);
       });
       return tokenizer.encode(prompt);
     },
@@ -155,8 +159,13 @@ export interface SupervisedData {
 }
 
 /** Supervised (prompt, answer) rows for the base policy: styles drawn from the mix, reversals sometimes wrong. */
-export function supervisedExamples(words: readonly string[], data: SupervisedData, alphabet: string, seed: number,
-                                   tokenizer: CharTokenizer): { prompt: number[]; response: number[] }[] {
+export function supervisedExamples(
+  words: readonly string[],
+  data: SupervisedData,
+  alphabet: string,
+  seed: number,
+  tokenizer: CharTokenizer,
+): { prompt: number[]; response: number[] }[] {
   const rng = seededRng(seed);
   const total = STYLES.reduce((s, c) => s + data.styles[c], 0);
   return words.map((word) => {
@@ -164,7 +173,7 @@ export function supervisedExamples(words: readonly string[], data: SupervisedDat
     const style = STYLES.find((c) => (u -= data.styles[c]) < 0) ?? 'S';
     const answer = [...idealAnswer(word, style)];
     if (rng.next() < data.corruption) {
-      const at = 2 + rng.int(word.length);  // a letter of the reversed body
+      const at = 2 + rng.int(word.length); // a letter of the reversed body
       const others = [...alphabet].filter((c) => c !== answer[at]);
       answer[at] = others[rng.int(others.length)];
     }
@@ -182,17 +191,31 @@ export interface SupervisedOptions {
 }
 
 /** Supervised fine-tuning on prompt → answer rows (loss on the answer tokens only). */
-export async function supervisedFineTune(model: Model, rows: readonly { prompt: number[]; response: number[] }[],
-                                         o: SupervisedOptions): Promise<StepResult[]> {
-  model.setOptimizer({ kind: 'adamw', lr: o.lr, maxGradNorm: 1, schedule: { kind: 'cosine', warmupSteps: Math.ceil(o.steps / 20), totalSteps: o.steps, minLrRatio: 0.1 } });
+export async function supervisedFineTune(
+  model: Model,
+  rows: readonly { prompt: number[]; response: number[] }[],
+  o: SupervisedOptions,
+): Promise<StepResult[]> {
+  model.setOptimizer({
+    kind: 'adamw',
+    lr: o.lr,
+    maxGradNorm: 1,
+    schedule: { kind: 'cosine', warmupSteps: Math.ceil(o.steps / 20), totalSteps: o.steps, minLrRatio: 0.1 },
+  });
   const rng = seededRng(o.seed);
   const results: StepResult[] = [];
   for (let step = 0; step < o.steps; step++) {
     throwIfAborted(o.signal);
     const batch = Array.from({ length: o.batchSize }, () => rows[rng.int(rows.length)]);
     const seq = Math.max(...batch.map((r) => r.prompt.length + r.response.length));
-    const rowsOut = batch.map((r) => [...r.prompt, ...r.response, ...new Array<number>(seq - r.prompt.length - r.response.length).fill(CharTokenizer.PAD)]);
-    const mask = batch.map((r) => Array.from({ length: seq }, (_, t) => (t >= r.prompt.length && t < r.prompt.length + r.response.length ? 1 : 0)));
+    const rowsOut = batch.map((r) => [
+      ...r.prompt,
+      ...r.response,
+      ...new Array<number>(seq - r.prompt.length - r.response.length).fill(CharTokenizer.PAD),
+    ]);
+    const mask = batch.map((r) =>
+      Array.from({ length: seq }, (_, t) => (t >= r.prompt.length && t < r.prompt.length + r.response.length ? 1 : 0)),
+    );
     const result = await model.trainStep({ rows: rowsOut, targetMask: mask }, { signal: o.signal });
     results.push(result);
     o.onProgress?.(step + 1, o.steps, result);

@@ -12,12 +12,18 @@ function describe(v: unknown): string {
   if (v === undefined || v === null) return String(v);
   if (Array.isArray(v)) return 'an array';
   switch (typeof v) {
-    case 'string': return 'a string';
-    case 'boolean': return 'a boolean';
-    case 'number': return 'a number';
-    case 'object': return 'an object';
-    case 'function': return 'a function';
-    default: return 'a value of another type';
+    case 'string':
+      return 'a string';
+    case 'boolean':
+      return 'a boolean';
+    case 'number':
+      return 'a number';
+    case 'object':
+      return 'an object';
+    case 'function':
+      return 'a function';
+    default:
+      return 'a value of another type';
   }
 }
 
@@ -57,8 +63,7 @@ export function toTokenBatch(input: BatchInput): TokenBatch {
   if (!(tokens instanceof Int32Array)) throw new TypeError('batch.tokens must be an Int32Array');
   if (!Number.isInteger(batch) || batch < 0 || !Number.isInteger(seq) || seq < 0)
     throw new RangeError(`batch.batch and batch.seq must be non-negative integers, got ${batch} and ${seq}`);
-  if (tokens.length !== batch * seq)
-    throw new RangeError(`batch.tokens has ${tokens.length} elements but batch x seq = ${batch} x ${seq}`);
+  if (tokens.length !== batch * seq) throw new RangeError(`batch.tokens has ${tokens.length} elements but batch x seq = ${batch} x ${seq}`);
   if (targetMask !== undefined) {
     if (!(targetMask instanceof Uint8Array)) throw new TypeError('batch.targetMask must be a Uint8Array');
     if (targetMask.length !== tokens.length)

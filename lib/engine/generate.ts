@@ -154,8 +154,7 @@ export class Generator {
   async generate(prompts: readonly PromptTokens[], options: GenerateOptions = {}): Promise<GeneratedSequence[]> {
     const { tokens, lengths } = promptsToArrays(prompts);
     const samples = options.samplesPerPrompt ?? 1;
-    if (!Number.isInteger(samples) || samples < 1)
-      throw new RangeError(`samplesPerPrompt must be a positive integer, got ${samples}`);
+    if (!Number.isInteger(samples) || samples < 1) throw new RangeError(`samplesPerPrompt must be a positive integer, got ${samples}`);
     const seeds = seedsFor(options.seed, lengths.length);
     const stop = options.stopTokens ?? [];
     if (!Array.isArray(stop)) throw new TypeError('stopTokens must be an array of token ids');

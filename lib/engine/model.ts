@@ -173,12 +173,10 @@ export class Model {
   // Runs `fn` after every earlier call on this model has settled.
   #enqueue<T>(fn: (h: NativeModelHandle) => Promise<T>, signal?: AbortSignal): Promise<T> {
     this.#pending++;
-    const run = this.#tail.then(
-      () => {
-        throwIfAborted(signal);
-        return fn(this.#live());
-      },
-    );
+    const run = this.#tail.then(() => {
+      throwIfAborted(signal);
+      return fn(this.#live());
+    });
     const settled = run.finally(() => this.#pending--);
     this.#tail = settled.catch(() => undefined);
     return settled;
@@ -229,7 +227,10 @@ export class Model {
   async sequenceLogprobs(items: readonly SequenceInput[], options: CallOptions & { perToken?: boolean } = {}): Promise<SequenceLogprobs> {
     const b = packSequences(items);
     if (options.perToken !== undefined) checkKind(options.perToken, 'boolean', 'perToken');
-    const r = await this.#enqueue((h) => h.sequenceLogprobs(b.tokens, b.batch, b.seq, b.targetMask, options.perToken ?? false), options.signal);
+    const r = await this.#enqueue(
+      (h) => h.sequenceLogprobs(b.tokens, b.batch, b.seq, b.targetMask, options.perToken ?? false),
+      options.signal,
+    );
     const perTokenAll = r.perToken;
     if (!perTokenAll) return { sum: r.sum };
     const perToken = items.map((it, i) => {

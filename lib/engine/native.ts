@@ -15,9 +15,33 @@ export interface NativeModelHandle {
   forward(tokens: Int32Array, batch: number, seq: number, output: string): Promise<{ logits?: Float32Array; hidden?: Float32Array }>;
   evalLoss(tokens: Int32Array, batch: number, seq: number, mask: Uint8Array | null): Promise<{ loss: number; targetTokens: number }>;
   trainStep(tokens: Int32Array, batch: number, seq: number, mask: Uint8Array | null): Promise<StepResult>;
-  sequenceLogprobs(tokens: Int32Array, batch: number, seq: number, mask: Uint8Array | null, perToken: boolean): Promise<{ sum: Float64Array; perToken?: Float64Array }>;
-  evalPreference(tokens: Int32Array, batch: number, seq: number, mask: Uint8Array | null, refLogp: Float64Array, target: Float64Array, loss: string, eta: number): Promise<{ metrics: Record<string, number>; logps: Float64Array }>;
-  preferenceStep(tokens: Int32Array, batch: number, seq: number, mask: Uint8Array | null, refLogp: Float64Array, target: Float64Array, loss: string, eta: number): Promise<StepResult & { metrics: Record<string, number>; logps: Float64Array }>;
+  sequenceLogprobs(
+    tokens: Int32Array,
+    batch: number,
+    seq: number,
+    mask: Uint8Array | null,
+    perToken: boolean,
+  ): Promise<{ sum: Float64Array; perToken?: Float64Array }>;
+  evalPreference(
+    tokens: Int32Array,
+    batch: number,
+    seq: number,
+    mask: Uint8Array | null,
+    refLogp: Float64Array,
+    target: Float64Array,
+    loss: string,
+    eta: number,
+  ): Promise<{ metrics: Record<string, number>; logps: Float64Array }>;
+  preferenceStep(
+    tokens: Int32Array,
+    batch: number,
+    seq: number,
+    mask: Uint8Array | null,
+    refLogp: Float64Array,
+    target: Float64Array,
+    loss: string,
+    eta: number,
+  ): Promise<StepResult & { metrics: Record<string, number>; logps: Float64Array }>;
   setOptimizer(config: object): void;
   params(): { name: string; shape: number[] }[];
   getParam(name: string): Float32Array;

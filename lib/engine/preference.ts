@@ -37,13 +37,12 @@ export interface PackedPreferenceBatch {
 
 /** Examples for `sppo`; (chosen, rejected) pairs, flattened as rows 2k / 2k+1, for the others. */
 export function packPreferenceBatch(input: PreferenceBatchInput, loss: PreferenceLossName): PackedPreferenceBatch {
-  if (!PREFERENCE_LOSSES.includes(loss))
-    throw new RangeError(`unknown loss '${loss}' (known: ${PREFERENCE_LOSSES.join(', ')})`);
+  if (!PREFERENCE_LOSSES.includes(loss)) throw new RangeError(`unknown loss '${loss}' (known: ${PREFERENCE_LOSSES.join(', ')})`);
   const finite = (v: unknown, what: string): number => {
     if (typeof v !== 'number' || !Number.isFinite(v)) throw new RangeError(`${what} must be a finite number, got ${String(v)}`);
     return v;
   };
-  const NO_TARGET = Number.NaN;  // not read by the loss
+  const NO_TARGET = Number.NaN; // not read by the loss
   if (loss === 'sppo') {
     if (!('examples' in input)) throw new TypeError("loss 'sppo' takes { examples: [...] }, each response with its own target");
     const ex = input.examples;

@@ -141,7 +141,6 @@ export interface SequenceInput {
   response: number[];
 }
 
-
 export interface PreferenceResponse {
   response: number[];
   /** log π_t(response | prompt) under the iteration's reference policy */

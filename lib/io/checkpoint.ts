@@ -46,7 +46,10 @@ async function readConfig(file: string): Promise<HfConfig> {
 }
 
 function listed(names: string[]): string {
-  const shown = names.slice(0, 8).map((n) => `'${n}'`).join(', ');
+  const shown = names
+    .slice(0, 8)
+    .map((n) => `'${n}'`)
+    .join(', ');
   return names.length > 8 ? `${shown} and ${names.length - 8} more` : shown;
 }
 
@@ -57,20 +60,29 @@ function checkTensorTable(weights: CheckpointWeights, model: Model): void {
   const missing = [...expected.keys()].filter((n) => !weights.tensors.has(n));
   const unexpected = [...weights.tensors.keys()].filter((n) => !expected.has(n) && !IGNORED_TENSOR.test(n) && !(tied && n === TIED_HEAD));
   if (!tied && missing.includes(TIED_HEAD)) {
-    throw new CheckpointError(`${weights.dir}: '${TIED_HEAD}' is missing and tie_word_embeddings is false (an untied model needs its own output head)`);
+    throw new CheckpointError(
+      `${weights.dir}: '${TIED_HEAD}' is missing and tie_word_embeddings is false (an untied model needs its own output head)`,
+    );
   }
-  if (missing.length > 0) throw new CheckpointError(`${weights.dir}: the checkpoint lacks ${missing.length} tensor(s) the model needs: ${listed(missing)}`);
-  if (unexpected.length > 0) throw new CheckpointError(`${weights.dir}: the checkpoint has ${unexpected.length} tensor(s) the model does not: ${listed(unexpected)}`);
+  if (missing.length > 0)
+    throw new CheckpointError(`${weights.dir}: the checkpoint lacks ${missing.length} tensor(s) the model needs: ${listed(missing)}`);
+  if (unexpected.length > 0)
+    throw new CheckpointError(
+      `${weights.dir}: the checkpoint has ${unexpected.length} tensor(s) the model does not: ${listed(unexpected)}`,
+    );
   for (const [name, shape] of expected) {
     const t = weights.tensor(name);
     if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
-      throw new CheckpointError(`${t.file.path}: tensor '${name}' has shape [${t.shape.join(', ')}] but the config gives [${shape.join(', ')}]`);
+      throw new CheckpointError(
+        `${t.file.path}: tensor '${name}' has shape [${t.shape.join(', ')}] but the config gives [${shape.join(', ')}]`,
+      );
     }
   }
   if (tied && weights.tensors.has(TIED_HEAD)) {
     const t = weights.tensor(TIED_HEAD);
     const e = weights.tensor(EMBEDDING).shape; // checked against the config's in the loop above
-    if (t.shape.join() !== e.join()) throw new CheckpointError(`${t.file.path}: tied '${TIED_HEAD}' has shape [${t.shape.join(', ')}], the embedding [${e.join(', ')}]`);
+    if (t.shape.join() !== e.join())
+      throw new CheckpointError(`${t.file.path}: tied '${TIED_HEAD}' has shape [${t.shape.join(', ')}], the embedding [${e.join(', ')}]`);
   }
 }
 
@@ -87,7 +99,7 @@ export async function loadPretrained(dir: string, plan: MemoryPlan, options: Loa
   const weights = await CheckpointWeights.open(dir);
   let model: Model | undefined;
   try {
-    model = Model.create(config, plan, { initialize: false, device: options.device });  // every parameter is read below
+    model = Model.create(config, plan, { initialize: false, device: options.device }); // every parameter is read below
     checkTensorTable(weights, model);
     // setParam copies into the engine, so one pair of buffers serves every tensor.
     const scratch = new ReadScratch();
@@ -104,7 +116,10 @@ export async function loadPretrained(dir: string, plan: MemoryPlan, options: Loa
       const head = await weights.readFloat32(TIED_HEAD);
       const embedding = model.getParam(EMBEDDING);
       const i = head.findIndex((v, k) => v !== embedding[k]);
-      if (i >= 0) throw new CheckpointError(`${weights.tensor(TIED_HEAD).file.path}: tie_word_embeddings is true but '${TIED_HEAD}' differs from '${EMBEDDING}' (first at element ${i})`);
+      if (i >= 0)
+        throw new CheckpointError(
+          `${weights.tensor(TIED_HEAD).file.path}: tie_word_embeddings is true but '${TIED_HEAD}' differs from '${EMBEDDING}' (first at element ${i})`,
+        );
     }
     return { model, config: hf, architecture, tokenizer };
   } catch (e) {
@@ -145,15 +160,25 @@ export async function savePretrained(model: Model, dir: string, options: SaveOpt
   const staging = new StagedFiles();
   try {
     const tensors: TensorSource[] = model.params().map((p) => ({ name: p.name, shape: p.shape, data: () => model.getParam(p.name) }));
-    const weightFiles = await stageWeights(dir, tensors, { maxShardBytes: options.maxShardBytes, dtype: dtype === 'bfloat16' ? 'BF16' : 'F32' }, staging);
+    const weightFiles = await stageWeights(
+      dir,
+      tensors,
+      { maxShardBytes: options.maxShardBytes, dtype: dtype === 'bfloat16' ? 'BF16' : 'F32' },
+      staging,
+    );
     await staging.writeText(path.join(dir, 'config.json'), JSON.stringify(hf, null, 2) + '\n');
 
     const sourceFile = (name: string) => (options.sourceDir ? path.join(options.sourceDir, name) : undefined);
     const generation = sourceFile('generation_config.json');
     if (generation && existsSync(generation)) await staging.copy(generation, path.join(dir, 'generation_config.json'));
     else {
-      const ids = Object.fromEntries(['bos_token_id', 'eos_token_id', 'pad_token_id'].filter((k) => hf[k] !== undefined).map((k) => [k, hf[k]]));
-      await staging.writeText(path.join(dir, 'generation_config.json'), JSON.stringify({ _from_model_config: true, ...ids }, null, 2) + '\n');
+      const ids = Object.fromEntries(
+        ['bos_token_id', 'eos_token_id', 'pad_token_id'].filter((k) => hf[k] !== undefined).map((k) => [k, hf[k]]),
+      );
+      await staging.writeText(
+        path.join(dir, 'generation_config.json'),
+        JSON.stringify({ _from_model_config: true, ...ids }, null, 2) + '\n',
+      );
     }
     if (options.tokenizer) {
       for (const [name, text] of tokenizerFileTexts(options.tokenizer)) await staging.writeText(path.join(dir, name), text);

@@ -30,22 +30,62 @@ const DEFAULTS: Record<Architecture, { num_key_value_heads?: number; rms_norm_ep
 
 /** Fields with no effect on the network's math (ids, bookkeeping, inference flags). */
 const HARMLESS = new Set([
-  '_name_or_path', 'transformers_version', 'torch_dtype', 'dtype', 'use_cache',
-  'bos_token_id', 'eos_token_id', 'pad_token_id', 'initializer_range', 'pretraining_tp',
-  'output_attentions', 'output_hidden_states', 'return_dict', 'tokenizer_class', 'id2label',
-  'label2id', 'problem_type', 'torchscript', 'chunk_size_feed_forward',
+  '_name_or_path',
+  'transformers_version',
+  'torch_dtype',
+  'dtype',
+  'use_cache',
+  'bos_token_id',
+  'eos_token_id',
+  'pad_token_id',
+  'initializer_range',
+  'pretraining_tp',
+  'output_attentions',
+  'output_hidden_states',
+  'return_dict',
+  'tokenizer_class',
+  'id2label',
+  'label2id',
+  'problem_type',
+  'torchscript',
+  'chunk_size_feed_forward',
 ]);
 
 /** Fields this module reads and checks itself. */
 const HANDLED = new Set([
-  'architectures', 'model_type', 'vocab_size', 'hidden_size', 'num_hidden_layers',
-  'num_attention_heads', 'num_key_value_heads', 'head_dim', 'intermediate_size',
-  'max_position_embeddings', 'rms_norm_eps', 'rope_theta', 'rope_scaling', 'rope_parameters',
-  'tie_word_embeddings', 'hidden_act', 'mlp_bias', 'attention_bias', 'attention_dropout',
-  'sliding_window', 'use_sliding_window', 'max_window_layers', 'layer_types',
+  'architectures',
+  'model_type',
+  'vocab_size',
+  'hidden_size',
+  'num_hidden_layers',
+  'num_attention_heads',
+  'num_key_value_heads',
+  'head_dim',
+  'intermediate_size',
+  'max_position_embeddings',
+  'rms_norm_eps',
+  'rope_theta',
+  'rope_scaling',
+  'rope_parameters',
+  'tie_word_embeddings',
+  'hidden_act',
+  'mlp_bias',
+  'attention_bias',
+  'attention_dropout',
+  'sliding_window',
+  'use_sliding_window',
+  'max_window_layers',
+  'layer_types',
 ]);
 
-const REQUIRED = ['vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size', 'max_position_embeddings'] as const;
+const REQUIRED = [
+  'vocab_size',
+  'hidden_size',
+  'num_hidden_layers',
+  'num_attention_heads',
+  'intermediate_size',
+  'max_position_embeddings',
+] as const;
 
 const ROPE_FIELDS: Record<string, string[]> = {
   default: [],
@@ -161,25 +201,33 @@ export function engineConfigFromHf(hf: HfConfig, options: FromHfOptions = {}): {
   }
 
   const dropout = hf.attention_dropout ?? 0;
-  if (typeof dropout !== 'number' || dropout < 0 || dropout >= 1) fail(`attention_dropout must be a number in [0, 1), got ${JSON.stringify(dropout)}`);
+  if (typeof dropout !== 'number' || dropout < 0 || dropout >= 1)
+    fail(`attention_dropout must be a number in [0, 1), got ${JSON.stringify(dropout)}`);
   if (dropout !== 0 && (options.training ?? true)) {
-    fail(`attention_dropout ${String(dropout)} is not supported for training (the engine has no dropout); set it to 0 or load with training: false`);
+    fail(
+      `attention_dropout ${String(dropout)} is not supported for training (the engine has no dropout); set it to 0 or load with training: false`,
+    );
   }
 
   const maxPositions = hf.max_position_embeddings as number;
   const maxSeq = options.maxSeq ?? maxPositions;
   if (arch === 'MistralForCausalLM') {
     const w = hf.sliding_window ?? null;
-    if (w !== null && !(typeof w === 'number' && Number.isSafeInteger(w) && w > 0)) fail(`sliding_window must be a positive integer or null, got ${JSON.stringify(w)}`);
+    if (w !== null && !(typeof w === 'number' && Number.isSafeInteger(w) && w > 0))
+      fail(`sliding_window must be a positive integer or null, got ${JSON.stringify(w)}`);
     // Within the window, sliding-window attention is ordinary causal attention.
     if (w !== null && maxSeq > w) {
-      fail(`sliding_window ${w} is smaller than the longest sequence planned (${maxSeq}); the engine has no sliding-window attention, so plan maxSeq <= ${w}`);
+      fail(
+        `sliding_window ${w} is smaller than the longest sequence planned (${maxSeq}); the engine has no sliding-window attention, so plan maxSeq <= ${w}`,
+      );
     }
   } else if (arch === 'Qwen2ForCausalLM') {
-    if (hf.use_sliding_window !== undefined && hf.use_sliding_window !== false) fail('use_sliding_window must be false (the engine has no sliding-window attention)');
+    if (hf.use_sliding_window !== undefined && hf.use_sliding_window !== false)
+      fail('use_sliding_window must be false (the engine has no sliding-window attention)');
     const layerTypes = hf.layer_types;
     if (layerTypes !== undefined && layerTypes !== null) {
-      if (!Array.isArray(layerTypes) || layerTypes.some((t) => t !== 'full_attention')) fail(`layer_types must all be 'full_attention', got ${JSON.stringify(layerTypes)}`);
+      if (!Array.isArray(layerTypes) || layerTypes.some((t) => t !== 'full_attention'))
+        fail(`layer_types must all be 'full_attention', got ${JSON.stringify(layerTypes)}`);
     }
   } else {
     for (const k of ['sliding_window', 'use_sliding_window', 'max_window_layers', 'layer_types']) {
@@ -225,10 +273,16 @@ const CARRIED = ['bos_token_id', 'eos_token_id', 'pad_token_id', 'use_cache', 'i
 /** The engine's resolved config → a config.json that transformers and vLLM build the same network from. */
 export function hfConfigFromEngine(engine: ResolvedModelConfig, options: ToHfOptions = {}): HfConfig {
   const source = options.source;
-  const sourceArch = source ? architectureOf(source, (m) => { throw new ConfigError(`source config: ${m}`); }) : undefined;
+  const sourceArch = source
+    ? architectureOf(source, (m) => {
+        throw new ConfigError(`source config: ${m}`);
+      })
+    : undefined;
   const arch = options.architecture ?? sourceArch ?? (engine.attention_bias ? 'Qwen2ForCausalLM' : 'LlamaForCausalLM');
-  if (arch === 'Qwen2ForCausalLM' && !engine.attention_bias) throw new ConfigError('Qwen2ForCausalLM has q/k/v biases, but the model has none (attention_bias false)');
-  if (arch !== 'Qwen2ForCausalLM' && engine.attention_bias) throw new ConfigError(`${arch} has no q/k/v biases, but the model has them: save as Qwen2ForCausalLM`);
+  if (arch === 'Qwen2ForCausalLM' && !engine.attention_bias)
+    throw new ConfigError('Qwen2ForCausalLM has q/k/v biases, but the model has none (attention_bias false)');
+  if (arch !== 'Qwen2ForCausalLM' && engine.attention_bias)
+    throw new ConfigError(`${arch} has no q/k/v biases, but the model has them: save as Qwen2ForCausalLM`);
 
   const out: HfConfig = { architectures: [arch], model_type: MODEL_TYPE[arch] };
   for (const k of CARRIED) if (source?.[k] !== undefined) out[k] = source[k];
@@ -250,7 +304,11 @@ export function hfConfigFromEngine(engine: ResolvedModelConfig, options: ToHfOpt
   if (arch === 'LlamaForCausalLM') Object.assign(out, { attention_bias: false, mlp_bias: false });
   if (arch === 'MistralForCausalLM') out.sliding_window = source?.sliding_window ?? null;
   if (arch === 'Qwen2ForCausalLM') {
-    Object.assign(out, { use_sliding_window: false, sliding_window: null, max_window_layers: source?.max_window_layers ?? engine.num_hidden_layers });
+    Object.assign(out, {
+      use_sliding_window: false,
+      sliding_window: null,
+      max_window_layers: source?.max_window_layers ?? engine.num_hidden_layers,
+    });
   }
 
   const scaling = engine.rope_scaling ? { ...engine.rope_scaling } : null;

@@ -18,10 +18,21 @@ export class SafetensorsError extends Error {
 
 /** Bytes per element of every dtype the format defines; any other dtype string is refused. */
 const DTYPE_BYTES: Readonly<Record<string, number>> = {
-  BOOL: 1, U8: 1, I8: 1, F8_E4M3: 1, F8_E5M2: 1,
-  I16: 2, U16: 2, F16: 2, BF16: 2,
-  I32: 4, U32: 4, F32: 4,
-  I64: 8, U64: 8, F64: 8,
+  BOOL: 1,
+  U8: 1,
+  I8: 1,
+  F8_E4M3: 1,
+  F8_E5M2: 1,
+  I16: 2,
+  U16: 2,
+  F16: 2,
+  BF16: 2,
+  I32: 4,
+  U32: 4,
+  F32: 4,
+  I64: 8,
+  U64: 8,
+  F64: 8,
 };
 
 /** The dtypes written. */
@@ -114,13 +125,17 @@ export function parseSafetensorsHeader(json: Uint8Array, fileSize: number, label
     const [begin, end] = offsets as [number, number];
     if (end < begin) fail(`${where}: data_offsets [${begin}, ${end}] end before begin`);
     if (end > dataBytes) {
-      fail(`${where}: data_offsets [${begin}, ${end}] run past the end of the data section (${Math.max(dataBytes, 0)} bytes; the file is truncated or the offsets are wrong)`);
+      fail(
+        `${where}: data_offsets [${begin}, ${end}] run past the end of the data section (${Math.max(dataBytes, 0)} bytes; the file is truncated or the offsets are wrong)`,
+      );
     }
     // BigInt: a hostile shape's product can exceed 2^53 and compare equal by rounding.
     const elements = (shape as number[]).reduce((a, d) => a * BigInt(d), 1n);
     const expected = elements * BigInt(elemBytes);
     if (expected !== BigInt(end - begin)) {
-      fail(`${where}: shape [${(shape as number[]).join(', ')}] of ${dtype as string} needs ${expected} bytes but data_offsets [${begin}, ${end}] hold ${end - begin}`);
+      fail(
+        `${where}: shape [${(shape as number[]).join(', ')}] of ${dtype as string} needs ${expected} bytes but data_offsets [${begin}, ${end}] hold ${end - begin}`,
+      );
     }
     entries.push([name, { dtype: dtype as string, shape: [...(shape as number[])], begin, end }]);
   }
@@ -129,7 +144,8 @@ export function parseSafetensorsHeader(json: Uint8Array, fileSize: number, label
   entries.sort((a, b) => a[1].begin - b[1].begin || a[1].end - b[1].end);
   let cursor = 0;
   for (const [name, t] of entries) {
-    if (t.begin < cursor) fail(`tensor '${name}': data_offsets [${t.begin}, ${t.end}] overlap the previous tensor (which ends at ${cursor})`);
+    if (t.begin < cursor)
+      fail(`tensor '${name}': data_offsets [${t.begin}, ${t.end}] overlap the previous tensor (which ends at ${cursor})`);
     if (t.begin > cursor) fail(`tensor '${name}': data_offsets [${t.begin}, ${t.end}] leave a hole at bytes [${cursor}, ${t.begin})`);
     cursor = t.end;
   }
@@ -361,7 +377,8 @@ export function float32ToBf16(src: Float32Array): Uint16Array {
   const out = new Uint16Array(src.length);
   for (let i = 0; i < bits.length; i++) {
     const u = bits[i];
-    if ((u & 0x7fffffff) > 0x7f800000) out[i] = (u >>> 16) | 0x40; // NaN stays a (quiet) NaN
+    if ((u & 0x7fffffff) > 0x7f800000)
+      out[i] = (u >>> 16) | 0x40; // NaN stays a (quiet) NaN
     else out[i] = (u + 0x7fff + ((u >>> 16) & 1)) >>> 16;
   }
   return out;

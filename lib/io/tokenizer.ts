@@ -43,7 +43,13 @@ export interface TokenizerFiles {
 }
 
 /** The tokenizer files saved with a model, in the order transformers writes them. */
-export const TOKENIZER_FILES = ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'chat_template.jinja', 'tokenizer.model'];
+export const TOKENIZER_FILES = [
+  'tokenizer.json',
+  'tokenizer_config.json',
+  'special_tokens_map.json',
+  'chat_template.jinja',
+  'tokenizer.model',
+];
 
 /**
  * The files of a tokenizer directory (file name → text) that Tokenizer.fromDirectory reads back
@@ -92,7 +98,8 @@ async function readJson(file: string): Promise<Record<string, unknown> | undefin
 /** A special token as written in tokenizer_config.json: a string or an AddedToken object. */
 function tokenContent(v: unknown): string | undefined {
   if (typeof v === 'string') return v;
-  if (typeof v === 'object' && v !== null && typeof (v as { content?: unknown }).content === 'string') return (v as { content: string }).content;
+  if (typeof v === 'object' && v !== null && typeof (v as { content?: unknown }).content === 'string')
+    return (v as { content: string }).content;
   return undefined;
 }
 
@@ -191,7 +198,8 @@ export class Tokenizer {
   decode(ids: readonly number[], options: { skipSpecialTokens?: boolean; cleanUpTokenizationSpaces?: boolean } = {}): string {
     if (ids.length === 0) return '';
     const bad = ids.findIndex((id) => !Number.isInteger(id) || id < 0 || id >= this.vocabSize);
-    if (bad >= 0) throw new TokenizerError(`${this.#label}: token id ${ids[bad]} at ${bad} is not in the vocabulary (ids 0..${this.vocabSize - 1})`);
+    if (bad >= 0)
+      throw new TokenizerError(`${this.#label}: token id ${ids[bad]} at ${bad} is not in the vocabulary (ids 0..${this.vocabSize - 1})`);
     return this.#hf.decode([...ids], {
       skip_special_tokens: options.skipSpecialTokens ?? false,
       clean_up_tokenization_spaces: options.cleanUpTokenizationSpaces ?? null,

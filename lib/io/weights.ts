@@ -4,7 +4,16 @@
 import { existsSync } from 'node:fs';
 import { readFile, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { dtypeBytes, type ReadScratch, SafetensorsError, SafetensorsFile, writeSafetensorsTemp, type TensorInfo, type TensorSource, type WriteDtype } from './safetensors.js';
+import {
+  dtypeBytes,
+  type ReadScratch,
+  SafetensorsError,
+  SafetensorsFile,
+  writeSafetensorsTemp,
+  type TensorInfo,
+  type TensorSource,
+  type WriteDtype,
+} from './safetensors.js';
 import type { StagedFiles } from './staging.js';
 
 export const WEIGHTS_NAME = 'model.safetensors';
@@ -30,7 +39,9 @@ export class CheckpointWeights {
       return new CheckpointWeights(dir, [f], new Map([...f.tensors].map(([n, t]) => [n, { ...t, file: f }])));
     }
     if (!existsSync(index)) {
-      throw new SafetensorsError(`${dir}: no ${WEIGHTS_NAME} or ${WEIGHTS_INDEX_NAME} (only safetensors weights are read; convert .bin checkpoints first)`);
+      throw new SafetensorsError(
+        `${dir}: no ${WEIGHTS_NAME} or ${WEIGHTS_INDEX_NAME} (only safetensors weights are read; convert .bin checkpoints first)`,
+      );
     }
     const weightMap = parseIndex(await readFile(index, 'utf8'), index);
     const files: SafetensorsFile[] = [];
@@ -51,7 +62,9 @@ export class CheckpointWeights {
       for (const [shard, f] of byShard) {
         for (const name of f.tensors.keys()) {
           if (weightMap.get(name) !== shard) {
-            throw new SafetensorsError(`${f.path}: holds tensor '${name}' that ${WEIGHTS_INDEX_NAME} ${weightMap.has(name) ? `assigns to ${weightMap.get(name)}` : 'does not list'}`);
+            throw new SafetensorsError(
+              `${f.path}: holds tensor '${name}' that ${WEIGHTS_INDEX_NAME} ${weightMap.has(name) ? `assigns to ${weightMap.get(name)}` : 'does not list'}`,
+            );
           }
         }
       }
@@ -111,10 +124,16 @@ export interface WeightsWriteOptions {
  * Writes `tensors` as `model.safetensors`, or as shards plus the index when they exceed
  * maxShardBytes, into temporary files registered with `staging`. Returns the final file names.
  */
-export async function stageWeights(dir: string, tensors: readonly TensorSource[], options: WeightsWriteOptions, staging: StagedFiles): Promise<string[]> {
+export async function stageWeights(
+  dir: string,
+  tensors: readonly TensorSource[],
+  options: WeightsWriteOptions,
+  staging: StagedFiles,
+): Promise<string[]> {
   const dtype = options.dtype ?? 'F32';
   const maxShardBytes = options.maxShardBytes ?? DEFAULT_MAX_SHARD_BYTES;
-  if (!(Number.isSafeInteger(maxShardBytes) && maxShardBytes > 0)) throw new RangeError(`maxShardBytes must be a positive integer, got ${maxShardBytes}`);
+  if (!(Number.isSafeInteger(maxShardBytes) && maxShardBytes > 0))
+    throw new RangeError(`maxShardBytes must be a positive integer, got ${maxShardBytes}`);
   const size = (t: TensorSource) => t.shape.reduce((a, d) => a * d, 1) * dtypeBytes(dtype);
 
   const shards: TensorSource[][] = [[]];
@@ -144,9 +163,16 @@ export async function stageWeights(dir: string, tensors: readonly TensorSource[]
     for (const t of shards[i]) weightMap[t.name] = names[i];
   }
   const totalSize = tensors.reduce((a, t) => a + size(t), 0);
-  const sortedMap = Object.fromEntries(Object.keys(weightMap).sort().map((k) => [k, weightMap[k]]));
+  const sortedMap = Object.fromEntries(
+    Object.keys(weightMap)
+      .sort()
+      .map((k) => [k, weightMap[k]]),
+  );
   // Staged last, so it is renamed into place only after every shard it names.
-  await staging.writeText(path.join(dir, WEIGHTS_INDEX_NAME), JSON.stringify({ metadata: { total_size: totalSize }, weight_map: sortedMap }, null, 2) + '\n');
+  await staging.writeText(
+    path.join(dir, WEIGHTS_INDEX_NAME),
+    JSON.stringify({ metadata: { total_size: totalSize }, weight_map: sortedMap }, null, 2) + '\n',
+  );
   return [...names, WEIGHTS_INDEX_NAME];
 }
 

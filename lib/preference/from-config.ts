@@ -56,18 +56,27 @@ async function importFunction(module: string, name: string): Promise<PreferenceF
   }
   const fn = mod[name];
   if (typeof fn !== 'function')
-    throw new SetupError(['preference', 'export'], `${module} has no function export '${name}' (exports: ${Object.keys(mod).join(', ') || 'none'})`);
+    throw new SetupError(
+      ['preference', 'export'],
+      `${module} has no function export '${name}' (exports: ${Object.keys(mod).join(', ') || 'none'})`,
+    );
   return fn as PreferenceFunction;
 }
 
 /** A judge function given in code belongs to a kind 'function' section only (setupFromConfig checks before building a demo). */
 export function refuseMisplacedJudgeFunction(preference: PreferenceConfig, judgeFunction: PreferenceFunction | undefined): void {
   if (judgeFunction !== undefined && preference.kind !== 'function')
-    throw new SetupError(['preference', 'kind'], `a judge function was given in code, so the kind must be 'function', not '${preference.kind}'`);
+    throw new SetupError(
+      ['preference', 'kind'],
+      `a judge function was given in code, so the kind must be 'function', not '${preference.kind}'`,
+    );
 }
 
 /** The judge a config's `preference` section describes; engine judges (lm-judge, reward-model) load their model on `device`. */
-export async function preferenceFromConfig(preference: PreferenceConfig, options: PreferenceFromConfigOptions = {}): Promise<PreferenceModel> {
+export async function preferenceFromConfig(
+  preference: PreferenceConfig,
+  options: PreferenceFromConfigOptions = {},
+): Promise<PreferenceModel> {
   const p = preference;
   const { device } = options;
   refuseMisplacedJudgeFunction(p, options.judgeFunction);
@@ -83,7 +92,10 @@ export async function preferenceFromConfig(preference: PreferenceConfig, options
       let fn = given;
       if (fn === undefined) {
         if (p.module === undefined)
-          throw new SetupError(['preference', 'module'], 'required unless the judge function is given in code (a JS module exporting (prompt, a, b) => P(a ≻ b))');
+          throw new SetupError(
+            ['preference', 'module'],
+            'required unless the judge function is given in code (a JS module exporting (prompt, a, b) => P(a ≻ b))',
+          );
         fn = await importFunction(p.module, p.export);
       }
       return functionPreference(fn, { id: p.id, concurrency: p.concurrency });

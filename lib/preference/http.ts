@@ -135,7 +135,8 @@ class Semaphore {
   }
   release(): void {
     const next = this.waiting.shift();
-    if (next) next(); // the slot passes straight to the next waiter
+    if (next)
+      next(); // the slot passes straight to the next waiter
     else this.held--;
   }
 }
@@ -177,7 +178,11 @@ const excerpt = (s: string): string => {
 
 /** A failed attempt: `retry` says whether another may succeed; `waitMs` is the server's Retry-After. */
 class AttemptError extends Error {
-  constructor(message: string, readonly retry: boolean, readonly waitMs?: number) {
+  constructor(
+    message: string,
+    readonly retry: boolean,
+    readonly waitMs?: number,
+  ) {
     super(message);
   }
 }
@@ -208,10 +213,13 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
   }
   const timeoutMs = positiveInteger(options.timeoutMs ?? HTTP_JUDGE_DEFAULTS.timeoutMs, 'timeoutMs');
   const maxRetries = options.maxRetries ?? HTTP_JUDGE_DEFAULTS.maxRetries;
-  if (!Number.isInteger(maxRetries) || maxRetries < 0) throw new RangeError(`httpJudge: maxRetries must be an integer ≥ 0, got ${maxRetries}`);
+  if (!Number.isInteger(maxRetries) || maxRetries < 0)
+    throw new RangeError(`httpJudge: maxRetries must be an integer ≥ 0, got ${maxRetries}`);
   const backoffMs = options.backoffMs ?? 500;
   const maxBackoffMs = options.maxBackoffMs ?? 30_000;
-  const semaphore = new Semaphore(positiveInteger(options.requestConcurrency ?? HTTP_JUDGE_DEFAULTS.requestConcurrency, 'requestConcurrency'));
+  const semaphore = new Semaphore(
+    positiveInteger(options.requestConcurrency ?? HTTP_JUDGE_DEFAULTS.requestConcurrency, 'requestConcurrency'),
+  );
   const cacheDir = options.cacheDir;
 
   // Everything that changes an answer, and nothing secret: the key's hash and the judge's id.
@@ -224,7 +232,9 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
   const pending = new Map<string, Promise<Verdict>>();
 
   const cacheKey = (prompt: string, first: string, second: string): string =>
-    createHash('sha256').update(JSON.stringify([identityHash, prompt, first, second])).digest('hex');
+    createHash('sha256')
+      .update(JSON.stringify([identityHash, prompt, first, second]))
+      .digest('hex');
   const cacheFile = (dir: string, key: string): string => path.join(dir, key.slice(0, 2), `${key}.json`);
 
   async function readCached(key: string): Promise<Verdict | undefined> {
@@ -247,7 +257,11 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
   async function writeCached(key: string, v: Verdict): Promise<void> {
     if (!cacheDir) return;
     // a file that exists is complete
-    await writeJsonAtomic(cacheFile(cacheDir, key), { p: v.p, source: v.source, text: v.text, model: options.model }, { createParents: true });
+    await writeJsonAtomic(
+      cacheFile(cacheDir, key),
+      { p: v.p, source: v.source, text: v.text, model: options.model },
+      { createParents: true },
+    );
   }
 
   async function attempt(body: string, signal?: AbortSignal): Promise<Verdict> {
@@ -282,7 +296,11 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
         throw new AttemptError(`HTTP ${res.status} with a body that is not JSON: ${excerpt(text)}`, true);
       }
       const verdict = verdictFromCompletion(json);
-      if (!verdict) throw new AttemptError(`HTTP ${res.status} with a body that is not a chat completion (no choices[0].message.content or logprobs): ${excerpt(text)}`, true);
+      if (!verdict)
+        throw new AttemptError(
+          `HTTP ${res.status} with a body that is not a chat completion (no choices[0].message.content or logprobs): ${excerpt(text)}`,
+          true,
+        );
       return verdict;
     } finally {
       clearTimeout(timer);

@@ -26,8 +26,14 @@ export interface EngineJudgeOptions {
  * out[n][k] = h_n · vectors[k], h_n the final hidden state at the last token of rows[n].
  * Padding follows each row, so causal attention keeps it from touching the row's own positions.
  */
-export async function projectLastTokens(model: Model, rows: readonly (readonly number[])[], vectors: readonly ArrayLike<number>[],
-                                        batchSize: number, signal?: AbortSignal, onForward?: () => void): Promise<Float64Array[]> {
+export async function projectLastTokens(
+  model: Model,
+  rows: readonly (readonly number[])[],
+  vectors: readonly ArrayLike<number>[],
+  batchSize: number,
+  signal?: AbortSignal,
+  onForward?: () => void,
+): Promise<Float64Array[]> {
   const hidden = model.config.hidden_size;
   const out = rows.map(() => new Float64Array(vectors.length));
   const order = rows.map((_, n) => n).sort((x, y) => rows[x].length - rows[y].length);
@@ -36,7 +42,9 @@ export async function projectLastTokens(model: Model, rows: readonly (readonly n
     const chunk = order.slice(start, start + batchSize);
     const seq = rows[chunk[chunk.length - 1]].length;
     const padId = rows[chunk[0]][0];
-    const batch = chunk.map((n) => (rows[n].length === seq ? [...rows[n]] : [...rows[n], ...new Array<number>(seq - rows[n].length).fill(padId)]));
+    const batch = chunk.map((n) =>
+      rows[n].length === seq ? [...rows[n]] : [...rows[n], ...new Array<number>(seq - rows[n].length).fill(padId)],
+    );
     const { hidden: h } = await model.forward(batch, { output: 'hidden', signal });
     if (!h) throw new Error('the engine returned no hidden states for output: hidden');
     onForward?.();

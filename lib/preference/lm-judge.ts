@@ -52,7 +52,9 @@ function answerId(tokenizer: Tokenizer, token: string): number {
   if (direct !== undefined) return direct;
   const ids = tokenizer.encode(token, { addSpecialTokens: false });
   if (ids.length !== 1)
-    throw new RangeError(`lm-judge: the answer token ${JSON.stringify(token)} is not one token of the judge's vocabulary (it encodes to ${ids.length} tokens)`);
+    throw new RangeError(
+      `lm-judge: the answer token ${JSON.stringify(token)} is not one token of the judge's vocabulary (it encodes to ${ids.length} tokens)`,
+    );
   return ids[0];
 }
 
@@ -74,17 +76,24 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
   if (answerIds[0] === answerIds[1]) throw new RangeError(`lm-judge: both answer tokens are token ${answerIds[0]}`);
   const batchSize = options.batchSize ?? LM_JUDGE_DEFAULTS.batchSize;
   const maxSeq = options.maxSeq ?? LM_JUDGE_DEFAULTS.maxSeq;
-  for (const [v, what] of [[batchSize, 'batchSize'], [maxSeq, 'maxSeq']] as const)
+  for (const [v, what] of [
+    [batchSize, 'batchSize'],
+    [maxSeq, 'maxSeq'],
+  ] as const)
     if (!Number.isInteger(v) || v < 2) throw new RangeError(`lm-judge: ${what} must be an integer ≥ 2, got ${v}`);
 
   const { vocab_size: vocab, hidden_size: hidden } = model.config;
   for (const id of answerIds)
-    if (id >= vocab) throw new RangeError(`lm-judge: answer token id ${id} is outside the model's vocabulary (${vocab}): a tokenizer of another model?`);
+    if (id >= vocab)
+      throw new RangeError(`lm-judge: answer token id ${id} is outside the model's vocabulary (${vocab}): a tokenizer of another model?`);
   // The output head's rows for the two answer tokens (the embedding when tied), in float64.
   const head = model.getParam(model.config.tie_word_embeddings ? 'model.embed_tokens.weight' : 'lm_head.weight');
   const rows = answerIds.map((id) => Float64Array.from(head.subarray(id * hidden, (id + 1) * hidden)));
 
-  const hash = createHash('sha256').update(JSON.stringify([template, answerIds, useChat])).digest('hex').slice(0, 12);
+  const hash = createHash('sha256')
+    .update(JSON.stringify([template, answerIds, useChat]))
+    .digest('hex')
+    .slice(0, 12);
   const id = options.id ?? `lm-judge(${options.label ?? 'model'},${hash})`;
   const concurrency = options.concurrency ?? DEFAULT_JUDGE_CONCURRENCY;
   const stats: LmJudgeStats = { comparisons: 0, forwards: 0, truncated: 0 };
@@ -92,9 +101,7 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
 
   function questionIds(prompt: string, first: string, second: string): number[] {
     const content = renderJudgeTemplate(template, prompt, first, second);
-    const ids = useChat
-      ? tokenizer.encodeChat([{ role: 'user', content }], { addGenerationPrompt: true })
-      : tokenizer.encode(content);
+    const ids = useChat ? tokenizer.encodeChat([{ role: 'user', content }], { addGenerationPrompt: true }) : tokenizer.encode(content);
     if (ids.length <= maxSeq) return ids;
     stats.truncated++;
     const keepFirst = bos !== undefined && ids[0] === bos ? 1 : 0;
@@ -107,9 +114,17 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
     items.forEach(({ prompt, responses }, item) => {
       for (let i = 0; i < responses.length; i++)
         for (let j = 0; j < responses.length; j++)
-          if (i !== j && responses[i] !== responses[j]) questions.push({ item, i, j, ids: questionIds(prompt, responses[i], responses[j]) });
+          if (i !== j && responses[i] !== responses[j])
+            questions.push({ item, i, j, ids: questionIds(prompt, responses[i], responses[j]) });
     });
-    const logits = await projectLastTokens(model, questions.map((x) => x.ids), rows, batchSize, signal, () => stats.forwards++);
+    const logits = await projectLastTokens(
+      model,
+      questions.map((x) => x.ids),
+      rows,
+      batchSize,
+      signal,
+      () => stats.forwards++,
+    );
     const q = logits.map(([la, lb]) => twoWaySoftmax(la, lb));
     stats.comparisons += questions.length;
     // qOf[item][i][j]: the answer to "is i better than j?", asked in that order

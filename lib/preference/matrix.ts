@@ -49,7 +49,8 @@ export function assertPreferenceMatrix(P: unknown, check: PreferenceMatrixCheck 
   });
   const M = P as number[][]; // every entry is a number (checked above)
   for (let i = 0; i < K; i++) {
-    if (Math.abs(M[i][i] - 0.5) > tol) throw new RangeError(`P[${i}][${i}] = ${M[i][i]}: the diagonal must be 1/2 (a response ties with itself)`);
+    if (Math.abs(M[i][i] - 0.5) > tol)
+      throw new RangeError(`P[${i}][${i}] = ${M[i][i]}: the diagonal must be 1/2 (a response ties with itself)`);
     for (let j = i + 1; j < K; j++) {
       const s = M[i][j] + M[j][i];
       if (Math.abs(s - 1) > tol)

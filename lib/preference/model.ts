@@ -147,7 +147,9 @@ export function definePreferenceModel(spec: PreferenceModelSpec): PreferenceMode
     if (spec.compareBatch) {
       const out = await spec.compareBatch(items, options);
       if (!Array.isArray(out) || out.length !== items.length)
-        throw new RangeError(`preference model '${spec.id}': compareBatch returned ${Array.isArray(out) ? out.length : 'no'} matrices for ${items.length} prompts`);
+        throw new RangeError(
+          `preference model '${spec.id}': compareBatch returned ${Array.isArray(out) ? out.length : 'no'} matrices for ${items.length} prompts`,
+        );
       out.forEach((P, i) => {
         try {
           assertPreferenceMatrix(P, { size: items[i].responses.length });

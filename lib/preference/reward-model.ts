@@ -58,16 +58,27 @@ function sigmoid(x: number): number {
 }
 
 /** The judge over a backbone model, its tokenizer and the score row already loaded. */
-export function rewardModelJudge(model: Model, tokenizer: Tokenizer, score: ArrayLike<number>, options: RewardModelOptions = {}): RewardModelJudge {
+export function rewardModelJudge(
+  model: Model,
+  tokenizer: Tokenizer,
+  score: ArrayLike<number>,
+  options: RewardModelOptions = {},
+): RewardModelJudge {
   const tau = options.temperature ?? REWARD_MODEL_DEFAULTS.temperature;
-  if (!(typeof tau === 'number' && Number.isFinite(tau) && tau > 0)) throw new RangeError(`reward-model: temperature must be a finite number > 0, got ${tau}`);
+  if (!(typeof tau === 'number' && Number.isFinite(tau) && tau > 0))
+    throw new RangeError(`reward-model: temperature must be a finite number > 0, got ${tau}`);
   const batchSize = options.batchSize ?? REWARD_MODEL_DEFAULTS.batchSize;
   const maxSeq = options.maxSeq ?? REWARD_MODEL_DEFAULTS.maxSeq;
-  for (const [v, what] of [[batchSize, 'batchSize'], [maxSeq, 'maxSeq']] as const)
+  for (const [v, what] of [
+    [batchSize, 'batchSize'],
+    [maxSeq, 'maxSeq'],
+  ] as const)
     if (!Number.isInteger(v) || v < 2) throw new RangeError(`reward-model: ${what} must be an integer ≥ 2, got ${v}`);
-  if (tokenizer.chatTemplates.size === 0) throw new RangeError('reward-model: the tokenizer has no chat template (the conversation cannot be formatted)');
+  if (tokenizer.chatTemplates.size === 0)
+    throw new RangeError('reward-model: the tokenizer has no chat template (the conversation cannot be formatted)');
   const hidden = model.config.hidden_size;
-  if (score.length !== hidden) throw new RangeError(`reward-model: the score row has ${score.length} values, the model's hidden size is ${hidden}`);
+  if (score.length !== hidden)
+    throw new RangeError(`reward-model: the score row has ${score.length} values, the model's hidden size is ${hidden}`);
   const w = Float64Array.from(score);
 
   const id = options.id ?? `reward-model(${options.label ?? 'model'},τ=${tau})`;
@@ -76,7 +87,13 @@ export function rewardModelJudge(model: Model, tokenizer: Tokenizer, score: Arra
   const bos = tokenizer.bosTokenId;
 
   function conversationIds(prompt: string, response: string): number[] {
-    const ids = tokenizer.encodeChat([{ role: 'user', content: prompt }, { role: 'assistant', content: response }], { addGenerationPrompt: false });
+    const ids = tokenizer.encodeChat(
+      [
+        { role: 'user', content: prompt },
+        { role: 'assistant', content: response },
+      ],
+      { addGenerationPrompt: false },
+    );
     if (ids.length <= maxSeq) return ids;
     stats.truncated++;
     const keepFirst = bos !== undefined && ids[0] === bos ? 1 : 0;
@@ -98,7 +115,16 @@ export function rewardModelJudge(model: Model, tokenizer: Tokenizer, score: Arra
         return n;
       });
     });
-    const reward = (await projectLastTokens(model, rows.map((r) => r.ids), [w], batchSize, signal, () => stats.forwards++)).map((x) => x[0]);
+    const reward = (
+      await projectLastTokens(
+        model,
+        rows.map((r) => r.ids),
+        [w],
+        batchSize,
+        signal,
+        () => stats.forwards++,
+      )
+    ).map((x) => x[0]);
     stats.scored += rows.length;
     return rowOf.map((ns) => ns.map((n) => reward[n]));
   }
@@ -112,7 +138,8 @@ export function rewardModelJudge(model: Model, tokenizer: Tokenizer, score: Arra
     async compare(prompt, responses, { signal }) {
       return matrix((await score_([{ prompt, responses }], signal))[0]);
     },
-    compareBatch: (items, batchOptions) => judgeInGroups(items, concurrency, batchOptions, async (group, signal) => (await score_(group, signal)).map(matrix)),
+    compareBatch: (items, batchOptions) =>
+      judgeInGroups(items, concurrency, batchOptions, async (group, signal) => (await score_(group, signal)).map(matrix)),
     async dispose() {
       if (options.ownsModel) await model.dispose();
     },
@@ -194,13 +221,21 @@ export async function loadRewardModelWeights(
     model = Model.create(config, plan, { initialize: false, device });
     const expected = new Map(model.params().map((p) => [p.name, p.shape]));
     const missing = [...expected.keys(), SCORE].filter((n) => !weights.tensors.has(n));
-    if (missing.length > 0) throw new RewardModelError(`${dir}: the checkpoint lacks ${missing.length} tensor(s) a reward model needs: ${missing.map((n) => `'${n}'`).join(', ')}`);
+    if (missing.length > 0)
+      throw new RewardModelError(
+        `${dir}: the checkpoint lacks ${missing.length} tensor(s) a reward model needs: ${missing.map((n) => `'${n}'`).join(', ')}`,
+      );
     const unexpected = [...weights.tensors.keys()].filter((n) => !expected.has(n) && n !== SCORE && !IGNORED_TENSOR.test(n));
-    if (unexpected.length > 0) throw new RewardModelError(`${dir}: the checkpoint has ${unexpected.length} tensor(s) a reward model does not: ${unexpected.map((n) => `'${n}'`).join(', ')}`);
+    if (unexpected.length > 0)
+      throw new RewardModelError(
+        `${dir}: the checkpoint has ${unexpected.length} tensor(s) a reward model does not: ${unexpected.map((n) => `'${n}'`).join(', ')}`,
+      );
     for (const [name, shape] of [...expected, [SCORE, [1, config.hidden_size]] as const]) {
       const t = weights.tensor(name);
       if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i]))
-        throw new RewardModelError(`${t.file.path}: tensor '${name}' has shape [${t.shape.join(', ')}] but the config gives [${shape.join(', ')}]`);
+        throw new RewardModelError(
+          `${t.file.path}: tensor '${name}' has shape [${t.shape.join(', ')}] but the config gives [${shape.join(', ')}]`,
+        );
     }
     const scratch = new ReadScratch();
     for (const name of expected.keys()) model.setParam(name, await weights.readFloat32(name, scratch));

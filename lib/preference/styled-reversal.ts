@@ -13,7 +13,13 @@
 // Its Nash equilibrium: q = 1 with styles (R, P, S) = (1/3, 1/6, 1/2).
 import { seededRng } from '../data/random.js';
 import { definePreferenceModel, type PreferenceModel } from './model.js';
-import { DEFAULT_STYLED_REVERSAL, resolveStyledReversal, STYLES, type Style, type StyledReversalParams } from './options/styled-reversal.js';
+import {
+  DEFAULT_STYLED_REVERSAL,
+  resolveStyledReversal,
+  STYLES,
+  type Style,
+  type StyledReversalParams,
+} from './options/styled-reversal.js';
 
 export { DEFAULT_STYLED_REVERSAL, resolveStyledReversal, STYLES, type Style, type StyledReversalParams };
 

@@ -15,9 +15,10 @@ export function taskMetrics(row: IterationMetrics): TaskMetrics {
   const t = row.task ?? {};
   const num = (v: unknown) => (typeof v === 'number' && Number.isFinite(v) ? v : undefined);
   const s = t.styles as Record<string, unknown> | undefined;
-  const styles = s && typeof s === 'object' && [s.R, s.P, s.S].every((v) => typeof v === 'number')
-    ? { R: s.R as number, P: s.P as number, S: s.S as number, none: num(s.none) }
-    : undefined;
+  const styles =
+    s && typeof s === 'object' && [s.R, s.P, s.S].every((v) => typeof v === 'number')
+      ? { R: s.R as number, P: s.P as number, S: s.S as number, none: num(s.none) }
+      : undefined;
   return { meanQuality: num(t.meanQuality), styles, dualityGap: num(t.dualityGap), dualityGapAverage: num(t.dualityGapAverage) };
 }
 

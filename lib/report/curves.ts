@@ -47,7 +47,10 @@ export function curvesSpec(rows: readonly IterationMetrics[]): Spec {
   });
   const panels: Spec[] = [
     panel('Win rate vs base (95% CI)', [
-      { mark: { type: 'area', opacity: 0.25 }, encoding: { x: iterationAxis, y: { field: 'low', type: 'quantitative' }, y2: { field: 'high' } } },
+      {
+        mark: { type: 'area', opacity: 0.25 },
+        encoding: { x: iterationAxis, y: { field: 'low', type: 'quantitative' }, y2: { field: 'high' } },
+      },
       line('winRate', 'P(π_t ≻ π_0)'),
       { mark: { type: 'rule', strokeDash: [4, 4], color: 'gray' }, encoding: { y: { datum: 0.5 } } },
     ]),
@@ -58,7 +61,7 @@ export function curvesSpec(rows: readonly IterationMetrics[]): Spec {
       title: 'Duality gap',
       ...PANEL,
       transform: [{ fold: ['last iterate', 'average policy'], as: ['policy', 'gap'] }, { filter: 'isValid(datum.gap)' }],
-      ...line('gap', 'duality gap', { color: { field: 'policy', type: 'nominal', title: null, } }),
+      ...line('gap', 'duality gap', { color: { field: 'policy', type: 'nominal', title: null } }),
     });
   return {
     $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
@@ -81,6 +84,9 @@ export async function renderCurvesSvg(rows: readonly IterationMetrics[]): Promis
 
 /** Rasterises an SVG at PNG_SCALE with the system's fonts. */
 export function svgToPng(svg: string): Buffer {
-  const resvg = new Resvg(svg, { fitTo: { mode: 'zoom', value: PNG_SCALE }, font: { loadSystemFonts: true, defaultFontFamily: FALLBACK_FONT } });
+  const resvg = new Resvg(svg, {
+    fitTo: { mode: 'zoom', value: PNG_SCALE },
+    font: { loadSystemFonts: true, defaultFontFamily: FALLBACK_FONT },
+  });
   return resvg.render().asPng();
 }

@@ -27,9 +27,7 @@ export interface ReportContent {
 
 export function reportHtml({ title, rows, config, curvesSvg }: ReportContent): string {
   const head = ITERATION_COLUMNS.map((c) => `<th>${escapeHtml(c.header)}</th>`).join('');
-  const body = rows
-    .map((r) => `<tr>${ITERATION_COLUMNS.map((c) => `<td>${escapeHtml(c.cell(r))}</td>`).join('')}</tr>`)
-    .join('\n');
+  const body = rows.map((r) => `<tr>${ITERATION_COLUMNS.map((c) => `<td>${escapeHtml(c.cell(r))}</td>`).join('')}</tr>`).join('\n');
   const configSection = config
     ? `<h2>Configuration</h2>\n<pre>${escapeHtml(JSON.stringify(config, null, 2))}</pre>`
     : '<p>No run.json: the configuration is unknown.</p>';

@@ -78,13 +78,17 @@ export function selectPair(rates: readonly number[], tolerance = 1e-12): { chose
 
 function checkPrompt(item: JudgedPrompt, n: number): void {
   const where = `prompt ${n}`;
-  if (!item || !Array.isArray(item.prompt) || item.prompt.length === 0) throw new RangeError(`${where}: the prompt token ids are missing or empty`);
+  if (!item || !Array.isArray(item.prompt) || item.prompt.length === 0)
+    throw new RangeError(`${where}: the prompt token ids are missing or empty`);
   if (!Array.isArray(item.responses) || item.responses.length < 2)
     throw new RangeError(`${where}: needs at least 2 responses, got ${Array.isArray(item.responses) ? item.responses.length : 'none'}`);
   if (!Array.isArray(item.preference) || item.preference.length !== item.responses.length)
-    throw new RangeError(`${where}: the preference matrix has ${Array.isArray(item.preference) ? item.preference.length : 'no'} rows for ${item.responses.length} responses`);
+    throw new RangeError(
+      `${where}: the preference matrix has ${Array.isArray(item.preference) ? item.preference.length : 'no'} rows for ${item.responses.length} responses`,
+    );
   item.responses.forEach((r: SampledResponse, i) => {
-    if (!Array.isArray(r.tokens) || r.tokens.length === 0) throw new RangeError(`${where}, response ${i}: the response token ids are missing or empty`);
+    if (!Array.isArray(r.tokens) || r.tokens.length === 0)
+      throw new RangeError(`${where}, response ${i}: the response token ids are missing or empty`);
     if (typeof r.refLogp !== 'number' || !Number.isFinite(r.refLogp) || r.refLogp > 1e-6)
       throw new RangeError(`${where}, response ${i}: refLogp must be a finite log-probability ≤ 0, got ${r.refLogp}`);
   });
@@ -113,7 +117,9 @@ export function buildTrainingSet(items: readonly JudgedPrompt[], options: Datase
   if (mode === 'all') {
     const examples: PreferenceExample[] = [];
     items.forEach((item, n) =>
-      item.responses.forEach((r, i) => examples.push({ prompt: [...item.prompt], response: [...r.tokens], refLogp: r.refLogp, target: allRates[n][i] })),
+      item.responses.forEach((r, i) =>
+        examples.push({ prompt: [...item.prompt], response: [...r.tokens], refLogp: r.refLogp, target: allRates[n][i] }),
+      ),
     );
     return { mode, examples, winRates: allRates, stats: { ...baseStats, skippedTies: 0 } };
   }

@@ -156,7 +156,9 @@ export class RunDir {
 
   stageFile(t: number, stage: StageName): string {
     if (BASE_STAGES.includes(stage) !== (t === 0))
-      throw new RangeError(t === 0 ? `stage '${stage}' belongs to an iteration t ≥ 1` : `stage '${stage}' belongs to π_0 (iteration 0), not iteration ${t}`);
+      throw new RangeError(
+        t === 0 ? `stage '${stage}' belongs to an iteration t ≥ 1` : `stage '${stage}' belongs to π_0 (iteration 0), not iteration ${t}`,
+      );
     return path.join(this.#iterationDir(t), STAGE_FILES[stage]);
   }
 
@@ -184,7 +186,10 @@ export class RunDir {
   /** The newest complete policy's t, or undefined if even π_0 is not complete. */
   async newestPolicy(): Promise<number | undefined> {
     const names = existsSync(this.root) ? await readdir(this.root) : [];
-    const iterations = names.flatMap((n) => ITERATION_DIR.exec(n)?.[1] ?? []).map(Number).sort((a, b) => b - a);
+    const iterations = names
+      .flatMap((n) => ITERATION_DIR.exec(n)?.[1] ?? [])
+      .map(Number)
+      .sort((a, b) => b - a);
     return [...iterations, 0].find((t) => this.hasPolicy(t));
   }
 
@@ -242,7 +247,10 @@ export class RunDir {
         throw new RunDirError(file, `${file}: line ${i + 1} is not valid JSON (${(err as Error).message})`);
       }
       if (!isMetricsRow(row))
-        throw new RunDirError(file, `${file}: line ${i + 1} is not an iteration's metrics (needs iteration, winRateVsBase, meanResponseLength)`);
+        throw new RunDirError(
+          file,
+          `${file}: line ${i + 1} is not an iteration's metrics (needs iteration, winRateVsBase, meanResponseLength)`,
+        );
       return [{ ...row, seconds: row.seconds ?? {} }];
     });
   }
@@ -253,9 +261,8 @@ export class RunDir {
    */
   async appendMetrics(row: IterationMetrics): Promise<void> {
     this.#requireOpen();
-    const earlier = row.iteration > 0 && existsSync(this.metricsFile)
-      ? (await this.#metricsRows()).filter((r) => r.iteration < row.iteration)
-      : [];
+    const earlier =
+      row.iteration > 0 && existsSync(this.metricsFile) ? (await this.#metricsRows()).filter((r) => r.iteration < row.iteration) : [];
     await writeFileAtomic(this.metricsFile, [...earlier, row].map((r) => JSON.stringify(r) + '\n').join(''));
   }
 
@@ -276,7 +283,10 @@ export class RunDir {
       if (saved.hash === hash) return;
       const changes = diffConfigs(saved.config, config).filter((c) => c.path !== 'run.dir');
       if (changes.length > 0) {
-        const list = changes.slice(0, 10).map((c) => `${c.path}: ${JSON.stringify(c.before)} → ${JSON.stringify(c.after)}`).join('; ');
+        const list = changes
+          .slice(0, 10)
+          .map((c) => `${c.path}: ${JSON.stringify(c.before)} → ${JSON.stringify(c.after)}`)
+          .join('; ');
         throw new Error(`${this.root} holds a run with a different configuration (${list}); use a new run.dir or restore the config`);
       }
       return;

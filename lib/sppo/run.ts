@@ -142,10 +142,10 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
   const g = config.generation;
   const maxContext = Math.min(model.config.max_position_embeddings, model.plan.maxSeq);
   const generator = model.createGenerator({ maxBatch: g.maxBatch, maxContext });
-  let holds = -1;  // which policy's weights the model holds: t for π_t, -1 unknown
+  let holds = -1; // which policy's weights the model holds: t for π_t, -1 unknown
   const ensure = async (t: number) => {
     if (holds === t) return;
-    holds = -1;  // a load that fails half-way leaves mixed weights
+    holds = -1; // a load that fails half-way leaves mixed weights
     await loadWeights(model, run.policy(t));
     holds = t;
   };
@@ -167,7 +167,8 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
     return { value, seconds };
   };
 
-  const save = (t: number) => run.savePolicy(t, (dir) => savePretrained(model, dir, { sourceDir: setup.sourceDir, tokenizer: setup.tokenizer }));
+  const save = (t: number) =>
+    run.savePolicy(t, (dir) => savePretrained(model, dir, { sourceDir: setup.sourceDir, tokenizer: setup.tokenizer }));
 
   try {
     // π_0: the given model, or what makeBase makes of it; checkpointed once.
@@ -177,12 +178,18 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
       holds = 0;
       return info;
     });
-    const generate = async (t: number, prompts: readonly number[][], purpose: number, samplesPerPrompt: number,
-                            onToken?: () => void) => {
+    const generate = async (t: number, prompts: readonly number[][], purpose: number, samplesPerPrompt: number, onToken?: () => void) => {
       await ensure(t);
       const out = await generator.generate(prompts, {
-        maxNewTokens: g.maxNewTokens, temperature: g.temperature, topP: g.topP, topK: g.topK, stopTokens: text.stopTokens,
-        samplesPerPrompt, seed: seeds(config.run.seed, t, purpose, prompts.length), signal, onToken,
+        maxNewTokens: g.maxNewTokens,
+        temperature: g.temperature,
+        topP: g.topP,
+        topK: g.topK,
+        stopTokens: text.stopTokens,
+        samplesPerPrompt,
+        seed: seeds(config.run.seed, t, purpose, prompts.length),
+        signal,
+        onToken,
       });
       // An aborted generation returns what it has: never let a truncated sample become a stage's output.
       if (out.some((s) => s.stopReason === 'aborted')) throw signal?.reason ?? new Error('generation aborted');
@@ -190,11 +197,19 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
     };
     const sample = async (t: number, purpose: number): Promise<Sample[]> => {
       const prompts = setup.split.evaluation;
-      const out = await generate(t, prompts.map((p) => text.promptIds(p)), purpose, 1);
+      const out = await generate(
+        t,
+        prompts.map((p) => text.promptIds(p)),
+        purpose,
+        1,
+      );
       return out.map((s) => ({ prompt: prompts[s.prompt], answer: text.decode(s.tokens), tokens: Array.from(s.tokens) }));
     };
     const versus = async (a: Sample[], b: Sample[]): Promise<Interval> => {
-      const P = await preference.compareBatch(a.map((s, i) => ({ prompt: s.prompt, responses: [s.answer, b[i].answer] })), { signal });
+      const P = await preference.compareBatch(
+        a.map((s, i) => ({ prompt: s.prompt, responses: [s.answer, b[i].answer] })),
+        { signal },
+      );
       return interval(P.map((m) => m[0][1]));
     };
     const baseEval = await timed(0, 'base-eval', async (): Promise<EvalFile> => {
@@ -208,11 +223,14 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
       hooks.onMetrics?.(row);
       await run.appendMetrics(row);
     };
-    await record(iterationMetrics(0, baseEval.value, undefined, undefined, setup, evals, { base: base.seconds, 'base-eval': baseEval.seconds }));
+    await record(
+      iterationMetrics(0, baseEval.value, undefined, undefined, setup, evals, { base: base.seconds, 'base-eval': baseEval.seconds }),
+    );
 
     for (let t = 1; t <= config.run.iterations; t++) {
       const prompts = setup.split.iterations[t - 1];
-      if (!prompts || prompts.length === 0) throw new RangeError(`iteration ${t} has no prompts (check data.promptsPerIteration and the prompt count)`);
+      if (!prompts || prompts.length === 0)
+        throw new RangeError(`iteration ${t} has no prompts (check data.promptsPerIteration and the prompt count)`);
       const seconds: Partial<Record<StageName, number>> = {};
 
       const gen = await timed(t, 'generate', async (): Promise<Generations> => {
@@ -220,12 +238,17 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
         const K = g.samplesPerPrompt;
         let done = 0;
         // The total is an upper bound (sequences may stop early), so the ETA errs long.
-        const out = await generate(t - 1, ids, 0, K,
-          () => hooks.onProgress?.({ iteration: t, stage: 'generate', done: ++done, total: ids.length * K * g.maxNewTokens }));
+        const out = await generate(t - 1, ids, 0, K, () =>
+          hooks.onProgress?.({ iteration: t, stage: 'generate', done: ++done, total: ids.length * K * g.maxNewTokens }),
+        );
         const responses = prompts.map((_, i) =>
           out.slice(i * K, (i + 1) * K).map((s) => ({
-            tokens: Array.from(s.tokens), logprobs: Array.from(s.logprobs), text: text.decode(s.tokens), stopReason: s.stopReason,
-          })));
+            tokens: Array.from(s.tokens),
+            logprobs: Array.from(s.logprobs),
+            text: text.decode(s.tokens),
+            stopReason: s.stopReason,
+          })),
+        );
         return { prompts: prompts.map((p, i) => ({ text: p, ids: ids[i] })), responses };
       });
       seconds.generate = gen.seconds;
@@ -259,7 +282,7 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
       // the two retrains from π_{t-1} rather than trusting a half-written policy: keep the order.
       const train = await timed(t, 'train', async (): Promise<TrainFile> => {
         await ensure(t - 1);
-        holds = -1;  // from here on the weights are moving
+        holds = -1; // from here on the weights are moving
         const steps = await trainIteration(model, config, data.value, t, hooks);
         await save(t);
         holds = t;
@@ -291,8 +314,15 @@ function truncatePrompt(ids: readonly number[], maxLength: number, maxPrompt: nu
   return ids.length > keep ? ids.slice(ids.length - keep) : [...ids];
 }
 
-function iterationMetrics(t: number, ev: EvalFile, data: TrainingSet | undefined, train: TrainFile | undefined,
-                          setup: RunSetup, evals: readonly EvalFile[], seconds: Partial<Record<StageName, number>>): IterationMetrics {
+function iterationMetrics(
+  t: number,
+  ev: EvalFile,
+  data: TrainingSet | undefined,
+  train: TrainFile | undefined,
+  setup: RunSetup,
+  evals: readonly EvalFile[],
+  seconds: Partial<Record<StageName, number>>,
+): IterationMetrics {
   const lengths = ev.samples.map((s) => s.tokens.length);
   const row: IterationMetrics = {
     iteration: t,
@@ -322,7 +352,10 @@ async function trainIteration(model: Model, config: RunConfig, data: TrainingSet
   const total = Math.floor((micro * tr.epochsPerIteration) / accum);
   // A fresh optimizer per iteration, as the reference builds a new trainer from π_t each time.
   model.setOptimizer({
-    kind: tr.optimizer.kind, lr: tr.optimizer.lr, weightDecay: tr.optimizer.weightDecay, maxGradNorm: tr.optimizer.maxGradNorm,
+    kind: tr.optimizer.kind,
+    lr: tr.optimizer.lr,
+    weightDecay: tr.optimizer.weightDecay,
+    maxGradNorm: tr.optimizer.maxGradNorm,
     gradAccumSteps: accum,
     ...(tr.optimizer.alpha !== undefined && { alpha: tr.optimizer.alpha }),
     ...(tr.optimizer.beta1 !== undefined && { beta1: tr.optimizer.beta1 }),
@@ -337,11 +370,13 @@ async function trainIteration(model: Model, config: RunConfig, data: TrainingSet
     for (let b = 0; b < order.length; b += tr.batchSize) {
       if (steps.length >= total && done % accum === 0) break;
       const batch = order.slice(b, b + tr.batchSize);
-      const input: PreferenceBatchInput = data.mode === 'pair' ? { pairs: batch as PreferencePair[] } : { examples: batch as PreferenceExample[] };
+      const input: PreferenceBatchInput =
+        data.mode === 'pair' ? { pairs: batch as PreferencePair[] } : { examples: batch as PreferenceExample[] };
       const r: PreferenceStepResult = await model.preferenceStep(input, { loss: tr.loss, eta: tr.eta, signal: hooks.signal });
       done++;
       hooks.onProgress?.({ iteration: t, stage: 'train', done, total: total * accum });
-      if (r.stepped) steps.push({ step: r.step, loss: r.loss, lr: r.lr, gradNorm: r.gradNorm, metrics: r.metrics as unknown as Record<string, number> });
+      if (r.stepped)
+        steps.push({ step: r.step, loss: r.loss, lr: r.lr, gradNorm: r.gradNorm, metrics: r.metrics as unknown as Record<string, number> });
     }
   }
   return steps;

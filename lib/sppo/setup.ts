@@ -51,7 +51,10 @@ export function requireChatTokenizer(tokenizer: Tokenizer | undefined, dir: stri
   const at = field?.split('.') ?? [];
   if (!tokenizer) throw new SetupError(at, `${dir} has no tokenizer.json, so prompts cannot be turned into tokens`);
   if (tokenizer.chatTemplates.size === 0)
-    throw new SetupError(at, `${dir} has no chat template (chat_template.jinja or tokenizer_config.json chat_template), so prompts cannot be formatted`);
+    throw new SetupError(
+      at,
+      `${dir} has no chat template (chat_template.jinja or tokenizer_config.json chat_template), so prompts cannot be formatted`,
+    );
   return tokenizer;
 }
 
@@ -63,7 +66,8 @@ async function promptSet(config: RunConfig): Promise<string[]> {
     return randomWords(data.words, config.run.seed, params);
   }
   // parseConfig requires one of words and prompts; a config built by hand may lack both
-  if (data.prompts === undefined) throw new SetupError(['data', 'prompts'], 'give exactly one of prompts (a file) and words (generated styled-reversal prompts)');
+  if (data.prompts === undefined)
+    throw new SetupError(['data', 'prompts'], 'give exactly one of prompts (a file) and words (generated styled-reversal prompts)');
   try {
     return await loadPrompts(data.prompts, { column: data.column, format: data.format });
   } catch (err) {
@@ -81,13 +85,18 @@ async function pretrainedSetup(config: RunConfig, dir: string, options: SetupOpt
   let split: RunSetup['split'];
   try {
     split = splitPrompts(prompts, {
-      iterations: config.run.iterations, evalSize: data.evalSize, seed: config.run.seed, promptsPerIteration: data.promptsPerIteration,
+      iterations: config.run.iterations,
+      evalSize: data.evalSize,
+      seed: config.run.seed,
+      promptsPerIteration: data.promptsPerIteration,
     });
   } catch (err) {
     throw new SetupError(['data'], (err as Error).message, { cause: err });
   }
   const preference: PreferenceModel = await preferenceFromConfig(config.preference, {
-    device: options.device, judgeCacheDir: RunDir.at(config.run.dir).judgeCache, judgeFunction: options.judgeFunction,
+    device: options.device,
+    judgeCacheDir: RunDir.at(config.run.dir).judgeCache,
+    judgeFunction: options.judgeFunction,
   });
   let model: RunSetup['model'] | undefined;
   try {
@@ -108,7 +117,10 @@ async function pretrainedSetup(config: RunConfig, dir: string, options: SetupOpt
     for (const prompt of [...split.iterations.flat(), ...split.evaluation]) {
       const id = text.promptIds(prompt).find((i) => i >= vocab);
       if (id !== undefined)
-        throw new SetupError(['model', 'path'], `the tokenizer turns the prompt ${JSON.stringify(prompt.slice(0, 40))} into token id ${id}, but the model's vocab_size is ${vocab} (a tokenizer of another model?)`);
+        throw new SetupError(
+          ['model', 'path'],
+          `the tokenizer turns the prompt ${JSON.stringify(prompt.slice(0, 40))} into token id ${id}, but the model's vocab_size is ${vocab} (a tokenizer of another model?)`,
+        );
     }
     return { config, model, text, preference, split, sourceDir: dir };
   } catch (err) {
@@ -129,6 +141,10 @@ export async function setupFromConfig(config: RunConfig, options: SetupOptions =
   refuseMisplacedJudgeFunction(config.preference, options.judgeFunction);
   if (preset === 'demo') return demoSetup(config, { device: options.device }).setup;
   // parseConfig refuses the other presets; a config built by hand may still hold one
-  if (dir === undefined) throw new SetupError(['model', 'preset'], `'${String(preset)}' has random weights and no tokenizer; use model.path or model.preset 'demo'`);
+  if (dir === undefined)
+    throw new SetupError(
+      ['model', 'preset'],
+      `'${String(preset)}' has random weights and no tokenizer; use model.path or model.preset 'demo'`,
+    );
   return pretrainedSetup(config, dir, options);
 }

@@ -53,7 +53,9 @@ async function demoRunSource(runDir: string, iteration: number | undefined): Pro
   const { config } = record;
   const newest = await run.newestPolicy();
   if (config.model.preset !== 'demo' || config.preference.kind !== 'styled-reversal')
-    throw new UsageError(`--demo-run: ${runDir} is not a demo run; ${newest === undefined ? 'once it has a checkpoint, sample it with --model DIR' : `sample with --model ${run.policy(newest)}`}`);
+    throw new UsageError(
+      `--demo-run: ${runDir} is not a demo run; ${newest === undefined ? 'once it has a checkpoint, sample it with --model DIR' : `sample with --model ${run.policy(newest)}`}`,
+    );
   const t = iteration ?? newest;
   if (t === undefined) throw new UsageError(`--demo-run: ${runDir} has no finished checkpoint yet`);
   if (!run.hasPolicy(t)) throw new UsageError(`--iteration: ${runDir} has no checkpoint of iteration ${t} yet`);
@@ -85,14 +87,24 @@ export const generateCommand: Command = {
       device: { type: 'string' },
     });
     const device = deviceOption(v.device);
-    if ((v.model === undefined) === (v['demo-run'] === undefined)) throw new UsageError('give exactly one of --model DIR and --demo-run RUN_DIR');
-    if (v.iteration !== undefined && v.model !== undefined) throw new UsageError('--iteration goes with --demo-run (for --model, name the checkpoint directory)');
+    if ((v.model === undefined) === (v['demo-run'] === undefined))
+      throw new UsageError('give exactly one of --model DIR and --demo-run RUN_DIR');
+    if (v.iteration !== undefined && v.model !== undefined)
+      throw new UsageError('--iteration goes with --demo-run (for --model, name the checkpoint directory)');
     const promptFile = requireOption(v.prompts, 'prompts', 'generate');
     const samples = integerOption(v.samples, 'samples', 1) ?? 1;
     const seed = integerOption(v.seed, 'seed', 0) ?? 0;
-    const source: Source = v.model !== undefined
-      ? { dir: path.resolve(v.model), demo: false, sampling: { temperature: 0.7, topP: 0.9, topK: 0, maxNewTokens: 256, maxBatch: MODEL_MAX_BATCH } }
-      : await demoRunSource(path.resolve(requireOption(v['demo-run'], 'demo-run', 'generate')), integerOption(v.iteration, 'iteration', 0));
+    const source: Source =
+      v.model !== undefined
+        ? {
+            dir: path.resolve(v.model),
+            demo: false,
+            sampling: { temperature: 0.7, topP: 0.9, topK: 0, maxNewTokens: 256, maxBatch: MODEL_MAX_BATCH },
+          }
+        : await demoRunSource(
+            path.resolve(requireOption(v['demo-run'], 'demo-run', 'generate')),
+            integerOption(v.iteration, 'iteration', 0),
+          );
     const sampling = {
       ...source.sampling,
       temperature: numberOption(v.temperature, 'temperature', { min: 0 }) ?? source.sampling.temperature,
@@ -108,7 +120,9 @@ export const generateCommand: Command = {
     }
     const limit = await contextLimit(source.dir, v.model !== undefined ? '--model' : '--demo-run');
     const tokenizer = await readTokenizer(source.dir);
-    const text = source.demo ? demoPolicyText(requireDemoTokenizer(tokenizer, source.dir)) : chatPolicyText(requireChatTokenizer(tokenizer, source.dir), Infinity);
+    const text = source.demo
+      ? demoPolicyText(requireDemoTokenizer(tokenizer, source.dir))
+      : chatPolicyText(requireChatTokenizer(tokenizer, source.dir), Infinity);
     let ids: number[][];
     try {
       ids = prompts.map((p) => text.promptIds(p));
@@ -125,7 +139,8 @@ export const generateCommand: Command = {
     let out: GeneratedSequence[];
     try {
       const generator = model.createGenerator({
-        maxBatch: Math.min(maxBatch, ids.length * samples), maxContext: maxSeq,
+        maxBatch: Math.min(maxBatch, ids.length * samples),
+        maxContext: maxSeq,
       });
       try {
         const total = ids.length * samples * sampling.maxNewTokens;
@@ -133,7 +148,10 @@ export const generateCommand: Command = {
         progress?.start('generate');
         const t0 = performance.now();
         out = await generator.generate(ids, {
-          ...options, stopTokens: text.stopTokens, samplesPerPrompt: samples, seed,
+          ...options,
+          stopTokens: text.stopTokens,
+          samplesPerPrompt: samples,
+          seed,
           onToken: progress && (() => progress.update(++done, total)),
         });
         progress?.finish(`generate ${out.length} responses`, (performance.now() - t0) / 1000);
@@ -144,9 +162,17 @@ export const generateCommand: Command = {
       progress?.stop();
       await model.dispose();
     }
-    const jsonl = out.map((s) => JSON.stringify({
-      prompt: prompts[s.prompt], response: text.decode(s.tokens), logprob: s.logprobs.reduce((a, b) => a + b, 0), stopReason: s.stopReason,
-    }) + '\n').join('');
+    const jsonl = out
+      .map(
+        (s) =>
+          JSON.stringify({
+            prompt: prompts[s.prompt],
+            response: text.decode(s.tokens),
+            logprob: s.logprobs.reduce((a, b) => a + b, 0),
+            stopReason: s.stopReason,
+          }) + '\n',
+      )
+      .join('');
     if (v.out === undefined) io.stdout.write(jsonl);
     else {
       await writeFileAtomic(path.resolve(v.out), jsonl, { createParents: true });
@@ -163,6 +189,8 @@ async function readTokenizer(dir: string): Promise<Tokenizer | undefined> {
 /** A demo checkpoint's tokenizer; checkpoints of runs made before they saved one have none. */
 function requireDemoTokenizer(tokenizer: Tokenizer | undefined, dir: string): Tokenizer {
   if (!tokenizer)
-    throw new UsageError(`--demo-run: ${dir} has no tokenizer.json (its run was made before demo checkpoints saved their tokenizer); run the demo again into a new directory (sppo demo --dir NEW_DIR) and sample that`);
+    throw new UsageError(
+      `--demo-run: ${dir} has no tokenizer.json (its run was made before demo checkpoints saved their tokenizer); run the demo again into a new directory (sppo demo --dir NEW_DIR) and sample that`,
+    );
   return tokenizer;
 }

@@ -47,7 +47,11 @@ export const initCommand: Command = {
   help,
   async run(argv, io) {
     const v = parseOptions('init', argv, {
-      out: { type: 'string' }, demo: { type: 'boolean' }, model: { type: 'string' }, prompts: { type: 'string' }, judge: { type: 'string' },
+      out: { type: 'string' },
+      demo: { type: 'boolean' },
+      model: { type: 'string' },
+      prompts: { type: 'string' },
+      judge: { type: 'string' },
     });
     const out = path.resolve(v.out ?? 'sppo.yaml');
     if (!/\.ya?ml$/i.test(out)) throw new UsageError(`--out: ${out} must end in .yaml or .yml`);

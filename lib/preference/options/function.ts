@@ -9,9 +9,13 @@ export const functionJudgeOptionsSchema = z
     kind: z.literal('function').describe('a JavaScript judge (prompt, a, b) => P(a ≻ b)'),
     module: filePath()
       .optional()
-      .describe('a JS module that exports the judge; required to build it from the config (a program may instead build its RunSetup with functionPreference)'),
+      .describe(
+        'a JS module that exports the judge; required to build it from the config (a program may instead build its RunSetup with functionPreference)',
+      ),
     export: nonEmpty().default('default').describe("the module's export that is the judge"),
-    id: nonEmpty().optional().describe("the judge's id: change it whenever the function's behaviour changes (it is part of the config hash)"),
+    id: nonEmpty()
+      .optional()
+      .describe("the judge's id: change it whenever the function's behaviour changes (it is part of the config hash)"),
     concurrency: judgeConcurrency(),
   })
   .describe('the function judge');

@@ -28,7 +28,9 @@ export const judgeTemplate = () =>
   z
     .string({ error: 'must be a string' })
     .refine((t) => missingPlaceholders(t).length === 0, { error: 'must contain {prompt}, {a} and {b}' })
-    .describe('the judge prompt: {prompt}, {a} (the response shown first) and {b} are filled in; default: DEFAULT_JUDGE_TEMPLATE (A or B, which is better?)');
+    .describe(
+      'the judge prompt: {prompt}, {a} (the response shown first) and {b} are filled in; default: DEFAULT_JUDGE_TEMPLATE (A or B, which is better?)',
+    );
 
 export const HTTP_JUDGE_DEFAULTS = Object.freeze({
   requestConcurrency: 8,
@@ -38,7 +40,9 @@ export const HTTP_JUDGE_DEFAULTS = Object.freeze({
 
 export const httpJudgeOptionsSchema = z
   .strictObject({
-    kind: z.literal('http').describe('a judge behind an OpenAI-compatible chat-completions endpoint (both orders asked, answers cached on disk)'),
+    kind: z
+      .literal('http')
+      .describe('a judge behind an OpenAI-compatible chat-completions endpoint (both orders asked, answers cached on disk)'),
     baseUrl: z
       .url({ protocol: /^https?$/, error: 'must be an http(s) URL' })
       .describe('the API root, e.g. https://api.openai.com/v1; requests go to <baseUrl>/chat/completions'),
@@ -48,9 +52,13 @@ export const httpJudgeOptionsSchema = z
       .describe('the environment variable that holds the API key, sent as Authorization: Bearer (the key itself never goes in a config)'),
     template: judgeTemplate().optional(),
     system: z.string().optional().describe('a system message sent before the judge prompt'),
-    requestConcurrency: positiveInt().default(HTTP_JUDGE_DEFAULTS.requestConcurrency).describe('HTTP requests in flight at once, over all prompts'),
+    requestConcurrency: positiveInt()
+      .default(HTTP_JUDGE_DEFAULTS.requestConcurrency)
+      .describe('HTTP requests in flight at once, over all prompts'),
     timeoutMs: positiveInt().default(HTTP_JUDGE_DEFAULTS.timeoutMs).describe('time limit of one attempt in milliseconds, body included'),
-    maxRetries: nonNegativeInt().default(HTTP_JUDGE_DEFAULTS.maxRetries).describe('retries after the first attempt (on 408, 429, 5xx, network errors and bodies that are not a completion)'),
+    maxRetries: nonNegativeInt()
+      .default(HTTP_JUDGE_DEFAULTS.maxRetries)
+      .describe('retries after the first attempt (on 408, 429, 5xx, network errors and bodies that are not a completion)'),
     cacheDir: filePath().optional().describe('one file per answered comparison; default <run.dir>/judge-cache'),
     concurrency: judgeConcurrency(),
   })

@@ -20,7 +20,10 @@ export const lmJudgeOptionsSchema = z
       .tuple([nonEmpty(), nonEmpty()])
       .default([...LM_JUDGE_DEFAULTS.answerTokens])
       .describe("the next tokens read as 'the first is better' and 'the second is better'"),
-    chatTemplate: z.boolean().default(LM_JUDGE_DEFAULTS.chatTemplate).describe("format the question through the judge tokenizer's chat template"),
+    chatTemplate: z
+      .boolean()
+      .default(LM_JUDGE_DEFAULTS.chatTemplate)
+      .describe("format the question through the judge tokenizer's chat template"),
     batchSize: engineJudgeBatchSize('judge'),
     maxSeq: engineJudgeMaxSeq('judge', 'a longer question keeps its first token (BOS) and its last tokens'),
     concurrency: judgeConcurrency(),

@@ -27,11 +27,7 @@ export const DEFAULT_STYLED_REVERSAL: Readonly<StyledReversalParams> = Object.fr
   a: 1 / 4,
   b: 1 / 4,
   // rows and columns in STYLES order (R, P, S)
-  A: Object.freeze([
-    Object.freeze([0, -1, 1 / 3]),
-    Object.freeze([1, 0, -2 / 3]),
-    Object.freeze([-1 / 3, 2 / 3, 0]),
-  ]),
+  A: Object.freeze([Object.freeze([0, -1, 1 / 3]), Object.freeze([1, 0, -2 / 3]), Object.freeze([-1 / 3, 2 / 3, 0])]),
   noneAdvantage: 1,
   alphabet: 'abcdefgh',
   minLength: 3,
@@ -57,7 +53,9 @@ export function resolveStyledReversal(params: Partial<StyledReversalParams> = {}
     for (let j = 0; j < 3; j++) {
       finite(p.A[i][j], `A[${STYLES[i]}][${STYLES[j]}]`);
       if (Math.abs(p.A[i][j] + p.A[j][i]) > 1e-12)
-        throw new RangeError(`styled reversal: A must be antisymmetric, but A[${STYLES[i]}][${STYLES[j]}] = ${p.A[i][j]} and A[${STYLES[j]}][${STYLES[i]}] = ${p.A[j][i]}`);
+        throw new RangeError(
+          `styled reversal: A must be antisymmetric, but A[${STYLES[i]}][${STYLES[j]}] = ${p.A[i][j]} and A[${STYLES[j]}][${STYLES[i]}] = ${p.A[j][i]}`,
+        );
       maxA = Math.max(maxA, Math.abs(p.A[i][j]));
     }
   // |P − ½| ≤ a·1 + b·max|A| must stay ≤ ½
@@ -71,21 +69,27 @@ export function resolveStyledReversal(params: Partial<StyledReversalParams> = {}
 }
 
 const styleMatrix = z
-  .array(z.array(z.number({ error: 'must be a number' })).length(3, { error: 'must be a row of 3 numbers' }), { error: 'must be a 3×3 matrix' })
+  .array(z.array(z.number({ error: 'must be a number' })).length(3, { error: 'must be a row of 3 numbers' }), {
+    error: 'must be a 3×3 matrix',
+  })
   .length(3, { error: 'must be a 3×3 matrix over the styles (R, P, S)' });
 
 const d = DEFAULT_STYLED_REVERSAL;
 
 export const styledReversalOptionsSchema = z
   .strictObject({
-    kind: z.literal('styled-reversal').describe('the synthetic oracle P(y ≻ y′) = ½ + a·(q(y) − q(y′)) + b·A[s(y), s(y′)], with a known Nash equilibrium'),
+    kind: z
+      .literal('styled-reversal')
+      .describe('the synthetic oracle P(y ≻ y′) = ½ + a·(q(y) − q(y′)) + b·A[s(y), s(y′)], with a known Nash equilibrium'),
     a: nonNegative().default(d.a).describe('weight of the quality difference q(y) − q(y′)'),
     b: nonNegative().default(d.b).describe('weight of the style game A'),
     A: styleMatrix
       .optional()
-      .describe('the style game over (R, P, S), antisymmetric: A[i][j] = how much style i beats style j; default R beats S by 1/3, S beats P by 2/3, P beats R by 1'),
+      .describe(
+        'the style game over (R, P, S), antisymmetric: A[i][j] = how much style i beats style j; default R beats S by 1/3, S beats P by 2/3, P beats R by 1',
+      ),
     noneAdvantage: nonNegative().default(d.noneAdvantage).describe('how much any style beats an answer without one (A[c, none])'),
-    alphabet: nonEmpty().default(d.alphabet).describe('the prompt words\' letters (distinct)'),
+    alphabet: nonEmpty().default(d.alphabet).describe("the prompt words' letters (distinct)"),
     minLength: positiveInt().default(d.minLength).describe('shortest prompt word'),
     maxLength: positiveInt().default(d.maxLength).describe('longest prompt word'),
     concurrency: judgeConcurrency(),
