@@ -5,6 +5,7 @@
 // that network from it: every field is either mapped, checked to hold a value the engine
 // matches, or known not to affect the math (token ids, dtype, cache flags …). Anything else is
 // refused with the field's name rather than silently giving a different model.
+import { MODEL_CONFIG_FIELDS } from '../engine/model.js';
 import type { ModelConfig, ResolvedModelConfig, RopeScalingConfig } from '../engine/types.js';
 
 export type Architecture = 'LlamaForCausalLM' | 'MistralForCausalLM' | 'Qwen2ForCausalLM';
@@ -38,7 +39,6 @@ const HARMLESS = new Set([
   'bos_token_id',
   'eos_token_id',
   'pad_token_id',
-  'initializer_range',
   'pretraining_tp',
   'output_attentions',
   'output_hidden_states',
@@ -51,26 +51,18 @@ const HARMLESS = new Set([
   'chunk_size_feed_forward',
 ]);
 
-/** Fields this module reads and checks itself. */
-const HANDLED = new Set([
+/**
+ * Fields this module reads and checks itself: the engine's model config (config.json spells
+ * them the same; `seed` is the engine's own) and the Hugging Face fields that decide whether the
+ * engine can run the architecture.
+ */
+const HANDLED = new Set<string>([
+  ...Object.keys(MODEL_CONFIG_FIELDS).filter((k) => k !== 'seed'),
   'architectures',
   'model_type',
-  'vocab_size',
-  'hidden_size',
-  'num_hidden_layers',
-  'num_attention_heads',
-  'num_key_value_heads',
-  'head_dim',
-  'intermediate_size',
-  'max_position_embeddings',
-  'rms_norm_eps',
-  'rope_theta',
-  'rope_scaling',
   'rope_parameters',
-  'tie_word_embeddings',
   'hidden_act',
   'mlp_bias',
-  'attention_bias',
   'attention_dropout',
   'sliding_window',
   'use_sliding_window',
