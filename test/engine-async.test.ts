@@ -58,12 +58,13 @@ describe('event loop responsiveness', () => {
       const maxGap = Math.max(...gaps);
       // A blocked event loop would give ~0 ticks during a step and one gap as long as the step.
       // A free one gives one tick per ~10 ms; we allow a 3x shortfall for a loaded 2-core machine
-      // (the engine's threads compete with the main thread for the CPU) and gaps up to 100 ms
-      // (10 timer periods: an OS time slice or a GC pause, never a whole step).
+      // (the engine's threads compete with the main thread for the CPU) and gaps up to 100 ms or
+      // half the longest step, whichever is more (an OS time slice or a GC pause under load;
+      // never a whole step, which is what a blocked loop gives).
       expect(longest.ms).toBeGreaterThan(50); // the check means something only if steps are long
       expect(longest.ticks).toBeGreaterThanOrEqual(Math.floor(longest.ms / 10 / 3));
       expect(during.length).toBeGreaterThanOrEqual(Math.floor(elapsed / 10 / 3));
-      expect(maxGap).toBeLessThan(100);
+      expect(maxGap).toBeLessThan(Math.max(100, longest.ms / 2));
       console.log(
         `event loop: step ${longest.ms.toFixed(0)} ms, ${during.length} ticks in ${elapsed.toFixed(0)} ms, max gap ${maxGap.toFixed(1)} ms`,
       );
