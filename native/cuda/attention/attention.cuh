@@ -46,16 +46,19 @@ struct AttnParams {
   bool vec;          // tensor-core staging: every tile row starts 16-byte aligned (16-byte copies)
 };
 
-// Sum / max over a warp (the delta and decode kernels). The butterfly leaves every lane with the
-// same bits, and the order is fixed, so the result is deterministic.
-__device__ __forceinline__ float sum32(float x) {
+// Sum / max over each group of `Lanes` consecutive lanes: 32, the warp (the delta and decode
+// kernels), or 16, a half-warp (the FMA kernels' threads sharing a row). The butterfly leaves every
+// lane of a group with the same bits, and the order is fixed, so the result is deterministic.
+template <int Lanes>
+__device__ __forceinline__ float lanes_sum(float x) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  for (int o = Lanes / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
-__device__ __forceinline__ float max32(float x) {
+template <int Lanes>
+__device__ __forceinline__ float lanes_max(float x) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  for (int o = Lanes / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
 

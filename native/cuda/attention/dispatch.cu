@@ -72,7 +72,7 @@ __global__ void attention_delta_kernel(float* __restrict__ delta, const __nv_bfl
   const int64_t at = row * out_stride + int64_t(h) * D;
   float acc = 0.f;
   for (int d = lane; d < D; d += 32) acc = fmaf(to_f(dout[at + d]), to_f(out[at + d]), acc);
-  acc = sum32(acc);
+  acc = lanes_sum<32>(acc);
   if (lane == 0) {
     const int64_t b = row / T, t = row % T;
     delta[(b * H + h) * T + t] = acc;

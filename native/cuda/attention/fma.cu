@@ -46,19 +46,6 @@ __device__ __forceinline__ void stage_tile(float* __restrict__ dst, const __nv_b
   }
 }
 
-// Sum / max over the 16 lanes of a half-warp (the 16 threads sharing ty). The butterfly leaves
-// every lane with the same bits, and the order is fixed, so the result is deterministic.
-__device__ __forceinline__ float sum16(float x) {
-#pragma unroll
-  for (int o = 8; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-__device__ __forceinline__ float max16(float x) {
-#pragma unroll
-  for (int o = 8; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
 template <int DMAX>
 constexpr size_t forward_smem() {  // Q, K, V tiles + P
   return sizeof(float) * (3 * kTile * row_stride<DMAX>() + kTile * kPStride);
@@ -206,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         s[i][j] = (diagonal && k > q) ? -INFINITY : s[i][j] * p.scale_log2;
         mt = fmaxf(mt, s[i][j]);
       }
-      const float m_new = fmaxf(m[i], max16(mt));
+      const float m_new = fmaxf(m[i], lanes_max<16>(mt));
       const float alpha = exp2f(m[i] - m_new);  // 0 on the first tile (m = -inf, m_new finite)
       m[i] = m_new;
       float rs = 0.f;
@@ -229,7 +216,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < kRowsPerThread; ++i) {
     const int q = q0 + ty * kRowsPerThread + i;
-    const float total = sum16(l[i]);  // every lane takes part in the shuffle, valid row or not
+    const float total = lanes_sum<16>(l[i]);  // every lane takes part in the shuffle, valid row or not
     if (q >= p.T) continue;
     const float inv = 1.f / total;
     __nv_bfloat16* orow = out + (int64_t(b) * p.T + q) * p.out_stride + int64_t(h) * p.D;
