@@ -14,7 +14,7 @@
 // dispatch.cu picks the implementation and holds the op entry points; decode.cu the KV cache.
 //
 // Two sections: the tiling and device helpers the kernels share, then the host side: the
-// family's state, the launch helpers and each implementation's launchers.
+// family's state, the launch helpers and each implementation's kernel table (AttnKernels).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -150,10 +150,10 @@ struct AttnState {
 
 namespace sppo::cuda::attn {
 
-// Calls f(std::integral_constant<int, N>()) with N = d for d = 32 or 64, else 128: the launchers'
-// bridge from a run-time head dim to their kernels' template argument.
+// Calls f(std::integral_constant<int, N>()) with N = d for d = 32 or 64, else 128, and returns
+// what it returns: the bridge from a run-time head dim to the kernels' template argument.
 template <class F>
-void with_head_dim(int d, F&& f) {
+decltype(auto) with_head_dim(int d, F&& f) {
   switch (d) {
     case 32:
       return f(std::integral_constant<int, 32>());
@@ -164,22 +164,31 @@ void with_head_dim(int d, F&& f) {
   }
 }
 
-// Each implementation's launchers: the forward writes out and lse, the backward dqkv from the
-// row deltas of dispatch.cu. fma.cu: head_dim padded to dmax (dmax_for: 32, 64 or 128).
-void fma_forward(AttnState& st, int device, cudaStream_t stream, int dmax, __nv_bfloat16* out, float* lse,
-                 const __nv_bfloat16* qkv, const AttentionShape& s);
-void fma_backward(AttnState& st, int device, cudaStream_t stream, int dmax, __nv_bfloat16* dqkv,
-                  const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
-                  const AttentionShape& s);
-// wmma.cu and mma.cu: head_dim D exactly 32, 64 or 128.
-void wmma_forward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* out, float* lse,
-                  const __nv_bfloat16* qkv, const AttentionShape& s);
-void wmma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* dqkv,
-                   const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
-                   const AttentionShape& s);
-void mma_forward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* out, float* lse,
-                 const __nv_bfloat16* qkv, const AttentionShape& s);
-void mma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,
-                  const __nv_bfloat16* qkv, const float* lse, const float* delta, const AttentionShape& s);
+// Each implementation's kernels for one head dim, and how they launch (dispatch.cu launches
+// them): the forward writes out and lse, the backward's dQ and dK/dV kernels dqkv from the row
+// deltas. Each kernel runs `threads` threads a block with `smem` bytes of dynamic shared memory.
+// A block of the forward and dQ kernels owns `rows` queries, one of the dK/dV kernel `rows` keys
+// (a 1-D grid, tile_grid). `vec_rows`: the kernels copy 16 bytes at a time where every tile row
+// is 16-byte aligned (AttnParams::vec, rows_aligned16).
+using ForwardKernel = void (*)(__nv_bfloat16*, float*, const __nv_bfloat16*, AttnParams);
+using BackwardKernel = void (*)(__nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, const float*, const float*,
+                                AttnParams, float);
+template <class Kernel>
+struct KernelLaunch {
+  Kernel kernel;
+  size_t smem;
+  int threads;
+};
+struct AttnKernels {
+  KernelLaunch<ForwardKernel> forward;
+  KernelLaunch<BackwardKernel> dq, dkdv;
+  int rows;
+  bool vec_rows;
+};
+// fma.cu: head_dim padded to dmax (dmax_for: 32, 64 or 128). wmma.cu and mma.cu: head_dim D
+// exactly 32, 64 or 128.
+AttnKernels fma_kernels(int dmax);
+AttnKernels wmma_kernels(int head_dim);
+AttnKernels mma_kernels(int head_dim);
 
 }  // namespace sppo::cuda::attn

@@ -1,5 +1,6 @@
 // The fp32 FMA attention kernels (attention.cuh): tiles staged as fp32 in shared memory, every
-// head_dim (padded to 32, 64 or 128), the tensor cores' reference. Kernels, then launchers.
+// head_dim (padded to 32, 64 or 128), the tensor cores' reference. Kernels, then their table
+// (AttnKernels).
 #include "cuda/attention/attention.cuh"
 
 namespace sppo::cuda::attn {
@@ -390,49 +391,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <int DMAX>
-void launch_forward(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* out, float* lse,
-                    const __nv_bfloat16* qkv, const AttentionShape& s) {
-  const AttnParams p = attn_params(s);
-  const size_t smem = forward_smem<DMAX>();
-  st.allow_smem(reinterpret_cast<const void*>(&attention_forward_kernel<DMAX>), smem, device, "attention_forward");
-  attention_forward_kernel<DMAX>
-      <<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_forward"), kThreads, smem, stream>>>(out, lse, qkv, p);
-  SPPO_CUDA_LAUNCHED(attention_forward_kernel);
-}
-
-template <int DMAX>
-void launch_backward(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,
-                     const __nv_bfloat16* qkv, const float* lse, const float* delta, const AttentionShape& s) {
-  const AttnParams p = attn_params(s);
-  const float scale = float(s.scale);
-  const size_t smem_dq = backward_dq_smem<DMAX>(), smem_dkdv = backward_dkdv_smem<DMAX>();
-  st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dq_kernel<DMAX>), smem_dq, device,
-                "attention_backward");
-  st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dkdv_kernel<DMAX>), smem_dkdv, device,
-                "attention_backward");
-  attention_backward_dq_kernel<DMAX>
-      <<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_backward"), kThreads, smem_dq, stream>>>(
-          dqkv, dout, qkv, lse, delta, p, scale);
-  SPPO_CUDA_LAUNCHED(attention_backward_dq_kernel);
-  attention_backward_dkdv_kernel<DMAX>
-      <<<tile_grid(p.n_tiles, s.kv_heads, s.batch, "attention_backward"), kThreads, smem_dkdv, stream>>>(
-          dqkv, dout, qkv, lse, delta, p, scale);
-  SPPO_CUDA_LAUNCHED(attention_backward_dkdv_kernel);
-}
-
 }  // namespace
 
-void fma_forward(AttnState& st, int device, cudaStream_t stream, int dmax, __nv_bfloat16* out, float* lse,
-                 const __nv_bfloat16* qkv, const AttentionShape& s) {
-  with_head_dim(dmax, [&](auto d) { launch_forward<decltype(d)::value>(st, device, stream, out, lse, qkv, s); });
-}
-
-void fma_backward(AttnState& st, int device, cudaStream_t stream, int dmax, __nv_bfloat16* dqkv,
-                  const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
-                  const AttentionShape& s) {
-  with_head_dim(
-      dmax, [&](auto d) { launch_backward<decltype(d)::value>(st, device, stream, dqkv, dout, qkv, lse, delta, s); });
+AttnKernels fma_kernels(int dmax) {
+  return with_head_dim(dmax, [](auto d) -> AttnKernels {
+    constexpr int DMAX = decltype(d)::value;
+    return {{attention_forward_kernel<DMAX>, forward_smem<DMAX>(), kThreads},
+            {attention_backward_dq_kernel<DMAX>, backward_dq_smem<DMAX>(), kThreads},
+            {attention_backward_dkdv_kernel<DMAX>, backward_dkdv_smem<DMAX>(), kThreads},
+            kTile,
+            false};
+  });
 }
 
 }  // namespace sppo::cuda::attn

@@ -1,5 +1,5 @@
 // The WMMA tensor-core attention kernels (attention.cuh), head_dim 32, 64 and 128: the default.
-// Kernels, then launchers.
+// Kernels, then their table (AttnKernels).
 #include <mma.h>
 
 #include "cuda/attention/attention.cuh"
@@ -516,51 +516,17 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   write_rows_tc<D>(Sw, dv, rows + p.v_off, p.qkv_stride, k0 + wr, p.T, 1.f);
 }
 
-template <int D>
-void launch_forward_tc(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* out, float* lse,
-                       const __nv_bfloat16* qkv, const AttentionShape& s) {
-  AttnParams p = attn_params(s);
-  p.vec = rows_aligned16({qkv}, {s.qkv_stride, s.q_off, s.k_off, s.v_off});
-  const size_t smem = tc_forward_smem<D>();
-  st.allow_smem(reinterpret_cast<const void*>(&attention_forward_tc_kernel<D>), smem, device, "attention_forward");
-  attention_forward_tc_kernel<D>
-      <<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_forward"), kTcThreads, smem, stream>>>(out, lse, qkv, p);
-  SPPO_CUDA_LAUNCHED(attention_forward_tc_kernel);
-}
-
-template <int D>
-void launch_backward_tc(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,
-                        const __nv_bfloat16* qkv, const float* lse, const float* delta, const AttentionShape& s) {
-  AttnParams p = attn_params(s);
-  p.vec = rows_aligned16({qkv, dout}, {s.qkv_stride, s.q_off, s.k_off, s.v_off, s.out_stride});
-  const float scale = float(s.scale);
-  const size_t smem_dq = tc_backward_dq_smem<D>(), smem_dkdv = tc_backward_dkdv_smem<D>();
-  st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dq_tc_kernel<D>), smem_dq, device,
-                "attention_backward");
-  st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dkdv_tc_kernel<D>), smem_dkdv, device,
-                "attention_backward");
-  attention_backward_dq_tc_kernel<D>
-      <<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_backward"), kTcThreads, smem_dq, stream>>>(
-          dqkv, dout, qkv, lse, delta, p, scale);
-  SPPO_CUDA_LAUNCHED(attention_backward_dq_tc_kernel);
-  attention_backward_dkdv_tc_kernel<D>
-      <<<tile_grid(p.n_tiles, s.kv_heads, s.batch, "attention_backward"), kTcThreads, smem_dkdv, stream>>>(
-          dqkv, dout, qkv, lse, delta, p, scale);
-  SPPO_CUDA_LAUNCHED(attention_backward_dkdv_tc_kernel);
-}
-
 }  // namespace
 
-void wmma_forward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* out, float* lse,
-                  const __nv_bfloat16* qkv, const AttentionShape& s) {
-  with_head_dim(D, [&](auto d) { launch_forward_tc<decltype(d)::value>(st, device, stream, out, lse, qkv, s); });
-}
-
-void wmma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* dqkv,
-                   const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
-                   const AttentionShape& s) {
-  with_head_dim(
-      D, [&](auto d) { launch_backward_tc<decltype(d)::value>(st, device, stream, dqkv, dout, qkv, lse, delta, s); });
+AttnKernels wmma_kernels(int head_dim) {
+  return with_head_dim(head_dim, [](auto d) -> AttnKernels {
+    constexpr int D = decltype(d)::value;
+    return {{attention_forward_tc_kernel<D>, tc_forward_smem<D>(), kTcThreads},
+            {attention_backward_dq_tc_kernel<D>, tc_backward_dq_smem<D>(), kTcThreads},
+            {attention_backward_dkdv_tc_kernel<D>, tc_backward_dkdv_smem<D>(), kTcThreads},
+            kTile,
+            true};
+  });
 }
 
 }  // namespace sppo::cuda::attn
