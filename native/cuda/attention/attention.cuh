@@ -62,6 +62,31 @@ __device__ __forceinline__ float lanes_max(float x) {
   return x;
 }
 
+// Where a block of a query-side kernel (forward, dQ) works: query block qb (of n_blocks per
+// head, the heaviest, last ones first) of batch b and head h, whose kv head is kvh.
+struct QueryBlock {
+  int qb, b, h, kvh;
+};
+__device__ __forceinline__ QueryBlock query_block(const AttnParams& p, int n_blocks) {
+  const int BH = p.B * p.H;
+  const int bh = int(blockIdx.x % unsigned(BH));
+  const int qb = n_blocks - 1 - int(blockIdx.x / unsigned(BH));
+  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  return {qb, b, h, kvh};
+}
+// Where a block of a key-side kernel (dK/dV) works: key block kb (in key order, so the heaviest
+// first) of batch b and kv head kvh.
+struct KeyBlock {
+  int kb, b, kvh;
+};
+__device__ __forceinline__ KeyBlock key_block(const AttnParams& p) {
+  const int BKV = p.B * p.KV;
+  const int bkv = int(blockIdx.x % unsigned(BKV));
+  const int kb = int(blockIdx.x / unsigned(BKV));
+  const int b = bkv / p.KV, kvh = bkv % p.KV;
+  return {kb, b, kvh};
+}
+
 // Loads a tile's log-sum-exps (as base 2) and deltas; rows past T get zeros.
 __device__ __forceinline__ void stage_row_stats(float* lse2_s, float* delta_s, const float* lse, const float* delta,
                                                 int64_t at, int valid) {

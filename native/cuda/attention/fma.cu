@@ -135,10 +135,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* Vs = Ks + kTile * LD;  // (kTile, LD)
   float* Ps = Vs + kTile * LD;  // (kTile, kPStride)
 
-  const int BH = p.B * p.H;
-  const int bh = int(blockIdx.x % unsigned(BH));
-  const int qt = p.n_tiles - 1 - int(blockIdx.x / unsigned(BH));
-  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  const auto [qt, b, h, kvh] = query_block(p, p.n_tiles);
   const int q0 = qt * kTile;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
@@ -249,10 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* lse2_s = dSs + kTile * kPStride;
   float* delta_s = lse2_s + kTile;
 
-  const int BH = p.B * p.H;
-  const int bh = int(blockIdx.x % unsigned(BH));
-  const int qt = p.n_tiles - 1 - int(blockIdx.x / unsigned(BH));
-  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  const auto [qt, b, h, kvh] = query_block(p, p.n_tiles);
   const int q0 = qt * kTile, q_valid = min(kTile, p.T - q0);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
@@ -326,10 +320,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* lse2_s = dSt + kTile * kPStride;
   float* delta_s = lse2_s + kTile;
 
-  const int BKV = p.B * p.KV;
-  const int bkv = int(blockIdx.x % unsigned(BKV));
-  const int kt = int(blockIdx.x / unsigned(BKV));
-  const int b = bkv / p.KV, kvh = bkv % p.KV;
+  const auto [kt, b, kvh] = key_block(p);
   const int k0 = kt * kTile, k_valid = min(kTile, p.T - k0);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;

@@ -260,10 +260,7 @@ __global__ void __launch_bounds__(fa_query_threads<D>(), 1)
   __nv_bfloat16* Ks = Qs + kFaRows * LDS;                         // 2 x (64, LDS)
   __nv_bfloat16* Vs = Ks + 2 * kFaCols * LDS;                     // 2 x (64, LDS)
 
-  const int BH = p.B * p.H, n_blocks = (p.T + kFaRows - 1) / kFaRows;
-  const int bh = int(blockIdx.x % unsigned(BH));
-  const int qb = n_blocks - 1 - int(blockIdx.x / unsigned(BH));
-  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  const auto [qb, b, h, kvh] = query_block(p, (p.T + kFaRows - 1) / kFaRows);
   const int q0 = qb * kFaRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int wq = q0 + WR * warp;  // the warp's first query
@@ -353,10 +350,7 @@ __global__ void __launch_bounds__(fa_query_threads<D>(), 1)
   __nv_bfloat16* Ks = dOs + kFaRows * LDS;                        // 2 x (64, LDS)
   __nv_bfloat16* Vs = Ks + 2 * kFaCols * LDS;                     // 2 x (64, LDS)
 
-  const int BH = p.B * p.H, n_blocks = (p.T + kFaRows - 1) / kFaRows;
-  const int bh = int(blockIdx.x % unsigned(BH));
-  const int qb = n_blocks - 1 - int(blockIdx.x / unsigned(BH));
-  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  const auto [qb, b, h, kvh] = query_block(p, (p.T + kFaRows - 1) / kFaRows);
   const int q0 = qb * kFaRows, q_valid = min(kFaRows, p.T - q0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int wq = q0 + WR * warp;
@@ -553,10 +547,8 @@ __global__ void __launch_bounds__(fa_key_threads<D>(), 1)
   __nv_bfloat16* dOs = Qs + 2 * kFaCols * LDS;                       // 2 x (64, LDS)
   float* stats = reinterpret_cast<float*>(dOs + 2 * kFaCols * LDS);  // 2 x (lse2 (64), delta (64))
 
-  const int BKV = p.B * p.KV;
-  const int bkv = int(blockIdx.x % unsigned(BKV));
-  const int kb = int(blockIdx.x / unsigned(BKV));
-  const int b = bkv / p.KV, kvh = bkv % p.KV;
+  const KeyBlock blk = key_block(p);  // a lambda below captures b and kvh
+  const int kb = blk.kb, b = blk.b, kvh = blk.kvh;
   const int k0 = kb * kFaRows;
   const int warp = threadIdx.x / 32;
   const int wk = k0 + WR * warp;                                             // the warp's first key

@@ -158,10 +158,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   float* Ss = reinterpret_cast<float*>(Ps + kTile * kPLd);        // (kTile, kSLd)
   float* Os = Ss + kTile * kSLd;                                  // (kTile, LDO)
 
-  const int BH = p.B * p.H;
-  const int bh = int(blockIdx.x % unsigned(BH));
-  const int qt = p.n_tiles - 1 - int(blockIdx.x / unsigned(BH));
-  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  const auto [qt, b, h, kvh] = query_block(p, p.n_tiles);
   const int q0 = qt * kTile;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = 16 * warp;
   const int r = wr + lane / 2, half = lane % 2, q = q0 + r;  // this lane's row (shared with its pair)
@@ -337,10 +334,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   float* lse2_s = scratch + 2 * kTile * kSLd;
   float* delta_s = lse2_s + kTile;
 
-  const int BH = p.B * p.H;
-  const int bh = int(blockIdx.x % unsigned(BH));
-  const int qt = p.n_tiles - 1 - int(blockIdx.x / unsigned(BH));
-  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  const auto [qt, b, h, kvh] = query_block(p, p.n_tiles);
   const int q0 = qt * kTile, q_valid = min(kTile, p.T - q0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = 16 * warp;
   const int rw = lane / 2, r = wr + rw, half = lane % 2, q = q0 + r;  // row within the warp / tile
@@ -431,10 +425,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   float* lse2_s = scratch + 2 * kTile * kSLd;
   float* delta_s = lse2_s + kTile;
 
-  const int BKV = p.B * p.KV;
-  const int bkv = int(blockIdx.x % unsigned(BKV));
-  const int kt = int(blockIdx.x / unsigned(BKV));
-  const int b = bkv / p.KV, kvh = bkv % p.KV;
+  const auto [kt, b, kvh] = key_block(p);
   const int k0 = kt * kTile, k_valid = min(kTile, p.T - k0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = 16 * warp;
   const int rw = lane / 2, r = wr + rw, half = lane % 2, k = k0 + r;  // this lane's key
