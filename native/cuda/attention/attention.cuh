@@ -62,6 +62,20 @@ __device__ __forceinline__ float lanes_max(float x) {
   return x;
 }
 
+// The tensor-core kernels' fallback staging (a tile row not 16-byte aligned): rows [0, valid) of
+// a (ROWS, D) bf16 block at src (row stride ld) into dst (row stride LDS) one element at a time,
+// by the THREADS threads of the block; rows past `valid` become zeros.
+template <int D, int ROWS, int LDS, int THREADS>
+__device__ __forceinline__ void copy_tile_elements(__nv_bfloat16* __restrict__ dst,
+                                                   const __nv_bfloat16* __restrict__ src, int64_t ld, int valid) {
+  const __nv_bfloat16 zero = to_bf(0.f);
+#pragma unroll 4
+  for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
+    const int r = e / D, c = e % D;
+    dst[r * LDS + c] = r < valid ? src[int64_t(r) * ld + c] : zero;
+  }
+}
+
 // Where a block of a query-side kernel (forward, dQ) works: query block qb (of n_blocks per
 // head, the heaviest, last ones first) of batch b and head h, whose kv head is kvh.
 struct QueryBlock {

@@ -65,12 +65,7 @@ __device__ __forceinline__ void fa_load_tile(__nv_bfloat16* __restrict__ dst, co
       cp_async_16(dst + r * LDS + c, src + int64_t(r < valid ? r : 0) * ld + c, r < valid);
     }
   } else {
-    const __nv_bfloat16 zero = to_bf(0.f);
-#pragma unroll 4
-    for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
-      const int r = e / D, c = e % D;
-      dst[r * LDS + c] = r < valid ? src[int64_t(r) * ld + c] : zero;
-    }
+    copy_tile_elements<D, ROWS, LDS, THREADS>(dst, src, ld, valid);
   }
 }
 

@@ -127,12 +127,7 @@ __device__ __forceinline__ void stage_tile_bf16(__nv_bfloat16* __restrict__ dst,
       *reinterpret_cast<uint4*>(dst + r * LDB + c) = v[u];
     }
   } else {
-    const __nv_bfloat16 zero = to_bf(0.f);
-#pragma unroll 4
-    for (int e = threadIdx.x; e < kTile * D; e += kTcThreads) {
-      const int r = e / D, c = e % D;
-      dst[r * LDB + c] = r < valid ? src[int64_t(r) * ld + c] : zero;
-    }
+    copy_tile_elements<D, kTile, LDB, kTcThreads>(dst, src, ld, valid);
   }
 }
 
