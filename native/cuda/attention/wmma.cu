@@ -136,6 +136,22 @@ __device__ __forceinline__ void stage_tile_bf16(__nv_bfloat16* __restrict__ dst,
 // floats, the 8 lanes of a 128-bit access phase then hit 8 distinct 4-bank groups.
 __device__ __forceinline__ int pair_col(int half, int a, int g) { return 16 * half + 32 * a + 4 * g; }
 
+// Writes this lane's columns (pair_col) of an fp32 row of D columns at src, times mul, as bf16
+// to the row at dst.
+template <int D>
+__device__ __forceinline__ void write_pair_cols(__nv_bfloat16* __restrict__ dst, const float* src, int half,
+                                                float mul) {
+#pragma unroll
+  for (int a = 0; a < D / 32; ++a)
+#pragma unroll
+    for (int g = 0; g < 4; ++g) {
+      const int c = pair_col(half, a, g);
+      const float4 v = *reinterpret_cast<const float4*>(src + c);
+      dst[c] = to_bf(v.x * mul), dst[c + 1] = to_bf(v.y * mul), dst[c + 2] = to_bf(v.z * mul),
+      dst[c + 3] = to_bf(v.w * mul);
+    }
+}
+
 // Forward. Block: 64 queries of one (batch, head), grid n_tiles * B * H, heaviest first. Per key
 // tile up to the diagonal, warp w: S = Q Kᵀ for its 16 rows (to shared memory), online softmax
 // by lane pairs (P to shared memory as bf16, its O rows rescaled in place), then O += P V with O
@@ -272,15 +288,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   if (q >= p.T) return;  // padding rows (no barrier follows)
   const float inv = 1.f / l;
   __nv_bfloat16* orow = out + (int64_t(b) * p.T + q) * p.out_stride + int64_t(h) * p.D;
-#pragma unroll
-  for (int a = 0; a < D / 32; ++a)
-#pragma unroll
-    for (int g = 0; g < 4; ++g) {
-      const int c = pair_col(half, a, g);
-      const float4 v = *reinterpret_cast<const float4*>(Os + r * LDO + c);
-      orow[c] = to_bf(v.x * inv), orow[c + 1] = to_bf(v.y * inv), orow[c + 2] = to_bf(v.z * inv),
-      orow[c + 3] = to_bf(v.w * inv);
-    }
+  write_pair_cols<D>(orow, Os + r * LDO, half, inv);
   if (half == 0) lse[(int64_t(b) * p.H + h) * p.T + q] = (m + log2f(l)) * kLn2;
 }
 
@@ -297,15 +305,7 @@ __device__ __forceinline__ void write_rows_tc(float* __restrict__ Ow, const Frag
   __syncwarp();
   if (row0 + rw >= T) return;
   __nv_bfloat16* row = dst + int64_t(row0 + rw) * ld;
-#pragma unroll
-  for (int a = 0; a < D / 32; ++a)
-#pragma unroll
-    for (int g = 0; g < 4; ++g) {
-      const int c = pair_col(half, a, g);
-      const float4 v = *reinterpret_cast<const float4*>(Ow + rw * LDO + c);
-      row[c] = to_bf(v.x * mul), row[c + 1] = to_bf(v.y * mul), row[c + 2] = to_bf(v.z * mul),
-      row[c + 3] = to_bf(v.w * mul);
-    }
+  write_pair_cols<D>(row, Ow + rw * LDO, half, mul);
 }
 
 // dQ. Block: 64 queries of one (batch, head), grid n_tiles * B * H, heaviest first. Per key tile
