@@ -1192,29 +1192,28 @@ void CudaOps::copy(bf16* dst, const bf16* src, int64_t n) {
 // host in block order.
 // ---------------------------------------------------------------------------------------------
 
-double CudaOps::sum_squares(const float* x, int64_t n) {
-  if (n <= 0) return 0.0;
+const std::vector<double>& CudaOps::reduce_blocks(void (*kernel)(double*, const float*, int64_t), const float* x,
+                                                  int64_t n) {
   ReduceState& r = reduce_state();
   double* partials = partials_for(r, kReduceBlocks, stream_, device_);
-  sum_squares_kernel<<<kReduceBlocks, kThreads, 0, stream_>>>(partials, x, n);
-  SPPO_CUDA_LAUNCHED(sum_squares_kernel);
+  kernel<<<kReduceBlocks, kThreads, 0, stream_>>>(partials, x, n);
+  SPPO_CUDA_LAUNCHED(kernel);
   r.host.resize(kReduceBlocks);
   download_bytes(r.host.data(), partials, kReduceBlocks * sizeof(double));
+  return r.host;
+}
+
+double CudaOps::sum_squares(const float* x, int64_t n) {
+  if (n <= 0) return 0.0;
   double total = 0;
-  for (int b = 0; b < kReduceBlocks; ++b) total += r.host[b];
+  for (double partial : reduce_blocks(sum_squares_kernel, x, n)) total += partial;
   return total;
 }
 
 bool CudaOps::all_finite(const float* x, int64_t n) {
   if (n <= 0) return true;
-  ReduceState& r = reduce_state();
-  double* partials = partials_for(r, kReduceBlocks, stream_, device_);
-  non_finite_kernel<<<kReduceBlocks, kThreads, 0, stream_>>>(partials, x, n);
-  SPPO_CUDA_LAUNCHED(non_finite_kernel);
-  r.host.resize(kReduceBlocks);
-  download_bytes(r.host.data(), partials, kReduceBlocks * sizeof(double));
-  for (int b = 0; b < kReduceBlocks; ++b)
-    if (r.host[b] != 0.0) return false;
+  for (double partial : reduce_blocks(non_finite_kernel, x, n))
+    if (partial != 0.0) return false;
   return true;
 }
 
