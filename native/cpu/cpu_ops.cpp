@@ -341,72 +341,86 @@ HeadTiles head_tiles(int64_t n, int64_t V, int64_t elems) {
   const int64_t vocab = std::min(V, std::max<int64_t>(256, elems / std::min<int64_t>(n, 4096)));
   return {std::max<int64_t>(1, std::min(n, elems / vocab)), vocab};
 }
+
+// The (n, V) logits H Wᵀ a head tile at a time, in `scratch_elems` of scratch: each tile's logits
+// (R rows from r0, Vc vocabulary entries from v0) go to scratch (R, Vc) and on_tile(r0, R, v0, Vc);
+// after the last vocabulary tile of a row tile, on_rows(r0, R).
+template <class T, class OnTile, class OnRows>
+void for_each_logit_tile(const T* H, const T* W, int64_t n, int64_t C, int64_t V, T* scratch, int64_t scratch_elems,
+                         OnTile&& on_tile, OnRows&& on_rows) {
+  const HeadTiles tile = head_tiles(n, V, scratch_elems);
+  for (int64_t r0 = 0; r0 < n; r0 += tile.rows) {
+    const int64_t R = std::min(tile.rows, n - r0);
+    for (int64_t v0 = 0; v0 < V; v0 += tile.vocab) {
+      const int64_t Vc = std::min(tile.vocab, V - v0);
+      cpu::gemm(false, true, R, Vc, C, T(1), H + r0 * C, C, W + v0 * C, C, T(0), scratch, Vc);
+      on_tile(r0, R, v0, Vc);
+    }
+    on_rows(r0, R);
+  }
+}
 }  // namespace
 
 template <class T>
 void CpuOps<T>::head_logprobs(double* logp, double* lse, const T* H, const T* W, const int32_t* targets, int64_t n,
                               int64_t C, int64_t V, T* scratch, int64_t scratch_elems) {
-  const HeadTiles tile = head_tiles(n, V, scratch_elems);
-  for (int64_t r0 = 0; r0 < n; r0 += tile.rows) {
-    const int64_t R = std::min(tile.rows, n - r0);
-    // Online log-sum-exp across vocabulary tiles: lse holds the running max m and logp the
-    // running Σ exp(x − m) until the last tile has been seen.
-    for (int64_t i = 0; i < R; ++i) lse[r0 + i] = -std::numeric_limits<double>::infinity(), logp[r0 + i] = 0;
-    for (int64_t v0 = 0; v0 < V; v0 += tile.vocab) {
-      const int64_t Vc = std::min(tile.vocab, V - v0);
-      cpu::gemm(false, true, R, Vc, C, T(1), H + r0 * C, C, W + v0 * C, C, T(0), scratch, Vc);
-      cpu_pool().parallel_for(R, 4, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          T* x = scratch + i * Vc;
-          T cm = x[0];
-          for (int64_t j = 1; j < Vc; ++j) cm = std::max(cm, x[j]);
-          double& m = lse[r0 + i];
-          double& sum = logp[r0 + i];
-          const T shift = std::max(T(m), cm);  // every max so far is a value of T
-          sum = sum * std::exp(m - Acc(shift)) + exp_shifted_sum(x, x, Vc, shift);
-          m = Acc(shift);
-        }
+  // Online log-sum-exp across vocabulary tiles: lse holds the running max m and logp the running
+  // Σ exp(x − m) until the last tile has been seen.
+  for_each_logit_tile(
+      H, W, n, C, V, scratch, scratch_elems,
+      [&](int64_t r0, int64_t R, int64_t v0, int64_t Vc) {
+        if (v0 == 0)
+          for (int64_t i = 0; i < R; ++i) lse[r0 + i] = -std::numeric_limits<double>::infinity(), logp[r0 + i] = 0;
+        cpu_pool().parallel_for(R, 4, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            T* x = scratch + i * Vc;
+            T cm = x[0];
+            for (int64_t j = 1; j < Vc; ++j) cm = std::max(cm, x[j]);
+            double& m = lse[r0 + i];
+            double& sum = logp[r0 + i];
+            const T shift = std::max(T(m), cm);  // every max so far is a value of T
+            sum = sum * std::exp(m - Acc(shift)) + exp_shifted_sum(x, x, Vc, shift);
+            m = Acc(shift);
+          }
+        });
+      },
+      [&](int64_t r0, int64_t R) {
+        cpu_pool().parallel_for(R, 64, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            // The target's logit as a float64 dot product (the tiles above have been overwritten).
+            const T* h = H + (r0 + i) * C;
+            const T* w = W + int64_t(targets[r0 + i]) * C;
+            Acc xt = 0;
+            for (int64_t k = 0; k < C; ++k) xt += Acc(h[k]) * Acc(w[k]);
+            lse[r0 + i] += std::log(logp[r0 + i]);
+            logp[r0 + i] = xt - lse[r0 + i];
+          }
+        });
       });
-    }
-    cpu_pool().parallel_for(R, 64, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        // The target's logit as a float64 dot product (the tiles above have been overwritten).
-        const T* h = H + (r0 + i) * C;
-        const T* w = W + int64_t(targets[r0 + i]) * C;
-        Acc xt = 0;
-        for (int64_t k = 0; k < C; ++k) xt += Acc(h[k]) * Acc(w[k]);
-        lse[r0 + i] += std::log(logp[r0 + i]);
-        logp[r0 + i] = xt - lse[r0 + i];
-      }
-    });
-  }
 }
 
 template <class T>
 void CpuOps<T>::head_logprobs_backward(T* dH, T* dW, const T* H, const T* W, const int32_t* targets, const double* lse,
                                        const double* coef, int64_t n, int64_t C, int64_t V, T* scratch,
                                        int64_t scratch_elems) {
-  const HeadTiles tile = head_tiles(n, V, scratch_elems);
-  for (int64_t r0 = 0; r0 < n; r0 += tile.rows) {
-    const int64_t R = std::min(tile.rows, n - r0);
-    for (int64_t v0 = 0; v0 < V; v0 += tile.vocab) {
-      const int64_t Vc = std::min(tile.vocab, V - v0);
-      // Recompute the tile's logits and turn them, in place, into dL/dlogits = coef·(onehot − p).
-      cpu::gemm(false, true, R, Vc, C, T(1), H + r0 * C, C, W + v0 * C, C, T(0), scratch, Vc);
-      cpu_pool().parallel_for(R, 4, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          T* x = scratch + i * Vc;
-          exp_shifted_sum(x, x, Vc, T(lse[r0 + i]));
-          const T k = T(-coef[r0 + i]);
-          for (int64_t j = 0; j < Vc; ++j) x[j] *= k;
-          const int64_t t = targets[r0 + i] - v0;
-          if (t >= 0 && t < Vc) x[t] += T(coef[r0 + i]);
-        }
-      });
-      cpu::gemm(false, false, R, C, Vc, T(1), scratch, Vc, W + v0 * C, C, T(v0 == 0 ? 0 : 1), dH + r0 * C, C);
-      cpu::gemm(true, false, Vc, C, R, T(1), scratch, Vc, H + r0 * C, C, T(1), dW + v0 * C, C);
-    }
-  }
+  // Each tile's logits turn, in place, into dL/dlogits = coef·(onehot − p).
+  for_each_logit_tile(
+      H, W, n, C, V, scratch, scratch_elems,
+      [&](int64_t r0, int64_t R, int64_t v0, int64_t Vc) {
+        cpu_pool().parallel_for(R, 4, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            T* x = scratch + i * Vc;
+            exp_shifted_sum(x, x, Vc, T(lse[r0 + i]));
+            const T k = T(-coef[r0 + i]);
+            for (int64_t j = 0; j < Vc; ++j) x[j] *= k;
+            const int64_t t = targets[r0 + i] - v0;
+            if (t >= 0 && t < Vc) x[t] += T(coef[r0 + i]);
+          }
+        });
+        cpu::gemm(false, false, R, C, Vc, T(1), scratch, Vc, W + v0 * C, C, T(v0 == 0 ? 0 : 1), dH + r0 * C, C);
+        cpu::gemm(true, false, Vc, C, R, T(1), scratch, Vc, H + r0 * C, C, T(1), dW + v0 * C, C);
+      },
+      [](int64_t, int64_t) {});
 }
 
 template <class T>

@@ -282,55 +282,10 @@ SPPO_AVX512 void avx512_tile(int mr, int nr, int64_t kc, const float* a, const f
   }
 }
 
-// Transposing pack: dst[k * w + r] = src[r * ld + k] for r < rows, k < kc, and zero for
-// rows <= r < w. Done as 16 x 16 register transposes, since the scalar version of this
-// (A for every non-transposed A, B for every transposed B) costs ~10% of a small-N gemm.
-SPPO_AVX512 void avx512_pack_t(const float* src, int64_t ld, int rows, int64_t kc, int w, float* dst) {
-  for (int r0 = 0; r0 < w; r0 += 16) {
-    const int cr = std::max(0, std::min(16, rows - r0));
-    const int lanes = std::min(16, w - r0);
-    const __mmask16 store_mask = static_cast<__mmask16>((1u << lanes) - 1);
-    for (int64_t k0 = 0; k0 < kc; k0 += 16) {
-      const int kn = static_cast<int>(std::min<int64_t>(16, kc - k0));
-      const __mmask16 load_mask = static_cast<__mmask16>((1u << kn) - 1);
-      __m512 r[16];
-#pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i)
-        r[i] = i < cr ? _mm512_maskz_loadu_ps(load_mask, src + (r0 + i) * ld + k0) : _mm512_setzero_ps();
-      // Stage 1+2: within each 128-bit lane j, u[4g+q] holds rows 4g..4g+3 of column 4j+q.
-      __m512 u[16];
-#pragma GCC unroll 4
-      for (int g = 0; g < 4; ++g) {
-        __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]));
-        __m512d t1 = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]));
-        __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]));
-        __m512d t3 = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]));
-        u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
-        u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
-        u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
-        u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
-      }
-      // Stage 3+4: gather lane j of the four row groups into column 4j+q.
-      __m512 col[16];
-#pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) {
-        __m512 x = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x88);
-        __m512 y = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xDD);
-        __m512 x2 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x88);
-        __m512 y2 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xDD);
-        col[q] = _mm512_shuffle_f32x4(x, x2, 0x88);
-        col[8 + q] = _mm512_shuffle_f32x4(x, x2, 0xDD);
-        col[4 + q] = _mm512_shuffle_f32x4(y, y2, 0x88);
-        col[12 + q] = _mm512_shuffle_f32x4(y, y2, 0xDD);
-      }
-      for (int kk = 0; kk < kn; ++kk) _mm512_mask_storeu_ps(dst + (k0 + kk) * w + r0, store_mask, col[kk]);
-    }
-  }
-}
-
 // 16 x 16 in-register transpose: on entry r[i] holds row i (16 values along k), on exit
-// col[kk] holds column kk (16 rows). The same shuffle network as avx512_pack_t.
+// col[kk] holds column kk (16 rows).
 SPPO_AVX512 inline void avx512_transpose16(const __m512 (&r)[16], __m512 (&col)[16]) {
+  // Stage 1+2: within each 128-bit lane j, u[4g+q] holds rows 4g..4g+3 of column 4j+q.
   __m512 u[16];
 #pragma GCC unroll 4
   for (int g = 0; g < 4; ++g) {
@@ -343,6 +298,7 @@ SPPO_AVX512 inline void avx512_transpose16(const __m512 (&r)[16], __m512 (&col)[
     u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
     u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
   }
+  // Stage 3+4: gather lane j of the four row groups into column 4j+q.
 #pragma GCC unroll 4
   for (int q = 0; q < 4; ++q) {
     __m512 x = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x88);
@@ -353,6 +309,27 @@ SPPO_AVX512 inline void avx512_transpose16(const __m512 (&r)[16], __m512 (&col)[
     col[8 + q] = _mm512_shuffle_f32x4(x, x2, 0xDD);
     col[4 + q] = _mm512_shuffle_f32x4(y, y2, 0x88);
     col[12 + q] = _mm512_shuffle_f32x4(y, y2, 0xDD);
+  }
+}
+
+// Transposing pack: dst[k * w + r] = src[r * ld + k] for r < rows, k < kc, and zero for
+// rows <= r < w. Done as 16 x 16 register transposes, since the scalar version of this
+// (A for every non-transposed A, B for every transposed B) costs ~10% of a small-N gemm.
+SPPO_AVX512 void avx512_pack_t(const float* src, int64_t ld, int rows, int64_t kc, int w, float* dst) {
+  for (int r0 = 0; r0 < w; r0 += 16) {
+    const int cr = std::max(0, std::min(16, rows - r0));
+    const int lanes = std::min(16, w - r0);
+    const __mmask16 store_mask = static_cast<__mmask16>((1u << lanes) - 1);
+    for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+      const int kn = static_cast<int>(std::min<int64_t>(16, kc - k0));
+      const __mmask16 load_mask = static_cast<__mmask16>((1u << kn) - 1);
+      __m512 r[16], col[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < cr ? _mm512_maskz_loadu_ps(load_mask, src + (r0 + i) * ld + k0) : _mm512_setzero_ps();
+      avx512_transpose16(r, col);
+      for (int kk = 0; kk < kn; ++kk) _mm512_mask_storeu_ps(dst + (k0 + kk) * w + r0, store_mask, col[kk]);
+    }
   }
 }
 

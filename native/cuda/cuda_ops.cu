@@ -878,13 +878,36 @@ void column_sums(float* out, Term term, bool vec, int64_t N, int64_t C, ReduceSt
   SPPO_CUDA_LAUNCHED(column_finish_kernel);
 }
 
+// The row-in-registers RMSNorm kernels' vectors per thread (kVec, as std::integral_constant) for
+// a row of `vecs` 8-column vectors: with_warp_vecs for a warp team (vecs <= 256: 1, 2, 4 or 8),
+// with_block_vecs for a block team (vecs <= kMaxRowVecs: 2 or 4).
+template <class F>
+void with_warp_vecs(int64_t vecs, F&& f) {
+  using std::integral_constant;
+  if (vecs <= 32)
+    f(integral_constant<int, 1>());
+  else if (vecs <= 64)
+    f(integral_constant<int, 2>());
+  else if (vecs <= 128)
+    f(integral_constant<int, 4>());
+  else
+    f(integral_constant<int, 8>());
+}
+template <class F>
+void with_block_vecs(int64_t vecs, F&& f) {
+  if (vecs <= 2 * kThreads)
+    f(std::integral_constant<int, 2>());
+  else
+    f(std::integral_constant<int, 4>());
+}
+
 // rmsnorm_backward with dw fused (C % 8 == 0, C <= 2048, aligned rows): four warps a block up to
 // C = 1024, two up to 2048 (32 KB of shared accumulators either way), 8 rows a warp; then the
 // fixed-order finish of the column partials.
 void rmsnorm_backward_fused(bf* dx, float* dw, const bf* dout, const bf* x, const bf* w, const float* rstd, int64_t N,
                             int64_t C, ReduceState& r, cudaStream_t stream, int device) {
-  const auto run = [&](auto vec, auto row_warps) {
-    constexpr int kVec = decltype(vec)::value, kRowWarps = decltype(row_warps)::value;
+  with_warp_vecs(C / 8, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value, kRowWarps = kVec == 8 ? 2 : 4;
     const int64_t rows_per_group = 8 * kRowWarps, groups = (N + rows_per_group - 1) / rows_per_group;
     double* partials = partials_for(r, size_t(groups * C), stream, device);
     rmsnorm_backward_fused_kernel<kVec, kRowWarps>
@@ -892,17 +915,7 @@ void rmsnorm_backward_fused(bf* dx, float* dw, const bf* dout, const bf* x, cons
     SPPO_CUDA_LAUNCHED(rmsnorm_backward_fused_kernel);
     column_finish_kernel<<<unsigned((C + 31) / 32), kThreads, 0, stream>>>(dw, partials, groups, C);
     SPPO_CUDA_LAUNCHED(column_finish_kernel);
-  };
-  using std::integral_constant;
-  const int64_t vecs = C / 8;
-  if (vecs <= 32)
-    run(integral_constant<int, 1>{}, integral_constant<int, 4>{});
-  else if (vecs <= 64)
-    run(integral_constant<int, 2>{}, integral_constant<int, 4>{});
-  else if (vecs <= 128)
-    run(integral_constant<int, 4>{}, integral_constant<int, 4>{});
-  else
-    run(integral_constant<int, 8>{}, integral_constant<int, 2>{});
+  });
 }
 
 // rmsnorm_forward in the row-in-registers kernels (C % 8 == 0, C / 8 <= kMaxRowVecs, aligned
@@ -917,20 +930,11 @@ void rmsnorm_forward_rows(bf* out, float* rstd, const bf* x, const bf* w, int64_
         <<<unsigned((N + rows_per_block - 1) / rows_per_block), kThreads, 0, stream>>>(out, rstd, x, w, N, C, eps);
     SPPO_CUDA_LAUNCHED(rmsnorm_forward_rows_kernel);
   };
-  using std::integral_constant;
   const int64_t vecs = C / 8;
-  if (vecs <= 32)
-    run(integral_constant<int, 32>{}, integral_constant<int, 1>{});
-  else if (vecs <= 64)
-    run(integral_constant<int, 32>{}, integral_constant<int, 2>{});
-  else if (vecs <= 128)
-    run(integral_constant<int, 32>{}, integral_constant<int, 4>{});
-  else if (vecs <= 256)
-    run(integral_constant<int, 32>{}, integral_constant<int, 8>{});
-  else if (vecs <= 2 * kThreads)
-    run(integral_constant<int, kThreads>{}, integral_constant<int, 2>{});
+  if (vecs <= 256)
+    with_warp_vecs(vecs, [&](auto vec) { run(std::integral_constant<int, 32>(), vec); });
   else
-    run(integral_constant<int, kThreads>{}, integral_constant<int, 4>{});
+    with_block_vecs(vecs, [&](auto vec) { run(std::integral_constant<int, kThreads>(), vec); });
 }
 
 DeviceInfo probe_once() {
@@ -1188,29 +1192,28 @@ void CudaOps::copy(bf16* dst, const bf16* src, int64_t n) {
 // host in block order.
 // ---------------------------------------------------------------------------------------------
 
-double CudaOps::sum_squares(const float* x, int64_t n) {
-  if (n <= 0) return 0.0;
+const std::vector<double>& CudaOps::reduce_blocks(void (*kernel)(double*, const float*, int64_t), const float* x,
+                                                  int64_t n) {
   ReduceState& r = reduce_state();
   double* partials = partials_for(r, kReduceBlocks, stream_, device_);
-  sum_squares_kernel<<<kReduceBlocks, kThreads, 0, stream_>>>(partials, x, n);
-  SPPO_CUDA_LAUNCHED(sum_squares_kernel);
+  kernel<<<kReduceBlocks, kThreads, 0, stream_>>>(partials, x, n);
+  SPPO_CUDA_LAUNCHED(kernel);
   r.host.resize(kReduceBlocks);
   download_bytes(r.host.data(), partials, kReduceBlocks * sizeof(double));
+  return r.host;
+}
+
+double CudaOps::sum_squares(const float* x, int64_t n) {
+  if (n <= 0) return 0.0;
   double total = 0;
-  for (int b = 0; b < kReduceBlocks; ++b) total += r.host[b];
+  for (double partial : reduce_blocks(sum_squares_kernel, x, n)) total += partial;
   return total;
 }
 
 bool CudaOps::all_finite(const float* x, int64_t n) {
   if (n <= 0) return true;
-  ReduceState& r = reduce_state();
-  double* partials = partials_for(r, kReduceBlocks, stream_, device_);
-  non_finite_kernel<<<kReduceBlocks, kThreads, 0, stream_>>>(partials, x, n);
-  SPPO_CUDA_LAUNCHED(non_finite_kernel);
-  r.host.resize(kReduceBlocks);
-  download_bytes(r.host.data(), partials, kReduceBlocks * sizeof(double));
-  for (int b = 0; b < kReduceBlocks; ++b)
-    if (r.host[b] != 0.0) return false;
+  for (double partial : reduce_blocks(non_finite_kernel, x, n))
+    if (partial != 0.0) return false;
   return true;
 }
 
@@ -1277,12 +1280,10 @@ void CudaOps::rmsnorm_backward(bf16* dx, float* dw, const bf16* dout, const bf16
     return;
   }
   if (vec && vec8(dx, C) && aligned16(w) && C / 8 <= kMaxRowVecs) {  // a block per row: C > 2048
-    if (C / 8 <= 2 * kThreads)
-      rmsnorm_backward_dx_rows_kernel<2>
+    with_block_vecs(C / 8, [&](auto vec) {
+      rmsnorm_backward_dx_rows_kernel<decltype(vec)::value>
           <<<unsigned(N), kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w), rstd, N, C);
-    else
-      rmsnorm_backward_dx_rows_kernel<4>
-          <<<unsigned(N), kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w), rstd, N, C);
+    });
     SPPO_CUDA_LAUNCHED(rmsnorm_backward_dx_rows_kernel);
   } else {
     const unsigned blocks = unsigned(std::min<int64_t>(N, kMaxBlocks));

@@ -10,6 +10,7 @@
 #include <memory>
 #include <unordered_map>
 #include <unordered_set>
+#include <vector>
 
 #include "cuda/cuda_backend.h"
 #include "ops/ops.h"
@@ -116,6 +117,9 @@ class CudaOps final : public Ops<bf16> {
   StatePtr<ReduceState> reduce_;
   StatePtr<AttnState> attn_;
   StatePtr<HeadState> head_;
+  // A whole-array reduction (cuda_ops.cu): `kernel` writes one partial per block of its fixed
+  // grid; returns them, read back in block order.
+  const std::vector<double>& reduce_blocks(void (*kernel)(double*, const float*, int64_t), const float* x, int64_t n);
   // Family states, created on first use (each .cu file defines its own accessor).
   GemmState& gemm_state();
   ReduceState& reduce_state();

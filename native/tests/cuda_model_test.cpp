@@ -62,6 +62,18 @@ Twins make_twins(const ModelConfig& c, MemoryPlan plan) {
   }
   return t;
 }
+// The twins with `oc` set on both.
+Twins make_twins(const ModelConfig& c, MemoryPlan plan, const OptimizerConfig& oc) {
+  Twins t = make_twins(c, plan);
+  t.set_optimizer(oc);
+  return t;
+}
+// `kind` at learning rate `lr`, every other setting its default.
+OptimizerConfig optimizer_config(OptimizerConfig::Kind kind, double lr) {
+  OptimizerConfig oc;
+  oc.kind = kind, oc.lr = lr;
+  return oc;
+}
 
 std::vector<float> grads_of(Model<float>& m) {
   return std::vector<float>(m.grad_data(), m.grad_data() + m.num_params());
@@ -157,10 +169,9 @@ SPPO_TEST(cuda_training_step_matches_cpu_loss_gradients_and_updates) {
   require_cuda();
   const ModelConfig c = test_config();
   for (const auto kind : {OptimizerConfig::Kind::AdamW, OptimizerConfig::Kind::RMSprop}) {
-    Twins t = make_twins(c, {4, 65});
-    OptimizerConfig oc;
-    oc.kind = kind, oc.lr = 1e-3, oc.weight_decay = 0.01, oc.grad_accum_steps = 2;
-    t.set_optimizer(oc);
+    OptimizerConfig oc = optimizer_config(kind, 1e-3);
+    oc.weight_decay = 0.01, oc.grad_accum_steps = 2;
+    Twins t = make_twins(c, {4, 65}, oc);
     const std::vector<int32_t> tok = random_ids(4 * 65, c.vocab_size, 2);
     std::vector<uint8_t> mask(tok.size(), 1);
     for (size_t i = 0; i < mask.size(); i += 3) mask[i] = 0;
@@ -213,10 +224,9 @@ SPPO_TEST(cuda_training_step_matches_cpu_loss_gradients_and_updates) {
 SPPO_TEST(cuda_embedding_rows_of_absent_tokens_get_zero_gradient_and_decay_only) {
   require_cuda();
   const ModelConfig c = test_config();
-  Twins t = make_twins(c, {4, 65});
-  OptimizerConfig oc;
-  oc.kind = OptimizerConfig::Kind::AdamW, oc.lr = 1e-3, oc.weight_decay = 0.1;
-  t.set_optimizer(oc);
+  OptimizerConfig oc = optimizer_config(OptimizerConfig::Kind::AdamW, 1e-3);
+  oc.weight_decay = 0.1;
+  Twins t = make_twins(c, {4, 65}, oc);
   // Only ids below 150 occur: rows 150..300 are absent (and ids 0..149 mostly present).
   const std::vector<int32_t> tok = random_ids(4 * 65, 150, 4);
   std::vector<bool> present(size_t(c.vocab_size), false);
@@ -270,11 +280,10 @@ SPPO_TEST(cuda_optimizer_matches_cpu_on_identical_gradients) {
   require_cuda();
   const ModelConfig c = test_config();
   for (const auto kind : {OptimizerConfig::Kind::AdamW, OptimizerConfig::Kind::RMSprop}) {
-    Twins t = make_twins(c, {4, 40});
-    OptimizerConfig oc;
-    oc.kind = kind, oc.lr = 1e-3, oc.weight_decay = 0.05, oc.max_grad_norm = 0.05;
+    OptimizerConfig oc = optimizer_config(kind, 1e-3);
+    oc.weight_decay = 0.05, oc.max_grad_norm = 0.05;
     oc.schedule.kind = ScheduleConfig::Kind::Linear, oc.schedule.warmup_steps = 2, oc.schedule.total_steps = 10;
-    t.set_optimizer(oc);
+    Twins t = make_twins(c, {4, 40}, oc);
     const std::vector<std::vector<float>> start = params_of(*t.cpu);
     for (int step = 0; step < 4; ++step) {
       const std::vector<int32_t> tok = random_ids(4 * 40, c.vocab_size, 20 + step);
@@ -309,10 +318,9 @@ SPPO_TEST(cuda_linear_updates_match_cpu_over_several_steps) {
   require_cuda();
   const ModelConfig c = test_config();
   for (const auto kind : {OptimizerConfig::Kind::AdamW, OptimizerConfig::Kind::RMSprop}) {
-    Twins t = make_twins(c, {4, 40});
-    OptimizerConfig oc;
-    oc.kind = kind, oc.eps = 1e3, oc.lr = 10, oc.weight_decay = 0;
-    t.set_optimizer(oc);
+    OptimizerConfig oc = optimizer_config(kind, 10);
+    oc.eps = 1e3, oc.weight_decay = 0;
+    Twins t = make_twins(c, {4, 40}, oc);
     const std::vector<std::vector<float>> start = params_of(*t.cpu);
     double largest_g = 0;
     for (int step = 0; step < 3; ++step) {
@@ -344,10 +352,7 @@ SPPO_TEST(cuda_linear_updates_match_cpu_over_several_steps) {
 SPPO_TEST(cuda_rmsprop_training_tracks_cpu_over_several_steps) {
   require_cuda();
   const ModelConfig c = test_config();
-  Twins t = make_twins(c, {4, 40});
-  OptimizerConfig oc;
-  oc.kind = OptimizerConfig::Kind::RMSprop, oc.lr = 1e-4;
-  t.set_optimizer(oc);
+  Twins t = make_twins(c, {4, 40}, optimizer_config(OptimizerConfig::Kind::RMSprop, 1e-4));
   const std::vector<int32_t> tok = random_ids(4 * 40, c.vocab_size, 40);
   const Batch b{tok.data(), nullptr, 4, 40};
   double first = 0;
@@ -367,10 +372,7 @@ SPPO_TEST(cuda_rmsprop_training_tracks_cpu_over_several_steps) {
 SPPO_TEST(cuda_preference_step_matches_cpu) {
   require_cuda();
   const ModelConfig c = test_config();
-  Twins t = make_twins(c, {4, 40});
-  OptimizerConfig oc;
-  oc.kind = OptimizerConfig::Kind::RMSprop, oc.lr = 1e-4;
-  t.set_optimizer(oc);
+  Twins t = make_twins(c, {4, 40}, optimizer_config(OptimizerConfig::Kind::RMSprop, 1e-4));
   const std::vector<int32_t> tok = random_ids(4 * 40, c.vocab_size, 3);
   std::vector<uint8_t> mask(tok.size(), 0);
   for (int r = 0; r < 4; ++r)

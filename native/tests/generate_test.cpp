@@ -15,6 +15,7 @@
 #include "sppo/generate.h"
 #include "sppo/model.h"
 #include "tests/harness.h"
+#include "tests/model_configs.h"
 #include "tests/sampling_reference.h"
 
 namespace sppo::cpu {
@@ -27,18 +28,7 @@ using namespace sppo::testutil;
 namespace {
 
 // GQA (4 heads on 2 kv heads), head_dim 6, q/k/v bias, untied head, llama3 rope scaling.
-ModelConfig gqa_bias_config() {
-  ModelConfig c;
-  c.vocab_size = 37, c.hidden_size = 16, c.num_hidden_layers = 2, c.num_attention_heads = 4;
-  c.num_key_value_heads = 2, c.head_dim = 6, c.intermediate_size = 20, c.max_position_embeddings = 96;
-  c.attention_bias = true;
-  c.rope_theta = 500.0;
-  c.rope_scaling.kind = RopeScaling::Kind::Llama3;
-  c.rope_scaling.factor = 8, c.rope_scaling.low_freq_factor = 1, c.rope_scaling.high_freq_factor = 4;
-  c.rope_scaling.original_max_position_embeddings = 16;
-  c.initializer_range = 0.3, c.seed = 21;
-  return c;
-}
+ModelConfig gqa_bias_config() { return gqa_llama3_config(37, 21); }
 
 template <class T>
 std::unique_ptr<Model<T>> make_model(const ModelConfig& c, int max_seq) {

@@ -10,6 +10,7 @@
 #include "cpu/cpu_ops.h"
 #include "sppo/model.h"
 #include "tests/harness.h"
+#include "tests/model_configs.h"
 
 using namespace sppo;
 
@@ -23,15 +24,8 @@ std::unique_ptr<Model<T>> make_model(ModelConfig c, int max_batch, int max_seq) 
 // A model whose every feature differs from the plain case: GQA (4 heads on 2 kv heads),
 // head_dim (6) not hidden/heads, q/k/v bias, tied embeddings, llama3 rope scaling.
 ModelConfig featureful_config() {
-  ModelConfig c;
-  c.vocab_size = 23, c.hidden_size = 16, c.num_hidden_layers = 2, c.num_attention_heads = 4;
-  c.num_key_value_heads = 2, c.head_dim = 6, c.intermediate_size = 20, c.max_position_embeddings = 96;
-  c.attention_bias = true, c.tie_word_embeddings = true;
-  c.rope_theta = 500.0;
-  c.rope_scaling.kind = RopeScaling::Kind::Llama3;
-  c.rope_scaling.factor = 8, c.rope_scaling.low_freq_factor = 1, c.rope_scaling.high_freq_factor = 4;
-  c.rope_scaling.original_max_position_embeddings = 16;
-  c.initializer_range = 0.3, c.seed = 11;
+  ModelConfig c = testutil::gqa_llama3_config(23, 11);
+  c.tie_word_embeddings = true;
   return c;
 }
 

@@ -14,7 +14,7 @@
 // dispatch.cu picks the implementation and holds the op entry points; decode.cu the KV cache.
 //
 // Two sections: the tiling and device helpers the kernels share, then the host side: the
-// family's state, the launch helpers and each implementation's launchers.
+// family's state, the launch helpers and each implementation's kernel table (AttnKernels).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -46,17 +46,59 @@ struct AttnParams {
   bool vec;          // tensor-core staging: every tile row starts 16-byte aligned (16-byte copies)
 };
 
-// Sum / max over a warp (the delta and decode kernels). The butterfly leaves every lane with the
-// same bits, and the order is fixed, so the result is deterministic.
-__device__ __forceinline__ float sum32(float x) {
+// Sum / max over each group of `Lanes` consecutive lanes: 32, the warp (the delta and decode
+// kernels), or 16, a half-warp (the FMA kernels' threads sharing a row). The butterfly leaves every
+// lane of a group with the same bits, and the order is fixed, so the result is deterministic.
+template <int Lanes>
+__device__ __forceinline__ float lanes_sum(float x) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  for (int o = Lanes / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
-__device__ __forceinline__ float max32(float x) {
+template <int Lanes>
+__device__ __forceinline__ float lanes_max(float x) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  for (int o = Lanes / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
+}
+
+// The tensor-core kernels' fallback staging (a tile row not 16-byte aligned): rows [0, valid) of
+// a (ROWS, D) bf16 block at src (row stride ld) into dst (row stride LDS) one element at a time,
+// by the THREADS threads of the block; rows past `valid` become zeros.
+template <int D, int ROWS, int LDS, int THREADS>
+__device__ __forceinline__ void copy_tile_elements(__nv_bfloat16* __restrict__ dst,
+                                                   const __nv_bfloat16* __restrict__ src, int64_t ld, int valid) {
+  const __nv_bfloat16 zero = to_bf(0.f);
+#pragma unroll 4
+  for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
+    const int r = e / D, c = e % D;
+    dst[r * LDS + c] = r < valid ? src[int64_t(r) * ld + c] : zero;
+  }
+}
+
+// Where a block of a query-side kernel (forward, dQ) works: query block qb (of n_blocks per
+// head, the heaviest, last ones first) of batch b and head h, whose kv head is kvh.
+struct QueryBlock {
+  int qb, b, h, kvh;
+};
+__device__ __forceinline__ QueryBlock query_block(const AttnParams& p, int n_blocks) {
+  const int BH = p.B * p.H;
+  const int bh = int(blockIdx.x % unsigned(BH));
+  const int qb = n_blocks - 1 - int(blockIdx.x / unsigned(BH));
+  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  return {qb, b, h, kvh};
+}
+// Where a block of a key-side kernel (dK/dV) works: key block kb (in key order, so the heaviest
+// first) of batch b and kv head kvh.
+struct KeyBlock {
+  int kb, b, kvh;
+};
+__device__ __forceinline__ KeyBlock key_block(const AttnParams& p) {
+  const int BKV = p.B * p.KV;
+  const int bkv = int(blockIdx.x % unsigned(BKV));
+  const int kb = int(blockIdx.x / unsigned(BKV));
+  const int b = bkv / p.KV, kvh = bkv % p.KV;
+  return {kb, b, kvh};
 }
 
 // Loads a tile's log-sum-exps (as base 2) and deltas; rows past T get zeros.
@@ -147,10 +189,10 @@ struct AttnState {
 
 namespace sppo::cuda::attn {
 
-// Calls f(std::integral_constant<int, N>()) with N = d for d = 32 or 64, else 128: the launchers'
-// bridge from a run-time head dim to their kernels' template argument.
+// Calls f(std::integral_constant<int, N>()) with N = d for d = 32 or 64, else 128, and returns
+// what it returns: the bridge from a run-time head dim to the kernels' template argument.
 template <class F>
-void with_head_dim(int d, F&& f) {
+decltype(auto) with_head_dim(int d, F&& f) {
   switch (d) {
     case 32:
       return f(std::integral_constant<int, 32>());
@@ -161,22 +203,31 @@ void with_head_dim(int d, F&& f) {
   }
 }
 
-// Each implementation's launchers: the forward writes out and lse, the backward dqkv from the
-// row deltas of dispatch.cu. fma.cu: head_dim padded to dmax (dmax_for: 32, 64 or 128).
-void fma_forward(AttnState& st, int device, cudaStream_t stream, int dmax, __nv_bfloat16* out, float* lse,
-                 const __nv_bfloat16* qkv, const AttentionShape& s);
-void fma_backward(AttnState& st, int device, cudaStream_t stream, int dmax, __nv_bfloat16* dqkv,
-                  const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
-                  const AttentionShape& s);
-// wmma.cu and mma.cu: head_dim D exactly 32, 64 or 128.
-void wmma_forward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* out, float* lse,
-                  const __nv_bfloat16* qkv, const AttentionShape& s);
-void wmma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* dqkv,
-                   const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
-                   const AttentionShape& s);
-void mma_forward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* out, float* lse,
-                 const __nv_bfloat16* qkv, const AttentionShape& s);
-void mma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,
-                  const __nv_bfloat16* qkv, const float* lse, const float* delta, const AttentionShape& s);
+// Each implementation's kernels for one head dim, and how they launch (dispatch.cu launches
+// them): the forward writes out and lse, the backward's dQ and dK/dV kernels dqkv from the row
+// deltas. Each kernel runs `threads` threads a block with `smem` bytes of dynamic shared memory.
+// A block of the forward and dQ kernels owns `rows` queries, one of the dK/dV kernel `rows` keys
+// (a 1-D grid, tile_grid). `vec_rows`: the kernels copy 16 bytes at a time where every tile row
+// is 16-byte aligned (AttnParams::vec, rows_aligned16).
+using ForwardKernel = void (*)(__nv_bfloat16*, float*, const __nv_bfloat16*, AttnParams);
+using BackwardKernel = void (*)(__nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, const float*, const float*,
+                                AttnParams, float);
+template <class Kernel>
+struct KernelLaunch {
+  Kernel kernel;
+  size_t smem;
+  int threads;
+};
+struct AttnKernels {
+  KernelLaunch<ForwardKernel> forward;
+  KernelLaunch<BackwardKernel> dq, dkdv;
+  int rows;
+  bool vec_rows;
+};
+// fma.cu: head_dim padded to dmax (dmax_for: 32, 64 or 128). wmma.cu and mma.cu: head_dim D
+// exactly 32, 64 or 128.
+AttnKernels fma_kernels(int dmax);
+AttnKernels wmma_kernels(int head_dim);
+AttnKernels mma_kernels(int head_dim);
 
 }  // namespace sppo::cuda::attn

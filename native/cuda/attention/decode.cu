@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
         const int d = lane + 32 * u;
         if (d < D) acc = fmaf(qs[g * D + d], kr[u], acc);
       }
-      acc = sum32(acc);
+      acc = lanes_sum<32>(acc);
       if (lane == 0) ps[g * kDecodeChunk + t] = acc;
     }
   }
@@ -97,14 +97,14 @@ __global__ void __launch_bounds__(kDecodeThreads)
     float* srow = ps + g * kDecodeChunk;
     float mx = -INFINITY;
     for (int t = lane; t < cnt; t += 32) mx = fmaxf(mx, srow[t]);
-    mx = max32(mx);
+    mx = lanes_max<32>(mx);
     float sum = 0.f;
     for (int t = lane; t < cnt; t += 32) {
       const float e = exp2f(srow[t] - mx);
       srow[t] = e;
       sum += e;
     }
-    sum = sum32(sum);
+    sum = lanes_sum<32>(sum);
     if (lane == 0) {
       const int64_t at = ((r * p.H + int64_t(kvh) * G + g) * p.n_chunks + chunk) * 2;
       part_ml[at] = mx;

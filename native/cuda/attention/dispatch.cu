@@ -1,6 +1,6 @@
 // The attention ops' entry points (attention.cuh): the launch helpers, the family's state, the
-// choice of implementation per call, and the backward's row deltas, which every implementation's
-// backward reads.
+// choice of implementation per call and the launch of its kernels, and the backward's row deltas,
+// which every implementation's backward reads.
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -72,16 +72,49 @@ __global__ void attention_delta_kernel(float* __restrict__ delta, const __nv_bfl
   const int64_t at = row * out_stride + int64_t(h) * D;
   float acc = 0.f;
   for (int d = lane; d < D; d += 32) acc = fmaf(to_f(dout[at + d]), to_f(out[at + d]), acc);
-  acc = sum32(acc);
+  acc = lanes_sum<32>(acc);
   if (lane == 0) {
     const int64_t b = row / T, t = row % T;
     delta[(b * H + h) * T + t] = acc;
   }
 }
 
-// The tensor-core head dim for this call, or 0 for the FMA kernels.
-int tc_head_dim(const AttnState& st, int64_t D) {
-  return st.path != AttnPath::fma && (D == 32 || D == 64 || D == 128) ? int(D) : 0;
+// The kernels this call takes: the tensor-core implementation chosen (st.path) for head dims
+// 32, 64 and 128, else the FMA kernels (head_dim padded to dmax).
+AttnKernels kernels_for(const AttnState& st, int64_t D, int dmax) {
+  if (st.path != AttnPath::fma && (D == 32 || D == 64 || D == 128))
+    return st.path == AttnPath::mma ? mma_kernels(int(D)) : wmma_kernels(int(D));
+  return fma_kernels(dmax);
+}
+
+// Blocks of k.rows rows: the forward and dQ over the query rows of every (batch, head), dK/dV
+// over the key rows of every (batch, kv head).
+int64_t row_blocks(const AttnKernels& k, const AttentionShape& s) { return (s.seq + k.rows - 1) / k.rows; }
+
+void launch_forward(AttnState& st, int device, cudaStream_t stream, const AttnKernels& k, __nv_bfloat16* out,
+                    float* lse, const __nv_bfloat16* qkv, const AttentionShape& s) {
+  AttnParams p = attn_params(s);
+  if (k.vec_rows) p.vec = rows_aligned16({qkv}, {s.qkv_stride, s.q_off, s.k_off, s.v_off});
+  st.allow_smem(reinterpret_cast<const void*>(k.forward.kernel), k.forward.smem, device, "attention_forward");
+  k.forward.kernel<<<tile_grid(row_blocks(k, s), s.heads, s.batch, "attention_forward"), k.forward.threads,
+                     k.forward.smem, stream>>>(out, lse, qkv, p);
+  SPPO_CUDA_LAUNCHED(attention_forward);
+}
+
+void launch_backward(AttnState& st, int device, cudaStream_t stream, const AttnKernels& k, __nv_bfloat16* dqkv,
+                     const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
+                     const AttentionShape& s) {
+  AttnParams p = attn_params(s);
+  if (k.vec_rows) p.vec = rows_aligned16({qkv, dout}, {s.qkv_stride, s.q_off, s.k_off, s.v_off, s.out_stride});
+  const float scale = float(s.scale);
+  st.allow_smem(reinterpret_cast<const void*>(k.dq.kernel), k.dq.smem, device, "attention_backward");
+  st.allow_smem(reinterpret_cast<const void*>(k.dkdv.kernel), k.dkdv.smem, device, "attention_backward");
+  k.dq.kernel<<<tile_grid(row_blocks(k, s), s.heads, s.batch, "attention_backward"), k.dq.threads, k.dq.smem, stream>>>(
+      dqkv, dout, qkv, lse, delta, p, scale);
+  SPPO_CUDA_LAUNCHED(attention_backward_dq);
+  k.dkdv.kernel<<<tile_grid(row_blocks(k, s), s.kv_heads, s.batch, "attention_backward"), k.dkdv.threads, k.dkdv.smem,
+                  stream>>>(dqkv, dout, qkv, lse, delta, p, scale);
+  SPPO_CUDA_LAUNCHED(attention_backward_dkdv);
 }
 
 }  // namespace
@@ -104,10 +137,7 @@ void CudaOps::attention_forward(bf16* out, float* lse, const bf16* qkv, const At
   const int dmax = dmax_for(s.head_dim, "attention_forward");
   AttnState& st = attn_state();  // even for an empty call: the first call fixes the kernel choice
   if (s.batch == 0 || s.seq == 0) return;
-  if (const int D = tc_head_dim(st, s.head_dim))
-    return st.path == AttnPath::mma ? mma_forward(st, device_, stream_, D, dev(out), lse, dev(qkv), s)
-                                    : wmma_forward(st, device_, stream_, D, dev(out), lse, dev(qkv), s);
-  fma_forward(st, device_, stream_, dmax, dev(out), lse, dev(qkv), s);
+  launch_forward(st, device_, stream_, kernels_for(st, s.head_dim, dmax), dev(out), lse, dev(qkv), s);
 }
 
 void CudaOps::attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
@@ -124,11 +154,8 @@ void CudaOps::attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, 
   attention_delta_kernel<<<unsigned(blocks), kDeltaThreads, 0, stream_>>>(
       delta, dev(dout), dev(out), int(s.batch), int(s.seq), int(s.heads), int(s.head_dim), s.out_stride);
   SPPO_CUDA_LAUNCHED(attention_delta_kernel);
-  if (const int D = tc_head_dim(st, s.head_dim))
-    return st.path == AttnPath::mma
-               ? mma_backward(st, device_, stream_, D, dev(dqkv), dev(dout), dev(qkv), lse, delta, s)
-               : wmma_backward(st, device_, stream_, D, dev(dqkv), dev(dout), dev(qkv), lse, delta, s);
-  fma_backward(st, device_, stream_, dmax, dev(dqkv), dev(dout), dev(qkv), lse, delta, s);
+  launch_backward(st, device_, stream_, kernels_for(st, s.head_dim, dmax), dev(dqkv), dev(dout), dev(qkv), lse, delta,
+                  s);
 }
 
 }  // namespace sppo::cuda

@@ -1,5 +1,6 @@
 // The fp32 FMA attention kernels (attention.cuh): tiles staged as fp32 in shared memory, every
-// head_dim (padded to 32, 64 or 128), the tensor cores' reference. Kernels, then launchers.
+// head_dim (padded to 32, 64 or 128), the tensor cores' reference. Kernels, then their table
+// (AttnKernels).
 #include "cuda/attention/attention.cuh"
 
 namespace sppo::cuda::attn {
@@ -44,19 +45,6 @@ __device__ __forceinline__ void stage_tile(float* __restrict__ dst, const __nv_b
       dst[(e / DMAX) * LD + e % DMAX] = v[u];
     }
   }
-}
-
-// Sum / max over the 16 lanes of a half-warp (the 16 threads sharing ty). The butterfly leaves
-// every lane with the same bits, and the order is fixed, so the result is deterministic.
-__device__ __forceinline__ float sum16(float x) {
-#pragma unroll
-  for (int o = 8; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-__device__ __forceinline__ float max16(float x) {
-#pragma unroll
-  for (int o = 8; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
 }
 
 template <int DMAX>
@@ -147,10 +135,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* Vs = Ks + kTile * LD;  // (kTile, LD)
   float* Ps = Vs + kTile * LD;  // (kTile, kPStride)
 
-  const int BH = p.B * p.H;
-  const int bh = int(blockIdx.x % unsigned(BH));
-  const int qt = p.n_tiles - 1 - int(blockIdx.x / unsigned(BH));
-  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  const auto [qt, b, h, kvh] = query_block(p, p.n_tiles);
   const int q0 = qt * kTile;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
@@ -206,7 +191,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         s[i][j] = (diagonal && k > q) ? -INFINITY : s[i][j] * p.scale_log2;
         mt = fmaxf(mt, s[i][j]);
       }
-      const float m_new = fmaxf(m[i], max16(mt));
+      const float m_new = fmaxf(m[i], lanes_max<16>(mt));
       const float alpha = exp2f(m[i] - m_new);  // 0 on the first tile (m = -inf, m_new finite)
       m[i] = m_new;
       float rs = 0.f;
@@ -229,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < kRowsPerThread; ++i) {
     const int q = q0 + ty * kRowsPerThread + i;
-    const float total = sum16(l[i]);  // every lane takes part in the shuffle, valid row or not
+    const float total = lanes_sum<16>(l[i]);  // every lane takes part in the shuffle, valid row or not
     if (q >= p.T) continue;
     const float inv = 1.f / total;
     __nv_bfloat16* orow = out + (int64_t(b) * p.T + q) * p.out_stride + int64_t(h) * p.D;
@@ -261,10 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* lse2_s = dSs + kTile * kPStride;
   float* delta_s = lse2_s + kTile;
 
-  const int BH = p.B * p.H;
-  const int bh = int(blockIdx.x % unsigned(BH));
-  const int qt = p.n_tiles - 1 - int(blockIdx.x / unsigned(BH));
-  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  const auto [qt, b, h, kvh] = query_block(p, p.n_tiles);
   const int q0 = qt * kTile, q_valid = min(kTile, p.T - q0);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
@@ -338,10 +320,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* lse2_s = dSt + kTile * kPStride;
   float* delta_s = lse2_s + kTile;
 
-  const int BKV = p.B * p.KV;
-  const int bkv = int(blockIdx.x % unsigned(BKV));
-  const int kt = int(blockIdx.x / unsigned(BKV));
-  const int b = bkv / p.KV, kvh = bkv % p.KV;
+  const auto [kt, b, kvh] = key_block(p);
   const int k0 = kt * kTile, k_valid = min(kTile, p.T - k0);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const __nv_bfloat16* base = qkv + int64_t(b) * p.T * p.qkv_stride;
@@ -403,49 +382,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <int DMAX>
-void launch_forward(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* out, float* lse,
-                    const __nv_bfloat16* qkv, const AttentionShape& s) {
-  const AttnParams p = attn_params(s);
-  const size_t smem = forward_smem<DMAX>();
-  st.allow_smem(reinterpret_cast<const void*>(&attention_forward_kernel<DMAX>), smem, device, "attention_forward");
-  attention_forward_kernel<DMAX>
-      <<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_forward"), kThreads, smem, stream>>>(out, lse, qkv, p);
-  SPPO_CUDA_LAUNCHED(attention_forward_kernel);
-}
-
-template <int DMAX>
-void launch_backward(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,
-                     const __nv_bfloat16* qkv, const float* lse, const float* delta, const AttentionShape& s) {
-  const AttnParams p = attn_params(s);
-  const float scale = float(s.scale);
-  const size_t smem_dq = backward_dq_smem<DMAX>(), smem_dkdv = backward_dkdv_smem<DMAX>();
-  st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dq_kernel<DMAX>), smem_dq, device,
-                "attention_backward");
-  st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dkdv_kernel<DMAX>), smem_dkdv, device,
-                "attention_backward");
-  attention_backward_dq_kernel<DMAX>
-      <<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_backward"), kThreads, smem_dq, stream>>>(
-          dqkv, dout, qkv, lse, delta, p, scale);
-  SPPO_CUDA_LAUNCHED(attention_backward_dq_kernel);
-  attention_backward_dkdv_kernel<DMAX>
-      <<<tile_grid(p.n_tiles, s.kv_heads, s.batch, "attention_backward"), kThreads, smem_dkdv, stream>>>(
-          dqkv, dout, qkv, lse, delta, p, scale);
-  SPPO_CUDA_LAUNCHED(attention_backward_dkdv_kernel);
-}
-
 }  // namespace
 
-void fma_forward(AttnState& st, int device, cudaStream_t stream, int dmax, __nv_bfloat16* out, float* lse,
-                 const __nv_bfloat16* qkv, const AttentionShape& s) {
-  with_head_dim(dmax, [&](auto d) { launch_forward<decltype(d)::value>(st, device, stream, out, lse, qkv, s); });
-}
-
-void fma_backward(AttnState& st, int device, cudaStream_t stream, int dmax, __nv_bfloat16* dqkv,
-                  const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
-                  const AttentionShape& s) {
-  with_head_dim(
-      dmax, [&](auto d) { launch_backward<decltype(d)::value>(st, device, stream, dqkv, dout, qkv, lse, delta, s); });
+AttnKernels fma_kernels(int dmax) {
+  return with_head_dim(dmax, [](auto d) -> AttnKernels {
+    constexpr int DMAX = decltype(d)::value;
+    return {{attention_forward_kernel<DMAX>, forward_smem<DMAX>(), kThreads},
+            {attention_backward_dq_kernel<DMAX>, backward_dq_smem<DMAX>(), kThreads},
+            {attention_backward_dkdv_kernel<DMAX>, backward_dkdv_smem<DMAX>(), kThreads},
+            kTile,
+            false};
+  });
 }
 
 }  // namespace sppo::cuda::attn

@@ -1,5 +1,5 @@
 // The register-resident mma.sync attention kernels (attention.cuh, cuda_mma.cuh), head_dim 32,
-// 64 and 128, with SPPO_CUDA_ATTENTION=mma. Kernels, then launchers.
+// 64 and 128, with SPPO_CUDA_ATTENTION=mma. Kernels, then their table (AttnKernels).
 #include "cuda/attention/attention.cuh"
 #include "cuda/cuda_mma.cuh"
 
@@ -65,12 +65,7 @@ __device__ __forceinline__ void fa_load_tile(__nv_bfloat16* __restrict__ dst, co
       cp_async_16(dst + r * LDS + c, src + int64_t(r < valid ? r : 0) * ld + c, r < valid);
     }
   } else {
-    const __nv_bfloat16 zero = to_bf(0.f);
-#pragma unroll 4
-    for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
-      const int r = e / D, c = e % D;
-      dst[r * LDS + c] = r < valid ? src[int64_t(r) * ld + c] : zero;
-    }
+    copy_tile_elements<D, ROWS, LDS, THREADS>(dst, src, ld, valid);
   }
 }
 
@@ -260,10 +255,7 @@ __global__ void __launch_bounds__(fa_query_threads<D>(), 1)
   __nv_bfloat16* Ks = Qs + kFaRows * LDS;                         // 2 x (64, LDS)
   __nv_bfloat16* Vs = Ks + 2 * kFaCols * LDS;                     // 2 x (64, LDS)
 
-  const int BH = p.B * p.H, n_blocks = (p.T + kFaRows - 1) / kFaRows;
-  const int bh = int(blockIdx.x % unsigned(BH));
-  const int qb = n_blocks - 1 - int(blockIdx.x / unsigned(BH));
-  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  const auto [qb, b, h, kvh] = query_block(p, (p.T + kFaRows - 1) / kFaRows);
   const int q0 = qb * kFaRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int wq = q0 + WR * warp;  // the warp's first query
@@ -353,10 +345,7 @@ __global__ void __launch_bounds__(fa_query_threads<D>(), 1)
   __nv_bfloat16* Ks = dOs + kFaRows * LDS;                        // 2 x (64, LDS)
   __nv_bfloat16* Vs = Ks + 2 * kFaCols * LDS;                     // 2 x (64, LDS)
 
-  const int BH = p.B * p.H, n_blocks = (p.T + kFaRows - 1) / kFaRows;
-  const int bh = int(blockIdx.x % unsigned(BH));
-  const int qb = n_blocks - 1 - int(blockIdx.x / unsigned(BH));
-  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  const auto [qb, b, h, kvh] = query_block(p, (p.T + kFaRows - 1) / kFaRows);
   const int q0 = qb * kFaRows, q_valid = min(kFaRows, p.T - q0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int wq = q0 + WR * warp;
@@ -553,10 +542,8 @@ __global__ void __launch_bounds__(fa_key_threads<D>(), 1)
   __nv_bfloat16* dOs = Qs + 2 * kFaCols * LDS;                       // 2 x (64, LDS)
   float* stats = reinterpret_cast<float*>(dOs + 2 * kFaCols * LDS);  // 2 x (lse2 (64), delta (64))
 
-  const int BKV = p.B * p.KV;
-  const int bkv = int(blockIdx.x % unsigned(BKV));
-  const int kb = int(blockIdx.x / unsigned(BKV));
-  const int b = bkv / p.KV, kvh = bkv % p.KV;
+  const KeyBlock blk = key_block(p);  // a lambda below captures b and kvh
+  const int kb = blk.kb, b = blk.b, kvh = blk.kvh;
   const int k0 = kb * kFaRows;
   const int warp = threadIdx.x / 32;
   const int wk = k0 + WR * warp;                                             // the warp's first key
@@ -634,53 +621,17 @@ __global__ void __launch_bounds__(fa_key_threads<D>(), 1)
   }
 }
 
-template <int D>
-void launch_forward_mma(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* out, float* lse,
-                        const __nv_bfloat16* qkv, const AttentionShape& s) {
-  AttnParams p = attn_params(s);
-  p.vec = rows_aligned16({qkv}, {s.qkv_stride, s.q_off, s.k_off, s.v_off});
-  const size_t smem = fa_forward_smem<D>();
-  st.allow_smem(reinterpret_cast<const void*>(&attention_forward_mma_kernel<D>), smem, device, "attention_forward");
-  const int64_t blocks = (s.seq + kFaRows - 1) / kFaRows;
-  attention_forward_mma_kernel<D>
-      <<<tile_grid(blocks, s.heads, s.batch, "attention_forward"), fa_query_threads<D>(), smem, stream>>>(out, lse, qkv,
-                                                                                                          p);
-  SPPO_CUDA_LAUNCHED(attention_forward_mma_kernel);
-}
-
-template <int D>
-void launch_backward_mma(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,
-                         const __nv_bfloat16* qkv, const float* lse, const float* delta, const AttentionShape& s) {
-  AttnParams p = attn_params(s);
-  p.vec = rows_aligned16({qkv, dout}, {s.qkv_stride, s.q_off, s.k_off, s.v_off, s.out_stride});
-  const float scale = float(s.scale);
-  const size_t smem_dq = fa_backward_dq_smem<D>(), smem_dkdv = fa_backward_dkdv_smem<D>();
-  st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dq_mma_kernel<D>), smem_dq, device,
-                "attention_backward");
-  st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dkdv_mma_kernel<D>), smem_dkdv, device,
-                "attention_backward");
-  const int64_t blocks = (s.seq + kFaRows - 1) / kFaRows;
-  attention_backward_dq_mma_kernel<D>
-      <<<tile_grid(blocks, s.heads, s.batch, "attention_backward"), fa_query_threads<D>(), smem_dq, stream>>>(
-          dqkv, dout, qkv, lse, delta, p, scale);
-  SPPO_CUDA_LAUNCHED(attention_backward_dq_mma_kernel);
-  attention_backward_dkdv_mma_kernel<D>
-      <<<tile_grid(blocks, s.kv_heads, s.batch, "attention_backward"), fa_key_threads<D>(), smem_dkdv, stream>>>(
-          dqkv, dout, qkv, lse, delta, p, scale);
-  SPPO_CUDA_LAUNCHED(attention_backward_dkdv_mma_kernel);
-}
-
 }  // namespace
 
-void mma_forward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* out, float* lse,
-                 const __nv_bfloat16* qkv, const AttentionShape& s) {
-  with_head_dim(D, [&](auto d) { launch_forward_mma<decltype(d)::value>(st, device, stream, out, lse, qkv, s); });
-}
-
-void mma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,
-                  const __nv_bfloat16* qkv, const float* lse, const float* delta, const AttentionShape& s) {
-  with_head_dim(
-      D, [&](auto d) { launch_backward_mma<decltype(d)::value>(st, device, stream, dqkv, dout, qkv, lse, delta, s); });
+AttnKernels mma_kernels(int head_dim) {
+  return with_head_dim(head_dim, [](auto d) -> AttnKernels {
+    constexpr int D = decltype(d)::value;
+    return {{attention_forward_mma_kernel<D>, fa_forward_smem<D>(), fa_query_threads<D>()},
+            {attention_backward_dq_mma_kernel<D>, fa_backward_dq_smem<D>(), fa_query_threads<D>()},
+            {attention_backward_dkdv_mma_kernel<D>, fa_backward_dkdv_smem<D>(), fa_key_threads<D>()},
+            kFaRows,
+            true};
+  });
 }
 
 }  // namespace sppo::cuda::attn

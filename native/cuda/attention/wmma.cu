@@ -1,5 +1,5 @@
 // The WMMA tensor-core attention kernels (attention.cuh), head_dim 32, 64 and 128: the default.
-// Kernels, then launchers.
+// Kernels, then their table (AttnKernels).
 #include <mma.h>
 
 #include "cuda/attention/attention.cuh"
@@ -127,12 +127,7 @@ __device__ __forceinline__ void stage_tile_bf16(__nv_bfloat16* __restrict__ dst,
       *reinterpret_cast<uint4*>(dst + r * LDB + c) = v[u];
     }
   } else {
-    const __nv_bfloat16 zero = to_bf(0.f);
-#pragma unroll 4
-    for (int e = threadIdx.x; e < kTile * D; e += kTcThreads) {
-      const int r = e / D, c = e % D;
-      dst[r * LDB + c] = r < valid ? src[int64_t(r) * ld + c] : zero;
-    }
+    copy_tile_elements<D, kTile, LDB, kTcThreads>(dst, src, ld, valid);
   }
 }
 
@@ -140,6 +135,22 @@ __device__ __forceinline__ void stage_tile_bf16(__nv_bfloat16* __restrict__ dst,
 // takes the 4-column groups 16h + 32a + 4g (a < width/32, g < 4). With row strides of 4 mod 32
 // floats, the 8 lanes of a 128-bit access phase then hit 8 distinct 4-bank groups.
 __device__ __forceinline__ int pair_col(int half, int a, int g) { return 16 * half + 32 * a + 4 * g; }
+
+// Writes this lane's columns (pair_col) of an fp32 row of D columns at src, times mul, as bf16
+// to the row at dst.
+template <int D>
+__device__ __forceinline__ void write_pair_cols(__nv_bfloat16* __restrict__ dst, const float* src, int half,
+                                                float mul) {
+#pragma unroll
+  for (int a = 0; a < D / 32; ++a)
+#pragma unroll
+    for (int g = 0; g < 4; ++g) {
+      const int c = pair_col(half, a, g);
+      const float4 v = *reinterpret_cast<const float4*>(src + c);
+      dst[c] = to_bf(v.x * mul), dst[c + 1] = to_bf(v.y * mul), dst[c + 2] = to_bf(v.z * mul),
+      dst[c + 3] = to_bf(v.w * mul);
+    }
+}
 
 // Forward. Block: 64 queries of one (batch, head), grid n_tiles * B * H, heaviest first. Per key
 // tile up to the diagonal, warp w: S = Q Kᵀ for its 16 rows (to shared memory), online softmax
@@ -158,10 +169,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   float* Ss = reinterpret_cast<float*>(Ps + kTile * kPLd);        // (kTile, kSLd)
   float* Os = Ss + kTile * kSLd;                                  // (kTile, LDO)
 
-  const int BH = p.B * p.H;
-  const int bh = int(blockIdx.x % unsigned(BH));
-  const int qt = p.n_tiles - 1 - int(blockIdx.x / unsigned(BH));
-  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  const auto [qt, b, h, kvh] = query_block(p, p.n_tiles);
   const int q0 = qt * kTile;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = 16 * warp;
   const int r = wr + lane / 2, half = lane % 2, q = q0 + r;  // this lane's row (shared with its pair)
@@ -280,15 +288,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   if (q >= p.T) return;  // padding rows (no barrier follows)
   const float inv = 1.f / l;
   __nv_bfloat16* orow = out + (int64_t(b) * p.T + q) * p.out_stride + int64_t(h) * p.D;
-#pragma unroll
-  for (int a = 0; a < D / 32; ++a)
-#pragma unroll
-    for (int g = 0; g < 4; ++g) {
-      const int c = pair_col(half, a, g);
-      const float4 v = *reinterpret_cast<const float4*>(Os + r * LDO + c);
-      orow[c] = to_bf(v.x * inv), orow[c + 1] = to_bf(v.y * inv), orow[c + 2] = to_bf(v.z * inv),
-      orow[c + 3] = to_bf(v.w * inv);
-    }
+  write_pair_cols<D>(orow, Os + r * LDO, half, inv);
   if (half == 0) lse[(int64_t(b) * p.H + h) * p.T + q] = (m + log2f(l)) * kLn2;
 }
 
@@ -305,15 +305,7 @@ __device__ __forceinline__ void write_rows_tc(float* __restrict__ Ow, const Frag
   __syncwarp();
   if (row0 + rw >= T) return;
   __nv_bfloat16* row = dst + int64_t(row0 + rw) * ld;
-#pragma unroll
-  for (int a = 0; a < D / 32; ++a)
-#pragma unroll
-    for (int g = 0; g < 4; ++g) {
-      const int c = pair_col(half, a, g);
-      const float4 v = *reinterpret_cast<const float4*>(Ow + rw * LDO + c);
-      row[c] = to_bf(v.x * mul), row[c + 1] = to_bf(v.y * mul), row[c + 2] = to_bf(v.z * mul),
-      row[c + 3] = to_bf(v.w * mul);
-    }
+  write_pair_cols<D>(row, Ow + rw * LDO, half, mul);
 }
 
 // dQ. Block: 64 queries of one (batch, head), grid n_tiles * B * H, heaviest first. Per key tile
@@ -337,10 +329,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   float* lse2_s = scratch + 2 * kTile * kSLd;
   float* delta_s = lse2_s + kTile;
 
-  const int BH = p.B * p.H;
-  const int bh = int(blockIdx.x % unsigned(BH));
-  const int qt = p.n_tiles - 1 - int(blockIdx.x / unsigned(BH));
-  const int b = bh / p.H, h = bh % p.H, kvh = h / p.group;
+  const auto [qt, b, h, kvh] = query_block(p, p.n_tiles);
   const int q0 = qt * kTile, q_valid = min(kTile, p.T - q0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = 16 * warp;
   const int rw = lane / 2, r = wr + rw, half = lane % 2, q = q0 + r;  // row within the warp / tile
@@ -431,10 +420,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   float* lse2_s = scratch + 2 * kTile * kSLd;
   float* delta_s = lse2_s + kTile;
 
-  const int BKV = p.B * p.KV;
-  const int bkv = int(blockIdx.x % unsigned(BKV));
-  const int kt = int(blockIdx.x / unsigned(BKV));
-  const int b = bkv / p.KV, kvh = bkv % p.KV;
+  const auto [kt, b, kvh] = key_block(p);
   const int k0 = kt * kTile, k_valid = min(kTile, p.T - k0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = 16 * warp;
   const int rw = lane / 2, r = wr + rw, half = lane % 2, k = k0 + r;  // this lane's key
@@ -516,51 +502,17 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   write_rows_tc<D>(Sw, dv, rows + p.v_off, p.qkv_stride, k0 + wr, p.T, 1.f);
 }
 
-template <int D>
-void launch_forward_tc(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* out, float* lse,
-                       const __nv_bfloat16* qkv, const AttentionShape& s) {
-  AttnParams p = attn_params(s);
-  p.vec = rows_aligned16({qkv}, {s.qkv_stride, s.q_off, s.k_off, s.v_off});
-  const size_t smem = tc_forward_smem<D>();
-  st.allow_smem(reinterpret_cast<const void*>(&attention_forward_tc_kernel<D>), smem, device, "attention_forward");
-  attention_forward_tc_kernel<D>
-      <<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_forward"), kTcThreads, smem, stream>>>(out, lse, qkv, p);
-  SPPO_CUDA_LAUNCHED(attention_forward_tc_kernel);
-}
-
-template <int D>
-void launch_backward_tc(AttnState& st, int device, cudaStream_t stream, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,
-                        const __nv_bfloat16* qkv, const float* lse, const float* delta, const AttentionShape& s) {
-  AttnParams p = attn_params(s);
-  p.vec = rows_aligned16({qkv, dout}, {s.qkv_stride, s.q_off, s.k_off, s.v_off, s.out_stride});
-  const float scale = float(s.scale);
-  const size_t smem_dq = tc_backward_dq_smem<D>(), smem_dkdv = tc_backward_dkdv_smem<D>();
-  st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dq_tc_kernel<D>), smem_dq, device,
-                "attention_backward");
-  st.allow_smem(reinterpret_cast<const void*>(&attention_backward_dkdv_tc_kernel<D>), smem_dkdv, device,
-                "attention_backward");
-  attention_backward_dq_tc_kernel<D>
-      <<<tile_grid(p.n_tiles, s.heads, s.batch, "attention_backward"), kTcThreads, smem_dq, stream>>>(
-          dqkv, dout, qkv, lse, delta, p, scale);
-  SPPO_CUDA_LAUNCHED(attention_backward_dq_tc_kernel);
-  attention_backward_dkdv_tc_kernel<D>
-      <<<tile_grid(p.n_tiles, s.kv_heads, s.batch, "attention_backward"), kTcThreads, smem_dkdv, stream>>>(
-          dqkv, dout, qkv, lse, delta, p, scale);
-  SPPO_CUDA_LAUNCHED(attention_backward_dkdv_tc_kernel);
-}
-
 }  // namespace
 
-void wmma_forward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* out, float* lse,
-                  const __nv_bfloat16* qkv, const AttentionShape& s) {
-  with_head_dim(D, [&](auto d) { launch_forward_tc<decltype(d)::value>(st, device, stream, out, lse, qkv, s); });
-}
-
-void wmma_backward(AttnState& st, int device, cudaStream_t stream, int D, __nv_bfloat16* dqkv,
-                   const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* delta,
-                   const AttentionShape& s) {
-  with_head_dim(
-      D, [&](auto d) { launch_backward_tc<decltype(d)::value>(st, device, stream, dqkv, dout, qkv, lse, delta, s); });
+AttnKernels wmma_kernels(int head_dim) {
+  return with_head_dim(head_dim, [](auto d) -> AttnKernels {
+    constexpr int D = decltype(d)::value;
+    return {{attention_forward_tc_kernel<D>, tc_forward_smem<D>(), kTcThreads},
+            {attention_backward_dq_tc_kernel<D>, tc_backward_dq_smem<D>(), kTcThreads},
+            {attention_backward_dkdv_tc_kernel<D>, tc_backward_dkdv_smem<D>(), kTcThreads},
+            kTile,
+            true};
+  });
 }
 
 }  // namespace sppo::cuda::attn
