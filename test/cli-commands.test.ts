@@ -246,6 +246,53 @@ describe('sppo generate --demo-run', () => {
   });
 });
 
+describe('sppo generate --seed', () => {
+  it("gives each prompt a random stream of its own, derived from (seed, the prompt's index) only", async () => {
+    const policy = join(dir, 'seeded-policy');
+    const tokenizer = new CharTokenizer('abcdefgh');
+    const model = Model.create(demoModelConfig(tokenizer, 4), { maxBatch: 1, maxSeq: 32 });
+    try {
+      await savePretrained(model, policy, { tokenizer: tokenizer.files() });
+    } finally {
+      await model.dispose();
+    }
+    const run = async (name: string, prompts: string[], seed: string) => {
+      const p = file(`${name}.jsonl`, prompts.map((prompt) => JSON.stringify({ prompt }) + '\n').join(''));
+      const r = await sppo(
+        'generate',
+        '--model',
+        policy,
+        '--prompts',
+        p,
+        '--seed',
+        seed,
+        '--samples',
+        '2',
+        '--temperature',
+        '1',
+        '--top-p',
+        '1',
+        '--max-new-tokens',
+        '12',
+      );
+      expect(r.code, r.stderr).toBe(0);
+      return r.stdout
+        .trimEnd()
+        .split('\n')
+        .map((l) => (JSON.parse(l) as { response: string }).response);
+    };
+    // The same prompt at indices 0 and 1: the same seed for both would give the same samples.
+    const twice = await run('twice', ['abc', 'abc'], '5');
+    expect(twice).toHaveLength(4);
+    expect(twice.slice(2)).not.toEqual(twice.slice(0, 2));
+    // A prompt's samples depend on (seed, its index) only: alone at index 0, or beside others.
+    expect(await run('alone', ['abc'], '5')).toEqual(twice.slice(0, 2));
+    expect((await run('after', ['hgfe', 'abc'], '5')).slice(2)).toEqual(twice.slice(2));
+    // and on the seed
+    expect(await run('other-seed', ['abc'], '6')).not.toEqual(twice.slice(0, 2));
+  }, 120_000);
+});
+
 describe('sppo eval', () => {
   it("prints a run's table and writes its report", async () => {
     const run = join(dir, 'run');
