@@ -197,6 +197,9 @@ describe('--device', () => {
   }, 120_000);
 });
 
+/** The demo run's sampling settings (temperature 1, top-p 1, 12 new tokens) as generate's flags. */
+const DEMO_SAMPLING = ['--temperature', '1', '--top-p', '1', '--max-new-tokens', '12'];
+
 describe('sppo generate --demo-run', () => {
   it('samples with the tokenizer saved in the checkpoint, as --model does through its chat template', async () => {
     const run = join(dir, 'demo-sampled');
@@ -223,19 +226,7 @@ describe('sppo generate --demo-run', () => {
     expect(sampled.map((r) => r.prompt)).toEqual(['abc', 'hgfe']);
     for (const r of sampled) expect(r.response).toMatch(new RegExp(`^[${tokenizer.chars}�]*$`));
     // the demo run's sampling settings (temperature 1, top-p 1, 12 new tokens) given to --model
-    const viaModel = await sppo(
-      'generate',
-      '--model',
-      policy,
-      '--prompts',
-      words,
-      '--temperature',
-      '1',
-      '--top-p',
-      '1',
-      '--max-new-tokens',
-      '12',
-    );
+    const viaModel = await sppo('generate', '--model', policy, '--prompts', words, ...DEMO_SAMPLING);
     expect(viaModel.code, viaModel.stderr).toBe(0);
     // the same tokens: the chat text leaves the special tokens out where the demo's shows '�'
     expect(jsonl(viaModel.stdout)).toEqual(sampled.map((r) => ({ ...r, response: r.response.replaceAll('�', '') })));
@@ -258,23 +249,7 @@ describe('sppo generate --seed', () => {
     }
     const run = async (name: string, prompts: string[], seed: string) => {
       const p = file(`${name}.jsonl`, prompts.map((prompt) => JSON.stringify({ prompt }) + '\n').join(''));
-      const r = await sppo(
-        'generate',
-        '--model',
-        policy,
-        '--prompts',
-        p,
-        '--seed',
-        seed,
-        '--samples',
-        '2',
-        '--temperature',
-        '1',
-        '--top-p',
-        '1',
-        '--max-new-tokens',
-        '12',
-      );
+      const r = await sppo('generate', '--model', policy, '--prompts', p, '--seed', seed, '--samples', '2', ...DEMO_SAMPLING);
       expect(r.code, r.stderr).toBe(0);
       return r.stdout
         .trimEnd()
