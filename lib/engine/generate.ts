@@ -37,7 +37,9 @@ export interface GenerateOptions extends CallOptions {
   /**
    * Seed of each prompt's random numbers (one number for all, or one per prompt); default 0.
    * Sample s of a prompt draws from stream s of its seed, so its tokens depend only on the
-   * prompt, the options and the seed, never on the rest of the batch.
+   * prompt, the options and the seed, never on the rest of the batch. With one number, every
+   * prompt draws the same streams: give one seed per prompt (`sppo run` and `sppo generate` derive
+   * them from a base seed and the prompt's index) for samples independent across prompts.
    */
   seed?: number | readonly number[];
   /** samples drawn per prompt; default 1 */
