@@ -197,6 +197,9 @@ describe('--device', () => {
   }, 120_000);
 });
 
+/** The demo run's sampling settings (temperature 1, top-p 1, 12 new tokens) as generate's flags. */
+const DEMO_SAMPLING = ['--temperature', '1', '--top-p', '1', '--max-new-tokens', '12'];
+
 describe('sppo generate --demo-run', () => {
   it('samples with the tokenizer saved in the checkpoint, as --model does through its chat template', async () => {
     const run = join(dir, 'demo-sampled');
@@ -223,19 +226,7 @@ describe('sppo generate --demo-run', () => {
     expect(sampled.map((r) => r.prompt)).toEqual(['abc', 'hgfe']);
     for (const r of sampled) expect(r.response).toMatch(new RegExp(`^[${tokenizer.chars}�]*$`));
     // the demo run's sampling settings (temperature 1, top-p 1, 12 new tokens) given to --model
-    const viaModel = await sppo(
-      'generate',
-      '--model',
-      policy,
-      '--prompts',
-      words,
-      '--temperature',
-      '1',
-      '--top-p',
-      '1',
-      '--max-new-tokens',
-      '12',
-    );
+    const viaModel = await sppo('generate', '--model', policy, '--prompts', words, ...DEMO_SAMPLING);
     expect(viaModel.code, viaModel.stderr).toBe(0);
     // the same tokens: the chat text leaves the special tokens out where the demo's shows '�'
     expect(jsonl(viaModel.stdout)).toEqual(sampled.map((r) => ({ ...r, response: r.response.replaceAll('�', '') })));
@@ -244,6 +235,37 @@ describe('sppo generate --demo-run', () => {
     rmSync(join(policy, 'tokenizer.json'));
     expectUsageError(await sppo('generate', '--demo-run', run, '--prompts', words), policy, 'no tokenizer.json', 'sppo demo --dir');
   });
+});
+
+describe('sppo generate --seed', () => {
+  it("gives each prompt a random stream of its own, derived from (seed, the prompt's index) only", async () => {
+    const policy = join(dir, 'seeded-policy');
+    const tokenizer = new CharTokenizer('abcdefgh');
+    const model = Model.create(demoModelConfig(tokenizer, 4), { maxBatch: 1, maxSeq: 32 });
+    try {
+      await savePretrained(model, policy, { tokenizer: tokenizer.files() });
+    } finally {
+      await model.dispose();
+    }
+    const run = async (name: string, prompts: string[], seed: string) => {
+      const p = file(`${name}.jsonl`, prompts.map((prompt) => JSON.stringify({ prompt }) + '\n').join(''));
+      const r = await sppo('generate', '--model', policy, '--prompts', p, '--seed', seed, '--samples', '2', ...DEMO_SAMPLING);
+      expect(r.code, r.stderr).toBe(0);
+      return r.stdout
+        .trimEnd()
+        .split('\n')
+        .map((l) => (JSON.parse(l) as { response: string }).response);
+    };
+    // The same prompt at indices 0 and 1: the same seed for both would give the same samples.
+    const twice = await run('twice', ['abc', 'abc'], '5');
+    expect(twice).toHaveLength(4);
+    expect(twice.slice(2)).not.toEqual(twice.slice(0, 2));
+    // A prompt's samples depend on (seed, its index) only: alone at index 0, or beside others.
+    expect(await run('alone', ['abc'], '5')).toEqual(twice.slice(0, 2));
+    expect((await run('after', ['hgfe', 'abc'], '5')).slice(2)).toEqual(twice.slice(2));
+    // and on the seed
+    expect(await run('other-seed', ['abc'], '6')).not.toEqual(twice.slice(0, 2));
+  }, 120_000);
 });
 
 describe('sppo eval', () => {

@@ -184,6 +184,18 @@ describe('a failed training step discards its gradients', () => {
   });
 });
 
+// One test per case: the call throws (or rejects with) a TypeError whose message matches, and
+// the model is left as it was.
+function refusesWithTypeErrors(cases: [string, () => unknown, RegExp][]): void {
+  for (const [what, call, msg] of cases)
+    it(`refuses ${what}`, async () => {
+      const err = await errorOf(call);
+      expect(err).toBeInstanceOf(TypeError);
+      expect(err.message).toMatch(msg);
+      await expectUnchanged();
+    });
+}
+
 // The addon trusts its arguments' types: these are checked in lib/engine before any call.
 describe('argument types are checked before the addon and leave the model usable', () => {
   const items = [{ prompt: [1, 2], response: [3, 4] }];
@@ -203,11 +215,150 @@ describe('argument types are checked before the addon and leave the model usable
     ],
     ['a missing eta', () => model.preferenceStep({ examples }, { loss: 'sppo' } as never), /eta must be a number, got undefined/],
   ];
-  for (const [what, call, msg] of cases)
-    it(`refuses ${what}`, async () => {
-      const err = await errorOf(call);
-      expect(err).toBeInstanceOf(TypeError);
+  refusesWithTypeErrors(cases);
+});
+
+// A misspelt or unknown option would otherwise take its default silently (preferenceStep with a
+// `beta` trained at β = 1/η regardless): every call's options and every field of its inputs are
+// checked against the fields it takes, and the error names the field and the known ones.
+describe('unknown and mistyped fields are refused, naming the field and the known ones', () => {
+  const items = [{ prompt: [1, 2], response: [3, 4] }];
+  const examples = [{ prompt: [1, 2], response: [3, 4], refLogp: -3, target: 0.5 }];
+  const pairs = [{ prompt: [1, 2], chosen: { response: [3], refLogp: -1 }, rejected: { response: [4], refLogp: -2 } }];
+  const tokens = Int32Array.from(good.flat());
+  const cases: [string, () => unknown, RegExp][] = [
+    [
+      'preferenceStep with a beta',
+      () => model.preferenceStep({ examples }, { loss: 'sppo', eta: 1000, beta: 0.1 } as never),
+      /^options has an unknown field 'beta' \(did you mean 'eta'\?\); the known fields are signal, loss, eta$/,
+    ],
+    [
+      'evalPreference with a misspelt eta',
+      () => model.evalPreference({ pairs }, { loss: 'dpo', eta: 10, Eta: 5 } as never),
+      /^options has an unknown field 'Eta' \(did you mean 'eta'\?\); the known fields are signal, loss, eta$/,
+    ],
+    [
+      'forward with a misspelt output',
+      () => model.forward(good, { outputs: 'hidden' } as never),
+      /^options has an unknown field 'outputs' \(did you mean 'output'\?\); the known fields are signal, output$/,
+    ],
+    [
+      'forward with an unknown output',
+      () => model.forward(good, { output: 'logit' } as never),
+      /^options\.output must be 'logits', 'hidden' or 'both', got 'logit'$/,
+    ],
+    [
+      'evalLoss with an unknown option',
+      () => model.evalLoss(good, { signall: undefined } as never),
+      /^options has an unknown field 'signall'/,
+    ],
+    [
+      'trainStep with a non-signal signal',
+      () => model.trainStep(good, { signal: 'stop' } as never),
+      /^options\.signal must be an AbortSignal, got a string$/,
+    ],
+    [
+      'train with a misspelt onProgress',
+      () => model.train([good], { onprogress: () => undefined } as never),
+      /^options has an unknown field 'onprogress' \(did you mean 'onProgress'\?\)/,
+    ],
+    [
+      'train with a non-function onProgress',
+      () => model.train([good], { onProgress: true } as never),
+      /^options\.onProgress must be a function, got a boolean$/,
+    ],
+    [
+      'sequenceLogprobs with a misspelt perToken',
+      () => model.sequenceLogprobs(items, { pertoken: true } as never),
+      /^options has an unknown field 'pertoken' \(did you mean 'perToken'\?\)/,
+    ],
+    ['an options object that is not an object', () => model.evalLoss(good, 5 as never), /^options must be an object$/],
+    [
+      'a rows batch with a misspelt targetMask',
+      () => model.trainStep({ rows: good, targetmask: good.map((r) => r.map(() => 1)) } as never),
+      /^batch has an unknown field 'targetmask' \(did you mean 'targetMask'\?\); the known fields are rows, targetMask$/,
+    ],
+    [
+      'a typed batch with an unknown field',
+      () => model.evalLoss({ tokens, batch: 2, seq: 8, mask: new Uint8Array(16) } as never),
+      /^batch has an unknown field 'mask'; the known fields are tokens, batch, seq, targetMask$/,
+    ],
+    [
+      'rows that are not an array',
+      () => model.evalLoss({ rows: 'abc' } as never),
+      /^batch\.rows must be an array of token id rows, got a string$/,
+    ],
+    ['a batch that is a number', () => model.forward(3 as never), /^batch must be rows of token ids, .* got a number$/],
+    [
+      'a sequence with an unknown field',
+      () => model.sequenceLogprobs([{ ...items[0], weight: 2 }] as never),
+      /^items\[0\] has an unknown field 'weight'; the known fields are prompt, response$/,
+    ],
+    [
+      'an example with a misspelt refLogp',
+      () => model.preferenceStep({ examples: [{ ...examples[0], reflogp: -3 }] } as never, { loss: 'sppo', eta: 1000 }),
+      /^examples\[0\] has an unknown field 'reflogp' \(did you mean 'refLogp'\?\); the known fields are prompt, response, refLogp, target$/,
+    ],
+    [
+      'a pair response with an unknown field',
+      () =>
+        model.preferenceStep({ pairs: [{ ...pairs[0], rejected: { response: [4], refLogp: -2, score: 1 } }] } as never, {
+          loss: 'dpo',
+          eta: 10,
+        }),
+      /^pairs\[0\]\.rejected has an unknown field 'score'; the known fields are response, refLogp, target$/,
+    ],
+    [
+      'a pair with an unknown field',
+      () => model.evalPreference({ pairs: [{ ...pairs[0], margin: 1 }] } as never, { loss: 'ipo', eta: 10 }),
+      /^pairs\[0\] has an unknown field 'margin'; the known fields are prompt, chosen, rejected, q$/,
+    ],
+    [
+      'a preference batch with both examples and pairs',
+      () => model.preferenceStep({ examples, pairs }, { loss: 'sppo', eta: 1000 }),
+      /^the preference batch has an unknown field 'pairs'; the known fields are examples$/,
+    ],
+    [
+      'pairs that are not an array',
+      () => model.evalPreference({ pairs: {} } as never, { loss: 'dpo', eta: 1 }),
+      /^pairs must be an array of/,
+    ],
+  ];
+  refusesWithTypeErrors(cases);
+});
+
+describe('setParam takes numbers only', () => {
+  const name = 'model.norm.weight';
+  const cases: [string, unknown, RegExp][] = [
+    [
+      'a string (once coerced digit by digit)',
+      '1'.repeat(32),
+      /^values of parameter 'model\.norm\.weight' must be a Float32Array or an array of numbers, got a string$/,
+    ],
+    [
+      'an array of numeric strings',
+      Array.from({ length: 32 }, () => '0.5'),
+      /^parameter 'model\.norm\.weight' value at index 0 must be a number, got a string$/,
+    ],
+    ['an object with a length', { length: 32 }, /must be a Float32Array or an array of numbers, got an object$/],
+    ['a number', 32, /must be a Float32Array or an array of numbers, got a number$/],
+    ['an array with a null', [...Array.from({ length: 31 }, () => 1), null], /value at index 31 must be a number, got null$/],
+    ['a value beyond float32', [...Array.from({ length: 31 }, () => 1), 1e39], /value at index 31 \(1e\+39\) is beyond float32's range$/],
+    ['a NaN in a Float64Array', Float64Array.from({ length: 32 }, (_, i) => (i === 5 ? NaN : 1)), /value at index 5 is not finite$/],
+  ];
+  for (const [what, values, msg] of cases)
+    it(`refuses ${what}, leaving the parameter unchanged`, async () => {
+      const err = await errorOf(() => model.setParam(name, values as never));
       expect(err.message).toMatch(msg);
       await expectUnchanged();
     });
+
+  it('takes a Float32Array, an array of numbers and other numeric typed arrays', async () => {
+    const before = model.getParam(name);
+    for (const values of [Float32Array.from(before), Array.from(before), Float64Array.from(before)]) {
+      model.setParam(name, values);
+      expect(bitsEqual(model.getParam(name), before)).toBe(true);
+    }
+    await expectUnchanged();
+  });
 });

@@ -102,6 +102,30 @@ describe('rmsprop', () => {
   });
 });
 
+describe('updates that overflow float32', () => {
+  const cfg = tinyConfig({ seed: 21 });
+  const rows = randomRows(prng(22), 2, 10, cfg.vocab_size);
+
+  for (const kind of ['adamw', 'rmsprop'] as const) {
+    it(`${kind}: a finite lr of 3e38 fails the step and leaves the model as it was`, async () => {
+      const m = create(cfg);
+      m.setOptimizer({ kind, lr: 3e38, weightDecay: 0.01 });
+      const before = snapshot(m);
+      const refused = /the optimizer step would write non-finite parameters or optimizer state .*lr 3e\+38.*unchanged/;
+      await expect(m.trainStep(rows)).rejects.toThrow(refused);
+      await expect(m.train([rows])).rejects.toThrow(refused);
+      expect(changedParams(before, snapshot(m))).toEqual([]);
+      expect(m.step).toBe(0);
+      // A normal lr afterwards trains exactly as on a model that never saw the refused steps.
+      const twin = create(cfg);
+      for (const x of [m, twin]) x.setOptimizer({ kind, lr: 1e-2, weightDecay: 0.01 });
+      expect(await m.trainStep(rows)).toEqual(await twin.trainStep(rows));
+      expect(changedParams(snapshot(twin), snapshot(m))).toEqual([]);
+      expect(changedParams(before, snapshot(m)).length).toBeGreaterThan(0);
+    });
+  }
+});
+
 describe('training API', () => {
   const cfg = tinyConfig({ seed: 9 });
   const rows = randomRows(prng(3), 2, 10, cfg.vocab_size);

@@ -201,9 +201,9 @@ describe('generate', () => {
     expect(await msg([], {})).toBe('no prompts to generate from');
     expect(await msg([[1, 2.5]], {})).toBe('token at prompt 0, position 1 is not an integer id: 2.5');
     expect(await msg([[1]], { stopTokens: [3, 32] })).toBe('stop token 32 (stopTokens[1]) is out of range [0, 32)');
-    expect(await msg([[1]], { samplesPerPrompt: 0 })).toBe('samplesPerPrompt must be a positive integer, got 0');
-    expect(await msg([[1], [2]], { seed: [1] })).toBe('seed has 1 entries for 2 prompts (give one number, or one per prompt)');
-    expect(await msg([[1]], { seed: -3 })).toBe('seed must be a non-negative safe integer, got -3');
+    expect(await msg([[1]], { samplesPerPrompt: 0 })).toBe('options.samplesPerPrompt must be a positive integer, got 0');
+    expect(await msg([[1], [2]], { seed: [1] })).toBe('options.seed has 1 entries for 2 prompts (give one number, or one per prompt)');
+    expect(await msg([[1]], { seed: -3 })).toBe('options.seed must be a non-negative safe integer, got -3');
     expect(() => m.createGenerator({ maxBatch: 2, maxContext: 100 })).toThrow(
       "generator plan.maxContext (100) exceeds the model's max_position_embeddings (64)",
     );
@@ -226,7 +226,7 @@ describe('Generator construction and argument types', () => {
   it('refuses plans and sampling options of the wrong types with TypeErrors naming the field', async () => {
     const m = model();
     expect(() => m.createGenerator({ maxBatch: 1, maxContext: 8, maxSeq: 8 } as never)).toThrow(
-      new TypeError("plan has an unknown field 'maxSeq'"),
+      new TypeError("plan has an unknown field 'maxSeq'; the known fields are maxBatch, maxContext"),
     );
     expect(() => m.createGenerator({ maxBatch: 1.5, maxContext: 8 })).toThrow(new TypeError('plan.maxBatch must be an integer, got 1.5'));
     const gen = m.createGenerator({ maxBatch: 2, maxContext: 24 });
@@ -236,10 +236,22 @@ describe('Generator construction and argument types', () => {
       [{ topK: 2.5 }, 'options.topK must be an integer, got 2.5'],
       [{ topP: NaN }, 'options.topP must be finite, got NaN'],
       [{ maxNewTokens: '4' }, 'options.maxNewTokens must be a number, got a string'],
+      [{ samplesPerPrompt: 1.5 }, 'options.samplesPerPrompt must be an integer, got 1.5'],
+      [{ seed: '7' }, 'options.seed must be a number or an array of numbers (one per prompt), got a string'],
+      [{ seed: ['7'] }, 'options.seed[0] must be a number, got a string'],
+      [{ stopTokens: 3 }, 'options.stopTokens must be an array of token ids, got a number'],
+      [{ onToken: 'log' }, 'options.onToken must be a function, got a string'],
+      [{ signal: {} }, 'options.signal must be an AbortSignal, got an object'],
+      [
+        { temprature: 0.5 },
+        "options has an unknown field 'temprature' (did you mean 'temperature'?); the known fields are signal, maxNewTokens, temperature, topK, topP, stopTokens, seed, samplesPerPrompt, onToken",
+      ],
+      [{ top_p: 0.5 }, /^options has an unknown field 'top_p' \(did you mean 'topP'\?\)/],
     ] as const) {
       const e = await err(o as never);
       expect(e).toBeInstanceOf(TypeError);
-      expect(e.message).toBe(msg);
+      if (typeof msg === 'string') expect(e.message).toBe(msg);
+      else expect(e.message).toMatch(msg);
     }
     expect((await err({ maxNewTokens: -1 })).message).toBe('maxNewTokens must be at least 1, got -1');
     expect((await gen.generate([[1, 2]], { maxNewTokens: 2 }))[0].tokens.length).toBe(2); // still usable

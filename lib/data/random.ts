@@ -1,5 +1,6 @@
 // Seeded pseudo-random numbers for everything that must be reproducible from a run's seed
-// (prompt shuffles and splits, generated prompts): mulberry32 — small, fast, not cryptographic.
+// (prompt shuffles and splits, generated prompts): mulberry32 — small, fast, not cryptographic;
+// and the per-prompt seeds of generation (promptSeeds).
 
 export interface Rng {
   /** uniform in [0, 1) */
@@ -37,4 +38,25 @@ export function seededShuffle<T>(items: readonly T[], seed: number): T[] {
     [out[i], out[j]] = [out[j], out[i]];
   }
   return out;
+}
+
+/** What a batch of generations is for: each purpose samples from streams of its own. */
+export const SEED_PURPOSE = {
+  /** `sppo run`: iteration t's training samples (from π_{t-1}) */
+  training: 0,
+  /** `sppo run`: iteration t's evaluation samples */
+  evaluation: 1,
+  /** `sppo generate` */
+  generate: 2,
+} as const;
+
+/**
+ * One generation seed per prompt, for prompts 0 … n−1: distinct for every (seed mod 10⁶,
+ * iteration < 1000, purpose < 10, prompt index < 100 000), and safe integers. A prompt's seed
+ * depends only on these and its index, never on the other prompts, so a prompt samples the same
+ * tokens alone or in a batch, and no two prompts of a batch share a random stream.
+ */
+export function promptSeeds(seed: number, iteration: number, purpose: number, n: number): number[] {
+  const base = ((seed % 1_000_000) * 1000 + iteration) * 10 + purpose;
+  return Array.from({ length: n }, (_, i) => base * 100_000 + i);
 }

@@ -3,7 +3,7 @@
 // queue with the model's other calls, stream tokens as they are sampled, and stop cleanly on
 // abort, returning what was generated so far.
 import { isInt32, tokenIdError } from '../util/int32.js';
-import { checkFields, type FieldKind } from './batch.js';
+import { CALL_FIELDS, checkFields, describeValue, type FieldCheck, type FieldKind } from './batch.js';
 import { native, type NativeGenerateResult, type NativeGeneratorHandle, type NativeModelHandle } from './native.js';
 import type { CallOptions } from './types.js';
 
@@ -37,7 +37,9 @@ export interface GenerateOptions extends CallOptions {
   /**
    * Seed of each prompt's random numbers (one number for all, or one per prompt); default 0.
    * Sample s of a prompt draws from stream s of its seed, so its tokens depend only on the
-   * prompt, the options and the seed, never on the rest of the batch.
+   * prompt, the options and the seed, never on the rest of the batch. With one number, every
+   * prompt draws the same streams: give one seed per prompt (`sppo run` and `sppo generate` derive
+   * them from a base seed and the prompt's index) for samples independent across prompts.
    */
   seed?: number | readonly number[];
   /** samples drawn per prompt; default 1 */
@@ -90,24 +92,40 @@ function promptsToArrays(prompts: readonly PromptTokens[]): { tokens: Int32Array
 }
 
 function seedsFor(seed: GenerateOptions['seed'], n: number): Float64Array {
-  const list = seed === undefined ? [0] : typeof seed === 'number' ? [seed] : seed;
-  if (typeof seed !== 'number' && seed !== undefined && list.length !== n)
-    throw new RangeError(`seed has ${list.length} entries for ${n} prompts (give one number, or one per prompt)`);
+  const given: unknown = seed ?? 0;
+  if (typeof given !== 'number' && !Array.isArray(given))
+    throw new TypeError(`options.seed must be a number or an array of numbers (one per prompt), got ${describeValue(given)}`);
+  const list: unknown[] = typeof given === 'number' ? [given] : given;
+  if (typeof given !== 'number' && list.length !== n)
+    throw new RangeError(`options.seed has ${list.length} entries for ${n} prompts (give one number, or one per prompt)`);
   list.forEach((s, i) => {
-    if (!Number.isSafeInteger(s) || s < 0)
-      throw new RangeError(`seed${list.length > 1 ? `[${i}]` : ''} must be a non-negative safe integer, got ${s}`);
+    const name = `options.seed${typeof given === 'number' ? '' : `[${i}]`}`;
+    if (typeof s !== 'number') throw new TypeError(`${name} must be a number, got ${describeValue(s)}`);
+    if (!Number.isSafeInteger(s) || s < 0) throw new RangeError(`${name} must be a non-negative safe integer, got ${s}`);
   });
-  return Float64Array.from({ length: n }, (_, i) => list[list.length === 1 ? 0 : i]);
+  return Float64Array.from({ length: n }, (_, i) => list[list.length === 1 ? 0 : i] as number);
 }
 
 const PLAN_FIELDS: Record<keyof GeneratorPlan, FieldKind> = { maxBatch: 'int32', maxContext: 'int32' };
-const SAMPLING_FIELDS: Record<'maxNewTokens' | 'temperature' | 'topK' | 'topP' | 'stopTokens', FieldKind> = {
+// Every field generate() takes: the sampling options the addon reads, checked by kind here and by
+// value in the engine; the seed, stop tokens and samplesPerPrompt, checked in generate(); the
+// callback and the signal. An unknown field (a misspelt temperature) is refused, not ignored.
+const GENERATE_FIELDS = {
+  ...CALL_FIELDS,
   maxNewTokens: 'int53',
   temperature: 'number',
   topK: 'int53',
   topP: 'number',
-  stopTokens: 'object',
-};
+  stopTokens: (v, name) => {
+    if (!Array.isArray(v)) throw new TypeError(`${name} must be an array of token ids, got ${describeValue(v)}`);
+  },
+  seed: (v, name) => {
+    if (typeof v !== 'number' && !Array.isArray(v))
+      throw new TypeError(`${name} must be a number or an array of numbers (one per prompt), got ${describeValue(v)}`);
+  },
+  samplesPerPrompt: 'int32',
+  onToken: 'function',
+} satisfies Record<keyof GenerateOptions, FieldKind | FieldCheck>;
 
 // Held by this module only: the Generator constructor refuses any caller without it, so a
 // Generator comes from Model.createGenerator (through openGenerator) and from nowhere else.
@@ -152,23 +170,23 @@ export class Generator {
    * and stopReason 'aborted' (it rejects only if the signal fired before generation started).
    */
   async generate(prompts: readonly PromptTokens[], options: GenerateOptions = {}): Promise<GeneratedSequence[]> {
+    checkFields(options, 'options', GENERATE_FIELDS);
     const { tokens, lengths } = promptsToArrays(prompts);
     const samples = options.samplesPerPrompt ?? 1;
-    if (!Number.isInteger(samples) || samples < 1) throw new RangeError(`samplesPerPrompt must be a positive integer, got ${samples}`);
+    if (samples < 1) throw new RangeError(`options.samplesPerPrompt must be a positive integer, got ${samples}`);
     const seeds = seedsFor(options.seed, lengths.length);
     const stop = options.stopTokens ?? [];
-    if (!Array.isArray(stop)) throw new TypeError('stopTokens must be an array of token ids');
     stop.forEach((id, i) => {
       if (!isInt32(id)) throw tokenIdError(`stopTokens[${i}]`, id);
     });
+    // null (absent) fields are left out: the addon reads absent fields as their defaults.
     const nativeOptions = {
-      maxNewTokens: options.maxNewTokens,
-      temperature: options.temperature,
-      topK: options.topK,
-      topP: options.topP,
+      maxNewTokens: options.maxNewTokens ?? undefined,
+      temperature: options.temperature ?? undefined,
+      topK: options.topK ?? undefined,
+      topP: options.topP ?? undefined,
       stopTokens: Int32Array.from(stop),
     };
-    checkFields(nativeOptions, 'options', SAMPLING_FIELDS);
     if (nativeOptions.maxNewTokens !== undefined && nativeOptions.maxNewTokens < 1)
       throw new RangeError(`maxNewTokens must be at least 1, got ${nativeOptions.maxNewTokens}`);
     const { onToken, signal } = options;

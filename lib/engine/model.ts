@@ -2,7 +2,7 @@
 // one model run one at a time in the order they were made, AbortSignals are honoured before
 // each call and between the steps of `train`, and `dispose` frees the native memory.
 import { throwIfAborted } from '../util/abort.js';
-import { checkFields, checkKind, toTokenBatch, type FieldKind } from './batch.js';
+import { CALL_FIELDS, checkFields, checkKind, describeValue, oneOf, toTokenBatch, type FieldCheck, type FieldKind } from './batch.js';
 import { openGenerator, type Generator, type GeneratorPlan } from './generate.js';
 import { native, type CudaInfo, type NativeModelHandle } from './native.js';
 import { packPreferenceBatch, packSequences } from './preference.js';
@@ -21,9 +21,11 @@ import type {
   PreferenceMetrics,
   PreferenceOptions,
   PreferenceStepResult,
+  ForwardOptions,
   ResolvedModelConfig,
   SequenceInput,
   SequenceLogprobs,
+  SequenceLogprobsOptions,
   StepResult,
   TrainOptions,
 } from './types.js';
@@ -82,6 +84,16 @@ const SCHEDULE_FIELDS: Record<keyof ScheduleConfig, FieldKind> = {
   minLrRatio: 'number',
 };
 
+// Each call's options: unknown fields are refused (a misspelt option would silently take its default).
+const FORWARD_FIELDS = { ...CALL_FIELDS, output: oneOf(['logits', 'hidden', 'both']) } satisfies Record<
+  keyof ForwardOptions,
+  FieldKind | FieldCheck
+>;
+const TRAIN_FIELDS = { ...CALL_FIELDS, onProgress: 'function' } satisfies Record<keyof TrainOptions, FieldKind>;
+const LOGPROBS_FIELDS = { ...CALL_FIELDS, perToken: 'boolean' } satisfies Record<keyof SequenceLogprobsOptions, FieldKind>;
+// (loss names are checked with the batch, against PREFERENCE_LOSSES)
+const PREFERENCE_FIELDS = { ...CALL_FIELDS, loss: 'string', eta: 'number' } satisfies Record<keyof PreferenceOptions, FieldKind>;
+
 // The addon reads these objects trusting their fields' types; their values are the engine's to check.
 function checkModelConfig(config: unknown): void {
   const fields = checkFields(config, 'config', MODEL_CONFIG_FIELDS);
@@ -91,6 +103,31 @@ function checkModelConfig(config: unknown): void {
 function checkOptimizer(config: unknown): void {
   const fields = checkFields(config, 'optimizer', OPTIMIZER_FIELDS);
   if (fields.schedule != null) checkFields(fields.schedule, 'optimizer.schedule', SCHEDULE_FIELDS);
+}
+
+// A parameter's new values as float32: a Float32Array as it is, or an array (or typed array) of
+// numbers that float32 holds finitely. Anything else (a string, an object with a length) is refused
+// rather than coerced.
+function float32Values(values: unknown, name: string): Float32Array {
+  if (values instanceof Float32Array) return values;
+  const numeric =
+    Array.isArray(values) ||
+    (ArrayBuffer.isView(values) &&
+      !(values instanceof DataView) &&
+      !(values instanceof BigInt64Array) &&
+      !(values instanceof BigUint64Array));
+  if (!numeric)
+    throw new TypeError(`values of parameter '${name}' must be a Float32Array or an array of numbers, got ${describeValue(values)}`);
+  const list = values as ArrayLike<unknown>;
+  const out = new Float32Array(list.length);
+  for (let i = 0; i < list.length; i++) {
+    const x = list[i];
+    if (typeof x !== 'number') throw new TypeError(`parameter '${name}' value at index ${i} must be a number, got ${describeValue(x)}`);
+    if (!Number.isFinite(x)) throw new RangeError(`parameter '${name}' value at index ${i} is not finite`);
+    out[i] = x;
+    if (!Number.isFinite(out[i])) throw new RangeError(`parameter '${name}' value at index ${i} (${x}) is beyond float32's range`);
+  }
+  return out;
 }
 
 /** The engine's built-in sizes (the PyTorch CPU baseline's `tiny` and `small`). */
@@ -189,16 +226,15 @@ export class Model {
   }
 
   /** Final hidden states (after the last RMSNorm) and/or logits, row-major (batch, seq, ·). */
-  async forward(
-    input: BatchInput,
-    options: CallOptions & { output?: 'logits' | 'hidden' | 'both' } = {},
-  ): Promise<{ logits?: Float32Array; hidden?: Float32Array }> {
+  async forward(input: BatchInput, options: ForwardOptions = {}): Promise<{ logits?: Float32Array; hidden?: Float32Array }> {
+    checkFields(options, 'options', FORWARD_FIELDS);
     const b = toTokenBatch(input);
     return this.#enqueue((h) => h.forward(b.tokens, b.batch, b.seq, options.output ?? 'logits'), options.signal);
   }
 
   /** Mean next-token cross-entropy over the batch's targets, without touching gradients. */
   async evalLoss(input: BatchInput, options: CallOptions = {}): Promise<{ loss: number; targetTokens: number }> {
+    checkFields(options, 'options', CALL_FIELDS);
     const b = toTokenBatch(input);
     return this.#enqueue((h) => h.evalLoss(b.tokens, b.batch, b.seq, b.targetMask ?? null), options.signal);
   }
@@ -216,6 +252,7 @@ export class Model {
    * leaves the parameters unchanged.
    */
   async trainStep(input: BatchInput, options: CallOptions = {}): Promise<StepResult> {
+    checkFields(options, 'options', CALL_FIELDS);
     const b = toTokenBatch(input);
     return this.#enqueue((h) => h.trainStep(b.tokens, b.batch, b.seq, b.targetMask ?? null), options.signal);
   }
@@ -224,9 +261,9 @@ export class Model {
    * log π(response | prompt) for each sequence, summed over the response tokens in float64
    * (and each token's value with perToken), batched with the prompts masked out.
    */
-  async sequenceLogprobs(items: readonly SequenceInput[], options: CallOptions & { perToken?: boolean } = {}): Promise<SequenceLogprobs> {
-    const b = packSequences(items);
-    if (options.perToken !== undefined) checkKind(options.perToken, 'boolean', 'perToken');
+  async sequenceLogprobs(items: readonly SequenceInput[], options: SequenceLogprobsOptions = {}): Promise<SequenceLogprobs> {
+    checkFields(options, 'options', LOGPROBS_FIELDS);
+    const b = packSequences(items, 'items');
     const r = await this.#enqueue(
       (h) => h.sequenceLogprobs(b.tokens, b.batch, b.seq, b.targetMask, options.perToken ?? false),
       options.signal,
@@ -255,8 +292,9 @@ export class Model {
   }
 
   async #preference(call: 'evalPreference' | 'preferenceStep', input: PreferenceBatchInput, options: PreferenceOptions) {
+    checkFields(options, 'options', PREFERENCE_FIELDS);
+    checkKind(options.eta, 'number', 'options.eta');
     const p = packPreferenceBatch(input, options.loss);
-    checkKind(options.eta, 'number', 'eta');
     const b = p.batch;
     // evalPreference's result has only metrics and logps; preferenceStep's adds the step fields.
     const r = (await this.#enqueue(
@@ -271,6 +309,7 @@ export class Model {
    * rejects with the signal's reason after the running step completes (its update is kept).
    */
   async train(batches: Iterable<BatchInput> | AsyncIterable<BatchInput>, options: TrainOptions = {}): Promise<StepResult[]> {
+    checkFields(options, 'options', TRAIN_FIELDS);
     const results: StepResult[] = [];
     const total = Array.isArray(batches) ? batches.length : undefined;
     let index = 0;
@@ -305,12 +344,14 @@ export class Model {
     return h.getParam(name);
   }
 
-  /** Overwrites one parameter; wrong sizes and non-finite values are refused, leaving it unchanged. */
+  /**
+   * Overwrites one parameter from a Float32Array or an array of numbers; wrong sizes, values that are
+   * not numbers and values float32 cannot hold finitely are refused, leaving it unchanged.
+   */
   setParam(name: string, values: Float32Array | ArrayLike<number>): void {
     const h = this.#idle();
     checkKind(name, 'string', 'parameter name');
-    const v = values instanceof Float32Array ? values : Float32Array.from(values);
-    h.setParam(name, v);
+    h.setParam(name, float32Values(values, name));
   }
 
   /** Bytes planned for parameters, gradients, optimizer state, activations and scratch. */

@@ -1,16 +1,31 @@
 // Packs preference examples (prompt + response token ids, reference log-probs, targets) into
 // the rectangular, response-masked batches the engine's fused head + preference loss reads.
 import { isInt32, tokenIdError } from '../util/int32.js';
+import { checkKnownFields, describeValue } from './batch.js';
 import { PREFERENCE_LOSSES, type PreferenceLossName } from './losses.js';
-import type { PreferenceBatchInput, SequenceInput, TokenBatch } from './types.js';
+import type { PreferenceBatchInput, PreferenceExample, PreferencePair, PreferenceResponse, SequenceInput, TokenBatch } from './types.js';
+
+// The fields of each kind of item: any other is refused (a misspelt refLogp or target would
+// otherwise read as missing only where the loss reads it).
+const SEQUENCE_FIELDS = ['prompt', 'response'] as const satisfies readonly (keyof SequenceInput)[];
+const EXAMPLE_FIELDS = ['prompt', 'response', 'refLogp', 'target'] as const satisfies readonly (keyof PreferenceExample)[];
+const PAIR_FIELDS = ['prompt', 'chosen', 'rejected', 'q'] as const satisfies readonly (keyof PreferencePair)[];
+const RESPONSE_FIELDS = ['response', 'refLogp', 'target'] as const satisfies readonly (keyof PreferenceResponse)[];
+
+function checkArray(v: unknown, path: string, of: string): void {
+  if (!Array.isArray(v)) throw new TypeError(`${path} must be an array of ${of}, got ${describeValue(v)}`);
+}
 
 /** Rows = prompt + response, right-padded with token 0; the mask selects the response tokens. */
 /** A packed batch of prompt + response sequences: its mask marks the response tokens. */
 export type SequenceBatch = TokenBatch & { targetMask: Uint8Array };
 
-export function packSequences(items: readonly SequenceInput[]): SequenceBatch {
+/** `path` names the items in errors; each item may have the fields `known` (its own, by default). */
+export function packSequences(items: readonly SequenceInput[], path: string, known: readonly string[] = SEQUENCE_FIELDS): SequenceBatch {
+  checkArray(items, path, '{ prompt, response }');
   if (items.length === 0) throw new RangeError('the batch is empty (0 sequences)');
   items.forEach((it, i) => {
+    checkKnownFields(it, `${path}[${i}]`, known);
     if (!Array.isArray(it.prompt) || it.prompt.length === 0)
       throw new RangeError(`sequence ${i}: the prompt is empty (a response token needs at least one token before it)`);
     if (!Array.isArray(it.response) || it.response.length === 0) throw new RangeError(`sequence ${i}: the response is empty`);
@@ -43,20 +58,29 @@ export function packPreferenceBatch(input: PreferenceBatchInput, loss: Preferenc
     return v;
   };
   const NO_TARGET = Number.NaN; // not read by the loss
+  const given: unknown = input;
+  if (typeof given !== 'object' || given === null)
+    throw new TypeError(`the preference batch must be an object, got ${describeValue(given)}`);
   if (loss === 'sppo') {
     if (!('examples' in input)) throw new TypeError("loss 'sppo' takes { examples: [...] }, each response with its own target");
+    checkKnownFields(input, 'the preference batch', ['examples']);
     const ex = input.examples;
     return {
-      batch: packSequences(ex),
+      batch: packSequences(ex, 'examples', EXAMPLE_FIELDS),
       refLogp: Float64Array.from(ex, (e, i) => finite(e.refLogp, `examples[${i}].refLogp`)),
       target: Float64Array.from(ex, (e, i) => finite(e.target, `examples[${i}].target`)),
     };
   }
   if (!('pairs' in input)) throw new TypeError(`loss '${loss}' takes { pairs: [{ prompt, chosen, rejected }] }`);
+  checkKnownFields(input, 'the preference batch', ['pairs']);
+  checkArray(input.pairs, 'pairs', '{ prompt, chosen, rejected }');
   const rows: SequenceInput[] = [];
   const ref: number[] = [];
   const target: number[] = [];
   input.pairs.forEach((p, k) => {
+    checkKnownFields(p, `pairs[${k}]`, PAIR_FIELDS);
+    checkKnownFields(p.chosen, `pairs[${k}].chosen`, RESPONSE_FIELDS);
+    checkKnownFields(p.rejected, `pairs[${k}].rejected`, RESPONSE_FIELDS);
     rows.push({ prompt: p.prompt, response: p.chosen.response }, { prompt: p.prompt, response: p.rejected.response });
     ref.push(finite(p.chosen.refLogp, `pairs[${k}].chosen.refLogp`), finite(p.rejected.refLogp, `pairs[${k}].rejected.refLogp`));
     if (loss === 'sppo-pair') {
@@ -67,5 +91,5 @@ export function packPreferenceBatch(input: PreferenceBatchInput, loss: Preferenc
       target.push(NO_TARGET, NO_TARGET);
     }
   });
-  return { batch: packSequences(rows), refLogp: Float64Array.from(ref), target: Float64Array.from(target) };
+  return { batch: packSequences(rows, 'pairs'), refLogp: Float64Array.from(ref), target: Float64Array.from(target) };
 }

@@ -124,6 +124,16 @@ export interface CallOptions {
   signal?: AbortSignal;
 }
 
+export interface ForwardOptions extends CallOptions {
+  /** what to return: 'logits' (default), 'hidden' (the final hidden states) or 'both' */
+  output?: 'logits' | 'hidden' | 'both';
+}
+
+export interface SequenceLogprobsOptions extends CallOptions {
+  /** also return each response token's log-prob */
+  perToken?: boolean;
+}
+
 export interface TrainProgress {
   /** index of the micro-batch just finished (0-based) and how many there are, if known */
   index: number;

@@ -4,7 +4,7 @@
 // against π_0 and π_t, checkpoint. Every stage's output lands atomically in the run directory
 // before the next starts, so a killed run resumes where it stopped and loses nothing.
 import type { RunConfig } from '../config/schema.js';
-import { seededShuffle } from '../data/random.js';
+import { promptSeeds, seededShuffle, SEED_PURPOSE } from '../data/random.js';
 import type { Model } from '../engine/model.js';
 import type { PreferenceBatchInput, PreferenceExample, PreferencePair, PreferenceStepResult } from '../engine/types.js';
 import { savePretrained } from '../io/checkpoint.js';
@@ -105,12 +105,6 @@ function interval(xs: readonly number[]): Interval {
   return { mean, low: mean - half, high: mean + half, n };
 }
 
-// Seeds are distinct per (run seed, iteration, purpose, prompt) and stay safe integers.
-function seeds(runSeed: number, iteration: number, purpose: number, n: number): number[] {
-  const base = ((runSeed % 1_000_000) * 1000 + iteration) * 10 + purpose;
-  return Array.from({ length: n }, (_, i) => base * 100_000 + i);
-}
-
 /** Loads a checkpoint's weights into the run's model (same architecture by construction). */
 async function loadWeights(model: Model, dir: string): Promise<void> {
   const weights = await CheckpointWeights.open(dir);
@@ -187,7 +181,7 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
         topK: g.topK,
         stopTokens: text.stopTokens,
         samplesPerPrompt,
-        seed: seeds(config.run.seed, t, purpose, prompts.length),
+        seed: promptSeeds(config.run.seed, t, purpose, prompts.length),
         signal,
         onToken,
       });
@@ -213,7 +207,7 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
       return interval(P.map((m) => m[0][1]));
     };
     const baseEval = await timed(0, 'base-eval', async (): Promise<EvalFile> => {
-      const samples = await sample(0, 1);
+      const samples = await sample(0, SEED_PURPOSE.evaluation);
       return { samples, winRateVsBase: { mean: 0.5, low: 0.5, high: 0.5, n: samples.length } };
     });
     const evals: EvalFile[] = [baseEval.value];
@@ -238,7 +232,7 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
         const K = g.samplesPerPrompt;
         let done = 0;
         // The total is an upper bound (sequences may stop early), so the ETA errs long.
-        const out = await generate(t - 1, ids, 0, K, () =>
+        const out = await generate(t - 1, ids, SEED_PURPOSE.training, K, () =>
           hooks.onProgress?.({ iteration: t, stage: 'generate', done: ++done, total: ids.length * K * g.maxNewTokens }),
         );
         const responses = prompts.map((_, i) =>
@@ -291,7 +285,7 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
       seconds.train = train.seconds;
 
       const ev = await timed(t, 'evaluate', async (): Promise<EvalFile> => {
-        const samples = await sample(t, 1);
+        const samples = await sample(t, SEED_PURPOSE.evaluation);
         return {
           samples,
           winRateVsBase: await versus(samples, evals[0].samples),

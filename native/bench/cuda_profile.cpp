@@ -161,6 +161,21 @@ class ProfiledOps final : public Ops<bf16> {
     timed("optimizer", 0, 22.0 * n,
           [&] { inner_->rmsprop_update(p, master, g, sq, n, lr, alpha, eps, decay, gscale); });
   }
+  bool adamw_update_finite(const bf16* p, const float* master, const float* g, const float* m, const float* v,
+                           int64_t n, double lr, double beta1, double beta2, double eps, double decay, double gscale,
+                           int64_t step) override {
+    bool r = true;
+    timed("optimizer dry run", 0, 18.0 * n,
+          [&] { r = inner_->adamw_update_finite(p, master, g, m, v, n, lr, beta1, beta2, eps, decay, gscale, step); });
+    return r;
+  }
+  bool rmsprop_update_finite(const bf16* p, const float* master, const float* g, const float* sq, int64_t n, double lr,
+                             double alpha, double eps, double decay, double gscale) override {
+    bool r = true;
+    timed("optimizer dry run", 0, 14.0 * n,
+          [&] { r = inner_->rmsprop_update_finite(p, master, g, sq, n, lr, alpha, eps, decay, gscale); });
+    return r;
+  }
   void kv_cache_write(bf16* k_cache, bf16* v_cache, const bf16* qkv, const int32_t* slots, const int32_t* positions,
                       int64_t n, const AttentionShape& s) override {
     timed("kv cache write", 0, 8.0 * n * s.kv_heads * s.head_dim,

@@ -4,6 +4,7 @@
 #include "cpu/cpu_ops.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -423,20 +424,51 @@ void CpuOps<T>::head_logprobs_backward(T* dH, T* dW, const T* H, const T* W, con
       [](int64_t, int64_t) {});
 }
 
+// One element of each update, shared by the update and its dry run so that both compute the same
+// values: the moments and the weight change in place.
+namespace {
+
+template <class T>
+struct AdamElement {
+  T b1, b2, gs, keep, step_size, inv_sqrt_bc2, e;
+  AdamElement(double lr, double beta1, double beta2, double eps, double decay, double gscale, int64_t step)
+      : b1(T(beta1)),
+        b2(T(beta2)),
+        gs(T(gscale)),
+        keep(T(1.0 - decay)),
+        step_size(T(lr / (1.0 - std::pow(beta1, double(step))))),
+        inv_sqrt_bc2(T(1.0 / std::sqrt(1.0 - std::pow(beta2, double(step))))),
+        e(T(eps)) {}
+  void operator()(T g, T& m, T& v, T& w) const {
+    const T gi = g * gs;
+    m = b1 * m + (T(1) - b1) * gi;
+    v = b2 * v + (T(1) - b2) * gi * gi;
+    w = w * keep - step_size * m / (std::sqrt(v) * inv_sqrt_bc2 + e);
+  }
+};
+
+template <class T>
+struct RmspropElement {
+  T a, gs, keep, l, e;
+  RmspropElement(double lr, double alpha, double eps, double decay, double gscale)
+      : a(T(alpha)), gs(T(gscale)), keep(T(1.0 - decay)), l(T(lr)), e(T(eps)) {}
+  void operator()(T g, T& sq, T& w) const {
+    const T gi = g * gs;
+    sq = a * sq + (T(1) - a) * gi * gi;
+    w = w * keep - l * gi / (std::sqrt(sq) + e);
+  }
+};
+
+}  // namespace
+
 template <class T>
 void CpuOps<T>::adamw_update(T* p, T* master, const T* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2,
                              double eps, double decay, double gscale, int64_t step) {
-  const T b1 = T(beta1), b2 = T(beta2), gs = T(gscale), keep = T(1.0 - decay);
-  const T step_size = T(lr / (1.0 - std::pow(beta1, double(step))));
-  const T inv_sqrt_bc2 = T(1.0 / std::sqrt(1.0 - std::pow(beta2, double(step))));
-  const T e = T(eps);
+  const AdamElement<T> update(lr, beta1, beta2, eps, decay, gscale, step);
   T* w = master ? master : p;  // Master == T: a master copy, when given, just mirrors into p
   cpu_pool().parallel_for(n, 1 << 14, [&](int64_t b, int64_t en) {
     for (int64_t i = b; i < en; ++i) {
-      T gi = g[i] * gs;
-      m[i] = b1 * m[i] + (T(1) - b1) * gi;
-      v[i] = b2 * v[i] + (T(1) - b2) * gi * gi;
-      w[i] = w[i] * keep - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + e);
+      update(g[i], m[i], v[i], w[i]);
       if (master) p[i] = w[i];
     }
   });
@@ -445,16 +477,51 @@ void CpuOps<T>::adamw_update(T* p, T* master, const T* g, T* m, T* v, int64_t n,
 template <class T>
 void CpuOps<T>::rmsprop_update(T* p, T* master, const T* g, T* sq, int64_t n, double lr, double alpha, double eps,
                                double decay, double gscale) {
-  const T a = T(alpha), gs = T(gscale), keep = T(1.0 - decay), l = T(lr), e = T(eps);
+  const RmspropElement<T> update(lr, alpha, eps, decay, gscale);
   T* w = master ? master : p;
   cpu_pool().parallel_for(n, 1 << 14, [&](int64_t b, int64_t en) {
     for (int64_t i = b; i < en; ++i) {
-      T gi = g[i] * gs;
-      sq[i] = a * sq[i] + (T(1) - a) * gi * gi;
-      w[i] = w[i] * keep - l * gi / (std::sqrt(sq[i]) + e);
+      update(g[i], sq[i], w[i]);
       if (master) p[i] = w[i];
     }
   });
+}
+
+template <class T>
+bool CpuOps<T>::adamw_update_finite(const T* p, const T* master, const T* g, const T* m, const T* v, int64_t n,
+                                    double lr, double beta1, double beta2, double eps, double decay, double gscale,
+                                    int64_t step) {
+  const AdamElement<T> update(lr, beta1, beta2, eps, decay, gscale, step);
+  const T* w = master ? master : p;
+  std::atomic<bool> finite{true};
+  cpu_pool().parallel_for(n, 1 << 14, [&](int64_t b, int64_t en) {
+    bool ok = true;
+    for (int64_t i = b; i < en; ++i) {
+      T mi = m[i], vi = v[i], wi = w[i];
+      update(g[i], mi, vi, wi);
+      ok &= std::isfinite(mi) && std::isfinite(vi) && std::isfinite(wi);
+    }
+    if (!ok) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
+}
+
+template <class T>
+bool CpuOps<T>::rmsprop_update_finite(const T* p, const T* master, const T* g, const T* sq, int64_t n, double lr,
+                                      double alpha, double eps, double decay, double gscale) {
+  const RmspropElement<T> update(lr, alpha, eps, decay, gscale);
+  const T* w = master ? master : p;
+  std::atomic<bool> finite{true};
+  cpu_pool().parallel_for(n, 1 << 14, [&](int64_t b, int64_t en) {
+    bool ok = true;
+    for (int64_t i = b; i < en; ++i) {
+      T si = sq[i], wi = w[i];
+      update(g[i], si, wi);
+      ok &= std::isfinite(si) && std::isfinite(wi);
+    }
+    if (!ok) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
 }
 
 template <class T>

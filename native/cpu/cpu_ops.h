@@ -57,6 +57,10 @@ class CpuOps final : public Ops<T> {
                     double eps, double decay, double gscale, int64_t step) override;
   void rmsprop_update(T* p, T* master, const T* g, T* sq, int64_t n, double lr, double alpha, double eps, double decay,
                       double gscale) override;
+  bool adamw_update_finite(const T* p, const T* master, const T* g, const T* m, const T* v, int64_t n, double lr,
+                           double beta1, double beta2, double eps, double decay, double gscale, int64_t step) override;
+  bool rmsprop_update_finite(const T* p, const T* master, const T* g, const T* sq, int64_t n, double lr, double alpha,
+                             double eps, double decay, double gscale) override;
 
   // ---- Decoding with a KV cache (batched sampling) ----
   void kv_cache_write(T* k_cache, T* v_cache, const T* qkv, const int32_t* slots, const int32_t* positions, int64_t n,

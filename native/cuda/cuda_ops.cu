@@ -675,17 +675,29 @@ struct RmspropScalars {
   float a, gs, keep, lr, eps;
 };
 
+// One element of each update, shared by the update kernels and their dry runs so that both
+// compute the same values: the moments in place, the updated weight returned.
+__device__ __forceinline__ float adamw_element(const AdamScalars& s, float g, float& m, float& v, float w) {
+  const float gi = g * s.gs;
+  m = s.b1 * m + (1.0f - s.b1) * gi;
+  v = s.b2 * v + (1.0f - s.b2) * gi * gi;
+  return w * s.keep - s.step_size * m / (sqrtf(v) * s.inv_sqrt_bc2 + s.eps);
+}
+
+__device__ __forceinline__ float rmsprop_element(const RmspropScalars& s, float g, float& sq, float w) {
+  const float gi = g * s.gs;
+  sq = s.a * sq + (1.0f - s.a) * gi * gi;
+  return w * s.keep - s.lr * gi / (sqrtf(sq) + s.eps);
+}
+
 // The update applies to master (when given) and p becomes bf16(master); without master, p's
 // bf16 value is updated in place.
 __global__ void adamw_kernel(bf* p, float* master, const float* g, float* m, float* v, int64_t n, AdamScalars s) {
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
-    const float gi = g[i] * s.gs;
-    const float mi = s.b1 * m[i] + (1.0f - s.b1) * gi;
-    const float vi = s.b2 * v[i] + (1.0f - s.b2) * gi * gi;
+    float mi = m[i], vi = v[i];
+    const float updated = adamw_element(s, g[i], mi, vi, master ? master[i] : to_f(p[i]));
     m[i] = mi;
     v[i] = vi;
-    const float wi = master ? master[i] : to_f(p[i]);
-    const float updated = wi * s.keep - s.step_size * mi / (sqrtf(vi) * s.inv_sqrt_bc2 + s.eps);
     if (master) master[i] = updated;
     p[i] = to_bf(updated);
   }
@@ -693,14 +705,54 @@ __global__ void adamw_kernel(bf* p, float* master, const float* g, float* m, flo
 
 __global__ void rmsprop_kernel(bf* p, float* master, const float* g, float* sq, int64_t n, RmspropScalars s) {
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
-    const float gi = g[i] * s.gs;
-    const float si = s.a * sq[i] + (1.0f - s.a) * gi * gi;
+    float si = sq[i];
+    const float updated = rmsprop_element(s, g[i], si, master ? master[i] : to_f(p[i]));
     sq[i] = si;
-    const float wi = master ? master[i] : to_f(p[i]);
-    const float updated = wi * s.keep - s.lr * gi / (sqrtf(si) + s.eps);
     if (master) master[i] = updated;
     p[i] = to_bf(updated);
   }
+}
+
+// The dry runs: partials[block] = 1 when an element of this block's share would be written
+// non-finite (a moment, or the weight as bf16, which overflows wherever its float does), else 0.
+__global__ void __launch_bounds__(kThreads)
+    adamw_finite_kernel(double* partials, const bf* p, const float* master, const float* g, const float* m,
+                        const float* v, int64_t n, AdamScalars s) {
+  int bad = 0;
+  for (int64_t i = first_index(); i < n; i += grid_stride()) {
+    float mi = m[i], vi = v[i];
+    const float updated = adamw_element(s, g[i], mi, vi, master ? master[i] : to_f(p[i]));
+    bad |= !isfinite(mi) || !isfinite(vi) || !isfinite(to_f(to_bf(updated)));
+  }
+  bad = __syncthreads_or(bad);
+  if (threadIdx.x == 0) partials[blockIdx.x] = bad ? 1.0 : 0.0;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    rmsprop_finite_kernel(double* partials, const bf* p, const float* master, const float* g, const float* sq,
+                          int64_t n, RmspropScalars s) {
+  int bad = 0;
+  for (int64_t i = first_index(); i < n; i += grid_stride()) {
+    float si = sq[i];
+    const float updated = rmsprop_element(s, g[i], si, master ? master[i] : to_f(p[i]));
+    bad |= !isfinite(si) || !isfinite(to_f(to_bf(updated)));
+  }
+  bad = __syncthreads_or(bad);
+  if (threadIdx.x == 0) partials[blockIdx.x] = bad ? 1.0 : 0.0;
+}
+
+AdamScalars adam_scalars(double lr, double beta1, double beta2, double eps, double decay, double gscale, int64_t step) {
+  return AdamScalars{float(beta1),
+                     float(beta2),
+                     float(gscale),
+                     float(1.0 - decay),
+                     float(lr / (1.0 - std::pow(beta1, double(step)))),
+                     float(1.0 / std::sqrt(1.0 - std::pow(beta2, double(step)))),
+                     float(eps)};
+}
+
+RmspropScalars rmsprop_scalars(double lr, double alpha, double eps, double decay, double gscale) {
+  return RmspropScalars{float(alpha), float(gscale), float(1.0 - decay), float(lr), float(eps)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -820,6 +872,16 @@ double* partials_for(ReduceState& r, size_t n, cudaStream_t stream, int device) 
     r.capacity = n;
   }
   return r.partials;
+}
+
+// Whether no block of a flag reduction (partials[block] = 1 where its share holds a flagged
+// element) raised its flag: reads the kReduceBlocks partials back.
+bool no_block_flagged(CudaOps& ops, ReduceState& r, const double* partials) {
+  r.host.resize(kReduceBlocks);
+  ops.download_bytes(r.host.data(), partials, kReduceBlocks * sizeof(double));
+  for (int b = 0; b < kReduceBlocks; ++b)
+    if (r.host[b] != 0.0) return false;
+  return true;
 }
 
 // Sizes ReduceState's sort buffers for n items and temp_bytes of cub temp storage (grown, never
@@ -1364,13 +1426,7 @@ void CudaOps::swiglu_backward(bf16* dgu, const bf16* dout, const bf16* gu, int64
 void CudaOps::adamw_update(bf16* p, float* master, const float* g, float* m, float* v, int64_t n, double lr,
                            double beta1, double beta2, double eps, double decay, double gscale, int64_t step) {
   if (n <= 0) return;
-  const AdamScalars s{float(beta1),
-                      float(beta2),
-                      float(gscale),
-                      float(1.0 - decay),
-                      float(lr / (1.0 - std::pow(beta1, double(step)))),
-                      float(1.0 / std::sqrt(1.0 - std::pow(beta2, double(step)))),
-                      float(eps)};
+  const AdamScalars s = adam_scalars(lr, beta1, beta2, eps, decay, gscale, step);
   adamw_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dev(p), master, g, m, v, n, s);
   SPPO_CUDA_LAUNCHED(adamw_kernel);
 }
@@ -1378,9 +1434,34 @@ void CudaOps::adamw_update(bf16* p, float* master, const float* g, float* m, flo
 void CudaOps::rmsprop_update(bf16* p, float* master, const float* g, float* sq, int64_t n, double lr, double alpha,
                              double eps, double decay, double gscale) {
   if (n <= 0) return;
-  const RmspropScalars s{float(alpha), float(gscale), float(1.0 - decay), float(lr), float(eps)};
+  const RmspropScalars s = rmsprop_scalars(lr, alpha, eps, decay, gscale);
   rmsprop_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dev(p), master, g, sq, n, s);
   SPPO_CUDA_LAUNCHED(rmsprop_kernel);
+}
+
+// The dry runs reduce to one flag per block, as all_finite does: a device kernel rather than a
+// copy of the state to the host, so a rare check costs one read of the state at memory speed.
+bool CudaOps::adamw_update_finite(const bf16* p, const float* master, const float* g, const float* m, const float* v,
+                                  int64_t n, double lr, double beta1, double beta2, double eps, double decay,
+                                  double gscale, int64_t step) {
+  if (n <= 0) return true;
+  ReduceState& r = reduce_state();
+  double* partials = partials_for(r, kReduceBlocks, stream_, device_);
+  adamw_finite_kernel<<<kReduceBlocks, kThreads, 0, stream_>>>(
+      partials, dev(p), master, g, m, v, n, adam_scalars(lr, beta1, beta2, eps, decay, gscale, step));
+  SPPO_CUDA_LAUNCHED(adamw_finite_kernel);
+  return no_block_flagged(*this, r, partials);
+}
+
+bool CudaOps::rmsprop_update_finite(const bf16* p, const float* master, const float* g, const float* sq, int64_t n,
+                                    double lr, double alpha, double eps, double decay, double gscale) {
+  if (n <= 0) return true;
+  ReduceState& r = reduce_state();
+  double* partials = partials_for(r, kReduceBlocks, stream_, device_);
+  rmsprop_finite_kernel<<<kReduceBlocks, kThreads, 0, stream_>>>(partials, dev(p), master, g, sq, n,
+                                                                 rmsprop_scalars(lr, alpha, eps, decay, gscale));
+  SPPO_CUDA_LAUNCHED(rmsprop_finite_kernel);
+  return no_block_flagged(*this, r, partials);
 }
 
 }  // namespace sppo::cuda

@@ -94,6 +94,11 @@ class CudaOps final : public Ops<bf16> {
                     double beta2, double eps, double decay, double gscale, int64_t step) override;
   void rmsprop_update(bf16* p, float* master, const float* g, float* sq, int64_t n, double lr, double alpha, double eps,
                       double decay, double gscale) override;
+  bool adamw_update_finite(const bf16* p, const float* master, const float* g, const float* m, const float* v,
+                           int64_t n, double lr, double beta1, double beta2, double eps, double decay, double gscale,
+                           int64_t step) override;
+  bool rmsprop_update_finite(const bf16* p, const float* master, const float* g, const float* sq, int64_t n, double lr,
+                             double alpha, double eps, double decay, double gscale) override;
 
   void kv_cache_write(bf16* k_cache, bf16* v_cache, const bf16* qkv, const int32_t* slots, const int32_t* positions,
                       int64_t n, const AttentionShape& s) override;

@@ -149,6 +149,16 @@ class Ops {
                             double beta1, double beta2, double eps, double decay, double gscale, int64_t step) = 0;
   virtual void rmsprop_update(T* p, Master* master, const Master* g, Master* sq, int64_t n, double lr, double alpha,
                               double eps, double decay, double gscale) = 0;
+  // Dry runs of the two updates with the same arguments: whether every value the update would
+  // write (m and v or sq, the master weights, p as T) is finite. They read and write nothing
+  // else, and compute each element exactly as the update does, so a step they pass cannot write
+  // an infinity or a NaN. The model runs them only when its bound on the step's scalars cannot
+  // rule overflow out (model/optimizer.cpp, sppo/optimizer_bound.h).
+  virtual bool adamw_update_finite(const T* p, const Master* master, const Master* g, const Master* m, const Master* v,
+                                   int64_t n, double lr, double beta1, double beta2, double eps, double decay,
+                                   double gscale, int64_t step) = 0;
+  virtual bool rmsprop_update_finite(const T* p, const Master* master, const Master* g, const Master* sq, int64_t n,
+                                     double lr, double alpha, double eps, double decay, double gscale) = 0;
 
   // ---- Decoding with a KV cache (batched sampling) ----
   // Rows are new tokens of sequences held in a KV cache: row i is fused qkv as above, belongs to

@@ -4,6 +4,7 @@
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { loadPrompts } from '../../data/prompts.js';
+import { promptSeeds, SEED_PURPOSE } from '../../data/random.js';
 import { demoPolicyText } from '../../demo/task.js';
 import type { GeneratedSequence } from '../../engine/generate.js';
 import { loadPretrained } from '../../io/checkpoint.js';
@@ -30,7 +31,8 @@ Samples responses from a checkpoint and writes JSON lines {prompt, response, log
   --temperature X        default 0.7 (--demo-run: the run's)
   --top-p X              default 0.9 (--demo-run: the run's)
   --max-new-tokens N     default 256 (--demo-run: the run's)
-  --seed N               default 0
+  --seed N               default 0; prompt i samples from streams of its own, derived from
+                         (N, i) as \`sppo run\` derives its prompts' seeds
   --out FILE.jsonl       write here (atomically) instead of to stdout
   --device DEV           cpu | cuda | auto (default cpu)
   -h, --help             this text`;
@@ -151,7 +153,8 @@ export const generateCommand: Command = {
           ...options,
           stopTokens: text.stopTokens,
           samplesPerPrompt: samples,
-          seed,
+          // a seed of its own per prompt: prompt i's samples depend on (seed, i) only
+          seed: promptSeeds(seed, 0, SEED_PURPOSE.generate, ids.length),
           onToken: progress && (() => progress.update(++done, total)),
         });
         progress?.finish(`generate ${out.length} responses`, (performance.now() - t0) / 1000);

@@ -150,7 +150,9 @@ class Model final : public ModelApi<master_t<T>> {
   PreferenceStepResult preference_step(const PreferenceBatch& batch, double* seq_logp = nullptr) override;
   // Applies the optimizer to the gradients accumulated so far (clipped by the global norm) and
   // zeroes them; train_step and preference_step call it once grad_accum_steps micro-batches are
-  // in. Public for callers that accumulate gradients themselves (tests compare backends on
+  // in. A step that would write a non-finite value (a NaN gradient norm, or an lr so large that
+  // the update overflows) throws instead, leaving the parameters, master weights, optimizer state
+  // and step count as they were (the gradients are discarded). Public for callers that accumulate gradients themselves (tests compare backends on
   // identical gradients through it).
   StepResult optimizer_step();
   int64_t optimizer_steps() const override { return step_; }
@@ -241,6 +243,9 @@ class Model final : public ModelApi<master_t<T>> {
   Master* opt_v_ = nullptr;  // AdamW second moment
   int64_t step_ = 0;
   int micro_ = 0;
+  // The largest clipped global gradient norm fed to the optimizer state since set_optimizer:
+  // bounds every |g·clip| the moments have seen (sppo/optimizer_bound.h).
+  double grad_peak_ = 0;
 
   MemoryReport mem_;
   std::vector<void*> owned_;
