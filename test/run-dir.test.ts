@@ -68,8 +68,9 @@ describe('RunDir layout', () => {
     expect(() => run.stageFile(1, 'base')).toThrow("stage 'base' belongs to π_0");
     expect(() => run.policy(-1)).toThrow(RangeError);
     expect(() => run.policy(1.5)).toThrow(RangeError);
-    // opening records the config and the start
-    expect(readdirSync(dir).sort()).toEqual(['run.json', 'run.log']);
+    expect(run.lockFile).toBe(path.join(dir, 'run.lock'));
+    // opening takes the lock and records the config and the start
+    expect(readdirSync(dir).sort()).toEqual(['run.json', 'run.lock', 'run.log']);
     expect((await run.readRun())?.config).toEqual(configOf(dir));
     await run.close();
   });
@@ -139,7 +140,9 @@ describe('policies', () => {
     mkdirSync(path.join(dir, 'iter-1', 'policy.tmp-99999-0badc0de'));
     writeFileSync(path.join(run.policy(1), 'stale.safetensors'), 'x');
     await run.savePolicy(1, checkpoint('new'));
-    expect(readdirSync(path.join(dir, 'iter-1'))).toEqual(['policy']);
+    // another process's temporary stays (a dead one's goes at the next open)
+    expect(readdirSync(path.join(dir, 'iter-1')).sort()).toEqual(['policy', 'policy.tmp-99999-0badc0de']);
+    rmSync(path.join(dir, 'iter-1', 'policy.tmp-99999-0badc0de'), { recursive: true });
     expect(readdirSync(run.policy(1))).toEqual(['config.json']);
     expect(readFileSync(path.join(run.policy(1), 'config.json'), 'utf8')).toBe('new');
     // a save that fails leaves the previous checkpoint and no temporary

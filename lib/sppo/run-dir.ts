@@ -1,5 +1,6 @@
 // The run directory, and the only code that knows its layout:
 //
+//   run.lock                 the running process's pid and host: one writer at a time (RunDir.open)
 //   run.json                 the resolved config and its hash; a resumed run must match it
 //   run.log                  a line per start
 //   metrics.jsonl            one IterationMetrics row per evaluated policy, π_0 first
@@ -15,15 +16,18 @@
 //   judge-cache/             an http judge's answers
 //   report.html  curves.svg  curves.png
 //
-// Every file is written whole under a temporary name and renamed into place, and a checkpoint
-// directory is committed by one rename, so whatever exists is complete and a killed run resumes
-// from the files it finds.
+// Every file is written whole under a temporary name (`<name>.tmp-<pid>-<random>`) and renamed
+// into place, and a checkpoint directory replaces the previous one by renames that never leave
+// the policy missing, so whatever exists is complete and a killed run resumes from the files it
+// finds. A process removes only its own temporaries; those of dead processes go when the
+// directory is next opened.
 import { existsSync } from 'node:fs';
 import { appendFile, mkdir, readdir, readFile, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { configHash, diffConfigs } from '../config/load.js';
 import type { RunConfig } from '../config/schema.js';
-import { isTemporaryOf, syncDirectory, temporaryPath, writeFileAtomic, writeJsonAtomic } from '../util/atomic-write.js';
+import { isTemporaryOf, syncDirectory, temporaryOwner, temporaryPath, writeFileAtomic, writeJsonAtomic } from '../util/atomic-write.js';
+import { acquireLock, isProcessAlive, LockedError, type Lock } from '../util/lock.js';
 import type { IterationMetrics } from './run.js';
 
 export type StageName = 'base' | 'base-eval' | 'generate' | 'judge' | 'dataset' | 'train' | 'evaluate';
@@ -40,6 +44,9 @@ const STAGE_FILES: Record<StageName, string> = {
   evaluate: 'eval.json',
 };
 const ITERATION_DIR = /^iter-([1-9]\d*)$/;
+
+/** Where a checkpoint being replaced waits until its successor is in place. */
+const asidePath = (target: string) => `${target}.aside`;
 
 /** What a stage file holds: the stage's output and how long it took. */
 export interface StageOutput<T> {
@@ -81,11 +88,22 @@ async function readRunFile(file: string): Promise<unknown> {
   }
 }
 
+/** Removes the temporaries of dead processes in `dir` and, `depth` levels down, its subdirectories. */
+async function removeDeadTemporaries(dir: string, depth: number): Promise<void> {
+  for (const entry of await readdir(dir, { withFileTypes: true })) {
+    const file = path.join(dir, entry.name);
+    const owner = temporaryOwner(entry.name);
+    if (owner !== undefined) {
+      if (!isProcessAlive(owner)) await rm(file, { recursive: true, force: true });
+    } else if (depth > 0 && entry.isDirectory()) await removeDeadTemporaries(file, depth - 1);
+  }
+}
+
 const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
 
 export class RunDir {
   readonly root: string;
-  #open = false;
+  #lock: Lock | undefined;
 
   private constructor(dir: string) {
     this.root = path.resolve(dir);
@@ -98,20 +116,30 @@ export class RunDir {
 
   /**
    * Opens `dir` for the run of `config`, the one writer of the directory until close(): creates
-   * it, records run.json on the first open, and refuses a directory holding a run of another
+   * it, takes its lock (refusing a directory another live process holds, naming it), finishes a
+   * checkpoint replacement a killed process left half-done, removes dead processes' temporaries,
+   * records run.json on the first open, and refuses a directory holding a run of another
    * configuration, naming the fields that differ.
    */
   static async open(dir: string, config: RunConfig): Promise<RunDir> {
     const run = new RunDir(dir);
     await mkdir(run.root, { recursive: true });
-    await run.#checkConfig(config);
-    run.#open = true;
+    run.#lock = await run.#acquireLock();
+    try {
+      await run.#recover();
+      await run.#checkConfig(config);
+    } catch (e) {
+      await run.close();
+      throw e;
+    }
     return run;
   }
 
-  close(): Promise<void> {
-    this.#open = false;
-    return Promise.resolve();
+  /** Releases the directory (its lock); the object can still read it. */
+  async close(): Promise<void> {
+    const lock = this.#lock;
+    this.#lock = undefined;
+    await lock?.release();
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
@@ -119,7 +147,12 @@ export class RunDir {
   }
 
   #requireOpen(): void {
-    if (!this.#open) throw new Error(`${this.root}: the run directory is not open for writing (RunDir.open)`);
+    if (!this.#lock) throw new Error(`${this.root}: the run directory is not open for writing (RunDir.open)`);
+  }
+
+  /** Held by the process that has the directory open: its pid, host and start. */
+  get lockFile(): string {
+    return path.join(this.root, 'run.lock');
   }
 
   get runFile(): string {
@@ -185,17 +218,22 @@ export class RunDir {
 
   /** The newest complete policy's t, or undefined if even π_0 is not complete. */
   async newestPolicy(): Promise<number | undefined> {
+    return (await this.#iterations()).find((t) => this.hasPolicy(t));
+  }
+
+  /** The t of every iteration directory, newest first, then 0 (π_0's). */
+  async #iterations(): Promise<number[]> {
     const names = existsSync(this.root) ? await readdir(this.root) : [];
     const iterations = names
       .flatMap((n) => ITERATION_DIR.exec(n)?.[1] ?? [])
       .map(Number)
       .sort((a, b) => b - a);
-    return [...iterations, 0].find((t) => this.hasPolicy(t));
+    return [...iterations, 0];
   }
 
   /**
    * Saves π_t: `write` fills a new directory (a whole checkpoint), which then replaces policy(t)
-   * in one rename, so a reader or a resumed run never sees a partial checkpoint.
+   * by renames (see #commit), so a reader or a resumed run never sees a partial checkpoint.
    */
   async savePolicy(t: number, write: (dir: string) => Promise<unknown>): Promise<void> {
     this.#requireOpen();
@@ -212,18 +250,76 @@ export class RunDir {
     await this.#commit(tmp, target);
   }
 
-  /** Clears the temporary copies of `target` that killed saves left (each a full-size checkpoint). */
+  /**
+   * Clears this process's temporary copies of `target` that failed saves left (each a full-size
+   * checkpoint); another process's are its own (and a dead one's go at open: #recover).
+   */
   async #removeTemporaries(target: string): Promise<void> {
     const parent = path.dirname(target);
     for (const name of await readdir(parent))
-      if (isTemporaryOf(name, path.basename(target))) await rm(path.join(parent, name), { recursive: true, force: true });
+      if (isTemporaryOf(name, path.basename(target), process.pid)) await rm(path.join(parent, name), { recursive: true, force: true });
   }
 
-  /** Moves a fully written checkpoint directory into place, replacing the previous one. */
+  /**
+   * Moves a fully written checkpoint directory into place, replacing the previous one so that a
+   * complete policy exists at every moment: the old one is renamed aside, the new one renamed
+   * in, then the old one deleted. A process killed between the renames leaves the old one aside
+   * and no policy: #recover renames it back.
+   */
   async #commit(tmp: string, target: string): Promise<void> {
-    await rm(target, { recursive: true, force: true });
-    await rename(tmp, target);
+    const aside = asidePath(target);
+    await this.#recoverAside(target);
+    const replacing = existsSync(target);
+    if (replacing) await rename(target, aside);
+    try {
+      await rename(tmp, target);
+    } catch (e) {
+      if (replacing) await rename(aside, target);
+      throw e;
+    }
     await syncDirectory(path.dirname(target));
+    if (replacing) await rm(aside, { recursive: true, force: true });
+  }
+
+  /** A checkpoint left aside by a killed commit: back into place if none replaced it, else deleted. */
+  async #recoverAside(target: string): Promise<void> {
+    const aside = asidePath(target);
+    if (!existsSync(aside)) return;
+    if (existsSync(target)) await rm(aside, { recursive: true, force: true });
+    else await rename(aside, target);
+  }
+
+  /** The lock, or a RunDirError naming the process that holds it. */
+  async #acquireLock(): Promise<Lock> {
+    const file = this.lockFile;
+    try {
+      const lock = await acquireLock(file);
+      const gone = lock.tookOver;
+      if (gone)
+        await appendFile(
+          this.logFile,
+          `${new Date().toISOString()} took over the lock of process ${gone.pid} on ${gone.host}, which is gone\n`,
+        );
+      return lock;
+    } catch (e) {
+      if (!(e instanceof LockedError)) throw new RunDirError(file, `cannot take the lock of ${this.root}: ${(e as Error).message}`);
+      const h = e.holder;
+      throw new RunDirError(
+        file,
+        `${this.root} is in use by process ${h.pid} on ${h.host} (since ${h.since}): one run at a time writes a run directory; ` +
+          `wait for it or stop it (if no process ${h.pid} runs on ${h.host}, delete ${file})`,
+      );
+    }
+  }
+
+  /**
+   * Undoes what killed processes left: a checkpoint replacement stopped between its renames, and
+   * temporaries (`*.tmp-<pid>-*`) of processes that no longer run on this host. (A temporary of
+   * a live process, such as a concurrent `sppo eval` rewriting the report, is left alone.)
+   */
+  async #recover(): Promise<void> {
+    for (const t of await this.#iterations()) if (existsSync(this.#iterationDir(t))) await this.#recoverAside(this.policy(t));
+    await removeDeadTemporaries(this.root, 2);
   }
 
   /** The rows of metrics.jsonl, π_0 first. */
