@@ -29,11 +29,10 @@ import type { RunConfig } from '../config/schema.js';
 import { isTemporaryOf, syncDirectory, temporaryOwner, temporaryPath, writeFileAtomic, writeJsonAtomic } from '../util/atomic-write.js';
 import { acquireLock, isProcessAlive, LockedError, type Lock } from '../util/lock.js';
 import type { IterationMetrics } from './run.js';
+import { BASE_STAGES, describeIssues, STAGE_VALUE_SCHEMAS, type StageName, type StageOutput, type StageValues } from './stage-files.js';
 
-export type StageName = 'base' | 'base-eval' | 'generate' | 'judge' | 'dataset' | 'train' | 'evaluate';
+export type { StageName, StageOutput, StageValues } from './stage-files.js';
 
-/** π_0's stages; every other stage belongs to an iteration t ≥ 1. */
-const BASE_STAGES: readonly StageName[] = ['base', 'base-eval'];
 const STAGE_FILES: Record<StageName, string> = {
   base: 'base.json',
   'base-eval': 'eval.json',
@@ -47,12 +46,6 @@ const ITERATION_DIR = /^iter-([1-9]\d*)$/;
 
 /** Where a checkpoint being replaced waits until its successor is in place. */
 const asidePath = (target: string) => `${target}.aside`;
-
-/** What a stage file holds: the stage's output and how long it took. */
-export interface StageOutput<T> {
-  value: T;
-  seconds: number;
-}
 
 /** run.json */
 export interface RunRecord {
@@ -79,12 +72,22 @@ function isMetricsRow(v: unknown): v is IterationMetrics {
   return typeof row?.iteration === 'number' && typeof row.winRateVsBase?.mean === 'number' && typeof row.meanResponseLength === 'number';
 }
 
-/** The parsed JSON of `file`, or a RunDirError naming it. */
-async function readRunFile(file: string): Promise<unknown> {
+/**
+ * The parsed JSON of `file`, or a RunDirError naming it and saying what it should hold
+ * (`expected`) and what to do about it (`remedy`).
+ */
+async function readRunFile(file: string, expected: string, remedy: string): Promise<unknown> {
+  let text: string;
   try {
-    return JSON.parse(await readFile(file, 'utf8'));
+    text = await readFile(file, 'utf8');
   } catch (e) {
-    throw new RunDirError(file, `${file}: ${e instanceof SyntaxError ? 'not valid JSON' : 'cannot be read'} (${(e as Error).message})`);
+    throw new RunDirError(file, `${file}: cannot be read (${(e as Error).message}); expected ${expected}`);
+  }
+  if (text.trim() === '') throw new RunDirError(file, `${file}: empty; expected ${expected}; ${remedy}`);
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw new RunDirError(file, `${file}: not valid JSON (${(e as Error).message}); expected ${expected}; ${remedy}`);
   }
 }
 
@@ -195,17 +198,25 @@ export class RunDir {
     return path.join(this.#iterationDir(t), STAGE_FILES[stage]);
   }
 
-  /** The stage's output if it finished, else undefined. */
-  async readStage<T>(t: number, stage: StageName): Promise<StageOutput<T> | undefined> {
+  /**
+   * The stage's output if it finished, else undefined; a file that is not the stage's output
+   * (empty, not JSON, of the wrong shape) is a RunDirError naming it and the field at fault.
+   */
+  async readStage<S extends StageName>(t: number, stage: S): Promise<StageOutput<StageValues[S]> | undefined> {
     const file = this.stageFile(t, stage);
     if (!existsSync(file)) return undefined;
-    const saved = await readRunFile(file);
+    const expected = `the ${stage} stage's output, JSON {value, seconds}`;
+    const remedy = 'delete it to rerun the stage';
+    const saved = await readRunFile(file, expected, remedy);
     if (!isObject(saved) || !('value' in saved) || typeof saved.seconds !== 'number')
-      throw new RunDirError(file, `${file}: not a stage file (needs value and seconds); delete it to rerun the stage`);
-    return saved as unknown as StageOutput<T>;
+      throw new RunDirError(file, `${file}: not a stage file (needs value and seconds); expected ${expected}; ${remedy}`);
+    const value = STAGE_VALUE_SCHEMAS[stage].safeParse(saved.value);
+    if (!value.success)
+      throw new RunDirError(file, `${file}: not the ${stage} stage's output: ${describeIssues(value.error, ['value'])}; ${remedy}`);
+    return { value: value.data, seconds: saved.seconds };
   }
 
-  async writeStage<T>(t: number, stage: StageName, output: StageOutput<T>): Promise<void> {
+  async writeStage<S extends StageName>(t: number, stage: S, output: StageOutput<StageValues[S]>): Promise<void> {
     this.#requireOpen();
     await writeJsonAtomic(this.stageFile(t, stage), output, { createParents: true });
   }
@@ -366,7 +377,11 @@ export class RunDir {
   async readRun(): Promise<RunRecord | undefined> {
     const file = this.runFile;
     if (!existsSync(file)) return undefined;
-    const saved = await readRunFile(file);
+    const saved = await readRunFile(
+      file,
+      'the run record, JSON {hash, config} written when the run started',
+      'restore it, or delete it to accept the current config for every stage',
+    );
     if (!isObject(saved) || typeof saved.hash !== 'string' || !isObject(saved.config))
       throw new RunDirError(file, `${file}: not a run record (needs hash and config)`);
     return saved as unknown as RunRecord;
