@@ -108,7 +108,9 @@ describe('the run directory lock', () => {
     const run = await RunDir.open(dir, configOf(dir));
     expect((await openError(dir)).message).toContain(`in use by process ${process.pid}`);
     await run.close();
-    await (await RunDir.open(dir, configOf(dir))).close();
+    const again = await RunDir.open(dir, configOf(dir));
+    await again.writeStage(0, 'base', { value: {}, seconds: 1 });
+    await again.close();
     // a run of another config is refused, and the lock goes with the refusal
     await expect(RunDir.open(dir, parseConfig(demoConfigInput({ dir, iterations: 4, quick: true })))).rejects.toThrow('run.iterations');
     expect(existsSync(path.join(dir, 'run.lock'))).toBe(false);

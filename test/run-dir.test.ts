@@ -86,11 +86,13 @@ describe('RunDir layout', () => {
     expect(existsSync(dir)).toBe(false);
   });
 
-  it('refuses to open a run of another configuration, naming the field', async () => {
+  it('refuses to open a run of another configuration that a finished stage used, naming the field and the stage', async () => {
     const dir = path.join(root, 'changed');
+    const run = await RunDir.open(dir, configOf(dir));
+    await run.writeStage(0, 'base', { value: {}, seconds: 1 });
+    await run.close();
     await (await RunDir.open(dir, configOf(dir))).close();
-    await (await RunDir.open(dir, configOf(dir))).close();
-    await expect(RunDir.open(dir, configOf(dir, 4))).rejects.toThrow('run.iterations: 3 → 4');
+    await expect(RunDir.open(dir, configOf(dir, 4))).rejects.toThrow('run.iterations: 3 → 4 (used by the finished stage base)');
     expect(readFileSync(path.join(dir, 'run.log'), 'utf8').trimEnd().split('\n')).toHaveLength(1);
   });
 });

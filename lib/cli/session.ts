@@ -29,7 +29,7 @@ export async function runInterruptibly<T>(io: Io, argv: readonly string[], fn: (
   };
   process.on('SIGINT', onSigint);
   try {
-    return await fn({ signal: controller.signal, ...runProgressHooks(progress) });
+    return await fn({ signal: controller.signal, ...runProgressHooks(progress), onNotice: (message) => progress.log(message) });
   } catch (err) {
     if (!controller.signal.aborted) throw err;
     io.stderr.write(`interrupted; finished stages are saved, resume with: ${commandLine(argv)}\n`);

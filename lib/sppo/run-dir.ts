@@ -24,12 +24,23 @@
 import { existsSync } from 'node:fs';
 import { appendFile, mkdir, readdir, readFile, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { configHash, diffConfigs } from '../config/load.js';
+import { z } from 'zod';
+import { canonicalJson, configHash } from '../config/load.js';
 import type { RunConfig } from '../config/schema.js';
 import { isTemporaryOf, syncDirectory, temporaryOwner, temporaryPath, writeFileAtomic, writeJsonAtomic } from '../util/atomic-write.js';
 import { acquireLock, isProcessAlive, LockedError, type Lock } from '../util/lock.js';
 import type { IterationMetrics } from './run.js';
-import { BASE_STAGES, describeIssues, STAGE_VALUE_SCHEMAS, type StageName, type StageOutput, type StageValues } from './stage-files.js';
+import { fingerprintInputs, inputFiles, type InputFingerprints } from './inputs.js';
+import { changesSince, resumeDecision, stageHashes, type StageRef } from './resume.js';
+import {
+  BASE_STAGES,
+  ITERATION_STAGES,
+  describeIssues,
+  STAGE_VALUE_SCHEMAS,
+  type StageName,
+  type StageOutput,
+  type StageValues,
+} from './stage-files.js';
 
 export type { StageName, StageOutput, StageValues } from './stage-files.js';
 
@@ -51,7 +62,18 @@ const asidePath = (target: string) => `${target}.aside`;
 export interface RunRecord {
   hash: string;
   config: RunConfig;
+  /** the input files' fingerprints (lib/sppo/inputs.ts); absent in a run recorded before there were any */
+  inputs?: InputFingerprints;
+  /** per stage, a hash of the config fields and input files that determine it (lib/sppo/resume.ts) */
+  stages?: Partial<Record<StageName, string>>;
 }
+
+const runRecordSchema = z.looseObject({
+  hash: z.string(),
+  config: z.record(z.string(), z.unknown()),
+  inputs: z.record(z.string(), z.string()).optional(),
+  stages: z.record(z.string(), z.string()).optional(),
+});
 
 /** A file of the run directory that is missing or malformed; the message names it. */
 export class RunDirError extends Error {
@@ -104,6 +126,11 @@ async function removeDeadTemporaries(dir: string, depth: number): Promise<void> 
 
 const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
 
+export interface OpenOptions {
+  /** told what a resume with a changed config or input will do differently (also written to run.log) */
+  onNotice?: (message: string) => void;
+}
+
 export class RunDir {
   readonly root: string;
   #lock: Lock | undefined;
@@ -124,13 +151,13 @@ export class RunDir {
    * records run.json on the first open, and refuses a directory holding a run of another
    * configuration, naming the fields that differ.
    */
-  static async open(dir: string, config: RunConfig): Promise<RunDir> {
+  static async open(dir: string, config: RunConfig, options: OpenOptions = {}): Promise<RunDir> {
     const run = new RunDir(dir);
     await mkdir(run.root, { recursive: true });
     run.#lock = await run.#acquireLock();
     try {
       await run.#recover();
-      await run.#checkConfig(config);
+      await run.#checkConfig(config, options.onNotice);
     } catch (e) {
       await run.close();
       throw e;
@@ -377,32 +404,47 @@ export class RunDir {
   async readRun(): Promise<RunRecord | undefined> {
     const file = this.runFile;
     if (!existsSync(file)) return undefined;
-    const saved = await readRunFile(
-      file,
-      'the run record, JSON {hash, config} written when the run started',
-      'restore it, or delete it to accept the current config for every stage',
-    );
-    if (!isObject(saved) || typeof saved.hash !== 'string' || !isObject(saved.config))
-      throw new RunDirError(file, `${file}: not a run record (needs hash and config)`);
-    return saved as unknown as RunRecord;
+    const remedy = 'restore it, or use a new run.dir';
+    const saved = await readRunFile(file, 'the run record, JSON {hash, config} written when the run started', remedy);
+    const record = runRecordSchema.safeParse(saved);
+    if (!record.success)
+      throw new RunDirError(file, `${file}: not a run record (needs hash and config): ${describeIssues(record.error)}; ${remedy}`);
+    // the config was resolved when it was recorded; it is compared field by field, never run
+    return record.data as unknown as RunRecord;
   }
 
-  async #checkConfig(config: RunConfig): Promise<void> {
-    const hash = configHash(config);
+  /**
+   * Records run.json on the first open. On a resume, compares the config and the input files
+   * with the record: a change that a finished stage used is refused, naming the field (or file)
+   * and the stage; a change only the stages still to do use is accepted, logged and told to
+   * `onNotice`, and the record updated.
+   */
+  async #checkConfig(config: RunConfig, onNotice?: (message: string) => void): Promise<void> {
+    const files = await inputFiles(config);
+    const inputs = await fingerprintInputs(files);
+    const record: RunRecord = { hash: configHash(config), config, inputs, stages: stageHashes(config, inputs, files) };
     const saved = await this.readRun();
-    if (saved) {
-      if (saved.hash === hash) return;
-      const changes = diffConfigs(saved.config, config).filter((c) => c.path !== 'run.dir');
-      if (changes.length > 0) {
-        const list = changes
-          .slice(0, 10)
-          .map((c) => `${c.path}: ${JSON.stringify(c.before)} → ${JSON.stringify(c.after)}`)
-          .join('; ');
-        throw new Error(`${this.root} holds a run with a different configuration (${list}); use a new run.dir or restore the config`);
-      }
+    if (!saved) {
+      await writeJsonAtomic(this.runFile, record);
+      await appendFile(this.logFile, `${new Date().toISOString()} started, config ${record.hash}\n`);
       return;
     }
-    await writeJsonAtomic(this.runFile, { hash, config } satisfies RunRecord);
-    await appendFile(this.logFile, `${new Date().toISOString()} started, config ${hash}\n`);
+    const changes = changesSince(saved, config, inputs, files);
+    if (changes.length > 0) {
+      const decision = resumeDecision(changes, await this.#finishedStages(), config.run.iterations);
+      if (decision.refused) throw new Error(`${this.root} ${decision.message}`);
+      await appendFile(this.logFile, `${new Date().toISOString()} ${decision.message}\n`);
+      onNotice?.(decision.message);
+    }
+    // also brings a record of an older version up to date (input fingerprints, stage hashes)
+    if (canonicalJson(saved) !== canonicalJson(record)) await writeJsonAtomic(this.runFile, record);
+  }
+
+  /** Every stage whose file exists, in the order a run does them. */
+  async #finishedStages(): Promise<StageRef[]> {
+    const iterations = (await this.#iterations()).reverse();
+    return iterations.flatMap((t) =>
+      (t === 0 ? BASE_STAGES : ITERATION_STAGES).filter((stage) => existsSync(this.stageFile(t, stage))).map((stage) => ({ t, stage })),
+    );
   }
 }

@@ -51,6 +51,8 @@ export interface RunHooks {
   onStage?: (e: { iteration: number; stage: StageName; status: 'start' | 'done' | 'skipped'; seconds?: number }) => void;
   onProgress?: (e: { iteration: number; stage: StageName; done: number; total: number }) => void;
   onMetrics?: (row: IterationMetrics) => void;
+  /** what a resume with a changed config or input file does differently: the stages that will use the new values */
+  onNotice?: (message: string) => void;
 }
 
 export interface IterationMetrics {
@@ -99,7 +101,7 @@ export interface RunResult {
 
 /** Runs (or resumes) an SPPO run; returns every iteration's metrics, π_0 first. */
 export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<RunResult> {
-  const run = await RunDir.open(setup.config.run.dir, setup.config);
+  const run = await RunDir.open(setup.config.run.dir, setup.config, { onNotice: hooks.onNotice });
   try {
     return await runIn(run, setup, hooks);
   } finally {
