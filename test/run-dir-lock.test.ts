@@ -3,7 +3,7 @@
 // Checkpoint replacement never leaves a moment without a complete policy (a commit killed between
 // its renames is repaired at open), and a process removes only its own temporaries plus those of
 // dead processes.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { hostname, tmpdir } from 'node:os';
 import path from 'node:path';
@@ -101,6 +101,13 @@ describe('the run directory lock', () => {
     expect(readFileSync(run.logFile, 'utf8')).toContain(`took over the lock of process ${child.pid}`);
     await run.close();
     expect(existsSync(run.lockFile)).toBe(false);
+  }, 60_000);
+
+  it('a process that exits without closing (process.exit) leaves no lock', () => {
+    const dir = path.join(root, 'exit');
+    const r = spawnSync(process.execPath, ['--import', 'tsx', holderScript, dir, 'exit'], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.stdout, r.stderr).toMatch(/^open \d+\n$/);
+    expect(readdirSync(dir).sort()).toEqual(['run.json', 'run.log']);
   }, 60_000);
 
   it('is held until close, also against the same process, and released on a failed open', async () => {

@@ -4,7 +4,7 @@
 // killed process on this host) is stale and taken over; a lock held from another host cannot be
 // checked and is refused, with the holder named so the user can judge.
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { readFileSync, unlinkSync } from 'node:fs';
 import { link, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { temporaryPath } from './atomic-write.js';
@@ -134,7 +134,14 @@ export async function acquireLock(file: string): Promise<Lock> {
     for (let round = 0; round < 8; round++) {
       try {
         await link(tmp, file);
-        return { file, holder, tookOver, release: () => releaseLock(file, holder.token) };
+        // a process that exits without releasing (process.exit, a second Ctrl-C) still leaves no lock
+        const onExit = () => releaseLockSync(file, holder.token);
+        process.on('exit', onExit);
+        const release = async () => {
+          process.off('exit', onExit);
+          await releaseLock(file, holder.token);
+        };
+        return { file, holder, tookOver, release };
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
       }
@@ -165,6 +172,14 @@ async function takeOver(file: string, stale: LockHolder): Promise<void> {
   const moved = await readLock(away).catch(() => undefined);
   if (moved && moved.token !== stale.token) await link(away, file).catch(() => undefined); // a live lock: put it back
   await rm(away, { force: true });
+}
+
+function releaseLockSync(file: string, token: string): void {
+  try {
+    if ((JSON.parse(readFileSync(file, 'utf8')) as Partial<LockHolder>).token === token) unlinkSync(file);
+  } catch {
+    // gone or unreadable: nothing of ours to remove
+  }
 }
 
 async function releaseLock(file: string, token: string): Promise<void> {
