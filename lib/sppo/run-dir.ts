@@ -1,8 +1,9 @@
 // The run directory, and the only code that knows its layout:
 //
 //   run.lock                 the running process's pid and host: one writer at a time (RunDir.open)
-//   run.json                 the resolved config and its hash; a resumed run must match it
-//   run.log                  a line per start
+//   run.json                 the resolved config, its hash, each stage's config hash and the input
+//                            files' fingerprints: what a resumed run is checked against
+//   run.log                  a line when the run started, per accepted config change, per lock taken over
 //   metrics.jsonl            one IterationMetrics row per evaluated policy, π_0 first
 //   base/base.json           π_0's stage files ({value, seconds}), and its checkpoint
 //   base/eval.json
