@@ -83,8 +83,8 @@ describe('examples/*.ts', () => {
     expect(typeof aligned.answer).toBe('string');
     // The judge of the run was the tool's function: every judged pair is its verdict on the two texts.
     const run = RunDir.at(runDir);
-    const generated = (await run.readStage<{ responses: { text: string }[][] }>(1, 'generate'))!.value;
-    const judged = (await run.readStage<{ preference: number[][][] }>(1, 'judge'))!.value;
+    const generated = (await run.readStage(1, 'generate'))!.value;
+    const judged = (await run.readStage(1, 'judge'))!.value;
     const verdict = houseStyle(4 * maxNewTokens);
     expect(judged.preference).toHaveLength(generated.responses.length);
     judged.preference.forEach((P, p) => {

@@ -13,7 +13,7 @@ import { CharTokenizer, demoPolicyText } from '../lib/demo/task.js';
 import { loadPretrained, savePretrained } from '../lib/io/checkpoint.js';
 import { Tokenizer } from '../lib/io/tokenizer.js';
 import type { IterationMetrics } from '../lib/sppo/run.js';
-import { RunDir, RunDirError } from '../lib/sppo/run-dir.js';
+import { RunDir, RunDirError, type StageName } from '../lib/sppo/run-dir.js';
 
 const root = mkdtempSync(path.join(tmpdir(), 'sppo-run-dir-'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
@@ -68,8 +68,9 @@ describe('RunDir layout', () => {
     expect(() => run.stageFile(1, 'base')).toThrow("stage 'base' belongs to π_0");
     expect(() => run.policy(-1)).toThrow(RangeError);
     expect(() => run.policy(1.5)).toThrow(RangeError);
-    // opening records the config and the start
-    expect(readdirSync(dir).sort()).toEqual(['run.json', 'run.log']);
+    expect(run.lockFile).toBe(path.join(dir, 'run.lock'));
+    // opening takes the lock and records the config and the start
+    expect(readdirSync(dir).sort()).toEqual(['run.json', 'run.lock', 'run.log']);
     expect((await run.readRun())?.config).toEqual(configOf(dir));
     await run.close();
   });
@@ -79,17 +80,19 @@ describe('RunDir layout', () => {
     const view = RunDir.at(dir);
     expect(await view.readRun()).toBeUndefined();
     expect(await view.newestPolicy()).toBeUndefined();
-    await expect(view.writeStage(0, 'base', { value: 1, seconds: 0 })).rejects.toThrow('not open for writing');
+    await expect(view.writeStage(0, 'base', { value: {}, seconds: 0 })).rejects.toThrow('not open for writing');
     await expect(view.savePolicy(0, checkpoint('{}'))).rejects.toThrow('not open for writing');
     await expect(view.appendMetrics(row(0, 0.5))).rejects.toThrow('not open for writing');
     expect(existsSync(dir)).toBe(false);
   });
 
-  it('refuses to open a run of another configuration, naming the field', async () => {
+  it('refuses to open a run of another configuration that a finished stage used, naming the field and the stage', async () => {
     const dir = path.join(root, 'changed');
+    const run = await RunDir.open(dir, configOf(dir));
+    await run.writeStage(0, 'base', { value: {}, seconds: 1 });
+    await run.close();
     await (await RunDir.open(dir, configOf(dir))).close();
-    await (await RunDir.open(dir, configOf(dir))).close();
-    await expect(RunDir.open(dir, configOf(dir, 4))).rejects.toThrow('run.iterations: 3 → 4');
+    await expect(RunDir.open(dir, configOf(dir, 4))).rejects.toThrow('run.iterations: 3 → 4 (used by the finished stage base)');
     expect(readFileSync(path.join(dir, 'run.log'), 'utf8').trimEnd().split('\n')).toHaveLength(1);
   });
 });
@@ -106,6 +109,51 @@ describe('stage files', () => {
     await expectRunDirError(run.readStage(1, 'judge'), file, file, 'not valid JSON');
     writeFileSync(file, '{"value": 1}');
     await expectRunDirError(run.readStage(1, 'judge'), file, file, 'not a stage file', 'delete it');
+    writeFileSync(file, '');
+    await expectRunDirError(run.readStage(1, 'judge'), file, `${file}: empty; expected the judge stage's output, JSON {value, seconds}`);
+    await run.close();
+  });
+
+  it('are read through their schema: a wrong shape names the file and the field', async () => {
+    const dir = path.join(root, 'shapes');
+    const run = await RunDir.open(dir, configOf(dir));
+    const interval = { mean: 0.5, low: 0.4, high: 0.6, n: 2 };
+    const sample = { prompt: 'ab', answer: 'S:ba', tokens: [1, 2] };
+    await run.writeStage(1, 'evaluate', { value: { samples: [sample], winRateVsBase: interval }, seconds: 1 });
+    expect((await run.readStage(1, 'evaluate'))?.value.samples).toEqual([sample]);
+    const wrong = async (stage: StageName, value: unknown, ...fragments: string[]) => {
+      const file = run.stageFile(stage === 'base' || stage === 'base-eval' ? 0 : 1, stage);
+      writeFileSync(file, JSON.stringify({ value, seconds: 1 }));
+      await expectRunDirError(
+        run.readStage(stage === 'base' || stage === 'base-eval' ? 0 : 1, stage),
+        file,
+        file,
+        ...fragments,
+        'delete it',
+      );
+    };
+    mkdirSync(path.join(dir, 'base'));
+    // what once failed as `ev.samples.map is not a function`
+    await wrong(
+      'evaluate',
+      { samples: 5, winRateVsBase: interval },
+      "not the evaluate stage's output",
+      'value.samples: expected array, got number',
+    );
+    await wrong(
+      'base-eval',
+      { samples: [{ ...sample, tokens: 'ab' }], winRateVsBase: interval },
+      'value.samples[0].tokens: expected array',
+    );
+    await wrong(
+      'generate',
+      { prompts: [], responses: [[{ tokens: [1], logprobs: [null], text: 'x', stopReason: 'eos' }]] },
+      'value.responses[0][0].logprobs[0]',
+    );
+    await wrong('judge', { preference: [[['0.5']]] }, 'value.preference[0][0][0]: expected number');
+    await wrong('dataset', { mode: 'pairs' }, 'value.mode');
+    await wrong('train', { steps: [{ step: 1, loss: 0.5 }] }, 'value.steps[0].metrics');
+    await wrong('base', [], 'value: expected record');
     await run.close();
   });
 });
@@ -139,7 +187,9 @@ describe('policies', () => {
     mkdirSync(path.join(dir, 'iter-1', 'policy.tmp-99999-0badc0de'));
     writeFileSync(path.join(run.policy(1), 'stale.safetensors'), 'x');
     await run.savePolicy(1, checkpoint('new'));
-    expect(readdirSync(path.join(dir, 'iter-1'))).toEqual(['policy']);
+    // another process's temporary stays (a dead one's goes at the next open)
+    expect(readdirSync(path.join(dir, 'iter-1')).sort()).toEqual(['policy', 'policy.tmp-99999-0badc0de']);
+    rmSync(path.join(dir, 'iter-1', 'policy.tmp-99999-0badc0de'), { recursive: true });
     expect(readdirSync(run.policy(1))).toEqual(['config.json']);
     expect(readFileSync(path.join(run.policy(1), 'config.json'), 'utf8')).toBe('new');
     // a save that fails leaves the previous checkpoint and no temporary
@@ -202,6 +252,9 @@ describe('run.json', () => {
     await expectRunDirError(RunDir.at(dir).readRun(), file, file, 'not a run record', 'config');
     writeFileSync(file, '[]');
     await expectRunDirError(RunDir.at(dir).readRun(), file, file, 'not a run record');
+    // what once failed as `Unexpected end of JSON input`
+    writeFileSync(file, '');
+    await expectRunDirError(RunDir.open(dir, configOf(dir)), file, `${file}: empty; expected the run record`);
   });
 });
 

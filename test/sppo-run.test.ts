@@ -56,6 +56,21 @@ describe('resume', () => {
         return m;
       });
 
+  /** Starts the run in `dir` and aborts it once the victim stage has started: it is killed mid-way. */
+  const killedIn = async (dir: string, victim: StageName) => {
+    const first = demoSetup(parseConfig(input(dir)));
+    const ac = new AbortController();
+    await expect(
+      runSppo(first.setup, {
+        signal: ac.signal,
+        onStage: (e) => {
+          if (e.stage === victim && e.status === 'start') queueMicrotask(() => ac.abort(new Error(`killed in ${victim}`)));
+        },
+      }),
+    ).rejects.toThrow();
+    await first.setup.model.dispose();
+  };
+
   it('a run killed in each stage and restarted ends as an uninterrupted one', async () => {
     const reference = path.join(root, 'whole');
     const whole = demoSetup(parseConfig(input(reference)));
@@ -66,18 +81,7 @@ describe('resume', () => {
     const stages: StageName[] = ['base', 'base-eval', 'generate', 'judge', 'dataset', 'train', 'evaluate'];
     for (const victim of stages) {
       const dir = path.join(root, `killed-${victim}`);
-      const first = demoSetup(parseConfig(input(dir)));
-      const ac = new AbortController();
-      await expect(
-        runSppo(first.setup, {
-          signal: ac.signal,
-          // Abort once the victim stage has started: it is killed mid-way.
-          onStage: (e) => {
-            if (e.stage === victim && e.status === 'start') queueMicrotask(() => ac.abort(new Error(`killed in ${victim}`)));
-          },
-        }),
-      ).rejects.toThrow();
-      await first.setup.model.dispose();
+      await killedIn(dir, victim);
       const second = demoSetup(parseConfig(input(dir)));
       await runSppo(second.setup);
       await second.setup.model.dispose();
@@ -96,11 +100,37 @@ describe('resume', () => {
     expect(train.value.steps[0].gradNorm).toBeGreaterThan(0);
   });
 
+  it('a run stopped before training resumes with a changed training field, doing only the stages still to do', async () => {
+    const dir = path.join(root, 'retrain');
+    await killedIn(dir, 'train');
+    const c = input(dir);
+    const second = demoSetup(parseConfig({ ...c, training: { ...c.training, eta: 3 } }));
+    const stages: string[] = [];
+    const notices: string[] = [];
+    await runSppo(second.setup, {
+      onStage: (e) => stages.push(`${e.iteration} ${e.stage} ${e.status}`),
+      onNotice: (m) => notices.push(m),
+    });
+    await second.setup.model.dispose();
+    expect(notices).toEqual([expect.stringMatching(/^changed since the run started: training\.eta: 5 → 3; .* train \(iteration 1\)$/)]);
+    expect(stages.filter((s) => !s.endsWith('start'))).toEqual([
+      '0 base skipped',
+      '0 base-eval skipped',
+      '1 generate skipped',
+      '1 judge skipped',
+      '1 dataset skipped',
+      '1 train done',
+      '1 evaluate done',
+    ]);
+    const record = JSON.parse(readFileSync(path.join(dir, 'run.json'), 'utf8')) as { config: { training: { eta: number } } };
+    expect(record.config.training.eta).toBe(3);
+  });
+
   it('refuses to resume with a changed configuration, naming what changed', async () => {
     const dir = path.join(root, 'whole');
     const c = input(dir);
     const changed = demoSetup(parseConfig({ ...c, training: { ...c.training, eta: 3 } }));
-    await expect(runSppo(changed.setup)).rejects.toThrow(`training.eta: ${c.training!.eta} → 3`);
+    await expect(runSppo(changed.setup)).rejects.toThrow(`training.eta: ${c.training!.eta} → 3 (used by the finished stage iter-1 train)`);
     await changed.setup.model.dispose();
   });
 });

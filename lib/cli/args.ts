@@ -1,5 +1,7 @@
 // Argument parsing shared by the subcommands: node:util parseArgs (strict, no positionals) with
 // errors turned into UsageError, which the entry point prints as one line and exits with 2.
+import { statSync } from 'node:fs';
+import path from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { cudaInfo, type Device, type Model } from '../engine/model.js';
 
@@ -72,6 +74,26 @@ export function deviceLine(model: Model, asked: Device | undefined): string {
 export function requireOption<T>(value: T | undefined, flag: string, command: string): T {
   if (value === undefined) throw new UsageError(`--${flag} is required (see sppo ${command} --help)`);
   return value;
+}
+
+/** A path option's value; an empty one is refused (it would resolve to the working directory). */
+export function pathOption(value: string | undefined, flag: string): string | undefined {
+  if (value?.trim() === '')
+    throw new UsageError(`--${flag}: an empty path; give a ${flag === 'out' || flag === 'config' ? 'file' : 'directory'} name`);
+  return value;
+}
+
+/** --out's value, refused when empty or when it is the file of `--${inputFlag}` (writing would replace it). */
+export function outputOption(out: string | undefined, input: string, inputFlag: string): string | undefined {
+  if (out === undefined) return undefined;
+  pathOption(out, 'out');
+  const same = (a: string, b: string) => {
+    if (path.resolve(a) === path.resolve(b)) return true;
+    const [x, y] = [statSync(a, { throwIfNoEntry: false }), statSync(b, { throwIfNoEntry: false })];
+    return x !== undefined && y !== undefined && x.dev === y.dev && x.ino === y.ino; // a link to it
+  };
+  if (same(out, input)) throw new UsageError(`--out is the --${inputFlag} file (${path.resolve(input)}); writing there would replace it`);
+  return out;
 }
 
 /** The command line as typed, for "resume with the same command". */

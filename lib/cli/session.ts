@@ -29,7 +29,7 @@ export async function runInterruptibly<T>(io: Io, argv: readonly string[], fn: (
   };
   process.on('SIGINT', onSigint);
   try {
-    return await fn({ signal: controller.signal, ...runProgressHooks(progress) });
+    return await fn({ signal: controller.signal, ...runProgressHooks(progress), onNotice: (message) => progress.log(message) });
   } catch (err) {
     if (!controller.signal.aborted) throw err;
     io.stderr.write(`interrupted; finished stages are saved, resume with: ${commandLine(argv)}\n`);
@@ -40,9 +40,23 @@ export async function runInterruptibly<T>(io: Io, argv: readonly string[], fn: (
   }
 }
 
-/** Prints the run's metrics table and (re)writes its report. */
-export async function finishRun(dir: string, io: Io): Promise<void> {
+/** Errors of a directory that cannot be written: permissions, a read-only filesystem. */
+const NOT_WRITABLE = new Set(['EACCES', 'EPERM', 'EROFS']);
+
+/**
+ * Prints the run's metrics table and (re)writes its report. With `readOnly`, a directory that
+ * cannot be written is no failure: the report is left as it is, and stderr says so.
+ */
+export async function finishRun(dir: string, io: Io, options: { readOnly?: boolean } = {}): Promise<void> {
   io.stdout.write(`\n${metricsTable(await readMetrics(dir))}\n\n`);
-  const files = await writeReport(dir);
+  let files;
+  try {
+    files = await writeReport(dir);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (!options.readOnly || code === undefined || !NOT_WRITABLE.has(code)) throw err;
+    io.stderr.write(`${dir} is not writable (${code}), so its report (report.html, curves.png, curves.svg) was not rewritten\n`);
+    return;
+  }
   io.stdout.write(`report: ${files.html} (curves: ${files.png})\n`);
 }

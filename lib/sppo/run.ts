@@ -13,21 +13,16 @@ import { CheckpointWeights } from '../io/weights.js';
 import type { PreferenceModel } from '../preference/model.js';
 import { throwIfAborted } from '../util/abort.js';
 import { buildTrainingSet, type JudgedPrompt, type TrainingSet } from './dataset.js';
-import { RunDir, type StageName } from './run-dir.js';
+import { RunDir } from './run-dir.js';
+import type { EvalFile, Generations, Interval, Sample, StageName, StageValues, TrainFile } from './stage-files.js';
 
-export type { StageName } from './run-dir.js';
+export type { Interval, Sample, StageName } from './stage-files.js';
 
 /** How a run turns prompt text into the policy's tokens and generated tokens back into text. */
 export interface PolicyText {
   promptIds(prompt: string): number[];
   decode(ids: ArrayLike<number>): string;
   stopTokens: readonly number[];
-}
-
-export interface Sample {
-  prompt: string;
-  answer: string;
-  tokens: number[];
 }
 
 export interface RunSetup {
@@ -56,14 +51,8 @@ export interface RunHooks {
   onStage?: (e: { iteration: number; stage: StageName; status: 'start' | 'done' | 'skipped'; seconds?: number }) => void;
   onProgress?: (e: { iteration: number; stage: StageName; done: number; total: number }) => void;
   onMetrics?: (row: IterationMetrics) => void;
-}
-
-export interface Interval {
-  mean: number;
-  /** 95% normal-approximation confidence interval */
-  low: number;
-  high: number;
-  n: number;
+  /** what a resume with a changed config or input file does differently: the stages that will use the new values */
+  onNotice?: (message: string) => void;
 }
 
 export interface IterationMetrics {
@@ -79,22 +68,6 @@ export interface IterationMetrics {
   train?: { steps: number; first: Record<string, number>; last: Record<string, number> };
   task?: Record<string, unknown>;
   seconds: Partial<Record<StageName, number>>;
-}
-
-interface Generations {
-  prompts: { text: string; ids: number[] }[];
-  /** prompt-major, K per prompt */
-  responses: { tokens: number[]; logprobs: number[]; text: string; stopReason: string }[][];
-}
-
-interface EvalFile {
-  samples: Sample[];
-  winRateVsBase: Interval;
-  winRateVsPrevious?: Interval;
-}
-
-interface TrainFile {
-  steps: { step: number; loss: number; lr?: number; gradNorm?: number; metrics: Record<string, number> }[];
 }
 
 function interval(xs: readonly number[]): Interval {
@@ -122,7 +95,7 @@ export interface RunResult {
 
 /** Runs (or resumes) an SPPO run; returns every iteration's metrics, π_0 first. */
 export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<RunResult> {
-  const run = await RunDir.open(setup.config.run.dir, setup.config);
+  const run = await RunDir.open(setup.config.run.dir, setup.config, { onNotice: hooks.onNotice });
   try {
     return await runIn(run, setup, hooks);
   } finally {
@@ -145,8 +118,8 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
   };
   // A stage file holds the stage's output and how long it took, so a resumed run still
   // reports the time of stages it skips.
-  const timed = async <T>(iteration: number, name: StageName, fn: () => T | Promise<T>) => {
-    const saved = await run.readStage<T>(iteration, name);
+  const timed = async <S extends StageName>(iteration: number, name: S, fn: () => StageValues[S] | Promise<StageValues[S]>) => {
+    const saved = await run.readStage(iteration, name);
     if (saved) {
       hooks.onStage?.({ iteration, stage: name, status: 'skipped' });
       return saved;

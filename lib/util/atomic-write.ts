@@ -12,9 +12,21 @@ export function temporaryPath(target: string): string {
   return `${target}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
 }
 
-/** Whether the directory entry `name` is a temporary of a target named `targetName` (from any process). */
-export function isTemporaryOf(name: string, targetName: string): boolean {
-  return name.startsWith(`${targetName}.tmp-`);
+const TEMPORARY = /\.tmp-([1-9]\d*)-[0-9a-f]+$/;
+
+/**
+ * Whether the directory entry `name` is a temporary of a target named `targetName`: of any
+ * process, or only of the process `pid` when given (a process removes only its own).
+ */
+export function isTemporaryOf(name: string, targetName: string, pid?: number): boolean {
+  if (!name.startsWith(`${targetName}.tmp-`)) return false;
+  return pid === undefined || temporaryOwner(name) === pid;
+}
+
+/** The pid of the process that made the temporary `name` (a file or directory name), or undefined if it is none. */
+export function temporaryOwner(name: string): number | undefined {
+  const m = TEMPORARY.exec(name);
+  return m ? Number(m[1]) : undefined;
 }
 
 /**

@@ -4,7 +4,7 @@ import { runDemo } from '../../demo/demo.js';
 import { isPreferenceLoss, PREFERENCE_LOSSES, type PreferenceLossName } from '../../engine/losses.js';
 import type { IterationMetrics } from '../../sppo/run.js';
 import type { Model } from '../../engine/model.js';
-import { deviceLine, deviceOption, integerOption, parseOptions, UsageError, type Command } from '../args.js';
+import { deviceLine, deviceOption, integerOption, parseOptions, pathOption, UsageError, type Command } from '../args.js';
 import { finishRun, INTERRUPTED, runInterruptibly } from '../session.js';
 import { compareTable } from '../table.js';
 
@@ -51,7 +51,7 @@ export const demoCommand: Command = {
     const device = deviceOption(values.device);
     const loss = lossOption(values.loss);
     if (values.compare && loss) throw new UsageError(`--compare runs ${COMPARED.join(', ')}; it takes no --loss`);
-    const dir = path.resolve(values.dir ?? DEFAULT_DIR);
+    const dir = path.resolve(pathOption(values.dir, 'dir') ?? DEFAULT_DIR);
     const common = {
       iterations: integerOption(values.iterations, 'iterations', 1),
       quick: values.quick ?? false,

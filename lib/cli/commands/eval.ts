@@ -1,14 +1,15 @@
 // `sppo eval --run DIR`: the metrics table of a run (finished or not) and a fresh report.
 import { existsSync } from 'node:fs';
 import path from 'node:path';
-import { parseOptions, requireOption, UsageError, type Command } from '../args.js';
+import { parseOptions, pathOption, requireOption, UsageError, type Command } from '../args.js';
 import { finishRun } from '../session.js';
 
 const help = `Usage: sppo eval --run DIR
 
 Prints the per-iteration metrics of the run in DIR (from DIR/metrics.jsonl) and rewrites its
 report: DIR/report.html, DIR/curves.png and DIR/curves.svg. Works on a run that is still going
-or was interrupted (it shows the iterations evaluated so far).
+or was interrupted (it shows the iterations evaluated so far), and on a read-only copy of a run
+(the table is printed and the report left as it is).
 
   --run DIR    the run directory (run.dir of the config, or sppo demo's --dir)
   -h, --help   this text`;
@@ -19,9 +20,10 @@ export const evalCommand: Command = {
   help,
   async run(argv, io) {
     const values = parseOptions('eval', argv, { run: { type: 'string' } });
-    const dir = path.resolve(requireOption(values.run, 'run', 'eval'));
+    const dir = path.resolve(requireOption(pathOption(values.run, 'run'), 'run', 'eval'));
     if (!existsSync(dir)) throw new UsageError(`--run: ${dir} does not exist`);
-    await finishRun(dir, io);
+    // a run copied somewhere read-only still shows; only its report stays as it was
+    await finishRun(dir, io, { readOnly: true });
     return 0;
   },
 };

@@ -13,7 +13,17 @@ import { contextLimit } from '../../preference/from-config.js';
 import { RunDir } from '../../sppo/run-dir.js';
 import { chatPolicyText, requireChatTokenizer } from '../../sppo/setup.js';
 import { writeFileAtomic } from '../../util/atomic-write.js';
-import { deviceLine, deviceOption, integerOption, numberOption, parseOptions, requireOption, UsageError, type Command } from '../args.js';
+import {
+  deviceLine,
+  deviceOption,
+  integerOption,
+  numberOption,
+  outputOption,
+  parseOptions,
+  requireOption,
+  UsageError,
+  type Command,
+} from '../args.js';
 import { Progress } from '../progress.js';
 
 const help = `Usage: sppo generate (--model DIR | --demo-run RUN_DIR [--iteration T]) --prompts FILE [options]
@@ -94,6 +104,7 @@ export const generateCommand: Command = {
     if (v.iteration !== undefined && v.model !== undefined)
       throw new UsageError('--iteration goes with --demo-run (for --model, name the checkpoint directory)');
     const promptFile = requireOption(v.prompts, 'prompts', 'generate');
+    const outFile = outputOption(v.out, promptFile, 'prompts');
     const samples = integerOption(v.samples, 'samples', 1) ?? 1;
     const seed = integerOption(v.seed, 'seed', 0) ?? 0;
     const source: Source =
@@ -137,7 +148,7 @@ export const generateCommand: Command = {
     const { model } = await loadPretrained(source.dir, { maxBatch: 1, maxSeq }, { training: false, device });
     // stdout may be the JSONL output: say where the model runs on stderr.
     io.stderr.write(deviceLine(model, device));
-    const progress = v.out !== undefined ? new Progress(io.stdout) : undefined;
+    const progress = outFile !== undefined ? new Progress(io.stdout) : undefined;
     let out: GeneratedSequence[];
     try {
       const generator = model.createGenerator({
@@ -176,10 +187,10 @@ export const generateCommand: Command = {
           }) + '\n',
       )
       .join('');
-    if (v.out === undefined) io.stdout.write(jsonl);
+    if (outFile === undefined) io.stdout.write(jsonl);
     else {
-      await writeFileAtomic(path.resolve(v.out), jsonl, { createParents: true });
-      io.stdout.write(`wrote ${out.length} responses to ${path.resolve(v.out)}\n`);
+      await writeFileAtomic(path.resolve(outFile), jsonl, { createParents: true });
+      io.stdout.write(`wrote ${out.length} responses to ${path.resolve(outFile)}\n`);
     }
     return 0;
   },

@@ -3,7 +3,7 @@ import { loadConfig, RunConfigError } from '../../config/load.js';
 import type { RunConfig } from '../../config/schema.js';
 import { runSppo } from '../../sppo/run.js';
 import { setupFromConfig } from '../../sppo/setup.js';
-import { deviceLine, deviceOption, parseOptions, requireOption, UsageError, type Command } from '../args.js';
+import { deviceLine, deviceOption, parseOptions, pathOption, requireOption, UsageError, type Command } from '../args.js';
 import { finishRun, INTERRUPTED, runInterruptibly } from '../session.js';
 
 const help = `Usage: sppo run --config FILE [--device DEV]
@@ -39,7 +39,7 @@ export const runCommand: Command = {
   async run(argv, io) {
     const values = parseOptions('run', argv, { config: { type: 'string' }, device: { type: 'string' } });
     const device = deviceOption(values.device);
-    const config = await readConfig(requireOption(values.config, 'config', 'run'));
+    const config = await readConfig(requireOption(pathOption(values.config, 'config'), 'config', 'run'));
     const setup = await setupFromConfig(config, { device });
     io.stdout.write(deviceLine(setup.model, device));
     try {
