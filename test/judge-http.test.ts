@@ -193,6 +193,16 @@ describe('httpJudge answers', () => {
       source: 'logprobs',
     });
     expect(verdictFromCompletion(completion({ text: 'A', top: { the: 0.9 } }))).toMatchObject({ p: 1, source: 'text' });
+    for (const [answer, p] of [
+      ['A is better.', 1],
+      ['  B)', 0],
+      ['Both are fine.', 0.5],
+      ['As an AI, I cannot say.', 0.5],
+      ['Ä', 0.5],
+      ['B2', 0.5],
+      ['', 0.5],
+    ] as const)
+      expect(verdictFromCompletion(completion({ text: answer })), answer).toMatchObject({ p, source: p === 0.5 ? 'unparseable' : 'text' });
     expect(verdictFromCompletion({ choices: [] })).toBeUndefined();
     expect(verdictFromCompletion({ choices: [{ message: { content: null } }] })).toBeUndefined();
   });

@@ -105,8 +105,8 @@ function letterOf(token: string): string {
  * - logprobs: the first token's `top_logprobs`, probability mass of tokens that read 'A' (after
  *   leading spaces) against those that read 'B', renormalised over the two — used when either
  *   letter is among them;
- * - else the text: its first non-space character 'A' → 1, 'B' → 0, anything else → ½, counted
- *   as unparseable.
+ * - else the text: a first word that is the letter 'A' → 1 or 'B' → 0 ('A', ' B.', 'A is
+ *   better'), anything else ('Both are good', prose, nothing) → ½, an unparseable answer.
  * Returns undefined for a body that is not a chat completion (no choices, no message, no text
  * and no logprobs): the caller retries it.
  */
@@ -136,7 +136,8 @@ export function verdictFromCompletion(body: unknown): Verdict | undefined {
     if (a + b > 0) return { p: a / (a + b), source: 'logprobs', text };
   }
   if (typeof content !== 'string') return undefined;
-  const first = content.trimStart()[0];
+  // the letter alone, not the first letter of a word ('Both', 'As an AI')
+  const first = /^\s*([AB])(?![\p{L}\p{N}])/u.exec(content)?.[1];
   if (first === 'A') return { p: 1, source: 'text', text };
   if (first === 'B') return { p: 0, source: 'text', text };
   return {
