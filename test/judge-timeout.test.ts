@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { stringify as toYaml } from 'yaml';
+import { tinyConfig } from './fixtures/engine-helpers.js';
 import { makeMistralChatModel } from './fixtures/mistral-tokenizer.js';
 import { Model, savePretrained } from '../lib/index.js';
 import type { Model as EngineModel } from '../lib/engine/model.js';
@@ -79,19 +80,7 @@ describe('a function judge that never settles', () => {
 describe('sppo run with a judge module that never answers', () => {
   it('exits 1 with an error naming the judge and the timeout, not 13 with nothing said', async () => {
     const policy = path.join(tmp, 'policy');
-    const model = Model.create(
-      {
-        vocab_size: 32000,
-        hidden_size: 16,
-        num_hidden_layers: 1,
-        num_attention_heads: 2,
-        num_key_value_heads: 1,
-        intermediate_size: 32,
-        max_position_embeddings: 128,
-        seed: 3,
-      },
-      { maxBatch: 1, maxSeq: 8 },
-    );
+    const model = Model.create(tinyConfig({ vocab_size: 32000, max_position_embeddings: 128, seed: 3 }), { maxBatch: 1, maxSeq: 8 });
     try {
       await savePretrained(model, policy);
     } finally {
