@@ -209,6 +209,37 @@ describe('definePreferenceModel', () => {
     );
   });
 
+  it('takes a judgment with its unusable verdicts from a judge, and checks it', async () => {
+    const half = [
+      [0.5, 0.5],
+      [0.5, 0.5],
+    ];
+    const reporting = definePreferenceModel({
+      id: 'r',
+      maxUnusableFraction: 0.5,
+      compare: (prompt) => ({ P: half, verdicts: 2, unusable: prompt === 'bad' ? ['order 1: unreadable'] : [] }),
+    });
+    expect(reporting.maxUnusableFraction).toBe(0.5);
+    expect(await reporting.judge('bad', ['a', 'b'])).toEqual({ P: half, verdicts: 2, unusable: ['order 1: unreadable'] });
+    await expect(reporting.compare('bad', ['a', 'b'], { maxUnusableFraction: 0.4 })).rejects.toThrow(
+      "preference model 'r': 1 of 2 verdicts (50%) were unusable, more than maxUnusableFraction = 40% allows; e.g. order 1: unreadable.",
+    );
+    const batch = await reporting.judgeBatch(['ok', 'bad', 'ok', 'bad'].map((prompt) => ({ prompt, responses: ['a', 'b'] })));
+    expect(batch).toEqual({
+      matrices: [half, half, half, half],
+      verdicts: 8,
+      unusable: 2,
+      examples: ['prompt 1: order 1: unreadable', 'prompt 3: order 1: unreadable'],
+    });
+    // a bare matrix is K(K − 1)/2 usable verdicts
+    const bare = definePreferenceModel({ id: 'b', compare: () => half });
+    expect(await bare.judge('x', ['a', 'b'])).toEqual({ P: half, verdicts: 1, unusable: [] });
+    const lying = definePreferenceModel({ id: 'l', compare: () => ({ P: half, verdicts: 1, unusable: ['x', 'y'] }) });
+    await expect(lying.compare('x', ['a', 'b'])).rejects.toThrow(
+      /preference model 'l' returned a bad matrix: a judgment needs a verdict count ≥ 0 and at most that many unusable reasons, got 1 and 2/,
+    );
+  });
+
   it('refuses calls after dispose, and disposes once', async () => {
     let disposed = 0;
     const dispose = (): void => {
