@@ -6,7 +6,9 @@ import { z } from 'zod';
 import { parseConfig, runConfigSchema } from '../lib/config/index.js';
 import {
   DEFAULT_JUDGE_CONCURRENCY,
+  DEFAULT_MAX_UNUSABLE_FRACTION,
   DEFAULT_STYLED_REVERSAL,
+  FUNCTION_JUDGE_DEFAULTS,
   HTTP_JUDGE_DEFAULTS,
   LM_JUDGE_DEFAULTS,
   REWARD_MODEL_DEFAULTS,
@@ -79,13 +81,16 @@ describe("the judges' defaults are written once", () => {
       chatTemplate: LM_JUDGE_DEFAULTS.chatTemplate,
       batchSize: LM_JUDGE_DEFAULTS.batchSize,
       maxSeq: LM_JUDGE_DEFAULTS.maxSeq,
+      callTimeoutMs: LM_JUDGE_DEFAULTS.callTimeoutMs,
       concurrency: DEFAULT_JUDGE_CONCURRENCY,
+      maxUnusableFraction: DEFAULT_MAX_UNUSABLE_FRACTION,
     });
     expect(preference({ kind: 'reward-model', path: 'r' })).toEqual({
       kind: 'reward-model',
       path: 'r',
       ...REWARD_MODEL_DEFAULTS,
       concurrency: DEFAULT_JUDGE_CONCURRENCY,
+      maxUnusableFraction: DEFAULT_MAX_UNUSABLE_FRACTION,
     });
     expect(preference({ kind: 'http', baseUrl: 'http://x/v1', model: 'm' })).toEqual({
       kind: 'http',
@@ -93,6 +98,15 @@ describe("the judges' defaults are written once", () => {
       model: 'm',
       ...HTTP_JUDGE_DEFAULTS,
       concurrency: DEFAULT_JUDGE_CONCURRENCY,
+      maxUnusableFraction: DEFAULT_MAX_UNUSABLE_FRACTION,
+    });
+    expect(preference({ kind: 'function', module: 'j.mjs' })).toEqual({
+      kind: 'function',
+      module: 'j.mjs',
+      export: 'default',
+      ...FUNCTION_JUDGE_DEFAULTS,
+      concurrency: DEFAULT_JUDGE_CONCURRENCY,
+      maxUnusableFraction: DEFAULT_MAX_UNUSABLE_FRACTION,
     });
     const { A, ...params } = DEFAULT_STYLED_REVERSAL;
     expect(preference({ kind: 'styled-reversal' })).toEqual({ kind: 'styled-reversal', ...params, concurrency: DEFAULT_JUDGE_CONCURRENCY });

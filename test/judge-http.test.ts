@@ -3,7 +3,7 @@
 // position-bias averaging, 429 / 500 / slow / malformed replies and their retries, the request
 // concurrency limit, the disk cache (a second run makes no requests; a run aborted mid-batch
 // reruns only what is missing) and the API key (sent as Bearer, never written to the cache).
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -29,7 +29,16 @@ interface Ask {
   /** 1-based index of this request among all the server has seen */
   n: number;
 }
-type Reply = { status?: number; headers?: Record<string, string>; body?: unknown; raw?: string; delayMs?: number; hold?: boolean };
+type Reply = {
+  status?: number;
+  headers?: Record<string, string>;
+  body?: unknown;
+  raw?: string;
+  delayMs?: number;
+  hold?: boolean;
+  /** writes the whole response itself (a stream) */
+  custom?: (res: ServerResponse) => Promise<void>;
+};
 
 let handler: (ask: Ask) => Reply | Promise<Reply> = () => ({ body: completion({ text: 'A' }) });
 const log: Ask[] = [];
@@ -82,6 +91,11 @@ beforeAll(async () => {
     log.push(ask);
     const reply = await handler(ask);
     if (reply.hold) return; // never answered: the client's abort closes it
+    if (reply.custom) {
+      await reply.custom(res);
+      finish();
+      return;
+    }
     if (reply.delayMs) await new Promise((r) => setTimeout(r, reply.delayMs));
     if (!res.destroyed) {
       res.writeHead(reply.status ?? 200, { 'content-type': 'application/json', ...reply.headers });
@@ -147,15 +161,21 @@ describe('httpJudge answers', () => {
     expect(P.flat().every((v) => Math.abs(v - 0.5) < 1e-12)).toBe(true);
   });
 
-  it('reads text-only answers: first non-space A → 1, B → 0, anything else ½ (counted unparseable)', async () => {
+  it('reads text-only answers: first non-space A → 1, B → 0, anything else ½ (an unusable verdict, after its retries)', async () => {
     const say: Record<string, string> = { 'x|y': ' A', 'y|x': 'B', 'x|z': 'maybe', 'z|x': '  B.', 'y|z': 'A', 'z|y': '' };
     handler = ({ a, b }) => ({ body: completion({ text: say[`${a}|${b}`] }) });
-    const j = judge();
-    const P = await j.compare('p', ['x', 'y', 'z']);
+    const j = judge({ maxRetries: 1 });
+    const judged = await j.judge('p', ['x', 'y', 'z'], { maxUnusableFraction: 0.5 });
+    const P = judged.P;
     expect(P[0][1]).toBe(1); // x first: A; y first: B
     expect(P[0][2]).toBe(0.75); // ½(½ + 1 − 0)
     expect(P[1][2]).toBe(0.75); // ½(1 + 1 − ½)
-    expect(j.stats).toMatchObject({ fromText: 4, unparseable: 2 });
+    expect(j.stats).toMatchObject({ fromText: 4, unparseable: 2, retries: 2, requests: 8 });
+    expect(judged.verdicts).toBe(6);
+    expect(judged.unusable).toEqual([
+      'responses 0 and 2 (0 shown as A): the answer "maybe" names neither A nor B',
+      'responses 2 and 1 (2 shown as A): an empty answer',
+    ]);
   });
 
   it('scores identical responses ½ without a request, and asks a duplicated pair once', async () => {
@@ -173,6 +193,16 @@ describe('httpJudge answers', () => {
       source: 'logprobs',
     });
     expect(verdictFromCompletion(completion({ text: 'A', top: { the: 0.9 } }))).toMatchObject({ p: 1, source: 'text' });
+    for (const [answer, p] of [
+      ['A is better.', 1],
+      ['  B)', 0],
+      ['Both are fine.', 0.5],
+      ['As an AI, I cannot say.', 0.5],
+      ['Ä', 0.5],
+      ['B2', 0.5],
+      ['', 0.5],
+    ] as const)
+      expect(verdictFromCompletion(completion({ text: answer })), answer).toMatchObject({ p, source: p === 0.5 ? 'unparseable' : 'text' });
     expect(verdictFromCompletion({ choices: [] })).toBeUndefined();
     expect(verdictFromCompletion({ choices: [{ message: { content: null } }] })).toBeUndefined();
   });
@@ -382,7 +412,9 @@ describe("preference kind 'http' in a run config", () => {
       requestConcurrency: 8,
       timeoutMs: 60_000,
       maxRetries: 5,
+      maxResponseBytes: 1024 * 1024,
       concurrency: 4,
+      maxUnusableFraction: 0.05,
     });
   });
 
@@ -392,5 +424,229 @@ describe("preference kind 'http' in a run config", () => {
       'preference.template: must contain {prompt}, {a} and {b}',
     ]);
     expect(problems({ kind: 'http', baseUrl: 'http://x', model: 'm', apiKey: 'sk-...' })).toEqual(['preference.apiKey: unknown field']);
+  });
+});
+
+const cacheFilesOf = (dir: string): string[] =>
+  readdirSync(dir, { recursive: true, withFileTypes: true })
+    .filter((d) => d.isFile())
+    .map((d) => path.join(d.parentPath, d.name));
+
+describe('httpJudge unusable answers', () => {
+  const PROSE = 'I think the first response is clearly better.';
+
+  it('retries a prose answer like a malformed body, and caches what it then reads', async () => {
+    let prose = 1;
+    handler = ({ a }) =>
+      a === 'a' && prose-- > 0 ? { body: completion({ text: PROSE }) } : { body: completion({ text: a === 'a' ? 'A' : 'B' }) };
+    const cacheDir = freshDir();
+    const j = judge({ cacheDir, requestConcurrency: 1 });
+    expect(await j.compare('p', ['a', 'b'])).toEqual([
+      [0.5, 1],
+      [0, 0.5],
+    ]);
+    expect(j.stats).toMatchObject({ requests: 3, retries: 1, unparseable: 0, fromText: 2 });
+    const files = cacheFilesOf(cacheDir);
+    expect(files).toHaveLength(2);
+    for (const f of files) expect(readFileSync(f, 'utf8')).not.toContain('clearly');
+  });
+
+  it('an answer still unreadable after the last retry is scored ½, counted, never cached; past the limit the call fails', async () => {
+    handler = ({ a }) => ({ body: completion({ text: a === 'a' ? PROSE : 'B' }) });
+    const cacheDir = freshDir();
+    const j = judge({ cacheDir, maxRetries: 2 });
+    const err = await j.compare('p', ['a', 'b']).catch((e: unknown) => e);
+    expect(err).toMatchObject({ name: 'UnusableVerdictsError', unusable: 1, verdicts: 2 });
+    expect((err as Error).message).toMatch(
+      /1 of 2 verdicts \(50%\) were unusable, more than maxUnusableFraction = 5% allows; e\.g\. responses 0 and 1 \(0 shown as A\): the answer "I think the first response is clearly better\." names neither A nor B/,
+    );
+    expect(log.filter((l) => l.a === 'a')).toHaveLength(3); // asked, and retried twice
+    expect(j.stats).toMatchObject({ unparseable: 1, retries: 2 });
+    expect(cacheFilesOf(cacheDir)).toHaveLength(1); // only the readable answer
+
+    // allowed by the call's limit: ½ for the unreadable order, and it is asked again next time (never cached)
+    log.length = 0;
+    const again = judge({ cacheDir, maxRetries: 0 });
+    const judged = await again.judge('p', ['a', 'b'], { maxUnusableFraction: 0.5 });
+    expect(judged.P[0][1]).toBe(0.75); // ½(½ + 1 − 0)
+    expect(judged.verdicts).toBe(2);
+    expect(judged.unusable).toHaveLength(1);
+    expect(log.map((l) => l.a)).toEqual(['a']);
+    expect(again.stats).toMatchObject({ cacheHits: 1, unparseable: 1 });
+    expect(cacheFilesOf(cacheDir)).toHaveLength(1);
+  });
+
+  it('NaN or infinite logprobs are unusable verdicts: retried, never cached (formerly "p":null)', async () => {
+    // JSON cannot say Infinity; 1e999 parses as it
+    const infinite =
+      '{"choices":[{"message":{"content":"A"},"logprobs":{"content":[{"token":"A","logprob":0,' +
+      '"top_logprobs":[{"token":"A","logprob":1e999},{"token":"B","logprob":-1}]}]}}]}';
+    handler = ({ a }) => (a === 'a' ? { raw: infinite } : { body: completion({ text: 'B', top: { A: 0.2, B: 0.8 } }) });
+    const cacheDir = freshDir();
+    const j = judge({ cacheDir, maxRetries: 1 });
+    const judged = await j.judge('p', ['a', 'b'], { maxUnusableFraction: 1 });
+    expect(judged.unusable).toEqual(["responses 0 and 1 (0 shown as A): a non-finite logprob (Infinity) for 'A'"]);
+    expect(judged.P[0][1]).toBeCloseTo((0.5 + 1 - 0.2) / 2, 12);
+    expect(log.filter((l) => l.a === 'a')).toHaveLength(2);
+    const files = cacheFilesOf(cacheDir);
+    expect(files).toHaveLength(1);
+    expect(readFileSync(files[0], 'utf8')).not.toContain('null');
+    expect(verdictFromCompletion(completion({ text: 'A', top: { A: Number.NaN, B: 0.5 } }))).toMatchObject({ source: 'unparseable' });
+    expect(
+      verdictFromCompletion({
+        choices: [{ message: { content: 'A' }, logprobs: { content: [{ top_logprobs: [{ token: 'B', logprob: null }] }] } }],
+      }),
+    ).toMatchObject({ p: 0.5, source: 'unparseable', reason: "a non-finite logprob (null) for 'B'" });
+    expect(verdictFromCompletion(completion({ text: 'A', top: { A: 0, B: 0 } }))).toMatchObject({ p: 1, source: 'text' }); // both −∞: the text
+  });
+
+  it('asks again what an older version cached as unparseable or "p":null', async () => {
+    handler = logprobReply;
+    const cacheDir = freshDir();
+    await judge({ cacheDir }).compare('p', ['a', 'bb']);
+    const files = cacheFilesOf(cacheDir);
+    writeFileSync(files[0], JSON.stringify({ p: 0.5, source: 'unparseable', text: 'maybe', model: 'judge-model' }));
+    writeFileSync(files[1], JSON.stringify({ p: null, source: 'logprobs', text: 'A', model: 'judge-model' }));
+    log.length = 0;
+    const again = judge({ cacheDir });
+    await again.compare('p', ['a', 'bb']);
+    expect(log).toHaveLength(2);
+    expect(again.stats).toMatchObject({ cacheHits: 0, fromLogprobs: 2 });
+    for (const f of cacheFilesOf(cacheDir)) expect(JSON.parse(readFileSync(f, 'utf8'))).toMatchObject({ source: 'logprobs' });
+  });
+
+  it('caches only the verdict and a bounded excerpt of an answer that ignores max_tokens', async () => {
+    handler = ({ a }) => ({ body: completion({ text: (a === 'a' ? 'A' : 'B') + ' because'.repeat(50_000) }) });
+    const cacheDir = freshDir();
+    const j = judge({ cacheDir });
+    expect((await j.compare('p', ['a', 'b']))[0][1]).toBe(1);
+    for (const f of cacheFilesOf(cacheDir)) {
+      const cached = JSON.parse(readFileSync(f, 'utf8')) as { text: string };
+      expect(readFileSync(f).length).toBeLessThan(1024);
+      expect(cached.text.length).toBeLessThanOrEqual(201);
+    }
+  });
+});
+
+describe('httpJudge response size', () => {
+  const MiB = 1024 * 1024;
+
+  it('an endless chunked body fails the request naming the cap, and memory stays bounded', async () => {
+    let sent = 0;
+    let stopped = false;
+    const STREAM_LIMIT = 256 * MiB; // 256 times the cap: a safety stop for a client that never hangs up
+    handler = () => ({
+      custom: async (res) => {
+        res.writeHead(200, { 'content-type': 'application/json' }); // no content-length: chunked
+        res.write('{"choices":[{"message":{"content":"');
+        const chunk = Buffer.alloc(256 * 1024, 'x');
+        while (!res.destroyed && sent < STREAM_LIMIT) {
+          sent += chunk.length;
+          if (!res.write(chunk)) await new Promise((r) => (res.once('drain', r), res.once('close', r)));
+        }
+        stopped = res.destroyed;
+        res.destroy();
+      },
+    });
+    const before = process.memoryUsage().rss;
+    let peak = before;
+    const sampler = setInterval(() => (peak = Math.max(peak, process.memoryUsage().rss)), 5);
+    try {
+      // the default cap (1 MiB); a cancelled body is not retried
+      const err = await judge({ maxRetries: 3, timeoutMs: 60_000 })
+        .compare('p', ['a', 'b'])
+        .catch((e: unknown) => e);
+      expect((err as Error).message).toMatch(
+        /failed: the response body is longer than maxResponseBytes \(1048576 bytes\); the request was cancelled/,
+      );
+    } finally {
+      clearInterval(sampler);
+    }
+    expect(log).toHaveLength(2);
+    await new Promise((r) => setTimeout(r, 50));
+    console.log(`endless body: the server sent ${(sent / MiB).toFixed(1)} MiB, rss grew ${((peak - before) / MiB).toFixed(1)} MiB`);
+    expect(stopped).toBe(true); // the client hung up; the server did not reach its own limit
+    expect(sent).toBeLessThan(64 * MiB);
+    expect(peak - before).toBeLessThan(100 * MiB);
+  });
+
+  it('a body just over the cap fails, one at the cap is read; a content-length over it fails before the body', async () => {
+    const body = JSON.stringify(completion({ text: 'A' }));
+    const padded = (n: number): string => body + ' '.repeat(n - body.length); // JSON allows trailing spaces
+    const cap = 4096;
+    let size = cap;
+    let declared = false;
+    handler = () => ({
+      custom: async (res) => {
+        const text = padded(size);
+        res.writeHead(200, { 'content-type': 'application/json', ...(declared && { 'content-length': String(text.length) }) });
+        // in two chunks, so the cap is met by what arrives rather than a header
+        res.write(text.slice(0, 3000));
+        await new Promise((r) => setTimeout(r, 5));
+        res.end(text.slice(3000));
+      },
+    });
+    expect((await judge({ maxResponseBytes: cap }).compare('p', ['a', 'b']))[0][1]).toBe(0.5); // both orders 'A'
+    size = cap + 1;
+    await expect(judge({ maxResponseBytes: cap, maxRetries: 2 }).compare('p', ['a', 'b'])).rejects.toThrow(
+      /longer than maxResponseBytes \(4096 bytes\)/,
+    );
+    declared = true;
+    await expect(judge({ maxResponseBytes: cap }).compare('p', ['a', 'b'])).rejects.toThrow(/longer than maxResponseBytes \(4096 bytes\)/);
+    expect(() => judge({ maxResponseBytes: 0 })).toThrow(/maxResponseBytes must be an integer ≥ 1, got 0/);
+  });
+
+  it('the cap is a config field, 1 MiB by default', () => {
+    const c = parseConfig({
+      model: { path: 'model' },
+      data: { prompts: 'prompts.jsonl' },
+      preference: { kind: 'http', baseUrl: 'http://x', model: 'm', maxResponseBytes: 2048 },
+    });
+    expect(c.preference).toMatchObject({ maxResponseBytes: 2048 });
+  });
+});
+
+describe('httpJudge secrets', () => {
+  it('refuses a baseUrl with credentials, in httpJudge and in a config, without echoing them', () => {
+    for (const baseUrl of ['http://alice:pw-s3cret@127.0.0.1:9/v1', 'https://tok-s3cret@api.example.com/v1']) {
+      let err: unknown;
+      try {
+        httpJudge({ baseUrl, model: 'm' });
+      } catch (e) {
+        err = e;
+      }
+      expect((err as Error).message).toMatch(/^httpJudge: baseUrl must not contain credentials \(user:password@\)/);
+      expect((err as Error).message).not.toMatch(/s3cret|alice/);
+      try {
+        parseConfig({ model: { path: 'model' }, data: { prompts: 'p.jsonl' }, preference: { kind: 'http', baseUrl, model: 'm' } });
+        expect.unreachable();
+      } catch (e) {
+        expect((e as RunConfigError).problems).toEqual([
+          'preference.baseUrl: must not contain credentials (user:password@): give the API key through apiKeyEnv, the environment variable that holds it',
+        ]);
+        expect((e as Error).message).not.toMatch(/s3cret|alice/);
+      }
+    }
+    expect(() => httpJudge({ baseUrl: 'no url s3cret', model: 'm' })).toThrow(/^httpJudge: baseUrl is not a valid URL \(e\.g\. https/);
+    expect(() => httpJudge({ baseUrl: 'no url s3cret', model: 'm' })).not.toThrow(/s3cret/);
+  });
+
+  it('never echoes the API key, even when the server quotes it', async () => {
+    const key = 'sk-live-0123456789abcdef';
+    handler = ({ headers }) => ({
+      status: 401,
+      body: { error: { message: `Incorrect API key provided: ${String(headers.authorization)}` } },
+    });
+    const err = await judge({ apiKeyEnv: 'K', env: { K: key } })
+      .compare('p', ['a', 'b'])
+      .catch((e: unknown) => e);
+    expect((err as Error).message).toMatch(/HTTP 401: .*Incorrect API key provided: Bearer \[API key\]/);
+    expect((err as Error).message).not.toContain(key);
+    // a key an HTTP header cannot carry is refused before any request, without quoting it
+    for (const bad of [`${key}\n`, `${key} x`, 'ключ-s3cret'])
+      expect(() => judge({ apiKeyEnv: 'K', env: { K: bad } })).toThrow(
+        /^httpJudge: the environment variable K \(apiKeyEnv\) holds characters an HTTP header cannot carry/,
+      );
+    expect(() => judge({ apiKeyEnv: 'K', env: { K: 'ключ-s3cret' } })).not.toThrow(/s3cret/);
   });
 });

@@ -165,6 +165,32 @@ describe('lmJudge', () => {
     expect(short.stats.truncated).toBeGreaterThan(0);
   });
 
+  it('non-finite answer-token logits are unusable verdicts: scored ½, counted, past maxUnusableFraction the call fails', async () => {
+    // the same model, but its output head's row for 'A' is infinite, so every question's logit for A is ±∞ or NaN
+    const idA = tokenizer.tokenId('A')!;
+    const poisoned = new Proxy(model, {
+      get(target, key) {
+        if (key === 'getParam')
+          return (name: string) => {
+            const p = target.getParam(name);
+            return name === 'lm_head.weight' ? p.fill(Infinity, idA * 32, (idA + 1) * 32) : p;
+          };
+        const v: unknown = Reflect.get(target, key, target);
+        return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v;
+      },
+    });
+    const bad = lmJudge(poisoned, tokenizer, { batchSize: 4, maxSeq: 256 });
+    const responses = RESPONSES.slice(0, 3);
+    const err = await bad.compare(PROMPT, responses).catch((e: unknown) => e);
+    expect(err).toMatchObject({ name: 'UnusableVerdictsError', unusable: 6, verdicts: 6 });
+    expect((err as Error).message).toMatch(
+      /e\.g\. responses 0 and 1 \(0 shown first\): non-finite answer-token logits \((-?Infinity|NaN), /,
+    );
+    const judged = await bad.judge(PROMPT, responses, { maxUnusableFraction: 1 });
+    expect(judged.P.flat().every((p) => p === 0.5)).toBe(true);
+    expect(judged.unusable).toHaveLength(6);
+  });
+
   it('refuses answer tokens that are not one token, and templates without placeholders', () => {
     expect(() => lmJudge(model, tokenizer, { answerTokens: ['Response A', 'B'] })).toThrow(/not one token .* encodes to \d+ tokens/);
     expect(() => lmJudge(model, tokenizer, { template: 'Which is better? {a} {b}' })).toThrow(/lacks \{prompt\}/);

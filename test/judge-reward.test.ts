@@ -204,6 +204,19 @@ describe('rewardModelJudge', () => {
     single.out.forEach((P, n) => P.forEach((row, i) => row.forEach((v, k) => expect(v).toBeCloseTo(pooled.out[n][i][k], 5))));
   });
 
+  it('a non-finite reward is an unusable verdict: its pairs score ½, it is counted, and past maxUnusableFraction the call fails', async () => {
+    const infinite = Float32Array.from(score);
+    infinite[0] = Infinity; // every reward becomes ±∞ or NaN
+    const bad = rewardModelJudge(model, tokenizer, infinite, { batchSize: 4, maxSeq: 256 });
+    const responses = ['Blue.', 'Green', 'Blue.']; // the duplicate is scored (and counted) once
+    const err = await bad.compare('Name a colour.', responses).catch((e: unknown) => e);
+    expect(err).toMatchObject({ name: 'UnusableVerdictsError', unusable: 2, verdicts: 2 });
+    expect((err as Error).message).toMatch(/e\.g\. response 0: a non-finite reward \((-?Infinity|NaN)\); response 1: a non-finite reward/);
+    const batch = await bad.judgeBatch([{ prompt: 'Name a colour.', responses }], { maxUnusableFraction: 1 });
+    expect(batch).toMatchObject({ verdicts: 2, unusable: 2 });
+    expect(batch.matrices[0].flat().every((p) => p === 0.5)).toBe(true);
+  });
+
   it('cuts long conversations to maxSeq, keeping BOS and the end', () => {
     const short = rewardModelJudge(model, tokenizer, score, { batchSize: 4, maxSeq: 16 });
     const full = judge.conversationIds(PROMPT, RESPONSES[1]);

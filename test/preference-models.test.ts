@@ -9,6 +9,7 @@ import {
   idealAnswer,
   oraclePreference,
   styledReversalOracle,
+  UnusableVerdictsError,
 } from '../lib/preference/index.js';
 
 // A judge that prefers the longer response, with strength by length difference.
@@ -64,20 +65,48 @@ describe('functionPreference', () => {
     [1.25, /returned 1\.25; it must return P\(a ≻ b\), a number in \[0, 1\]/],
     [-0.1, /returned -0\.1; it must return/],
     [Number.NaN, /returned NaN; it must return/],
+    [Infinity, /returned Infinity; it must return/],
     ['0.5', /returned string "0\.5"; it must return/],
-  ])('refuses a judge that returns %s, naming the pair', async (bad, pattern) => {
-    const model = functionPreference((_p, a, b) => (a === 'y1' && b === 'y2' ? (bad as number) : 0.5));
+    [undefined, /returned undefined undefined; it must return/],
+  ])('counts a judge that returns %s as an unusable verdict, naming the pair', async (bad, pattern) => {
+    const model = functionPreference((_p, a, b) => (a === 'y1' && b === 'y2' ? (bad as number) : 0.7));
+    // 1 of 3 pairs is more than the default 5%
     const err = await model.compare('w', ['y0', 'y1', 'y2']).catch((e: unknown) => e);
-    expect((err as Error).message).toMatch(/^responses 1 and 2: /);
+    expect(err).toBeInstanceOf(UnusableVerdictsError);
+    expect(err).toMatchObject({ unusable: 1, verdicts: 3, maxUnusableFraction: 0.05 });
+    expect((err as Error).message).toMatch(
+      /^preference model 'function:anonymous': 1 of 3 verdicts \(33\.3%\) were unusable, more than maxUnusableFraction = 5% allows; e\.g\. responses 1 and 2: /,
+    );
     expect((err as Error).message).toMatch(pattern);
+    // allowed, it is scored ½ and counted
+    const j = await model.judge('w', ['y0', 'y1', 'y2'], { maxUnusableFraction: 0.5 });
+    expect(j.P[1][2]).toBe(0.5);
+    expect(j.P[0][1]).toBe(0.7);
+    expect(j).toMatchObject({ verdicts: 3, unusable: [expect.stringMatching(pattern) as string] });
   });
 
-  it('names the prompt index and the pair when a batch item fails', async () => {
+  it('counts unusable verdicts over a batch, naming the prompt and the pair; past the limit the batch fails', async () => {
     const model = functionPreference((p, a, b) => (p === 'third' && a === 'b' && b === 'c' ? Number.NaN : 0.5));
     const items = ['first', 'second', 'third', 'fourth'].map((prompt) => ({ prompt, responses: ['a', 'b', 'c'] }));
+    // 1 of 12 verdicts: more than 5%
     const err = await model.compareBatch(items).catch((e: unknown) => e);
-    expect(err).toMatchObject({ name: 'PreferenceError', promptIndex: 2 });
-    expect((err as Error).message).toMatch(/^prompt 2: responses 1 and 2: the preference function returned NaN/);
+    expect(err).toMatchObject({ name: 'UnusableVerdictsError', unusable: 1, verdicts: 12 });
+    expect((err as Error).message).toMatch(
+      /1 of 12 verdicts \(8\.33%\) .* e\.g\. prompt 2: responses 1 and 2: the preference function returned NaN/,
+    );
+    const batch = await model.judgeBatch(items, { maxUnusableFraction: 0.1 });
+    expect(batch).toMatchObject({ verdicts: 12, unusable: 1 });
+    expect(batch.examples).toEqual([expect.stringMatching(/^prompt 2: responses 1 and 2: the preference function returned NaN/) as string]);
+    expect(batch.matrices[2][1][2]).toBe(0.5);
+    // a judge made with a limit takes it as its default
+    const lenient = functionPreference((p, a, b) => (p === 'third' && a === 'b' && b === 'c' ? Number.NaN : 0.5), {
+      maxUnusableFraction: 0.1,
+    });
+    expect(lenient.maxUnusableFraction).toBe(0.1);
+    expect(await lenient.compareBatch(items)).toEqual(batch.matrices);
+    expect(() => functionPreference(() => 0.5, { maxUnusableFraction: 2 })).toThrow(
+      /maxUnusableFraction must be a number in \[0, 1\], got 2/,
+    );
   });
 
   it('wraps a judge that throws', async () => {
@@ -177,6 +206,37 @@ describe('definePreferenceModel', () => {
     });
     await expect(batched.compareBatch([{ prompt: 'x', responses: ['a', 'b'] }])).rejects.toThrow(
       /^prompt 0: .*P\[0\]\[1\] = 2 is not a probability/,
+    );
+  });
+
+  it('takes a judgment with its unusable verdicts from a judge, and checks it', async () => {
+    const half = [
+      [0.5, 0.5],
+      [0.5, 0.5],
+    ];
+    const reporting = definePreferenceModel({
+      id: 'r',
+      maxUnusableFraction: 0.5,
+      compare: (prompt) => ({ P: half, verdicts: 2, unusable: prompt === 'bad' ? ['order 1: unreadable'] : [] }),
+    });
+    expect(reporting.maxUnusableFraction).toBe(0.5);
+    expect(await reporting.judge('bad', ['a', 'b'])).toEqual({ P: half, verdicts: 2, unusable: ['order 1: unreadable'] });
+    await expect(reporting.compare('bad', ['a', 'b'], { maxUnusableFraction: 0.4 })).rejects.toThrow(
+      "preference model 'r': 1 of 2 verdicts (50%) were unusable, more than maxUnusableFraction = 40% allows; e.g. order 1: unreadable.",
+    );
+    const batch = await reporting.judgeBatch(['ok', 'bad', 'ok', 'bad'].map((prompt) => ({ prompt, responses: ['a', 'b'] })));
+    expect(batch).toEqual({
+      matrices: [half, half, half, half],
+      verdicts: 8,
+      unusable: 2,
+      examples: ['prompt 1: order 1: unreadable', 'prompt 3: order 1: unreadable'],
+    });
+    // a bare matrix is K(K − 1)/2 usable verdicts
+    const bare = definePreferenceModel({ id: 'b', compare: () => half });
+    expect(await bare.judge('x', ['a', 'b'])).toEqual({ P: half, verdicts: 1, unusable: [] });
+    const lying = definePreferenceModel({ id: 'l', compare: () => ({ P: half, verdicts: 1, unusable: ['x', 'y'] }) });
+    await expect(lying.compare('x', ['a', 'b'])).rejects.toThrow(
+      /preference model 'l' returned a bad matrix: a judgment needs a verdict count ≥ 0 and at most that many unusable reasons, got 1 and 2/,
     );
   });
 

@@ -10,6 +10,7 @@ const RUNTIME_EXPORTS = [
   'CheckpointWeights',
   'ConfigError',
   'Generator',
+  'JudgeTimeoutError',
   'Model',
   'PreferenceError',
   'RewardModelError',
@@ -21,6 +22,7 @@ const RUNTIME_EXPORTS = [
   'SetupError',
   'Tokenizer',
   'TokenizerError',
+  'UnusableVerdictsError',
   // constants
   'DEFAULT_JUDGE_TEMPLATE',
   'DEFAULT_MAX_SHARD_BYTES',

@@ -38,6 +38,7 @@ const demoRows: IterationMetrics[] = [
     meanChosenWinRate: 0.71,
     meanRejectedWinRate: 0.33,
     task: task(0.68, [0.45, 0.35, 0.2, 0], 0.21, 0.21),
+    verdicts: { total: 2400, unusable: 0 },
     seconds: { generate: 2, judge: 0.5, train: 5, evaluate: 1 },
   },
   {
@@ -48,6 +49,7 @@ const demoRows: IterationMetrics[] = [
     meanChosenWinRate: 0.69,
     meanRejectedWinRate: 0.35,
     task: task(0.74, [0.38, 0.22, 0.4, 0], 0.12, 0.15),
+    verdicts: { total: 2400, unusable: 17 },
     seconds: { generate: 2, judge: 0.5, train: 5, evaluate: 1.25 },
   },
 ];
@@ -90,12 +92,13 @@ describe('writeReport', () => {
       'duality gap last / avg',
       'P̂ chosen / rejected',
       'response length',
+      'unusable verdicts',
       'seconds',
     ]);
     expect(cells.slice(1)).toEqual([
-      ['0', '0.500 ± 0.000', '–', '0.610', '0.60/0.30/0.10/0.00', '0.310 / 0.310', '–', '7.2', '1.5'],
-      ['1', '0.580 ± 0.030', '0.580 ± 0.030', '0.680', '0.45/0.35/0.20/0.00', '0.210 / 0.210', '0.710 / 0.330', '7.4', '8.5'],
-      ['2', '0.638 ± 0.031', '0.540 ± 0.030', '0.740', '0.38/0.22/0.40/0.00', '0.120 / 0.150', '0.690 / 0.350', '7.4', '8.8'],
+      ['0', '0.500 ± 0.000', '–', '0.610', '0.60/0.30/0.10/0.00', '0.310 / 0.310', '–', '7.2', '–', '1.5'],
+      ['1', '0.580 ± 0.030', '0.580 ± 0.030', '0.680', '0.45/0.35/0.20/0.00', '0.210 / 0.210', '0.710 / 0.330', '7.4', '0 / 2400', '8.5'],
+      ['2', '0.638 ± 0.031', '0.540 ± 0.030', '0.740', '0.38/0.22/0.40/0.00', '0.120 / 0.150', '0.690 / 0.350', '7.4', '17 / 2400', '8.8'],
     ]);
     // The config section is the run.json config, HTML-escaped; nothing is fetched from elsewhere.
     expect(html).toContain('&quot;loss&quot;: &quot;sppo-pair&quot;');

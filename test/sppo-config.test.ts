@@ -242,10 +242,12 @@ describe('hash and diff', () => {
       'preference.a',
       'preference.alphabet',
       'preference.b',
+      'preference.callTimeoutMs',
       'preference.export',
       'preference.id',
       'preference.kind',
       'preference.maxLength',
+      'preference.maxUnusableFraction',
       'preference.minLength',
       'preference.noneAdvantage',
     ]);

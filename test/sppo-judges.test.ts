@@ -11,7 +11,7 @@
 // logprobs imply. The http run also counts requests: one per distinct ordered comparison, none
 // when the finished run is resumed, none when the judge and evaluate stages are redone from the
 // disk cache, and the judge stage's count again once that cache is gone.
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -23,7 +23,8 @@ import { writeMistralTokenizer } from './fixtures/mistral-tokenizer.js';
 import { loadConfig } from '../lib/config/index.js';
 import { loadPretrained, Model, savePretrained, setupFromConfig, Tokenizer, writeSafetensors, type RunConfigInput } from '../lib/index.js';
 import { loadLmJudge, loadRewardModel, type PreferenceModel } from '../lib/preference/index.js';
-import { runSppo, type StageName } from '../lib/sppo/run.js';
+import { Progress, runProgressHooks } from '../lib/cli/progress.js';
+import { runSppo, type RunHooks, type StageName } from '../lib/sppo/run.js';
 
 const tmp = mkdtempSync(path.join(tmpdir(), 'sppo-judges-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
@@ -171,13 +172,19 @@ interface Run {
 }
 
 /** `sppo run --config FILE` without the terminal: the config file through the same setup and scheduler. */
-async function sppoRun(configFile: string): Promise<Run> {
+async function sppoRun(configFile: string, hooks: RunHooks = {}): Promise<Run> {
   const t0 = performance.now();
   const config = await loadConfig(configFile);
   const setup = await setupFromConfig(config);
   const stages = new Map<string, string>();
   try {
-    const result = await runSppo(setup, { onStage: (e) => stages.set(`${e.iteration}:${e.stage}`, e.status) });
+    const result = await runSppo(setup, {
+      ...hooks,
+      onStage: (e) => {
+        stages.set(`${e.iteration}:${e.stage}`, e.status);
+        hooks.onStage?.(e);
+      },
+    });
     const trained = new Map(setup.model.params().map((p) => [p.name, setup.model.getParam(p.name)]));
     return { runDir: result.dir, stages, trained, seconds: (performance.now() - t0) / 1000 };
   } finally {
@@ -387,6 +394,29 @@ async function expectSameAsDirect(it: Iteration, judge: PreferenceModel): Promis
 
 // ---- http ----
 
+/** A chat-completions server on loopback: `answer` turns a request (its JSON body and URL) into a status and a JSON body. */
+async function judgeServer(
+  answer: (body: unknown, url: string | undefined) => { status?: number; body: unknown },
+): Promise<{ server: Server; baseUrl: string }> {
+  const server = createServer((req, res) => {
+    let raw = '';
+    req.setEncoding('utf8');
+    req.on('data', (c: string) => (raw += c));
+    req.on('end', () => {
+      const { status = 200, body } = answer(JSON.parse(raw), req.url);
+      res.writeHead(status, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(body));
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return { server, baseUrl: `http://127.0.0.1:${(server.address() as AddressInfo).port}/v1` };
+}
+
+async function closeServer(server: Server | undefined): Promise<void> {
+  server?.closeAllConnections();
+  await new Promise((r) => server?.close(r));
+}
+
 interface Answered {
   prompt: string;
   a: string;
@@ -409,59 +439,49 @@ describe("preference kind 'http': an OpenAI-compatible server on loopback", () =
   beforeAll(async () => {
     // Deterministic logprobs from a hash of the question: 'A', ' A' (both read as A), 'B', and a
     // distractor 'C' that the judge must ignore.
-    server = createServer((req, res) => {
-      let raw = '';
-      req.setEncoding('utf8');
-      req.on('data', (c: string) => (raw += c));
-      req.on('end', () => {
-        requests++;
-        const body = JSON.parse(raw) as {
-          model: string;
-          messages: { role: string; content: string }[];
-          max_tokens: number;
-          logprobs: unknown;
-          top_logprobs: number;
-        };
-        const m = HTTP_QUESTION.exec(body.messages.find((x) => x.role === 'user')?.content ?? '');
-        if (!m || body.model !== 'judge-model' || body.max_tokens !== 1 || body.logprobs !== true || req.url !== '/v1/chat/completions') {
-          refused++;
-          res.writeHead(400, { 'content-type': 'application/json' });
-          res.end(JSON.stringify({ error: { message: 'not the expected judge request' } }));
-          return;
-        }
-        const [, prompt, a, b] = m;
-        const h = createHash('sha256')
-          .update(key(prompt, a, b))
-          .digest();
-        const u = (i: number): number => h.readUInt32BE(4 * i) / 2 ** 32;
-        const top = [
-          { token: 'A', logprob: -0.1 - 3 * u(0) },
-          { token: ' A', logprob: -1 - 3 * u(1) },
-          { token: 'B', logprob: -0.1 - 3 * u(2) },
-          { token: 'C', logprob: -0.7 },
-        ];
-        answered.set(key(prompt, a, b), { prompt, a, b, top });
-        const best = top.reduce((x, y) => (y.logprob > x.logprob ? y : x));
-        res.writeHead(200, { 'content-type': 'application/json' });
-        res.end(
-          JSON.stringify({
-            id: 'chatcmpl-test',
-            object: 'chat.completion',
-            model: 'judge-model',
-            choices: [
-              {
-                index: 0,
-                message: { role: 'assistant', content: best.token.trim() },
-                finish_reason: 'length',
-                logprobs: { content: [{ token: best.token, logprob: best.logprob, top_logprobs: top }] },
-              },
-            ],
-          }),
-        );
-      });
-    });
-    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-    baseUrl = `http://127.0.0.1:${(server.address() as AddressInfo).port}/v1`;
+    ({ server, baseUrl } = await judgeServer((json, url) => {
+      requests++;
+      const body = json as {
+        model: string;
+        messages: { role: string; content: string }[];
+        max_tokens: number;
+        logprobs: unknown;
+        top_logprobs: number;
+      };
+      const m = HTTP_QUESTION.exec(body.messages.find((x) => x.role === 'user')?.content ?? '');
+      if (!m || body.model !== 'judge-model' || body.max_tokens !== 1 || body.logprobs !== true || url !== '/v1/chat/completions') {
+        refused++;
+        return { status: 400, body: { error: { message: 'not the expected judge request' } } };
+      }
+      const [, prompt, a, b] = m;
+      const h = createHash('sha256')
+        .update(key(prompt, a, b))
+        .digest();
+      const u = (i: number): number => h.readUInt32BE(4 * i) / 2 ** 32;
+      const top = [
+        { token: 'A', logprob: -0.1 - 3 * u(0) },
+        { token: ' A', logprob: -1 - 3 * u(1) },
+        { token: 'B', logprob: -0.1 - 3 * u(2) },
+        { token: 'C', logprob: -0.7 },
+      ];
+      answered.set(key(prompt, a, b), { prompt, a, b, top });
+      const best = top.reduce((x, y) => (y.logprob > x.logprob ? y : x));
+      return {
+        body: {
+          id: 'chatcmpl-test',
+          object: 'chat.completion',
+          model: 'judge-model',
+          choices: [
+            {
+              index: 0,
+              message: { role: 'assistant', content: best.token.trim() },
+              finish_reason: 'length',
+              logprobs: { content: [{ token: best.token, logprob: best.logprob, top_logprobs: top }] },
+            },
+          ],
+        },
+      };
+    }));
     configFile = writeRunConfig('http', {
       kind: 'http',
       baseUrl,
@@ -473,10 +493,7 @@ describe("preference kind 'http': an OpenAI-compatible server on loopback", () =
     first = await sppoRun(configFile);
     console.log(`http: first run ${first.seconds.toFixed(1)} s, ${requests} requests`);
   });
-  afterAll(async () => {
-    server?.closeAllConnections();
-    await new Promise((r) => server?.close(r));
-  });
+  afterAll(() => closeServer(server));
 
   /** q(a, b) by hand from the logprobs the server returned: A's mass over A's and B's. */
   const q = (prompt: string, a: string, b: string): number => {
@@ -552,6 +569,104 @@ describe("preference kind 'http': an OpenAI-compatible server on loopback", () =
     expect(requests - before).toBe(needed(it1, ['judge']).size);
     expect(stage<unknown>(first.runDir, 'iter-1', 'judgments.json')).toEqual(judgments);
     expect(refused).toBe(0);
+  });
+});
+
+// ---- unusable verdicts ----
+
+describe("preference kind 'http' answering in prose: unusable verdicts", () => {
+  let server: Server;
+  let baseUrl: string;
+  /** the ordered comparisons asked, one entry per request */
+  const asked: string[] = [];
+  /** whether the server answers this ordered comparison in prose (else a letter) */
+  let prose: (question: string) => boolean = () => true;
+
+  beforeAll(async () => {
+    ({ server, baseUrl } = await judgeServer((json) => {
+      const question = (json as { messages: { role: string; content: string }[] }).messages.find((m) => m.role === 'user')!.content;
+      asked.push(question);
+      // prose that opens with a capital B, which is not the letter B
+      const content = prose(question)
+        ? 'Both responses have merits, but I would lean towards the first.'
+        : createHash('sha256').update(question).digest()[0] % 2
+          ? 'A'
+          : 'B';
+      return { body: { object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content }, logprobs: null }] } };
+    }));
+  });
+  afterAll(() => closeServer(server));
+  const config = (name: string, extra: Record<string, unknown> = {}) =>
+    writeRunConfig(name, { kind: 'http', baseUrl, model: 'judge-model', template: HTTP_TEMPLATE, maxRetries: 1, ...extra });
+  const cacheFiles = (runDir: string): string[] =>
+    existsSync(path.join(runDir, 'judge-cache'))
+      ? readdirSync(path.join(runDir, 'judge-cache'), { recursive: true, withFileTypes: true })
+          .filter((d) => d.isFile())
+          .map((d) => d.name)
+      : [];
+
+  it('a judge answering in prose fails the judge stage with a clear error and caches nothing; once it answers, the resume asks again', async () => {
+    prose = () => true;
+    asked.length = 0;
+    const file = config('prose');
+    const runDir = path.join(tmp, 'prose', 'run');
+    const err = await sppoRun(file).catch((e: unknown) => e);
+    expect(err).toMatchObject({ name: 'UnusableVerdictsError' });
+    const message = (err as Error).message;
+    expect(message).toMatch(
+      /^iteration 1 judge: preference model 'http\(judge-model@.*\)': (\d+) of \1 verdicts \(100%\) were unusable, more than preference\.maxUnusableFraction = 5% allows; e\.g\. prompt 0: responses 0 and 1 \(0 shown as A\): the answer "Both responses have merits, but I would lean towards the first\." names neither A nor B/,
+    );
+    const verdicts = Number(/(\d+) of/.exec(message)![1]);
+    expect(asked).toHaveLength(2 * verdicts); // each asked, and retried once (maxRetries 1)
+    expect(existsSync(path.join(runDir, 'iter-1', 'judgments.json'))).toBe(false);
+    expect(existsSync(path.join(runDir, 'metrics.jsonl'))).toBe(true); // π_0's row only
+    expect(cacheFiles(runDir)).toEqual([]);
+
+    // the judge answers now: the judge stage asks every comparison again (nothing unusable was cached)
+    prose = () => false;
+    asked.length = 0;
+    const lines: string[] = [];
+    const resumed = await sppoRun(
+      file,
+      runProgressHooks(new Progress({ write: (s: string) => lines.push(s) } as unknown as NodeJS.WritableStream, false)),
+    );
+    expect(resumed.stages.get('1:generate')).toBe('skipped');
+    expect(resumed.stages.get('1:judge')).toBe('done');
+    const judged = stage<{ verdicts: number; unusable: number }>(runDir, 'iter-1', 'judgments.json');
+    expect(judged).toMatchObject({ verdicts, unusable: 0 });
+    expect(new Set(asked.slice(0, verdicts)).size).toBe(verdicts);
+    expect(lines.join('')).toContain(`iteration 1 judge: 0 of ${verdicts} verdicts unusable\n`);
+  });
+
+  it('a few unusable verdicts, within preference.maxUnusableFraction, are scored ½ and counted in the stage file, the progress line and the metrics', async () => {
+    let first: string | undefined;
+    prose = (q) => (first ??= q) === q; // the first comparison asked, every time it is asked
+    asked.length = 0;
+    const lines: string[] = [];
+    const run = await sppoRun(
+      config('few'),
+      runProgressHooks(new Progress({ write: (s: string) => lines.push(s) } as unknown as NodeJS.WritableStream, false)),
+    );
+    const judged = stage<{ preference: number[][][]; verdicts: number; unusable: number }>(run.runDir, 'iter-1', 'judgments.json');
+    expect(judged.unusable).toBe(1);
+    expect(judged.verdicts).toBeGreaterThan(20); // so 1 is within 5%
+    expect(asked.filter((q) => q === first)).toHaveLength(2);
+    expect(cacheFiles(run.runDir)).toHaveLength(new Set(asked).size - 1);
+    expect(lines.join('')).toContain(`iteration 1 judge: 1 of ${judged.verdicts} verdicts unusable (scored ½)\n`);
+    const rows = readFileSync(path.join(run.runDir, 'metrics.jsonl'), 'utf8')
+      .trimEnd()
+      .split('\n')
+      .map((l) => JSON.parse(l) as { verdicts?: unknown });
+    expect(rows[0].verdicts).toBeUndefined();
+    expect(rows[1].verdicts).toEqual({ total: judged.verdicts, unusable: 1 });
+  });
+
+  it('raising preference.maxUnusableFraction lets an all-prose judge through, every matrix ½', async () => {
+    prose = () => true;
+    const run = await sppoRun(config('lenient', { maxUnusableFraction: 1 }));
+    const judged = stage<{ preference: number[][][]; verdicts: number; unusable: number }>(run.runDir, 'iter-1', 'judgments.json');
+    expect(judged.unusable).toBe(judged.verdicts);
+    expect(judged.preference.flat(2).every((p) => p === 0.5)).toBe(true);
   });
 });
 

@@ -79,7 +79,7 @@ export function stageLabel(iteration: number, stage: StageName): string {
 }
 
 /** The scheduler's hooks, drawn on `progress`. */
-export function runProgressHooks(progress: Progress): Required<Pick<RunHooks, 'onStage' | 'onProgress' | 'onMetrics'>> {
+export function runProgressHooks(progress: Progress): Required<Pick<RunHooks, 'onStage' | 'onProgress' | 'onMetrics' | 'onJudged'>> {
   return {
     onStage: ({ iteration, stage, status, seconds }) => {
       const label = stageLabel(iteration, stage);
@@ -88,6 +88,8 @@ export function runProgressHooks(progress: Progress): Required<Pick<RunHooks, 'o
       else progress.finish(label, seconds ?? 0);
     },
     onProgress: ({ done, total }) => progress.update(done, total),
+    onJudged: ({ iteration, total, unusable }) =>
+      progress.log(`${stageLabel(iteration, 'judge')}: ${unusable} of ${total} verdicts unusable${unusable > 0 ? ' (scored ½)' : ''}`),
     onMetrics: (row) => {
       const previous = row.winRateVsPrevious ? `, vs previous ${formatInterval(row.winRateVsPrevious)}` : '';
       progress.log(`iteration ${row.iteration}: win rate vs base ${formatInterval(row.winRateVsBase)}${previous}`);

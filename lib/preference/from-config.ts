@@ -98,7 +98,12 @@ export async function preferenceFromConfig(
           );
         fn = await importFunction(p.module, p.export);
       }
-      return functionPreference(fn, { id: p.id, concurrency: p.concurrency });
+      return functionPreference(fn, {
+        id: p.id,
+        concurrency: p.concurrency,
+        callTimeoutMs: p.callTimeoutMs,
+        maxUnusableFraction: p.maxUnusableFraction,
+      });
     }
     case 'http': {
       const { kind, cacheDir, ...rest } = p;

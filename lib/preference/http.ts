@@ -1,17 +1,20 @@
 // A pairwise judge behind any OpenAI-compatible chat-completions endpoint: each ordered pair of
 // responses is one request (1 token, temperature 0, top-5 logprobs), both orders are averaged to
-// remove position bias, and every answer is cached on disk the moment it arrives, so a killed run
-// never pays twice for the same comparison. Requests are bounded by a semaphore, timed out, and
-// retried with exponential backoff (Retry-After respected) on 429, 5xx, network errors and bodies
-// that are not a chat completion.
+// remove position bias, and every verdict is cached on disk the moment it arrives, so a killed run
+// never pays twice for the same comparison. Requests are bounded by a semaphore, timed out, their
+// bodies read up to maxResponseBytes, and retried with exponential backoff (Retry-After
+// respected) on 429, 5xx, network errors, bodies that are not a chat completion and answers that
+// cannot be read (naming neither A nor B, or a non-finite logprob). An answer still unreadable
+// after the last retry is an unusable verdict: scored ½, counted, never cached. No secret (the
+// API key) appears in an error, and a baseUrl with credentials is refused.
 import { createHash } from 'node:crypto';
-import { readFile } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { abortError, throwIfAborted } from '../util/abort.js';
 import { writeJsonAtomic } from '../util/atomic-write.js';
 import { fromUpperTriangle } from './matrix.js';
 import { definePreferenceModel, type PreferenceModel } from './model.js';
-import { DEFAULT_JUDGE_TEMPLATE, HTTP_JUDGE_DEFAULTS, missingPlaceholders } from './options/http.js';
+import { baseUrlProblem, DEFAULT_JUDGE_TEMPLATE, HTTP_JUDGE_DEFAULTS, missingPlaceholders } from './options/http.js';
 
 export interface HttpJudgeOptions {
   /** the API root, e.g. `https://api.openai.com/v1`; requests go to `<baseUrl>/chat/completions` */
@@ -38,6 +41,10 @@ export interface HttpJudgeOptions {
   cacheDir?: string;
   /** prompts compared at once by compareBatch; default DEFAULT_JUDGE_CONCURRENCY */
   concurrency?: number;
+  /** a response body longer than this many bytes fails the request (read as a stream, never buffered whole); default HTTP_JUDGE_DEFAULTS */
+  maxResponseBytes?: number;
+  /** the fraction of a call's verdicts (ordered comparisons) that may be unusable; default DEFAULT_MAX_UNUSABLE_FRACTION */
+  maxUnusableFraction?: number;
   /** where apiKeyEnv is looked up; default process.env */
   env?: Record<string, string | undefined>;
 }
@@ -46,17 +53,17 @@ export interface HttpJudgeOptions {
 export interface HttpJudgeStats {
   /** HTTP requests sent, retries included */
   requests: number;
-  /** attempts that failed and were tried again */
+  /** attempts that failed (or gave an unreadable answer) and were tried again */
   retries: number;
   /** comparisons answered from the disk cache */
   cacheHits: number;
-  /** comparisons answered by the endpoint (and then cached) */
+  /** comparisons answered by the endpoint (cached unless unparseable) */
   answers: number;
   /** answers read from the first token's top logprobs */
   fromLogprobs: number;
   /** answers read from the text */
   fromText: number;
-  /** answers that were neither (scored ½) */
+  /** answers still unreadable after every retry (naming neither A nor B, or a non-finite logprob): scored ½, never cached */
   unparseable: number;
 }
 
@@ -68,11 +75,19 @@ export interface HttpJudge extends PreferenceModel {
 interface Verdict {
   p: number;
   source: 'logprobs' | 'text' | 'unparseable';
-  /** the answer's text (1 token), for inspection */
+  /** an excerpt of the answer's text (1 token, unless the server ignores max_tokens), for inspection */
   text: string;
+  /** why an unparseable answer could not be read */
+  reason?: string;
 }
 
+/** The most characters of an answer kept (in a verdict, the cache, an error). */
+const EXCERPT_CHARS = 200;
+
 const REQUEST_PARAMS = { max_tokens: 1, temperature: 0, logprobs: true, top_logprobs: 5 } as const;
+
+/** A cache file larger than this is not a verdict this version wrote. */
+const MAX_CACHE_FILE_BYTES = 16 * 1024;
 
 /** Fills {prompt}, {a}, {b} in one pass, so a response that contains "{b}" is left alone. */
 export function renderJudgeTemplate(template: string, prompt: string, a: string, b: string): string {
@@ -90,8 +105,8 @@ function letterOf(token: string): string {
  * - logprobs: the first token's `top_logprobs`, probability mass of tokens that read 'A' (after
  *   leading spaces) against those that read 'B', renormalised over the two — used when either
  *   letter is among them;
- * - else the text: its first non-space character 'A' → 1, 'B' → 0, anything else → ½, counted
- *   as unparseable.
+ * - else the text: a first word that is the letter 'A' → 1 or 'B' → 0 ('A', ' B.', 'A is
+ *   better'), anything else ('Both are good', prose, nothing) → ½, an unparseable answer.
  * Returns undefined for a body that is not a chat completion (no choices, no message, no text
  * and no logprobs): the caller retries it.
  */
@@ -101,24 +116,36 @@ export function verdictFromCompletion(body: unknown): Verdict | undefined {
     | undefined;
   if (!choice || typeof choice !== 'object') return undefined;
   const content = choice.message?.content;
-  const text = typeof content === 'string' ? content : '';
+  const text = typeof content === 'string' ? excerpt(content) : '';
   const top = choice.logprobs?.content?.[0]?.top_logprobs;
   if (Array.isArray(top)) {
     let a = 0;
     let b = 0;
     for (const t of top) {
-      if (typeof t?.token !== 'string' || typeof t.logprob !== 'number') continue;
+      if (typeof t?.token !== 'string') continue;
       const letter = letterOf(t.token);
+      if (letter !== 'A' && letter !== 'B') continue;
+      // -Infinity is a probability of 0; NaN, +Infinity or a missing number is no probability at all
+      if (typeof t.logprob !== 'number' || Number.isNaN(t.logprob) || t.logprob === Infinity)
+        return { p: 0.5, source: 'unparseable', text, reason: `a non-finite logprob (${String(t.logprob)}) for '${letter}'` };
       if (letter === 'A') a += Math.exp(t.logprob);
-      else if (letter === 'B') b += Math.exp(t.logprob);
+      else b += Math.exp(t.logprob);
     }
+    if (!Number.isFinite(a + b))
+      return { p: 0.5, source: 'unparseable', text, reason: 'logprobs for A and B whose probabilities overflow' };
     if (a + b > 0) return { p: a / (a + b), source: 'logprobs', text };
   }
   if (typeof content !== 'string') return undefined;
-  const first = content.trimStart()[0];
+  // the letter alone, not the first letter of a word ('Both', 'As an AI')
+  const first = /^\s*([AB])(?![\p{L}\p{N}])/u.exec(content)?.[1];
   if (first === 'A') return { p: 1, source: 'text', text };
   if (first === 'B') return { p: 0, source: 'text', text };
-  return { p: 0.5, source: 'unparseable', text };
+  return {
+    p: 0.5,
+    source: 'unparseable',
+    text,
+    reason: content.trim() === '' ? 'an empty answer' : `the answer ${JSON.stringify(text)} names neither A nor B`,
+  };
 }
 
 /** A counting semaphore: at most `limit` holders at once, waiters served in order. */
@@ -171,10 +198,43 @@ function retryAfterMs(headers: Headers): number | undefined {
   return Number.isNaN(date) ? undefined : Math.max(0, date - Date.now());
 }
 
-const excerpt = (s: string): string => {
-  const one = s.replace(/\s+/g, ' ').trim();
-  return one.length > 200 ? `${one.slice(0, 200)}…` : one;
-};
+function excerpt(s: string): string {
+  // cut before collapsing the spaces, so a huge text is never copied whole
+  const one = s
+    .slice(0, 4 * EXCERPT_CHARS)
+    .replace(/\s+/g, ' ')
+    .trim();
+  return one.length > EXCERPT_CHARS ? `${one.slice(0, EXCERPT_CHARS)}…` : one;
+}
+
+/**
+ * A response's body as text, read as a stream up to `cap` bytes: a longer one (by its
+ * content-length, or by what arrives) is cancelled and fails the attempt, so an endless or huge
+ * body never holds more than `cap` bytes in memory.
+ */
+async function readBodyCapped(res: Response, cap: number): Promise<string> {
+  const tooLong = (): AttemptError =>
+    new AttemptError(`the response body is longer than maxResponseBytes (${cap} bytes); the request was cancelled`, false);
+  if (!res.body) return '';
+  if (Number(res.headers.get('content-length')) > cap) {
+    await res.body.cancel();
+    throw tooLong();
+  }
+  const reader = res.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let bytes = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    bytes += value.byteLength;
+    if (bytes > cap) {
+      await reader.cancel();
+      throw tooLong();
+    }
+    chunks.push(value);
+  }
+  return Buffer.concat(chunks).toString('utf8');
+}
 
 /** A failed attempt: `retry` says whether another may succeed; `waitMs` is the server's Retry-After. */
 class AttemptError extends Error {
@@ -200,6 +260,9 @@ function positiveInteger(v: number, what: string): number {
 export function httpJudge(options: HttpJudgeOptions): HttpJudge {
   const baseUrl = options.baseUrl?.replace(/\/+$/, '');
   if (!baseUrl) throw new TypeError('httpJudge: baseUrl is required (e.g. https://api.openai.com/v1)');
+  // never echo the URL: it may hold a secret
+  const urlProblem = baseUrlProblem(baseUrl);
+  if (urlProblem) throw new TypeError(`httpJudge: baseUrl ${urlProblem}`);
   if (!options.model) throw new TypeError('httpJudge: model is required');
   const url = `${baseUrl}/chat/completions`;
   const template = options.template ?? DEFAULT_JUDGE_TEMPLATE;
@@ -210,7 +273,15 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
   if (options.apiKeyEnv !== undefined) {
     apiKey = env[options.apiKeyEnv];
     if (!apiKey) throw new Error(`httpJudge: the environment variable ${options.apiKeyEnv} (apiKeyEnv) is not set`);
+    // checked here, since fetch's own error would quote the header, key included
+    if (!/^[\x21-\x7e]+$/.test(apiKey))
+      throw new Error(
+        `httpJudge: the environment variable ${options.apiKeyEnv} (apiKeyEnv) holds characters an HTTP header cannot carry (spaces, line breaks, non-ASCII)`,
+      );
   }
+  /** A message with the API key (if it ever appears, say in a server's error body) blotted out. */
+  const redact = (message: string): string => (apiKey ? message.split(apiKey).join('[API key]') : message);
+  const maxResponseBytes = positiveInteger(options.maxResponseBytes ?? HTTP_JUDGE_DEFAULTS.maxResponseBytes, 'maxResponseBytes');
   const timeoutMs = positiveInteger(options.timeoutMs ?? HTTP_JUDGE_DEFAULTS.timeoutMs, 'timeoutMs');
   const maxRetries = options.maxRetries ?? HTTP_JUDGE_DEFAULTS.maxRetries;
   if (!Number.isInteger(maxRetries) || maxRetries < 0)
@@ -241,13 +312,18 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
     if (!cacheDir) return undefined;
     let raw: string;
     try {
-      raw = await readFile(cacheFile(cacheDir, key), 'utf8');
+      const file = cacheFile(cacheDir, key);
+      // a verdict is a few hundred bytes; a bigger file (an older version cached whole answers) is asked again
+      if ((await stat(file)).size > MAX_CACHE_FILE_BYTES) return undefined;
+      raw = await readFile(file, 'utf8');
     } catch {
       return undefined;
     }
     try {
-      const v = JSON.parse(raw) as Verdict;
-      if (typeof v.p === 'number' && v.p >= 0 && v.p <= 1 && typeof v.source === 'string') return v;
+      const v = JSON.parse(raw) as Partial<Verdict> | null;
+      // an unparseable verdict (which older versions cached) is asked again
+      if (typeof v?.p === 'number' && v.p >= 0 && v.p <= 1 && (v.source === 'logprobs' || v.source === 'text'))
+        return { p: v.p, source: v.source, text: typeof v.text === 'string' ? excerpt(v.text) : '' };
     } catch {
       // a file that does not parse is asked again (and overwritten)
     }
@@ -255,11 +331,11 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
   }
 
   async function writeCached(key: string, v: Verdict): Promise<void> {
-    if (!cacheDir) return;
-    // a file that exists is complete
+    if (!cacheDir || v.source === 'unparseable') return; // never cached: asked again next time
+    // a file that exists is complete; it holds the verdict and a bounded excerpt of the answer
     await writeJsonAtomic(
       cacheFile(cacheDir, key),
-      { p: v.p, source: v.source, text: v.text, model: options.model },
+      { p: v.p, source: v.source, text: excerpt(v.text), model: options.model },
       { createParents: true },
     );
   }
@@ -278,8 +354,9 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
       let text: string;
       try {
         res = await fetch(url, { method: 'POST', headers, body, signal: controller.signal });
-        text = await res.text();
+        text = await readBodyCapped(res, maxResponseBytes);
       } catch (err) {
+        if (err instanceof AttemptError) throw err;
         throwIfAborted(signal);
         if (controller.signal.reason instanceof AttemptError) throw controller.signal.reason;
         const cause = (err as Error & { cause?: Error })?.cause;
@@ -320,7 +397,10 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
       await semaphore.acquire();
       try {
         throwIfAborted(signal); // aborted while waiting for a slot
-        return await attempt(body, signal);
+        const verdict = await attempt(body, signal);
+        // an unreadable answer is asked again like a malformed body; the last one is an unusable verdict
+        if (verdict.source !== 'unparseable' || n >= maxRetries) return verdict;
+        failure = new AttemptError(`unparseable answer: ${verdict.reason}`, true);
       } catch (err) {
         if (!(err instanceof AttemptError)) throw err;
         failure = err;
@@ -328,7 +408,7 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
         semaphore.release();
       }
       if (!failure.retry || n >= maxRetries)
-        throw new Error(`HTTP judge: POST ${url} failed${n > 0 ? ` after ${n + 1} attempts` : ''}: ${failure.message}`);
+        throw new Error(redact(`HTTP judge: POST ${url} failed${n > 0 ? ` after ${n + 1} attempts` : ''}: ${failure.message}`));
       stats.retries++;
       const backoff = Math.min(maxBackoffMs, backoffMs * 2 ** n);
       const wait = failure.waitMs !== undefined ? Math.min(failure.waitMs, 600_000) : backoff / 2 + (Math.random() * backoff) / 2;
@@ -366,6 +446,7 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
   const model = definePreferenceModel({
     id,
     concurrency: options.concurrency,
+    maxUnusableFraction: options.maxUnusableFraction,
     async compare(prompt, responses, { signal }) {
       const K = responses.length;
       const pairs: [number, number][] = [];
@@ -378,9 +459,15 @@ export function httpJudge(options: HttpJudgeOptions): HttpJudge {
       const settled = await Promise.allSettled(asks);
       const failed = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
       if (failed) throw failed.reason;
-      const q = settled.map((s) => (s as PromiseFulfilledResult<Verdict>).value.p);
+      const verdicts = settled.map((s) => (s as PromiseFulfilledResult<Verdict>).value);
+      const q = verdicts.map((v) => v.p); // ½ for an unparseable one
       const upper = new Map(pairs.map(([i, j], n) => [`${i},${j}`, (q[2 * n] + 1 - q[2 * n + 1]) / 2]));
-      return fromUpperTriangle(K, (i, j) => upper.get(`${i},${j}`));
+      const unusable = verdicts.flatMap((v, n) => {
+        if (v.source !== 'unparseable') return [];
+        const [i, j] = n % 2 === 0 ? pairs[n >> 1] : [pairs[n >> 1][1], pairs[n >> 1][0]];
+        return [`responses ${i} and ${j} (${i} shown as A): ${v.reason}`];
+      });
+      return { P: fromUpperTriangle(K, (i, j) => upper.get(`${i},${j}`)), verdicts: verdicts.length, unusable };
     },
   });
   return Object.assign(model, { stats });

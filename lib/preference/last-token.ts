@@ -1,10 +1,11 @@
 // The one engine pass judges need: token rows run in length-sorted, right-padded batches, and
 // the final hidden state at each row's own last token projected onto a few vectors (answer-token
-// head rows, a reward head) in float64 — never (batch, seq, vocab) logits. Also how an engine
-// judge takes a batch of prompts: `concurrency` of them at a time, their rows sharing batches.
+// head rows, a reward head) in float64 — never (batch, seq, vocab) logits — each forward pass
+// under the judge's time limit. Also how an engine judge takes a batch of prompts: `concurrency`
+// of them at a time, their rows sharing batches.
 import type { Model } from '../engine/model.js';
 import { throwIfAborted } from '../util/abort.js';
-import type { CompareBatchOptions, CompareItem } from './model.js';
+import { withJudgeTimeout, type CompareBatchOptions, type CompareItem, type Judgment } from './model.js';
 
 /** Options every judge that runs on the engine takes. */
 export interface EngineJudgeOptions {
@@ -20,6 +21,20 @@ export interface EngineJudgeOptions {
   label?: string;
   /** dispose the model with the judge; default false (true for the load* functions) */
   ownsModel?: boolean;
+  /** time limit of one forward pass in ms; default ENGINE_JUDGE_DEFAULTS */
+  callTimeoutMs?: number;
+  /** the fraction of a call's verdicts that may be unusable (non-finite logits or rewards); default DEFAULT_MAX_UNUSABLE_FRACTION */
+  maxUnusableFraction?: number;
+}
+
+export interface ProjectOptions {
+  signal?: AbortSignal;
+  /** called after each forward pass */
+  onForward?: () => void;
+  /** the judge, named by a forward pass that runs past timeoutMs */
+  judgeId?: string;
+  /** time limit of one forward pass in ms; none: no limit */
+  timeoutMs?: number;
 }
 
 /**
@@ -31,8 +46,7 @@ export async function projectLastTokens(
   rows: readonly (readonly number[])[],
   vectors: readonly ArrayLike<number>[],
   batchSize: number,
-  signal?: AbortSignal,
-  onForward?: () => void,
+  { signal, onForward, judgeId = 'engine judge', timeoutMs }: ProjectOptions = {},
 ): Promise<Float64Array[]> {
   const hidden = model.config.hidden_size;
   const out = rows.map(() => new Float64Array(vectors.length));
@@ -45,7 +59,13 @@ export async function projectLastTokens(
     const batch = chunk.map((n) =>
       rows[n].length === seq ? [...rows[n]] : [...rows[n], ...new Array<number>(seq - rows[n].length).fill(padId)],
     );
-    const { hidden: h } = await model.forward(batch, { output: 'hidden', signal });
+    const { hidden: h } = await withJudgeTimeout(
+      judgeId,
+      `a forward pass of ${batch.length} rows × ${seq} tokens`,
+      timeoutMs,
+      (s) => model.forward(batch, { output: 'hidden', signal: s }),
+      signal,
+    );
     if (!h) throw new Error('the engine returned no hidden states for output: hidden');
     onForward?.();
     chunk.forEach((n, r) => {
@@ -70,11 +90,11 @@ export async function judgeInGroups(
   items: readonly CompareItem[],
   concurrency: number,
   options: CompareBatchOptions,
-  judgeGroup: (group: readonly CompareItem[], signal?: AbortSignal) => Promise<number[][][]>,
-): Promise<number[][][]> {
+  judgeGroup: (group: readonly CompareItem[], signal?: AbortSignal) => Promise<Judgment[]>,
+): Promise<Judgment[]> {
   const n = options.concurrency ?? concurrency;
   if (!Number.isInteger(n) || n < 1) throw new RangeError(`compareBatch concurrency must be an integer ≥ 1, got ${n}`);
-  const out: number[][][] = [];
+  const out: Judgment[] = [];
   for (let start = 0; start < items.length; start += n) {
     throwIfAborted(options.signal);
     out.push(...(await judgeGroup(items.slice(start, start + n), options.signal)));

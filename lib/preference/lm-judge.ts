@@ -6,7 +6,8 @@
 // goes through Model.forward in batches of rows sorted by length (right padding: a causal
 // model's last real position never sees it). Only the final hidden states are taken from the engine; the two
 // answer tokens' logits are their dot products with those tokens' output-head rows, so a batch
-// costs (batch, seq, hidden) floats rather than (batch, seq, vocab).
+// costs (batch, seq, hidden) floats rather than (batch, seq, vocab). A question whose two
+// logits are not finite is an unusable verdict (scored ½, counted against maxUnusableFraction).
 import { createHash } from 'node:crypto';
 import type { Device, Model } from '../engine/model.js';
 import { loadPretrained } from '../io/checkpoint.js';
@@ -14,8 +15,8 @@ import type { Tokenizer } from '../io/tokenizer.js';
 import { renderJudgeTemplate } from './http.js';
 import { judgeInGroups, projectLastTokens, type EngineJudgeOptions } from './last-token.js';
 import { fromUpperTriangle } from './matrix.js';
-import { definePreferenceModel, type CompareItem, type PreferenceModel } from './model.js';
-import { DEFAULT_JUDGE_CONCURRENCY } from './options/common.js';
+import { checkTimeout, definePreferenceModel, type CompareItem, type Judgment, type PreferenceModel } from './model.js';
+import { DEFAULT_JUDGE_CONCURRENCY, ENGINE_JUDGE_DEFAULTS } from './options/common.js';
 import { DEFAULT_JUDGE_TEMPLATE, missingPlaceholders } from './options/http.js';
 import { LM_JUDGE_DEFAULTS } from './options/lm-judge.js';
 
@@ -96,6 +97,7 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
     .slice(0, 12);
   const id = options.id ?? `lm-judge(${options.label ?? 'model'},${hash})`;
   const concurrency = options.concurrency ?? DEFAULT_JUDGE_CONCURRENCY;
+  const timeoutMs = checkTimeout(options.callTimeoutMs ?? ENGINE_JUDGE_DEFAULTS.callTimeoutMs, 'lm-judge: callTimeoutMs');
   const stats: LmJudgeStats = { comparisons: 0, forwards: 0, truncated: 0 };
   const bos = tokenizer.bosTokenId;
 
@@ -109,7 +111,7 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
   }
 
   /** q for every ordered pair of every item: the items' matrices. */
-  async function judge(items: readonly CompareItem[], signal?: AbortSignal): Promise<number[][][]> {
+  async function judge(items: readonly CompareItem[], signal?: AbortSignal): Promise<Judgment[]> {
     const questions: { item: number; i: number; j: number; ids: number[] }[] = [];
     items.forEach(({ prompt, responses }, item) => {
       for (let i = 0; i < responses.length; i++)
@@ -122,26 +124,33 @@ export function lmJudge(model: Model, tokenizer: Tokenizer, options: LmJudgeOpti
       questions.map((x) => x.ids),
       rows,
       batchSize,
-      signal,
-      () => stats.forwards++,
+      { signal, onForward: () => stats.forwards++, judgeId: id, timeoutMs },
     );
-    const q = logits.map(([la, lb]) => twoWaySoftmax(la, lb));
     stats.comparisons += questions.length;
-    // qOf[item][i][j]: the answer to "is i better than j?", asked in that order
+    // qOf[item][i][j]: the answer to "is i better than j?", asked in that order (½ when unusable)
     const qOf = items.map(({ responses }) => responses.map(() => new Array<number>(responses.length).fill(NaN)));
+    const unusable = items.map((): string[] => []);
+    const asked = items.map(() => 0);
     questions.forEach((x, n) => {
-      qOf[x.item][x.i][x.j] = q[n];
+      asked[x.item]++;
+      const [la, lb] = logits[n];
+      const usable = Number.isFinite(la) && Number.isFinite(lb);
+      qOf[x.item][x.i][x.j] = usable ? twoWaySoftmax(la, lb) : 0.5;
+      if (!usable) unusable[x.item].push(`responses ${x.i} and ${x.j} (${x.i} shown first): non-finite answer-token logits (${la}, ${lb})`);
     });
-    return items.map(({ responses }, item) =>
-      fromUpperTriangle(responses.length, (i, j) =>
+    return items.map(({ responses }, item) => ({
+      P: fromUpperTriangle(responses.length, (i, j) =>
         responses[i] === responses[j] ? undefined : (qOf[item][i][j] + 1 - qOf[item][j][i]) / 2,
       ),
-    );
+      verdicts: asked[item],
+      unusable: unusable[item],
+    }));
   }
 
   const pm = definePreferenceModel({
     id,
     concurrency,
+    maxUnusableFraction: options.maxUnusableFraction,
     async compare(prompt, responses, { signal }) {
       return (await judge([{ prompt, responses }], signal))[0];
     },

@@ -6,7 +6,8 @@
 // assistant: response] formatted by the tokenizer's chat template; P_ij = σ((r_i − r_j)/τ),
 // P_ii = ½. Each distinct response is scored once per prompt (K rows, not K² questions); the
 // rows of `concurrency` prompts at a time are sorted by length and right-padded: a causal
-// model's last real position never sees padding.
+// model's last real position never sees padding. A non-finite reward is an unusable verdict:
+// every pair with that response scores ½, and it counts against maxUnusableFraction.
 import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -18,8 +19,8 @@ import { Tokenizer } from '../io/tokenizer.js';
 import { CheckpointWeights } from '../io/weights.js';
 import { judgeInGroups, projectLastTokens, type EngineJudgeOptions } from './last-token.js';
 import { fromUpperTriangle } from './matrix.js';
-import { definePreferenceModel, type CompareItem, type PreferenceModel } from './model.js';
-import { DEFAULT_JUDGE_CONCURRENCY } from './options/common.js';
+import { checkTimeout, definePreferenceModel, type CompareItem, type Judgment, type PreferenceModel } from './model.js';
+import { DEFAULT_JUDGE_CONCURRENCY, ENGINE_JUDGE_DEFAULTS } from './options/common.js';
 import { REWARD_MODEL_DEFAULTS } from './options/reward-model.js';
 
 export class RewardModelError extends Error {
@@ -83,6 +84,7 @@ export function rewardModelJudge(
 
   const id = options.id ?? `reward-model(${options.label ?? 'model'},τ=${tau})`;
   const concurrency = options.concurrency ?? DEFAULT_JUDGE_CONCURRENCY;
+  const timeoutMs = checkTimeout(options.callTimeoutMs ?? ENGINE_JUDGE_DEFAULTS.callTimeoutMs, 'reward-model: callTimeoutMs');
   const stats: RewardModelStats = { scored: 0, forwards: 0, truncated: 0 };
   const bos = tokenizer.bosTokenId;
 
@@ -121,25 +123,38 @@ export function rewardModelJudge(
         rows.map((r) => r.ids),
         [w],
         batchSize,
-        signal,
-        () => stats.forwards++,
+        { signal, onForward: () => stats.forwards++, judgeId: id, timeoutMs },
       )
     ).map((x) => x[0]);
     stats.scored += rows.length;
     return rowOf.map((ns) => ns.map((n) => reward[n]));
   }
 
-  const matrix = (r: readonly number[]): number[][] =>
-    fromUpperTriangle(r.length, (i, j) => (r[i] === r[j] ? undefined : sigmoid((r[i] - r[j]) / tau)));
+  /** P from one prompt's rewards; a non-finite reward is an unusable verdict, and each of its pairs ½. */
+  const judgment = (r: readonly number[], responses: readonly string[]): Judgment => {
+    const bad = r.map((x) => !Number.isFinite(x));
+    const unusable: string[] = [];
+    const scored = new Set<string>();
+    responses.forEach((text, i) => {
+      if (scored.has(text)) return; // a duplicate was scored once, with its first copy
+      scored.add(text);
+      if (bad[i]) unusable.push(`response ${i}: a non-finite reward (${r[i]})`);
+    });
+    const P = fromUpperTriangle(r.length, (i, j) => (bad[i] || bad[j] || r[i] === r[j] ? undefined : sigmoid((r[i] - r[j]) / tau)));
+    return { P, verdicts: scored.size, unusable };
+  };
 
   const pm = definePreferenceModel({
     id,
     concurrency,
+    maxUnusableFraction: options.maxUnusableFraction,
     async compare(prompt, responses, { signal }) {
-      return matrix((await score_([{ prompt, responses }], signal))[0]);
+      return judgment((await score_([{ prompt, responses }], signal))[0], responses);
     },
     compareBatch: (items, batchOptions) =>
-      judgeInGroups(items, concurrency, batchOptions, async (group, signal) => (await score_(group, signal)).map(matrix)),
+      judgeInGroups(items, concurrency, batchOptions, async (group, signal) =>
+        (await score_(group, signal)).map((r, n) => judgment(r, group[n].responses)),
+      ),
     async dispose() {
       if (options.ownsModel) await model.dispose();
     },

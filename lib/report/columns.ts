@@ -57,6 +57,7 @@ export const COLUMNS = {
   dualityGap: { header: 'duality gap last / avg', cell: (r) => pair(taskMetrics(r).dualityGap, taskMetrics(r).dualityGapAverage) },
   chosenRejected: { header: 'P̂ chosen / rejected', cell: (r) => pair(r.meanChosenWinRate, r.meanRejectedWinRate) },
   responseLength: { header: 'response length', cell: (r) => r.meanResponseLength.toFixed(1) },
+  unusableVerdicts: { header: 'unusable verdicts', cell: (r) => (r.verdicts ? `${r.verdicts.unusable} / ${r.verdicts.total}` : MISSING) },
   seconds: { header: 'seconds', cell: (r) => totalSeconds(r).toFixed(1) },
 } satisfies Record<string, Column>;
 

@@ -47,7 +47,8 @@ pre { background: #f7f7f7; padding: 1em; overflow-x: auto; }
 <body>
 <h1>${escapeHtml(title)}</h1>
 <p>Iteration 0 is the base policy π_0. Win rates are P(π_t ≻ π) on held-out prompts with a 95% confidence interval;
-P̂ chosen / rejected are the mean estimated win rates of the training pairs' responses against π_{t−1}.</p>
+P̂ chosen / rejected are the mean estimated win rates of the training pairs' responses against π_{t−1}.
+Unusable verdicts are the judge's answers of iteration t that could not be read (scored ½), out of all it gave.</p>
 <h2>Per iteration</h2>
 <table>
 <thead><tr>${head}</tr></thead>

@@ -10,11 +10,11 @@ import type { PreferenceBatchInput, PreferenceExample, PreferencePair, Preferenc
 import { savePretrained } from '../io/checkpoint.js';
 import type { TokenizerFiles } from '../io/tokenizer.js';
 import { CheckpointWeights } from '../io/weights.js';
-import type { PreferenceModel } from '../preference/model.js';
+import { UnusableVerdictsError, type PreferenceModel } from '../preference/model.js';
 import { throwIfAborted } from '../util/abort.js';
 import { buildTrainingSet, type JudgedPrompt, type TrainingSet } from './dataset.js';
 import { RunDir } from './run-dir.js';
-import type { EvalFile, Generations, Interval, Sample, StageName, StageValues, TrainFile } from './stage-files.js';
+import type { EvalFile, Generations, Interval, Judgments, Sample, StageName, StageValues, TrainFile } from './stage-files.js';
 
 export type { Interval, Sample, StageName } from './stage-files.js';
 
@@ -53,6 +53,15 @@ export interface RunHooks {
   onMetrics?: (row: IterationMetrics) => void;
   /** what a resume with a changed config or input file does differently: the stages that will use the new values */
   onNotice?: (message: string) => void;
+  /** after an iteration's judge stage (done or skipped): its verdicts and how many were unusable (scored ½) */
+  onJudged?: (e: { iteration: number } & JudgeVerdicts) => void;
+}
+
+export interface JudgeVerdicts {
+  /** the verdicts behind an iteration's matrices (what one is depends on the judge) */
+  total: number;
+  /** how many of them were unusable, each scored ½ */
+  unusable: number;
 }
 
 export interface IterationMetrics {
@@ -67,6 +76,8 @@ export interface IterationMetrics {
   /** TRL-style metrics of the iteration's training: first and last optimizer step */
   train?: { steps: number; first: Record<string, number>; last: Record<string, number> };
   task?: Record<string, unknown>;
+  /** the judge stage's verdicts (absent for π_0, and for a judge stage of an older version) */
+  verdicts?: JudgeVerdicts;
   seconds: Partial<Record<StageName, number>>;
 }
 
@@ -106,6 +117,7 @@ export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<Ru
 async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<RunResult> {
   const { config, model, text, preference } = setup;
   const { signal } = hooks;
+  const unusableLimit = 'maxUnusableFraction' in config.preference ? config.preference.maxUnusableFraction : undefined;
   const g = config.generation;
   const maxContext = Math.min(model.config.max_position_embeddings, model.plan.maxSeq);
   const generator = model.createGenerator({ maxBatch: g.maxBatch, maxContext });
@@ -220,14 +232,31 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
       });
       seconds.generate = gen.seconds;
 
-      const judged = await timed(t, 'judge', async () => {
-        const P = await preference.compareBatch(
-          gen.value.prompts.map((p, i) => ({ prompt: p.text, responses: gen.value.responses[i].map((r) => r.text) })),
-          { signal, onProgress: (done, total) => hooks.onProgress?.({ iteration: t, stage: 'judge', done, total }) },
-        );
-        return { preference: P };
+      // Unusable verdicts (scored ½) are counted in the stage file; more than the config allows fail the stage.
+      const judged = await timed(t, 'judge', async (): Promise<Judgments> => {
+        const j = await preference
+          .judgeBatch(
+            gen.value.prompts.map((p, i) => ({ prompt: p.text, responses: gen.value.responses[i].map((r) => r.text) })),
+            {
+              signal,
+              maxUnusableFraction: unusableLimit,
+              onProgress: (done, total) => hooks.onProgress?.({ iteration: t, stage: 'judge', done, total }),
+            },
+          )
+          .catch((err: unknown) => {
+            if (err instanceof UnusableVerdictsError)
+              throw new UnusableVerdictsError(err.judgeId, err.unusable, err.verdicts, err.maxUnusableFraction, err.examples, {
+                field: 'preference.maxUnusableFraction',
+                stage: `iteration ${t} judge`,
+              });
+            throw err;
+          });
+        return { preference: j.matrices, verdicts: j.verdicts, unusable: j.unusable };
       });
       seconds.judge = judged.seconds;
+      const verdicts: JudgeVerdicts | undefined =
+        judged.value.verdicts === undefined ? undefined : { total: judged.value.verdicts, unusable: judged.value.unusable ?? 0 };
+      if (verdicts) hooks.onJudged?.({ iteration: t, ...verdicts });
 
       const data = await timed(t, 'dataset', () => {
         const items: JudgedPrompt[] = gen.value.prompts.map((p, i) => ({
@@ -267,7 +296,7 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
       });
       seconds.evaluate = ev.seconds;
       evals.push(ev.value);
-      await record(iterationMetrics(t, ev.value, data.value, train.value, setup, evals, seconds));
+      await record({ ...iterationMetrics(t, ev.value, data.value, train.value, setup, evals, seconds), ...(verdicts && { verdicts }) });
     }
     return { dir: run.root, metrics };
   } finally {

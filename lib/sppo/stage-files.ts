@@ -50,6 +50,9 @@ export interface Generations {
 /** judge: the judge's K×K matrix per prompt. */
 export interface Judgments {
   preference: number[][][];
+  /** the verdicts behind them, and how many were unusable (scored ½); absent in files of older versions */
+  verdicts?: number;
+  unusable?: number;
 }
 
 /** train: the optimizer steps taken. */
@@ -116,7 +119,7 @@ export const STAGE_VALUE_SCHEMAS: { [S in StageName]: z.ZodType<StageValues[S]> 
   base: z.record(z.string(), z.unknown()),
   'base-eval': evalFile,
   generate: generations,
-  judge: z.looseObject({ preference: z.array(matrix) }),
+  judge: z.looseObject({ preference: z.array(matrix), verdicts: int.nonnegative().optional(), unusable: int.nonnegative().optional() }),
   dataset: trainingSet,
   train: z.looseObject({
     steps: z.array(

@@ -2,7 +2,12 @@
 // and the config's field helpers only), so lib/config can compose it.
 import { z } from 'zod';
 import { filePath, nonEmpty } from '../../config/fields.js';
-import { judgeConcurrency } from './common.js';
+import { callTimeoutMs, judgeConcurrency, maxUnusableFraction } from './common.js';
+
+export const FUNCTION_JUDGE_DEFAULTS = Object.freeze({
+  /** one call of the function, in ms */
+  callTimeoutMs: 300_000,
+});
 
 export const functionJudgeOptionsSchema = z
   .strictObject({
@@ -17,5 +22,7 @@ export const functionJudgeOptionsSchema = z
       .optional()
       .describe("the judge's id: change it whenever the function's behaviour changes (it is part of the config hash)"),
     concurrency: judgeConcurrency(),
+    callTimeoutMs: callTimeoutMs(FUNCTION_JUDGE_DEFAULTS.callTimeoutMs, 'one call of the function (one pair of responses)'),
+    maxUnusableFraction: maxUnusableFraction(),
   })
   .describe('the function judge');

@@ -1,9 +1,10 @@
-// The HTTP judge's options in a run configuration (preference.kind 'http'), its defaults, and
-// the judge prompt it shares with the LM judge: the default text and the placeholders it must
-// hold. A leaf (zod and the config's field helpers only), so lib/config can compose it.
+// The HTTP judge's options in a run configuration (preference.kind 'http'), its defaults, the
+// check of its baseUrl, and the judge prompt it shares with the LM judge: the default text and
+// the placeholders it must hold. A leaf (zod and the config's field helpers only), so lib/config
+// can compose it.
 import { z } from 'zod';
 import { filePath, nonEmpty, nonNegativeInt, positiveInt } from '../../config/fields.js';
-import { judgeConcurrency } from './common.js';
+import { judgeConcurrency, maxUnusableFraction } from './common.js';
 
 export const DEFAULT_JUDGE_TEMPLATE = `Two AI assistants answered the same user prompt. Decide which response is better: more helpful, correct, and clear.
 
@@ -36,7 +37,38 @@ export const HTTP_JUDGE_DEFAULTS = Object.freeze({
   requestConcurrency: 8,
   timeoutMs: 60_000,
   maxRetries: 5,
+  /** 1 MiB: a one-token completion is a few hundred bytes */
+  maxResponseBytes: 1024 * 1024,
 });
+
+const CREDENTIALS =
+  'must not contain credentials (user:password@): give the API key through apiKeyEnv, the environment variable that holds it';
+
+/** The URL, or null for what does not parse as one (URL.parse, which Node 20.0 lacks). */
+function parseUrl(text: string): URL | null {
+  try {
+    return new URL(text);
+  } catch {
+    return null;
+  }
+}
+
+/** Whether a URL carries credentials (user:password@); false for what does not parse as a URL. */
+const hasCredentials = (baseUrl: string): boolean => {
+  const url = parseUrl(baseUrl);
+  return url !== null && (url.username !== '' || url.password !== '');
+};
+
+/**
+ * What is wrong with an HTTP judge's baseUrl, or undefined: not a URL, not http(s), or with
+ * credentials (user:password@). The answer never quotes the URL, which may hold a secret.
+ */
+export function baseUrlProblem(baseUrl: string): string | undefined {
+  const url = parseUrl(baseUrl);
+  if (url === null) return 'is not a valid URL (e.g. https://api.openai.com/v1)';
+  if (url.protocol !== 'http:' && url.protocol !== 'https:') return 'must be an http(s) URL';
+  return hasCredentials(baseUrl) ? CREDENTIALS : undefined;
+}
 
 export const httpJudgeOptionsSchema = z
   .strictObject({
@@ -45,7 +77,10 @@ export const httpJudgeOptionsSchema = z
       .describe('a judge behind an OpenAI-compatible chat-completions endpoint (both orders asked, answers cached on disk)'),
     baseUrl: z
       .url({ protocol: /^https?$/, error: 'must be an http(s) URL' })
-      .describe('the API root, e.g. https://api.openai.com/v1; requests go to <baseUrl>/chat/completions'),
+      .refine((u) => !hasCredentials(u), { error: CREDENTIALS })
+      .describe(
+        'the API root, e.g. https://api.openai.com/v1; requests go to <baseUrl>/chat/completions; no credentials (user:password@) in it',
+      ),
     model: nonEmpty().describe('the model field of each request'),
     apiKeyEnv: nonEmpty()
       .optional()
@@ -58,8 +93,16 @@ export const httpJudgeOptionsSchema = z
     timeoutMs: positiveInt().default(HTTP_JUDGE_DEFAULTS.timeoutMs).describe('time limit of one attempt in milliseconds, body included'),
     maxRetries: nonNegativeInt()
       .default(HTTP_JUDGE_DEFAULTS.maxRetries)
-      .describe('retries after the first attempt (on 408, 429, 5xx, network errors and bodies that are not a completion)'),
-    cacheDir: filePath().optional().describe('one file per answered comparison; default <run.dir>/judge-cache'),
+      .describe(
+        'retries after the first attempt (on 408, 429, 5xx, network errors, bodies that are not a completion, and answers that name neither A nor B or carry a non-finite logprob)',
+      ),
+    maxResponseBytes: positiveInt()
+      .default(HTTP_JUDGE_DEFAULTS.maxResponseBytes)
+      .describe('a response body longer than this many bytes fails the request (read as a stream and cancelled past it)'),
+    cacheDir: filePath()
+      .optional()
+      .describe('one file per answered comparison (its verdict and an excerpt of the answer); default <run.dir>/judge-cache'),
     concurrency: judgeConcurrency(),
+    maxUnusableFraction: maxUnusableFraction(),
   })
   .describe('the HTTP judge');

@@ -2,7 +2,7 @@
 // A leaf (zod and the config's field helpers only), so lib/config can compose it.
 import { z } from 'zod';
 import { filePath, nonEmpty } from '../../config/fields.js';
-import { ENGINE_JUDGE_DEFAULTS, engineJudgeBatchSize, engineJudgeMaxSeq, judgeConcurrency } from './common.js';
+import { ENGINE_JUDGE_DEFAULTS, engineJudgeFields } from './common.js';
 import { judgeTemplate } from './http.js';
 
 export const LM_JUDGE_DEFAULTS = Object.freeze({
@@ -24,8 +24,6 @@ export const lmJudgeOptionsSchema = z
       .boolean()
       .default(LM_JUDGE_DEFAULTS.chatTemplate)
       .describe("format the question through the judge tokenizer's chat template"),
-    batchSize: engineJudgeBatchSize('judge'),
-    maxSeq: engineJudgeMaxSeq('judge', 'a longer question keeps its first token (BOS) and its last tokens'),
-    concurrency: judgeConcurrency(),
+    ...engineJudgeFields('judge', 'a longer question keeps its first token (BOS) and its last tokens'),
   })
   .describe('the LM judge');
