@@ -7,6 +7,7 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Template } from '@huggingface/jinja';
 import { Tokenizer as HfTokenizer } from '@huggingface/tokenizers';
+import { jsonSyntaxProblem } from '../util/json.js';
 
 export class TokenizerError extends Error {
   override name = 'TokenizerError';
@@ -85,11 +86,12 @@ function isNamedTemplate(v: unknown): v is { name: string; template: string } {
 
 async function readJson(file: string): Promise<Record<string, unknown> | undefined> {
   if (!existsSync(file)) return undefined;
+  const text = await readFile(file, 'utf8');
   let parsed: unknown;
   try {
-    parsed = JSON.parse(await readFile(file, 'utf8'));
+    parsed = JSON.parse(text);
   } catch (e) {
-    throw new TokenizerError(`${file}: not valid JSON (${(e as Error).message})`);
+    throw new TokenizerError(`${file}: ${jsonSyntaxProblem(text, e)}`, { cause: e });
   }
   if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new TokenizerError(`${file}: must be a JSON object`);
   return parsed as Record<string, unknown>;

@@ -15,6 +15,7 @@ import {
   type WriteDtype,
 } from './safetensors.js';
 import type { StagedFiles } from './staging.js';
+import { jsonSyntaxProblem } from '../util/json.js';
 
 export const WEIGHTS_NAME = 'model.safetensors';
 export const WEIGHTS_INDEX_NAME = 'model.safetensors.index.json';
@@ -96,7 +97,7 @@ function parseIndex(text: string, label: string): Map<string, string> {
   try {
     parsed = JSON.parse(text);
   } catch (e) {
-    throw new SafetensorsError(`${label}: not valid JSON (${(e as Error).message})`);
+    throw new SafetensorsError(`${label}: ${jsonSyntaxProblem(text, e)}`, { cause: e });
   }
   const weightMap = (parsed as { weight_map?: unknown } | null)?.weight_map;
   if (typeof weightMap !== 'object' || weightMap === null || Array.isArray(weightMap)) {
