@@ -10,6 +10,7 @@ import { ReadScratch, type TensorSource } from './safetensors.js';
 import { StagedFiles } from './staging.js';
 import { Tokenizer, TOKENIZER_FILES, tokenizerFileTexts, type TokenizerFiles } from './tokenizer.js';
 import { CheckpointWeights, removeStaleWeights, stageWeights } from './weights.js';
+import { fileWriteError } from '../util/atomic-write.js';
 import { jsonSyntaxProblem } from '../util/json.js';
 
 export class CheckpointError extends Error {
@@ -169,9 +170,14 @@ export async function savePretrained(model: Model, dir: string, options: SaveOpt
   if (dtype !== 'float32' && dtype !== 'bfloat16') throw new RangeError(`dtype must be 'float32' or 'bfloat16', got '${String(dtype)}'`);
   const source = options.sourceDir ? await readHfConfig(path.join(options.sourceDir, 'config.json')) : undefined;
   const hf = hfConfigFromEngine(model.config, { source, architecture: options.architecture, dtype });
-  await mkdir(dir, { recursive: true });
+  const what = `the checkpoint in ${dir}`;
+  try {
+    await mkdir(dir, { recursive: true });
+  } catch (e) {
+    throw fileWriteError(e, dir, 'the checkpoint folder');
+  }
 
-  const staging = new StagedFiles();
+  const staging = new StagedFiles(what);
   try {
     const tensors: TensorSource[] = model.params().map((p) => ({ name: p.name, shape: p.shape, data: () => model.getParam(p.name) }));
     const weightFiles = await stageWeights(

@@ -151,7 +151,7 @@ export async function stageWeights(
 
   if (shards.length === 1) {
     const target = path.join(dir, WEIGHTS_NAME);
-    staging.add(await writeSafetensorsTemp(target, tensors, { dtype }), target);
+    await staging.stage(target, () => writeSafetensorsTemp(target, tensors, { dtype }));
     return [WEIGHTS_NAME];
   }
   const n = shards.length;
@@ -160,7 +160,7 @@ export async function stageWeights(
   const weightMap: Record<string, string> = {};
   for (let i = 0; i < n; i++) {
     const target = path.join(dir, names[i]);
-    staging.add(await writeSafetensorsTemp(target, shards[i], { dtype }), target);
+    await staging.stage(target, () => writeSafetensorsTemp(target, shards[i], { dtype }));
     for (const t of shards[i]) weightMap[t.name] = names[i];
   }
   const totalSize = tensors.reduce((a, t) => a + size(t), 0);
