@@ -291,20 +291,34 @@ export interface PromptSplit<T> {
   evaluation: T[];
 }
 
+/** A split that cannot be made; `option` is the SplitOptions field to change (or 'prompts' for an empty set). */
+export class SplitError extends RangeError {
+  override name = 'SplitError';
+  constructor(
+    readonly option: keyof SplitOptions | 'prompts',
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
 /** A seeded shuffle, the first `evalSize` held out, then T disjoint iteration parts. */
 export function splitPrompts<T>(prompts: readonly T[], options: SplitOptions): PromptSplit<T> {
   const { iterations: T, evalSize, seed } = options;
   const n = prompts.length;
-  if (n === 0) throw new RangeError('the prompt set is empty');
-  if (!Number.isInteger(T) || T < 1) throw new RangeError(`iterations must be an integer ≥ 1, got ${T}`);
-  if (!Number.isInteger(evalSize) || evalSize < 0) throw new RangeError(`evalSize must be an integer ≥ 0, got ${evalSize}`);
+  if (n === 0) throw new SplitError('prompts', 'the prompt set is empty');
+  if (!Number.isInteger(T) || T < 1) throw new SplitError('iterations', `iterations must be an integer ≥ 1, got ${T}`);
+  if (!Number.isInteger(evalSize) || evalSize < 0) throw new SplitError('evalSize', `evalSize must be an integer ≥ 0, got ${evalSize}`);
   const rest = n - evalSize;
-  if (rest < T) throw new RangeError(`${n} prompts cannot give ${evalSize} for evaluation and at least one to each of ${T} iterations`);
+  if (rest < T)
+    throw new SplitError('evalSize', `${n} prompts cannot give ${evalSize} for evaluation and at least one to each of ${T} iterations`);
   const per = options.promptsPerIteration;
   if (per !== undefined) {
-    if (!Number.isInteger(per) || per < 1) throw new RangeError(`promptsPerIteration must be an integer ≥ 1, got ${per}`);
+    if (!Number.isInteger(per) || per < 1)
+      throw new SplitError('promptsPerIteration', `promptsPerIteration must be an integer ≥ 1, got ${per}`);
     if (per * T > rest)
-      throw new RangeError(
+      throw new SplitError(
+        'promptsPerIteration',
         `${T} iterations × ${per} prompts need ${per * T}, but only ${rest} remain after ${evalSize} for evaluation (of ${n})`,
       );
   }

@@ -22,6 +22,8 @@ export interface LoadOptions {
   training?: boolean;
   /** where the model lives (Model.create's device; default 'cpu') */
   device?: Device;
+  /** the directory's tokenizer, already read (Tokenizer.fromDirectory), so that it is not read twice */
+  tokenizer?: Tokenizer;
 }
 
 export interface Pretrained {
@@ -110,7 +112,7 @@ export async function loadPretrained(dir: string, plan: MemoryPlan, options: Loa
   const configFile = path.join(dir, 'config.json');
   const hf = await readHfConfig(configFile);
   const { config, architecture } = engineConfigFromHf(hf, { maxSeq: plan.maxSeq, training: options.training, label: configFile });
-  const tokenizer = existsSync(path.join(dir, 'tokenizer.json')) ? await Tokenizer.fromDirectory(dir) : undefined;
+  const tokenizer = options.tokenizer ?? (existsSync(path.join(dir, 'tokenizer.json')) ? await Tokenizer.fromDirectory(dir) : undefined);
   const weights = await CheckpointWeights.open(dir);
   let model: Model | undefined;
   try {
