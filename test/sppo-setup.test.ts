@@ -3,11 +3,11 @@
 // Mistral-7B tokenizer, as test/judge-lm.test.ts builds its judge) gives a chat policy, the split
 // and the judge. What the schema refuses is a RunConfigError whose issues carry their field;
 // what only setup can find out is a SetupError whose `path` names the field to change.
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeMistralChatModel } from './fixtures/mistral-tokenizer.js';
+import { INST_CHAT_TEMPLATE, makeMistralChatModel } from './fixtures/mistral-tokenizer.js';
 import {
   demoConfigInput,
   Model,
@@ -219,7 +219,13 @@ describe('refusals name the field', () => {
     expect(missing.path).toEqual(['data', 'prompts']);
     expect(missing.message).toMatch(/^data\.prompts: .*none\.jsonl/);
     const few = await setupError(hfConfig({ data: { prompts, evalSize: 100 } }));
-    expect(few.path).toEqual(['data']);
+    expect(few.path).toEqual(['data', 'evalSize']);
+    expect(few.message).toBe(
+      `data.evalSize: 6 prompts cannot give 100 for evaluation and at least one to each of 2 iterations (the prompts: the 6 prompts of ${prompts}; data.evalSize 100, run.iterations 2)`,
+    );
+    const per = await setupError(hfConfig({ data: { prompts, evalSize: 2, promptsPerIteration: 3 } }));
+    expect(per.path).toEqual(['data', 'promptsPerIteration']);
+    expect(per.message).toMatch(/^data\.promptsPerIteration: 2 iterations × 3 prompts need 6, but only 4 remain/);
   });
 
   it('the judge: its module, its export, its API key, its model directory', async () => {
@@ -265,5 +271,88 @@ describe('refusals name the field', () => {
     const vocab = await setupError(hfConfig({ model: { path: small } }));
     expect(vocab.path).toEqual(['model', 'path']);
     expect(vocab.message).toMatch(/into token id \d+, but the model's vocab_size is 1000/);
+  });
+});
+
+describe('checked before the judge and the weights are loaded', () => {
+  let copies = 0;
+  /** A copy of the policy directory without its weights (so a check that passes would fail on them), edited by `edit`. */
+  function policyCopy(edit: (dir: string) => void = () => undefined): string {
+    const dir = path.join(tmp, `copy-${copies++}`);
+    cpSync(policyDir, dir, { recursive: true });
+    rmSync(path.join(dir, 'model.safetensors'));
+    edit(dir);
+    return dir;
+  }
+
+  it('prompt + generation.maxNewTokens against the context, for the longest prompt', async () => {
+    const dir = policyCopy();
+    const err = await setupError(hfConfig({ model: { path: dir }, generation: { maxNewTokens: 125 } }));
+    expect(err.path).toEqual(['generation', 'maxNewTokens']);
+    expect(err.message).toMatch(
+      new RegExp(
+        `^generation\\.maxNewTokens: the longest prompt \\("Say .\\."\\) takes (\\d+) tokens \\(data\\.maxPromptTokens 12\\) and generation\\.maxNewTokens is 125: \\d+ tokens exceed the model's context of 128 \\(max_position_embeddings in ${path.join(dir, 'config.json')}\\); lower generation\\.maxNewTokens to \\d+ or less, or lower data\\.maxPromptTokens`,
+      ),
+    );
+    // what fits is let through to the weights, which this copy lacks
+    const fits = await setupError(hfConfig({ model: { path: dir }, generation: { maxNewTokens: 100 } }));
+    expect(fits.message).toMatch(/no model\.safetensors/);
+  });
+
+  it('the chat template renders every prompt', async () => {
+    const dir = policyCopy((d) => {
+      writeFileSync(
+        path.join(d, 'chat_template.jinja'),
+        `{% if messages[0].content == 'Say c.' %}{{ raise_exception('no c, please') }}{% endif %}${INST_CHAT_TEMPLATE}`,
+      );
+    });
+    const err = await setupError(hfConfig({ model: { path: dir } }));
+    expect(err.path).toEqual(['model', 'path']);
+    expect(err.message).toBe(
+      `model.path: the prompt "Say c." cannot be turned into tokens: ${dir}: chat template 'default' (chat_template.jinja) failed to render (no c, please)`,
+    );
+  });
+
+  it('a config.json syntax error names the file and the line, and an empty tokenizer.json vocabulary is refused', async () => {
+    const broken = policyCopy((d) => {
+      writeFileSync(
+        path.join(d, 'config.json'),
+        readFileSync(path.join(d, 'config.json'), 'utf8').replace(/,\s*"hidden_size"/, ' "hidden_size"'),
+      );
+    });
+    const syntax = await setupError(hfConfig({ model: { path: broken } }));
+    expect(syntax.path).toEqual(['model', 'path']);
+    expect(syntax.message).toMatch(
+      new RegExp(`^model\\.path: ${path.join(broken, 'config.json')}: not valid JSON at line \\d+, column \\d+ \\(`),
+    );
+
+    const empty = policyCopy((d) => {
+      const file = path.join(d, 'tokenizer.json');
+      const t = JSON.parse(readFileSync(file, 'utf8')) as { model: Record<string, unknown> };
+      t.model.vocab = {};
+      t.model.merges = [];
+      writeFileSync(file, JSON.stringify(t));
+    });
+    const unk = await setupError(hfConfig({ model: { path: empty } }));
+    expect(unk.path).toEqual(['model', 'path']);
+    expect(unk.message).toMatch(new RegExp(`^model\\.path: ${empty}: tokenizer\\.json has no ordinary token that decodes to text`));
+  });
+
+  it('the demo preset: its split and its context, naming the field', async () => {
+    const demo = (patch: Partial<RunConfigInput>) => {
+      const input = demoConfigInput({ quick: true, dir: path.join(tmp, 'demo-checks') });
+      return parseConfig({ ...input, ...patch, data: { ...input.data, ...patch.data } });
+    };
+    const evalSize = await setupError(demo({ data: { words: 500, evalSize: 600 } }));
+    expect(evalSize.path).toEqual(['data', 'evalSize']);
+    expect(evalSize.message).toBe(
+      'data.evalSize: 500 prompts cannot give 600 for evaluation and at least one to each of 3 iterations (the prompts: data.words = 500 generated words; data.evalSize 600, run.iterations 3)',
+    );
+    const input = demoConfigInput({ quick: true });
+    const long = await setupError(demo({ generation: { ...input.generation, maxNewTokens: 2048 } }));
+    expect(long.path).toEqual(['generation', 'maxNewTokens']);
+    expect(long.message).toMatch(
+      /^generation\.maxNewTokens: the longest prompt \(".+"\) takes 8 tokens and generation\.maxNewTokens is 2048: 2056 tokens exceed the model's context of 32 \(the demo policy's context\); lower generation\.maxNewTokens to 24 or less$/,
+    );
   });
 });

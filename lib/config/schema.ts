@@ -14,6 +14,22 @@ import { rewardModelOptionsSchema } from '../preference/options/reward-model.js'
 import { styledReversalOptionsSchema } from '../preference/options/styled-reversal.js';
 import { filePath, nonEmpty, nonNegative, nonNegativeInt, positive, positiveInt, probability } from './fields.js';
 
+/**
+ * Counts of things a run holds in memory at once, bounded so that a typo (1e9) is refused here
+ * rather than aborting V8 later. data.words: a million generated words take about 30 MB and two
+ * seconds (the demo uses 3000; UltraFeedback has 60k prompts). sft.examples: each supervised row
+ * takes about 0.5 KB as token arrays, so 100k rows are about 50 MB (the demo uses 4000).
+ */
+export const MAX_WORDS = 1_000_000;
+export const MAX_SFT_EXAMPLES = 100_000;
+
+/** float32's largest finite value and smallest normal one: the engine keeps optimizer constants in float32. */
+const FLOAT32_MAX = 3.4028234663852886e38;
+const FLOAT32_MIN_NORMAL = 1.1754943508222875e-38;
+
+/** A decay rate of a moving average (RMSprop's α, AdamW's β): in [0, 1), as the engine requires. */
+const decayRate = () => nonNegative().lt(1, { error: 'must be < 1 (a moving average that never forgets never moves)' });
+
 const modelSchema = z
   .strictObject({
     preset: z
@@ -33,7 +49,10 @@ const modelSchema = z
 const dataSchema = z
   .strictObject({
     prompts: filePath().optional().describe('a JSONL or Parquet prompt file'),
-    words: positiveInt().optional().describe('instead of a file: this many generated styled-reversal words (the synthetic task)'),
+    words: positiveInt()
+      .max(MAX_WORDS, { error: `must be ≤ ${MAX_WORDS.toLocaleString('en')} (the words are generated and held in memory)` })
+      .optional()
+      .describe(`instead of a file: this many generated styled-reversal words (the synthetic task), at most ${MAX_WORDS}`),
     column: nonEmpty().default('prompt').describe('the prompt column (a JSONL field or a Parquet column)'),
     format: z.enum(['jsonl', 'parquet']).optional().describe("the prompt file's format; default: from its extension"),
     evalSize: nonNegativeInt().default(100).describe('held-out prompts for evaluation against the base policy'),
@@ -97,10 +116,15 @@ const trainingSchema = z
         lr: positive().default(5e-7).describe('peak learning rate'),
         weightDecay: nonNegative().default(0).describe('decoupled weight decay'),
         maxGradNorm: nonNegative().default(1).describe("global-norm gradient clipping (Hugging Face Trainer's default 1.0); 0 disables"),
-        alpha: probability().optional().describe("RMSprop's smoothing constant; default the engine's"),
-        beta1: probability().optional().describe("AdamW's β1; default the engine's"),
-        beta2: probability().optional().describe("AdamW's β2; default the engine's"),
-        eps: positive().optional().describe("the optimizer's ε; default the engine's"),
+        alpha: decayRate().optional().describe("RMSprop's smoothing constant, in [0, 1); default the engine's"),
+        beta1: decayRate().optional().describe("AdamW's β1, in [0, 1); default the engine's"),
+        beta2: decayRate().optional().describe("AdamW's β2, in [0, 1); default the engine's"),
+        eps: z
+          .number({ error: 'must be a number' })
+          .min(FLOAT32_MIN_NORMAL, { error: `must be ≥ ${FLOAT32_MIN_NORMAL} (smaller is 0 or denormal in float32)` })
+          .max(FLOAT32_MAX, { error: `must be ≤ ${FLOAT32_MAX} (larger is infinite in float32)` })
+          .optional()
+          .describe("the optimizer's ε, within float32's normal range; default the engine's"),
       })
       .prefault({})
       .describe('the optimizer'),
@@ -132,7 +156,10 @@ const sftSchema = z
     steps: positiveInt().default(400).describe('optimizer steps'),
     batchSize: positiveInt().default(64).describe('supervised rows per step'),
     lr: positive().default(3e-3).describe('learning rate'),
-    examples: positiveInt().default(4000).describe('supervised (prompt, answer) rows drawn for it'),
+    examples: positiveInt()
+      .max(MAX_SFT_EXAMPLES, { error: `must be ≤ ${MAX_SFT_EXAMPLES.toLocaleString('en')} (the rows are held in memory)` })
+      .default(4000)
+      .describe(`supervised (prompt, answer) rows drawn for it, at most ${MAX_SFT_EXAMPLES}`),
     styles: z
       .strictObject({
         R: nonNegative().describe('weight of style R'),

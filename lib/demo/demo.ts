@@ -3,7 +3,6 @@
 // styled-reversal oracle, whose Nash equilibrium is known, so the duality gap is exact.
 import { parseConfig } from '../config/load.js';
 import type { RunConfig, RunConfigInput } from '../config/schema.js';
-import { splitPrompts } from '../data/prompts.js';
 import { Model, type Device } from '../engine/model.js';
 import type { PreferenceLossName } from '../engine/types.js';
 import {
@@ -14,6 +13,7 @@ import {
   summarizeAnswers,
   type PolicySummary,
 } from '../preference/styled-reversal.js';
+import { checkPrompts, splitForConfig } from '../sppo/prompt-checks.js';
 import { runSppo, type RunHooks, type RunResult, type RunSetup, type Sample } from '../sppo/run.js';
 import { CharTokenizer, DEMO_CONTEXT, demoModelConfig, supervisedExamples, supervisedFineTune } from './task.js';
 
@@ -54,7 +54,11 @@ export function demoConfigInput(o: DemoOptions = {}): RunConfigInput {
   };
 }
 
-/** Builds the run for a resolved config whose model is the 'demo' preset. */
+/**
+ * Builds the run for a resolved config whose model is the 'demo' preset. The split and the
+ * prompts' lengths against the policy's context are checked before the policy is made, as a
+ * SetupError naming the field (data.evalSize, generation.maxNewTokens …).
+ */
 export function demoSetup(config: RunConfig, options: { device?: Device } = {}): { setup: RunSetup; tokenizer: CharTokenizer } {
   if (config.model.preset !== 'demo' || config.data.words === undefined || config.preference.kind !== 'styled-reversal')
     throw new RangeError("demoSetup needs model.preset 'demo', data.words and preference.kind 'styled-reversal'");
@@ -62,11 +66,13 @@ export function demoSetup(config: RunConfig, options: { device?: Device } = {}):
   const oracle = resolveStyledReversal(params);
   const tokenizer = new CharTokenizer(oracle.alphabet);
   const words = randomWords(config.data.words, config.run.seed, oracle);
-  const split = splitPrompts(words, {
-    iterations: config.run.iterations,
-    evalSize: config.data.evalSize,
-    seed: config.run.seed,
-    promptsPerIteration: config.data.promptsPerIteration,
+  const split = splitForConfig(words, config, `data.words = ${config.data.words} generated words`);
+  checkPrompts(split, tokenizer, config, {
+    vocabSize: tokenizer.vocabSize,
+    context: DEMO_CONTEXT,
+    contextSource: "the demo policy's context",
+    textField: ['data', 'words'],
+    truncates: false,
   });
   const sft = config.sft;
   const maxBatch = Math.max(2 * config.training.batchSize, sft?.batchSize ?? 1);

@@ -10,6 +10,8 @@ import { ReadScratch, type TensorSource } from './safetensors.js';
 import { StagedFiles } from './staging.js';
 import { Tokenizer, TOKENIZER_FILES, tokenizerFileTexts, type TokenizerFiles } from './tokenizer.js';
 import { CheckpointWeights, removeStaleWeights, stageWeights } from './weights.js';
+import { fileWriteError } from '../util/atomic-write.js';
+import { jsonSyntaxProblem } from '../util/json.js';
 
 export class CheckpointError extends Error {
   override name = 'CheckpointError';
@@ -20,6 +22,8 @@ export interface LoadOptions {
   training?: boolean;
   /** where the model lives (Model.create's device; default 'cpu') */
   device?: Device;
+  /** the directory's tokenizer, already read (Tokenizer.fromDirectory), so that it is not read twice */
+  tokenizer?: Tokenizer;
 }
 
 export interface Pretrained {
@@ -36,13 +40,26 @@ const IGNORED_TENSOR = /(^|\.)rotary_emb\.inv_freq$/;
 const TIED_HEAD = 'lm_head.weight';
 const EMBEDDING = 'model.embed_tokens.weight';
 
-async function readConfig(file: string): Promise<HfConfig> {
+/**
+ * A model directory's config.json as a JSON object; a syntax error names the file, the line
+ * and the column, and anything but an object is refused.
+ */
+export async function readHfConfig(file: string): Promise<HfConfig> {
   if (!existsSync(file)) throw new CheckpointError(`${file}: not found`);
+  let text: string;
   try {
-    return JSON.parse(await readFile(file, 'utf8')) as HfConfig;
+    text = await readFile(file, 'utf8');
   } catch (e) {
-    throw new ConfigError(`${file}: not valid JSON (${(e as Error).message})`);
+    throw new CheckpointError(`${file}: cannot be read (${(e as Error).message})`, { cause: e });
   }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (e) {
+    throw new ConfigError(`${file}: ${jsonSyntaxProblem(text, e)}`, { cause: e });
+  }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new ConfigError(`${file}: must be a JSON object`);
+  return parsed as HfConfig;
 }
 
 function listed(names: string[]): string {
@@ -93,9 +110,9 @@ function checkTensorTable(weights: CheckpointWeights, model: Model): void {
  */
 export async function loadPretrained(dir: string, plan: MemoryPlan, options: LoadOptions = {}): Promise<Pretrained> {
   const configFile = path.join(dir, 'config.json');
-  const hf = await readConfig(configFile);
+  const hf = await readHfConfig(configFile);
   const { config, architecture } = engineConfigFromHf(hf, { maxSeq: plan.maxSeq, training: options.training, label: configFile });
-  const tokenizer = existsSync(path.join(dir, 'tokenizer.json')) ? await Tokenizer.fromDirectory(dir) : undefined;
+  const tokenizer = options.tokenizer ?? (existsSync(path.join(dir, 'tokenizer.json')) ? await Tokenizer.fromDirectory(dir) : undefined);
   const weights = await CheckpointWeights.open(dir);
   let model: Model | undefined;
   try {
@@ -153,11 +170,16 @@ export interface SaveOptions {
 export async function savePretrained(model: Model, dir: string, options: SaveOptions = {}): Promise<string[]> {
   const dtype = options.dtype ?? 'float32';
   if (dtype !== 'float32' && dtype !== 'bfloat16') throw new RangeError(`dtype must be 'float32' or 'bfloat16', got '${String(dtype)}'`);
-  const source = options.sourceDir ? await readConfig(path.join(options.sourceDir, 'config.json')) : undefined;
+  const source = options.sourceDir ? await readHfConfig(path.join(options.sourceDir, 'config.json')) : undefined;
   const hf = hfConfigFromEngine(model.config, { source, architecture: options.architecture, dtype });
-  await mkdir(dir, { recursive: true });
+  const what = `the checkpoint in ${dir}`;
+  try {
+    await mkdir(dir, { recursive: true });
+  } catch (e) {
+    throw fileWriteError(e, dir, 'the checkpoint folder');
+  }
 
-  const staging = new StagedFiles();
+  const staging = new StagedFiles(what);
   try {
     const tensors: TensorSource[] = model.params().map((p) => ({ name: p.name, shape: p.shape, data: () => model.getParam(p.name) }));
     const weightFiles = await stageWeights(

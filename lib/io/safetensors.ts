@@ -11,6 +11,7 @@ import { constants as fsConstants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { endianness } from 'node:os';
 import { commitTemporaries, writeTemporary } from '../util/atomic-write.js';
+import { jsonSyntaxProblem } from '../util/json.js';
 
 export class SafetensorsError extends Error {
   override name = 'SafetensorsError';
@@ -87,7 +88,7 @@ export function parseSafetensorsHeader(json: Uint8Array, fileSize: number, label
   try {
     parsed = JSON.parse(text);
   } catch (e) {
-    return fail(`header is not valid JSON (${(e as Error).message})`);
+    return fail(`header is ${jsonSyntaxProblem(text, e)}`);
   }
   if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) fail('header must be a JSON object');
 

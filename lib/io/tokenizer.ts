@@ -1,12 +1,16 @@
 // A Hugging Face tokenizer directory: tokenizer.json through @huggingface/tokenizers (pure JS),
 // special tokens from tokenizer_config.json / special_tokens_map.json / generation_config.json,
 // and the chat template (chat_template.jinja, else tokenizer_config.json's chat_template)
-// rendered with @huggingface/jinja, the same way transformers' apply_chat_template does.
+// rendered with @huggingface/jinja, the same way transformers' apply_chat_template does, within
+// a budget of time and output. At load, text must survive encode → decode and the chat template
+// must render a probe conversation, so that a damaged tokenizer fails here rather than turning
+// every prompt into unknown tokens.
 import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { Template } from '@huggingface/jinja';
+import { Environment, Interpreter, Template } from '@huggingface/jinja';
 import { Tokenizer as HfTokenizer } from '@huggingface/tokenizers';
+import { jsonSyntaxProblem } from '../util/json.js';
 
 export class TokenizerError extends Error {
   override name = 'TokenizerError';
@@ -40,7 +44,27 @@ export interface TokenizerFiles {
   chatTemplate?: string;
   /** names the source in errors */
   label?: string;
+  /** limits on rendering the chat template (default CHAT_TEMPLATE_BUDGET) */
+  chatTemplateBudget?: Partial<ChatTemplateBudget>;
 }
+
+/**
+ * What rendering a chat template may take, per render: wall-clock time, the longest string it may
+ * build (prompts are at most 4 MiB, so 16 Mi characters leaves room for any real template), and
+ * the most items range() may make (real templates count messages). A template past any of them —
+ * an endless loop, range(1e8) — is refused with the budget it broke instead of hanging or
+ * exhausting memory.
+ */
+export interface ChatTemplateBudget {
+  milliseconds: number;
+  outputChars: number;
+  rangeItems: number;
+}
+export const CHAT_TEMPLATE_BUDGET: Readonly<ChatTemplateBudget> = {
+  milliseconds: 2000,
+  outputChars: 16 * 1024 * 1024,
+  rangeItems: 100_000,
+};
 
 /** The tokenizer files saved with a model, in the order transformers writes them. */
 export const TOKENIZER_FILES = [
@@ -83,13 +107,99 @@ function isNamedTemplate(v: unknown): v is { name: string; template: string } {
   return typeof t?.name === 'string' && typeof t.template === 'string';
 }
 
+/** A broken rendering budget: the message says which. */
+class BudgetExceeded extends Error {}
+
+/**
+ * The parts of @huggingface/jinja's runtime used here, with their declared signatures: its
+ * index.d.ts re-exports them from "./runtime" without an extension, which NodeNext resolution
+ * does not follow, so the classes arrive untyped (as HfTokenizer does above).
+ */
+interface JinjaValue {
+  type: string;
+  value: unknown;
+}
+interface JinjaEnvironment {
+  set(name: string, value: unknown): unknown;
+}
+interface JinjaInterpreter {
+  run(program: Template['parsed']): JinjaValue;
+  evaluate(statement: unknown, environment: JinjaEnvironment): JinjaValue;
+}
+const JinjaEnvironmentClass = Environment as unknown as new () => JinjaEnvironment;
+const JinjaInterpreterClass = Interpreter as unknown as new (env: JinjaEnvironment) => JinjaInterpreter;
+
+/** The interpreter with a clock and an output cap checked as it evaluates. */
+class BudgetedInterpreter extends JinjaInterpreterClass {
+  #calls = 0;
+  readonly #deadline: number;
+  constructor(
+    env: JinjaEnvironment,
+    readonly budget: ChatTemplateBudget,
+  ) {
+    super(env);
+    this.#deadline = performance.now() + budget.milliseconds;
+  }
+
+  override evaluate(...args: Parameters<JinjaInterpreter['evaluate']>): JinjaValue {
+    if ((++this.#calls & 255) === 0 && performance.now() > this.#deadline)
+      throw new BudgetExceeded(`rendering took over ${this.budget.milliseconds} ms`);
+    const v = super.evaluate(...args);
+    if (typeof v.value === 'string' && v.value.length > this.budget.outputChars)
+      throw new BudgetExceeded(`rendering built a string of over ${this.budget.outputChars} characters`);
+    return v;
+  }
+}
+
+// The library's own strftime_now, reached through a template of its own (its globals are not exported).
+const strftimeTemplate = new Template('{{ strftime_now(format) }}');
+
+/**
+ * Renders `template` with `vars` as Template.render does (the same globals: true/false/none in
+ * both spellings, raise_exception, range, strftime_now), within `budget`.
+ */
+function renderWithin(template: Template, vars: Record<string, unknown>, budget: ChatTemplateBudget): string {
+  const env = new JinjaEnvironmentClass();
+  const globals: Record<string, unknown> = {
+    false: false,
+    true: true,
+    none: null,
+    False: false,
+    True: true,
+    None: null,
+    raise_exception: (message: unknown) => {
+      throw new Error(String(message));
+    },
+    range: (start: number, stop?: number, step = 1) => {
+      const [from, to] = stop === undefined ? [0, start] : [start, stop];
+      if (step === 0) throw new Error('range() step must not be zero');
+      const n = Math.max(0, Math.ceil((to - from) / step));
+      if (n > budget.rangeItems) throw new BudgetExceeded(`range() of ${n} items is over the ${budget.rangeItems} a template may make`);
+      return Array.from({ length: n }, (_, i) => from + i * step);
+    },
+    strftime_now: (format: unknown) => strftimeTemplate.render({ format }),
+  };
+  for (const [name, value] of Object.entries({ ...globals, ...vars })) env.set(name, value);
+  const result = new BudgetedInterpreter(env, budget).run(template.parsed).value;
+  return typeof result === 'string' ? result : String(result);
+}
+
+/** Text as the round-trip check compares it: compatibility forms, case, accents and whitespace set aside. */
+function comparable(text: string): string {
+  return text
+    .normalize('NFKD')
+    .replace(/[\p{M}\s]/gu, '')
+    .toLowerCase();
+}
+
 async function readJson(file: string): Promise<Record<string, unknown> | undefined> {
   if (!existsSync(file)) return undefined;
+  const text = await readFile(file, 'utf8');
   let parsed: unknown;
   try {
-    parsed = JSON.parse(await readFile(file, 'utf8'));
+    parsed = JSON.parse(text);
   } catch (e) {
-    throw new TokenizerError(`${file}: not valid JSON (${(e as Error).message})`);
+    throw new TokenizerError(`${file}: ${jsonSyntaxProblem(text, e)}`, { cause: e });
   }
   if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new TokenizerError(`${file}: must be a JSON object`);
   return parsed as Record<string, unknown>;
@@ -123,6 +233,11 @@ export class Tokenizer {
   readonly #hf: HfTokenizerApi;
   readonly #label: string;
   readonly #compiled = new Map<string, Template>();
+  /** the file each chat template came from */
+  readonly #templateFiles = new Map<string, string>();
+  readonly #budget: ChatTemplateBudget;
+  /** the round-trip probe's text, which the chat template's probe conversation sends */
+  #probe = '';
   #vocabSize: number | undefined;
 
   constructor(files: TokenizerFiles) {
@@ -142,10 +257,14 @@ export class Tokenizer {
     const eos = [...idList(files.generationConfig?.eos_token_id), id(this.eosToken)].filter((x): x is number => x !== undefined);
     this.eosTokenIds = [...new Set(eos)];
     this.padTokenId = id(this.padToken) ?? idList(files.generationConfig?.pad_token_id)[0];
-    this.chatTemplates = Tokenizer.#templates(files, this.#label);
+    this.#budget = { ...CHAT_TEMPLATE_BUDGET, ...files.chatTemplateBudget };
+    this.chatTemplates = this.#templates(files);
+    this.#checkText(files);
+    this.#checkChatTemplate();
   }
 
-  static #templates(files: TokenizerFiles, label: string): Map<string, string> {
+  #templates(files: TokenizerFiles): Map<string, string> {
+    const label = this.#label;
     const out = new Map<string, string>();
     const fromConfig = files.tokenizerConfig?.chat_template;
     if (typeof fromConfig === 'string') out.set('default', fromConfig);
@@ -159,9 +278,78 @@ export class Tokenizer {
     } else if (fromConfig !== undefined && fromConfig !== null) {
       throw new TokenizerError(`${label}: tokenizer_config.json chat_template must be a string or a list of {name, template}`);
     }
+    for (const name of out.keys()) this.#templateFiles.set(name, 'tokenizer_config.json');
     // transformers ≥ 4.43 saves the template as its own file, which takes precedence.
-    if (files.chatTemplate !== undefined) out.set('default', files.chatTemplate);
+    if (files.chatTemplate !== undefined) {
+      out.set('default', files.chatTemplate);
+      this.#templateFiles.set('default', 'chat_template.jinja');
+    }
     return out;
+  }
+
+  /**
+   * Refuses a tokenizer that cannot carry text: an empty vocabulary, a model type that does not
+   * fit the vocabulary (a BPE vocabulary read as WordPiece), a broken decoder. The probe is text
+   * made of the vocabulary's own ordinary tokens, so it suits any alphabet; it must come back from
+   * encode → decode equal up to Unicode compatibility forms, case, accents and whitespace (which
+   * normalizers such as lowercasing or NFKC may change).
+   */
+  #checkText(files: TokenizerFiles): void {
+    const model = files.tokenizer.model as { type?: unknown; unk_token?: unknown } | undefined;
+    const kind = typeof model?.type === 'string' ? `model type ${model.type}` : 'no model type';
+    const added = new Set(
+      (Array.isArray(files.tokenizer.added_tokens) ? (files.tokenizer.added_tokens as { id?: unknown }[]) : []).map((t) => t.id),
+    );
+    const ordinary = [...this.#hf.get_vocab(true).values()].filter((id) => !added.has(id)).sort((a, b) => a - b);
+    const fail = (problem: string): never => {
+      throw new TokenizerError(
+        `${this.#label}: tokenizer.json ${problem} (${kind}, ${ordinary.length} ordinary tokens), so every prompt would become unknown tokens; the file is damaged or not this tokenizer's`,
+      );
+    };
+    // Up to 16 tokens spread over the vocabulary that each decode to visible, whole characters.
+    const picked: number[] = [];
+    const tries = Math.min(ordinary.length, 256);
+    for (let k = 0; k < tries && picked.length < 16; k++) {
+      const id = ordinary[Math.floor((k * ordinary.length) / tries)];
+      const piece = this.#hf.decode([id], { skip_special_tokens: false, clean_up_tokenization_spaces: false });
+      if (piece.trim() !== '' && !piece.includes('\ufffd') && !/\p{Cc}/u.test(piece)) picked.push(id);
+    }
+    if (picked.length === 0) fail('has no ordinary token that decodes to text');
+    const probe = this.#hf.decode(picked, { skip_special_tokens: false, clean_up_tokenization_spaces: false });
+    const ids = this.encode(probe, { addSpecialTokens: false });
+    const back = this.#hf.decode(ids, { skip_special_tokens: false, clean_up_tokenization_spaces: false });
+    if (comparable(back) !== comparable(probe)) {
+      const unk = typeof model?.unk_token === 'string' ? this.#hf.token_to_id(model.unk_token) : undefined;
+      const unknown = unk === undefined ? '' : ` (${ids.filter((id) => id === unk).length} of them unknown)`;
+      fail(
+        `does not round-trip text: ${JSON.stringify(probe.slice(0, 80))} encodes to ${ids.length} ids${unknown} that decode to ${JSON.stringify(back.slice(0, 80))}`,
+      );
+    }
+    this.#probe = probe.trim();
+  }
+
+  /** Refuses a default chat template that fails to render a one-message conversation, renders it to no tokens or leaves the message out. */
+  #checkChatTemplate(): void {
+    const name = this.#defaultTemplateName();
+    if (!this.chatTemplates.has(name)) return;
+    const text = this.applyChatTemplate([{ role: 'user', content: this.#probe }], { addGenerationPrompt: true });
+    const ids = this.encode(text, { addSpecialTokens: false });
+    const problem =
+      ids.length === 0 ? 'to no tokens' : !text.includes(this.#probe) ? `without the message (${JSON.stringify(text.slice(0, 80))})` : '';
+    if (problem)
+      throw new TokenizerError(
+        `${this.#templateLabel(name)} renders a probe conversation (one user message, ${JSON.stringify(this.#probe.slice(0, 40))}) ${problem}, so prompts would not reach the model`,
+      );
+  }
+
+  #defaultTemplateName(): string {
+    return this.chatTemplates.size === 1 ? [...this.chatTemplates.keys()][0] : 'default';
+  }
+
+  /** "<dir>: chat template 'default' (chat_template.jinja)" */
+  #templateLabel(name: string): string {
+    const file = this.#templateFiles.get(name);
+    return `${this.#label}: chat template '${name}'${file ? ` (${file})` : ''}`;
   }
 
   /** Reads tokenizer.json (required) and whichever companion files the directory has. */
@@ -207,7 +395,7 @@ export class Tokenizer {
   }
 
   #template(name: string | undefined): Template {
-    const key = name ?? (this.chatTemplates.size === 1 ? [...this.chatTemplates.keys()][0] : 'default');
+    const key = name ?? this.#defaultTemplateName();
     const source = this.chatTemplates.get(key);
     if (source === undefined) {
       throw new TokenizerError(
@@ -221,7 +409,7 @@ export class Tokenizer {
       try {
         t = new Template(source);
       } catch (e) {
-        throw new TokenizerError(`${this.#label}: chat template '${key}' does not parse (${(e as Error).message})`);
+        throw new TokenizerError(`${this.#templateLabel(key)} does not parse (${(e as Error).message})`);
       }
       this.#compiled.set(key, t);
     }
@@ -230,7 +418,8 @@ export class Tokenizer {
 
   /** The conversation as the model's prompt text. */
   applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions = {}): string {
-    const template = this.#template(options.templateName);
+    const name = options.templateName ?? this.#defaultTemplateName();
+    const template = this.#template(name);
     const vars: Record<string, unknown> = {
       ...options.variables,
       messages,
@@ -242,9 +431,15 @@ export class Tokenizer {
     if (options.tools) vars.tools = options.tools;
     if (options.documents) vars.documents = options.documents;
     try {
-      return template.render(vars);
+      return renderWithin(template, vars, this.#budget);
     } catch (e) {
-      throw new TokenizerError(`${this.#label}: chat template failed to render (${(e as Error).message})`);
+      if (e instanceof BudgetExceeded) {
+        const { milliseconds, outputChars, rangeItems } = this.#budget;
+        throw new TokenizerError(
+          `${this.#templateLabel(name)} exceeded its rendering budget: ${e.message} (budget: ${milliseconds} ms, ${outputChars} characters, range() of ${rangeItems} items)`,
+        );
+      }
+      throw new TokenizerError(`${this.#templateLabel(name)} failed to render (${(e as Error).message})`);
     }
   }
 

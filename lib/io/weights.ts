@@ -15,6 +15,7 @@ import {
   type WriteDtype,
 } from './safetensors.js';
 import type { StagedFiles } from './staging.js';
+import { jsonSyntaxProblem } from '../util/json.js';
 
 export const WEIGHTS_NAME = 'model.safetensors';
 export const WEIGHTS_INDEX_NAME = 'model.safetensors.index.json';
@@ -96,7 +97,7 @@ function parseIndex(text: string, label: string): Map<string, string> {
   try {
     parsed = JSON.parse(text);
   } catch (e) {
-    throw new SafetensorsError(`${label}: not valid JSON (${(e as Error).message})`);
+    throw new SafetensorsError(`${label}: ${jsonSyntaxProblem(text, e)}`, { cause: e });
   }
   const weightMap = (parsed as { weight_map?: unknown } | null)?.weight_map;
   if (typeof weightMap !== 'object' || weightMap === null || Array.isArray(weightMap)) {
@@ -150,7 +151,7 @@ export async function stageWeights(
 
   if (shards.length === 1) {
     const target = path.join(dir, WEIGHTS_NAME);
-    staging.add(await writeSafetensorsTemp(target, tensors, { dtype }), target);
+    await staging.stage(target, () => writeSafetensorsTemp(target, tensors, { dtype }));
     return [WEIGHTS_NAME];
   }
   const n = shards.length;
@@ -159,7 +160,7 @@ export async function stageWeights(
   const weightMap: Record<string, string> = {};
   for (let i = 0; i < n; i++) {
     const target = path.join(dir, names[i]);
-    staging.add(await writeSafetensorsTemp(target, shards[i], { dtype }), target);
+    await staging.stage(target, () => writeSafetensorsTemp(target, shards[i], { dtype }));
     for (const t of shards[i]) weightMap[t.name] = names[i];
   }
   const totalSize = tensors.reduce((a, t) => a + size(t), 0);

@@ -1,21 +1,26 @@
 // A resolved run configuration turned into a RunSetup, for the demo policy and Hugging Face model
 // directories alike: the prompt split, the judge (lib/preference/from-config.ts) and the policy
 // with its text (a checkpoint's tokenizer, prompts through its chat template). What the schema
-// cannot check — files, directories, tokenizers — fails here as a SetupError naming the field.
+// cannot check — files, directories, tokenizers — fails here as a SetupError naming the field,
+// and what only the prompts can tell (the split, the chat template, prompt + maxNewTokens against
+// the context) is checked before the judge or the policy's weights are loaded.
+import { existsSync } from 'node:fs';
+import path from 'node:path';
 import { SetupError } from '../config/errors.js';
 import type { RunConfig } from '../config/schema.js';
-import { loadPrompts, splitPrompts } from '../data/prompts.js';
+import { loadPrompts } from '../data/prompts.js';
 import { demoSetup } from '../demo/demo.js';
 import type { Device } from '../engine/model.js';
 import type { MemoryPlan } from '../engine/types.js';
-import { CheckpointError, loadPretrained } from '../io/checkpoint.js';
-import { ConfigError } from '../io/hf-config.js';
+import { CheckpointError, loadPretrained, readHfConfig } from '../io/checkpoint.js';
+import { ConfigError, engineConfigFromHf } from '../io/hf-config.js';
 import { SafetensorsError } from '../io/safetensors.js';
-import { TokenizerError, type Tokenizer } from '../io/tokenizer.js';
-import { contextLimit, preferenceFromConfig, refuseMisplacedJudgeFunction } from '../preference/from-config.js';
+import { Tokenizer, TokenizerError } from '../io/tokenizer.js';
+import { preferenceFromConfig, refuseMisplacedJudgeFunction } from '../preference/from-config.js';
 import type { PreferenceFunction } from '../preference/function.js';
 import type { PreferenceModel } from '../preference/model.js';
 import { randomWords } from '../preference/styled-reversal.js';
+import { checkPrompts, splitForConfig } from './prompt-checks.js';
 import type { PolicyText, RunSetup } from './run.js';
 import { RunDir } from './run-dir.js';
 
@@ -78,54 +83,61 @@ async function promptSet(config: RunConfig): Promise<string[]> {
 /** What a checkpoint directory that cannot be loaded throws: the user's to fix by pointing model.path elsewhere. */
 const CHECKPOINT_ERRORS = [CheckpointError, ConfigError, SafetensorsError, TokenizerError];
 
-/** The RunSetup of a config whose model is a Hugging Face directory (model.path). */
+/** `load()`, with a checkpoint directory's errors as SetupErrors naming model.path. */
+async function fromModelPath<T>(load: () => Promise<T> | T): Promise<T> {
+  try {
+    return await load();
+  } catch (err) {
+    if (CHECKPOINT_ERRORS.some((E) => err instanceof E)) throw new SetupError(['model', 'path'], (err as Error).message, { cause: err });
+    throw err;
+  }
+}
+
+/**
+ * The RunSetup of a config whose model is a Hugging Face directory (model.path). The cheap
+ * checks come first — prompts and their split, config.json, the tokenizer and its chat template
+ * on every prompt, prompt + maxNewTokens against the context — then the judge, then the weights.
+ */
 async function pretrainedSetup(config: RunConfig, dir: string, options: SetupOptions): Promise<RunSetup> {
   const { data, generation, training } = config;
   const prompts = await promptSet(config);
-  let split: RunSetup['split'];
-  try {
-    split = splitPrompts(prompts, {
-      iterations: config.run.iterations,
-      evalSize: data.evalSize,
-      seed: config.run.seed,
-      promptsPerIteration: data.promptsPerIteration,
-    });
-  } catch (err) {
-    throw new SetupError(['data'], (err as Error).message, { cause: err });
-  }
+  const split = splitForConfig(
+    prompts,
+    config,
+    data.words !== undefined ? `data.words = ${data.words} generated words` : `the ${prompts.length} prompts of ${data.prompts}`,
+  );
+
+  const configFile = path.join(dir, 'config.json');
+  if (!existsSync(configFile)) throw new SetupError(['model', 'path'], `${dir} is not a model directory (no config.json)`);
+  const hf = await fromModelPath(() => readHfConfig(configFile));
+  const context = typeof hf.max_position_embeddings === 'number' ? hf.max_position_embeddings : Infinity;
+  // A preference step holds a pair's two responses per row; generation's KV cache is separate.
+  const longest = Math.max(training.maxLength, data.maxPromptTokens + generation.maxNewTokens);
+  const plan: MemoryPlan = { maxBatch: 2 * training.batchSize, maxSeq: Math.min(longest, context) };
+  const engineConfig = await fromModelPath(() => engineConfigFromHf(hf, { maxSeq: plan.maxSeq, label: configFile }).config);
+  const tokenizer = existsSync(path.join(dir, 'tokenizer.json')) ? await fromModelPath(() => Tokenizer.fromDirectory(dir)) : undefined;
+  const text = chatPolicyText(requireChatTokenizer(tokenizer, dir, 'model.path'), data.maxPromptTokens);
+  // A tokenizer that does not fit the model, a chat template that fails on a prompt, or a prompt
+  // too long for the context would otherwise fail only once generation starts, after the run
+  // directory and π_0 are written.
+  checkPrompts(split, text, config, {
+    vocabSize: engineConfig.vocab_size,
+    context,
+    contextSource: `max_position_embeddings in ${configFile}`,
+    textField: ['model', 'path'],
+    truncates: true,
+  });
+
   const preference: PreferenceModel = await preferenceFromConfig(config.preference, {
     device: options.device,
     judgeCacheDir: RunDir.at(config.run.dir).judgeCache,
     judgeFunction: options.judgeFunction,
   });
-  let model: RunSetup['model'] | undefined;
   try {
-    // A preference step holds a pair's two responses per row; generation's KV cache is separate.
-    const longest = Math.max(training.maxLength, data.maxPromptTokens + generation.maxNewTokens);
-    const plan: MemoryPlan = { maxBatch: 2 * training.batchSize, maxSeq: Math.min(longest, await contextLimit(dir, 'model.path')) };
-    let tokenizer: Tokenizer | undefined;
-    try {
-      ({ model, tokenizer } = await loadPretrained(dir, plan, { device: options.device }));
-    } catch (err) {
-      if (CHECKPOINT_ERRORS.some((E) => err instanceof E)) throw new SetupError(['model', 'path'], (err as Error).message, { cause: err });
-      throw err;
-    }
-    const text = chatPolicyText(requireChatTokenizer(tokenizer, dir, 'model.path'), data.maxPromptTokens);
-    // A tokenizer that does not fit the model would otherwise fail only once generation starts,
-    // after the run directory and π_0 are written, as an out-of-range token id.
-    const vocab = model.config.vocab_size;
-    for (const prompt of [...split.iterations.flat(), ...split.evaluation]) {
-      const id = text.promptIds(prompt).find((i) => i >= vocab);
-      if (id !== undefined)
-        throw new SetupError(
-          ['model', 'path'],
-          `the tokenizer turns the prompt ${JSON.stringify(prompt.slice(0, 40))} into token id ${id}, but the model's vocab_size is ${vocab} (a tokenizer of another model?)`,
-        );
-    }
+    const { model } = await fromModelPath(() => loadPretrained(dir, plan, { device: options.device, tokenizer }));
     return { config, model, text, preference, split, sourceDir: dir };
   } catch (err) {
-    // Neither the policy nor an engine judge (a model of its own) may outlive a failed setup.
-    await model?.dispose();
+    // An engine judge (a model of its own) may not outlive a failed setup.
     await preference.dispose();
     throw err;
   }

@@ -100,12 +100,57 @@ export interface AtomicWriteOptions {
 
 /** Replaces `file` with `data` (text is written as UTF-8) atomically and durably. */
 export async function writeFileAtomic(file: string, data: string | Uint8Array, options: AtomicWriteOptions = {}): Promise<void> {
-  if (options.createParents) await mkdir(path.dirname(file), { recursive: true });
-  const tmp = await writeTemporary(file, (handle) => handle.writeFile(data));
-  await commitTemporaries([{ tmp, target: file }]);
+  try {
+    if (options.createParents) await mkdir(path.dirname(file), { recursive: true });
+    const tmp = await writeTemporary(file, (handle) => handle.writeFile(data));
+    await commitTemporaries([{ tmp, target: file }]);
+  } catch (e) {
+    throw fileWriteError(e, file);
+  }
 }
 
 /** Replaces `file` with `JSON.stringify(value)` atomically and durably. */
 export async function writeJsonAtomic(file: string, value: unknown, options: AtomicWriteOptions = {}): Promise<void> {
   await writeFileAtomic(file, JSON.stringify(value), options);
+}
+
+/** What a filesystem error code means for a write, in words. */
+const WRITE_FAILURES: Record<string, string> = {
+  ENOSPC: 'no space left on the device',
+  EDQUOT: 'the disk quota is exceeded',
+  EROFS: 'the filesystem is read-only',
+  EISDIR: 'a directory is in the way',
+  ENOTDIR: 'a part of the path is a file, not a directory',
+  EACCES: 'permission denied',
+  EPERM: 'operation not permitted',
+  ENOENT: 'its folder does not exist',
+  ENAMETOOLONG: 'the name is too long',
+  EMFILE: 'too many open files',
+};
+
+/** A filesystem error met while writing a file: names the file (never its temporary) and what it holds, and keeps the code. */
+export class FileWriteError extends Error {
+  override name = 'FileWriteError';
+  constructor(
+    message: string,
+    readonly code: string,
+    readonly path: string,
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+  }
+}
+
+/**
+ * `err`, met while writing `target`, as a FileWriteError: "cannot write <target> (<what>): no
+ * space left on the device (ENOSPC: …)". A rename names its destination (err.dest) rather than
+ * `target`. Errors without a filesystem code, and ones already named, are returned unchanged.
+ */
+export function fileWriteError(err: unknown, target: string, what?: string): unknown {
+  const e = err as NodeJS.ErrnoException | undefined;
+  if (err instanceof FileWriteError || !(err instanceof Error) || typeof e?.code !== 'string') return err;
+  const file = (e as { dest?: unknown }).dest;
+  const at = typeof file === 'string' ? file : target;
+  const cause = WRITE_FAILURES[e.code] ?? e.code;
+  return new FileWriteError(`cannot write ${at}${what ? ` (${what})` : ''}: ${cause} (${err.message})`, e.code, at, { cause: err });
 }
