@@ -14,6 +14,7 @@ import { CharTokenizer, demoModelConfig } from '../lib/demo/task.js';
 import { Model } from '../lib/engine/model.js';
 import { savePretrained } from '../lib/io/checkpoint.js';
 import { tokenizerFileTexts } from '../lib/io/tokenizer.js';
+import { writeTinyMistralPolicy } from './fixtures/mistral-tokenizer.js';
 
 const root = new URL('..', import.meta.url).pathname;
 const dir = mkdtempSync(join(tmpdir(), 'sppo-cli-'));
@@ -178,9 +179,22 @@ describe('config errors', () => {
       'none.jsonl',
     );
     expectUsageError(await sppo('run', '--config', file('fn.yaml', hf('preference: {kind: function}\n'))), 'preference.module: required');
+    // the judge is built after the prompts are checked against the model's tokenizer and context
+    const policy = join(dir, 'policy');
+    await writeTinyMistralPolicy(policy);
     const judge = file('judge.mjs', 'export const judge = () => 0.5;\n');
     expectUsageError(
-      await sppo('run', '--config', file('fn2.yaml', hf(`preference: {kind: function, module: ${judge}, export: score}\n`))),
+      await sppo(
+        'run',
+        '--config',
+        file(
+          'fn2.yaml',
+          hf(`preference: {kind: function, module: ${judge}, export: score}\ngeneration: {maxNewTokens: 16}\n`).replace(
+            join(dir, 'no-model'),
+            policy,
+          ),
+        ),
+      ),
       'preference.export',
       "'score'",
       'exports: judge',
@@ -283,7 +297,7 @@ describe('sppo eval', () => {
     const r = await sppo('eval', '--run', run);
     expect(r.code, r.stderr).toBe(0);
     const lines = r.stdout.split('\n');
-    expect(lines.find((l) => /^\s+1\s/.test(l))).toMatch(/1\s+0\.625 ± 0\.020\s+–\s+–\s+–\s+–\s+–\s+9\.3\s+1\.3/);
+    expect(lines.find((l) => /^\s+1\s/.test(l))).toMatch(/1\s+0\.625 ± 0\.020\s+–\s+–\s+–\s+–\s+–\s+9\.3\s+–\s+1\.3/);
     expect(r.stdout).toContain(`report: ${join(run, 'report.html')}`);
     expect(readFileSync(join(run, 'report.html'), 'utf8')).toContain('0.625 ± 0.020');
   });

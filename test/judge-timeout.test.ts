@@ -8,9 +8,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { stringify as toYaml } from 'yaml';
-import { tinyConfig } from './fixtures/engine-helpers.js';
-import { makeMistralChatModel } from './fixtures/mistral-tokenizer.js';
-import { Model, savePretrained } from '../lib/index.js';
+import { writeTinyMistralPolicy } from './fixtures/mistral-tokenizer.js';
 import type { Model as EngineModel } from '../lib/engine/model.js';
 import { projectLastTokens } from '../lib/preference/last-token.js';
 import { functionPreference, JudgeTimeoutError, PreferenceError, withJudgeTimeout } from '../lib/preference/index.js';
@@ -80,13 +78,7 @@ describe('a function judge that never settles', () => {
 describe('sppo run with a judge module that never answers', () => {
   it('exits 1 with an error naming the judge and the timeout, not 13 with nothing said', async () => {
     const policy = path.join(tmp, 'policy');
-    const model = Model.create(tinyConfig({ vocab_size: 32000, max_position_embeddings: 128, seed: 3 }), { maxBatch: 1, maxSeq: 8 });
-    try {
-      await savePretrained(model, policy);
-    } finally {
-      await model.dispose();
-    }
-    makeMistralChatModel(policy);
+    await writeTinyMistralPolicy(policy);
     writeFileSync(
       path.join(tmp, 'prompts.jsonl'),
       ['one', 'two', 'three', 'four'].map((w) => JSON.stringify({ prompt: `Say ${w}.` })).join('\n'),

@@ -63,13 +63,32 @@ async function importFunction(module: string, name: string): Promise<PreferenceF
   return fn as PreferenceFunction;
 }
 
-/** A judge function given in code belongs to a kind 'function' section only (setupFromConfig checks before building a demo). */
-export function refuseMisplacedJudgeFunction(preference: PreferenceConfig, judgeFunction: PreferenceFunction | undefined): void {
-  if (judgeFunction !== undefined && preference.kind !== 'function')
+/**
+ * Where a judge function comes from: code (options.judgeFunction) belongs to a kind 'function'
+ * section only, and such a section needs exactly one of code and `module`. Checked without I/O,
+ * so setupFromConfig refuses it before reading prompts or weights. Returns the module to import,
+ * if the function is not given in code.
+ */
+export function refuseMisplacedJudgeFunction(
+  preference: PreferenceConfig,
+  judgeFunction: PreferenceFunction | undefined,
+): string | undefined {
+  if (preference.kind !== 'function') {
+    if (judgeFunction !== undefined)
+      throw new SetupError(
+        ['preference', 'kind'],
+        `a judge function was given in code, so the kind must be 'function', not '${preference.kind}'`,
+      );
+    return undefined;
+  }
+  if (preference.module !== undefined && judgeFunction !== undefined)
+    throw new SetupError(['preference', 'module'], 'a judge function was also given in code: give one or the other');
+  if (preference.module === undefined && judgeFunction === undefined)
     throw new SetupError(
-      ['preference', 'kind'],
-      `a judge function was given in code, so the kind must be 'function', not '${preference.kind}'`,
+      ['preference', 'module'],
+      'required unless the judge function is given in code (a JS module exporting (prompt, a, b) => P(a ≻ b))',
     );
+  return preference.module;
 }
 
 /** The judge a config's `preference` section describes; engine judges (lm-judge, reward-model) load their model on `device`. */
@@ -79,25 +98,15 @@ export async function preferenceFromConfig(
 ): Promise<PreferenceModel> {
   const p = preference;
   const { device } = options;
-  refuseMisplacedJudgeFunction(p, options.judgeFunction);
+  const judgeModule = refuseMisplacedJudgeFunction(p, options.judgeFunction);
   switch (p.kind) {
     case 'styled-reversal': {
       const { kind, concurrency, ...params } = p;
       return styledReversalOracle(params);
     }
     case 'function': {
-      const given = options.judgeFunction;
-      if (p.module !== undefined && given !== undefined)
-        throw new SetupError(['preference', 'module'], 'a judge function was also given in code: give one or the other');
-      let fn = given;
-      if (fn === undefined) {
-        if (p.module === undefined)
-          throw new SetupError(
-            ['preference', 'module'],
-            'required unless the judge function is given in code (a JS module exporting (prompt, a, b) => P(a ≻ b))',
-          );
-        fn = await importFunction(p.module, p.export);
-      }
+      const fn = judgeModule === undefined ? options.judgeFunction : await importFunction(judgeModule, p.export);
+      if (fn === undefined) throw new Error('unreachable: refuseMisplacedJudgeFunction requires a module or a function');
       return functionPreference(fn, {
         id: p.id,
         concurrency: p.concurrency,
