@@ -315,7 +315,8 @@ describe('chat templates render within a budget of time and output', () => {
     expect(() => slow.applyChatTemplate(two)).toThrow(
       /^models\/m: chat template 'default' \(chat_template.jinja\) exceeded its rendering budget: rendering took over 100 ms/,
     );
-    expect(performance.now() - t0).toBeLessThan(2000);
+    // unbounded, the loops take many minutes; the margin over 100 ms is for a loaded 2-core machine
+    expect(performance.now() - t0).toBeLessThan(20_000);
 
     const doubling = new Tokenizer(
       files(

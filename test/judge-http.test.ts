@@ -534,6 +534,8 @@ describe('httpJudge response size', () => {
   it('an endless chunked body fails the request naming the cap, and memory stays bounded', async () => {
     let sent = 0;
     let stopped = false;
+    let serverDone: () => void = () => undefined;
+    const served = new Promise<void>((r) => (serverDone = r));
     const STREAM_LIMIT = 256 * MiB; // 256 times the cap: a safety stop for a client that never hangs up
     handler = () => ({
       custom: async (res) => {
@@ -546,6 +548,7 @@ describe('httpJudge response size', () => {
         }
         stopped = res.destroyed;
         res.destroy();
+        serverDone();
       },
     });
     const before = process.memoryUsage().rss;
@@ -563,7 +566,7 @@ describe('httpJudge response size', () => {
       clearInterval(sampler);
     }
     expect(log).toHaveLength(2);
-    await new Promise((r) => setTimeout(r, 50));
+    await served; // the handler's loop ends once it sees the hang-up (or at its own limit)
     console.log(`endless body: the server sent ${(sent / MiB).toFixed(1)} MiB, rss grew ${((peak - before) / MiB).toFixed(1)} MiB`);
     expect(stopped).toBe(true); // the client hung up; the server did not reach its own limit
     expect(sent).toBeLessThan(64 * MiB);

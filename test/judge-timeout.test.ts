@@ -25,7 +25,8 @@ describe('a function judge that never settles', () => {
     const t0 = performance.now();
     const err = await judge.compare('p', ['a', 'b', 'c']).catch((e: unknown) => e);
     expect(performance.now() - t0).toBeGreaterThanOrEqual(95);
-    expect(performance.now() - t0).toBeLessThan(2000);
+    // without the limit the call never returns; the margin over 100 ms is for a loaded 2-core machine
+    expect(performance.now() - t0).toBeLessThan(4000);
     expect(err).toBeInstanceOf(JudgeTimeoutError);
     expect((err as Error).message).toBe(
       "preference model 'hanging-judge-v1': the call for responses 0 and 1 did not settle within 100 ms (callTimeoutMs)",
