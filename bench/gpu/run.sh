@@ -56,7 +56,7 @@ if want tests && [ -x $bin/sppo_tests ] && t=$(limit 120 290) && run_for $t "C++
   tail -1 "$OUT/cpp_tests.log" | tee -a "$OUT/summary.txt"
   grep -E -A2 "^FAIL" "$OUT/cpp_tests.log" | head -40 >> "$OUT/summary.txt"
   # The update tests' own measurements (gradient and update errors, loss trajectories).
-  grep -E "^      (largest|AdamW|RMSprop|step)" "$OUT/cpp_tests.log" >> "$OUT/summary.txt"
+  grep -E "^      (largest|absent|AdamW|RMSprop|step)" "$OUT/cpp_tests.log" >> "$OUT/summary.txt"
 fi
 
 # The planted bugs (bench/gpu/plants/, built by pack.sh): only the tests that must catch them.
