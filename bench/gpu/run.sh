@@ -49,7 +49,8 @@ if [ -f .gpu/node_modules.tar.xz ] && [ ! -d node_modules ]; then xz -dc .gpu/no
 bin=.gpu/bin
 
 # Each section keeps back (limit's second argument) about what the sections after it need:
-# mutants ~30 s, bench ~90, node ~60, peers ~150 (torch.compile warm-ups); the variant takes what is left.
+# mutants ~30 s, bench ~90 (up to 180: the breakdown comes last), node ~60, peers ~140-170
+# (torch.compile warm-ups); the variant takes what is left.
 if want tests && [ -x $bin/sppo_tests ] && t=$(limit 120 290) && run_for $t "C++ tests"; then
   log "C++ tests (CUDA against CPU)"
   timeout $t $bin/sppo_tests > "$OUT/cpp_tests.log" 2>&1
@@ -76,7 +77,7 @@ if want mutants; then
   done
 fi
 
-if want bench && [ -x $bin/sppo_bench ] && t=$(limit 150 220) && run_for $t "CUDA benchmarks"; then
+if want bench && [ -x $bin/sppo_bench ] && t=$(limit 180 200) && run_for $t "CUDA benchmarks"; then
   log "CUDA benchmarks and breakdown"
   timeout $t $bin/sppo_bench cuda_ > "$OUT/cuda_bench.log" 2>&1
   cat "$OUT/cuda_bench.log" >> "$OUT/summary.txt"
@@ -87,7 +88,7 @@ if want bench && [ -x $bin/sppo_bench ] && t=$(limit 150 220) && run_for $t "CUD
   fi
 fi
 
-if want node && [ -x .gpu/node ] && [ -f build/Release/sppo.node ] && t=$(limit 120 160) && run_for $t "Node tests"; then
+if want node && [ -x .gpu/node ] && [ -f build/Release/sppo.node ] && t=$(limit 120 150) && run_for $t "Node tests"; then
   log "Node: device tests, transformers round trip"
   export PATH="$PWD/.gpu:$PATH"
   SPPO_PYTHON=$(command -v python3) timeout $t ./.gpu/node node_modules/vitest/vitest.mjs run \
@@ -103,12 +104,12 @@ fi
 VARIANT_ENV=${VARIANT_ENV-"SPPO_CUDA_ATTENTION=mma"}
 VARIANT_TESTS=${VARIANT_TESTS-"cuda_attention,cuda_training,cuda_model"}
 VARIANT_BENCH=${VARIANT_BENCH-"cuda_train_step"}
-if want variant && [ -n "$VARIANT_ENV" ] && [ -x $bin/sppo_tests ] && t=$(limit 40 160) && run_for $t "variant tests"; then
+if want variant && [ -n "$VARIANT_ENV" ] && [ -x $bin/sppo_tests ] && t=$(limit 40 150) && run_for $t "variant tests"; then
   log "variant $VARIANT_ENV"
   env $VARIANT_ENV timeout $t $bin/sppo_tests "${VARIANT_TESTS:-cuda_}" > "$OUT/variant_tests.log" 2>&1
   tail -1 "$OUT/variant_tests.log" | tee -a "$OUT/summary.txt"
   grep -E -A2 "^FAIL" "$OUT/variant_tests.log" | head -20 >> "$OUT/summary.txt"
-  if [ -n "$VARIANT_BENCH" ] && t=$(limit 40 150) && run_for $t "variant benchmarks"; then
+  if [ -n "$VARIANT_BENCH" ] && t=$(limit 40 140) && run_for $t "variant benchmarks"; then
     env $VARIANT_ENV timeout $t $bin/sppo_bench "$VARIANT_BENCH" > "$OUT/variant_bench.log" 2>&1
     cat "$OUT/variant_bench.log" >> "$OUT/summary.txt"
   fi
