@@ -20,7 +20,13 @@ out="$root/.gpu"
 stamp="$(node --version) $(sha256sum "$root/package-lock.json" | cut -d' ' -f1)"
 keep=""
 [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/node.xz" ] && [ -f "$out/node_modules.tar.xz" ] && keep=1
-if [ -n "$keep" ]; then rm -rf "$out/bin" "$out/bin.tar.xz" "$out/sppo.node.xz"; else rm -rf "$out"; fi
+# Everything else goes, including what a dry run of run.sh here unpacked (node, bin/): the carry
+# must hold only what pack.sh writes.
+if [ -n "$keep" ]; then
+  find "$out" -mindepth 1 -maxdepth 1 ! -name node.xz ! -name node_modules.tar.xz ! -name stamp -exec rm -rf {} +
+else
+  rm -rf "$out"
+fi
 mkdir -p "$out/bin"
 node -e "const a=require('$root/build/Release/sppo.node'); if(!a.cudaInfo().built){console.error('build/Release/sppo.node has no CUDA backend: rebuild with nvcc on PATH (rm -rf build && npm run build:native)');process.exit(1)}"
 # The executables must be as new as the sources they were built from.
