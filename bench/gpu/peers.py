@@ -46,6 +46,8 @@ def record(key, fn):
         traceback.print_exc()
     res[key]["wall_s"] = round(time.time() - t0, 1)
     print(key, json.dumps(res[key]), flush=True)
+    # After every peer, so a job cut off by its time budget keeps the peers measured so far.
+    json.dump(res, open(os.path.join(OUT, "peers.json"), "w"), indent=1)
     torch.cuda.empty_cache()
 
 
@@ -109,4 +111,3 @@ if "gen64" in WANT:
     record("generate_static_compiled_134M_b64", lambda: generate(64))
 if "gen256" in WANT:
     record("generate_static_compiled_134M_b256", lambda: generate(256))
-json.dump(res, open(os.path.join(OUT, "peers.json"), "w"), indent=1)
