@@ -1,9 +1,12 @@
 // Batched sampling benchmark without Node: decode tokens/s for the `tiny` and `small` presets as
 // ../shared/anchors/pytorch_cpu_baseline.py measures it (32-token prompt, 64 new tokens, T=0.7,
-// whole call timed, prefill included), and the time of one decode step at several positions.
+// whole call timed, prefill included), and the time of one decode step at several positions;
+// and SPPO's sampling workload (K samples of every prompt) with prefix sharing against the
+// generator without it (`sppo_bench shared_prompts`).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -66,6 +69,50 @@ void bench_step_at_positions(const char* preset) {
 }
 
 }  // namespace
+
+// SPPO's generation step on the CPU (issue 14): `small`, 16 prompts of 256 tokens, K = 5 samples
+// each, 128 new tokens (no stop token), T 0.7, top-p 0.9, whole call timed. Engine: the paged
+// cache with prefix sharing, 80 sequences in flight at most, in a pool of the bytes the peer's
+// cache takes. Peer, "today's generator": no sharing, a slot per sequence of maxContext
+// positions (the pool maxBatch x maxContext), maxBatch 16 as `sppo run` plans it by default.
+// Also the engine in the peer's exact plan (maxBatch 16) and the peer at maxBatch 80 (5x the
+// memory), to separate what sharing saves from what a larger batch gains. Prints
+// "shared_prompts <label> <seconds> s <tok/s> tok/s ..." per case, then "shared_prompts ratio".
+SPPO_BENCH(shared_prompts) {
+  const ModelConfig c = preset_config("small");
+  Model<float> m(c, MemoryPlan{1, 16}, std::make_unique<cpu::CpuOps<float>>());
+  const int n_prompts = 16, P = 256, K = 5, N = 128, ctx = P + N;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int p = 0; p < n_prompts; ++p) prompts.push_back(prompt_tokens(P, c.vocab_size, 100 + p));
+  std::vector<SequenceRequest> req;
+  for (int p = 0; p < n_prompts; ++p)
+    for (int k = 0; k < K; ++k) req.push_back({prompts[p].data(), P, uint64_t(p), uint64_t(k)});
+  SamplingOptions o;
+  o.max_new_tokens = N, o.temperature = 0.7, o.top_p = 0.9;
+  const int reps = std::getenv("SPPO_BENCH_REPS") ? std::atoi(std::getenv("SPPO_BENCH_REPS")) : 1;
+  const int64_t today_bytes = int64_t(16) * ((ctx + kKvBlockSize - 1) / kKvBlockSize) * 2 * c.num_hidden_layers *
+                              c.num_key_value_heads * kKvBlockSize * c.head_dim * int64_t(sizeof(float));
+  std::printf("threads %d, gemm kernel %s; %d prompts x %d tokens, K = %d, %d new tokens, %d rep(s)\n", num_threads(),
+              cpu::gemm_kernel_name(), n_prompts, P, K, N, reps);
+  auto run = [&](const char* label, GeneratorPlan plan) {
+    Generator<float> g(m, plan, std::make_unique<cpu::CpuOps<float>>());
+    const double t = harness::median_seconds(reps, [&] { g.generate(req, o); });
+    const GenerateStats& st = g.last_stats();
+    std::printf(
+        "shared_prompts %-8s %8.2f s %7.0f tok/s  (maxBatch %d, sharing %s, pool %lld blocks = %lld MiB, peak %lld "
+        "blocks, %lld in flight; %lld prompt rows, %lld steps)\n",
+        label, t, double(req.size()) * N / t, plan.max_batch, plan.share_prefixes ? "on" : "off",
+        (long long)g.kv_blocks(), (long long)(g.plan().kv_cache_bytes >> 20), (long long)st.peak_blocks,
+        (long long)st.peak_sequences, (long long)st.prompt_rows, (long long)st.steps);
+    std::fflush(stdout);
+    return t;
+  };
+  const double engine = run("engine", GeneratorPlan{n_prompts * K, ctx, today_bytes, true});
+  const double today = run("today", GeneratorPlan{16, ctx, 0, false});
+  run("engine16", GeneratorPlan{16, ctx, 0, true});
+  run("today80", GeneratorPlan{n_prompts * K, ctx, 0, false});
+  std::printf("shared_prompts ratio %.2fx (today / engine, the same KV-cache bytes; target >= 2.5)\n", today / engine);
+}
 
 SPPO_BENCH(generate_decode) {
   std::printf("threads %d, gemm kernel %s\n", num_threads(), cpu::gemm_kernel_name());
