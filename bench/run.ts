@@ -401,16 +401,16 @@ function sppoSampling(results: Record<string, unknown>): Row[] {
     console.log(`build/sppo_bench shared_prompts failed: ${failure(r)}`);
     return [];
   }
-  const cases: Record<string, { seconds: number; tokS: number; detail: string }> = {};
-  for (const m of (r.stdout ?? '').matchAll(/^shared_prompts (\w+)\s+([\d.]+) s\s+([\d.]+) tok\/s\s+\((.*)\)$/gm))
-    cases[m[1]] = { seconds: Number(m[2]), tokS: Number(m[3]), detail: m[4] };
+  const cases: Record<string, { seconds: number; cpuSeconds: number; tokS: number; detail: string }> = {};
+  for (const m of (r.stdout ?? '').matchAll(/^shared_prompts (\w+)\s+([\d.]+) s\s+([\d.]+) tok\/s\s+\(cpu ([\d.]+) s; (.*)\)$/gm))
+    cases[m[1]] = { seconds: Number(m[2]), tokS: Number(m[3]), cpuSeconds: Number(m[4]), detail: m[5] };
   results.sppoSampling = cases;
   const { engine, today, engine16, today80 } = cases;
   if (!engine || !today) return [];
-  const extra = [
+  const others = [
     engine16 && `sharing at maxBatch 16 ${fmt(engine16.seconds)} s`,
     today80 && `no sharing at maxBatch 80 ${fmt(today80.seconds)} s`,
-  ];
+  ].filter(Boolean);
   return [
     {
       what: 'SPPO sampling small 16x256 K5 +128 (sharing)',
@@ -419,7 +419,9 @@ function sppoSampling(results: Record<string, unknown>): Row[] {
       peer: today.seconds,
       ratio: today.seconds / engine.seconds,
       target: '>= 2.5 (peer/engine)',
-      note: `peer: today's generator (no sharing, maxBatch 16), same KV bytes; ${extra.filter(Boolean).join(', ')}`,
+      note:
+        `peer: today's generator (no sharing, maxBatch 16), same KV bytes; CPU time ratio ` +
+        `${(today.cpuSeconds / engine.cpuSeconds).toFixed(2)}x; ${others.join(', ')}`,
     },
   ];
 }

@@ -77,46 +77,6 @@ __attribute__((target("avx512f"))) void weighted_values_avx512(const float* P, i
 
 const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
 
-// S(group, cnt) (row stride lds) = scale * Q(group, D) · K(cnt, D)ᵀ: one block's scores. A dot
-// product per (query head, position), summed in a fixed order, so a row's scores do not depend
-// on anything but its own query and keys. (A gemm call per block cost more than its work: the
-// decode queries are 1-8 rows.)
-template <class T>
-void block_scores_scalar(const T* Q, int64_t group, const T* K, int64_t cnt, int64_t D, T scale, T* S, int64_t lds) {
-  for (int64_t t = 0; t < cnt; ++t)
-    for (int64_t g = 0; g < group; ++g) {
-      T acc = 0;
-      for (int64_t d = 0; d < D; ++d) acc += Q[g * D + d] * K[t * D + d];
-      S[g * lds + t] = scale * acc;
-    }
-}
-
-__attribute__((target("avx512f"))) void block_scores_avx512(const float* Q, int64_t group, const float* K, int64_t cnt,
-                                                            int64_t D, float scale, float* S, int64_t lds) {
-  for (int64_t t = 0; t < cnt; ++t) {
-    const float* k = K + t * D;
-    for (int64_t g = 0; g < group; ++g) {
-      const float* q = Q + g * D;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t d0 = 0; d0 < D; d0 += 16) {
-        const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, D - d0)) - 1);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d0), _mm512_maskz_loadu_ps(m, k + d0), acc);
-      }
-      S[g * lds + t] = scale * _mm512_reduce_add_ps(acc);
-    }
-  }
-}
-
-void block_scores(const float* Q, int64_t group, const float* K, int64_t cnt, int64_t D, float scale, float* S,
-                  int64_t lds) {
-  kHasAvx512 ? block_scores_avx512(Q, group, K, cnt, D, scale, S, lds)
-             : block_scores_scalar(Q, group, K, cnt, D, scale, S, lds);
-}
-void block_scores(const double* Q, int64_t group, const double* K, int64_t cnt, int64_t D, double scale, double* S,
-                  int64_t lds) {
-  block_scores_scalar(Q, group, K, cnt, D, scale, S, lds);
-}
-
 void weighted_values(const float* P, int64_t group, int64_t len, const HeadBlocks<float>& V, int64_t D, float* out) {
   kHasAvx512 ? weighted_values_avx512(P, group, len, V, D, out) : weighted_values_scalar(P, group, len, V, D, out);
 }
@@ -165,8 +125,8 @@ template <class T>
 void CpuOps<T>::attention_decode(T* out, const T* qkv, const T* k_cache, const T* v_cache, const int32_t* slots,
                                  const int32_t* positions, int64_t n, const AttentionShape& s, const KvBlocks& kv) {
   check_rows(slots, positions, n, s, kv, "attention_decode");
-  // The query heads of one kv group are adjacent columns of the row: the group's scores against
-  // the row's key blocks, a softmax per head, then one weighted sum of the value blocks.
+  // The query heads of one kv group are adjacent columns of the row, so the group's scores are
+  // small gemms (group x block) against the row's key blocks, then one weighted sum of the values.
   const int64_t KV = s.kv_heads, D = s.head_dim, ctx = s.seq, group = s.heads / s.kv_heads, bs = kv.block_size;
   // A task's scores (group x len) use the attention tile scratch (2*kAttnBlock x ctx).
   SPPO_REQUIRE(group <= 2 * kAttnBlock, "attention_decode: ", group, " query heads per kv head exceed the scratch (",
