@@ -392,7 +392,7 @@ function fusedHead(results: Record<string, unknown>): Row[] {
 // `build/sppo_bench shared_prompts` prints "shared_prompts LABEL  S s  T tok/s  (...)" per case
 // (native/bench/bench_generate.cpp): engine (sharing, 80 in flight at most, the peer's KV bytes),
 // today (no sharing, maxBatch 16, pool 16 x maxContext), engine16 (sharing in today's exact
-// plan) and today80 (no sharing, maxBatch 80, 5x the KV bytes). The numbers are kept in --json
+// plan), engine80 and today80 (sharing on and off at maxBatch 80, 5x the KV bytes). The numbers are kept in --json
 // (sppoSampling), for a peer measured in the same run to sit beside them.
 function sppoSampling(results: Record<string, unknown>): Row[] {
   if (!existsSync(SPPO_BENCH)) return [];
@@ -405,11 +405,11 @@ function sppoSampling(results: Record<string, unknown>): Row[] {
   for (const m of (r.stdout ?? '').matchAll(/^shared_prompts (\w+)\s+([\d.]+) s\s+([\d.]+) tok\/s\s+\(cpu ([\d.]+) s; (.*)\)$/gm))
     cases[m[1]] = { seconds: Number(m[2]), tokS: Number(m[3]), cpuSeconds: Number(m[4]), detail: m[5] };
   results.sppoSampling = cases;
-  const { engine, today, engine16, today80 } = cases;
+  const { engine, today, engine16, engine80, today80 } = cases;
   if (!engine || !today) return [];
   const others = [
     engine16 && `sharing at maxBatch 16 ${fmt(engine16.seconds)} s`,
-    today80 && `no sharing at maxBatch 80 ${fmt(today80.seconds)} s`,
+    engine80 && today80 && `at maxBatch 80 (5x the KV bytes) ${fmt(engine80.seconds)} s vs ${fmt(today80.seconds)} s without sharing`,
   ].filter(Boolean);
   return [
     {

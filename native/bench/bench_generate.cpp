@@ -77,8 +77,9 @@ void bench_step_at_positions(const char* preset) {
 // cache with prefix sharing, 80 sequences in flight at most, in a pool of the bytes the peer's
 // cache takes. Peer, "today's generator": no sharing, a slot per sequence of maxContext
 // positions (the pool maxBatch x maxContext), maxBatch 16 as `sppo run` plans it by default.
-// Also the engine in the peer's exact plan (maxBatch 16) and the peer at maxBatch 80 (5x the
-// memory), to separate what sharing saves from what a larger batch gains. Prints
+// Also sharing on and off in two identical plans, the peer's (maxBatch 16: engine16 / today) and
+// one that holds every sequence at once (maxBatch 80, 5x the peer's memory: engine80 / today80),
+// to separate what sharing saves from what a larger batch gains. Prints
 // "shared_prompts <label> <seconds> s <tok/s> tok/s ..." per case, then "shared_prompts ratio".
 SPPO_BENCH(shared_prompts) {
   const ModelConfig c = preset_config("small");
@@ -139,6 +140,7 @@ SPPO_BENCH(shared_prompts) {
   const Time engine = run("engine", GeneratorPlan{n_prompts * K, ctx, today_bytes, true});
   const Time today = run("today", GeneratorPlan{16, ctx, 0, false});
   run("engine16", GeneratorPlan{16, ctx, 0, true});
+  run("engine80", GeneratorPlan{n_prompts * K, ctx, 0, true});
   run("today80", GeneratorPlan{n_prompts * K, ctx, 0, false});
   if (engine.wall > 0 && today.wall > 0)
     std::printf("shared_prompts ratio %.2fx wall, %.2fx cpu (today / engine, the same KV-cache bytes; target >= 2.5)\n",
