@@ -17,13 +17,17 @@
 //           T = 0.7, as the baseline's decode loop) at batch 1 / 16 / 64 vs the baseline's batch-16
 //           decode loop (target >= 3x at batch 16); per-token time at positions 16 / 256 / 1024;
 //           `sequenceLogprobs` tok/s through the Node API ('small', 8 x 512 tokens)
+//   sampling  SPPO's generation step (issue 14): 'small', 16 prompts of 256 tokens, K = 5, 128 new
+//           tokens (`build/sppo_bench shared_prompts`): the paged cache with prefix sharing vs
+//           today's generator (no sharing, maxBatch 16, a slot of maxContext per sequence) in the
+//           same KV-cache bytes, whole calls                               target >= 2.5x
 //   cxx     `build/sppo_bench train_step` (C++ only, no Node), for reference
 //
 // Before any of these, bench/peer_blas.py names the BLAS under each Python peer the chosen
 // sections use (PyTorch, numpy) and measures its sgemm; a speed ratio against a peer on the
 // reference BLAS or below MIN_PEER_SGEMM_GFLOPS is withheld (bench/peer_blas.ts).
 //
-// Options: --only train,gemm,mem,head,decode,cxx   run a subset        --json FILE   write every number
+// Options: --only train,gemm,mem,head,decode,sampling,cxx   run a subset        --json FILE   write every number
 //          --reps N                    timed steps (default: tiny 5, small 3, after 1 warm-up)
 //          --gemm-rounds N             alternating GEMM rounds (default 2)
 // The engine and its peer are measured back to back per shape (engine tiny, torch tiny, engine
@@ -385,6 +389,43 @@ function fusedHead(results: Record<string, unknown>): Row[] {
   return rows;
 }
 
+// `build/sppo_bench shared_prompts` prints "shared_prompts LABEL  S s  T tok/s  (...)" per case
+// (native/bench/bench_generate.cpp): engine (sharing, 80 in flight at most, the peer's KV bytes),
+// today (no sharing, maxBatch 16, pool 16 x maxContext), engine16 (sharing in today's exact
+// plan), engine80 and today80 (sharing on and off at maxBatch 80, 5x the KV bytes). The numbers are kept in --json
+// (sppoSampling), for a peer measured in the same run to sit beside them.
+function sppoSampling(results: Record<string, unknown>): Row[] {
+  if (!existsSync(SPPO_BENCH)) return [];
+  const r = run(SPPO_BENCH, ['shared_prompts']);
+  if (r.status !== 0) {
+    console.log(`build/sppo_bench shared_prompts failed: ${failure(r)}`);
+    return [];
+  }
+  const cases: Record<string, { seconds: number; cpuSeconds: number; tokS: number; detail: string }> = {};
+  for (const m of (r.stdout ?? '').matchAll(/^shared_prompts (\w+)\s+([\d.]+) s\s+([\d.]+) tok\/s\s+\(cpu ([\d.]+) s; (.*)\)$/gm))
+    cases[m[1]] = { seconds: Number(m[2]), tokS: Number(m[3]), cpuSeconds: Number(m[4]), detail: m[5] };
+  results.sppoSampling = cases;
+  const { engine, today, engine16, engine80, today80 } = cases;
+  if (!engine || !today) return [];
+  const others = [
+    engine16 && `sharing at maxBatch 16 ${fmt(engine16.seconds)} s`,
+    engine80 && today80 && `at maxBatch 80 (5x the KV bytes) ${fmt(engine80.seconds)} s vs ${fmt(today80.seconds)} s without sharing`,
+  ].filter(Boolean);
+  return [
+    {
+      what: 'SPPO sampling small 16x256 K5 +128 (sharing)',
+      unit: 's',
+      engine: engine.seconds,
+      peer: today.seconds,
+      ratio: today.seconds / engine.seconds,
+      target: '>= 2.5 (peer/engine)',
+      note:
+        `peer: today's generator (no sharing, maxBatch 16), same KV bytes; CPU time ratio ` +
+        `${(today.cpuSeconds / engine.cpuSeconds).toFixed(2)}x; ${others.join(', ')}`,
+    },
+  ];
+}
+
 // `build/sppo_bench generate` prints "decode PRESET batch B  N tok/s" and
 // "decode PRESET batch 1 position P  T ms/token" lines (native/bench/bench_generate.cpp).
 async function decode(results: Record<string, unknown>, baseline: Record<string, number>): Promise<Row[]> {
@@ -500,7 +541,7 @@ function printTable(rows: Row[]): void {
 
 async function main(): Promise<void> {
   if (process.argv.includes('--mem-child')) return memChild();
-  const only = new Set((arg('--only') ?? 'train,gemm,mem,head,decode,cxx').split(','));
+  const only = new Set((arg('--only') ?? 'train,gemm,mem,head,decode,sampling,cxx').split(','));
   const machine = {
     date: new Date().toISOString(),
     cpu: cpuModel(),
@@ -600,6 +641,7 @@ async function main(): Promise<void> {
     const baseline = (results.pytorchBaseline ??= {}) as Record<string, number>;
     rows.push(...(await decode(results, baseline)));
   }
+  if (only.has('sampling')) rows.push(...sppoSampling(results));
   if (only.has('cxx')) cxxLines = cxxTrainStep(results);
 
   const withheld = withholdUnfairRatios(rows, peerBlas);

@@ -16,6 +16,9 @@ export {
   type GeneratedSequence,
   type GeneratedToken,
   type GeneratorPlan,
+  type ResolvedGeneratorPlan,
+  type KvCacheState,
+  type GenerateStats,
   type PromptTokens,
   type StopReason,
 } from './engine/generate.js';

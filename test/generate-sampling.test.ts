@@ -1,6 +1,7 @@
 // Batched sampling through the public API: raw-policy log-probs against the model's own
 // scoring, greedy against the forward pass, batch-composition invariance and seeds, stop
-// conditions, streaming, abort, and every bad input with its message.
+// conditions, streaming, abort, and every bad input with its message; the paged KV cache:
+// prefix sharing changes nothing, tight pools, the pool empty after every call, its plan.
 import { afterEach, describe, expect, it } from 'vitest';
 import { Model, type GenerateOptions, type GeneratedSequence, type Generator } from '../lib/index.js';
 import { errorOf, prng, randomRows, tinyConfig } from './fixtures/engine-helpers.js';
@@ -211,6 +212,98 @@ describe('generate', () => {
   });
 });
 
+describe('the paged KV cache', () => {
+  const empty = (gen: Generator) => {
+    const c = gen.kvCache();
+    expect([c.freeBlocks, c.reservedBlocks]).toEqual([c.blocks, 0]);
+  };
+
+  it('shares a prompt between its samples without changing a token or a log-prob, in any pool', async () => {
+    const m = model();
+    const opts: GenerateOptions = { ...sampling, samplesPerPrompt: 5 };
+    const unshared = m.createGenerator({ maxBatch: 20, maxContext: 48, sharePrefixes: false });
+    const ref = await unshared.generate(prompts, opts);
+    const refStats = unshared.lastStats();
+    expect(refStats).toMatchObject({ promptRows: 5 * (5 + 17 + 1 + 9), sharedPrompts: 0, copiedBlocks: 0 });
+    const blockBytes = unshared.kvCache().blockBytes;
+    // The default pool (20 x 3 blocks), and pools so small that sequences wait for blocks (a
+    // sample of the 17-token prompt caches 32 positions: 2 blocks).
+    for (const blocks of [undefined, 8, 3]) {
+      const gen = m.createGenerator({ maxBatch: 20, maxContext: 48, ...(blocks && { kvCacheBytes: blocks * blockBytes + 5 }) });
+      expect(gen.plan).toEqual({ maxBatch: 20, maxContext: 48, kvCacheBytes: (blocks ?? 60) * blockBytes, sharePrefixes: true });
+      const out = await gen.generate(prompts, opts);
+      out.forEach((s, i) => same(s, ref[i]));
+      const st = gen.lastStats();
+      // Prompts of 5, 17 and 9 tokens share prompt_len - 1 positions; the 1-token prompt has none.
+      expect(st.sharedPrompts).toBe(3);
+      expect(st.promptRows).toBe(4 + 16 + 8 + 3 * 5 + 5);
+      expect(st.peakBlocks).toBeLessThanOrEqual(blocks ?? 60);
+      // Every sequence in flight holds or has the promise of a block of its own.
+      expect(st.peakSequences).toBe(blocks === undefined ? 20 : Math.min(st.peakSequences, blocks));
+      empty(gen);
+      await gen.dispose();
+    }
+  });
+
+  it('returns every block after aborted and failed calls', async () => {
+    const m = model();
+    const gen = m.createGenerator({ maxBatch: 6, maxContext: 48 });
+    const ac = new AbortController();
+    let count = 0;
+    const out = await gen.generate(prompts, {
+      ...sampling,
+      samplesPerPrompt: 5,
+      signal: ac.signal,
+      onToken: () => {
+        if (++count === 4) ac.abort();
+      },
+    });
+    expect(out.every((s) => s.stopReason === 'aborted')).toBe(true);
+    empty(gen);
+    const err = await errorOf(() =>
+      gen.generate(prompts, {
+        ...sampling,
+        samplesPerPrompt: 5,
+        onToken: () => {
+          throw new Error('listener failed');
+        },
+      }),
+    );
+    expect(err.message).toBe('listener failed');
+    empty(gen);
+    // A bad token id in the middle of the prompts: refused before anything runs.
+    const bad = [prompts[0], [1, 2, 99, 3], prompts[2]];
+    expect((await errorOf(() => gen.generate(bad, { ...sampling, seed: 1, samplesPerPrompt: 5 }))).message).toBe(
+      'token id 99 at sequence 1, position 2 is out of range [0, 32)',
+    );
+    empty(gen);
+  });
+
+  it('refuses a sequence that alone needs more than the pool, and plans of the wrong types', async () => {
+    const m = model();
+    const probe = m.createGenerator({ maxBatch: 1, maxContext: 48 });
+    const blockBytes = probe.kvCache().blockBytes;
+    const gen = m.createGenerator({ maxBatch: 4, maxContext: 48, kvCacheBytes: blockBytes });
+    expect(gen.kvCache()).toMatchObject({ blocks: 1, blockSize: 16 });
+    expect((await errorOf(() => gen.generate(prompts, { ...sampling, maxNewTokens: 4 }))).message).toBe(
+      `sequence 1: prompt of 17 tokens + maxNewTokens 4 needs 2 KV-cache blocks of 16 positions, more than the whole pool holds (1 blocks = ${blockBytes} bytes, the generator's plan.kvCacheBytes)`,
+    );
+    expect((await gen.generate([prompts[0]], { maxNewTokens: 4, samplesPerPrompt: 3 })).map((s) => s.tokens.length)).toEqual([4, 4, 4]);
+    expect(() => m.createGenerator({ maxBatch: 1, maxContext: 8, kvCacheBytes: 10 })).toThrow(
+      `generator plan.kvCacheBytes (10) is less than one KV-cache block of 16 positions (${blockBytes} bytes)`,
+    );
+    expect(() => m.createGenerator({ maxBatch: 1, maxContext: 8, kvCacheBytes: -1 })).toThrow(
+      new TypeError('plan.kvCacheBytes must be a non-negative integer, got -1'),
+    );
+    expect(() => m.createGenerator({ maxBatch: 1, maxContext: 8, sharePrefixes: 'yes' } as never)).toThrow(
+      new TypeError('plan.sharePrefixes must be a boolean, got a string'),
+    );
+    expect(() => m.createGenerator({ maxBatch: 1, maxContext: 8, share: true } as never)).toThrow(
+      new TypeError("plan has an unknown field 'share'; the known fields are maxBatch, maxContext, kvCacheBytes, sharePrefixes"),
+    );
+  });
+});
+
 describe('Generator construction and argument types', () => {
   it('a Generator comes from model.createGenerator only', async () => {
     const m = model();
@@ -226,7 +319,7 @@ describe('Generator construction and argument types', () => {
   it('refuses plans and sampling options of the wrong types with TypeErrors naming the field', async () => {
     const m = model();
     expect(() => m.createGenerator({ maxBatch: 1, maxContext: 8, maxSeq: 8 } as never)).toThrow(
-      new TypeError("plan has an unknown field 'maxSeq'; the known fields are maxBatch, maxContext"),
+      new TypeError("plan has an unknown field 'maxSeq'; the known fields are maxBatch, maxContext, kvCacheBytes, sharePrefixes"),
     );
     expect(() => m.createGenerator({ maxBatch: 1.5, maxContext: 8 })).toThrow(new TypeError('plan.maxBatch must be an integer, got 1.5'));
     const gen = m.createGenerator({ maxBatch: 2, maxContext: 24 });

@@ -1,18 +1,68 @@
-// Batched sampling with a KV cache: a Generator plans its cache once (maxBatch sequences of up
-// to maxContext tokens) and samples from the weights of the model that created it. Its calls
-// queue with the model's other calls, stream tokens as they are sampled, and stop cleanly on
-// abort, returning what was generated so far.
+// Batched sampling with a paged KV cache: a Generator plans its cache once (a pool of blocks of
+// 16 positions; by default room for maxBatch sequences of maxContext tokens) and samples from the
+// weights of the model that created it. The samples of one prompt share the prompt's blocks (one
+// prefill, then copy-on-write). Its calls queue with the model's other calls, stream tokens as
+// they are sampled, and stop cleanly on abort, returning what was generated so far.
 import { isInt32, tokenIdError } from '../util/int32.js';
 import { CALL_FIELDS, checkFields, describeValue, type FieldCheck, type FieldKind } from './batch.js';
 import { native, type NativeGenerateResult, type NativeGeneratorHandle, type NativeModelHandle } from './native.js';
 import type { CallOptions } from './types.js';
 
-/** What a generator plans memory for: its KV cache holds maxBatch sequences of maxContext tokens. */
+/**
+ * What a generator plans memory for. Its KV cache is a pool of blocks of 16 positions (every
+ * layer's keys and values); a sequence takes blocks as it grows and returns them when it ends, so
+ * the pool, not maxBatch × maxContext, decides how many sequences are in flight at once. A
+ * sequence starts when the blocks it may need (prompt + maxNewTokens, or up to maxContext) are
+ * free, and waits otherwise; a sequence that alone needs more than the whole pool is refused.
+ */
 export interface GeneratorPlan {
-  /** sequences decoded together; more run in waves as sequences finish */
+  /** sequences decoded together at most; more wait for a place (and for blocks) */
   maxBatch: number;
   /** prompt + generated tokens per sequence, at most the model's max_position_embeddings */
   maxContext: number;
+  /**
+   * bytes of the KV-cache pool, rounded down to whole blocks (generator.kvCache().blockBytes
+   * each); default: room for maxBatch sequences of maxContext tokens
+   */
+  kvCacheBytes?: number;
+  /**
+   * default true: the samples of a prompt (and any prompts of one call with identical tokens)
+   * share the prompt's blocks, prefilled once; false: every sequence prefills its own copy.
+   * Results are the same either way (bit for bit on the CPU).
+   */
+  sharePrefixes?: boolean;
+}
+
+/** A generator's plan as built: kvCacheBytes is the pool it got (whole blocks). */
+export type ResolvedGeneratorPlan = Required<GeneratorPlan>;
+
+/** The KV-cache pool now: blocks in all, free, and promised to sequences in flight. */
+export interface KvCacheState {
+  blocks: number;
+  /** positions per block */
+  blockSize: number;
+  /** bytes of one block: every layer's keys and values for blockSize positions */
+  blockBytes: number;
+  freeBlocks: number;
+  reservedBlocks: number;
+}
+
+/** What the generator's last generate call did. */
+export interface GenerateStats {
+  /** extend steps (forward passes over the step's rows) */
+  steps: number;
+  /** prompt tokens run through the model: with sharing, a prompt's prefix once for all its samples */
+  promptRows: number;
+  /** sampled tokens run through the model */
+  generatedRows: number;
+  /** prompts whose prefix was prefilled once for several samples */
+  sharedPrompts: number;
+  /** copy-on-write copies of a shared prompt's partly filled last block */
+  copiedBlocks: number;
+  /** most blocks in use at once */
+  peakBlocks: number;
+  /** most sequences in flight at once */
+  peakSequences: number;
 }
 
 export interface GeneratedToken {
@@ -106,7 +156,12 @@ function seedsFor(seed: GenerateOptions['seed'], n: number): Float64Array {
   return Float64Array.from({ length: n }, (_, i) => list[list.length === 1 ? 0 : i] as number);
 }
 
-const PLAN_FIELDS: Record<keyof GeneratorPlan, FieldKind> = { maxBatch: 'int32', maxContext: 'int32' };
+const PLAN_FIELDS: Record<keyof GeneratorPlan, FieldKind> = {
+  maxBatch: 'int32',
+  maxContext: 'int32',
+  kvCacheBytes: 'uint53',
+  sharePrefixes: 'boolean',
+};
 // Every field generate() takes: the sampling options the addon reads, checked by kind here and by
 // value in the engine; the seed, stop tokens and samplesPerPrompt, checked in generate(); the
 // callback and the signal. An unknown field (a misspelt temperature) is refused, not ignored.
@@ -138,7 +193,7 @@ export function openGenerator(model: NativeModelHandle, plan: GeneratorPlan, que
 }
 
 export class Generator {
-  readonly plan: GeneratorPlan;
+  readonly plan: ResolvedGeneratorPlan;
   #handle: NativeGeneratorHandle | undefined;
   #queue: ModelQueue;
 
@@ -146,7 +201,13 @@ export class Generator {
   constructor(token: symbol, handle: NativeGeneratorHandle, plan: GeneratorPlan, queue: ModelQueue) {
     if (token !== OPEN) throw new TypeError('a Generator comes from model.createGenerator(plan); it has no public constructor');
     this.#handle = handle;
-    this.plan = { ...plan };
+    const pool = handle.kvCache();
+    this.plan = {
+      maxBatch: plan.maxBatch,
+      maxContext: plan.maxContext,
+      kvCacheBytes: pool.blocks * pool.blockBytes,
+      sharePrefixes: plan.sharePrefixes ?? true,
+    };
     this.#queue = queue;
   }
 
@@ -157,6 +218,16 @@ export class Generator {
   /** Bytes of the KV cache and step buffers. */
   memory(): number {
     return this.#live().memory();
+  }
+
+  /** The KV-cache pool: its blocks, and how many are free now (all of them between calls). */
+  kvCache(): KvCacheState {
+    return this.#live().kvCache();
+  }
+
+  /** What the last generate call did (prefill rows, shared prompts, peak blocks…). */
+  lastStats(): GenerateStats {
+    return this.#live().stats();
   }
 
   #live(): NativeGeneratorHandle {

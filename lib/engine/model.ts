@@ -324,8 +324,9 @@ export class Model {
   }
 
   /**
-   * A sampler over this model's weights with its own KV cache, planned now for plan.maxBatch
-   * sequences of up to plan.maxContext tokens. Its calls queue with this model's other calls,
+   * A sampler over this model's weights with its own paged KV cache, planned now: plan.maxBatch
+   * sequences in flight at most, of up to plan.maxContext tokens, in a pool of plan.kvCacheBytes
+   * (default: maxBatch × maxContext positions). Its calls queue with this model's other calls,
    * so it always samples from the weights as they are when the call starts.
    */
   createGenerator(plan: GeneratorPlan): Generator {

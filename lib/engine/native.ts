@@ -3,7 +3,7 @@
 // of a loader stack trace. The addon trusts its arguments' types and shapes (it checks only what
 // memory safety needs): model.ts, generate.ts, batch.ts and preference.ts check them first.
 import { createRequire } from 'node:module';
-import type { StopReason } from './generate.js';
+import type { GenerateStats, KvCacheState, StopReason } from './generate.js';
 import type { StepResult } from './types.js';
 
 const require = createRequire(import.meta.url);
@@ -73,6 +73,8 @@ export interface NativeGeneratorHandle {
   ): Promise<NativeGenerateResult>;
   abort(): void;
   memory(): number;
+  kvCache(): KvCacheState;
+  stats(): GenerateStats;
   dispose(): void;
 }
 

@@ -233,7 +233,12 @@ sppo::OptimizerConfig parse_optimizer(Napi::Env env, Napi::Value v) {
 
 sppo::GeneratorPlan parse_generator_plan(Napi::Value v) {
   const Napi::Object p = v.As<Napi::Object>();
-  return {field(p, "maxBatch", 0), field(p, "maxContext", 0)};
+  sppo::GeneratorPlan plan;
+  plan.max_batch = field(p, "maxBatch", 0);
+  plan.max_context = field(p, "maxContext", 0);
+  plan.kv_cache_bytes = field(p, "kvCacheBytes", plan.kv_cache_bytes);
+  plan.share_prefixes = field(p, "sharePrefixes", plan.share_prefixes);
+  return plan;
 }
 
 GenerateArgs parse_generate(const Napi::CallbackInfo& info, const sppo::GeneratorApi& gen) {

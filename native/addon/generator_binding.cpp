@@ -73,7 +73,8 @@ Napi::Function NativeGenerator::Init(Napi::Env env) {
   return DefineClass(
       env, "NativeGenerator",
       {InstanceMethod<&NativeGenerator::Generate>("generate"), InstanceMethod<&NativeGenerator::Abort>("abort"),
-       InstanceMethod<&NativeGenerator::Memory>("memory"), InstanceMethod<&NativeGenerator::Dispose>("dispose")});
+       InstanceMethod<&NativeGenerator::Memory>("memory"), InstanceMethod<&NativeGenerator::KvCache>("kvCache"),
+       InstanceMethod<&NativeGenerator::Stats>("stats"), InstanceMethod<&NativeGenerator::Dispose>("dispose")});
 }
 
 NativeGenerator::NativeGenerator(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeGenerator>(info) {
@@ -88,9 +89,14 @@ NativeGenerator::NativeGenerator(const Napi::CallbackInfo& info) : Napi::ObjectW
   gen_ = or_range_error(env, [&] { return model.make_generator(plan); });
 }
 
+sppo::GeneratorApi& NativeGenerator::live(Napi::Env env) const {
+  if (!gen_) throw Napi::Error::New(env, "the generator has been disposed");
+  return *gen_;
+}
+
 Napi::Value NativeGenerator::Generate(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!gen_) throw Napi::Error::New(env, "the generator has been disposed");
+  live(env);
   owner_->usable(env);
   struct Args {
     GenerateArgs in;
@@ -125,8 +131,33 @@ Napi::Value NativeGenerator::Abort(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value NativeGenerator::Memory(const Napi::CallbackInfo& info) {
-  if (!gen_) throw Napi::Error::New(info.Env(), "the generator has been disposed");
-  return Napi::Number::New(info.Env(), double(gen_->memory_bytes()));
+  return Napi::Number::New(info.Env(), double(live(info.Env()).memory_bytes()));
+}
+
+Napi::Value NativeGenerator::KvCache(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const sppo::KvPoolState st = live(env).pool_state();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("blocks", double(st.blocks));
+  o.Set("blockSize", double(sppo::kKvBlockSize));
+  o.Set("blockBytes", double(gen_->kv_block_bytes()));
+  o.Set("freeBlocks", double(st.free));
+  o.Set("reservedBlocks", double(st.reserved));
+  return o;
+}
+
+Napi::Value NativeGenerator::Stats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const sppo::GenerateStats& st = live(env).last_stats();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("steps", double(st.steps));
+  o.Set("promptRows", double(st.prompt_rows));
+  o.Set("generatedRows", double(st.generated_rows));
+  o.Set("sharedPrompts", double(st.shared_prompts));
+  o.Set("copiedBlocks", double(st.copied_blocks));
+  o.Set("peakBlocks", double(st.peak_blocks));
+  o.Set("peakSequences", double(st.peak_sequences));
+  return o;
 }
 
 Napi::Value NativeGenerator::Dispose(const Napi::CallbackInfo& info) {

@@ -14,7 +14,7 @@ namespace sppo::addon {
 class NativeGenerator : public Napi::ObjectWrap<NativeGenerator> {
  public:
   static Napi::Function Init(Napi::Env env);
-  // (model: NativeModel, plan: {maxBatch, maxContext})
+  // (model: NativeModel, plan: {maxBatch, maxContext, kvCacheBytes?, sharePrefixes?})
   explicit NativeGenerator(const Napi::CallbackInfo& info);
 
  private:
@@ -24,7 +24,14 @@ class NativeGenerator : public Napi::ObjectWrap<NativeGenerator> {
   // Ends the running generate after its current step (a no-op when none runs).
   Napi::Value Abort(const Napi::CallbackInfo& info);
   Napi::Value Memory(const Napi::CallbackInfo& info);
+  // {blocks, blockSize, blockBytes, freeBlocks, reservedBlocks}: the KV-cache pool now.
+  Napi::Value KvCache(const Napi::CallbackInfo& info);
+  // What the last generate did (sppo::GenerateStats, camelCase).
+  Napi::Value Stats(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
+
+  // The generator, or a JS error once disposed.
+  sppo::GeneratorApi& live(Napi::Env env) const;
 
   NativeModel* owner_ = nullptr;
   Napi::ObjectReference model_ref_;  // keeps the model (and its weights) alive

@@ -177,15 +177,15 @@ class ProfiledOps final : public Ops<bf16> {
     return r;
   }
   void kv_cache_write(bf16* k_cache, bf16* v_cache, const bf16* qkv, const int32_t* slots, const int32_t* positions,
-                      int64_t n, const AttentionShape& s) override {
+                      int64_t n, const AttentionShape& s, const KvBlocks& kv) override {
     timed("kv cache write", 0, 8.0 * n * s.kv_heads * s.head_dim,
-          [&] { inner_->kv_cache_write(k_cache, v_cache, qkv, slots, positions, n, s); });
+          [&] { inner_->kv_cache_write(k_cache, v_cache, qkv, slots, positions, n, s, kv); });
   }
   void attention_decode(bf16* out, const bf16* qkv, const bf16* k_cache, const bf16* v_cache, const int32_t* slots,
-                        const int32_t* positions, int64_t n, const AttentionShape& s) override {
+                        const int32_t* positions, int64_t n, const AttentionShape& s, const KvBlocks& kv) override {
     // The positions are device memory, so the keys read are not known here: time only.
     timed("attention decode", 0, 0,
-          [&] { inner_->attention_decode(out, qkv, k_cache, v_cache, slots, positions, n, s); });
+          [&] { inner_->attention_decode(out, qkv, k_cache, v_cache, slots, positions, n, s, kv); });
   }
   void sample(int32_t* tokens, double* raw_logprobs, const float* logits, int64_t n, int64_t V,
               const SamplingOptions& o, const double* u) override {

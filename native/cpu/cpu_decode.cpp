@@ -1,5 +1,5 @@
-// CPU kernels for decoding with a KV cache: writing new rows' keys and values into their cache
-// slots, and the attention of new rows against their own slot's cache. One task per (row, kv
+// CPU kernels for decoding with a paged KV cache: writing new rows' keys and values into their
+// blocks, and the attention of new rows against the blocks of their own table row. One task per (row, kv
 // head), so a row's result never depends on which other rows share the call — what makes
 // batched sampling reproducible whatever the batch holds.
 #include <immintrin.h>
@@ -20,22 +20,38 @@ namespace {
 // Below this much attention work in one call, fanning out to the pool costs more than it saves.
 constexpr double kMinParallelAttentionFlops = 2e6;
 
+// One kv head's keys (or values) of one table row: block j of the row holds positions
+// j*bs .. j*bs + bs - 1, each a contiguous row of D numbers.
+template <class T>
+struct HeadBlocks {
+  const T* pool;
+  const int32_t* table;  // the row's block ids
+  int64_t block_elems;   // KV * bs * D
+  int64_t head_off;      // kvh * bs * D
+  int64_t bs;
+  const T* block(int64_t j) const { return pool + table[j] * block_elems + head_off; }
+};
+
 // out(group, D) = P(group, len) · V(len, D), one cached position at a time: a position's values
 // are D contiguous numbers, so the inner loop is a vector AXPY (a gemm would first repack V).
 // Each output element sums over positions in order, so the result is deterministic.
 template <class T>
-void weighted_values_scalar(const T* P, int64_t group, int64_t len, const T* V, int64_t D, T* out) {
+void weighted_values_scalar(const T* P, int64_t group, int64_t len, const HeadBlocks<T>& V, int64_t D, T* out) {
   for (int64_t g = 0; g < group; ++g) {
     T* o = out + g * D;
     std::fill(o, o + D, T(0));
-    for (int64_t t = 0; t < len; ++t)
-      for (int64_t d = 0; d < D; ++d) o[d] += P[g * len + t] * V[t * D + d];
+    for (int64_t j0 = 0; j0 < len; j0 += V.bs) {
+      const T* v = V.block(j0 / V.bs);
+      const int64_t cnt = std::min(V.bs, len - j0);
+      for (int64_t t = 0; t < cnt; ++t)
+        for (int64_t d = 0; d < D; ++d) o[d] += P[g * len + j0 + t] * v[t * D + d];
+    }
   }
 }
 
 // The same with 64 output columns at a time held in four AVX-512 accumulators.
 __attribute__((target("avx512f"))) void weighted_values_avx512(const float* P, int64_t group, int64_t len,
-                                                               const float* V, int64_t D, float* out) {
+                                                               const HeadBlocks<float>& V, int64_t D, float* out) {
   for (int64_t g = 0; g < group; ++g) {
     const float* p = P + g * len;
     for (int64_t d0 = 0; d0 < D; d0 += 64) {
@@ -45,10 +61,14 @@ __attribute__((target("avx512f"))) void weighted_values_avx512(const float* P, i
         m[c] = static_cast<__mmask16>((1u << left) - 1);
       }
       __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int64_t t = 0; t < len; ++t) {
-        const __m512 w = _mm512_set1_ps(p[t]);
-        const float* v = V + t * D + d0;
-        for (int c = 0; c < 4; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[c], v + 16 * c), acc[c]);
+      for (int64_t j0 = 0; j0 < len; j0 += V.bs) {
+        const float* vb = V.block(j0 / V.bs) + d0;
+        const int64_t cnt = std::min(V.bs, len - j0);
+        for (int64_t t = 0; t < cnt; ++t) {
+          const __m512 w = _mm512_set1_ps(p[j0 + t]);
+          const float* v = vb + t * D;
+          for (int c = 0; c < 4; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[c], v + 16 * c), acc[c]);
+        }
       }
       for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out + g * D + d0 + 16 * c, m[c], acc[c]);
     }
@@ -57,23 +77,43 @@ __attribute__((target("avx512f"))) void weighted_values_avx512(const float* P, i
 
 const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
 
-void weighted_values(const float* P, int64_t group, int64_t len, const float* V, int64_t D, float* out) {
+void weighted_values(const float* P, int64_t group, int64_t len, const HeadBlocks<float>& V, int64_t D, float* out) {
   kHasAvx512 ? weighted_values_avx512(P, group, len, V, D, out) : weighted_values_scalar(P, group, len, V, D, out);
 }
-void weighted_values(const double* P, int64_t group, int64_t len, const double* V, int64_t D, double* out) {
+void weighted_values(const double* P, int64_t group, int64_t len, const HeadBlocks<double>& V, int64_t D, double* out) {
   weighted_values_scalar(P, group, len, V, D, out);
+}
+
+// The rows' table rows, positions and blocks must lie inside the cache: a bad one would read or
+// write outside the pool. Checked on the calling thread before any work (n is a step's rows).
+void check_rows(const int32_t* slots, const int32_t* positions, int64_t n, const AttentionShape& s, const KvBlocks& kv,
+                const char* op) {
+  SPPO_REQUIRE(kv.block_size >= 1 && kv.max_blocks * kv.block_size >= s.seq, op, ": block tables of ", kv.max_blocks,
+               " blocks of ", kv.block_size, " positions cannot address ", s.seq, " positions");
+  for (int64_t i = 0; i < n; ++i) {
+    SPPO_REQUIRE(slots[i] >= 0 && slots[i] < s.batch && positions[i] >= 0 && positions[i] < s.seq, op, ": row ", i,
+                 " (table row ", slots[i], ", position ", positions[i], ") is outside the cache (", s.batch, " x ",
+                 s.seq, ")");
+    for (int64_t j = 0; j <= positions[i] / kv.block_size; ++j) {
+      const int32_t b = kv.tables[int64_t(slots[i]) * kv.max_blocks + j];
+      SPPO_REQUIRE(b >= 0 && b < kv.blocks, op, ": row ", i, " (table row ", slots[i], ") points block ", j, " at ", b,
+                   ", outside the pool of ", kv.blocks, " blocks");
+    }
+  }
 }
 }  // namespace
 
 template <class T>
 void CpuOps<T>::kv_cache_write(T* k_cache, T* v_cache, const T* qkv, const int32_t* slots, const int32_t* positions,
-                               int64_t n, const AttentionShape& s) {
-  const int64_t KV = s.kv_heads, D = s.head_dim, ctx = s.seq;
+                               int64_t n, const AttentionShape& s, const KvBlocks& kv) {
+  check_rows(slots, positions, n, s, kv, "kv_cache_write");
+  const int64_t KV = s.kv_heads, D = s.head_dim, bs = kv.block_size;
   cpu_pool().parallel_for(n, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const T* row = qkv + i * s.qkv_stride;
+      const int64_t block = kv.tables[int64_t(slots[i]) * kv.max_blocks + positions[i] / bs];
       for (int64_t h = 0; h < KV; ++h) {
-        const int64_t at = ((int64_t(slots[i]) * KV + h) * ctx + positions[i]) * D;  // (slots, KV, ctx, D)
+        const int64_t at = ((block * KV + h) * bs + positions[i] % bs) * D;  // (blocks, KV, bs, D)
         std::memcpy(k_cache + at, row + s.k_off + h * D, D * sizeof(T));
         std::memcpy(v_cache + at, row + s.v_off + h * D, D * sizeof(T));
       }
@@ -83,10 +123,11 @@ void CpuOps<T>::kv_cache_write(T* k_cache, T* v_cache, const T* qkv, const int32
 
 template <class T>
 void CpuOps<T>::attention_decode(T* out, const T* qkv, const T* k_cache, const T* v_cache, const int32_t* slots,
-                                 const int32_t* positions, int64_t n, const AttentionShape& s) {
+                                 const int32_t* positions, int64_t n, const AttentionShape& s, const KvBlocks& kv) {
+  check_rows(slots, positions, n, s, kv, "attention_decode");
   // The query heads of one kv group are adjacent columns of the row, so the group's scores are
-  // one small gemm (group x len) against the slot's keys, then one weighted sum of the values.
-  const int64_t KV = s.kv_heads, D = s.head_dim, ctx = s.seq, group = s.heads / s.kv_heads;
+  // small gemms (group x block) against the row's key blocks, then one weighted sum of the values.
+  const int64_t KV = s.kv_heads, D = s.head_dim, ctx = s.seq, group = s.heads / s.kv_heads, bs = kv.block_size;
   // A task's scores (group x len) use the attention tile scratch (2*kAttnBlock x ctx).
   SPPO_REQUIRE(group <= 2 * kAttnBlock, "attention_decode: ", group, " query heads per kv head exceed the scratch (",
                2 * kAttnBlock, ")");
@@ -94,12 +135,14 @@ void CpuOps<T>::attention_decode(T* out, const T* qkv, const T* k_cache, const T
   auto one = [&](int64_t task, int thread) {
     const int64_t i = task / KV, kvh = task % KV;
     const int64_t len = int64_t(positions[i]) + 1;  // causal: cached positions 0..positions[i]
-    const int64_t cache_at = (int64_t(slots[i]) * KV + kvh) * ctx * D;
+    const int32_t* table = kv.tables + int64_t(slots[i]) * kv.max_blocks;
+    const HeadBlocks<T> K{k_cache, table, KV * bs * D, kvh * bs * D, bs};
+    const HeadBlocks<T> V{v_cache, table, KV * bs * D, kvh * bs * D, bs};
     const T* Q = qkv + i * s.qkv_stride + s.q_off + kvh * group * D;  // (group, D), rows D apart
-    const T* K = k_cache + cache_at;                                  // (len, D)
-    const T* V = v_cache + cache_at;                                  // (len, D)
     T* S = thread_scratch(thread);                                    // (group, len)
-    cpu::gemm(false, true, group, len, D, T(s.scale), Q, D, K, D, T(0), S, len);
+    for (int64_t j0 = 0; j0 < len; j0 += bs)                          // block j's keys: (min(bs, len - j0), D)
+      cpu::gemm(false, true, group, std::min(bs, len - j0), D, T(s.scale), Q, D, K.block(j0 / bs), D, T(0), S + j0,
+                len);
     for (int64_t g = 0; g < group; ++g) {
       T* row = S + g * len;
       const T mx = *std::max_element(row, row + len);
@@ -122,12 +165,12 @@ void CpuOps<T>::attention_decode(T* out, const T* qkv, const T* k_cache, const T
 }
 
 template void CpuOps<float>::kv_cache_write(float*, float*, const float*, const int32_t*, const int32_t*, int64_t,
-                                            const AttentionShape&);
+                                            const AttentionShape&, const KvBlocks&);
 template void CpuOps<double>::kv_cache_write(double*, double*, const double*, const int32_t*, const int32_t*, int64_t,
-                                             const AttentionShape&);
+                                             const AttentionShape&, const KvBlocks&);
 template void CpuOps<float>::attention_decode(float*, const float*, const float*, const float*, const int32_t*,
-                                              const int32_t*, int64_t, const AttentionShape&);
+                                              const int32_t*, int64_t, const AttentionShape&, const KvBlocks&);
 template void CpuOps<double>::attention_decode(double*, const double*, const double*, const double*, const int32_t*,
-                                               const int32_t*, int64_t, const AttentionShape&);
+                                               const int32_t*, int64_t, const AttentionShape&, const KvBlocks&);
 
 }  // namespace sppo::cpu

@@ -64,9 +64,9 @@ class CpuOps final : public Ops<T> {
 
   // ---- Decoding with a KV cache (batched sampling) ----
   void kv_cache_write(T* k_cache, T* v_cache, const T* qkv, const int32_t* slots, const int32_t* positions, int64_t n,
-                      const AttentionShape& s) override;
+                      const AttentionShape& s, const KvBlocks& kv) override;
   void attention_decode(T* out, const T* qkv, const T* k_cache, const T* v_cache, const int32_t* slots,
-                        const int32_t* positions, int64_t n, const AttentionShape& s) override;
+                        const int32_t* positions, int64_t n, const AttentionShape& s, const KvBlocks& kv) override;
   void sample(int32_t* tokens, double* raw_logprobs, const T* logits, int64_t n, int64_t V, const SamplingOptions& o,
               const double* u) override;
 

@@ -101,9 +101,9 @@ class CudaOps final : public Ops<bf16> {
                              double alpha, double eps, double decay, double gscale) override;
 
   void kv_cache_write(bf16* k_cache, bf16* v_cache, const bf16* qkv, const int32_t* slots, const int32_t* positions,
-                      int64_t n, const AttentionShape& s) override;
+                      int64_t n, const AttentionShape& s, const KvBlocks& kv) override;
   void attention_decode(bf16* out, const bf16* qkv, const bf16* k_cache, const bf16* v_cache, const int32_t* slots,
-                        const int32_t* positions, int64_t n, const AttentionShape& s) override;
+                        const int32_t* positions, int64_t n, const AttentionShape& s, const KvBlocks& kv) override;
   void sample(int32_t* tokens, double* raw_logprobs, const float* logits, int64_t n, int64_t V,
               const SamplingOptions& o, const double* u) override;
 

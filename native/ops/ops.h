@@ -22,6 +22,18 @@ struct AttentionShape {
   double scale;        // 1/sqrt(head_dim)
 };
 
+// A paged KV cache (model/generate.cpp plans it): a layer's keys, and its values, live in a pool
+// of `blocks` fixed-size blocks, each (kv_heads, block_size, head_dim), so a head's keys within a
+// block are contiguous. Position p of block-table row r lies at offset p % block_size of block
+// tables[r * max_blocks + p / block_size]. Blocks may be shared between table rows (a prompt's
+// prefix), so a block's contents never depend on which row reads them.
+struct KvBlocks {
+  const int32_t* tables = nullptr;  // (table rows, max_blocks), backend memory
+  int64_t blocks = 0;               // blocks in the pool
+  int64_t block_size = 0;           // positions per block
+  int64_t max_blocks = 0;           // entries per table row
+};
+
 struct SamplingOptions;  // sppo/generate.h
 
 // T is the storage type of parameters and activations: float or double on the CPU (the double
@@ -160,19 +172,21 @@ class Ops {
   virtual bool rmsprop_update_finite(const T* p, const Master* master, const Master* g, const Master* sq, int64_t n,
                                      double lr, double alpha, double eps, double decay, double gscale) = 0;
 
-  // ---- Decoding with a KV cache (batched sampling) ----
-  // Rows are new tokens of sequences held in a KV cache: row i is fused qkv as above, belongs to
-  // cache slot slots[i] and sits at position positions[i]. A layer's cache holds k and v, each
-  // (s.batch slots, kv_heads, s.seq positions, head_dim): a head's keys are contiguous.
-  // Writes the (already rotated) k and v heads of the n rows into their slots and positions.
+  // ---- Decoding with a paged KV cache (batched sampling) ----
+  // Rows are new tokens of sequences held in a paged KV cache (KvBlocks): row i is fused qkv as
+  // above, belongs to block-table row slots[i] and sits at position positions[i]. s.batch is the
+  // number of table rows and s.seq the positions a table row may address (at most
+  // kv.max_blocks * kv.block_size).
+  // Writes the (already rotated) k and v heads of the n rows into their blocks.
   virtual void kv_cache_write(T* k_cache, T* v_cache, const T* qkv, const int32_t* slots, const int32_t* positions,
-                              int64_t n, const AttentionShape& s) = 0;
-  // out(n, heads*head_dim): each row's q heads attend to its slot's cached positions
-  // 0..positions[i] (so causal, and blind to other slots and to stale entries past its position).
-  // Every row's own k and v must be in the cache first. A row's result depends only on that row
-  // and its slot's cache, never on the other rows of the call.
+                              int64_t n, const AttentionShape& s, const KvBlocks& kv) = 0;
+  // out(n, heads*head_dim): each row's q heads attend to its table row's positions
+  // 0..positions[i] (so causal, and blind to other table rows and to stale entries past its
+  // position). Every row's own k and v must be in the cache first. A row's result depends only
+  // on that row and the keys and values its table points to, never on the other rows of the call
+  // nor on which blocks hold them.
   virtual void attention_decode(T* out, const T* qkv, const T* k_cache, const T* v_cache, const int32_t* slots,
-                                const int32_t* positions, int64_t n, const AttentionShape& s) = 0;
+                                const int32_t* positions, int64_t n, const AttentionShape& s, const KvBlocks& kv) = 0;
   // Samples one token from each row of logits(n, V) (backend) as sample_token (cpu/sampler.h)
   // specifies, row i with the uniform draw u[i] in (0,1); tokens[i] and raw_logprobs[i] (log
   // softmax of the unmodified logits at the token) are host arrays, as is u.

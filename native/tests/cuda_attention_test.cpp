@@ -275,44 +275,73 @@ void check_paths_agree(Ops<bf16>& tc, Ops<bf16>& fma, const AttentionShape& s, u
 }
 
 // ---- Decode ----
+// A paged cache for the decode tests: `slots` block tables of ceil(ctx / bs) entries over a pool
+// with spare blocks, the blocks handed out in a scrambled order (so a table row's blocks are
+// neither adjacent nor ascending), and table rows 0 and 2 sharing their first block, as the
+// samples of one prompt share its prefix.
+struct Paged {
+  int64_t bs, max_blocks, blocks;
+  std::vector<int32_t> tables;
+  int64_t elems_per_block(int64_t KV, int64_t D) const { return KV * bs * D; }
+  // Offset of (table row, kv head, position) in a (blocks, KV, bs, D) pool.
+  int64_t at(int64_t row, int64_t h, int64_t pos, int64_t KV, int64_t D) const {
+    return ((int64_t(tables[row * max_blocks + pos / bs]) * KV + h) * bs + pos % bs) * D;
+  }
+};
+Paged paged_cache(int64_t slots, int64_t ctx, int64_t bs, uint64_t seed) {
+  Paged p{bs, (ctx + bs - 1) / bs, 0, {}};
+  p.blocks = slots * p.max_blocks + 3;
+  std::vector<int32_t> order(p.blocks);
+  for (int64_t b = 0; b < p.blocks; ++b) order[b] = int32_t(b);
+  for (int64_t b = p.blocks - 1; b > 0; --b) std::swap(order[b], order[int64_t(uniform01(seed, 9, b) * (b + 1))]);
+  p.tables.assign(slots * p.max_blocks, 0);
+  for (int64_t i = 0; i < slots * p.max_blocks; ++i) p.tables[i] = order[i];
+  if (slots > 2) p.tables[2 * p.max_blocks] = p.tables[0];
+  return p;
+}
+
 struct DecodeCase {
   int64_t slots, ctx;
   std::vector<int32_t> slot, pos;  // per row
 };
 
 // Compares kv_cache_write (bitwise) and attention_decode against the CPU for the rows of `c`,
-// starting from a cache of random earlier entries; slot 1's entries past `stale_after` are NaN.
+// starting from a pool of random earlier entries; slot 1's entries past `stale_after` are NaN.
 void check_decode(Ops<bf16>& gpu, int64_t H, int64_t KV, int64_t D, const Layout& L, const DecodeCase& c,
                   int32_t stale_after, uint64_t seed) {
   const int64_t n = int64_t(c.slot.size());
   const AttentionShape s = make_shape(c.slots, c.ctx, H, KV, D, L);
-  const int64_t cache_elems = c.slots * KV * c.ctx * D;
+  const Paged pg = paged_cache(c.slots, c.ctx, 16, seed);
+  const int64_t cache_elems = pg.blocks * pg.elems_per_block(KV, D);
   std::vector<float> k_cache = random_values(cache_elems, seed), v_cache = random_values(cache_elems, seed + 1);
   for (int64_t h = 0; h < KV; ++h)
     for (int64_t t = stale_after + 1; t < c.ctx; ++t)
-      for (int64_t d = 0; d < D; ++d)
-        k_cache[((1 * KV + h) * c.ctx + t) * D + d] = v_cache[((1 * KV + h) * c.ctx + t) * D + d] = kNaN;
+      for (int64_t d = 0; d < D; ++d) k_cache[pg.at(1, h, t, KV, D) + d] = v_cache[pg.at(1, h, t, KV, D) + d] = kNaN;
   const std::vector<float> qkv = random_values(n * s.qkv_stride, seed + 2);
 
   cpu::CpuOps<float> cpu;
   cpu.plan_scratch(c.ctx, D);
+  const KvBlocks kv_host{pg.tables.data(), pg.blocks, pg.bs, pg.max_blocks};
   std::vector<float> k_ref = k_cache, v_ref = v_cache, out_ref(n * s.out_stride, kNaN);
-  cpu.kv_cache_write(k_ref.data(), v_ref.data(), qkv.data(), c.slot.data(), c.pos.data(), n, s);
-  cpu.attention_decode(out_ref.data(), qkv.data(), k_ref.data(), v_ref.data(), c.slot.data(), c.pos.data(), n, s);
+  cpu.kv_cache_write(k_ref.data(), v_ref.data(), qkv.data(), c.slot.data(), c.pos.data(), n, s, kv_host);
+  cpu.attention_decode(out_ref.data(), qkv.data(), k_ref.data(), v_ref.data(), c.slot.data(), c.pos.data(), n, s,
+                       kv_host);
 
   auto k_d = upload(gpu, to_bf16(k_cache));
   auto v_d = upload(gpu, to_bf16(v_cache));
   auto qkv_d = upload(gpu, to_bf16(qkv));
   auto slot_d = upload(gpu, c.slot);
   auto pos_d = upload(gpu, c.pos);
+  auto tables_d = upload(gpu, pg.tables);
+  const KvBlocks kv{tables_d.data(), pg.blocks, pg.bs, pg.max_blocks};
   const std::vector<bf16> poison = to_bf16(std::vector<float>(out_ref.size(), kNaN));
   auto out_d = upload(gpu, poison);
-  gpu.kv_cache_write(k_d.data(), v_d.data(), qkv_d.data(), slot_d.data(), pos_d.data(), n, s);
+  gpu.kv_cache_write(k_d.data(), v_d.data(), qkv_d.data(), slot_d.data(), pos_d.data(), n, s, kv);
   const std::string what = describe(s);
   EXPECT_TRUE(same_bits(k_d.get(), to_bf16(k_ref)), "kv_cache_write k cache " << what);
   EXPECT_TRUE(same_bits(v_d.get(), to_bf16(v_ref)), "kv_cache_write v cache " << what);
 
-  gpu.attention_decode(out_d.data(), qkv_d.data(), k_d.data(), v_d.data(), slot_d.data(), pos_d.data(), n, s);
+  gpu.attention_decode(out_d.data(), qkv_d.data(), k_d.data(), v_d.data(), slot_d.data(), pos_d.data(), n, s, kv);
   const std::vector<bf16> out_bits = out_d.get();
   const std::vector<float> out = to_float(out_bits);
   const double e = max_rel_error_floored(out, out_ref, [&](size_t i) { return int64_t(i) % s.out_stride < H * D; });
@@ -323,7 +352,7 @@ void check_decode(Ops<bf16>& gpu, int64_t H, int64_t KV, int64_t D, const Layout
 
   // The same call again gives the same bits.
   gpu.upload_bytes(out_d.data(), poison.data(), poison.size() * sizeof(bf16));
-  gpu.attention_decode(out_d.data(), qkv_d.data(), k_d.data(), v_d.data(), slot_d.data(), pos_d.data(), n, s);
+  gpu.attention_decode(out_d.data(), qkv_d.data(), k_d.data(), v_d.data(), slot_d.data(), pos_d.data(), n, s, kv);
   EXPECT_TRUE(same_bits(out_d.get(), out_bits), "attention_decode is not deterministic " << what);
 }
 
@@ -436,10 +465,14 @@ SPPO_TEST(cuda_attention_decode_matches_forward) {
     for (int64_t t = 0; t < Tn; ++t) pos[t] = int32_t(t);
     auto slot_d = upload(*gpu, slot);
     auto pos_d = upload(*gpu, pos);
-    auto k_d = upload(*gpu, to_bf16(random_values(slots * KV * ctx * D, 31)));
-    auto v_d = upload(*gpu, to_bf16(random_values(slots * KV * ctx * D, 32)));
-    gpu->kv_cache_write(k_d.data(), v_d.data(), qkv_d.data(), slot_d.data(), pos_d.data(), Tn, dec);
-    gpu->attention_decode(out_dec.data(), qkv_d.data(), k_d.data(), v_d.data(), slot_d.data(), pos_d.data(), Tn, dec);
+    const Paged pg = paged_cache(slots, ctx, 16, 40 + D);
+    auto tables_d = upload(*gpu, pg.tables);
+    const KvBlocks kv{tables_d.data(), pg.blocks, pg.bs, pg.max_blocks};
+    auto k_d = upload(*gpu, to_bf16(random_values(pg.blocks * pg.elems_per_block(KV, D), 31)));
+    auto v_d = upload(*gpu, to_bf16(random_values(pg.blocks * pg.elems_per_block(KV, D), 32)));
+    gpu->kv_cache_write(k_d.data(), v_d.data(), qkv_d.data(), slot_d.data(), pos_d.data(), Tn, dec, kv);
+    gpu->attention_decode(out_dec.data(), qkv_d.data(), k_d.data(), v_d.data(), slot_d.data(), pos_d.data(), Tn, dec,
+                          kv);
     const std::vector<bf16> f_bits = out_f.get();
     const std::vector<bf16> d_bits = out_dec.get();
     const double e = max_rel_error_floored(to_float(d_bits), to_float(f_bits),
@@ -453,8 +486,8 @@ SPPO_TEST(cuda_attention_decode_matches_forward) {
     auto one_slot = upload(*gpu, std::vector<int32_t>{1});
     auto one_pos = upload(*gpu, std::vector<int32_t>{int32_t(last)});
     auto out_one = upload(*gpu, std::vector<bf16>(poison.begin(), poison.begin() + L.out_stride));
-    gpu->attention_decode(out_one.data(), row_d.data(), k_d.data(), v_d.data(), one_slot.data(), one_pos.data(), 1,
-                          dec);
+    gpu->attention_decode(out_one.data(), row_d.data(), k_d.data(), v_d.data(), one_slot.data(), one_pos.data(), 1, dec,
+                          kv);
     const std::vector<bf16> one = out_one.get();
     EXPECT_TRUE(std::memcmp(one.data(), d_bits.data() + last * L.out_stride, H * D * sizeof(bf16)) == 0,
                 "a decode row alone differs from the same row in a larger call " << what);

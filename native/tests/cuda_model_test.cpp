@@ -481,6 +481,56 @@ SPPO_TEST(cuda_recorded_decode_steps_match_eager_ones) {
   }
 }
 
+// The samples of a prompt forked from one prefill on the GPU: prompts whose prefix ends inside a
+// block (each sample copies it before its first write), in a pool small enough that the second
+// prompt's samples wait for the first's blocks. Recorded decode graphs (block tables and copies
+// changing between replays) give the eager steps' bits; each sample's log-probs are its own
+// sequence's under a full forward (a sample that read another's keys would not match); the pool
+// empties.
+SPPO_TEST(cuda_shared_prompts_fork_with_copy_on_write) {
+  require_cuda();
+  const ModelConfig c = test_config();
+  Twins t = make_twins(c, {1, 8});
+  const int64_t block_bytes =
+      2 * c.num_hidden_layers * c.num_key_value_heads * kKvBlockSize * c.head_dim * int64_t(sizeof(bf16));
+  // Prompt 0 (21 tokens + 24 new): its prefix takes 2 blocks, each sample 2 more: 10 of the 12.
+  const GeneratorPlan plan{8, 64, 12 * block_bytes, true};
+  Generator<bf16> eager(*t.gpu, plan, cuda::make_ops(0, false));
+  Generator<bf16> recorded(*t.gpu, plan, cuda::make_ops(0, true));
+  const std::vector<std::vector<int32_t>> prompts = {random_ids(21, c.vocab_size, 61), random_ids(9, c.vocab_size, 62)};
+  std::vector<SequenceRequest> req;
+  for (size_t p = 0; p < prompts.size(); ++p)
+    for (int k = 0; k < 4; ++k) req.push_back({prompts[p].data(), int64_t(prompts[p].size()), 5 + p, uint64_t(k)});
+  SamplingOptions o;
+  o.max_new_tokens = 24, o.temperature = 1.0, o.top_p = 0.95;
+  const auto want = eager.generate(req, o);
+  const GenerateStats st = eager.last_stats();
+  EXPECT_TRUE(st.shared_prompts == 2 && st.copied_blocks >= 3 && st.peak_sequences < 8,
+              "shared " << st.shared_prompts << ", copies " << st.copied_blocks << ", in flight " << st.peak_sequences);
+  for (int run = 0; run < 2; ++run) {
+    const auto got = recorded.generate(req, o);
+    for (size_t i = 0; i < req.size(); ++i) {
+      EXPECT_TRUE(got[i].tokens == want[i].tokens, "run " << run + 1 << ", sequence " << i << ": other tokens");
+      EXPECT_TRUE(got[i].logprobs == want[i].logprobs, "run " << run + 1 << ", sequence " << i << ": other log-probs");
+    }
+  }
+  for (size_t i = 0; i < req.size(); ++i) {
+    const std::vector<int32_t>& prompt = prompts[i / 4];
+    std::vector<int32_t> seq = prompt;
+    seq.insert(seq.end(), want[i].tokens.begin(), want[i].tokens.end());
+    std::vector<double> sum(1), per(seq.size());
+    std::vector<uint8_t> mask(seq.size(), 0);
+    for (size_t j = prompt.size(); j < seq.size(); ++j) mask[j] = 1;
+    t.gpu->sequence_logprobs({seq.data(), mask.data(), 1, int64_t(seq.size())}, sum.data(), per.data());
+    for (size_t j = 0; j < want[i].tokens.size(); ++j)
+      EXPECT_NEAR(want[i].logprobs[j], per[prompt.size() + j], 5e-2 + 2e-2 * std::fabs(per[prompt.size() + j]));
+  }
+  for (const Generator<bf16>* g : {&eager, &recorded}) {
+    const KvPoolState pool = g->pool_state();
+    EXPECT_TRUE(pool.free == pool.blocks && pool.reserved == 0, pool.blocks - pool.free << " blocks still in use");
+  }
+}
+
 SPPO_TEST(cuda_out_of_memory_is_a_clear_error) {
   require_cuda();
   ModelConfig c = test_config();

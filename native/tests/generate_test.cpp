@@ -1,6 +1,9 @@
 // Batched sampling tests: GEMM rows bit-identical across M (what batch invariance rests on),
 // KV-cache logits against the full forward, the sampler's distribution, reproducibility whatever
-// the batch, stop conditions, abort, and bad inputs.
+// the batch, stop conditions, abort, and bad inputs; the paged cache: prefix sharing changes no
+// bit, forked samples never see each other's tokens, the pool empties after every call, and a
+// sequence bigger than the pool is refused.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -8,6 +11,7 @@
 #include <random>
 #include <vector>
 
+#include "core/error.h"
 #include "core/rng.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/sampler.h"
@@ -42,8 +46,13 @@ std::unique_ptr<Model<T>> make_model(const ModelConfig& c, int max_seq) {
 }
 
 template <class T>
-std::unique_ptr<Generator<T>> make_generator(const Model<T>& m, int max_batch, int max_context) {
-  return std::make_unique<Generator<T>>(m, GeneratorPlan{max_batch, max_context}, std::make_unique<cpu::CpuOps<T>>());
+std::unique_ptr<Generator<T>> make_generator(const Model<T>& m, int max_batch, int max_context, int64_t kv_blocks = 0,
+                                             bool share = true) {
+  // A pool of kv_blocks blocks (0: the default, max_batch x max_context).
+  const int64_t block_bytes = 2 * m.config().num_hidden_layers * m.config().num_key_value_heads * kKvBlockSize *
+                              m.config().head_dim * int64_t(sizeof(T));
+  return std::make_unique<Generator<T>>(m, GeneratorPlan{max_batch, max_context, kv_blocks * block_bytes, share},
+                                        std::make_unique<cpu::CpuOps<T>>());
 }
 
 std::vector<int32_t> random_tokens(int64_t n, int vocab, uint64_t seed) {
@@ -210,10 +219,19 @@ SamplingOptions sampling(int64_t max_new) {
   return o;
 }
 
-void expect_same(const SequenceResult& a, const SequenceResult& b, const char* what) {
+void expect_same(const SequenceResult& a, const SequenceResult& b, const std::string& what) {
   EXPECT_TRUE(a.tokens == b.tokens, what);
-  EXPECT_TRUE(std::memcmp(a.logprobs.data(), b.logprobs.data(), a.logprobs.size() * sizeof(double)) == 0, what);
+  EXPECT_TRUE(a.logprobs.size() == b.logprobs.size() &&
+                  std::memcmp(a.logprobs.data(), b.logprobs.data(), a.logprobs.size() * sizeof(double)) == 0,
+              what);
   EXPECT_TRUE(a.reason == b.reason, what);
+}
+
+// Every block back in the pool, none promised.
+void expect_pool_empty(const GeneratorApi& g, const std::string& what) {
+  const KvPoolState st = g.pool_state();
+  EXPECT_TRUE(st.free == st.blocks && st.reserved == 0, what << ": " << st.blocks - st.free << " of " << st.blocks
+                                                             << " blocks in use, " << st.reserved << " reserved");
 }
 }  // namespace
 
@@ -341,4 +359,186 @@ SPPO_TEST(generate_rejects_bad_inputs_with_clear_errors) {
   EXPECT_THROWS_WITH(gen->generate(req, sampling(5)), "prompt of sequence 0 is empty");
   EXPECT_THROWS_WITH(make_generator(*f.m, 2, 200),
                      "plan.maxContext (200) exceeds the model's max_position_embeddings (96)");
+}
+
+// ---- The paged cache ----
+
+namespace {
+// Prompts 0..3 of the fixture with 5 samples each, and prompt 1 once more as a prompt of its own
+// with another seed (identical tokens: it joins prompt 1's group and still draws its own numbers).
+std::vector<SequenceRequest> shared_workload(Fixture& f) {
+  auto r = f.requests({0, 1, 2, 3}, 5);
+  r.push_back({f.prompts[1].data(), int64_t(f.prompts[1].size()), 555, 0});
+  return r;
+}
+}  // namespace
+
+SPPO_TEST(generate_prefix_sharing_changes_no_token_or_logprob) {
+  Fixture f;
+  const SamplingOptions o = sampling(20);
+  const auto req = shared_workload(f);
+  auto unshared = make_generator(*f.m, 24, 48, 0, false);
+  const auto ref = unshared->generate(req, o);
+  const GenerateStats ref_stats = unshared->last_stats();
+  // Each sequence alone through its own generator: nothing shared, nothing beside it.
+  auto alone = make_generator(*f.m, 1, 48, 0, false);
+  for (size_t i = 0; i < req.size(); ++i)
+    expect_same(ref[i], alone->generate({req[i]}, o)[0], "sequence " + std::to_string(i) + " alone vs in a batch");
+  // The prompts' lengths are 5, 17, 1 and 9; prompt 2 (one token) has no prefix to share.
+  EXPECT_TRUE(ref_stats.prompt_rows == 5 * (5 + 17 + 1 + 9) + 17 && ref_stats.shared_prompts == 0);
+  // Sharing, with the default pool and with pools so tight that sequences wait for blocks (a
+  // sample of prompt 1 needs 3 blocks of 16 positions alone, its group's prefix 1 more).
+  for (int64_t blocks : {int64_t(0), int64_t(12), int64_t(4), int64_t(3)}) {
+    for (bool share : {true, false}) {
+      auto gen = make_generator(*f.m, 24, 48, blocks, share);
+      const auto got = gen->generate(req, o);
+      const std::string what = "pool " + std::to_string(blocks) + (share ? " shared" : " unshared");
+      for (size_t i = 0; i < req.size(); ++i) expect_same(ref[i], got[i], what + ", sequence " + std::to_string(i));
+      const GenerateStats st = gen->last_stats();
+      if (blocks > 0) EXPECT_TRUE(st.peak_blocks <= blocks, what << ": peak " << st.peak_blocks);
+      if (blocks > 0 && blocks <= 4)
+        EXPECT_TRUE(st.peak_sequences <= 2, what << ": " << st.peak_sequences << " in flight");
+      if (blocks == 0 && share) {
+        // One prefill of prompt_len - 1 rows per shared prompt (0, 1, 3), each of their samples'
+        // last prompt row (prompt 1 has 6 samples), and prompt 2's single token per sample.
+        EXPECT_TRUE(st.shared_prompts == 3, what << ": " << st.shared_prompts << " shared prompts");
+        EXPECT_TRUE(st.prompt_rows == (4 + 16 + 8) + (5 + 6 + 5) + 5, what << ": " << st.prompt_rows << " prompt rows");
+        EXPECT_TRUE(st.peak_blocks < ref_stats.peak_blocks,
+                    what << ": peak " << st.peak_blocks << " blocks vs " << ref_stats.peak_blocks << " unshared");
+      }
+      if (!share) EXPECT_TRUE(st.prompt_rows == ref_stats.prompt_rows && st.shared_prompts == 0, what);
+      expect_pool_empty(*gen, what);
+    }
+  }
+}
+
+// Samples of one prompt that differ from their first token on: each writes its first token's keys
+// and values into a copy of the prompt's partial last block, so none may see another's. Each
+// must match the same sample generated alone.
+SPPO_TEST(generate_forked_samples_never_see_each_other) {
+  Fixture f;
+  SamplingOptions o = sampling(12);
+  o.temperature = 3.0, o.top_k = 0, o.top_p = 1.0;  // first tokens all over the vocabulary
+  for (int64_t len : {21, 17, 33}) {
+    const std::vector<int32_t> prompt = random_tokens(len, f.c.vocab_size, 40 + len);
+    std::vector<SequenceRequest> req;
+    for (int k = 0; k < 6; ++k) req.push_back({prompt.data(), len, 7, uint64_t(k)});
+    auto gen = make_generator(*f.m, 8, 48);
+    const auto got = gen->generate(req, o);
+    std::vector<int32_t> firsts;
+    for (const auto& r : got) firsts.push_back(r.tokens[0]);
+    std::sort(firsts.begin(), firsts.end());
+    EXPECT_TRUE(std::unique(firsts.begin(), firsts.end()) - firsts.begin() >= 4,
+                "prompt of " << len << ": the samples should diverge at their first token");
+    // Prefix len - 1 positions: partial last block for 21 and 33 (all samples copy it but the
+    // last one, which owns it by then), block-aligned for 17 (each starts a fresh block).
+    const int64_t copies = (len - 1) % kKvBlockSize ? 5 : 0;
+    EXPECT_TRUE(gen->last_stats().copied_blocks == copies,
+                "prompt of " << len << ": " << gen->last_stats().copied_blocks << " copies, expected " << copies);
+    auto alone = make_generator(*f.m, 1, 48);
+    for (size_t k = 0; k < req.size(); ++k)
+      expect_same(got[k], alone->generate({req[k]}, o)[0],
+                  "prompt of " + std::to_string(len) + ", sample " + std::to_string(k) + ": forked vs alone");
+    expect_pool_empty(*gen, "forked samples");
+  }
+}
+
+SPPO_TEST(generate_pool_is_empty_after_finished_aborted_and_failed_calls) {
+  Fixture f;
+  const auto req = shared_workload(f);
+  for (int64_t blocks : {int64_t(0), int64_t(5)}) {
+    auto gen = make_generator(*f.m, 6, 48, blocks);
+    const std::string pool = "pool " + std::to_string(blocks) + ": ";
+    gen->generate(req, sampling(20));
+    expect_pool_empty(*gen, pool + "after a finished call");
+    // Aborted at several points: mid-prefill of a shared prompt (samples waiting for it, the group
+    // holding its prefix), and mid-decode.
+    for (int at : {1, 2, 6}) {
+      std::atomic<bool> abort{false};
+      int steps = 0;
+      const auto res = gen->generate(req, sampling(20), &abort, [&](const std::vector<TokenEvent>&) {
+        if (++steps == at) abort.store(true);
+      });
+      EXPECT_TRUE(res.back().reason == StopReason::Aborted);
+      expect_pool_empty(*gen, pool + "after an abort at step " + std::to_string(at));
+    }
+    // A callback that throws mid-call: the error leaves generate, the blocks come back.
+    int steps = 0;
+    EXPECT_THROWS_WITH(gen->generate(req, sampling(20), nullptr,
+                                     [&](const std::vector<TokenEvent>&) {
+                                       if (++steps == 3) throw Error("the caller's callback failed");
+                                     }),
+                       "the caller's callback failed");
+    expect_pool_empty(*gen, pool + "after a callback threw");
+    // A bad token id in the middle of the batch is refused before anything runs.
+    std::vector<int32_t> bad = f.prompts[3];
+    bad[4] = int32_t(f.c.vocab_size);
+    auto with_bad = req;
+    with_bad[11] = {bad.data(), int64_t(bad.size()), 1, 0};
+    EXPECT_THROWS_WITH(gen->generate(with_bad, sampling(20)), "token id 37 at sequence 11, position 4");
+    expect_pool_empty(*gen, pool + "after a refused batch");
+    // And the generator still works, with the same results.
+    auto again = make_generator(*f.m, 6, 48, blocks);
+    const auto a = gen->generate(req, sampling(20)), b = again->generate(req, sampling(20));
+    for (size_t i = 0; i < req.size(); ++i) expect_same(a[i], b[i], pool + "a used generator vs a fresh one");
+  }
+}
+
+SPPO_TEST(generate_refuses_a_sequence_bigger_than_the_pool) {
+  Fixture f;
+  // Prompt 1 (17 tokens) + 20 new tokens caches 36 positions: 3 blocks; a pool of 2 cannot hold
+  // it, whatever waits. Prompt 0 (5 + 20 = 24 positions: 2 blocks) fits alone.
+  auto gen = make_generator(*f.m, 4, 48, 2);
+  EXPECT_THROWS_WITH(gen->generate(f.requests({0, 1}), sampling(20)),
+                     "sequence 1: prompt of 17 tokens + maxNewTokens 20 needs 3 KV-cache blocks of 16 positions, more "
+                     "than the whole pool holds (2 blocks = ");
+  SamplingOptions o = sampling(20);
+  o.max_new_tokens = -1;
+  EXPECT_THROWS_WITH(gen->generate(f.requests({2}), o),
+                     "sequence 0: prompt of 1 tokens + generation up to maxContext 48 needs 3 KV-cache blocks");
+  const auto fits = gen->generate(f.requests({0}, 3), sampling(20));
+  EXPECT_TRUE(fits[2].tokens.size() == 20);
+  expect_pool_empty(*gen, "after the refusals");
+  EXPECT_THROWS_WITH(Generator<float>(*f.m, GeneratorPlan{2, 48, 100}, std::make_unique<cpu::CpuOps<float>>()),
+                     "generator plan.kvCacheBytes (100) is less than one KV-cache block of 16 positions");
+  EXPECT_THROWS_WITH(Generator<float>(*f.m, GeneratorPlan{2, 48, -1}, std::make_unique<cpu::CpuOps<float>>()),
+                     "generator plan.kvCacheBytes must be >= 0");
+  // The plan states the pool it got: whole blocks.
+  const Generator<float> g(*f.m, GeneratorPlan{2, 48, 5 * int64_t(gen->kv_block_bytes()) + 7},
+                           std::make_unique<cpu::CpuOps<float>>());
+  EXPECT_TRUE(g.kv_blocks() == 5 && g.plan().kv_cache_bytes == 5 * int64_t(g.kv_block_bytes()));
+  EXPECT_TRUE(make_generator(*f.m, 3, 40)->kv_blocks() == 3 * 3);  // the default: 3 x ceil(40 / 16)
+}
+
+// The sampler's draws through the whole paged path (a shared prompt forked into many samples,
+// admitted in waves): the first tokens of 20000 samples of one prompt against the truncated
+// softmax of that prompt's last logits.
+SPPO_TEST(generate_first_tokens_follow_the_truncated_softmax) {
+  Fixture f;
+  const std::vector<int32_t>& prompt = f.prompts[3];
+  const int64_t V = f.c.vocab_size, len = int64_t(prompt.size());
+  auto probe = make_generator(*f.m, 1, 48);
+  std::vector<int32_t> slots(len, 0), pos(len);
+  for (int64_t t = 0; t < len; ++t) pos[t] = int32_t(t);
+  std::vector<float> logits(len * V);
+  probe->extend_for_test(slots.data(), pos.data(), prompt.data(), len, logits.data());
+  const std::vector<float> last(logits.end() - V, logits.end());
+  SamplingOptions o;
+  o.max_new_tokens = 1, o.temperature = 0.8, o.top_k = 12, o.top_p = 0.9;
+  const std::vector<double> expect = truncated_distribution(last, o.temperature, o.top_k, o.top_p);
+  const int draws = 20000;
+  std::vector<SequenceRequest> req;
+  for (int k = 0; k < draws; ++k) req.push_back({prompt.data(), len, 31, uint64_t(k)});
+  auto gen = make_generator(*f.m, 64, 48);
+  const auto res = gen->generate(req, o);
+  EXPECT_TRUE(gen->last_stats().shared_prompts == 1 && gen->last_stats().prompt_rows == (len - 1) + draws);
+  std::vector<int64_t> count(V, 0);
+  for (const auto& r : res) {
+    ++count[r.tokens[0]];
+    EXPECT_NEAR(r.logprobs[0], log_softmax_at(last.data(), V, r.tokens[0]), 1e-6);
+  }
+  const ChiSquare fit = chi_square(expect, count, draws);
+  EXPECT_TRUE(fit.stray < 0, "token " << fit.stray << " is outside the top-k/top-p set but was drawn");
+  EXPECT_TRUE(fit.z < 3.719, "chi2 " << fit.chi2 << " on " << fit.df << " df");
+  expect_pool_empty(*gen, "after 20000 samples");
 }

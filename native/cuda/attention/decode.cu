@@ -1,5 +1,6 @@
 // Batched sampling's attention (attention.cuh): the KV-cache write and the split decode over
-// the cache. Kernels, then launchers and the two ops.
+// the paged cache (ops.h KvBlocks: positions reached through each row's block table). Kernels,
+// then launchers and the two ops.
 #include <algorithm>
 #include <climits>
 
@@ -19,10 +20,26 @@ constexpr int kDecodeChunk = 256;
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 
+// Where the cache holds kv head h of position `pos` of a table row: (blocks, KV, bs, D).
+struct PagedCache {
+  const int32_t* tables;  // (rows, max_blocks)
+  int blocks, bs, max_blocks, KV, D;
+  // A table entry outside the pool is a caller bug (the generator fills every entry it reads):
+  // the write skips it and the decode reads block 0 instead, never memory outside the pool.
+  __device__ bool valid(int row, int pos) const {
+    return unsigned(tables[int64_t(row) * max_blocks + pos / bs]) < unsigned(blocks);
+  }
+  __device__ int64_t at(int row, int h, int pos) const {
+    const int b = valid(row, pos) ? tables[int64_t(row) * max_blocks + pos / bs] : 0;
+    return ((int64_t(b) * KV + h) * bs + pos % bs) * D;
+  }
+};
+
 __global__ void kv_cache_write_kernel(__nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,
                                       const __nv_bfloat16* __restrict__ qkv, const int32_t* __restrict__ slots,
-                                      const int32_t* __restrict__ positions, int64_t n, int KV, int D, int ctx,
+                                      const int32_t* __restrict__ positions, int64_t n, PagedCache pc, int ctx,
                                       int n_slots, int64_t qkv_stride, int64_t k_off, int64_t v_off) {
+  const int KV = pc.KV, D = pc.D;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= n * KV * D) return;
   const int d = int(e % D);
@@ -30,7 +47,8 @@ __global__ void kv_cache_write_kernel(__nv_bfloat16* __restrict__ k_cache, __nv_
   const int64_t i = e / (int64_t(D) * KV);
   // A row outside the cache is a caller bug (the generator validates first); never write past it.
   if (unsigned(positions[i]) >= unsigned(ctx) || unsigned(slots[i]) >= unsigned(n_slots)) return;
-  const int64_t at = ((int64_t(slots[i]) * KV + h) * ctx + positions[i]) * D + d;  // (slots, KV, ctx, D)
+  if (!pc.valid(slots[i], positions[i])) return;
+  const int64_t at = pc.at(slots[i], h, positions[i]) + d;
   const int64_t src = i * qkv_stride + int64_t(h) * D + d;
   k_cache[at] = qkv[src + k_off];
   v_cache[at] = qkv[src + v_off];
@@ -49,7 +67,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     attention_decode_chunk_kernel(float* __restrict__ part_o, float* __restrict__ part_ml,
                                   const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ k_cache,
                                   const __nv_bfloat16* __restrict__ v_cache, const int32_t* __restrict__ slots,
-                                  const int32_t* __restrict__ positions, int64_t row0, DecodeParams p) {
+                                  const int32_t* __restrict__ positions, int64_t row0, DecodeParams p, PagedCache pc) {
   extern __shared__ float smem[];
   const int G = p.group, D = p.D;
   float* qs = smem;        // (G, D)
@@ -67,17 +85,18 @@ __global__ void __launch_bounds__(kDecodeThreads)
   for (int e = threadIdx.x; e < G * D; e += kDecodeThreads) qs[e] = to_f(q[e]) * p.scale_log2;
   __syncthreads();
 
-  const int64_t cache_at = ((int64_t(slots[i]) * p.KV + kvh) * p.ctx + p0) * D;
-  const __nv_bfloat16* K = k_cache + cache_at;  // (cnt, D)
-  const __nv_bfloat16* V = v_cache + cache_at;  // (cnt, D)
+  // Position p0 + t's keys and values: D contiguous numbers in its block (entries of the table
+  // past the row's length are never read).
+  const int slot = slots[i];
   // Scores: a warp per position, lanes over the head dim.
   constexpr int U = DMAX / 32;
   for (int t = warp; t < cnt; t += kDecodeWarps) {
+    const __nv_bfloat16* K = k_cache + pc.at(slot, kvh, p0 + t);
     float kr[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int d = lane + 32 * u;
-      kr[u] = d < D ? to_f(K[int64_t(t) * D + d]) : 0.f;
+      kr[u] = d < D ? to_f(K[d]) : 0.f;
     }
     for (int g = 0; g < G; ++g) {
       float acc = 0.f;
@@ -126,10 +145,11 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll 4
     for (int t = warp; t < cnt; t += kDecodeWarps) {
       const float pt = prow[t];
+      const __nv_bfloat16* V = v_cache + pc.at(slot, kvh, p0 + t);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int d = lane + 32 * u;
-        if (d < D) acc[u] = fmaf(pt, to_f(V[int64_t(t) * D + d]), acc[u]);
+        if (d < D) acc[u] = fmaf(pt, to_f(V[d]), acc[u]);
       }
     }
 #pragma unroll
@@ -178,13 +198,13 @@ template <int DMAX>
 void launch_decode_chunks(AttnState& st, int device, cudaStream_t stream, float* part_o, float* part_ml,
                           const __nv_bfloat16* qkv, const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache,
                           const int32_t* slots, const int32_t* positions, int64_t row0, int64_t rows,
-                          const DecodeParams& p) {
+                          const DecodeParams& p, const PagedCache& pc) {
   // q (G, D), scores (G, kDecodeChunk), the warps' P V partial sums (kDecodeWarps, G, D)
   const size_t smem = sizeof(float) * size_t(p.group) * (p.D + kDecodeChunk + kDecodeWarps * p.D);
   st.allow_smem(reinterpret_cast<const void*>(&attention_decode_chunk_kernel<DMAX>), smem, device, "attention_decode");
   const dim3 grid(unsigned(rows), unsigned(p.KV), unsigned(p.n_chunks));
   attention_decode_chunk_kernel<DMAX>
-      <<<grid, kDecodeThreads, smem, stream>>>(part_o, part_ml, qkv, k_cache, v_cache, slots, positions, row0, p);
+      <<<grid, kDecodeThreads, smem, stream>>>(part_o, part_ml, qkv, k_cache, v_cache, slots, positions, row0, p, pc);
   SPPO_CUDA_LAUNCHED(attention_decode_chunk_kernel);
 }
 
@@ -193,25 +213,38 @@ void launch_decode_chunks(AttnState& st, int device, cudaStream_t stream, float*
 
 using namespace attn;
 
+namespace {
+PagedCache paged_cache(const AttentionShape& s, const KvBlocks& kv, const char* op) {
+  SPPO_REQUIRE(kv.tables && kv.block_size >= 1 && kv.max_blocks * kv.block_size >= s.seq, op, ": block tables of ",
+               kv.max_blocks, " blocks of ", kv.block_size, " positions cannot address ", s.seq, " positions");
+  SPPO_REQUIRE(kv.blocks >= 1 && kv.blocks < INT_MAX && s.batch * kv.max_blocks < INT_MAX, op, ": a pool of ",
+               kv.blocks, " blocks and ", s.batch, " tables of ", kv.max_blocks, " entries is out of range");
+  return {kv.tables, int(kv.blocks), int(kv.block_size), int(kv.max_blocks), int(s.kv_heads), int(s.head_dim)};
+}
+}  // namespace
+
 void CudaOps::kv_cache_write(bf16* k_cache, bf16* v_cache, const bf16* qkv, const int32_t* slots,
-                             const int32_t* positions, int64_t n, const AttentionShape& s) {
+                             const int32_t* positions, int64_t n, const AttentionShape& s, const KvBlocks& kv) {
   check_shape(s, "kv_cache_write");
   SPPO_REQUIRE(s.head_dim >= 1 && s.seq < INT_MAX, "kv_cache_write: bad shape (head_dim ", s.head_dim, ", seq ", s.seq,
                ")");
+  const PagedCache pc = paged_cache(s, kv, "kv_cache_write");
   if (n == 0) return;
   constexpr int kWriteThreads = 256;
   const int64_t total = n * s.kv_heads * s.head_dim;
   SPPO_REQUIRE(total / kWriteThreads < INT_MAX, "kv_cache_write: too many rows (", n, ")");
   kv_cache_write_kernel<<<blocks_for(total, kWriteThreads), kWriteThreads, 0, stream_>>>(
-      dev(k_cache), dev(v_cache), dev(qkv), slots, positions, n, int(s.kv_heads), int(s.head_dim), int(s.seq),
-      int(s.batch), s.qkv_stride, s.k_off, s.v_off);
+      dev(k_cache), dev(v_cache), dev(qkv), slots, positions, n, pc, int(s.seq), int(s.batch), s.qkv_stride, s.k_off,
+      s.v_off);
   SPPO_CUDA_LAUNCHED(kv_cache_write_kernel);
 }
 
 void CudaOps::attention_decode(bf16* out, const bf16* qkv, const bf16* k_cache, const bf16* v_cache,
-                               const int32_t* slots, const int32_t* positions, int64_t n, const AttentionShape& s) {
+                               const int32_t* slots, const int32_t* positions, int64_t n, const AttentionShape& s,
+                               const KvBlocks& kv) {
   check_shape(s, "attention_decode");
   const int dmax = dmax_for(s.head_dim, "attention_decode");
+  const PagedCache pc = paged_cache(s, kv, "attention_decode");
   SPPO_REQUIRE(s.seq >= 1, "attention_decode: the cache has no positions (seq ", s.seq, ")");
   if (n == 0) return;
   AttnState& st = attn_state();
@@ -238,15 +271,15 @@ void CudaOps::attention_decode(bf16* out, const bf16* qkv, const bf16* k_cache, 
     switch (dmax) {
       case 32:
         launch_decode_chunks<32>(st, device_, stream_, part_o, part_ml, dev(qkv), dev(k_cache), dev(v_cache), slots,
-                                 positions, row0, rows, p);
+                                 positions, row0, rows, p, pc);
         break;
       case 64:
         launch_decode_chunks<64>(st, device_, stream_, part_o, part_ml, dev(qkv), dev(k_cache), dev(v_cache), slots,
-                                 positions, row0, rows, p);
+                                 positions, row0, rows, p, pc);
         break;
       default:
         launch_decode_chunks<128>(st, device_, stream_, part_o, part_ml, dev(qkv), dev(k_cache), dev(v_cache), slots,
-                                  positions, row0, rows, p);
+                                  positions, row0, rows, p, pc);
         break;
     }
     attention_decode_merge_kernel<<<unsigned(rows * p.H), kDecodeThreads, 0, stream_>>>(dev(out), part_o, part_ml,

@@ -1,6 +1,9 @@
-// Batched sampling with a KV cache over a trained Model's weights: prefill and decode are one
-// "extend" step over a flat list of rows (one new token of some cached sequence each), so prompts
-// of any lengths share a step without padding, and finished sequences stop costing compute.
+// Batched sampling with a paged KV cache over a trained Model's weights: prefill and decode are
+// one "extend" step over a flat list of rows (one new token of some cached sequence each), so
+// prompts of any lengths share a step without padding, and finished sequences stop costing
+// compute. The cache is a pool of fixed-size blocks; each sequence in flight has a block table
+// that grows as it does, and the samples of one prompt share the prompt's blocks (prefilled
+// once, then forked, copy-on-write), as vLLM's block manager does.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -14,11 +17,39 @@
 
 namespace sppo {
 
-// What the generator plans memory for: a KV cache of max_batch sequences x max_context tokens
-// (prompt + generated). More sequences than max_batch are run in waves as slots free up.
+// What the generator plans memory for. max_batch bounds the sequences in flight (the rows of a
+// decode step and their logits); the KV cache is a pool of kv_cache_bytes, cut into blocks of
+// kKvBlockSize positions (all layers' keys and values). The pool, not max_batch x max_context,
+// decides how many sequences fit at once: a sequence is admitted when the blocks it may need
+// (its prompt + maxNewTokens, or up to max_context) are free, and waits otherwise.
 struct GeneratorPlan {
   int max_batch = 0;
   int max_context = 0;
+  // 0: room for max_batch sequences of max_context tokens each (the pool a slot-per-sequence
+  // cache would hold); otherwise the budget, rounded down to whole blocks.
+  int64_t kv_cache_bytes = 0;
+  // Sequences of one generate call with identical prompts share the prompt's blocks (one
+  // prefill per distinct prompt). Off: every sequence prefills and holds its own prompt.
+  bool share_prefixes = true;
+};
+
+constexpr int64_t kKvBlockSize = 16;  // positions per KV-cache block
+
+// The pool's state: blocks in all, free, and promised to sequences in flight (admitted
+// sequences reserve the blocks they may still need, so a sequence in flight never waits).
+struct KvPoolState {
+  int64_t blocks = 0, free = 0, reserved = 0;
+};
+
+// What the last generate call did (for tests and benchmarks).
+struct GenerateStats {
+  int64_t steps = 0;
+  int64_t prompt_rows = 0;     // rows that cached prompt tokens (the prefill's work)
+  int64_t generated_rows = 0;  // rows that cached sampled tokens
+  int64_t shared_prompts = 0;  // prompt prefixes prefilled once for several sequences
+  int64_t copied_blocks = 0;   // copy-on-write copies of a shared prompt's last block
+  int64_t peak_blocks = 0;     // most blocks in use at once
+  int64_t peak_sequences = 0;  // most sequences in flight at once
 };
 
 struct SamplingOptions {
@@ -60,9 +91,14 @@ struct TokenEvent {
 class GeneratorApi {
  public:
   virtual ~GeneratorApi() = default;
-  virtual const GeneratorPlan& plan() const = 0;
+  virtual const GeneratorPlan& plan() const = 0;  // kv_cache_bytes as planned: whole blocks
   virtual size_t memory_bytes() const = 0;
-  // Throws sppo::Error naming the sequence, position and value of the first bad input.
+  virtual int64_t kv_blocks() const = 0;
+  virtual size_t kv_block_bytes() const = 0;  // one block: every layer's keys and values
+  virtual KvPoolState pool_state() const = 0;
+  virtual const GenerateStats& last_stats() const = 0;
+  // Throws sppo::Error naming the sequence, position and value of the first bad input, or the
+  // sequence that alone needs more blocks than the pool holds.
   virtual void validate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o) const = 0;
   // Generates every sequence. `abort` (may be null) is read between steps; once set, every
   // unfinished sequence ends with StopReason::Aborted and what it has so far. `on_step` (may be
@@ -88,13 +124,19 @@ class Generator final : public GeneratorApi {
 
   const GeneratorPlan& plan() const override { return plan_; }
   size_t memory_bytes() const override { return bytes_; }
+  int64_t kv_blocks() const override { return kv_blocks_; }
+  size_t kv_block_bytes() const override { return block_bytes_; }
+  KvPoolState pool_state() const override { return {kv_blocks_, int64_t(free_.size()), reserved_}; }
+  const GenerateStats& last_stats() const override { return stats_; }
   void validate(const std::vector<SequenceRequest>& seqs, const SamplingOptions& o) const override;
   std::vector<SequenceResult> generate(
       const std::vector<SequenceRequest>& seqs, const SamplingOptions& o, const std::atomic<bool>* abort = nullptr,
       const std::function<void(const std::vector<TokenEvent>&)>& on_step = {}) override;
 
   // For tests: one extend step over n rows (slot, position, token), writing every row's
-  // logits (n, V) to host memory. n is at most max_batch + 256.
+  // logits (n, V) to host memory. n is at most max_batch + 256. Slot s's block j is block
+  // j * max_batch + s of the pool (interleaved, so a slot's blocks are far apart); needs the
+  // default pool.
   void extend_for_test(const int32_t* slots, const int32_t* positions, const int32_t* tokens, int64_t n,
                        Master* logits_out);
 
@@ -106,6 +148,39 @@ class Generator final : public GeneratorApi {
   template <class E>
   E* alloc(size_t n);
 
+  // A place for one sequence in flight: its tokens so far (prompt + generated), how many of them
+  // are cached, and its block table (row `index` of tables_). A slot takes part in a step only
+  // while it has uncached tokens.
+  struct Slot {
+    int64_t seq = -1;  // -1: free
+    int64_t group = -1;
+    std::vector<int32_t> text;
+    int64_t cached = 0;
+    int64_t shared = 0;    // leading positions it shares with its prompt group (0: none)
+    bool leader = false;   // it prefills the shared positions for the group
+    int64_t reserved = 0;  // blocks promised to it, not yet taken
+  };
+  // The sequences of one call with identical prompts. While samples remain to start, the group
+  // holds its prompt's first prompt_len - 1 positions (the prefix) in prefix_blocks; each
+  // sample computes the last prompt token itself (so its first logits are its own row's) and
+  // copies the prefix's partial last block before writing into it.
+  struct PromptGroup {
+    std::vector<int64_t> members;  // sequence indices, in order
+    size_t started = 0;            // members admitted so far
+    std::vector<int32_t> prefix_blocks;
+    int64_t prefix_len = 0;
+    bool holds_prefix = false;
+    bool prefix_ready = false;  // every prefix position is cached
+  };
+  // The pool: blocks are taken from free_ and come back when no table refers to them.
+  int32_t take_block(Slot& s);
+  void drop_block(int32_t b);
+  // Makes position `pos` of slot `si` writable: a block for it, or a private copy of a block the
+  // slot shares past its shared prefix (copy-on-write).
+  void prepare_block(std::vector<Slot>& slots, int64_t si, int64_t pos);
+  void release_slot(Slot& s, int64_t si);
+  void release_prefix(PromptGroup& g);
+
   const Model<T>& model_;
   ModelConfig cfg_;
   GeneratorPlan plan_;
@@ -114,8 +189,18 @@ class Generator final : public GeneratorApi {
   size_t bytes_ = 0;
   std::vector<void*> owned_;
 
-  std::vector<T*> k_cache_, v_cache_;  // per layer (max_batch, KV, max_context, D)
-  Master* rope_cos_ = nullptr;         // (max_context, D/2)
+  int64_t kv_blocks_ = 0;              // blocks in the pool
+  int64_t max_blocks_ = 0;             // table entries per slot: ceil(max_context / kKvBlockSize)
+  size_t block_bytes_ = 0;             // one block, all layers, keys and values
+  std::vector<T*> k_cache_, v_cache_;  // per layer (kv_blocks, KV, kKvBlockSize, D)
+  std::vector<int32_t> tables_;        // (max_batch, max_blocks) each slot's blocks; -1: none yet
+  int32_t* tables_dev_ = nullptr;      // their backend copy, at a fixed address (graphs read it)
+  bool tables_dirty_ = true;           // tables_ changed since the last upload
+  std::vector<int32_t> free_;          // free block ids (a stack)
+  std::vector<int32_t> refs_;          // (kv_blocks) tables and prompt groups referring to each block
+  int64_t reserved_ = 0;               // blocks promised to sequences in flight, not yet taken
+  GenerateStats stats_;
+  Master* rope_cos_ = nullptr;  // (max_context, D/2)
   Master* rope_sin_ = nullptr;
   T* x_ = nullptr;                                   // (R, C) residual stream
   T* xn_ = nullptr;                                  // (R, C) normed input to a projection
