@@ -166,7 +166,12 @@ describe.skipIf(!info.available)('CUDA backend against the CPU backend (GPU mach
       intermediate_size: 1 << 16,
       num_hidden_layers: 64,
     });
+    // The plan refuses it before anything is allocated, saying what it needs against what is free ...
     expect(() => Model.create(huge, { maxBatch: 1, maxSeq: 8 }, { device: 'cuda', initialize: false })).toThrow(
+      /needs \d+\.\d GiB on cuda \(\d+\.\d GiB free\): parameters \d+\.\d, master weights/,
+    );
+    // ... and told to try anyway, the allocation itself fails with a clear error.
+    expect(() => Model.create(huge, { maxBatch: 1, maxSeq: 8 }, { device: 'cuda', initialize: false, available: Infinity })).toThrow(
       /cannot allocate the model's parameters .*out of memory.*MiB/,
     );
     expect(create(cfg, 'cuda').device).toBe('cuda'); // and the device is still usable
