@@ -12,12 +12,16 @@
 #             a baseline build when .gpu/bin/sppo_bench_base exists (BASE_FILTER: which of them)
 #   node      through Node: the device tests and the transformers round trip
 #   peers     the PyTorch peers (bench/gpu/peers.py), last so nothing overlaps the engine's timing
+#   big       the Llama-3-8B shape (issue 13): the memory plan against cudaMemGetInfo, one
+#             full-fine-tuning SPPO step with RMSprop and activation checkpointing, generation at
+#             batch 64 (sppo_bench big8b_), then the PyTorch peer with gradient checkpointing
+#             (peers.py train8B); ~110 GiB and a few minutes, after everything else
 # Writes $OUT/summary.txt (the tests, the breakdown, every speed beside its peer and the ratio)
 # and one log per section.
 set -u
 OUT=${OUT:-/tmp/sppo-gpu-out}
 mkdir -p "$OUT"
-SECTIONS=${SECTIONS:-"tests mutants variant bench node peers"}
+SECTIONS=${SECTIONS:-"tests mutants variant bench node peers big"}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 log() { echo "== $* ($(date +%T))" | tee -a "$OUT/summary.txt"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
@@ -89,6 +93,14 @@ if want peers; then
   log "PyTorch peers (same job)"
   OUT="$OUT" timeout 300 python3 bench/gpu/peers.py > "$OUT/peers.log" 2>&1
   grep -vE "^\s|^Traceback|^  File" "$OUT/peers.log" | tail -8 >> "$OUT/summary.txt"
+fi
+if want big && [ -x $bin/sppo_bench ]; then
+  log "Llama-3-8B shape: plan, full fine-tuning, generation"
+  timeout 420 $bin/sppo_bench big8b_ > "$OUT/big8b.log" 2>&1
+  cat "$OUT/big8b.log" >> "$OUT/summary.txt"
+  log "Llama-3-8B shape: the PyTorch peer (gradient checkpointing)"
+  OUT="$OUT" PEERS=train8B timeout 420 python3 bench/gpu/peers.py > "$OUT/peers_big.log" 2>&1
+  grep -E "^train_8B|Error|error" "$OUT/peers_big.log" | tail -4 >> "$OUT/summary.txt"
 fi
 if [ -f "$OUT/cuda_bench.log" ]; then
   log "speed against the peers"
