@@ -66,7 +66,7 @@ const ROPE_SCALING_FIELDS: Record<keyof RopeScalingConfig, FieldKind> = {
 };
 const MEMORY_PLAN_FIELDS: Record<keyof MemoryPlan, FieldKind> = { maxBatch: 'int32', maxSeq: 'int32' };
 const PLAN_OPTIONS_FIELDS = {
-  device: oneOf(['cpu', 'cuda', 'auto']),
+  device: 'string', // its value is the engine's to check, as for Model.create
   activationCheckpointing: (v, name) => {
     if (typeof v !== 'boolean' && v !== 'auto') throw new TypeError(`${name} must be true, false or 'auto', got ${describeValue(v)}`);
   },
