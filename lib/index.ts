@@ -9,6 +9,7 @@ export {
   type Device,
   type PresetName,
 } from './engine/model.js';
+export { formatMemoryPlan, MEMORY_CATEGORIES, type MemoryPlanReport, type PlanOptions } from './engine/memory.js';
 export type { CudaInfo } from './engine/native.js';
 export {
   Generator,

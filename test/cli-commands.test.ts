@@ -97,6 +97,11 @@ describe('usage errors', () => {
   it('an unknown command', async () => expectUsageError(await sppo('frob'), "unknown command 'frob'", 'run, demo, generate, eval'));
   it('an unknown option', async () => expectUsageError(await sppo('demo', '--bogus'), "'--bogus'", 'sppo demo --help'));
   it('an option without its value', async () => expectUsageError(await sppo('run', '--config'), '--config'));
+  it('an unknown activation-checkpointing setting', async () =>
+    expectUsageError(
+      await sppo('run', '--config', 'run.yaml', '--activation-checkpointing', 'sometimes'),
+      "--activation-checkpointing must be on, off or auto, got 'sometimes'",
+    ));
   it('a stray positional argument', async () => expectUsageError(await sppo('eval', 'somewhere'), "'somewhere'"));
   it('a missing required option', async () => {
     expectUsageError(await sppo('run'), '--config is required');

@@ -166,6 +166,13 @@ describe('sppo run on a Hugging Face model directory', () => {
     expect(first.stdout).toContain(`report: ${path.join(runDir, 'report.html')}`);
   });
 
+  it('prints the memory plan, counting the optimizer and the generator, before the run starts', () => {
+    const plan =
+      /memory plan on cpu \(activation checkpointing off, [\d.]+ GiB available\):\n {2}parameters .*\n {2}gradients .*\n {2}optimizer state .*\n {2}activations .*\n {2}scratch .*\n {2}generator KV cache .*\n {2}total +[\d.]+ GiB\n/;
+    expect(first.stdout).toMatch(plan);
+    expect(first.stdout.search(plan)).toBeLessThan(first.stdout.indexOf('base policy π_0'));
+  });
+
   it('writes every stage, the checkpoints, metrics.jsonl and the report', () => {
     for (const f of ['run.json', 'run.log', 'base/base.json', 'base/eval.json', 'metrics.jsonl', 'report.html', 'curves.png'])
       expect(existsSync(path.join(runDir, f)), f).toBe(true);

@@ -269,6 +269,45 @@ describe.skipIf(!info.available)('CUDA backend against the CPU backend (GPU mach
     expect(same / total).toBeGreaterThan(0.5);
   });
 
+  it("plans what it allocates: Model.plan against the model's counters and cudaMemGetInfo", async () => {
+    // ~0.7 B parameters: large enough that the CUDA context and cuBLASLt workspace are small beside it.
+    const big = tinyConfig({
+      vocab_size: 32000,
+      hidden_size: 2048,
+      num_attention_heads: 16,
+      num_key_value_heads: 4,
+      intermediate_size: 5632,
+      num_hidden_layers: 8,
+      max_position_embeddings: 1024,
+    });
+    const plan = { maxBatch: 4, maxSeq: 512 };
+    for (const activationCheckpointing of [false, true]) {
+      const options = {
+        device: 'cuda',
+        activationCheckpointing,
+        optimizer: { kind: 'rmsprop' },
+        generator: { maxBatch: 8, maxContext: 512 },
+      } as const;
+      const planned = Model.plan(big, plan, options);
+      const before = cudaInfo().freeMemory ?? 0;
+      const m = Model.create(big, plan, { ...options, initialize: false });
+      m.setOptimizer({ kind: 'rmsprop' });
+      const g = m.createGenerator(options.generator);
+      const used = before - (cudaInfo().freeMemory ?? 0);
+      const real = { ...m.memory(), kvCache: g.memory() };
+      for (const key of ['params', 'master', 'grads', 'optimizer', 'activations', 'scratch', 'kvCache'] as const)
+        expect([key, planned[key]]).toEqual([key, real[key]]);
+      console.log(
+        `checkpointing ${activationCheckpointing}: planned ${(planned.total / 2 ** 30).toFixed(3)} GiB, cudaMemGetInfo ${(used / 2 ** 30).toFixed(3)} GiB`,
+      );
+      // What the plan leaves out: allocator rounding, cuBLASLt's workspace, lazily grown kernel scratch.
+      expect(used).toBeGreaterThanOrEqual(planned.total);
+      expect(used - planned.total).toBeLessThan(0.05 * planned.total + 512 * 2 ** 20);
+      await g.dispose();
+      await m.dispose();
+    }
+  });
+
   it('reports running out of GPU memory as an error naming the allocation and its size', () => {
     // ~290 billion parameters: the bf16 weights alone exceed any GPU.
     const huge = tinyConfig({
@@ -279,7 +318,12 @@ describe.skipIf(!info.available)('CUDA backend against the CPU backend (GPU mach
       intermediate_size: 1 << 16,
       num_hidden_layers: 64,
     });
+    // The plan refuses it before anything is allocated, saying what it needs against what is free ...
     expect(() => Model.create(huge, { maxBatch: 1, maxSeq: 8 }, { device: 'cuda', initialize: false })).toThrow(
+      /needs \d+\.\d GiB on cuda \(\d+\.\d GiB free\): parameters \d+\.\d, master weights/,
+    );
+    // ... and told to try anyway, the allocation itself fails with a clear error.
+    expect(() => Model.create(huge, { maxBatch: 1, maxSeq: 8 }, { device: 'cuda', initialize: false, available: Infinity })).toThrow(
       /cannot allocate the model's parameters .*out of memory.*MiB/,
     );
     expect(create(cfg, 'cuda').device).toBe('cuda'); // and the device is still usable

@@ -115,7 +115,8 @@ describe('memory()', () => {
     const small = create(biasUntied, { maxBatch: 1, maxSeq: 8 });
     const large = create(biasUntied, { maxBatch: 4, maxSeq: 16 });
     const r = small.memory();
-    expect(r.total).toBe(r.params + r.grads + r.optimizer + r.activations + r.scratch);
+    expect(r.total).toBe(r.params + r.master + r.grads + r.optimizer + r.activations + r.scratch + r.kvCache);
+    expect(r.master).toBe(0); // the CPU has no separate master weights
     const n = small.params().reduce((s, p) => s + product(p.shape), 0);
     expect(r.params).toBeGreaterThanOrEqual(4 * n); // float32 weights
     expect(r.grads).toBeGreaterThanOrEqual(4 * n);

@@ -27,11 +27,13 @@ const RUNTIME_EXPORTS = [
   'DEFAULT_JUDGE_TEMPLATE',
   'DEFAULT_MAX_SHARD_BYTES',
   'DEFAULT_STYLED_REVERSAL',
+  'MEMORY_CATEGORIES',
   'PREFERENCE_LOSSES',
   'WEIGHTS_INDEX_NAME',
   'WEIGHTS_NAME',
   // the engine
   'cudaInfo',
+  'formatMemoryPlan',
   'numThreads',
   'presetConfig',
   'setNumThreads',

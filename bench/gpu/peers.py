@@ -6,7 +6,12 @@
 #   generate 134M at batch 64 and 256 (64-token prompts, 128 new, T 0.7, top-p 0.9) with a static
 #   KV cache and torch.compile (mode "default": "reduce-overhead" fails in transformers 5.17);
 #   the unfused SPPO head B8 T1024 H4096 V128256 (time and extra memory).
-# Writes $OUT/peers.json; PEERS="head train134M train1.1B gen64 gen256" (the default) picks which.
+#   train8B (not in the default set; bench/gpu/run.sh's "big" section asks for it): the Llama-3-8B
+#   shape, full fine-tuning as the engine's big8b_ benchmark runs it (micro-batches of 2 x 1024,
+#   32 per RMSprop step, gradient checkpointing), float32 weights under bf16 autocast (the
+#   engine's precision: fp32 master, gradients and state); an out-of-memory is reported as such.
+# Writes $OUT/peers.json (peers_big.json for train8B); PEERS="head train134M train1.1B gen64 gen256"
+# (the default) picks which.
 import json, os, time, traceback
 
 import torch
@@ -101,6 +106,40 @@ def head():
     return {"ms": 1e3 * s, "peak_extra_GiB": (torch.cuda.max_memory_allocated() - base) / 2 ** 30}
 
 
+def train8b():
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                      rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                        original_max_position_embeddings=8192),
+                      tie_word_embeddings=False, attn_implementation="sdpa")
+    with torch.device("cuda"):
+        m = LlamaForCausalLM(cfg)  # float32, initialised on the GPU
+    m.gradient_checkpointing_enable()
+    m.config.use_cache = False
+    n = sum(p.numel() for p in m.parameters())
+    opt = torch.optim.RMSprop(m.parameters(), lr=1e-7, alpha=0.99, foreach=True)
+    B, T, accum = 2, 1024, 32
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+
+    def micro():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            m(input_ids=ids, labels=ids).loss.backward()
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step(); opt.zero_grad(set_to_none=False)
+
+    t_micro = median_s(micro, iters=5, warm=2)
+    t_step = median_s(step, iters=3, warm=1)
+    tok = accum * B * T / (accum * t_micro + t_step)
+    flops = 6 * n + 6 * cfg.num_hidden_layers * cfg.hidden_size * T
+    return {"tokens_per_s": tok, "micro_ms": 1e3 * t_micro, "optimizer_step_ms": 1e3 * t_step,
+            "mfu_vs_790": tok * flops / 790e12, "peak_GiB": torch.cuda.max_memory_allocated() / 2 ** 30}
+
+
+if "train8B" in WANT:
+    record("train_8B_fullft_rmsprop_ckpt_B2_T1024_x32", train8b)
+    json.dump(res, open(os.path.join(OUT, "peers_big.json"), "w"), indent=1)
+    raise SystemExit(0)
 if "head" in WANT:
     record("head_unfused_B8_T1024_H4096_V128256", head)
 if "train134M" in WANT:

@@ -61,6 +61,13 @@ export function deviceOption(value: string | undefined): Device | undefined {
   throw new UsageError(`--device must be cpu, cuda or auto, got '${value}'`);
 }
 
+/** --activation-checkpointing on | off | auto, as Model.create's activationCheckpointing. */
+export function checkpointingOption(value: string | undefined): boolean | 'auto' | undefined {
+  if (value === undefined || value === 'auto') return value;
+  if (value === 'on' || value === 'off') return value === 'on';
+  throw new UsageError(`--activation-checkpointing must be on, off or auto, got '${value}'`);
+}
+
 /** One line saying where a model runs and, when the GPU was wanted but is not there, why. */
 export function deviceLine(model: Model, asked: Device | undefined): string {
   if (model.device === 'cuda') {

@@ -59,7 +59,10 @@ export function demoConfigInput(o: DemoOptions = {}): RunConfigInput {
  * prompts' lengths against the policy's context are checked before the policy is made, as a
  * SetupError naming the field (data.evalSize, generation.maxNewTokens …).
  */
-export function demoSetup(config: RunConfig, options: { device?: Device } = {}): { setup: RunSetup; tokenizer: CharTokenizer } {
+export function demoSetup(
+  config: RunConfig,
+  options: { device?: Device; activationCheckpointing?: boolean | 'auto' } = {},
+): { setup: RunSetup; tokenizer: CharTokenizer } {
   if (config.model.preset !== 'demo' || config.data.words === undefined || config.preference.kind !== 'styled-reversal')
     throw new RangeError("demoSetup needs model.preset 'demo', data.words and preference.kind 'styled-reversal'");
   const { kind, concurrency, ...params } = config.preference;
@@ -79,7 +82,7 @@ export function demoSetup(config: RunConfig, options: { device?: Device } = {}):
   const model = Model.create(
     demoModelConfig(tokenizer, config.model.seed ?? 1),
     { maxBatch, maxSeq: DEMO_CONTEXT },
-    { device: options.device },
+    { device: options.device, activationCheckpointing: options.activationCheckpointing },
   );
   const summaries = (history: readonly Sample[][]): PolicySummary[] => history.map((s) => summarizeAnswers(s));
   const setup: RunSetup = {

@@ -156,7 +156,7 @@ function seedsFor(seed: GenerateOptions['seed'], n: number): Float64Array {
   return Float64Array.from({ length: n }, (_, i) => list[list.length === 1 ? 0 : i] as number);
 }
 
-const PLAN_FIELDS: Record<keyof GeneratorPlan, FieldKind> = {
+export const GENERATOR_PLAN_FIELDS: Record<keyof GeneratorPlan, FieldKind> = {
   maxBatch: 'int32',
   maxContext: 'int32',
   kvCacheBytes: 'uint53',
@@ -188,7 +188,7 @@ const OPEN = Symbol('Generator');
 
 /** Model.createGenerator's way to a Generator: a KV cache over `model`'s weights, planned for `plan`. */
 export function openGenerator(model: NativeModelHandle, plan: GeneratorPlan, queue: ModelQueue): Generator {
-  checkFields(plan, 'plan', PLAN_FIELDS);
+  checkFields(plan, 'plan', GENERATOR_PLAN_FIELDS);
   return new Generator(OPEN, new (native().NativeGenerator)(model, plan), plan, queue);
 }
 

@@ -3,7 +3,8 @@
 // each call and between the steps of `train`, and `dispose` frees the native memory.
 import { throwIfAborted } from '../util/abort.js';
 import { CALL_FIELDS, checkFields, checkKind, describeValue, oneOf, toTokenBatch, type FieldCheck, type FieldKind } from './batch.js';
-import { openGenerator, type Generator, type GeneratorPlan } from './generate.js';
+import { GENERATOR_PLAN_FIELDS, openGenerator, type Generator, type GeneratorPlan } from './generate.js';
+import { planMemory, refusalMessage, type MemoryPlanReport, type PlanOptions } from './memory.js';
 import { native, type CudaInfo, type NativeModelHandle } from './native.js';
 import { packPreferenceBatch, packSequences } from './preference.js';
 import type {
@@ -64,7 +65,19 @@ const ROPE_SCALING_FIELDS: Record<keyof RopeScalingConfig, FieldKind> = {
   original_max_position_embeddings: 'int32',
 };
 const MEMORY_PLAN_FIELDS: Record<keyof MemoryPlan, FieldKind> = { maxBatch: 'int32', maxSeq: 'int32' };
-const CREATE_OPTIONS_FIELDS: Record<keyof CreateOptions, FieldKind> = { initialize: 'boolean', device: 'string' };
+const PLAN_OPTIONS_FIELDS = {
+  device: 'string', // its value is the engine's to check, as for Model.create
+  activationCheckpointing: (v, name) => {
+    if (typeof v !== 'boolean' && v !== 'auto') throw new TypeError(`${name} must be true, false or 'auto', got ${describeValue(v)}`);
+  },
+  optimizer: 'object',
+  generator: 'object',
+  available: 'number',
+} satisfies Record<keyof PlanOptions, FieldKind | FieldCheck>;
+const CREATE_OPTIONS_FIELDS = { ...PLAN_OPTIONS_FIELDS, initialize: 'boolean' } satisfies Record<
+  keyof CreateOptions,
+  FieldKind | FieldCheck
+>;
 const OPTIMIZER_FIELDS: Record<keyof OptimizerConfig, FieldKind> = {
   kind: 'string',
   lr: 'number',
@@ -151,14 +164,25 @@ export function cudaInfo(): CudaInfo {
   return native().cudaInfo();
 }
 
-/** Where a model runs: 'auto' takes the GPU when `cudaInfo().available`, else the CPU. */
-export type Device = 'cpu' | 'cuda' | 'auto';
+export type { Device, MemoryPlanReport, PlanOptions } from './memory.js';
 
-export interface CreateOptions {
+/**
+ * Model.plan's options, which Model.create also checks its plan against (counting the optimizer
+ * and generator given, which setOptimizer and createGenerator allocate later).
+ */
+export interface CreateOptions extends PlanOptions {
   /** false leaves every parameter zero, for callers that set all of them (loading a checkpoint) */
   initialize?: boolean;
-  /** default 'cpu'; 'cuda' fails with the reason when no GPU is usable */
-  device?: Device;
+}
+
+// The options' fields are checked by kind above; these are the nested objects' own.
+function checkPlanOptions(options: unknown, fields: Record<string, FieldKind | FieldCheck>): PlanOptions {
+  const o = checkFields(options, 'options', fields) as PlanOptions;
+  if (o.optimizer != null) checkFields(o.optimizer, 'options.optimizer', { kind: oneOf(['adamw', 'rmsprop']) });
+  if (o.generator != null) checkFields(o.generator, 'options.generator', GENERATOR_PLAN_FIELDS);
+  if (o.available !== undefined && !(o.available >= 0))
+    throw new RangeError(`options.available must be a number of bytes >= 0, got ${o.available}`);
+  return o;
 }
 
 export class Model {
@@ -170,11 +194,15 @@ export class Model {
   #tail: Promise<unknown> = Promise.resolve();
   #pending = 0;
 
-  private constructor(handle: NativeModelHandle, plan: MemoryPlan) {
+  /** Whether the backward recomputes each layer from its saved input ('auto' resolved). */
+  readonly activationCheckpointing: boolean;
+
+  private constructor(handle: NativeModelHandle, plan: MemoryPlan, activationCheckpointing: boolean) {
     this.#handle = handle;
     this.config = handle.config() as unknown as ResolvedModelConfig;
     this.plan = { ...plan };
     this.device = handle.state().device ?? 'cpu';
+    this.activationCheckpointing = activationCheckpointing;
   }
 
   /**
@@ -188,9 +216,31 @@ export class Model {
     const cfg = typeof config === 'string' ? presetConfig(config) : config;
     checkModelConfig(cfg);
     checkFields(plan, 'plan', MEMORY_PLAN_FIELDS);
-    checkFields(options, 'options', CREATE_OPTIONS_FIELDS);
-    const handle = new (native().NativeModel)(cfg, plan, options);
-    return new Model(handle, plan);
+    checkPlanOptions(options, CREATE_OPTIONS_FIELDS);
+    const planned = planMemory(cfg, plan, options);
+    if (planned.available !== undefined && planned.total > planned.available)
+      throw new RangeError(`Model.create: ${refusalMessage(cfg, plan, options, planned)}`);
+    const handle = new (native().NativeModel)(cfg, plan, {
+      device: planned.device,
+      activationCheckpointing: planned.activationCheckpointing,
+      ...(options.initialize !== undefined && { initialize: options.initialize }),
+    });
+    return new Model(handle, plan, planned.activationCheckpointing);
+  }
+
+  /**
+   * The bytes a model of this config and plan would take, by category (parameters, master
+   * weights, gradients, optimizer state, activations, scratch, a generator's KV cache) and in
+   * total, without allocating anything: the engine's own allocating code counts them over a
+   * meta op set. Works for any device on any machine ('cuda' plans bf16 storage without a GPU);
+   * 'auto' checkpointing is resolved against `available` as Model.create resolves it.
+   */
+  static plan(config: ModelConfig | PresetName, plan: MemoryPlan, options: PlanOptions = {}): MemoryPlanReport {
+    const cfg = typeof config === 'string' ? presetConfig(config) : config;
+    checkModelConfig(cfg);
+    checkFields(plan, 'plan', MEMORY_PLAN_FIELDS);
+    checkPlanOptions(options, PLAN_OPTIONS_FIELDS);
+    return planMemory(cfg, plan, options);
   }
 
   get disposed(): boolean {
@@ -355,7 +405,7 @@ export class Model {
     h.setParam(name, float32Values(values, name));
   }
 
-  /** Bytes planned for parameters, gradients, optimizer state, activations and scratch. */
+  /** Bytes allocated for parameters, master weights, gradients, optimizer state, activations and scratch. */
   memory(): MemoryReport {
     return this.#live().memory();
   }

@@ -4,12 +4,12 @@
 // memory safety needs): model.ts, generate.ts, batch.ts and preference.ts check them first.
 import { createRequire } from 'node:module';
 import type { GenerateStats, KvCacheState, StopReason } from './generate.js';
-import type { StepResult } from './types.js';
+import type { MemoryReport, StepResult } from './types.js';
 
 const require = createRequire(import.meta.url);
 
 /** The addon's ABI version; native/addon/addon.cpp exports its own and native() refuses others. */
-export const ABI_VERSION = 3;
+export const ABI_VERSION = 4;
 
 export interface NativeModelHandle {
   forward(tokens: Int32Array, batch: number, seq: number, output: string): Promise<{ logits?: Float32Array; hidden?: Float32Array }>;
@@ -46,7 +46,7 @@ export interface NativeModelHandle {
   params(): { name: string; shape: number[] }[];
   getParam(name: string): Float32Array;
   setParam(name: string, values: Float32Array): void;
-  memory(): { params: number; grads: number; optimizer: number; activations: number; scratch: number; total: number };
+  memory(): MemoryReport;
   config(): Record<string, unknown>;
   state(): { disposed: boolean; busy: boolean; device?: 'cpu' | 'cuda'; step?: number; pendingMicroBatches?: number; numParams?: number };
   dispose(): void;
@@ -78,8 +78,21 @@ export interface NativeGeneratorHandle {
   dispose(): void;
 }
 
+export interface NativeModelOptions {
+  initialize?: boolean;
+  /** default 'cpu' ('auto' is resolved by lib/engine/memory.ts before it gets here) */
+  device?: 'cpu' | 'cuda' | 'auto';
+  activationCheckpointing?: boolean;
+}
+
 export interface NativeAddon {
-  NativeModel: new (config: object, plan: object, options?: { initialize?: boolean; device?: string }) => NativeModelHandle;
+  NativeModel: new (config: object, plan: object, options?: NativeModelOptions) => NativeModelHandle;
+  /** what NativeModel would allocate for these arguments (and an optimizer's state and a generator's cache) */
+  planMemory(
+    config: object,
+    plan: object,
+    options: NativeModelOptions & { optimizer?: { kind: string }; generator?: { maxBatch: number; maxContext: number } },
+  ): MemoryReport;
   NativeGenerator: new (model: NativeModelHandle, plan: object) => NativeGeneratorHandle;
   cudaInfo(): CudaInfo;
   setNumThreads(n: number): void;

@@ -111,12 +111,22 @@ export interface ParamInfo {
   shape: number[];
 }
 
+/** Bytes by what they hold, as the engine's allocating code counts them. */
 export interface MemoryReport {
+  /** the working parameters: float32 on the CPU, bf16 on CUDA */
   params: number;
+  /** float32 master weights, where the parameters are narrower (CUDA) */
+  master: number;
+  /** gradients (float32) */
   grads: number;
+  /** optimizer state (float32; AdamW two tensors, RMSprop one), from setOptimizer on */
   optimizer: number;
+  /** what the forward pass keeps for the backward */
   activations: number;
+  /** work buffers reused by every layer, the LM head's logits tile, index arrays, rotary tables */
   scratch: number;
+  /** a generator's KV cache and step buffers (Model.plan with a generator; 0 in model.memory()) */
+  kvCache: number;
   total: number;
 }
 

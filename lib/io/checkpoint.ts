@@ -3,7 +3,7 @@
 import { existsSync } from 'node:fs';
 import { mkdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { Model, type Device } from '../engine/model.js';
+import { Model, type PlanOptions } from '../engine/model.js';
 import type { MemoryPlan } from '../engine/types.js';
 import { ConfigError, engineConfigFromHf, hfConfigFromEngine, type Architecture, type HfConfig } from './hf-config.js';
 import { ReadScratch, type TensorSource } from './safetensors.js';
@@ -17,11 +17,10 @@ export class CheckpointError extends Error {
   override name = 'CheckpointError';
 }
 
-export interface LoadOptions {
+/** Model.create's options for the new model (device, activation checkpointing, what its plan counts), and the load's own. */
+export interface LoadOptions extends PlanOptions {
   /** refuse configs whose training behaviour the engine cannot match (dropout); default true */
   training?: boolean;
-  /** where the model lives (Model.create's device; default 'cpu') */
-  device?: Device;
   /** the directory's tokenizer, already read (Tokenizer.fromDirectory), so that it is not read twice */
   tokenizer?: Tokenizer;
 }
@@ -116,7 +115,8 @@ export async function loadPretrained(dir: string, plan: MemoryPlan, options: Loa
   const weights = await CheckpointWeights.open(dir);
   let model: Model | undefined;
   try {
-    model = Model.create(config, plan, { initialize: false, device: options.device }); // every parameter is read below
+    const { training: _training, tokenizer: _tokenizer, ...create } = options;
+    model = Model.create(config, plan, { ...create, initialize: false }); // every parameter is read below
     checkTensorTable(weights, model);
     // setParam copies into the engine, so one pair of buffers serves every tensor.
     const scratch = new ReadScratch();

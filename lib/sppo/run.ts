@@ -6,7 +6,15 @@
 import type { RunConfig } from '../config/schema.js';
 import { promptSeeds, seededShuffle, SEED_PURPOSE } from '../data/random.js';
 import type { Model } from '../engine/model.js';
-import type { PreferenceBatchInput, PreferenceExample, PreferencePair, PreferenceStepResult } from '../engine/types.js';
+import type { GeneratorPlan } from '../engine/generate.js';
+import type {
+  MemoryPlan,
+  ModelConfig,
+  PreferenceBatchInput,
+  PreferenceExample,
+  PreferencePair,
+  PreferenceStepResult,
+} from '../engine/types.js';
 import { savePretrained } from '../io/checkpoint.js';
 import type { TokenizerFiles } from '../io/tokenizer.js';
 import { CheckpointWeights } from '../io/weights.js';
@@ -104,6 +112,11 @@ export interface RunResult {
   metrics: IterationMetrics[];
 }
 
+/** The KV cache a run's generator plans: generation.maxBatch sequences of the model's context (its plan's maxSeq at most). */
+export function generatorPlanFor(config: RunConfig, model: Pick<ModelConfig, 'max_position_embeddings'>, plan: MemoryPlan): GeneratorPlan {
+  return { maxBatch: config.generation.maxBatch, maxContext: Math.min(model.max_position_embeddings, plan.maxSeq) };
+}
+
 /** Runs (or resumes) an SPPO run; returns every iteration's metrics, π_0 first. */
 export async function runSppo(setup: RunSetup, hooks: RunHooks = {}): Promise<RunResult> {
   const run = await RunDir.open(setup.config.run.dir, setup.config, { onNotice: hooks.onNotice });
@@ -119,8 +132,7 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
   const { signal } = hooks;
   const unusableLimit = 'maxUnusableFraction' in config.preference ? config.preference.maxUnusableFraction : undefined;
   const g = config.generation;
-  const maxContext = Math.min(model.config.max_position_embeddings, model.plan.maxSeq);
-  const generator = model.createGenerator({ maxBatch: g.maxBatch, maxContext });
+  const generator = model.createGenerator(generatorPlanFor(config, model.config, model.plan));
   let holds = -1; // which policy's weights the model holds: t for π_t, -1 unknown
   const ensure = async (t: number) => {
     if (holds === t) return;

@@ -10,8 +10,8 @@ import { SetupError } from '../config/errors.js';
 import type { RunConfig } from '../config/schema.js';
 import { loadPrompts } from '../data/prompts.js';
 import { demoSetup } from '../demo/demo.js';
-import type { Device } from '../engine/model.js';
-import type { MemoryPlan } from '../engine/types.js';
+import { Model, type Device, type MemoryPlanReport, type PlanOptions } from '../engine/model.js';
+import type { MemoryPlan, ModelConfig } from '../engine/types.js';
 import { CheckpointError, loadPretrained, readHfConfig } from '../io/checkpoint.js';
 import { ConfigError, engineConfigFromHf } from '../io/hf-config.js';
 import { SafetensorsError } from '../io/safetensors.js';
@@ -21,12 +21,18 @@ import type { PreferenceFunction } from '../preference/function.js';
 import type { PreferenceModel } from '../preference/model.js';
 import { randomWords } from '../preference/styled-reversal.js';
 import { checkPrompts, splitForConfig } from './prompt-checks.js';
-import type { PolicyText, RunSetup } from './run.js';
+import { generatorPlanFor, type PolicyText, type RunSetup } from './run.js';
 import { RunDir } from './run-dir.js';
 
 export interface SetupOptions {
   /** where the policy trains and generates, and where an lm-judge or reward-model judge runs; default 'cpu' */
   device?: Device;
+  /**
+   * The policy's activation checkpointing (Model.create's option; default 'auto': on when the
+   * plan, counting the run's optimizer and generator, does not fit). Not part of the config: it
+   * changes memory and time, never results, so a run may resume with another setting.
+   */
+  activationCheckpointing?: boolean | 'auto';
   /**
    * The judge of a preference.kind 'function' config given in code, for a tool that embeds the
    * engine with its own scorer: (prompt, a, b) => P(a ≻ b). Set preference.id so that a change
@@ -134,13 +140,32 @@ async function pretrainedSetup(config: RunConfig, dir: string, options: SetupOpt
     judgeFunction: options.judgeFunction,
   });
   try {
-    const { model } = await fromModelPath(() => loadPretrained(dir, plan, { device: options.device, tokenizer }));
+    const { model } = await fromModelPath(() =>
+      loadPretrained(dir, plan, { ...policyPlanOptions(config, engineConfig, plan, options), tokenizer }),
+    );
     return { config, model, text, preference, split, sourceDir: dir };
   } catch (err) {
     // An engine judge (a model of its own) may not outlive a failed setup.
     await preference.dispose();
     throw err;
   }
+}
+
+/** Model.create's options for a run's policy: the device, checkpointing, and the optimizer and generator the run will add. */
+function policyPlanOptions(config: RunConfig, model: ModelConfig, plan: MemoryPlan, options: SetupOptions): PlanOptions {
+  return {
+    device: options.device,
+    activationCheckpointing: options.activationCheckpointing,
+    optimizer: { kind: config.training.optimizer.kind },
+    generator: generatorPlanFor(config, model, plan),
+  };
+}
+
+/** The memory plan of a run's policy as set up: what `sppo run` prints before it starts. */
+export function runMemoryPlan(setup: RunSetup): MemoryPlanReport {
+  const { config, model } = setup;
+  const asCreated = { device: model.device, activationCheckpointing: model.activationCheckpointing };
+  return Model.plan(model.config, model.plan, policyPlanOptions(config, model.config, model.plan, asCreated));
 }
 
 /**
@@ -151,7 +176,8 @@ async function pretrainedSetup(config: RunConfig, dir: string, options: SetupOpt
 export async function setupFromConfig(config: RunConfig, options: SetupOptions = {}): Promise<RunSetup> {
   const { preset, path: dir } = config.model;
   refuseMisplacedJudgeFunction(config.preference, options.judgeFunction);
-  if (preset === 'demo') return demoSetup(config, { device: options.device }).setup;
+  if (preset === 'demo')
+    return demoSetup(config, { device: options.device, activationCheckpointing: options.activationCheckpointing }).setup;
   // parseConfig refuses the other presets; a config built by hand may still hold one
   if (dir === undefined)
     throw new SetupError(

@@ -11,6 +11,7 @@
 #include "addon/generator_binding.h"
 #include "addon/model_binding.h"
 #include "core/threadpool.h"
+#include "cpu/cpu_ops.h"
 #include "cpu/gemm.h"
 #include "cuda/cuda_backend.h"
 #include "sppo/preference.h"
@@ -20,7 +21,7 @@ namespace {
 using namespace sppo::addon;
 
 // Changes whenever the exports do; lib/engine/native.ts refuses an addon of another version.
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
   const int n = info[0].As<Napi::Number>().Int32Value();
@@ -57,6 +58,24 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// (config, plan, options: CreateOptions' fields + optimizer?: 'adamw' | 'rmsprop', generator?:
+// {maxBatch, maxContext}): what a model would allocate, by category, without allocating.
+Napi::Value PlanMemory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const sppo::ModelConfig config = parse_model_config(env, info[0]);
+  sppo::MemoryPlan plan = parse_memory_plan(info[1]);
+  const PlanOptions o = parse_plan_options(env, info[2]);
+  plan.checkpoint_activations = o.model.activation_checkpointing;
+  const auto* kind = o.optimizer ? &*o.optimizer : nullptr;
+  const auto* gen = o.generator ? &*o.generator : nullptr;
+  return or_range_error(env, [&] {
+    const sppo::MemoryReport r =
+        o.model.cuda() ? sppo::plan_memory<sppo::bf16>(config, plan, sppo::cuda::footprint(), kind, gen)
+                       : sppo::plan_memory<float>(config, plan, sppo::cpu::CpuOps<float>::footprint(), kind, gen);
+    return memory_report_to_js(env, r);
+  });
+}
+
 // The preference losses the engine implements, in its order.
 Napi::Array preference_losses(Napi::Env env) {
   Napi::Array names = Napi::Array::New(env, std::size(sppo::kPreferenceLosses));
@@ -71,6 +90,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads));
   exports.Set("numThreads", Napi::Function::New(env, NumThreads));
   exports.Set("presetConfig", Napi::Function::New(env, PresetConfig));
+  exports.Set("planMemory", Napi::Function::New(env, PlanMemory));
   exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo));
   exports.Set("gemmKernel", Napi::String::New(env, sppo::cpu::gemm_kernel_name()));
   exports.Set("preferenceLosses", preference_losses(env));

@@ -6,6 +6,8 @@
 #include <iterator>
 #include <variant>
 
+#include "cuda/cuda_backend.h"
+
 namespace sppo::addon {
 
 namespace {
@@ -189,6 +191,32 @@ CreateOptions parse_create_options(Napi::Env env, Napi::Value v) {
   o.device = field(f, "device", o.device);
   if (o.device != "cpu" && o.device != "cuda" && o.device != "auto")
     throw Napi::RangeError::New(env, "options.device must be 'cpu', 'cuda' or 'auto', got '" + o.device + "'");
+  o.activation_checkpointing = field(f, "activationCheckpointing", o.activation_checkpointing);
+  return o;
+}
+
+PlanOptions parse_plan_options(Napi::Env env, Napi::Value v) {
+  PlanOptions p;
+  p.model = parse_create_options(env, v);
+  if (absent(v)) return p;
+  const Napi::Object f = v.As<Napi::Object>();
+  if (!absent(f.Get("optimizer"))) p.optimizer = parse_optimizer(env, f.Get("optimizer")).kind;
+  if (!absent(f.Get("generator"))) p.generator = parse_generator_plan(f.Get("generator"));
+  return p;
+}
+
+bool CreateOptions::cuda() const { return device == "cuda" || (device == "auto" && sppo::cuda::probe().available); }
+
+Napi::Object memory_report_to_js(Napi::Env env, const sppo::MemoryReport& r) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("params", double(r.params));
+  o.Set("master", double(r.master));
+  o.Set("grads", double(r.grads));
+  o.Set("optimizer", double(r.optimizer));
+  o.Set("activations", double(r.activations));
+  o.Set("scratch", double(r.scratch));
+  o.Set("kvCache", double(r.kv_cache));
+  o.Set("total", double(r.total()));
   return o;
 }
 

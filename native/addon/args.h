@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <exception>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -108,12 +109,27 @@ Napi::Object config_to_js(Napi::Env env, const sppo::ModelConfig& c);
 Napi::Array model_config_fields(Napi::Env env);
 
 sppo::MemoryPlan parse_memory_plan(Napi::Value v);
-// NativeModel's options: whether to draw the weights, and the device ('auto' resolved).
+// NativeModel's options: whether to draw the weights, the device, and whether to checkpoint
+// activations (lib/engine resolves 'auto' to a boolean first).
 struct CreateOptions {
   bool initialize = true;
   std::string device = "cpu";
+  bool activation_checkpointing = false;
+  // The backend the device names: 'auto' takes the GPU when one is usable.
+  bool cuda() const;
 };
 CreateOptions parse_create_options(Napi::Env env, Napi::Value v);
+// Model.plan's options: NativeModel's, plus the optimizer whose state to count and a generator
+// plan whose KV cache to count, each optional.
+struct PlanOptions {
+  CreateOptions model;
+  std::optional<sppo::OptimizerConfig::Kind> optimizer;
+  std::optional<sppo::GeneratorPlan> generator;
+};
+PlanOptions parse_plan_options(Napi::Env env, Napi::Value v);
+// A memory report as JavaScript sees it: {params, master, grads, optimizer, activations,
+// scratch, kvCache, total} in bytes.
+Napi::Object memory_report_to_js(Napi::Env env, const sppo::MemoryReport& r);
 sppo::OptimizerConfig parse_optimizer(Napi::Env env, Napi::Value v);
 
 sppo::GeneratorPlan parse_generator_plan(Napi::Value v);

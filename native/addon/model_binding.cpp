@@ -64,11 +64,11 @@ Napi::Function NativeModel::Init(Napi::Env env) {
 NativeModel::NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {
   Napi::Env env = info.Env();
   const sppo::ModelConfig config = parse_model_config(env, info[0]);
-  const sppo::MemoryPlan plan = parse_memory_plan(info[1]);
+  sppo::MemoryPlan plan = parse_memory_plan(info[1]);
   const CreateOptions o = parse_create_options(env, info[2]);
-  const bool cuda = o.device == "cuda" || (o.device == "auto" && sppo::cuda::probe().available);
+  plan.checkpoint_activations = o.activation_checkpointing;
   model_ = or_range_error(env, [&]() -> std::unique_ptr<ModelApi> {
-    if (cuda) return std::make_unique<sppo::Model<sppo::bf16>>(config, plan, sppo::cuda::make_ops(0), o.initialize);
+    if (o.cuda()) return std::make_unique<sppo::Model<sppo::bf16>>(config, plan, sppo::cuda::make_ops(0), o.initialize);
     return std::make_unique<sppo::Model<float>>(config, plan, std::make_unique<sppo::cpu::CpuOps<float>>(),
                                                 o.initialize);
   });
@@ -234,15 +234,7 @@ Napi::Value NativeModel::SetParam(const Napi::CallbackInfo& info) {
 
 Napi::Value NativeModel::Memory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const sppo::MemoryReport r = live(env).memory();
-  Napi::Object o = Napi::Object::New(env);
-  o.Set("params", double(r.params));
-  o.Set("grads", double(r.grads));
-  o.Set("optimizer", double(r.optimizer));
-  o.Set("activations", double(r.activations));
-  o.Set("scratch", double(r.scratch));
-  o.Set("total", double(r.total()));
-  return o;
+  return memory_report_to_js(env, live(env).memory());
 }
 
 Napi::Value NativeModel::Config(const Napi::CallbackInfo& info) {

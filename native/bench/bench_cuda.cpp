@@ -106,8 +106,8 @@ void bench_train(const char* name, const ModelConfig& c, int B, int Tn, int reps
       "train %-5s B%d T%d  %9.0f tok/s  %.1f ms/step  MFU %.1f%%  memory %.1f GiB (params+master %.1f, grads %.1f, "
       "optimizer %.1f, activations %.1f, scratch %.1f)\n",
       name, B, Tn, tok, 1e3 * s, 100 * tok * flops_per_token / 790e12, mem.total() / 1073741824.0,
-      mem.params / 1073741824.0, mem.grads / 1073741824.0, mem.optimizer / 1073741824.0, mem.activations / 1073741824.0,
-      mem.scratch / 1073741824.0);
+      (mem.params + mem.master) / 1073741824.0, mem.grads / 1073741824.0, mem.optimizer / 1073741824.0,
+      mem.activations / 1073741824.0, mem.scratch / 1073741824.0);
   std::fflush(stdout);
 }
 

@@ -9,6 +9,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <unordered_map>
 
 #include "core/error.h"
 #include "core/threadpool.h"
@@ -25,18 +27,54 @@ using Acc = double;
 constexpr int64_t kColChunk = 64;  // columns per task in column-parallel reductions
 }  // namespace
 
+namespace {
+// live_bytes(): every live block's requested size (allocation is never in a step loop, so a
+// locked map costs nothing that matters).
+std::mutex g_live_mutex;
+std::unordered_map<void*, size_t> g_live_blocks;
+std::atomic<size_t> g_live_bytes{0};
+}  // namespace
+
+size_t live_bytes() { return g_live_bytes.load(); }
+
+template <class T>
+CpuOps<T>::~CpuOps() {
+  g_live_bytes -= scratch_.size() * sizeof(T);
+}
+
 template <class T>
 void* CpuOps<T>::alloc_bytes(size_t n) {
   size_t bytes = std::max<size_t>(64, (n + 63) / 64 * 64);
   void* p = std::aligned_alloc(64, bytes);
   SPPO_REQUIRE(p != nullptr, "out of host memory allocating ", bytes, " bytes (", double(bytes) / (1 << 20), " MiB)");
   zero_bytes(p, bytes);
+  {
+    std::lock_guard<std::mutex> lock(g_live_mutex);
+    g_live_blocks[p] = n;
+  }
+  g_live_bytes += n;
   return p;
 }
 
 template <class T>
 void CpuOps<T>::free_bytes(void* p) {
+  if (!p) return;
+  {
+    std::lock_guard<std::mutex> lock(g_live_mutex);
+    auto it = g_live_blocks.find(p);
+    if (it != g_live_blocks.end()) {
+      g_live_bytes -= it->second;
+      g_live_blocks.erase(it);
+    }
+  }
   std::free(p);
+}
+
+template <class T>
+void CpuOps<T>::resize_scratch(size_t elems) {
+  g_live_bytes -= scratch_.size() * sizeof(T);
+  scratch_.assign(elems, T(0));
+  g_live_bytes += scratch_.size() * sizeof(T);
 }
 
 template <class T>
@@ -53,9 +91,17 @@ void CpuOps<T>::zero_bytes(void* x, size_t bytes) {
 }
 
 template <class T>
+BackendFootprint CpuOps<T>::footprint() {
+  // The head's logits tile: 16 MiB of float, cache-sized. Attention: per thread, scores for two
+  // tiles of kAttnBlock query rows over max_seq positions.
+  return {"cpu", int64_t(1) << 22,
+          [](int64_t max_seq, int64_t) { return size_t(2 * kAttnBlock * max_seq) * cpu_pool().size() * sizeof(T); }};
+}
+
+template <class T>
 size_t CpuOps<T>::plan_scratch(int64_t max_seq, int64_t head_dim) {
   scratch_per_thread_ = 2 * kAttnBlock * max_seq;
-  scratch_.assign(size_t(scratch_per_thread_) * cpu_pool().size(), T(0));
+  resize_scratch(footprint().scratch_bytes(max_seq, head_dim) / sizeof(T));
   return scratch_.size() * sizeof(T);
 }
 
@@ -64,7 +110,7 @@ void CpuOps<T>::ensure_scratch(int64_t seq) {
   SPPO_REQUIRE(2 * kAttnBlock * seq <= scratch_per_thread_, "attention over ", seq,
                " positions exceeds the planned scratch (plan_scratch was not called for this length)");
   const size_t need = size_t(scratch_per_thread_) * cpu_pool().size();
-  if (scratch_.size() < need) scratch_.resize(need);
+  if (scratch_.size() < need) resize_scratch(need);
 }
 
 template <class T>

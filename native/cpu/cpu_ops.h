@@ -3,6 +3,7 @@
 #pragma once
 #include <vector>
 
+#include "ops/meta_ops.h"
 #include "ops/ops.h"
 
 namespace sppo::cpu {
@@ -12,6 +13,11 @@ class CpuOps final : public Ops<T> {
  public:
   const char* name() const override { return "cpu"; }
   std::unique_ptr<Ops<T>> fresh() const override { return std::make_unique<CpuOps<T>>(); }
+  ~CpuOps() override;
+  // What this backend sets aside besides the tensors asked for (plan_scratch and the head's
+  // tile read it, and Model::plan through the meta op set).
+  static BackendFootprint footprint();
+  int64_t head_scratch_elems() const override { return footprint().head_scratch_elems; }
   // Master == T here: the CPU keeps one precision, so master weights are the parameters.
   void* alloc_bytes(size_t bytes) override;
   void free_bytes(void* p) override;
@@ -73,6 +79,8 @@ class CpuOps final : public Ops<T> {
  private:
   static void copy_bytes(void* dst, const void* src, size_t bytes);
   // Per-thread attention scratch: two (query block x max_seq) score tiles per thread.
+  // Resizes scratch_, keeping live_bytes() current.
+  void resize_scratch(size_t elems);
   std::vector<T> scratch_;
   int64_t scratch_per_thread_ = 0;
   // Grows the scratch when the pool gained threads since planning (set_num_threads); checks
@@ -80,6 +88,11 @@ class CpuOps final : public Ops<T> {
   void ensure_scratch(int64_t seq);
   T* thread_scratch(int thread) { return scratch_.data() + thread * scratch_per_thread_; }
 };
+
+// Bytes the CPU backend holds right now, across every op set: alloc_bytes' live blocks as
+// requested (before rounding up to 64 bytes) plus the attention scratch. Tests compare it with
+// what the model's memory counters and Model::plan say.
+size_t live_bytes();
 
 // Query rows per attention tile: scores for one tile are (kAttnBlock x seq).
 constexpr int64_t kAttnBlock = 64;

@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "ops/meta_ops.h"
 #include "ops/ops.h"
 
 namespace sppo::cuda {
@@ -19,6 +20,14 @@ struct DeviceInfo {
   size_t total_memory = 0, free_memory = 0;
   int runtime_version = 0, driver_version = 0;
 };
+
+// What the CUDA op set sets aside besides the tensors asked for, known without a device: CudaOps
+// reads it, and Model::plan plans a GPU model from it on any machine. The head's tile is 256 MiB
+// of fp32 logits: at V = 128256 that is ~520 rows, so its GEMMs are not starved (the CPU's
+// 4 Mi-element tile would give 32-row GEMMs). Attention needs no planned scratch.
+inline BackendFootprint footprint() {
+  return {"cuda", int64_t(1) << 26, [](int64_t, int64_t) { return size_t(0); }};
+}
 
 // Never throws; cheap after the first call.
 DeviceInfo probe();

@@ -1188,7 +1188,7 @@ void CudaOps::free_bytes(void* p) {
   if (p) (void)cudaFree(p);
 }
 
-size_t CudaOps::plan_scratch(int64_t, int64_t) { return 0; }
+size_t CudaOps::plan_scratch(int64_t max_seq, int64_t head_dim) { return footprint().scratch_bytes(max_seq, head_dim); }
 
 void CudaOps::upload_bytes(void* dst, const void* src, size_t bytes) {
   if (bytes == 0) return;

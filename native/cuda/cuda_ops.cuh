@@ -42,9 +42,7 @@ class CudaOps final : public Ops<bf16> {
   bool graph_capture_begin(uint64_t key) override;  // cuda_ops.cu
   bool graph_capture_end(uint64_t key) override;
   bool graph_replay(uint64_t key) override;
-  // 256 MiB of fp32 logits: at V = 128256 a tile is ~520 rows, so its GEMMs are not starved
-  // (the 4 Mi-element CPU tile would give 32-row GEMMs).
-  int64_t head_scratch_elems() const override { return int64_t(1) << 26; }
+  int64_t head_scratch_elems() const override { return footprint().head_scratch_elems; }  // cuda_backend.h
   void* alloc_bytes(size_t bytes) override;
   void free_bytes(void* p) override;
   size_t plan_scratch(int64_t max_seq, int64_t head_dim) override;

@@ -43,7 +43,7 @@ Model<T>::Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops
   build_param_table();
   try {
     params_arena_ = alloc_tracked<T>(n_params_, &mem_.params);
-    if constexpr (!std::is_same_v<T, Master>) master_ = alloc_tracked<Master>(n_params_, &mem_.params);
+    if constexpr (!std::is_same_v<T, Master>) master_ = alloc_tracked<Master>(n_params_, &mem_.master);
     grads_arena_ = alloc_tracked<Master>(n_params_, &mem_.grads);
     plan_buffers();
     build_rope_tables();
@@ -68,6 +68,7 @@ E* Model<T>::alloc_tracked(size_t n, size_t* counter) {
   } catch (const Error& e) {
     // Name what was being allocated, in the caller's terms (out of memory is the usual cause).
     const char* what = counter == &mem_.params        ? "parameters"
+                       : counter == &mem_.master      ? "master weights"
                        : counter == &mem_.grads       ? "gradients"
                        : counter == &mem_.optimizer   ? "optimizer state"
                        : counter == &mem_.activations ? "activations"
@@ -172,8 +173,15 @@ void Model<T>::plan_buffers() {
   const int64_t QD = cfg_.q_dim(), QKV = cfg_.qkv_dim(), H = cfg_.num_attention_heads;
   size_t* a = &mem_.activations;
   acts_.resize(cfg_.num_hidden_layers);
-  for (auto& L : acts_) {
-    L.resid_in = alloc_tracked<T>(N * C, a);
+  for (size_t l = 0; l < acts_.size(); ++l) {
+    LayerActs& L = acts_[l];
+    T* input = alloc_tracked<T>(N * C, a);
+    if (plan_.checkpoint_activations && l > 0) {
+      L = acts_[0];  // the shared set, refilled by each layer's recompute
+      L.resid_in = input;
+      continue;
+    }
+    L.resid_in = input;
     L.rstd1 = alloc_tracked<Master>(N, a);
     L.qkv = alloc_tracked<T>(N * QKV, a);
     L.att = alloc_tracked<T>(N * QD, a);
@@ -378,32 +386,42 @@ void Model<T>::validate_batch(const Batch& b, bool need_targets) const {
 template <class T>
 void Model<T>::forward_blocks(const int32_t* tokens, int64_t B, int64_t Tn) {
   Ops<T>& o = *ops_;
-  const int64_t N = B * Tn, C = cfg_.hidden_size, F = cfg_.intermediate_size;
+  const int64_t N = B * Tn, C = cfg_.hidden_size;
   const int64_t H = cfg_.num_attention_heads, KV = cfg_.num_key_value_heads, D = cfg_.head_dim;
   const int64_t QD = cfg_.q_dim(), QKV = cfg_.qkv_dim();
   const double eps = cfg_.rms_norm_eps;
   upload_tokens(tokens, B, Tn);
   const AttentionShape shape{B, Tn, H, KV, D, QKV, 0, QD, QD + cfg_.kv_dim(), QD, 1.0 / std::sqrt(double(D))};
   o.gather_rows(acts_[0].resid_in, params_arena_ + embed_off_, tokens_dev_, N, C);  // the embedding lookup
-  for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
-    LayerActs& a = acts_[l];
-    LayerParams<T> p = layer_params(params_arena_, l);
-    o.rmsnorm_forward(xn_, a.rstd1, a.resid_in, p.attn_norm, N, C, eps);
-    o.gemm(false, true, N, QKV, C, 1, xn_, C, p.wqkv, C, 0, a.qkv, QKV);
-    if (p.bqkv) o.add_bias(a.qkv, p.bqkv, N, QKV, QKV);
-    o.rope(a.qkv, N, QKV, 0, H, D, positions_dev_, rope_cos_, rope_sin_, false);
-    o.rope(a.qkv, N, QKV, QD, KV, D, positions_dev_, rope_cos_, rope_sin_, false);
-    o.attention_forward(a.att, a.lse, a.qkv, shape);
-    o.copy(a.resid_mid, a.resid_in, N * C);
-    o.gemm(false, true, N, C, QD, 1, a.att, QD, p.wo, QD, 1, a.resid_mid, C);
-    o.rmsnorm_forward(xn_, a.rstd2, a.resid_mid, p.mlp_norm, N, C, eps);
-    o.gemm(false, true, N, 2 * F, C, 1, xn_, C, p.wgu, C, 0, a.gu, 2 * F);
-    o.swiglu_forward(ffn_, a.gu, N, F);
-    T* next = l + 1 < cfg_.num_hidden_layers ? acts_[l + 1].resid_in : resid_out_;
-    o.copy(next, a.resid_mid, N * C);
-    o.gemm(false, true, N, C, F, 1, ffn_, F, p.wdown, F, 1, next, C);
-  }
+  for (int l = 0; l < cfg_.num_hidden_layers; ++l) layer_forward(l, shape, N, true);
   o.rmsnorm_forward(hidden_, rstd_final_, resid_out_, params_arena_ + final_norm_off_, N, C, eps);
+}
+
+template <class T>
+void Model<T>::layer_forward(int l, const AttentionShape& shape, int64_t N, bool output) {
+  Ops<T>& o = *ops_;
+  const int64_t C = cfg_.hidden_size, F = cfg_.intermediate_size;
+  const int64_t H = cfg_.num_attention_heads, KV = cfg_.num_key_value_heads, D = cfg_.head_dim;
+  const int64_t QD = cfg_.q_dim(), QKV = cfg_.qkv_dim();
+  const double eps = cfg_.rms_norm_eps;
+  LayerActs& a = acts_[l];
+  LayerParams<T> p = layer_params(params_arena_, l);
+  o.rmsnorm_forward(xn_, a.rstd1, a.resid_in, p.attn_norm, N, C, eps);
+  o.gemm(false, true, N, QKV, C, 1, xn_, C, p.wqkv, C, 0, a.qkv, QKV);
+  if (p.bqkv) o.add_bias(a.qkv, p.bqkv, N, QKV, QKV);
+  o.rope(a.qkv, N, QKV, 0, H, D, positions_dev_, rope_cos_, rope_sin_, false);
+  o.rope(a.qkv, N, QKV, QD, KV, D, positions_dev_, rope_cos_, rope_sin_, false);
+  o.attention_forward(a.att, a.lse, a.qkv, shape);
+  o.copy(a.resid_mid, a.resid_in, N * C);
+  o.gemm(false, true, N, C, QD, 1, a.att, QD, p.wo, QD, 1, a.resid_mid, C);
+  o.rmsnorm_forward(xn_, a.rstd2, a.resid_mid, p.mlp_norm, N, C, eps);
+  o.gemm(false, true, N, 2 * F, C, 1, xn_, C, p.wgu, C, 0, a.gu, 2 * F);
+  // The backward recomputes the swiglu output and the down projection's input from gu itself.
+  if (!output) return;
+  o.swiglu_forward(ffn_, a.gu, N, F);
+  T* next = l + 1 < cfg_.num_hidden_layers ? acts_[l + 1].resid_in : resid_out_;
+  o.copy(next, a.resid_mid, N * C);
+  o.gemm(false, true, N, C, F, 1, ffn_, F, p.wdown, F, 1, next, C);
 }
 
 template <class T>
@@ -532,6 +550,10 @@ void Model<T>::backward_blocks(int64_t B, int64_t Tn) {
   o.rmsnorm_backward(dresid_, grads_arena_ + final_norm_off_, dxn_, resid_out_, params_arena_ + final_norm_off_,
                      rstd_final_, N, C);
   for (int l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
+    // A checkpointed layer's activations are recomputed from its saved input by the same ops
+    // in the same order as the forward pass, so they (and the gradients) are bitwise the same.
+    // (The last layer's are still there from the forward pass.)
+    if (plan_.checkpoint_activations && l + 1 < cfg_.num_hidden_layers) layer_forward(l, shape, N, false);
     LayerActs& a = acts_[l];
     LayerParams<T> p = layer_params(params_arena_, l);
     LayerParams<Master> g = layer_params(grads_arena_, l);

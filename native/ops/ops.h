@@ -58,7 +58,7 @@ class Ops {
   virtual std::unique_ptr<Ops<T>> fresh() const = 0;
   // Elements of Master scratch the model should give the fused head (head_logprobs) per call:
   // the logits tile. Cache-sized on the CPU; on a GPU large enough that each tile's GEMMs fill it.
-  virtual int64_t head_scratch_elems() const { return int64_t(1) << 22; }
+  virtual int64_t head_scratch_elems() const = 0;
   // Returns once every call made so far has finished (device work included). Needed where two
   // op sets share memory: one's writes are not ordered before the other's reads otherwise.
   virtual void synchronize() {}

@@ -44,6 +44,10 @@ struct ModelConfig {
 struct MemoryPlan {
   int max_batch = 0;
   int max_seq = 0;
+  // Keep only each layer's input through the forward pass and recompute the layer in the
+  // backward: activations shrink from ~(4C + QKV + 2F)·N per layer to C·N per layer plus one
+  // layer's worth, for one more forward pass per training step.
+  bool checkpoint_activations = false;
   void validate(const ModelConfig& c) const;
 };
 

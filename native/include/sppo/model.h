@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "ops/meta_ops.h"
 #include "ops/ops.h"
 #include "sppo/config.h"
 #include "sppo/preference.h"
@@ -57,9 +58,17 @@ struct PreferenceStepResult {
   PreferenceMetrics metrics;
 };
 
+// Bytes by what they hold, as the allocating code counts them (the bytes it asks the backend
+// for; the CPU rounds each buffer up to 64 bytes, cudaMalloc to its own granularity).
 struct MemoryReport {
-  size_t params = 0, grads = 0, optimizer = 0, activations = 0, scratch = 0;
-  size_t total() const { return params + grads + optimizer + activations + scratch; }
+  size_t params = 0;       // the working parameters (T: fp32 on the CPU, bf16 on CUDA)
+  size_t master = 0;       // fp32 master weights, where T is narrower
+  size_t grads = 0;        // gradients (Master)
+  size_t optimizer = 0;    // optimizer state (set_optimizer allocates it)
+  size_t activations = 0;  // what the forward pass keeps for the backward
+  size_t scratch = 0;      // per-layer work buffers, the head's logits tile, index arrays, rotary tables
+  size_t kv_cache = 0;     // a generator's KV cache and step buffers (plan_memory only)
+  size_t total() const { return params + master + grads + optimizer + activations + scratch + kv_cache; }
 };
 
 struct GeneratorPlan;  // sppo/generate.h
@@ -208,6 +217,10 @@ class Model final : public ModelApi<master_t<T>> {
   // Uploads tokens(B,T) and their positions for forward_blocks / backward_blocks.
   void upload_tokens(const int32_t* tokens, int64_t B, int64_t Tn);
   void forward_blocks(const int32_t* tokens, int64_t B, int64_t Tn);
+  // Layer l's forward from acts_[l].resid_in: fills the activations it saves and, with
+  // `output`, writes the layer's output (the next layer's input, or resid_out_). The backward
+  // calls it without `output` to recompute a checkpointed layer.
+  void layer_forward(int l, const AttentionShape& shape, int64_t N, bool output);
   int64_t gather_target_rows(const Batch& batch);
   void head_backward(int64_t n_rows, int64_t batch_tokens);
   // The fused head over the n gathered rows: logp_ (host) and the backend lse for the backward.
@@ -249,6 +262,8 @@ class Model final : public ModelApi<master_t<T>> {
 
   MemoryReport mem_;
   std::vector<void*> owned_;
+  // Per layer; with checkpoint_activations only resid_in is the layer's own, and every other
+  // pointer is one shared set that the layer's recompute refills in the backward.
   std::vector<LayerActs> acts_;
   T* resid_out_ = nullptr;        // (N, C) residual after the last layer
   Master* rstd_final_ = nullptr;  // (N)
@@ -277,6 +292,14 @@ class Model final : public ModelApi<master_t<T>> {
   Master* rope_cos_ = nullptr;
   Master* rope_sin_ = nullptr;
 };
+
+// What a Model<T> of this config and plan would allocate, by category, without allocating
+// anything: the model (and a generator, when `generator` is given) is built over the meta op set
+// (ops/meta_ops.h) standing in for the backend `footprint` describes, so every number is the one
+// its constructor counts. `optimizer` adds the state set_optimizer would allocate for that kind.
+template <class T>
+MemoryReport plan_memory(const ModelConfig& config, const MemoryPlan& plan, const BackendFootprint& footprint,
+                         const OptimizerConfig::Kind* optimizer, const GeneratorPlan* generator);
 
 // Rotary tables for positions [0, n_pos): cos/sin (n_pos, head_dim/2), with rope_scaling applied.
 template <class T>

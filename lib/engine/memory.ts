@@ -1,0 +1,144 @@
+// The memory plan: what a model would take, by category, before anything is allocated. The
+// numbers come from the engine's own allocating code, run over its meta op set
+// (native/ops/meta_ops.h), so they are the bytes Model.create will ask for, on any machine: a
+// plan for device 'cuda' needs no GPU. Here: resolving the options (the device, 'auto'
+// checkpointing against the memory available), the table, and the refusal that says what would fit.
+import { freemem } from 'node:os';
+import type { GeneratorPlan } from './generate.js';
+import { native } from './native.js';
+import type { MemoryPlan, MemoryReport, ModelConfig, OptimizerConfig } from './types.js';
+
+/** Where a model runs: 'auto' takes the GPU when `cudaInfo().available`, else the CPU. */
+export type Device = 'cpu' | 'cuda' | 'auto';
+
+/** What Model.plan counts: Model.create's options, plus the optimizer and generator that will follow. */
+export interface PlanOptions {
+  /** default 'cpu'; 'cuda' plans bf16 parameters over float32 master weights, GPU or not */
+  device?: Device;
+  /**
+   * Keep only each layer's input through the forward pass and recompute the layer in the
+   * backward (one more forward pass per step; gradients are bitwise the same). 'auto' (the
+   * default) turns it on when the plan without it does not fit `available`.
+   */
+  activationCheckpointing?: boolean | 'auto';
+  /** the optimizer whose state to count (setOptimizer allocates it); none when absent */
+  optimizer?: { kind: NonNullable<OptimizerConfig['kind']> };
+  /** a generator whose KV cache to count (createGenerator allocates it); none when absent */
+  generator?: GeneratorPlan;
+  /**
+   * Bytes the device has for the model; default what it reports now (the GPU's free memory, or
+   * the host's available memory for 'cpu'); unknown for 'cuda' on a machine without a GPU.
+   */
+  available?: number;
+}
+
+/** Model.plan's answer: bytes per category and their total, with the options it resolved. */
+export interface MemoryPlanReport extends MemoryReport {
+  device: 'cpu' | 'cuda';
+  activationCheckpointing: boolean;
+  /** the bytes the plan was checked against, when known */
+  available?: number;
+}
+
+/** The categories in the order tables list them, with their names in words. */
+export const MEMORY_CATEGORIES = [
+  ['params', 'parameters'],
+  ['master', 'master weights'],
+  ['grads', 'gradients'],
+  ['optimizer', 'optimizer state'],
+  ['activations', 'activations'],
+  ['scratch', 'scratch'],
+  ['kvCache', 'generator KV cache'],
+] as const satisfies readonly (readonly [Exclude<keyof MemoryReport, 'total'>, string])[];
+
+const GiB = 1024 ** 3;
+const gib = (bytes: number) => (bytes / GiB).toFixed(bytes > 0 && bytes < 0.05 * GiB ? 3 : 1);
+
+/** The device a Device names here: 'auto' is the GPU when one is usable. */
+export function resolveDevice(device: Device | undefined): 'cpu' | 'cuda' {
+  if (device === 'auto') return native().cudaInfo().available ? 'cuda' : 'cpu';
+  return device ?? 'cpu';
+}
+
+function availableOn(device: 'cpu' | 'cuda'): number | undefined {
+  if (device === 'cpu') return freemem();
+  const info = native().cudaInfo();
+  return info.available ? info.freeMemory : undefined;
+}
+
+/** The plan of a checked config and options (Model.plan checks them first). */
+export function planMemory(config: ModelConfig, plan: MemoryPlan, options: PlanOptions): MemoryPlanReport {
+  const device = resolveDevice(options.device);
+  const available = options.available ?? availableOn(device);
+  const report = (activationCheckpointing: boolean): MemoryPlanReport => ({
+    ...native().planMemory(config, plan, {
+      device,
+      activationCheckpointing,
+      ...(options.optimizer && { optimizer: { kind: options.optimizer.kind } }),
+      ...(options.generator && { generator: options.generator }),
+    }),
+    device,
+    activationCheckpointing,
+    ...(available !== undefined && { available }),
+  });
+  const asked = options.activationCheckpointing ?? 'auto';
+  if (asked !== 'auto') return report(asked);
+  const full = report(false);
+  return available !== undefined && full.total > available ? report(true) : full;
+}
+
+/** The plan as a table: one line per category, then the total (and what is available). */
+export function formatMemoryPlan(r: MemoryPlanReport): string {
+  const lines = MEMORY_CATEGORIES.filter(([key]) => r[key] > 0).map(([key, name]) => `  ${name.padEnd(20)}${gib(r[key]).padStart(8)} GiB`);
+  lines.push(`  ${'total'.padEnd(20)}${gib(r.total).padStart(8)} GiB`);
+  const checkpointing = `activation checkpointing ${r.activationCheckpointing ? 'on' : 'off'}`;
+  const available = r.available === undefined ? '' : `, ${gib(r.available)} GiB available`;
+  return `memory plan on ${r.device} (${checkpointing}${available}):\n${lines.join('\n')}`;
+}
+
+/**
+ * Model.create's refusal of a plan that does not fit: what it needs against what is free, the
+ * categories, and each change of the options that shrinks it, with the total it would reach.
+ */
+export function refusalMessage(config: ModelConfig, plan: MemoryPlan, options: PlanOptions, r: MemoryPlanReport): string {
+  const available = r.available ?? 0;
+  const parts = MEMORY_CATEGORIES.filter(([key]) => r[key] > 0)
+    .map(([key, name]) => `${name} ${gib(r[key])}`)
+    .join(', ');
+  const fixed: PlanOptions = { ...options, device: r.device, available, activationCheckpointing: r.activationCheckpointing };
+  const alternatives: string[] = [];
+  let fits = false;
+  // Each change alone, and all of them together (`all`) when none fits alone.
+  let all = fixed;
+  let allPlan = plan;
+  const consider = (change: string, what: readonly (keyof MemoryReport)[], variant: PlanOptions, variantPlan = plan) => {
+    const v = planMemory(config, variantPlan, variant);
+    const names = what.map((k) => MEMORY_CATEGORIES.find(([key]) => key === k)?.[1] ?? k).join(' and ');
+    const size = gib(what.reduce((sum, k) => sum + v[k], 0));
+    fits ||= v.total <= available;
+    alternatives.push(`${change} brings ${names} to ${size} (total ${gib(v.total)} GiB${v.total <= available ? ', fits' : ''})`);
+  };
+  if (!r.activationCheckpointing) {
+    all = { ...all, activationCheckpointing: true };
+    consider('activationCheckpointing: true', ['activations'], { ...fixed, activationCheckpointing: true });
+  }
+  if (options.optimizer?.kind === 'adamw') {
+    all = { ...all, optimizer: { kind: 'rmsprop' } };
+    consider("optimizer: {kind: 'rmsprop'}", ['optimizer'], { ...fixed, optimizer: { kind: 'rmsprop' } });
+  }
+  if (plan.maxBatch > 1) {
+    allPlan = { ...plan, maxBatch: Math.max(1, Math.floor(plan.maxBatch / 2)) };
+    consider(`plan.maxBatch: ${allPlan.maxBatch}`, ['activations', 'scratch'], fixed, allPlan);
+  }
+  if (options.generator && options.generator.maxBatch > 1) {
+    const generator = { ...options.generator, maxBatch: Math.max(1, Math.floor(options.generator.maxBatch / 2)) };
+    all = { ...all, generator };
+    consider(`generator.maxBatch: ${generator.maxBatch}`, ['kvCache'], { ...fixed, generator });
+  }
+  if (!fits && alternatives.length > 1) {
+    const v = planMemory(config, allPlan, all);
+    alternatives.push(`all of these together bring the total to ${gib(v.total)} GiB${v.total <= available ? ', which fits' : ''}`);
+  }
+  const advice = alternatives.length > 0 ? ` — ${alternatives.join('; ')}` : '';
+  return `needs ${gib(r.total)} GiB on ${r.device} (${gib(available)} GiB free): ${parts}${advice}\n${formatMemoryPlan(r)}`;
+}

@@ -1,0 +1,171 @@
+// Memory: the plan (plan_memory over the meta op set) against what the CPU backend really
+// allocates, and activation checkpointing against the full activations.
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "core/rng.h"
+#include "cpu/cpu_ops.h"
+#include "cuda/cuda_backend.h"
+#include "sppo/generate.h"
+#include "sppo/model.h"
+#include "tests/harness.h"
+#include "tests/model_configs.h"
+
+using namespace sppo;
+
+namespace {
+
+// Three layers, so that checkpointed layers share one set of activation buffers.
+ModelConfig three_layer_config() {
+  ModelConfig c = testutil::gqa_llama3_config(29, 17);
+  c.num_hidden_layers = 3;
+  return c;
+}
+
+std::vector<int32_t> random_tokens(int64_t n, int vocab, uint64_t seed) {
+  std::vector<int32_t> t(n);
+  for (int64_t i = 0; i < n; ++i) t[i] = int32_t(uniform01(seed, 2, i) * vocab);
+  return t;
+}
+
+void expect_same_report(const MemoryReport& plan, const MemoryReport& real, const char* what) {
+  EXPECT_TRUE(plan.params == real.params, what << ": params planned " << plan.params << ", allocated " << real.params);
+  EXPECT_TRUE(plan.master == real.master, what << ": master planned " << plan.master << ", allocated " << real.master);
+  EXPECT_TRUE(plan.grads == real.grads, what << ": grads planned " << plan.grads << ", allocated " << real.grads);
+  EXPECT_TRUE(plan.optimizer == real.optimizer,
+              what << ": optimizer planned " << plan.optimizer << ", allocated " << real.optimizer);
+  EXPECT_TRUE(plan.activations == real.activations,
+              what << ": activations planned " << plan.activations << ", allocated " << real.activations);
+  EXPECT_TRUE(plan.scratch == real.scratch,
+              what << ": scratch planned " << plan.scratch << ", allocated " << real.scratch);
+  EXPECT_TRUE(plan.kv_cache == real.kv_cache,
+              what << ": KV cache planned " << plan.kv_cache << ", allocated " << real.kv_cache);
+}
+
+}  // namespace
+
+SPPO_TEST(plan_equals_what_the_cpu_backend_allocates) {
+  const ModelConfig c = three_layer_config();
+  const GeneratorPlan gen{3, 40};
+  for (bool checkpoint : {false, true})
+    for (int opt = 0; opt < 3; ++opt) {
+      MemoryPlan plan{4, 24};
+      plan.checkpoint_activations = checkpoint;
+      const OptimizerConfig::Kind kinds[2] = {OptimizerConfig::Kind::AdamW, OptimizerConfig::Kind::RMSprop};
+      const OptimizerConfig::Kind* kind = opt < 2 ? &kinds[opt] : nullptr;
+      const std::string what = std::string(checkpoint ? "checkpointed" : "full") + ", optimizer " +
+                               (opt == 0   ? "adamw"
+                                : opt == 1 ? "rmsprop"
+                                           : "none");
+      const size_t live_before = cpu::live_bytes();
+      const MemoryReport planned = plan_memory<float>(c, plan, cpu::CpuOps<float>::footprint(), kind, &gen);
+      EXPECT_TRUE(cpu::live_bytes() == live_before,
+                  "planning allocated " << cpu::live_bytes() - live_before << " bytes");
+      {
+        Model<float> m(c, plan, std::make_unique<cpu::CpuOps<float>>());
+        if (kind) {
+          OptimizerConfig oc;
+          oc.kind = *kind;
+          m.set_optimizer(oc);
+        }
+        auto g = m.make_generator(gen);
+        MemoryReport real = m.memory();
+        real.kv_cache = g->memory_bytes();
+        expect_same_report(planned, real, what.c_str());
+        // The backend's own count of what it holds, independent of the model's counters.
+        EXPECT_TRUE(cpu::live_bytes() - live_before == planned.total(),
+                    what << ": the backend holds " << cpu::live_bytes() - live_before << " bytes, the plan says "
+                         << planned.total());
+      }
+      EXPECT_TRUE(cpu::live_bytes() == live_before,
+                  what << ": the model and generator left " << cpu::live_bytes() - live_before << " bytes behind");
+    }
+}
+
+SPPO_TEST(plan_of_a_cuda_model_needs_no_gpu) {
+  // bf16 parameters with fp32 master weights, gradients and state; the CUDA head tile.
+  ModelConfig c = three_layer_config();
+  const OptimizerConfig::Kind rms = OptimizerConfig::Kind::RMSprop;
+  const MemoryReport r = plan_memory<bf16>(c, MemoryPlan{2, 16}, cuda::footprint(), &rms, nullptr);
+  const MemoryReport cpu = plan_memory<float>(c, MemoryPlan{2, 16}, cpu::CpuOps<float>::footprint(), &rms, nullptr);
+  EXPECT_TRUE(r.master == cpu.params, "fp32 master weights take what the CPU's fp32 parameters take");
+  EXPECT_TRUE(2 * r.params == cpu.params, "bf16 parameters take half");
+  EXPECT_TRUE(r.grads == cpu.grads && r.optimizer == cpu.optimizer);
+  EXPECT_TRUE(cpu.master == 0 && r.kv_cache == 0);
+}
+
+SPPO_TEST(checkpointing_shrinks_activations) {
+  const ModelConfig c = three_layer_config();
+  MemoryPlan full{4, 24}, ckpt{4, 24};
+  ckpt.checkpoint_activations = true;
+  const auto fp = cpu::CpuOps<float>::footprint();
+  const MemoryReport a = plan_memory<float>(c, full, fp, nullptr, nullptr);
+  const MemoryReport b = plan_memory<float>(c, ckpt, fp, nullptr, nullptr);
+  // Per layer beyond the first, everything but the (N, C) input is shared.
+  const size_t N = 4 * 24, C = c.hidden_size;
+  const size_t per_layer = (a.activations - b.activations) / (c.num_hidden_layers - 1);
+  EXPECT_TRUE(b.activations < a.activations && per_layer > N * C * sizeof(float),
+              "full " << a.activations << ", checkpointed " << b.activations);
+  EXPECT_TRUE(a.params == b.params && a.scratch == b.scratch);
+}
+
+namespace {
+
+// One model trained with and without checkpointing on the same batches: every gradient, loss
+// and parameter after the optimizer steps must be bitwise equal.
+template <class Step>
+void expect_checkpointing_bitwise(const char* what, Step&& step) {
+  const ModelConfig c = three_layer_config();
+  std::vector<std::vector<float>> grads, params;
+  std::vector<double> losses;
+  for (bool checkpoint : {false, true}) {
+    MemoryPlan plan{4, 24};
+    plan.checkpoint_activations = checkpoint;
+    Model<float> m(c, plan, std::make_unique<cpu::CpuOps<float>>());
+    OptimizerConfig oc;
+    oc.kind = OptimizerConfig::Kind::RMSprop;
+    oc.lr = 1e-2, oc.max_grad_norm = 1.0;
+    m.set_optimizer(oc);
+    losses.push_back(step(m, 0));  // a step: the next batch runs on updated weights
+    m.zero_grad();
+    losses.push_back(step(m, 1));
+    grads.emplace_back(m.grad_data(), m.grad_data() + m.num_params());
+    params.emplace_back(m.param_data(), m.param_data() + m.num_params());
+  }
+  EXPECT_TRUE(losses[0] == losses[2] && losses[1] == losses[3], what << ": losses differ");
+  EXPECT_TRUE(std::memcmp(grads[0].data(), grads[1].data(), grads[0].size() * sizeof(float)) == 0,
+              what << ": gradients differ with checkpointing");
+  EXPECT_TRUE(std::memcmp(params[0].data(), params[1].data(), params[0].size() * sizeof(float)) == 0,
+              what << ": parameters differ with checkpointing");
+  bool nonzero = false;
+  for (float g : grads[0]) nonzero |= g != 0;
+  EXPECT_TRUE(nonzero, what << ": the gradients are all zero, so the comparison shows nothing");
+}
+
+}  // namespace
+
+SPPO_TEST(checkpointing_gives_bitwise_equal_gradients_next_token) {
+  const ModelConfig c = three_layer_config();
+  expect_checkpointing_bitwise("next-token loss", [&](Model<float>& m, int round) {
+    auto tokens = random_tokens(4 * 24, c.vocab_size, 30 + round);
+    const Batch b{tokens.data(), nullptr, 4, 24};
+    if (round == 0) return m.train_step(b).loss;
+    return m.accumulate_gradients(b, 1.0);
+  });
+}
+
+SPPO_TEST(checkpointing_gives_bitwise_equal_gradients_preference) {
+  const ModelConfig c = three_layer_config();
+  expect_checkpointing_bitwise("sppo-pair loss", [&](Model<float>& m, int round) {
+    // Two pairs of 20 tokens: a 5-token prompt, then response tokens.
+    auto tokens = random_tokens(4 * 20, c.vocab_size, 40 + round);
+    std::vector<uint8_t> mask(4 * 20);
+    for (int i = 0; i < 4 * 20; ++i) mask[i] = i % 20 >= 5;
+    const std::vector<double> ref = {-40, -42, -39, -41}, target = {0.7, 0.3, 0.4, 0.6};
+    const PreferenceBatch pb{
+        {tokens.data(), mask.data(), 4, 20}, ref.data(), target.data(), PreferenceLoss::SppoPair, 1000};
+    if (round == 0) return m.preference_step(pb).step.loss;
+    return m.accumulate_preference_gradients(pb, 1.0, nullptr).loss;
+  });
+}

@@ -1,0 +1,149 @@
+// Model.plan: the bytes by category before anything is allocated. On the CPU backend they must
+// equal what the model and its generator then allocate, category by category; for 'cuda' they
+// must come out on a machine without a GPU; and Model.create must refuse a plan that does not fit
+// with a message that says what would.
+import { describe, expect, it } from 'vitest';
+import { formatMemoryPlan, MEMORY_CATEGORIES, Model, type ModelConfig, type PlanOptions } from '../lib/index.js';
+import { tinyConfig } from './fixtures/engine-helpers.js';
+
+const plan = { maxBatch: 3, maxSeq: 16 };
+const config = tinyConfig({ num_hidden_layers: 3, attention_bias: true });
+
+// Llama-3-8B's shape (config.json of meta-llama/Meta-Llama-3-8B).
+const llama3_8b: ModelConfig = {
+  vocab_size: 128256,
+  hidden_size: 4096,
+  num_hidden_layers: 32,
+  num_attention_heads: 32,
+  num_key_value_heads: 8,
+  intermediate_size: 14336,
+  max_position_embeddings: 8192,
+  rope_theta: 500000,
+  rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 },
+};
+
+describe('Model.plan', () => {
+  for (const activationCheckpointing of [false, true])
+    for (const kind of ['adamw', 'rmsprop'] as const)
+      it(`equals what the CPU backend allocates, category by category (checkpointing ${activationCheckpointing}, ${kind})`, async () => {
+        const generator = { maxBatch: 4, maxContext: 24 };
+        const options: PlanOptions = { activationCheckpointing, optimizer: { kind }, generator };
+        const planned = Model.plan(config, plan, options);
+        const model = Model.create(config, plan, options);
+        try {
+          expect(model.activationCheckpointing).toBe(activationCheckpointing);
+          model.setOptimizer({ kind });
+          const gen = model.createGenerator(generator);
+          const real = { ...model.memory(), kvCache: gen.memory() };
+          for (const [key] of MEMORY_CATEGORIES) expect([key, planned[key]]).toEqual([key, real[key]]);
+          expect(planned.total).toBe(real.total + real.kvCache);
+          expect(planned.kvCache).toBeGreaterThan(0);
+          await gen.dispose();
+        } finally {
+          await model.dispose();
+        }
+      });
+
+  it('counts no optimizer state and no KV cache unless asked to', () => {
+    const r = Model.plan(config, plan, { activationCheckpointing: false });
+    expect(r.optimizer).toBe(0);
+    expect(r.kvCache).toBe(0);
+    const rms = Model.plan(config, plan, { activationCheckpointing: false, optimizer: { kind: 'rmsprop' } });
+    const adam = Model.plan(config, plan, { activationCheckpointing: false, optimizer: { kind: 'adamw' } });
+    expect(adam.optimizer).toBe(2 * rms.optimizer); // two moments against one square average
+    expect(rms.optimizer).toBe(rms.grads); // one float32 per parameter, as the gradients
+  });
+
+  it("plans the Llama-3-8B shape on 'cuda' without a GPU: bf16 weights over float32 master, gradients and state", () => {
+    // Every tensor of this shape is a multiple of the arena's 16-element alignment, so the
+    // bytes are exact multiples of the parameter count (8,030,261,248: the published figure).
+    const { vocab_size: V, hidden_size: C, intermediate_size: F, num_hidden_layers: L } = llama3_8b;
+    const kv = (C / 32) * 8;
+    const n = 2 * V * C + L * (C * C + 2 * kv * C + C * C + 3 * F * C + 2 * C) + C;
+    expect(n).toBe(8_030_261_248);
+    const r = Model.plan(
+      llama3_8b,
+      { maxBatch: 2, maxSeq: 1024 },
+      { device: 'cuda', activationCheckpointing: true, optimizer: { kind: 'rmsprop' } },
+    );
+    expect(r.device).toBe('cuda');
+    expect([r.params, r.master, r.grads, r.optimizer]).toEqual([2 * n, 4 * n, 4 * n, 4 * n]);
+    const full = Model.plan(llama3_8b, { maxBatch: 2, maxSeq: 1024 }, { device: 'cuda', activationCheckpointing: false });
+    // Checkpointing keeps one (N, C) bf16 input per layer, plus one layer's full set.
+    expect(full.activations).toBeGreaterThan(8 * r.activations);
+    expect(r.activations).toBeGreaterThan(L * 2 * 1024 * C * 2);
+    // The goal of issue 13: full fine-tuning with RMSprop within an H200's 141 GB.
+    expect(r.total).toBeLessThan(141e9);
+  });
+
+  it("resolves 'auto' checkpointing against the memory available", () => {
+    const off = Model.plan(config, plan, { activationCheckpointing: false });
+    const on = Model.plan(config, plan, { activationCheckpointing: true });
+    expect(on.activations).toBeLessThan(off.activations);
+    expect(Model.plan(config, plan, { available: off.total }).activationCheckpointing).toBe(false);
+    expect(Model.plan(config, plan, { available: off.total - 1 }).activationCheckpointing).toBe(true);
+    expect(Model.plan(config, plan).activationCheckpointing).toBe(false); // a tiny model fits this host
+  });
+
+  it('prints as a table of the categories it holds', () => {
+    const text = formatMemoryPlan(Model.plan(config, plan, { optimizer: { kind: 'adamw' }, available: 1e12 }));
+    expect(text).toMatch(/^memory plan on cpu \(activation checkpointing off, 931\.3 GiB available\):\n/);
+    expect(text).toMatch(/\n {2}parameters +0\.\d{3} GiB\n {2}gradients +0\.\d{3} GiB\n {2}optimizer state/);
+    expect(text).not.toMatch(/master weights|KV cache/); // none on the CPU, no generator asked for
+    expect(text).toMatch(/\n {2}total +0\.\d{3} GiB$/);
+  });
+
+  it('refuses bad options by name', () => {
+    expect(() => Model.plan(config, plan, { activationCheckpointing: 'yes' as never })).toThrow(
+      /options\.activationCheckpointing must be true, false or 'auto', got a string/,
+    );
+    expect(() => Model.plan(config, plan, { optimizer: { kind: 'sgd' as never } })).toThrow(
+      /options\.optimizer\.kind must be 'adamw' or 'rmsprop', got 'sgd'/,
+    );
+    expect(() => Model.plan(config, plan, { generator: { maxBatch: 1.5, maxContext: 8 } })).toThrow(/options\.generator\.maxBatch/);
+    expect(() => Model.plan(config, plan, { generator: { maxBatch: 0, maxContext: 8 } })).toThrow(
+      /generator plan\.maxBatch must be at least 1/,
+    );
+    expect(() => Model.plan(config, plan, { available: -1 })).toThrow(/options\.available must be a number of bytes >= 0, got -1/);
+    expect(() => Model.plan(config, plan, { lora: {} } as never)).toThrow(/options.*lora/);
+    expect(() => Model.plan(config, { maxBatch: 0, maxSeq: 8 })).toThrow(/maxBatch/);
+  });
+});
+
+describe('Model.create', () => {
+  it('refuses a plan that does not fit, with the table and what would fit', () => {
+    const options: PlanOptions = {
+      activationCheckpointing: false,
+      optimizer: { kind: 'adamw' },
+      generator: { maxBatch: 4, maxContext: 24 },
+    };
+    const need = Model.plan(config, plan, options);
+    let message = '';
+    try {
+      Model.create(config, plan, { ...options, available: need.total - 1 });
+    } catch (err) {
+      message = (err as Error).message;
+    }
+    expect(message).toMatch(/^Model\.create: needs 0\.\d{3} GiB on cpu \(0\.\d{3} GiB free\): parameters 0\.\d{3}, gradients/);
+    expect(message).toMatch(/ — activationCheckpointing: true brings activations to 0\.\d{3} \(total 0\.\d{3} GiB, fits\)/);
+    expect(message).toMatch(/; optimizer: \{kind: 'rmsprop'\} brings optimizer state to 0\.\d{3} \(total 0\.\d{3} GiB, fits\)/);
+    expect(message).toMatch(/; plan\.maxBatch: 1 brings activations and scratch to/);
+    expect(message).toMatch(/; generator\.maxBatch: 2 brings generator KV cache to/);
+    expect(message).toContain(formatMemoryPlan({ ...need, available: need.total - 1 }));
+    // With almost nothing free, no change fits alone: the message adds them all up.
+    expect(() => Model.create(config, plan, { ...options, available: 1000 })).toThrow(
+      /; all of these together bring the total to 0\.\d{3} GiB\n/,
+    );
+  });
+
+  it("turns checkpointing on by itself ('auto', the default) where that makes the plan fit", async () => {
+    const off = Model.plan(config, plan, { activationCheckpointing: false });
+    const model = Model.create(config, plan, { available: off.total - 1 });
+    try {
+      expect(model.activationCheckpointing).toBe(true);
+      expect(model.memory().activations).toBe(Model.plan(config, plan, { activationCheckpointing: true }).activations);
+    } finally {
+      await model.dispose();
+    }
+  });
+});
