@@ -96,11 +96,12 @@ class MetaOps final : public Ops<T> {
                              double, double) override {
     refuse();
   }
-  void kv_cache_write(T*, T*, const T*, const int32_t*, const int32_t*, int64_t, const AttentionShape&) override {
+  void kv_cache_write(T*, T*, const T*, const int32_t*, const int32_t*, int64_t, const AttentionShape&,
+                      const KvBlocks&) override {
     refuse();
   }
   void attention_decode(T*, const T*, const T*, const T*, const int32_t*, const int32_t*, int64_t,
-                        const AttentionShape&) override {
+                        const AttentionShape&, const KvBlocks&) override {
     refuse();
   }
   void sample(int32_t*, double*, const Master*, int64_t, int64_t, const SamplingOptions&, const double*) override {
