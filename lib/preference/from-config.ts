@@ -12,6 +12,7 @@ import { functionPreference, type PreferenceFunction } from './function.js';
 import { httpJudge } from './http.js';
 import { loadLmJudge } from './lm-judge.js';
 import type { PreferenceModel } from './model.js';
+import { pairwiseHttpJudge } from './pairwise-http.js';
 import { loadRewardModel } from './reward-model.js';
 import { styledReversalOracle } from './styled-reversal.js';
 
@@ -105,15 +106,17 @@ export async function preferenceFromConfig(
         maxUnusableFraction: p.maxUnusableFraction,
       });
     }
-    case 'http': {
-      const { kind, cacheDir, ...rest } = p;
+    case 'http':
+    case 'pairwise-http': {
+      const { cacheDir, ...rest } = p;
       const env = options.env ?? process.env;
       if (rest.apiKeyEnv !== undefined && !env[rest.apiKeyEnv])
         throw new SetupError(['preference', 'apiKeyEnv'], `the environment variable ${rest.apiKeyEnv} (apiKeyEnv) is not set`);
+      const given = { ...rest, env, cacheDir: cacheDir ?? options.judgeCacheDir };
       try {
-        return httpJudge({ ...rest, env, cacheDir: cacheDir ?? options.judgeCacheDir });
+        return given.kind === 'http' ? httpJudge(given) : pairwiseHttpJudge(given);
       } catch (err) {
-        throw new SetupError(['preference'], (err as Error).message.replace(/^httpJudge: /, ''), { cause: err });
+        throw new SetupError(['preference'], (err as Error).message.replace(/^(httpJudge|pairwiseHttpJudge): /, ''), { cause: err });
       }
     }
     case 'lm-judge': {
