@@ -9,7 +9,7 @@ import type { StepResult } from './types.js';
 const require = createRequire(import.meta.url);
 
 /** The addon's ABI version; native/addon/addon.cpp exports its own and native() refuses others. */
-export const ABI_VERSION = 3;
+export const ABI_VERSION = 4;
 
 export interface NativeModelHandle {
   forward(tokens: Int32Array, batch: number, seq: number, output: string): Promise<{ logits?: Float32Array; hidden?: Float32Array }>;
@@ -76,7 +76,37 @@ export interface NativeGeneratorHandle {
   dispose(): void;
 }
 
+/** The DeBERTa-v3 encoder's shape as the addon reads it (native/include/sppo/encoder.h). */
+export interface NativeEncoderConfig {
+  vocabSize: number;
+  hiddenSize: number;
+  numLayers: number;
+  numHeads: number;
+  intermediateSize: number;
+  positionBuckets: number;
+  maxRelativePositions: number;
+  layerNormEps: number;
+  /** PairRM's head: Linear(2·hidden → headHidden), tanh, Linear(→ 1) */
+  headHidden: number;
+}
+
+export interface NativeEncoderHandle {
+  parameters(): { name: string; shape: number[] }[];
+  setParameter(name: string, values: Float32Array): void;
+  /** f(x, y1, y2) per row; pool holds each row's <|source|>, <|candidate1|>, <|candidate2|> positions */
+  pairrm(
+    ids: Int32Array,
+    lengths: Int32Array,
+    pool: Int32Array,
+    batch: number,
+    seq: number,
+    hidden: boolean,
+  ): Promise<{ logits: Float64Array; hidden?: Float32Array }>;
+  dispose(): void;
+}
+
 export interface NativeAddon {
+  NativeEncoder: new (config: NativeEncoderConfig, plan: { maxBatch: number; maxSeq: number }) => NativeEncoderHandle;
   NativeModel: new (config: object, plan: object, options?: { initialize?: boolean; device?: string }) => NativeModelHandle;
   NativeGenerator: new (model: NativeModelHandle, plan: object) => NativeGeneratorHandle;
   cudaInfo(): CudaInfo;

@@ -13,6 +13,7 @@ import { httpJudge } from './http.js';
 import { loadLmJudge } from './lm-judge.js';
 import type { PreferenceModel } from './model.js';
 import { pairwiseHttpJudge } from './pairwise-http.js';
+import { loadPairRM } from './pairrm.js';
 import { loadRewardModel } from './reward-model.js';
 import { styledReversalOracle } from './styled-reversal.js';
 
@@ -23,6 +24,8 @@ export interface PreferenceFromConfigOptions {
   judgeCacheDir?: string;
   /** where the HTTP judge's apiKeyEnv is looked up; default process.env */
   env?: Record<string, string | undefined>;
+  /** PairRM's source text of a prompt: the prompt after the policy's chat template (a run gives it); default the prompt itself */
+  sourceText?: (prompt: string) => string;
   /** a kind 'function' judge given in code (an embedding tool's own scorer) instead of preference.module */
   judgeFunction?: PreferenceFunction;
 }
@@ -126,6 +129,17 @@ export async function preferenceFromConfig(
     case 'reward-model': {
       const { kind, path: dir, ...rest } = p;
       return loadEngineJudge(dir, rest.maxSeq, (maxSeq) => loadRewardModel(dir, { ...rest, device, maxSeq }));
+    }
+    case 'pairrm': {
+      const { kind, path: dir, ...rest } = p;
+      // the encoder runs on the CPU backend only (its ops have no CUDA kernels yet)
+      if (device === 'cuda')
+        throw new SetupError(['preference', 'kind'], "the PairRM judge runs on the CPU only; run with device 'cpu' or use another judge");
+      try {
+        return await loadPairRM(dir, { ...rest, sourceText: options.sourceText });
+      } catch (err) {
+        throw new SetupError(['preference', 'path'], (err as Error).message, { cause: err });
+      }
     }
   }
 }

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "addon/args.h"
+#include "addon/encoder_binding.h"
 #include "addon/generator_binding.h"
 #include "addon/model_binding.h"
 #include "core/threadpool.h"
@@ -20,7 +21,7 @@ namespace {
 using namespace sppo::addon;
 
 // Changes whenever the exports do; lib/engine/native.ts refuses an addon of another version.
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
   const int n = info[0].As<Napi::Number>().Int32Value();
@@ -68,6 +69,7 @@ Napi::Array preference_losses(Napi::Env env) {
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeModel", NativeModel::Init(env));
   exports.Set("NativeGenerator", NativeGenerator::Init(env));
+  exports.Set("NativeEncoder", NativeEncoder::Init(env));
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads));
   exports.Set("numThreads", Napi::Function::New(env, NumThreads));
   exports.Set("presetConfig", Napi::Function::New(env, PresetConfig));
