@@ -10,7 +10,7 @@
 #   variant   the tests and benchmarks again under another choice of kernels (VARIANT_ENV)
 #   bench     the CUDA benchmarks and the per-phase breakdown (sppo_bench cuda_), then the same on
 #             a baseline build when .gpu/bin/sppo_bench_base exists (BASE_FILTER: which of them)
-#   node      through Node: the device tests and the transformers round trip
+#   node      through Node: the device tests and the transformers round trips (Llama family, PairRM)
 #   peers     the PyTorch peers (bench/gpu/peers.py), last so nothing overlaps the engine's timing
 # Writes $OUT/summary.txt (the tests, the breakdown, every speed beside its peer and the ratio)
 # and one log per section.
@@ -84,6 +84,12 @@ if want node && [ -x .gpu/node ] && [ -f build/Release/sppo.node ]; then
   SPPO_PYTHON=$(command -v python3) timeout 400 ./.gpu/node node_modules/vitest/vitest.mjs run \
     test/engine-device.test.ts test/io-transformers.test.ts > "$OUT/node_tests.log" 2>&1
   grep -E "✓|×|FAIL|passed|failed" "$OUT/node_tests.log" | tail -20 >> "$OUT/summary.txt"
+  # PairRM's DeBERTa-v3 encoder against transformers' DebertaV2Model, both directions of loading
+  # (its engine side runs on the CPU backend: the encoder's ops have no CUDA kernels yet)
+  log "Node: PairRM against transformers"
+  SPPO_PYTHON=$(command -v python3) timeout 900 ./.gpu/node node_modules/vitest/vitest.mjs run \
+    test/pairrm-transformers.test.ts > "$OUT/pairrm_transformers.log" 2>&1
+  grep -E "✓|×|FAIL|passed|failed|→" "$OUT/pairrm_transformers.log" | tail -12 >> "$OUT/summary.txt"
 fi
 if want peers; then
   log "PyTorch peers (same job)"

@@ -292,8 +292,18 @@ export function encoderConfigFromHf(hf: Record<string, unknown>, headHidden: num
   };
 }
 
-/** Loads a PairRM directory (config.json, model.safetensors, tokenizer.json) as a judge that owns its encoder. */
-export async function loadPairRM(dir: string, options: PairRMOptions = {}): Promise<PairRMJudge> {
+export interface LoadedPairRM {
+  encoder: NativeEncoderHandle;
+  tokenizer: Tokenizer;
+  config: NativeEncoderConfig;
+}
+
+/**
+ * Reads a PairRM directory (config.json, model.safetensors, tokenizer.json) into a new encoder
+ * planned for `plan`: every tensor the encoder needs present with its shape, none it does not
+ * know (but position_ids buffers), each mismatch a PairRMError naming the tensor.
+ */
+export async function loadPairRMEncoder(dir: string, plan: { maxBatch: number; maxSeq: number }): Promise<LoadedPairRM> {
   const configFile = path.join(dir, 'config.json');
   if (!existsSync(configFile)) throw new PairRMError(`${dir}: no config.json`);
   if (!existsSync(path.join(dir, 'tokenizer.json'))) throw new PairRMError(`${dir}: no tokenizer.json`);
@@ -310,9 +320,7 @@ export async function loadPairRM(dir: string, options: PairRMOptions = {}): Prom
     const head = weights.tensors.get('head_layer.1.weight');
     if (!head) throw new PairRMError(`${dir}: the checkpoint lacks 'head_layer.1.weight' (PairRM's head)`);
     const config = encoderConfigFromHf(hf, head.shape[0], configFile);
-    const maxBatch = options.batchSize ?? PAIRRM_DEFAULTS.batchSize;
-    const maxSeq = options.maxSeq ?? PAIRRM_DEFAULTS.maxSeq;
-    encoder = new (native().NativeEncoder)(config, { maxBatch, maxSeq });
+    encoder = new (native().NativeEncoder)(config, plan);
     const expected = new Map(encoder.parameters().map((p) => [p.name, p.shape]));
     const missing = [...expected.keys()].filter((n) => !weights.tensors.has(n));
     if (missing.length > 0)
@@ -337,11 +345,23 @@ export async function loadPairRM(dir: string, options: PairRMOptions = {}): Prom
       );
     const scratch = new ReadScratch();
     for (const name of expected.keys()) encoder.setParameter(name, await weights.readFloat32(name, scratch));
-    return pairrmJudge(encoder, tokenizer, { label: dir, ...options });
+    return { encoder, tokenizer, config };
   } catch (e) {
     encoder?.dispose();
     throw e;
   } finally {
     await weights.close();
+  }
+}
+
+/** Loads a PairRM directory as a judge that owns its encoder. */
+export async function loadPairRM(dir: string, options: PairRMOptions = {}): Promise<PairRMJudge> {
+  const plan = { maxBatch: options.batchSize ?? PAIRRM_DEFAULTS.batchSize, maxSeq: options.maxSeq ?? PAIRRM_DEFAULTS.maxSeq };
+  const { encoder, tokenizer } = await loadPairRMEncoder(dir, plan);
+  try {
+    return pairrmJudge(encoder, tokenizer, { label: dir, ...options });
+  } catch (e) {
+    encoder.dispose();
+    throw e;
   }
 }
