@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseConfig } from '../lib/config/index.js';
+import { cudaInfo } from '../lib/engine/model.js';
 import { Tokenizer } from '../lib/io/tokenizer.js';
 import {
   assertPreferenceMatrix,
@@ -205,7 +206,7 @@ describe('loading refuses a directory that is not this PairRM, by name', () => {
 });
 
 describe("preference kind 'pairrm' in a run config", () => {
-  it('fills the defaults and loads the judge; a CUDA run is refused naming the field', async () => {
+  it('fills the defaults and loads the judge; CUDA where it is unusable is refused, saying why', async () => {
     const c = parseConfig({ model: { path: 'model' }, data: { prompts: 'p.jsonl' }, preference: { kind: 'pairrm', path: dir } });
     expect(c.preference).toEqual({
       kind: 'pairrm',
@@ -225,6 +226,9 @@ describe("preference kind 'pairrm' in a run config", () => {
     } finally {
       await j.dispose();
     }
-    await expect(preferenceFromConfig(c.preference, { device: 'cuda' })).rejects.toThrow(/runs on the CPU only/);
+    if (!cudaInfo().available)
+      await expect(preferenceFromConfig(c.preference, { device: 'cuda' })).rejects.toThrow(
+        /preference\.path: .*cannot make the encoder on 'cuda': CUDA is unavailable: /,
+      );
   });
 });

@@ -3,7 +3,8 @@
 // random weights, in both directions of loading: a checkpoint transformers made loads into the
 // engine with the same hidden states, head logits and P̂; a checkpoint written by this package
 // (names from the issue) loads into transformers with load_state_dict(strict) and the same
-// logits. Runs in the GPU job (bench/gpu/run.sh), whose machine has transformers.
+// logits; where a GPU is usable, the judge on CUDA (bf16) too. Runs in the GPU job
+// (bench/gpu/run.sh), whose machine has transformers.
 //
 // Skipped, with a message, where the python (SPPO_PYTHON, default /usr/bin/python3) cannot
 // import torch, transformers and safetensors.
@@ -13,6 +14,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
+import { cudaInfo } from '../lib/engine/model.js';
 import { loadPairRM, loadPairRMEncoder, pairrmMatrix } from '../lib/preference/index.js';
 import { PAIRRM_LARGE, tinyDebertaTokenizer, writePairRMDir } from './fixtures/pairrm-fixture.js';
 
@@ -20,6 +22,8 @@ const PYTHON = process.env.SPPO_PYTHON ?? '/usr/bin/python3';
 const SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'pairrm_transformers_check.py');
 /** max |engine − transformers| / max |transformers|, float32 on both sides */
 const TOLERANCE = 1e-4;
+/** the same with the engine on CUDA, whose encoder stores bf16 (8 bits of mantissa) through 24 layers */
+const BF16_TOLERANCE = 5e-2;
 
 const probe = spawnSync(PYTHON, ['-c', 'import torch, transformers, safetensors'], { encoding: 'utf8', timeout: 120_000 });
 const HAVE = probe.status === 0;
@@ -110,6 +114,20 @@ describe.skipIf(!HAVE)('PairRM: transformers ↔ engine', () => {
     expect(H).toBeLessThan(TOLERANCE);
     expect(C).toBeLessThan(TOLERANCE);
     expect(P).toBeLessThan(TOLERANCE);
+    if (cudaInfo().available) {
+      // the same judge on the GPU: bf16 storage, fp32 math
+      const gpu = await loadPairRM(dir, { batchSize: 4, device: 'cuda' });
+      try {
+        const onGpu = await gpu.comparisons(PROMPT, RESPONSES);
+        const G = relativeError(onGpu.flat(), theirs.flat());
+        const GP = relativeError(pairrmMatrix(onGpu).flat(), pairrmMatrix(theirs).flat());
+        console.log(`transformers → engine on CUDA (bf16): logits ${G.toExponential(2)}, P̂ ${GP.toExponential(2)}`);
+        expect(G).toBeLessThan(BF16_TOLERANCE);
+        expect(GP).toBeLessThan(BF16_TOLERANCE);
+      } finally {
+        await gpu.dispose();
+      }
+    }
   });
 
   it('writes a checkpoint transformers loads strictly, with the same logits and P̂', { timeout: 900_000 }, async () => {

@@ -84,8 +84,8 @@ if want node && [ -x .gpu/node ] && [ -f build/Release/sppo.node ]; then
   SPPO_PYTHON=$(command -v python3) timeout 400 ./.gpu/node node_modules/vitest/vitest.mjs run \
     test/engine-device.test.ts test/io-transformers.test.ts > "$OUT/node_tests.log" 2>&1
   grep -E "✓|×|FAIL|passed|failed" "$OUT/node_tests.log" | tail -20 >> "$OUT/summary.txt"
-  # PairRM's DeBERTa-v3 encoder against transformers' DebertaV2Model, both directions of loading
-  # (its engine side runs on the CPU backend: the encoder's ops have no CUDA kernels yet)
+  # PairRM's DeBERTa-v3 encoder against transformers' DebertaV2Model, both directions of loading,
+  # on the CPU backend (fp32) and on CUDA (bf16)
   log "Node: PairRM against transformers"
   SPPO_PYTHON=$(command -v python3) timeout 900 ./.gpu/node node_modules/vitest/vitest.mjs run \
     test/pairrm-transformers.test.ts > "$OUT/pairrm_transformers.log" 2>&1

@@ -106,7 +106,11 @@ export interface NativeEncoderHandle {
 }
 
 export interface NativeAddon {
-  NativeEncoder: new (config: NativeEncoderConfig, plan: { maxBatch: number; maxSeq: number }) => NativeEncoderHandle;
+  NativeEncoder: new (
+    config: NativeEncoderConfig,
+    plan: { maxBatch: number; maxSeq: number },
+    device?: 'cpu' | 'cuda',
+  ) => NativeEncoderHandle;
   NativeModel: new (config: object, plan: object, options?: { initialize?: boolean; device?: string }) => NativeModelHandle;
   NativeGenerator: new (model: NativeModelHandle, plan: object) => NativeGeneratorHandle;
   cudaInfo(): CudaInfo;

@@ -76,7 +76,7 @@ export function refuseMisplacedJudgeFunction(preference: PreferenceConfig, judge
     );
 }
 
-/** The judge a config's `preference` section describes; engine judges (lm-judge, reward-model) load their model on `device`. */
+/** The judge a config's `preference` section describes; engine judges (lm-judge, reward-model, pairrm) load their model on `device`. */
 export async function preferenceFromConfig(
   preference: PreferenceConfig,
   options: PreferenceFromConfigOptions = {},
@@ -132,11 +132,8 @@ export async function preferenceFromConfig(
     }
     case 'pairrm': {
       const { kind, path: dir, ...rest } = p;
-      // the encoder runs on the CPU backend only (its ops have no CUDA kernels yet)
-      if (device === 'cuda')
-        throw new SetupError(['preference', 'kind'], "the PairRM judge runs on the CPU only; run with device 'cpu' or use another judge");
       try {
-        return await loadPairRM(dir, { ...rest, sourceText: options.sourceText });
+        return await loadPairRM(dir, { ...rest, device, sourceText: options.sourceText });
       } catch (err) {
         throw new SetupError(['preference', 'path'], (err as Error).message, { cause: err });
       }

@@ -7,10 +7,12 @@
 // ordered pair i ≠ j of every prompt is a row, C[i,j] = f(x, y_i, y_j); rows are sorted by length
 // and batched across prompts. P̂ is the reference's (aggregation 'sppo'): s_i = (1/K)·Σ_j
 // (C[i,j] − C[j,i]), P̂[i,j] = σ(s_i − s_j). The source x is the prompt after the policy's chat
-// template (sourceText). A non-finite C[i,j] is an unusable verdict, counted as 0.
+// template (sourceText). A non-finite C[i,j] is an unusable verdict, counted as 0. The encoder
+// runs on the CPU (float32) or on CUDA (bf16 storage, fp32 math): the run's device.
 import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
+import { cudaInfo, type Device } from '../engine/model.js';
 import { native, type NativeEncoderConfig, type NativeEncoderHandle } from '../engine/native.js';
 import { ReadScratch } from '../io/safetensors.js';
 import { Tokenizer } from '../io/tokenizer.js';
@@ -44,6 +46,8 @@ export interface PairRMOptions {
   maxSeq?: number;
   /** tokens of the source, its three special tokens included; default PAIRRM_DEFAULTS */
   sourceMaxTokens?: number;
+  /** where the encoder runs: 'cpu' (float32), 'cuda' (bf16 storage, fp32 math) or 'auto' (CUDA when usable); default 'cpu' */
+  device?: Device;
   /** default 'sppo' */
   aggregation?: PairRMAggregation;
   /** the source text of a prompt: the prompt after the policy's chat template; default the prompt itself */
@@ -303,7 +307,11 @@ export interface LoadedPairRM {
  * planned for `plan`: every tensor the encoder needs present with its shape, none it does not
  * know (but position_ids buffers), each mismatch a PairRMError naming the tensor.
  */
-export async function loadPairRMEncoder(dir: string, plan: { maxBatch: number; maxSeq: number }): Promise<LoadedPairRM> {
+export async function loadPairRMEncoder(
+  dir: string,
+  plan: { maxBatch: number; maxSeq: number },
+  device: Device = 'cpu',
+): Promise<LoadedPairRM> {
   const configFile = path.join(dir, 'config.json');
   if (!existsSync(configFile)) throw new PairRMError(`${dir}: no config.json`);
   if (!existsSync(path.join(dir, 'tokenizer.json'))) throw new PairRMError(`${dir}: no tokenizer.json`);
@@ -320,7 +328,12 @@ export async function loadPairRMEncoder(dir: string, plan: { maxBatch: number; m
     const head = weights.tensors.get('head_layer.1.weight');
     if (!head) throw new PairRMError(`${dir}: the checkpoint lacks 'head_layer.1.weight' (PairRM's head)`);
     const config = encoderConfigFromHf(hf, head.shape[0], configFile);
-    encoder = new (native().NativeEncoder)(config, plan);
+    const where = device === 'auto' ? (cudaInfo().available ? 'cuda' : 'cpu') : device;
+    try {
+      encoder = new (native().NativeEncoder)(config, plan, where);
+    } catch (e) {
+      throw new PairRMError(`${dir}: cannot make the encoder on '${where}': ${(e as Error).message}`);
+    }
     const expected = new Map(encoder.parameters().map((p) => [p.name, p.shape]));
     const missing = [...expected.keys()].filter((n) => !weights.tensors.has(n));
     if (missing.length > 0)
@@ -357,7 +370,7 @@ export async function loadPairRMEncoder(dir: string, plan: { maxBatch: number; m
 /** Loads a PairRM directory as a judge that owns its encoder. */
 export async function loadPairRM(dir: string, options: PairRMOptions = {}): Promise<PairRMJudge> {
   const plan = { maxBatch: options.batchSize ?? PAIRRM_DEFAULTS.batchSize, maxSeq: options.maxSeq ?? PAIRRM_DEFAULTS.maxSeq };
-  const { encoder, tokenizer } = await loadPairRMEncoder(dir, plan);
+  const { encoder, tokenizer } = await loadPairRMEncoder(dir, plan, options.device);
   try {
     return pairrmJudge(encoder, tokenizer, { label: dir, ...options });
   } catch (e) {

@@ -8,6 +8,7 @@
 #include "addon/async_call.h"
 #include "addon/model_binding.h"
 #include "cpu/cpu_ops.h"
+#include "cuda/cuda_backend.h"
 
 namespace sppo::addon {
 
@@ -21,6 +22,29 @@ int64_t int_field(Napi::Object o, const char* key) {
     throw Napi::RangeError::New(o.Env(), std::string("encoder config: ") + key + " must be a non-negative integer");
   return int64_t(d);
 }
+
+template <class T>
+class EncoderOn final : public EncoderHost {
+ public:
+  template <class... A>
+  explicit EncoderOn(A&&... a) : e_(std::forward<A>(a)...) {}
+  const std::vector<sppo::EncoderParam>& parameters() const override { return e_.parameters(); }
+  void set_parameter(const std::string& name, const float* data, int64_t n) override {
+    e_.set_parameter(name, data, n);
+  }
+  void forward(const int32_t* ids, const int32_t* lengths, int64_t batch, int64_t seq, float* hidden) override {
+    e_.forward(ids, lengths, batch, seq, hidden);
+  }
+  void pairrm_logits(const int32_t* pool, int64_t batch, int64_t seq, double* logits) override {
+    e_.pairrm_logits(pool, batch, seq, logits);
+  }
+  int64_t max_batch() const override { return e_.max_batch(); }
+  int64_t max_seq() const override { return e_.max_seq(); }
+  int64_t hidden_size() const override { return e_.config().hidden_size; }
+
+ private:
+  sppo::Encoder<T> e_;
+};
 
 struct PairRMArgs {
   Array<int32_t> ids, lengths, pool;
@@ -58,14 +82,21 @@ NativeEncoder::NativeEncoder(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
     throw Napi::TypeError::New(env, "encoder config: layerNormEps must be a number");
   config.layer_norm_eps = c.Get("layerNormEps").As<Napi::Number>().DoubleValue();
   const int64_t max_batch = int_field(plan, "maxBatch"), max_seq = int_field(plan, "maxSeq");
+  const std::string device = info[2].IsString() ? info[2].As<Napi::String>().Utf8Value() : "cpu";
+  if (device != "cpu" && device != "cuda")
+    throw Napi::RangeError::New(env, "the encoder's device must be 'cpu' or 'cuda', got '" + device + "'");
   or_range_error(env, [&] {
-    encoder_ = std::make_unique<sppo::Encoder<float>>(config, std::make_unique<sppo::cpu::CpuOps<float>>(), max_batch,
-                                                      max_seq);
+    // make_ops names why there is no usable GPU (not built, no driver, no device)
+    if (device == "cuda")
+      encoder_ = std::make_unique<EncoderOn<sppo::bf16>>(config, sppo::cuda::make_ops(0), max_batch, max_seq);
+    else
+      encoder_ =
+          std::make_unique<EncoderOn<float>>(config, std::make_unique<sppo::cpu::CpuOps<float>>(), max_batch, max_seq);
     return 0;
   });
 }
 
-sppo::Encoder<float>& NativeEncoder::usable(Napi::Env env) {
+EncoderHost& NativeEncoder::usable(Napi::Env env) {
   if (!encoder_) throw Napi::Error::New(env, "the encoder is disposed");
   if (busy_.load())
     throw Napi::Error::New(env, "the encoder is busy with another call; await it before starting the next");
@@ -118,10 +149,10 @@ Napi::Value NativeEncoder::PairRM(const Napi::CallbackInfo& info) {
   require_length(env, a.ids, a.batch * a.seq, "ids", "batch·seq");
   require_length(env, a.lengths, a.batch, "lengths", "batch");
   require_length(env, a.pool, a.batch * 3, "pool", "batch·3");
-  sppo::Encoder<float>* e = &enc;
+  EncoderHost* e = &enc;
   auto work = [e](PairRMArgs& a) {
     a.logits.resize(size_t(a.batch));
-    if (a.want_hidden) a.hidden.resize(size_t(a.batch * a.seq * e->config().hidden_size));
+    if (a.want_hidden) a.hidden.resize(size_t(a.batch * a.seq * e->hidden_size()));
     e->forward(a.ids.data(), a.lengths.data(), a.batch, a.seq, a.want_hidden ? a.hidden.data() : nullptr);
     e->pairrm_logits(a.pool.data(), a.batch, a.seq, a.logits.data());
   };
