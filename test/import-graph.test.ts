@@ -83,7 +83,7 @@ describe('import graph', () => {
   });
 
   it('the checker fails on modules that reach the pipeline', () => {
-    expect(pipelineReached(['lib/preference/http.ts'])).toContain('lib/preference/http.ts → lib/util/abort.ts');
+    expect(pipelineReached(['lib/preference/http-transport.ts'])).toContain('lib/preference/http-transport.ts → lib/util/abort.ts');
     expect(pipelineReached(['lib/sppo/setup.ts']).some((p) => p.endsWith('→ lib/engine/model.ts'))).toBe(true);
   });
 

@@ -85,9 +85,10 @@ describe('errors name the field', () => {
     expect(problems({ ...minimal, data: {} })).toEqual([
       'data: give exactly one of prompts (a file) and words (generated styled-reversal prompts)',
     ]);
-    expect(problems({ ...minimal, preference: { kind: 'pairrm' } })).toEqual([
-      "preference.kind: unknown kind (known: 'styled-reversal', 'function', 'http', 'lm-judge', 'reward-model')",
+    expect(problems({ ...minimal, preference: { kind: 'oracle' } })).toEqual([
+      "preference.kind: unknown kind (known: 'styled-reversal', 'function', 'http', 'pairwise-http', 'lm-judge', 'reward-model', 'pairrm')",
     ]);
+    expect(problems({ ...minimal, preference: { kind: 'pairrm' } })).toEqual(['preference.path: must be a path (a string)']);
     expect(problems({ ...minimal, data: { words: 100 }, preference: { kind: 'function', id: 'j' } })).toEqual([
       "data.words: generated words go with preference.kind 'styled-reversal'",
     ]);

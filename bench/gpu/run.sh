@@ -17,6 +17,9 @@
 #             batch 64 (sppo_bench big8b_), then the PyTorch peer with gradient checkpointing
 #             (peers.py train8B); ~110 GiB and a few minutes, so not in the default SECTIONS: its
 #             own job, `SECTIONS=big bash bench/gpu/run.sh`, within the same budget
+#   pairrm    PairRM's DeBERTa-v3 encoder (issue 17) against transformers' DebertaV2Model in the
+#             full PairRM shape, both directions of loading, CPU (fp32) and CUDA (bf16); not in the
+#             default SECTIONS either: `SECTIONS="pairrm big" bash bench/gpu/run.sh`
 # Writes $OUT/summary.txt (the tests, the breakdown, every speed beside its peer and the ratio)
 # and one log per section.
 # The whole job keeps within BUDGET_S seconds (default 420: the GPU lease is short): each section
@@ -135,6 +138,13 @@ if want big && [ -x $bin/sppo_bench ] && t=$(limit 240 90) && run_for $t "Llama-
     OUT="$OUT" PEERS=train8B timeout $t python3 bench/gpu/peers.py > "$OUT/peers_big.log" 2>&1
     grep -E "^train_8B|Error|error" "$OUT/peers_big.log" | tail -4 >> "$OUT/summary.txt"
   fi
+fi
+if want pairrm && [ -x .gpu/node ] && [ -f build/Release/sppo.node ] && t=$(limit 300 60) && run_for $t "PairRM check"; then
+  log "Node: PairRM against transformers"
+  export PATH="$PWD/.gpu:$PATH"
+  SPPO_PYTHON=$(command -v python3) timeout $t ./.gpu/node node_modules/vitest/vitest.mjs run \
+    test/pairrm-transformers.test.ts > "$OUT/pairrm_transformers.log" 2>&1
+  grep -E "✓|×|FAIL|passed|failed|→" "$OUT/pairrm_transformers.log" | tail -12 >> "$OUT/summary.txt"
 fi
 if [ -f "$OUT/cuda_bench.log" ]; then
   log "speed against the peers"

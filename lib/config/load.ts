@@ -64,8 +64,8 @@ export function parseConfig(raw: unknown, options: ParseConfigOptions = {}): Run
     if (config.data.prompts !== undefined) config.data.prompts = abs(config.data.prompts);
     const pref = config.preference;
     if (pref.kind === 'function' && pref.module !== undefined) pref.module = abs(pref.module);
-    if (pref.kind === 'http' && pref.cacheDir !== undefined) pref.cacheDir = abs(pref.cacheDir);
-    if (pref.kind === 'lm-judge' || pref.kind === 'reward-model') pref.path = abs(pref.path);
+    if ((pref.kind === 'http' || pref.kind === 'pairwise-http') && pref.cacheDir !== undefined) pref.cacheDir = abs(pref.cacheDir);
+    if (pref.kind === 'lm-judge' || pref.kind === 'reward-model' || pref.kind === 'pairrm') pref.path = abs(pref.path);
     config.run.dir = abs(config.run.dir);
   }
   return config;

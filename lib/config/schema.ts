@@ -10,6 +10,8 @@ import { datasetModeForLoss, PREFERENCE_LOSSES } from '../engine/losses.js';
 import { functionJudgeOptionsSchema } from '../preference/options/function.js';
 import { httpJudgeOptionsSchema } from '../preference/options/http.js';
 import { lmJudgeOptionsSchema } from '../preference/options/lm-judge.js';
+import { pairrmOptionsSchema } from '../preference/options/pairrm.js';
+import { pairwiseHttpOptionsSchema } from '../preference/options/pairwise-http.js';
 import { rewardModelOptionsSchema } from '../preference/options/reward-model.js';
 import { styledReversalOptionsSchema } from '../preference/options/styled-reversal.js';
 import { filePath, nonEmpty, nonNegative, nonNegativeInt, positive, positiveInt, probability } from './fields.js';
@@ -91,8 +93,16 @@ const generationSchema = z
 const preferenceSchema = z
   .discriminatedUnion(
     'kind',
-    [styledReversalOptionsSchema, functionJudgeOptionsSchema, httpJudgeOptionsSchema, lmJudgeOptionsSchema, rewardModelOptionsSchema],
-    { error: "unknown kind (known: 'styled-reversal', 'function', 'http', 'lm-judge', 'reward-model')" },
+    [
+      styledReversalOptionsSchema,
+      functionJudgeOptionsSchema,
+      httpJudgeOptionsSchema,
+      pairwiseHttpOptionsSchema,
+      lmJudgeOptionsSchema,
+      rewardModelOptionsSchema,
+      pairrmOptionsSchema,
+    ],
+    { error: "unknown kind (known: 'styled-reversal', 'function', 'http', 'pairwise-http', 'lm-judge', 'reward-model', 'pairrm')" },
   )
   .describe('the judge P(y ≻ y′ | x), by kind');
 

@@ -78,6 +78,35 @@ export interface NativeGeneratorHandle {
   dispose(): void;
 }
 
+/** The DeBERTa-v3 encoder's shape as the addon reads it (native/include/sppo/encoder.h). */
+export interface NativeEncoderConfig {
+  vocabSize: number;
+  hiddenSize: number;
+  numLayers: number;
+  numHeads: number;
+  intermediateSize: number;
+  positionBuckets: number;
+  maxRelativePositions: number;
+  layerNormEps: number;
+  /** PairRM's head: Linear(2·hidden → headHidden), tanh, Linear(→ 1) */
+  headHidden: number;
+}
+
+export interface NativeEncoderHandle {
+  parameters(): { name: string; shape: number[] }[];
+  setParameter(name: string, values: Float32Array): void;
+  /** f(x, y1, y2) per row; pool holds each row's <|source|>, <|candidate1|>, <|candidate2|> positions */
+  pairrm(
+    ids: Int32Array,
+    lengths: Int32Array,
+    pool: Int32Array,
+    batch: number,
+    seq: number,
+    hidden: boolean,
+  ): Promise<{ logits: Float64Array; hidden?: Float32Array }>;
+  dispose(): void;
+}
+
 export interface NativeModelOptions {
   initialize?: boolean;
   /** default 'cpu' ('auto' is resolved by lib/engine/memory.ts before it gets here) */
@@ -86,6 +115,11 @@ export interface NativeModelOptions {
 }
 
 export interface NativeAddon {
+  NativeEncoder: new (
+    config: NativeEncoderConfig,
+    plan: { maxBatch: number; maxSeq: number },
+    device?: 'cpu' | 'cuda',
+  ) => NativeEncoderHandle;
   NativeModel: new (config: object, plan: object, options?: NativeModelOptions) => NativeModelHandle;
   /** what NativeModel would allocate for these arguments (and an optimizer's state and a generator's cache) */
   planMemory(

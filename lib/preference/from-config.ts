@@ -12,6 +12,8 @@ import { functionPreference, type PreferenceFunction } from './function.js';
 import { httpJudge } from './http.js';
 import { loadLmJudge } from './lm-judge.js';
 import type { PreferenceModel } from './model.js';
+import { pairwiseHttpJudge } from './pairwise-http.js';
+import { loadPairRM } from './pairrm.js';
 import { loadRewardModel } from './reward-model.js';
 import { styledReversalOracle } from './styled-reversal.js';
 
@@ -22,6 +24,8 @@ export interface PreferenceFromConfigOptions {
   judgeCacheDir?: string;
   /** where the HTTP judge's apiKeyEnv is looked up; default process.env */
   env?: Record<string, string | undefined>;
+  /** PairRM's source text of a prompt: the prompt after the policy's chat template (a run gives it); default the prompt itself */
+  sourceText?: (prompt: string) => string;
   /** a kind 'function' judge given in code (an embedding tool's own scorer) instead of preference.module */
   judgeFunction?: PreferenceFunction;
 }
@@ -91,7 +95,7 @@ export function refuseMisplacedJudgeFunction(
   return preference.module;
 }
 
-/** The judge a config's `preference` section describes; engine judges (lm-judge, reward-model) load their model on `device`. */
+/** The judge a config's `preference` section describes; engine judges (lm-judge, reward-model, pairrm) load their model on `device`. */
 export async function preferenceFromConfig(
   preference: PreferenceConfig,
   options: PreferenceFromConfigOptions = {},
@@ -114,15 +118,17 @@ export async function preferenceFromConfig(
         maxUnusableFraction: p.maxUnusableFraction,
       });
     }
-    case 'http': {
-      const { kind, cacheDir, ...rest } = p;
+    case 'http':
+    case 'pairwise-http': {
+      const { cacheDir, ...rest } = p;
       const env = options.env ?? process.env;
       if (rest.apiKeyEnv !== undefined && !env[rest.apiKeyEnv])
         throw new SetupError(['preference', 'apiKeyEnv'], `the environment variable ${rest.apiKeyEnv} (apiKeyEnv) is not set`);
+      const given = { ...rest, env, cacheDir: cacheDir ?? options.judgeCacheDir };
       try {
-        return httpJudge({ ...rest, env, cacheDir: cacheDir ?? options.judgeCacheDir });
+        return given.kind === 'http' ? httpJudge(given) : pairwiseHttpJudge(given);
       } catch (err) {
-        throw new SetupError(['preference'], (err as Error).message.replace(/^httpJudge: /, ''), { cause: err });
+        throw new SetupError(['preference'], (err as Error).message.replace(/^(httpJudge|pairwiseHttpJudge): /, ''), { cause: err });
       }
     }
     case 'lm-judge': {
@@ -132,6 +138,14 @@ export async function preferenceFromConfig(
     case 'reward-model': {
       const { kind, path: dir, ...rest } = p;
       return loadEngineJudge(dir, rest.maxSeq, (maxSeq) => loadRewardModel(dir, { ...rest, device, maxSeq }));
+    }
+    case 'pairrm': {
+      const { kind, path: dir, ...rest } = p;
+      try {
+        return await loadPairRM(dir, { ...rest, device, sourceText: options.sourceText });
+      } catch (err) {
+        throw new SetupError(['preference', 'path'], (err as Error).message, { cause: err });
+      }
     }
   }
 }

@@ -51,7 +51,7 @@ export async function inputFiles(config: RunConfig): Promise<InputFile[]> {
   if (config.model.path !== undefined) await dir(['model', 'path'], config.model.path);
   const pref = config.preference;
   if (pref.kind === 'function' && pref.module !== undefined) one(['preference', 'module'], pref.module);
-  if (pref.kind === 'lm-judge' || pref.kind === 'reward-model') await dir(['preference', 'path'], pref.path);
+  if (pref.kind === 'lm-judge' || pref.kind === 'reward-model' || pref.kind === 'pairrm') await dir(['preference', 'path'], pref.path);
   return files;
 }
 

@@ -122,7 +122,8 @@ async function pretrainedSetup(config: RunConfig, dir: string, options: SetupOpt
   const plan: MemoryPlan = { maxBatch: 2 * training.batchSize, maxSeq: Math.min(longest, context) };
   const engineConfig = await fromModelPath(() => engineConfigFromHf(hf, { maxSeq: plan.maxSeq, label: configFile }).config);
   const tokenizer = existsSync(path.join(dir, 'tokenizer.json')) ? await fromModelPath(() => Tokenizer.fromDirectory(dir)) : undefined;
-  const text = chatPolicyText(requireChatTokenizer(tokenizer, dir, 'model.path'), data.maxPromptTokens);
+  const chat = requireChatTokenizer(tokenizer, dir, 'model.path');
+  const text = chatPolicyText(chat, data.maxPromptTokens);
   // A tokenizer that does not fit the model, a chat template that fails on a prompt, or a prompt
   // too long for the context would otherwise fail only once generation starts, after the run
   // directory and π_0 are written.
@@ -138,6 +139,8 @@ async function pretrainedSetup(config: RunConfig, dir: string, options: SetupOpt
     device: options.device,
     judgeCacheDir: RunDir.at(config.run.dir).judgeCache,
     judgeFunction: options.judgeFunction,
+    // PairRM reads the prompt as the policy saw it, after its chat template (as the reference's rank.py)
+    sourceText: (prompt) => chat.applyChatTemplate([{ role: 'user', content: prompt }], { addGenerationPrompt: true }),
   });
   try {
     const { model } = await fromModelPath(() =>

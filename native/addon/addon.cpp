@@ -8,6 +8,7 @@
 #include <string>
 
 #include "addon/args.h"
+#include "addon/encoder_binding.h"
 #include "addon/generator_binding.h"
 #include "addon/model_binding.h"
 #include "core/threadpool.h"
@@ -87,6 +88,7 @@ Napi::Array preference_losses(Napi::Env env) {
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeModel", NativeModel::Init(env));
   exports.Set("NativeGenerator", NativeGenerator::Init(env));
+  exports.Set("NativeEncoder", NativeEncoder::Init(env));
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads));
   exports.Set("numThreads", Napi::Function::New(env, NumThreads));
   exports.Set("presetConfig", Napi::Function::New(env, PresetConfig));

@@ -68,6 +68,13 @@ class CpuOps final : public Ops<T> {
   bool rmsprop_update_finite(const T* p, const T* master, const T* g, const T* sq, int64_t n, double lr, double alpha,
                              double eps, double decay, double gscale) override;
 
+  // ---- The encoder (cpu/cpu_encoder_ops.cpp) ----
+  void layernorm_forward(T* out, const T* x, const T* residual, const T* w, const T* b, int64_t N, int64_t C,
+                         double eps) override;
+  void gelu_forward(T* x, int64_t n) override;
+  void disentangled_attention_forward(T* out, const T* qkv, const T* rel, const int32_t* rel_index, int64_t rel_center,
+                                      int64_t rel_rows, const int32_t* lengths, const AttentionShape& s) override;
+
   // ---- Decoding with a KV cache (batched sampling) ----
   void kv_cache_write(T* k_cache, T* v_cache, const T* qkv, const int32_t* slots, const int32_t* positions, int64_t n,
                       const AttentionShape& s, const KvBlocks& kv) override;
@@ -87,6 +94,9 @@ class CpuOps final : public Ops<T> {
   // that `seq` fits the plan. Allocates only after a thread-count change, never per step.
   void ensure_scratch(int64_t seq);
   T* thread_scratch(int thread) { return scratch_.data() + thread * scratch_per_thread_; }
+  // The encoder attention's per-thread scratch (a (seq x rel_rows) p2c table and one query
+  // tile's scores), grown when a longer sequence arrives, never per call otherwise.
+  std::vector<T> encoder_scratch_;
 };
 
 // Bytes the CPU backend holds right now, across every op set: alloc_bytes' live blocks as

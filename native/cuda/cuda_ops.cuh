@@ -98,6 +98,14 @@ class CudaOps final : public Ops<bf16> {
   bool rmsprop_update_finite(const bf16* p, const float* master, const float* g, const float* sq, int64_t n, double lr,
                              double alpha, double eps, double decay, double gscale) override;
 
+  // the encoder's ops (cuda_encoder.cu)
+  void layernorm_forward(bf16* out, const bf16* x, const bf16* residual, const bf16* w, const bf16* b, int64_t N,
+                         int64_t C, double eps) override;
+  void gelu_forward(bf16* x, int64_t n) override;
+  void disentangled_attention_forward(bf16* out, const bf16* qkv, const bf16* rel, const int32_t* rel_index,
+                                      int64_t rel_center, int64_t rel_rows, const int32_t* lengths,
+                                      const AttentionShape& s) override;
+
   void kv_cache_write(bf16* k_cache, bf16* v_cache, const bf16* qkv, const int32_t* slots, const int32_t* positions,
                       int64_t n, const AttentionShape& s, const KvBlocks& kv) override;
   void attention_decode(bf16* out, const bf16* qkv, const bf16* k_cache, const bf16* v_cache, const int32_t* slots,

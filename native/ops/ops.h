@@ -8,8 +8,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "core/bf16.h"
+#include "core/error.h"
 
 namespace sppo {
 
@@ -172,6 +174,30 @@ class Ops {
   virtual bool rmsprop_update_finite(const T* p, const Master* master, const Master* g, const Master* sq, int64_t n,
                                      double lr, double alpha, double eps, double decay, double gscale) = 0;
 
+  // ---- The encoder (DeBERTa-v3, inference only; model/encoder.cpp) ----
+  // Backends without them throw sppo::Error naming the op and the backend.
+  // out(N,C) = LayerNorm(x + residual) * w + b over each row, statistics in Master precision;
+  // residual may be null, out may alias x or residual.
+  virtual void layernorm_forward(T* out, const T* x, const T* residual, const T* w, const T* b, int64_t N, int64_t C,
+                                 double eps) {
+    unsupported("layernorm_forward");
+  }
+  // x(n) = gelu(x) = x·Φ(x) with the exact erf, in place.
+  virtual void gelu_forward(T* x, int64_t n) { unsupported("gelu_forward"); }
+  // DeBERTa's disentangled self-attention, non-causal, one (batch, head) at a time. q, k, v are
+  // fused rows as in attention_forward (heads == kv_heads); rel(rel_rows, 2*heads*head_dim) holds
+  // the relative embeddings projected by the query projection (columns [0, H*D): Qr) and the key
+  // projection ([H*D, 2*H*D): Kr). For query i and key j of a row, with d = rel_index[rel_center
+  // + i - j] (the bucketed, clamped relative position, computed by the caller, in [0, rel_rows)):
+  //   S[i,j] = scale * (q_i·k_j + q_i·Kr[d] + k_j·Qr[d])    (content, c2p, p2c)
+  // Keys j >= lengths[b] are masked; query rows i >= lengths[b] get out = 0. lengths is (batch)
+  // int32 backend memory, each in [1, seq]; rel_index covers i - j in [-(seq-1), seq-1].
+  virtual void disentangled_attention_forward(T* out, const T* qkv, const T* rel, const int32_t* rel_index,
+                                              int64_t rel_center, int64_t rel_rows, const int32_t* lengths,
+                                              const AttentionShape& s) {
+    unsupported("disentangled_attention_forward");
+  }
+
   // ---- Decoding with a paged KV cache (batched sampling) ----
   // Rows are new tokens of sequences held in a paged KV cache (KvBlocks): row i is fused qkv as
   // above, belongs to block-table row slots[i] and sits at position positions[i]. s.batch is the
@@ -192,6 +218,11 @@ class Ops {
   // softmax of the unmodified logits at the token) are host arrays, as is u.
   virtual void sample(int32_t* tokens, double* raw_logprobs, const Master* logits, int64_t n, int64_t V,
                       const SamplingOptions& o, const double* u) = 0;
+
+ protected:
+  [[noreturn]] void unsupported(const char* op) const {
+    throw Error(std::string("the ") + name() + " backend has no " + op + " (the encoder's ops)");
+  }
 };
 
 }  // namespace sppo

@@ -41,6 +41,14 @@ export const HTTP_JUDGE_DEFAULTS = Object.freeze({
   maxResponseBytes: 1024 * 1024,
 });
 
+/** Backoff between retries (not config fields: a test shortens them). */
+export const HTTP_BACKOFF_DEFAULTS = Object.freeze({
+  /** the first backoff in ms, doubled per retry (jittered) */
+  backoffMs: 500,
+  /** the longest backoff in ms (a server's Retry-After is waited in full, up to 10 minutes) */
+  maxBackoffMs: 30_000,
+});
+
 const CREDENTIALS =
   'must not contain credentials (user:password@): give the API key through apiKeyEnv, the environment variable that holds it';
 
@@ -70,38 +78,47 @@ export function baseUrlProblem(baseUrl: string): string | undefined {
   return hasCredentials(baseUrl) ? CREDENTIALS : undefined;
 }
 
+/** An http(s) URL without credentials. */
+export const httpUrl = () =>
+  z.url({ protocol: /^https?$/, error: 'must be an http(s) URL' }).refine((u) => !hasCredentials(u), { error: CREDENTIALS });
+
+/**
+ * The fields of an HTTP judge's transport (http, pairwise-http), written once: the API key's
+ * variable, the request limits and the disk cache. `unreadable` says what answers are retried,
+ * `cached` what one cache file holds.
+ */
+export const httpTransportFields = (unreadable: string, cached: string) => ({
+  apiKeyEnv: nonEmpty()
+    .optional()
+    .describe('the environment variable that holds the API key, sent as Authorization: Bearer (the key itself never goes in a config)'),
+  requestConcurrency: positiveInt()
+    .default(HTTP_JUDGE_DEFAULTS.requestConcurrency)
+    .describe('HTTP requests in flight at once, over all prompts'),
+  timeoutMs: positiveInt().default(HTTP_JUDGE_DEFAULTS.timeoutMs).describe('time limit of one attempt in milliseconds, body included'),
+  maxRetries: nonNegativeInt()
+    .default(HTTP_JUDGE_DEFAULTS.maxRetries)
+    .describe(`retries after the first attempt (on 408, 429, 5xx, network errors, bodies that are not ${unreadable})`),
+  maxResponseBytes: positiveInt()
+    .default(HTTP_JUDGE_DEFAULTS.maxResponseBytes)
+    .describe('a response body longer than this many bytes fails the request (read as a stream and cancelled past it)'),
+  cacheDir: filePath().optional().describe(`one file per ${cached}; default <run.dir>/judge-cache`),
+});
+
 export const httpJudgeOptionsSchema = z
   .strictObject({
     kind: z
       .literal('http')
       .describe('a judge behind an OpenAI-compatible chat-completions endpoint (both orders asked, answers cached on disk)'),
-    baseUrl: z
-      .url({ protocol: /^https?$/, error: 'must be an http(s) URL' })
-      .refine((u) => !hasCredentials(u), { error: CREDENTIALS })
-      .describe(
-        'the API root, e.g. https://api.openai.com/v1; requests go to <baseUrl>/chat/completions; no credentials (user:password@) in it',
-      ),
+    baseUrl: httpUrl().describe(
+      'the API root, e.g. https://api.openai.com/v1; requests go to <baseUrl>/chat/completions; no credentials (user:password@) in it',
+    ),
     model: nonEmpty().describe('the model field of each request'),
-    apiKeyEnv: nonEmpty()
-      .optional()
-      .describe('the environment variable that holds the API key, sent as Authorization: Bearer (the key itself never goes in a config)'),
     template: judgeTemplate().optional(),
     system: z.string().optional().describe('a system message sent before the judge prompt'),
-    requestConcurrency: positiveInt()
-      .default(HTTP_JUDGE_DEFAULTS.requestConcurrency)
-      .describe('HTTP requests in flight at once, over all prompts'),
-    timeoutMs: positiveInt().default(HTTP_JUDGE_DEFAULTS.timeoutMs).describe('time limit of one attempt in milliseconds, body included'),
-    maxRetries: nonNegativeInt()
-      .default(HTTP_JUDGE_DEFAULTS.maxRetries)
-      .describe(
-        'retries after the first attempt (on 408, 429, 5xx, network errors, bodies that are not a completion, and answers that name neither A nor B or carry a non-finite logprob)',
-      ),
-    maxResponseBytes: positiveInt()
-      .default(HTTP_JUDGE_DEFAULTS.maxResponseBytes)
-      .describe('a response body longer than this many bytes fails the request (read as a stream and cancelled past it)'),
-    cacheDir: filePath()
-      .optional()
-      .describe('one file per answered comparison (its verdict and an excerpt of the answer); default <run.dir>/judge-cache'),
+    ...httpTransportFields(
+      'a completion, and answers that name neither A nor B or carry a non-finite logprob',
+      'answered comparison (its verdict and an excerpt of the answer)',
+    ),
     concurrency: judgeConcurrency(),
     maxUnusableFraction: maxUnusableFraction(),
   })
