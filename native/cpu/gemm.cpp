@@ -10,6 +10,9 @@
 // Packing absorbs both transposes, so one micro-kernel serves all four cases. Every C element
 // is owned by one task and reduced over K in the same order whatever the thread count, so
 // results are bit-identical run to run (and across thread counts).
+// Few rows (decode) skip the shared panel: M <= 4 goes through a matrix-vector pair per kernel
+// set (op(B) streamed once, unpacked), x * W^T with M <= 16 through the small-M paths; both
+// reduce every element exactly as the micro-kernel does, so a row's result never depends on M.
 #include "cpu/gemm.h"
 
 #include <immintrin.h>
