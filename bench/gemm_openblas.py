@@ -27,9 +27,10 @@ def model_shapes():
     rows = [("fwd", T, n, k, False, True, 0.0) for n, k in NK]
     rows += [("bwd_dx", T, k, n, False, False, 0.0) for n, k in NK]
     rows += [("bwd_dw", n, k, T, True, False, 1.0) for n, k in NK]
-    for m in (1, 4, 16, 64):
+    for m in (1, 2, 4, 16, 64):
         rows.append(("decode", m, 1376, 512, False, True, 0.0))
         rows.append(("decode", m, 512, 1376, False, True, 0.0))
+    rows += [("head", m, 8192, 512, False, True, 0.0) for m in (1, 4)]
     return rows
 
 

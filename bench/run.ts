@@ -21,13 +21,20 @@
 //           tokens (`build/sppo_bench shared_prompts`): the paged cache with prefix sharing vs
 //           today's generator (no sharing, maxBatch 16, a slot of maxContext per sequence) in the
 //           same KV-cache bytes, whole calls                               target >= 2.5x
+//   generate-k  issue 14's CPU generation workload: the SPPO loop's sampling step on the 'small'
+//           shape, 16 prompts of 256 tokens, K = 5 samples each, 128 new tokens, T = 0.7, through
+//           the Node API (model.createGenerator, samplesPerPrompt) vs bench/pytorch_generate.py
+//           (HF-style eager generate with a KV cache, the baseline's model imported, its shape
+//           passed from presetConfig); tok/s = new tokens / wall time of the whole call, engine
+//           best of 2 runs, peer 1 run (minutes long)                      target >= 6x (after
+//           prefix sharing)
 //   cxx     `build/sppo_bench train_step` (C++ only, no Node), for reference
 //
 // Before any of these, bench/peer_blas.py names the BLAS under each Python peer the chosen
 // sections use (PyTorch, numpy) and measures its sgemm; a speed ratio against a peer on the
 // reference BLAS or below MIN_PEER_SGEMM_GFLOPS is withheld (bench/peer_blas.ts).
 //
-// Options: --only train,gemm,mem,head,decode,sampling,cxx   run a subset        --json FILE   write every number
+// Options: --only train,gemm,mem,head,decode,sampling,generate-k,cxx   run a subset        --json FILE   write every number
 //          --reps N                    timed steps (default: tiny 5, small 3, after 1 warm-up)
 //          --gemm-rounds N             alternating GEMM rounds (default 2)
 // The engine and its peer are measured back to back per shape (engine tiny, torch tiny, engine
@@ -52,6 +59,7 @@ const SPPO_BENCH = path.join(ROOT, 'build', 'sppo_bench');
 const BASELINE = path.join(ROOT, 'bench', 'pytorch_cpu_baseline.py');
 const GEMM_OPENBLAS = path.join(ROOT, 'bench', 'gemm_openblas.py');
 const PYTORCH_HEAD = path.join(ROOT, 'bench', 'pytorch_head.py');
+const PYTORCH_GENERATE = path.join(ROOT, 'bench', 'pytorch_generate.py');
 const TSX = path.join(ROOT, 'node_modules', '.bin', 'tsx');
 
 const TRAIN_SHAPES: { preset: PresetName; batch: number; seq: number; reps: number }[] = [
@@ -59,6 +67,16 @@ const TRAIN_SHAPES: { preset: PresetName; batch: number; seq: number; reps: numb
   { preset: 'small', batch: 8, seq: 512, reps: 3 },
 ];
 const MEM_SHAPE = { preset: 'small' as PresetName, batch: 8, seq: 512 };
+// Issue 14's CPU generation workload (one SPPO iteration's sampling on the 'small' shape).
+const GENERATE_K = {
+  preset: 'small' as PresetName,
+  prompts: 16,
+  promptLen: 256,
+  samples: 5,
+  newTokens: 128,
+  temperature: 0.7,
+  runs: 2,
+};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -485,6 +503,104 @@ async function decode(results: Record<string, unknown>, baseline: Record<string,
   return rows;
 }
 
+// The engine's side of generate-k: one generator holding every sequence of the workload, each
+// prompt with its own seed, the whole generate() call timed (prefill included).
+async function engineGenerateK(): Promise<{ tokS: number; seconds: number[]; generatorBytes: number }> {
+  const g = GENERATE_K;
+  const sequences = g.prompts * g.samples;
+  const model = Model.create(g.preset, { maxBatch: 1, maxSeq: 16 });
+  const gen = model.createGenerator({ maxBatch: sequences, maxContext: g.promptLen + g.newTokens });
+  const vocab = model.config.vocab_size;
+  const prompts = Array.from({ length: g.prompts }, (_, i) => randomTokens(g.promptLen, vocab, 100 + i));
+  const seconds: number[] = [];
+  try {
+    for (let r = 0; r < g.runs; r++) {
+      const t0 = performance.now();
+      const out = await gen.generate(prompts, {
+        samplesPerPrompt: g.samples,
+        maxNewTokens: g.newTokens,
+        temperature: g.temperature,
+        seed: prompts.map((_, i) => i),
+      });
+      seconds.push((performance.now() - t0) / 1e3);
+      // No stop tokens: every sequence must come back with all its tokens, or the rate is wrong.
+      const short = out.filter((s) => s.tokens.length !== g.newTokens);
+      if (out.length !== sequences || short.length > 0)
+        throw new Error(`generate-k: ${out.length} sequences, ${short.length} of them short of ${g.newTokens} tokens`);
+    }
+    return { tokS: (sequences * g.newTokens) / Math.min(...seconds), seconds, generatorBytes: gen.memory() };
+  } finally {
+    await gen.dispose();
+    await model.dispose();
+  }
+}
+
+// The PyTorch side, on the preset's shape as the engine reports it.
+function pytorchGenerateK(): { tok_s: number; seconds: number[]; threads: number; torch: string } | undefined {
+  if (!haveTorch()) {
+    console.log(`pytorch generate-k: skipped (${PYTHON} cannot import torch)`);
+    return undefined;
+  }
+  const g = GENERATE_K;
+  const c = presetConfig(g.preset);
+  // The peer's model derives head_dim as hidden / heads; another head_dim would be another model.
+  if (c.head_dim !== undefined && c.head_dim * c.num_attention_heads !== c.hidden_size)
+    throw new Error(`generate-k: preset ${g.preset} has head_dim ${c.head_dim}, which bench/pytorch_generate.py cannot express`);
+  const dir = mkdtempSync(path.join(tmpdir(), 'sppo-genk-'));
+  try {
+    const json = path.join(dir, 'generate.json');
+    const dims = {
+      hidden: c.hidden_size,
+      layers: c.num_hidden_layers,
+      heads: c.num_attention_heads,
+      'kv-heads': c.num_key_value_heads,
+      ffn: c.intermediate_size,
+      vocab: c.vocab_size,
+      prompts: g.prompts,
+      'prompt-len': g.promptLen,
+      samples: g.samples,
+      'new-tokens': g.newTokens,
+      temperature: g.temperature,
+      // One run: the peer's takes minutes (over 10 under load), so its noise is small already.
+      runs: 1,
+    };
+    const args = Object.entries(dims).flatMap(([k, v]) => [`--${k}`, String(v)]);
+    const r = run(PYTHON, [PYTORCH_GENERATE, ...args, '--json', json], { timeoutMs: 90 * 60_000 });
+    if (r.status !== 0 || !existsSync(json)) {
+      console.log(`bench/pytorch_generate.py failed: ${failure(r)}`);
+      return undefined;
+    }
+    return JSON.parse(readFileSync(json, 'utf8')) as { tok_s: number; seconds: number[]; threads: number; torch: string };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+async function generateK(results: Record<string, unknown>): Promise<Row[]> {
+  const g = GENERATE_K;
+  const eng = await engineGenerateK();
+  const fmtRuns = (xs: number[]) => xs.map((x) => x.toFixed(2)).join(', ');
+  console.log(
+    `engine generate-k ${g.preset}: ${fmt(eng.tokS)} tok/s (runs ${fmtRuns(eng.seconds)} s; generator ` +
+      `${fmt(eng.generatorBytes / MiB)} MiB)`,
+  );
+  const py = pytorchGenerateK();
+  if (py) console.log(`pytorch generate-k ${g.preset}: ${fmt(py.tok_s)} tok/s (runs ${fmtRuns(py.seconds)} s)`);
+  results.generateK = { ...g, engine: eng, pytorch: py };
+  return [
+    {
+      what: `generate-k ${g.preset}: ${g.prompts} prompts x ${g.promptLen}, K=${g.samples}, ${g.newTokens} new (T=${g.temperature})`,
+      unit: 'tok/s',
+      engine: eng.tokS,
+      peer: py?.tok_s,
+      ratio: py ? eng.tokS / py.tok_s : undefined,
+      target: '>= 6 (issue 14)',
+      against: 'torch',
+      note: py ? `PyTorch ${py.torch} HF-style generate, ${py.threads} thr` : 'no torch',
+    },
+  ];
+}
+
 function cxxTrainStep(results: Record<string, unknown>): string[] {
   if (!existsSync(SPPO_BENCH)) return [`(${SPPO_BENCH} not built)`];
   const r = run(SPPO_BENCH, ['train_step']);
@@ -541,7 +657,7 @@ function printTable(rows: Row[]): void {
 
 async function main(): Promise<void> {
   if (process.argv.includes('--mem-child')) return memChild();
-  const only = new Set((arg('--only') ?? 'train,gemm,mem,head,decode,sampling,cxx').split(','));
+  const only = new Set((arg('--only') ?? 'train,gemm,mem,head,decode,sampling,generate-k,cxx').split(','));
   const machine = {
     date: new Date().toISOString(),
     cpu: cpuModel(),
@@ -559,7 +675,7 @@ async function main(): Promise<void> {
   );
   // The peers' BLAS, measured before anything is compared with them.
   const peerBlas: Partial<Record<PythonPeer, PeerBlas>> = {};
-  if (haveTorch() && ['train', 'head', 'decode'].some((s) => only.has(s))) peerBlas.torch = checkPeerBlas(PYTHON, 'torch');
+  if (haveTorch() && ['train', 'head', 'decode', 'generate-k'].some((s) => only.has(s))) peerBlas.torch = checkPeerBlas(PYTHON, 'torch');
   if (only.has('gemm') && existsSync(SPPO_BENCH)) peerBlas.numpy = checkPeerBlas(PYTHON, 'numpy', gemmPeerEnv());
   for (const [peer, c] of Object.entries(peerBlas)) console.log(describePeerBlas(peer as PythonPeer, c));
   results.peerBlas = peerBlas;
@@ -642,6 +758,7 @@ async function main(): Promise<void> {
     rows.push(...(await decode(results, baseline)));
   }
   if (only.has('sampling')) rows.push(...sppoSampling(results));
+  if (only.has('generate-k')) rows.push(...(await generateK(results)));
   if (only.has('cxx')) cxxLines = cxxTrainStep(results);
 
   const withheld = withholdUnfairRatios(rows, peerBlas);

@@ -21,7 +21,7 @@ struct Shape {
 };
 
 // The shapes of bench/gemm_openblas.py, in the same order. fwd: y = x W^T; bwd_dx: dx = dy W;
-// bwd_dw: dW += dy^T x (beta 1); decode: a few rows through a forward layer.
+// bwd_dw: dW += dy^T x (beta 1); decode: a few rows through a forward layer; head: the LM head.
 std::vector<Shape> model_shapes() {
   std::vector<Shape> v;
   const int64_t T = 4096;
@@ -30,10 +30,12 @@ std::vector<Shape> model_shapes() {
   for (auto& s : nk) v.push_back({"fwd", T, s[0], s[1], false, true, 0.0f});
   for (auto& s : nk) v.push_back({"bwd_dx", T, s[1], s[0], false, false, 0.0f});
   for (auto& s : nk) v.push_back({"bwd_dw", s[0], s[1], T, true, false, 1.0f});
-  for (int64_t m : {1, 4, 16, 64}) {
+  for (int64_t m : {1, 2, 4, 16, 64}) {
     v.push_back({"decode", m, 1376, 512, false, true, 0.0f});
     v.push_back({"decode", m, 512, 1376, false, true, 0.0f});
   }
+  // The `small` preset's LM head at batch 1 and 4 (16 MiB of weights: streamed from memory).
+  for (int64_t m : {1, 4}) v.push_back({"head", m, 8192, 512, false, true, 0.0f});
   return v;
 }
 

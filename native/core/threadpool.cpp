@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <stdexcept>
 
 namespace sppo {
 
@@ -36,38 +37,47 @@ inline void cpu_relax() {
 }
 }  // namespace
 
-void ThreadPool::drain(int thread) {
+void ThreadPool::drain(int thread, uint32_t generation) {
   in_task = true;
   current_thread = thread;
   for (;;) {
-    int64_t task = next_task_.fetch_add(1, std::memory_order_relaxed);
-    if (task >= n_tasks_) break;
+    uint64_t s = state_.load(std::memory_order_acquire);
+    // Another run already, this one closed, or every task taken: nothing left here. An
+    // n_tasks_ read as a newer run starts can only pass a state the CAS no longer matches.
+    const int64_t n = n_tasks_.load(std::memory_order_relaxed);
+    if (uint32_t(s >> 32) != generation || int64_t(s & 0xFFFFFFFFu) >= n) break;
+    if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
+    // Task (s & 0xFFFFFFFF) of this run is ours; run() waits for it, so job_ and n_tasks_ stay
+    // this run's until it is done.
     try {
-      (*job_)(task, thread);
+      (*job_.load(std::memory_order_relaxed))(int64_t(s & 0xFFFFFFFFu), thread);
     } catch (...) {
       // Kept for run() to rethrow on the caller's thread; the remaining tasks still drain.
       std::lock_guard<std::mutex> lock(error_mutex_);
       if (!error_) error_ = std::current_exception();
+    }
+    if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      done_cv_.notify_one();
     }
   }
   in_task = false;
 }
 
 void ThreadPool::worker_loop(int thread) {
-  uint64_t seen = 0;
+  uint32_t seen = 0;
   for (;;) {
-    for (int i = 0; i < kSpinIterations && generation_.load(std::memory_order_acquire) == seen; ++i) cpu_relax();
-    {
+    auto current = [&] { return uint32_t(state_.load(std::memory_order_acquire) >> 32); };
+    for (int i = 0; i < kSpinIterations && current() == seen; ++i) cpu_relax();
+    uint32_t generation = current();
+    if (generation == seen) {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return stop_ || generation_.load(std::memory_order_relaxed) != seen; });
+      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
       if (stop_) return;
-      seen = generation_.load(std::memory_order_relaxed);
+      generation = generation_;
     }
-    drain(thread);
-    if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      done_cv_.notify_one();
-    }
+    drain(thread, generation);
+    seen = generation;
   }
 }
 
@@ -79,24 +89,31 @@ void ThreadPool::run(int64_t n_tasks, FnRef<void(int64_t, int)> fn) {
     for (int64_t i = 0; i < n_tasks; ++i) fn(i, thread);
     return;
   }
+  if (n_tasks >= int64_t(0xFFFFFFFFu)) throw std::length_error("ThreadPool::run: 2^32 - 1 tasks or more");
   std::lock_guard<std::mutex> run_lock(run_mutex_);
+  uint32_t generation;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    job_ = &fn;
-    n_tasks_ = n_tasks;
+    job_.store(&fn, std::memory_order_relaxed);
+    n_tasks_.store(n_tasks, std::memory_order_relaxed);
     error_ = nullptr;
-    next_task_.store(0, std::memory_order_relaxed);
-    active_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_release);
+    done_.store(0, std::memory_order_relaxed);
+    // Run numbers wrap after 2^32 runs (hours of small ops); 0 means "no run yet".
+    if (++generation_ == 0) ++generation_;
+    generation = generation_;
+    // Publishes job_, n_tasks_ and done_ with the run's number (release).
+    state_.store(uint64_t(generation) << 32, std::memory_order_release);
   }
   wake_.notify_all();
-  drain(0);
-  for (int i = 0; i < kSpinIterations && active_.load(std::memory_order_acquire) != 0; ++i) cpu_relax();
+  drain(0, generation);
+  for (int i = 0; i < kSpinIterations && done_.load(std::memory_order_acquire) != n_tasks; ++i) cpu_relax();
   {
     std::unique_lock<std::mutex> lock(mutex_);
-    done_cv_.wait(lock, [&] { return active_.load(std::memory_order_acquire) == 0; });
-    job_ = nullptr;
+    done_cv_.wait(lock, [&] { return done_.load(std::memory_order_acquire) == n_tasks; });
   }
+  // Closed: a worker still holding this run's state can no longer claim a task (its CAS fails),
+  // whatever the next run writes to n_tasks_ and job_.
+  state_.store((uint64_t(generation) << 32) | 0xFFFFFFFFu, std::memory_order_release);
   if (error_) std::rethrow_exception(error_);
 }
 

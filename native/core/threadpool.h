@@ -55,20 +55,24 @@ class ThreadPool {
 
  private:
   void worker_loop(int thread);
-  void drain(int thread);
+  void drain(int thread, uint32_t generation);
 
   int n_threads_;
   std::vector<std::thread> workers_;
   std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable done_cv_;
-  std::mutex run_mutex_;                 // one run() at a time per pool
-  std::atomic<uint64_t> generation_{0};  // bumped (under mutex_) for each run
+  std::mutex run_mutex_;     // one run() at a time per pool
+  uint32_t generation_ = 0;  // the current run's number (never 0), under mutex_: what sleeping workers wait on
   bool stop_ = false;
-  const FnRef<void(int64_t, int)>* job_ = nullptr;
-  int64_t n_tasks_ = 0;
-  std::atomic<int64_t> next_task_{0};
-  std::atomic<int> active_{0};
+  // The current run: its number (high 32 bits) and next unclaimed task (low 32 bits; all ones
+  // once the run is over), so a worker claims a task of the run it woke for or of none. run()
+  // waits for the tasks, never for the workers: one that a busy machine has not scheduled yet
+  // simply takes no task.
+  std::atomic<uint64_t> state_{0};
+  std::atomic<const FnRef<void(int64_t, int)>*> job_{nullptr};
+  std::atomic<int64_t> n_tasks_{0};
+  std::atomic<int64_t> done_{0};  // tasks of the current run finished
   std::mutex error_mutex_;
   std::exception_ptr error_;  // the first exception a task threw in the current run
 };

@@ -10,6 +10,9 @@
 // Packing absorbs both transposes, so one micro-kernel serves all four cases. Every C element
 // is owned by one task and reduced over K in the same order whatever the thread count, so
 // results are bit-identical run to run (and across thread counts).
+// Few rows (decode) skip the shared panel: M <= 4 goes through a matrix-vector pair per kernel
+// set (op(B) streamed once, unpacked), x * W^T with M <= 16 through the small-M paths; both
+// reduce every element exactly as the micro-kernel does, so a row's result never depends on M.
 #include "cpu/gemm.h"
 
 #include <immintrin.h>
@@ -52,6 +55,8 @@ thread_local Scratch tl_apack;
 thread_local Scratch tl_bpack;
 // One packed op(B) sliver (KC x NR) of the running thread, for the small-M path.
 thread_local Scratch tl_bsliver;
+// A transposed A (K, M) gathered into (M, K) by the calling thread, for the matrix-vector path.
+thread_local Scratch tl_arows;
 
 // Blocking. KC: a KC x NR B sliver (32 KiB for AVX-512) stays in the 48 KiB L1 while the
 // A slivers stream past it. MC: the MC x KC A block (~256 KiB) stays in L2. NC bounds the
@@ -62,10 +67,21 @@ constexpr int64_t kBPanelFloats = int64_t(4) << 20;
 // Below this much work (flops) one thread does it all: waking the pool's workers costs tens of
 // microseconds on a VM (a 1 MFLOP decode gemv took 15 us alone, ~55 us with two threads).
 constexpr double kMinParallelFlops = 4e6;
-// Up to kDotMaxM rows, x * W^T never packs W into the shared panel: up to kRowsMaxM rows it
-// is read unpacked (see avx512_rows), beyond that one sliver at a time (see gemm_f32).
+// Up to kMatvecMaxM rows (single-sequence decode, the K samples of one prompt), every case goes
+// through the kernel set's matrix-vector pair: op(B) is streamed once, unpacked. Up to
+// kDotMaxM rows, x * W^T never packs W into the shared panel: up to kRowsMaxM rows it is read
+// unpacked (see avx512_rows), beyond that one sliver at a time (see gemm_f32).
+constexpr int64_t kMatvecMaxM = 4;
 constexpr int64_t kDotMaxM = 16;
 constexpr int64_t kRowsMaxM = 8;
+// The matrix-vector path reads each element of op(B) once, so it is bound by memory, not
+// flops: it splits the columns over the pool from this many elements of B (1 MiB), in tasks of
+// kMatvecTaskCols columns handed out by the pool's counter, so a thread that a busy machine
+// deschedules holds up at most one task.
+constexpr int64_t kMatvecParallelElems = int64_t(1) << 18;
+constexpr int64_t kMatvecTaskCols = 64;
+// How far ahead (floats along k) the transposed small-M kernel prefetches each W row.
+constexpr int64_t kRowsPrefetchK = 64;
 
 // The micro-kernel computes C[0:mr, 0:nr] (= alpha * a * b + beta * C) for one tile:
 // a is mr x kc packed k-major (a[k * mr + i]), b is kc x NR packed k-major (zero-padded past
@@ -73,8 +89,12 @@ constexpr int64_t kRowsMaxM = 8;
 using TileFn = void (*)(int mr, int nr, int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
                         float beta);
 
-// The small-M path: C[0:M, j0:j1] = alpha * A * B^T + beta * C with A (M,K), B (N,K), reduced
-// over K in blocks of depth kcb exactly as the packed path does (bit-identical results).
+// The small-M kernels: C[0:M, j0:j1] = alpha * A * op(B) + beta * C with A (M, K) and B stored
+// (N, K) (transposed: "rows" of B) or (K, N) ("cols"). Each reduces every C element exactly as
+// its kernel set's micro-kernel does (the same K blocks of depth kcb, one accumulation chain in
+// k order per element, the same alpha/beta epilogue), so a row's result is bit-identical
+// whatever M is and whichever path ran: batched decoding relies on that to give each sequence
+// the same tokens whatever else is in the batch.
 using RowsFn = void (*)(int64_t M, int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A, int64_t lda,
                         const float* B, int64_t ldb, float* C, int64_t ldc, float alpha, float beta);
 
@@ -85,8 +105,9 @@ struct KernelSet {
   const char* name;
   int mr, nr;
   TileFn tile;
-  RowsFn rows;  // nullptr: small M goes through the packed path too
+  RowsFn rows;  // B transposed, M <= kRowsMaxM; nullptr: M > kMatvecMaxM goes through the packed path
   PackTFn pack_t;
+  RowsFn matvec_t, matvec_n;  // M <= kMatvecMaxM, B transposed / not
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -125,6 +146,38 @@ void port_tile(int mr, int nr, int64_t kc, const float* a, const float* b, float
       return port_tile_fixed<3>(nr, kc, a, b, c, ldc, alpha, beta);
     default:
       return port_tile_fixed<4>(nr, kc, a, b, c, ldc, alpha, beta);
+  }
+}
+
+// Portable pair: the portable tile's arithmetic (acc += a * b, then alpha * acc + beta * c), in
+// groups of kPortNR columns.
+template <bool kTransB>
+void port_matvec(int64_t M, int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A, int64_t lda, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
+  for (int64_t j = j0; j < j1; j += kPortNR) {
+    const int nr = static_cast<int>(std::min<int64_t>(kPortNR, j1 - j));
+    for (int64_t i = 0; i < M; ++i) {
+      const float* ai = A + i * lda;
+      float* ci = C + i * ldc + j;
+      for (int64_t p0 = 0; p0 < K; p0 += kcb) {
+        const int64_t p1 = std::min(K, p0 + kcb);
+        float acc[kPortNR] = {};
+        for (int64_t k = p0; k < p1; ++k) {
+          const float av = ai[k];
+          if (kTransB) {
+            for (int jj = 0; jj < nr; ++jj) acc[jj] += av * B[(j + jj) * ldb + k];
+          } else {
+            for (int jj = 0; jj < nr; ++jj) acc[jj] += av * B[k * ldb + j + jj];
+          }
+        }
+        const float beta_k = p0 == 0 ? beta : 1.0f;
+        if (beta_k == 0.0f) {
+          for (int jj = 0; jj < nr; ++jj) ci[jj] = alpha * acc[jj];
+        } else {
+          for (int jj = 0; jj < nr; ++jj) ci[jj] = alpha * acc[jj] + beta_k * ci[jj];
+        }
+      }
+    }
   }
 }
 
@@ -192,6 +245,173 @@ SPPO_AVX2 void avx2_tile(int mr, int nr, int64_t kc, const float* a, const float
     default:
       return avx2_tile_fixed<6>(nr, kc, a, b, c, ldc, alpha, beta);
   }
+}
+
+// AVX2 matrix-vector pair. Outputs are stored as the 6 x 16 tile stores them: whole vectors as
+// fma(acc, alpha, beta * c), partial ones through the same scalar fmaf, so the values match.
+SPPO_AVX2 inline void avx2_store_out(float* c, int n, __m256 acc, float alpha, float beta) {
+  if (n == 8) {
+    const __m256 va = _mm256_set1_ps(alpha);
+    if (beta == 0.0f) {
+      _mm256_storeu_ps(c, _mm256_mul_ps(acc, va));
+    } else {
+      _mm256_storeu_ps(c, _mm256_fmadd_ps(acc, va, _mm256_mul_ps(_mm256_set1_ps(beta), _mm256_loadu_ps(c))));
+    }
+    return;
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, acc);
+  for (int j = 0; j < n; ++j) c[j] = beta == 0.0f ? t[j] * alpha : __builtin_fmaf(t[j], alpha, beta * c[j]);
+}
+
+// Lanes [0, n) all ones: a mask for _mm256_maskload_ps.
+SPPO_AVX2 inline __m256i avx2_lane_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 8 x 8 in-register transpose: r[i] holds row i (8 values along k); col[kk] gets column kk.
+SPPO_AVX2 inline void avx2_transpose8(const __m256 (&r)[8], __m256 (&col)[8]) {
+  __m256 t[8], u[8];
+#pragma GCC unroll 4
+  for (int g = 0; g < 2; ++g) {
+    t[4 * g + 0] = _mm256_unpacklo_ps(r[4 * g], r[4 * g + 1]);
+    t[4 * g + 1] = _mm256_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+    t[4 * g + 2] = _mm256_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
+    t[4 * g + 3] = _mm256_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+    // u[4g+q]: rows 4g..4g+3 of column q (low half) and of column 4+q (high half).
+    u[4 * g + 0] = _mm256_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm256_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) {
+    col[q] = _mm256_permute2f128_ps(u[q], u[4 + q], 0x20);
+    col[4 + q] = _mm256_permute2f128_ps(u[q], u[4 + q], 0x31);
+  }
+}
+
+// B transposed: C[0:MB, 0:8*G] from G groups of 8 W rows (the last has nr <= 8), each 8 x 8
+// block transposed in registers; G groups side by side cover the FMA latency of one group's
+// chain (see avx512_rows_block).
+template <int MB, int G>
+SPPO_AVX2 void avx2_rows_block(int nr, int64_t K, int64_t kcb, const float* A, int64_t lda, const float* B, int64_t ldb,
+                               float* C, int64_t ldc, float alpha, float beta) {
+  for (int64_t p0 = 0; p0 < K; p0 += kcb) {
+    const int64_t p1 = std::min(K, p0 + kcb);
+    __m256 acc[G][MB];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) acc[g][i] = _mm256_setzero_ps();
+    for (int64_t k0 = p0; k0 < p1; k0 += 8) {
+      const int kn = static_cast<int>(std::min<int64_t>(8, p1 - k0));
+      const __m256i load_mask = avx2_lane_mask(kn);
+      __m256 col[G][8];
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) {
+        const int rows = g == G - 1 ? nr : 8;
+        __m256 r[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i)
+          r[i] = i >= rows ? _mm256_setzero_ps()
+                 : kn == 8 ? _mm256_loadu_ps(B + (g * 8 + i) * ldb + k0)
+                           : _mm256_maskload_ps(B + (g * 8 + i) * ldb + k0, load_mask);
+        avx2_transpose8(r, col[g]);
+      }
+      // Only the kn real columns enter the chain, as in the packed kernel.
+      for (int kk = 0; kk < kn; ++kk)
+#pragma GCC unroll 8
+        for (int i = 0; i < MB; ++i) {
+          const __m256 a = _mm256_broadcast_ss(A + i * lda + k0 + kk);
+#pragma GCC unroll 8
+          for (int g = 0; g < G; ++g) acc[g][i] = _mm256_fmadd_ps(a, col[g][kk], acc[g][i]);
+        }
+    }
+    const float beta_k = p0 == 0 ? beta : 1.0f;
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) avx2_store_out(C + i * ldc + g * 8, g == G - 1 ? nr : 8, acc[g][i], alpha, beta_k);
+  }
+}
+
+// B not transposed: C[0:MB, 0:nr] (nr <= 8 * NV), NV vectors of 8 columns per B row.
+template <int MB, int NV>
+SPPO_AVX2 void avx2_cols_block(int nr, int64_t K, int64_t kcb, const float* A, int64_t lda, const float* B, int64_t ldb,
+                               float* C, int64_t ldc, float alpha, float beta) {
+  const int last = nr - 8 * (NV - 1);  // columns of the last vector, 1..8
+  const __m256i last_mask = avx2_lane_mask(last);
+  for (int64_t p0 = 0; p0 < K; p0 += kcb) {
+    const int64_t p1 = std::min(K, p0 + kcb);
+    __m256 acc[MB][NV];
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
+    for (int64_t k = p0; k < p1; ++k) {
+      const float* bk = B + k * ldb;
+      __m256 b[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV - 1; ++v) b[v] = _mm256_loadu_ps(bk + 8 * v);
+      b[NV - 1] = last == 8 ? _mm256_loadu_ps(bk + 8 * (NV - 1)) : _mm256_maskload_ps(bk + 8 * (NV - 1), last_mask);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(a, b[v], acc[i][v]);
+      }
+    }
+    const float beta_k = p0 == 0 ? beta : 1.0f;
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v)
+        avx2_store_out(C + i * ldc + 8 * v, v == NV - 1 ? last : 8, acc[i][v], alpha, beta_k);
+  }
+}
+
+template <int MB>
+SPPO_AVX2 void avx2_matvec_mb(bool transB, int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A, int64_t lda,
+                              const float* B, int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
+  if (transB) {
+    constexpr int G = MB == 1 ? 4 : MB == 2 ? 2 : 1;
+    for (int64_t j = j0; j < j1;) {
+      const float* bj = B + j * ldb;
+      if (G > 1 && j1 - j >= 8 * G) {
+        avx2_rows_block<MB, G>(8, K, kcb, A, lda, bj, ldb, C + j, ldc, alpha, beta);
+        j += 8 * G;
+      } else {
+        const int nr = static_cast<int>(std::min<int64_t>(8, j1 - j));
+        avx2_rows_block<MB, 1>(nr, K, kcb, A, lda, bj, ldb, C + j, ldc, alpha, beta);
+        j += nr;
+      }
+    }
+    return;
+  }
+  // 16 ymm registers: MB * NV accumulators + NV B vectors + 1 broadcast.
+  constexpr int NV = MB == 1 ? 6 : MB == 2 ? 4 : MB == 3 ? 3 : 2;
+  for (int64_t j = j0; j < j1; j += 8 * NV) {
+    const int64_t n = std::min<int64_t>(8 * NV, j1 - j);
+    if (n == 8 * NV) {
+      avx2_cols_block<MB, NV>(8 * NV, K, kcb, A, lda, B + j, ldb, C + j, ldc, alpha, beta);
+      continue;
+    }
+    // The last, narrower run: a vector at a time, never loading past column j1.
+    for (int64_t jj = j; jj < j + n; jj += 8) {
+      const int nr = static_cast<int>(std::min<int64_t>(8, j + n - jj));
+      avx2_cols_block<MB, 1>(nr, K, kcb, A, lda, B + jj, ldb, C + jj, ldc, alpha, beta);
+    }
+  }
+}
+
+template <bool kTransB>
+SPPO_AVX2 void avx2_matvec(int64_t M, int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A, int64_t lda,
+                           const float* B, int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
+  using Fn = void (*)(bool, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*,
+                      int64_t, float, float);
+  static constexpr Fn kByRows[] = {avx2_matvec_mb<1>, avx2_matvec_mb<2>, avx2_matvec_mb<3>, avx2_matvec_mb<4>};
+  kByRows[M - 1](kTransB, j0, j1, K, kcb, A, lda, B, ldb, C, ldc, alpha, beta);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -312,6 +532,53 @@ SPPO_AVX512 inline void avx512_transpose16(const __m512 (&r)[16], __m512 (&col)[
   }
 }
 
+// The columns of a full 16 x 16 block of W (16 rows ldb apart, 16 values along k from w), as
+// avx512_transpose16 gives them, at half its shuffles: the two 128-bit-lane stages are done by
+// the loads (each 4 x 4 sub-block of W lands in the lane it ends up in, through masked
+// broadcasts that need no shuffle unit), leaving one in-lane 4 x 4 transpose per 4 columns.
+// Also prefetches each of the 16 rows `ahead` floats further on: 16 interleaved row streams
+// outrun the hardware prefetcher (past a row's end the prefetch is simply wasted).
+SPPO_AVX512 inline void avx512_load_transposed16(const float* w, int64_t ldb, int64_t ahead, __m512 (&col)[16]) {
+  // Row 4m + a is P[a] + m * 4 * ldb: 4 pointers and 3 offsets. The empty asm keeps the compiler
+  // from folding them into 16 row pointers, which do not fit the integer registers and spill.
+  const int64_t o1 = 4 * ldb, o2 = 8 * ldb, o3 = 12 * ldb;
+  const float* P[4];
+#pragma GCC unroll 4
+  for (int a = 0; a < 4; ++a) {
+    P[a] = w + a * ldb;
+    asm("" : "+r"(P[a]));
+  }
+#pragma GCC unroll 4
+  for (int a = 0; a < 4; ++a) {
+    _mm_prefetch(reinterpret_cast<const char*>(P[a] + ahead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(P[a] + o1 + ahead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(P[a] + o2 + ahead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(P[a] + o3 + ahead), _MM_HINT_T0);
+  }
+#pragma GCC unroll 4
+  for (int b = 0; b < 4; ++b) {
+    // y[a], lane m: W row 4m + a, k 4b .. 4b+3.
+    __m512 y[4];
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; ++a) {
+      const float* p = P[a] + 4 * b;
+      y[a] = _mm512_castps128_ps512(_mm_loadu_ps(p));
+      y[a] = _mm512_mask_broadcast_f32x4(y[a], 0x00F0, _mm_loadu_ps(p + o1));
+      y[a] = _mm512_mask_broadcast_f32x4(y[a], 0x0F00, _mm_loadu_ps(p + o2));
+      y[a] = _mm512_mask_broadcast_f32x4(y[a], 0xF000, _mm_loadu_ps(p + o3));
+    }
+    // In-lane 4 x 4 transpose: column 4b+q gets, in lane m, rows 4m .. 4m+3.
+    const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(y[0], y[1]));
+    const __m512d t1 = _mm512_castps_pd(_mm512_unpackhi_ps(y[0], y[1]));
+    const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(y[2], y[3]));
+    const __m512d t3 = _mm512_castps_pd(_mm512_unpackhi_ps(y[2], y[3]));
+    col[4 * b + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    col[4 * b + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    col[4 * b + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    col[4 * b + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+}
+
 // Transposing pack: dst[k * w + r] = src[r * ld + k] for r < rows, k < kc, and zero for
 // rows <= r < w. Done as 16 x 16 register transposes, since the scalar version of this
 // (A for every non-transposed A, B for every transposed B) costs ~10% of a small-N gemm.
@@ -334,12 +601,12 @@ SPPO_AVX512 void avx512_pack_t(const float* src, int64_t ld, int rows, int64_t k
 }
 
 // Very few rows times a transposed B (decode: x * W^T with W stored (N, K)): packing W would
-// cost a write and a re-read of all of it, so each 16 x 16 block of W is transposed in
-// registers and used at once. Every C element is accumulated exactly as the packed
-// micro-kernel does it (the same K blocks of depth kcb, one FMA chain per element in k order,
-// the same alpha/beta epilogue), so a row's result is bit-identical whatever M is and whichever path ran: batched
-// decoding relies on that to give each sequence the same tokens whatever else is in the batch.
-// C[0:MB, j0:j0+nr], nr <= 16, MB <= 8 (MB accumulators + 16 columns fit the 32 registers).
+// cost a write and a re-read of all of it, so each 16 x 16 block of W is transposed as it is
+// loaded and used at once. Every C element is accumulated exactly as the packed micro-kernel
+// does it (see RowsFn). C[0:MB, j0:j0+nr], nr <= 16, MB <= 8 (MB accumulators + 16 columns
+// fit the 32 registers). Bound by the transposes, not by the FMAs: M = 1 and M = 4 take about
+// the same time (running two column blocks side by side, to overlap M = 1's FMA chains, did
+// not measure faster).
 template <int MB>
 SPPO_AVX512 void avx512_rows_block(int nr, int64_t K, int64_t kcb, const float* A, int64_t lda, const float* B,
                                    int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
@@ -352,12 +619,18 @@ SPPO_AVX512 void avx512_rows_block(int nr, int64_t K, int64_t kcb, const float* 
     for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t k0 = p0; k0 < p1; k0 += 16) {
       const int kn = static_cast<int>(std::min<int64_t>(16, p1 - k0));
-      const __mmask16 load_mask = static_cast<__mmask16>((1u << kn) - 1);
-      __m512 r[16], col[16];
+      __m512 col[16];
+      if (nr == 16 && kn == 16) {
+        avx512_load_transposed16(B + k0, ldb, kRowsPrefetchK, col);
+      } else {
+        // Edge block: masked loads, then the register transpose.
+        const __mmask16 load_mask = static_cast<__mmask16>((1u << kn) - 1);
+        __m512 r[16];
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i)
-        r[i] = i < nr ? _mm512_maskz_loadu_ps(load_mask, B + i * ldb + k0) : _mm512_setzero_ps();
-      avx512_transpose16(r, col);
+        for (int i = 0; i < 16; ++i)
+          r[i] = i < nr ? _mm512_maskz_loadu_ps(load_mask, B + i * ldb + k0) : _mm512_setzero_ps();
+        avx512_transpose16(r, col);
+      }
       if (kn == 16) {
 #pragma GCC unroll 16
         for (int kk = 0; kk < 16; ++kk)
@@ -391,47 +664,101 @@ SPPO_AVX512 void avx512_rows_block(int nr, int64_t K, int64_t kcb, const float* 
   }
 }
 
-// C[0:M, j0:j1] for M <= kRowsMaxM, in column blocks of 16.
-SPPO_AVX512 void avx512_rows(int64_t M, int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A, int64_t lda,
-                             const float* B, int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
+// C[0:MB, j0:j1] in column blocks of 16.
+template <int MB>
+SPPO_AVX512 void avx512_rows_mb(int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A, int64_t lda,
+                                const float* B, int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
   for (int64_t j = j0; j < j1; j += 16) {
     const int nr = static_cast<int>(std::min<int64_t>(16, j1 - j));
     const float* bj = B + j * ldb;
-    // The next block's W rows are 16 short streams the hardware prefetcher barely catches;
-    // ask for them now so they arrive while this block computes.
+    // The block's own loads prefetch each row kRowsPrefetchK ahead; start the next block's
+    // rows now so their first lines are in flight when it begins.
     for (int64_t r = 16; r < std::min<int64_t>(32, j1 - j); ++r)
-      for (int64_t k = 0; k < K; k += 16) _mm_prefetch(reinterpret_cast<const char*>(bj + r * ldb + k), _MM_HINT_T1);
-    for (int64_t i = 0; i < M; i += 8) {
-      const float* ai = A + i * lda;
-      float* c = C + i * ldc + j;
-      switch (std::min<int64_t>(8, M - i)) {
-        case 1:
-          avx512_rows_block<1>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
-          break;
-        case 2:
-          avx512_rows_block<2>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
-          break;
-        case 3:
-          avx512_rows_block<3>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
-          break;
-        case 4:
-          avx512_rows_block<4>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
-          break;
-        case 5:
-          avx512_rows_block<5>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
-          break;
-        case 6:
-          avx512_rows_block<6>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
-          break;
-        case 7:
-          avx512_rows_block<7>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
-          break;
-        default:
-          avx512_rows_block<8>(nr, K, kcb, ai, lda, bj, ldb, c, ldc, alpha, beta);
-          break;
+      for (int64_t k = 0; k < std::min(K, kRowsPrefetchK); k += 16)
+        _mm_prefetch(reinterpret_cast<const char*>(bj + r * ldb + k), _MM_HINT_T1);
+    avx512_rows_block<MB>(nr, K, kcb, A, lda, bj, ldb, C + j, ldc, alpha, beta);
+  }
+}
+
+// C[0:M, j0:j1] for M <= kRowsMaxM, B transposed, in blocks of up to 8 rows.
+SPPO_AVX512 void avx512_rows(int64_t M, int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A, int64_t lda,
+                             const float* B, int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
+  using Fn = void (*)(int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
+                      float, float);
+  static constexpr Fn kByRows[] = {avx512_rows_mb<1>, avx512_rows_mb<2>, avx512_rows_mb<3>, avx512_rows_mb<4>,
+                                   avx512_rows_mb<5>, avx512_rows_mb<6>, avx512_rows_mb<7>, avx512_rows_mb<8>};
+  for (int64_t i = 0; i < M; i += 8)
+    kByRows[std::min<int64_t>(8, M - i) - 1](j0, j1, K, kcb, A + i * lda, lda, B, ldb, C + i * ldc, ldc, alpha, beta);
+}
+
+// Few rows times B stored (K, N) (matrix-vector with W not transposed): a row of B is already
+// 16 output columns per vector, so C[0:MB, j:j+16*NV] is NV vectors of FMA chains fed by one
+// broadcast of A per row and k, streaming B once: the packed kernel's arithmetic exactly
+// (fma(a_ik, b_kj, acc) in k order per K block, same epilogue). NV vectors side by side cover
+// the FMA latency.
+template <int MB, int NV>
+SPPO_AVX512 void avx512_cols_block(int nr, int64_t K, int64_t kcb, const float* A, int64_t lda, const float* B,
+                                   int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
+  __mmask16 mask[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const int n = std::max(0, std::min(16, nr - 16 * v));
+    mask[v] = static_cast<__mmask16>((1u << n) - 1);
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int64_t p0 = 0; p0 < K; p0 += kcb) {
+    const int64_t p1 = std::min(K, p0 + kcb);
+    __m512 acc[MB][NV];
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+    for (int64_t k = p0; k < p1; ++k) {
+      const float* bk = B + k * ldb;
+      __m512 b[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(mask[v], bk + 16 * v);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        const __m512 a = _mm512_set1_ps(A[i * lda + k]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
       }
     }
+    const float beta_k = p0 == 0 ? beta : 1.0f;
+    const __m512 vb = _mm512_set1_ps(beta_k);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        float* ci = C + i * ldc + 16 * v;
+        if (beta_k == 0.0f) {
+          _mm512_mask_storeu_ps(ci, mask[v], _mm512_mul_ps(acc[i][v], va));
+        } else {
+          __m512 c0 = _mm512_maskz_loadu_ps(mask[v], ci);
+          _mm512_mask_storeu_ps(ci, mask[v], _mm512_fmadd_ps(acc[i][v], va, _mm512_mul_ps(vb, c0)));
+        }
+      }
   }
+}
+
+template <int MB>
+SPPO_AVX512 void avx512_cols_mb(int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A, int64_t lda,
+                                const float* B, int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
+  constexpr int NV = MB == 1 ? 8 : 4;
+  for (int64_t j = j0; j < j1; j += 16 * NV) {
+    const int nr = static_cast<int>(std::min<int64_t>(16 * NV, j1 - j));
+    avx512_cols_block<MB, NV>(nr, K, kcb, A, lda, B + j, ldb, C + j, ldc, alpha, beta);
+  }
+}
+
+// C[0:M, j0:j1] for M <= kMatvecMaxM, B not transposed.
+SPPO_AVX512 void avx512_cols(int64_t M, int64_t j0, int64_t j1, int64_t K, int64_t kcb, const float* A, int64_t lda,
+                             const float* B, int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
+  using Fn = void (*)(int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
+                      float, float);
+  static constexpr Fn kByRows[] = {avx512_cols_mb<1>, avx512_cols_mb<2>, avx512_cols_mb<3>, avx512_cols_mb<4>};
+  kByRows[M - 1](j0, j1, K, kcb, A, lda, B, ldb, C, ldc, alpha, beta);
 }
 
 #pragma GCC diagnostic pop
@@ -439,9 +766,11 @@ SPPO_AVX512 void avx512_rows(int64_t M, int64_t j0, int64_t j1, int64_t K, int64
 // ---------------------------------------------------------------------------------------------
 // Kernel selection.
 
-const KernelSet kPortable{"portable", kPortMR, kPortNR, port_tile, nullptr, nullptr};
-const KernelSet kAvx2{"avx2", kAvx2MR, kAvx2NR, avx2_tile, nullptr, nullptr};
-const KernelSet kAvx512{"avx512", kAvx512MR, kAvx512NR, avx512_tile, avx512_rows, avx512_pack_t};
+const KernelSet kPortable{"portable", kPortMR, kPortNR,           port_tile,
+                          nullptr,    nullptr, port_matvec<true>, port_matvec<false>};
+const KernelSet kAvx2{"avx2", kAvx2MR, kAvx2NR, avx2_tile, nullptr, nullptr, avx2_matvec<true>, avx2_matvec<false>};
+const KernelSet kAvx512{"avx512",    kAvx512MR,     kAvx512NR,   avx512_tile,
+                        avx512_rows, avx512_pack_t, avx512_rows, avx512_cols};
 
 const KernelSet* detect_kernel() {
   __builtin_cpu_init();
@@ -528,6 +857,28 @@ void gemm_f32(const KernelSet& ks, bool transA, bool transB, int64_t M, int64_t 
   const int64_t n_kb = (K + kKC - 1) / kKC;
   const int64_t kcb = (K + n_kb - 1) / n_kb;
   const int MR = ks.mr, NR = ks.nr;
+  if (M <= kMatvecMaxM) {
+    // A transposed is (K, M): its M columns become M contiguous rows (M * K floats, negligible
+    // beside B), so one pair of kernels serves all four cases.
+    const float* a = A;
+    int64_t la = lda;
+    if (transA) {
+      float* rows = tl_arows.get(static_cast<size_t>(M * K));
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t i = 0; i < M; ++i) rows[i * K + k] = A[k * lda + i];
+      a = rows, la = K;
+    }
+    const RowsFn kernel = transB ? ks.matvec_t : ks.matvec_n;
+    const int64_t units = (N + kMatvecTaskCols - 1) / kMatvecTaskCols;
+    const int64_t n_tasks = N * K >= kMatvecParallelElems ? std::min<int64_t>(units, 4 * pool.size()) : 1;
+    auto one = [&](int64_t t, int) {
+      const int64_t j0 = units * t / n_tasks * kMatvecTaskCols;
+      const int64_t j1 = std::min(N, units * (t + 1) / n_tasks * kMatvecTaskCols);
+      kernel(M, j0, j1, K, kcb, a, la, B, ldb, C, ldc, alpha, beta);
+    };
+    if (n_tasks > 1) return pool.run(n_tasks, one);
+    return one(0, 0);
+  }
   if (ks.rows && transB && !transA && M <= kDotMaxM) {
     // Few rows (decode): W is never packed into the shared panel. Either way each output is
     // reduced exactly as in the packed path below, so rows come out bit-identical whatever M is.

@@ -3,6 +3,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "cpu/gemm.h"
@@ -81,8 +82,27 @@ double check_case(const Case& c, std::mt19937& rng) {
 }
 
 std::vector<Case> cases() {
-  const int64_t sizes[][3] = {{1, 1, 1},    {7, 13, 5},   {33, 65, 17},   {130, 97, 300}, {1, 1376, 512},
-                              {5, 77, 515}, {16, 48, 33}, {64, 200, 129}, {300, 40, 600}, {29, 31, 1}};
+  const int64_t sizes[][3] = {{1, 1, 1},
+                              {7, 13, 5},
+                              {33, 65, 17},
+                              {130, 97, 300},
+                              {1, 1376, 512},
+                              {5, 77, 515},
+                              {16, 48, 33},
+                              {64, 200, 129},
+                              {300, 40, 600},
+                              {29, 31, 1},
+                              // M <= 4 (the matrix-vector path): odd N and K, K tails inside a
+                              // 16-wide block, several K blocks, N * K large enough to split the
+                              // columns over the pool.
+                              {1, 17, 3},
+                              {2, 15, 16},
+                              {3, 33, 47},
+                              {4, 129, 257},
+                              {1, 515, 601},
+                              {2, 700, 513},
+                              {3, 1, 1377},
+                              {4, 1000, 300}};
   const double ab[][2] = {{1.0, 0.0}, {1.0, 1.0}, {-0.75, 0.5}};
   std::vector<Case> v;
   int n = 0;
@@ -168,4 +188,37 @@ SPPO_TEST(gemm_f32_deterministic) {
       }
     }
   }
+}
+
+// M <= 4 runs its own matrix-vector kernels; each must reduce exactly as the packed path does
+// (batch-invariant decoding rests on that), for every transpose case, alpha and beta, on every
+// kernel this CPU runs: rows [0, m) computed alone must equal the same rows of an M = 40 gemm.
+SPPO_TEST(gemm_small_m_rows_match_the_packed_path_bitwise) {
+  std::mt19937 rng(9);
+  const int64_t Mref = 40;
+  for (const char* kernel : {"avx512", "avx2", "portable"}) {
+    if (!sppo::cpu::gemm_force_kernel(kernel)) continue;
+    for (int64_t K : {5, 16, 47, 515}) {
+      for (int64_t N : {1, 37, 700}) {
+        for (int t = 0; t < 4; ++t) {
+          const bool tA = t & 1, tB = t & 2;
+          auto A = random_vec<float>(Mref * K, rng), B = random_vec<float>(N * K, rng);
+          auto C0 = random_vec<float>(Mref * N, rng);
+          const int64_t lda = tA ? Mref : K, ldb = tB ? K : N;
+          for (const auto& ab : {std::pair{1.0f, 0.0f}, std::pair{-0.75f, 0.5f}}) {
+            std::vector<float> ref = C0;
+            gemm(tA, tB, Mref, N, K, ab.first, A.data(), lda, B.data(), ldb, ab.second, ref.data(), N);
+            for (int64_t m = 1; m <= 4; ++m) {
+              std::vector<float> C(C0.begin(), C0.begin() + m * N);
+              gemm(tA, tB, m, N, K, ab.first, A.data(), lda, B.data(), ldb, ab.second, C.data(), N);
+              EXPECT_TRUE(std::memcmp(C.data(), ref.data(), C.size() * sizeof(float)) == 0,
+                          "kernel " << kernel << " tA=" << tA << " tB=" << tB << " M=" << m << " N=" << N << " K=" << K
+                                    << " alpha=" << ab.first << " beta=" << ab.second);
+            }
+          }
+        }
+      }
+    }
+  }
+  sppo::cpu::gemm_force_kernel("auto");
 }

@@ -90,7 +90,7 @@ SPPO_TEST(gemm_row_results_do_not_depend_on_M) {
           for (auto& x : C0) x = d(rng);
           std::vector<float> ref = C0;
           cpu::gemm(false, tB, Mmax, N, K, 1.0f, A.data(), K, B.data(), tB ? K : N, beta, ref.data(), N);
-          for (int64_t M : {1, 5, 16, 17, 64, 299}) {
+          for (int64_t M : {1, 2, 3, 4, 5, 16, 17, 64, 299}) {
             // Rows [Mmax - M, Mmax): the last row sits at a different place in every call.
             const int64_t r0 = Mmax - M;
             std::vector<float> C(C0.begin() + r0 * N, C0.end());
