@@ -4,7 +4,7 @@
 import type { Model } from '../engine/model.js';
 import type { ModelConfig, StepResult } from '../engine/types.js';
 import { seededRng } from '../data/random.js';
-import type { Tokenizer, TokenizerFiles } from '../io/tokenizer.js';
+import { specialAddedToken, type Tokenizer, type TokenizerFiles } from '../io/tokenizer.js';
 import { idealAnswer, STYLES, type Style } from '../preference/styled-reversal.js';
 import type { PolicyText } from '../sppo/run.js';
 import { throwIfAborted } from '../util/abort.js';
@@ -76,15 +76,7 @@ export class CharTokenizer {
         version: '1.0',
         truncation: null,
         padding: null,
-        added_tokens: CharTokenizer.SPECIAL_TOKENS.map((content, id) => ({
-          id,
-          content,
-          single_word: false,
-          lstrip: false,
-          rstrip: false,
-          normalized: false,
-          special: true,
-        })),
+        added_tokens: CharTokenizer.SPECIAL_TOKENS.map((content, id) => specialAddedToken(content, id)),
         normalizer: null,
         pre_tokenizer: { type: 'Split', pattern: { Regex: '[\\s\\S]' }, behavior: 'Isolated', invert: false },
         post_processor: {

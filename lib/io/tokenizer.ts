@@ -453,3 +453,8 @@ export class Tokenizer {
     return this.encode(text, { addSpecialTokens: false });
   }
 }
+
+/** A tokenizer.json `added_tokens` entry for a special token: matched whole, never normalized or stripped. */
+export function specialAddedToken(content: string, id: number) {
+  return { id, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true };
+}
