@@ -561,6 +561,8 @@ function pytorchGenerateK(): { tok_s: number; seconds: number[]; threads: number
       samples: g.samples,
       'new-tokens': g.newTokens,
       temperature: g.temperature,
+      // The engine's thread count: PyTorch's default here is 1 thread, which halves the peer.
+      threads: numThreads(),
       // One run: the peer's takes minutes (over 10 under load), so its noise is small already.
       runs: 1,
     };

@@ -136,6 +136,26 @@ describe('Model.create', () => {
     );
   });
 
+  it('suggests halving a KV-cache pool sized in bytes, since halving maxBatch would not shrink it', async () => {
+    const pool = { maxBatch: 4, maxContext: 24 };
+    const options: PlanOptions = { activationCheckpointing: true, generator: { ...pool, kvCacheBytes: 1 << 20 } };
+    const need = Model.plan(config, plan, options);
+    const half = Model.plan(config, plan, { ...options, generator: { ...pool, kvCacheBytes: 1 << 19 } });
+    expect(half.kvCache).toBeLessThan(need.kvCache);
+    expect(() => Model.create(config, plan, { ...options, available: need.total - 1 })).toThrow(
+      `generator.kvCacheBytes: ${1 << 19} brings generator KV cache to ${(half.kvCache / 2 ** 30).toFixed(3)}`,
+    );
+    expect(() => Model.create(config, plan, { ...options, available: need.total - 1 })).not.toThrow(/generator\.maxBatch/);
+    // A pool of one block has no half to suggest: the refusal says the rest.
+    const model = Model.create(config, plan);
+    const { blockBytes } = model.createGenerator({ ...pool, kvCacheBytes: 1 << 20 }).kvCache();
+    await model.dispose();
+    const oneBlock = { activationCheckpointing: true, generator: { ...pool, kvCacheBytes: blockBytes } };
+    const tight = Model.plan(config, plan, oneBlock).total - 1;
+    expect(() => Model.create(config, plan, { ...oneBlock, available: tight })).toThrow(/^Model\.create: needs .* GiB on cpu/);
+    expect(() => Model.create(config, plan, { ...oneBlock, available: tight })).not.toThrow(/kvCacheBytes/);
+  });
+
   it("turns checkpointing on by itself ('auto', the default) where that makes the plan fit", async () => {
     const off = Model.plan(config, plan, { activationCheckpointing: false });
     const model = Model.create(config, plan, { available: off.total - 1 });

@@ -8,6 +8,8 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { INST_CHAT_TEMPLATE, makeMistralChatModel } from './fixtures/mistral-tokenizer.js';
+import { generatorPlanFor } from '../lib/sppo/run.js';
+import { runMemoryPlan } from '../lib/sppo/setup.js';
 import {
   demoConfigInput,
   Model,
@@ -139,6 +141,39 @@ describe('setupFromConfig', () => {
     } finally {
       await dispose(setup);
     }
+  });
+});
+
+describe('generation.kvCacheBytes', () => {
+  it("sizes the run's KV-cache pool: in the plan `sppo run` prints and in the generator the run creates", async () => {
+    const setup = await setupFromConfig(hfConfig(), { device: 'cpu' });
+    try {
+      const blockBytes = setup.model
+        .createGenerator(generatorPlanFor(setup.config, setup.model.config, setup.model.plan))
+        .kvCache().blockBytes;
+      const byDefault = runMemoryPlan(setup).kvCache;
+      // 3 blocks and a bit: the pool rounds down to whole blocks
+      const sized = { ...setup, config: hfConfig({ generation: { maxNewTokens: 4, kvCacheBytes: 3 * blockBytes + 7 } }) };
+      const gen = setup.model.createGenerator(generatorPlanFor(sized.config, setup.model.config, setup.model.plan));
+      expect(gen.plan.kvCacheBytes).toBe(3 * blockBytes);
+      expect(gen.kvCache().blocks).toBe(3);
+      expect(runMemoryPlan(sized).kvCache).toBe(gen.memory());
+      expect(gen.memory()).toBeLessThan(byDefault);
+    } finally {
+      await dispose(setup);
+    }
+  });
+
+  it('is refused by its path when it is not a positive integer', () => {
+    for (const kvCacheBytes of [0, -4096, 1.5, '1 GiB'])
+      expect(
+        configIssues({
+          model: { path: policyDir },
+          data: { prompts },
+          preference: { kind: 'function', module: judgeModule, export: 'longer' },
+          generation: { kvCacheBytes },
+        }).map((i) => i.path),
+      ).toEqual([['generation', 'kvCacheBytes']]);
   });
 });
 

@@ -87,6 +87,11 @@ const generationSchema = z
       .default(2048)
       .describe('tokens generated per response at most (the reference samples up to 2048; training then truncates to training.maxLength)'),
     maxBatch: positiveInt().default(16).describe('sequences decoded together'),
+    kvCacheBytes: positiveInt()
+      .optional()
+      .describe(
+        "bytes of the generator's paged KV-cache pool (rounded down to whole blocks of 16 positions); default room for maxBatch sequences of the model's context. The sequences in flight adapt to the pool: when it is full they wait, and only a sequence that alone needs more than the pool is refused",
+      ),
   })
   .describe('sampling the responses');
 

@@ -96,6 +96,17 @@ export function formatMemoryPlan(r: MemoryPlanReport): string {
   return `memory plan on ${r.device} (${checkpointing}${available}):\n${lines.join('\n')}`;
 }
 
+/** Whether the planner accepts a variant: it throws RangeError for a pool under one block. */
+function planFits(variant: () => unknown): boolean {
+  try {
+    variant();
+    return true;
+  } catch (e) {
+    if (e instanceof RangeError) return false;
+    throw e;
+  }
+}
+
 /**
  * Model.create's refusal of a plan that does not fit: what it needs against what is free, the
  * categories, and each change of the options that shrinks it, with the total it would reach.
@@ -130,7 +141,16 @@ export function refusalMessage(config: ModelConfig, plan: MemoryPlan, options: P
     allPlan = { ...plan, maxBatch: Math.max(1, Math.floor(plan.maxBatch / 2)) };
     consider(`plan.maxBatch: ${allPlan.maxBatch}`, ['activations', 'scratch'], fixed, allPlan);
   }
-  if (options.generator && options.generator.maxBatch > 1) {
+  // A pool sized in bytes does not follow maxBatch: halve whichever sets it.
+  const pool = options.generator?.kvCacheBytes;
+  if (options.generator && pool !== undefined) {
+    const generator = { ...options.generator, kvCacheBytes: Math.floor(pool / 2) };
+    // Half a pool of one block is no pool, and the planner refuses it: nothing to suggest then.
+    if (planFits(() => planMemory(config, plan, { ...fixed, generator }))) {
+      all = { ...all, generator };
+      consider(`generator.kvCacheBytes: ${generator.kvCacheBytes}`, ['kvCache'], { ...fixed, generator });
+    }
+  } else if (options.generator && options.generator.maxBatch > 1) {
     const generator = { ...options.generator, maxBatch: Math.max(1, Math.floor(options.generator.maxBatch / 2)) };
     all = { ...all, generator };
     consider(`generator.maxBatch: ${generator.maxBatch}`, ['kvCache'], { ...fixed, generator });

@@ -112,9 +112,17 @@ export interface RunResult {
   metrics: IterationMetrics[];
 }
 
-/** The KV cache a run's generator plans: generation.maxBatch sequences of the model's context (its plan's maxSeq at most). */
+/**
+ * The KV cache a run's generator plans: generation.maxBatch sequences of the model's context (its
+ * plan's maxSeq at most), in a pool of generation.kvCacheBytes when given.
+ */
 export function generatorPlanFor(config: RunConfig, model: Pick<ModelConfig, 'max_position_embeddings'>, plan: MemoryPlan): GeneratorPlan {
-  return { maxBatch: config.generation.maxBatch, maxContext: Math.min(model.max_position_embeddings, plan.maxSeq) };
+  const { maxBatch, kvCacheBytes } = config.generation;
+  return {
+    maxBatch,
+    maxContext: Math.min(model.max_position_embeddings, plan.maxSeq),
+    ...(kvCacheBytes !== undefined && { kvCacheBytes }),
+  };
 }
 
 /** Runs (or resumes) an SPPO run; returns every iteration's metrics, π_0 first. */
