@@ -86,7 +86,7 @@ SPPO_BENCH(big8b_full_ft_and_generate) {
   plan.checkpoint_activations = true;
   const OptimizerConfig::Kind rms = OptimizerConfig::Kind::RMSprop;
   const GeneratorPlan gen{64, 512};
-  const MemoryReport planned = plan_memory<bf16>(c, plan, cuda::footprint(), &rms, &gen);
+  const MemoryReport planned = plan_memory<bf16>(c, plan, {}, cuda::footprint(), &rms, &gen);
   std::printf("device %s, %.1f GiB; Llama-3-8B shape, plan B%d T%d, RMSprop, activation checkpointing\n",
               d.name.c_str(), d.total_memory / kGiB, B, Tn);
 
