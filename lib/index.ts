@@ -50,6 +50,20 @@ export {
   type WriteOptions,
 } from './io/safetensors.js';
 export { CheckpointWeights, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, DEFAULT_MAX_SHARD_BYTES } from './io/weights.js';
+export {
+  saveAdapter,
+  loadAdapter,
+  mergeAdapter,
+  loraTensorShapes,
+  AdapterError,
+  ADAPTER_CONFIG_NAME,
+  ADAPTER_WEIGHTS_NAME,
+  type AdapterTensorShape,
+  type LoadedAdapter,
+  type LoraModelShape,
+  type MergeOptions,
+  type SaveAdapterOptions,
+} from './io/peft.js';
 export { Tokenizer, TokenizerError, type ChatMessage, type ChatTemplateOptions, type TokenizerFiles } from './io/tokenizer.js';
 // The SPPO pipeline: preference models, win rates and training sets, prompt sets, the run
 // configuration, the scheduler and the embedded demo.

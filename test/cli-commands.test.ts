@@ -12,9 +12,11 @@ import { loadConfig, parseConfig } from '../lib/config/load.js';
 import { demoConfigInput } from '../lib/demo/demo.js';
 import { CharTokenizer, demoModelConfig } from '../lib/demo/task.js';
 import { Model } from '../lib/engine/model.js';
-import { savePretrained } from '../lib/io/checkpoint.js';
+import { loadPretrained, savePretrained } from '../lib/io/checkpoint.js';
+import { saveAdapter } from '../lib/io/peft.js';
 import { tokenizerFileTexts } from '../lib/io/tokenizer.js';
 import { writeTinyMistralPolicy } from './fixtures/mistral-tokenizer.js';
+import { randomAdapter } from './fixtures/peft-adapters.js';
 
 const root = new URL('..', import.meta.url).pathname;
 const dir = mkdtempSync(join(tmpdir(), 'sppo-cli-'));
@@ -69,7 +71,7 @@ function expectUsageError(r: CliResult, ...fragments: string[]): void {
 }
 
 describe('help', () => {
-  it.each(['run', 'demo', 'generate', 'eval'])('sppo %s --help describes its options', async (name) => {
+  it.each(['run', 'demo', 'generate', 'eval', 'merge-adapter'])('sppo %s --help describes its options', async (name) => {
     const r = await sppo(name, '--help');
     expect(r.code).toBe(0);
     expect(r.stdout).toContain(`Usage: sppo ${name}`);
@@ -80,7 +82,7 @@ describe('help', () => {
   it('sppo --help lists the commands; no command is a usage error', async () => {
     const r = await sppo('--help');
     expect(r.code).toBe(0);
-    for (const name of ['run', 'demo', 'generate', 'eval']) expect(r.stdout).toMatch(new RegExp(`^  ${name} `, 'm'));
+    for (const name of ['run', 'demo', 'generate', 'eval', 'merge-adapter']) expect(r.stdout).toMatch(new RegExp(`^  ${name} `, 'm'));
     const none = await sppo();
     expect(none.code).toBe(2);
     expect(none.stderr).toContain('Usage: sppo <command>');
@@ -94,7 +96,8 @@ describe('help', () => {
 });
 
 describe('usage errors', () => {
-  it('an unknown command', async () => expectUsageError(await sppo('frob'), "unknown command 'frob'", 'run, demo, generate, eval'));
+  it('an unknown command', async () =>
+    expectUsageError(await sppo('frob'), "unknown command 'frob'", 'run, demo, generate, eval, merge-adapter'));
   it('an unknown option', async () => expectUsageError(await sppo('demo', '--bogus'), "'--bogus'", 'sppo demo --help'));
   it('an option without its value', async () => expectUsageError(await sppo('run', '--config'), '--config'));
   it('an unknown activation-checkpointing setting', async () =>
@@ -351,5 +354,39 @@ describe('sppo init', () => {
     expectUsageError(await sppo('init', '--out', join(initDir, 'x.json')), '.yaml');
     expectUsageError(await sppo('init', '--out', join(initDir, 'x.yaml'), '--demo', '--model', 'm'), '--demo');
     expectUsageError(await sppo('init', '--out', join(initDir, 'none', 'x.yaml')), 'does not exist');
+  });
+});
+
+describe('sppo merge-adapter', () => {
+  it('writes the merged checkpoint, which loads; refuses bad options and an adapter of another model', async () => {
+    const base = join(dir, 'merge-base');
+    await writeTinyMistralPolicy(base);
+    const { model } = await loadPretrained(base, { maxBatch: 1, maxSeq: 8 });
+    const config = model.config;
+    await model.dispose();
+    const lora = { rank: 2, alpha: 4, targets: ['q_proj', 'up_proj'] as const };
+    const adapter = join(dir, 'merge-adapter');
+    await saveAdapter(adapter, { lora, modelConfig: config, tensors: randomAdapter(config, lora, 1) });
+    const out = join(dir, 'merged');
+    const r = await sppo('merge-adapter', '--base', base, '--adapter', adapter, '--out', out, '--dtype', 'bfloat16');
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toContain(`files in ${out}`);
+    const merged = await loadPretrained(out, { maxBatch: 1, maxSeq: 8 });
+    expect(merged.config.torch_dtype).toBe('bfloat16');
+    await merged.model.dispose();
+
+    expectUsageError(await sppo('merge-adapter', '--adapter', adapter, '--out', out), '--base is required');
+    expectUsageError(
+      await sppo('merge-adapter', '--base', base, '--adapter', adapter, '--out', out, '--dtype', 'fp8'),
+      "--dtype must be float32 or bfloat16, got 'fp8'",
+    );
+    expectUsageError(await sppo('merge-adapter', '--base', join(dir, 'nowhere'), '--adapter', adapter, '--out', out), 'does not exist');
+    const other = { ...config, hidden_size: config.hidden_size * 2 };
+    const wrong = join(dir, 'merge-wrong-adapter');
+    await saveAdapter(wrong, { lora, modelConfig: other, tensors: randomAdapter(other, lora, 1) });
+    const failed = await sppo('merge-adapter', '--base', base, '--adapter', wrong, '--out', join(dir, 'merged-wrong'));
+    expect(failed.code).toBe(1);
+    expect(failed.stderr.trimEnd().split('\n')).toHaveLength(1);
+    expect(failed.stderr).toMatch(/sppo merge-adapter: .*has shape \[2, 64\] but the base model in .* needs \[2, 32\]/);
   });
 });

@@ -5,6 +5,7 @@ import * as api from '../lib/index.js';
 
 const RUNTIME_EXPORTS = [
   // classes and errors
+  'AdapterError',
   'CharTokenizer',
   'CheckpointError',
   'CheckpointWeights',
@@ -24,6 +25,8 @@ const RUNTIME_EXPORTS = [
   'TokenizerError',
   'UnusableVerdictsError',
   // constants
+  'ADAPTER_CONFIG_NAME',
+  'ADAPTER_WEIGHTS_NAME',
   'DEFAULT_JUDGE_TEMPLATE',
   'DEFAULT_MAX_SHARD_BYTES',
   'DEFAULT_STYLED_REVERSAL',
@@ -41,9 +44,13 @@ const RUNTIME_EXPORTS = [
   'engineConfigFromHf',
   'float32ToBf16',
   'hfConfigFromEngine',
+  'loadAdapter',
   'loadPretrained',
+  'loraTensorShapes',
+  'mergeAdapter',
   'parseSafetensorsHeader',
   'readSafetensors',
+  'saveAdapter',
   'savePretrained',
   'writeSafetensors',
   // preference models

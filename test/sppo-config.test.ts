@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { RunConfigError, configHash, diffConfigs, loadConfig, parseConfig } from '../lib/config/index.js';
+import { LORA_TARGETS } from '../lib/engine/lora.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'sppo-config-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -126,6 +127,26 @@ describe('errors name the field', () => {
       beta2: 0.999,
       eps: 1e-8,
     });
+  });
+
+  it('training.lora: absent is full fine-tuning, {} takes rank 16, alpha 32 and all seven projections, and bad values are named', () => {
+    expect(parseConfig(minimal).training.lora).toBeUndefined();
+    expect(parseConfig({ ...minimal, training: { lora: {} } }).training.lora).toEqual({ rank: 16, alpha: 32, targets: [...LORA_TARGETS] });
+    expect(parseConfig({ ...minimal, training: { lora: { rank: 8, alpha: 0.5, targets: ['v_proj', 'q_proj'] } } }).training.lora).toEqual({
+      rank: 8,
+      alpha: 0.5,
+      targets: ['v_proj', 'q_proj'],
+    });
+    const lora = (l: object) => problems({ ...minimal, training: { lora: l } });
+    expect(lora({ rank: 0, alpha: 0 })).toEqual(['training.lora.rank: must be an integer ≥ 1', 'training.lora.alpha: must be > 0']);
+    expect(lora({ rank: 2.5, alpha: Infinity })).toEqual([
+      'training.lora.rank: must be an integer',
+      'training.lora.alpha: must be a finite number',
+    ]);
+    expect(lora({ targets: [] })).toEqual(['training.lora.targets: must list at least one projection']);
+    expect(lora({ targets: ['q_proj', 'q_proj'] })).toEqual(['training.lora.targets: lists a projection twice']);
+    expect(lora({ targets: ['q_proj', 'lm_head'] })).toEqual([`training.lora.targets[1]: must be one of ${LORA_TARGETS.join(', ')}`]);
+    expect(lora({ dropout: 0.1 })).toEqual(['training.lora.dropout: unknown field']);
   });
 
   it('a loss with the wrong mode, and oracle parameters that leave [0, 1]', () => {

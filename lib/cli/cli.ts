@@ -8,9 +8,11 @@ import { demoCommand } from './commands/demo.js';
 import { evalCommand } from './commands/eval.js';
 import { generateCommand } from './commands/generate.js';
 import { initCommand } from './commands/init.js';
+import { mergeAdapterCommand } from './commands/merge-adapter.js';
 import { runCommand } from './commands/run.js';
 
-const COMMANDS: readonly Command[] = [initCommand, runCommand, demoCommand, generateCommand, evalCommand];
+const COMMANDS: readonly Command[] = [initCommand, runCommand, demoCommand, generateCommand, evalCommand, mergeAdapterCommand];
+const NAME_WIDTH = Math.max(...COMMANDS.map((c) => c.name.length)) + 2;
 
 /** Errors the user fixes in the command line (UsageError) or the config (RunConfigError, SetupError): exit code 2. */
 const USER_ERRORS = [UsageError, RunConfigError, SetupError];
@@ -20,7 +22,7 @@ const usage = `Usage: sppo <command> [options]
 Self-Play Preference Optimization for language models.
 
 Commands:
-${COMMANDS.map((c) => `  ${c.name.padEnd(10)}${c.summary}`).join('\n')}
+${COMMANDS.map((c) => `  ${c.name.padEnd(NAME_WIDTH)}${c.summary}`).join('\n')}
 
 \`sppo <command> --help\` describes a command's options. Set SPPO_DEBUG=1 to see stack traces.`;
 

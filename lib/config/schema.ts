@@ -7,6 +7,7 @@
 // (test/import-graph.test.ts), so a config can be checked without the engine.
 import { z } from 'zod';
 import { datasetModeForLoss, PREFERENCE_LOSSES } from '../engine/losses.js';
+import { LORA_TARGETS } from '../engine/lora.js';
 import { functionJudgeOptionsSchema } from '../preference/options/function.js';
 import { httpJudgeOptionsSchema } from '../preference/options/http.js';
 import { lmJudgeOptionsSchema } from '../preference/options/lm-judge.js';
@@ -106,6 +107,24 @@ const preferenceSchema = z
   )
   .describe('the judge P(y ≻ y′ | x), by kind');
 
+/** LoRA: frozen base weights, trained low-rank adapters (lib/engine/lora.ts's targets and scaling). */
+const loraSchema = z
+  .strictObject({
+    rank: positiveInt().default(16).describe("r: the adapters' rank"),
+    alpha: z
+      .number({ error: 'must be a finite number' })
+      .gt(0, { error: 'must be > 0' })
+      .default(32)
+      .describe('the adapters are scaled by alpha / rank'),
+    targets: z
+      .array(z.enum(LORA_TARGETS, { error: `must be one of ${LORA_TARGETS.join(', ')}` }))
+      .min(1, { error: 'must list at least one projection' })
+      .refine((t) => new Set(t).size === t.length, { error: 'lists a projection twice' })
+      .default([...LORA_TARGETS])
+      .describe('the projections of every layer that get an adapter'),
+  })
+  .describe('train low-rank adapters (LoRA) on a frozen base instead of every weight; absent: full fine-tuning');
+
 const trainingSchema = z
   .strictObject({
     loss: z
@@ -149,6 +168,7 @@ const trainingSchema = z
     batchSize: positiveInt().default(8).describe('pairs (or examples) per micro-batch'),
     gradAccumSteps: positiveInt().default(8).describe("micro-batches per optimizer step: 8 × 8 = the reference's global batch of 64"),
     maxLength: positiveInt().default(1024).describe('prompt + response tokens per training row'),
+    lora: loraSchema.optional(),
   })
   .superRefine((t, ctx) => {
     if (t.mode !== undefined && t.mode !== datasetModeForLoss(t.loss))

@@ -61,7 +61,8 @@ export async function readHfConfig(file: string): Promise<HfConfig> {
   return parsed as HfConfig;
 }
 
-function listed(names: string[]): string {
+/** Up to eight names, quoted, and how many more. */
+export function listed(names: readonly string[]): string {
   const shown = names
     .slice(0, 8)
     .map((n) => `'${n}'`)
