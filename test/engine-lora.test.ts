@@ -2,8 +2,11 @@
 // loraTensorName), PEFT's initialisation (the model starts as its base), adapterTensors /
 // setAdapterTensors, training that moves the adapters alone, generation from base + adapters, the
 // plan, and bad options named.
+import { existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Model, type ModelConfig, type PlanOptions } from '../lib/index.js';
+import { Model, savePretrained, type ModelConfig, type PlanOptions } from '../lib/index.js';
 import { LORA_TARGET_MODULE, LORA_TARGETS, loraTensorName, type LoraOptions, type LoraTarget } from '../lib/engine/lora.js';
 import { bitsEqual, changedParams, prng, snapshot, tinyConfig } from './fixtures/engine-helpers.js';
 
@@ -119,6 +122,12 @@ describe('Model.create with lora', () => {
     for (let s = 0; s < 3; s++) await model.preferenceStep({ examples }, { loss: 'sppo', eta: 10 });
     const changed = new Set(changedParams(before, snapshot(model)));
     for (const p of model.params()) expect([p.name, changed.has(p.name)]).toEqual([p.name, p.adapter]);
+  });
+
+  it('savePretrained refuses it before writing anything: its adapters go to saveAdapter', async () => {
+    const dir = path.join(tmpdir(), `sppo-lora-refused-${process.pid}`);
+    await expect(savePretrained(create({ lora }), dir)).rejects.toThrow(/the model has LoRA adapters, .* save them with saveAdapter/);
+    expect(existsSync(dir)).toBe(false);
   });
 
   it('generates from base + adapters: the log-probs it reports are sequenceLogprobs of the same model', async () => {
