@@ -4,10 +4,12 @@
 // learns (held-out win rate against π_0 above ½), the base never moves, a run killed mid-way
 // resumes to exactly the uninterrupted run's results, and the merge of an iteration's adapter
 // into the base computes the logits of base + adapter.
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import { Writable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { main } from '../lib/cli/cli.js';
 import { CharTokenizer } from '../lib/demo/task.js';
 import { loadAdapter, mergeAdapter } from '../lib/io/peft.js';
 import {
@@ -194,5 +196,43 @@ describe('sppo run with training.lora', () => {
       await adapted.dispose();
     }
     expect(existsSync(path.join(merged, 'config.json'))).toBe(true);
+  });
+
+  it('sppo generate samples an adapter directory as base + adapter: the merged checkpoint gives the same answers', async () => {
+    const run = async (...argv: string[]) => {
+      let stdout = '';
+      let stderr = '';
+      const sink = (add: (s: string) => void) =>
+        new Writable({
+          write(chunk: Buffer, _enc, done) {
+            add(chunk.toString());
+            done();
+          },
+        });
+      const code = await main(argv, { stdout: sink((t) => (stdout += t)), stderr: sink((t) => (stderr += t)) });
+      return { code, stdout, stderr };
+    };
+    const args = ['--prompts', promptFile, '--max-new-tokens', '6', '--seed', '3', '--temperature', '1'];
+    const adapter = await run('generate', '--model', RunDir.at(whole).policy(2), ...args);
+    const merged = await run('generate', '--model', path.join(tmp, 'merged'), ...args);
+    const base = await run('generate', '--model', modelDir, ...args);
+    expect([adapter.code, merged.code, base.code], adapter.stderr + merged.stderr).toEqual([0, 0, 0]);
+    const rows = (r: { stdout: string }) =>
+      r.stdout
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l) as { response: string; logprob: number });
+    const [a, m, b] = [rows(adapter), rows(merged), rows(base)];
+    expect(a.map((r) => r.response)).toEqual(m.map((r) => r.response));
+    a.forEach((r, i) => expect(r.logprob).toBeCloseTo(m[i].logprob, 3));
+    expect(a.map((r) => r.response)).not.toEqual(b.map((r) => r.response));
+    // an adapter whose base is not on this machine: a usage error saying how to sample it
+    const moved = path.join(tmp, 'moved-adapter');
+    cpSync(RunDir.at(whole).policy(2), moved, { recursive: true });
+    const config = path.join(moved, 'adapter_config.json');
+    writeFileSync(config, JSON.stringify({ ...JSON.parse(readFileSync(config, 'utf8')), base_model_name_or_path: '/nowhere/model' }));
+    const refused = await run('generate', '--model', moved, ...args);
+    expect(refused.code).toBe(2);
+    expect(refused.stderr).toContain(`--model: ${moved} is a LoRA adapter over /nowhere/model, which is not a model directory here`);
   });
 });

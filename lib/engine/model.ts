@@ -168,6 +168,15 @@ export function presetConfig(name: PresetName): ResolvedModelConfig {
   return native().presetConfig(name) as unknown as ResolvedModelConfig;
 }
 
+/**
+ * A config as the engine resolves it (num_key_value_heads and head_dim filled in), validated as
+ * Model.create validates it: the sizes a model of this config has, without making one.
+ */
+export function resolveConfig(config: ModelConfig): ResolvedModelConfig {
+  checkModelConfig(config);
+  return native().resolveConfig(config) as unknown as ResolvedModelConfig;
+}
+
 /** Threads of the CPU backend (0 = one per core); refused while any model call is running. */
 export function setNumThreads(n: number): void {
   checkKind(n, 'int32', 'threads');

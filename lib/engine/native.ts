@@ -135,6 +135,8 @@ export interface NativeAddon {
   setNumThreads(n: number): void;
   numThreads(): number;
   presetConfig(name: string): Record<string, unknown>;
+  /** the config with the engine's defaults filled in, validated */
+  resolveConfig(config: object): Record<string, unknown>;
   gemmKernel: string;
   /** the engine's preference losses, in order (lib/engine/losses.ts lists the same) */
   preferenceLosses: string[];

@@ -40,6 +40,11 @@ Napi::Value PresetConfig(const Napi::CallbackInfo& info) {
   return or_range_error(info.Env(), [&] { return config_to_js(info.Env(), sppo::preset_config(name)); });
 }
 
+// A config with the engine's defaults filled in (num_key_value_heads, head_dim), validated.
+Napi::Value ResolveConfig(const Napi::CallbackInfo& info) {
+  return config_to_js(info.Env(), parse_model_config(info.Env(), info[0]));
+}
+
 // What the CUDA backend can do here: built into this addon, a usable device, and why not.
 Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -100,6 +105,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads));
   exports.Set("numThreads", Napi::Function::New(env, NumThreads));
   exports.Set("presetConfig", Napi::Function::New(env, PresetConfig));
+  exports.Set("resolveConfig", Napi::Function::New(env, ResolveConfig));
   exports.Set("planMemory", Napi::Function::New(env, PlanMemory));
   exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo));
   exports.Set("gemmKernel", Napi::String::New(env, sppo::cpu::gemm_kernel_name()));
