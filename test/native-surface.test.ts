@@ -2,6 +2,7 @@
 // checks), and a bad call straight at the addon, past every TypeScript check, is refused with
 // an error instead of reading out of bounds or misreading an object.
 import { afterAll, describe, expect, it } from 'vitest';
+import { LORA_TARGETS } from '../lib/engine/lora.js';
 import { PREFERENCE_LOSSES } from '../lib/engine/losses.js';
 import { MODEL_CONFIG_FIELDS } from '../lib/engine/model.js';
 import { ABI_VERSION, native, type NativeModelHandle } from '../lib/engine/native.js';
@@ -14,6 +15,10 @@ describe('the addon exports the lists lib/engine checks against', () => {
 
   it('its model config fields are MODEL_CONFIG_FIELDS, in order', () => {
     expect(native().modelConfigFields).toEqual(Object.keys(MODEL_CONFIG_FIELDS));
+  });
+
+  it('its LoRA targets are LORA_TARGETS, in order', () => {
+    expect(native().loraTargets).toEqual([...LORA_TARGETS]);
   });
 
   it('its ABI version is ABI_VERSION', () => {

@@ -173,6 +173,8 @@ describe('per-stage config hashes', () => {
     expect(changed(demo(dir, {}, { temperature: 0.5 }))).toEqual(['base-eval', 'generate', 'evaluate']);
     expect(changed(demo(path.join(root, 'elsewhere')))).toEqual([]);
     expect(changed({ ...demo(dir), run: { ...demo(dir).run, seed: 1 } })).toHaveLength(7);
+    // LoRA decides what every checkpoint is, π_0's included
+    expect(changed(demo(dir, { lora: { rank: 8 } }))).toHaveLength(7);
   });
 
   it('a training field is accepted while no train stage is finished, and the run says which stages use it', async () => {

@@ -10,8 +10,12 @@
 #   shape, full fine-tuning as the engine's big8b_ benchmark runs it (micro-batches of 2 x 1024,
 #   32 per RMSprop step, gradient checkpointing), float32 weights under bf16 autocast (the
 #   engine's precision: fp32 master, gradients and state); an out-of-memory is reported as such.
-# Writes $OUT/peers.json (peers_big.json for train8B); PEERS="head train134M train1.1B gen64 gen256"
-# (the default) picks which.
+#   lora8B (with train8B, in the "big" section): the same shape and micro-batches with LoRA r16
+#   (alpha 32) on all seven projections over frozen bf16 weights, as the engine's big8b_lora_
+#   benchmark runs it: a plain LoRA written here (fp32 A and B under bf16 autocast, RMSprop on
+#   them alone), with and without gradient checkpointing; and PEFT's LoRA where peft is installed.
+# Writes $OUT/peers.json (peers_big.json for train8B / lora8B); PEERS="head train134M train1.1B
+# gen64 gen256" (the default) picks which.
 import json, os, time, traceback
 
 import torch
@@ -106,12 +110,16 @@ def head():
     return {"ms": 1e3 * s, "peak_extra_GiB": (torch.cuda.max_memory_allocated() - base) / 2 ** 30}
 
 
+def llama3_8b():
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                         original_max_position_embeddings=8192),
+                       tie_word_embeddings=False, attn_implementation="sdpa")
+
+
 def train8b():
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                      rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                        original_max_position_embeddings=8192),
-                      tie_word_embeddings=False, attn_implementation="sdpa")
+    cfg = llama3_8b()
     with torch.device("cuda"):
         m = LlamaForCausalLM(cfg)  # float32, initialised on the GPU
     m.gradient_checkpointing_enable()
@@ -136,8 +144,82 @@ def train8b():
             "mfu_vs_790": tok * flops / 790e12, "peak_GiB": torch.cuda.max_memory_allocated() / 2 ** 30}
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraLinear(torch.nn.Module):
+    """base(x) + (alpha / r)·(x·Aᵀ)·Bᵀ, PEFT's parametrisation; B starts nonzero so the step does its full work."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base, self.scale = base, alpha / r
+        self.A = torch.nn.Parameter(torch.empty(r, base.in_features, device="cuda"))
+        torch.nn.init.kaiming_uniform_(self.A, a=5 ** 0.5)
+        self.B = torch.nn.Parameter(torch.randn(base.out_features, r, device="cuda") * 0.01)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        return self.base(x) + F.linear(F.linear(x, self.A), self.B) * self.scale
+
+
+def lora8b(ckpt, use_peft=False):
+    cfg = llama3_8b()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            m = LlamaForCausalLM(cfg)  # bf16 base weights, frozen
+    finally:
+        torch.set_default_dtype(torch.float32)
+    m.requires_grad_(False)
+    if use_peft:
+        import peft
+        m = peft.get_peft_model(m, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(LORA_TARGETS)))
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.01)
+    else:
+        for layer in m.model.layers:
+            for owner in (layer.self_attn, layer.mlp):
+                for name in LORA_TARGETS:
+                    if hasattr(owner, name):
+                        setattr(owner, name, LoraLinear(getattr(owner, name), 16, 32))
+    if ckpt:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.config.use_cache = False
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.RMSprop(params, lr=1e-5, alpha=0.99, foreach=True)
+    B, T, accum = 2, 1024, 32
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+
+    def micro():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            m(input_ids=ids, labels=ids).loss.backward()
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); opt.zero_grad(set_to_none=False)
+
+    t_micro = median_s(micro, iters=5, warm=2)
+    t_step = median_s(step, iters=3, warm=1)
+    tok = accum * B * T / (accum * t_micro + t_step)
+    return {"tokens_per_s": tok, "micro_ms": 1e3 * t_micro, "optimizer_step_ms": 1e3 * t_step,
+            "trainable": sum(p.numel() for p in params), "peak_GiB": torch.cuda.max_memory_allocated() / 2 ** 30}
+
+
+if "lora8B" in WANT:
+    record("train_8B_lora_r16_plain_B2_T1024_x32", lambda: lora8b(ckpt=False))
+    record("train_8B_lora_r16_plain_ckpt_B2_T1024_x32", lambda: lora8b(ckpt=True))
+    try:
+        import peft  # noqa: F401
+        record("train_8B_lora_r16_peft_B2_T1024_x32", lambda: lora8b(ckpt=False, use_peft=True))
+    except ImportError:
+        res["train_8B_lora_r16_peft"] = {"error": "peft is not installed on this machine"}
+        print("train_8B_lora_r16_peft", json.dumps(res["train_8B_lora_r16_peft"]), flush=True)
 if "train8B" in WANT:
     record("train_8B_fullft_rmsprop_ckpt_B2_T1024_x32", train8b)
+if "lora8B" in WANT or "train8B" in WANT:
     json.dump(res, open(os.path.join(OUT, "peers_big.json"), "w"), indent=1)
     raise SystemExit(0)
 if "head" in WANT:

@@ -12,10 +12,12 @@
 #   node      through Node: the device tests and the transformers round trip
 #   variant   the tests and benchmarks again under another choice of kernels (VARIANT_ENV)
 #   peers     the PyTorch peers (bench/gpu/peers.py), last so nothing overlaps the engine's timing
-#   big       the Llama-3-8B shape (issue 13): the memory plan against cudaMemGetInfo, one
-#             full-fine-tuning SPPO step with RMSprop and activation checkpointing, generation at
-#             batch 64 (sppo_bench big8b_), then the PyTorch peer with gradient checkpointing
-#             (peers.py train8B); ~110 GiB and a few minutes, so not in the default SECTIONS: its
+#   big       the Llama-3-8B shape (issue 13): the memory plan against cudaMemGetInfo, one SPPO
+#             step with LoRA r16 on all seven projections and one full-fine-tuning step with
+#             RMSprop and activation checkpointing, generation at batch 64 after each (sppo_bench
+#             big8b_), then the PyTorch peers: plain LoRA (and PEFT's where installed), full
+#             fine-tuning with gradient checkpointing (peers.py lora8B train8B); ~110 GiB and a
+#             few minutes, so not in the default SECTIONS: its
 #             own job, `SECTIONS=big bash bench/gpu/run.sh`, within the same budget
 #   pairrm    PairRM's DeBERTa-v3 encoder (issue 17) against transformers' DebertaV2Model in the
 #             full PairRM shape, both directions of loading, CPU (fp32) and CUDA (bf16); not in the
@@ -129,14 +131,14 @@ if want peers && t=$(limit 300 5) && run_for $t "PyTorch peers"; then
   OUT="$OUT" timeout $t python3 bench/gpu/peers.py > "$OUT/peers.log" 2>&1
   grep -vE "^\s|^Traceback|^  File" "$OUT/peers.log" | tail -8 >> "$OUT/summary.txt"
 fi
-if want big && [ -x $bin/sppo_bench ] && t=$(limit 240 90) && run_for $t "Llama-3-8B shape"; then
-  log "Llama-3-8B shape: plan, full fine-tuning, generation"
+if want big && [ -x $bin/sppo_bench ] && t=$(limit 300 120) && run_for $t "Llama-3-8B shape"; then
+  log "Llama-3-8B shape: plan, LoRA and full fine-tuning, generation"
   timeout $t $bin/sppo_bench big8b_ > "$OUT/big8b.log" 2>&1
   cat "$OUT/big8b.log" >> "$OUT/summary.txt"
   if t=$(limit 240) && run_for $t "Llama-3-8B shape: the PyTorch peer"; then
-    log "Llama-3-8B shape: the PyTorch peer (gradient checkpointing)"
-    OUT="$OUT" PEERS=train8B timeout $t python3 bench/gpu/peers.py > "$OUT/peers_big.log" 2>&1
-    grep -E "^train_8B|Error|error" "$OUT/peers_big.log" | tail -4 >> "$OUT/summary.txt"
+    log "Llama-3-8B shape: the PyTorch peers (LoRA; full fine-tuning with gradient checkpointing)"
+    OUT="$OUT" PEERS="lora8B train8B" timeout $t python3 bench/gpu/peers.py > "$OUT/peers_big.log" 2>&1
+    grep -E "^train_8B|Error|error" "$OUT/peers_big.log" | tail -8 >> "$OUT/summary.txt"
   fi
 fi
 if want pairrm && [ -x .gpu/node ] && [ -f build/Release/sppo.node ] && t=$(limit 300 60) && run_for $t "PairRM check"; then

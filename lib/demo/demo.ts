@@ -82,7 +82,12 @@ export function demoSetup(
   const model = Model.create(
     demoModelConfig(tokenizer, config.model.seed ?? 1),
     { maxBatch, maxSeq: DEMO_CONTEXT },
-    { device: options.device, activationCheckpointing: options.activationCheckpointing },
+    // with training.lora the supervised base trains the adapters too: the seeded base stays frozen
+    {
+      device: options.device,
+      activationCheckpointing: options.activationCheckpointing,
+      ...(config.training.lora && { lora: config.training.lora }),
+    },
   );
   const summaries = (history: readonly Sample[][]): PolicySummary[] => history.map((s) => summarizeAnswers(s));
   const setup: RunSetup = {

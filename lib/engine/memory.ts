@@ -5,6 +5,7 @@
 // checkpointing against the memory available), the table, and the refusal that says what would fit.
 import { freemem } from 'node:os';
 import type { GeneratorPlan } from './generate.js';
+import { LORA_TARGETS, type LoraOptions } from './lora.js';
 import { native } from './native.js';
 import type { MemoryPlan, MemoryReport, ModelConfig, OptimizerConfig } from './types.js';
 
@@ -21,6 +22,11 @@ export interface PlanOptions {
    * default) turns it on when the plan without it does not fit `available`.
    */
   activationCheckpointing?: boolean | 'auto';
+  /**
+   * Low-rank adapters on the listed projections, the base frozen: only the adapters have
+   * gradients, master weights and optimizer state (scale alpha / rank, PEFT's parametrisation).
+   */
+  lora?: LoraOptions;
   /** the optimizer whose state to count (setOptimizer allocates it); none when absent */
   optimizer?: { kind: NonNullable<OptimizerConfig['kind']> };
   /** a generator whose KV cache to count (createGenerator allocates it); none when absent */
@@ -74,6 +80,7 @@ export function planMemory(config: ModelConfig, plan: MemoryPlan, options: PlanO
     ...native().planMemory(config, plan, {
       device,
       activationCheckpointing,
+      ...(options.lora && { lora: options.lora }),
       ...(options.optimizer && { optimizer: { kind: options.optimizer.kind } }),
       ...(options.generator && { generator: options.generator }),
     }),
@@ -108,6 +115,18 @@ function planFits(variant: () => unknown): boolean {
 }
 
 /**
+ * The adapters the refusal suggests: rank 16 on all seven projections (alpha 2 × rank, as usual),
+ * or the smallest projection's size where a model is narrower than that.
+ */
+function suggestedLora(c: ModelConfig): LoraOptions {
+  const heads = c.num_attention_heads;
+  const headDim = c.head_dim || c.hidden_size / heads;
+  const kvHeads = c.num_key_value_heads || heads;
+  const rank = Math.max(1, Math.floor(Math.min(16, c.hidden_size, c.intermediate_size, kvHeads * headDim, heads * headDim)));
+  return { rank, alpha: 2 * rank, targets: LORA_TARGETS };
+}
+
+/**
  * Model.create's refusal of a plan that does not fit: what it needs against what is free, the
  * categories, and each change of the options that shrinks it, with the total it would reach.
  */
@@ -132,6 +151,15 @@ export function refusalMessage(config: ModelConfig, plan: MemoryPlan, options: P
   if (!r.activationCheckpointing) {
     all = { ...all, activationCheckpointing: true };
     consider('activationCheckpointing: true', ['activations'], { ...fixed, activationCheckpointing: true });
+  }
+  if (!options.lora) {
+    const lora = suggestedLora(config);
+    all = { ...all, lora };
+    consider(
+      `lora: {rank: ${lora.rank}} (all seven projections)`,
+      r.master > 0 ? ['master', 'grads', 'optimizer'] : ['grads', 'optimizer'],
+      { ...fixed, lora },
+    );
   }
   if (options.optimizer?.kind === 'adamw') {
     all = { ...all, optimizer: { kind: 'rmsprop' } };

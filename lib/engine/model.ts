@@ -4,6 +4,7 @@
 import { throwIfAborted } from '../util/abort.js';
 import { CALL_FIELDS, checkFields, checkKind, describeValue, oneOf, toTokenBatch, type FieldCheck, type FieldKind } from './batch.js';
 import { GENERATOR_PLAN_FIELDS, openGenerator, type Generator, type GeneratorPlan } from './generate.js';
+import type { LoraOptions } from './lora.js';
 import { planMemory, refusalMessage, type MemoryPlanReport, type PlanOptions } from './memory.js';
 import { native, type CudaInfo, type NativeModelHandle } from './native.js';
 import { packPreferenceBatch, packSequences } from './preference.js';
@@ -65,11 +66,29 @@ const ROPE_SCALING_FIELDS: Record<keyof RopeScalingConfig, FieldKind> = {
   original_max_position_embeddings: 'int32',
 };
 const MEMORY_PLAN_FIELDS: Record<keyof MemoryPlan, FieldKind> = { maxBatch: 'int32', maxSeq: 'int32' };
+// Every field is required (there is no default rank); the values (rank within the projections'
+// sizes, alpha > 0, known targets named once) are the engine's to check.
+const LORA_FIELDS = {
+  rank: 'int32',
+  alpha: 'number',
+  targets: (v, name) => {
+    if (!Array.isArray(v) || v.some((t) => typeof t !== 'string'))
+      throw new TypeError(`${name} must be an array of projection names (q_proj, k_proj, …), got ${describeValue(v)}`);
+  },
+} satisfies Record<keyof LoraOptions, FieldKind | FieldCheck>;
+
+function checkLora(v: unknown, name: string): void {
+  const fields = checkFields(v, name, LORA_FIELDS);
+  for (const key of Object.keys(LORA_FIELDS))
+    if (fields[key] === undefined || fields[key] === null) throw new TypeError(`${name}.${key} is required`);
+}
+
 const PLAN_OPTIONS_FIELDS = {
   device: 'string', // its value is the engine's to check, as for Model.create
   activationCheckpointing: (v, name) => {
     if (typeof v !== 'boolean' && v !== 'auto') throw new TypeError(`${name} must be true, false or 'auto', got ${describeValue(v)}`);
   },
+  lora: checkLora,
   optimizer: 'object',
   generator: 'object',
   available: 'number',
@@ -149,6 +168,15 @@ export function presetConfig(name: PresetName): ResolvedModelConfig {
   return native().presetConfig(name) as unknown as ResolvedModelConfig;
 }
 
+/**
+ * A config as the engine resolves it (num_key_value_heads and head_dim filled in), validated as
+ * Model.create validates it: the sizes a model of this config has, without making one.
+ */
+export function resolveConfig(config: ModelConfig): ResolvedModelConfig {
+  checkModelConfig(config);
+  return native().resolveConfig(config) as unknown as ResolvedModelConfig;
+}
+
 /** Threads of the CPU backend (0 = one per core); refused while any model call is running. */
 export function setNumThreads(n: number): void {
   checkKind(n, 'int32', 'threads');
@@ -196,13 +224,16 @@ export class Model {
 
   /** Whether the backward recomputes each layer from its saved input ('auto' resolved). */
   readonly activationCheckpointing: boolean;
+  /** The adapters, when the model has them (its base is then frozen); undefined without LoRA. */
+  readonly lora: LoraOptions | undefined;
 
-  private constructor(handle: NativeModelHandle, plan: MemoryPlan, activationCheckpointing: boolean) {
+  private constructor(handle: NativeModelHandle, plan: MemoryPlan, activationCheckpointing: boolean, lora: LoraOptions | undefined) {
     this.#handle = handle;
     this.config = handle.config() as unknown as ResolvedModelConfig;
     this.plan = { ...plan };
     this.device = handle.state().device ?? 'cpu';
     this.activationCheckpointing = activationCheckpointing;
+    this.lora = lora && Object.freeze({ rank: lora.rank, alpha: lora.alpha, targets: Object.freeze([...lora.targets]) });
   }
 
   /**
@@ -211,6 +242,8 @@ export class Model {
    * `initialize: false` leaves every parameter zero, for callers that set all of them (loading
    * a checkpoint), which skips drawing a random value per parameter. `device` picks the backend
    * (default 'cpu'; 'auto' takes the GPU when one is usable and says which in `model.device`).
+   * `lora` adds low-rank adapters (PEFT's initialisation: the model starts as its base, also with
+   * `initialize: false`) and freezes the base: training then updates the adapters alone.
    */
   static create(config: ModelConfig | PresetName, plan: MemoryPlan, options: CreateOptions = {}): Model {
     const cfg = typeof config === 'string' ? presetConfig(config) : config;
@@ -223,9 +256,10 @@ export class Model {
     const handle = new (native().NativeModel)(cfg, plan, {
       device: planned.device,
       activationCheckpointing: planned.activationCheckpointing,
+      ...(options.lora && { lora: options.lora }),
       ...(options.initialize !== undefined && { initialize: options.initialize }),
     });
-    return new Model(handle, plan, planned.activationCheckpointing);
+    return new Model(handle, plan, planned.activationCheckpointing, options.lora);
   }
 
   /**
@@ -383,9 +417,44 @@ export class Model {
     return openGenerator(this.#live(), plan, (fn, signal) => this.#enqueue(() => fn(), signal));
   }
 
-  /** Every parameter with its Hugging Face name and shape. */
+  /** Every parameter with its Hugging Face name (PEFT's module path for an adapter) and shape. */
   params(): ParamInfo[] {
     return this.#live().params();
+  }
+
+  /** The adapters' tensors by name (loraTensorName's), copied; empty without LoRA. */
+  adapterTensors(): Map<string, Float32Array> {
+    const h = this.#idle();
+    return new Map(h.params().flatMap((p) => (p.adapter ? [[p.name, h.getParam(p.name)] as const] : [])));
+  }
+
+  /**
+   * Overwrites every adapter tensor: `tensors` must hold each of the model's adapters (by
+   * loraTensorName's name) with its size, and nothing else. All are checked before any is
+   * written, so a bad map leaves the model unchanged.
+   */
+  setAdapterTensors(tensors: ReadonlyMap<string, Float32Array | ArrayLike<number>>): void {
+    const h = this.#idle();
+    if (!((tensors as unknown) instanceof Map))
+      throw new TypeError(`adapter tensors must be a Map from tensor names to values, got ${describeValue(tensors)}`);
+    const adapters = h.params().filter((p) => p.adapter);
+    if (adapters.length === 0) throw new Error('the model has no adapters (create it with options.lora)');
+    const known = new Set(adapters.map((p) => p.name));
+    for (const name of tensors.keys())
+      if (!known.has(name)) throw new RangeError(`'${name}' is not one of the model's adapter tensors (e.g. ${adapters[0].name})`);
+    const values = adapters.map((p) => {
+      const given = tensors.get(p.name);
+      if (given === undefined) throw new RangeError(`adapter tensor '${p.name}' is missing`);
+      const v = float32Values(given, p.name);
+      const size = p.shape.reduce((a, b) => a * b, 1);
+      if (v.length !== size)
+        throw new RangeError(`adapter tensor '${p.name}' has ${v.length} values; its shape [${p.shape.join(', ')}] holds ${size}`);
+      // (the engine checks too, but tensor by tensor: the earlier ones would be written already)
+      const bad = v.findIndex((x) => !Number.isFinite(x));
+      if (bad >= 0) throw new RangeError(`adapter tensor '${p.name}' value at index ${bad} is not finite`);
+      return [p.name, v] as const;
+    });
+    for (const [name, v] of values) h.setParam(name, v);
   }
 
   /** A copy of one parameter, by Hugging Face name (e.g. model.layers.0.self_attn.q_proj.weight). */

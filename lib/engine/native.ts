@@ -4,12 +4,13 @@
 // memory safety needs): model.ts, generate.ts, batch.ts and preference.ts check them first.
 import { createRequire } from 'node:module';
 import type { GenerateStats, KvCacheState, StopReason } from './generate.js';
-import type { MemoryReport, StepResult } from './types.js';
+import type { LoraOptions } from './lora.js';
+import type { MemoryReport, ParamInfo, StepResult } from './types.js';
 
 const require = createRequire(import.meta.url);
 
 /** The addon's ABI version; native/addon/addon.cpp exports its own and native() refuses others. */
-export const ABI_VERSION = 4;
+export const ABI_VERSION = 5;
 
 export interface NativeModelHandle {
   forward(tokens: Int32Array, batch: number, seq: number, output: string): Promise<{ logits?: Float32Array; hidden?: Float32Array }>;
@@ -43,7 +44,7 @@ export interface NativeModelHandle {
     eta: number,
   ): Promise<StepResult & { metrics: Record<string, number>; logps: Float64Array }>;
   setOptimizer(config: object): void;
-  params(): { name: string; shape: number[] }[];
+  params(): ParamInfo[];
   getParam(name: string): Float32Array;
   setParam(name: string, values: Float32Array): void;
   memory(): MemoryReport;
@@ -112,6 +113,8 @@ export interface NativeModelOptions {
   /** default 'cpu' ('auto' is resolved by lib/engine/memory.ts before it gets here) */
   device?: 'cpu' | 'cuda' | 'auto';
   activationCheckpointing?: boolean;
+  /** adapters on the base, which they freeze (targets by module name; the engine validates the values) */
+  lora?: LoraOptions;
 }
 
 export interface NativeAddon {
@@ -132,11 +135,15 @@ export interface NativeAddon {
   setNumThreads(n: number): void;
   numThreads(): number;
   presetConfig(name: string): Record<string, unknown>;
+  /** the config with the engine's defaults filled in, validated */
+  resolveConfig(config: object): Record<string, unknown>;
   gemmKernel: string;
   /** the engine's preference losses, in order (lib/engine/losses.ts lists the same) */
   preferenceLosses: string[];
   /** the model config fields the addon reads (lib/engine/model.ts MODEL_CONFIG_FIELDS lists the same) */
   modelConfigFields: string[];
+  /** the projections an adapter may target, in order (lib/engine/lora.ts LORA_TARGETS lists the same) */
+  loraTargets: string[];
   abiVersion: number;
 }
 

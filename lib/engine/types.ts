@@ -109,6 +109,10 @@ export interface StepResult {
 export interface ParamInfo {
   name: string;
   shape: number[];
+  /** has gradients and optimizer state: every parameter without LoRA, the adapters alone with it */
+  trainable: boolean;
+  /** a LoRA factor, named as lib/engine/lora.ts's loraTensorName names it */
+  adapter: boolean;
 }
 
 /** Bytes by what they hold, as the engine's allocating code counts them. */

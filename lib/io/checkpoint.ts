@@ -4,7 +4,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Model, type PlanOptions } from '../engine/model.js';
-import type { MemoryPlan } from '../engine/types.js';
+import type { MemoryPlan, ParamInfo } from '../engine/types.js';
 import { ConfigError, engineConfigFromHf, hfConfigFromEngine, type Architecture, type HfConfig } from './hf-config.js';
 import { ReadScratch, type TensorSource } from './safetensors.js';
 import { StagedFiles } from './staging.js';
@@ -70,9 +70,14 @@ export function listed(names: readonly string[]): string {
   return names.length > 8 ? `${shown} and ${names.length - 8} more` : shown;
 }
 
+/** The model's parameters a Hugging Face checkpoint holds: all but LoRA adapters (a PEFT adapter directory's, lib/io/peft.ts). */
+function checkpointParams(model: Model): ParamInfo[] {
+  return model.params().filter((p) => !p.adapter);
+}
+
 /** Checks the checkpoint's tensor names and shapes against the model's before any is read. */
 function checkTensorTable(weights: CheckpointWeights, model: Model): void {
-  const expected = new Map(model.params().map((p) => [p.name, p.shape]));
+  const expected = new Map(checkpointParams(model).map((p) => [p.name, p.shape]));
   const tied = model.config.tie_word_embeddings;
   const missing = [...expected.keys()].filter((n) => !weights.tensors.has(n));
   const unexpected = [...weights.tensors.keys()].filter((n) => !expected.has(n) && !IGNORED_TENSOR.test(n) && !(tied && n === TIED_HEAD));
@@ -106,7 +111,8 @@ function checkTensorTable(weights: CheckpointWeights, model: Model): void {
 /**
  * Loads a Hugging Face model directory (config.json, model.safetensors or sharded with
  * model.safetensors.index.json, and tokenizer files when present) into a new engine model
- * planned for `plan`. Weights are read one tensor at a time.
+ * planned for `plan`. Weights are read one tensor at a time. With options.lora the checkpoint is
+ * the frozen base, and the adapters start as PEFT initialises them (the model computes the base).
  */
 export async function loadPretrained(dir: string, plan: MemoryPlan, options: LoadOptions = {}): Promise<Pretrained> {
   const configFile = path.join(dir, 'config.json');
@@ -121,7 +127,7 @@ export async function loadPretrained(dir: string, plan: MemoryPlan, options: Loa
     checkTensorTable(weights, model);
     // setParam copies into the engine, so one pair of buffers serves every tensor.
     const scratch = new ReadScratch();
-    for (const { name } of model.params()) {
+    for (const { name } of checkpointParams(model)) {
       const data = await weights.readFloat32(name, scratch);
       try {
         model.setParam(name, data);
@@ -166,9 +172,15 @@ export interface SaveOptions {
  * (model.safetensors, or shards and their index) and the tokenizer files (options.tokenizer's,
  * else the source's). Every file is written in full under a temporary name first and renamed
  * into place only when all are written, so a failure leaves an earlier save in `dir` intact.
- * Returns the files written.
+ * Returns the files written. A model with LoRA adapters is refused (saved alone, its base would
+ * drop them): save them with saveAdapter, and merge with mergeAdapter (lib/io/peft.ts).
  */
 export async function savePretrained(model: Model, dir: string, options: SaveOptions = {}): Promise<string[]> {
+  if (model.lora)
+    throw new CheckpointError(
+      `the model has LoRA adapters, which a Hugging Face checkpoint of its weights would drop: save them with saveAdapter ` +
+        `(a PEFT adapter directory over the base), or merge them into the base checkpoint with mergeAdapter`,
+    );
   const dtype = options.dtype ?? 'float32';
   if (dtype !== 'float32' && dtype !== 'bfloat16') throw new RangeError(`dtype must be 'float32' or 'bfloat16', got '${String(dtype)}'`);
   const source = options.sourceDir ? await readHfConfig(path.join(options.sourceDir, 'config.json')) : undefined;

@@ -38,6 +38,8 @@ export function stagesUsing(field: FieldPath, configs: readonly RunConfig[]): re
       // the styled-reversal task's parameters also make its prompts and π_0's supervised data
       return configs.some((c) => c.preference.kind === 'styled-reversal') ? ALL_STAGES : ['judge', 'evaluate'];
     case 'training':
+      // LoRA decides what every checkpoint is, π_0's included (and what the demo's supervised base trains)
+      if (name === 'lora') return ALL_STAGES;
       return typeof name === 'string' && DATASET_FIELDS.has(name) ? ['dataset', 'train'] : ['train'];
     default:
       return ALL_STAGES; // model (π_0 itself) and anything unknown

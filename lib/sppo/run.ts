@@ -3,8 +3,16 @@
 // build the training set, train π_{t+1} from π_t with reference log-probs from π_t, evaluate
 // against π_0 and π_t, checkpoint. Every stage's output lands atomically in the run directory
 // before the next starts, so a killed run resumes where it stopped and loses nothing.
+//
+// With training.lora the policy is a frozen base plus adapters: π_t's checkpoint is a PEFT
+// adapter directory (its base_model_name_or_path the model directory the run loaded), the base
+// is whatever setup loads (model.path, or the demo's seeded weights, which nothing in the run
+// changes), and moving between policies loads adapters alone. The iteration's reference policy is
+// then base + the adapters it starts from, whose log-probs the generate stage recorded.
+import path from 'node:path';
 import type { RunConfig } from '../config/schema.js';
 import { promptSeeds, seededShuffle, SEED_PURPOSE } from '../data/random.js';
+import type { LoraOptions } from '../engine/lora.js';
 import type { Model } from '../engine/model.js';
 import type { GeneratorPlan } from '../engine/generate.js';
 import type {
@@ -16,6 +24,7 @@ import type {
   PreferenceStepResult,
 } from '../engine/types.js';
 import { savePretrained } from '../io/checkpoint.js';
+import { AdapterError, loadAdapter, saveAdapter } from '../io/peft.js';
 import type { TokenizerFiles } from '../io/tokenizer.js';
 import { CheckpointWeights } from '../io/weights.js';
 import { UnusableVerdictsError, type PreferenceModel } from '../preference/model.js';
@@ -35,7 +44,7 @@ export interface PolicyText {
 
 export interface RunSetup {
   config: RunConfig;
-  /** the policy; its weights are π_0 unless `makeBase` produces them */
+  /** the policy (with LoRA: the base with its adapters); its weights are π_0 unless `makeBase` produces them */
   model: Model;
   text: PolicyText;
   preference: PreferenceModel;
@@ -97,8 +106,22 @@ function interval(xs: readonly number[]): Interval {
   return { mean, low: mean - half, high: mean + half, n };
 }
 
-/** Loads a checkpoint's weights into the run's model (same architecture by construction). */
+const sameLora = (a: LoraOptions, b: LoraOptions) =>
+  a.rank === b.rank && a.alpha === b.alpha && a.targets.length === b.targets.length && a.targets.every((t) => b.targets.includes(t));
+
+/** Loads a checkpoint's weights into the run's model (same architecture by construction): with LoRA, its adapters. */
 async function loadWeights(model: Model, dir: string): Promise<void> {
+  if (model.lora) {
+    const { lora, tensors } = await loadAdapter(dir, model.config);
+    // The config hash refuses a changed training.lora on resume; a hand-edited checkpoint is caught here.
+    if (!sameLora(lora, model.lora))
+      throw new AdapterError(
+        `${dir}: the adapter has rank ${lora.rank}, alpha ${lora.alpha} on ${lora.targets.join(', ')}; the run's training.lora ` +
+          `is rank ${model.lora.rank}, alpha ${model.lora.alpha} on ${model.lora.targets.join(', ')}`,
+      );
+    model.setAdapterTensors(tensors);
+    return;
+  }
   const weights = await CheckpointWeights.open(dir);
   try {
     for (const { name } of model.params()) model.setParam(name, await weights.readFloat32(name));
@@ -166,8 +189,18 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
     return { value, seconds };
   };
 
+  const lora = model.lora;
   const save = (t: number) =>
-    run.savePolicy(t, (dir) => savePretrained(model, dir, { sourceDir: setup.sourceDir, tokenizer: setup.tokenizer }));
+    run.savePolicy(t, (dir) =>
+      lora
+        ? saveAdapter(dir, {
+            lora,
+            modelConfig: model.config,
+            tensors: model.adapterTensors(),
+            ...(setup.sourceDir !== undefined && { baseModel: path.resolve(setup.sourceDir) }),
+          })
+        : savePretrained(model, dir, { sourceDir: setup.sourceDir, tokenizer: setup.tokenizer }),
+    );
 
   try {
     // π_0: the given model, or what makeBase makes of it; checkpointed once.

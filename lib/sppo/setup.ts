@@ -154,11 +154,12 @@ async function pretrainedSetup(config: RunConfig, dir: string, options: SetupOpt
   }
 }
 
-/** Model.create's options for a run's policy: the device, checkpointing, and the optimizer and generator the run will add. */
-function policyPlanOptions(config: RunConfig, model: ModelConfig, plan: MemoryPlan, options: SetupOptions): PlanOptions {
+/** Model.create's options for a run's policy: the device, checkpointing, LoRA, and the optimizer and generator the run will add. */
+export function policyPlanOptions(config: RunConfig, model: ModelConfig, plan: MemoryPlan, options: SetupOptions): PlanOptions {
   return {
     device: options.device,
     activationCheckpointing: options.activationCheckpointing,
+    ...(config.training.lora && { lora: config.training.lora }),
     optimizer: { kind: config.training.optimizer.kind },
     generator: generatorPlanFor(config, model, plan),
   };

@@ -22,7 +22,7 @@ namespace {
 using namespace sppo::addon;
 
 // Changes whenever the exports do; lib/engine/native.ts refuses an addon of another version.
-constexpr int kAbiVersion = 4;
+constexpr int kAbiVersion = 5;
 
 Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
   const int n = info[0].As<Napi::Number>().Int32Value();
@@ -38,6 +38,11 @@ Napi::Value NumThreads(const Napi::CallbackInfo& info) { return Napi::Number::Ne
 Napi::Value PresetConfig(const Napi::CallbackInfo& info) {
   const std::string name = info[0].As<Napi::String>();
   return or_range_error(info.Env(), [&] { return config_to_js(info.Env(), sppo::preset_config(name)); });
+}
+
+// A config with the engine's defaults filled in (num_key_value_heads, head_dim), validated.
+Napi::Value ResolveConfig(const Napi::CallbackInfo& info) {
+  return config_to_js(info.Env(), parse_model_config(info.Env(), info[0]));
 }
 
 // What the CUDA backend can do here: built into this addon, a usable device, and why not.
@@ -59,7 +64,7 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// (config, plan, options: CreateOptions' fields + optimizer?: 'adamw' | 'rmsprop', generator?:
+// (config, plan, options: CreateOptions' fields (lora included) + optimizer?: 'adamw' | 'rmsprop', generator?:
 // {maxBatch, maxContext}): what a model would allocate, by category, without allocating.
 Napi::Value PlanMemory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -71,10 +76,18 @@ Napi::Value PlanMemory(const Napi::CallbackInfo& info) {
   const auto* gen = o.generator ? &*o.generator : nullptr;
   return or_range_error(env, [&] {
     const sppo::MemoryReport r =
-        o.model.cuda() ? sppo::plan_memory<sppo::bf16>(config, plan, sppo::cuda::footprint(), kind, gen)
-                       : sppo::plan_memory<float>(config, plan, sppo::cpu::CpuOps<float>::footprint(), kind, gen);
+        o.model.cuda()
+            ? sppo::plan_memory<sppo::bf16>(config, plan, o.model.lora, sppo::cuda::footprint(), kind, gen)
+            : sppo::plan_memory<float>(config, plan, o.model.lora, sppo::cpu::CpuOps<float>::footprint(), kind, gen);
     return memory_report_to_js(env, r);
   });
+}
+
+// The projections an adapter may target, in the engine's order (LoraTarget).
+Napi::Array lora_targets(Napi::Env env) {
+  Napi::Array names = Napi::Array::New(env, sppo::kLoraTargets);
+  for (uint32_t i = 0; i < uint32_t(sppo::kLoraTargets); ++i) names.Set(i, sppo::kLoraTargetNames[i]);
+  return names;
 }
 
 // The preference losses the engine implements, in its order.
@@ -92,10 +105,12 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads));
   exports.Set("numThreads", Napi::Function::New(env, NumThreads));
   exports.Set("presetConfig", Napi::Function::New(env, PresetConfig));
+  exports.Set("resolveConfig", Napi::Function::New(env, ResolveConfig));
   exports.Set("planMemory", Napi::Function::New(env, PlanMemory));
   exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo));
   exports.Set("gemmKernel", Napi::String::New(env, sppo::cpu::gemm_kernel_name()));
   exports.Set("preferenceLosses", preference_losses(env));
+  exports.Set("loraTargets", lora_targets(env));
   exports.Set("modelConfigFields", model_config_fields(env));
   exports.Set("abiVersion", Napi::Number::New(env, kAbiVersion));
   return exports;

@@ -192,6 +192,14 @@ CreateOptions parse_create_options(Napi::Env env, Napi::Value v) {
   if (o.device != "cpu" && o.device != "cuda" && o.device != "auto")
     throw Napi::RangeError::New(env, "options.device must be 'cpu', 'cuda' or 'auto', got '" + o.device + "'");
   o.activation_checkpointing = field(f, "activationCheckpointing", o.activation_checkpointing);
+  if (!absent(f.Get("lora"))) {
+    const Napi::Object l = f.Get("lora").As<Napi::Object>();
+    o.lora.rank = field(l, "rank", 0);
+    o.lora.alpha = field(l, "alpha", 0.0);
+    const Napi::Array targets = l.Get("targets").As<Napi::Array>();
+    for (uint32_t i = 0; i < targets.Length(); ++i)
+      or_range_error(env, [&] { o.lora.add_target(targets.Get(i).As<Napi::String>().Utf8Value()); });
+  }
   return o;
 }
 

@@ -109,12 +109,14 @@ Napi::Object config_to_js(Napi::Env env, const sppo::ModelConfig& c);
 Napi::Array model_config_fields(Napi::Env env);
 
 sppo::MemoryPlan parse_memory_plan(Napi::Value v);
-// NativeModel's options: whether to draw the weights, the device, and whether to checkpoint
-// activations (lib/engine resolves 'auto' to a boolean first).
+// NativeModel's options: whether to draw the weights, the device, whether to checkpoint
+// activations (lib/engine resolves 'auto' to a boolean first), and the adapters ({rank, alpha,
+// targets: module names}; the Model constructor validates the values).
 struct CreateOptions {
   bool initialize = true;
   std::string device = "cpu";
   bool activation_checkpointing = false;
+  sppo::LoraConfig lora;
   // The backend the device names: 'auto' takes the GPU when one is usable.
   bool cuda() const;
 };

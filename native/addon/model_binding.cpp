@@ -68,9 +68,15 @@ NativeModel::NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Nati
   const CreateOptions o = parse_create_options(env, info[2]);
   plan.checkpoint_activations = o.activation_checkpointing;
   model_ = or_range_error(env, [&]() -> std::unique_ptr<ModelApi> {
-    if (o.cuda()) return std::make_unique<sppo::Model<sppo::bf16>>(config, plan, sppo::cuda::make_ops(0), o.initialize);
-    return std::make_unique<sppo::Model<float>>(config, plan, std::make_unique<sppo::cpu::CpuOps<float>>(),
-                                                o.initialize);
+    std::unique_ptr<ModelApi> m;
+    if (o.cuda())
+      m = std::make_unique<sppo::Model<sppo::bf16>>(config, plan, sppo::cuda::make_ops(0), o.initialize, o.lora);
+    else
+      m = std::make_unique<sppo::Model<float>>(config, plan, std::make_unique<sppo::cpu::CpuOps<float>>(), o.initialize,
+                                               o.lora);
+    // A caller that loads the base weights starts from fresh adapters (it may load those too).
+    if (!o.initialize && o.lora.enabled()) m->initialize_adapters();
+    return m;
   });
   info.This().As<Napi::Object>().TypeTag(&kNativeModelTag);
 }
@@ -206,6 +212,8 @@ Napi::Value NativeModel::Params(const Napi::CallbackInfo& info) {
     Napi::Array shape = Napi::Array::New(env, ps[i].shape.size());
     for (size_t d = 0; d < ps[i].shape.size(); ++d) shape.Set(uint32_t(d), double(ps[i].shape[d]));
     o.Set("shape", shape);
+    o.Set("trainable", ps[i].trainable);
+    o.Set("adapter", ps[i].adapter);
     arr.Set(uint32_t(i), o);
   }
   return arr;

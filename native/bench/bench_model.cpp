@@ -1,5 +1,6 @@
 // Whole-model benchmark without Node: train-step tokens/s for the `tiny` and `small` presets at
-// the PyTorch CPU baseline's batch shapes, and the planned memory of each.
+// the PyTorch CPU baseline's batch shapes, and the planned memory of each; and a LoRA step (r16
+// on all seven projections) beside the full step of the same model, in the same run.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -16,9 +17,9 @@
 using namespace sppo;
 
 namespace {
-void bench_train(const char* preset, int B, int Tn, int reps) {
+double bench_train(const char* preset, int B, int Tn, int reps, const LoraConfig& lora = {}) {
   ModelConfig c = preset_config(preset);
-  Model<float> m(c, MemoryPlan{B, Tn}, std::make_unique<cpu::CpuOps<float>>());
+  Model<float> m(c, MemoryPlan{B, Tn}, std::make_unique<cpu::CpuOps<float>>(), true, lora);
   OptimizerConfig oc;
   oc.lr = 1e-4;
   m.set_optimizer(oc);
@@ -36,11 +37,13 @@ void bench_train(const char* preset, int B, int Tn, int reps) {
   const double t = times[times.size() / 2];
   MemoryReport mem = m.memory();
   std::printf(
-      "train %-6s B%-3d T%-4d %8.0f tok/s  (%.3f s/step, median of %d)  memory %.0f MiB "
+      "train %-6s%s B%-3d T%-4d %8.0f tok/s  (%.3f s/step, median of %d)  memory %.0f MiB "
       "(params %.0f, grads %.0f, optimizer %.0f, activations %.0f, scratch %.0f)\n",
-      preset, B, Tn, B * Tn / t, t, reps, mem.total() / 1048576.0, mem.params / 1048576.0, mem.grads / 1048576.0,
-      mem.optimizer / 1048576.0, mem.activations / 1048576.0, mem.scratch / 1048576.0);
+      preset, lora.enabled() ? " lora" : "", B, Tn, B * Tn / t, t, reps, mem.total() / 1048576.0,
+      mem.params / 1048576.0, mem.grads / 1048576.0, mem.optimizer / 1048576.0, mem.activations / 1048576.0,
+      mem.scratch / 1048576.0);
   std::fflush(stdout);
+  return B * Tn / t;
 }
 }  // namespace
 
@@ -48,4 +51,16 @@ SPPO_BENCH(train_step) {
   std::printf("threads %d, gemm kernel %s\n", num_threads(), cpu::gemm_kernel_name());
   bench_train("tiny", 16, 256, 5);
   bench_train("small", 8, 512, 3);
+}
+
+// The LoRA step skips every base-weight gradient GEMM (a third of a full step's GEMM work) and
+// adds the adapters' rank-16 GEMMs; the ratio says what that buys on this machine.
+SPPO_BENCH(lora_train_step) {
+  std::printf("threads %d, gemm kernel %s\n", num_threads(), cpu::gemm_kernel_name());
+  LoraConfig lora;
+  lora.rank = 16, lora.alpha = 32;
+  for (const char* t : kLoraTargetNames) lora.add_target(t);
+  const double full = bench_train("small", 8, 512, 3);
+  const double adapted = bench_train("small", 8, 512, 3, lora);
+  std::printf("LoRA r16 (all seven) step / full step: %.2fx the tokens/s\n", adapted / full);
 }

@@ -212,6 +212,7 @@ void CpuOps<T>::rmsnorm_backward(T* dx, T* dw, const T* dout, const T* x, const 
       for (int64_t j = 0; j < C; ++j) dxi[j] += rr * (di[j] * w[j] - xi[j] * rr * k);
     }
   });
+  if (!dw) return;
   int64_t chunks = (C + kColChunk - 1) / kColChunk;
   cpu_pool().run(chunks, [&](int64_t c, int) {
     int64_t c0 = c * kColChunk, c1 = std::min(C, c0 + kColChunk);
@@ -465,7 +466,7 @@ void CpuOps<T>::head_logprobs_backward(T* dH, T* dW, const T* H, const T* W, con
           }
         });
         cpu::gemm(false, false, R, C, Vc, T(1), scratch, Vc, W + v0 * C, C, T(v0 == 0 ? 0 : 1), dH + r0 * C, C);
-        cpu::gemm(true, false, Vc, C, R, T(1), scratch, Vc, H + r0 * C, C, T(1), dW + v0 * C, C);
+        if (dW) cpu::gemm(true, false, Vc, C, R, T(1), scratch, Vc, H + r0 * C, C, T(1), dW + v0 * C, C);
       },
       [](int64_t, int64_t) {});
 }

@@ -791,7 +791,7 @@ void CudaOps::head_logprobs_backward(bf16* dH, float* dW, const bf16* H, const b
                                                                     targets + r0, v0);
       SPPO_CUDA_LAUNCHED(head_dlogits_kernel);
       gemm_master(false, false, R, C, Vc, 1.0, dl, tile.ld, W + v0 * C, C, v0 == 0 ? 0.0 : 1.0, dh, C);
-      gemm_master(true, false, Vc, C, R, 1.0, dl, tile.ld, H + r0 * C, C, 1.0, dW + v0 * C, C);
+      if (dW) gemm_master(true, false, Vc, C, R, 1.0, dl, tile.ld, H + r0 * C, C, 1.0, dW + v0 * C, C);
     }
     const unsigned blocks = unsigned(std::min<int64_t>(blocks_for(R * C, 256), 65536));
     float_to_bf16_kernel<<<blocks, 256, 0, stream_>>>(dev(dH + r0 * C), dh, R * C);

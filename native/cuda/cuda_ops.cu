@@ -1337,11 +1337,11 @@ void CudaOps::rmsnorm_backward(bf16* dx, float* dw, const bf16* dout, const bf16
                                int64_t N, int64_t C) {
   if (N <= 0 || C <= 0) return;
   const bool vec = vec8(dout, C) && vec8(x, C);
-  if (vec && vec8(dx, C) && aligned16(w) && C <= 2048) {
+  if (dw && vec && vec8(dx, C) && aligned16(w) && C <= 2048) {
     rmsnorm_backward_fused(dev(dx), dw, dev(dout), dev(x), dev(w), rstd, N, C, reduce_state(), stream_, device_);
     return;
   }
-  if (vec && vec8(dx, C) && aligned16(w) && C / 8 <= kMaxRowVecs) {  // a block per row: C > 2048
+  if (vec && vec8(dx, C) && aligned16(w) && C / 8 <= kMaxRowVecs) {  // a block per row: C > 2048, or no dw
     with_block_vecs(C / 8, [&](auto vec) {
       rmsnorm_backward_dx_rows_kernel<decltype(vec)::value>
           <<<unsigned(N), kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w), rstd, N, C);
@@ -1352,7 +1352,7 @@ void CudaOps::rmsnorm_backward(bf16* dx, float* dw, const bf16* dout, const bf16
     rmsnorm_backward_dx_kernel<<<blocks, kThreads, 0, stream_>>>(dev(dx), dev(dout), dev(x), dev(w), rstd, N, C);
     SPPO_CUDA_LAUNCHED(rmsnorm_backward_dx_kernel);
   }
-  column_sums(dw, NormWeightTerm{dev(dout), dev(x), rstd, C}, vec, N, C, reduce_state(), stream_, device_);
+  if (dw) column_sums(dw, NormWeightTerm{dev(dout), dev(x), rstd, C}, vec, N, C, reduce_state(), stream_, device_);
 }
 
 void CudaOps::add_bias(bf16* x, const bf16* bias, int64_t N, int64_t C, int64_t ld) {

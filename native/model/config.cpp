@@ -1,4 +1,5 @@
 // Validation of configurations and the learning-rate schedules (the one place each is written).
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -53,6 +54,64 @@ void MemoryPlan::validate(const ModelConfig& c) const {
   SPPO_REQUIRE(max_seq > 0, "plan.maxSeq must be a positive integer, got ", max_seq);
   SPPO_REQUIRE(max_seq <= c.max_position_embeddings, "plan.maxSeq (", max_seq,
                ") exceeds config.max_position_embeddings (", c.max_position_embeddings, ")");
+}
+
+const char* const kLoraTargetNames[kLoraTargets] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                                    "gate_proj", "up_proj", "down_proj"};
+
+bool LoraConfig::targets_module(LoraTarget t) const {
+  return std::find(targets.begin(), targets.end(), t) != targets.end();
+}
+
+void LoraConfig::add_target(const std::string& name) {
+  const auto* end = kLoraTargetNames + kLoraTargets;
+  const auto* it = std::find_if(kLoraTargetNames, end, [&](const char* n) { return name == n; });
+  if (it == end) {
+    std::string known;
+    for (const char* n : kLoraTargetNames) known += known.empty() ? n : std::string(", ") + n;
+    throw Error("lora.targets: unknown target '" + name + "' (known: " + known + ")");
+  }
+  const LoraTarget t = LoraTarget(it - kLoraTargetNames);
+  SPPO_REQUIRE(!targets_module(t), "lora.targets lists '", name, "' twice");
+  targets.push_back(t);
+}
+
+int64_t LoraConfig::in_features(const ModelConfig& c, LoraTarget t) {
+  switch (t) {
+    case LoraTarget::O:
+      return c.q_dim();
+    case LoraTarget::Down:
+      return c.intermediate_size;
+    default:
+      return c.hidden_size;
+  }
+}
+
+int64_t LoraConfig::out_features(const ModelConfig& c, LoraTarget t) {
+  switch (t) {
+    case LoraTarget::Q:
+      return c.q_dim();
+    case LoraTarget::K:
+    case LoraTarget::V:
+      return c.kv_dim();
+    case LoraTarget::Gate:
+    case LoraTarget::Up:
+      return c.intermediate_size;
+    default:
+      return c.hidden_size;
+  }
+}
+
+void LoraConfig::validate(const ModelConfig& c) const {
+  if (rank == 0 && targets.empty()) return;
+  SPPO_REQUIRE(rank >= 1, "lora.rank must be an integer >= 1, got ", rank);
+  SPPO_REQUIRE(std::isfinite(alpha) && alpha > 0, "lora.alpha must be a finite number > 0, got ", alpha);
+  SPPO_REQUIRE(!targets.empty(), "lora.targets is empty: name at least one of the projections to adapt");
+  for (LoraTarget t : targets) {
+    const int64_t in = in_features(c, t), out = out_features(c, t);
+    SPPO_REQUIRE(rank <= std::min(in, out), "lora.rank (", rank, ") exceeds min(in, out) = ", std::min(in, out), " of ",
+                 kLoraTargetNames[int(t)], " (", in, " in, ", out, " out)");
+  }
 }
 
 void OptimizerConfig::validate() const {

@@ -97,6 +97,8 @@ Generator<T>::Generator(const Model<T>& model, GeneratorPlan plan, std::unique_p
     hsel_ = alloc<T>(B * C);
     logits_ = alloc<Master>(B * V);
     step_dev_ = alloc<int32_t>(3 * R + B);
+    // The adapters run unmerged beside the base GEMMs (a merged copy would double the weights).
+    if (model.lora().enabled()) lora_u_ = alloc<T>(R * model.lora_max_slices() * model.lora().rank);
     bytes_ += ops_->plan_scratch(P, D);
   } catch (...) {
     for (void* p : owned_) ops_->free_bytes(p);
@@ -165,8 +167,10 @@ void Generator<T>::extend(int64_t N, int64_t n_logit_rows) {
     o.gather_rows(x_, model_.embedding(), tokens_dev, N, C);  // the embedding lookup
     for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
       const typename Model<T>::LayerWeights w = model_.layer_weights(l);
+      const LayerLora& lo = model_.layer_lora(l);
       o.rmsnorm_forward(xn_, rstd_, x_, w.attn_norm, N, C, eps);
       o.gemm(false, true, N, QKV, C, 1, xn_, C, w.wqkv, C, 0, qkv_, QKV);
+      model_.lora_forward(o, lo.qkv, xn_, N, qkv_, QKV, lora_u_);
       if (w.bqkv) o.add_bias(qkv_, w.bqkv, N, QKV, QKV);
       o.rope(qkv_, N, QKV, 0, H, D, positions_dev, rope_cos_, rope_sin_, false);
       o.rope(qkv_, N, QKV, QD, KV, D, positions_dev, rope_cos_, rope_sin_, false);
@@ -174,10 +178,13 @@ void Generator<T>::extend(int64_t N, int64_t n_logit_rows) {
       o.kv_cache_write(k_cache_[l], v_cache_[l], qkv_, slots_dev, positions_dev, N, shape, kv);
       o.attention_decode(att_, qkv_, k_cache_[l], v_cache_[l], slots_dev, positions_dev, N, shape, kv);
       o.gemm(false, true, N, C, QD, 1, att_, QD, w.wo, QD, 1, x_, C);  // residual: x += o_proj(att)
+      model_.lora_forward(o, lo.o, att_, N, x_, C, lora_u_);
       o.rmsnorm_forward(xn_, rstd_, x_, w.mlp_norm, N, C, eps);
       o.gemm(false, true, N, 2 * F, C, 1, xn_, C, w.wgu, C, 0, gu_, 2 * F);
+      model_.lora_forward(o, lo.gu, xn_, N, gu_, 2 * F, lora_u_);
       o.swiglu_forward(ffn_, gu_, N, F);
       o.gemm(false, true, N, C, F, 1, ffn_, F, w.wdown, F, 1, x_, C);
+      model_.lora_forward(o, lo.down, ffn_, N, x_, C, lora_u_);
     }
     o.rmsnorm_forward(xn_, rstd_, x_, model_.final_norm_weight(), N, C, eps);
     if (n_logit_rows == 0) return;

@@ -36,15 +36,18 @@ ModelConfig preset_config(const std::string& name) {
 }
 
 template <class T>
-Model<T>::Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops, bool init)
-    : cfg_(config), plan_(plan), ops_(std::move(ops)) {
+Model<T>::Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops, bool init, LoraConfig lora)
+    : cfg_(config), plan_(plan), ops_(std::move(ops)), lora_(std::move(lora)) {
   cfg_.resolve_and_validate();
   plan_.validate(cfg_);
+  lora_.validate(cfg_);
   build_param_table();
+  build_lora_table();
   try {
     params_arena_ = alloc_tracked<T>(n_params_, &mem_.params);
-    if constexpr (!std::is_same_v<T, Master>) master_ = alloc_tracked<Master>(n_params_, &mem_.master);
-    grads_arena_ = alloc_tracked<Master>(n_params_, &mem_.grads);
+    // A frozen base needs no master copy: nothing updates it (a bf16 base is what is stored).
+    if constexpr (!std::is_same_v<T, Master>) master_ = alloc_tracked<Master>(num_trainable(), &mem_.master);
+    grads_arena_ = alloc_tracked<Master>(num_trainable(), &mem_.grads);
     plan_buffers();
     build_rope_tables();
   } catch (...) {
@@ -147,15 +150,65 @@ void Model<T>::build_param_table() {
     lm_head_off_ = reserve(V * C, true);
     add("lm_head.weight", {V, C}, lm_head_off_, true);
   }
-  decay_elems_ = off[0];
+  const int64_t decay_elems = off[0];
   for (ParamInfo& p : params_)
-    if (!p.decay) p.offset += decay_elems_;
+    if (!p.decay) p.offset += decay_elems;
   for (LayerOffsets& o : layer_off_) {
-    o.attn_norm += decay_elems_, o.mlp_norm += decay_elems_;
-    if (o.bqkv >= 0) o.bqkv += decay_elems_;
+    o.attn_norm += decay_elems, o.mlp_norm += decay_elems;
+    if (o.bqkv >= 0) o.bqkv += decay_elems;
   }
-  final_norm_off_ += decay_elems_;
+  final_norm_off_ += decay_elems;
   n_params_ = off[0] + off[1];
+  train_off_ = 0;
+  decay_end_ = decay_elems;
+}
+
+template <class T>
+void Model<T>::build_lora_table() {
+  lora_layers_.assign(size_t(cfg_.num_hidden_layers), LayerLora{});
+  if (!lora_.enabled()) return;
+  // The adapters follow the base in the arena and form the whole trainable region, all of it
+  // taking weight decay (they are matrices, as PEFT + transformers' Trainer decay them).
+  for (ParamInfo& p : params_) p.trainable = false;
+  const int64_t r = lora_.rank, QD = cfg_.q_dim(), KD = cfg_.kv_dim(), F = cfg_.intermediate_size;
+  int64_t at = n_params_;
+  struct Part {
+    LoraTarget target;
+    int64_t col;  // first output column of the fused projection
+  };
+  for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
+    const std::string prefix = "model.layers." + std::to_string(l) + ".";
+    auto block = [&](LoraBlock& b, std::initializer_list<Part> parts) {
+      std::vector<Part> chosen;
+      for (const Part& part : parts)
+        if (lora_.targets_module(part.target)) chosen.push_back(part);
+      if (chosen.empty()) return;
+      auto name = [&](LoraTarget t, const char* factor) {
+        const char* module = t <= LoraTarget::O ? "self_attn." : "mlp.";
+        return prefix + module + kLoraTargetNames[int(t)] + ".lora_" + factor + ".weight";
+      };
+      b.in = LoraConfig::in_features(cfg_, chosen[0].target);
+      b.a_off = at;
+      for (size_t i = 0; i < chosen.size(); ++i)
+        params_.push_back(
+            {name(chosen[i].target, "A"), {r, b.in}, at + int64_t(i) * r * b.in, r * b.in, true, true, true});
+      at += aligned(int64_t(chosen.size()) * r * b.in);
+      for (const Part& part : chosen) {
+        const int64_t out = LoraConfig::out_features(cfg_, part.target);
+        b.slices.push_back({part.col, out, at});
+        params_.push_back({name(part.target, "B"), {out, r}, at, out * r, true, true, true});
+        at += aligned(out * r);
+      }
+      lora_max_slices_ = std::max(lora_max_slices_, int64_t(chosen.size()));
+    };
+    LayerLora& L = lora_layers_[size_t(l)];
+    block(L.qkv, {{LoraTarget::Q, 0}, {LoraTarget::K, QD}, {LoraTarget::V, QD + KD}});
+    block(L.o, {{LoraTarget::O, 0}});
+    block(L.gu, {{LoraTarget::Gate, 0}, {LoraTarget::Up, F}});
+    block(L.down, {{LoraTarget::Down, 0}});
+  }
+  train_off_ = n_params_;
+  decay_end_ = n_params_ = at;
 }
 
 template <class T>
@@ -202,6 +255,10 @@ void Model<T>::plan_buffers() {
   datt_ = alloc_tracked<T>(N * QD, s);
   dgu_ = alloc_tracked<T>(N * 2 * F, s);
   dffn_ = alloc_tracked<T>(N * F, s);
+  if (lora_.enabled()) {
+    lora_u_ = alloc_tracked<T>(N * lora_max_slices_ * lora_.rank, s);
+    lora_du_ = alloc_tracked<T>(N * lora_max_slices_ * lora_.rank, s);
+  }
   // At least one vocabulary row, so forward() can return logits a row block at a time.
   // Logits exist one tile at a time, of the backend's size.
   logits_elems_ = std::max<int64_t>(V, std::min<int64_t>(ops_->head_scratch_elems(), N * V));
@@ -277,6 +334,12 @@ void Model<T>::build_rope_tables() {
 }
 
 template <class T>
+typename Model<T>::template LayerParams<typename Model<T>::Master> Model<T>::layer_grads(int l) {
+  if (train_off_ > 0) return {};  // a frozen base
+  return layer_params(grads_arena_, l);
+}
+
+template <class T>
 typename Model<T>::LayerWeights Model<T>::layer_weights(int l) const {
   SPPO_REQUIRE(l >= 0 && l < cfg_.num_hidden_layers, "layer ", l, " out of range");
   LayerParams<T> p = layer_params(params_arena_, l);
@@ -285,42 +348,62 @@ typename Model<T>::LayerWeights Model<T>::layer_weights(int l) const {
 
 template <class T>
 void Model<T>::write_params(int64_t at, const Master* src, int64_t n) {
-  if (master_) {
-    ops_->upload_bytes(master_ + at, src, size_t(n) * sizeof(Master));
-    ops_->cast(params_arena_ + at, master_ + at, n);
+  if (master_ && at >= train_off_) {
+    Master* m = master_ + (at - train_off_);
+    ops_->upload_bytes(m, src, size_t(n) * sizeof(Master));
+    ops_->cast(params_arena_ + at, m, n);
   } else {
     ops_->upload(params_arena_ + at, src, n);
   }
 }
 
 template <class T>
-void Model<T>::initialize() {
-  // Matrices ~ N(0, initializer_range) as transformers initialises Llama; norms 1; biases 0.
-  // Stream = tensor index, so each tensor's values do not depend on the others or on threads.
-  // Values are drawn on the host a bounded chunk at a time and written through write_params.
+void Model<T>::draw_param(size_t k) {
+  // Matrices ~ N(0, initializer_range) as transformers initialises Llama; norms 1; biases 0;
+  // adapters as PEFT initialises them. Stream = tensor index, so each tensor's values do not
+  // depend on the others or on threads. Values are drawn on the host a bounded chunk at a time
+  // and written through write_params.
   constexpr int64_t kChunk = int64_t(1) << 22;
+  const ParamInfo& p = params_[k];
+  const bool lora_a = p.adapter && p.name.find(".lora_A.") != std::string::npos;
+  const bool lora_b = p.adapter && !lora_a;
+  const bool is_norm = !p.adapter && p.name.find("norm") != std::string::npos;
+  const bool is_bias = p.name.size() >= 5 && p.name.compare(p.name.size() - 5, 5, ".bias") == 0;
+  const uint64_t seed = cfg_.seed;
   std::vector<Master> host;
-  for (size_t k = 0; k < params_.size(); ++k) {
-    const ParamInfo& p = params_[k];
-    const bool is_norm = p.name.find("norm") != std::string::npos;
-    const bool is_bias = p.name.size() >= 5 && p.name.compare(p.name.size() - 5, 5, ".bias") == 0;
-    for (int64_t c0 = 0; c0 < p.size; c0 += kChunk) {
-      const int64_t len = std::min(kChunk, p.size - c0);
-      host.resize(size_t(len));
-      if (is_norm || is_bias) {
-        std::fill(host.begin(), host.end(), Master(is_norm ? 1 : 0));
-      } else {
-        const double std = cfg_.initializer_range;
-        const uint64_t seed = cfg_.seed;
-        cpu_pool().parallel_for(len, 1 << 14, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) host[i] = Master(std * standard_normal(seed, k, uint64_t(c0 + i)));
-        });
-      }
-      write_params(p.offset + c0, host.data(), len);
+  for (int64_t c0 = 0; c0 < p.size; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, p.size - c0);
+    host.resize(size_t(len));
+    if (is_norm || is_bias || lora_b) {
+      std::fill(host.begin(), host.end(), Master(is_norm ? 1 : 0));
+    } else if (lora_a) {
+      // kaiming_uniform_(a = √5): bound = √(2 / (1 + 5)) · √(3 / in) = 1/√in.
+      const double bound = 1 / std::sqrt(double(p.shape[1]));
+      cpu_pool().parallel_for(len, 1 << 14, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) host[i] = Master(bound * (2 * uniform01(seed, k, uint64_t(c0 + i)) - 1));
+      });
+    } else {
+      const double std = cfg_.initializer_range;
+      cpu_pool().parallel_for(len, 1 << 14, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) host[i] = Master(std * standard_normal(seed, k, uint64_t(c0 + i)));
+      });
     }
+    write_params(p.offset + c0, host.data(), len);
   }
+}
+
+template <class T>
+void Model<T>::initialize() {
+  for (size_t k = 0; k < params_.size(); ++k) draw_param(k);
   zero_grad();
   ops_->synchronize();
+}
+
+template <class T>
+void Model<T>::initialize_adapters() {
+  for (size_t k = 0; k < params_.size(); ++k)
+    if (params_[k].adapter) draw_param(k);
+  ops_->synchronize();  // a generator (its own op set) may read the weights next
 }
 
 template <class T>
@@ -336,8 +419,8 @@ const ParamInfo& Model<T>::param(const std::string& name) const {
 template <class T>
 void Model<T>::get_param(const std::string& name, Master* dst) const {
   const ParamInfo& p = param(name);
-  if (master_)
-    ops_->download_bytes(dst, master_ + p.offset, size_t(p.size) * sizeof(Master));
+  if (master_ && p.offset >= train_off_)
+    ops_->download_bytes(dst, master_ + (p.offset - train_off_), size_t(p.size) * sizeof(Master));
   else
     ops_->download(dst, params_arena_ + p.offset, p.size);
 }
@@ -355,7 +438,7 @@ void Model<T>::set_param(const std::string& name, const Master* src, int64_t n) 
 
 template <class T>
 void Model<T>::zero_grad() {
-  ops_->zero_bytes(grads_arena_, size_t(n_params_) * sizeof(Master));
+  ops_->zero_bytes(grads_arena_, size_t(num_trainable()) * sizeof(Master));
 }
 
 template <class T>
@@ -407,21 +490,57 @@ void Model<T>::layer_forward(int l, const AttentionShape& shape, int64_t N, bool
   LayerActs& a = acts_[l];
   LayerParams<T> p = layer_params(params_arena_, l);
   o.rmsnorm_forward(xn_, a.rstd1, a.resid_in, p.attn_norm, N, C, eps);
+  const LayerLora& lo = lora_layers_[size_t(l)];
   o.gemm(false, true, N, QKV, C, 1, xn_, C, p.wqkv, C, 0, a.qkv, QKV);
+  lora_forward(o, lo.qkv, xn_, N, a.qkv, QKV, lora_u_);  // before the bias and rotary, as PEFT's q/k/v
   if (p.bqkv) o.add_bias(a.qkv, p.bqkv, N, QKV, QKV);
   o.rope(a.qkv, N, QKV, 0, H, D, positions_dev_, rope_cos_, rope_sin_, false);
   o.rope(a.qkv, N, QKV, QD, KV, D, positions_dev_, rope_cos_, rope_sin_, false);
   o.attention_forward(a.att, a.lse, a.qkv, shape);
   o.copy(a.resid_mid, a.resid_in, N * C);
   o.gemm(false, true, N, C, QD, 1, a.att, QD, p.wo, QD, 1, a.resid_mid, C);
+  lora_forward(o, lo.o, a.att, N, a.resid_mid, C, lora_u_);
   o.rmsnorm_forward(xn_, a.rstd2, a.resid_mid, p.mlp_norm, N, C, eps);
   o.gemm(false, true, N, 2 * F, C, 1, xn_, C, p.wgu, C, 0, a.gu, 2 * F);
+  lora_forward(o, lo.gu, xn_, N, a.gu, 2 * F, lora_u_);
   // The backward recomputes the swiglu output and the down projection's input from gu itself.
   if (!output) return;
   o.swiglu_forward(ffn_, a.gu, N, F);
   T* next = l + 1 < cfg_.num_hidden_layers ? acts_[l + 1].resid_in : resid_out_;
   o.copy(next, a.resid_mid, N * C);
   o.gemm(false, true, N, C, F, 1, ffn_, F, p.wdown, F, 1, next, C);
+  lora_forward(o, lo.down, ffn_, N, next, C, lora_u_);
+}
+
+template <class T>
+void Model<T>::lora_forward(Ops<T>& o, const LoraBlock& b, const T* x, int64_t N, T* y, int64_t ldy, T* u) const {
+  if (b.slices.empty()) return;
+  const int64_t r = lora_.rank, k = int64_t(b.slices.size()) * r;
+  // u = x·Aᵀ for every slice at once, then each slice's y columns += scale·u_i·B_iᵀ.
+  o.gemm(false, true, N, k, b.in, 1, x, b.in, params_arena_ + b.a_off, b.in, 0, u, k);
+  for (size_t i = 0; i < b.slices.size(); ++i) {
+    const LoraSlice& s = b.slices[i];
+    o.gemm(false, true, N, s.out, r, lora_.scale(), u + int64_t(i) * r, k, params_arena_ + s.b_off, r, 1, y + s.col,
+           ldy);
+  }
+}
+
+template <class T>
+void Model<T>::lora_backward(const LoraBlock& b, const T* x, const T* dy, int64_t ldy, T* dx, int64_t N) {
+  if (b.slices.empty()) return;
+  Ops<T>& o = *ops_;
+  const int64_t r = lora_.rank, k = int64_t(b.slices.size()) * r;
+  const double scale = lora_.scale();
+  // u = x·Aᵀ again (rank columns: cheaper to recompute than to keep per layer).
+  o.gemm(false, true, N, k, b.in, 1, x, b.in, params_arena_ + b.a_off, b.in, 0, lora_u_, k);
+  for (size_t i = 0; i < b.slices.size(); ++i) {
+    const LoraSlice& s = b.slices[i];
+    const T* dyi = dy + s.col;
+    o.gemm_master(true, false, s.out, r, N, scale, dyi, ldy, lora_u_ + int64_t(i) * r, k, 1, grad_at(s.b_off), r);
+    o.gemm(false, false, N, r, s.out, scale, dyi, ldy, params_arena_ + s.b_off, r, 0, lora_du_ + int64_t(i) * r, k);
+  }
+  o.gemm_master(true, false, k, b.in, N, 1, lora_du_, k, x, b.in, 1, grad_at(b.a_off), b.in);    // dA += duᵀ·x
+  o.gemm(false, false, N, b.in, k, 1, lora_du_, k, params_arena_ + b.a_off, b.in, 1, dx, b.in);  // dx += du·A
 }
 
 template <class T>
@@ -466,7 +585,7 @@ void Model<T>::head_backward(int64_t n_rows, int64_t batch_tokens) {
   // coef_ holds dL/dlogp per gathered row; the result is dL/d(final hidden) in dxn_.
   const int64_t C = cfg_.hidden_size, V = cfg_.vocab_size;
   ops_->upload_bytes(coef_dev_, coef_.data(), size_t(n_rows) * sizeof(double));
-  ops_->head_logprobs_backward(gathered_dh_, lm_head(grads_arena_), gathered_h_, lm_head(params_arena_), targets_dev_,
+  ops_->head_logprobs_backward(gathered_dh_, grad_at(lm_head_off_), gathered_h_, lm_head(params_arena_), targets_dev_,
                                lse_dev_, coef_dev_, n_rows, C, V, logits_chunk_, logits_elems_);
   ops_->zero_bytes(dxn_, size_t(batch_tokens * C) * sizeof(T));
   ops_->scatter_rows(dxn_, gathered_dh_, row_index_dev_, n_rows, C);
@@ -546,9 +665,11 @@ void Model<T>::backward_blocks(int64_t B, int64_t Tn) {
   const int64_t QD = cfg_.q_dim(), QKV = cfg_.qkv_dim();
   const double eps = cfg_.rms_norm_eps;
   const AttentionShape shape{B, Tn, H, KV, D, QKV, 0, QD, QD + cfg_.kv_dim(), QD, 1.0 / std::sqrt(double(D))};
+  // With LoRA every base gradient pointer is null: the ops skip those weight gradients (and the
+  // GEMMs that would produce them) and compute the input gradients alone.
   o.zero_bytes(dresid_, size_t(N * C) * sizeof(T));
-  o.rmsnorm_backward(dresid_, grads_arena_ + final_norm_off_, dxn_, resid_out_, params_arena_ + final_norm_off_,
-                     rstd_final_, N, C);
+  o.rmsnorm_backward(dresid_, grad_at(final_norm_off_), dxn_, resid_out_, params_arena_ + final_norm_off_, rstd_final_,
+                     N, C);
   for (int l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
     // A checkpointed layer's activations are recomputed from its saved input by the same ops
     // in the same order as the forward pass, so they (and the gradients) are bitwise the same.
@@ -556,29 +677,34 @@ void Model<T>::backward_blocks(int64_t B, int64_t Tn) {
     if (plan_.checkpoint_activations && l + 1 < cfg_.num_hidden_layers) layer_forward(l, shape, N, false);
     LayerActs& a = acts_[l];
     LayerParams<T> p = layer_params(params_arena_, l);
-    LayerParams<Master> g = layer_params(grads_arena_, l);
+    LayerParams<Master> g = layer_grads(l);
+    const LayerLora& lo = lora_layers_[size_t(l)];
     // MLP: resid_out = resid_mid + down(swiglu(gu(norm2(resid_mid)))).
     o.rmsnorm_forward(xn_, a.rstd2, a.resid_mid, p.mlp_norm, N, C, eps);
     o.swiglu_forward(ffn_, a.gu, N, F);
-    o.gemm_master(true, false, C, F, N, 1, dresid_, C, ffn_, F, 1, g.wdown, F);
+    if (g.wdown) o.gemm_master(true, false, C, F, N, 1, dresid_, C, ffn_, F, 1, g.wdown, F);
     o.gemm(false, false, N, F, C, 1, dresid_, C, p.wdown, F, 0, dffn_, F);
+    lora_backward(lo.down, ffn_, dresid_, C, dffn_, N);
     o.swiglu_backward(dgu_, dffn_, a.gu, N, F);
-    o.gemm_master(true, false, 2 * F, C, N, 1, dgu_, 2 * F, xn_, C, 1, g.wgu, C);
+    if (g.wgu) o.gemm_master(true, false, 2 * F, C, N, 1, dgu_, 2 * F, xn_, C, 1, g.wgu, C);
     o.gemm(false, false, N, C, 2 * F, 1, dgu_, 2 * F, p.wgu, C, 0, dxn_, C);
+    lora_backward(lo.gu, xn_, dgu_, 2 * F, dxn_, N);
     o.rmsnorm_backward(dresid_, g.mlp_norm, dxn_, a.resid_mid, p.mlp_norm, a.rstd2, N, C);
     // Attention: resid_mid = resid_in + o_proj(attn(rope(qkv(norm1(resid_in))))).
-    o.gemm_master(true, false, C, QD, N, 1, dresid_, C, a.att, QD, 1, g.wo, QD);
+    if (g.wo) o.gemm_master(true, false, C, QD, N, 1, dresid_, C, a.att, QD, 1, g.wo, QD);
     o.gemm(false, false, N, QD, C, 1, dresid_, C, p.wo, QD, 0, datt_, QD);
+    lora_backward(lo.o, a.att, dresid_, C, datt_, N);
     o.attention_backward(dqkv_, datt_, a.qkv, a.att, a.lse, shape);
     o.rope(dqkv_, N, QKV, 0, H, D, positions_dev_, rope_cos_, rope_sin_, true);
     o.rope(dqkv_, N, QKV, QD, KV, D, positions_dev_, rope_cos_, rope_sin_, true);
     if (g.bqkv) o.bias_backward(g.bqkv, dqkv_, N, QKV, QKV);
     o.rmsnorm_forward(xn_, a.rstd1, a.resid_in, p.attn_norm, N, C, eps);
-    o.gemm_master(true, false, QKV, C, N, 1, dqkv_, QKV, xn_, C, 1, g.wqkv, C);
+    if (g.wqkv) o.gemm_master(true, false, QKV, C, N, 1, dqkv_, QKV, xn_, C, 1, g.wqkv, C);
     o.gemm(false, false, N, C, QKV, 1, dqkv_, QKV, p.wqkv, C, 0, dxn_, C);
+    lora_backward(lo.qkv, xn_, dqkv_, QKV, dxn_, N);
     o.rmsnorm_backward(dresid_, g.attn_norm, dxn_, a.resid_in, p.attn_norm, a.rstd1, N, C);
   }
-  o.embedding_backward(grads_arena_ + embed_off_, dresid_, tokens_dev_, N, C);
+  if (Master* g = grad_at(embed_off_)) o.embedding_backward(g, dresid_, tokens_dev_, N, C);
 }
 
 template <class T>

@@ -86,11 +86,12 @@ template UpdateBound optimizer_update_bound<double>(const OptimizerConfig&, doub
 template <class T>
 void Model<T>::set_optimizer(const OptimizerConfig& oc) {
   oc.validate();
-  // State is allocated here, once, never in the step loop.
-  if (!opt_m_) opt_m_ = alloc_tracked<Master>(n_params_, &mem_.optimizer);
-  if (oc.kind == OptimizerConfig::Kind::AdamW && !opt_v_) opt_v_ = alloc_tracked<Master>(n_params_, &mem_.optimizer);
-  ops_->zero_bytes(opt_m_, size_t(n_params_) * sizeof(Master));
-  if (opt_v_) ops_->zero_bytes(opt_v_, size_t(n_params_) * sizeof(Master));
+  // State is allocated here, once, never in the step loop, for the trainable region alone.
+  const int64_t n = num_trainable();
+  if (!opt_m_) opt_m_ = alloc_tracked<Master>(n, &mem_.optimizer);
+  if (oc.kind == OptimizerConfig::Kind::AdamW && !opt_v_) opt_v_ = alloc_tracked<Master>(n, &mem_.optimizer);
+  ops_->zero_bytes(opt_m_, size_t(n) * sizeof(Master));
+  if (opt_v_) ops_->zero_bytes(opt_v_, size_t(n) * sizeof(Master));
   opt_ = oc;
   step_ = 0;
   micro_ = 0;
@@ -145,7 +146,8 @@ template <class T>
 StepResult Model<T>::optimizer_step() {
   StepResult r;
   micro_ = 0;
-  const double norm = std::sqrt(ops_->sum_squares(grads_arena_, n_params_));
+  // The global norm of the trainable parameters' gradients: with LoRA, the adapters' alone.
+  const double norm = std::sqrt(ops_->sum_squares(grads_arena_, num_trainable()));
   if (!std::isfinite(norm)) {
     zero_grad();
     throw Error("the gradient norm is not finite; the optimizer step was skipped and parameters are unchanged");
@@ -154,10 +156,12 @@ StepResult Model<T>::optimizer_step() {
   const double lr = opt_.lr_at(step_);
   const int64_t step = step_ + 1;  // 1-based, as the bias correction counts
   const bool adam = opt_.kind == OptimizerConfig::Kind::AdamW;
-  // Two calls cover the arena: the region of matrices (weight decay) and that of norms and biases
-  // (build_param_table lays them out so); alignment padding between tensors stays zero (its
-  // gradient and state are zero, and decay keeps zero at zero).
-  const int64_t region_at[2] = {0, decay_elems_}, region_n[2] = {decay_elems_, n_params_ - decay_elems_};
+  // Two calls cover the trainable region: its matrices (weight decay) and its norms and biases
+  // (build_param_table lays them out so; with LoRA the second is empty); alignment padding
+  // between tensors stays zero (its gradient and state are zero, and decay keeps zero at zero).
+  // Offsets below are into the trainable region, where master weights, gradients and state live.
+  const int64_t region_at[2] = {0, decay_end_ - train_off_},
+                region_n[2] = {decay_end_ - train_off_, n_params_ - decay_end_};
   const double region_decay[2] = {lr * opt_.weight_decay, 0.0};
   // |g·clip| ≤ norm·clip for every element (rounding of the clip factor aside, 1e-6 covers it).
   const double peak = std::max(grad_peak_, norm * clip * (1 + 1e-6));
@@ -166,7 +170,8 @@ StepResult Model<T>::optimizer_step() {
     // anything is written.
     for (int r = 0; r < 2; ++r) {
       const int64_t at = region_at[r], n = region_n[r];
-      const T* w = params_arena_ + at;
+      if (n == 0) continue;
+      const T* w = params_arena_ + train_off_ + at;
       const Master* mw = master_ ? master_ + at : nullptr;
       const Master* g = grads_arena_ + at;
       const bool finite =
@@ -183,7 +188,8 @@ StepResult Model<T>::optimizer_step() {
   }
   for (int r = 0; r < 2; ++r) {
     const int64_t at = region_at[r], n = region_n[r];
-    T* w = params_arena_ + at;
+    if (n == 0) continue;
+    T* w = params_arena_ + train_off_ + at;
     Master* mw = master_ ? master_ + at : nullptr;
     const Master* g = grads_arena_ + at;
     if (adam)

@@ -6,9 +6,10 @@
 namespace sppo {
 
 template <class T>
-MemoryReport plan_memory(const ModelConfig& config, const MemoryPlan& plan, const BackendFootprint& footprint,
-                         const OptimizerConfig::Kind* optimizer, const GeneratorPlan* generator) {
-  Model<T> model(config, plan, std::make_unique<MetaOps<T>>(footprint), /*initialize=*/false);
+MemoryReport plan_memory(const ModelConfig& config, const MemoryPlan& plan, const LoraConfig& lora,
+                         const BackendFootprint& footprint, const OptimizerConfig::Kind* optimizer,
+                         const GeneratorPlan* generator) {
+  Model<T> model(config, plan, std::make_unique<MetaOps<T>>(footprint), /*initialize=*/false, lora);
   if (optimizer) {
     OptimizerConfig oc;
     oc.kind = *optimizer;
@@ -19,9 +20,9 @@ MemoryReport plan_memory(const ModelConfig& config, const MemoryPlan& plan, cons
   return r;
 }
 
-template MemoryReport plan_memory<float>(const ModelConfig&, const MemoryPlan&, const BackendFootprint&,
-                                         const OptimizerConfig::Kind*, const GeneratorPlan*);
-template MemoryReport plan_memory<bf16>(const ModelConfig&, const MemoryPlan&, const BackendFootprint&,
-                                        const OptimizerConfig::Kind*, const GeneratorPlan*);
+template MemoryReport plan_memory<float>(const ModelConfig&, const MemoryPlan&, const LoraConfig&,
+                                         const BackendFootprint&, const OptimizerConfig::Kind*, const GeneratorPlan*);
+template MemoryReport plan_memory<bf16>(const ModelConfig&, const MemoryPlan&, const LoraConfig&,
+                                        const BackendFootprint&, const OptimizerConfig::Kind*, const GeneratorPlan*);
 
 }  // namespace sppo

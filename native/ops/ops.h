@@ -118,7 +118,7 @@ class Ops {
 
   // out = x * rstd * w with rstd = 1/sqrt(mean(x^2) + eps), rstd(N) saved for backward.
   virtual void rmsnorm_forward(T* out, Master* rstd, const T* x, const T* w, int64_t N, int64_t C, double eps) = 0;
-  // dx(N,C) += dL/dx; dw(C) += dL/dw.
+  // dx(N,C) += dL/dx; dw(C) += dL/dw, unless dw is null (a frozen weight: dx alone).
   virtual void rmsnorm_backward(T* dx, Master* dw, const T* dout, const T* x, const T* w, const Master* rstd, int64_t N,
                                 int64_t C) = 0;
 
@@ -149,7 +149,8 @@ class Ops {
   virtual void head_logprobs(double* logp, double* lse, const T* H, const T* W, const int32_t* targets, int64_t n,
                              int64_t C, int64_t V, Master* scratch, int64_t scratch_elems) = 0;
   // Its backward for per-row coefficients coef[i] = dL/dlogp[i]: dlogits = coef·(onehot − softmax),
-  // recomputed chunk by chunk from lse; dH(n,C) = dlogits·W (overwritten), dW(V,C) += dlogitsᵀ·H.
+  // recomputed chunk by chunk from lse; dH(n,C) = dlogits·W (overwritten), dW(V,C) += dlogitsᵀ·H
+  // unless dW is null (a frozen head: no dW GEMM).
   virtual void head_logprobs_backward(T* dH, Master* dW, const T* H, const T* W, const int32_t* targets,
                                       const double* lse, const double* coef, int64_t n, int64_t C, int64_t V,
                                       Master* scratch, int64_t scratch_elems) = 0;

@@ -1,7 +1,8 @@
 // The whole model on the CUDA backend (bf16 storage, fp32 master precision) against the CPU
 // backend (float32) from identical weights: a training step's loss, every gradient and the
 // parameters after AdamW and RMSprop steps; a preference step; a KV-cache decode step; and the
-// generator end to end. Skipped, with the reason, where no GPU is usable.
+// generator end to end; the same with LoRA adapters (gradients, a step that leaves the frozen
+// base as it was, generation). Skipped, with the reason, where no GPU is usable.
 //
 // Tolerances (stated once, used below): bf16 keeps 8 significant bits, so a value recomputed
 // through a few layers of bf16 activations differs from float32 by ~1e-2 of its scale.
@@ -9,6 +10,7 @@
 //   gradients of a tensor carry the bf16 noise of the larger ones); logits: 2e-2 of the
 //   largest |logit|; parameter updates after a step: 5e-2 of the largest update.
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -49,9 +51,10 @@ struct Twins {
     gpu->set_optimizer(oc);
   }
 };
-Twins make_twins(const ModelConfig& c, MemoryPlan plan) {
-  Twins t{std::make_unique<Model<float>>(c, plan, std::make_unique<cpu::CpuOps<float>>()),
-          std::make_unique<Model<bf16>>(c, plan, cuda::make_ops(0), false)};
+// With `lora`, the adapters' B factors get the same perturbation and so start nonzero.
+Twins make_twins(const ModelConfig& c, MemoryPlan plan, const LoraConfig& lora = {}) {
+  Twins t{std::make_unique<Model<float>>(c, plan, std::make_unique<cpu::CpuOps<float>>(), true, lora),
+          std::make_unique<Model<bf16>>(c, plan, cuda::make_ops(0), false, lora)};
   for (size_t k = 0; k < t.cpu->params().size(); ++k) {
     const ParamInfo& p = t.cpu->params()[k];
     std::vector<float> w(p.size);
@@ -538,4 +541,122 @@ SPPO_TEST(cuda_out_of_memory_is_a_clear_error) {
   c.num_attention_heads = 128, c.num_key_value_heads = 128, c.intermediate_size = 1 << 16, c.num_hidden_layers = 64;
   c.resolve_and_validate();
   EXPECT_THROWS_WITH((Model<bf16>(c, {1, 8}, cuda::make_ops(0), false)), "cannot allocate the model's parameters");
+}
+
+namespace {
+
+// r8 on all seven projections of test_config (alpha 16: scale 2).
+LoraConfig lora_all_seven() {
+  LoraConfig l;
+  l.rank = 8, l.alpha = 16;
+  for (const char* name : kLoraTargetNames) l.add_target(name);
+  return l;
+}
+
+// The adapters' gradients of a model, by tensor (host copies).
+std::vector<std::vector<float>> adapter_grads(Model<float>& m) {
+  std::vector<std::vector<float>> r;
+  for (const ParamInfo& p : m.params())
+    if (p.adapter) r.emplace_back(m.param_grad(p), m.param_grad(p) + p.size);
+  return r;
+}
+std::vector<std::vector<float>> adapter_grads(Model<bf16>& m) {
+  std::vector<std::vector<float>> r;
+  for (const ParamInfo& p : m.params())
+    if (p.adapter) {
+      r.emplace_back(p.size);
+      m.ops().download_bytes(r.back().data(), m.param_grad(p), size_t(p.size) * sizeof(float));
+    }
+  return r;
+}
+
+std::vector<bf16> base_weights(Model<bf16>& m) {
+  std::vector<bf16> w(size_t(m.num_params() - m.num_trainable()));
+  m.ops().download_bytes(w.data(), m.param_data(), w.size() * sizeof(bf16));
+  return w;
+}
+
+}  // namespace
+
+// Tolerances as above: gradients 5e-2 of each tensor's largest, loss and log-probs 1e-2, the
+// grad norm 5e-2; the frozen bf16 base exactly as it was.
+SPPO_TEST(cuda_lora_preference_step_matches_cpu) {
+  require_cuda();
+  const ModelConfig c = test_config();
+  OptimizerConfig oc = optimizer_config(OptimizerConfig::Kind::AdamW, 1e-3);
+  oc.weight_decay = 0.01, oc.grad_accum_steps = 2;
+  Twins t = make_twins(c, {4, 40}, lora_all_seven());
+  t.set_optimizer(oc);
+  EXPECT_TRUE(t.gpu->memory().master == size_t(t.gpu->num_trainable()) * sizeof(float) &&
+                  t.gpu->memory().grads == t.gpu->memory().master,
+              "master weights and gradients cover the adapters alone");
+  const std::vector<int32_t> tok = random_ids(4 * 40, c.vocab_size, 13);
+  std::vector<uint8_t> mask(tok.size(), 0);
+  for (int r = 0; r < 4; ++r)
+    for (int i = 10 + r; i < 40 - r; ++i) mask[r * 40 + i] = 1;
+  std::vector<double> ref(4), target = {0.8, 0.2, 0.35, 0.65}, la(4), lb(4);
+  PreferenceBatch pb{{tok.data(), mask.data(), 4, 40}, nullptr, target.data(), PreferenceLoss::SppoPair, 1000};
+  t.cpu->sequence_logprobs(pb.seqs, ref.data(), nullptr);
+  for (double& r : ref) r += 0.01;
+  pb.ref_logp = ref.data();
+  const std::vector<bf16> base_before = base_weights(*t.gpu);
+  const PreferenceStepResult a = t.cpu->preference_step(pb, la.data()), b = t.gpu->preference_step(pb, lb.data());
+  EXPECT_TRUE(!a.step.stepped && !b.step.stepped);
+  for (int i = 0; i < 4; ++i) EXPECT_NEAR(lb[i], la[i], 1e-2 * std::fabs(la[i]));
+  const auto ga = adapter_grads(*t.cpu), gb = adapter_grads(*t.gpu);
+  double worst = 0;
+  size_t k = 0;
+  for (const ParamInfo& p : t.cpu->params()) {
+    if (!p.adapter) continue;
+    const double e = max_rel_error(gb[k].data(), ga[k].data(), p.size);
+    worst = std::max(worst, e);
+    EXPECT_TRUE(e <= 5e-2, "gradient of " << p.name << ": relative error " << e);
+    ++k;
+  }
+  std::printf("      %zu adapter tensors, largest gradient relative error %.2e\n", k, worst);
+  const PreferenceStepResult a2 = t.cpu->preference_step(pb, la.data()), b2 = t.gpu->preference_step(pb, lb.data());
+  EXPECT_TRUE(a2.step.stepped && b2.step.stepped);
+  EXPECT_NEAR(b2.step.grad_norm, a2.step.grad_norm, 5e-2 * a2.step.grad_norm);
+  const std::vector<bf16> base_after = base_weights(*t.gpu);
+  EXPECT_TRUE(std::memcmp(base_before.data(), base_after.data(), base_after.size() * sizeof(bf16)) == 0,
+              "the frozen base changed on the GPU");
+  expect_working_copy_is_rounded_master(*t.gpu);
+  // The step moved the adapters: their forward now differs from the CPU twin's by bf16 noise only.
+  std::vector<double> sa(4), sb(4);
+  t.cpu->sequence_logprobs(pb.seqs, sa.data(), nullptr);
+  t.gpu->sequence_logprobs(pb.seqs, sb.data(), nullptr);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_NEAR(sb[i], sa[i], 1e-2 * std::fabs(sa[i]));
+    EXPECT_TRUE(sa[i] != la[i], "sequence " << i << ": the step did not change its log-prob");
+  }
+}
+
+// The generator's decode path applies the adapters: its log-probs are the model's own (bf16
+// tolerance as cuda_generate_reproducible_and_logprobs_consistent).
+SPPO_TEST(cuda_lora_generate_logprobs_are_the_models) {
+  require_cuda();
+  const ModelConfig c = test_config();
+  Twins t = make_twins(c, {1, 64}, lora_all_seven());
+  std::unique_ptr<GeneratorApi> g = t.gpu->make_generator({3, 64});
+  std::vector<std::vector<int32_t>> prompts = {random_ids(5, c.vocab_size, 21), random_ids(9, c.vocab_size, 22)};
+  std::vector<SequenceRequest> req;
+  for (size_t i = 0; i < prompts.size(); ++i) req.push_back({prompts[i].data(), int64_t(prompts[i].size()), 7, i});
+  SamplingOptions o;
+  o.max_new_tokens = 16, o.temperature = 1.0;
+  const auto r = g->generate(req, o);
+  for (size_t i = 0; i < req.size(); ++i) {
+    std::vector<int32_t> seq = prompts[i];
+    seq.insert(seq.end(), r[i].tokens.begin(), r[i].tokens.end());
+    std::vector<double> sum(1), per(seq.size()), cpu_per(seq.size());
+    std::vector<uint8_t> mask(seq.size(), 0);
+    for (size_t j = prompts[i].size(); j < seq.size(); ++j) mask[j] = 1;
+    const Batch b{seq.data(), mask.data(), 1, int64_t(seq.size())};
+    t.gpu->sequence_logprobs(b, sum.data(), per.data());
+    t.cpu->sequence_logprobs(b, sum.data(), cpu_per.data());
+    for (size_t j = 0; j < r[i].tokens.size(); ++j) {
+      const size_t at = prompts[i].size() + j;
+      EXPECT_NEAR(r[i].logprobs[j], per[at], 5e-2 + 2e-2 * std::fabs(per[at]));
+      EXPECT_NEAR(per[at], cpu_per[at], 5e-2 + 2e-2 * std::fabs(cpu_per[at]));
+    }
+  }
 }

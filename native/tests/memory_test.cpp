@@ -1,5 +1,5 @@
 // Memory: the plan (plan_memory over the meta op set) against what the CPU backend really
-// allocates, and activation checkpointing against the full activations.
+// allocates, and activation checkpointing against the full activations, with and without LoRA.
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -29,6 +29,14 @@ std::vector<int32_t> random_tokens(int64_t n, int vocab, uint64_t seed) {
   return t;
 }
 
+// Adapters on five of the seven projections (the fused q|k|v and gate|up blocks partly adapted).
+LoraConfig some_lora() {
+  LoraConfig l;
+  l.rank = 2, l.alpha = 4;
+  for (const char* t : {"q_proj", "v_proj", "o_proj", "up_proj", "down_proj"}) l.add_target(t);
+  return l;
+}
+
 void expect_same_report(const MemoryReport& plan, const MemoryReport& real, const char* what) {
   EXPECT_TRUE(plan.params == real.params, what << ": params planned " << plan.params << ", allocated " << real.params);
   EXPECT_TRUE(plan.master == real.master, what << ": master planned " << plan.master << ", allocated " << real.master);
@@ -48,51 +56,63 @@ void expect_same_report(const MemoryReport& plan, const MemoryReport& real, cons
 SPPO_TEST(plan_equals_what_the_cpu_backend_allocates) {
   const ModelConfig c = three_layer_config();
   const GeneratorPlan gen{3, 40};
-  for (bool checkpoint : {false, true})
-    for (int opt = 0; opt < 3; ++opt) {
-      MemoryPlan plan{4, 24};
-      plan.checkpoint_activations = checkpoint;
-      const OptimizerConfig::Kind kinds[2] = {OptimizerConfig::Kind::AdamW, OptimizerConfig::Kind::RMSprop};
-      const OptimizerConfig::Kind* kind = opt < 2 ? &kinds[opt] : nullptr;
-      const std::string what = std::string(checkpoint ? "checkpointed" : "full") + ", optimizer " +
-                               (opt == 0   ? "adamw"
-                                : opt == 1 ? "rmsprop"
-                                           : "none");
-      const size_t live_before = cpu::live_bytes();
-      const MemoryReport planned = plan_memory<float>(c, plan, cpu::CpuOps<float>::footprint(), kind, &gen);
-      EXPECT_TRUE(cpu::live_bytes() == live_before,
-                  "planning allocated " << cpu::live_bytes() - live_before << " bytes");
-      {
-        Model<float> m(c, plan, std::make_unique<cpu::CpuOps<float>>());
-        if (kind) {
-          OptimizerConfig oc;
-          oc.kind = *kind;
-          m.set_optimizer(oc);
+  for (bool with_lora : {false, true})
+    for (bool checkpoint : {false, true})
+      for (int opt = 0; opt < 3; ++opt) {
+        MemoryPlan plan{4, 24};
+        plan.checkpoint_activations = checkpoint;
+        const LoraConfig lora = with_lora ? some_lora() : LoraConfig{};
+        const OptimizerConfig::Kind kinds[2] = {OptimizerConfig::Kind::AdamW, OptimizerConfig::Kind::RMSprop};
+        const OptimizerConfig::Kind* kind = opt < 2 ? &kinds[opt] : nullptr;
+        const std::string what = std::string(with_lora ? "lora, " : "") + (checkpoint ? "checkpointed" : "full") +
+                                 ", optimizer " +
+                                 (opt == 0   ? "adamw"
+                                  : opt == 1 ? "rmsprop"
+                                             : "none");
+        const size_t live_before = cpu::live_bytes();
+        const MemoryReport planned = plan_memory<float>(c, plan, lora, cpu::CpuOps<float>::footprint(), kind, &gen);
+        EXPECT_TRUE(cpu::live_bytes() == live_before,
+                    "planning allocated " << cpu::live_bytes() - live_before << " bytes");
+        {
+          Model<float> m(c, plan, std::make_unique<cpu::CpuOps<float>>(), true, lora);
+          if (kind) {
+            OptimizerConfig oc;
+            oc.kind = *kind;
+            m.set_optimizer(oc);
+          }
+          auto g = m.make_generator(gen);
+          MemoryReport real = m.memory();
+          real.kv_cache = g->memory_bytes();
+          expect_same_report(planned, real, what.c_str());
+          // The backend's own count of what it holds, independent of the model's counters.
+          EXPECT_TRUE(cpu::live_bytes() - live_before == planned.total(),
+                      what << ": the backend holds " << cpu::live_bytes() - live_before << " bytes, the plan says "
+                           << planned.total());
         }
-        auto g = m.make_generator(gen);
-        MemoryReport real = m.memory();
-        real.kv_cache = g->memory_bytes();
-        expect_same_report(planned, real, what.c_str());
-        // The backend's own count of what it holds, independent of the model's counters.
-        EXPECT_TRUE(cpu::live_bytes() - live_before == planned.total(),
-                    what << ": the backend holds " << cpu::live_bytes() - live_before << " bytes, the plan says "
-                         << planned.total());
+        EXPECT_TRUE(cpu::live_bytes() == live_before,
+                    what << ": the model and generator left " << cpu::live_bytes() - live_before << " bytes behind");
       }
-      EXPECT_TRUE(cpu::live_bytes() == live_before,
-                  what << ": the model and generator left " << cpu::live_bytes() - live_before << " bytes behind");
-    }
 }
 
 SPPO_TEST(plan_of_a_cuda_model_needs_no_gpu) {
   // bf16 parameters with fp32 master weights, gradients and state; the CUDA head tile.
   ModelConfig c = three_layer_config();
   const OptimizerConfig::Kind rms = OptimizerConfig::Kind::RMSprop;
-  const MemoryReport r = plan_memory<bf16>(c, MemoryPlan{2, 16}, cuda::footprint(), &rms, nullptr);
-  const MemoryReport cpu = plan_memory<float>(c, MemoryPlan{2, 16}, cpu::CpuOps<float>::footprint(), &rms, nullptr);
+  const MemoryReport r = plan_memory<bf16>(c, MemoryPlan{2, 16}, {}, cuda::footprint(), &rms, nullptr);
+  const MemoryReport cpu = plan_memory<float>(c, MemoryPlan{2, 16}, {}, cpu::CpuOps<float>::footprint(), &rms, nullptr);
   EXPECT_TRUE(r.master == cpu.params, "fp32 master weights take what the CPU's fp32 parameters take");
   EXPECT_TRUE(2 * r.params == cpu.params, "bf16 parameters take half");
   EXPECT_TRUE(r.grads == cpu.grads && r.optimizer == cpu.optimizer);
   EXPECT_TRUE(cpu.master == 0 && r.kv_cache == 0);
+  // With LoRA: a bf16 base without master weights; fp32 master weights, gradients and RMSprop
+  // state for the adapters alone.
+  const MemoryReport lr = plan_memory<bf16>(c, MemoryPlan{2, 16}, some_lora(), cuda::footprint(), &rms, nullptr);
+  const MemoryReport lc =
+      plan_memory<float>(c, MemoryPlan{2, 16}, some_lora(), cpu::CpuOps<float>::footprint(), &rms, nullptr);
+  EXPECT_TRUE(2 * lr.params == lc.params && lc.params > cpu.params);
+  EXPECT_TRUE(lr.master == lc.grads && lr.grads == lc.grads && lr.optimizer == lc.optimizer);
+  EXPECT_TRUE(lc.grads < cpu.grads / 4, "adapter gradients " << lc.grads << " vs full " << cpu.grads);
+  EXPECT_TRUE(lc.grads == (lc.params - cpu.params), "gradients cover exactly the adapters' part of the arena");
 }
 
 SPPO_TEST(checkpointing_shrinks_activations) {
@@ -100,8 +120,8 @@ SPPO_TEST(checkpointing_shrinks_activations) {
   MemoryPlan full{4, 24}, ckpt{4, 24};
   ckpt.checkpoint_activations = true;
   const auto fp = cpu::CpuOps<float>::footprint();
-  const MemoryReport a = plan_memory<float>(c, full, fp, nullptr, nullptr);
-  const MemoryReport b = plan_memory<float>(c, ckpt, fp, nullptr, nullptr);
+  const MemoryReport a = plan_memory<float>(c, full, {}, fp, nullptr, nullptr);
+  const MemoryReport b = plan_memory<float>(c, ckpt, {}, fp, nullptr, nullptr);
   // Per layer beyond the first, everything but the (N, C) input is shared.
   const size_t N = 4 * 24, C = c.hidden_size;
   const size_t per_layer = (a.activations - b.activations) / (c.num_hidden_layers - 1);
@@ -115,14 +135,14 @@ namespace {
 // One model trained with and without checkpointing on the same batches: every gradient, loss
 // and parameter after the optimizer steps must be bitwise equal.
 template <class Step>
-void expect_checkpointing_bitwise(const char* what, Step&& step) {
+void expect_checkpointing_bitwise(const char* what, const LoraConfig& lora, Step&& step) {
   const ModelConfig c = three_layer_config();
   std::vector<std::vector<float>> grads, params;
   std::vector<double> losses;
   for (bool checkpoint : {false, true}) {
     MemoryPlan plan{4, 24};
     plan.checkpoint_activations = checkpoint;
-    Model<float> m(c, plan, std::make_unique<cpu::CpuOps<float>>());
+    Model<float> m(c, plan, std::make_unique<cpu::CpuOps<float>>(), true, lora);
     OptimizerConfig oc;
     oc.kind = OptimizerConfig::Kind::RMSprop;
     oc.lr = 1e-2, oc.max_grad_norm = 1.0;
@@ -130,7 +150,7 @@ void expect_checkpointing_bitwise(const char* what, Step&& step) {
     losses.push_back(step(m, 0));  // a step: the next batch runs on updated weights
     m.zero_grad();
     losses.push_back(step(m, 1));
-    grads.emplace_back(m.grad_data(), m.grad_data() + m.num_params());
+    grads.emplace_back(m.grad_data(), m.grad_data() + m.num_trainable());
     params.emplace_back(m.param_data(), m.param_data() + m.num_params());
   }
   EXPECT_TRUE(losses[0] == losses[2] && losses[1] == losses[3], what << ": losses differ");
@@ -147,7 +167,7 @@ void expect_checkpointing_bitwise(const char* what, Step&& step) {
 
 SPPO_TEST(checkpointing_gives_bitwise_equal_gradients_next_token) {
   const ModelConfig c = three_layer_config();
-  expect_checkpointing_bitwise("next-token loss", [&](Model<float>& m, int round) {
+  expect_checkpointing_bitwise("next-token loss", {}, [&](Model<float>& m, int round) {
     auto tokens = random_tokens(4 * 24, c.vocab_size, 30 + round);
     const Batch b{tokens.data(), nullptr, 4, 24};
     if (round == 0) return m.train_step(b).loss;
@@ -155,17 +175,29 @@ SPPO_TEST(checkpointing_gives_bitwise_equal_gradients_next_token) {
   });
 }
 
+namespace {
+
+// Round 0 a preference step, round 1 gradients alone (on the stepped weights).
+double preference_round(Model<float>& m, int round) {
+  // Two pairs of 20 tokens: a 5-token prompt, then response tokens.
+  auto tokens = random_tokens(4 * 20, m.config().vocab_size, 40 + round);
+  std::vector<uint8_t> mask(4 * 20);
+  for (int i = 0; i < 4 * 20; ++i) mask[i] = i % 20 >= 5;
+  const std::vector<double> ref = {-40, -42, -39, -41}, target = {0.7, 0.3, 0.4, 0.6};
+  const PreferenceBatch pb{
+      {tokens.data(), mask.data(), 4, 20}, ref.data(), target.data(), PreferenceLoss::SppoPair, 1000};
+  if (round == 0) return m.preference_step(pb).step.loss;
+  return m.accumulate_preference_gradients(pb, 1.0, nullptr).loss;
+}
+
+}  // namespace
+
 SPPO_TEST(checkpointing_gives_bitwise_equal_gradients_preference) {
-  const ModelConfig c = three_layer_config();
-  expect_checkpointing_bitwise("sppo-pair loss", [&](Model<float>& m, int round) {
-    // Two pairs of 20 tokens: a 5-token prompt, then response tokens.
-    auto tokens = random_tokens(4 * 20, c.vocab_size, 40 + round);
-    std::vector<uint8_t> mask(4 * 20);
-    for (int i = 0; i < 4 * 20; ++i) mask[i] = i % 20 >= 5;
-    const std::vector<double> ref = {-40, -42, -39, -41}, target = {0.7, 0.3, 0.4, 0.6};
-    const PreferenceBatch pb{
-        {tokens.data(), mask.data(), 4, 20}, ref.data(), target.data(), PreferenceLoss::SppoPair, 1000};
-    if (round == 0) return m.preference_step(pb).step.loss;
-    return m.accumulate_preference_gradients(pb, 1.0, nullptr).loss;
-  });
+  expect_checkpointing_bitwise("sppo-pair loss", {}, preference_round);
+}
+
+SPPO_TEST(checkpointing_gives_bitwise_equal_gradients_lora) {
+  // The adapters' gradients (B starts at 0: round 0's step makes it nonzero, so round 1 has
+  // gradients for A and B alike), and the parameters after a step, frozen base included.
+  expect_checkpointing_bitwise("sppo-pair loss with lora", some_lora(), preference_round);
 }

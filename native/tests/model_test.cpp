@@ -21,24 +21,8 @@ std::unique_ptr<Model<T>> make_model(ModelConfig c, int max_batch, int max_seq) 
   return std::make_unique<Model<T>>(c, MemoryPlan{max_batch, max_seq}, std::make_unique<cpu::CpuOps<T>>());
 }
 
-// A model whose every feature differs from the plain case: GQA (4 heads on 2 kv heads),
-// head_dim (6) not hidden/heads, q/k/v bias, tied embeddings, llama3 rope scaling.
-ModelConfig featureful_config() {
-  ModelConfig c = testutil::gqa_llama3_config(23, 11);
-  c.tie_word_embeddings = true;
-  return c;
-}
-
-// Plain multi-head attention, untied head, linear rope scaling, no bias.
-ModelConfig plain_config() {
-  ModelConfig c;
-  c.vocab_size = 19, c.hidden_size = 12, c.num_hidden_layers = 2, c.num_attention_heads = 3;
-  c.intermediate_size = 14, c.max_position_embeddings = 128;
-  c.rope_scaling.kind = RopeScaling::Kind::Linear;
-  c.rope_scaling.factor = 2;
-  c.initializer_range = 0.3, c.seed = 5;
-  return c;
-}
+using testutil::featureful_config;
+using testutil::plain_config;
 
 std::vector<int32_t> random_tokens(int64_t n, int vocab, uint64_t seed) {
   std::vector<int32_t> t(n);
@@ -76,14 +60,8 @@ void check_gradients(ModelConfig c, int B, int Tn, bool with_mask) {
     const int picks = int(std::min<int64_t>(p.size, 6));
     for (int s = 0; s < picks; ++s) {
       const int64_t i = p.size <= 6 ? s : int64_t(uniform01(7, k, s) * p.size);
-      double* w = m->param_data() + p.offset + i;
-      const double saved = *w;
-      *w = saved + h;
-      const double up = m->eval_loss(batch);
-      *w = saved - h;
-      const double down = m->eval_loss(batch);
-      *w = saved;
-      const double fd = (up - down) / (2 * h);
+      const double fd =
+          testutil::central_difference(m->param_data() + p.offset + i, h, [&] { return m->eval_loss(batch); });
       const double an = grad[p.offset + i];
       // Central differences in float64 are good to ~1e-9 here; 1e-6 relative leaves margin
       // while still catching any real mistake (which shows up at 1e-2 or worse).

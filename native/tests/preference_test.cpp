@@ -11,6 +11,7 @@
 #include "sppo/model.h"
 #include "sppo/preference.h"
 #include "tests/harness.h"
+#include "tests/model_configs.h"
 
 using namespace sppo;
 
@@ -228,14 +229,9 @@ SPPO_TEST(preference_gradients_match_finite_differences_through_the_model) {
       const ParamInfo& p = m.params()[k];
       for (int s = 0; s < 2; ++s) {
         const int64_t i = int64_t(uniform01(8, k, s) * p.size);
-        double* w = m.param_data() + p.offset + i;
-        const double saved = *w, h = 1e-5;
-        *w = saved + h;
-        const double up = m.eval_preference(pb, seq.data()).loss;
-        *w = saved - h;
-        const double down = m.eval_preference(pb, seq.data()).loss;
-        *w = saved;
-        const double fd = (up - down) / (2 * h), an = grad[p.offset + i];
+        const double fd = testutil::central_difference(m.param_data() + p.offset + i, 1e-5,
+                                                       [&] { return m.eval_preference(pb, seq.data()).loss; });
+        const double an = grad[p.offset + i];
         EXPECT_TRUE(std::fabs(fd - an) <= 1e-6 * std::max(1.0, std::fabs(fd)),
                     preference_loss_name(loss) << " " << p.name << "[" << i << "]: " << an << " vs fd " << fd);
         ++checked;

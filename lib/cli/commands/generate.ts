@@ -1,13 +1,18 @@
 // `sppo generate`: samples responses to a prompt file from a checkpoint — a Hugging Face model
-// directory (prompts through its chat template) or a policy of a demo run (the character
-// tokenizer saved with it) — and writes one JSON line per response.
+// directory (prompts through its chat template), a PEFT LoRA adapter directory over one (a LoRA
+// run's policy: base + adapter, unmerged), or a policy of a demo run (the character tokenizer
+// saved with it) — and writes one JSON line per response.
 import { existsSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { loadPrompts } from '../../data/prompts.js';
 import { promptSeeds, SEED_PURPOSE } from '../../data/random.js';
 import { demoPolicyText } from '../../demo/task.js';
 import type { GeneratedSequence } from '../../engine/generate.js';
-import { loadPretrained } from '../../io/checkpoint.js';
+import { resolveConfig } from '../../engine/model.js';
+import { loadPretrained, readHfConfig } from '../../io/checkpoint.js';
+import { engineConfigFromHf } from '../../io/hf-config.js';
+import { ADAPTER_CONFIG_NAME, loadAdapter, type LoadedAdapter } from '../../io/peft.js';
 import { Tokenizer } from '../../io/tokenizer.js';
 import { contextLimit } from '../../preference/from-config.js';
 import { RunDir } from '../../sppo/run-dir.js';
@@ -32,7 +37,8 @@ Samples responses from a checkpoint and writes JSON lines {prompt, response, log
 (logprob: the response's summed token log-probabilities under the policy), prompt-major.
 
   --model DIR            a Hugging Face model directory with a tokenizer and a chat template
-                         (also a run's checkpoint: <run.dir>/iter-T/policy)
+                         (also a run's checkpoint: <run.dir>/iter-T/policy), or a PEFT LoRA
+                         adapter directory whose base_model_name_or_path is one
   --demo-run RUN_DIR     a \`sppo demo\` run: samples from RUN_DIR/iter-T/policy
   --iteration T          with --demo-run: which policy (0 = base; default the latest)
   --prompts FILE         JSONL or Parquet prompts (required)
@@ -131,7 +137,10 @@ export const generateCommand: Command = {
     } catch (err) {
       throw new UsageError(`--prompts: ${(err as Error).message}`);
     }
-    const limit = await contextLimit(source.dir, v.model !== undefined ? '--model' : '--demo-run');
+    const field = v.model !== undefined ? '--model' : '--demo-run';
+    const adapterDir = existsSync(path.join(source.dir, ADAPTER_CONFIG_NAME)) ? source.dir : undefined;
+    if (adapterDir) source.dir = await adapterBase(adapterDir, field);
+    const limit = await contextLimit(source.dir, field);
     const tokenizer = await readTokenizer(source.dir);
     const text = source.demo
       ? demoPolicyText(requireDemoTokenizer(tokenizer, source.dir))
@@ -145,7 +154,13 @@ export const generateCommand: Command = {
     // A sequence that reaches the context limit stops with stopReason 'contextFull'.
     const maxSeq = Math.min(limit, Math.max(...ids.map((p) => p.length)) + sampling.maxNewTokens);
     // Generation only: the model's own batch plan is minimal, the generator plans the KV cache.
-    const { model } = await loadPretrained(source.dir, { maxBatch: 1, maxSeq }, { training: false, device });
+    const adapter = adapterDir === undefined ? undefined : await readAdapter(adapterDir, source.dir, maxSeq);
+    const { model } = await loadPretrained(
+      source.dir,
+      { maxBatch: 1, maxSeq },
+      { training: false, device, ...(adapter && { lora: adapter.lora }) },
+    );
+    if (adapter) model.setAdapterTensors(adapter.tensors);
     // stdout may be the JSONL output: say where the model runs on stderr.
     io.stderr.write(deviceLine(model, device));
     const progress = outFile !== undefined ? new Progress(io.stdout) : undefined;
@@ -207,4 +222,34 @@ function requireDemoTokenizer(tokenizer: Tokenizer | undefined, dir: string): To
       `--demo-run: ${dir} has no tokenizer.json (its run was made before demo checkpoints saved their tokenizer); run the demo again into a new directory (sppo demo --dir NEW_DIR) and sample that`,
     );
   return tokenizer;
+}
+
+/**
+ * The model directory a LoRA adapter directory names as its base (base_model_name_or_path, as
+ * `sppo run` writes it), or a UsageError saying how to sample it otherwise.
+ */
+async function adapterBase(adapterDir: string, field: string): Promise<string> {
+  const file = path.join(adapterDir, ADAPTER_CONFIG_NAME);
+  let base: unknown;
+  try {
+    base = (JSON.parse(await readFile(file, 'utf8')) as { base_model_name_or_path?: unknown }).base_model_name_or_path;
+  } catch (err) {
+    throw new UsageError(`${field}: ${file} cannot be read as JSON (${(err as Error).message})`);
+  }
+  const merge = `or merge it into its base (sppo merge-adapter --base BASE_DIR --adapter ${adapterDir} --out OUT) and sample OUT with --model`;
+  if (typeof base !== 'string' || base === '')
+    throw new UsageError(
+      `${field}: ${adapterDir} is a LoRA adapter directory that names no base model directory (base_model_name_or_path; a demo run's adapters sit on its seeded base); ${merge}`,
+    );
+  const dir = path.resolve(adapterDir, base);
+  if (!existsSync(path.join(dir, 'config.json')))
+    throw new UsageError(`${field}: ${adapterDir} is a LoRA adapter over ${base}, which is not a model directory here; ${merge}`);
+  return dir;
+}
+
+/** The adapter of `adapterDir` for the base in `baseDir`, checked against the base's shapes. */
+async function readAdapter(adapterDir: string, baseDir: string, maxSeq: number): Promise<LoadedAdapter> {
+  const configFile = path.join(baseDir, 'config.json');
+  const { config } = engineConfigFromHf(await readHfConfig(configFile), { maxSeq, training: false, label: configFile });
+  return loadAdapter(adapterDir, resolveConfig(config));
 }

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace sppo {
 
@@ -49,6 +50,35 @@ struct MemoryPlan {
   // layer's worth, for one more forward pass per training step.
   bool checkpoint_activations = false;
   void validate(const ModelConfig& c) const;
+};
+
+// The projections of a layer a low-rank adapter may target, in lib/engine/lora.ts's LORA_TARGETS
+// order (kLoraTargetNames gives their Hugging Face / PEFT module names; the addon exports them and
+// test/native-surface.test.ts checks the two lists agree).
+enum class LoraTarget { Q, K, V, O, Gate, Up, Down };
+constexpr int kLoraTargets = 7;
+extern const char* const kLoraTargetNames[kLoraTargets];
+
+// Low-rank adapters (LoRA) in PEFT's parametrisation: a targeted projection y = x·Wᵀ (W: out × in)
+// becomes y + scale·(x·Aᵀ)·Bᵀ with A (rank × in), B (out × rank) and scale = alpha / rank (no
+// rsLoRA, dropout 0). With adapters the base weights are frozen: only A and B have gradients,
+// master weights and optimizer state.
+struct LoraConfig {
+  int rank = 0;  // 0: no adapters
+  double alpha = 0;
+  std::vector<LoraTarget> targets;  // in the order given; add_target refuses duplicates
+
+  bool enabled() const { return rank > 0; }
+  bool targets_module(LoraTarget t) const;
+  double scale() const { return alpha / double(rank); }
+  // Appends a target by module name ('q_proj' ...), refusing unknown names and repeats.
+  void add_target(const std::string& name);
+  // Throws sppo::Error naming the problem: rank < 1 or above min(in, out) of a targeted
+  // projection, alpha not finite and > 0, no targets. A disabled config (rank 0, no targets) is valid.
+  void validate(const ModelConfig& c) const;
+  // in and out of a target's projection for this model config.
+  static int64_t in_features(const ModelConfig& c, LoraTarget t);
+  static int64_t out_features(const ModelConfig& c, LoraTarget t);
 };
 
 struct ScheduleConfig {

@@ -209,6 +209,7 @@ class Generator final : public GeneratorApi {
   T* att_ = nullptr;                                 // (R, H*D)
   T* gu_ = nullptr;                                  // (R, 2F)
   T* ffn_ = nullptr;                                 // (R, F)
+  T* lora_u_ = nullptr;                              // (R, slices·rank) an adapter block's x·Aᵀ
   T* hsel_ = nullptr;                                // (max_batch, C) hidden rows that need logits
   Master* logits_ = nullptr;                         // (max_batch, V)
   std::vector<int32_t> slots_, positions_, tokens_;  // (R) the rows of the current step

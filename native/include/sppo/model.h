@@ -16,13 +16,16 @@
 
 namespace sppo {
 
-// One named parameter as Hugging Face names it: a contiguous slice of the parameter arena.
+// One named parameter as Hugging Face (or, for an adapter, PEFT) names it: a contiguous slice of
+// the parameter arena.
 struct ParamInfo {
   std::string name;
   std::vector<int64_t> shape;
   int64_t offset = 0;  // elements into the parameter arena
   int64_t size = 0;
-  bool decay = false;  // matrices take weight decay; norms and biases do not
+  bool decay = false;     // matrices (adapters included) take weight decay; norms and biases do not
+  bool trainable = true;  // has gradients and optimizer state (false: a base weight frozen under LoRA)
+  bool adapter = false;   // a LoRA factor (model.layers.N.….q_proj.lora_A.weight, …)
 };
 
 // A batch of B rows of T tokens each (row-major). Target weights: weight[b*T + t] says how
@@ -60,10 +63,12 @@ struct PreferenceStepResult {
 
 // Bytes by what they hold, as the allocating code counts them (the bytes it asks the backend
 // for; the CPU rounds each buffer up to 64 bytes, cudaMalloc to its own granularity).
+// With LoRA, params holds the frozen base and the adapters, and master, grads and optimizer the
+// adapters' alone.
 struct MemoryReport {
   size_t params = 0;       // the working parameters (T: fp32 on the CPU, bf16 on CUDA)
-  size_t master = 0;       // fp32 master weights, where T is narrower
-  size_t grads = 0;        // gradients (Master)
+  size_t master = 0;       // fp32 master weights of the trainable parameters, where T is narrower
+  size_t grads = 0;        // gradients of the trainable parameters (Master)
   size_t optimizer = 0;    // optimizer state (set_optimizer allocates it)
   size_t activations = 0;  // what the forward pass keeps for the backward
   size_t scratch = 0;      // per-layer work buffers, the head's logits tile, index arrays, rotary tables
@@ -82,12 +87,14 @@ class ModelApi {
   virtual ~ModelApi() = default;
   virtual const char* backend() const = 0;  // "cpu" or "cuda"
   virtual const ModelConfig& config() const = 0;
+  virtual const LoraConfig& lora() const = 0;
   virtual MemoryReport memory() const = 0;
   virtual const std::vector<ParamInfo>& params() const = 0;
   virtual const ParamInfo& param(const std::string& name) const = 0;
   virtual int64_t num_params() const = 0;
   virtual void get_param(const std::string& name, M* dst) const = 0;
   virtual void set_param(const std::string& name, const M* src, int64_t n) = 0;
+  virtual void initialize_adapters() = 0;
   virtual void forward(const int32_t* tokens, int64_t B, int64_t Tn, M* hidden_out, M* logits_out) = 0;
   virtual double eval_loss(const Batch& batch, int64_t* target_tokens) = 0;
   virtual void sequence_logprobs(const Batch& batch, double* seq_logp, double* token_logp) = 0;
@@ -101,19 +108,39 @@ class ModelApi {
   virtual std::unique_ptr<GeneratorApi> make_generator(const GeneratorPlan& plan) const = 0;
 };
 
+// Where one projection's adapter lives (elements into the parameter arena): its A is rows
+// [index·rank, (index+1)·rank) of its block's fused A, its B (out × rank) at b_off, and it adds
+// into output columns [col, col + out) of the block's projection.
+struct LoraSlice {
+  int64_t col = 0, out = 0, b_off = 0;
+};
+// The adapters on one of a layer's four projection GEMMs (the fused q|k|v, o, the fused gate|up,
+// down): the A factors of its targeted slices stacked into one (slices·rank × in) matrix, so
+// x·Aᵀ is one GEMM for all of them. No slices: no adapter there.
+struct LoraBlock {
+  int64_t a_off = 0, in = 0;
+  std::vector<LoraSlice> slices;
+};
+struct LayerLora {
+  LoraBlock qkv, o, gu, down;
+};
+
 template <class T>
 class Model final : public ModelApi<master_t<T>> {
  public:
   using Master = master_t<T>;
-  // initialize = false leaves the parameters zero, for callers that load every one of them
-  // (drawing 0.5B normals costs far more than reading a checkpoint).
-  Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops, bool initialize = true);
+  // initialize = false leaves the parameters zero, adapters included, for callers that load every
+  // one of them (drawing 0.5B normals costs far more than reading a checkpoint); a caller that
+  // loads only the base draws fresh adapters with initialize_adapters(). `lora` (validated here)
+  // adds adapters and freezes the base.
+  Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops, bool initialize = true, LoraConfig lora = {});
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
 
   const char* backend() const override { return ops_->name(); }
   const ModelConfig& config() const override { return cfg_; }
+  const LoraConfig& lora() const override { return lora_; }
   const MemoryPlan& plan() const { return plan_; }
   Ops<T>& ops() { return *ops_; }
   MemoryReport memory() const override;
@@ -125,12 +152,21 @@ class Model final : public ModelApi<master_t<T>> {
   // are any). set_param validates size and finiteness first and leaves the model unchanged on error.
   void get_param(const std::string& name, Master* dst) const override;
   void set_param(const std::string& name, const Master* src, int64_t n) override;
-  // The arenas themselves, in backend memory (host memory on the CPU, where tests read them).
+  // The arenas themselves, in backend memory (host memory on the CPU, where tests read them). The
+  // gradient arena covers the trainable parameters only: param_grad(p) is p's gradient (null for
+  // a frozen p); without LoRA, grad_data()[p.offset + i] too.
   T* param_data() { return params_arena_; }
   Master* grad_data() { return grads_arena_; }
+  Master* param_grad(const ParamInfo& p) { return grad_at(p.offset); }
   int64_t num_params() const override { return n_params_; }
-  // Re-draws every parameter from config.seed (weights ~ N(0, initializer_range), norms 1, biases 0).
+  // Elements of the trainable region, [num_params() - num_trainable(), num_params()) of the arena.
+  int64_t num_trainable() const { return n_params_ - train_off_; }
+  // Re-draws every parameter from config.seed (weights ~ N(0, initializer_range), norms 1, biases
+  // 0; adapters as initialize_adapters draws them).
   void initialize();
+  // Re-draws the adapters alone as PEFT initialises them: A ~ U(−1/√in, 1/√in) (kaiming_uniform
+  // with a = √5), B = 0, so base + adapters starts as the base.
+  void initialize_adapters() override;
 
   // Forward over tokens(B,T): final hidden states (B,T,hidden) after the last RMSNorm, and/or
   // logits (B,T,vocab), into host memory. Either output may be null.
@@ -174,6 +210,13 @@ class Model final : public ModelApi<master_t<T>> {
     const T *attn_norm, *wqkv, *bqkv /* null without attention_bias */, *wo, *mlp_norm, *wgu, *wdown;
   };  // backend memory
   LayerWeights layer_weights(int l) const;
+  // Layer l's adapters (empty blocks without LoRA), and the forward of one block: y(N, ·) (row
+  // stride ldy) += scale·(x·Aᵀ)·Bᵀ for each slice, with u (N, slices·rank) scratch, on the op set
+  // `o` (the model's own, or a generator's).
+  const LayerLora& layer_lora(int l) const { return lora_layers_[size_t(l)]; }
+  void lora_forward(Ops<T>& o, const LoraBlock& b, const T* x, int64_t N, T* y, int64_t ldy, T* u) const;
+  // The most adapters any block stacks (u's columns are this × rank).
+  int64_t lora_max_slices() const { return lora_max_slices_; }
   const T* embedding() const { return params_arena_ + embed_off_; }
   const T* final_norm_weight() const { return params_arena_ + final_norm_off_; }
   const T* lm_head_weight() const { return params_arena_ + lm_head_off_; }
@@ -208,11 +251,22 @@ class Model final : public ModelApi<master_t<T>> {
   E* alloc_tracked(size_t n, size_t* counter);
   template <class E>
   LayerParams<E> layer_params(E* base, int l) const;
+  // Layer l's gradient slices (null where frozen).
+  LayerParams<Master> layer_grads(int l);
+  // The gradient of arena element `off`: null for a frozen parameter.
+  Master* grad_at(int64_t off) { return off < train_off_ ? nullptr : grads_arena_ + (off - train_off_); }
+  // The adapters' part of the backward of one block: dA, dB, and dx(N, in) += their contribution,
+  // for the block's input x(N, in) and output gradient dy (row stride ldy).
+  void lora_backward(const LoraBlock& b, const T* x, const T* dy, int64_t ldy, T* dx, int64_t N);
+  void build_lora_table();
+  // Draws parameter k (params_[k]) as initialize() does.
+  void draw_param(size_t k);
   template <class E>
   E* lm_head(E* base) const {
     return base + lm_head_off_;
   }
-  // Writes host values into parameter elements [at, at + n) (the master copy too, if any).
+  // Writes host values into parameter elements [at, at + n) (the master copy too, if any: the
+  // trainable region's).
   void write_params(int64_t at, const Master* src, int64_t n);
   // Uploads tokens(B,T) and their positions for forward_blocks / backward_blocks.
   void upload_tokens(const int32_t* tokens, int64_t B, int64_t Tn);
@@ -239,21 +293,27 @@ class Model final : public ModelApi<master_t<T>> {
   std::unique_ptr<Ops<T>> ops_;
   OptimizerConfig opt_;
 
+  LoraConfig lora_;
   std::vector<ParamInfo> params_;
   int64_t n_params_ = 0;
+  // Arena [train_off_, n_params_) is trainable: everything without LoRA (0), the adapters with
+  // it (they follow the base). Master weights, gradients and optimizer state cover it alone. Of
+  // it, [train_off_, decay_end_) takes weight decay.
+  int64_t train_off_ = 0, decay_end_ = 0;
+  std::vector<LayerLora> lora_layers_;
+  int64_t lora_max_slices_ = 0;
   // Offsets (elements) of the fused per-layer blocks inside a parameter-shaped arena.
   struct LayerOffsets {
     int64_t attn_norm, wqkv, bqkv, wo, mlp_norm, wgu, wdown;
   };
   std::vector<LayerOffsets> layer_off_;
   int64_t embed_off_ = 0, final_norm_off_ = 0, lm_head_off_ = 0;
-  int64_t decay_elems_ = 0;  // arena [0, decay_elems_) takes weight decay, the rest does not
 
   T* params_arena_ = nullptr;
-  Master* master_ = nullptr;  // fp32 master weights when T is narrower (bf16); else null
-  Master* grads_arena_ = nullptr;
-  Master* opt_m_ = nullptr;  // AdamW first moment / RMSprop square average
-  Master* opt_v_ = nullptr;  // AdamW second moment
+  Master* master_ = nullptr;       // fp32 master weights of the trainable region when T is narrower (bf16); else null
+  Master* grads_arena_ = nullptr;  // (num_trainable())
+  Master* opt_m_ = nullptr;        // AdamW first moment / RMSprop square average
+  Master* opt_v_ = nullptr;        // AdamW second moment
   int64_t step_ = 0;
   int micro_ = 0;
   // The largest clipped global gradient norm fed to the optimizer state since set_optimizer:
@@ -277,6 +337,8 @@ class Model final : public ModelApi<master_t<T>> {
   T* datt_ = nullptr;               // (N, H*D)
   T* dgu_ = nullptr;                // (N, 2F)
   T* dffn_ = nullptr;               // (N, F)
+  T* lora_u_ = nullptr;             // (N, lora_max_slices_·rank) x·Aᵀ of one adapter block
+  T* lora_du_ = nullptr;            // (N, lora_max_slices_·rank) its gradient
   Master* logits_chunk_ = nullptr;  // (logits_elems_) the only logits that ever exist in training
   T* gathered_h_ = nullptr;         // (N, C) final hidden rows that have a target
   T* gathered_dh_ = nullptr;        // (N, C)
@@ -298,8 +360,9 @@ class Model final : public ModelApi<master_t<T>> {
 // (ops/meta_ops.h) standing in for the backend `footprint` describes, so every number is the one
 // its constructor counts. `optimizer` adds the state set_optimizer would allocate for that kind.
 template <class T>
-MemoryReport plan_memory(const ModelConfig& config, const MemoryPlan& plan, const BackendFootprint& footprint,
-                         const OptimizerConfig::Kind* optimizer, const GeneratorPlan* generator);
+MemoryReport plan_memory(const ModelConfig& config, const MemoryPlan& plan, const LoraConfig& lora,
+                         const BackendFootprint& footprint, const OptimizerConfig::Kind* optimizer,
+                         const GeneratorPlan* generator);
 
 // Rotary tables for positions [0, n_pos): cos/sin (n_pos, head_dim/2), with rope_scaling applied.
 template <class T>
