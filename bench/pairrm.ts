@@ -44,7 +44,7 @@ const config: NativeEncoderConfig = {
   layerNormEps: 1e-7,
   headHidden: PAIRRM_LARGE.headHidden,
 };
-const encoder = new (native().NativeEncoder)(config, { maxBatch: batchSize, maxSeq: 2048 });
+const encoder = new (native().NativeEncoder)(config, { maxBatch: batchSize, maxSeq: 2048 }, 'cpu', 'fp32');
 let seed = 1;
 for (const p of encoder.parameters()) {
   const n = p.shape.reduce((a, b) => a * b, 1);

@@ -2,8 +2,9 @@
 // pairrm-fixture.ts: names from the issue, a tiny SentencePiece-Unigram tokenizer.json in
 // DeBERTa-v3's layout): the input layout, its truncation budgets and special-token safety; P̂'s
 // aggregation against hand-computed matrices; batching over all ordered pairs of all prompts
-// (the same numbers whatever the batch); the source text after the policy's chat template; and
-// checkpoints refused by name. The encoder's numbers themselves are checked against float64
+// (the same numbers whatever the batch); the source text after the policy's chat template;
+// checkpoints refused by name; and the precision option (validated, 'auto' resolved, what the
+// native encoder stores, 'bf16' refused on the CPU by its field). The encoder's numbers themselves are checked against float64
 // references in native/tests/encoder_test.cpp.
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -11,12 +12,15 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseConfig } from '../lib/config/index.js';
 import { cudaInfo } from '../lib/engine/model.js';
+import { native } from '../lib/engine/native.js';
 import { Tokenizer } from '../lib/io/tokenizer.js';
 import {
   assertPreferenceMatrix,
   loadPairRM,
   PAIRRM_TOKENS,
   pairrmMatrix,
+  pairrmPlacement,
+  PairRMPrecisionError,
   preferenceFromConfig,
   type PairRMJudge,
 } from '../lib/preference/index.js';
@@ -150,6 +154,29 @@ describe('judging on the engine', () => {
     }
   });
 
+  it('C batched across prompts, padded, is exactly C one row at a time (the CPU encoder is row-invariant)', async () => {
+    const items = [
+      { prompt: 'hello', responses },
+      { prompt: 'the question of the world', responses: responses.slice(0, 3) },
+    ];
+    // 12 + 6 rows in passes of 5: neither count is a multiple of 5, so however the rows sort by
+    // length, some pass holds rows of both prompts; their lengths differ, so rows are padded
+    const five = await loadPairRM(dir, { maxSeq: 64, sourceMaxTokens: 24, batchSize: 5 });
+    const one = await loadPairRM(dir, { maxSeq: 64, sourceMaxTokens: 24, batchSize: 1 });
+    try {
+      const batched = await five.comparisonsBatch(items);
+      expect(five.stats.forwards).toBe(4);
+      // both prompts at once: their passes take turns on the one encoder (its busy flag refuses overlap)
+      const alone = await Promise.all(items.map((item) => one.comparisons(item.prompt, item.responses)));
+      expect(one.stats.forwards).toBe(18);
+      expect(batched).toEqual(alone);
+      expect(new Set(batched.flat(2)).size).toBeGreaterThan(12); // distinct numbers, not a constant
+    } finally {
+      await five.dispose();
+      await one.dispose();
+    }
+  });
+
   it('reads the source after sourceText (the policy’s chat template)', async () => {
     const templated = await loadPairRM(dir, { maxSeq: 64, sourceMaxTokens: 24, sourceText: (p) => `the question ${p} the answer` });
     try {
@@ -215,6 +242,7 @@ describe("preference kind 'pairrm' in a run config", () => {
       batchSize: 4,
       maxSeq: 2048,
       sourceMaxTokens: 1224,
+      precision: 'auto',
       concurrency: 4,
       callTimeoutMs: 30 * 60_000,
       maxUnusableFraction: 0.05,
@@ -228,7 +256,80 @@ describe("preference kind 'pairrm' in a run config", () => {
     }
     if (!cudaInfo().available)
       await expect(preferenceFromConfig(c.preference, { device: 'cuda' })).rejects.toThrow(
-        /preference\.path: .*cannot make the encoder on 'cuda': CUDA is unavailable: /,
+        /preference\.path: .*cannot make the bf16 encoder on 'cuda': CUDA is unavailable: /,
       );
+  });
+});
+
+describe('precision', () => {
+  const config = (precision: unknown) =>
+    parseConfig({ model: { path: 'model' }, data: { prompts: 'p.jsonl' }, preference: { kind: 'pairrm', path: dir, precision } });
+
+  it('the config takes auto, fp32 and bf16, and refuses anything else at preference.precision', () => {
+    for (const p of ['auto', 'fp32', 'bf16'] as const) expect(config(p).preference).toMatchObject({ precision: p });
+    expect(() => config('fp16')).toThrow(/preference\.precision: must be one of auto, fp32, bf16/);
+    expect(() => config(32)).toThrow(/preference\.precision: must be one of auto, fp32, bf16/);
+  });
+
+  it("'auto' is fp32 on the CPU and bf16 on CUDA; 'bf16' on the CPU is refused, saying what works", () => {
+    expect(pairrmPlacement('cpu', 'auto')).toEqual({ device: 'cpu', precision: 'fp32' });
+    expect(pairrmPlacement('cpu')).toEqual({ device: 'cpu', precision: 'fp32' });
+    expect(pairrmPlacement('cpu', 'fp32')).toEqual({ device: 'cpu', precision: 'fp32' });
+    expect(pairrmPlacement('cuda', 'auto')).toEqual({ device: 'cuda', precision: 'bf16' });
+    expect(pairrmPlacement('cuda', 'fp32')).toEqual({ device: 'cuda', precision: 'fp32' });
+    expect(pairrmPlacement('cuda', 'bf16')).toEqual({ device: 'cuda', precision: 'bf16' });
+    const gpu = cudaInfo().available;
+    expect(pairrmPlacement('auto', 'auto')).toEqual(gpu ? { device: 'cuda', precision: 'bf16' } : { device: 'cpu', precision: 'fp32' });
+    expect(() => pairrmPlacement('cpu', 'bf16')).toThrow(PairRMPrecisionError);
+    expect(() => pairrmPlacement('cpu', 'bf16')).toThrow(
+      /precision 'bf16' needs the encoder on CUDA, but it runs on the CPU \(device 'cpu'\).*use precision 'fp32' or 'auto'/,
+    );
+    if (!gpu) expect(() => pairrmPlacement('auto', 'bf16')).toThrow(/device 'auto', and no GPU is usable/);
+    expect(() => pairrmPlacement('cpu', 'half' as 'fp32')).toThrow(/pairrm: precision must be one of auto, fp32, bf16, got half/);
+  });
+
+  it('reaches the native encoder, and fp32 on the CPU is what the judge always computed there', async () => {
+    expect(judge.precision).toBe('fp32'); // the default judge: 'auto' on the CPU, as the encoder reports it
+    const explicit = await loadPairRM(dir, { maxSeq: 64, sourceMaxTokens: 24, batchSize: 3, precision: 'fp32' });
+    try {
+      expect(explicit.precision).toBe('fp32');
+      const responses = ['the answer is good', 'a better answer', 'hello'];
+      expect(await explicit.comparisons('a question', responses)).toEqual(await judge.comparisons('a question', responses));
+    } finally {
+      await explicit.dispose();
+    }
+  });
+
+  it("a run config's 'bf16' on the CPU fails at preference.precision; CUDA where it is unusable says why", async () => {
+    await expect(preferenceFromConfig(config('bf16').preference, { device: 'cpu' })).rejects.toThrow(
+      /^preference\.precision: precision 'bf16' needs the encoder on CUDA/,
+    );
+    if (!cudaInfo().available)
+      await expect(preferenceFromConfig(config('fp32').preference, { device: 'cuda' })).rejects.toThrow(
+        /preference\.path: .*cannot make the fp32 encoder on 'cuda': CUDA is unavailable: /,
+      );
+  });
+
+  it('the binding itself refuses a precision it cannot make', () => {
+    const { NativeEncoder } = native();
+    const c = {
+      vocabSize: 8,
+      hiddenSize: 8,
+      numLayers: 1,
+      numHeads: 2,
+      intermediateSize: 8,
+      positionBuckets: 4,
+      maxRelativePositions: 8,
+      layerNormEps: 1e-7,
+      headHidden: 4,
+    };
+    const plan = { maxBatch: 1, maxSeq: 8 };
+    expect(() => new NativeEncoder(c, plan, 'cpu', 'bf16')).toThrow(
+      /precision 'bf16' needs device 'cuda': the CPU encoder stores fp32 only/,
+    );
+    expect(() => new NativeEncoder(c, plan, 'cpu', 'fp16' as 'fp32')).toThrow(/precision must be 'fp32' or 'bf16', got 'fp16'/);
+    const e = new NativeEncoder(c, plan, 'cpu', 'fp32');
+    expect(e.precision()).toBe('fp32');
+    e.dispose();
   });
 });

@@ -3,8 +3,9 @@
 // random weights, in both directions of loading: a checkpoint transformers made loads into the
 // engine with the same hidden states, head logits and P̂; a checkpoint written by this package
 // (names from the issue) loads into transformers with load_state_dict(strict) and the same
-// logits; where a GPU is usable, the judge on CUDA (bf16) too. Runs in the GPU job
-// (bench/gpu/run.sh), whose machine has transformers.
+// logits; where a GPU is usable, the judge on CUDA at both precisions too (fp32 to the CPU's
+// tolerance, bf16 to its own). Runs in the GPU job (bench/gpu/run.sh), whose machine has
+// transformers.
 //
 // Skipped, with a message, where the python (SPPO_PYTHON, default /usr/bin/python3) cannot
 // import torch, transformers and safetensors.
@@ -15,15 +16,18 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { cudaInfo } from '../lib/engine/model.js';
-import { loadPairRM, loadPairRMEncoder, pairrmMatrix } from '../lib/preference/index.js';
+import type { Device } from '../lib/engine/model.js';
+import { loadPairRM, loadPairRMEncoder, pairrmMatrix, type PairRMPrecision } from '../lib/preference/index.js';
 import { PAIRRM_LARGE, tinyDebertaTokenizer, writePairRMDir } from './fixtures/pairrm-fixture.js';
 
 const PYTHON = process.env.SPPO_PYTHON ?? '/usr/bin/python3';
 const SCRIPT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'pairrm_transformers_check.py');
-/** max |engine − transformers| / max |transformers|, float32 on both sides */
-const TOLERANCE = 1e-4;
-/** the same with the engine on CUDA, whose encoder stores bf16 (8 bits of mantissa) through 24 layers */
-const BF16_TOLERANCE = 5e-2;
+/**
+ * max |engine − transformers| / max |transformers|, by the engine's precision: float32 on both
+ * sides (the CPU, or CUDA's fp32 encoder, whose GEMMs use no TF32) to float rounding through 24
+ * layers; bf16 storage (8 bits of mantissa, every op's output rounded) through 24 layers to 5e-2.
+ */
+const TOLERANCE = { fp32: 1e-4, bf16: 5e-2 } as const;
 
 const probe = spawnSync(PYTHON, ['-c', 'import torch, transformers, safetensors'], { encoding: 'utf8', timeout: 120_000 });
 const HAVE = probe.status === 0;
@@ -57,7 +61,7 @@ async function bothSides(
   dir: string,
   out: string,
 ): Promise<{ ours: number[][]; theirs: number[][]; rows: { ids: number[]; pool: number[] }[] }> {
-  const judge = await loadPairRM(dir, { batchSize: 4 });
+  const judge = await loadPairRM(dir, { batchSize: 4, device: 'cpu', precision: 'fp32' });
   try {
     const rows: { ids: number[]; pool: number[] }[] = [];
     for (let i = 0; i < RESPONSES.length; i++)
@@ -88,42 +92,56 @@ describe.skipIf(!HAVE)('PairRM: transformers ↔ engine', () => {
     python(['make', dir, String(vocabSize), String(PAIRRM_LARGE.layers)]);
     writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify(json));
     const { ours, theirs, rows } = await bothSides(dir, out);
-    const C = relativeError(ours.flat(), theirs.flat());
-    const P = relativeError(pairrmMatrix(ours).flat(), pairrmMatrix(theirs).flat());
+    const { hidden: reference } = JSON.parse(readFileSync(path.join(out, 'from-transformers-transformers.json'), 'utf8')) as {
+      hidden: number[];
+    };
     // the hidden states of the first row, straight from the encoder
-    const { encoder } = await loadPairRMEncoder(dir, { maxBatch: 1, maxSeq: rows[0].ids.length });
-    let H: number;
-    try {
-      const r = rows[0];
-      const { hidden } = await encoder.pairrm(
-        Int32Array.from(r.ids),
-        Int32Array.of(r.ids.length),
-        Int32Array.from(r.pool),
-        1,
-        r.ids.length,
-        true,
-      );
-      const { hidden: reference } = JSON.parse(readFileSync(path.join(out, 'from-transformers-transformers.json'), 'utf8')) as {
-        hidden: number[];
-      };
-      H = relativeError(hidden!, reference);
-    } finally {
-      encoder.dispose();
-    }
-    console.log(`transformers → engine: hidden ${H.toExponential(2)}, logits ${C.toExponential(2)}, P̂ ${P.toExponential(2)}`);
-    expect(H).toBeLessThan(TOLERANCE);
-    expect(C).toBeLessThan(TOLERANCE);
-    expect(P).toBeLessThan(TOLERANCE);
-    if (cudaInfo().available) {
-      // the same judge on the GPU: bf16 storage, fp32 math
-      const gpu = await loadPairRM(dir, { batchSize: 4, device: 'cuda' });
+    const hiddenError = async (device: Device, precision: PairRMPrecision): Promise<number> => {
+      const { encoder } = await loadPairRMEncoder(dir, { maxBatch: 1, maxSeq: rows[0].ids.length }, device, precision);
       try {
+        const r = rows[0];
+        const { hidden } = await encoder.pairrm(
+          Int32Array.from(r.ids),
+          Int32Array.of(r.ids.length),
+          Int32Array.from(r.pool),
+          1,
+          r.ids.length,
+          true,
+        );
+        return relativeError(hidden!, reference);
+      } finally {
+        encoder.dispose();
+      }
+    };
+    const report = (where: string, H: number, C: number, P: number, tolerance: number): void => {
+      console.log(
+        `transformers → engine ${where}: hidden ${H.toExponential(2)}, logits ${C.toExponential(2)}, P̂ ${P.toExponential(2)} (tolerance ${tolerance})`,
+      );
+      expect(H).toBeLessThan(tolerance);
+      expect(C).toBeLessThan(tolerance);
+      expect(P).toBeLessThan(tolerance);
+    };
+    report(
+      'on the CPU (fp32)',
+      await hiddenError('cpu', 'fp32'),
+      relativeError(ours.flat(), theirs.flat()),
+      relativeError(pairrmMatrix(ours).flat(), pairrmMatrix(theirs).flat()),
+      TOLERANCE.fp32,
+    );
+    if (!cudaInfo().available) return;
+    // the same judge on the GPU at both precisions
+    for (const precision of ['fp32', 'bf16'] as const) {
+      const gpu = await loadPairRM(dir, { batchSize: 4, device: 'cuda', precision });
+      try {
+        expect(gpu.precision).toBe(precision);
         const onGpu = await gpu.comparisons(PROMPT, RESPONSES);
-        const G = relativeError(onGpu.flat(), theirs.flat());
-        const GP = relativeError(pairrmMatrix(onGpu).flat(), pairrmMatrix(theirs).flat());
-        console.log(`transformers → engine on CUDA (bf16): logits ${G.toExponential(2)}, P̂ ${GP.toExponential(2)}`);
-        expect(G).toBeLessThan(BF16_TOLERANCE);
-        expect(GP).toBeLessThan(BF16_TOLERANCE);
+        report(
+          `on CUDA (${precision})`,
+          await hiddenError('cuda', precision),
+          relativeError(onGpu.flat(), theirs.flat()),
+          relativeError(pairrmMatrix(onGpu).flat(), pairrmMatrix(theirs).flat()),
+          TOLERANCE[precision],
+        );
       } finally {
         await gpu.dispose();
       }
@@ -137,7 +155,7 @@ describe.skipIf(!HAVE)('PairRM: transformers ↔ engine', () => {
     const C = relativeError(ours.flat(), theirs.flat());
     const P = relativeError(pairrmMatrix(ours).flat(), pairrmMatrix(theirs).flat());
     console.log(`engine → transformers: logits ${C.toExponential(2)}, P̂ ${P.toExponential(2)}`);
-    expect(C).toBeLessThan(TOLERANCE);
-    expect(P).toBeLessThan(TOLERANCE);
+    expect(C).toBeLessThan(TOLERANCE.fp32);
+    expect(P).toBeLessThan(TOLERANCE.fp32);
   });
 });

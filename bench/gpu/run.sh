@@ -20,7 +20,7 @@
 #             few minutes, so not in the default SECTIONS: its
 #             own job, `SECTIONS=big bash bench/gpu/run.sh`, within the same budget
 #   pairrm    PairRM's DeBERTa-v3 encoder (issue 17) against transformers' DebertaV2Model in the
-#             full PairRM shape, both directions of loading, CPU (fp32) and CUDA (bf16); not in the
+#             full PairRM shape, both directions of loading, CPU (fp32), CUDA fp32 and bf16; not in the
 #             default SECTIONS either: `SECTIONS="pairrm big" bash bench/gpu/run.sh`
 # Writes $OUT/summary.txt (the tests, the breakdown, every speed beside its peer and the ratio)
 # and one log per section.

@@ -105,6 +105,8 @@ export interface NativeEncoderHandle {
     seq: number,
     hidden: boolean,
   ): Promise<{ logits: Float64Array; hidden?: Float32Array }>;
+  /** the storage type it was made with */
+  precision(): 'fp32' | 'bf16';
   dispose(): void;
 }
 
@@ -121,7 +123,9 @@ export interface NativeAddon {
   NativeEncoder: new (
     config: NativeEncoderConfig,
     plan: { maxBatch: number; maxSeq: number },
-    device?: 'cpu' | 'cuda',
+    device: 'cpu' | 'cuda',
+    /** 'bf16' on CUDA only */
+    precision: 'fp32' | 'bf16',
   ) => NativeEncoderHandle;
   NativeModel: new (config: object, plan: object, options?: NativeModelOptions) => NativeModelHandle;
   /** what NativeModel would allocate for these arguments (and an optimizer's state and a generator's cache) */

@@ -13,7 +13,7 @@ import { httpJudge } from './http.js';
 import { loadLmJudge } from './lm-judge.js';
 import type { PreferenceModel } from './model.js';
 import { pairwiseHttpJudge } from './pairwise-http.js';
-import { loadPairRM } from './pairrm.js';
+import { loadPairRM, PairRMPrecisionError } from './pairrm.js';
 import { loadRewardModel } from './reward-model.js';
 import { styledReversalOracle } from './styled-reversal.js';
 
@@ -144,7 +144,8 @@ export async function preferenceFromConfig(
       try {
         return await loadPairRM(dir, { ...rest, device, sourceText: options.sourceText });
       } catch (err) {
-        throw new SetupError(['preference', 'path'], (err as Error).message, { cause: err });
+        const field = err instanceof PairRMPrecisionError ? 'precision' : 'path';
+        throw new SetupError(['preference', field], (err as Error).message, { cause: err });
       }
     }
   }

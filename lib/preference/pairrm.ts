@@ -8,11 +8,15 @@
 // and batched across prompts. P̂ is the reference's (aggregation 'sppo'): s_i = (1/K)·Σ_j
 // (C[i,j] − C[j,i]), P̂[i,j] = σ(s_i − s_j). The source x is the prompt after the policy's chat
 // template (sourceText). A non-finite C[i,j] is an unusable verdict, counted as 0. The encoder
-// runs on the CPU (float32) or on CUDA (bf16 storage, fp32 math): the run's device.
+// runs on the run's device: on the CPU in float32, on CUDA in the `precision` asked for
+// (pairrmPlacement: 'fp32', or 'bf16' storage with fp32 math; 'auto' is fp32 on the CPU, bf16 on
+// CUDA). The CPU has no bf16 encoder: bf16 storage there would only emulate the GPU's rounding,
+// slower than float32 on the CPU's float GEMMs, so 'bf16' on the CPU is refused by name.
 import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { cudaInfo, type Device } from '../engine/model.js';
+import type { Device } from '../engine/model.js';
+import { resolveDevice } from '../engine/memory.js';
 import { native, type NativeEncoderConfig, type NativeEncoderHandle } from '../engine/native.js';
 import { ReadScratch } from '../io/safetensors.js';
 import { Tokenizer } from '../io/tokenizer.js';
@@ -21,10 +25,39 @@ import { throwIfAborted } from '../util/abort.js';
 import { judgeInGroups } from './last-token.js';
 import { checkTimeout, definePreferenceModel, withJudgeTimeout, type CompareItem, type Judgment, type PreferenceModel } from './model.js';
 import { DEFAULT_JUDGE_CONCURRENCY } from './options/common.js';
-import { PAIRRM_AGGREGATIONS, PAIRRM_DEFAULTS, type PairRMAggregation } from './options/pairrm.js';
+import { PAIRRM_AGGREGATIONS, PAIRRM_DEFAULTS, PAIRRM_PRECISIONS, type PairRMAggregation, type PairRMPrecision } from './options/pairrm.js';
 
 export class PairRMError extends Error {
   override name = 'PairRMError';
+}
+
+/** A precision the device cannot run (a run config reports it at preference.precision). */
+export class PairRMPrecisionError extends PairRMError {
+  override name = 'PairRMPrecisionError';
+}
+
+/** Where the encoder runs and what it stores, 'auto' resolved. */
+export interface PairRMPlacement {
+  device: 'cpu' | 'cuda';
+  precision: 'fp32' | 'bf16';
+}
+
+/**
+ * The device ('auto': CUDA when usable) and the precision ('auto': fp32 on the CPU, bf16 on
+ * CUDA); 'bf16' on the CPU is a PairRMPrecisionError saying what works.
+ */
+export function pairrmPlacement(device: Device = 'cpu', precision: PairRMPrecision = PAIRRM_DEFAULTS.precision): PairRMPlacement {
+  if (!PAIRRM_PRECISIONS.includes(precision))
+    throw new RangeError(`pairrm: precision must be one of ${PAIRRM_PRECISIONS.join(', ')}, got ${precision as string}`);
+  const where = resolveDevice(device);
+  if (precision === 'auto') return { device: where, precision: where === 'cuda' ? 'bf16' : 'fp32' };
+  if (precision === 'bf16' && where === 'cpu')
+    throw new PairRMPrecisionError(
+      `precision 'bf16' needs the encoder on CUDA, but it runs on the CPU (device '${device}'${
+        device === 'auto' ? ', and no GPU is usable' : ''
+      }), whose encoder stores float32 only: use precision 'fp32' or 'auto' there`,
+    );
+  return { device: where, precision };
 }
 
 /** The special tokens PairRM's input is built from (tokenizer.json's added tokens). */
@@ -46,8 +79,10 @@ export interface PairRMOptions {
   maxSeq?: number;
   /** tokens of the source, its three special tokens included; default PAIRRM_DEFAULTS */
   sourceMaxTokens?: number;
-  /** where the encoder runs: 'cpu' (float32), 'cuda' (bf16 storage, fp32 math) or 'auto' (CUDA when usable); default 'cpu' */
+  /** where the encoder runs: 'cpu', 'cuda' or 'auto' (CUDA when usable); default 'cpu' */
   device?: Device;
+  /** the encoder's storage: 'fp32', 'bf16' (CUDA only) or 'auto' (fp32 on the CPU, bf16 on CUDA); default 'auto' */
+  precision?: PairRMPrecision;
   /** default 'sppo' */
   aggregation?: PairRMAggregation;
   /** the source text of a prompt: the prompt after the policy's chat template; default the prompt itself */
@@ -70,10 +105,14 @@ export interface PairRMStats {
 
 export interface PairRMJudge extends PreferenceModel {
   readonly stats: PairRMStats;
+  /** the storage type the native encoder was made with ('auto' resolved) */
+  readonly precision: 'fp32' | 'bf16';
   /** One comparison's token ids and the positions of its three prefix tokens. */
   comparisonIds(source: string, candidate1: string, candidate2: string): { ids: number[]; pool: [number, number, number] };
   /** C[i,j] = f(x, y_i, y_j) for every ordered pair of one prompt (C[i,i] = 0), x = sourceText(prompt). */
   comparisons(prompt: string, responses: readonly string[], options?: { signal?: AbortSignal }): Promise<number[][]>;
+  /** C of each item, the rows of all items sorted by length and batched together (as compareBatch runs them). */
+  comparisonsBatch(items: readonly CompareItem[], options?: { signal?: AbortSignal }): Promise<number[][][]>;
 }
 
 /** σ(x) = 1 / (1 + e^−x), without overflow. */
@@ -171,6 +210,33 @@ export function pairrmJudge(
     return { ids, pool };
   }
 
+  /** Settles when the encoder is free: the last pass started has settled (a timed-out one included). */
+  let encoderFree: Promise<void> = Promise.resolve();
+  /**
+   * One forward pass, after the previous one has settled: concurrent compare() or comparisons()
+   * calls take turns on the encoder, whose busy flag would refuse the overlap. The time limit
+   * counts the pass, not the wait for its turn.
+   */
+  async function forwardPass(ids: Int32Array, lengths: Int32Array, pool: Int32Array, batch: number, seq: number, signal?: AbortSignal) {
+    const turn = encoderFree;
+    let release!: () => void;
+    encoderFree = new Promise<void>((resolve) => (release = resolve));
+    let running: Promise<unknown> | undefined;
+    try {
+      await turn;
+      return await withJudgeTimeout(
+        judgeId,
+        'one forward pass',
+        timeoutMs,
+        () => (running = encoder.pairrm(ids, lengths, pool, batch, seq, false)),
+        signal,
+      );
+    } finally {
+      if (running) void running.then(release, release);
+      else release();
+    }
+  }
+
   /** C for every item: all ordered pairs of all prompts, sorted by length and batched. */
   async function comparisonMatrices(items: readonly CompareItem[], signal?: AbortSignal): Promise<number[][][]> {
     const rows: { ids: number[]; pool: [number, number, number]; item: number; i: number; j: number }[] = [];
@@ -193,13 +259,7 @@ export function pairrmJudge(
         lengths[b] = r.ids.length;
         pool.set(r.pool, b * 3);
       });
-      const { logits } = await withJudgeTimeout(
-        judgeId,
-        'one forward pass',
-        timeoutMs,
-        () => encoder.pairrm(ids, lengths, pool, group.length, seq, false),
-        signal,
-      );
+      const { logits } = await forwardPass(ids, lengths, pool, group.length, seq, signal);
       stats.forwards++;
       group.forEach((r, b) => (C[r.item][r.i][r.j] = logits[b]));
     }
@@ -235,11 +295,13 @@ export function pairrmJudge(
       encoder.dispose();
     },
   });
-  async function comparisons(prompt: string, responses: readonly string[], opts: { signal?: AbortSignal } = {}): Promise<number[][]> {
+  async function comparisonsBatch(items: readonly CompareItem[], opts: { signal?: AbortSignal } = {}): Promise<number[][][]> {
     if (disposed) throw new Error('pairrm: the judge has been disposed');
-    return (await comparisonMatrices([{ prompt, responses }], opts.signal))[0];
+    return comparisonMatrices(items, opts.signal);
   }
-  return Object.assign(pm, { stats, comparisonIds, comparisons });
+  const comparisons = async (prompt: string, responses: readonly string[], opts: { signal?: AbortSignal } = {}): Promise<number[][]> =>
+    (await comparisonsBatch([{ prompt, responses }], opts))[0];
+  return Object.assign(pm, { stats, comparisonIds, comparisons, comparisonsBatch, precision: encoder.precision() });
 }
 
 /** tensors a checkpoint may hold that the encoder does not read (buffers, not weights) */
@@ -311,7 +373,9 @@ export async function loadPairRMEncoder(
   dir: string,
   plan: { maxBatch: number; maxSeq: number },
   device: Device = 'cpu',
+  precision: PairRMPrecision = PAIRRM_DEFAULTS.precision,
 ): Promise<LoadedPairRM> {
+  const where = pairrmPlacement(device, precision);
   const configFile = path.join(dir, 'config.json');
   if (!existsSync(configFile)) throw new PairRMError(`${dir}: no config.json`);
   if (!existsSync(path.join(dir, 'tokenizer.json'))) throw new PairRMError(`${dir}: no tokenizer.json`);
@@ -328,11 +392,10 @@ export async function loadPairRMEncoder(
     const head = weights.tensors.get('head_layer.1.weight');
     if (!head) throw new PairRMError(`${dir}: the checkpoint lacks 'head_layer.1.weight' (PairRM's head)`);
     const config = encoderConfigFromHf(hf, head.shape[0], configFile);
-    const where = device === 'auto' ? (cudaInfo().available ? 'cuda' : 'cpu') : device;
     try {
-      encoder = new (native().NativeEncoder)(config, plan, where);
+      encoder = new (native().NativeEncoder)(config, plan, where.device, where.precision);
     } catch (e) {
-      throw new PairRMError(`${dir}: cannot make the encoder on '${where}': ${(e as Error).message}`);
+      throw new PairRMError(`${dir}: cannot make the ${where.precision} encoder on '${where.device}': ${(e as Error).message}`);
     }
     const expected = new Map(encoder.parameters().map((p) => [p.name, p.shape]));
     const missing = [...expected.keys()].filter((n) => !weights.tensors.has(n));
@@ -370,7 +433,7 @@ export async function loadPairRMEncoder(
 /** Loads a PairRM directory as a judge that owns its encoder. */
 export async function loadPairRM(dir: string, options: PairRMOptions = {}): Promise<PairRMJudge> {
   const plan = { maxBatch: options.batchSize ?? PAIRRM_DEFAULTS.batchSize, maxSeq: options.maxSeq ?? PAIRRM_DEFAULTS.maxSeq };
-  const { encoder, tokenizer } = await loadPairRMEncoder(dir, plan, options.device);
+  const { encoder, tokenizer } = await loadPairRMEncoder(dir, plan, options.device, options.precision);
   try {
     return pairrmJudge(encoder, tokenizer, { label: dir, ...options });
   } catch (e) {

@@ -3,6 +3,7 @@
 #include "addon/encoder_binding.h"
 
 #include <string>
+#include <type_traits>
 
 #include "addon/args.h"
 #include "addon/async_call.h"
@@ -41,6 +42,7 @@ class EncoderOn final : public EncoderHost {
   int64_t max_batch() const override { return e_.max_batch(); }
   int64_t max_seq() const override { return e_.max_seq(); }
   int64_t hidden_size() const override { return e_.config().hidden_size; }
+  const char* precision() const override { return std::is_same_v<T, float> ? "fp32" : "bf16"; }
 
  private:
   sppo::Encoder<T> e_;
@@ -61,7 +63,7 @@ Napi::Function NativeEncoder::Init(Napi::Env env) {
       env, "NativeEncoder",
       {InstanceMethod("parameters", &NativeEncoder::Parameters),
        InstanceMethod("setParameter", &NativeEncoder::SetParameter), InstanceMethod("pairrm", &NativeEncoder::PairRM),
-       InstanceMethod("dispose", &NativeEncoder::Dispose)});
+       InstanceMethod("precision", &NativeEncoder::Precision), InstanceMethod("dispose", &NativeEncoder::Dispose)});
 }
 
 NativeEncoder::NativeEncoder(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeEncoder>(info) {
@@ -82,16 +84,25 @@ NativeEncoder::NativeEncoder(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
     throw Napi::TypeError::New(env, "encoder config: layerNormEps must be a number");
   config.layer_norm_eps = c.Get("layerNormEps").As<Napi::Number>().DoubleValue();
   const int64_t max_batch = int_field(plan, "maxBatch"), max_seq = int_field(plan, "maxSeq");
-  const std::string device = info[2].IsString() ? info[2].As<Napi::String>().Utf8Value() : "cpu";
+  if (!info[2].IsString() || !info[3].IsString())
+    throw Napi::TypeError::New(env, "NativeEncoder: device and precision must be strings");
+  const std::string device = info[2].As<Napi::String>().Utf8Value(), precision = info[3].As<Napi::String>().Utf8Value();
   if (device != "cpu" && device != "cuda")
     throw Napi::RangeError::New(env, "the encoder's device must be 'cpu' or 'cuda', got '" + device + "'");
+  if (precision != "fp32" && precision != "bf16")
+    throw Napi::RangeError::New(env, "the encoder's precision must be 'fp32' or 'bf16', got '" + precision + "'");
+  if (device == "cpu" && precision == "bf16")
+    throw Napi::RangeError::New(env,
+                                "the encoder's precision 'bf16' needs device 'cuda': the CPU encoder stores fp32 only");
   or_range_error(env, [&] {
-    // make_ops names why there is no usable GPU (not built, no driver, no device)
-    if (device == "cuda")
-      encoder_ = std::make_unique<EncoderOn<sppo::bf16>>(config, sppo::cuda::make_ops(0), max_batch, max_seq);
-    else
+    // the CUDA factories name why there is no usable GPU (not built, no driver, no device)
+    if (device == "cpu")
       encoder_ =
           std::make_unique<EncoderOn<float>>(config, std::make_unique<sppo::cpu::CpuOps<float>>(), max_batch, max_seq);
+    else if (precision == "fp32")
+      encoder_ = std::make_unique<EncoderOn<float>>(config, sppo::cuda::make_encoder_ops_fp32(0), max_batch, max_seq);
+    else
+      encoder_ = std::make_unique<EncoderOn<sppo::bf16>>(config, sppo::cuda::make_ops(0), max_batch, max_seq);
     return 0;
   });
 }
@@ -176,6 +187,10 @@ Napi::Value NativeEncoder::PairRM(const Napi::CallbackInfo& info) {
   busy_.store(true);
   g_running_calls.fetch_add(1);
   return promise;
+}
+
+Napi::Value NativeEncoder::Precision(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), usable(info.Env()).precision());
 }
 
 Napi::Value NativeEncoder::Dispose(const Napi::CallbackInfo& info) {

@@ -1,5 +1,5 @@
-// NativeEncoder: one DeBERTa-v3 encoder with PairRM's head (sppo/encoder.h), on the CPU (float)
-// or on CUDA (bf16 storage, float on the host side either way). Its one
+// NativeEncoder: one DeBERTa-v3 encoder with PairRM's head (sppo/encoder.h), on the CPU (fp32)
+// or on CUDA (fp32, or bf16 storage with fp32 math; float on the host side either way). Its one
 // slow call, pairrm(), runs on a libuv worker behind a Promise and holds the busy flag; the
 // TypeScript PairRM judge queues its calls, so the flag only refuses callers that bypass it.
 #pragma once
@@ -25,13 +25,16 @@ class EncoderHost {
   virtual int64_t max_batch() const = 0;
   virtual int64_t max_seq() const = 0;
   virtual int64_t hidden_size() const = 0;
+  // the storage type: "fp32" or "bf16"
+  virtual const char* precision() const = 0;
 };
 
 class NativeEncoder : public Napi::ObjectWrap<NativeEncoder> {
  public:
   static Napi::Function Init(Napi::Env env);
   // (config: {vocabSize, hiddenSize, numLayers, numHeads, intermediateSize, positionBuckets,
-  //  maxRelativePositions, layerNormEps, headHidden}, plan: {maxBatch, maxSeq}, device?: 'cpu' | 'cuda')
+  //  maxRelativePositions, layerNormEps, headHidden}, plan: {maxBatch, maxSeq}, device: 'cpu' | 'cuda',
+  //  precision: 'fp32' | 'bf16'); 'bf16' is CUDA's alone (the CPU encoder stores float)
   explicit NativeEncoder(const Napi::CallbackInfo& info);
 
  private:
@@ -42,6 +45,8 @@ class NativeEncoder : public Napi::ObjectWrap<NativeEncoder> {
   // (ids: Int32Array (batch·seq), lengths: Int32Array (batch), pool: Int32Array (batch·3), batch,
   //  seq, hidden: boolean) => Promise<{logits: Float64Array, hidden?: Float32Array}>
   Napi::Value PairRM(const Napi::CallbackInfo& info);
+  // () => 'fp32' | 'bf16': the storage type the encoder was made with
+  Napi::Value Precision(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   EncoderHost& usable(Napi::Env env);
 

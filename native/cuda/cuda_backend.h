@@ -38,4 +38,9 @@ DeviceInfo probe();
 // SPPO_CUDA_GRAPHS=0 does for every op set: tests compare recorded steps with eager ones so.
 std::unique_ptr<Ops<bf16>> make_ops(int device = 0, bool record_graphs = true);
 
+// The fp32 encoder op set on device `device`: fp32 storage and math, GEMMs without TF32, for
+// PairRM's precision 'fp32' on a GPU (parity with the float32 reference). Only the encoder's
+// ops (EncoderOps); throws as make_ops does when no device is usable.
+std::unique_ptr<EncoderOps<float>> make_encoder_ops_fp32(int device = 0);
+
 }  // namespace sppo::cuda

@@ -1,6 +1,7 @@
 // GEMMs of the CUDA backend through cuBLASLt, loaded with dlopen on first use so the engine builds
 // without cuBLAS headers and loads (falling back to the CPU) where cuBLAS is missing. bf16 A and
-// B, fp32 accumulation and scale, C in bf16 (gemm) or fp32 (gemm_master). One matmul descriptor,
+// B, fp32 accumulation and scale, C in bf16 (gemm) or fp32 (gemm_master); or fp32 A, B and C
+// (gemm_fp32: the fp32 encoder, CUBLAS_COMPUTE_32F, which never uses TF32). One matmul descriptor,
 // layout set and heuristic choice per shape, cached; one 32 MiB workspace per CudaOps.
 #include <dlfcn.h>
 #include <library_types.h>
@@ -233,13 +234,13 @@ constexpr size_t kWorkspaceBytes = size_t(32) << 20;
 
 // One GEMM shape as cuBLASLt sees it, alignments included (they restrict the kernels it may pick).
 struct GemmKey {
-  bool transA, transB, c_is_float;
+  bool transA, transB, ab_is_float, c_is_float;
   int64_t M, N, K, lda, ldb, ldc;
   uint32_t align_a, align_b, align_c;
   bool operator==(const GemmKey& o) const {
-    return transA == o.transA && transB == o.transB && c_is_float == o.c_is_float && M == o.M && N == o.N && K == o.K &&
-           lda == o.lda && ldb == o.ldb && ldc == o.ldc && align_a == o.align_a && align_b == o.align_b &&
-           align_c == o.align_c;
+    return transA == o.transA && transB == o.transB && ab_is_float == o.ab_is_float && c_is_float == o.c_is_float &&
+           M == o.M && N == o.N && K == o.K && lda == o.lda && ldb == o.ldb && ldc == o.ldc && align_a == o.align_a &&
+           align_b == o.align_b && align_c == o.align_c;
   }
 };
 
@@ -252,7 +253,8 @@ struct GemmKeyHash {
     mix(uint64_t(k.lda));
     mix(uint64_t(k.ldb));
     mix(uint64_t(k.ldc));
-    mix((uint64_t(k.transA) << 2) | (uint64_t(k.transB) << 1) | uint64_t(k.c_is_float));
+    mix((uint64_t(k.ab_is_float) << 3) | (uint64_t(k.transA) << 2) | (uint64_t(k.transB) << 1) |
+        uint64_t(k.c_is_float));
     mix((uint64_t(k.align_a) << 40) | (uint64_t(k.align_b) << 20) | uint64_t(k.align_c));
     return h;
   }
@@ -277,8 +279,9 @@ std::string describe(const GemmKey& k) {
   return "gemm(transA=" + std::to_string(k.transA) + ", transB=" + std::to_string(k.transB) +
          ", M=" + std::to_string(k.M) + ", N=" + std::to_string(k.N) + ", K=" + std::to_string(k.K) +
          ", lda=" + std::to_string(k.lda) + ", ldb=" + std::to_string(k.ldb) + ", ldc=" + std::to_string(k.ldc) +
-         ", C " + (k.c_is_float ? "fp32" : "bf16") + ", alignments A/B/C " + std::to_string(k.align_a) + "/" +
-         std::to_string(k.align_b) + "/" + std::to_string(k.align_c) + " bytes)";
+         ", A/B " + (k.ab_is_float ? "fp32" : "bf16") + ", C " + (k.c_is_float ? "fp32" : "bf16") +
+         ", alignments A/B/C " + std::to_string(k.align_a) + "/" + std::to_string(k.align_b) + "/" +
+         std::to_string(k.align_c) + " bytes)";
 }
 
 void check_lt(lt::cublasStatus_t s, const char* call, const GemmKey& k) {
@@ -368,16 +371,17 @@ GemmPlan make_plan(GemmState& st, const GemmKey& k) {
   lt::cublasLtMatmulPreference_t pref = nullptr;
   try {
     const cudaDataType_t c_type = k.c_is_float ? CUDA_R_32F : CUDA_R_16BF;
+    const cudaDataType_t ab_type = k.ab_is_float ? CUDA_R_32F : CUDA_R_16BF;
     check_lt(api.desc_create(&p.desc, lt::CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate", k);
     const int32_t op_a = k.transB ? lt::CUBLAS_OP_T : lt::CUBLAS_OP_N;  // cuBLASLt's A = engine's B
     const int32_t op_b = k.transA ? lt::CUBLAS_OP_T : lt::CUBLAS_OP_N;  // cuBLASLt's B = engine's A
     check_lt(api.desc_set(p.desc, lt::CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a), "set TRANSA", k);
     check_lt(api.desc_set(p.desc, lt::CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b), "set TRANSB", k);
-    check_lt(k.transB ? api.layout_create(&p.a, CUDA_R_16BF, uint64_t(k.K), uint64_t(k.N), k.ldb)
-                      : api.layout_create(&p.a, CUDA_R_16BF, uint64_t(k.N), uint64_t(k.K), k.ldb),
+    check_lt(k.transB ? api.layout_create(&p.a, ab_type, uint64_t(k.K), uint64_t(k.N), k.ldb)
+                      : api.layout_create(&p.a, ab_type, uint64_t(k.N), uint64_t(k.K), k.ldb),
              "cublasLtMatrixLayoutCreate(B)", k);
-    check_lt(k.transA ? api.layout_create(&p.b, CUDA_R_16BF, uint64_t(k.M), uint64_t(k.K), k.lda)
-                      : api.layout_create(&p.b, CUDA_R_16BF, uint64_t(k.K), uint64_t(k.M), k.lda),
+    check_lt(k.transA ? api.layout_create(&p.b, ab_type, uint64_t(k.M), uint64_t(k.K), k.lda)
+                      : api.layout_create(&p.b, ab_type, uint64_t(k.K), uint64_t(k.M), k.lda),
              "cublasLtMatrixLayoutCreate(A)", k);
     check_lt(api.layout_create(&p.c, c_type, uint64_t(k.N), uint64_t(k.M), k.ldc), "cublasLtMatrixLayoutCreate(C)", k);
 
@@ -412,10 +416,10 @@ GemmPlan make_plan(GemmState& st, const GemmKey& k) {
 }
 
 void gemm_lt(CudaOps& ops, GemmState& st, bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha,
-             const bf16* A, int64_t lda, const bf16* B, int64_t ldb, double beta, void* C, bool c_is_float,
-             int64_t ldc) {
-  const GemmKey key{transA,          transB,          c_is_float,     M, N, K, lda, ldb, ldc,
-                    alignment_of(A), alignment_of(B), alignment_of(C)};
+             const void* A, int64_t lda, const void* B, int64_t ldb, double beta, void* C, bool ab_is_float,
+             bool c_is_float, int64_t ldc) {
+  const GemmKey key{transA, transB,          ab_is_float,     c_is_float,     M, N, K, lda, ldb,
+                    ldc,    alignment_of(A), alignment_of(B), alignment_of(C)};
   SPPO_REQUIRE(M >= 0 && N >= 0 && K >= 0, "negative GEMM size in ", describe(key));
   if (M == 0 || N == 0) return;
   SPPO_REQUIRE(ldc >= N && (K == 0 || (lda >= (transA ? M : K) && ldb >= (transB ? K : N))),
@@ -446,12 +450,17 @@ void gemm_lt(CudaOps& ops, GemmState& st, bool transA, bool transB, int64_t M, i
 
 void CudaOps::gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const bf16* A, int64_t lda,
                    const bf16* B, int64_t ldb, double beta, bf16* C, int64_t ldc) {
-  gemm_lt(*this, gemm_state(), transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, false, ldc);
+  gemm_lt(*this, gemm_state(), transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, false, false, ldc);
 }
 
 void CudaOps::gemm_master(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const bf16* A,
                           int64_t lda, const bf16* B, int64_t ldb, double beta, float* C, int64_t ldc) {
-  gemm_lt(*this, gemm_state(), transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, true, ldc);
+  gemm_lt(*this, gemm_state(), transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, false, true, ldc);
+}
+
+void CudaOps::gemm_fp32(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const float* A,
+                        int64_t lda, const float* B, int64_t ldb, double beta, float* C, int64_t ldc) {
+  gemm_lt(*this, gemm_state(), transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, true, true, ldc);
 }
 
 }  // namespace sppo::cuda

@@ -56,6 +56,10 @@ class CudaOps final : public Ops<bf16> {
             const bf16* B, int64_t ldb, double beta, bf16* C, int64_t ldc) override;
   void gemm_master(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const bf16* A, int64_t lda,
                    const bf16* B, int64_t ldb, double beta, float* C, int64_t ldc) override;
+  // The same contract with fp32 A, B and C and full fp32 math (no TF32): the GEMM of the fp32
+  // encoder op set (cuda_encoder.cu), on this op set's stream and cuBLASLt handle.
+  void gemm_fp32(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, double beta, float* C, int64_t ldc);
 
   void fill(bf16* x, double value, int64_t n) override;
   void zero_bytes(void* x, size_t bytes) override;

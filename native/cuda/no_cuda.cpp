@@ -14,4 +14,8 @@ DeviceInfo probe() {
 
 std::unique_ptr<Ops<bf16>> make_ops(int, bool) { throw Error("CUDA is unavailable: " + probe().why_not); }
 
+std::unique_ptr<EncoderOps<float>> make_encoder_ops_fp32(int) {
+  throw Error("CUDA is unavailable: " + probe().why_not);
+}
+
 }  // namespace sppo::cuda

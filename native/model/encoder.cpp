@@ -50,7 +50,7 @@ bool is_head(const std::string& name) { return name.rfind("head_layer.", 0) == 0
 }  // namespace
 
 template <class T>
-Encoder<T>::Encoder(const EncoderConfig& config, std::unique_ptr<Ops<T>> ops, int64_t max_batch, int64_t max_seq)
+Encoder<T>::Encoder(const EncoderConfig& config, std::unique_ptr<EncoderOps<T>> ops, int64_t max_batch, int64_t max_seq)
     : config_(config), ops_(std::move(ops)), max_batch_(max_batch), max_seq_(max_seq) {
   validate(config_);
   SPPO_REQUIRE(max_batch >= 1 && max_seq >= 1, "the encoder's plan needs max_batch and max_seq >= 1, got ", max_batch,

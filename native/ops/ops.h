@@ -39,7 +39,7 @@ struct KvBlocks {
 struct SamplingOptions;  // sppo/generate.h
 
 // T is the storage type of parameters and activations: float or double on the CPU (the double
-// build is the gradient-check reference), bf16 on CUDA. Master = master_t<T> (core/bf16.h) is the
+// build is the gradient-check reference), bf16 on CUDA (and float for CUDA's encoder op set). Master = master_t<T> (core/bf16.h) is the
 // precision of everything that accumulates or must not round: master weights, gradients,
 // optimizer state, RMSNorm statistics, attention log-sum-exps, logits; it is T itself for float
 // and double, float for bf16.
@@ -50,12 +50,72 @@ struct SamplingOptions;  // sppo/generate.h
 // parameter says so: the sources and destinations of upload / download, and sample()'s draws and
 // results. Calls run in order on the backend; download and sample return once their results are
 // on the host.
+//
+// EncoderOps is the part of the interface the encoder (model/encoder.cpp, inference only) uses:
+// memory, transfers, GEMM, bias, row gathers and the encoder's own ops. Ops extends it with what
+// the decoder model, its training and its sampling need. A backend may implement EncoderOps
+// alone: CUDA's fp32 encoder op set does (cuda/cuda_backend.h), so PairRM can run fp32 on a GPU
+// without a full fp32 CUDA backend.
 template <class T>
-class Ops {
+class EncoderOps {
  public:
   using Master = master_t<T>;
-  virtual ~Ops() = default;
+  virtual ~EncoderOps() = default;
   virtual const char* name() const = 0;
+
+  // Memory: zeroed backend storage of `bytes` bytes, 64-byte aligned. Failure throws sppo::Error
+  // naming the size (out of memory included).
+  virtual void* alloc_bytes(size_t bytes) = 0;
+  virtual void free_bytes(void* p) = 0;
+  // Byte copies host -> backend and backend -> host.
+  virtual void upload_bytes(void* dst, const void* src, size_t bytes) = 0;
+  virtual void download_bytes(void* dst, const void* src, size_t bytes) = 0;
+  // Host Master values -> backend T (rounded), and backend T -> host Master.
+  virtual void upload(T* dst, const Master* src, int64_t n) = 0;
+  virtual void download(Master* dst, const T* src, int64_t n) = 0;
+
+  // C(M,N) = alpha*op(A)*op(B) + beta*C (row-major; see cpu/gemm.h for the layout contract).
+  virtual void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A, int64_t lda,
+                    const T* B, int64_t ldb, double beta, T* C, int64_t ldc) = 0;
+  // x(N,C) += bias(C) on each row (row stride ld).
+  virtual void add_bias(T* x, const T* bias, int64_t N, int64_t C, int64_t ld) = 0;
+  // dst(n,C) = src[rows[i]] (gather; the embedding lookup too).
+  virtual void gather_rows(T* dst, const T* src, const int32_t* rows, int64_t n, int64_t C) = 0;
+
+  // ---- The encoder's own ops (DeBERTa-v3) ----
+  // Backends without them throw sppo::Error naming the op and the backend.
+  // out(N,C) = LayerNorm(x + residual) * w + b over each row, statistics in Master precision;
+  // residual may be null, out may alias x or residual.
+  virtual void layernorm_forward(T* out, const T* x, const T* residual, const T* w, const T* b, int64_t N, int64_t C,
+                                 double eps) {
+    unsupported("layernorm_forward");
+  }
+  // x(n) = gelu(x) = x·Φ(x) with the exact erf, in place.
+  virtual void gelu_forward(T* x, int64_t n) { unsupported("gelu_forward"); }
+  // DeBERTa's disentangled self-attention, non-causal, one (batch, head) at a time. q, k, v are
+  // fused rows as in attention_forward (heads == kv_heads); rel(rel_rows, 2*heads*head_dim) holds
+  // the relative embeddings projected by the query projection (columns [0, H*D): Qr) and the key
+  // projection ([H*D, 2*H*D): Kr). For query i and key j of a row, with d = rel_index[rel_center
+  // + i - j] (the bucketed, clamped relative position, computed by the caller, in [0, rel_rows)):
+  //   S[i,j] = scale * (q_i·k_j + q_i·Kr[d] + k_j·Qr[d])    (content, c2p, p2c)
+  // Keys j >= lengths[b] are masked; query rows i >= lengths[b] get out = 0. lengths is (batch)
+  // int32 backend memory, each in [1, seq]; rel_index covers i - j in [-(seq-1), seq-1].
+  virtual void disentangled_attention_forward(T* out, const T* qkv, const T* rel, const int32_t* rel_index,
+                                              int64_t rel_center, int64_t rel_rows, const int32_t* lengths,
+                                              const AttentionShape& s) {
+    unsupported("disentangled_attention_forward");
+  }
+
+ protected:
+  [[noreturn]] void unsupported(const char* op) const {
+    throw Error(std::string("the ") + name() + " backend has no " + op + " (the encoder's ops)");
+  }
+};
+
+template <class T>
+class Ops : public EncoderOps<T> {
+ public:
+  using Master = master_t<T>;
   // A new op set on the same backend and device, with its own scratch (and stream).
   virtual std::unique_ptr<Ops<T>> fresh() const = 0;
   // Elements of Master scratch the model should give the fused head (head_logprobs) per call:
@@ -78,25 +138,12 @@ class Ops {
   virtual bool graph_capture_end(uint64_t key) { return false; }
   virtual bool graph_replay(uint64_t key) { return false; }
 
-  // Memory: zeroed backend storage of `bytes` bytes, 64-byte aligned. Failure throws sppo::Error
-  // naming the size (out of memory included).
-  virtual void* alloc_bytes(size_t bytes) = 0;
-  virtual void free_bytes(void* p) = 0;
   // Per-thread scratch the ops need for at most `max_seq` positions; called once at planning.
   // Returns the bytes it set aside.
   virtual size_t plan_scratch(int64_t max_seq, int64_t head_dim) = 0;
-  // Byte copies host -> backend and backend -> host.
-  virtual void upload_bytes(void* dst, const void* src, size_t bytes) = 0;
-  virtual void download_bytes(void* dst, const void* src, size_t bytes) = 0;
-  // Host Master values -> backend T (rounded), and backend T -> host Master.
-  virtual void upload(T* dst, const Master* src, int64_t n) = 0;
-  virtual void download(Master* dst, const T* src, int64_t n) = 0;
   // dst(n) = T(src(n)), both backend memory: refreshes working weights from master weights.
   virtual void cast(T* dst, const Master* src, int64_t n) = 0;
 
-  // C(M,N) = alpha*op(A)*op(B) + beta*C (row-major; see cpu/gemm.h for the layout contract).
-  virtual void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A, int64_t lda,
-                    const T* B, int64_t ldb, double beta, T* C, int64_t ldc) = 0;
   // The same with C in Master precision (weight gradients accumulate in it, logits land in it).
   virtual void gemm_master(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A,
                            int64_t lda, const T* B, int64_t ldb, double beta, Master* C, int64_t ldc) = 0;
@@ -112,8 +159,7 @@ class Ops {
   // dtable(V,C) += scatter of dout by ids: the backward of the embedding lookup, which is
   // gather_rows(out, table, ids, N, C).
   virtual void embedding_backward(Master* dtable, const T* dout, const int32_t* ids, int64_t N, int64_t C) = 0;
-  // dst(n,C) = src[rows[i]] (gather); dst[rows[i]] = src(n,C) (scatter; other rows of dst untouched).
-  virtual void gather_rows(T* dst, const T* src, const int32_t* rows, int64_t n, int64_t C) = 0;
+  // dst[rows[i]] = src(n,C): the scatter of gather_rows (other rows of dst untouched).
   virtual void scatter_rows(T* dst, const T* src, const int32_t* rows, int64_t n, int64_t C) = 0;
 
   // out = x * rstd * w with rstd = 1/sqrt(mean(x^2) + eps), rstd(N) saved for backward.
@@ -122,8 +168,7 @@ class Ops {
   virtual void rmsnorm_backward(T* dx, Master* dw, const T* dout, const T* x, const T* w, const Master* rstd, int64_t N,
                                 int64_t C) = 0;
 
-  // x(N,C) += bias(C) on each row; dbias(C) += column sums of dout(N,C) (row stride ld).
-  virtual void add_bias(T* x, const T* bias, int64_t N, int64_t C, int64_t ld) = 0;
+  // dbias(C) += column sums of dout(N,C) (row stride ld): the backward of add_bias.
   virtual void bias_backward(Master* dbias, const T* dout, int64_t N, int64_t C, int64_t ld) = 0;
 
   // Rotary embedding (Hugging Face rotate-half) in place on `heads` heads of each row of x,
@@ -175,30 +220,6 @@ class Ops {
   virtual bool rmsprop_update_finite(const T* p, const Master* master, const Master* g, const Master* sq, int64_t n,
                                      double lr, double alpha, double eps, double decay, double gscale) = 0;
 
-  // ---- The encoder (DeBERTa-v3, inference only; model/encoder.cpp) ----
-  // Backends without them throw sppo::Error naming the op and the backend.
-  // out(N,C) = LayerNorm(x + residual) * w + b over each row, statistics in Master precision;
-  // residual may be null, out may alias x or residual.
-  virtual void layernorm_forward(T* out, const T* x, const T* residual, const T* w, const T* b, int64_t N, int64_t C,
-                                 double eps) {
-    unsupported("layernorm_forward");
-  }
-  // x(n) = gelu(x) = x·Φ(x) with the exact erf, in place.
-  virtual void gelu_forward(T* x, int64_t n) { unsupported("gelu_forward"); }
-  // DeBERTa's disentangled self-attention, non-causal, one (batch, head) at a time. q, k, v are
-  // fused rows as in attention_forward (heads == kv_heads); rel(rel_rows, 2*heads*head_dim) holds
-  // the relative embeddings projected by the query projection (columns [0, H*D): Qr) and the key
-  // projection ([H*D, 2*H*D): Kr). For query i and key j of a row, with d = rel_index[rel_center
-  // + i - j] (the bucketed, clamped relative position, computed by the caller, in [0, rel_rows)):
-  //   S[i,j] = scale * (q_i·k_j + q_i·Kr[d] + k_j·Qr[d])    (content, c2p, p2c)
-  // Keys j >= lengths[b] are masked; query rows i >= lengths[b] get out = 0. lengths is (batch)
-  // int32 backend memory, each in [1, seq]; rel_index covers i - j in [-(seq-1), seq-1].
-  virtual void disentangled_attention_forward(T* out, const T* qkv, const T* rel, const int32_t* rel_index,
-                                              int64_t rel_center, int64_t rel_rows, const int32_t* lengths,
-                                              const AttentionShape& s) {
-    unsupported("disentangled_attention_forward");
-  }
-
   // ---- Decoding with a paged KV cache (batched sampling) ----
   // Rows are new tokens of sequences held in a paged KV cache (KvBlocks): row i is fused qkv as
   // above, belongs to block-table row slots[i] and sits at position positions[i]. s.batch is the
@@ -219,11 +240,6 @@ class Ops {
   // softmax of the unmodified logits at the token) are host arrays, as is u.
   virtual void sample(int32_t* tokens, double* raw_logprobs, const Master* logits, int64_t n, int64_t V,
                       const SamplingOptions& o, const double* u) = 0;
-
- protected:
-  [[noreturn]] void unsupported(const char* op) const {
-    throw Error(std::string("the ") + name() + " backend has no " + op + " (the encoder's ops)");
-  }
 };
 
 }  // namespace sppo

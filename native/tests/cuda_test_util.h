@@ -34,11 +34,12 @@ inline std::unique_ptr<Ops<bf16>> cuda_or_skip() {
 // Backend memory for `count` elements of T, allocated (zeroed) and freed through an op set that
 // must outlive it. At least one element is allocated, so an empty array still has a valid
 // pointer. put / get copy bytes, without conversion (bf16 travels as bf16). Movable (so
-// upload() can return one), not copyable.
-template <class T>
+// upload() can return one), not copyable. O is the op set's type: the bf16 op set, or an
+// EncoderOps alone (cuda_encoder_test's fp32 encoder op set).
+template <class T, class O = Ops<bf16>>
 class DeviceArray {
  public:
-  DeviceArray(Ops<bf16>& ops, int64_t count)
+  DeviceArray(O& ops, int64_t count)
       : ops_(&ops), p_(static_cast<T*>(ops.alloc_bytes(size_t(std::max<int64_t>(count, 1)) * sizeof(T)))), n_(count) {}
   DeviceArray(DeviceArray&& o) noexcept : ops_(o.ops_), p_(std::exchange(o.p_, nullptr)), n_(o.n_) {}
   DeviceArray(const DeviceArray&) = delete;
@@ -50,7 +51,7 @@ class DeviceArray {
 
   T* data() const { return p_; }
   int64_t size() const { return n_; }
-  Ops<bf16>& ops() const { return *ops_; }
+  O& ops() const { return *ops_; }
 
   // All size() elements from the host.
   void put(const std::vector<T>& host) {
@@ -66,15 +67,15 @@ class DeviceArray {
   std::vector<T> get() const { return get(n_); }
 
  private:
-  Ops<bf16>* ops_;
+  O* ops_;
   T* p_;
   int64_t n_;
 };
 
 // A new array holding `host`.
-template <class T>
-DeviceArray<T> upload(Ops<bf16>& ops, const std::vector<T>& host) {
-  DeviceArray<T> d(ops, int64_t(host.size()));
+template <class T, class O>
+DeviceArray<T, O> upload(O& ops, const std::vector<T>& host) {
+  DeviceArray<T, O> d(ops, int64_t(host.size()));
   d.put(host);
   return d;
 }

@@ -9,6 +9,14 @@ import { callTimeoutMs, ENGINE_JUDGE_DEFAULTS, judgeConcurrency, maxUnusableFrac
 export const PAIRRM_AGGREGATIONS = ['sppo', 'pair'] as const;
 export type PairRMAggregation = (typeof PAIRRM_AGGREGATIONS)[number];
 
+/**
+ * The encoder's storage type. 'fp32': float32 weights and activations (the reference's
+ * precision; on CUDA its GEMMs are full fp32, no TF32); 'bf16': bf16 weights and activations,
+ * fp32 math, CUDA only (half the memory, tensor-core GEMMs); 'auto': fp32 on the CPU, bf16 on CUDA.
+ */
+export const PAIRRM_PRECISIONS = ['auto', 'fp32', 'bf16'] as const;
+export type PairRMPrecision = (typeof PAIRRM_PRECISIONS)[number];
+
 export const PAIRRM_DEFAULTS = Object.freeze({
   /** ordered comparisons per forward pass */
   batchSize: 4,
@@ -17,6 +25,7 @@ export const PAIRRM_DEFAULTS = Object.freeze({
   /** the source's share, its [CLS], <|source|> and [SEP] included */
   sourceMaxTokens: 1224,
   aggregation: 'sppo',
+  precision: 'auto',
   callTimeoutMs: ENGINE_JUDGE_DEFAULTS.callTimeoutMs,
 });
 
@@ -35,6 +44,12 @@ export const pairrmOptionsSchema = z
         "'sppo': the reference's P̂[i,j] = σ(s_i − s_j) with s_i = (1/K)·Σ_j (C[i,j] − C[j,i]); 'pair': P[i,j] = ½(σ(C[i,j]) + σ(−C[j,i])), each pair on its own",
       ),
     batchSize: positiveInt().default(PAIRRM_DEFAULTS.batchSize).describe('ordered comparisons per forward pass'),
+    precision: z
+      .enum(PAIRRM_PRECISIONS, { error: `must be one of ${PAIRRM_PRECISIONS.join(', ')}` })
+      .default(PAIRRM_DEFAULTS.precision)
+      .describe(
+        "the encoder's storage: 'fp32' (float32, the reference's precision; full fp32 GEMMs on CUDA too), 'bf16' (bf16 weights and activations with fp32 math: half the memory and faster GEMMs, CUDA only), 'auto' (fp32 on the CPU, bf16 on CUDA); the device is the run's",
+      ),
     maxSeq: positiveInt()
       .min(16, { error: 'must be ≥ 16 (a source and two candidates need room)' })
       .default(PAIRRM_DEFAULTS.maxSeq)

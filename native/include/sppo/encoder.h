@@ -1,5 +1,5 @@
 // The DeBERTa-v3 encoder (transformers' DebertaV2Model in the shape DeBERTa-v3 and PairRM use)
-// and PairRM's pairwise head, inference only, written once against the op interface:
+// and PairRM's pairwise head, inference only, written once against the op interface (EncoderOps):
 //   - embeddings: LayerNorm(word_embeddings[ids]), no absolute positions or token types;
 //   - each layer, post-LayerNorm (eps 1e-7, biases everywhere): x = LN(x + Wo·attn(x)),
 //     x = LN(x + W2·gelu(W1·x)) with the exact-erf GELU;
@@ -10,7 +10,10 @@
 //   - PairRM's head g = Linear(1024→1) ∘ tanh ∘ Linear(2C→1024) on [e_source; e_candidate],
 //     f(x, y1, y2) = g([e_s; e_1]) − g([e_s; e_2]) (positive: y1 is better).
 // Parameters carry the Hugging Face names of a PairRM checkpoint (pretrained_model.* and
-// head_layer.*). Tensors live in backend memory; the public methods take host memory.
+// head_layer.*). Tensors live in backend memory; the public methods take host memory. T is the
+// storage type (ops/ops.h's EncoderOps): float on the CPU or on CUDA (PairRM's precision 'fp32'),
+// bf16 on CUDA ('bf16': fp32 math, every op's output rounded to bf16), double for the tests'
+// reference.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -56,7 +59,7 @@ template <class T>
 class Encoder {
  public:
   // Plans every buffer for up to max_batch rows of max_seq tokens on `ops`.
-  Encoder(const EncoderConfig& config, std::unique_ptr<Ops<T>> ops, int64_t max_batch, int64_t max_seq);
+  Encoder(const EncoderConfig& config, std::unique_ptr<EncoderOps<T>> ops, int64_t max_batch, int64_t max_seq);
   ~Encoder();
   Encoder(const Encoder&) = delete;
   Encoder& operator=(const Encoder&) = delete;
@@ -84,7 +87,7 @@ class Encoder {
  private:
   struct Layer;
   EncoderConfig config_;
-  std::unique_ptr<Ops<T>> ops_;
+  std::unique_ptr<EncoderOps<T>> ops_;
   int64_t max_batch_, max_seq_;
   std::vector<EncoderParam> params_;
   std::vector<int64_t> offsets_;  // each parameter's element offset in the arena (head: in head_)
