@@ -3,6 +3,7 @@ export {
   Model,
   cudaInfo,
   presetConfig,
+  resolveConfig,
   setNumThreads,
   numThreads,
   type CreateOptions,
@@ -11,6 +12,7 @@ export {
 } from './engine/model.js';
 export { formatMemoryPlan, MEMORY_CATEGORIES, type MemoryPlanReport, type PlanOptions } from './engine/memory.js';
 export type { CudaInfo } from './engine/native.js';
+export { LORA_TARGETS, type LoraOptions, type LoraTarget } from './engine/lora.js';
 export {
   Generator,
   type GenerateOptions,

@@ -30,6 +30,7 @@ const RUNTIME_EXPORTS = [
   'DEFAULT_JUDGE_TEMPLATE',
   'DEFAULT_MAX_SHARD_BYTES',
   'DEFAULT_STYLED_REVERSAL',
+  'LORA_TARGETS',
   'MEMORY_CATEGORIES',
   'PREFERENCE_LOSSES',
   'WEIGHTS_INDEX_NAME',
@@ -39,6 +40,7 @@ const RUNTIME_EXPORTS = [
   'formatMemoryPlan',
   'numThreads',
   'presetConfig',
+  'resolveConfig',
   'setNumThreads',
   // checkpoints and files
   'engineConfigFromHf',

@@ -10,9 +10,10 @@ import path from 'node:path';
 import { Writable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../lib/cli/cli.js';
-import { CharTokenizer } from '../lib/demo/task.js';
+import { CharTokenizer, demoModelConfig } from '../lib/demo/task.js';
 import { loadAdapter, mergeAdapter } from '../lib/io/peft.js';
 import {
+  demoConfigInput,
   loadPretrained,
   Model,
   parseConfig,
@@ -60,6 +61,21 @@ function input(dir: string, iterations = 2): RunConfigInput {
 
 async function setup(dir: string, iterations?: number) {
   return setupFromConfig(parseConfig(input(dir, iterations)), { judgeFunction: judge });
+}
+
+/** The CLI run in-process: its exit code and what it wrote. */
+async function cli(...argv: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  let stdout = '';
+  let stderr = '';
+  const sink = (add: (s: string) => void) =>
+    new Writable({
+      write(chunk: Buffer, _enc, done) {
+        add(chunk.toString());
+        done();
+      },
+    });
+  const code = await main(argv, { stdout: sink((t) => (stdout += t)), stderr: sink((t) => (stderr += t)) });
+  return { code, stdout, stderr };
 }
 
 const metricsOf = (dir: string) =>
@@ -199,23 +215,10 @@ describe('sppo run with training.lora', () => {
   });
 
   it('sppo generate samples an adapter directory as base + adapter: the merged checkpoint gives the same answers', async () => {
-    const run = async (...argv: string[]) => {
-      let stdout = '';
-      let stderr = '';
-      const sink = (add: (s: string) => void) =>
-        new Writable({
-          write(chunk: Buffer, _enc, done) {
-            add(chunk.toString());
-            done();
-          },
-        });
-      const code = await main(argv, { stdout: sink((t) => (stdout += t)), stderr: sink((t) => (stderr += t)) });
-      return { code, stdout, stderr };
-    };
     const args = ['--prompts', promptFile, '--max-new-tokens', '6', '--seed', '3', '--temperature', '1'];
-    const adapter = await run('generate', '--model', RunDir.at(whole).policy(2), ...args);
-    const merged = await run('generate', '--model', path.join(tmp, 'merged'), ...args);
-    const base = await run('generate', '--model', modelDir, ...args);
+    const adapter = await cli('generate', '--model', RunDir.at(whole).policy(2), ...args);
+    const merged = await cli('generate', '--model', path.join(tmp, 'merged'), ...args);
+    const base = await cli('generate', '--model', modelDir, ...args);
     expect([adapter.code, merged.code, base.code], adapter.stderr + merged.stderr).toEqual([0, 0, 0]);
     const rows = (r: { stdout: string }) =>
       r.stdout
@@ -231,8 +234,68 @@ describe('sppo run with training.lora', () => {
     cpSync(RunDir.at(whole).policy(2), moved, { recursive: true });
     const config = path.join(moved, 'adapter_config.json');
     writeFileSync(config, JSON.stringify({ ...JSON.parse(readFileSync(config, 'utf8')), base_model_name_or_path: '/nowhere/model' }));
-    const refused = await run('generate', '--model', moved, ...args);
+    const refused = await cli('generate', '--model', moved, ...args);
     expect(refused.code).toBe(2);
     expect(refused.stderr).toContain(`--model: ${moved} is a LoRA adapter over /nowhere/model, which is not a model directory here`);
   });
+
+  it('a demo run with LoRA saves its seeded base once, and sppo generate --demo-run samples base + adapter', async () => {
+    const dir = path.join(tmp, 'demo-lora');
+    const demo = demoConfigInput({ dir, iterations: 1, quick: true });
+    const config = parseConfig({
+      ...demo,
+      data: { ...demo.data, words: 300, evalSize: 60 },
+      training: { ...demo.training, lora: { rank: 2, alpha: 4, targets: ['q_proj', 'down_proj'] } },
+      sft: { ...demo.sft, steps: 5 },
+    });
+    await runSppo(await setupFromConfig(config));
+    const run = RunDir.at(dir);
+    // every adapter checkpoint names the run's copy of the base, which is the seeded demo base
+    for (const t of [0, 1])
+      expect(JSON.parse(readFileSync(path.join(run.policy(t), 'adapter_config.json'), 'utf8'))).toMatchObject({
+        base_model_name_or_path: path.resolve(run.frozenBase),
+      });
+    const tokenizer = new CharTokenizer('abcdefgh'); // the styled-reversal task's default alphabet
+    const seeded = Model.create(demoModelConfig(tokenizer, config.model.seed ?? 1), { maxBatch: 1, maxSeq: 8 });
+    const { model: frozen } = await loadPretrained(run.frozenBase, { maxBatch: 1, maxSeq: 8 }, { training: false });
+    try {
+      expect(frozen.params().map((p) => p.name)).toEqual(seeded.params().map((p) => p.name));
+      for (const p of seeded.params()) expect(bitsEqual(frozen.getParam(p.name), seeded.getParam(p.name)), p.name).toBe(true);
+    } finally {
+      await seeded.dispose();
+      await frozen.dispose();
+    }
+
+    const words = path.join(tmp, 'demo-words.jsonl');
+    writeFileSync(words, '{"prompt":"abc"}\n{"prompt":"hgfe"}\n{"prompt":"dca"}\n');
+    const merged = path.join(tmp, 'demo-merged');
+    await mergeAdapter(run.frozenBase, run.policy(1), merged);
+    const sampled = await cli('generate', '--demo-run', dir, '--prompts', words, '--seed', '4');
+    // the demo run's sampling settings given to --model
+    const viaMerge = await cli(
+      'generate',
+      '--model',
+      merged,
+      '--prompts',
+      words,
+      '--seed',
+      '4',
+      '--temperature',
+      '1',
+      '--top-p',
+      '1',
+      '--max-new-tokens',
+      '12',
+    );
+    expect([sampled.code, viaMerge.code], sampled.stderr + viaMerge.stderr).toEqual([0, 0]);
+    const rows = (text: string) =>
+      text
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l) as { response: string; logprob: number });
+    const [a, m] = [rows(sampled.stdout), rows(viaMerge.stdout)];
+    // the chat text leaves the special tokens out where the demo's shows '�'
+    expect(a.map((r) => r.response.replaceAll('�', ''))).toEqual(m.map((r) => r.response));
+    a.forEach((r, i) => expect(r.logprob).toBeCloseTo(m[i].logprob, 3));
+  }, 120_000);
 });

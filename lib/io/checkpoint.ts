@@ -163,6 +163,11 @@ export interface SaveOptions {
   architecture?: Architecture;
   /** shard above this many bytes of tensors (default 5 GB, as transformers) */
   maxShardBytes?: number;
+  /**
+   * with a LoRA model, write its frozen base (the weights its adapters sit on; the adapters are
+   * saveAdapter's); without it a LoRA model is refused
+   */
+  frozenBase?: boolean;
   /** weight dtype on disk (default float32); bfloat16 rounds to nearest even */
   dtype?: 'float32' | 'bfloat16';
 }
@@ -173,13 +178,14 @@ export interface SaveOptions {
  * else the source's). Every file is written in full under a temporary name first and renamed
  * into place only when all are written, so a failure leaves an earlier save in `dir` intact.
  * Returns the files written. A model with LoRA adapters is refused (saved alone, its base would
- * drop them): save them with saveAdapter, and merge with mergeAdapter (lib/io/peft.ts).
+ * drop them) unless options.frozenBase asks for that base: save the adapters with saveAdapter,
+ * and merge with mergeAdapter (lib/io/peft.ts).
  */
 export async function savePretrained(model: Model, dir: string, options: SaveOptions = {}): Promise<string[]> {
-  if (model.lora)
+  if (model.lora && !options.frozenBase)
     throw new CheckpointError(
       `the model has LoRA adapters, which a Hugging Face checkpoint of its weights would drop: save them with saveAdapter ` +
-        `(a PEFT adapter directory over the base), or merge them into the base checkpoint with mergeAdapter`,
+        `(a PEFT adapter directory over the base; frozenBase: true saves that base), or merge them into the base checkpoint with mergeAdapter`,
     );
   const dtype = options.dtype ?? 'float32';
   if (dtype !== 'float32' && dtype !== 'bfloat16') throw new RangeError(`dtype must be 'float32' or 'bfloat16', got '${String(dtype)}'`);
@@ -194,7 +200,11 @@ export async function savePretrained(model: Model, dir: string, options: SaveOpt
 
   const staging = new StagedFiles(what);
   try {
-    const tensors: TensorSource[] = model.params().map((p) => ({ name: p.name, shape: p.shape, data: () => model.getParam(p.name) }));
+    const tensors: TensorSource[] = checkpointParams(model).map((p) => ({
+      name: p.name,
+      shape: p.shape,
+      data: () => model.getParam(p.name),
+    }));
     const weightFiles = await stageWeights(
       dir,
       tensors,

@@ -8,6 +8,8 @@
 //   base/base.json           π_0's stage files ({value, seconds}), and its checkpoint
 //   base/eval.json
 //   base/policy/
+//   base/frozen/             a LoRA run's frozen base weights, written once, where no model
+//                            directory holds them (the demo's seeded base): the adapters' base
 //   iter-t/generations.json  iteration t's stage files, and π_t's checkpoint
 //   iter-t/judgments.json
 //   iter-t/dataset.json
@@ -270,13 +272,26 @@ export class RunDir {
     return [...iterations, 0];
   }
 
+  /** A LoRA run's frozen base, where no model directory holds it: a Hugging Face model directory. */
+  get frozenBase(): string {
+    return path.join(this.#iterationDir(0), 'frozen');
+  }
+
   /**
    * Saves π_t: `write` fills a new directory (a whole checkpoint), which then replaces policy(t)
    * by renames (see #commit), so a reader or a resumed run never sees a partial checkpoint.
    */
   async savePolicy(t: number, write: (dir: string) => Promise<unknown>): Promise<void> {
+    await this.#saveDirectory(this.policy(t), write);
+  }
+
+  /** Saves the frozen base as savePolicy saves a policy. */
+  async saveFrozenBase(write: (dir: string) => Promise<unknown>): Promise<void> {
+    await this.#saveDirectory(this.frozenBase, write);
+  }
+
+  async #saveDirectory(target: string, write: (dir: string) => Promise<unknown>): Promise<void> {
     this.#requireOpen();
-    const target = this.policy(t);
     await mkdir(path.dirname(target), { recursive: true });
     await this.#removeTemporaries(target);
     const tmp = temporaryPath(target);

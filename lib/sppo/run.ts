@@ -5,10 +5,11 @@
 // before the next starts, so a killed run resumes where it stopped and loses nothing.
 //
 // With training.lora the policy is a frozen base plus adapters: π_t's checkpoint is a PEFT
-// adapter directory (its base_model_name_or_path the model directory the run loaded), the base
-// is whatever setup loads (model.path, or the demo's seeded weights, which nothing in the run
-// changes), and moving between policies loads adapters alone. The iteration's reference policy is
+// adapter directory (its base_model_name_or_path the model directory the run loaded, or the
+// run's copy of the demo's seeded weights: RunDir.frozenBase), the base is whatever setup loads
+// and nothing in the run changes it, and moving between policies loads adapters alone. The iteration's reference policy is
 // then base + the adapters it starts from, whose log-probs the generate stage recorded.
+import { existsSync } from 'node:fs';
 import path from 'node:path';
 import type { RunConfig } from '../config/schema.js';
 import { promptSeeds, seededShuffle, SEED_PURPOSE } from '../data/random.js';
@@ -190,17 +191,20 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
   };
 
   const lora = model.lora;
-  const save = (t: number) =>
-    run.savePolicy(t, (dir) =>
-      lora
-        ? saveAdapter(dir, {
-            lora,
-            modelConfig: model.config,
-            tensors: model.adapterTensors(),
-            ...(setup.sourceDir !== undefined && { baseModel: path.resolve(setup.sourceDir) }),
-          })
-        : savePretrained(model, dir, { sourceDir: setup.sourceDir, tokenizer: setup.tokenizer }),
-    );
+  // The adapters' base: the model directory loaded, or, for weights no directory holds (the
+  // demo's seeded base), the run's own copy, written once, so every adapter checkpoint names a
+  // base that `sppo generate` and PEFT can load.
+  const adapterBase = async (): Promise<string> => {
+    if (setup.sourceDir !== undefined) return path.resolve(setup.sourceDir);
+    if (!existsSync(run.frozenBase))
+      await run.saveFrozenBase((dir) => savePretrained(model, dir, { tokenizer: setup.tokenizer, frozenBase: true }));
+    return path.resolve(run.frozenBase);
+  };
+  const save = async (t: number) => {
+    if (!lora) return run.savePolicy(t, (dir) => savePretrained(model, dir, { sourceDir: setup.sourceDir, tokenizer: setup.tokenizer }));
+    const baseModel = await adapterBase();
+    await run.savePolicy(t, (dir) => saveAdapter(dir, { lora, modelConfig: model.config, tensors: model.adapterTensors(), baseModel }));
+  };
 
   try {
     // π_0: the given model, or what makeBase makes of it; checkpointed once.

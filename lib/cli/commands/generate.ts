@@ -239,7 +239,7 @@ async function adapterBase(adapterDir: string, field: string): Promise<string> {
   const merge = `or merge it into its base (sppo merge-adapter --base BASE_DIR --adapter ${adapterDir} --out OUT) and sample OUT with --model`;
   if (typeof base !== 'string' || base === '')
     throw new UsageError(
-      `${field}: ${adapterDir} is a LoRA adapter directory that names no base model directory (base_model_name_or_path; a demo run's adapters sit on its seeded base); ${merge}`,
+      `${field}: ${adapterDir} is a LoRA adapter directory that names no base model directory (base_model_name_or_path); ${merge}`,
     );
   const dir = path.resolve(adapterDir, base);
   if (!existsSync(path.join(dir, 'config.json')))
