@@ -49,29 +49,50 @@ void weighted_values_scalar(const T* P, int64_t group, int64_t len, const HeadBl
   }
 }
 
-// The same with 64 output columns at a time held in four AVX-512 accumulators.
-__attribute__((target("avx512f"))) void weighted_values_avx512(const float* P, int64_t group, int64_t len,
-                                                               const HeadBlocks<float>& V, int64_t D, float* out) {
-  for (int64_t g = 0; g < group; ++g) {
-    const float* p = P + g * len;
-    for (int64_t d0 = 0; d0 < D; d0 += 64) {
-      __mmask16 m[4];
-      for (int c = 0; c < 4; ++c) {
-        const int64_t left = std::clamp<int64_t>(D - d0 - 16 * c, 0, 16);
-        m[c] = static_cast<__mmask16>((1u << left) - 1);
-      }
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int64_t j0 = 0; j0 < len; j0 += V.bs) {
-        const float* vb = V.block(j0 / V.bs) + d0;
-        const int64_t cnt = std::min(V.bs, len - j0);
-        for (int64_t t = 0; t < cnt; ++t) {
-          const __m512 w = _mm512_set1_ps(p[j0 + t]);
-          const float* v = vb + t * D;
-          for (int c = 0; c < 4; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[c], v + 16 * c), acc[c]);
+// The same with 64 output columns at a time in four AVX-512 accumulators per query head, up to
+// four heads of the group at once so each value row is loaded once for them all. Every output
+// element is still one FMA chain over the positions in order: the scalar loop's result bits.
+template <int G>
+__attribute__((target("avx512f"))) void weighted_values_heads(const float* P, int64_t len, const HeadBlocks<float>& V,
+                                                              int64_t D, float* out) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    __mmask16 m[4];
+    for (int c = 0; c < 4; ++c) {
+      const int64_t left = std::clamp<int64_t>(D - d0 - 16 * c, 0, 16);
+      m[c] = static_cast<__mmask16>((1u << left) - 1);
+    }
+    __m512 acc[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < len; j0 += V.bs) {
+      const float* vb = V.block(j0 / V.bs) + d0;
+      const int64_t cnt = std::min(V.bs, len - j0);
+      for (int64_t t = 0; t < cnt; ++t) {
+        const float* v = vb + t * D;
+        __m512 vv[4];
+        for (int c = 0; c < 4; ++c) vv[c] = _mm512_maskz_loadu_ps(m[c], v + 16 * c);
+        for (int g = 0; g < G; ++g) {
+          const __m512 w = _mm512_set1_ps(P[g * len + j0 + t]);
+          for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_fmadd_ps(w, vv[c], acc[g][c]);
         }
       }
-      for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out + g * D + d0 + 16 * c, m[c], acc[c]);
     }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out + g * D + d0 + 16 * c, m[c], acc[g][c]);
+  }
+}
+
+void weighted_values_avx512(const float* P, int64_t group, int64_t len, const HeadBlocks<float>& V, int64_t D,
+                            float* out) {
+  for (int64_t g = 0; g < group;) {
+    const int64_t n = std::min<int64_t>(4, group - g);
+    const float* p = P + g * len;
+    float* o = out + g * D;
+    if (n == 4) weighted_values_heads<4>(p, len, V, D, o);
+    if (n == 3) weighted_values_heads<3>(p, len, V, D, o);
+    if (n == 2) weighted_values_heads<2>(p, len, V, D, o);
+    if (n == 1) weighted_values_heads<1>(p, len, V, D, o);
+    g += n;
   }
 }
 
