@@ -1,5 +1,6 @@
 // Op-level tests of the CPU backend against naive float64 references.
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "core/rng.h"
@@ -130,9 +131,10 @@ SPPO_TEST(vectorised_exp_and_swiglu_match_float64) {
 }
 
 // Decode attention over block tables against a float64 reference: rows of different lengths
-// whose table rows point at shuffled blocks, two rows sharing one table row (a forked prefix),
-// query-head groups of 1-8 (the AVX-512 weighted sum takes four heads of a group per pass) and a
-// head dim that is not a multiple of 16.
+// whose table rows point at shuffled blocks, rows sharing a table row (prefill rows of one
+// sequence) and table rows sharing their first blocks (a forked prompt: one gemm for the rows'
+// scores against a shared block), query-head groups of 1-8 (the AVX-512 weighted sum takes four
+// heads of a group per pass) and a head dim that is not a multiple of 16.
 SPPO_TEST(attention_decode_matches_naive_over_block_tables) {
   struct Case {
     int64_t H, KV, D;
@@ -144,10 +146,11 @@ SPPO_TEST(attention_decode_matches_naive_over_block_tables) {
     AttentionShape s{rows_cap, ctx, c.H, c.KV, c.D, QKV, 0, QD, QD + c.KV * c.D, QD, 1.0 / std::sqrt(double(c.D))};
     std::vector<int32_t> tables(static_cast<size_t>(rows_cap * max_blocks), 0);
     for (int64_t i = 0; i < rows_cap * max_blocks; ++i) tables[i] = int32_t((i * 7 + 3) % n_blocks);  // a permutation
+    tables[max_blocks] = tables[0], tables[max_blocks + 1] = tables[1];  // table rows 0 and 1 share two blocks
     const KvBlocks kv{tables.data(), n_blocks, bs, max_blocks};
     const auto kd = randn(n_blocks * c.KV * bs * c.D, ++seed), vd = randn(n_blocks * c.KV * bs * c.D, ++seed);
     std::vector<float> kc(kd.begin(), kd.end()), vc(vd.begin(), vd.end());
-    const std::vector<int32_t> slots = {0, 2, 2, 1}, positions = {0, 17, 79, 50};
+    const std::vector<int32_t> slots = {0, 2, 2, 1, 0}, positions = {0, 17, 79, 50, 33};
     const int64_t n = int64_t(slots.size());
     const auto qd = randn(n * QKV, ++seed);
     const std::vector<float> qkv(qd.begin(), qd.end());
@@ -178,5 +181,13 @@ SPPO_TEST(attention_decode_matches_naive_over_block_tables) {
         }
       }
     EXPECT_TRUE(worst < 1e-5, "H " << c.H << " KV " << c.KV << " D " << c.D << ": max |error| " << worst);
+    // A row alone gets the same bits as in the batch (batch-invariant sampling rests on it).
+    for (int64_t i = 0; i < n; ++i) {
+      std::vector<float> alone(static_cast<size_t>(QD), NAN);
+      ops.attention_decode(alone.data(), qkv.data() + i * QKV, kc.data(), vc.data(), &slots[i], &positions[i], 1, s,
+                           kv);
+      EXPECT_TRUE(std::memcmp(alone.data(), out.data() + i * QD, QD * sizeof(float)) == 0,
+                  "H " << c.H << " KV " << c.KV << " D " << c.D << ": row " << i << " alone differs from the batch");
+    }
   }
 }
