@@ -84,7 +84,9 @@ void bench_step_at_positions(const char* preset) {
 SPPO_BENCH(shared_prompts) {
   const ModelConfig c = preset_config("small");
   Model<float> m(c, MemoryPlan{1, 16}, std::make_unique<cpu::CpuOps<float>>());
-  const int n_prompts = 16, P = 256, K = 5, N = 128, ctx = P + N;
+  // SPPO_BENCH_NEW=1 times the prefill (and first draw) alone: the rest of a case is its decode.
+  const int N = std::getenv("SPPO_BENCH_NEW") ? std::atoi(std::getenv("SPPO_BENCH_NEW")) : 128;
+  const int n_prompts = 16, P = 256, K = 5, ctx = P + 128;
   std::vector<std::vector<int32_t>> prompts;
   for (int p = 0; p < n_prompts; ++p) prompts.push_back(prompt_tokens(P, c.vocab_size, 100 + p));
   std::vector<SequenceRequest> req;

@@ -49,29 +49,50 @@ void weighted_values_scalar(const T* P, int64_t group, int64_t len, const HeadBl
   }
 }
 
-// The same with 64 output columns at a time held in four AVX-512 accumulators.
-__attribute__((target("avx512f"))) void weighted_values_avx512(const float* P, int64_t group, int64_t len,
-                                                               const HeadBlocks<float>& V, int64_t D, float* out) {
-  for (int64_t g = 0; g < group; ++g) {
-    const float* p = P + g * len;
-    for (int64_t d0 = 0; d0 < D; d0 += 64) {
-      __mmask16 m[4];
-      for (int c = 0; c < 4; ++c) {
-        const int64_t left = std::clamp<int64_t>(D - d0 - 16 * c, 0, 16);
-        m[c] = static_cast<__mmask16>((1u << left) - 1);
-      }
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int64_t j0 = 0; j0 < len; j0 += V.bs) {
-        const float* vb = V.block(j0 / V.bs) + d0;
-        const int64_t cnt = std::min(V.bs, len - j0);
-        for (int64_t t = 0; t < cnt; ++t) {
-          const __m512 w = _mm512_set1_ps(p[j0 + t]);
-          const float* v = vb + t * D;
-          for (int c = 0; c < 4; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[c], v + 16 * c), acc[c]);
+// The same with 64 output columns at a time in four AVX-512 accumulators per query head, up to
+// four heads of the group at once so each value row is loaded once for them all. Every output
+// element is still one FMA chain over the positions in order: the scalar loop's result bits.
+template <int G>
+__attribute__((target("avx512f"))) void weighted_values_heads(const float* P, int64_t len, const HeadBlocks<float>& V,
+                                                              int64_t D, float* out) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    __mmask16 m[4];
+    for (int c = 0; c < 4; ++c) {
+      const int64_t left = std::clamp<int64_t>(D - d0 - 16 * c, 0, 16);
+      m[c] = static_cast<__mmask16>((1u << left) - 1);
+    }
+    __m512 acc[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < len; j0 += V.bs) {
+      const float* vb = V.block(j0 / V.bs) + d0;
+      const int64_t cnt = std::min(V.bs, len - j0);
+      for (int64_t t = 0; t < cnt; ++t) {
+        const float* v = vb + t * D;
+        __m512 vv[4];
+        for (int c = 0; c < 4; ++c) vv[c] = _mm512_maskz_loadu_ps(m[c], v + 16 * c);
+        for (int g = 0; g < G; ++g) {
+          const __m512 w = _mm512_set1_ps(P[g * len + j0 + t]);
+          for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_fmadd_ps(w, vv[c], acc[g][c]);
         }
       }
-      for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out + g * D + d0 + 16 * c, m[c], acc[c]);
     }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out + g * D + d0 + 16 * c, m[c], acc[g][c]);
+  }
+}
+
+void weighted_values_avx512(const float* P, int64_t group, int64_t len, const HeadBlocks<float>& V, int64_t D,
+                            float* out) {
+  for (int64_t g = 0; g < group;) {
+    const int64_t n = std::min<int64_t>(4, group - g);
+    const float* p = P + g * len;
+    float* o = out + g * D;
+    if (n == 4) weighted_values_heads<4>(p, len, V, D, o);
+    if (n == 3) weighted_values_heads<3>(p, len, V, D, o);
+    if (n == 2) weighted_values_heads<2>(p, len, V, D, o);
+    if (n == 1) weighted_values_heads<1>(p, len, V, D, o);
+    g += n;
   }
 }
 
@@ -132,24 +153,75 @@ void CpuOps<T>::attention_decode(T* out, const T* qkv, const T* k_cache, const T
   SPPO_REQUIRE(group <= 2 * kAttnBlock, "attention_decode: ", group, " query heads per kv head exceed the scratch (",
                2 * kAttnBlock, ")");
   ensure_scratch(ctx);
+  // Rows whose tables start with the same block (the K samples of one prompt) form a unit: their
+  // scores against a block they share come from one gemm of all their query heads, which loads and
+  // transposes the block's keys once instead of once per row. A gemm row never depends on the
+  // call's other rows (cpu/gemm.cpp), so every row gets the bits it would get alone: a batch's
+  // composition, and sharing on or off, change nothing. A unit's scores (rows x group x ctx) must
+  // fit the task's scratch (2 kAttnBlock x ctx).
+  const int64_t unit_cap = std::max<int64_t>(1, 2 * kAttnBlock / group);
+  auto first_block = [&](int64_t i) { return kv.tables[int64_t(slots[i]) * kv.max_blocks]; };
+  std::vector<int32_t> order(static_cast<size_t>(n), 0);
+  for (int64_t i = 0; i < n; ++i) order[i] = int32_t(i);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return first_block(a) < first_block(b); });
+  std::vector<int64_t> unit_start;
+  for (int64_t k = 0; k < n; ++k)
+    if (k == 0 || first_block(order[k]) != first_block(order[k - 1]) || k - unit_start.back() == unit_cap)
+      unit_start.push_back(k);
+  const int64_t units = int64_t(unit_start.size());
+  unit_start.push_back(n);
   auto one = [&](int64_t task, int thread) {
-    const int64_t i = task / KV, kvh = task % KV;
-    const int64_t len = int64_t(positions[i]) + 1;  // causal: cached positions 0..positions[i]
-    const int32_t* table = kv.tables + int64_t(slots[i]) * kv.max_blocks;
-    const HeadBlocks<T> K{k_cache, table, KV * bs * D, kvh * bs * D, bs};
-    const HeadBlocks<T> V{v_cache, table, KV * bs * D, kvh * bs * D, bs};
-    const T* Q = qkv + i * s.qkv_stride + s.q_off + kvh * group * D;  // (group, D), rows D apart
-    T* S = thread_scratch(thread);                                    // (group, len)
-    for (int64_t j0 = 0; j0 < len; j0 += bs)                          // block j's keys: (min(bs, len - j0), D)
-      cpu::gemm(false, true, group, std::min(bs, len - j0), D, T(s.scale), Q, D, K.block(j0 / bs), D, T(0), S + j0,
-                len);
-    for (int64_t g = 0; g < group; ++g) {
-      T* row = S + g * len;
-      const T mx = *std::max_element(row, row + len);
-      const T inv = T(1.0 / exp_shifted_sum(row, row, len, mx));
-      for (int64_t j = 0; j < len; ++j) row[j] *= inv;
+    const int64_t u = task / KV, kvh = task % KV;
+    const int32_t* rows = order.data() + unit_start[u];
+    const int64_t m = unit_start[u + 1] - unit_start[u];
+    auto len_of = [&](int64_t k) { return int64_t(positions[rows[k]]) + 1; };  // causal: positions 0..p
+    auto table_of = [&](int64_t k) { return kv.tables + int64_t(slots[rows[k]]) * kv.max_blocks; };
+    auto q_of = [&](int64_t k) { return qkv + rows[k] * s.qkv_stride + s.q_off + kvh * group * D; };  // (group, D)
+    T* S = thread_scratch(thread);  // row k's scores at S + k * group * ctx: (group, len)
+    thread_local std::vector<T> q_rows, s_rows;
+    thread_local std::vector<int64_t> with;
+    thread_local std::vector<char> done;
+    int64_t max_len = 0;
+    for (int64_t k = 0; k < m; ++k) max_len = std::max(max_len, len_of(k));
+    for (int64_t j0 = 0; j0 < max_len; j0 += bs) {
+      done.assign(static_cast<size_t>(m), 0);
+      for (int64_t k = 0; k < m; ++k) {
+        if (done[k] || len_of(k) <= j0) continue;
+        const int32_t block = table_of(k)[j0 / bs];
+        const int64_t cnt = std::min(bs, len_of(k) - j0);
+        with.assign(1, k);
+        for (int64_t k2 = k + 1; k2 < m; ++k2)
+          if (!done[k2] && len_of(k2) > j0 && table_of(k2)[j0 / bs] == block && std::min(bs, len_of(k2) - j0) == cnt)
+            with.push_back(k2), done[k2] = 1;
+        const T* keys = k_cache + int64_t(block) * KV * bs * D + kvh * bs * D;  // (cnt, D)
+        if (with.size() == 1) {
+          cpu::gemm(false, true, group, cnt, D, T(s.scale), q_of(k), D, keys, D, T(0), S + k * group * ctx + j0,
+                    len_of(k));
+          continue;
+        }
+        const int64_t M = int64_t(with.size()) * group;
+        q_rows.resize(static_cast<size_t>(M * D));
+        s_rows.resize(static_cast<size_t>(M * cnt));
+        for (size_t w = 0; w < with.size(); ++w) std::copy_n(q_of(with[w]), group * D, q_rows.data() + w * group * D);
+        cpu::gemm(false, true, M, cnt, D, T(s.scale), q_rows.data(), D, keys, D, T(0), s_rows.data(), cnt);
+        for (size_t w = 0; w < with.size(); ++w)
+          for (int64_t g = 0; g < group; ++g)
+            std::copy_n(s_rows.data() + (int64_t(w) * group + g) * cnt, cnt,
+                        S + with[w] * group * ctx + g * len_of(with[w]) + j0);
+      }
     }
-    weighted_values(S, group, len, V, D, out + i * s.out_stride + kvh * group * D);  // (group, D)
+    for (int64_t k = 0; k < m; ++k) {
+      const int64_t len = len_of(k);
+      T* Sk = S + k * group * ctx;
+      for (int64_t g = 0; g < group; ++g) {
+        T* row = Sk + g * len;
+        const T mx = *std::max_element(row, row + len);
+        const T inv = T(1.0 / exp_shifted_sum(row, row, len, mx));
+        for (int64_t j = 0; j < len; ++j) row[j] *= inv;
+      }
+      const HeadBlocks<T> V{v_cache, table_of(k), KV * bs * D, kvh * bs * D, bs};
+      weighted_values(Sk, group, len, V, D, out + rows[k] * s.out_stride + kvh * group * D);  // (group, D)
+    }
   };
   // Waking the pool's workers costs more than a short decode row's attention (on a VM, a
   // sleeping vCPU takes hundreds of microseconds to wake), so small calls run on this thread.
@@ -157,10 +229,10 @@ void CpuOps<T>::attention_decode(T* out, const T* qkv, const T* k_cache, const T
   for (int64_t i = 0; i < n; ++i) flops += 4.0 * s.heads * D * (double(positions[i]) + 1);
   if (flops < kMinParallelAttentionFlops) {
     cpu_pool().run(1, [&](int64_t, int thread) {
-      for (int64_t task = 0; task < n * KV; ++task) one(task, thread);
+      for (int64_t task = 0; task < units * KV; ++task) one(task, thread);
     });
   } else {
-    cpu_pool().run(n * KV, one);
+    cpu_pool().run(units * KV, one);
   }
 }
 

@@ -70,9 +70,12 @@ constexpr double kMinParallelFlops = 4e6;
 // Up to kMatvecMaxM rows (single-sequence decode, the K samples of one prompt), every case goes
 // through the kernel set's matrix-vector pair: op(B) is streamed once, unpacked. Up to
 // kDotMaxM rows, x * W^T never packs W into the shared panel: up to kRowsMaxM rows it is read
-// unpacked (see avx512_rows), beyond that one sliver at a time (see gemm_f32).
+// unpacked (see avx512_rows), beyond that one sliver at a time (see gemm_f32). The sliver path
+// streams W while it computes; the shared panel packs all of W first, a pass that on a decode
+// step of ~30 rows took as long as the multiply (bench/NOTES.md, issue 14: kDotMaxM 16 -> 96
+// took SPPO sampling from 8.2-8.7 s to 6.6-7.0 s).
 constexpr int64_t kMatvecMaxM = 4;
-constexpr int64_t kDotMaxM = 16;
+constexpr int64_t kDotMaxM = 96;
 constexpr int64_t kRowsMaxM = 8;
 // The matrix-vector path reads each element of op(B) once, so it is bound by memory, not
 // flops: it splits the columns over the pool from this many elements of B (1 MiB), in tasks of

@@ -354,10 +354,9 @@ __global__ void __launch_bounds__(kRowThreads)
 // units of 2^-S, S = 63 − id_bits, so V weights sum below 2^63 and integer atomics give the same
 // sums in any order. A weight >= 2^-23 converts exactly (its float ulp is >= 2^-46 >= 2^-S);
 // smaller ones truncate to a multiple of 2^-S, those under 2^-S (2^-45 of the max weight at V
-// 152k) to 0: such a token is never drawn here, while sample_token draws it with probability
-// below 2^-S. The exact sums stand in for sample_token's double sums, so a cutoff or draw can
-// differ from the CPU's only where top_p·z or u·z lies within expf's rounding (~2^-22·z) plus
-// V·2^-S of a cumulative boundary.
+// 152k) to 0: such a token is never drawn. sample_token (cpu/sampler.cpp) applies this same rule
+// (order, fixed point, thresholds) on the CPU, so a cutoff or draw can differ from the CPU's only
+// where the two exps' roundings (~2^-22·z) move top_p·z or u·z across a cumulative boundary.
 
 constexpr int kSelectThreads = 1024;  // one block per row: many loads in flight on its SM
 constexpr int kSelectWarps = kSelectThreads / 32;

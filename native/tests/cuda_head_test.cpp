@@ -379,8 +379,8 @@ SPPO_TEST(cuda_sampler_matches_cpu_sample_token) {
 // kinds in one batch, at V 1000, 32000 (Llama 2) and 151936 (Qwen2), with ties across the top-k
 // and top-p cutoffs, top_p tiny (one token) and just below 1, top_k 1, top_k >= V, both together,
 // and u near 0 and 1: the same token as sample_token for the same u except where top_p·z or u·z
-// lies within 1e-6·z of a cumulative boundary of the CPU's walk (the kernel sums exact fixed-point
-// copies of its float weights, the CPU rounded double sums of its own exps: ~1e-7 apart); the same
+// lies within 1e-6·z of a cumulative boundary of the CPU's walk (both sum exact fixed-point copies
+// of their float weights, but of expf's and the CPU's own exp: ~1e-7 apart); the same
 // raw log-prob; the same bits on a second call; the same result for a row sampled alone.
 SPPO_TEST(cuda_sampler_truncated_hard_cases) {
   auto gpu = cuda_or_skip();

@@ -190,12 +190,14 @@ SPPO_TEST(gemm_f32_deterministic) {
   }
 }
 
-// M <= 4 runs its own matrix-vector kernels; each must reduce exactly as the packed path does
-// (batch-invariant decoding rests on that), for every transpose case, alpha and beta, on every
-// kernel this CPU runs: rows [0, m) computed alone must equal the same rows of an M = 40 gemm.
+// M <= 4 runs its own matrix-vector kernels, and x * W^T up to kDotMaxM (96) rows the small-M
+// paths (W unpacked, or packed a sliver at a time); each must reduce exactly as the packed path
+// does (batch-invariant decoding rests on that), for every transpose case, alpha and beta, on
+// every kernel this CPU runs: rows [0, m) computed alone must equal the same rows of an M = 120
+// gemm, which takes the shared-panel packed path.
 SPPO_TEST(gemm_small_m_rows_match_the_packed_path_bitwise) {
   std::mt19937 rng(9);
-  const int64_t Mref = 40;
+  const int64_t Mref = 120;
   for (const char* kernel : {"avx512", "avx2", "portable"}) {
     if (!sppo::cpu::gemm_force_kernel(kernel)) continue;
     for (int64_t K : {5, 16, 47, 515}) {
@@ -208,7 +210,7 @@ SPPO_TEST(gemm_small_m_rows_match_the_packed_path_bitwise) {
           for (const auto& ab : {std::pair{1.0f, 0.0f}, std::pair{-0.75f, 0.5f}}) {
             std::vector<float> ref = C0;
             gemm(tA, tB, Mref, N, K, ab.first, A.data(), lda, B.data(), ldb, ab.second, ref.data(), N);
-            for (int64_t m = 1; m <= 4; ++m) {
+            for (int64_t m : {1, 2, 3, 4, 5, 8, 9, 16, 17, 30, 96}) {
               std::vector<float> C(C0.begin(), C0.begin() + m * N);
               gemm(tA, tB, m, N, K, ab.first, A.data(), lda, B.data(), ldb, ab.second, C.data(), N);
               EXPECT_TRUE(std::memcmp(C.data(), ref.data(), C.size() * sizeof(float)) == 0,

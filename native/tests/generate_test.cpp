@@ -199,6 +199,91 @@ SPPO_TEST(sampler_greedy_is_argmax_lowest_id_on_ties) {
 }
 
 namespace {
+// sampler.h's truncated rule by brute force: every id sorted by (logit desc, id asc), top-k with
+// its ties, the nucleus and the draw by walking running fixed-point sums in that order. The
+// weights are the sampler's own (work.weights after the call), so this checks the selection, not
+// the exp; the distribution test above checks the weights.
+template <class T>
+int32_t truncated_by_full_sort(const std::vector<T>& x, const std::vector<T>& w, const SamplingOptions& o, double u) {
+  const int64_t V = int64_t(x.size());
+  std::vector<int32_t> ids(size_t(V), 0);
+  for (int64_t j = 0; j < V; ++j) ids[j] = int32_t(j);
+  std::sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
+  int64_t kept = V;
+  if (o.top_k > 0 && o.top_k < V) {
+    kept = o.top_k;
+    while (kept < V && x[ids[kept]] == x[ids[o.top_k - 1]]) ++kept;
+  }
+  int id_bits = 1;
+  while ((int64_t(1) << id_bits) < V) ++id_bits;
+  auto fixed = [&](int32_t id) { return uint64_t(std::ldexp(double(w[id]), 63 - id_bits)); };
+  uint64_t z = 0;
+  for (int64_t i = 0; i < kept; ++i) z += fixed(ids[i]);
+  if (o.top_p < 1) {  // the first prefix whose sum reaches top_p of the kept total
+    const uint64_t reach = std::min(uint64_t(std::ceil(o.top_p * double(z))) - 1, z - 1);
+    uint64_t cum = 0;
+    int64_t m = 0;
+    while (m < kept && cum <= reach) cum += fixed(ids[m++]);
+    kept = m, z = cum;
+  }
+  const uint64_t th = std::min(uint64_t(u * double(z)), z - 1);
+  uint64_t cum = 0;
+  for (int64_t i = 0; i < kept; ++i)
+    if ((cum += fixed(ids[i])) > th) return ids[i];
+  return -1;  // the walk must cross th < z
+}
+
+template <class T>
+void check_truncated_selection() {
+  std::mt19937_64 rng(20261205);
+  std::normal_distribution<double> normal;
+  int checked = 0;
+  for (int64_t V : {1, 2, 5, 97, 1000, 8192}) {
+    for (int kind = 0; kind < 4; ++kind) {
+      // 0: continuous, 1: near-uniform (a random-weight model), 2: few distinct values (ties),
+      // 3: continuous with a tail of logits far below the max (weights that truncate to 0).
+      std::vector<T> x(static_cast<size_t>(V), T(0));
+      for (int64_t j = 0; j < V; ++j) {
+        const double g = normal(rng);
+        x[j] = T(kind == 0 ? 3 * g : kind == 1 ? 1e-3 * g : kind == 2 ? std::round(g) : (j % 3 ? 3 * g : -1e4 + g));
+      }
+      for (double t : {0.05, 0.7, 1.0, 8.0}) {
+        for (int64_t k : {int64_t(0), int64_t(1), int64_t(3), V - 1, V}) {
+          for (double p : {1e-6, 0.5, 0.9, 0.999999, 1.0}) {
+            if (p >= 1 && (k == 0 || k >= V)) continue;  // untruncated: no selection
+            SamplingOptions o;
+            o.temperature = t, o.top_k = k, o.top_p = p;
+            for (double u : {1e-12, std::uniform_real_distribution<double>(0, 1)(rng), 1 - 1e-12}) {
+              cpu::SamplerScratch<T> work;
+              double lp;
+              const int32_t tok = cpu::sample_token(x.data(), V, o, u, &lp, work);
+              const int32_t expect = truncated_by_full_sort(x, work.weights, o, u);
+              EXPECT_TRUE(tok == expect, "V " << V << " kind " << kind << " T " << t << " k " << k << " p " << p
+                                              << " u " << u << ": token " << tok << ", full sort " << expect);
+              double mx = double(x[0]), sum = 0;
+              for (T v : x) mx = std::max(mx, double(v));
+              for (T v : x) sum += std::exp(double(v) - mx);
+              EXPECT_NEAR(lp, double(x[tok]) - mx - std::log(sum), sizeof(T) == 4 ? 1e-5 : 1e-12);
+              ++checked;
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_TRUE(checked > 1000, "only " << checked << " draws checked");
+}
+}  // namespace
+
+// The truncated draw selects by bucket and sorts one bucket only; it must pick exactly the token a
+// full sort's walk picks, on fresh random rows with ties, near-uniform rows, zero weights, and
+// extreme temperatures, top-k, top-p and u.
+SPPO_TEST(sampler_truncated_selection_matches_a_full_sort) {
+  check_truncated_selection<float>();
+  check_truncated_selection<double>();
+}
+
+namespace {
 struct Fixture {
   ModelConfig c = gqa_bias_config();
   std::unique_ptr<Model<float>> m = make_model<float>(c, 48);
