@@ -303,6 +303,8 @@ describe('saveAdapter / loadAdapter', () => {
     const err = await errorOf(() => saveAdapter(dir, { lora: ALL, modelConfig: SMALL, tensors: randomAdapter(SMALL, ALL, 1) }));
     expect(err.message).toMatch(new RegExp(`cannot write ${path.join(dir, ADAPTER_CONFIG_NAME)} \\(the LoRA adapter in ${dir}\\)`));
     expect(readdirSync(dir).filter((f) => f.includes('.tmp-'))).toEqual([]);
+    // refused before any rename: the tensors did not go in without their config
+    expect(readdirSync(dir).sort()).toEqual([ADAPTER_CONFIG_NAME]);
   });
 
   it('a save killed at any moment leaves the previous adapter or the new one, whole', async () => {

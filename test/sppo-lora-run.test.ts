@@ -14,6 +14,7 @@ import { CharTokenizer, demoModelConfig } from '../lib/demo/task.js';
 import { loadAdapter, mergeAdapter } from '../lib/io/peft.js';
 import {
   demoConfigInput,
+  LORA_TARGETS,
   loadPretrained,
   Model,
   parseConfig,
@@ -245,18 +246,27 @@ describe('sppo run with training.lora', () => {
     const config = parseConfig({
       ...demo,
       data: { ...demo.data, words: 300, evalSize: 60 },
-      training: { ...demo.training, lora: { rank: 2, alpha: 4, targets: ['q_proj', 'down_proj'] } },
+      // all seven targets: the merge below checks each one's slice of the fused blocks (k at column q_dim)
+      training: { ...demo.training, lora: { rank: 2, alpha: 4, targets: [...LORA_TARGETS] } },
       sft: { ...demo.sft, steps: 5 },
     });
-    await runSppo(await setupFromConfig(config));
     const run = RunDir.at(dir);
+    const tokenizer = new CharTokenizer('abcdefgh'); // the styled-reversal task's default alphabet
+    const seed = config.model.seed ?? 1;
+    // a base of another seed left by a run killed before its base stage finished: not reused
+    const stale = Model.create(demoModelConfig(tokenizer, seed + 1), { maxBatch: 1, maxSeq: 8 });
+    try {
+      await savePretrained(stale, run.frozenBase, { tokenizer: tokenizer.files() });
+    } finally {
+      await stale.dispose();
+    }
+    await runSppo(await setupFromConfig(config));
     // every adapter checkpoint names the run's copy of the base, which is the seeded demo base
     for (const t of [0, 1])
       expect(JSON.parse(readFileSync(path.join(run.policy(t), 'adapter_config.json'), 'utf8'))).toMatchObject({
         base_model_name_or_path: path.resolve(run.frozenBase),
       });
-    const tokenizer = new CharTokenizer('abcdefgh'); // the styled-reversal task's default alphabet
-    const seeded = Model.create(demoModelConfig(tokenizer, config.model.seed ?? 1), { maxBatch: 1, maxSeq: 8 });
+    const seeded = Model.create(demoModelConfig(tokenizer, seed), { maxBatch: 1, maxSeq: 8 });
     const { model: frozen } = await loadPretrained(run.frozenBase, { maxBatch: 1, maxSeq: 8 }, { training: false });
     try {
       expect(frozen.params().map((p) => p.name)).toEqual(seeded.params().map((p) => p.name));

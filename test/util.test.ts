@@ -88,7 +88,7 @@ describe('atomic writes', () => {
     expect(temporaries(dir)).toEqual([]);
   });
 
-  it('commit staged temporaries in order, and remove the rest when one rename fails', async () => {
+  it('commit staged temporaries in order, refuse a directory in the way before any rename, and remove the rest when one rename fails', async () => {
     const dir = freshDir();
     const a = path.join(dir, 'a');
     const b = path.join(dir, 'b');
@@ -102,7 +102,17 @@ describe('atomic writes', () => {
       })),
     );
     expect(temporaries(dir)).toHaveLength(3);
-    await expect(commitTemporaries(staged)).rejects.toThrow();
+    // a directory in the way is refused before any rename: no mix of new and old files
+    await expect(commitTemporaries(staged)).rejects.toThrow(`a directory is in the way of a file, ${blocked}`);
+    expect(readdirSync(dir).sort()).toEqual(['blocked']);
+    // a rename that fails midway (its folder is gone): the earlier ones stand, the rest are removed
+    const gone = path.join(dir, 'gone', 'c');
+    const midway = [
+      { tmp: await writeTemporary(a, (fh) => fh.writeFile('a')), target: a },
+      { tmp: await writeTemporary(b, (fh) => fh.writeFile('c')), target: gone },
+      { tmp: await writeTemporary(b, (fh) => fh.writeFile('b')), target: b },
+    ];
+    await expect(commitTemporaries(midway)).rejects.toThrow(/ENOENT/);
     expect(readFileSync(a, 'utf8')).toBe('a');
     expect(readdirSync(dir).sort()).toEqual(['a', 'blocked']);
   });

@@ -192,17 +192,18 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
 
   const lora = model.lora;
   // The adapters' base: the model directory loaded, or, for weights no directory holds (the
-  // demo's seeded base), the run's own copy, written once, so every adapter checkpoint names a
-  // base that `sppo generate` and PEFT can load.
-  const adapterBase = async (): Promise<string> => {
+  // demo's seeded base), the run's own copy, so every adapter checkpoint names a base that
+  // `sppo generate` and PEFT can load. The copy is rewritten with π_0's checkpoint (the base
+  // stage reruns whenever a field it used, such as model.seed, changed), never reused across it.
+  const adapterBase = async (t: number): Promise<string> => {
     if (setup.sourceDir !== undefined) return path.resolve(setup.sourceDir);
-    if (!existsSync(run.frozenBase))
+    if (t === 0 || !existsSync(run.frozenBase))
       await run.saveFrozenBase((dir) => savePretrained(model, dir, { tokenizer: setup.tokenizer, frozenBase: true }));
     return path.resolve(run.frozenBase);
   };
   const save = async (t: number) => {
     if (!lora) return run.savePolicy(t, (dir) => savePretrained(model, dir, { sourceDir: setup.sourceDir, tokenizer: setup.tokenizer }));
-    const baseModel = await adapterBase();
+    const baseModel = await adapterBase(t);
     await run.savePolicy(t, (dir) => saveAdapter(dir, { lora, modelConfig: model.config, tensors: model.adapterTensors(), baseModel }));
   };
 

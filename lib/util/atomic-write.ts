@@ -4,7 +4,7 @@
 // and the directory is fsynced so that the rename itself survives a power loss.
 import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { copyFile, mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { copyFile, lstat, mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 
 /** The package's one temporary-name scheme: `<target>.tmp-<pid>-<random>`. */
@@ -68,9 +68,16 @@ export async function copyToTemporary(source: string, target: string): Promise<s
 
 /**
  * Renames finished temporaries over their targets in the order given, then fsyncs each target
- * directory once. If a rename fails, the temporaries not yet renamed are removed.
+ * directory once. A target that is a directory (a rename over it would fail midway, leaving a
+ * mix of new and old files) is refused before anything is renamed. If a rename fails, the
+ * temporaries not yet renamed are removed.
  */
 export async function commitTemporaries(staged: readonly { tmp: string; target: string }[]): Promise<void> {
+  const blocked = await firstDirectory(staged.map((s) => s.target));
+  if (blocked !== undefined) {
+    await Promise.all(staged.map((s) => rm(s.tmp, { force: true })));
+    throw Object.assign(new Error(`EISDIR: a directory is in the way of a file, ${blocked}`), { code: 'EISDIR', dest: blocked });
+  }
   for (let i = 0; i < staged.length; i++) {
     try {
       await rename(staged[i].tmp, staged[i].target);
@@ -80,6 +87,11 @@ export async function commitTemporaries(staged: readonly { tmp: string; target: 
     }
   }
   for (const dir of new Set(staged.map((s) => path.dirname(s.target)))) await syncDirectory(dir);
+}
+
+async function firstDirectory(paths: readonly string[]): Promise<string | undefined> {
+  for (const p of paths) if ((await lstat(p).catch(() => undefined))?.isDirectory()) return p;
+  return undefined;
 }
 
 /** Makes the renames in `dir` durable. (Windows cannot open a directory; NTFS journals renames.) */
