@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
-import { LORA_TARGETS, PEFT_TENSOR_PREFIX, type LoraOptions } from '../lib/engine/lora.js';
+import { LORA_TARGETS, loraTensorName, PEFT_TENSOR_PREFIX, type LoraOptions } from '../lib/engine/lora.js';
 import { Model, loadPretrained, readSafetensors, savePretrained, writeSafetensors, type ResolvedModelConfig } from '../lib/index.js';
 import {
   ADAPTER_CONFIG_NAME,
@@ -493,6 +493,24 @@ describe('mergeAdapter', () => {
       const want = expected.get(name);
       if (want) expect(bitsEqual(t.data, Float32Array.from(want)), name).toBe(true);
     }
+  });
+
+  it('refuses a merge whose value overflows bfloat16 though it fits float32, naming the tensor and element', async () => {
+    const baseDir = newDir('overflow-base');
+    const config = await writeBase(baseDir, { dtype: 'bfloat16' });
+    const tensors = randomAdapter(config, ALL, 1);
+    // (alpha / rank)·B[0,0]·A[0,0] = 3.40e38: above bfloat16's overflow point (3.3962e38), below float32's max
+    const big = Math.sqrt(3.4e38 / (ALL.alpha / ALL.rank));
+    tensors.get(loraTensorName(0, 'q_proj', 'A'))![0] = big;
+    tensors.get(loraTensorName(0, 'q_proj', 'B'))![0] = big;
+    const adapterDir = newDir('overflow-adapter');
+    await saveAdapter(adapterDir, { lora: ALL, modelConfig: config, tensors });
+    const outDir = newDir('overflow-out');
+    expect((await errorOf(() => mergeAdapter(baseDir, adapterDir, outDir))).message).toMatch(
+      /merging into 'model\.layers\.0\.self_attn\.q_proj\.weight' overflows bfloat16 at \[0, 0\]/,
+    );
+    expect(existsSync(path.join(outDir, 'config.json'))).toBe(false);
+    await mergeAdapter(baseDir, adapterDir, outDir, { dtype: 'float32' });
   });
 
   it('refuses an adapter that does not fit the base, and an output directory that is an input', async () => {

@@ -100,6 +100,9 @@ function checkLoraOptions(lora: LoraOptions): void {
   if (new Set(lora.targets).size !== lora.targets.length) fail(`targets lists a target twice: ${lora.targets.join(', ')}`);
 }
 
+/** The smallest float32 that bfloat16's round-to-nearest-even takes to infinity (bits 0x7f7f8000). */
+const BF16_OVERFLOW = new Float32Array(new Uint32Array([0x7f7f8000]).buffer)[0];
+
 function elements(shape: readonly number[]): number {
   return shape.reduce((a, d) => a * d, 1);
 }
@@ -491,6 +494,10 @@ export async function mergeAdapter(baseDir: string, adapterDir: string, outDir: 
               );
             if (dtype === 'bfloat16') roundToOddFloat32(x, bits, one);
             else one[0] = x;
+            if (dtype === 'bfloat16' && Math.abs(one[0]) >= BF16_OVERFLOW)
+              throw new AdapterError(
+                `merging into '${name}' overflows bfloat16 at [${i}, ${j}] (${x}); the adapter or the base has values too large`,
+              );
             w[i * cols + j] = one[0];
           }
         }
