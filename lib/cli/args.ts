@@ -1,6 +1,6 @@
 // Argument parsing shared by the subcommands: node:util parseArgs (strict, no positionals) with
 // errors turned into UsageError, which the entry point prints as one line and exits with 2.
-import { statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { cudaInfo, type Device, type Model } from '../engine/model.js';
@@ -88,6 +88,13 @@ export function pathOption(value: string | undefined, flag: string): string | un
   if (value?.trim() === '')
     throw new UsageError(`--${flag}: an empty path; give a ${flag === 'out' || flag === 'config' ? 'file' : 'directory'} name`);
   return value;
+}
+
+/** A required path option that must already exist, resolved against the working directory. */
+export function existingPathOption(value: string | undefined, flag: string, command: string): string {
+  const resolved = path.resolve(requireOption(pathOption(value, flag), flag, command));
+  if (!existsSync(resolved)) throw new UsageError(`--${flag}: ${resolved} does not exist`);
+  return resolved;
 }
 
 /** --out's value, refused when empty or when it is the file of `--${inputFlag}` (writing would replace it). */

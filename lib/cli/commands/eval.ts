@@ -1,7 +1,5 @@
 // `sppo eval --run DIR`: the metrics table of a run (finished or not) and a fresh report.
-import { existsSync } from 'node:fs';
-import path from 'node:path';
-import { parseOptions, pathOption, requireOption, UsageError, type Command } from '../args.js';
+import { existingPathOption, parseOptions, type Command } from '../args.js';
 import { finishRun } from '../session.js';
 
 const help = `Usage: sppo eval --run DIR
@@ -20,8 +18,7 @@ export const evalCommand: Command = {
   help,
   async run(argv, io) {
     const values = parseOptions('eval', argv, { run: { type: 'string' } });
-    const dir = path.resolve(requireOption(pathOption(values.run, 'run'), 'run', 'eval'));
-    if (!existsSync(dir)) throw new UsageError(`--run: ${dir} does not exist`);
+    const dir = existingPathOption(values.run, 'run', 'eval');
     // a run copied somewhere read-only still shows; only its report stays as it was
     await finishRun(dir, io, { readOnly: true });
     return 0;

@@ -1,9 +1,8 @@
 // `sppo merge-adapter`: a PEFT LoRA adapter merged into its base, written as a full Hugging Face
 // checkpoint (lib/io/peft.ts's mergeAdapter).
-import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { mergeAdapter } from '../../io/peft.js';
-import { parseOptions, pathOption, requireOption, UsageError, type Command } from '../args.js';
+import { existingPathOption, parseOptions, pathOption, requireOption, UsageError, type Command } from '../args.js';
 
 const help = `Usage: sppo merge-adapter --base DIR --adapter DIR --out DIR [--dtype float32|bfloat16]
 
@@ -31,13 +30,9 @@ export const mergeAdapterCommand: Command = {
       out: { type: 'string' },
       dtype: { type: 'string' },
     });
-    const dir = (flag: 'base' | 'adapter' | 'out') => path.resolve(requireOption(pathOption(values[flag], flag), flag, 'merge-adapter'));
-    const [base, adapter, out] = [dir('base'), dir('adapter'), dir('out')];
-    for (const [flag, d] of [
-      ['base', base],
-      ['adapter', adapter],
-    ] as const)
-      if (!existsSync(d)) throw new UsageError(`--${flag}: ${d} does not exist`);
+    const base = existingPathOption(values.base, 'base', 'merge-adapter');
+    const adapter = existingPathOption(values.adapter, 'adapter', 'merge-adapter');
+    const out = path.resolve(requireOption(pathOption(values.out, 'out'), 'out', 'merge-adapter'));
     const dtype = values.dtype;
     if (dtype !== undefined && dtype !== 'float32' && dtype !== 'bfloat16')
       throw new UsageError(`--dtype must be float32 or bfloat16, got '${dtype}'`);
