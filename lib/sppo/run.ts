@@ -7,8 +7,9 @@
 // With training.lora the policy is a frozen base plus adapters: π_t's checkpoint is a PEFT
 // adapter directory (its base_model_name_or_path the model directory the run loaded, or the
 // run's copy of the demo's seeded weights: RunDir.frozenBase), the base is whatever setup loads
-// and nothing in the run changes it, and moving between policies loads adapters alone. The iteration's reference policy is
-// then base + the adapters it starts from, whose log-probs the generate stage recorded.
+// and nothing in the run changes it, and moving between policies loads adapters alone. The
+// iteration's reference policy is then base + the adapters it starts from, whose log-probs the
+// generate stage recorded.
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import type { RunConfig } from '../config/schema.js';
