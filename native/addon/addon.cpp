@@ -69,9 +69,8 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
 Napi::Value PlanMemory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const sppo::ModelConfig config = parse_model_config(env, info[0]);
-  sppo::MemoryPlan plan = parse_memory_plan(info[1]);
   const PlanOptions o = parse_plan_options(env, info[2]);
-  plan.checkpoint_activations = o.model.activation_checkpointing;
+  const sppo::MemoryPlan plan = o.model.applied_to(parse_memory_plan(info[1]));
   const auto* kind = o.optimizer ? &*o.optimizer : nullptr;
   const auto* gen = o.generator ? &*o.generator : nullptr;
   return or_range_error(env, [&] {

@@ -183,6 +183,12 @@ sppo::MemoryPlan parse_memory_plan(Napi::Value v) {
   return {field(p, "maxBatch", 0), field(p, "maxSeq", 0)};
 }
 
+sppo::MemoryPlan CreateOptions::applied_to(sppo::MemoryPlan plan) const {
+  plan.checkpoint_activations = activation_checkpointing;
+  plan.bf16_gradients = bf16_gradients;
+  return plan;
+}
+
 CreateOptions parse_create_options(Napi::Env env, Napi::Value v) {
   CreateOptions o;
   if (absent(v)) return o;
@@ -192,6 +198,7 @@ CreateOptions parse_create_options(Napi::Env env, Napi::Value v) {
   if (o.device != "cpu" && o.device != "cuda" && o.device != "auto")
     throw Napi::RangeError::New(env, "options.device must be 'cpu', 'cuda' or 'auto', got '" + o.device + "'");
   o.activation_checkpointing = field(f, "activationCheckpointing", o.activation_checkpointing);
+  o.bf16_gradients = field(f, "bf16Gradients", o.bf16_gradients);
   if (!absent(f.Get("lora"))) {
     const Napi::Object l = f.Get("lora").As<Napi::Object>();
     o.lora.rank = field(l, "rank", 0);

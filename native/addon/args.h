@@ -110,12 +110,15 @@ Napi::Array model_config_fields(Napi::Env env);
 
 sppo::MemoryPlan parse_memory_plan(Napi::Value v);
 // NativeModel's options: whether to draw the weights, the device, whether to checkpoint
-// activations (lib/engine resolves 'auto' to a boolean first), and the adapters ({rank, alpha,
-// targets: module names}; the Model constructor validates the values).
+// activations and to keep gradients in bf16 (lib/engine resolves 'auto' to booleans first), and
+// the adapters ({rank, alpha, targets: module names}; the Model constructor validates the values).
 struct CreateOptions {
   bool initialize = true;
   std::string device = "cpu";
   bool activation_checkpointing = false;
+  bool bf16_gradients = false;
+  // The memory plan's switches set from these options.
+  sppo::MemoryPlan applied_to(sppo::MemoryPlan plan) const;
   sppo::LoraConfig lora;
   // The backend the device names: 'auto' takes the GPU when one is usable.
   bool cuda() const;

@@ -64,9 +64,8 @@ Napi::Function NativeModel::Init(Napi::Env env) {
 NativeModel::NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {
   Napi::Env env = info.Env();
   const sppo::ModelConfig config = parse_model_config(env, info[0]);
-  sppo::MemoryPlan plan = parse_memory_plan(info[1]);
   const CreateOptions o = parse_create_options(env, info[2]);
-  plan.checkpoint_activations = o.activation_checkpointing;
+  const sppo::MemoryPlan plan = o.applied_to(parse_memory_plan(info[1]));
   model_ = or_range_error(env, [&]() -> std::unique_ptr<ModelApi> {
     std::unique_ptr<ModelApi> m;
     if (o.cuda())

@@ -125,9 +125,11 @@ void CpuOps<T>::fill(T* x, double value, int64_t n) {
   cpu_pool().parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) { std::fill(x + b, x + e, v); });
 }
 
-template <class T>
-double CpuOps<T>::sum_squares(const T* x, int64_t n) {
-  // The partition depends on n only, so the result is the same for every thread count.
+namespace {
+// Σ x², accumulated in double over a partition that depends on n only, so the result is the same
+// for every thread count.
+template <class X>
+double sum_squares_of(const X* x, int64_t n) {
   constexpr int64_t kMaxChunks = 256;
   int64_t chunks = std::clamp<int64_t>((n + 4095) / 4096, 1, kMaxChunks);
   int64_t per = (n + chunks - 1) / chunks;
@@ -141,6 +143,17 @@ double CpuOps<T>::sum_squares(const T* x, int64_t n) {
   double total = 0;
   for (int64_t c = 0; c < chunks; ++c) total += partial[c];
   return total;
+}
+}  // namespace
+
+template <class T>
+double CpuOps<T>::sum_squares(const T* x, int64_t n) {
+  return sum_squares_of(x, n);
+}
+
+template <class T>
+double CpuOps<T>::sum_squares(const bf16* x, int64_t n) {
+  return sum_squares_of(x, n);
 }
 
 template <class T>
@@ -506,46 +519,40 @@ struct RmspropElement {
   }
 };
 
-}  // namespace
-
-template <class T>
-void CpuOps<T>::adamw_update(T* p, T* master, const T* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2,
-                             double eps, double decay, double gscale, int64_t step) {
-  const AdamElement<T> update(lr, beta1, beta2, eps, decay, gscale, step);
+// The updates and their dry runs over gradients of either precision G (Master, or bf16 widened
+// exactly on load).
+template <class T, class G>
+void adamw_pass(T* p, T* master, const G* g, T* m, T* v, int64_t n, const AdamElement<T>& update) {
   T* w = master ? master : p;  // Master == T: a master copy, when given, just mirrors into p
   cpu_pool().parallel_for(n, 1 << 14, [&](int64_t b, int64_t en) {
     for (int64_t i = b; i < en; ++i) {
-      update(g[i], m[i], v[i], w[i]);
+      update(T(g[i]), m[i], v[i], w[i]);
       if (master) p[i] = w[i];
     }
   });
 }
 
-template <class T>
-void CpuOps<T>::rmsprop_update(T* p, T* master, const T* g, T* sq, int64_t n, double lr, double alpha, double eps,
-                               double decay, double gscale) {
-  const RmspropElement<T> update(lr, alpha, eps, decay, gscale);
+template <class T, class G>
+void rmsprop_pass(T* p, T* master, const G* g, T* sq, int64_t n, const RmspropElement<T>& update) {
   T* w = master ? master : p;
   cpu_pool().parallel_for(n, 1 << 14, [&](int64_t b, int64_t en) {
     for (int64_t i = b; i < en; ++i) {
-      update(g[i], sq[i], w[i]);
+      update(T(g[i]), sq[i], w[i]);
       if (master) p[i] = w[i];
     }
   });
 }
 
-template <class T>
-bool CpuOps<T>::adamw_update_finite(const T* p, const T* master, const T* g, const T* m, const T* v, int64_t n,
-                                    double lr, double beta1, double beta2, double eps, double decay, double gscale,
-                                    int64_t step) {
-  const AdamElement<T> update(lr, beta1, beta2, eps, decay, gscale, step);
+template <class T, class G>
+bool adamw_pass_finite(const T* p, const T* master, const G* g, const T* m, const T* v, int64_t n,
+                       const AdamElement<T>& update) {
   const T* w = master ? master : p;
   std::atomic<bool> finite{true};
   cpu_pool().parallel_for(n, 1 << 14, [&](int64_t b, int64_t en) {
     bool ok = true;
     for (int64_t i = b; i < en; ++i) {
       T mi = m[i], vi = v[i], wi = w[i];
-      update(g[i], mi, vi, wi);
+      update(T(g[i]), mi, vi, wi);
       ok &= std::isfinite(mi) && std::isfinite(vi) && std::isfinite(wi);
     }
     if (!ok) finite.store(false, std::memory_order_relaxed);
@@ -553,22 +560,81 @@ bool CpuOps<T>::adamw_update_finite(const T* p, const T* master, const T* g, con
   return finite.load();
 }
 
-template <class T>
-bool CpuOps<T>::rmsprop_update_finite(const T* p, const T* master, const T* g, const T* sq, int64_t n, double lr,
-                                      double alpha, double eps, double decay, double gscale) {
-  const RmspropElement<T> update(lr, alpha, eps, decay, gscale);
+template <class T, class G>
+bool rmsprop_pass_finite(const T* p, const T* master, const G* g, const T* sq, int64_t n,
+                         const RmspropElement<T>& update) {
   const T* w = master ? master : p;
   std::atomic<bool> finite{true};
   cpu_pool().parallel_for(n, 1 << 14, [&](int64_t b, int64_t en) {
     bool ok = true;
     for (int64_t i = b; i < en; ++i) {
       T si = sq[i], wi = w[i];
-      update(g[i], si, wi);
+      update(T(g[i]), si, wi);
       ok &= std::isfinite(si) && std::isfinite(wi);
     }
     if (!ok) finite.store(false, std::memory_order_relaxed);
   });
   return finite.load();
+}
+
+}  // namespace
+
+template <class T>
+void CpuOps<T>::adamw_update(T* p, T* master, const T* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2,
+                             double eps, double decay, double gscale, int64_t step) {
+  adamw_pass(p, master, g, m, v, n, AdamElement<T>(lr, beta1, beta2, eps, decay, gscale, step));
+}
+
+template <class T>
+void CpuOps<T>::adamw_update(T* p, T* master, const bf16* g, T* m, T* v, int64_t n, double lr, double beta1,
+                             double beta2, double eps, double decay, double gscale, int64_t step) {
+  adamw_pass(p, master, g, m, v, n, AdamElement<T>(lr, beta1, beta2, eps, decay, gscale, step));
+}
+
+template <class T>
+void CpuOps<T>::rmsprop_update(T* p, T* master, const T* g, T* sq, int64_t n, double lr, double alpha, double eps,
+                               double decay, double gscale) {
+  rmsprop_pass(p, master, g, sq, n, RmspropElement<T>(lr, alpha, eps, decay, gscale));
+}
+
+template <class T>
+void CpuOps<T>::rmsprop_update(T* p, T* master, const bf16* g, T* sq, int64_t n, double lr, double alpha, double eps,
+                               double decay, double gscale) {
+  rmsprop_pass(p, master, g, sq, n, RmspropElement<T>(lr, alpha, eps, decay, gscale));
+}
+
+template <class T>
+bool CpuOps<T>::adamw_update_finite(const T* p, const T* master, const T* g, const T* m, const T* v, int64_t n,
+                                    double lr, double beta1, double beta2, double eps, double decay, double gscale,
+                                    int64_t step) {
+  return adamw_pass_finite(p, master, g, m, v, n, AdamElement<T>(lr, beta1, beta2, eps, decay, gscale, step));
+}
+
+template <class T>
+bool CpuOps<T>::adamw_update_finite(const T* p, const T* master, const bf16* g, const T* m, const T* v, int64_t n,
+                                    double lr, double beta1, double beta2, double eps, double decay, double gscale,
+                                    int64_t step) {
+  return adamw_pass_finite(p, master, g, m, v, n, AdamElement<T>(lr, beta1, beta2, eps, decay, gscale, step));
+}
+
+template <class T>
+bool CpuOps<T>::rmsprop_update_finite(const T* p, const T* master, const T* g, const T* sq, int64_t n, double lr,
+                                      double alpha, double eps, double decay, double gscale) {
+  return rmsprop_pass_finite(p, master, g, sq, n, RmspropElement<T>(lr, alpha, eps, decay, gscale));
+}
+
+template <class T>
+bool CpuOps<T>::rmsprop_update_finite(const T* p, const T* master, const bf16* g, const T* sq, int64_t n, double lr,
+                                      double alpha, double eps, double decay, double gscale) {
+  return rmsprop_pass_finite(p, master, g, sq, n, RmspropElement<T>(lr, alpha, eps, decay, gscale));
+}
+
+template <class T>
+void CpuOps<T>::add_round(bf16* g, const T* x, int64_t n) {
+  // The sum in float, then one rounding to bf16: what CUDA's __float2bfloat16_rn(g + x) gives.
+  cpu_pool().parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) g[i] = bf16(float(g[i]) + float(x[i]));
+  });
 }
 
 template <class T>

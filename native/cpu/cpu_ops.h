@@ -67,6 +67,16 @@ class CpuOps final : public Ops<T> {
                            double beta1, double beta2, double eps, double decay, double gscale, int64_t step) override;
   bool rmsprop_update_finite(const T* p, const T* master, const T* g, const T* sq, int64_t n, double lr, double alpha,
                              double eps, double decay, double gscale) override;
+  void add_round(bf16* g, const T* x, int64_t n) override;
+  double sum_squares(const bf16* x, int64_t n) override;
+  void adamw_update(T* p, T* master, const bf16* g, T* m, T* v, int64_t n, double lr, double beta1, double beta2,
+                    double eps, double decay, double gscale, int64_t step) override;
+  void rmsprop_update(T* p, T* master, const bf16* g, T* sq, int64_t n, double lr, double alpha, double eps,
+                      double decay, double gscale) override;
+  bool adamw_update_finite(const T* p, const T* master, const bf16* g, const T* m, const T* v, int64_t n, double lr,
+                           double beta1, double beta2, double eps, double decay, double gscale, int64_t step) override;
+  bool rmsprop_update_finite(const T* p, const T* master, const bf16* g, const T* sq, int64_t n, double lr,
+                             double alpha, double eps, double decay, double gscale) override;
 
   // ---- The encoder (cpu/cpu_encoder_ops.cpp) ----
   void layernorm_forward(T* out, const T* x, const T* residual, const T* w, const T* b, int64_t N, int64_t C,

@@ -159,12 +159,17 @@ __global__ void fill_kernel(uint16_t* x, uint16_t bits, int64_t n) {
   for (int64_t i = first_index(); i < n; i += grid_stride()) x[i] = bits;
 }
 
+// A gradient element as float: fp32 gradients as they are, bf16 ones (MemoryPlan::bf16_gradients) widened.
+__device__ __forceinline__ float grad_f(float g) { return g; }
+__device__ __forceinline__ float grad_f(bf g) { return to_f(g); }
+
 // partials[block] = Σ x² over this block's grid-stride share, in double.
-__global__ void __launch_bounds__(kThreads) sum_squares_kernel(double* partials, const float* x, int64_t n) {
+template <class X>
+__global__ void __launch_bounds__(kThreads) sum_squares_kernel(double* partials, const X* x, int64_t n) {
   __shared__ double shared[kWarps + 1];
   double s = 0;
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
-    const double v = x[i];
+    const double v = grad_f(x[i]);
     s += v * v;
   }
   s = block_sum(s, shared);
@@ -692,10 +697,11 @@ __device__ __forceinline__ float rmsprop_element(const RmspropScalars& s, float 
 
 // The update applies to master (when given) and p becomes bf16(master); without master, p's
 // bf16 value is updated in place.
-__global__ void adamw_kernel(bf* p, float* master, const float* g, float* m, float* v, int64_t n, AdamScalars s) {
+template <class G>
+__global__ void adamw_kernel(bf* p, float* master, const G* g, float* m, float* v, int64_t n, AdamScalars s) {
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
     float mi = m[i], vi = v[i];
-    const float updated = adamw_element(s, g[i], mi, vi, master ? master[i] : to_f(p[i]));
+    const float updated = adamw_element(s, grad_f(g[i]), mi, vi, master ? master[i] : to_f(p[i]));
     m[i] = mi;
     v[i] = vi;
     if (master) master[i] = updated;
@@ -703,10 +709,11 @@ __global__ void adamw_kernel(bf* p, float* master, const float* g, float* m, flo
   }
 }
 
-__global__ void rmsprop_kernel(bf* p, float* master, const float* g, float* sq, int64_t n, RmspropScalars s) {
+template <class G>
+__global__ void rmsprop_kernel(bf* p, float* master, const G* g, float* sq, int64_t n, RmspropScalars s) {
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
     float si = sq[i];
-    const float updated = rmsprop_element(s, g[i], si, master ? master[i] : to_f(p[i]));
+    const float updated = rmsprop_element(s, grad_f(g[i]), si, master ? master[i] : to_f(p[i]));
     sq[i] = si;
     if (master) master[i] = updated;
     p[i] = to_bf(updated);
@@ -715,30 +722,37 @@ __global__ void rmsprop_kernel(bf* p, float* master, const float* g, float* sq, 
 
 // The dry runs: partials[block] = 1 when an element of this block's share would be written
 // non-finite (a moment, or the weight as bf16, which overflows wherever its float does), else 0.
+template <class G>
 __global__ void __launch_bounds__(kThreads)
-    adamw_finite_kernel(double* partials, const bf* p, const float* master, const float* g, const float* m,
-                        const float* v, int64_t n, AdamScalars s) {
+    adamw_finite_kernel(double* partials, const bf* p, const float* master, const G* g, const float* m, const float* v,
+                        int64_t n, AdamScalars s) {
   int bad = 0;
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
     float mi = m[i], vi = v[i];
-    const float updated = adamw_element(s, g[i], mi, vi, master ? master[i] : to_f(p[i]));
+    const float updated = adamw_element(s, grad_f(g[i]), mi, vi, master ? master[i] : to_f(p[i]));
     bad |= !isfinite(mi) || !isfinite(vi) || !isfinite(to_f(to_bf(updated)));
   }
   bad = __syncthreads_or(bad);
   if (threadIdx.x == 0) partials[blockIdx.x] = bad ? 1.0 : 0.0;
 }
 
+template <class G>
 __global__ void __launch_bounds__(kThreads)
-    rmsprop_finite_kernel(double* partials, const bf* p, const float* master, const float* g, const float* sq,
-                          int64_t n, RmspropScalars s) {
+    rmsprop_finite_kernel(double* partials, const bf* p, const float* master, const G* g, const float* sq, int64_t n,
+                          RmspropScalars s) {
   int bad = 0;
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
     float si = sq[i];
-    const float updated = rmsprop_element(s, g[i], si, master ? master[i] : to_f(p[i]));
+    const float updated = rmsprop_element(s, grad_f(g[i]), si, master ? master[i] : to_f(p[i]));
     bad |= !isfinite(si) || !isfinite(to_f(to_bf(updated)));
   }
   bad = __syncthreads_or(bad);
   if (threadIdx.x == 0) partials[blockIdx.x] = bad ? 1.0 : 0.0;
+}
+
+// g = bf16(float(g) + x): a micro-batch's fp32 gradient added into the bf16 buffer, rounded once.
+__global__ void add_round_kernel(bf* g, const float* x, int64_t n) {
+  for (int64_t i = first_index(); i < n; i += grid_stride()) g[i] = to_bf(to_f(g[i]) + x[i]);
 }
 
 AdamScalars adam_scalars(double lr, double beta1, double beta2, double eps, double decay, double gscale, int64_t step) {
@@ -1254,8 +1268,8 @@ void CudaOps::copy(bf16* dst, const bf16* src, int64_t n) {
 // host in block order.
 // ---------------------------------------------------------------------------------------------
 
-const std::vector<double>& CudaOps::reduce_blocks(void (*kernel)(double*, const float*, int64_t), const float* x,
-                                                  int64_t n) {
+template <class X>
+const std::vector<double>& CudaOps::reduce_blocks(void (*kernel)(double*, const X*, int64_t), const X* x, int64_t n) {
   ReduceState& r = reduce_state();
   double* partials = partials_for(r, kReduceBlocks, stream_, device_);
   kernel<<<kReduceBlocks, kThreads, 0, stream_>>>(partials, x, n);
@@ -1268,7 +1282,14 @@ const std::vector<double>& CudaOps::reduce_blocks(void (*kernel)(double*, const 
 double CudaOps::sum_squares(const float* x, int64_t n) {
   if (n <= 0) return 0.0;
   double total = 0;
-  for (double partial : reduce_blocks(sum_squares_kernel, x, n)) total += partial;
+  for (double partial : reduce_blocks(sum_squares_kernel<float>, x, n)) total += partial;
+  return total;
+}
+
+double CudaOps::sum_squares(const bf16* x, int64_t n) {
+  if (n <= 0) return 0.0;
+  double total = 0;
+  for (double partial : reduce_blocks(sum_squares_kernel<bf>, dev(x), n)) total += partial;
   return total;
 }
 
@@ -1423,15 +1444,18 @@ void CudaOps::swiglu_backward(bf16* dgu, const bf16* dout, const bf16* gu, int64
 // Optimizers
 // ---------------------------------------------------------------------------------------------
 
-void CudaOps::adamw_update(bf16* p, float* master, const float* g, float* m, float* v, int64_t n, double lr,
-                           double beta1, double beta2, double eps, double decay, double gscale, int64_t step) {
+// Each update has one body for both gradient precisions (G: float, or the device's bf16).
+template <class G>
+void CudaOps::adamw_launch(bf16* p, float* master, const G* g, float* m, float* v, int64_t n, double lr, double beta1,
+                           double beta2, double eps, double decay, double gscale, int64_t step) {
   if (n <= 0) return;
   const AdamScalars s = adam_scalars(lr, beta1, beta2, eps, decay, gscale, step);
   adamw_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dev(p), master, g, m, v, n, s);
   SPPO_CUDA_LAUNCHED(adamw_kernel);
 }
 
-void CudaOps::rmsprop_update(bf16* p, float* master, const float* g, float* sq, int64_t n, double lr, double alpha,
+template <class G>
+void CudaOps::rmsprop_launch(bf16* p, float* master, const G* g, float* sq, int64_t n, double lr, double alpha,
                              double eps, double decay, double gscale) {
   if (n <= 0) return;
   const RmspropScalars s = rmsprop_scalars(lr, alpha, eps, decay, gscale);
@@ -1441,7 +1465,8 @@ void CudaOps::rmsprop_update(bf16* p, float* master, const float* g, float* sq, 
 
 // The dry runs reduce to one flag per block, as all_finite does: a device kernel rather than a
 // copy of the state to the host, so a rare check costs one read of the state at memory speed.
-bool CudaOps::adamw_update_finite(const bf16* p, const float* master, const float* g, const float* m, const float* v,
+template <class G>
+bool CudaOps::adamw_finite_launch(const bf16* p, const float* master, const G* g, const float* m, const float* v,
                                   int64_t n, double lr, double beta1, double beta2, double eps, double decay,
                                   double gscale, int64_t step) {
   if (n <= 0) return true;
@@ -1453,7 +1478,8 @@ bool CudaOps::adamw_update_finite(const bf16* p, const float* master, const floa
   return no_block_flagged(*this, r, partials);
 }
 
-bool CudaOps::rmsprop_update_finite(const bf16* p, const float* master, const float* g, const float* sq, int64_t n,
+template <class G>
+bool CudaOps::rmsprop_finite_launch(const bf16* p, const float* master, const G* g, const float* sq, int64_t n,
                                     double lr, double alpha, double eps, double decay, double gscale) {
   if (n <= 0) return true;
   ReduceState& r = reduce_state();
@@ -1462,6 +1488,54 @@ bool CudaOps::rmsprop_update_finite(const bf16* p, const float* master, const fl
                                                                  rmsprop_scalars(lr, alpha, eps, decay, gscale));
   SPPO_CUDA_LAUNCHED(rmsprop_finite_kernel);
   return no_block_flagged(*this, r, partials);
+}
+
+void CudaOps::adamw_update(bf16* p, float* master, const float* g, float* m, float* v, int64_t n, double lr,
+                           double beta1, double beta2, double eps, double decay, double gscale, int64_t step) {
+  adamw_launch(p, master, g, m, v, n, lr, beta1, beta2, eps, decay, gscale, step);
+}
+
+void CudaOps::adamw_update(bf16* p, float* master, const bf16* g, float* m, float* v, int64_t n, double lr,
+                           double beta1, double beta2, double eps, double decay, double gscale, int64_t step) {
+  adamw_launch(p, master, dev(g), m, v, n, lr, beta1, beta2, eps, decay, gscale, step);
+}
+
+void CudaOps::rmsprop_update(bf16* p, float* master, const float* g, float* sq, int64_t n, double lr, double alpha,
+                             double eps, double decay, double gscale) {
+  rmsprop_launch(p, master, g, sq, n, lr, alpha, eps, decay, gscale);
+}
+
+void CudaOps::rmsprop_update(bf16* p, float* master, const bf16* g, float* sq, int64_t n, double lr, double alpha,
+                             double eps, double decay, double gscale) {
+  rmsprop_launch(p, master, dev(g), sq, n, lr, alpha, eps, decay, gscale);
+}
+
+bool CudaOps::adamw_update_finite(const bf16* p, const float* master, const float* g, const float* m, const float* v,
+                                  int64_t n, double lr, double beta1, double beta2, double eps, double decay,
+                                  double gscale, int64_t step) {
+  return adamw_finite_launch(p, master, g, m, v, n, lr, beta1, beta2, eps, decay, gscale, step);
+}
+
+bool CudaOps::adamw_update_finite(const bf16* p, const float* master, const bf16* g, const float* m, const float* v,
+                                  int64_t n, double lr, double beta1, double beta2, double eps, double decay,
+                                  double gscale, int64_t step) {
+  return adamw_finite_launch(p, master, dev(g), m, v, n, lr, beta1, beta2, eps, decay, gscale, step);
+}
+
+bool CudaOps::rmsprop_update_finite(const bf16* p, const float* master, const float* g, const float* sq, int64_t n,
+                                    double lr, double alpha, double eps, double decay, double gscale) {
+  return rmsprop_finite_launch(p, master, g, sq, n, lr, alpha, eps, decay, gscale);
+}
+
+bool CudaOps::rmsprop_update_finite(const bf16* p, const float* master, const bf16* g, const float* sq, int64_t n,
+                                    double lr, double alpha, double eps, double decay, double gscale) {
+  return rmsprop_finite_launch(p, master, dev(g), sq, n, lr, alpha, eps, decay, gscale);
+}
+
+void CudaOps::add_round(bf16* g, const float* x, int64_t n) {
+  if (n <= 0) return;
+  add_round_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dev(g), x, n);
+  SPPO_CUDA_LAUNCHED(add_round_kernel);
 }
 
 }  // namespace sppo::cuda

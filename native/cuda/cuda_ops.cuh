@@ -101,6 +101,17 @@ class CudaOps final : public Ops<bf16> {
                            int64_t step) override;
   bool rmsprop_update_finite(const bf16* p, const float* master, const float* g, const float* sq, int64_t n, double lr,
                              double alpha, double eps, double decay, double gscale) override;
+  void add_round(bf16* g, const float* x, int64_t n) override;
+  double sum_squares(const bf16* x, int64_t n) override;
+  void adamw_update(bf16* p, float* master, const bf16* g, float* m, float* v, int64_t n, double lr, double beta1,
+                    double beta2, double eps, double decay, double gscale, int64_t step) override;
+  void rmsprop_update(bf16* p, float* master, const bf16* g, float* sq, int64_t n, double lr, double alpha, double eps,
+                      double decay, double gscale) override;
+  bool adamw_update_finite(const bf16* p, const float* master, const bf16* g, const float* m, const float* v, int64_t n,
+                           double lr, double beta1, double beta2, double eps, double decay, double gscale,
+                           int64_t step) override;
+  bool rmsprop_update_finite(const bf16* p, const float* master, const bf16* g, const float* sq, int64_t n, double lr,
+                             double alpha, double eps, double decay, double gscale) override;
 
   // the encoder's ops (cuda_encoder.cu)
   void layernorm_forward(bf16* out, const bf16* x, const bf16* residual, const bf16* w, const bf16* b, int64_t N,
@@ -134,7 +145,22 @@ class CudaOps final : public Ops<bf16> {
   StatePtr<HeadState> head_;
   // A whole-array reduction (cuda_ops.cu): `kernel` writes one partial per block of its fixed
   // grid; returns them, read back in block order.
-  const std::vector<double>& reduce_blocks(void (*kernel)(double*, const float*, int64_t), const float* x, int64_t n);
+  template <class X>
+  const std::vector<double>& reduce_blocks(void (*kernel)(double*, const X*, int64_t), const X* x, int64_t n);
+  // The optimizer updates and their dry runs, for fp32 or bf16 (__nv_bfloat16) gradients G.
+  template <class G>
+  void adamw_launch(bf16* p, float* master, const G* g, float* m, float* v, int64_t n, double lr, double beta1,
+                    double beta2, double eps, double decay, double gscale, int64_t step);
+  template <class G>
+  void rmsprop_launch(bf16* p, float* master, const G* g, float* sq, int64_t n, double lr, double alpha, double eps,
+                      double decay, double gscale);
+  template <class G>
+  bool adamw_finite_launch(const bf16* p, const float* master, const G* g, const float* m, const float* v, int64_t n,
+                           double lr, double beta1, double beta2, double eps, double decay, double gscale,
+                           int64_t step);
+  template <class G>
+  bool rmsprop_finite_launch(const bf16* p, const float* master, const G* g, const float* sq, int64_t n, double lr,
+                             double alpha, double eps, double decay, double gscale);
   // Family states, created on first use (each .cu file defines its own accessor).
   GemmState& gemm_state();
   ReduceState& reduce_state();

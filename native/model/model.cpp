@@ -41,13 +41,27 @@ Model<T>::Model(ModelConfig config, MemoryPlan plan, std::unique_ptr<Ops<T>> ops
   cfg_.resolve_and_validate();
   plan_.validate(cfg_);
   lora_.validate(cfg_);
+  SPPO_REQUIRE(!(plan_.bf16_gradients && lora_.enabled()),
+               "bf16 gradients are for full fine-tuning: LoRA adapters keep float32 gradients (they are small)");
   build_param_table();
   build_lora_table();
   try {
     params_arena_ = alloc_tracked<T>(n_params_, &mem_.params);
     // A frozen base needs no master copy: nothing updates it (a bf16 base is what is stored).
     if constexpr (!std::is_same_v<T, Master>) master_ = alloc_tracked<Master>(num_trainable(), &mem_.master);
-    grads_arena_ = alloc_tracked<Master>(num_trainable(), &mem_.grads);
+    if (plan_.bf16_gradients) {
+      grads16_ = alloc_tracked<bf16>(num_trainable(), &mem_.grads);
+      // The stage holds the largest gradient produced at once: a layer's, or the LM head's whole
+      // dW (V × C, written by one head_logprobs_backward call), which the embedding reuses.
+      grad_stage_elems_ = std::max(cfg_.vocab_size * cfg_.hidden_size, cfg_.hidden_size);
+      for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
+        const auto [mats, small] = layer_spans(l);
+        grad_stage_elems_ = std::max(grad_stage_elems_, mats.n + small.n);
+      }
+      grad_stage_ = alloc_tracked<Master>(grad_stage_elems_, &mem_.scratch);
+    } else {
+      grads_arena_ = alloc_tracked<Master>(num_trainable(), &mem_.grads);
+    }
     plan_buffers();
     build_rope_tables();
   } catch (...) {
@@ -334,9 +348,48 @@ void Model<T>::build_rope_tables() {
 }
 
 template <class T>
+std::pair<typename Model<T>::Span, typename Model<T>::Span> Model<T>::layer_spans(int l) const {
+  // build_param_table reserves a layer's matrices one after another (wqkv, wo, wgu, wdown) in the
+  // decay region, and its bias and norms one after another in the other.
+  const LayerOffsets& o = layer_off_[size_t(l)];
+  const int64_t C = cfg_.hidden_size;
+  const int64_t small_at = o.bqkv >= 0 ? o.bqkv : o.attn_norm;
+  return {{o.wqkv, o.wdown + C * cfg_.intermediate_size - o.wqkv}, {small_at, o.mlp_norm + C - small_at}};
+}
+
+template <class T>
 typename Model<T>::template LayerParams<typename Model<T>::Master> Model<T>::layer_grads(int l) {
   if (train_off_ > 0) return {};  // a frozen base
-  return layer_params(grads_arena_, l);
+  if (!grads16_) return layer_params(grads_arena_, l);
+  const auto [mats, small] = layer_spans(l);
+  ops_->zero_bytes(grad_stage_, size_t(mats.n + small.n) * sizeof(Master));
+  // The matrices at the start of the stage, the norms and biases after them.
+  const auto staged = [&](int64_t off) {
+    return off >= decay_end_ ? grad_stage_ + mats.n + (off - small.at) : grad_stage_ + (off - mats.at);
+  };
+  const LayerOffsets& o = layer_off_[size_t(l)];
+  return {staged(o.attn_norm), staged(o.wqkv), o.bqkv >= 0 ? staged(o.bqkv) : nullptr, staged(o.wo), staged(o.mlp_norm),
+          staged(o.wgu),       staged(o.wdown)};
+}
+
+template <class T>
+void Model<T>::commit_layer_grads(int l) {
+  if (!grads16_ || train_off_ > 0) return;
+  const auto [mats, small] = layer_spans(l);
+  commit_grad(mats.at, mats.n);
+  commit_grad(small.at, small.n, mats.n);
+}
+
+template <class T>
+typename Model<T>::Master* Model<T>::stage_grad(int64_t off, int64_t n) {
+  if (!grads16_ || off < train_off_) return grad_at(off);
+  ops_->zero_bytes(grad_stage_, size_t(n) * sizeof(Master));
+  return grad_stage_;
+}
+
+template <class T>
+void Model<T>::commit_grad(int64_t off, int64_t n, int64_t stage_at) {
+  if (grads16_ && off >= train_off_) ops_->add_round(grads16_ + (off - train_off_), grad_stage_ + stage_at, n);
 }
 
 template <class T>
@@ -438,7 +491,10 @@ void Model<T>::set_param(const std::string& name, const Master* src, int64_t n) 
 
 template <class T>
 void Model<T>::zero_grad() {
-  ops_->zero_bytes(grads_arena_, size_t(num_trainable()) * sizeof(Master));
+  if (grads16_)
+    ops_->zero_bytes(grads16_, size_t(num_trainable()) * sizeof(bf16));
+  else
+    ops_->zero_bytes(grads_arena_, size_t(num_trainable()) * sizeof(Master));
 }
 
 template <class T>
@@ -585,8 +641,9 @@ void Model<T>::head_backward(int64_t n_rows, int64_t batch_tokens) {
   // coef_ holds dL/dlogp per gathered row; the result is dL/d(final hidden) in dxn_.
   const int64_t C = cfg_.hidden_size, V = cfg_.vocab_size;
   ops_->upload_bytes(coef_dev_, coef_.data(), size_t(n_rows) * sizeof(double));
-  ops_->head_logprobs_backward(gathered_dh_, grad_at(lm_head_off_), gathered_h_, lm_head(params_arena_), targets_dev_,
-                               lse_dev_, coef_dev_, n_rows, C, V, logits_chunk_, logits_elems_);
+  ops_->head_logprobs_backward(gathered_dh_, stage_grad(lm_head_off_, V * C), gathered_h_, lm_head(params_arena_),
+                               targets_dev_, lse_dev_, coef_dev_, n_rows, C, V, logits_chunk_, logits_elems_);
+  commit_grad(lm_head_off_, V * C);
   ops_->zero_bytes(dxn_, size_t(batch_tokens * C) * sizeof(T));
   ops_->scatter_rows(dxn_, gathered_dh_, row_index_dev_, n_rows, C);
 }
@@ -668,8 +725,9 @@ void Model<T>::backward_blocks(int64_t B, int64_t Tn) {
   // With LoRA every base gradient pointer is null: the ops skip those weight gradients (and the
   // GEMMs that would produce them) and compute the input gradients alone.
   o.zero_bytes(dresid_, size_t(N * C) * sizeof(T));
-  o.rmsnorm_backward(dresid_, grad_at(final_norm_off_), dxn_, resid_out_, params_arena_ + final_norm_off_, rstd_final_,
-                     N, C);
+  o.rmsnorm_backward(dresid_, stage_grad(final_norm_off_, C), dxn_, resid_out_, params_arena_ + final_norm_off_,
+                     rstd_final_, N, C);
+  commit_grad(final_norm_off_, C);
   for (int l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
     // A checkpointed layer's activations are recomputed from its saved input by the same ops
     // in the same order as the forward pass, so they (and the gradients) are bitwise the same.
@@ -703,8 +761,14 @@ void Model<T>::backward_blocks(int64_t B, int64_t Tn) {
     o.gemm(false, false, N, C, QKV, 1, dqkv_, QKV, p.wqkv, C, 0, dxn_, C);
     lora_backward(lo.qkv, xn_, dqkv_, QKV, dxn_, N);
     o.rmsnorm_backward(dresid_, g.attn_norm, dxn_, a.resid_in, p.attn_norm, a.rstd1, N, C);
+    commit_layer_grads(l);
   }
-  if (Master* g = grad_at(embed_off_)) o.embedding_backward(g, dresid_, tokens_dev_, N, C);
+  // With bf16 gradients the embedding's staged rows are the whole table: rows of tokens absent
+  // from the batch add an exact zero.
+  if (Master* g = stage_grad(embed_off_, cfg_.vocab_size * C)) {
+    o.embedding_backward(g, dresid_, tokens_dev_, N, C);
+    commit_grad(embed_off_, cfg_.vocab_size * C);
+  }
 }
 
 template <class T>

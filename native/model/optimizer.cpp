@@ -147,7 +147,8 @@ StepResult Model<T>::optimizer_step() {
   StepResult r;
   micro_ = 0;
   // The global norm of the trainable parameters' gradients: with LoRA, the adapters' alone.
-  const double norm = std::sqrt(ops_->sum_squares(grads_arena_, num_trainable()));
+  const double norm = std::sqrt(grads16_ ? ops_->sum_squares(grads16_, num_trainable())
+                                         : ops_->sum_squares(grads_arena_, num_trainable()));
   if (!std::isfinite(norm)) {
     zero_grad();
     throw Error("the gradient norm is not finite; the optimizer step was skipped and parameters are unchanged");
@@ -165,15 +166,14 @@ StepResult Model<T>::optimizer_step() {
   const double region_decay[2] = {lr * opt_.weight_decay, 0.0};
   // |g·clip| ≤ norm·clip for every element (rounding of the clip factor aside, 1e-6 covers it).
   const double peak = std::max(grad_peak_, norm * clip * (1 + 1e-6));
-  if (!optimizer_update_bound<Master>(opt_, lr, region_decay[0], peak, step).finite) {
-    // The scalars cannot rule overflow out: a dry run over every element decides, before
-    // anything is written.
+  // The same passes over either gradient buffer (G: Master, or bf16).
+  const auto dry_run = [&](const auto* grads) {
     for (int r = 0; r < 2; ++r) {
       const int64_t at = region_at[r], n = region_n[r];
       if (n == 0) continue;
       const T* w = params_arena_ + train_off_ + at;
       const Master* mw = master_ ? master_ + at : nullptr;
-      const Master* g = grads_arena_ + at;
+      const auto* g = grads + at;
       const bool finite =
           adam ? ops_->adamw_update_finite(w, mw, g, opt_m_ + at, opt_v_ + at, n, lr, opt_.beta1, opt_.beta2, opt_.eps,
                                            region_decay[r], clip, step)
@@ -185,18 +185,30 @@ StepResult Model<T>::optimizer_step() {
                                    "skipped and parameters, optimizer state and step count are unchanged"));
       }
     }
-  }
-  for (int r = 0; r < 2; ++r) {
-    const int64_t at = region_at[r], n = region_n[r];
-    if (n == 0) continue;
-    T* w = params_arena_ + train_off_ + at;
-    Master* mw = master_ ? master_ + at : nullptr;
-    const Master* g = grads_arena_ + at;
-    if (adam)
-      ops_->adamw_update(w, mw, g, opt_m_ + at, opt_v_ + at, n, lr, opt_.beta1, opt_.beta2, opt_.eps, region_decay[r],
-                         clip, step);
-    else
-      ops_->rmsprop_update(w, mw, g, opt_m_ + at, n, lr, opt_.alpha, opt_.eps, region_decay[r], clip);
+  };
+  const auto update = [&](const auto* grads) {
+    for (int r = 0; r < 2; ++r) {
+      const int64_t at = region_at[r], n = region_n[r];
+      if (n == 0) continue;
+      T* w = params_arena_ + train_off_ + at;
+      Master* mw = master_ ? master_ + at : nullptr;
+      const auto* g = grads + at;
+      if (adam)
+        ops_->adamw_update(w, mw, g, opt_m_ + at, opt_v_ + at, n, lr, opt_.beta1, opt_.beta2, opt_.eps, region_decay[r],
+                           clip, step);
+      else
+        ops_->rmsprop_update(w, mw, g, opt_m_ + at, n, lr, opt_.alpha, opt_.eps, region_decay[r], clip);
+    }
+  };
+  // The scalars cannot rule overflow out: a dry run over every element decides, before anything
+  // is written.
+  const bool bounded = optimizer_update_bound<Master>(opt_, lr, region_decay[0], peak, step).finite;
+  if (grads16_) {
+    if (!bounded) dry_run(static_cast<const bf16*>(grads16_));
+    update(static_cast<const bf16*>(grads16_));
+  } else {
+    if (!bounded) dry_run(static_cast<const Master*>(grads_arena_));
+    update(static_cast<const Master*>(grads_arena_));
   }
   step_ = step;
   grad_peak_ = peak;

@@ -96,6 +96,23 @@ class MetaOps final : public Ops<T> {
                              double, double) override {
     refuse();
   }
+  void add_round(bf16*, const Master*, int64_t) override { refuse(); }
+  double sum_squares(const bf16*, int64_t) override { refuse(); }
+  void adamw_update(T*, Master*, const bf16*, Master*, Master*, int64_t, double, double, double, double, double, double,
+                    int64_t) override {
+    refuse();
+  }
+  void rmsprop_update(T*, Master*, const bf16*, Master*, int64_t, double, double, double, double, double) override {
+    refuse();
+  }
+  bool adamw_update_finite(const T*, const Master*, const bf16*, const Master*, const Master*, int64_t, double, double,
+                           double, double, double, double, int64_t) override {
+    refuse();
+  }
+  bool rmsprop_update_finite(const T*, const Master*, const bf16*, const Master*, int64_t, double, double, double,
+                             double, double) override {
+    refuse();
+  }
   void kv_cache_write(T*, T*, const T*, const int32_t*, const int32_t*, int64_t, const AttentionShape&,
                       const KvBlocks&) override {
     refuse();

@@ -220,6 +220,25 @@ class Ops : public EncoderOps<T> {
   virtual bool rmsprop_update_finite(const T* p, const Master* master, const Master* g, const Master* sq, int64_t n,
                                      double lr, double alpha, double eps, double decay, double gscale) = 0;
 
+  // ---- Gradients accumulated in bf16 (MemoryPlan::bf16_gradients) ----
+  // The model computes each micro-batch's weight gradients in Master precision into scratch and
+  // adds them into its bf16 gradient buffer here: g(n) = bf16(float(g) + x), one
+  // round-to-nearest-even per element and call (CPU and CUDA give the same bits).
+  virtual void add_round(bf16* g, const Master* x, int64_t n) = 0;
+  // The readers of such a buffer: sum_squares and the updates and their dry runs as above, each
+  // gradient element widened to Master first (exactly), then the same arithmetic. So clipping
+  // divides by the norm of the very values the update applies.
+  virtual double sum_squares(const bf16* x, int64_t n) = 0;
+  virtual void adamw_update(T* p, Master* master, const bf16* g, Master* m, Master* v, int64_t n, double lr,
+                            double beta1, double beta2, double eps, double decay, double gscale, int64_t step) = 0;
+  virtual void rmsprop_update(T* p, Master* master, const bf16* g, Master* sq, int64_t n, double lr, double alpha,
+                              double eps, double decay, double gscale) = 0;
+  virtual bool adamw_update_finite(const T* p, const Master* master, const bf16* g, const Master* m, const Master* v,
+                                   int64_t n, double lr, double beta1, double beta2, double eps, double decay,
+                                   double gscale, int64_t step) = 0;
+  virtual bool rmsprop_update_finite(const T* p, const Master* master, const bf16* g, const Master* sq, int64_t n,
+                                     double lr, double alpha, double eps, double decay, double gscale) = 0;
+
   // ---- Decoding with a paged KV cache (batched sampling) ----
   // Rows are new tokens of sequences held in a paged KV cache (KvBlocks): row i is fused qkv as
   // above, belongs to block-table row slots[i] and sits at position positions[i]. s.batch is the

@@ -20,6 +20,7 @@
 #include "sppo/generate.h"
 #include "sppo/model.h"
 #include "tests/cuda_test_util.h"
+#include "tests/grad16_checks.h"
 #include "tests/harness.h"
 
 using namespace sppo;
@@ -219,6 +220,29 @@ SPPO_TEST(cuda_training_step_matches_cpu_loss_gradients_and_updates) {
     std::printf("      %s: %.0f%% of elements have |g| > %g x noise; their largest relative update error %.2e\n",
                 kind_name(kind), 100.0 * selected / t.cpu->num_params(), kSignMargin, worst_selected);
     expect_working_copy_is_rounded_master(*t.gpu);
+  }
+}
+
+// bf16 gradient accumulation on the GPU against the same GPU model's fp32 gradients: exact, as
+// on the CPU (tests/grad16_checks.h), with and without checkpointing; 8 micro-batches, as a
+// step of the paper's batch takes 32.
+SPPO_TEST(cuda_bf16_gradients_are_the_rounded_master_gradients) {
+  require_cuda();
+  for (bool checkpoint : {false, true}) {
+    const auto make = [checkpoint](bool half) {
+      MemoryPlan plan{4, 40};
+      plan.checkpoint_activations = checkpoint;
+      plan.bf16_gradients = half;
+      return std::make_unique<Model<bf16>>(test_config(), plan, cuda::make_ops(0));
+    };
+    check_bf16_gradients<bf16>(
+        checkpoint ? "cuda, checkpointed" : "cuda", make,
+        [](Model<bf16>& m, const int32_t* tokens, const uint8_t* mask) {
+          const std::vector<double> ref = {-40, -42, -39, -41}, target = {0.7, 0.3, 0.4, 0.6};
+          const PreferenceBatch pb{{tokens, mask, 4, 40}, ref.data(), target.data(), PreferenceLoss::SppoPair, 1000};
+          m.accumulate_preference_gradients(pb, 0.125, nullptr);
+        },
+        4, 40, 8);
   }
 }
 

@@ -9,6 +9,7 @@
 #include "cuda/cuda_backend.h"
 #include "sppo/generate.h"
 #include "sppo/model.h"
+#include "tests/grad16_checks.h"
 #include "tests/harness.h"
 #include "tests/model_configs.h"
 
@@ -56,16 +57,19 @@ void expect_same_report(const MemoryReport& plan, const MemoryReport& real, cons
 SPPO_TEST(plan_equals_what_the_cpu_backend_allocates) {
   const ModelConfig c = three_layer_config();
   const GeneratorPlan gen{3, 40};
-  for (bool with_lora : {false, true})
+  for (int variant = 0; variant < 3; ++variant)  // full fine-tuning, with bf16 gradients, LoRA
     for (bool checkpoint : {false, true})
       for (int opt = 0; opt < 3; ++opt) {
+        const bool with_lora = variant == 2;
         MemoryPlan plan{4, 24};
         plan.checkpoint_activations = checkpoint;
+        plan.bf16_gradients = variant == 1;
         const LoraConfig lora = with_lora ? some_lora() : LoraConfig{};
         const OptimizerConfig::Kind kinds[2] = {OptimizerConfig::Kind::AdamW, OptimizerConfig::Kind::RMSprop};
         const OptimizerConfig::Kind* kind = opt < 2 ? &kinds[opt] : nullptr;
-        const std::string what = std::string(with_lora ? "lora, " : "") + (checkpoint ? "checkpointed" : "full") +
-                                 ", optimizer " +
+        const std::string what = std::string(with_lora ? "lora, " : "") +
+                                 (plan.bf16_gradients ? "bf16 gradients, " : "") +
+                                 (checkpoint ? "checkpointed" : "full") + ", optimizer " +
                                  (opt == 0   ? "adamw"
                                   : opt == 1 ? "rmsprop"
                                              : "none");
@@ -200,4 +204,79 @@ SPPO_TEST(checkpointing_gives_bitwise_equal_gradients_lora) {
   // The adapters' gradients (B starts at 0: round 0's step makes it nonzero, so round 1 has
   // gradients for A and B alike), and the parameters after a step, frozen base included.
   expect_checkpointing_bitwise("sppo-pair loss with lora", some_lora(), preference_round);
+}
+
+namespace {
+
+// The three-layer model (q/k/v bias, untied head) with or without bf16 gradients.
+std::function<std::unique_ptr<Model<float>>(bool)> cpu_maker(bool checkpoint) {
+  return [checkpoint](bool half) {
+    MemoryPlan plan{4, 24};
+    plan.checkpoint_activations = checkpoint;
+    plan.bf16_gradients = half;
+    return std::make_unique<Model<float>>(three_layer_config(), plan, std::make_unique<cpu::CpuOps<float>>());
+  };
+}
+
+}  // namespace
+
+SPPO_TEST(bf16_gradients_are_the_rounded_master_gradients) {
+  for (bool checkpoint : {false, true}) {
+    const std::string how = checkpoint ? " (checkpointed)" : "";
+    testutil::check_bf16_gradients<float>(
+        "next-token loss" + how, cpu_maker(checkpoint),
+        [](Model<float>& m, const int32_t* tokens, const uint8_t* mask) {
+          m.accumulate_gradients(Batch{tokens, mask, 4, 24}, 0.25);
+        },
+        4, 24, 3);
+    testutil::check_bf16_gradients<float>(
+        "sppo-pair loss" + how, cpu_maker(checkpoint),
+        [](Model<float>& m, const int32_t* tokens, const uint8_t* mask) {
+          const std::vector<double> ref = {-40, -42, -39, -41}, target = {0.7, 0.3, 0.4, 0.6};
+          const PreferenceBatch pb{{tokens, mask, 4, 24}, ref.data(), target.data(), PreferenceLoss::SppoPair, 1000};
+          m.accumulate_preference_gradients(pb, 0.25, nullptr);
+        },
+        4, 24, 3);
+  }
+}
+
+SPPO_TEST(bf16_gradients_halve_the_gradient_buffer_and_train) {
+  // The plan: two bytes a trainable parameter, plus a Master stage for the largest gradient made
+  // at once (here the LM head's V × C, larger than a layer) under scratch.
+  ModelConfig c = testutil::featureful_config();  // tied embeddings: the head and the embedding share a tensor
+  c.vocab_size = 211;                             // V × C (3376) above a layer's 2192 elements
+  MemoryPlan plan{2, 20}, half = plan;
+  half.bf16_gradients = true;
+  const auto fp = cpu::CpuOps<float>::footprint();
+  const MemoryReport a = plan_memory<float>(c, plan, {}, fp, nullptr, nullptr);
+  const MemoryReport b = plan_memory<float>(c, half, {}, fp, nullptr, nullptr);
+  EXPECT_TRUE(2 * b.grads == a.grads, "bf16 gradients " << b.grads << " bytes, float " << a.grads);
+  EXPECT_TRUE(b.scratch - a.scratch == size_t(c.vocab_size * c.hidden_size) * sizeof(float),
+              "the stage takes " << b.scratch - a.scratch << " bytes");
+  // Training with a tied tensor (two roundings per micro-batch on it) follows float training.
+  std::vector<double> losses[2];
+  for (bool bf : {false, true}) {
+    Model<float> m(c, bf ? half : plan, std::make_unique<cpu::CpuOps<float>>());
+    OptimizerConfig oc;
+    oc.kind = OptimizerConfig::Kind::AdamW, oc.lr = 3e-3, oc.grad_accum_steps = 2;
+    m.set_optimizer(oc);
+    for (int step = 0; step < 12; ++step) {
+      auto tokens = random_tokens(2 * 20, c.vocab_size, 500 + step % 4);
+      losses[bf].push_back(m.train_step(Batch{tokens.data(), nullptr, 2, 20}).loss);
+    }
+  }
+  for (size_t i = 0; i < losses[0].size(); ++i)
+    EXPECT_TRUE(
+        std::fabs(losses[1][i] - losses[0][i]) <= 1e-2 * std::fabs(losses[0][i]),
+        "micro-batch " << i << ": loss " << losses[1][i] << " with bf16 gradients, " << losses[0][i] << " with float");
+  EXPECT_TRUE(losses[0].back() < losses[0][3] - 0.05,
+              "training did not lower the loss, so the comparison shows little");
+}
+
+SPPO_TEST(bf16_gradients_with_lora_are_refused) {
+  MemoryPlan plan{2, 16};
+  plan.bf16_gradients = true;
+  EXPECT_THROWS_WITH(
+      Model<float>(three_layer_config(), plan, std::make_unique<cpu::CpuOps<float>>(), true, some_lora()),
+      "LoRA adapters keep float32 gradients");
 }

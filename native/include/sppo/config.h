@@ -49,6 +49,11 @@ struct MemoryPlan {
   // backward: activations shrink from ~(4C + QKV + 2F)·N per layer to C·N per layer plus one
   // layer's worth, for one more forward pass per training step.
   bool checkpoint_activations = false;
+  // Accumulate the gradients in bf16 (2 bytes a parameter instead of 4): each micro-batch's
+  // weight gradients are computed in Master precision into a scratch the size of the largest of
+  // one layer, the LM head and the embedding, and added into the bf16 buffer with one rounding
+  // (docs/memory.md). Full fine-tuning only: LoRA adapters keep Master gradients.
+  bool bf16_gradients = false;
   void validate(const ModelConfig& c) const;
 };
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ops/meta_ops.h"
@@ -154,9 +155,11 @@ class Model final : public ModelApi<master_t<T>> {
   void set_param(const std::string& name, const Master* src, int64_t n) override;
   // The arenas themselves, in backend memory (host memory on the CPU, where tests read them). The
   // gradient arena covers the trainable parameters only: param_grad(p) is p's gradient (null for
-  // a frozen p); without LoRA, grad_data()[p.offset + i] too.
+  // a frozen p); without LoRA, grad_data()[p.offset + i] too. With plan.bf16_gradients the
+  // gradients live in grad16_data() instead (same layout) and grad_data() and param_grad are null.
   T* param_data() { return params_arena_; }
   Master* grad_data() { return grads_arena_; }
+  bf16* grad16_data() { return grads16_; }
   Master* param_grad(const ParamInfo& p) { return grad_at(p.offset); }
   int64_t num_params() const override { return n_params_; }
   // Elements of the trainable region, [num_params() - num_trainable(), num_params()) of the arena.
@@ -251,10 +254,27 @@ class Model final : public ModelApi<master_t<T>> {
   E* alloc_tracked(size_t n, size_t* counter);
   template <class E>
   LayerParams<E> layer_params(E* base, int l) const;
-  // Layer l's gradient slices (null where frozen).
+  // Where the backward writes layer l's weight gradients (null where frozen): its slices of the
+  // gradient arena, or with bf16 gradients the staging scratch, zeroed here (commit_layer_grads
+  // adds it into the arena after the layer's backward).
   LayerParams<Master> layer_grads(int l);
-  // The gradient of arena element `off`: null for a frozen parameter.
-  Master* grad_at(int64_t off) { return off < train_off_ ? nullptr : grads_arena_ + (off - train_off_); }
+  void commit_layer_grads(int l);
+  // A contiguous run of arena elements.
+  struct Span {
+    int64_t at, n;
+  };
+  // Layer l's parameters as two spans: its matrices (in the weight-decay region) and its norms
+  // and biases (after it), padding between tensors included.
+  std::pair<Span, Span> layer_spans(int l) const;
+  // The gradient of arena element `off`: null for a frozen parameter (and with bf16 gradients).
+  Master* grad_at(int64_t off) {
+    return off < train_off_ || !grads_arena_ ? nullptr : grads_arena_ + (off - train_off_);
+  }
+  // Where the backward writes the gradient of the n elements from `off` (one tensor: the head,
+  // the final norm, the embedding): grad_at(off), or with bf16 gradients the staging scratch,
+  // zeroed; commit_grad(off, n) then adds it into the bf16 arena. Null for a frozen tensor.
+  Master* stage_grad(int64_t off, int64_t n);
+  void commit_grad(int64_t off, int64_t n, int64_t stage_at = 0);
   // The adapters' part of the backward of one block: dA, dB, and dx(N, in) += their contribution,
   // for the block's input x(N, in) and output gradient dy (row stride ldy).
   void lora_backward(const LoraBlock& b, const T* x, const T* dy, int64_t ldy, T* dx, int64_t N);
@@ -311,9 +331,12 @@ class Model final : public ModelApi<master_t<T>> {
 
   T* params_arena_ = nullptr;
   Master* master_ = nullptr;       // fp32 master weights of the trainable region when T is narrower (bf16); else null
-  Master* grads_arena_ = nullptr;  // (num_trainable())
-  Master* opt_m_ = nullptr;        // AdamW first moment / RMSprop square average
-  Master* opt_v_ = nullptr;        // AdamW second moment
+  Master* grads_arena_ = nullptr;  // (num_trainable()); null with bf16 gradients
+  bf16* grads16_ = nullptr;        // (num_trainable()) with bf16 gradients, else null
+  Master* grad_stage_ = nullptr;   // with bf16 gradients: one tensor's or one layer's Master gradient
+  int64_t grad_stage_elems_ = 0;
+  Master* opt_m_ = nullptr;  // AdamW first moment / RMSprop square average
+  Master* opt_v_ = nullptr;  // AdamW second moment
   int64_t step_ = 0;
   int micro_ = 0;
   // The largest clipped global gradient norm fed to the optimizer state since set_optimizer:
