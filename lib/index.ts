@@ -10,7 +10,7 @@ export {
   type Device,
   type PresetName,
 } from './engine/model.js';
-export { formatMemoryPlan, MEMORY_CATEGORIES, type MemoryPlanReport, type PlanOptions } from './engine/memory.js';
+export { formatMemoryPlan, MEMORY_CATEGORIES, type GradientPrecision, type MemoryPlanReport, type PlanOptions } from './engine/memory.js';
 export type { CudaInfo } from './engine/native.js';
 export { LORA_TARGETS, type LoraOptions, type LoraTarget } from './engine/lora.js';
 export {

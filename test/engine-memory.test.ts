@@ -23,15 +23,21 @@ const llama3_8b: ModelConfig = {
 };
 
 describe('Model.plan', () => {
-  for (const activationCheckpointing of [false, true])
+  for (const [activationCheckpointing, gradientPrecision] of [
+    [false, 'fp32'],
+    [true, 'fp32'],
+    [false, 'bf16'],
+    [true, 'bf16'],
+  ] as const)
     for (const kind of ['adamw', 'rmsprop'] as const)
-      it(`equals what the CPU backend allocates, category by category (checkpointing ${activationCheckpointing}, ${kind})`, async () => {
+      it(`equals what the CPU backend allocates, category by category (checkpointing ${activationCheckpointing}, ${gradientPrecision} gradients, ${kind})`, async () => {
         const generator = { maxBatch: 4, maxContext: 24 };
-        const options: PlanOptions = { activationCheckpointing, optimizer: { kind }, generator };
+        const options: PlanOptions = { activationCheckpointing, gradientPrecision, optimizer: { kind }, generator };
         const planned = Model.plan(config, plan, options);
         const model = Model.create(config, plan, options);
         try {
           expect(model.activationCheckpointing).toBe(activationCheckpointing);
+          expect(model.gradientPrecision).toBe(gradientPrecision);
           model.setOptimizer({ kind });
           const gen = model.createGenerator(generator);
           const real = { ...model.memory(), kvCache: gen.memory() };
@@ -74,6 +80,40 @@ describe('Model.plan', () => {
     expect(r.activations).toBeGreaterThan(L * 2 * 1024 * C * 2);
     // The goal of issue 13: full fine-tuning with RMSprop within an H200's 141 GB.
     expect(r.total).toBeLessThan(141e9);
+    // bf16 gradients: two bytes a parameter, and a float32 stage for the LM head's V × C (the
+    // largest gradient made at once) under scratch. AdamW then fits as well.
+    const half = Model.plan(
+      llama3_8b,
+      { maxBatch: 2, maxSeq: 1024 },
+      { device: 'cuda', activationCheckpointing: true, gradientPrecision: 'bf16', optimizer: { kind: 'rmsprop' } },
+    );
+    expect(half.gradientPrecision).toBe('bf16');
+    expect(half.grads).toBe(2 * n);
+    expect(half.scratch - r.scratch).toBe(4 * V * C);
+    const adam = Model.plan(
+      llama3_8b,
+      { maxBatch: 2, maxSeq: 1024 },
+      { device: 'cuda', activationCheckpointing: true, gradientPrecision: 'bf16', optimizer: { kind: 'adamw' } },
+    );
+    expect(adam.total).toBeLessThan(141e9 - 8 * 2 ** 30); // 8 GiB left for the CUDA context, cuBLASLt and the allocator
+  });
+
+  it("resolves 'auto' gradient precision after checkpointing, and never to bf16 with LoRA", () => {
+    const options = { optimizer: { kind: 'adamw' } } as const;
+    const at = (available: number, extra: PlanOptions = {}) =>
+      Model.plan(config, plan, { ...options, ...extra, gradientPrecision: 'auto', available });
+    const fp32 = Model.plan(config, plan, { ...options, activationCheckpointing: true });
+    const bf16 = Model.plan(config, plan, { ...options, activationCheckpointing: true, gradientPrecision: 'bf16' });
+    expect(bf16.grads * 2).toBe(fp32.grads);
+    expect(bf16.total).toBeLessThan(fp32.total);
+    expect(at(fp32.total)).toMatchObject({ activationCheckpointing: true, gradientPrecision: 'fp32' });
+    expect(at(fp32.total - 1)).toMatchObject({ gradientPrecision: 'bf16' });
+    expect(Model.plan(config, plan, options).gradientPrecision).toBe('fp32'); // the default
+    const lora = { rank: 2, alpha: 4, targets: ['q_proj', 'v_proj'] };
+    expect(at(1000, { lora }).gradientPrecision).toBe('fp32');
+    expect(() => Model.plan(config, plan, { gradientPrecision: 'bf16', lora })).toThrow(
+      /bf16 gradients are for full fine-tuning: LoRA adapters keep float32 gradients/,
+    );
   });
 
   it("resolves 'auto' checkpointing against the memory available", () => {
@@ -106,6 +146,7 @@ describe('Model.plan', () => {
     );
     expect(() => Model.plan(config, plan, { available: -1 })).toThrow(/options\.available must be a number of bytes >= 0, got -1/);
     expect(() => Model.plan(config, plan, { lora: {} } as never)).toThrow(/options.*lora/);
+    expect(() => Model.plan(config, plan, { gradientPrecision: 'fp16' as never })).toThrow(/options\.gradientPrecision must be/);
     expect(() => Model.plan(config, { maxBatch: 0, maxSeq: 8 })).toThrow(/maxBatch/);
   });
 });
@@ -126,6 +167,7 @@ describe('Model.create', () => {
     }
     expect(message).toMatch(/^Model\.create: needs 0\.\d{3} GiB on cpu \(0\.\d{3} GiB free\): parameters 0\.\d{3}, gradients/);
     expect(message).toMatch(/ — activationCheckpointing: true brings activations to 0\.\d{3} \(total 0\.\d{3} GiB, fits\)/);
+    expect(message).toMatch(/; gradientPrecision: 'bf16' brings gradients to 0\.\d{3} \(total 0\.\d{3} GiB, fits\)/);
     expect(message).toMatch(/; optimizer: \{kind: 'rmsprop'\} brings optimizer state to 0\.\d{3} \(total 0\.\d{3} GiB, fits\)/);
     expect(message).toMatch(/; plan\.maxBatch: 1 brings activations and scratch to/);
     expect(message).toMatch(/; generator\.maxBatch: 2 brings generator KV cache to/);

@@ -2,12 +2,12 @@
 // generalisation on a synthetic Markov corpus), gradient accumulation, the learning-rate
 // schedule, train() progress, and target masks.
 import { afterEach, describe, expect, it } from 'vitest';
-import { Model, type ModelConfig, type StepResult } from '../lib/index.js';
+import { Model, type CreateOptions, type ModelConfig, type StepResult } from '../lib/index.js';
 import { MarkovChain, bitsEqual, changedParams, prng, randomRows, snapshot, tinyConfig } from './fixtures/engine-helpers.js';
 
 const live: Model[] = [];
-function create(cfg: ModelConfig, plan = { maxBatch: 4, maxSeq: 16 }): Model {
-  const m = Model.create(cfg, plan);
+function create(cfg: ModelConfig, plan = { maxBatch: 4, maxSeq: 16 }, options: CreateOptions = {}): Model {
+  const m = Model.create(cfg, plan, options);
   live.push(m);
   return m;
 }
@@ -87,6 +87,35 @@ describe('learning', () => {
     expect(held).toBeLessThan(init - 1.2);
     expect(held).toBeLessThan(uniform - 1.2);
     expect(held).toBeLessThan(optimum + 0.2);
+  });
+});
+
+describe('bf16 gradients', () => {
+  it('learn the Markov chain as float32 gradients do, over steps of 4 accumulated micro-batches', async () => {
+    // The native tests check the accumulation bit for bit; this is the end-to-end tolerance: each
+    // micro-batch's gradient enters with one bf16 rounding (relative 2^-9).
+    const V = 16;
+    const chain = new MarkovChain(V, 3, 7);
+    const cfg = tinyConfig({ vocab_size: V, hidden_size: 32, num_hidden_layers: 2, seed: 9 });
+    const seq = 24;
+    const rand = prng(300);
+    const train = Array.from({ length: 128 }, () => chain.sample(rand, seq));
+    const heldOut = Array.from({ length: 16 }, () => chain.sample(prng(400), seq));
+    const held: number[] = [];
+    let init = 0;
+    for (const gradientPrecision of ['fp32', 'bf16'] as const) {
+      const m = create(cfg, { maxBatch: 16, maxSeq: seq }, { gradientPrecision });
+      expect(m.gradientPrecision).toBe(gradientPrecision);
+      init = (await m.evalLoss(heldOut)).loss;
+      m.setOptimizer({ lr: 1e-2, gradAccumSteps: 4 });
+      for (let epoch = 0; epoch < 4; epoch++) for (let i = 0; i < train.length; i += 4) await m.trainStep(train.slice(i, i + 4));
+      held.push((await m.evalLoss(heldOut)).loss);
+    }
+    // Adam's trajectories part under any perturbation of the gradients, so the two runs end at
+    // different points of the same descent: within 5% of the drop (measured: init 2.81, held-out
+    // 1.27 with float32 and 1.23 with bf16 gradients).
+    expect(held[0]).toBeLessThan(init - 1.2);
+    expect(Math.abs(held[1] - held[0])).toBeLessThan(0.05 * (init - held[0]));
   });
 });
 

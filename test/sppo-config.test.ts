@@ -149,6 +149,18 @@ describe('errors name the field', () => {
     expect(lora({ dropout: 0.1 })).toEqual(['training.lora.dropout: unknown field']);
   });
 
+  it('training.gradientPrecision: absent is float32 (and hashes as before), bf16 is for full fine-tuning only', () => {
+    expect(parseConfig(minimal).training.gradientPrecision).toBeUndefined();
+    expect(configHash(parseConfig({ ...minimal, training: {} }))).toBe(configHash(parseConfig(minimal)));
+    expect(parseConfig({ ...minimal, training: { gradientPrecision: 'bf16' } }).training.gradientPrecision).toBe('bf16');
+    expect(problems({ ...minimal, training: { gradientPrecision: 'fp16' } })).toEqual([
+      "training.gradientPrecision: must be 'fp32' or 'bf16'",
+    ]);
+    expect(problems({ ...minimal, training: { gradientPrecision: 'bf16', lora: {} } })).toEqual([
+      "training.gradientPrecision: 'bf16' is for full fine-tuning: LoRA adapters keep float32 gradients (they are small)",
+    ]);
+  });
+
   it('a loss with the wrong mode, and oracle parameters that leave [0, 1]', () => {
     expect(problems({ ...minimal, training: { loss: 'sppo', mode: 'pair' } })).toEqual(["training.mode: loss 'sppo' needs mode 'all'"]);
     expect(problems({ ...minimal, training: { loss: 'ipo', mode: 'all' } })).toEqual(["training.mode: loss 'ipo' needs mode 'pair'"]);

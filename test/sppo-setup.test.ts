@@ -12,6 +12,7 @@ import { generatorPlanFor } from '../lib/sppo/run.js';
 import { runMemoryPlan } from '../lib/sppo/setup.js';
 import {
   demoConfigInput,
+  formatMemoryPlan,
   Model,
   parseConfig,
   RunConfigError,
@@ -140,6 +141,26 @@ describe('setupFromConfig', () => {
       ]);
     } finally {
       await dispose(setup);
+    }
+  });
+});
+
+describe('training.gradientPrecision', () => {
+  it("makes the policy's gradients bf16, in the model and in the plan `sppo run` prints", async () => {
+    const full = await setupFromConfig(hfConfig(), { device: 'cpu' });
+    const half = await setupFromConfig(hfConfig({ training: { maxLength: 32, batchSize: 1, gradientPrecision: 'bf16' } }), {
+      device: 'cpu',
+    });
+    try {
+      expect([full.model.gradientPrecision, half.model.gradientPrecision]).toEqual(['fp32', 'bf16']);
+      const [a, b] = [runMemoryPlan(full), runMemoryPlan(half)];
+      expect(b.gradientPrecision).toBe('bf16');
+      expect(2 * b.grads).toBe(a.grads);
+      expect(half.model.memory().grads).toBe(b.grads);
+      expect(formatMemoryPlan(b)).toMatch(/^memory plan on cpu \(activation checkpointing off, bf16 gradients, /);
+    } finally {
+      await dispose(full);
+      await dispose(half);
     }
   });
 });

@@ -173,9 +173,21 @@ const trainingSchema = z
     batchSize: positiveInt().default(8).describe('pairs (or examples) per micro-batch'),
     gradAccumSteps: positiveInt().default(8).describe("micro-batches per optimizer step: 8 × 8 = the reference's global batch of 64"),
     maxLength: positiveInt().default(1024).describe('prompt + response tokens per training row'),
+    gradientPrecision: z
+      .enum(['fp32', 'bf16'], { error: "must be 'fp32' or 'bf16'" })
+      .optional()
+      .describe(
+        "what the gradients accumulate in over a step's micro-batches: 'bf16' halves their memory (full fine-tuning of 7-8B models on one GPU) at one rounding per micro-batch, and clipping stays exact for the stored values (docs/memory.md); default fp32",
+      ),
     lora: loraSchema.optional(),
   })
   .superRefine((t, ctx) => {
+    if (t.gradientPrecision === 'bf16' && t.lora)
+      ctx.addIssue({
+        code: 'custom',
+        path: ['gradientPrecision'],
+        message: "'bf16' is for full fine-tuning: LoRA adapters keep float32 gradients (they are small)",
+      });
     if (t.mode !== undefined && t.mode !== datasetModeForLoss(t.loss))
       ctx.addIssue({
         code: 'custom',

@@ -86,6 +86,7 @@ export function demoSetup(
     {
       device: options.device,
       activationCheckpointing: options.activationCheckpointing,
+      ...(config.training.gradientPrecision && { gradientPrecision: config.training.gradientPrecision }),
       ...(config.training.lora && { lora: config.training.lora }),
     },
   );

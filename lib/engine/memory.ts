@@ -23,6 +23,15 @@ export interface PlanOptions {
    */
   activationCheckpointing?: boolean | 'auto';
   /**
+   * The precision gradients accumulate in over a step's micro-batches. 'bf16' halves their memory
+   * (2 bytes a parameter, plus a float32 stage for the largest gradient made at once: a layer's, or
+   * the LM head's or embedding's vocabulary × hidden) at one rounding per micro-batch; the norm
+   * clipping divides by is the exact norm of the stored values. Full fine-tuning only (LoRA
+   * adapters keep float32 gradients). Default 'fp32'; 'auto' takes 'bf16' when the plan does not
+   * fit `available` otherwise (after checkpointing, which changes no result).
+   */
+  gradientPrecision?: GradientPrecision | 'auto';
+  /**
    * Low-rank adapters on the listed projections, the base frozen: only the adapters have
    * gradients, master weights and optimizer state (scale alpha / rank, PEFT's parametrisation).
    */
@@ -38,10 +47,14 @@ export interface PlanOptions {
   available?: number;
 }
 
+/** What gradients accumulate in: float32, or bf16 (PlanOptions.gradientPrecision). */
+export type GradientPrecision = 'fp32' | 'bf16';
+
 /** Model.plan's answer: bytes per category and their total, with the options it resolved. */
 export interface MemoryPlanReport extends MemoryReport {
   device: 'cpu' | 'cuda';
   activationCheckpointing: boolean;
+  gradientPrecision: GradientPrecision;
   /** the bytes the plan was checked against, when known */
   available?: number;
 }
@@ -76,22 +89,33 @@ function availableOn(device: 'cpu' | 'cuda'): number | undefined {
 export function planMemory(config: ModelConfig, plan: MemoryPlan, options: PlanOptions): MemoryPlanReport {
   const device = resolveDevice(options.device);
   const available = options.available ?? availableOn(device);
-  const report = (activationCheckpointing: boolean): MemoryPlanReport => ({
+  const report = (activationCheckpointing: boolean, gradientPrecision: GradientPrecision): MemoryPlanReport => ({
     ...native().planMemory(config, plan, {
       device,
       activationCheckpointing,
+      bf16Gradients: gradientPrecision === 'bf16',
       ...(options.lora && { lora: options.lora }),
       ...(options.optimizer && { optimizer: { kind: options.optimizer.kind } }),
       ...(options.generator && { generator: options.generator }),
     }),
     device,
     activationCheckpointing,
+    gradientPrecision,
     ...(available !== undefined && { available }),
   });
+  // 'auto' settings, in the order they are tried: the result-neutral checkpointing first, then
+  // bf16 gradients (never with LoRA); the first that fits, else the smallest.
   const asked = options.activationCheckpointing ?? 'auto';
-  if (asked !== 'auto') return report(asked);
-  const full = report(false);
-  return available !== undefined && full.total > available ? report(true) : full;
+  const checkpointing = asked === 'auto' ? [false, true] : [asked];
+  const askedPrecision = options.gradientPrecision ?? 'fp32';
+  const precisions: GradientPrecision[] = askedPrecision !== 'auto' ? [askedPrecision] : options.lora ? ['fp32'] : ['fp32', 'bf16'];
+  let last: MemoryPlanReport | undefined;
+  for (const precision of precisions)
+    for (const ckpt of checkpointing) {
+      last = report(ckpt, precision);
+      if (available === undefined || last.total <= available) return last;
+    }
+  return last as MemoryPlanReport;
 }
 
 /** The plan as a table: one line per category, then the total (and what is available). */
@@ -99,8 +123,9 @@ export function formatMemoryPlan(r: MemoryPlanReport): string {
   const lines = MEMORY_CATEGORIES.filter(([key]) => r[key] > 0).map(([key, name]) => `  ${name.padEnd(20)}${gib(r[key]).padStart(8)} GiB`);
   lines.push(`  ${'total'.padEnd(20)}${gib(r.total).padStart(8)} GiB`);
   const checkpointing = `activation checkpointing ${r.activationCheckpointing ? 'on' : 'off'}`;
+  const gradients = r.gradientPrecision === 'bf16' ? ', bf16 gradients' : '';
   const available = r.available === undefined ? '' : `, ${gib(r.available)} GiB available`;
-  return `memory plan on ${r.device} (${checkpointing}${available}):\n${lines.join('\n')}`;
+  return `memory plan on ${r.device} (${checkpointing}${gradients}${available}):\n${lines.join('\n')}`;
 }
 
 /** Whether the planner accepts a variant: it throws RangeError for a pool under one block. */
@@ -135,7 +160,13 @@ export function refusalMessage(config: ModelConfig, plan: MemoryPlan, options: P
   const parts = MEMORY_CATEGORIES.filter(([key]) => r[key] > 0)
     .map(([key, name]) => `${name} ${gib(r[key])}`)
     .join(', ');
-  const fixed: PlanOptions = { ...options, device: r.device, available, activationCheckpointing: r.activationCheckpointing };
+  const fixed: PlanOptions = {
+    ...options,
+    device: r.device,
+    available,
+    activationCheckpointing: r.activationCheckpointing,
+    gradientPrecision: r.gradientPrecision,
+  };
   const alternatives: string[] = [];
   let fits = false;
   // Each change alone, and all of them together (`all`) when none fits alone.
@@ -152,13 +183,18 @@ export function refusalMessage(config: ModelConfig, plan: MemoryPlan, options: P
     all = { ...all, activationCheckpointing: true };
     consider('activationCheckpointing: true', ['activations'], { ...fixed, activationCheckpointing: true });
   }
+  if (!options.lora && r.gradientPrecision === 'fp32') {
+    all = { ...all, gradientPrecision: 'bf16' };
+    consider("gradientPrecision: 'bf16'", ['grads'], { ...fixed, gradientPrecision: 'bf16' });
+  }
   if (!options.lora) {
+    // LoRA's adapters keep float32 gradients: the suggestion replaces bf16 gradients.
     const lora = suggestedLora(config);
-    all = { ...all, lora };
+    all = { ...all, lora, gradientPrecision: 'fp32' };
     consider(
       `lora: {rank: ${lora.rank}} (all seven projections)`,
       r.master > 0 ? ['master', 'grads', 'optimizer'] : ['grads', 'optimizer'],
-      { ...fixed, lora },
+      { ...fixed, lora, gradientPrecision: 'fp32' },
     );
   }
   if (options.optimizer?.kind === 'adamw') {

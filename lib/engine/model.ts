@@ -5,7 +5,7 @@ import { throwIfAborted } from '../util/abort.js';
 import { CALL_FIELDS, checkFields, checkKind, describeValue, oneOf, toTokenBatch, type FieldCheck, type FieldKind } from './batch.js';
 import { GENERATOR_PLAN_FIELDS, openGenerator, type Generator, type GeneratorPlan } from './generate.js';
 import type { LoraOptions } from './lora.js';
-import { planMemory, refusalMessage, type MemoryPlanReport, type PlanOptions } from './memory.js';
+import { planMemory, refusalMessage, type GradientPrecision, type MemoryPlanReport, type PlanOptions } from './memory.js';
 import { native, type CudaInfo, type NativeModelHandle } from './native.js';
 import { packPreferenceBatch, packSequences } from './preference.js';
 import type {
@@ -88,6 +88,7 @@ const PLAN_OPTIONS_FIELDS = {
   activationCheckpointing: (v, name) => {
     if (typeof v !== 'boolean' && v !== 'auto') throw new TypeError(`${name} must be true, false or 'auto', got ${describeValue(v)}`);
   },
+  gradientPrecision: oneOf(['fp32', 'bf16', 'auto']),
   lora: checkLora,
   optimizer: 'object',
   generator: 'object',
@@ -192,7 +193,7 @@ export function cudaInfo(): CudaInfo {
   return native().cudaInfo();
 }
 
-export type { Device, MemoryPlanReport, PlanOptions } from './memory.js';
+export type { Device, GradientPrecision, MemoryPlanReport, PlanOptions } from './memory.js';
 
 /**
  * Model.plan's options, which Model.create also checks its plan against (counting the optimizer
@@ -224,15 +225,18 @@ export class Model {
 
   /** Whether the backward recomputes each layer from its saved input ('auto' resolved). */
   readonly activationCheckpointing: boolean;
+  /** What the gradients accumulate in ('auto' resolved). */
+  readonly gradientPrecision: GradientPrecision;
   /** The adapters, when the model has them (its base is then frozen); undefined without LoRA. */
   readonly lora: LoraOptions | undefined;
 
-  private constructor(handle: NativeModelHandle, plan: MemoryPlan, activationCheckpointing: boolean, lora: LoraOptions | undefined) {
+  private constructor(handle: NativeModelHandle, plan: MemoryPlan, planned: MemoryPlanReport, lora: LoraOptions | undefined) {
     this.#handle = handle;
     this.config = handle.config() as unknown as ResolvedModelConfig;
     this.plan = { ...plan };
     this.device = handle.state().device ?? 'cpu';
-    this.activationCheckpointing = activationCheckpointing;
+    this.activationCheckpointing = planned.activationCheckpointing;
+    this.gradientPrecision = planned.gradientPrecision;
     this.lora = lora && Object.freeze({ rank: lora.rank, alpha: lora.alpha, targets: Object.freeze([...lora.targets]) });
   }
 
@@ -256,10 +260,11 @@ export class Model {
     const handle = new (native().NativeModel)(cfg, plan, {
       device: planned.device,
       activationCheckpointing: planned.activationCheckpointing,
+      bf16Gradients: planned.gradientPrecision === 'bf16',
       ...(options.lora && { lora: options.lora }),
       ...(options.initialize !== undefined && { initialize: options.initialize }),
     });
-    return new Model(handle, plan, planned.activationCheckpointing, options.lora);
+    return new Model(handle, plan, planned, options.lora);
   }
 
   /**

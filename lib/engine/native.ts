@@ -115,6 +115,8 @@ export interface NativeModelOptions {
   /** default 'cpu' ('auto' is resolved by lib/engine/memory.ts before it gets here) */
   device?: 'cpu' | 'cuda' | 'auto';
   activationCheckpointing?: boolean;
+  /** gradients accumulated in bf16 ('auto' is resolved first, as for checkpointing) */
+  bf16Gradients?: boolean;
   /** adapters on the base, which they freeze (targets by module name; the engine validates the values) */
   lora?: LoraOptions;
 }

@@ -159,6 +159,7 @@ export function policyPlanOptions(config: RunConfig, model: ModelConfig, plan: M
   return {
     device: options.device,
     activationCheckpointing: options.activationCheckpointing,
+    ...(config.training.gradientPrecision && { gradientPrecision: config.training.gradientPrecision }),
     ...(config.training.lora && { lora: config.training.lora }),
     optimizer: { kind: config.training.optimizer.kind },
     generator: generatorPlanFor(config, model, plan),
