@@ -3,7 +3,7 @@
 // must come out on a machine without a GPU; and Model.create must refuse a plan that does not fit
 // with a message that says what would.
 import { describe, expect, it } from 'vitest';
-import { formatMemoryPlan, MEMORY_CATEGORIES, Model, type ModelConfig, type PlanOptions } from '../lib/index.js';
+import { formatMemoryPlan, MEMORY_CATEGORIES, Model, type LoraOptions, type ModelConfig, type PlanOptions } from '../lib/index.js';
 import { tinyConfig } from './fixtures/engine-helpers.js';
 
 const plan = { maxBatch: 3, maxSeq: 16 };
@@ -109,7 +109,7 @@ describe('Model.plan', () => {
     expect(at(fp32.total)).toMatchObject({ activationCheckpointing: true, gradientPrecision: 'fp32' });
     expect(at(fp32.total - 1)).toMatchObject({ gradientPrecision: 'bf16' });
     expect(Model.plan(config, plan, options).gradientPrecision).toBe('fp32'); // the default
-    const lora = { rank: 2, alpha: 4, targets: ['q_proj', 'v_proj'] };
+    const lora: LoraOptions = { rank: 2, alpha: 4, targets: ['q_proj', 'v_proj'] };
     expect(at(1000, { lora }).gradientPrecision).toBe('fp32');
     expect(() => Model.plan(config, plan, { gradientPrecision: 'bf16', lora })).toThrow(
       /bf16 gradients are for full fine-tuning: LoRA adapters keep float32 gradients/,
