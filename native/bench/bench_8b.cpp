@@ -7,6 +7,8 @@
 //   6·layers·d·T FLOPs per token against 790 TFLOP/s, bench_cuda.cpp's convention; the
 //   checkpointed recompute is not counted as useful work);
 //   generation at batch 64 (256-token prompts, 256 new tokens, T 0.7, top-p 0.9);
+//   full fine-tuning with AdamW over bf16 gradients (big8b_full_ft_bf16_adamw: what AdamW needs
+//   at this size, docs/memory.md), the same step and generation;
 //   the same with LoRA r16 on all seven projections over the frozen bf16 base (big8b_lora_: the
 //   plan and its measurement, a preference step's tokens/s and MFU at 4·params + 6·layers·d·T
 //   FLOPs per token, generation through the unmerged adapters), the goal being all of it within
@@ -154,8 +156,8 @@ void time_generation(GeneratorApi& g, const ModelConfig& c, const char* what) {
 
 // Creates the model of `plan` and `lora` over random weights, measures it against the plan, takes
 // one optimizer step of 32 micro-batches of 2 x 1024 (the global batch of 64) with RMSprop at
-// `lr`, then generates at batch 64.
-void run_8b(const MemoryPlan& plan, const LoraConfig& lora, double lr, const char* what) {
+// `lr` (or AdamW with `adamw`), then generates at batch 64.
+void run_8b(const MemoryPlan& plan, const LoraConfig& lora, double lr, const char* what, bool adamw = false) {
   const cuda::DeviceInfo d = cuda::probe();
   if (!d.available) {
     std::printf("skipped: %s\n", d.why_not.c_str());
@@ -163,12 +165,13 @@ void run_8b(const MemoryPlan& plan, const LoraConfig& lora, double lr, const cha
   }
   const ModelConfig c = llama3_8b();
   const int prompt = 256, accum = 32;
-  const OptimizerConfig::Kind rms = OptimizerConfig::Kind::RMSprop;
+  const OptimizerConfig::Kind kind = adamw ? OptimizerConfig::Kind::AdamW : OptimizerConfig::Kind::RMSprop;
   const GeneratorPlan gen{64, 512};
-  const MemoryReport planned = plan_memory<bf16>(c, plan, lora, cuda::footprint(), &rms, &gen);
-  std::printf("device %s, %.1f GiB; Llama-3-8B shape, %s, plan B%d T%d, RMSprop, activation checkpointing %s\n",
-              d.name.c_str(), d.total_memory / kGiB, what, plan.max_batch, plan.max_seq,
-              plan.checkpoint_activations ? "on" : "off");
+  const MemoryReport planned = plan_memory<bf16>(c, plan, lora, cuda::footprint(), &kind, &gen);
+  std::printf(
+      "device %s, %.1f GiB; Llama-3-8B shape, %s, plan B%d T%d, %s, activation checkpointing %s, %s gradients\n",
+      d.name.c_str(), d.total_memory / kGiB, what, plan.max_batch, plan.max_seq, adamw ? "AdamW" : "RMSprop",
+      plan.checkpoint_activations ? "on" : "off", plan.bf16_gradients ? "bf16" : "fp32");
   std::printf(
       "  plan: params %.2f, master %.3f, grads %.3f, optimizer %.3f, activations %.2f, scratch %.2f, KV cache "
       "%.2f; total %.2f GiB\n",
@@ -187,7 +190,7 @@ void run_8b(const MemoryPlan& plan, const LoraConfig& lora, double lr, const cha
                 created - base);
 
   OptimizerConfig oc;
-  oc.kind = rms, oc.lr = lr, oc.max_grad_norm = 1.0, oc.grad_accum_steps = accum;
+  oc.kind = kind, oc.lr = lr, oc.max_grad_norm = 1.0, oc.grad_accum_steps = accum;
   m.set_optimizer(oc);
   const size_t with_state = device_used();
   print_against("optimizer state", planned.optimizer, with_state - created);
@@ -221,4 +224,14 @@ SPPO_BENCH(big8b_full_ft_and_generate) {
   MemoryPlan plan{2, 1024};
   plan.checkpoint_activations = true;
   run_8b(plan, {}, 1e-7, "full FT");
+}
+
+// AdamW's two moments at 8B (59.8 GiB) fit beside everything else once the gradients are bf16
+// (plan ~123 GiB); the step also shows what the staging (a zero and an add-and-round of each
+// layer's, the head's and the embedding's gradient per micro-batch) costs against the fp32 one.
+SPPO_BENCH(big8b_full_ft_bf16_adamw_and_generate) {
+  MemoryPlan plan{2, 1024};
+  plan.checkpoint_activations = true;
+  plan.bf16_gradients = true;
+  run_8b(plan, {}, 1e-7, "full FT", /*adamw=*/true);
 }

@@ -1,6 +1,7 @@
 // Whole-model benchmark without Node: train-step tokens/s for the `tiny` and `small` presets at
-// the PyTorch CPU baseline's batch shapes, and the planned memory of each; and a LoRA step (r16
-// on all seven projections) beside the full step of the same model, in the same run.
+// the PyTorch CPU baseline's batch shapes, and the planned memory of each; a LoRA step (r16 on
+// all seven projections), and a step over bf16 gradients, each beside the full fp32 step of the
+// same model, in the same run.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -17,9 +18,11 @@
 using namespace sppo;
 
 namespace {
-double bench_train(const char* preset, int B, int Tn, int reps, const LoraConfig& lora = {}) {
+double bench_train(const char* preset, int B, int Tn, int reps, const LoraConfig& lora = {}, bool bf16_grads = false) {
   ModelConfig c = preset_config(preset);
-  Model<float> m(c, MemoryPlan{B, Tn}, std::make_unique<cpu::CpuOps<float>>(), true, lora);
+  MemoryPlan plan{B, Tn};
+  plan.bf16_gradients = bf16_grads;
+  Model<float> m(c, plan, std::make_unique<cpu::CpuOps<float>>(), true, lora);
   OptimizerConfig oc;
   oc.lr = 1e-4;
   m.set_optimizer(oc);
@@ -37,11 +40,11 @@ double bench_train(const char* preset, int B, int Tn, int reps, const LoraConfig
   const double t = times[times.size() / 2];
   MemoryReport mem = m.memory();
   std::printf(
-      "train %-6s%s B%-3d T%-4d %8.0f tok/s  (%.3f s/step, median of %d)  memory %.0f MiB "
+      "train %-6s%s%s B%-3d T%-4d %8.0f tok/s  (%.3f s/step, median of %d)  memory %.0f MiB "
       "(params %.0f, grads %.0f, optimizer %.0f, activations %.0f, scratch %.0f)\n",
-      preset, lora.enabled() ? " lora" : "", B, Tn, B * Tn / t, t, reps, mem.total() / 1048576.0,
-      mem.params / 1048576.0, mem.grads / 1048576.0, mem.optimizer / 1048576.0, mem.activations / 1048576.0,
-      mem.scratch / 1048576.0);
+      preset, lora.enabled() ? " lora" : "", bf16_grads ? " bf16 grads" : "", B, Tn, B * Tn / t, t, reps,
+      mem.total() / 1048576.0, mem.params / 1048576.0, mem.grads / 1048576.0, mem.optimizer / 1048576.0,
+      mem.activations / 1048576.0, mem.scratch / 1048576.0);
   std::fflush(stdout);
   return B * Tn / t;
 }
@@ -63,4 +66,15 @@ SPPO_BENCH(lora_train_step) {
   const double full = bench_train("small", 8, 512, 3);
   const double adapted = bench_train("small", 8, 512, 3, lora);
   std::printf("LoRA r16 (all seven) step / full step: %.2fx the tokens/s\n", adapted / full);
+}
+
+// bf16 gradients stage each layer's (and the head's and embedding's) gradient in float and add it
+// into the bf16 buffer: a zero and an add-and-round per element and micro-batch, against fp32
+// accumulation's GEMMs writing the buffer directly. Every step here is one micro-batch and an
+// optimizer step, the worst case for the staging's share.
+SPPO_BENCH(grad16_train_step) {
+  std::printf("threads %d, gemm kernel %s\n", num_threads(), cpu::gemm_kernel_name());
+  const double full = bench_train("small", 8, 512, 3);
+  const double half = bench_train("small", 8, 512, 3, {}, true);
+  std::printf("bf16-gradient step / fp32-gradient step: %.3fx the tokens/s\n", half / full);
 }
