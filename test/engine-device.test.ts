@@ -281,10 +281,15 @@ describe.skipIf(!info.available)('CUDA backend against the CPU backend (GPU mach
       max_position_embeddings: 1024,
     });
     const plan = { maxBatch: 4, maxSeq: 512 };
-    for (const activationCheckpointing of [false, true]) {
+    for (const [activationCheckpointing, gradientPrecision] of [
+      [false, 'fp32'],
+      [true, 'fp32'],
+      [true, 'bf16'],
+    ] as const) {
       const options = {
         device: 'cuda',
         activationCheckpointing,
+        gradientPrecision,
         optimizer: { kind: 'rmsprop' },
         generator: { maxBatch: 8, maxContext: 512 },
       } as const;
@@ -298,7 +303,7 @@ describe.skipIf(!info.available)('CUDA backend against the CPU backend (GPU mach
       for (const key of ['params', 'master', 'grads', 'optimizer', 'activations', 'scratch', 'kvCache'] as const)
         expect([key, planned[key]]).toEqual([key, real[key]]);
       console.log(
-        `checkpointing ${activationCheckpointing}: planned ${(planned.total / 2 ** 30).toFixed(3)} GiB, cudaMemGetInfo ${(used / 2 ** 30).toFixed(3)} GiB`,
+        `checkpointing ${activationCheckpointing}, ${gradientPrecision} gradients: planned ${(planned.total / 2 ** 30).toFixed(3)} GiB, cudaMemGetInfo ${(used / 2 ** 30).toFixed(3)} GiB`,
       );
       // What the plan leaves out: allocator rounding, cuBLASLt's workspace, lazily grown kernel scratch.
       expect(used).toBeGreaterThanOrEqual(planned.total);
