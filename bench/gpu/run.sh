@@ -71,7 +71,7 @@ if want tests && [ -x $bin/sppo_tests ] && t=$(limit 120 290) && run_for $t "C++
 fi
 
 # The planted bugs (bench/gpu/plants/, built by pack.sh): only the tests that must catch them.
-UPDATE_TESTS="cuda_training_step,cuda_embedding_rows,cuda_optimizer,cuda_linear_updates,cuda_rmsprop_training"
+UPDATE_TESTS="cuda_training_step,cuda_embedding_rows,cuda_optimizer,cuda_linear_updates,cuda_rmsprop_training,cuda_bf16_gradients"
 if want mutants; then
   for m in $bin/sppo_tests_*; do
     [ -x "$m" ] || continue
