@@ -8,7 +8,7 @@
 // (rsLoRA, DoRA, biases, per-layer ranks, layer subsets, extra trained modules) is refused by
 // field name rather than silently loaded as something else.
 import { existsSync, statSync } from 'node:fs';
-import { mkdir, readFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { LORA_TARGET_MODULE, LORA_TARGETS, loraTensorName, PEFT_TENSOR_PREFIX, type LoraOptions, type LoraTarget } from '../engine/lora.js';
 import type { ResolvedModelConfig } from '../engine/types.js';
@@ -18,7 +18,8 @@ import { ReadScratch, SafetensorsFile, writeSafetensorsTemp, type TensorSource }
 import { StagedFiles } from './staging.js';
 import { TOKENIZER_FILES } from './tokenizer.js';
 import { CheckpointWeights, removeStaleWeights, stageWeights } from './weights.js';
-import { fileWriteError, readCommitJournal } from '../util/atomic-write.js';
+import { fileWriteError, isTemporaryOf, readCommitJournal, temporaryOwner } from '../util/atomic-write.js';
+import { isProcessAlive } from '../util/lock.js';
 import { jsonSyntaxProblem } from '../util/json.js';
 
 export const ADAPTER_CONFIG_NAME = 'adapter_config.json';
@@ -152,7 +153,7 @@ export interface SaveAdapterOptions {
   modelConfig: LoraModelShape;
   /** every adapter tensor, by loraTensorName name */
   tensors: ReadonlyMap<string, Float32Array>;
-  /** base_model_name_or_path: the base model's hub id or directory */
+  /** base_model_name_or_path: the base model's hub id or directory (relative: from the loader's working directory, as PEFT reads it) */
   baseModel?: string;
 }
 
@@ -163,9 +164,10 @@ export interface SaveAdapterOptions {
  * only when both are complete, so a failure leaves an earlier adapter in `dir` intact. The two
  * renames cannot be one: ADAPTER_SAVE_JOURNAL records them while they run, so that a process
  * killed between them leaves a directory that loadAdapter refuses (naming the renames that finish
- * the save) rather than one that loads a config with tensors of another save.
+ * the save) rather than one that loads a config with tensors of another save. (A reader that
+ * runs during a live save can still meet the two files mid-change: one process at a time.)
  * `baseModel` is written as given: a relative path means relative to the working directory of
- * whoever loads it, as PEFT reads it (see adapterBaseModel). Returns the files written.
+ * whoever loads it, as PEFT reads it (see adapterBaseDir). Returns the files written.
  */
 export async function saveAdapter(dir: string, options: SaveAdapterOptions): Promise<string[]> {
   const { lora, modelConfig, tensors, baseModel } = options;
@@ -202,11 +204,25 @@ export async function saveAdapter(dir: string, options: SaveAdapterOptions): Pro
     // Staged last, so it is renamed into place only after the tensors it describes.
     await staging.writeText(path.join(dir, ADAPTER_CONFIG_NAME), adapterConfigJson(lora, baseModel));
     const written = staging.targets;
+    await removeDeadSaves(dir);
     await staging.commit({ journal: path.join(dir, ADAPTER_SAVE_JOURNAL) });
     return written;
   } catch (e) {
     await staging.abort();
     throw e;
+  }
+}
+
+/**
+ * Removes the temporaries that saves killed in `dir` left (of processes that no longer run): the
+ * save about to commit replaces what they were for, an interrupted save's pending renames included.
+ */
+async function removeDeadSaves(dir: string): Promise<void> {
+  const targets = [ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_SAVE_JOURNAL];
+  for (const name of await readdir(dir)) {
+    const owner = temporaryOwner(name);
+    if (owner !== undefined && !isProcessAlive(owner) && targets.some((t) => isTemporaryOf(name, t)))
+      await rm(path.join(dir, name), { force: true });
   }
 }
 
