@@ -13,7 +13,7 @@ import { demoConfigInput } from '../lib/demo/demo.js';
 import { CharTokenizer, demoModelConfig } from '../lib/demo/task.js';
 import { Model } from '../lib/engine/model.js';
 import { loadPretrained, savePretrained } from '../lib/io/checkpoint.js';
-import { saveAdapter } from '../lib/io/peft.js';
+import { mergeAdapter, saveAdapter } from '../lib/io/peft.js';
 import { tokenizerFileTexts } from '../lib/io/tokenizer.js';
 import { writeTinyMistralPolicy } from './fixtures/mistral-tokenizer.js';
 import { randomAdapter } from './fixtures/peft-adapters.js';
@@ -375,7 +375,11 @@ describe('sppo merge-adapter', () => {
     expect(merged.config.torch_dtype).toBe('bfloat16');
     await merged.model.dispose();
 
-    expectUsageError(await sppo('merge-adapter', '--adapter', adapter, '--out', out), '--base is required');
+    // saved with no base model: --base is needed
+    expectUsageError(
+      await sppo('merge-adapter', '--adapter', adapter, '--out', out),
+      `--adapter: ${adapter} is a LoRA adapter directory that names no base model (base_model_name_or_path); give the base with --base DIR`,
+    );
     expectUsageError(
       await sppo('merge-adapter', '--base', base, '--adapter', adapter, '--out', out, '--dtype', 'fp8'),
       "--dtype must be float32 or bfloat16, got 'fp8'",
@@ -389,4 +393,70 @@ describe('sppo merge-adapter', () => {
     expect(failed.stderr.trimEnd().split('\n')).toHaveLength(1);
     expect(failed.stderr).toMatch(/sppo merge-adapter: .*has shape \[2, 64\] but the base model in .* needs \[2, 32\]/);
   });
+
+  it('finds the base an adapter names as PEFT does: an absolute path from anywhere, a relative one from the working directory; --base overrides', async () => {
+    // work/models/base, and adapters over it naming it relative to work/ (as PEFT records a base
+    // loaded as 'models/base' from work/) and absolutely (as sppo run writes it)
+    const work = join(dir, 'resolve');
+    const elsewhere = join(dir, 'resolve-elsewhere');
+    mkdirSync(elsewhere, { recursive: true });
+    const base = join(work, 'models', 'base');
+    await writeTinyMistralPolicy(base);
+    const { model } = await loadPretrained(base, { maxBatch: 1, maxSeq: 8 });
+    const config = model.config;
+    await model.dispose();
+    const lora = { rank: 2, alpha: 4, targets: ['q_proj', 'down_proj'] as const };
+    const tensors = randomAdapter(config, lora, 2);
+    const relative = join(work, 'adapters', 'relative');
+    const absolute = join(work, 'adapters', 'absolute');
+    await saveAdapter(relative, { lora, modelConfig: config, tensors, baseModel: join('models', 'base') });
+    await saveAdapter(absolute, { lora, modelConfig: config, tensors, baseModel: base });
+    const reference = join(dir, 'resolve-reference');
+    await mergeAdapter(base, relative, reference);
+    const weights = (d: string) => readFileSync(join(d, 'model.safetensors'));
+
+    // from work/: the relative name is work/models/base (not the adapter's own models/base, which is no directory)
+    const fromWork = await inDirectory(work, () => sppo('merge-adapter', '--adapter', relative, '--out', join(dir, 'resolve-1')));
+    expect(fromWork.code, fromWork.stderr).toBe(0);
+    expect(fromWork.stdout).toContain(`into ${base}:`);
+    expect(weights(join(dir, 'resolve-1')).equals(weights(reference))).toBe(true);
+    // from elsewhere the relative name finds nothing, and the error says where it looked and why
+    expectUsageError(
+      await inDirectory(elsewhere, () => sppo('merge-adapter', '--adapter', relative, '--out', join(dir, 'resolve-2'))),
+      `--adapter: ${relative} is a LoRA adapter over models/base, which is not a model directory here ` +
+        `(${join(elsewhere, 'models', 'base')}: a relative path is resolved against the working directory, as PEFT does); give the base with --base DIR`,
+    );
+    // the absolute name, from anywhere
+    const fromElsewhere = await inDirectory(elsewhere, () => sppo('merge-adapter', '--adapter', absolute, '--out', join(dir, 'resolve-3')));
+    expect(fromElsewhere.code, fromElsewhere.stderr).toBe(0);
+    expect(weights(join(dir, 'resolve-3')).equals(weights(reference))).toBe(true);
+
+    // sppo generate resolves it the same way, and --base stands in for a base it cannot find
+    const prompts = file('resolve-prompts.jsonl', '{"prompt":"abc"}\n');
+    const args = ['--prompts', prompts, '--max-new-tokens', '3', '--seed', '1'];
+    const sampled = await inDirectory(work, () => sppo('generate', '--model', relative, ...args));
+    expect(sampled.code, sampled.stderr).toBe(0);
+    expectUsageError(
+      await inDirectory(elsewhere, () => sppo('generate', '--model', relative, ...args)),
+      `--model: ${relative} is a LoRA adapter over models/base, which is not a model directory here (${join(elsewhere, 'models', 'base')}:`,
+      'give its base with --base DIR',
+    );
+    const given = await inDirectory(elsewhere, () => sppo('generate', '--model', relative, '--base', base, ...args));
+    expect(given.code, given.stderr).toBe(0);
+    expect(given.stdout).toBe(sampled.stdout);
+    const absoluteSampled = await inDirectory(elsewhere, () => sppo('generate', '--model', absolute, ...args));
+    expect(absoluteSampled.stdout).toBe(sampled.stdout);
+    expectUsageError(await sppo('generate', '--model', base, '--base', base, ...args), `--base: ${base} is not a LoRA adapter directory`);
+  });
 });
+
+/** `fn` run with `cwd` as the working directory, which is then restored. */
+async function inDirectory<T>(cwd: string, fn: () => Promise<T>): Promise<T> {
+  const before = process.cwd();
+  process.chdir(cwd);
+  try {
+    return await fn();
+  } finally {
+    process.chdir(before);
+  }
+}

@@ -1,26 +1,31 @@
 // PEFT adapter directories: tensor names and shapes in PEFT's layout, a bitwise save → load round
-// trip, every refusal naming its problem, saves that are atomic under SIGKILL, and the merge into
+// trip, every refusal naming its problem, saves that SIGKILL at any moment (an exact rename
+// included) never leaves a directory that loads a mix of two saves, and the merge into
 // a full checkpoint checked against W + (alpha/r)·B·A computed here in float64 from the files.
-import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { LORA_TARGETS, loraTensorName, PEFT_TENSOR_PREFIX, type LoraOptions } from '../lib/engine/lora.js';
 import { Model, loadPretrained, readSafetensors, savePretrained, writeSafetensors, type ResolvedModelConfig } from '../lib/index.js';
 import {
   ADAPTER_CONFIG_NAME,
+  ADAPTER_SAVE_JOURNAL,
   ADAPTER_WEIGHTS_NAME,
+  AdapterError,
+  adapterBaseDir,
   loadAdapter,
   loraTensorShapes,
   mergeAdapter,
   saveAdapter,
+  type LoadedAdapter,
   type LoraModelShape,
 } from '../lib/io/peft.js';
 import { bitsEqual, errorOf, tinyConfig } from './fixtures/engine-helpers.js';
 import { writeTinyMistralPolicy } from './fixtures/mistral-tokenizer.js';
-import { SAVER_LORA, SAVER_SHAPE, randomAdapter } from './fixtures/peft-adapters.js';
+import { SAVER_SHAPE, SAVER_VERSIONS, randomAdapter } from './fixtures/peft-adapters.js';
 
 const root = mkdtempSync(path.join(tmpdir(), 'sppo-peft-'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
@@ -307,13 +312,11 @@ describe('saveAdapter / loadAdapter', () => {
     expect(readdirSync(dir).sort()).toEqual([ADAPTER_CONFIG_NAME]);
   });
 
-  it('a save killed at any moment leaves the previous adapter or the new one, whole', async () => {
+  it('a save killed at any moment leaves the previous adapter or the new one, whole, or a directory that is refused', async () => {
     const dir = newDir('killed');
-    const versions = [randomAdapter(SAVER_SHAPE, SAVER_LORA, 1), randomAdapter(SAVER_SHAPE, SAVER_LORA, 2)];
-    const script = fileURLToPath(new URL('./fixtures/peft-saver.mts', import.meta.url));
     let interrupted = 0;
     for (let round = 0; round < 5; round++) {
-      const child = spawn(process.execPath, ['--import', 'tsx', script, dir], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const child = saver([dir]);
       // killed after its first complete save plus a varying delay, so the kill lands inside later saves
       await new Promise<void>((resolve, reject) => {
         child.stdout.on('data', () => resolve());
@@ -324,14 +327,97 @@ describe('saveAdapter / loadAdapter', () => {
       child.kill('SIGKILL');
       await exited;
       if (readdirSync(dir).some((f) => f.includes('.tmp-'))) interrupted++;
-      const loaded = await loadAdapter(dir, SAVER_SHAPE);
-      const which = versions.findIndex((v) => [...v].every(([name, data]) => bitsEqual(loaded.tensors.get(name)!, data)));
-      expect(which).toBeGreaterThanOrEqual(0);
+      // the versions' configs differ (alpha, base), so a config with the other's tensors would show
+      expectWholeOrRefused(dir, await loadAdapter(dir, SAVER_SHAPE).catch((e: unknown) => e as Error));
     }
     // a temporary left behind shows that a kill landed inside a save (2 to 5 of 5 rounds here)
     expect(interrupted).toBeGreaterThan(0);
   }, 120_000);
+
+  // The renames take microseconds, so a kill timed from outside seldom lands between them: here
+  // the child is killed at an exact rename by an LD_PRELOAD library (fixtures/kill-at-rename.c).
+  describe.runIf(process.platform === 'linux')('a save killed at each of its renames', () => {
+    let preload = '';
+    beforeAll(() => {
+      preload = path.join(newDir('preload'), 'kill-at-rename.so');
+      mkdirSync(path.dirname(preload));
+      const source = fileURLToPath(new URL('./fixtures/kill-at-rename.c', import.meta.url));
+      execFileSync(process.env.CC ?? 'cc', ['-shared', '-fPIC', '-O2', '-o', preload, source, '-ldl']);
+    });
+
+    /** `dir` holding version 0, then a save of version 1 killed at the rename onto `target` (a name in `dir`). */
+    async function killedSave(target: string): Promise<string> {
+      const dir = newDir('killed-at');
+      await saveAdapter(dir, { ...SAVER_VERSIONS[0], modelConfig: SAVER_SHAPE });
+      const child = saver([dir, '1'], { LD_PRELOAD: preload, KILL_AT_RENAME: `${path.sep}${target}` });
+      const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((r) => child.on('exit', (c, s) => r([c, s])));
+      expect([code, signal]).toEqual([null, 'SIGKILL']);
+      return dir;
+    }
+
+    it('between the tensors and the config: refused by name, and the renames it names finish the save', async () => {
+      const dir = await killedSave(ADAPTER_CONFIG_NAME);
+      // the new tensors are in place beside the old config (the new one still a temporary): refused
+      const err = await loadAdapter(dir, SAVER_SHAPE).catch((e: unknown) => e as Error);
+      expectWholeOrRefused(dir, err);
+      if (!(err instanceof AdapterError))
+        return expect.fail(err instanceof Error ? err.message : 'loaded a directory that mixes two saves');
+      expect(
+        readdirSync(dir)
+          .filter((f) => !f.includes('.tmp-'))
+          .sort(),
+      ).toEqual([ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ADAPTER_SAVE_JOURNAL]);
+      const journal = path.join(dir, ADAPTER_SAVE_JOURNAL);
+      expect(err.message).toContain(`${dir}: a save by process `);
+      expect(err.message).toContain(`stopped (or is still running) between renaming ${ADAPTER_WEIGHTS_NAME} and ${ADAPTER_CONFIG_NAME}`);
+      // mergeAdapter and sppo's base lookup read the config through the same check
+      expect((await errorOf(() => adapterBaseDir(dir))).message).toBe(err.message);
+      const renames = [...err.message.matchAll(/rename (\S+) to (\S+?),/g)].map((m) => [m[1], m[2]]);
+      expect(renames).toEqual([[expect.stringMatching(/adapter_config\.json\.tmp-\d+-[0-9a-f]+$/), path.join(dir, ADAPTER_CONFIG_NAME)]]);
+      expect(err.message).toContain(`and delete ${journal}`);
+      // doing what it says gives the new adapter, whole: nothing the killed save wrote is lost
+      for (const [from, to] of renames) renameSync(from, to);
+      rmSync(journal);
+      expect(whichVersion(await loadAdapter(dir, SAVER_SHAPE))).toBe(1);
+    });
+
+    it('before any rename: the previous adapter loads, and the next save replaces it', async () => {
+      for (const target of [ADAPTER_SAVE_JOURNAL, ADAPTER_WEIGHTS_NAME]) {
+        const dir = await killedSave(target);
+        // killed at the journal's rename there is none; at the tensors', it lists temporaries all still there
+        expect(existsSync(path.join(dir, ADAPTER_SAVE_JOURNAL)), target).toBe(target === ADAPTER_WEIGHTS_NAME);
+        expect(whichVersion(await loadAdapter(dir, SAVER_SHAPE)), target).toBe(0);
+        expect(readdirSync(dir).filter((f) => f.includes('.tmp-')).length, target).toBeGreaterThan(0);
+        await saveAdapter(dir, { ...SAVER_VERSIONS[1], modelConfig: SAVER_SHAPE });
+        // no journal, and the killed save's temporaries gone with it
+        expect(readdirSync(dir).sort()).toEqual([ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]);
+        expect(whichVersion(await loadAdapter(dir, SAVER_SHAPE)), target).toBe(1);
+      }
+    });
+  });
 });
+
+/** The saver child (fixtures/peft-saver.mts) with `args`, and `env` added to this process's. */
+function saver(args: string[], env: Record<string, string> = {}) {
+  const script = fileURLToPath(new URL('./fixtures/peft-saver.mts', import.meta.url));
+  return spawn(process.execPath, ['--import', 'tsx', script, ...args], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, ...env },
+  });
+}
+
+/** Which of SAVER_VERSIONS `loaded` is, config and tensors alike; -1 for neither (a mix). */
+function whichVersion(loaded: LoadedAdapter): number {
+  return SAVER_VERSIONS.findIndex(
+    (v) => v.lora.alpha === loaded.lora.alpha && [...v.tensors].every(([name, data]) => bitsEqual(loaded.tensors.get(name)!, data)),
+  );
+}
+
+/** A load of a saver's directory either gave one version whole, or refused because a save was interrupted. */
+function expectWholeOrRefused(dir: string, loaded: LoadedAdapter | Error): void {
+  if (loaded instanceof Error) expect(loaded.message).toMatch(new RegExp(`stopped \\(or is still running\\) between renaming`));
+  else expect(whichVersion(loaded), `${dir}: a config with another save's tensors`).toBeGreaterThanOrEqual(0);
+}
 
 /** Edits adapter_config.json in place. */
 function editConfig(dir: string, fields: Record<string, unknown>): void {

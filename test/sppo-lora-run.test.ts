@@ -4,7 +4,7 @@
 // learns (held-out win rate against π_0 above ½), the base never moves, a run killed mid-way
 // resumes to exactly the uninterrupted run's results, and the merge of an iteration's adapter
 // into the base computes the logits of base + adapter.
-import { cpSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
@@ -307,5 +307,14 @@ describe('sppo run with training.lora', () => {
     // the chat text leaves the special tokens out where the demo's shows '�'
     expect(a.map((r) => r.response.replaceAll('�', ''))).toEqual(m.map((r) => r.response));
     a.forEach((r, i) => expect(r.logprob).toBeCloseTo(m[i].logprob, 3));
+
+    // the run directory moved: its adapters' recorded (absolute) base is gone, and --demo-run
+    // samples over the run's own base/frozen, as before the move
+    const moved = path.join(tmp, 'demo-lora-moved');
+    renameSync(dir, moved);
+    expect(existsSync(path.resolve(run.frozenBase))).toBe(false);
+    const again = await cli('generate', '--demo-run', moved, '--prompts', words, '--seed', '4');
+    expect(again.code, again.stderr).toBe(0);
+    expect(again.stdout).toBe(sampled.stdout);
   }, 120_000);
 });

@@ -1,14 +1,16 @@
 // The shared utilities on real files and signals: an atomic write replaces its target whole and
-// leaves no temporary behind, and a failed one leaves the old content; one abort error; one
+// leaves no temporary behind, and a failed one leaves the old content; a multi-file commit's
+// journal tells a commit stopped between its renames; one abort error; one
 // int32 token-id check.
-import { chmodSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { hostname, tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { abortError, throwIfAborted } from '../lib/util/abort.js';
 import {
   commitTemporaries,
   isTemporaryOf,
+  readCommitJournal,
   temporaryPath,
   writeFileAtomic,
   writeJsonAtomic,
@@ -115,6 +117,50 @@ describe('atomic writes', () => {
     await expect(commitTemporaries(midway)).rejects.toThrow(/ENOENT/);
     expect(readFileSync(a, 'utf8')).toBe('a');
     expect(readdirSync(dir).sort()).toEqual(['a', 'blocked']);
+  });
+
+  it('with a journal: none after a commit; a rename failing midway leaves it, naming the renames that finish the commit; one failing first leaves none', async () => {
+    const dir = freshDir();
+    const [a, b] = [path.join(dir, 'a'), path.join(dir, 'b')];
+    const journal = path.join(dir, 'commit.json');
+    const stage = (target: string, text: string) => writeTemporary(target, (fh) => fh.writeFile(text)).then((tmp) => ({ tmp, target }));
+    await commitTemporaries([await stage(a, 'a1'), await stage(b, 'b1')], { journal });
+    expect(readdirSync(dir).sort()).toEqual(['a', 'b']);
+    expect(await readCommitJournal(journal)).toBeUndefined();
+
+    // the second rename fails for real (its folder is gone): a holds the new text, b the old
+    const gone = path.join(dir, 'gone', 'b');
+    const midway = [await stage(a, 'a2'), { ...(await stage(b, 'b2')), target: gone }];
+    await expect(commitTemporaries(midway, { journal })).rejects.toThrow(/ENOENT/);
+    expect([readFileSync(a, 'utf8'), readFileSync(b, 'utf8')]).toEqual(['a2', 'b1']);
+    expect(await readCommitJournal(journal)).toEqual({
+      journal,
+      writer: { pid: process.pid, host: hostname() },
+      pending: [{ tmp: midway[1].tmp, target: gone }],
+    });
+    // its temporary is kept for that rename (whose folder, back now, lets it finish)
+    expect(readFileSync(midway[1].tmp, 'utf8')).toBe('b2');
+    rmSync(midway[1].tmp);
+    expect((await readCommitJournal(journal))?.pending).toEqual([]); // a temporary gone: still mixed, nothing to finish with
+
+    // a journal listing temporaries that are all still there: no rename happened, every target is as before
+    rmSync(journal);
+    const staged = [await stage(a, 'a3'), await stage(b, 'b3')];
+    writeFileSync(
+      journal,
+      JSON.stringify({ pid: 1, host: 'h', files: staged.map((f) => ({ tmp: path.basename(f.tmp), target: path.basename(f.target) })) }),
+    );
+    expect(await readCommitJournal(journal)).toBeUndefined();
+    writeFileSync(journal, '{"pid": 1,');
+    expect(await readCommitJournal(journal)).toEqual({ journal, pending: [] });
+
+    // the first rename fails: nothing renamed, so no journal and no temporary stays
+    rmSync(journal);
+    const first = [{ ...(await stage(a, 'a4')), target: gone }, await stage(b, 'b4')];
+    await expect(commitTemporaries(first, { journal })).rejects.toThrow(/ENOENT/);
+    expect(existsSync(journal)).toBe(false);
+    expect(existsSync(first[0].tmp) || existsSync(first[1].tmp)).toBe(false);
+    expect([readFileSync(a, 'utf8'), readFileSync(b, 'utf8')]).toEqual(['a2', 'b1']);
   });
 
   it('name temporaries <target>.tmp-<pid>-<random>, and recognise them', () => {

@@ -8,7 +8,7 @@
 // (rsLoRA, DoRA, biases, per-layer ranks, layer subsets, extra trained modules) is refused by
 // field name rather than silently loaded as something else.
 import { existsSync, statSync } from 'node:fs';
-import { mkdir, readFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { LORA_TARGET_MODULE, LORA_TARGETS, loraTensorName, PEFT_TENSOR_PREFIX, type LoraOptions, type LoraTarget } from '../engine/lora.js';
 import type { ResolvedModelConfig } from '../engine/types.js';
@@ -18,11 +18,17 @@ import { ReadScratch, SafetensorsFile, writeSafetensorsTemp, type TensorSource }
 import { StagedFiles } from './staging.js';
 import { TOKENIZER_FILES } from './tokenizer.js';
 import { CheckpointWeights, removeStaleWeights, stageWeights } from './weights.js';
-import { fileWriteError } from '../util/atomic-write.js';
+import { fileWriteError, isTemporaryOf, readCommitJournal, temporaryOwner } from '../util/atomic-write.js';
+import { isProcessAlive } from '../util/lock.js';
 import { jsonSyntaxProblem } from '../util/json.js';
 
 export const ADAPTER_CONFIG_NAME = 'adapter_config.json';
 export const ADAPTER_WEIGHTS_NAME = 'adapter_model.safetensors';
+/**
+ * saveAdapter's journal (commitTemporaries' CommitOptions): present only while the two files are
+ * renamed into place, so one that remains says they may come from different saves.
+ */
+export const ADAPTER_SAVE_JOURNAL = 'adapter_save_incomplete.json';
 
 export class AdapterError extends Error {
   override name = 'AdapterError';
@@ -147,7 +153,7 @@ export interface SaveAdapterOptions {
   modelConfig: LoraModelShape;
   /** every adapter tensor, by loraTensorName name */
   tensors: ReadonlyMap<string, Float32Array>;
-  /** base_model_name_or_path: the base model's hub id or directory */
+  /** base_model_name_or_path: the base model's hub id or directory (relative: from the loader's working directory, as PEFT reads it) */
   baseModel?: string;
 }
 
@@ -155,8 +161,13 @@ export interface SaveAdapterOptions {
  * Writes a PEFT adapter directory: adapter_model.safetensors (float32, PEFT's tensor names) and
  * adapter_config.json. Every tensor is checked first (none missing or extra, each of its shape's
  * size and finite); both files are written in full under temporary names and renamed into place
- * only when both are complete, so a failure leaves an earlier adapter in `dir` intact.
- * Returns the files written.
+ * only when both are complete, so a failure leaves an earlier adapter in `dir` intact. The two
+ * renames cannot be one: ADAPTER_SAVE_JOURNAL records them while they run, so that a process
+ * killed between them leaves a directory that loadAdapter refuses (naming the renames that finish
+ * the save) rather than one that loads a config with tensors of another save. (A reader that
+ * runs during a live save can still meet the two files mid-change: one process at a time.)
+ * `baseModel` is written as given: a relative path means relative to the working directory of
+ * whoever loads it, as PEFT reads it (see adapterBaseDir). Returns the files written.
  */
 export async function saveAdapter(dir: string, options: SaveAdapterOptions): Promise<string[]> {
   const { lora, modelConfig, tensors, baseModel } = options;
@@ -193,12 +204,78 @@ export async function saveAdapter(dir: string, options: SaveAdapterOptions): Pro
     // Staged last, so it is renamed into place only after the tensors it describes.
     await staging.writeText(path.join(dir, ADAPTER_CONFIG_NAME), adapterConfigJson(lora, baseModel));
     const written = staging.targets;
-    await staging.commit();
+    await removeDeadSaves(dir);
+    await staging.commit({ journal: path.join(dir, ADAPTER_SAVE_JOURNAL) });
     return written;
   } catch (e) {
     await staging.abort();
     throw e;
   }
+}
+
+/**
+ * Removes the temporaries that saves killed in `dir` left (of processes that no longer run): the
+ * save about to commit replaces what they were for, an interrupted save's pending renames included.
+ */
+async function removeDeadSaves(dir: string): Promise<void> {
+  const targets = [ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_SAVE_JOURNAL];
+  for (const name of await readdir(dir)) {
+    const owner = temporaryOwner(name);
+    if (owner !== undefined && !isProcessAlive(owner) && targets.some((t) => isTemporaryOf(name, t)))
+      await rm(path.join(dir, name), { force: true });
+  }
+}
+
+/**
+ * adapter_config.json's JSON object, refused (naming the files and what finishes the save) while
+ * a save's journal says the directory may mix two saves' files.
+ */
+async function readAdapterConfigObject(dir: string): Promise<{ file: string; config: Record<string, unknown> }> {
+  const file = path.join(dir, ADAPTER_CONFIG_NAME);
+  if (!existsSync(file)) throw new AdapterError(`${dir}: no ${ADAPTER_CONFIG_NAME} (not a PEFT adapter directory)`);
+  const interrupted = await readCommitJournal(path.join(dir, ADAPTER_SAVE_JOURNAL));
+  if (interrupted) {
+    const { journal, writer, pending } = interrupted;
+    const by = writer ? ` by process ${writer.pid} on ${writer.host}` : '';
+    const finish =
+      pending.length > 0
+        ? `, or finish that save: ${pending.map((f) => `rename ${f.tmp} to ${f.target}`).join(', then ')}, and delete ${journal}`
+        : '';
+    throw new AdapterError(
+      `${dir}: a save${by} stopped (or is still running) between renaming ${ADAPTER_WEIGHTS_NAME} and ${ADAPTER_CONFIG_NAME} into place ` +
+        `(its journal ${journal} remains), so the two may come from different saves and neither is read; save the adapter again${finish}`,
+    );
+  }
+  const text = await readFile(file, 'utf8');
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (e) {
+    throw new AdapterError(`${file}: ${jsonSyntaxProblem(text, e)}`, { cause: e });
+  }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new AdapterError(`${file}: must be a JSON object`);
+  return { file, config: parsed as Record<string, unknown> };
+}
+
+/**
+ * The base model directory `adapterDir` names (base_model_name_or_path), or an AdapterError
+ * saying why there is none here. A relative path is resolved against the process's working
+ * directory, as PEFT does (AutoPeftModel hands the string to from_pretrained as is, and PeftModel
+ * records the base's name_or_path as the user gave it), so that the engine and PEFT find the same
+ * base; sppo run writes absolute paths, which both find from any working directory.
+ */
+export async function adapterBaseDir(adapterDir: string): Promise<string> {
+  const { file, config } = await readAdapterConfigObject(adapterDir);
+  const name = config.base_model_name_or_path;
+  if (name === undefined || name === null || name === '')
+    throw new AdapterError(`${adapterDir} is a LoRA adapter directory that names no base model (base_model_name_or_path)`);
+  if (typeof name !== 'string') throw new AdapterError(`${file}: base_model_name_or_path must be a string, got ${JSON.stringify(name)}`);
+  const dir = path.resolve(name);
+  if (!existsSync(path.join(dir, 'config.json'))) {
+    const resolved = path.isAbsolute(name) ? '' : ` (${dir}: a relative path is resolved against the working directory, as PEFT does)`;
+    throw new AdapterError(`${adapterDir} is a LoRA adapter over ${name}, which is not a model directory here${resolved}`);
+  }
+  return dir;
 }
 
 /** An adapter directory's adapter_config.json, checked: the LoRA it describes. */
@@ -292,20 +369,10 @@ function resolveTargets(raw: unknown, layers: number, fail: (msg: string) => nev
 }
 
 async function readAdapterConfig(dir: string, layers: number): Promise<AdapterConfig> {
-  const file = path.join(dir, ADAPTER_CONFIG_NAME);
-  if (!existsSync(file)) throw new AdapterError(`${dir}: no ${ADAPTER_CONFIG_NAME} (not a PEFT adapter directory)`);
-  const text = await readFile(file, 'utf8');
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(text);
-  } catch (e) {
-    throw new AdapterError(`${file}: ${jsonSyntaxProblem(text, e)}`, { cause: e });
-  }
+  const { file, config: c } = await readAdapterConfigObject(dir);
   const fail = (msg: string): never => {
     throw new AdapterError(`${file}: ${msg}`);
   };
-  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) fail('must be a JSON object');
-  const c = parsed as Record<string, unknown>;
   if (c.peft_type !== 'LORA') fail(`peft_type must be "LORA", got ${JSON.stringify(c.peft_type)} (only LoRA adapters are read)`);
   if (c.task_type !== undefined && c.task_type !== null && c.task_type !== 'CAUSAL_LM')
     fail(`task_type ${JSON.stringify(c.task_type)} is not supported (a causal language model's adapter has task_type "CAUSAL_LM")`);

@@ -1,10 +1,11 @@
 // Several files replaced together: each is first written in full under a temporary name in
 // its target directory, and only when all are written are they renamed into place, in the
-// order they were staged. A failure before commit leaves every existing file untouched. A
+// order they were staged (with a journal, for files that must change together, recording the
+// renames while they run). A failure before commit leaves every existing file untouched. A
 // filesystem error (no space, a directory in the way, a read-only filesystem) names the file
 // and what the files are.
 import { rm } from 'node:fs/promises';
-import { commitTemporaries, copyToTemporary, fileWriteError, writeTemporary } from '../util/atomic-write.js';
+import { commitTemporaries, copyToTemporary, fileWriteError, writeTemporary, type CommitOptions } from '../util/atomic-write.js';
 
 export class StagedFiles {
   readonly #staged: { tmp: string; target: string }[] = [];
@@ -40,10 +41,11 @@ export class StagedFiles {
     return this.#staged.map((s) => s.target);
   }
 
-  async commit(): Promise<void> {
+  /** Renames every staged file into place; `options.journal` records the commit while it runs (see CommitOptions). */
+  async commit(options: CommitOptions = {}): Promise<void> {
     const staged = this.#staged.splice(0);
     try {
-      await commitTemporaries(staged);
+      await commitTemporaries(staged, options);
     } catch (e) {
       throw fileWriteError(e, staged[0]?.target ?? '', this.what);
     }

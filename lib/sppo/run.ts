@@ -194,8 +194,11 @@ async function runIn(run: RunDir, setup: RunSetup, hooks: RunHooks): Promise<Run
   const lora = model.lora;
   // The adapters' base: the model directory loaded, or, for weights no directory holds (the
   // demo's seeded base), the run's own copy, so every adapter checkpoint names a base that
-  // `sppo generate` and PEFT can load. The copy is rewritten with π_0's checkpoint (the base
-  // stage reruns whenever a field it used, such as model.seed, changed), never reused across it.
+  // `sppo generate` and PEFT can load. The path is absolute: PEFT resolves a relative one against
+  // the working directory of whoever loads it, which no path written here can know (a moved run
+  // samples with `sppo generate --demo-run`, or --base). The copy is rewritten with π_0's
+  // checkpoint (the base stage reruns whenever a field it used, such as model.seed, changed),
+  // never reused across it.
   const adapterBase = async (t: number): Promise<string> => {
     if (setup.sourceDir !== undefined) return path.resolve(setup.sourceDir);
     if (t === 0 || !existsSync(run.frozenBase))

@@ -3,9 +3,11 @@
 // (same directory, so the rename cannot cross filesystems), is fsynced, renamed over the target,
 // and the directory is fsynced so that the rename itself survives a power loss.
 import { randomBytes } from 'node:crypto';
-import { constants as fsConstants } from 'node:fs';
-import { copyFile, lstat, mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { existsSync, constants as fsConstants } from 'node:fs';
+import { copyFile, lstat, mkdir, open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
+import { hostname } from 'node:os';
 import path from 'node:path';
+import { z } from 'zod';
 
 /** The package's one temporary-name scheme: `<target>.tmp-<pid>-<random>`. */
 export function temporaryPath(target: string): string {
@@ -66,27 +68,103 @@ export async function copyToTemporary(source: string, target: string): Promise<s
   }
 }
 
+export interface CommitOptions {
+  /**
+   * A journal of the commit, for targets that must change together (the two files of an adapter):
+   * written whole before the first rename and removed after the last, so that while it exists
+   * the targets may be a mix of new and old files, which readCommitJournal tells. A commit that
+   * fails after some renames leaves it in place, with the temporaries not yet renamed; one that
+   * fails before any removes it.
+   */
+  journal?: string;
+}
+
+/** A journal's record: the process that committed, and each temporary and target relative to the journal's directory. */
+const journalSchema = z.object({
+  pid: z.number(),
+  host: z.string(),
+  files: z.array(z.object({ tmp: z.string(), target: z.string() })),
+});
+
 /**
  * Renames finished temporaries over their targets in the order given, then fsyncs each target
  * directory once. A target that is a directory (a rename over it would fail midway, leaving a
  * mix of new and old files) is refused before anything is renamed. If a rename fails, the
- * temporaries not yet renamed are removed.
+ * temporaries not yet renamed are removed (kept with a journal that stays). Renames one after
+ * another cannot be atomic together: options.journal records the commit while they run.
  */
-export async function commitTemporaries(staged: readonly { tmp: string; target: string }[]): Promise<void> {
+export async function commitTemporaries(staged: readonly { tmp: string; target: string }[], options: CommitOptions = {}): Promise<void> {
+  const { journal } = options;
   const blocked = await firstDirectory(staged.map((s) => s.target));
   if (blocked !== undefined) {
     await Promise.all(staged.map((s) => rm(s.tmp, { force: true })));
     throw Object.assign(new Error(`EISDIR: a directory is in the way of a file, ${blocked}`), { code: 'EISDIR', dest: blocked });
   }
+  if (journal !== undefined) {
+    const at = (p: string) => path.relative(path.dirname(journal), p);
+    const record = { pid: process.pid, host: hostname(), files: staged.map((s) => ({ tmp: at(s.tmp), target: at(s.target) })) };
+    try {
+      await writeFileAtomic(journal, JSON.stringify(record, null, 2) + '\n');
+    } catch (e) {
+      await Promise.all(staged.map((s) => rm(s.tmp, { force: true })));
+      throw e;
+    }
+  }
   for (let i = 0; i < staged.length; i++) {
     try {
       await rename(staged[i].tmp, staged[i].target);
     } catch (e) {
-      await Promise.all(staged.slice(i).map((s) => rm(s.tmp, { force: true })));
+      // With nothing renamed every target is as it was. Else a journal stays, to say that they may
+      // be mixed, with the temporaries that finish the commit (readCommitJournal names them).
+      if (journal === undefined || i === 0) await Promise.all(staged.slice(i).map((s) => rm(s.tmp, { force: true })));
+      if (journal !== undefined && i === 0) await rm(journal, { force: true });
       throw e;
     }
   }
   for (const dir of new Set(staged.map((s) => path.dirname(s.target)))) await syncDirectory(dir);
+  if (journal !== undefined) {
+    await rm(journal);
+    await syncDirectory(path.dirname(journal));
+  }
+}
+
+/** A commit that may have left its targets mixed (readCommitJournal). */
+export interface InterruptedCommit {
+  journal: string;
+  /** the process that committed, as the journal records it; undefined when the journal cannot be read */
+  writer?: { pid: number; host: string };
+  /** renames not done whose temporaries remain (absolute paths): renaming each in turn finishes the commit */
+  pending: { tmp: string; target: string }[];
+}
+
+/**
+ * What `journal` (CommitOptions) says about its targets: undefined when it does not exist, or when
+ * every temporary it lists is still there (no rename happened, so every target is as before);
+ * otherwise the commit was stopped between its renames (or is running now) and the targets may be
+ * a mix of new and old files. A journal that cannot be read as one counts as such a commit.
+ */
+export async function readCommitJournal(journal: string): Promise<InterruptedCommit | undefined> {
+  let text: string;
+  try {
+    text = await readFile(journal, 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    return { journal, pending: [] };
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    return { journal, pending: [] };
+  }
+  const record = journalSchema.safeParse(parsed);
+  if (!record.success) return { journal, pending: [] };
+  const { pid, host, files } = record.data;
+  const dir = path.dirname(journal);
+  const absolute = files.map((f) => ({ tmp: path.resolve(dir, f.tmp), target: path.resolve(dir, f.target) }));
+  const pending = absolute.filter((f) => existsSync(f.tmp));
+  if (pending.length === absolute.length) return undefined;
+  return { journal, writer: { pid, host }, pending };
 }
 
 async function firstDirectory(paths: readonly string[]): Promise<string | undefined> {

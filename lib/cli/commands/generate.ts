@@ -3,7 +3,6 @@
 // run's policy: base + adapter, unmerged), or a policy of a demo run (the character tokenizer
 // saved with it) — and writes one JSON line per response.
 import { existsSync } from 'node:fs';
-import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { loadPrompts } from '../../data/prompts.js';
 import { promptSeeds, SEED_PURPOSE } from '../../data/random.js';
@@ -12,7 +11,7 @@ import type { GeneratedSequence } from '../../engine/generate.js';
 import { resolveConfig } from '../../engine/model.js';
 import { loadPretrained, readHfConfig } from '../../io/checkpoint.js';
 import { engineConfigFromHf } from '../../io/hf-config.js';
-import { ADAPTER_CONFIG_NAME, loadAdapter, type LoadedAdapter } from '../../io/peft.js';
+import { ADAPTER_CONFIG_NAME, AdapterError, adapterBaseDir, loadAdapter, type LoadedAdapter } from '../../io/peft.js';
 import { Tokenizer } from '../../io/tokenizer.js';
 import { contextLimit } from '../../preference/from-config.js';
 import { RunDir } from '../../sppo/run-dir.js';
@@ -21,6 +20,7 @@ import { writeFileAtomic } from '../../util/atomic-write.js';
 import {
   deviceLine,
   deviceOption,
+  existingPathOption,
   integerOption,
   numberOption,
   outputOption,
@@ -38,8 +38,13 @@ Samples responses from a checkpoint and writes JSON lines {prompt, response, log
 
   --model DIR            a Hugging Face model directory with a tokenizer and a chat template
                          (also a run's checkpoint: <run.dir>/iter-T/policy), or a PEFT LoRA
-                         adapter directory whose base_model_name_or_path is one
-  --demo-run RUN_DIR     a \`sppo demo\` run: samples from RUN_DIR/iter-T/policy
+                         adapter directory over one: the model directory its
+                         base_model_name_or_path names (a relative path from the working
+                         directory, as PEFT reads it), or --base
+  --base DIR             with an adapter directory for --model: its base model directory
+                         (an adapter moved away from the base it names)
+  --demo-run RUN_DIR     a \`sppo demo\` run: samples from RUN_DIR/iter-T/policy (a LoRA
+                         run's adapter over RUN_DIR/base/frozen, wherever the run has moved)
   --iteration T          with --demo-run: which policy (0 = base; default the latest)
   --prompts FILE         JSONL or Parquet prompts (required)
   --column NAME          the prompt column (default prompt)
@@ -59,6 +64,8 @@ const MODEL_MAX_BATCH = 16;
 interface Source {
   /** the checkpoint */
   dir: string;
+  /** where the checkpoint is a LoRA adapter directory: its base model directory, when known other than from the adapter */
+  base?: string;
   /** a demo run's policy: prompts are words, framed by its character tokenizer rather than a chat template */
   demo: boolean;
   sampling: { temperature: number; topP: number; topK: number; maxNewTokens: number; maxBatch: number };
@@ -80,6 +87,9 @@ async function demoRunSource(runDir: string, iteration: number | undefined): Pro
   const g = config.generation;
   return {
     dir: run.policy(t),
+    // A LoRA demo run's adapters are over its own copy of the seeded base: the one in this run
+    // directory (the absolute path they record is stale once the run directory has moved).
+    base: run.frozenBase,
     demo: true,
     sampling: { temperature: g.temperature, topP: g.topP, topK: g.topK, maxNewTokens: g.maxNewTokens, maxBatch: g.maxBatch },
   };
@@ -92,6 +102,7 @@ export const generateCommand: Command = {
   async run(argv, io) {
     const v = parseOptions('generate', argv, {
       model: { type: 'string' },
+      base: { type: 'string' },
       'demo-run': { type: 'string' },
       iteration: { type: 'string' },
       prompts: { type: 'string' },
@@ -109,6 +120,8 @@ export const generateCommand: Command = {
       throw new UsageError('give exactly one of --model DIR and --demo-run RUN_DIR');
     if (v.iteration !== undefined && v.model !== undefined)
       throw new UsageError('--iteration goes with --demo-run (for --model, name the checkpoint directory)');
+    if (v.base !== undefined && v.model === undefined)
+      throw new UsageError('--base goes with --model ADAPTER_DIR (a demo run names its own base)');
     const promptFile = requireOption(v.prompts, 'prompts', 'generate');
     const outFile = outputOption(v.out, promptFile, 'prompts');
     const samples = integerOption(v.samples, 'samples', 1) ?? 1;
@@ -117,6 +130,7 @@ export const generateCommand: Command = {
       v.model !== undefined
         ? {
             dir: path.resolve(v.model),
+            ...(v.base !== undefined && { base: existingPathOption(v.base, 'base', 'generate') }),
             demo: false,
             sampling: { temperature: 0.7, topP: 0.9, topK: 0, maxNewTokens: 256, maxBatch: MODEL_MAX_BATCH },
           }
@@ -139,7 +153,9 @@ export const generateCommand: Command = {
     }
     const field = v.model !== undefined ? '--model' : '--demo-run';
     const adapterDir = existsSync(path.join(source.dir, ADAPTER_CONFIG_NAME)) ? source.dir : undefined;
-    if (adapterDir) source.dir = await adapterBase(adapterDir, field);
+    if (adapterDir) source.dir = source.base ?? (await namedBase(adapterDir));
+    else if (v.base !== undefined)
+      throw new UsageError(`--base: ${source.dir} is not a LoRA adapter directory (no ${ADAPTER_CONFIG_NAME})`);
     const limit = await contextLimit(source.dir, field);
     const tokenizer = await readTokenizer(source.dir);
     const text = source.demo
@@ -224,27 +240,16 @@ function requireDemoTokenizer(tokenizer: Tokenizer | undefined, dir: string): To
   return tokenizer;
 }
 
-/**
- * The model directory a LoRA adapter directory names as its base (base_model_name_or_path, as
- * `sppo run` writes it), or a UsageError saying how to sample it otherwise.
- */
-async function adapterBase(adapterDir: string, field: string): Promise<string> {
-  const file = path.join(adapterDir, ADAPTER_CONFIG_NAME);
-  let base: unknown;
+/** The model directory a LoRA adapter directory names as its base (adapterBaseDir), or a UsageError saying how to sample it otherwise. */
+async function namedBase(adapterDir: string): Promise<string> {
   try {
-    base = (JSON.parse(await readFile(file, 'utf8')) as { base_model_name_or_path?: unknown }).base_model_name_or_path;
+    return await adapterBaseDir(adapterDir);
   } catch (err) {
-    throw new UsageError(`${field}: ${file} cannot be read as JSON (${(err as Error).message})`);
-  }
-  const merge = `or merge it into its base (sppo merge-adapter --base BASE_DIR --adapter ${adapterDir} --out OUT) and sample OUT with --model`;
-  if (typeof base !== 'string' || base === '')
+    if (!(err instanceof AdapterError)) throw err;
     throw new UsageError(
-      `${field}: ${adapterDir} is a LoRA adapter directory that names no base model directory (base_model_name_or_path); ${merge}`,
+      `--model: ${err.message}; give its base with --base DIR, or merge it into its base (sppo merge-adapter --base DIR --adapter ${adapterDir} --out OUT) and sample OUT with --model`,
     );
-  const dir = path.resolve(adapterDir, base);
-  if (!existsSync(path.join(dir, 'config.json')))
-    throw new UsageError(`${field}: ${adapterDir} is a LoRA adapter over ${base}, which is not a model directory here; ${merge}`);
-  return dir;
+  }
 }
 
 /** The adapter of `adapterDir` for the base in `baseDir`, checked against the base's shapes. */
