@@ -362,7 +362,9 @@ typename Model<T>::template LayerParams<typename Model<T>::Master> Model<T>::lay
   if (train_off_ > 0) return {};  // a frozen base
   if (!grads16_) return layer_params(grads_arena_, l);
   const auto [mats, small] = layer_spans(l);
-  ops_->zero_bytes(grad_stage_, size_t(mats.n + small.n) * sizeof(Master));
+  // The matrices' GEMMs overwrite their part of the stage (backward_blocks' weight_beta), so
+  // only the norms' and bias' part, which their ops add into, is zeroed.
+  ops_->zero_bytes(grad_stage_ + mats.n, size_t(small.n) * sizeof(Master));
   // The matrices at the start of the stage, the norms and biases after them.
   const auto staged = [&](int64_t off) {
     return off >= decay_end_ ? grad_stage_ + mats.n + (off - small.at) : grad_stage_ + (off - mats.at);
@@ -376,8 +378,14 @@ template <class T>
 void Model<T>::commit_layer_grads(int l) {
   if (!grads16_ || train_off_ > 0) return;
   const auto [mats, small] = layer_spans(l);
-  commit_grad(mats.at, mats.n);
-  commit_grad(small.at, small.n, mats.n);
+  // The matrices one by one: their GEMMs write only their own elements of the stage, so the
+  // alignment padding between them holds whatever an earlier tensor left there.
+  const LayerOffsets& o = layer_off_[size_t(l)];
+  const int64_t C = cfg_.hidden_size, F = cfg_.intermediate_size;
+  const Span matrices[4] = {
+      {o.wqkv, cfg_.qkv_dim() * C}, {o.wo, C * cfg_.q_dim()}, {o.wgu, 2 * F * C}, {o.wdown, C * F}};
+  for (const Span& m : matrices) commit_grad(m.at, m.n, m.at - mats.at);
+  commit_grad(small.at, small.n, mats.n);  // zeroed whole: its padding adds 0
 }
 
 template <class T>
@@ -724,6 +732,10 @@ void Model<T>::backward_blocks(int64_t B, int64_t Tn) {
   const AttentionShape shape{B, Tn, H, KV, D, QKV, 0, QD, QD + cfg_.kv_dim(), QD, 1.0 / std::sqrt(double(D))};
   // With LoRA every base gradient pointer is null: the ops skip those weight gradients (and the
   // GEMMs that would produce them) and compute the input gradients alone.
+  // The weight-gradient GEMMs accumulate into the gradient arena, or with bf16 gradients
+  // overwrite the stage (each matrix's gradient is one GEMM): that saves zeroing the stage and
+  // reading it back, 8 of the staging's 20 bytes an element. Same kernel, same bits.
+  const double weight_beta = grads16_ ? 0.0 : 1.0;
   o.zero_bytes(dresid_, size_t(N * C) * sizeof(T));
   o.rmsnorm_backward(dresid_, stage_grad(final_norm_off_, C), dxn_, resid_out_, params_arena_ + final_norm_off_,
                      rstd_final_, N, C);
@@ -740,16 +752,16 @@ void Model<T>::backward_blocks(int64_t B, int64_t Tn) {
     // MLP: resid_out = resid_mid + down(swiglu(gu(norm2(resid_mid)))).
     o.rmsnorm_forward(xn_, a.rstd2, a.resid_mid, p.mlp_norm, N, C, eps);
     o.swiglu_forward(ffn_, a.gu, N, F);
-    if (g.wdown) o.gemm_master(true, false, C, F, N, 1, dresid_, C, ffn_, F, 1, g.wdown, F);
+    if (g.wdown) o.gemm_master(true, false, C, F, N, 1, dresid_, C, ffn_, F, weight_beta, g.wdown, F);
     o.gemm(false, false, N, F, C, 1, dresid_, C, p.wdown, F, 0, dffn_, F);
     lora_backward(lo.down, ffn_, dresid_, C, dffn_, N);
     o.swiglu_backward(dgu_, dffn_, a.gu, N, F);
-    if (g.wgu) o.gemm_master(true, false, 2 * F, C, N, 1, dgu_, 2 * F, xn_, C, 1, g.wgu, C);
+    if (g.wgu) o.gemm_master(true, false, 2 * F, C, N, 1, dgu_, 2 * F, xn_, C, weight_beta, g.wgu, C);
     o.gemm(false, false, N, C, 2 * F, 1, dgu_, 2 * F, p.wgu, C, 0, dxn_, C);
     lora_backward(lo.gu, xn_, dgu_, 2 * F, dxn_, N);
     o.rmsnorm_backward(dresid_, g.mlp_norm, dxn_, a.resid_mid, p.mlp_norm, a.rstd2, N, C);
     // Attention: resid_mid = resid_in + o_proj(attn(rope(qkv(norm1(resid_in))))).
-    if (g.wo) o.gemm_master(true, false, C, QD, N, 1, dresid_, C, a.att, QD, 1, g.wo, QD);
+    if (g.wo) o.gemm_master(true, false, C, QD, N, 1, dresid_, C, a.att, QD, weight_beta, g.wo, QD);
     o.gemm(false, false, N, QD, C, 1, dresid_, C, p.wo, QD, 0, datt_, QD);
     lora_backward(lo.o, a.att, dresid_, C, datt_, N);
     o.attention_backward(dqkv_, datt_, a.qkv, a.att, a.lse, shape);
@@ -757,7 +769,7 @@ void Model<T>::backward_blocks(int64_t B, int64_t Tn) {
     o.rope(dqkv_, N, QKV, QD, KV, D, positions_dev_, rope_cos_, rope_sin_, true);
     if (g.bqkv) o.bias_backward(g.bqkv, dqkv_, N, QKV, QKV);
     o.rmsnorm_forward(xn_, a.rstd1, a.resid_in, p.attn_norm, N, C, eps);
-    if (g.wqkv) o.gemm_master(true, false, QKV, C, N, 1, dqkv_, QKV, xn_, C, 1, g.wqkv, C);
+    if (g.wqkv) o.gemm_master(true, false, QKV, C, N, 1, dqkv_, QKV, xn_, C, weight_beta, g.wqkv, C);
     o.gemm(false, false, N, C, QKV, 1, dqkv_, QKV, p.wqkv, C, 0, dxn_, C);
     lora_backward(lo.qkv, xn_, dqkv_, QKV, dxn_, N);
     o.rmsnorm_backward(dresid_, g.attn_norm, dxn_, a.resid_in, p.attn_norm, a.rstd1, N, C);

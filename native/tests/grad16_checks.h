@@ -11,6 +11,7 @@
 //     Master model given the same gradient values widened, bit for bit: norm, master weights and
 //     parameters.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -93,6 +94,16 @@ void check_bf16_gradients(const std::string& what, const std::function<std::uniq
     EXPECT_TRUE(got[embed.offset + i].bits == 0, what << ": embedding row " << i / C
                                                       << " (a token absent from the batches) has gradient "
                                                       << float(got[embed.offset + i]));
+
+  // The alignment padding between tensors holds no gradient (the norm would count it).
+  std::vector<bool> in_tensor(static_cast<size_t>(n), false);
+  for (const ParamInfo& p : full->params()) std::fill_n(in_tensor.begin() + p.offset, p.size, true);
+  for (int64_t i = 0; i < n; ++i)
+    if (!in_tensor[i] && got[i].bits != 0) {
+      EXPECT_TRUE(false,
+                  what << ": arena element " << i << ", padding between tensors, has gradient " << float(got[i]));
+      return;
+    }
 
   // The step: the Master model gets the bf16 values, widened, as its gradients.
   std::vector<M> widened(static_cast<size_t>(n));

@@ -208,13 +208,18 @@ SPPO_TEST(checkpointing_gives_bitwise_equal_gradients_lora) {
 
 namespace {
 
-// The three-layer model (q/k/v bias, untied head) with or without bf16 gradients.
+// The three-layer model (q/k/v bias, untied head) with or without bf16 gradients, its width 17
+// so that the arena has alignment padding between tensors (o_proj's 17 × 24, gate|up's, down's),
+// and its vocabulary large enough that the LM head's V × C gradient, staged first, covers a
+// layer's whole stage (padding included).
 std::function<std::unique_ptr<Model<float>>(bool)> cpu_maker(bool checkpoint) {
   return [checkpoint](bool half) {
     MemoryPlan plan{4, 24};
     plan.checkpoint_activations = checkpoint;
     plan.bf16_gradients = half;
-    return std::make_unique<Model<float>>(three_layer_config(), plan, std::make_unique<cpu::CpuOps<float>>());
+    ModelConfig c = three_layer_config();
+    c.hidden_size = 17, c.vocab_size = 211;
+    return std::make_unique<Model<float>>(c, plan, std::make_unique<cpu::CpuOps<float>>());
   };
 }
 

@@ -255,8 +255,9 @@ class Model final : public ModelApi<master_t<T>> {
   template <class E>
   LayerParams<E> layer_params(E* base, int l) const;
   // Where the backward writes layer l's weight gradients (null where frozen): its slices of the
-  // gradient arena, or with bf16 gradients the staging scratch, zeroed here (commit_layer_grads
-  // adds it into the arena after the layer's backward).
+  // gradient arena, or with bf16 gradients the staging scratch, whose norms' and bias' part is
+  // zeroed here (the matrices' GEMMs overwrite theirs); commit_layer_grads adds it into the bf16
+  // arena after the layer's backward.
   LayerParams<Master> layer_grads(int l);
   void commit_layer_grads(int l);
   // A contiguous run of arena elements.
