@@ -23,6 +23,29 @@ const llama3_8b: ModelConfig = {
 };
 
 describe('Model.plan', () => {
+  it("counts a CPU generator's packed weights, and packWeights: false leaves them out", async () => {
+    const model = Model.create(config, plan);
+    try {
+      for (const packWeights of [true, false]) {
+        const generator = { maxBatch: 4, maxContext: 24, packWeights };
+        const gen = model.createGenerator(generator);
+        expect([packWeights, Model.plan(config, plan, { generator }).kvCache]).toEqual([packWeights, gen.memory()]);
+        await gen.dispose();
+      }
+      const packed = Model.plan(config, plan, { generator: { maxBatch: 4, maxContext: 24 } }).kvCache;
+      const plain = Model.plan(config, plan, { generator: { maxBatch: 4, maxContext: 24, packWeights: false } }).kvCache;
+      // The copy holds at least every projection and the LM head (4 bytes each on the CPU).
+      const { hidden_size: C, intermediate_size: F, num_hidden_layers: L, vocab_size: V } = config;
+      const heads = config.num_attention_heads,
+        kv = config.num_key_value_heads ?? heads,
+        D = C / heads;
+      const weights = L * ((heads + 2 * kv) * D * C + C * heads * D + 2 * F * C + C * F) + V * C;
+      expect(packed - plain).toBeGreaterThanOrEqual(4 * weights);
+    } finally {
+      await model.dispose();
+    }
+  });
+
   for (const [activationCheckpointing, gradientPrecision] of [
     [false, 'fp32'],
     [true, 'fp32'],

@@ -218,6 +218,20 @@ describe('the paged KV cache', () => {
     expect([c.freeBlocks, c.reservedBlocks]).toEqual([c.blocks, 0]);
   };
 
+  it('packs the weights for its decode steps without changing a token or a log-prob', async () => {
+    const m = model();
+    const opts: GenerateOptions = { ...sampling, samplesPerPrompt: 5 };
+    const plain = m.createGenerator({ maxBatch: 20, maxContext: 48, packWeights: false });
+    const packed = m.createGenerator({ maxBatch: 20, maxContext: 48 });
+    expect([plain.plan.packWeights, packed.plan.packWeights]).toEqual([false, true]);
+    const ref = await plain.generate(prompts, opts);
+    (await packed.generate(prompts, opts)).forEach((s, i) => same(s, ref[i]));
+    expect(packed.memory()).toBeGreaterThan(plain.memory());
+    expect(() => m.createGenerator({ maxBatch: 1, maxContext: 8, packWeights: 1 } as never)).toThrow(
+      new TypeError('plan.packWeights must be a boolean, got a number'),
+    );
+  });
+
   it('shares a prompt between its samples without changing a token or a log-prob, in any pool', async () => {
     const m = model();
     const opts: GenerateOptions = { ...sampling, samplesPerPrompt: 5 };
@@ -230,7 +244,13 @@ describe('the paged KV cache', () => {
     // sample of the 17-token prompt caches 32 positions: 2 blocks).
     for (const blocks of [undefined, 8, 3]) {
       const gen = m.createGenerator({ maxBatch: 20, maxContext: 48, ...(blocks && { kvCacheBytes: blocks * blockBytes + 5 }) });
-      expect(gen.plan).toEqual({ maxBatch: 20, maxContext: 48, kvCacheBytes: (blocks ?? 60) * blockBytes, sharePrefixes: true });
+      expect(gen.plan).toEqual({
+        maxBatch: 20,
+        maxContext: 48,
+        kvCacheBytes: (blocks ?? 60) * blockBytes,
+        sharePrefixes: true,
+        packWeights: true,
+      });
       const out = await gen.generate(prompts, opts);
       out.forEach((s, i) => same(s, ref[i]));
       const st = gen.lastStats();
@@ -299,7 +319,9 @@ describe('the paged KV cache', () => {
       new TypeError('plan.sharePrefixes must be a boolean, got a string'),
     );
     expect(() => m.createGenerator({ maxBatch: 1, maxContext: 8, share: true } as never)).toThrow(
-      new TypeError("plan has an unknown field 'share'; the known fields are maxBatch, maxContext, kvCacheBytes, sharePrefixes"),
+      new TypeError(
+        "plan has an unknown field 'share'; the known fields are maxBatch, maxContext, kvCacheBytes, sharePrefixes, packWeights",
+      ),
     );
   });
 });
@@ -319,7 +341,9 @@ describe('Generator construction and argument types', () => {
   it('refuses plans and sampling options of the wrong types with TypeErrors naming the field', async () => {
     const m = model();
     expect(() => m.createGenerator({ maxBatch: 1, maxContext: 8, maxSeq: 8 } as never)).toThrow(
-      new TypeError("plan has an unknown field 'maxSeq'; the known fields are maxBatch, maxContext, kvCacheBytes, sharePrefixes"),
+      new TypeError(
+        "plan has an unknown field 'maxSeq'; the known fields are maxBatch, maxContext, kvCacheBytes, sharePrefixes, packWeights",
+      ),
     );
     expect(() => m.createGenerator({ maxBatch: 1.5, maxContext: 8 })).toThrow(new TypeError('plan.maxBatch must be an integer, got 1.5'));
     const gen = m.createGenerator({ maxBatch: 2, maxContext: 24 });

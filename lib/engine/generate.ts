@@ -31,6 +31,13 @@ export interface GeneratorPlan {
    * Results are the same either way (bit for bit on the CPU).
    */
   sharePrefixes?: boolean;
+  /**
+   * default true: on the CPU the generator keeps a copy of the weights packed for its GEMM (the
+   * projections' and LM head's size again, counted in the plan's kvCache), packed once per
+   * generate call, so decode steps of 5 or more sequences skip packing; false saves that memory.
+   * Results are the same either way, bit for bit. No effect on CUDA.
+   */
+  packWeights?: boolean;
 }
 
 /** A generator's plan as built: kvCacheBytes is the pool it got (whole blocks). */
@@ -161,6 +168,7 @@ export const GENERATOR_PLAN_FIELDS: Record<keyof GeneratorPlan, FieldKind> = {
   maxContext: 'int32',
   kvCacheBytes: 'uint53',
   sharePrefixes: 'boolean',
+  packWeights: 'boolean',
 };
 // Every field generate() takes: the sampling options the addon reads, checked by kind here and by
 // value in the engine; the seed, stop tokens and samplesPerPrompt, checked in generate(); the
@@ -207,6 +215,7 @@ export class Generator {
       maxContext: plan.maxContext,
       kvCacheBytes: pool.blocks * pool.blockBytes,
       sharePrefixes: plan.sharePrefixes ?? true,
+      packWeights: plan.packWeights ?? true,
     };
     this.#queue = queue;
   }

@@ -281,6 +281,7 @@ sppo::GeneratorPlan parse_generator_plan(Napi::Value v) {
   plan.max_context = field(p, "maxContext", 0);
   plan.kv_cache_bytes = field(p, "kvCacheBytes", plan.kv_cache_bytes);
   plan.share_prefixes = field(p, "sharePrefixes", plan.share_prefixes);
+  plan.pack_weights = field(p, "packWeights", plan.pack_weights);
   return plan;
 }
 

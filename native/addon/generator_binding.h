@@ -14,7 +14,7 @@ namespace sppo::addon {
 class NativeGenerator : public Napi::ObjectWrap<NativeGenerator> {
  public:
   static Napi::Function Init(Napi::Env env);
-  // (model: NativeModel, plan: {maxBatch, maxContext, kvCacheBytes?, sharePrefixes?})
+  // (model: NativeModel, plan: {maxBatch, maxContext, kvCacheBytes?, sharePrefixes?, packWeights?})
   explicit NativeGenerator(const Napi::CallbackInfo& info);
 
  private:

@@ -20,6 +20,15 @@ namespace {
 // Below this much attention work in one call, fanning out to the pool costs more than it saves.
 constexpr double kMinParallelAttentionFlops = 2e6;
 
+// Asks for a block's n numbers (one kv head's keys or values of one block, bs * D contiguous) to
+// be brought into the cache: a row's blocks lie apart in the pool, each a new stream that the
+// hardware prefetcher picks up only after its first misses.
+template <class T>
+void prefetch_block(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
+
 // One kv head's keys (or values) of one table row: block j of the row holds positions
 // j*bs .. j*bs + bs - 1, each a contiguous row of D numbers.
 template <class T>
@@ -67,6 +76,7 @@ __attribute__((target("avx512f"))) void weighted_values_heads(const float* P, in
     for (int64_t j0 = 0; j0 < len; j0 += V.bs) {
       const float* vb = V.block(j0 / V.bs) + d0;
       const int64_t cnt = std::min(V.bs, len - j0);
+      if (d0 == 0 && j0 + V.bs < len) prefetch_block(V.block(j0 / V.bs + 1), V.bs * D);
       for (int64_t t = 0; t < cnt; ++t) {
         const float* v = vb + t * D;
         __m512 vv[4];
@@ -183,6 +193,10 @@ void CpuOps<T>::attention_decode(T* out, const T* qkv, const T* k_cache, const T
     thread_local std::vector<char> done;
     int64_t max_len = 0;
     for (int64_t k = 0; k < m; ++k) max_len = std::max(max_len, len_of(k));
+    // Each row's first value block, wanted once its scores are done (weighted_values fetches the
+    // later ones a block ahead).
+    for (int64_t k = 0; k < m; ++k)
+      prefetch_block(v_cache + int64_t(table_of(k)[0]) * KV * bs * D + kvh * bs * D, bs * D);
     for (int64_t j0 = 0; j0 < max_len; j0 += bs) {
       done.assign(static_cast<size_t>(m), 0);
       for (int64_t k = 0; k < m; ++k) {
@@ -194,6 +208,8 @@ void CpuOps<T>::attention_decode(T* out, const T* qkv, const T* k_cache, const T
           if (!done[k2] && len_of(k2) > j0 && table_of(k2)[j0 / bs] == block && std::min(bs, len_of(k2) - j0) == cnt)
             with.push_back(k2), done[k2] = 1;
         const T* keys = k_cache + int64_t(block) * KV * bs * D + kvh * bs * D;  // (cnt, D)
+        if (j0 + bs < len_of(k))
+          prefetch_block(k_cache + int64_t(table_of(k)[j0 / bs + 1]) * KV * bs * D + kvh * bs * D, bs * D);
         if (with.size() == 1) {
           cpu::gemm(false, true, group, cnt, D, T(s.scale), q_of(k), D, keys, D, T(0), S + k * group * ctx + j0,
                     len_of(k));

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 
 #include "core/error.h"
@@ -93,9 +94,13 @@ void CpuOps<T>::zero_bytes(void* x, size_t bytes) {
 template <class T>
 BackendFootprint CpuOps<T>::footprint() {
   // The head's logits tile: 16 MiB of float, cache-sized. Attention: per thread, scores for two
-  // tiles of kAttnBlock query rows over max_seq positions.
-  return {"cpu", int64_t(1) << 22,
-          [](int64_t max_seq, int64_t) { return size_t(2 * kAttnBlock * max_seq) * cpu_pool().size() * sizeof(T); }};
+  // tiles of kAttnBlock query rows over max_seq positions. Packed weights: float only.
+  BackendFootprint f{"cpu", int64_t(1) << 22, [](int64_t max_seq, int64_t) {
+                       return size_t(2 * kAttnBlock * max_seq) * cpu_pool().size() * sizeof(T);
+                     }};
+  if (std::is_same_v<T, float>)
+    f.packed_weight_bytes = [](int64_t n, int64_t k) { return cpu::packed_weight_floats(n, k) * sizeof(float); };
+  return f;
 }
 
 template <class T>
@@ -117,6 +122,30 @@ template <class T>
 void CpuOps<T>::gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A, int64_t lda,
                      const T* B, int64_t ldb, double beta, T* C, int64_t ldc) {
   cpu::gemm(transA, transB, M, N, K, T(alpha), A, lda, B, ldb, T(beta), C, ldc);
+}
+
+template <class T>
+int64_t CpuOps<T>::packed_weight_min_rows() const {
+  return cpu::packed_weight_min_rows();
+}
+
+template <class T>
+void CpuOps<T>::pack_weight(void* dst, const T* W, int64_t N, int64_t K) {
+  if constexpr (std::is_same_v<T, float>) {
+    cpu::pack_weight(W, K, N, K, static_cast<float*>(dst));
+  } else {
+    Ops<T>::pack_weight(dst, W, N, K);
+  }
+}
+
+template <class T>
+void CpuOps<T>::gemm_packed_weight(int64_t M, int64_t N, int64_t K, const T* A, const T* W, const void* packed,
+                                   double beta, T* C, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    cpu::gemm_packed_weight(M, N, K, 1.0f, A, K, W, K, static_cast<const float*>(packed), float(beta), C, ldc);
+  } else {
+    Ops<T>::gemm_packed_weight(M, N, K, A, W, packed, beta, C, ldc);
+  }
 }
 
 template <class T>

@@ -30,6 +30,14 @@ class CpuOps final : public Ops<T> {
 
   void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A, int64_t lda,
             const T* B, int64_t ldb, double beta, T* C, int64_t ldc) override;
+  // Packed weights: float only (cpu/gemm.h); the float64 reference packs none.
+  size_t packed_weight_bytes(int64_t N, int64_t K) const override {
+    return footprint().packed_weight_bytes ? footprint().packed_weight_bytes(N, K) : 0;
+  }
+  int64_t packed_weight_min_rows() const override;
+  void pack_weight(void* dst, const T* W, int64_t N, int64_t K) override;
+  void gemm_packed_weight(int64_t M, int64_t N, int64_t K, const T* A, const T* W, const void* packed, double beta,
+                          T* C, int64_t ldc) override;
   void gemm_master(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const T* A, int64_t lda,
                    const T* B, int64_t ldb, double beta, T* C, int64_t ldc) override {
     gemm(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);

@@ -24,6 +24,7 @@
 #include <new>
 #include <vector>
 
+#include "core/error.h"
 #include "core/threadpool.h"
 
 namespace sppo::cpu {
@@ -839,6 +840,67 @@ void pack_b_sliver(const KernelSet& ks, bool transB, const float* B, int64_t ldb
 // ---------------------------------------------------------------------------------------------
 // Driver.
 
+// Task t of packing op(B)[:, jc:jc+nc] into the shared panel: layout [k block][sliver][k][NR],
+// so the sliver (kb, s) starts at p0 * n_sl * NR + s * kc * NR.
+void pack_panel_sliver(const KernelSet& ks, bool transB, const float* B, int64_t ldb, int64_t K, int64_t kcb,
+                       int64_t jc, int64_t nc, int64_t t, float* bp) {
+  const int NR = ks.nr;
+  const int64_t n_sl = (nc + NR - 1) / NR;
+  const int64_t kb = t / n_sl, s = t % n_sl;
+  const int64_t p0 = kb * kcb, kc = std::min(kcb, K - p0);
+  const int nr = static_cast<int>(std::min<int64_t>(NR, nc - s * NR));
+  pack_b_sliver(ks, transB, B, ldb, p0, kc, jc + s * NR, nr, NR, bp + p0 * n_sl * NR + s * kc * NR);
+}
+
+using RunFn = std::function<void(int64_t, const std::function<void(int64_t, int)>&)>;
+
+// C[:, jc:jc+nc] from the packed panel bp of op(B)[:, jc:jc+nc] (pack_panel_sliver's layout), with
+// T threads: tasks of (row block) x (group of slivers), each reducing its tiles over the K blocks
+// in order.
+void multiply_panel(const KernelSet& ks, bool transA, int64_t M, int64_t N, int64_t K, int64_t kcb, float alpha,
+                    const float* A, int64_t lda, const float* bp, int64_t jc, int64_t nc, float beta, float* C,
+                    int64_t ldc, int T, const RunFn& run) {
+  const int MR = ks.mr, NR = ks.nr;
+  const int64_t n_kb = (K + kcb - 1) / kcb;
+  const int64_t n_sl = (nc + NR - 1) / NR;
+  // Row blocks: about kMC rows each, an equal number of MR slivers per block (to within one)
+  // and, when there are several, a multiple of the thread count so the threads finish together.
+  const int64_t m_sl = (M + MR - 1) / MR;
+  int64_t n_mb = (m_sl + kMC / MR - 1) / (kMC / MR);
+  if (n_mb > 1) n_mb = std::min(m_sl, (n_mb + T - 1) / T * T);
+  // Column groups: split the B slivers too when there are too few row blocks to feed the
+  // threads (small M, e.g. decode).
+  int64_t n_nb = 1;
+  if (n_mb < 2 * T) n_nb = std::min(n_sl, (2 * T + n_mb - 1) / n_mb);
+
+  run(n_mb * n_nb, [&](int64_t t, int) {
+    const int64_t mb = t / n_nb, nb = t % n_nb;
+    const int64_t sl0 = m_sl * mb / n_mb, sl1 = m_sl * (mb + 1) / n_mb;
+    const int64_t i0 = sl0 * MR, i1 = std::min(M, sl1 * MR);
+    const int64_t s0 = n_sl * nb / n_nb, s1 = n_sl * (nb + 1) / n_nb;
+    if (i1 <= i0 || s1 <= s0) return;
+    const int64_t mc = i1 - i0;
+    float* ap = tl_apack.get(static_cast<size_t>(((mc + MR - 1) / MR) * MR) * kcb);
+    for (int64_t kb = 0; kb < n_kb; ++kb) {
+      const int64_t p0 = kb * kcb, kc = std::min(kcb, K - p0);
+      // Later K blocks add onto what the earlier ones wrote.
+      const float beta_k = kb == 0 ? beta : 1.0f;
+      pack_a(ks, transA, A, lda, i0, mc, p0, kc, MR, ap);
+      for (int64_t s = s0; s < s1; ++s) {
+        const float* bs = bp + p0 * n_sl * NR + s * kc * NR;
+        const int64_t j = jc + s * NR;
+        const int nr = static_cast<int>(std::min<int64_t>(NR, N - j));
+        const float* as = ap;
+        for (int64_t i = i0; i < i1; i += MR) {
+          const int mr = static_cast<int>(std::min<int64_t>(MR, i1 - i));
+          ks.tile(mr, nr, kc, as, bs, C + i * ldc + j, ldc, alpha, beta_k);
+          as += mr * kc;
+        }
+      }
+    }
+  });
+}
+
 void gemm_f32(const KernelSet& ks, bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha,
               const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
@@ -934,61 +996,68 @@ void gemm_f32(const KernelSet& ks, bool transA, bool transB, int64_t M, int64_t 
   const int64_t nc_cap = std::max<int64_t>(NR, kBPanelFloats / K / NR * NR);
   const int64_t n_jc = (N + nc_cap - 1) / nc_cap;
   const int64_t nc_max = ((N + n_jc - 1) / n_jc + NR - 1) / NR * NR;
-  // Row blocks: about kMC rows each, an equal number of MR slivers per block (to within one)
-  // and, when there are several, a multiple of the thread count so the threads finish together.
-  const int64_t m_sl = (M + MR - 1) / MR;
-  int64_t n_mb = (m_sl + kMC / MR - 1) / (kMC / MR);
-  if (n_mb > 1) n_mb = std::min(m_sl, (n_mb + T - 1) / T * T);
-
   for (int64_t jc = 0; jc < N; jc += nc_max) {
     const int64_t nc = std::min(nc_max, N - jc);
     const int64_t n_sl = (nc + NR - 1) / NR;
     float* bp = tl_bpack.get(static_cast<size_t>(K) * n_sl * NR);
-
-    // Pack op(B)[:, jc:jc+nc]: layout [k block][sliver][k][NR], so the sliver (kb, s) starts at
-    // p0 * n_sl * NR + s * kc * NR.
-    run(n_kb * n_sl, [&](int64_t t, int) {
-      int64_t kb = t / n_sl, s = t % n_sl;
-      int64_t p0 = kb * kcb, kc = std::min(kcb, K - p0);
-      int nr = static_cast<int>(std::min<int64_t>(NR, nc - s * NR));
-      pack_b_sliver(ks, transB, B, ldb, p0, kc, jc + s * NR, nr, NR, bp + p0 * n_sl * NR + s * kc * NR);
-    });
-
-    // Column groups: split the B slivers too when there are too few row blocks to feed the
-    // threads (small M, e.g. decode).
-    int64_t n_nb = 1;
-    if (n_mb < 2 * T) n_nb = std::min(n_sl, (2 * T + n_mb - 1) / n_mb);
-
-    run(n_mb * n_nb, [&](int64_t t, int) {
-      const int64_t mb = t / n_nb, nb = t % n_nb;
-      const int64_t sl0 = m_sl * mb / n_mb, sl1 = m_sl * (mb + 1) / n_mb;
-      const int64_t i0 = sl0 * MR, i1 = std::min(M, sl1 * MR);
-      const int64_t s0 = n_sl * nb / n_nb, s1 = n_sl * (nb + 1) / n_nb;
-      if (i1 <= i0 || s1 <= s0) return;
-      const int64_t mc = i1 - i0;
-      float* ap = tl_apack.get(static_cast<size_t>(((mc + MR - 1) / MR) * MR) * kcb);
-      for (int64_t kb = 0; kb < n_kb; ++kb) {
-        const int64_t p0 = kb * kcb, kc = std::min(kcb, K - p0);
-        // Later K blocks add onto what the earlier ones wrote.
-        const float beta_k = kb == 0 ? beta : 1.0f;
-        pack_a(ks, transA, A, lda, i0, mc, p0, kc, MR, ap);
-        for (int64_t s = s0; s < s1; ++s) {
-          const float* bs = bp + p0 * n_sl * NR + s * kc * NR;
-          const int64_t j = jc + s * NR;
-          const int nr = static_cast<int>(std::min<int64_t>(NR, N - j));
-          const float* as = ap;
-          for (int64_t i = i0; i < i1; i += MR) {
-            const int mr = static_cast<int>(std::min<int64_t>(MR, i1 - i));
-            ks.tile(mr, nr, kc, as, bs, C + i * ldc + j, ldc, alpha, beta_k);
-            as += mr * kc;
-          }
-        }
-      }
-    });
+    run(n_kb * n_sl, [&](int64_t t, int) { pack_panel_sliver(ks, transB, B, ldb, K, kcb, jc, nc, t, bp); });
+    multiply_panel(ks, transA, M, N, K, kcb, alpha, A, lda, bp, jc, nc, beta, C, ldc, T, run);
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Weights packed once (pack_weight): the shared panel's layout over all N, after a header.
+
+// The header: which kernel's sliver width and which shape the copy was packed for.
+constexpr int64_t kPackedHeaderFloats = 16;  // 64 bytes: the panel stays 64-byte aligned
+struct PackedHeader {
+  int64_t nr, n, k;
+};
+
 }  // namespace
+
+size_t packed_weight_floats(int64_t N, int64_t K) {
+  // The widest kernel's slivers (AVX-512's 32 columns), so the size does not depend on the kernel.
+  return size_t(kPackedHeaderFloats + K * ((N + kAvx512NR - 1) / kAvx512NR) * kAvx512NR);
+}
+
+int64_t packed_weight_min_rows() { return kMatvecMaxM + 1; }
+
+void pack_weight(const float* W, int64_t ldw, int64_t N, int64_t K, float* dst) {
+  const KernelSet& ks = *active_kernel();
+  // The micro-kernels load the slivers with aligned loads.
+  SPPO_REQUIRE(reinterpret_cast<uintptr_t>(dst) % 64 == 0, "pack_weight: the copy must be 64-byte aligned");
+  const PackedHeader h{ks.nr, N, K};
+  std::memcpy(dst, &h, sizeof h);
+  const int64_t n_kb = (K + kKC - 1) / kKC, kcb = (K + n_kb - 1) / n_kb, n_sl = (N + ks.nr - 1) / ks.nr;
+  cpu_pool().run(n_kb * n_sl, [&](int64_t t, int) {
+    pack_panel_sliver(ks, true, W, ldw, K, kcb, 0, N, t, dst + kPackedHeaderFloats);
+  });
+}
+
+void gemm_packed_weight(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* W,
+                        int64_t ldw, const float* packed, float beta, float* C, int64_t ldc) {
+  const KernelSet& ks = *active_kernel();
+  PackedHeader h;
+  std::memcpy(&h, packed, sizeof h);
+  SPPO_REQUIRE(h.nr == ks.nr && h.n == N && h.k == K, "gemm_packed_weight: the copy was packed as ", h.n, " x ", h.k,
+               " for slivers of ", h.nr, ", asked for ", N, " x ", K, " with kernel ", ks.name, " (slivers of ", ks.nr,
+               ")");
+  // Few rows go through the matrix-vector pair over W itself (it never packs); alpha 0 or an
+  // empty K, through gemm's own handling. Both give the bits the packed path gives.
+  if (M <= 0 || N <= 0) return;
+  if (M <= kMatvecMaxM || K <= 0 || alpha == 0.0f)
+    return gemm_f32(ks, false, true, M, N, K, alpha, A, lda, W, ldw, beta, C, ldc);
+  ThreadPool& pool = cpu_pool();
+  const bool parallel = 2.0 * M * N * K >= kMinParallelFlops;
+  auto run = [&](int64_t n_tasks, const std::function<void(int64_t, int)>& fn) {
+    if (parallel) return pool.run(n_tasks, fn);
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
+  };
+  const int64_t n_kb = (K + kKC - 1) / kKC, kcb = (K + n_kb - 1) / n_kb;
+  multiply_panel(ks, false, M, N, K, kcb, alpha, A, lda, packed + kPackedHeaderFloats, 0, N, beta, C, ldc,
+                 parallel ? pool.size() : 1, run);
+}
 
 // Test hook (not in gemm.h): forces "avx512", "avx2" or "portable" (only on a CPU that has
 // it) or, with nullptr or "auto", goes back to the detected kernel. Returns false if refused.

@@ -1,5 +1,6 @@
 // Dense matrix multiply for the CPU backend: the hot path of every linear layer.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace sppo::cpu {
@@ -13,6 +14,19 @@ void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
           const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
+
+// x * W^T against a copy of W (N, K) packed once, for code that multiplies by the same weights
+// many times (a generator's decode steps): the shared panel's layout over all of N, so no call
+// packs or transposes W again. Each row of C comes out bit-identical to gemm(false, true, ...) on
+// W itself, whatever M is; up to packed_weight_min_rows() - 1 rows read W (the matrix-vector
+// path, which never packs), so W must stay alongside. packed_weight_floats: the copy's size
+// (whatever the kernel), 64-byte aligned. pack_weight packs for the running kernel; gemm_packed_weight refuses a
+// copy packed for another kernel or shape.
+size_t packed_weight_floats(int64_t N, int64_t K);
+int64_t packed_weight_min_rows();
+void pack_weight(const float* W, int64_t ldw, int64_t N, int64_t K, float* dst);
+void gemm_packed_weight(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* W,
+                        int64_t ldw, const float* packed, float beta, float* C, int64_t ldc);
 
 // Which float kernel the running machine uses: "avx512", "avx2" or "portable".
 const char* gemm_kernel_name();

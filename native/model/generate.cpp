@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 
 #include "core/error.h"
@@ -97,6 +98,12 @@ Generator<T>::Generator(const Model<T>& model, GeneratorPlan plan, std::unique_p
     hsel_ = alloc<T>(B * C);
     logits_ = alloc<Master>(B * V);
     step_dev_ = alloc<int32_t>(3 * R + B);
+    if (plan.pack_weights && std::is_same_v<T, Master> && ops_->packed_weight_bytes(C, C) > 0) {
+      const int64_t QD = cfg_.q_dim(), QKV = cfg_.qkv_dim();
+      auto packed = [&](int64_t n, int64_t k) { return alloc<char>(ops_->packed_weight_bytes(n, k)); };
+      for (int l = 0; l < L; ++l) packed_.push_back({packed(QKV, C), packed(C, QD), packed(2 * F, C), packed(C, F)});
+      packed_head_ = packed(V, C);
+    }
     // The adapters run unmerged beside the base GEMMs (a merged copy would double the weights).
     if (model.lora().enabled()) lora_u_ = alloc<T>(R * model.lora_max_slices() * model.lora().rank);
     bytes_ += ops_->plan_scratch(P, D);
@@ -162,6 +169,20 @@ void Generator<T>::extend(int64_t N, int64_t n_logit_rows) {
   o.upload_bytes(step_dev_, step_host_.data(), step_host_.size() * sizeof(int32_t));
   const int32_t *slots_dev = step_dev_, *positions_dev = step_dev_ + N, *tokens_dev = step_dev_ + 2 * N;
   const int32_t* logit_rows_dev = step_dev_ + 3 * N;
+  // The weights are packed at the call's first decode step (a call may have few other steps, and
+  // a short one at batch 1 none that would read the copy).
+  if (!packed_.empty() && !packed_now_ && n_logit_rows == N && N >= o.packed_weight_min_rows()) {
+    for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
+      const typename Model<T>::LayerWeights w = model_.layer_weights(l);
+      o.pack_weight(packed_[l].wqkv, w.wqkv, QKV, C);
+      o.pack_weight(packed_[l].wo, w.wo, C, QD);
+      o.pack_weight(packed_[l].wgu, w.wgu, 2 * F, C);
+      o.pack_weight(packed_[l].wdown, w.wdown, C, F);
+    }
+    o.pack_weight(packed_head_, model_.lm_head_weight(), V, C);
+    packed_now_ = true;
+  }
+  auto packed = [&](int l) { return packed_.empty() ? PackedLayer{} : packed_[size_t(l)]; };
   // The step's device work, from the embedding to the logits.
   auto run = [&] {
     o.gather_rows(x_, model_.embedding(), tokens_dev, N, C);  // the embedding lookup
@@ -169,7 +190,7 @@ void Generator<T>::extend(int64_t N, int64_t n_logit_rows) {
       const typename Model<T>::LayerWeights w = model_.layer_weights(l);
       const LayerLora& lo = model_.layer_lora(l);
       o.rmsnorm_forward(xn_, rstd_, x_, w.attn_norm, N, C, eps);
-      o.gemm(false, true, N, QKV, C, 1, xn_, C, w.wqkv, C, 0, qkv_, QKV);
+      project(N, QKV, C, xn_, w.wqkv, packed(l).wqkv, 0, qkv_);
       model_.lora_forward(o, lo.qkv, xn_, N, qkv_, QKV, lora_u_);
       if (w.bqkv) o.add_bias(qkv_, w.bqkv, N, QKV, QKV);
       o.rope(qkv_, N, QKV, 0, H, D, positions_dev, rope_cos_, rope_sin_, false);
@@ -177,20 +198,20 @@ void Generator<T>::extend(int64_t N, int64_t n_logit_rows) {
       // All rows' keys first: a prefill row attends to earlier rows of its own prompt.
       o.kv_cache_write(k_cache_[l], v_cache_[l], qkv_, slots_dev, positions_dev, N, shape, kv);
       o.attention_decode(att_, qkv_, k_cache_[l], v_cache_[l], slots_dev, positions_dev, N, shape, kv);
-      o.gemm(false, true, N, C, QD, 1, att_, QD, w.wo, QD, 1, x_, C);  // residual: x += o_proj(att)
+      project(N, C, QD, att_, w.wo, packed(l).wo, 1, x_);  // residual: x += o_proj(att)
       model_.lora_forward(o, lo.o, att_, N, x_, C, lora_u_);
       o.rmsnorm_forward(xn_, rstd_, x_, w.mlp_norm, N, C, eps);
-      o.gemm(false, true, N, 2 * F, C, 1, xn_, C, w.wgu, C, 0, gu_, 2 * F);
+      project(N, 2 * F, C, xn_, w.wgu, packed(l).wgu, 0, gu_);
       model_.lora_forward(o, lo.gu, xn_, N, gu_, 2 * F, lora_u_);
       o.swiglu_forward(ffn_, gu_, N, F);
-      o.gemm(false, true, N, C, F, 1, ffn_, F, w.wdown, F, 1, x_, C);
+      project(N, C, F, ffn_, w.wdown, packed(l).wdown, 1, x_);
       model_.lora_forward(o, lo.down, ffn_, N, x_, C, lora_u_);
     }
     o.rmsnorm_forward(xn_, rstd_, x_, model_.final_norm_weight(), N, C, eps);
     if (n_logit_rows == 0) return;
     // Only the rows that sample need the LM head (the last prompt row, and every decode row).
     o.gather_rows(hsel_, xn_, logit_rows_dev, n_logit_rows, C);
-    o.gemm_master(false, true, n_logit_rows, V, C, 1, hsel_, C, model_.lm_head_weight(), C, 0, logits_, V);
+    project(n_logit_rows, V, C, hsel_, model_.lm_head_weight(), packed_head_, 0, logits_);
   };
   // A pure decode step (every row samples) of N rows is the same launch sequence each time, its
   // inputs all in step_dev_: on backends that record graphs it runs as one recorded graph (one
@@ -212,11 +233,25 @@ void Generator<T>::extend(int64_t N, int64_t n_logit_rows) {
 }
 
 template <class T>
+template <class Out>
+void Generator<T>::project(int64_t N, int64_t out, int64_t in, const T* x, const T* W, const void* packed, double beta,
+                           Out* C) {
+  if constexpr (std::is_same_v<Out, T>) {
+    if (packed_now_ && packed && N >= ops_->packed_weight_min_rows())
+      return ops_->gemm_packed_weight(N, out, in, x, W, packed, beta, C, out);
+    ops_->gemm(false, true, N, out, in, 1, x, in, W, in, beta, C, out);
+  } else {
+    ops_->gemm_master(false, true, N, out, in, 1, x, in, W, in, beta, C, out);
+  }
+}
+
+template <class T>
 void Generator<T>::extend_for_test(const int32_t* slots, const int32_t* positions, const int32_t* tokens, int64_t n,
                                    Master* logits_out) {
   SPPO_REQUIRE(n >= 1 && n <= max_rows_, "extend_for_test: ", n, " rows, at most ", max_rows_);
   const int64_t B = plan_.max_batch;
   SPPO_REQUIRE(kv_blocks_ >= B * max_blocks_, "extend_for_test needs the default pool");
+  packed_now_ = false;
   for (int64_t s = 0; s < B; ++s)
     for (int64_t j = 0; j < max_blocks_; ++j) tables_[s * max_blocks_ + j] = int32_t(j * B + s);
   tables_dirty_ = true;
@@ -335,6 +370,7 @@ std::vector<SequenceResult> Generator<T>::generate(const std::vector<SequenceReq
   const int64_t n = int64_t(seqs.size()), B = plan_.max_batch, V = cfg_.vocab_size, P = plan_.max_context;
   std::vector<SequenceResult> results(n);
   stats_ = {};
+  packed_now_ = false;  // the weights may have changed since the last call
   std::fill(tables_.begin(), tables_.end(), -1);
   tables_dirty_ = true;
 

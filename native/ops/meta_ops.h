@@ -20,6 +20,8 @@ struct BackendFootprint {
   const char* name;                                                        // the backend's name, as Ops::name gives it
   int64_t head_scratch_elems;                                              // Ops::head_scratch_elems
   std::function<size_t(int64_t max_seq, int64_t head_dim)> scratch_bytes;  // what plan_scratch sets aside
+  // Ops::packed_weight_bytes; empty: the backend packs no weights.
+  std::function<size_t(int64_t n, int64_t k)> packed_weight_bytes = {};
 };
 
 template <class T>
@@ -36,6 +38,9 @@ class MetaOps final : public Ops<T> {
   void* alloc_bytes(size_t) override { return block_; }
   void free_bytes(void*) override {}
   size_t plan_scratch(int64_t max_seq, int64_t head_dim) override { return f_.scratch_bytes(max_seq, head_dim); }
+  size_t packed_weight_bytes(int64_t n, int64_t k) const override {
+    return f_.packed_weight_bytes ? f_.packed_weight_bytes(n, k) : 0;
+  }
   void upload_bytes(void*, const void*, size_t) override {}
   void download_bytes(void*, const void*, size_t) override { refuse(); }
   void upload(T*, const Master*, int64_t) override {}

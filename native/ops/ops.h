@@ -138,6 +138,23 @@ class Ops : public EncoderOps<T> {
   virtual bool graph_capture_end(uint64_t key) { return false; }
   virtual bool graph_replay(uint64_t key) { return false; }
 
+  // Weights packed once for repeated x·Wᵀ (a generator's decode steps; cpu/gemm.h pack_weight):
+  // W (N, K) copied into the layout the backend's GEMM would otherwise pack it into on every call.
+  // packed_weight_bytes: the copy's size, 0 where the backend has no such layout (it is then never
+  // asked to pack); the plan counts it (BackendFootprint::packed_weight_bytes). With fewer than
+  // packed_weight_min_rows() rows gemm_packed_weight reads W itself and the copy saves nothing.
+  // gemm_packed_weight: C(M, N) = A(M, K)·Wᵀ + beta·C, each row bit-identical to
+  // gemm(false, true, M, N, K, 1, A, K, W, K, beta, C, ldc) whatever M is.
+  virtual size_t packed_weight_bytes(int64_t N, int64_t K) const { return 0; }
+  virtual int64_t packed_weight_min_rows() const { return 1; }
+  virtual void pack_weight(void* dst, const T* W, int64_t N, int64_t K) {
+    throw Error(std::string("the ") + this->name() + " backend has no packed weights");
+  }
+  virtual void gemm_packed_weight(int64_t M, int64_t N, int64_t K, const T* A, const T* W, const void* packed,
+                                  double beta, T* C, int64_t ldc) {
+    throw Error(std::string("the ") + this->name() + " backend has no packed weights");
+  }
+
   // Per-thread scratch the ops need for at most `max_seq` positions; called once at planning.
   // Returns the bytes it set aside.
   virtual size_t plan_scratch(int64_t max_seq, int64_t head_dim) = 0;

@@ -1,5 +1,7 @@
 // Checks the CPU gemm (every kernel this CPU can run) against a float64 reference.
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -221,6 +223,62 @@ SPPO_TEST(gemm_small_m_rows_match_the_packed_path_bitwise) {
         }
       }
     }
+  }
+  sppo::cpu::gemm_force_kernel("auto");
+}
+
+// A 64-byte aligned float buffer, as pack_weight needs.
+struct AlignedFloats {
+  explicit AlignedFloats(size_t n) : n_(n), p_(static_cast<float*>(std::aligned_alloc(64, (n * 4 + 63) / 64 * 64))) {}
+  ~AlignedFloats() { std::free(p_); }
+  float* data() { return p_; }
+  size_t size() const { return n_; }
+  size_t n_;
+  float* p_;
+};
+
+// x * W^T against W packed once (a generator's decode steps): every row bit-identical to gemm on W
+// itself, for every row count (the matrix-vector rows read W; the rest the packed copy), with a
+// row stride wider than K; a copy packed for another kernel or shape is refused.
+SPPO_TEST(gemm_packed_weight_matches_gemm_bitwise) {
+  std::mt19937 rng(11);
+  for (const char* kernel : {"avx512", "avx2", "portable"}) {
+    if (!sppo::cpu::gemm_force_kernel(kernel)) continue;
+    for (int64_t K : {5, 47, 515}) {
+      for (int64_t N : {1, 37, 700}) {
+        const int64_t ldw = K + 3, Mmax = 300;
+        auto W = random_vec<float>(N * ldw, rng), A = random_vec<float>(Mmax * K, rng);
+        auto C0 = random_vec<float>(Mmax * N, rng);
+        AlignedFloats packed(sppo::cpu::packed_weight_floats(N, K));
+        std::fill_n(packed.data(), packed.size(), std::nanf(""));
+        sppo::cpu::pack_weight(W.data(), ldw, N, K, packed.data());
+        for (int64_t m : {1, 4, 5, 9, 30, 64, 96, 97, 300})
+          for (const auto& ab : {std::pair{1.0f, 0.0f}, std::pair{-0.75f, 0.5f}}) {
+            std::vector<float> ref(C0.begin(), C0.begin() + m * N), C = ref;
+            gemm(false, true, m, N, K, ab.first, A.data(), K, W.data(), ldw, ab.second, ref.data(), N);
+            sppo::cpu::gemm_packed_weight(m, N, K, ab.first, A.data(), K, W.data(), ldw, packed.data(), ab.second,
+                                          C.data(), N);
+            EXPECT_TRUE(std::memcmp(C.data(), ref.data(), C.size() * sizeof(float)) == 0,
+                        "kernel " << kernel << " M=" << m << " N=" << N << " K=" << K << " alpha=" << ab.first);
+          }
+        std::vector<float> C(size_t(8 * N));
+        EXPECT_THROWS_WITH(sppo::cpu::gemm_packed_weight(8, N, K + 1, 1.0f, A.data(), K + 1, W.data(), ldw,
+                                                         packed.data(), 0.0f, C.data(), N),
+                           "packed as");
+      }
+    }
+  }
+  // AVX-512's slivers are 32 columns wide, the others' 16 (the same layout for AVX2 and portable).
+  if (sppo::cpu::gemm_force_kernel("avx512")) {
+    const int64_t N = 40, K = 20;
+    auto W = random_vec<float>(N * K, rng), A = random_vec<float>(8 * K, rng);
+    AlignedFloats packed(sppo::cpu::packed_weight_floats(N, K));
+    std::vector<float> C(8 * N);
+    sppo::cpu::pack_weight(W.data(), K, N, K, packed.data());
+    sppo::cpu::gemm_force_kernel("avx2");
+    EXPECT_THROWS_WITH(
+        sppo::cpu::gemm_packed_weight(8, N, K, 1.0f, A.data(), K, W.data(), K, packed.data(), 0.0f, C.data(), N),
+        "slivers of 32");
   }
   sppo::cpu::gemm_force_kernel("auto");
 }

@@ -497,6 +497,47 @@ SPPO_TEST(generate_prefix_sharing_changes_no_token_or_logprob) {
   }
 }
 
+// The packed copy of the weights (GeneratorPlan::pack_weights) changes no token or log-prob, is
+// counted in the generator's memory, and is packed again by the call after a weight change.
+SPPO_TEST(generate_packed_weights_change_nothing_and_follow_weight_changes) {
+  Fixture f;
+  const SamplingOptions o = sampling(20);
+  const auto req = f.requests({0, 1, 2, 3}, 5);  // decode steps of up to 20 rows
+  auto generator = [&](bool pack) {
+    GeneratorPlan plan{24, 48};
+    plan.pack_weights = pack;
+    return std::make_unique<Generator<float>>(*f.m, plan, std::make_unique<cpu::CpuOps<float>>());
+  };
+  auto packed = generator(true), plain = generator(false);
+  const ModelConfig& c = f.c;
+  const int64_t C = c.hidden_size, F = c.intermediate_size;
+  cpu::CpuOps<float> ops;
+  size_t copy = ops.packed_weight_bytes(c.vocab_size, C);
+  for (int l = 0; l < c.num_hidden_layers; ++l)
+    copy += ops.packed_weight_bytes(c.qkv_dim(), C) + ops.packed_weight_bytes(C, c.q_dim()) +
+            ops.packed_weight_bytes(2 * F, C) + ops.packed_weight_bytes(C, F);
+  EXPECT_TRUE(
+      copy > 0 && packed->memory_bytes() == plain->memory_bytes() + copy,
+      "packed generator " << packed->memory_bytes() << " bytes, plain " << plain->memory_bytes() << ", copy " << copy);
+  const auto before = plain->generate(req, o);
+  const auto got = packed->generate(req, o);
+  for (size_t i = 0; i < req.size(); ++i) expect_same(before[i], got[i], "sequence " + std::to_string(i));
+  // A changed projection: both generators follow it (a stale copy would give the old tokens).
+  const std::string name = "model.layers.0.mlp.down_proj.weight";
+  std::vector<float> w(size_t(f.m->param(name).size));
+  f.m->get_param(name, w.data());
+  for (float& x : w) x *= -3.0f;
+  f.m->set_param(name, w.data(), int64_t(w.size()));
+  const auto after = plain->generate(req, o);
+  const auto got_after = packed->generate(req, o);
+  bool changed = false;
+  for (size_t i = 0; i < req.size(); ++i) {
+    expect_same(after[i], got_after[i], "after the change, sequence " + std::to_string(i));
+    changed = changed || after[i].tokens != before[i].tokens;
+  }
+  EXPECT_TRUE(changed, "the weight change changed no token");
+}
+
 // Samples of one prompt that differ from their first token on: each writes its first token's keys
 // and values into a copy of the prompt's partial last block, so none may see another's. Each
 // must match the same sample generated alone.
