@@ -193,6 +193,7 @@ describe('Model.create', () => {
     expect(message).toMatch(/; gradientPrecision: 'bf16' brings gradients to 0\.\d{3} \(total 0\.\d{3} GiB, fits\)/);
     expect(message).toMatch(/; optimizer: \{kind: 'rmsprop'\} brings optimizer state to 0\.\d{3} \(total 0\.\d{3} GiB, fits\)/);
     expect(message).toMatch(/; plan\.maxBatch: 1 brings activations and scratch to/);
+    expect(message).toMatch(/; generator\.packWeights: false brings generator KV cache to 0\.\d{3} \(total/);
     expect(message).toMatch(/; generator\.maxBatch: 2 brings generator KV cache to/);
     expect(message).toContain(formatMemoryPlan({ ...need, available: need.total - 1 }));
     // With almost nothing free, no change fits alone: the message adds them all up.

@@ -205,18 +205,27 @@ export function refusalMessage(config: ModelConfig, plan: MemoryPlan, options: P
     allPlan = { ...plan, maxBatch: Math.max(1, Math.floor(plan.maxBatch / 2)) };
     consider(`plan.maxBatch: ${allPlan.maxBatch}`, ['activations', 'scratch'], fixed, allPlan);
   }
+  // The CPU generator's packed copy of the weights (the weights' size again) is optional.
+  if (options.generator && options.generator.packWeights !== false && r.device === 'cpu') {
+    const generator = { ...options.generator, packWeights: false };
+    const v = planMemory(config, plan, { ...fixed, generator });
+    if (v.kvCache < r.kvCache) {
+      all = { ...all, generator: { ...(all.generator ?? generator), packWeights: false } };
+      consider('generator.packWeights: false', ['kvCache'], { ...fixed, generator });
+    }
+  }
   // A pool sized in bytes does not follow maxBatch: halve whichever sets it.
   const pool = options.generator?.kvCacheBytes;
   if (options.generator && pool !== undefined) {
     const generator = { ...options.generator, kvCacheBytes: Math.floor(pool / 2) };
     // Half a pool of one block is no pool, and the planner refuses it: nothing to suggest then.
     if (planFits(() => planMemory(config, plan, { ...fixed, generator }))) {
-      all = { ...all, generator };
+      all = { ...all, generator: { ...(all.generator ?? generator), kvCacheBytes: generator.kvCacheBytes } };
       consider(`generator.kvCacheBytes: ${generator.kvCacheBytes}`, ['kvCache'], { ...fixed, generator });
     }
   } else if (options.generator && options.generator.maxBatch > 1) {
     const generator = { ...options.generator, maxBatch: Math.max(1, Math.floor(options.generator.maxBatch / 2)) };
-    all = { ...all, generator };
+    all = { ...all, generator: { ...(all.generator ?? generator), maxBatch: generator.maxBatch } };
     consider(`generator.maxBatch: ${generator.maxBatch}`, ['kvCache'], { ...fixed, generator });
   }
   if (!fits && alternatives.length > 1) {
