@@ -185,6 +185,18 @@ describe('generation.kvCacheBytes', () => {
     }
   });
 
+  it('generation.packWeights: false leaves the CPU generator without its packed copy of the weights, in the plan and the generator', async () => {
+    const setup = await setupFromConfig(hfConfig(), { device: 'cpu' });
+    try {
+      const plain = { ...setup, config: hfConfig({ generation: { maxNewTokens: 4, packWeights: false } }) };
+      const gen = setup.model.createGenerator(generatorPlanFor(plain.config, setup.model.config, setup.model.plan));
+      expect(runMemoryPlan(plain).kvCache).toBe(gen.memory());
+      expect(runMemoryPlan(plain).kvCache).toBeLessThan(runMemoryPlan(setup).kvCache);
+    } finally {
+      await dispose(setup);
+    }
+  });
+
   it('is refused by its path when it is not a positive integer', () => {
     for (const kvCacheBytes of [0, -4096, 1.5, '1 GiB'])
       expect(

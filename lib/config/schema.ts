@@ -93,6 +93,12 @@ const generationSchema = z
       .describe(
         "bytes of the generator's paged KV-cache pool (rounded down to whole blocks of 16 positions); default room for maxBatch sequences of the model's context. The sequences in flight adapt to the pool: when it is full they wait, and only a sequence that alone needs more than the pool is refused",
       ),
+    packWeights: z
+      .boolean({ error: 'must be true or false' })
+      .optional()
+      .describe(
+        "on the CPU, keep a copy of the policy's weights in the GEMM's packed layout for the decode steps (the weights' size again; decoding is faster, results identical); default true, false saves the memory",
+      ),
   })
   .describe('sampling the responses');
 

@@ -142,11 +142,12 @@ export interface RunResult {
  * plan's maxSeq at most), in a pool of generation.kvCacheBytes when given.
  */
 export function generatorPlanFor(config: RunConfig, model: Pick<ModelConfig, 'max_position_embeddings'>, plan: MemoryPlan): GeneratorPlan {
-  const { maxBatch, kvCacheBytes } = config.generation;
+  const { maxBatch, kvCacheBytes, packWeights } = config.generation;
   return {
     maxBatch,
     maxContext: Math.min(model.max_position_embeddings, plan.maxSeq),
     ...(kvCacheBytes !== undefined && { kvCacheBytes }),
+    ...(packWeights !== undefined && { packWeights }),
   };
 }
 
