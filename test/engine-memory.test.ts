@@ -134,6 +134,19 @@ describe('Model.plan', () => {
     expect(Model.plan(config, plan, options).gradientPrecision).toBe('fp32'); // the default
     const lora: LoraOptions = { rank: 2, alpha: 4, targets: ['q_proj', 'v_proj'] };
     expect(at(1000, { lora }).gradientPrecision).toBe('fp32');
+    // Where the bf16 stage (vocabulary × hidden, float32) outweighs what the gradients save, 'auto'
+    // keeps float32 and the refusal does not suggest bf16; asked for, bf16 is still given.
+    const wide = tinyConfig({ vocab_size: 4096, tie_word_embeddings: true });
+    expect(Model.plan(wide, plan, { gradientPrecision: 'bf16' }).total).toBeGreaterThan(Model.plan(wide, plan).total);
+    expect(Model.plan(wide, plan, { gradientPrecision: 'auto', available: 1000 }).gradientPrecision).toBe('fp32');
+    let refusal = '';
+    try {
+      Model.create(wide, plan, { available: 1000 });
+    } catch (err) {
+      refusal = (err as Error).message;
+    }
+    expect(refusal).toMatch(/^Model\.create: needs/);
+    expect(refusal).not.toContain('gradientPrecision');
     expect(() => Model.plan(config, plan, { gradientPrecision: 'bf16', lora })).toThrow(
       /bf16 gradients are for full fine-tuning: LoRA adapters keep float32 gradients/,
     );
@@ -196,6 +209,10 @@ describe('Model.create', () => {
     expect(message).toMatch(/; generator\.packWeights: false brings generator KV cache to 0\.\d{3} \(total/);
     expect(message).toMatch(/; generator\.maxBatch: 2 brings generator KV cache to/);
     expect(message).toContain(formatMemoryPlan({ ...need, available: need.total - 1 }));
+    // Asked for bf16 gradients, the LoRA suggestion says it takes float32 ones.
+    expect(() => Model.create(config, plan, { ...options, gradientPrecision: 'bf16', available: 1000 })).toThrow(
+      /lora: \{rank: \d+\} \(all seven projections\) with gradientPrecision: 'fp32' brings/,
+    );
     // With almost nothing free, no change fits alone: the message adds them all up.
     expect(() => Model.create(config, plan, { ...options, available: 1000 })).toThrow(
       /; all of these together bring the total to 0\.\d{3} GiB\n/,

@@ -175,6 +175,8 @@ describe('per-stage config hashes', () => {
     expect(changed({ ...demo(dir), run: { ...demo(dir).run, seed: 1 } })).toHaveLength(7);
     // LoRA decides what every checkpoint is, π_0's included
     expect(changed(demo(dir, { lora: { rank: 8 } }))).toHaveLength(7);
+    // the gradients' precision: the demo's supervised base trains with it too
+    expect(changed(demo(dir, { gradientPrecision: 'bf16' }))).toEqual(['base', 'train']);
   });
 
   it('a training field is accepted while no train stage is finished, and the run says which stages use it', async () => {

@@ -104,18 +104,23 @@ export function planMemory(config: ModelConfig, plan: MemoryPlan, options: PlanO
     ...(available !== undefined && { available }),
   });
   // 'auto' settings, in the order they are tried: the result-neutral checkpointing first, then
-  // bf16 gradients (never with LoRA); the first that fits, else the smallest.
+  // bf16 gradients (never with LoRA, and only where they shrink the plan: their float32 stage of
+  // vocabulary × hidden can outweigh what a small model's gradients save); the first that fits,
+  // else the smallest.
   const asked = options.activationCheckpointing ?? 'auto';
   const checkpointing = asked === 'auto' ? [false, true] : [asked];
   const askedPrecision = options.gradientPrecision ?? 'fp32';
   const precisions: GradientPrecision[] = askedPrecision !== 'auto' ? [askedPrecision] : options.lora ? ['fp32'] : ['fp32', 'bf16'];
-  let last: MemoryPlanReport | undefined;
+  const tried: MemoryPlanReport[] = [];
   for (const precision of precisions)
     for (const ckpt of checkpointing) {
-      last = report(ckpt, precision);
-      if (available === undefined || last.total <= available) return last;
+      const r = report(ckpt, precision);
+      const same = tried.find((t) => t.activationCheckpointing === ckpt);
+      if (askedPrecision === 'auto' && same && r.total >= same.total) continue;
+      if (available === undefined || r.total <= available) return r;
+      tried.push(r);
     }
-  return last as MemoryPlanReport;
+  return tried.reduce((a, b) => (b.total < a.total ? b : a));
 }
 
 /** The plan as a table: one line per category, then the total (and what is available). */
@@ -183,16 +188,22 @@ export function refusalMessage(config: ModelConfig, plan: MemoryPlan, options: P
     all = { ...all, activationCheckpointing: true };
     consider('activationCheckpointing: true', ['activations'], { ...fixed, activationCheckpointing: true });
   }
+  // bf16 gradients, where they shrink the plan (their stage can outweigh a small model's saving).
   if (!options.lora && r.gradientPrecision === 'fp32') {
-    all = { ...all, gradientPrecision: 'bf16' };
-    consider("gradientPrecision: 'bf16'", ['grads'], { ...fixed, gradientPrecision: 'bf16' });
+    const bf16: PlanOptions = { ...fixed, gradientPrecision: 'bf16' };
+    if (planMemory(config, plan, bf16).total < r.total) {
+      all = { ...all, gradientPrecision: 'bf16' };
+      consider("gradientPrecision: 'bf16'", ['grads'], bf16);
+    }
   }
   if (!options.lora) {
-    // LoRA's adapters keep float32 gradients: the suggestion replaces bf16 gradients.
+    // LoRA's adapters keep float32 gradients: the suggestion replaces bf16 gradients, and says so
+    // (and "all of these together" counts LoRA, not a bf16 gradients suggestion above).
     const lora = suggestedLora(config);
+    const precision = r.gradientPrecision === 'bf16' ? " with gradientPrecision: 'fp32'" : '';
     all = { ...all, lora, gradientPrecision: 'fp32' };
     consider(
-      `lora: {rank: ${lora.rank}} (all seven projections)`,
+      `lora: {rank: ${lora.rank}} (all seven projections)${precision}`,
       r.master > 0 ? ['master', 'grads', 'optimizer'] : ['grads', 'optimizer'],
       { ...fixed, lora, gradientPrecision: 'fp32' },
     );

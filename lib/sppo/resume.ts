@@ -40,6 +40,8 @@ export function stagesUsing(field: FieldPath, configs: readonly RunConfig[]): re
     case 'training':
       // LoRA decides what every checkpoint is, π_0's included (and what the demo's supervised base trains)
       if (name === 'lora') return ALL_STAGES;
+      // the gradients' precision shapes every trained weight: the demo's supervised base's too
+      if (name === 'gradientPrecision') return configs.some((c) => c.sft !== undefined) ? ['base', 'train'] : ['train'];
       return typeof name === 'string' && DATASET_FIELDS.has(name) ? ['dataset', 'train'] : ['train'];
     default:
       return ALL_STAGES; // model (π_0 itself) and anything unknown

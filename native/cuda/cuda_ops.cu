@@ -750,7 +750,8 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partials[blockIdx.x] = bad ? 1.0 : 0.0;
 }
 
-// g = bf16(float(g) + x): a micro-batch's fp32 gradient added into the bf16 buffer, rounded once.
+// g = bf16(float(g) + x): a micro-batch's fp32 gradient added into the bf16 buffer (the float sum,
+// rounded to bf16).
 __global__ void add_round_kernel(bf* g, const float* x, int64_t n) {
   for (int64_t i = first_index(); i < n; i += grid_stride()) g[i] = to_bf(to_f(g[i]) + x[i]);
 }

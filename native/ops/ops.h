@@ -239,8 +239,9 @@ class Ops : public EncoderOps<T> {
 
   // ---- Gradients accumulated in bf16 (MemoryPlan::bf16_gradients) ----
   // The model computes each micro-batch's weight gradients in Master precision into scratch and
-  // adds them into its bf16 gradient buffer here: g(n) = bf16(float(g) + x), one
-  // round-to-nearest-even per element and call (CPU and CUDA give the same bits).
+  // adds them into its bf16 gradient buffer here: g(n) = bf16(float(g) + x), the sum rounded to
+  // float, then to bf16 to nearest even (one bf16 rounding per element and call; CPU and CUDA
+  // give the same bits).
   virtual void add_round(bf16* g, const Master* x, int64_t n) = 0;
   // The readers of such a buffer: sum_squares and the updates and their dry runs as above, each
   // gradient element widened to Master first (exactly), then the same arithmetic. So clipping

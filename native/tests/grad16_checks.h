@@ -9,7 +9,8 @@
 //   - embedding rows of tokens absent from every micro-batch stay exactly zero;
 //   - an optimizer step over the bf16 buffer (clipped, AdamW and RMSprop) equals a step of the
 //     Master model given the same gradient values widened, bit for bit: norm, master weights and
-//     parameters.
+//     parameters; one that would overflow is refused by the dry run over the bf16 buffer, leaving
+//     the parameters as they were.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -137,6 +138,31 @@ void check_bf16_gradients(const std::string& what, const std::function<std::uniq
     bool zeroed = true;
     for (const bf16& g : after) zeroed &= g.bits == 0;
     EXPECT_TRUE(zeroed, what << ", " << name << ": the step left bf16 gradients behind");
+
+    // A step that would overflow (lr 3e38): the dry run over the bf16 gradients refuses it before
+    // anything is written, and the gradients are discarded.
+    std::unique_ptr<Model<T>> c = make(true);
+    OptimizerConfig huge = oc;
+    huge.lr = 3e38, huge.max_grad_norm = 0;
+    c->set_optimizer(huge);
+    c->ops().upload_bytes(c->grad16_data(), got.data(), got.size() * sizeof(bf16));
+    std::vector<std::vector<M>> before;
+    for (const ParamInfo& p : c->params()) {
+      before.emplace_back(size_t(p.size));
+      c->get_param(p.name, before.back().data());
+    }
+    EXPECT_THROWS_WITH(c->optimizer_step(), "would write non-finite parameters");
+    for (size_t k = 0; k < c->params().size(); ++k) {
+      const ParamInfo& p = c->params()[k];
+      std::vector<M> w(size_t(p.size));
+      c->get_param(p.name, w.data());
+      EXPECT_TRUE(std::memcmp(w.data(), before[k].data(), w.size() * sizeof(M)) == 0,
+                  what << ", " << name << ": the refused step changed " << p.name);
+    }
+    EXPECT_TRUE(c->optimizer_steps() == 0, what << ", " << name << ": the refused step was counted");
+    bool discarded = true;
+    for (const bf16& g : bf16_grads(*c)) discarded &= g.bits == 0;
+    EXPECT_TRUE(discarded, what << ", " << name << ": the refused step kept its gradients");
   }
 }
 
