@@ -154,6 +154,10 @@ describe('errors name the field', () => {
     expect(parseConfig(minimal).training.gradientPrecision).toBeUndefined();
     // absent, it is left out of the hashed JSON, so runs started before the field existed resume
     expect(canonicalJson(parseConfig(minimal))).not.toContain('gradientPrecision');
+    // and the defaults spelt out hash as left out
+    expect(configHash(parseConfig({ ...minimal, training: { gradientPrecision: 'fp32' }, generation: { packWeights: true } }))).toBe(
+      configHash(parseConfig(minimal)),
+    );
     expect(parseConfig({ ...minimal, training: { gradientPrecision: 'bf16' } }).training.gradientPrecision).toBe('bf16');
     expect(problems({ ...minimal, training: { gradientPrecision: 'fp16' } })).toEqual([
       "training.gradientPrecision: must be 'fp32' or 'bf16'",

@@ -100,6 +100,8 @@ const generationSchema = z
         "on the CPU, keep a copy of the policy's weights in the GEMM's packed layout for the decode steps (the weights' size again; decoding is faster, results identical); default true, false saves the memory",
       ),
   })
+  // packWeights: true spelt out is the default left out, so both hash alike
+  .transform((g) => ({ ...g, packWeights: g.packWeights === true ? undefined : g.packWeights }))
   .describe('sampling the responses');
 
 const preferenceSchema = z
@@ -201,7 +203,12 @@ const trainingSchema = z
         message: `loss '${t.loss}' needs mode '${datasetModeForLoss(t.loss)}'`,
       });
   })
-  .transform((t) => ({ ...t, mode: t.mode ?? datasetModeForLoss(t.loss) }))
+  // 'fp32' spelt out is the default left out, so both hash alike (a resume sees no change)
+  .transform((t) => ({
+    ...t,
+    mode: t.mode ?? datasetModeForLoss(t.loss),
+    gradientPrecision: t.gradientPrecision === 'fp32' ? undefined : t.gradientPrecision,
+  }))
   .describe('training each iteration on the judged samples');
 
 const sftSchema = z
