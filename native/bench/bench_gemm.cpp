@@ -30,12 +30,14 @@ std::vector<Shape> model_shapes() {
   for (auto& s : nk) v.push_back({"fwd", T, s[0], s[1], false, true, 0.0f});
   for (auto& s : nk) v.push_back({"bwd_dx", T, s[1], s[0], false, false, 0.0f});
   for (auto& s : nk) v.push_back({"bwd_dw", s[0], s[1], T, true, false, 1.0f});
-  for (int64_t m : {1, 2, 4, 16, 64}) {
-    v.push_back({"decode", m, 1376, 512, false, true, 0.0f});
-    v.push_back({"decode", m, 512, 1376, false, true, 0.0f});
-  }
+  for (const char* name : {"decode", "decode+p"})
+    for (int64_t m : {1, 2, 4, 16, 64}) {
+      v.push_back({name, m, 1376, 512, false, true, 0.0f});
+      v.push_back({name, m, 512, 1376, false, true, 0.0f});
+    }
   // The `small` preset's LM head at batch 1 and 4 (16 MiB of weights: streamed from memory).
-  for (int64_t m : {1, 4}) v.push_back({"head", m, 8192, 512, false, true, 0.0f});
+  for (const char* name : {"head", "head+p"})
+    for (int64_t m : {1, 4}) v.push_back({name, m, 8192, 512, false, true, 0.0f});
   return v;
 }
 
@@ -55,8 +57,20 @@ SPPO_BENCH(gemm_model_shapes) {
     const double flop = 2.0 * s.M * s.N * s.K;
     // Enough repetitions for ~0.3 s of work (at least 5) after two warm-up calls.
     int reps = std::clamp(static_cast<int>(0.3 * 200e9 / flop), 5, 200);
+    // "decode" and "head" rows also run over the weights packed once (a generator's decode steps).
+    const bool packed = s.name == std::string("decode+p") || s.name == std::string("head+p");
+    std::vector<float> Wp;
+    if (packed) {
+      Wp.resize(sppo::cpu::packed_weight_floats(s.N, s.K) + 16);
+      float* dst = Wp.data() + (16 - (reinterpret_cast<uintptr_t>(Wp.data()) / 4) % 16) % 16;
+      sppo::cpu::pack_weight(B.data(), ldb, s.N, s.K, dst);
+    }
+    const float* wp = packed ? Wp.data() + (16 - (reinterpret_cast<uintptr_t>(Wp.data()) / 4) % 16) % 16 : nullptr;
     auto call = [&] {
-      sppo::cpu::gemm(s.tA, s.tB, s.M, s.N, s.K, 1.0f, A.data(), lda, B.data(), ldb, s.beta, C.data(), s.N);
+      if (packed)
+        sppo::cpu::gemm_packed_weight(s.M, s.N, s.K, 1.0f, A.data(), lda, B.data(), ldb, wp, s.beta, C.data(), s.N);
+      else
+        sppo::cpu::gemm(s.tA, s.tB, s.M, s.N, s.K, 1.0f, A.data(), lda, B.data(), ldb, s.beta, C.data(), s.N);
     };
     call();
     call();

@@ -767,6 +767,65 @@ SPPO_AVX512 void avx512_cols(int64_t M, int64_t j0, int64_t j1, int64_t K, int64
 
 #pragma GCC diagnostic pop
 
+// One row of x·Wᵀ over weights packed once (pack_panel_sliver's layout over all N): NS slivers
+// side by side, so 2·NS FMA chains cover the FMA latency where the tile kernel at one row runs
+// two. Each element is reduced exactly as avx512_tile_fixed<1> reduces it (one chain in k order
+// per K block, beta 1 after the first block, the same epilogue), so the row's bits are the
+// packed path's, and so every other path's.
+template <int NS>
+SPPO_AVX512 void avx512_packed_row_block(int64_t N, int64_t K, int64_t kcb, int64_t s, const float* a, const float* bp,
+                                         float* c, float alpha, float beta) {
+  const int64_t n_sl = (N + kAvx512NR - 1) / kAvx512NR;
+  __mmask16 m0[NS], m1[NS];
+#pragma GCC unroll 4
+  for (int q = 0; q < NS; ++q) {
+    const int64_t nr = std::min<int64_t>(kAvx512NR, N - (s + q) * kAvx512NR);
+    m0[q] = nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nr) - 1);
+    m1[q] = nr >= 32 ? __mmask16(0xFFFF) : nr <= 16 ? __mmask16(0) : __mmask16((1u << (nr - 16)) - 1);
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int64_t p0 = 0; p0 < K; p0 += kcb) {
+    const int64_t kc = std::min(kcb, K - p0);
+    const float* b = bp + p0 * n_sl * kAvx512NR + s * kc * kAvx512NR;
+    __m512 acc0[NS], acc1[NS];
+#pragma GCC unroll 4
+    for (int q = 0; q < NS; ++q) acc0[q] = acc1[q] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kc; ++k) {
+      const __m512 av = _mm512_set1_ps(a[p0 + k]);
+#pragma GCC unroll 4
+      for (int q = 0; q < NS; ++q) {
+        const float* bq = b + q * kc * kAvx512NR + k * kAvx512NR;
+        acc0[q] = _mm512_fmadd_ps(av, _mm512_load_ps(bq), acc0[q]);
+        acc1[q] = _mm512_fmadd_ps(av, _mm512_load_ps(bq + 16), acc1[q]);
+      }
+    }
+    const float beta_k = p0 == 0 ? beta : 1.0f;
+    const __m512 vb = _mm512_set1_ps(beta_k);
+#pragma GCC unroll 4
+    for (int q = 0; q < NS; ++q) {
+      float* cq = c + (s + q) * kAvx512NR;
+      if (beta_k == 0.0f) {
+        _mm512_mask_storeu_ps(cq, m0[q], _mm512_mul_ps(acc0[q], va));
+        _mm512_mask_storeu_ps(cq + 16, m1[q], _mm512_mul_ps(acc1[q], va));
+      } else {
+        const __m512 c0 = _mm512_maskz_loadu_ps(m0[q], cq), c1 = _mm512_maskz_loadu_ps(m1[q], cq + 16);
+        _mm512_mask_storeu_ps(cq, m0[q], _mm512_fmadd_ps(acc0[q], va, _mm512_mul_ps(vb, c0)));
+        _mm512_mask_storeu_ps(cq + 16, m1[q], _mm512_fmadd_ps(acc1[q], va, _mm512_mul_ps(vb, c1)));
+      }
+    }
+  }
+}
+
+// Slivers [s0, s1) of one row, four at a time.
+SPPO_AVX512 void avx512_packed_row(int64_t N, int64_t K, int64_t kcb, int64_t s0, int64_t s1, const float* a,
+                                   const float* bp, float* c, float alpha, float beta) {
+  using Fn = void (*)(int64_t, int64_t, int64_t, int64_t, const float*, const float*, float*, float, float);
+  static constexpr Fn kBySlivers[] = {avx512_packed_row_block<1>, avx512_packed_row_block<2>,
+                                      avx512_packed_row_block<3>, avx512_packed_row_block<4>};
+  for (int64_t s = s0; s < s1; s += 4)
+    kBySlivers[std::min<int64_t>(4, s1 - s) - 1](N, K, kcb, s, a, bp, c, alpha, beta);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernel selection.
 
@@ -1043,11 +1102,11 @@ void gemm_packed_weight(int64_t M, int64_t N, int64_t K, float alpha, const floa
   SPPO_REQUIRE(h.nr == ks.nr && h.n == N && h.k == K, "gemm_packed_weight: the copy was packed as ", h.n, " x ", h.k,
                " for slivers of ", h.nr, ", asked for ", N, " x ", K, " with kernel ", ks.name, " (slivers of ", ks.nr,
                ")");
-  // Few rows go through the matrix-vector pair over W itself (it never packs); alpha 0 or an
-  // empty K, through gemm's own handling. Both give the bits the packed path gives.
+  // Alpha 0 or an empty K go through gemm's own handling, which gives the bits the packed path
+  // gives. Few rows stream the packed slivers too: each tile is one contiguous read of W, where the
+  // matrix-vector path over W itself transposes it in registers as it goes.
   if (M <= 0 || N <= 0) return;
-  if (M <= kMatvecMaxM || K <= 0 || alpha == 0.0f)
-    return gemm_f32(ks, false, true, M, N, K, alpha, A, lda, W, ldw, beta, C, ldc);
+  if (K <= 0 || alpha == 0.0f) return gemm_f32(ks, false, true, M, N, K, alpha, A, lda, W, ldw, beta, C, ldc);
   ThreadPool& pool = cpu_pool();
   const bool parallel = 2.0 * M * N * K >= kMinParallelFlops;
   auto run = [&](int64_t n_tasks, const std::function<void(int64_t, int)>& fn) {
@@ -1055,6 +1114,15 @@ void gemm_packed_weight(int64_t M, int64_t N, int64_t K, float alpha, const floa
     for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
   };
   const int64_t n_kb = (K + kKC - 1) / kKC, kcb = (K + n_kb - 1) / n_kb;
+  if (M == 1 && &ks == &kAvx512) {
+    // Single-sequence decode: groups of four slivers handed out as tasks.
+    const int64_t n_sl = (N + ks.nr - 1) / ks.nr, groups = (n_sl + 3) / 4;
+    const int64_t n_tasks = parallel ? std::min<int64_t>(groups, 4 * pool.size()) : 1;
+    return run(n_tasks, [&](int64_t t, int) {
+      const int64_t s0 = groups * t / n_tasks * 4, s1 = std::min(n_sl, groups * (t + 1) / n_tasks * 4);
+      avx512_packed_row(N, K, kcb, s0, s1, A, packed + kPackedHeaderFloats, C, alpha, beta);
+    });
+  }
   multiply_panel(ks, false, M, N, K, kcb, alpha, A, lda, packed + kPackedHeaderFloats, 0, N, beta, C, ldc,
                  parallel ? pool.size() : 1, run);
 }

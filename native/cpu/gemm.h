@@ -18,8 +18,10 @@ void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, double alph
 // x * W^T against a copy of W (N, K) packed once, for code that multiplies by the same weights
 // many times (a generator's decode steps): the shared panel's layout over all of N, so no call
 // packs or transposes W again. Each row of C comes out bit-identical to gemm(false, true, ...) on
-// W itself, whatever M is; up to packed_weight_min_rows() - 1 rows read W (the matrix-vector
-// path, which never packs), so W must stay alongside. packed_weight_floats: the copy's size
+// W itself, whatever M is (one row streams four slivers at a time: 0.95x OpenBLAS's sgemv on the
+// `small` LM head, where the matrix-vector path over W reaches 0.5x). packed_weight_min_rows: the
+// fewest rows a step should have for a generator to pack (below it, one call's steps do not repay
+// the pass over W; bench/NOTES.md). packed_weight_floats: the copy's size
 // (whatever the kernel), 64-byte aligned. pack_weight packs for the running kernel; gemm_packed_weight refuses a
 // copy packed for another kernel or shape.
 size_t packed_weight_floats(int64_t N, int64_t K);

@@ -237,8 +237,8 @@ template <class Out>
 void Generator<T>::project(int64_t N, int64_t out, int64_t in, const T* x, const T* W, const void* packed, double beta,
                            Out* C) {
   if constexpr (std::is_same_v<Out, T>) {
-    if (packed_now_ && packed && N >= ops_->packed_weight_min_rows())
-      return ops_->gemm_packed_weight(N, out, in, x, W, packed, beta, C, out);
+    // Once packed, every step reads the copy: fewer rows (a batch's last sequences) too.
+    if (packed_now_ && packed) return ops_->gemm_packed_weight(N, out, in, x, W, packed, beta, C, out);
     ops_->gemm(false, true, N, out, in, 1, x, in, W, in, beta, C, out);
   } else {
     ops_->gemm_master(false, true, N, out, in, 1, x, in, W, in, beta, C, out);

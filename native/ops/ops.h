@@ -141,8 +141,9 @@ class Ops : public EncoderOps<T> {
   // Weights packed once for repeated x·Wᵀ (a generator's decode steps; cpu/gemm.h pack_weight):
   // W (N, K) copied into the layout the backend's GEMM would otherwise pack it into on every call.
   // packed_weight_bytes: the copy's size, 0 where the backend has no such layout (it is then never
-  // asked to pack); the plan counts it (BackendFootprint::packed_weight_bytes). With fewer than
-  // packed_weight_min_rows() rows gemm_packed_weight reads W itself and the copy saves nothing.
+  // asked to pack); the plan counts it (BackendFootprint::packed_weight_bytes). A generator packs
+  // at a step of packed_weight_min_rows() rows or more (below, a call's steps do not repay the
+  // pass over W) and then reads the copy at every step, whatever its rows.
   // gemm_packed_weight: C(M, N) = A(M, K)·Wᵀ + beta·C, each row bit-identical to
   // gemm(false, true, M, N, K, 1, A, K, W, K, beta, C, ldc) whatever M is.
   virtual size_t packed_weight_bytes(int64_t N, int64_t K) const { return 0; }
