@@ -177,8 +177,14 @@ export function refusalMessage(config: ModelConfig, plan: MemoryPlan, options: P
   // Each change alone, and all of them together (`all`) when none fits alone.
   let all = fixed;
   let allPlan = plan;
-  const consider = (change: string, what: readonly (keyof MemoryReport)[], variant: PlanOptions, variantPlan = plan) => {
-    const v = planMemory(config, variantPlan, variant);
+  // `v`: the variant's plan, when the caller has already computed it to decide on the change.
+  const consider = (
+    change: string,
+    what: readonly (keyof MemoryReport)[],
+    variant: PlanOptions,
+    variantPlan = plan,
+    v = planMemory(config, variantPlan, variant),
+  ) => {
     const names = what.map((k) => MEMORY_CATEGORIES.find(([key]) => key === k)?.[1] ?? k).join(' and ');
     const size = gib(what.reduce((sum, k) => sum + v[k], 0));
     fits ||= v.total <= available;
@@ -191,9 +197,10 @@ export function refusalMessage(config: ModelConfig, plan: MemoryPlan, options: P
   // bf16 gradients, where they shrink the plan (their stage can outweigh a small model's saving).
   if (!options.lora && r.gradientPrecision === 'fp32') {
     const bf16: PlanOptions = { ...fixed, gradientPrecision: 'bf16' };
-    if (planMemory(config, plan, bf16).total < r.total) {
+    const v = planMemory(config, plan, bf16);
+    if (v.total < r.total) {
       all = { ...all, gradientPrecision: 'bf16' };
-      consider("gradientPrecision: 'bf16'", ['grads'], bf16);
+      consider("gradientPrecision: 'bf16'", ['grads'], bf16, plan, v);
     }
   }
   if (!options.lora) {
@@ -222,7 +229,7 @@ export function refusalMessage(config: ModelConfig, plan: MemoryPlan, options: P
     const v = planMemory(config, plan, { ...fixed, generator });
     if (v.kvCache < r.kvCache) {
       all = { ...all, generator: { ...(all.generator ?? generator), packWeights: false } };
-      consider('generator.packWeights: false', ['kvCache'], { ...fixed, generator });
+      consider('generator.packWeights: false', ['kvCache'], { ...fixed, generator }, plan, v);
     }
   }
   // A pool sized in bytes does not follow maxBatch: halve whichever sets it.

@@ -11,7 +11,7 @@ import { StagedFiles } from './staging.js';
 import { Tokenizer, TOKENIZER_FILES, tokenizerFileTexts, type TokenizerFiles } from './tokenizer.js';
 import { CheckpointWeights, removeStaleWeights, stageWeights } from './weights.js';
 import { fileWriteError } from '../util/atomic-write.js';
-import { jsonSyntaxProblem } from '../util/json.js';
+import { parseJsonObject } from '../util/json.js';
 
 export class CheckpointError extends Error {
   override name = 'CheckpointError';
@@ -51,14 +51,7 @@ export async function readHfConfig(file: string): Promise<HfConfig> {
   } catch (e) {
     throw new CheckpointError(`${file}: cannot be read (${(e as Error).message})`, { cause: e });
   }
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(text);
-  } catch (e) {
-    throw new ConfigError(`${file}: ${jsonSyntaxProblem(text, e)}`, { cause: e });
-  }
-  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new ConfigError(`${file}: must be a JSON object`);
-  return parsed as HfConfig;
+  return parseJsonObject(text, file, ConfigError);
 }
 
 /** Up to eight names, quoted, and how many more. */

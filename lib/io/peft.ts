@@ -20,7 +20,7 @@ import { TOKENIZER_FILES } from './tokenizer.js';
 import { CheckpointWeights, removeStaleWeights, stageWeights } from './weights.js';
 import { fileWriteError, isTemporaryOf, readCommitJournal, temporaryOwner } from '../util/atomic-write.js';
 import { isProcessAlive } from '../util/lock.js';
-import { jsonSyntaxProblem } from '../util/json.js';
+import { parseJsonObject } from '../util/json.js';
 
 export const ADAPTER_CONFIG_NAME = 'adapter_config.json';
 export const ADAPTER_WEIGHTS_NAME = 'adapter_model.safetensors';
@@ -246,15 +246,7 @@ async function readAdapterConfigObject(dir: string): Promise<{ file: string; con
         `(its journal ${journal} remains), so the two may come from different saves and neither is read; save the adapter again${finish}`,
     );
   }
-  const text = await readFile(file, 'utf8');
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(text);
-  } catch (e) {
-    throw new AdapterError(`${file}: ${jsonSyntaxProblem(text, e)}`, { cause: e });
-  }
-  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new AdapterError(`${file}: must be a JSON object`);
-  return { file, config: parsed as Record<string, unknown> };
+  return { file, config: parseJsonObject(await readFile(file, 'utf8'), file, AdapterError) };
 }
 
 /**

@@ -10,7 +10,7 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Environment, Interpreter, Template } from '@huggingface/jinja';
 import { Tokenizer as HfTokenizer } from '@huggingface/tokenizers';
-import { jsonSyntaxProblem } from '../util/json.js';
+import { parseJsonObject } from '../util/json.js';
 
 export class TokenizerError extends Error {
   override name = 'TokenizerError';
@@ -194,15 +194,7 @@ function comparable(text: string): string {
 
 async function readJson(file: string): Promise<Record<string, unknown> | undefined> {
   if (!existsSync(file)) return undefined;
-  const text = await readFile(file, 'utf8');
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(text);
-  } catch (e) {
-    throw new TokenizerError(`${file}: ${jsonSyntaxProblem(text, e)}`, { cause: e });
-  }
-  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new TokenizerError(`${file}: must be a JSON object`);
-  return parsed as Record<string, unknown>;
+  return parseJsonObject(await readFile(file, 'utf8'), file, TokenizerError);
 }
 
 /** A special token as written in tokenizer_config.json: a string or an AddedToken object. */

@@ -95,3 +95,22 @@ export function jsonSyntaxProblem(text: string, err: unknown): string {
   const where = offset >= text.length ? `at its end (line ${line}, column ${column})` : `at line ${line}, column ${column}`;
   return `not valid JSON ${where} (${err instanceof Error ? err.message : String(err)})`;
 }
+
+/**
+ * `text`, the contents of `file`, parsed as a JSON object: a syntax error (jsonSyntaxProblem) or
+ * another JSON value is thrown as an `Err` whose message starts with the file's path.
+ */
+export function parseJsonObject(
+  text: string,
+  file: string,
+  Err: new (message: string, options?: ErrorOptions) => Error,
+): Record<string, unknown> {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (e) {
+    throw new Err(`${file}: ${jsonSyntaxProblem(text, e)}`, { cause: e });
+  }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new Err(`${file}: must be a JSON object`);
+  return parsed as Record<string, unknown>;
+}

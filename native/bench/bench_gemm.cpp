@@ -59,13 +59,10 @@ SPPO_BENCH(gemm_model_shapes) {
     int reps = std::clamp(static_cast<int>(0.3 * 200e9 / flop), 5, 200);
     // "decode" and "head" rows also run over the weights packed once (a generator's decode steps).
     const bool packed = s.name == std::string("decode+p") || s.name == std::string("head+p");
-    std::vector<float> Wp;
-    if (packed) {
-      Wp.resize(sppo::cpu::packed_weight_floats(s.N, s.K) + 16);
-      float* dst = Wp.data() + (16 - (reinterpret_cast<uintptr_t>(Wp.data()) / 4) % 16) % 16;
-      sppo::cpu::pack_weight(B.data(), ldb, s.N, s.K, dst);
-    }
-    const float* wp = packed ? Wp.data() + (16 - (reinterpret_cast<uintptr_t>(Wp.data()) / 4) % 16) % 16 : nullptr;
+    // The copy must be 64-byte aligned: 16 floats of slack, and the first aligned one.
+    std::vector<float> Wp(packed ? sppo::cpu::packed_weight_floats(s.N, s.K) + 16 : 0);
+    float* wp = packed ? Wp.data() + (16 - (reinterpret_cast<uintptr_t>(Wp.data()) / 4) % 16) % 16 : nullptr;
+    if (packed) sppo::cpu::pack_weight(B.data(), ldb, s.N, s.K, wp);
     auto call = [&] {
       if (packed)
         sppo::cpu::gemm_packed_weight(s.M, s.N, s.K, 1.0f, A.data(), lda, B.data(), ldb, wp, s.beta, C.data(), s.N);
